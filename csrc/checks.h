@@ -1,0 +1,77 @@
+// Input checks shared by the torch glue. Every message names the op, the argument, what was
+// expected, what was given, and the fix. Shape problems raise ValueError, dtype problems TypeError.
+#pragma once
+
+#include <torch/all.h>
+
+#include "../kernels/rabit_kernels.h"
+
+#define RABIT_CHECK_DIM(op, x, n)                                                                    \
+    TORCH_CHECK_VALUE((x).dim() == (n), op, ": expected a " #n "-D " #x ", got ", (x).dim(), "-D ", \
+                      "shape ", (x).sizes())
+#define RABIT_CHECK_CONTIGUOUS(op, x) \
+    TORCH_CHECK_VALUE((x).is_contiguous(), op, ": expected " #x " to be contiguous; call .contiguous() on it")
+#define RABIT_CHECK_SIZE(op, x, d, expected, what)                                                          \
+    TORCH_CHECK_VALUE((x).size(d) == (expected), op, ": " #x " has size ", (x).size(d), " in dimension ", d, \
+                      " but ", what, " is ", (expected), " (shape ", (x).sizes(), ")")
+#define RABIT_CHECK_SAME_DEVICE(op, x, ref)                                                               \
+    TORCH_CHECK_VALUE((x).device() == (ref).device(), op, ": " #x " is on ", (x).device(), " but " #ref " is on ", (ref).device(), "; move both to one device")
+#define RABIT_CHECK_FLOAT(op, x)                                                                           \
+    TORCH_CHECK_TYPE((x).scalar_type() == at::kFloat || (x).scalar_type() == at::kHalf ||                 \
+                         (x).scalar_type() == at::kBFloat16,                                                \
+                     op, ": expected " #x " to be float32, float16 or bfloat16, got ", (x).scalar_type())
+#define RABIT_CHECK_PACKED_DTYPE(op, x)                                                                    \
+    TORCH_CHECK_TYPE((x).scalar_type() == at::kInt, op, ": expected " #x " to hold int32 words (the packed " \
+                     "format), got ", (x).scalar_type(), "; create it with rabit.pack_signs")
+
+namespace rabit {
+
+inline rabit_dtype to_rabit_dtype(at::ScalarType t) {
+    switch (t) {
+        case at::kFloat: return RABIT_F32;
+        case at::kHalf: return RABIT_F16;
+        case at::kBFloat16: return RABIT_BF16;
+        default: TORCH_CHECK_TYPE(false, "rabit: unsupported dtype ", t, "; use float32, float16 or bfloat16");
+    }
+}
+
+inline int64_t words_per_row(int64_t in) { return RABIT_WORDS(in); }
+
+// Scales g [K, out] and h [K, in]: any float dtype, finite, on the weight's device.
+inline void check_scales(const char *op, const at::Tensor &g, const at::Tensor &h, int64_t out, int64_t in,
+                         const at::Tensor &ref) {
+    RABIT_CHECK_DIM(op, g, 2);
+    RABIT_CHECK_DIM(op, h, 2);
+    RABIT_CHECK_FLOAT(op, g);
+    RABIT_CHECK_FLOAT(op, h);
+    RABIT_CHECK_SAME_DEVICE(op, g, ref);
+    RABIT_CHECK_SAME_DEVICE(op, h, ref);
+    const int64_t K = g.size(0);
+    TORCH_CHECK_VALUE(K >= 1 && K <= RABIT_MAX_K, op, ": g has K=", K, " paths; rabit supports K=1..", RABIT_MAX_K);
+    TORCH_CHECK_VALUE(h.size(0) == K, op, ": g has ", K, " paths but h has ", h.size(0),
+                      "; g is [K, out] and h is [K, in]");
+    TORCH_CHECK_VALUE(g.size(1) == out, op, ": g is ", g.sizes(), " but the layer has out=", out,
+                      "; g must be [K, out]");
+    TORCH_CHECK_VALUE(h.size(1) == in, op, ": h is ", h.sizes(), " but the layer has in=", in,
+                      "; h must be [K, in]");
+}
+
+inline void check_status(const char *op, rabit_status s) {
+    TORCH_CHECK_VALUE(s != RABIT_ERR_NONFINITE, op, ": the latent weight contains NaN or Inf; "
+                      "check the learning rate or the checkpoint it was loaded from");
+    TORCH_CHECK(s == RABIT_OK, op, ": kernel failed: ", rabit_status_string(s));
+}
+
+inline void check_finite_scales(const char *op, const at::Tensor &g, const at::Tensor &h) {
+    TORCH_CHECK_VALUE(at::isfinite(g).all().item<bool>(), op, ": g contains NaN or Inf");
+    TORCH_CHECK_VALUE(at::isfinite(h).all().item<bool>(), op, ": h contains NaN or Inf");
+}
+
+inline rabit_ste parse_ste(const char *op, c10::string_view ste) {
+    if (ste == "identity") return RABIT_STE_IDENTITY;
+    if (ste == "clipped") return RABIT_STE_CLIPPED;
+    if (ste == "tanh") return RABIT_STE_TANH;
+    TORCH_CHECK_VALUE(false, op, ": unknown ste '", std::string(ste), "'; use 'identity', 'clipped' or 'tanh'");
+}
+
+}  // namespace rabit

@@ -1,0 +1,278 @@
+/*
+ * rabit._core: the same C kernels for NumPy, with no torch anywhere (CPython + NumPy C API).
+ * Arrays must already have the documented dtype (float32 data, uint32 packed words): a silent
+ * cast would change results, so a wrong dtype raises TypeError naming the argument and the fix.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#define NPY_NO_DEPRECATED_API NPY_1_7_API_VERSION
+#include <numpy/arrayobject.h>
+
+#include "../kernels/rabit_format.h"
+#include "../kernels/rabit_kernels.h"
+
+#ifndef RABIT_SOURCE_HASH
+#define RABIT_SOURCE_HASH "unknown"
+#endif
+
+/* A C-contiguous view (or copy) of obj with exactly dtype `type` and ndim in [lo, hi]; NULL + exception. */
+static PyArrayObject *rabit_array(const char *op, const char *name, PyObject *obj, int type, int lo, int hi) {
+    PyArrayObject *arr;
+    if (!PyArray_Check(obj)) {
+        PyErr_Format(PyExc_TypeError, "%s: expected %s to be a numpy array, got %s", op, name, Py_TYPE(obj)->tp_name);
+        return NULL;
+    }
+    arr = (PyArrayObject *)obj;
+    if (PyArray_TYPE(arr) != type) {
+        PyArray_Descr *want = PyArray_DescrFromType(type);
+        PyErr_Format(PyExc_TypeError, "%s: expected %s to have dtype %c%d, got %c%d; convert it with .astype(...)", op,
+                     name, want->kind, (int)PyDataType_ELSIZE(want), PyArray_DESCR(arr)->kind,
+                     (int)PyDataType_ELSIZE(PyArray_DESCR(arr)));
+        Py_DECREF(want);
+        return NULL;
+    }
+    if (PyArray_NDIM(arr) < lo || PyArray_NDIM(arr) > hi) {
+        if (lo == hi)
+            PyErr_Format(PyExc_ValueError, "%s: expected a %d-D %s, got %d-D", op, lo, name, PyArray_NDIM(arr));
+        else
+            PyErr_Format(PyExc_ValueError, "%s: expected %s with %d to %d dimensions, got %d-D", op, name, lo, hi,
+                         PyArray_NDIM(arr));
+        return NULL;
+    }
+    return (PyArrayObject *)PyArray_FROM_OF(obj, NPY_ARRAY_C_CONTIGUOUS | NPY_ARRAY_ALIGNED);
+}
+
+static int rabit_fail(const char *op, rabit_status s) {
+    if (s == RABIT_OK) return 0;
+    PyErr_Format(s == RABIT_ERR_NOMEM ? PyExc_MemoryError : PyExc_ValueError, "%s: %s", op, rabit_status_string(s));
+    return 1;
+}
+
+/* Shape checks of g [K, out] and h [K, in]. */
+static int rabit_check_scales(const char *op, PyArrayObject *g, PyArrayObject *h, npy_intp out, npy_intp in) {
+    npy_intp K = PyArray_DIM(g, 0);
+    if (K < 1 || K > RABIT_MAX_K) {
+        PyErr_Format(PyExc_ValueError, "%s: g has K=%zd paths; rabit supports K=1..%d", op, (Py_ssize_t)K, RABIT_MAX_K);
+        return 1;
+    }
+    if (PyArray_DIM(h, 0) != K || PyArray_DIM(g, 1) != out || PyArray_DIM(h, 1) != in) {
+        PyErr_Format(PyExc_ValueError, "%s: g is [%zd, %zd] and h is [%zd, %zd] but the layer needs g [K, %zd] and "
+                     "h [K, %zd]", op, (Py_ssize_t)K, (Py_ssize_t)PyArray_DIM(g, 1), (Py_ssize_t)PyArray_DIM(h, 0),
+                     (Py_ssize_t)PyArray_DIM(h, 1), (Py_ssize_t)out, (Py_ssize_t)in);
+        return 1;
+    }
+    return 0;
+}
+
+static PyObject *core_pack_signs(PyObject *self, PyObject *args) {
+    const char *op = "rabit._core.pack_signs";
+    PyObject *obj, *res = NULL;
+    PyArrayObject *s;
+    npy_intp dims[NPY_MAXDIMS];
+    int nd, i;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "O", &obj)) return NULL;
+    if (!(s = rabit_array(op, "signs", obj, NPY_FLOAT32, 1, NPY_MAXDIMS))) return NULL;
+    nd = PyArray_NDIM(s);
+    for (i = 0; i < nd; i++) dims[i] = PyArray_DIM(s, i);
+    if (dims[nd - 1] < 1) {
+        PyErr_Format(PyExc_ValueError, "%s: the last dimension (in-features) is empty", op);
+        goto done;
+    }
+    dims[nd - 1] = RABIT_WORDS(PyArray_DIM(s, nd - 1));
+    res = PyArray_SimpleNew(nd, dims, NPY_UINT32);
+    if (!res) goto done;
+    if (rabit_fail(op, rabit_pack_signs_cpu((const float *)PyArray_DATA(s), PyArray_SIZE(s) / PyArray_DIM(s, nd - 1),
+                                            PyArray_DIM(s, nd - 1), (rabit_word_t *)PyArray_DATA((PyArrayObject *)res))))
+        Py_CLEAR(res);
+done:
+    Py_DECREF(s);
+    return res;
+}
+
+static PyObject *core_unpack_signs(PyObject *self, PyObject *args) {
+    const char *op = "rabit._core.unpack_signs";
+    PyObject *obj, *res = NULL;
+    PyArrayObject *p;
+    Py_ssize_t in;
+    npy_intp dims[NPY_MAXDIMS];
+    int nd, i;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "On", &obj, &in)) return NULL;
+    if (!(p = rabit_array(op, "packed", obj, NPY_UINT32, 1, NPY_MAXDIMS))) return NULL;
+    nd = PyArray_NDIM(p);
+    if (in < 1 || PyArray_DIM(p, nd - 1) != RABIT_WORDS(in)) {
+        PyErr_Format(PyExc_ValueError, "%s: packed rows hold %zd words but in_features=%zd needs %zd", op,
+                     (Py_ssize_t)PyArray_DIM(p, nd - 1), in, (Py_ssize_t)(in < 1 ? 0 : RABIT_WORDS(in)));
+        goto done;
+    }
+    for (i = 0; i < nd; i++) dims[i] = PyArray_DIM(p, i);
+    dims[nd - 1] = in;
+    res = PyArray_SimpleNew(nd, dims, NPY_FLOAT32);
+    if (!res) goto done;
+    if (rabit_fail(op, rabit_unpack_signs_cpu((const rabit_word_t *)PyArray_DATA(p), PyArray_SIZE(p) / PyArray_DIM(p, nd - 1),
+                                              in, PyArray_DATA((PyArrayObject *)res), RABIT_F32)))
+        Py_CLEAR(res);
+done:
+    Py_DECREF(p);
+    return res;
+}
+
+static PyObject *core_residual_binarize(PyObject *self, PyObject *args) {
+    const char *op = "rabit._core.residual_binarize";
+    PyObject *ow, *og, *oh, *what = NULL, *packed = NULL;
+    PyArrayObject *w = NULL, *g = NULL, *h = NULL;
+    npy_intp out, in, K, pdims[3];
+    rabit_status st;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "OOO", &ow, &og, &oh)) return NULL;
+    if (!(w = rabit_array(op, "weight", ow, NPY_FLOAT32, 2, 2))) goto fail;
+    if (!(g = rabit_array(op, "g", og, NPY_FLOAT32, 2, 2))) goto fail;
+    if (!(h = rabit_array(op, "h", oh, NPY_FLOAT32, 2, 2))) goto fail;
+    out = PyArray_DIM(w, 0);
+    in = PyArray_DIM(w, 1);
+    if (out < 1 || in < 1) {
+        PyErr_Format(PyExc_ValueError, "%s: weight is empty", op);
+        goto fail;
+    }
+    if (rabit_check_scales(op, g, h, out, in)) goto fail;
+    K = PyArray_DIM(g, 0);
+    pdims[0] = K;
+    pdims[1] = out;
+    pdims[2] = RABIT_WORDS(in);
+    what = PyArray_SimpleNew(2, PyArray_DIMS(w), NPY_FLOAT32);
+    packed = PyArray_SimpleNew(3, pdims, NPY_UINT32);
+    if (!what || !packed) goto fail;
+    Py_BEGIN_ALLOW_THREADS
+    st = rabit_residual_binarize_cpu(PyArray_DATA(w), RABIT_F32, (const float *)PyArray_DATA(g),
+                                     (const float *)PyArray_DATA(h), K, out, in, PyArray_DATA((PyArrayObject *)what),
+                                     RABIT_F32, (rabit_word_t *)PyArray_DATA((PyArrayObject *)packed));
+    Py_END_ALLOW_THREADS
+    if (rabit_fail(op, st)) goto fail;
+    Py_DECREF(w);
+    Py_DECREF(g);
+    Py_DECREF(h);
+    return Py_BuildValue("(NN)", what, packed);
+fail:
+    Py_XDECREF(w);
+    Py_XDECREF(g);
+    Py_XDECREF(h);
+    Py_XDECREF(what);
+    Py_XDECREF(packed);
+    return NULL;
+}
+
+static PyObject *core_packed_linear(PyObject *self, PyObject *args, PyObject *kwargs) {
+    static char *kwlist[] = {"x", "packed", "g", "h", "bias", NULL};
+    const char *op = "rabit._core.packed_linear";
+    PyObject *ox, *op_, *og, *oh, *ob = Py_None, *y = NULL;
+    PyArrayObject *x = NULL, *p = NULL, *g = NULL, *h = NULL, *b = NULL;
+    npy_intp M, in, K, out, ydims[2];
+    rabit_status st;
+    int vec;
+    (void)self;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOO|O", kwlist, &ox, &op_, &og, &oh, &ob)) return NULL;
+    if (!(x = rabit_array(op, "x", ox, NPY_FLOAT32, 1, 2))) goto fail;
+    if (!(p = rabit_array(op, "packed", op_, NPY_UINT32, 3, 3))) goto fail;
+    if (!(g = rabit_array(op, "g", og, NPY_FLOAT32, 2, 2))) goto fail;
+    if (!(h = rabit_array(op, "h", oh, NPY_FLOAT32, 2, 2))) goto fail;
+    vec = PyArray_NDIM(x) == 1;
+    M = vec ? 1 : PyArray_DIM(x, 0);
+    in = PyArray_DIM(x, PyArray_NDIM(x) - 1);
+    K = PyArray_DIM(p, 0);
+    out = PyArray_DIM(p, 1);
+    if (in < 1) {
+        PyErr_Format(PyExc_ValueError, "%s: x has no input features", op);
+        goto fail;
+    }
+    if (rabit_check_scales(op, g, h, out, in)) goto fail;
+    if (PyArray_DIM(g, 0) != K || PyArray_DIM(p, 2) != RABIT_WORDS(in)) {
+        PyErr_Format(PyExc_ValueError, "%s: packed is [%zd, %zd, %zd] but K=%zd and in=%zd need [%zd, %zd, %zd]", op,
+                     (Py_ssize_t)K, (Py_ssize_t)out, (Py_ssize_t)PyArray_DIM(p, 2), (Py_ssize_t)PyArray_DIM(g, 0),
+                     (Py_ssize_t)in, (Py_ssize_t)PyArray_DIM(g, 0), (Py_ssize_t)out, (Py_ssize_t)RABIT_WORDS(in));
+        goto fail;
+    }
+    if (ob != Py_None) {
+        if (!(b = rabit_array(op, "bias", ob, NPY_FLOAT32, 1, 1))) goto fail;
+        if (PyArray_DIM(b, 0) != out) {
+            PyErr_Format(PyExc_ValueError, "%s: bias has %zd elements but out=%zd", op, (Py_ssize_t)PyArray_DIM(b, 0),
+                         (Py_ssize_t)out);
+            goto fail;
+        }
+    }
+    ydims[0] = M;
+    ydims[1] = out;
+    y = vec ? PyArray_SimpleNew(1, &ydims[1], NPY_FLOAT32) : PyArray_SimpleNew(2, ydims, NPY_FLOAT32);
+    if (!y) goto fail;
+    Py_BEGIN_ALLOW_THREADS
+    st = rabit_packed_linear_cpu(PyArray_DATA(x), RABIT_F32, M, (const rabit_word_t *)PyArray_DATA(p),
+                                 (const float *)PyArray_DATA(g), (const float *)PyArray_DATA(h),
+                                 b ? (const float *)PyArray_DATA(b) : NULL, K, out, in,
+                                 PyArray_DATA((PyArrayObject *)y));
+    Py_END_ALLOW_THREADS
+    if (rabit_fail(op, st)) goto fail;
+    Py_DECREF(x);
+    Py_DECREF(p);
+    Py_DECREF(g);
+    Py_DECREF(h);
+    Py_XDECREF(b);
+    return y;
+fail:
+    Py_XDECREF(x);
+    Py_XDECREF(p);
+    Py_XDECREF(g);
+    Py_XDECREF(h);
+    Py_XDECREF(b);
+    Py_XDECREF(y);
+    return NULL;
+}
+
+static PyObject *core_set_cpu_kernel(PyObject *self, PyObject *arg) {
+    const char *name = PyUnicode_AsUTF8(arg);
+    rabit_cpu_kernel k;
+    (void)self;
+    if (!name) return NULL;
+    if (!strcmp(name, "auto")) k = RABIT_CPU_AUTO;
+    else if (!strcmp(name, "ref")) k = RABIT_CPU_REF;
+    else if (!strcmp(name, "avx2")) k = RABIT_CPU_AVX2;
+    else {
+        PyErr_Format(PyExc_ValueError, "rabit._core.set_cpu_kernel: unknown kernel '%s'; use 'auto', 'ref' or 'avx2'", name);
+        return NULL;
+    }
+    if (rabit_cpu_set_kernel(k) != RABIT_OK) {
+        PyErr_Format(PyExc_RuntimeError, "rabit._core.set_cpu_kernel: this CPU cannot run the '%s' kernel", name);
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *core_cpu_kernel(PyObject *self, PyObject *unused) {
+    (void)self;
+    (void)unused;
+    return PyUnicode_FromString(rabit_cpu_active_kernel() == RABIT_CPU_AVX2 ? "avx2" : "ref");
+}
+
+static PyMethodDef core_methods[] = {
+    {"pack_signs", core_pack_signs, METH_VARARGS, "pack_signs(signs: float32[..., in]) -> uint32[..., ceil(in/32)]"},
+    {"unpack_signs", core_unpack_signs, METH_VARARGS, "unpack_signs(packed: uint32[..., words], in_features) -> float32 ±1"},
+    {"residual_binarize", core_residual_binarize, METH_VARARGS,
+     "residual_binarize(weight f32[out,in], g f32[K,out], h f32[K,in]) -> (what f32[out,in], packed uint32[K,out,words])"},
+    {"packed_linear", (PyCFunction)(void (*)(void))core_packed_linear, METH_VARARGS | METH_KEYWORDS,
+     "packed_linear(x f32[M,in] or [in], packed, g, h, bias=None) -> f32[M,out]: sum_k g_k*(B_k (h_k*x)) + bias"},
+    {"set_cpu_kernel", core_set_cpu_kernel, METH_O, "Force the CPU packed-GEMV kernel: 'auto', 'ref' or 'avx2'."},
+    {"cpu_kernel", core_cpu_kernel, METH_NOARGS, "The CPU packed-GEMV kernel in use."},
+    {NULL, NULL, 0, NULL}};
+
+static struct PyModuleDef core_module = {PyModuleDef_HEAD_INIT, "_core",
+                                         "rabit kernels for NumPy arrays, without torch", -1, core_methods};
+
+PyMODINIT_FUNC PyInit__core(void) {
+    PyObject *m;
+    import_array();
+    m = PyModule_Create(&core_module);
+    if (!m) return NULL;
+    PyModule_AddIntConstant(m, "FORMAT_VERSION", RABIT_FORMAT_VERSION);
+    PyModule_AddIntConstant(m, "WORD_BITS", RABIT_WORD_BITS);
+    PyModule_AddStringConstant(m, "SOURCE_HASH", RABIT_SOURCE_HASH);
+    return m;
+}

@@ -1,0 +1,77 @@
+// The rabit operator library: every schema in one place, plus the bare Python module `rabit._C`
+// (no pybind11). Implementations live in ops_cpu.cpp and, in CUDA builds, cuda/ops_cuda.cu;
+// fake kernels and autograd are registered from Python (rabit/_ops.py).
+#include <Python.h>
+#include <torch/library.h>
+
+#include <cstring>
+
+#include "../kernels/rabit_format.h"
+#include "../kernels/rabit_kernels.h"
+
+#ifndef RABIT_SOURCE_HASH
+#define RABIT_SOURCE_HASH "unknown"
+#endif
+
+TORCH_LIBRARY(rabit, m) {
+    // Coupled residual binarization: (Ŵ = Σ_k g_k⊙B_k⊙h_k in out_dtype (default: weight's), packed planes).
+    // ste/ste_param do not change the forward; they choose the straight-through estimator of its backward.
+    m.def(
+        "residual_binarize(Tensor weight, Tensor g, Tensor h, ScalarType? out_dtype=None, str ste=\"identity\", "
+        "float ste_param=1.0) -> (Tensor, Tensor)");
+    // One pass over grad = ∂L/∂Ŵ: (dW via the straight-through estimator, dg, dh) with signs from packed.
+    m.def(
+        "residual_binarize_backward(Tensor grad, Tensor weight, Tensor g, Tensor h, Tensor packed, "
+        "str ste=\"identity\", float ste_param=1.0) -> (Tensor, Tensor, Tensor)");
+    // Pack a [..., in] tensor of signs (bit = value >= 0) into int32 words [..., ceil(in/32)].
+    m.def("pack_signs(Tensor signs) -> Tensor");
+    // Unpack int32 words [..., words] into ±1 of the given dtype (default float32), [..., in_features].
+    m.def("unpack_signs(Tensor packed, int in_features, ScalarType? dtype=None) -> Tensor");
+    // y = Σ_k g_k ⊙ (B_k (h_k ⊙ x)) + bias for x [M, in] straight from the packed planes.
+    m.def("packed_linear(Tensor x, Tensor packed, Tensor g, Tensor h, Tensor? bias=None) -> Tensor");
+}
+
+static PyObject *rabit_py_set_cpu_kernel(PyObject *, PyObject *arg) {
+    const char *name = PyUnicode_AsUTF8(arg);
+    if (!name) return nullptr;
+    rabit_cpu_kernel k;
+    if (!strcmp(name, "auto")) k = RABIT_CPU_AUTO;
+    else if (!strcmp(name, "ref")) k = RABIT_CPU_REF;
+    else if (!strcmp(name, "avx2")) k = RABIT_CPU_AVX2;
+    else {
+        PyErr_Format(PyExc_ValueError, "rabit.set_cpu_kernel: unknown kernel '%s'; use 'auto', 'ref' or 'avx2'", name);
+        return nullptr;
+    }
+    if (rabit_cpu_set_kernel(k) != RABIT_OK) {
+        PyErr_Format(PyExc_RuntimeError, "rabit.set_cpu_kernel: this CPU cannot run the '%s' kernel", name);
+        return nullptr;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *rabit_py_cpu_kernel(PyObject *, PyObject *) {
+    return PyUnicode_FromString(rabit_cpu_active_kernel() == RABIT_CPU_AVX2 ? "avx2" : "ref");
+}
+
+static PyMethodDef rabit_methods[] = {
+    {"set_cpu_kernel", rabit_py_set_cpu_kernel, METH_O, "Force the CPU packed-GEMV kernel: 'auto', 'ref' or 'avx2'."},
+    {"cpu_kernel", rabit_py_cpu_kernel, METH_NOARGS, "The CPU packed-GEMV kernel in use."},
+    {nullptr, nullptr, 0, nullptr}};
+
+static struct PyModuleDef rabit_module = {PyModuleDef_HEAD_INIT, "_C", "rabit operator library", -1, rabit_methods};
+
+extern "C" PyObject *PyInit__C(void) {
+    PyObject *m = PyModule_Create(&rabit_module);
+    if (!m) return nullptr;
+    PyModule_AddIntConstant(m, "FORMAT_VERSION", RABIT_FORMAT_VERSION);
+    PyModule_AddStringConstant(m, "SOURCE_HASH", RABIT_SOURCE_HASH);
+#ifdef RABIT_TORCH_VERSION
+    PyModule_AddStringConstant(m, "TORCH_VERSION", RABIT_TORCH_VERSION);
+#endif
+#ifdef RABIT_WITH_CUDA
+    PyModule_AddIntConstant(m, "WITH_CUDA", 1);
+#else
+    PyModule_AddIntConstant(m, "WITH_CUDA", 0);
+#endif
+    return m;
+}

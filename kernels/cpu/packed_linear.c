@@ -1,0 +1,70 @@
+/* Packed GEMV/GEMM driver: input scaling, kernel choice, threading over output rows. */
+#include <stdlib.h>
+
+#include "../rabit_dtype.h"
+#include "packed_linear.h"
+
+static rabit_cpu_kernel rabit_forced_kernel = RABIT_CPU_AUTO;
+
+static int rabit_cpu_has_avx2(void) {
+#if defined(RABIT_HAVE_AVX2_KERNEL) && (defined(__GNUC__) || defined(__clang__))
+    return __builtin_cpu_supports("avx2");
+#else
+    return 0;
+#endif
+}
+
+rabit_status rabit_cpu_set_kernel(rabit_cpu_kernel k) {
+    if (k == RABIT_CPU_AVX2 && !rabit_cpu_has_avx2()) return RABIT_ERR_UNSUPPORTED;
+    if (k != RABIT_CPU_AUTO && k != RABIT_CPU_REF && k != RABIT_CPU_AVX2) return RABIT_ERR_ARG;
+    rabit_forced_kernel = k;
+    return RABIT_OK;
+}
+
+rabit_cpu_kernel rabit_cpu_active_kernel(void) {
+    if (rabit_forced_kernel != RABIT_CPU_AUTO) return rabit_forced_kernel;
+    return rabit_cpu_has_avx2() ? RABIT_CPU_AVX2 : RABIT_CPU_REF;
+}
+
+rabit_status rabit_packed_linear_cpu(const void *x, rabit_dtype xdt, int64_t M, const rabit_word_t *packed,
+                                     const float *g, const float *h, const float *bias, int64_t K, int64_t out,
+                                     int64_t in, void *y) {
+    const int64_t in_pad = RABIT_WORDS(in) * RABIT_WORD_BITS;
+    rabit_rows_fn rows_fn = rabit_packed_rows_ref;
+    float *xh, *yf, *row;
+    int64_t m, k, j, blk;
+    const int64_t block = 16; /* output rows per scheduled chunk: a multiple of the SIMD row block */
+    if (!x || !packed || !g || !h || !y || M < 0 || K < 1 || K > RABIT_MAX_K || out < 1 || in < 1)
+        return RABIT_ERR_ARG;
+    if (!rabit_dtype_valid(xdt)) return RABIT_ERR_UNSUPPORTED;
+    if (M == 0) return RABIT_OK;
+#ifdef RABIT_HAVE_AVX2_KERNEL
+    if (rabit_cpu_active_kernel() == RABIT_CPU_AVX2) rows_fn = rabit_packed_rows_avx2;
+#endif
+    xh = (float *)calloc((size_t)(M * K * in_pad), sizeof(float)); /* zero padding past `in` */
+    yf = (float *)malloc((size_t)(M * out) * sizeof(float));
+    row = (float *)malloc((size_t)in * sizeof(float));
+    if (!xh || !yf || !row) {
+        free(xh);
+        free(yf);
+        free(row);
+        return RABIT_ERR_NOMEM;
+    }
+    /* h is applied to x once per call, not once per output row */
+    for (m = 0; m < M; m++) {
+        rabit_load_f32(x, xdt, m * in, in, row);
+        for (k = 0; k < K; k++)
+            for (j = 0; j < in; j++) xh[(m * K + k) * in_pad + j] = h[k * in + j] * row[j];
+    }
+#pragma omp parallel for schedule(static)
+    for (blk = 0; blk < (out + block - 1) / block; blk++) {
+        const int64_t o0 = blk * block;
+        const int64_t o1 = o0 + block < out ? o0 + block : out;
+        rows_fn(xh, M, in_pad, packed, g, bias, K, out, in, o0, o1, yf);
+    }
+    rabit_store_f32(y, xdt, 0, M * out, yf);
+    free(xh);
+    free(yf);
+    free(row);
+    return RABIT_OK;
+}

@@ -1,0 +1,85 @@
+/*
+ * rabit C kernels: raw pointers, no torch, no Python. Every entry point validates its
+ * arguments and returns a rabit_status instead of aborting; the glue layers (csrc/) turn a
+ * status into a Python exception that names the op.
+ *
+ * Shapes: W [out][in], g [K][out], h [K][in], packed [K][out][RABIT_WORDS(in)] (rabit_format.h),
+ * x [M][in], y [M][out]. All arrays are dense row-major. Scales are float32 here; the glue converts
+ * stored float16 scales once per call (they are vectors, so that costs nothing).
+ */
+#ifndef RABIT_KERNELS_H
+#define RABIT_KERNELS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "rabit_format.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef enum {
+    RABIT_OK = 0,
+    RABIT_ERR_ARG = 1,        /* bad size, K out of range, null pointer */
+    RABIT_ERR_NOMEM = 2,      /* scratch allocation failed */
+    RABIT_ERR_NONFINITE = 3,  /* NaN or Inf in the latent weight */
+    RABIT_ERR_UNSUPPORTED = 4 /* dtype or kernel variant not available */
+} rabit_status;
+
+typedef enum { RABIT_F32 = 0, RABIT_F16 = 1, RABIT_BF16 = 2 } rabit_dtype;
+
+typedef enum { RABIT_STE_IDENTITY = 0, RABIT_STE_CLIPPED = 1, RABIT_STE_TANH = 2 } rabit_ste;
+
+/* Which CPU implementation the packed GEMV/GEMM uses. AUTO picks the best the CPU supports. */
+typedef enum { RABIT_CPU_AUTO = 0, RABIT_CPU_REF = 1, RABIT_CPU_AVX2 = 2 } rabit_cpu_kernel;
+
+const char *rabit_status_string(rabit_status s);
+
+/* Select the packed-GEMV implementation (process-wide); UNSUPPORTED if the CPU lacks it. */
+rabit_status rabit_cpu_set_kernel(rabit_cpu_kernel k);
+/* The implementation AUTO resolves to on this CPU, or the one forced by rabit_cpu_set_kernel. */
+rabit_cpu_kernel rabit_cpu_active_kernel(void);
+
+/*
+ * Coupled residual binarization (forward). From latent W (dtype wdt) and scales g, h:
+ *   what   (nullable) Ŵ = sum_k g_k*B_k*h_k, written in dtype what_dt;
+ *   packed (nullable) the K sign planes.
+ * Arithmetic is float32, no FMA, in the order of rabit/reference.py, so signs are bit-exact.
+ * Returns RABIT_ERR_NONFINITE (and leaves outputs unspecified) if W holds NaN or Inf.
+ */
+rabit_status rabit_residual_binarize_cpu(const void *W, rabit_dtype wdt, const float *g, const float *h,
+                                         int64_t K, int64_t out, int64_t in, void *what, rabit_dtype what_dt,
+                                         rabit_word_t *packed);
+
+/*
+ * Backward in one pass over G = dL/dŴ (dtype gdt), signs read from `packed`:
+ *   dW = G * ste(W)   (dtype wdt; W is only read for the clipped and tanh variants)
+ *   dg[k][o] = sum_j G[o][j] B_k[o][j] h_k[j]      dh[k][j] = sum_o G[o][j] B_k[o][j] g_k[o]
+ * dg, dh are float32, accumulated in double; the result does not depend on thread scheduling.
+ */
+rabit_status rabit_residual_binarize_backward_cpu(const void *G, rabit_dtype gdt, const void *W, rabit_dtype wdt,
+                                                  const float *g, const float *h, const rabit_word_t *packed,
+                                                  int64_t K, int64_t out, int64_t in, rabit_ste ste,
+                                                  float ste_param, void *dW, float *dg, float *dh);
+
+/* Pack rows of signs (float32; bit = value >= 0) into words; padding bits are cleared. */
+rabit_status rabit_pack_signs_cpu(const float *signs, int64_t rows, int64_t in, rabit_word_t *packed);
+
+/* Unpack words to ±1 in dtype dt (padding bits ignored). */
+rabit_status rabit_unpack_signs_cpu(const rabit_word_t *packed, int64_t rows, int64_t in, void *out,
+                                    rabit_dtype dt);
+
+/*
+ * y[m][o] = sum_k g[k][o] * sum_j B_k[o][j] * (h[k][j] * x[m][j])  (+ bias[o])
+ * x and y have dtype xdt; bias (nullable) is float32. Float32 accumulation.
+ */
+rabit_status rabit_packed_linear_cpu(const void *x, rabit_dtype xdt, int64_t M, const rabit_word_t *packed,
+                                     const float *g, const float *h, const float *bias, int64_t K, int64_t out,
+                                     int64_t in, void *y);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* RABIT_KERNELS_H */

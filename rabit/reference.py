@@ -1,0 +1,143 @@
+"""The RaBiT math in plain PyTorch: the specification every kernel is tested against.
+
+Nothing here is fast; everything here is meant to be read next to the paper
+(RaBiT, arXiv 2602.05367) and ``kernels/rabit_format.h``.
+
+Notation: a layer has latent weight ``W [out, in]`` and K binary paths with row scales
+``g [K, out]`` and column scales ``h [K, in]``. Path k is ``g_k ⊙ B_k ⊙ h_k`` with ``B_k`` in {±1}.
+
+The forward is the *coupled* residual chain::
+
+    R_0 = W
+    B_k = sign(R_{k-1})            (sign(0) = +1)
+    R_k = R_{k-1} - g_k ⊙ B_k ⊙ h_k
+    Ŵ   = Σ_k g_k ⊙ B_k ⊙ h_k
+
+All arithmetic is float32 in exactly this order (``(g*B)*h``, no fused multiply-add), so that the
+C and CUDA kernels reproduce the signs bit for bit.
+"""
+
+from __future__ import annotations
+
+import torch
+
+WORD_BITS = 32
+FORMAT_VERSION = 1
+STE_VARIANTS = ("identity", "clipped", "tanh")
+
+
+def words_per_row(in_features: int) -> int:
+    return (in_features + WORD_BITS - 1) // WORD_BITS
+
+
+def sign0(x: torch.Tensor) -> torch.Tensor:
+    """sign with sign(0) = +1, as float32 ±1."""
+    return torch.where(x >= 0, 1.0, -1.0).to(torch.float32)
+
+
+def residual_signs(weight: torch.Tensor, g: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """The K sign planes ``[K, out, in]`` (float32 ±1) of the coupled residual chain."""
+    r = weight.to(torch.float32)
+    g = g.to(torch.float32)
+    h = h.to(torch.float32)
+    signs = []
+    for k in range(g.shape[0]):
+        b = sign0(r)
+        signs.append(b)
+        r = r - (g[k][:, None] * b) * h[k][None, :]
+    return torch.stack(signs)
+
+
+def dequantize(signs: torch.Tensor, g: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """Ŵ = Σ_k g_k ⊙ B_k ⊙ h_k in float32, summed in path order."""
+    g = g.to(torch.float32)
+    h = h.to(torch.float32)
+    what = (g[0][:, None] * signs[0]) * h[0][None, :]
+    for k in range(1, signs.shape[0]):
+        what = what + (g[k][:, None] * signs[k]) * h[k][None, :]
+    return what
+
+
+def pack_signs(signs: torch.Tensor) -> torch.Tensor:
+    """Pack a ``[..., in]`` tensor of signs into int32 words (bit=1 ⇔ value >= 0)."""
+    in_features = signs.shape[-1]
+    nw = words_per_row(in_features)
+    bits = (signs >= 0).to(torch.int64)
+    pad = nw * WORD_BITS - in_features
+    if pad:
+        bits = torch.nn.functional.pad(bits, (0, pad))
+    bits = bits.reshape(*signs.shape[:-1], nw, WORD_BITS)
+    weights = torch.bitwise_left_shift(
+        torch.ones(WORD_BITS, dtype=torch.int64, device=signs.device),
+        torch.arange(WORD_BITS, device=signs.device),
+    )
+    words = (bits * weights).sum(-1)  # 0 .. 2**32 - 1 in int64
+    words = torch.where(words >= 2**31, words - 2**32, words)  # reinterpret as int32
+    return words.to(torch.int32)
+
+
+def unpack_signs(packed: torch.Tensor, in_features: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Inverse of :func:`pack_signs`: ``[..., words]`` int32 → ``[..., in_features]`` of ±1."""
+    shifts = torch.arange(WORD_BITS, dtype=torch.int64, device=packed.device)
+    words = packed.to(torch.int64) & 0xFFFFFFFF
+    bits = (words[..., None] >> shifts) & 1
+    bits = bits.reshape(*packed.shape[:-1], -1)[..., :in_features]
+    return torch.where(bits == 1, 1.0, -1.0).to(dtype)
+
+
+def residual_binarize(weight, g, h, out_dtype=None):
+    """Forward of one QAT step: returns ``(Ŵ, packed)``.
+
+    Ŵ has ``out_dtype`` (default: the weight's dtype); packed is ``[K, out, words]`` int32.
+    """
+    signs = residual_signs(weight, g, h)
+    what = dequantize(signs, g, h).to(out_dtype or weight.dtype)
+    return what, pack_signs(signs)
+
+
+def ste_factor(weight: torch.Tensor, ste: str, ste_param: float) -> torch.Tensor:
+    """d(latent)/d(Ŵ) surrogate of the straight-through estimator, float32.
+
+    identity: 1.   clipped: 1[|w| <= c].   tanh: 1 - tanh(w / c)^2 (a smooth window of width c).
+    """
+    w = weight.to(torch.float32)
+    if ste == "identity":
+        return torch.ones_like(w)
+    if ste == "clipped":
+        return (w.abs() <= ste_param).to(torch.float32)
+    if ste == "tanh":
+        t = torch.tanh(w / ste_param)
+        return 1.0 - t * t
+    raise ValueError(f"rabit: unknown ste {ste!r}; expected one of {STE_VARIANTS}")
+
+
+def residual_binarize_backward(grad, weight, g, h, packed, ste="identity", ste_param=1.0):
+    """Backward of :func:`residual_binarize` w.r.t. (weight, g, h) for G = ∂L/∂Ŵ.
+
+    dW = G ⊙ ste_factor(W); dg_k = (G ⊙ B_k) h_k; dh_k = (G ⊙ B_k)ᵀ g_k, with B held constant.
+    dg and dh are float32; dW has the weight's dtype.
+    """
+    G = grad.to(torch.float32)
+    signs = unpack_signs(packed, weight.shape[1])
+    gf = g.to(torch.float32)
+    hf = h.to(torch.float32)
+    gb = G[None] * signs  # [K, out, in]
+    dg = (gb * hf[:, None, :]).sum(-1)
+    dh = (gb * gf[:, :, None]).sum(-2)
+    dw = (G * ste_factor(weight, ste, ste_param)).to(weight.dtype)
+    return dw, dg, dh
+
+
+def packed_linear(x, packed, g, h, bias=None):
+    """y = Σ_k g_k ⊙ (B_k (h_k ⊙ x)) + bias for x ``[M, in]``; float32 math, output in x's dtype."""
+    in_features = h.shape[1]
+    signs = unpack_signs(packed, in_features)
+    xf = x.to(torch.float32)
+    gf = g.to(torch.float32)
+    hf = h.to(torch.float32)
+    y = torch.zeros(x.shape[0], packed.shape[1], dtype=torch.float32, device=x.device)
+    for k in range(packed.shape[0]):
+        y = y + gf[k][None, :] * ((xf * hf[k][None, :]) @ signs[k].T)
+    if bias is not None:
+        y = y + bias.to(torch.float32)
+    return y.to(x.dtype)

@@ -1,0 +1,106 @@
+"""Build of rabit's two native extensions over the same torch-free C kernels (kernels/):
+
+  rabit._C     PyTorch operator library (csrc/ glue; CUDA kernels when torch has CUDA and nvcc exists)
+  rabit._core  CPython + NumPy C-API module, usable without torch
+
+Install with `pip install --no-build-isolation -e .` after `pip install torch==2.13.0` (see README).
+
+Build toggles (environment):
+  RABIT_NO_CUDA=1     never build CUDA kernels
+  RABIT_FORCE_CUDA=1  build CUDA kernels even if torch reports no CUDA (needs nvcc + CUDA torch headers)
+  TORCH_CUDA_ARCH_LIST  GPU targets (default "8.0;9.0")
+  DEBUG=1             -O0 -g
+"""
+
+import os
+import runpy
+import sys
+from pathlib import Path
+
+from setuptools import setup
+
+ROOT = Path(__file__).resolve().parent
+
+try:
+    import numpy
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+except ImportError as e:  # --no-build-isolation: the build uses what is installed
+    sys.exit(f"rabit setup: {e.name} is not installed; run `pip install torch==2.13.0 numpy` first, then "
+             "`pip install --no-build-isolation -e .`")
+
+SOURCE_HASH = runpy.run_path(str(ROOT / "rabit" / "_source_hash.py"))["source_hash"](ROOT)
+DEBUG = os.environ.get("DEBUG") == "1"
+OPT = ["-O0", "-g"] if DEBUG else ["-O3"]
+# -ffp-contract=off: the residual chain must not be fused into FMAs, or signs differ from the
+# reference. No -march=native: SIMD kernels are picked at run time from the CPU's features.
+C_FLAGS = OPT + ["-std=c11", "-ffp-contract=off", "-fopenmp", "-Wall", "-Wno-unknown-pragmas"]
+CXX_FLAGS = OPT + ["-ffp-contract=off", "-fopenmp"]
+DEFINES = [("RABIT_SOURCE_HASH", f'"{SOURCE_HASH}"')]
+
+
+def rel(paths):
+    return sorted(str(p.relative_to(ROOT)) for p in paths)
+
+
+KERNEL_C = rel((ROOT / "kernels" / "cpu").glob("*.c"))
+KERNEL_CU = rel((ROOT / "kernels" / "cuda").glob("*.cu"))
+GLUE_CU = rel((ROOT / "csrc" / "cuda").glob("*.cu"))
+
+
+def want_cuda():
+    if os.environ.get("RABIT_NO_CUDA") == "1":
+        return False, "RABIT_NO_CUDA=1"
+    if os.environ.get("RABIT_FORCE_CUDA") == "1":
+        return True, "RABIT_FORCE_CUDA=1"
+    if torch.version.cuda is None:
+        return False, f"torch {torch.__version__} is a CPU build"
+    if CUDA_HOME is None:
+        return False, "nvcc / CUDA_HOME not found"
+    if not KERNEL_CU:
+        return False, "no CUDA sources in kernels/cuda"
+    return True, f"torch {torch.__version__} with CUDA {torch.version.cuda}, CUDA_HOME={CUDA_HOME}"
+
+
+use_cuda, why = want_cuda()
+print(f"rabit setup: building rabit._C {'with' if use_cuda else 'without'} CUDA ({why}); source hash {SOURCE_HASH}")
+
+# The C kernels are compiled once, as C11, into a static library linked into both extensions.
+libraries = [("rabit_kernels", {"sources": KERNEL_C, "cflags": C_FLAGS + ["-fPIC"], "macros": DEFINES})]
+
+torch_sources = rel((ROOT / "csrc").glob("*.cpp"))
+torch_defines = DEFINES + [("RABIT_TORCH_VERSION", f'"{torch.__version__}"')]
+if use_cuda:
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    torch_ext = CUDAExtension(
+        "rabit._C",
+        torch_sources + KERNEL_CU + GLUE_CU,
+        define_macros=torch_defines + [("RABIT_WITH_CUDA", "1")],
+        extra_compile_args={"cxx": CXX_FLAGS, "nvcc": OPT + ["--fmad=false", "-lineinfo", "--expt-relaxed-constexpr"]},
+        extra_link_args=["-fopenmp"],
+    )
+else:
+    torch_ext = CppExtension(
+        "rabit._C",
+        torch_sources,
+        define_macros=torch_defines,
+        extra_compile_args={"cxx": CXX_FLAGS},
+        extra_link_args=["-fopenmp"],
+    )
+
+from setuptools import Extension  # noqa: E402
+
+core_ext = Extension(
+    "rabit._core",
+    ["csrc/core_module.c"],
+    include_dirs=[numpy.get_include()],
+    define_macros=DEFINES,
+    extra_compile_args=C_FLAGS,
+    extra_link_args=["-fopenmp"],
+)
+
+setup(
+    libraries=libraries,
+    ext_modules=[torch_ext, core_ext],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=False)},
+)
