@@ -111,33 +111,36 @@ def ste_factor(weight: torch.Tensor, ste: str, ste_param: float) -> torch.Tensor
     raise ValueError(f"rabit: unknown ste {ste!r}; expected one of {STE_VARIANTS}")
 
 
-def residual_binarize_backward(grad, weight, g, h, packed, ste="identity", ste_param=1.0):
+def residual_binarize_backward(grad, weight, g, h, packed, ste="identity", ste_param=1.0,
+                               compute_dtype=torch.float32):
     """Backward of :func:`residual_binarize` w.r.t. (weight, g, h) for G = ∂L/∂Ŵ.
 
     dW = G ⊙ ste_factor(W); dg_k = (G ⊙ B_k) h_k; dh_k = (G ⊙ B_k)ᵀ g_k, with B held constant.
-    dg and dh are float32; dW has the weight's dtype.
+    dW has the weight's dtype; dg, dh have g's and h's. ``compute_dtype=torch.float64`` gives the
+    high-precision oracle the tests measure errors against.
     """
-    G = grad.to(torch.float32)
-    signs = unpack_signs(packed, weight.shape[1])
-    gf = g.to(torch.float32)
-    hf = h.to(torch.float32)
+    G = grad.to(compute_dtype)
+    signs = unpack_signs(packed, weight.shape[1], compute_dtype)
+    gf = g.to(compute_dtype)
+    hf = h.to(compute_dtype)
     gb = G[None] * signs  # [K, out, in]
     dg = (gb * hf[:, None, :]).sum(-1)
     dh = (gb * gf[:, :, None]).sum(-2)
-    dw = (G * ste_factor(weight, ste, ste_param)).to(weight.dtype)
-    return dw, dg, dh
+    dw = (G.float() * ste_factor(weight, ste, ste_param)).to(weight.dtype)
+    return dw, dg.to(g.dtype), dh.to(h.dtype)
 
 
-def packed_linear(x, packed, g, h, bias=None):
-    """y = Σ_k g_k ⊙ (B_k (h_k ⊙ x)) + bias for x ``[M, in]``; float32 math, output in x's dtype."""
+def packed_linear(x, packed, g, h, bias=None, compute_dtype=torch.float32):
+    """y = Σ_k g_k ⊙ (B_k (h_k ⊙ x)) + bias for x ``[M, in]``; output in x's dtype (or compute_dtype
+    when that is float64, the tests' oracle)."""
     in_features = h.shape[1]
-    signs = unpack_signs(packed, in_features)
-    xf = x.to(torch.float32)
-    gf = g.to(torch.float32)
-    hf = h.to(torch.float32)
-    y = torch.zeros(x.shape[0], packed.shape[1], dtype=torch.float32, device=x.device)
+    signs = unpack_signs(packed, in_features, compute_dtype)
+    xf = x.to(compute_dtype)
+    gf = g.to(compute_dtype)
+    hf = h.to(compute_dtype)
+    y = torch.zeros(x.shape[0], packed.shape[1], dtype=compute_dtype, device=x.device)
     for k in range(packed.shape[0]):
         y = y + gf[k][None, :] * ((xf * hf[k][None, :]) @ signs[k].T)
     if bias is not None:
-        y = y + bias.to(torch.float32)
-    return y.to(x.dtype)
+        y = y + bias.to(compute_dtype)
+    return y if compute_dtype == torch.float64 else y.to(x.dtype)

@@ -1,0 +1,46 @@
+"""The PyTorch API of rabit, imported by ``rabit/__init__`` when torch is installed."""
+
+from ._load import load_torch_extension
+
+_C = load_torch_extension()
+
+from . import reference  # noqa: E402
+from ._ops import (  # noqa: E402
+    pack_signs,
+    packed_linear,
+    residual_binarize,
+    residual_binarize_backward,
+    unpack_signs,
+)
+from .nn import PackedRaBiTLinear, RaBiTLinear  # noqa: E402
+from .quantize import RabitConfig, convert_, quantize_  # noqa: E402
+
+FORMAT_VERSION = _C.FORMAT_VERSION
+
+
+def set_cpu_kernel(name: str) -> None:
+    """Force the CPU packed GEMV/GEMM implementation: ``"auto"`` (default), ``"ref"`` or ``"avx2"``."""
+    _C.set_cpu_kernel(name)
+
+
+def cpu_kernel() -> str:
+    """The CPU packed GEMV/GEMM implementation in use."""
+    return _C.cpu_kernel()
+
+
+__all__ = [
+    "FORMAT_VERSION",
+    "PackedRaBiTLinear",
+    "RaBiTLinear",
+    "RabitConfig",
+    "convert_",
+    "cpu_kernel",
+    "pack_signs",
+    "packed_linear",
+    "quantize_",
+    "reference",
+    "residual_binarize",
+    "residual_binarize_backward",
+    "set_cpu_kernel",
+    "unpack_signs",
+]

@@ -1,0 +1,45 @@
+"""Shapes, dtypes and error rules shared by the op tests."""
+
+import torch
+
+# (out, in): odd sizes, in not a multiple of 32, out=1, in=1, and exact word multiples
+SHAPES = [(1, 1), (1, 33), (3, 1), (2, 5), (7, 31), (5, 32), (9, 33), (16, 64), (13, 95), (31, 127), (64, 129),
+          (33, 257)]
+FLOAT_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def shape_id(s):
+    return f"{s[0]}x{s[1]}"
+
+
+def dtype_id(d):
+    return str(d).replace("torch.", "")
+
+
+def random_layer(out, in_features, k, dtype=torch.float32, device="cpu"):
+    """A latent weight with scales of a realistic size (≈ what the init produces)."""
+    w = torch.randn(out, in_features, device=device).to(dtype)
+    g = (torch.rand(k, out, device=device) + 0.2) * 0.6 ** torch.arange(k, device=device)[:, None]
+    h = torch.rand(k, in_features, device=device) + 0.2
+    return w, g, h
+
+
+def rel_err(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def assert_float_close(kernel, ref_low, ref64, what="", terms_abs=None, n_terms=1):
+    """Kernel error against a float64 reference must be at most 2x the error of the plain-PyTorch
+    reference computed in the same low precision (the flash-attention rule), plus a float32 floor so
+    that a reference that happens to be exact does not demand the impossible: 2 eps of the result,
+    or, for a sum of n_terms terms whose absolute values add up to terms_abs, the usual
+    eps * sqrt(n) * Σ|terms| rounding bound of float32 summation."""
+    eps = torch.finfo(torch.float32).eps
+    ref_norm = ref64.double().norm().clamp_min(1e-30)
+    floor = 2 * eps
+    if terms_abs is not None:
+        floor = max(floor, (eps * n_terms**0.5 * terms_abs.double().norm() / ref_norm).item())
+    k_err, r_err = rel_err(kernel, ref64), rel_err(ref_low, ref64)
+    assert k_err <= 2 * r_err + floor, (f"{what}: kernel rel err {k_err:.3g} > 2 x reference rel err {r_err:.3g} "
+                                        f"+ float32 floor {floor:.3g}")

@@ -1,0 +1,331 @@
+"""Every rabit op against rabit.reference (the plain-PyTorch spec), plus opcheck, gradcheck and
+input errors. Signs and packed bits must match exactly; float results follow the 2x rule."""
+
+import pytest
+import torch
+
+import rabit
+from rabit import reference as R
+
+from conftest import available_devices
+from helpers import FLOAT_DTYPES, SHAPES, assert_float_close, dtype_id, random_layer, shape_id
+
+DEVICES = available_devices()
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    return request.param
+
+
+# ---------------------------------------------------------------- forward: signs and Ŵ
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
+@pytest.mark.parametrize("k", [1, 2, 3])
+@pytest.mark.parametrize("wdtype", FLOAT_DTYPES, ids=dtype_id)
+def test_residual_binarize_matches_reference(shape, k, wdtype, device):
+    w, g, h = random_layer(*shape, k, wdtype, device)
+    for out_dtype in [None, *FLOAT_DTYPES]:
+        what, packed = rabit.residual_binarize(w, g, h, out_dtype)
+        ref_what, ref_packed = R.residual_binarize(w.cpu(), g.cpu(), h.cpu(), out_dtype)
+        assert what.dtype == (out_dtype or wdtype)
+        assert torch.equal(packed.cpu(), ref_packed), "sign planes differ from the reference"
+        assert torch.equal(what.cpu(), ref_what), f"Ŵ ({out_dtype}) differs from the reference"
+
+
+def test_residual_binarize_k4_and_random_sizes(device):
+    for _ in range(5):
+        out, in_features = torch.randint(1, 200, (2,)).tolist()
+        w, g, h = random_layer(out, in_features, 4, torch.float32, device)
+        what, packed = rabit.residual_binarize(w, g, h)
+        ref_what, ref_packed = R.residual_binarize(w.cpu(), g.cpu(), h.cpu())
+        assert torch.equal(packed.cpu(), ref_packed) and torch.equal(what.cpu(), ref_what)
+
+
+def test_path_two_corrects_path_one(device):
+    # the coupled chain: B2 = sign(W - Ŵ1), and adding path 2 shrinks the error
+    w, g, h = random_layer(64, 96, 2, torch.float32, device)
+    g[0], h[0] = w.abs().mean(1), torch.ones(96, device=device)
+    g[1], h[1] = (w.abs() - g[0][:, None]).abs().mean(1), torch.ones(96, device=device)
+    signs = rabit.unpack_signs(rabit.residual_binarize(w, g, h)[1], 96)
+    assert torch.equal(signs[0], torch.where(w >= 0, 1.0, -1.0))
+    w1 = g[0][:, None] * signs[0] * h[0]
+    assert torch.equal(signs[1], torch.where(w - w1 >= 0, 1.0, -1.0))
+    what = rabit.residual_binarize(w, g, h)[0]
+    assert (w - what).norm() < (w - w1).norm()
+
+
+def test_sign_of_zero_is_plus_one(device):
+    w = torch.zeros(3, 40, device=device)
+    g = torch.ones(2, 3, device=device)
+    h = torch.ones(2, 40, device=device)
+    signs = rabit.unpack_signs(rabit.residual_binarize(w, g, h)[1], 40)
+    assert torch.equal(signs[0], torch.ones(3, 40, device=device))  # sign(0) = +1
+    assert torch.equal(signs[1], -torch.ones(3, 40, device=device))  # residual 0 - 1 < 0
+
+
+# ---------------------------------------------------------------- backward
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
+@pytest.mark.parametrize("k", [1, 2, 3])
+@pytest.mark.parametrize("wdtype", FLOAT_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("ste", ["identity", "clipped", "tanh"])
+def test_backward_matches_reference(shape, k, wdtype, ste, device):
+    w, g, h = random_layer(*shape, k, wdtype, device)
+    grad = torch.randn(*shape, device=device).to(wdtype)
+    _, packed = rabit.residual_binarize(w, g, h)
+    param = 0.7
+    dw, dg, dh = rabit.residual_binarize_backward(grad, w, g, h, packed, ste, param)
+    args = (grad.cpu(), w.cpu(), g.cpu(), h.cpu(), packed.cpu(), ste, param)
+    rdw, rdg, rdh = R.residual_binarize_backward(*args)
+    _, dg64, dh64 = R.residual_binarize_backward(*args, compute_dtype=torch.float64)
+    assert dw.dtype == wdtype and dg.dtype == g.dtype and dh.dtype == h.dtype
+    if ste == "tanh":
+        # libm tanhf and PyTorch's vectorised tanh may differ in the last bit; the factor 1 - t^2 lies
+        # in [0, 1], so its error is a few float32 eps absolute, i.e. a few eps of |G| in dW,
+        # plus one rounding of dW to its dtype.
+        bound = 4 * torch.finfo(torch.float32).eps * grad.cpu().float().abs() + torch.finfo(wdtype).eps * rdw.float().abs()
+        assert ((dw.cpu().float() - rdw.float()).abs() <= bound).all()
+    else:
+        assert torch.equal(dw.cpu(), rdw)
+    assert_float_close(dg.cpu(), rdg, dg64, "dg")
+    assert_float_close(dh.cpu(), rdh, dh64, "dh")
+
+
+def test_clipped_ste_masks_outside_window(device):
+    w = torch.tensor([[-2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 2.0]], device=device)
+    g, h = torch.ones(2, 1, device=device), torch.ones(2, 7, device=device)
+    _, packed = rabit.residual_binarize(w, g, h)
+    dw, _, _ = rabit.residual_binarize_backward(torch.ones_like(w), w, g, h, packed, "clipped", 1.0)
+    assert dw.tolist() == [[0.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.0]]  # the edge |w| = c passes
+
+
+def test_backward_is_deterministic(device):
+    w, g, h = random_layer(257, 129, 2, torch.float32, device)
+    grad = torch.randn_like(w)
+    _, packed = rabit.residual_binarize(w, g, h)
+    a = rabit.residual_binarize_backward(grad, w, g, h, packed)
+    b = rabit.residual_binarize_backward(grad, w, g, h, packed)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_float16_conversions_are_exact_for_every_half(device):
+    # identity STE copies G into dW's dtype: every finite half -> float32, and float32 -> half/bf16
+    halfs = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(torch.float16)
+    halfs = halfs[torch.isfinite(halfs)].reshape(1, -1).to(device)
+    w32 = torch.zeros(halfs.shape, device=device)
+    g, h = torch.ones(1, 1, device=device), torch.ones(1, halfs.shape[1], device=device)
+    packed = rabit.residual_binarize(w32, g, h)[1]
+    dw, _, _ = rabit.residual_binarize_backward(halfs, w32, g, h, packed)
+    assert torch.equal(dw, halfs.float())
+    x = torch.randn(1, 4096, device=device) * torch.logspace(-9, 5, 4096, device=device)
+    x = torch.cat([x, torch.tensor([[65504.0, 65519.0, 65520.0, 6e-8, 3e-8, 2.9e-8]], device=device)], 1)
+    for dt in (torch.float16, torch.bfloat16):
+        wd = torch.zeros(x.shape, device=device, dtype=dt)
+        hx = torch.ones(1, x.shape[1], device=device)
+        packed = rabit.residual_binarize(wd, g, hx)[1]
+        dw, _, _ = rabit.residual_binarize_backward(x, wd, g, hx, packed)
+        assert torch.equal(dw, x.to(dt)), f"float32 -> {dt} rounding differs from torch"
+
+
+# ---------------------------------------------------------------- packing
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
+def test_pack_unpack_round_trip(shape, device):
+    signs = torch.where(torch.rand(3, *shape, device=device) < 0.5, -1.0, 1.0)
+    packed = rabit.pack_signs(signs)
+    assert packed.dtype == torch.int32 and packed.shape == (3, shape[0], R.words_per_row(shape[1]))
+    assert torch.equal(packed.cpu(), R.pack_signs(signs.cpu()))
+    for dt in FLOAT_DTYPES:
+        assert torch.equal(rabit.unpack_signs(packed, shape[1], dt), signs.to(dt))
+
+
+def test_pack_bit_order_and_padding():
+    signs = -torch.ones(1, 35)
+    signs[0, 0] = 1  # bit 0 of word 0
+    signs[0, 33] = 1  # bit 1 of word 1
+    packed = rabit.pack_signs(signs)
+    assert packed.tolist() == [[1, 2]]  # LSB-first; set bit = +1; padding bits clear
+    signs[0, 31] = 1
+    assert rabit.pack_signs(signs)[0, 0].item() == 1 - 2**31  # bit 31 set: 0x80000001 as int32
+
+
+def test_unpack_ignores_padding_bits():
+    packed = torch.tensor([[-1]], dtype=torch.int32)  # all 32 bits set
+    assert torch.equal(rabit.unpack_signs(packed, 5), torch.ones(1, 5))
+
+
+def test_pack_accepts_integer_signs():
+    signs = torch.tensor([[1, -1, 0, -3]], dtype=torch.int8)
+    assert rabit.unpack_signs(rabit.pack_signs(signs), 4).tolist() == [[1.0, -1.0, 1.0, -1.0]]
+
+
+# ---------------------------------------------------------------- packed GEMV / GEMM
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
+@pytest.mark.parametrize("k", [1, 2, 3])
+@pytest.mark.parametrize("xdtype", FLOAT_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("m", [1, 2, 5, 16])
+def test_packed_linear_matches_reference(shape, k, xdtype, m, device):
+    w, g, h = random_layer(*shape, k, torch.float32, device)
+    _, packed = rabit.residual_binarize(w, g, h)
+    x = torch.randn(m, shape[1], device=device).to(xdtype)
+    bias = torch.randn(shape[0], device=device) if m % 2 else None
+    for scales in (torch.float32, torch.float16):
+        gs, hs = g.to(scales), h.to(scales)
+        y = rabit.packed_linear(x, packed, gs, hs, bias)
+        assert y.dtype == xdtype and y.shape == (m, shape[0])
+        args = (x.cpu(), packed.cpu(), gs.cpu(), hs.cpu(), None if bias is None else bias.cpu())
+        terms = _abs_terms(x, gs, hs, bias).cpu()
+        assert_float_close(y.cpu(), R.packed_linear(*args), R.packed_linear(*args, compute_dtype=torch.float64),
+                           "packed_linear", terms, k * shape[1])
+
+
+def _abs_terms(x, g, h, bias):
+    """Σ over the summed terms' absolute values: Σ_k |g_k| (|x| · |h_k|) + |bias|."""
+    t = sum(g[k].abs().double()[None, :] * (x.abs().double() @ h[k].abs().double())[:, None]
+            for k in range(g.shape[0]))
+    return t + (bias.abs().double() if bias is not None else 0)
+
+
+def test_packed_linear_equals_dense_product_of_qat_weight():
+    w, g, h = random_layer(96, 200, 2)
+    what, packed = rabit.residual_binarize(w, g, h)
+    x = torch.randn(4, 200)
+    y64 = x.double() @ what.double().T
+    assert_float_close(rabit.packed_linear(x, packed, g, h), x @ what.T, y64, "packed vs dense",
+                       _abs_terms(x, g, h, None), 2 * 200)
+
+
+@pytest.mark.skipif(rabit.cpu_kernel() != "avx2", reason="CPU without AVX2")
+@pytest.mark.parametrize("m", [1, 3, 16])
+def test_avx2_kernel_equals_scalar_kernel_bit_for_bit(m):
+    # both kernels use the same summation order (kernels/cpu/packed_linear.h)
+    for out, in_features in [(1, 1), (5, 33), (31, 100), (67, 257), (130, 4096)]:
+        w, g, h = random_layer(out, in_features, 2)
+        _, packed = rabit.residual_binarize(w, g, h)
+        x = torch.randn(m, in_features)
+        bias = torch.randn(out)
+        try:
+            rabit.set_cpu_kernel("ref")
+            y_ref = rabit.packed_linear(x, packed, g, h, bias)
+            rabit.set_cpu_kernel("avx2")
+            y_simd = rabit.packed_linear(x, packed, g, h, bias)
+        finally:
+            rabit.set_cpu_kernel("auto")
+        assert torch.equal(y_ref, y_simd)
+
+
+def test_set_cpu_kernel_rejects_unknown_name():
+    with pytest.raises(ValueError, match="unknown kernel 'sse9'"):
+        rabit.set_cpu_kernel("sse9")
+
+
+# ---------------------------------------------------------------- opcheck / gradcheck
+def _opcheck_samples(device):
+    w, g, h = random_layer(7, 45, 2, torch.float32, device)
+    w2, g2, h2 = random_layer(3, 64, 3, torch.bfloat16, device)
+    _, packed = rabit.residual_binarize(w, g, h)
+    _, packed2 = rabit.residual_binarize(w2, g2, h2)
+    grad = torch.randn_like(w)
+    x = torch.randn(4, 45, device=device)
+    rb = torch.ops.rabit.residual_binarize.default
+    return [
+        (rb, (w, g, h, None, "identity", 1.0)),
+        (rb, (w.requires_grad_(), g.clone().requires_grad_(), h.clone().requires_grad_(), None, "clipped", 2.0)),
+        (rb, (w2, g2, h2, torch.float16, "tanh", 0.5)),
+        (torch.ops.rabit.residual_binarize_backward.default, (grad, w.detach(), g, h, packed, "identity", 1.0)),
+        (torch.ops.rabit.residual_binarize_backward.default, (torch.randn(3, 64, device=device).bfloat16(), w2, g2, h2, packed2, "tanh", 0.3)),
+        (torch.ops.rabit.pack_signs.default, (torch.randn(2, 3, 70, device=device),)),
+        (torch.ops.rabit.unpack_signs.default, (packed, 45, torch.bfloat16)),
+        (torch.ops.rabit.packed_linear.default, (x, packed, g, h, None)),
+        (torch.ops.rabit.packed_linear.default,
+         (x.clone().requires_grad_(), packed, g.clone().requires_grad_(), h.half(), torch.randn(7, device=device))),
+    ]
+
+
+def test_opcheck_every_op(device):
+    for op, args in _opcheck_samples(device):
+        torch.library.opcheck(op, args)
+
+
+def test_every_op_has_an_opcheck_sample():
+    tested = {op.name() for op, _ in _opcheck_samples("cpu")}
+    assert tested == {f"rabit::{n}" for n in ["residual_binarize", "residual_binarize_backward", "pack_signs",
+                                               "unpack_signs", "packed_linear"]}
+
+
+# The kernels compute in float32, so gradcheck runs in float32. It is exact where it applies:
+# with B held fixed, Ŵ is bilinear in (g_k, h_k) of the LAST path and packed_linear is linear in each
+# of x, g, h, bias, so central differences have no truncation error at any step size; a large eps
+# makes float32 rounding negligible. (Perturbing an earlier path's scales would flip later signs:
+# there the op's derivative holds B constant by definition, so finite differences do not apply.)
+GC = dict(eps=0.25, atol=2e-4, rtol=2e-3, nondet_tol=0.0)
+float32_gradcheck = pytest.mark.filterwarnings("ignore:Input #.* is not a double precision")
+
+
+@float32_gradcheck
+def test_gradcheck_scales_of_last_path(device):
+    for k in (1, 2):
+        w, g, h = random_layer(5, 37, k, torch.float32, device)
+
+        def f(g_last, h_last):
+            gg = torch.cat([g[:-1], g_last[None]])
+            hh = torch.cat([h[:-1], h_last[None]])
+            return rabit.residual_binarize(w, gg, hh)[0]
+
+        assert torch.autograd.gradcheck(f, (g[-1].clone().requires_grad_(), h[-1].clone().requires_grad_()), **GC)
+
+
+@float32_gradcheck
+def test_gradcheck_packed_linear(device):
+    w, g, h = random_layer(6, 41, 2, torch.float32, device)
+    _, packed = rabit.residual_binarize(w, g, h)
+    inputs = (torch.randn(3, 41, device=device), g.clone(), h.clone(), torch.randn(6, device=device))
+    for i in range(4):  # one input at a time: the op is linear in each one
+        args = [t.clone().requires_grad_(j == i) for j, t in enumerate(inputs)]
+        assert torch.autograd.gradcheck(
+            lambda *a: rabit.packed_linear(a[0], packed, a[1], a[2], a[3]), tuple(args), **GC)
+
+
+def test_ste_gradient_of_weight_is_grad_what(device):
+    w, g, h = random_layer(9, 50, 2, torch.float32, device)
+    w.requires_grad_()
+    what, _ = rabit.residual_binarize(w, g, h)
+    upstream = torch.randn_like(what)
+    (gw,) = torch.autograd.grad(what, w, upstream)
+    assert torch.equal(gw, upstream)  # identity straight-through estimator
+
+
+# ---------------------------------------------------------------- input errors
+def test_errors_name_the_problem():
+    w, g, h = random_layer(4, 10, 2)
+    with pytest.raises(ValueError, match="expected a 2-D weight, got 3-D"):
+        rabit.residual_binarize(w[None], g, h)
+    with pytest.raises(ValueError, match="g is .* but the layer has out=4"):
+        rabit.residual_binarize(w, g[:, :3], h)
+    with pytest.raises(ValueError, match="h is .* but the layer has in=10"):
+        rabit.residual_binarize(w, g, h[:, :9])
+    with pytest.raises(ValueError, match="K=5 paths"):
+        rabit.residual_binarize(w, torch.ones(5, 4), torch.ones(5, 10))
+    with pytest.raises(TypeError, match="expected weight to be float32, float16 or bfloat16, got Long"):
+        rabit.residual_binarize(w.long(), g, h)
+    with pytest.raises(ValueError, match="contiguous"):
+        rabit.residual_binarize(torch.randn(10, 4).T, g, h)
+    bad = w.clone()
+    bad[2, 3] = float("nan")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        rabit.residual_binarize(bad, g, h)
+    with pytest.raises(ValueError, match="g contains NaN"):
+        rabit.residual_binarize(w, torch.full_like(g, float("inf")), h)
+    with pytest.raises(ValueError, match="unknown ste 'sigmoid'"):
+        rabit.residual_binarize(w, g, h, None, "sigmoid")
+    _, packed = rabit.residual_binarize(w, g, h)
+    with pytest.raises(ValueError, match="grad must be"):
+        rabit.residual_binarize_backward(torch.randn(4, 11), w, g, h, packed)
+    with pytest.raises(TypeError, match="int32 words"):
+        rabit.packed_linear(torch.randn(1, 10), packed.float(), g, h)
+    with pytest.raises(ValueError, match="expected a 2-D x"):
+        rabit.packed_linear(torch.randn(10), packed, g, h)
+    with pytest.raises(ValueError, match="h is .* but the layer has in=12"):
+        rabit.packed_linear(torch.randn(1, 12), packed, g, h)
+    with pytest.raises(ValueError, match="bias has 3 elements but out=4"):
+        rabit.packed_linear(torch.randn(1, 10), packed, g, h, torch.zeros(3))
+    with pytest.raises(ValueError, match="in_features=33 needs 2"):
+        rabit.unpack_signs(packed, 33)
