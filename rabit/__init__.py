@@ -14,7 +14,13 @@ __version__ = "0.1.0"
 
 if torch is None:
 
+    _TORCH_FREE = ("_core", "runtime")
+
     def __getattr__(name):
+        if name in _TORCH_FREE:  # `from rabit import _core` looks the attribute up before the submodule
+            import importlib
+
+            return importlib.import_module(f"rabit.{name}")
         raise ImportError(f"rabit.{name} needs PyTorch, which is not installed (pip install torch==2.13.0); "
                           "without torch only rabit._core and rabit.runtime are available")
 

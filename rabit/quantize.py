@@ -76,17 +76,20 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def target_linears(model: nn.Module, config: RabitConfig) -> list[tuple[str, nn.Linear]]:
-    """The (name, module) pairs `quantize_` converts; errors for selected modules that are not nn.Linear."""
-    targets = []
-    for name, mod in model.named_modules():
-        if not name or not config.selects(name):
-            continue
-        if isinstance(mod, nn.Linear):
-            targets.append((name, mod))
-        elif config.include and not any(isinstance(c, nn.Linear) for c in mod.modules()):
-            raise TypeError(f"rabit.quantize_: module {name!r} matches include={config.include} but is a "
-                            f"{type(mod).__name__}, not nn.Linear; narrow the pattern")
-    return targets
+    """The (name, module) pairs `quantize_` converts.
+
+    An include pattern that matches modules but no nn.Linear among them is an error: the user pointed
+    at something rabit cannot convert (e.g. a whole MLP block instead of its projections).
+    """
+    modules = [(n, m) for n, m in model.named_modules() if n]
+    for pattern in config.include:
+        hits = [(n, m) for n, m in modules if fnmatch.fnmatchcase(n, pattern)]
+        if hits and not any(isinstance(m, nn.Linear) for _, m in hits):
+            name, mod = hits[0]
+            raise TypeError(f"rabit.quantize_: include pattern {pattern!r} matches {name!r}, a "
+                            f"{type(mod).__name__}, not nn.Linear; match its linear layers instead (e.g. "
+                            f"{pattern + '.*'!r})")
+    return [(n, m) for n, m in modules if isinstance(m, nn.Linear) and config.selects(n)]
 
 
 def quantize_(model: nn.Module, config: RabitConfig | None = None, calib_input_ids: Tensor | None = None,
