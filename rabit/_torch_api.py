@@ -12,7 +12,7 @@ from ._ops import (  # noqa: E402
     residual_binarize_backward,
     unpack_signs,
 )
-from .nn import PackedRaBiTLinear, RaBiTLinear  # noqa: E402
+from .nn import IndependentRaBiTLinear, PackedRaBiTLinear, RaBiTLinear  # noqa: E402
 from .quantize import RabitConfig, convert_, quantize_  # noqa: E402
 
 FORMAT_VERSION = _C.FORMAT_VERSION
@@ -30,6 +30,7 @@ def cpu_kernel() -> str:
 
 __all__ = [
     "FORMAT_VERSION",
+    "IndependentRaBiTLinear",
     "PackedRaBiTLinear",
     "RaBiTLinear",
     "RabitConfig",

@@ -85,6 +85,32 @@ def precondition_scales(s_in: Tensor | None, s_out: Tensor | None, alpha_in: flo
     return weight(s_out, alpha_out, out), weight(s_in, alpha_in, in_features)
 
 
+def _fit(weight: Tensor, s_in, s_out, alpha_in, alpha_out, k, iters, mode):
+    """Preconditioned fit, unscaled: (signs, g, h, relative weighted error)."""
+    w = weight.detach().to(torch.float32)
+    if not torch.isfinite(w).all():
+        raise ValueError("rabit init: the pretrained weight contains NaN or Inf")
+    r_out, r_in = precondition_scales(s_in, s_out, alpha_in, alpha_out, w.shape[0], w.shape[1], w.device)
+    wp = r_out[:, None] * w * r_in[None, :]
+    signs, g, h = residual_svid(wp, k, iters, mode)
+    what_p = sum((g[j][:, None] * signs[j]) * h[j][None, :] for j in range(k))
+    rel_err = float((wp - what_p).norm() / wp.norm().clamp_min(1e-30))
+    return signs, g / r_out[None, :], h / r_in[None, :], rel_err
+
+
+@torch.no_grad()
+def init_independent_linear(m, weight: Tensor, s_in: Tensor | None = None, s_out: Tensor | None = None,
+                            alpha_in: float = 0.5, alpha_out: float = 0.5, iters: int = 5) -> float:
+    """Initialise an IndependentRaBiTLinear: free Gauss–Seidel SVID, then latent_k = Ŵ_k so that
+    sign(latent_k) reproduces path k's signs."""
+    signs, g, h, rel_err = _fit(weight, s_in, s_out, alpha_in, alpha_out, m.k, iters, "independent")
+    m.g.copy_(g)
+    m.h.copy_(h)
+    for k, latent in enumerate(m.latents):
+        latent.copy_(((g[k][:, None] * signs[k]) * h[k][None, :]).to(latent.dtype))
+    return rel_err
+
+
 @torch.no_grad()
 def init_rabit_linear(m, s_in: Tensor | None = None, s_out: Tensor | None = None, alpha_in: float = 0.5,
                       alpha_out: float = 0.5, iters: int = 5, mode: str = "coupled",
@@ -95,16 +121,7 @@ def init_rabit_linear(m, s_in: Tensor | None = None, s_out: Tensor | None = None
     """
     if latent_init not in ("pretrained", "reconstruction"):
         raise ValueError(f"rabit init: latent_init must be 'pretrained' or 'reconstruction', got {latent_init!r}")
-    w = m.weight.detach().to(torch.float32)
-    if not torch.isfinite(w).all():
-        raise ValueError("rabit init: the pretrained weight contains NaN or Inf")
-    r_out, r_in = precondition_scales(s_in, s_out, alpha_in, alpha_out, w.shape[0], w.shape[1], w.device)
-    wp = r_out[:, None] * w * r_in[None, :]
-    signs, g, h = residual_svid(wp, m.k, iters, mode)
-    what_p = sum((g[j][:, None] * signs[j]) * h[j][None, :] for j in range(m.k))
-    rel_err = float((wp - what_p).norm() / wp.norm().clamp_min(1e-30))
-    g = g / r_out[None, :]
-    h = h / r_in[None, :]
+    signs, g, h, rel_err = _fit(m.weight, s_in, s_out, alpha_in, alpha_out, m.k, iters, mode)
     m.g.copy_(g)
     m.h.copy_(h)
     if latent_init == "reconstruction":

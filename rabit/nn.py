@@ -80,6 +80,68 @@ class RaBiTLinear(nn.Module):
                 f"bias={self.bias is not None}, ste={self.ste!r}")
 
 
+class IndependentRaBiTLinear(nn.Module):
+    """Baseline: "standard" residual-binary QAT with one latent weight PER PATH (DB-LLM style).
+
+    Path k is ``g_k ⊙ sign(W_k) ⊙ h_k`` with its own latent W_k; the paths are not coupled, so nothing
+    makes path 2 correct path 1 — the inter-path adaptation RaBiT removes. Same packed format and
+    inference kernels as RaBiTLinear; K latents, so K times the latent optimizer state.
+    """
+
+    is_rabit_latent = True
+
+    def __init__(self, in_features: int, out_features: int, k: int = 2, bias: bool = True,
+                 ste: str = "identity", ste_param: float = 1.0, device=None, dtype=None):
+        super().__init__()
+        if not 1 <= k <= 4:
+            raise ValueError(f"IndependentRaBiTLinear: k={k} paths is not supported; use 1..4")
+        self.in_features, self.out_features, self.k = in_features, out_features, k
+        self.ste, self.ste_param = ste, float(ste_param)
+        self.latents = nn.ParameterList(
+            [nn.Parameter(torch.zeros(out_features, in_features, device=device, dtype=dtype)) for _ in range(k)])
+        self.g = nn.Parameter(torch.ones(k, out_features, device=device, dtype=torch.float32))
+        self.h = nn.Parameter(torch.ones(k, in_features, device=device, dtype=torch.float32))
+        self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype)) if bias else None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, k: int = 2, ste: str = "identity",
+                    ste_param: float = 1.0) -> "IndependentRaBiTLinear":
+        _check_linear("IndependentRaBiTLinear.from_linear", linear)
+        w = linear.weight
+        m = cls(linear.in_features, linear.out_features, k=k, bias=linear.bias is not None, ste=ste,
+                ste_param=ste_param, device=w.device, dtype=w.dtype)
+        if linear.bias is not None:
+            with torch.no_grad():
+                m.bias.copy_(linear.bias)
+        return m
+
+    def rabit_latents(self) -> list[nn.Parameter]:
+        return list(self.latents)
+
+    def _paths(self, dtype=None):
+        for k, w in enumerate(self.latents):
+            yield residual_binarize(w.contiguous(), self.g[k:k + 1], self.h[k:k + 1], dtype, self.ste,
+                                    self.ste_param)
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
+        return sum(what for what, _ in self._paths(dtype))
+
+    def forward(self, x: Tensor) -> Tensor:
+        dtype = x.dtype
+        if torch.is_autocast_enabled(x.device.type):
+            dtype = torch.get_autocast_dtype(x.device.type)
+        bias = self.bias.to(dtype) if self.bias is not None else None
+        return F.linear(x.to(dtype), self.dequantize(dtype), bias)
+
+    @torch.no_grad()
+    def packed_signs(self) -> Tensor:
+        return torch.cat([packed for _, packed in self._paths()])
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, k={self.k}, "
+                f"bias={self.bias is not None}, independent latents")
+
+
 class PackedRaBiTLinear(nn.Module):
     """Inference form: packed sign planes + scales, no latent weight; ``y = Σ_k g_k ⊙ (B_k (h_k ⊙ x)) + b``.
 
@@ -101,10 +163,10 @@ class PackedRaBiTLinear(nn.Module):
     @torch.no_grad()
     def from_rabit_linear(cls, m: RaBiTLinear, scale_dtype: torch.dtype = torch.float16) -> "PackedRaBiTLinear":
         """Freeze the signs the QAT layer uses now and keep its scales in ``scale_dtype``."""
-        if not isinstance(m, RaBiTLinear):
+        if not isinstance(m, QAT_LAYERS):
             raise TypeError(f"PackedRaBiTLinear.from_rabit_linear: expected a RaBiTLinear, got {type(m).__name__}")
         p = cls(m.in_features, m.out_features, k=m.k, bias=m.bias is not None, scale_dtype=scale_dtype,
-                bias_dtype=m.bias.dtype if m.bias is not None else torch.float32, device=m.weight.device)
+                bias_dtype=m.bias.dtype if m.bias is not None else torch.float32, device=m.g.device)
         p.packed.copy_(m.packed_signs())
         for name in ("g", "h"):
             src = getattr(m, name).detach()
@@ -126,3 +188,6 @@ class PackedRaBiTLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, k={self.k}, "
                 f"bias={self.bias is not None}, scales={self.g.dtype}")
+
+
+QAT_LAYERS = (RaBiTLinear, IndependentRaBiTLinear)

@@ -15,8 +15,8 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .calibrate import collect_calibration_stats
-from .init import INIT_MODES, init_rabit_linear
-from .nn import PackedRaBiTLinear, RaBiTLinear
+from .init import INIT_MODES, init_independent_linear, init_rabit_linear
+from .nn import QAT_LAYERS, IndependentRaBiTLinear, PackedRaBiTLinear, RaBiTLinear
 from .reference import STE_VARIANTS
 
 
@@ -25,6 +25,8 @@ class RabitConfig:
     """How `quantize_` converts a model.
 
     k: binary paths per layer (RaBiT validates 2; 1..4 supported).
+    latents: ``"coupled"`` (RaBiT: one shared latent, paths re-derived by the residual chain) or
+        ``"independent"`` (the baseline: one latent per path, DB-LLM-style standard QAT).
     include / exclude: glob patterns on fully qualified module names (``*`` crosses dots). An empty
         include means every nn.Linear; exclude wins. ``lm_head`` stays in full precision by default.
     init_iters: Gauss–Seidel rounds T of iterative residual SVID (0 = greedy SVID).
@@ -36,6 +38,7 @@ class RabitConfig:
     """
 
     k: int = 2
+    latents: str = "coupled"
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ("lm_head",)
     init_iters: int = 5
@@ -49,6 +52,8 @@ class RabitConfig:
     def __post_init__(self):
         if not 1 <= self.k <= 4:
             raise ValueError(f"RabitConfig: k={self.k} is not supported; use k in 1..4 (RaBiT uses 2)")
+        if self.latents not in ("coupled", "independent"):
+            raise ValueError(f"RabitConfig: latents must be 'coupled' or 'independent', got {self.latents!r}")
         if self.init_iters < 0:
             raise ValueError(f"RabitConfig: init_iters must be >= 0, got {self.init_iters}")
         if self.init_mode not in INIT_MODES:
@@ -103,7 +108,7 @@ def quantize_(model: nn.Module, config: RabitConfig | None = None, calib_input_i
     config = config or RabitConfig()
     if not isinstance(model, nn.Module):
         raise TypeError(f"rabit.quantize_: expected a torch.nn.Module, got {type(model).__name__}")
-    if any(isinstance(m, (RaBiTLinear, PackedRaBiTLinear)) for m in model.modules()):
+    if any(isinstance(m, (*QAT_LAYERS, PackedRaBiTLinear)) for m in model.modules()):
         raise ValueError("rabit.quantize_: the model already has RaBiT layers; quantize the original FP model")
     targets = target_linears(model, config)
     if not targets:
@@ -112,10 +117,15 @@ def quantize_(model: nn.Module, config: RabitConfig | None = None, calib_input_i
     if calib_input_ids is not None:
         stats = collect_calibration_stats(model, calib_input_ids, [n for n, _ in targets], calib_batch_size, progress)
     for name, lin in tqdm(targets, desc="rabit init", disable=not progress):
-        m = RaBiTLinear.from_linear(lin, k=config.k, ste=config.ste, ste_param=config.ste_param)
         s_in, s_out = stats.get(name, (None, None))
-        m.init_error = init_rabit_linear(m, s_in, s_out, config.alpha_in, config.alpha_out, config.init_iters,
-                                         config.init_mode, config.latent_init)
+        init = dict(s_in=s_in, s_out=s_out, alpha_in=config.alpha_in, alpha_out=config.alpha_out,
+                    iters=config.init_iters)
+        if config.latents == "coupled":
+            m = RaBiTLinear.from_linear(lin, k=config.k, ste=config.ste, ste_param=config.ste_param)
+            m.init_error = init_rabit_linear(m, mode=config.init_mode, latent_init=config.latent_init, **init)
+        else:
+            m = IndependentRaBiTLinear.from_linear(lin, k=config.k, ste=config.ste, ste_param=config.ste_param)
+            m.init_error = init_independent_linear(m, lin.weight, **init)
         _set_submodule(model, name, m)
     model.rabit_config = config
     return model
@@ -124,7 +134,7 @@ def quantize_(model: nn.Module, config: RabitConfig | None = None, calib_input_i
 @torch.no_grad()
 def convert_(model: nn.Module, scale_dtype: torch.dtype = torch.float16) -> nn.Module:
     """Replace every RaBiTLinear by a PackedRaBiTLinear (frozen signs, packed bits, scales in scale_dtype)."""
-    names = [n for n, m in model.named_modules() if isinstance(m, RaBiTLinear)]
+    names = [n for n, m in model.named_modules() if isinstance(m, QAT_LAYERS)]
     if not names:
         raise ValueError("rabit.convert_: the model has no RaBiTLinear layers; call rabit.quantize_ first")
     for name in names:
