@@ -163,3 +163,39 @@ def unpack_signs(packed: Tensor, in_features: int, dtype: torch.dtype | None = N
 def packed_linear(x: Tensor, packed: Tensor, g: Tensor, h: Tensor, bias: Tensor | None = None) -> Tensor:
     """``y = Σ_k g_k ⊙ (B_k (h_k ⊙ x)) + bias`` for ``x [M, in]``, straight from the packed planes."""
     return _ops.packed_linear(x, packed, g, h, bias)
+
+
+# ---------------------------------------------------------------------------------------------
+# reference kernels for a device without compiled ones (explicit opt-in)
+# ---------------------------------------------------------------------------------------------
+def has_native_kernels(device_type: str) -> bool:
+    return torch._C._dispatch_has_kernel_for_dispatch_key("rabit::residual_binarize", device_type.upper())
+
+
+def use_reference_kernels(device_type: str = "cuda") -> None:
+    """Register rabit.reference (plain PyTorch) as the implementation of every rabit op on
+    ``device_type``, for a build without compiled kernels there (e.g. a CPU-only build used on a
+    GPU). Opt-in, never automatic: the reference computes the same signs bit for bit and the same
+    float results up to summation order, but is slower and uses more memory."""
+    from . import reference as R
+
+    key = device_type.upper()
+    if has_native_kernels(device_type):
+        raise RuntimeError(f"rabit: {device_type} already has compiled rabit kernels; not overriding them")
+
+    def rb(weight, g, h, out_dtype=None, ste="identity", ste_param=1.0):
+        _check_ste("rabit.residual_binarize", ste, ste_param)
+        what, packed = R.residual_binarize(weight, g, h, out_dtype)
+        return what, packed
+
+    impls = {
+        "residual_binarize": rb,
+        "residual_binarize_backward": lambda grad, weight, g, h, packed, ste="identity", ste_param=1.0:
+            R.residual_binarize_backward(grad, weight, g, h, packed, ste, ste_param),
+        "pack_signs": lambda signs: R.pack_signs(signs),
+        "unpack_signs": lambda packed, in_features, dtype=None: R.unpack_signs(packed, in_features,
+                                                                                dtype or torch.float32),
+        "packed_linear": lambda x, packed, g, h, bias=None: R.packed_linear(x, packed, g, h, bias),
+    }
+    for name, fn in impls.items():
+        torch.library.impl(f"rabit::{name}", key)(fn)

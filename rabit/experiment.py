@@ -1,0 +1,158 @@
+"""One row of the results table: a method, a model, a token budget → a JSON of WikiText-2 PPL,
+peak memory and time (``rabit train --model smollm2-135m --method rabit --tokens 2.5e6 --out DIR``).
+
+Methods, all in the same harness at the same token budget (rabit-method.md §7, issue "The RaBiT
+method on a real model"):
+
+    rabit         coupled QAT, calibrated init (I/O preconditioning + iterative residual SVID)
+    rabit-plain   coupled QAT, plain init (greedy SVID, no preconditioning)
+    independent   independent-latent two-path QAT (DB-LLM-style "standard" QAT), same init
+    onebit        K = 1 (OneBit-style sign + two scale vectors) QAT, same init
+    ptq           the calibrated init alone, no training
+
+Training data is sampled from the FP teacher (LLM-QAT's data-free recipe) and calibration uses
+the same sequences; the WikiText-2 test split is only ever evaluated.
+"""
+
+from __future__ import annotations
+
+import copy
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+METHODS = ("rabit", "rabit-plain", "independent", "onebit", "ptq")
+
+
+@dataclass
+class ExperimentConfig:
+    model: str = "smollm2-135m"
+    method: str = "rabit"
+    tokens: int = 2_500_000  # training tokens (steps = tokens / (batch * seq_len))
+    seq_len: int = 512
+    batch_size: int = 16
+    data_seqs: int = 1024  # distinct teacher-sampled sequences (reused over epochs)
+    calib_seqs: int = 64
+    gen_batch: int = 128
+    init_iters: int = 5
+    alpha_in: float = 0.5
+    alpha_out: float = 0.5
+    lr_latent: float = 1e-3
+    lr_scales: float = 1e-3
+    gamma: float = 100.0
+    optimizer: str = "muon"
+    ste: str = "identity"
+    ppl_ctx: tuple[int, ...] = (2048, 4096)
+    seed: int = 0
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"rabit train: unknown method {self.method!r}; use one of {METHODS}")
+        if self.tokens < 0:
+            raise ValueError("rabit train: tokens must be >= 0")
+
+    @property
+    def steps(self) -> int:
+        return 0 if self.method == "ptq" else max(1, round(self.tokens / (self.batch_size * self.seq_len)))
+
+    def rabit_config(self):
+        from .quantize import RabitConfig
+
+        plain = self.method == "rabit-plain"
+        return RabitConfig(
+            k=1 if self.method == "onebit" else 2,
+            latents="independent" if self.method == "independent" else "coupled",
+            init_iters=0 if plain else self.init_iters,
+            alpha_in=0.0 if plain else self.alpha_in,
+            alpha_out=0.0 if plain else self.alpha_out,
+            ste=self.ste,
+        )
+
+
+def _peak_memory(dev: torch.device) -> int | None:
+    return torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None
+
+
+def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, device: str = "cuda", progress: bool = True,
+                   teacher_data: torch.Tensor | None = None) -> dict[str, Any]:
+    """Quantize, train and evaluate one method; writes ``result.json`` in ``out_dir`` and returns it."""
+    from .data import cached_teacher_data, write_json_atomic
+    from .evaluate import wikitext2_perplexity
+    from .models import load_model
+    from .quantize import quantize_
+    from .train import TrainConfig, train
+
+    from ._ops import has_native_kernels, use_reference_kernels
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    dev = torch.device(device)
+    kernels = "native"
+    if not has_native_kernels(dev.type):
+        # a CPU-only build on a GPU machine: run the plain-PyTorch reference ops there, and say so
+        print(f"rabit train: no compiled rabit kernels for {dev.type}; using rabit.reference ops", flush=True)
+        use_reference_kernels(dev.type)
+        kernels = "reference"
+    t_all = time.perf_counter()
+    teacher, tok = load_model(cfg.model, device=str(dev))
+    teacher.eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    bos = int(teacher.config.bos_token_id if teacher.config.bos_token_id is not None else 1)
+    t0 = time.perf_counter()
+    if teacher_data is None:
+        teacher_data = cached_teacher_data(out / "teacher_data.safetensors", teacher, cfg.data_seqs, cfg.seq_len,
+                                           cfg.gen_batch, bos, model_name=cfg.model, seed=cfg.seed, device=dev,
+                                           progress=progress)
+    data_s = time.perf_counter() - t0
+
+    student = copy.deepcopy(teacher)
+    for p in student.parameters():
+        p.requires_grad_(True)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    t0 = time.perf_counter()
+    calib = teacher_data[: cfg.calib_seqs].to(dev) if cfg.method != "rabit-plain" else None
+    quantize_(student, cfg.rabit_config(), calib_input_ids=calib, progress=progress)
+    init_s = time.perf_counter() - t0
+
+    train_res, train_s, train_peak = None, 0.0, None
+    if cfg.steps:
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(dev)
+        tc = TrainConfig(steps=cfg.steps, batch_size=cfg.batch_size, lr_latent=cfg.lr_latent,
+                         lr_scales=cfg.lr_scales, gamma=cfg.gamma, optimizer=cfg.optimizer, seed=cfg.seed,
+                         log_every=max(1, cfg.steps // 50), checkpoint_every=max(1, cfg.steps // 4))
+        t0 = time.perf_counter()
+        train_res = train(student, teacher, teacher_data, tc, out_dir=out / "train", progress=progress)
+        train_s = time.perf_counter() - t0
+        train_peak = _peak_memory(dev)
+
+    ppl = {}
+    for ctx in cfg.ppl_ctx:
+        r = wikitext2_perplexity(student, tok, ctx=ctx, progress=progress)
+        ppl[str(ctx)] = {"ppl": float(r), "tokens": r.tokens, "windows": r.windows}
+    res = {
+        "model": cfg.model,
+        "method": cfg.method,
+        "config": asdict(cfg),
+        "steps": cfg.steps,
+        "train_tokens": cfg.steps * cfg.batch_size * cfg.seq_len,
+        "wikitext2_ppl": ppl,
+        "train_peak_memory_bytes": train_peak,
+        "time_s": {"data": round(data_s, 1), "init": round(init_s, 1), "train": round(train_s, 1),
+                   "total": round(time.perf_counter() - t_all, 1)},
+        "history": train_res.history if train_res is not None else [],
+        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu",
+        "kernels": kernels,
+        "versions": {"torch": torch.__version__, "python": platform.python_version()},
+        "date": time.strftime("%Y-%m-%d"),
+        "note": "SmolLM2-135M-Instruct dequantized from Q4_1 is the FP reference" if "smollm2" in cfg.model else "",
+    }
+    write_json_atomic(out / "result.json", res)
+    return res
