@@ -168,7 +168,13 @@ def packed_linear(x: Tensor, packed: Tensor, g: Tensor, h: Tensor, bias: Tensor 
 # ---------------------------------------------------------------------------------------------
 # reference kernels for a device without compiled ones (explicit opt-in)
 # ---------------------------------------------------------------------------------------------
+_REFERENCE_DEVICES: set[str] = set()
+
+
 def has_native_kernels(device_type: str) -> bool:
+    """Whether the compiled extension registered kernels for ``device_type`` ("cpu", "cuda")."""
+    if device_type.upper() in _REFERENCE_DEVICES:
+        return False
     return torch._C._dispatch_has_kernel_for_dispatch_key("rabit::residual_binarize", device_type.upper())
 
 
@@ -180,6 +186,8 @@ def use_reference_kernels(device_type: str = "cuda") -> None:
     from . import reference as R
 
     key = device_type.upper()
+    if key in _REFERENCE_DEVICES:
+        return
     if has_native_kernels(device_type):
         raise RuntimeError(f"rabit: {device_type} already has compiled rabit kernels; not overriding them")
 
@@ -199,3 +207,4 @@ def use_reference_kernels(device_type: str = "cuda") -> None:
     }
     for name, fn in impls.items():
         torch.library.impl(f"rabit::{name}", key)(fn)
+    _REFERENCE_DEVICES.add(key)
