@@ -19,6 +19,10 @@
 extern "C" {
 #endif
 
+/* Below this much work (in packed words) a kernel runs on one thread: waking an OpenMP team costs
+   more than a small layer's whole product, and on a busy machine far more (milliseconds). */
+#define RABIT_PARALLEL_MIN_WORDS 16384
+
 typedef enum {
     RABIT_OK = 0,
     RABIT_ERR_ARG = 1,        /* bad size, K out of range, null pointer */

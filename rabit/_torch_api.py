@@ -17,6 +17,11 @@ from .quantize import RabitConfig, convert_, quantize_  # noqa: E402
 
 FORMAT_VERSION = _C.FORMAT_VERSION
 
+# AutoModelForCausalLM.from_pretrained(<rabit dir>) works after `import rabit`; transformers is not imported here.
+from .hf_quantizer import install_lazy_registration  # noqa: E402
+
+install_lazy_registration()
+
 
 def set_cpu_kernel(name: str) -> None:
     """Force the CPU packed GEMV/GEMM implementation: ``"auto"`` (default), ``"ref"`` or ``"avx2"``."""

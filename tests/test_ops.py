@@ -98,8 +98,32 @@ def test_clipped_ste_masks_outside_window(device):
     assert dw.tolist() == [[0.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.0]]  # the edge |w| = c passes
 
 
+@pytest.mark.parametrize("k", [1, 2])
+def test_multithreaded_kernels_match_reference(k, device):
+    # large enough for the kernels to open a parallel region (RABIT_PARALLEL_MIN_WORDS)
+    w, g, h = random_layer(1031, 509 * k, k, torch.float32, device)
+    what, packed = rabit.residual_binarize(w, g, h)
+    ref_what, ref_packed = R.residual_binarize(w.cpu(), g.cpu(), h.cpu())
+    assert torch.equal(packed.cpu(), ref_packed) and torch.equal(what.cpu(), ref_what)
+    grad = torch.randn_like(w)
+    dw, dg, dh = rabit.residual_binarize_backward(grad, w, g, h, packed)
+    args = (grad.cpu(), w.cpu(), g.cpu(), h.cpu(), packed.cpu())
+    _, rdg, rdh = R.residual_binarize_backward(*args)
+    _, dg64, dh64 = R.residual_binarize_backward(*args, compute_dtype=torch.float64)
+    assert torch.equal(dw, grad)
+    assert_float_close(dg.cpu(), rdg, dg64, "dg")
+    assert_float_close(dh.cpu(), rdh, dh64, "dh")
+    x = torch.randn(3, w.shape[1], device=device)
+    y = rabit.packed_linear(x, packed, g, h)
+    pl = (x.cpu(), packed.cpu(), g.cpu(), h.cpu())
+    assert_float_close(y.cpu(), R.packed_linear(*pl), R.packed_linear(*pl, compute_dtype=torch.float64), "y",
+                       _abs_terms(x, g, h, None).cpu(), k * w.shape[1])
+    assert torch.equal(rabit.unpack_signs(rabit.pack_signs(rabit.unpack_signs(packed, w.shape[1])), w.shape[1]),
+                       rabit.unpack_signs(packed, w.shape[1]))
+
+
 def test_backward_is_deterministic(device):
-    w, g, h = random_layer(257, 129, 2, torch.float32, device)
+    w, g, h = random_layer(1031, 509, 2, torch.float32, device)
     grad = torch.randn_like(w)
     _, packed = rabit.residual_binarize(w, g, h)
     a = rabit.residual_binarize_backward(grad, w, g, h, packed)

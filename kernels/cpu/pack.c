@@ -17,7 +17,7 @@ rabit_status rabit_pack_signs_cpu(const float *signs, int64_t rows, int64_t in, 
     const int64_t nw = RABIT_WORDS(in);
     int64_t r;
     if (!signs || !packed || rows < 0 || in < 1) return RABIT_ERR_ARG;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (rows * nw >= RABIT_PARALLEL_MIN_WORDS)
     for (r = 0; r < rows; r++) {
         int64_t w, j;
         for (w = 0; w < nw; w++) {
@@ -39,7 +39,7 @@ rabit_status rabit_unpack_signs_cpu(const rabit_word_t *packed, int64_t rows, in
     int64_t r;
     if (!packed || !out || rows < 0 || in < 1) return RABIT_ERR_ARG;
     if (!rabit_dtype_valid(dt)) return RABIT_ERR_UNSUPPORTED;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (rows * nw >= RABIT_PARALLEL_MIN_WORDS)
     for (r = 0; r < rows; r++) {
         int64_t j;
         for (j = 0; j < in; j++) {

@@ -56,7 +56,7 @@ rabit_status rabit_packed_linear_cpu(const void *x, rabit_dtype xdt, int64_t M, 
         for (k = 0; k < K; k++)
             for (j = 0; j < in; j++) xh[(m * K + k) * in_pad + j] = h[k * in + j] * row[j];
     }
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (M * out * RABIT_WORDS(in) * K >= RABIT_PARALLEL_MIN_WORDS)
     for (blk = 0; blk < (out + block - 1) / block; blk++) {
         const int64_t o0 = blk * block;
         const int64_t o1 = o0 + block < out ? o0 + block : out;

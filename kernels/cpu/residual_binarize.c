@@ -24,7 +24,7 @@ rabit_status rabit_residual_binarize_cpu(const void *W, rabit_dtype wdt, const f
     if (!W || !g || !h || K < 1 || K > RABIT_MAX_K || out < 1 || in < 1 || (!what && !packed)) return RABIT_ERR_ARG;
     if (!rabit_dtype_valid(wdt) || (what && !rabit_dtype_valid(what_dt))) return RABIT_ERR_UNSUPPORTED;
 
-#pragma omp parallel
+#pragma omp parallel if (out * RABIT_WORDS(in) * K >= RABIT_PARALLEL_MIN_WORDS)
     {
         float *r = (float *)malloc((size_t)in * sizeof(float));
         float *acc = (float *)malloc((size_t)in * sizeof(float));
@@ -95,7 +95,7 @@ rabit_status rabit_residual_binarize_backward_cpu(const void *G, rabit_dtype gdt
     if (ste != RABIT_STE_IDENTITY && ste != RABIT_STE_CLIPPED && ste != RABIT_STE_TANH) return RABIT_ERR_ARG;
     if (!rabit_dtype_valid(gdt) || !rabit_dtype_valid(wdt)) return RABIT_ERR_UNSUPPORTED;
 #ifdef _OPENMP
-    nthreads = omp_get_max_threads();
+    if (out * RABIT_WORDS(in) * K >= RABIT_PARALLEL_MIN_WORDS) nthreads = omp_get_max_threads();
 #endif
     /* One dh accumulator per thread over a fixed row range, summed in thread order afterwards:
        the column reduction is then deterministic for a given thread count. */

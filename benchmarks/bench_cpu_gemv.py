@@ -1,0 +1,104 @@
+"""CPU packed GEMV/GEMM against torch F.linear (fp32 and bf16), measured in the same run.
+
+    python benchmarks/bench_cpu_gemv.py [--threads N] [--out benchmarks/results]
+
+Writes benchmarks/results/bench_cpu_gemv_<host>_<date>.json with every timing (median of many
+calls, weights cycled through a pool larger than the last-level cache so memory is measured).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import rabit
+
+SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]
+
+
+def cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def median_time(fn, pool: int, reps: int) -> float:
+    for i in range(pool):  # warm-up, one pass over the pool
+        fn(i)
+    times = []
+    for r in range(reps):
+        t0 = time.perf_counter()
+        fn(r % pool)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def bench_shape(out: int, in_features: int, m: int, reps: int, pool_bytes: int) -> dict:
+    k = 2
+    fp32_bytes = out * in_features * 4
+    pool = max(2, min(8, pool_bytes // fp32_bytes + 1))
+    ws = [torch.randn(out, in_features) * 0.02 for _ in range(pool)]
+    ws_bf16 = [w.bfloat16() for w in ws]
+    g = torch.rand(k, out) * 0.01 + 0.01
+    h = torch.rand(k, in_features) + 0.5
+    packed = [rabit.residual_binarize(w, g, h)[1] for w in ws]
+    x = torch.randn(m, in_features)
+    xb = x.bfloat16()
+    res = {"out": out, "in": in_features, "m": m, "pool": pool}
+    with torch.inference_mode():
+        res["torch_fp32_s"] = median_time(lambda i: F.linear(x, ws[i]), pool, reps)
+        res["torch_bf16_s"] = median_time(lambda i: F.linear(xb, ws_bf16[i]), pool, reps)
+        for kernel in ("ref", "avx2") if rabit.cpu_kernel() == "avx2" else ("ref",):
+            if kernel == "ref" and out * in_features > 50_000_000:
+                continue  # the scalar oracle is slow; it is measured at the smaller shapes
+            rabit.set_cpu_kernel(kernel)
+            res[f"rabit_{kernel}_s"] = median_time(lambda i: rabit.packed_linear(x, packed[i], g, h), pool, reps)
+        rabit.set_cpu_kernel("auto")
+    best = res.get("rabit_avx2_s", res.get("rabit_ref_s"))
+    res["speedup_vs_fp32"] = res["torch_fp32_s"] / best
+    res["speedup_vs_bf16"] = res["torch_bf16_s"] / best
+    packed_bytes = k * out * ((in_features + 31) // 32) * 4 + 4 * k * (out + in_features)
+    res["rabit_GBps"] = packed_bytes / best / 1e9
+    res["torch_fp32_GBps"] = fp32_bytes / res["torch_fp32_s"] / 1e9
+    return res
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--reps", type=int, default=30)
+    ap.add_argument("--m", type=int, nargs="+", default=[1, 4])
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+    rows = [bench_shape(o, i, m, args.reps, 256 << 20) for (o, i) in SHAPES for m in args.m]
+    meta = {"device": cpu_name(), "threads": args.threads, "cpu_kernel": rabit.cpu_kernel(),
+            "torch": torch.__version__, "rabit": rabit.__version__, "date": time.strftime("%Y-%m-%d %H:%M"),
+            "baseline": "torch F.linear fp32 / bf16, same run, same weights pool", "k": 2}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"bench_cpu_gemv_{platform.node() or 'host'}_{time.strftime('%Y%m%d')}.json"
+    path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    print(f"{'shape':>12} {'M':>3} {'fp32 ms':>9} {'bf16 ms':>9} {'rabit ms':>9} {'x fp32':>7} {'x bf16':>7}")
+    for r in rows:
+        best = r.get("rabit_avx2_s", r.get("rabit_ref_s"))
+        print(f"{r['out']:>6}x{r['in']:<5} {r['m']:>3} {1e3 * r['torch_fp32_s']:9.3f} {1e3 * r['torch_bf16_s']:9.3f} "
+              f"{1e3 * best:9.3f} {r['speedup_vs_fp32']:7.2f} {r['speedup_vs_bf16']:7.2f}")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

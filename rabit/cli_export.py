@@ -1,0 +1,344 @@
+"""CLI subcommands ``export``, ``eval`` and ``generate`` for ``rabit <command>``.
+
+Wiring into ``rabit/cli.py`` (same shape as its ``COMMANDS``: name -> (add parser, run))::
+
+    from .cli_export import COMMANDS as _EXPORT_COMMANDS
+    COMMANDS.update(_EXPORT_COMMANDS)
+
+or call :func:`add_subcommands` on the subparsers object. Each handler takes the parsed
+``argparse.Namespace`` and returns a JSON-serialisable dict; without ``--json`` it also prints a short
+human-readable report on stdout. Errors the user can fix raise :class:`CliError` (a ValueError) or
+FileNotFoundError, which ``rabit.cli.main`` turns into exit status 1. Standalone:
+``python -m rabit.cli_export <command> ...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+
+class CliError(ValueError):
+    """A failure the user can fix (bad file, bad combination of options)."""
+
+
+# ----------------------------------------------------------------------------------------------
+# argument types
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
+    return v
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {v}")
+    return v
+
+
+def _task_list(text: str) -> list[str]:
+    from .lm_eval_tasks import TASKS
+
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    if names == ["all"]:
+        return list(TASKS)
+    bad = [t for t in names if t not in TASKS]
+    if not names or bad:
+        raise argparse.ArgumentTypeError(f"unknown task(s) {bad or [text]}; choose from {', '.join(TASKS)} or 'all'")
+    return names
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+    p.add_argument("--quiet", action="store_true", help="no progress bars on stderr")
+
+
+def _is_export_dir(path: str) -> bool:
+    p = Path(path)
+    if not (p.is_dir() and (p / "config.json").is_file()):
+        return False
+    try:
+        qc = json.loads((p / "config.json").read_text(encoding="utf-8")).get("quantization_config")
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return True  # let the loader report the corrupted file
+    return isinstance(qc, dict) and qc.get("quant_method") == "rabit"
+
+
+def _load_any(model: str, device: str = "cpu"):
+    """``(model, tokenizer, kind)`` for an export directory or anything rabit.models.load_model takes."""
+    if _is_export_dir(model):
+        from .export import load_pretrained
+
+        m, tok = load_pretrained(model, device=device)
+        return m, tok, "rabit-export"
+    p = Path(model)
+    if p.exists() and p.is_dir() and not (p / "config.json").is_file():
+        raise FileNotFoundError(f"rabit: {model!r} is a directory without config.json; pass an exported model "
+                                "directory, a Hugging Face model directory, or a model name")
+    from .models import load_model
+
+    m, tok = load_model(model, device=device)
+    return m, tok, "full-precision"
+
+
+def _emit(args, lines: list[str]) -> None:
+    if not getattr(args, "json", False):
+        print("\n".join(lines))
+
+
+# ----------------------------------------------------------------------------------------------
+# export
+
+
+def add_export(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "export", help="pack a RaBiT model (QAT checkpoint or fresh quantization) into an exported directory",
+        description="Write config.json + model.safetensors (+ tokenizer) with the K packed sign planes, fp16 "
+                    "scales and every unquantized tensor. With --checkpoint, the QAT student saved by rabit's "
+                    "trainer (checkpoint.safetensors) is rebuilt on top of --model and packed; without it, "
+                    "--model is quantized by rabit.quantize_ alone (an untrained 2-bit model: useful for "
+                    "testing the pipeline, not for quality).")
+    p.add_argument("--model", default="stories260k",
+                   help="base model: 'stories260k', 'smollm2-135m', a HF model dir, a llama2.c .bin or a .gguf "
+                        "(default stories260k)")
+    p.add_argument("--checkpoint", metavar="PATH", default=None,
+                   help="QAT checkpoint: a training output directory or its checkpoint.safetensors")
+    p.add_argument("--out", metavar="DIR", required=True, help="output directory (must not exist or be empty)")
+    p.add_argument("--k", type=int, choices=(1, 2, 3, 4), default=2, help="binary paths per layer (default 2)")
+    p.add_argument("--include", nargs="*", default=[], metavar="GLOB",
+                   help="module-name globs to quantize (default: every nn.Linear)")
+    p.add_argument("--exclude", nargs="*", default=["lm_head"], metavar="GLOB",
+                   help="module-name globs kept in full precision (default: lm_head)")
+    p.add_argument("--init-iters", type=_non_negative_int, default=5,
+                   help="residual-SVID init rounds when quantizing without --checkpoint (default 5)")
+    p.add_argument("--fp16", action="store_true",
+                   help="store embeddings, norms and other unquantized tensors as float16 (smaller file)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out directory")
+    _add_common(p)
+    return p
+
+
+def _checkpoint_file(path: str) -> Path:
+    p = Path(path)
+    if p.is_dir():
+        p = p / "checkpoint.safetensors"
+    if not p.is_file():
+        raise FileNotFoundError(f"rabit: QAT checkpoint {str(p)!r} not found; pass the training output directory "
+                                "or its checkpoint.safetensors")
+    return p
+
+
+def run_export(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    from .export import describe, save_pretrained
+    from .quantize import RabitConfig, convert_, quantize_
+
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
+        raise CliError(f"rabit: output {str(out)!r} exists and is not an empty directory; pass --overwrite or "
+                       "choose another --out")
+    ckpt = _checkpoint_file(args.checkpoint) if args.checkpoint else None
+    if _is_export_dir(args.model):
+        raise CliError(f"rabit: {args.model!r} is already an exported (packed) model; export needs the base model")
+    model, tok, _ = _load_any(args.model)
+    cfg = RabitConfig(k=args.k, include=tuple(args.include), exclude=tuple(args.exclude),
+                      init_iters=0 if ckpt else args.init_iters)
+    quantize_(model, cfg, progress=not args.quiet)
+    if ckpt is not None:
+        from .train import load_student_weights, read_checkpoint
+
+        meta, tensors = read_checkpoint(ckpt)
+        try:
+            load_student_weights(model, meta, tensors)
+        except (ValueError, RuntimeError) as e:  # RuntimeError: load_state_dict's size mismatch
+            first = str(e).strip().splitlines()[0][:300]
+            raise CliError(f"rabit: QAT checkpoint {str(ckpt)!r} does not fit --model {args.model!r} with --k "
+                           f"{args.k} --include {args.include} --exclude {args.exclude}: {first}; pass the "
+                           "options the student was quantized with") from None
+    convert_(model)
+    save_pretrained(model, out, tokenizer=tok, unquantized_dtype=torch.float16 if args.fp16 else None,
+                    overwrite=args.overwrite)
+    info = describe(out)
+    info.update(source_model=args.model, checkpoint=str(ckpt) if ckpt else None,
+                trained=ckpt is not None)
+    _emit(args, [f"exported {info['quantized_modules']} packed layers (k={info['k']}) to {out}",
+                 f"  packed layers {info['quantized_bytes'] / 1e6:.3f} MB, other tensors "
+                 f"{info['other_tensor_bytes'] / 1e6:.3f} MB, directory {info['directory_bytes'] / 1e6:.3f} MB"]
+          + ([] if ckpt else ["  note: no --checkpoint, so this is an untrained (post-training) 2-bit model"]))
+    return info
+
+
+# ----------------------------------------------------------------------------------------------
+# eval
+
+
+def add_eval(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "eval", help="perplexity on WikiText-2 and/or zero-shot lm-eval tasks",
+        description="Evaluate an exported (packed) directory or a full-precision model: --ppl gives the "
+                    "WikiText-2 raw test perplexity (non-overlapping windows of --ctx tokens), --tasks runs "
+                    "lm-eval-harness offline on the local task files.")
+    p.add_argument("model", help="exported directory, or a model name/path as for `rabit export --model`")
+    p.add_argument("--ppl", action="store_true", help="WikiText-2 raw test perplexity")
+    p.add_argument("--ctx", type=_positive_int, default=2048, help="perplexity window (default 2048)")
+    p.add_argument("--wikitext", metavar="FILE", default=None,
+                   help="wiki.test.raw (default: $RABIT_SHARED/data/wikitext-2-raw/wiki.test.raw)")
+    p.add_argument("--tasks", type=_task_list, default=None, metavar="T1,T2",
+                   help="comma-separated lm-eval tasks (boolq, piqa, hellaswag, winogrande, arc_easy, "
+                        "arc_challenge, openbookqa, lambada_openai) or 'all'")
+    p.add_argument("--limit", type=_positive_int, default=None, help="items per task (default: all)")
+    p.add_argument("--batch-size", type=_positive_int, default=8, help="batch size (default 8)")
+    p.add_argument("--task-data", metavar="DIR", default=None,
+                   help="folder of the task files (default: $RABIT_TASK_DATA or the shared folder)")
+    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    _add_common(p)
+    return p
+
+
+def run_eval(args: argparse.Namespace) -> dict[str, Any]:
+    if not args.ppl and not args.tasks:
+        raise CliError("rabit: nothing to evaluate; pass --ppl and/or --tasks")
+    if args.wikitext is not None and not Path(args.wikitext).is_file():
+        raise FileNotFoundError(f"rabit: --wikitext file {args.wikitext!r} not found")
+    model, tok, kind = _load_any(args.model, device=args.device)
+    if tok is None:
+        raise CliError(f"rabit: {args.model!r} has no tokenizer; re-export it with its tokenizer")
+    result: dict[str, Any] = {"model": args.model, "kind": kind}
+    lines = [f"{args.model} ({kind})"]
+    if args.ppl:
+        from .evaluate import wikitext2_perplexity
+
+        ctx = min(args.ctx, getattr(model.config, "max_position_embeddings", args.ctx) or args.ctx)
+        r = wikitext2_perplexity(model, tok, ctx=ctx, path=args.wikitext, batch_size=1, progress=not args.quiet)
+        result["wikitext2"] = r.to_dict()
+        lines.append(f"  WikiText-2 PPL (ctx {ctx}): {r.ppl:.3f} over {r.tokens} tokens")
+    if args.tasks:
+        from .lmeval import evaluate
+
+        r = evaluate(model, tok, args.tasks, limit=args.limit, batch_size=args.batch_size, task_data=args.task_data)
+        result["lm_eval"] = r
+        for t, metrics in r["results"].items():
+            shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if not k.endswith("_stderr"))
+            lines.append(f"  {t} (n={r['n_samples'].get(t)}): {shown}")
+    _emit(args, lines)
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
+# generate
+
+
+def add_generate(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "generate", help="greedy text generation from an exported directory (torch or NumPy runtime)",
+        description="Greedy continuation of --prompt. --runtime numpy runs the torch-free rabit.runtime on an "
+                    "exported Llama directory; --runtime torch (default) runs the PyTorch model (an exported "
+                    "directory or any model name/path).")
+    p.add_argument("model", help="exported directory (or, with --runtime torch, a model name/path)")
+    p.add_argument("--prompt", required=True, help="text to continue")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=32, help="tokens to generate (default 32)")
+    p.add_argument("--runtime", choices=("torch", "numpy"), default="torch", help="backend (default torch)")
+    _add_common(p)
+    return p
+
+
+def run_generate(args: argparse.Namespace) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    if args.runtime == "numpy":
+        if not _is_export_dir(args.model):
+            raise CliError(f"rabit: --runtime numpy needs an exported rabit directory, got {args.model!r}; "
+                           "export it first with `rabit export`")
+        from . import runtime
+
+        model, tok = runtime.load(args.model)
+        if tok is None:
+            raise CliError(f"rabit: {args.model!r} was exported without a tokenizer")
+        prompt_ids = tok.encode(args.prompt)
+        t1 = time.perf_counter()
+        ids = model.generate(prompt_ids, args.max_new_tokens, eos_token_id=getattr(tok, "eos_token_id", None))
+        text = tok.decode(ids)
+    else:
+        import torch
+
+        from .data import encode_text
+
+        model, tok, _ = _load_any(args.model)
+        if tok is None:
+            raise CliError(f"rabit: {args.model!r} has no tokenizer; re-export it with its tokenizer")
+        prompt_ids = encode_text(tok, args.prompt, bos=True)
+        x = torch.tensor([prompt_ids])
+        t1 = time.perf_counter()
+        eos = getattr(tok, "eos_token_id", None)
+        with torch.no_grad():
+            out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=args.max_new_tokens,
+                                 do_sample=False, eos_token_id=eos, pad_token_id=eos)
+        ids = out[0].tolist()
+        text = tok.decode(ids, skip_special_tokens=True)
+    t2 = time.perf_counter()
+    new = len(ids) - len(prompt_ids)
+    result = {"model": args.model, "runtime": args.runtime, "prompt": args.prompt, "text": text,
+              "prompt_tokens": len(prompt_ids), "new_tokens": new, "load_s": round(t1 - t0, 4),
+              "generate_s": round(t2 - t1, 4), "tokens_per_s": round(new / (t2 - t1), 2) if t2 > t1 else None}
+    _emit(args, [text])
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
+# registration
+
+
+COMMANDS: dict[str, tuple[Callable, Callable[[argparse.Namespace], dict[str, Any]]]] = {
+    "export": (add_export, run_export),
+    "eval": (add_eval, run_eval),
+    "generate": (add_generate, run_generate),
+}
+
+
+def add_subcommands(subparsers) -> None:
+    """Add ``export``, ``eval`` and ``generate`` to an argparse subparsers object (``_run`` = handler)."""
+    for _name, (add, run) in COMMANDS.items():
+        add(subparsers).set_defaults(_run=run)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rabit", description="rabit export / eval / generate")
+    add_subcommands(parser.add_subparsers(dest="command", metavar="COMMAND", required=True))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Standalone entry point with rabit.cli's conventions: 0 ok, 1 known error, 2 bad arguments."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:
+        return int(e.code) if isinstance(e.code, int) else 2
+    try:
+        result = args._run(args)
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError, ImportError) as e:
+        msg = str(e)
+        print(msg if msg.startswith("rabit") else f"rabit: error: {msg}", file=sys.stderr)
+        return 1
+    if args.json:
+        json.dump(result, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,499 @@
+"""Export / reload of packed RaBiT models: files, exactness, sizes, HF round trip, errors, CLI."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import shutil
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+import rabit
+from rabit import export
+from rabit.cli_export import main as cli_main
+from rabit.models import load_stories260k
+from rabit.nn import PackedRaBiTLinear
+from rabit.runtime import LlamaRuntime
+from rabit.runtime.format import ExportFormatError, quantized_layer_bytes
+
+PROMPT = "Once upon a time"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    # The packed kernel opens an OpenMP parallel region even for tiny layers; when another process keeps a
+    # core busy, every call then waits ~8 ms at the barrier (2-core boxes). One thread keeps these tests
+    # fast and their timing independent of machine load. Restored afterwards.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def qat():
+    """stories260K with every decoder linear in QAT form (lm_head, tied to the embedding, stays FP)."""
+    model, tok = load_stories260k()
+    rabit.quantize_(model, rabit.RabitConfig(), progress=False)
+    return model, tok
+
+
+@pytest.fixture(scope="module")
+def packed(qat):
+    return rabit.convert_(copy.deepcopy(qat[0]))
+
+
+@pytest.fixture(scope="module")
+def exported(packed, qat, tmp_path_factory):
+    d = tmp_path_factory.mktemp("export") / "stories-rabit"
+    export.save_pretrained(packed, d, tokenizer=qat[1])
+    return d
+
+
+@pytest.fixture(scope="module")
+def ids(qat):
+    return torch.tensor([qat[1].encode(PROMPT + ", there was a little girl")])
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits.float()
+
+
+# -- what is written ----------------------------------------------------------------------------
+
+
+def test_directory_contents_and_config(exported, packed):
+    files = sorted(p.name for p in exported.iterdir())
+    assert files == ["config.json", "generation_config.json", "model.safetensors", "tok512.bin"]
+    assert not any(p.name.startswith(".") for p in exported.parent.iterdir()), "temporary dir left behind"
+    cfg = json.loads((exported / "config.json").read_text())
+    qc = cfg["quantization_config"]
+    assert qc["quant_method"] == "rabit" and qc["format_version"] == 1 == rabit.FORMAT_VERSION
+    assert qc["k"] == 2 and qc["scale_dtype"] == "float16" and qc["bits_order"] == "lsb-first"
+    assert qc["modules_to_not_convert"] == ["lm_head"]
+    want = [n for n, m in packed.named_modules() if isinstance(m, PackedRaBiTLinear)]
+    assert qc["quantized_modules"] == want and len(want) == 35
+    assert qc["tokenizer"] == {"format": "llama2c", "file": "tok512.bin", "bos_id": 1, "eos_id": 2}
+    assert cfg["model_type"] == "llama" and cfg["architectures"] == ["LlamaForCausalLM"]
+    assert cfg["tie_word_embeddings"] is True
+
+
+def test_weights_file_layout(exported):
+    with safe_open(str(exported / "model.safetensors"), framework="pt") as f:
+        names = set(f.keys())
+        meta = f.metadata()
+        assert meta["format"] == "pt" and meta["format_version"] == "1"
+        q = "model.layers.0.mlp.down_proj"  # in = 172: not a multiple of 32 (padding bits)
+        assert f.get_slice(f"{q}.packed").get_dtype() == "I32"
+        assert f.get_slice(f"{q}.packed").get_shape() == [2, 64, 6]
+        assert f.get_slice(f"{q}.g").get_dtype() == "F16" and f.get_slice(f"{q}.h").get_shape() == [2, 172]
+        last = f.get_tensor(f"{q}.packed")[..., -1].to(torch.int64) & 0xFFFFFFFF
+        assert not bool((last >> (172 % 32)).any()), "padding bits must be written as 0"
+    assert "model.embed_tokens.weight" in names
+    assert "lm_head.weight" not in names  # tied: stored once
+    assert not any(n.endswith(".weight") and "proj" in n for n in names)  # no dense copy of packed layers
+
+
+def test_no_pickle_anywhere(exported):
+    for p in exported.iterdir():
+        head = p.read_bytes()[:2]
+        assert head != b"\x80\x04" and head != b"\x80\x02", f"{p.name} looks like a pickle"
+        assert p.suffix not in (".pt", ".pth", ".pkl", ".ckpt")
+
+
+# -- round trip ---------------------------------------------------------------------------------
+
+
+def test_reload_equals_convert_exactly(exported, packed, ids):
+    reloaded = export.from_pretrained(exported)
+    assert isinstance(reloaded.model.layers[0].self_attn.q_proj, PackedRaBiTLinear)
+    assert reloaded.lm_head.weight is reloaded.model.embed_tokens.weight
+    assert not reloaded.training
+    assert torch.equal(logits(reloaded, ids), logits(packed, ids))
+
+
+def test_reload_matches_qat_with_fp16_scales(qat, ids, tmp_path):
+    """Tight check. Export keeps scales in fp16; give the QAT model the same fp16-rounded scales and the
+    reloaded packed model must reproduce it up to float32 summation order (the QAT forward builds Ŵ densely
+    and runs F.linear, the packed kernel computes Σ_k g_k(B_k(h_k x))): bound 1e-4·max|logits|."""
+    model = copy.deepcopy(qat[0])
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, rabit.RaBiTLinear):
+                m.g.copy_(m.g.half().float())
+                m.h.copy_(m.h.half().float())
+    want = logits(model, ids)
+    export.save_pretrained(rabit.convert_(model), tmp_path / "m")
+    got = logits(export.from_pretrained(tmp_path / "m"), ids)
+    assert (got - want).abs().max() <= 1e-4 * want.abs().max()
+
+
+def test_reload_vs_qat_within_fp16_scale_bound(qat, exported, ids):
+    """Loose check against the QAT model itself (float32 scales). Rounding g and h to fp16 perturbs every
+    Ŵ entry by a relative ≤ 2·2⁻¹¹ = 2⁻¹⁰; to first order each of the 4·L sequential linear stages (q/k/v,
+    o, gate/up, down per layer) adds at most that relative error, so max|Δlogits| ≤ 4·L·2⁻¹⁰·max|logits|
+    (L=5: ≈2% of the logit scale; observed ≈0.07%)."""
+    want = logits(qat[0], ids)
+    got = logits(export.from_pretrained(exported), ids)
+    n_layers = qat[0].config.num_hidden_layers
+    assert (got - want).abs().max() <= 4 * n_layers * 2**-10 * want.abs().max()
+    assert (got - want).abs().max() > 0  # the scales really are rounded (the test can tell)
+
+
+def test_generate_on_reloaded_model(exported, packed, qat):
+    reloaded, tok = export.load_pretrained(exported)
+    x = torch.tensor([tok.encode(PROMPT)])
+    kw = dict(max_new_tokens=12, do_sample=False, attention_mask=torch.ones_like(x))
+    out = reloaded.generate(x, **kw)
+    assert out.shape == (1, x.shape[1] + 12)
+    assert torch.equal(out, packed.generate(x, **kw))
+    assert isinstance(tok.decode(out[0]), str)
+
+
+def test_load_tokenizer_llama2c(exported, qat):
+    tok = export.load_tokenizer(exported)
+    assert tok.encode("Hello there, Lily!") == qat[1].encode("Hello there, Lily!")
+
+
+def test_transformers_auto_model_loads_export(exported, packed, ids):
+    from transformers import AutoModelForCausalLM
+
+    m = AutoModelForCausalLM.from_pretrained(str(exported))
+    layers = [n for n, x in m.named_modules() if isinstance(x, PackedRaBiTLinear)]
+    assert len(layers) == 35
+    assert m.model.layers[0].mlp.up_proj.g.dtype == torch.float16  # scales not cast to the model dtype
+    assert m.lm_head.weight is m.model.embed_tokens.weight
+    assert torch.equal(logits(m, ids), logits(packed, ids))
+
+
+def test_registration_is_lazy_and_works_in_a_fresh_process(exported):
+    """`import rabit.export` must not import transformers (slow), yet AutoModel must then load exports."""
+    script = (
+        "import sys\n"
+        "import rabit.export\n"
+        "assert 'transformers.quantizers.auto' not in sys.modules\n"
+        "from transformers import AutoModelForCausalLM\n"
+        f"m = AutoModelForCausalLM.from_pretrained({str(exported)!r})\n"
+        "print(type(m.model.layers[0].mlp.up_proj).__name__)\n")
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().splitlines()[-1] == "PackedRaBiTLinear"
+
+
+def test_model_save_pretrained_round_trip(packed, ids, tmp_path):
+    """HF's own save_pretrained writes the packed buffers as plain tensors once the quantization_config
+    is attached; both loaders read the result."""
+    from transformers import AutoModelForCausalLM
+
+    m = export.attach_quantization_config(copy.deepcopy(packed))
+    m.save_pretrained(tmp_path / "hf")
+    assert (tmp_path / "hf" / "model.safetensors").is_file()
+    assert not list((tmp_path / "hf").glob("*.bin"))
+    want = logits(packed, ids)
+    assert torch.equal(logits(export.from_pretrained(tmp_path / "hf"), ids), want)
+    assert torch.equal(logits(AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf")), ids), want)
+
+
+def test_resave_of_reloaded_model(exported, packed, ids, tmp_path):
+    export.save_pretrained(export.from_pretrained(exported), tmp_path / "again")
+    assert torch.equal(logits(export.from_pretrained(tmp_path / "again"), ids), logits(packed, ids))
+
+
+def test_dtype_argument(exported, ids, packed):
+    m = export.from_pretrained(exported, dtype=torch.bfloat16)
+    assert m.model.embed_tokens.weight.dtype == torch.bfloat16
+    assert m.model.layers[0].self_attn.q_proj.g.dtype == torch.float16
+    assert torch.isfinite(logits(m, ids)).all()
+
+
+# -- sizes --------------------------------------------------------------------------------------
+
+
+def _header_sizes(path):
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    header.pop("__metadata__", None)
+    return {k: v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items()}, 8 + n
+
+
+def test_packed_layer_bytes_match_formula(exported, packed):
+    sizes, _ = _header_sizes(exported / "model.safetensors")
+    for name, m in packed.named_modules():
+        if isinstance(m, PackedRaBiTLinear):
+            got = sum(sizes[f"{name}.{t}"] for t in ("packed", "g", "h"))
+            k, out, inp = m.k, m.out_features, m.in_features
+            assert got == k * out * math.ceil(inp / 32) * 4 + 2 * k * (out + inp) == quantized_layer_bytes(out, inp, k)
+
+
+def test_directory_smaller_than_fp16_by_expected_factor(qat, packed, tmp_path):
+    fp, _ = load_stories260k()
+    n_params = sum(p.numel() for p in fp.parameters())  # tied embedding counted once
+    fp16_bytes = 2 * n_params
+    layers = [m for m in packed.modules() if isinstance(m, PackedRaBiTLinear)]
+    n_quant = sum(m.in_features * m.out_features for m in layers)
+    expected = sum(quantized_layer_bytes(m.out_features, m.in_features, m.k) for m in layers) \
+        + 2 * (n_params - n_quant)  # every other tensor stored as fp16
+    factor = fp16_bytes / expected
+    d = export.save_pretrained(packed, tmp_path / "fp16", unquantized_dtype=torch.float16)
+    weights = (d / "model.safetensors").stat().st_size
+    _, header = _header_sizes(d / "model.safetensors")
+    assert weights == expected + header
+    total = export.directory_bytes(d)  # no tokenizer here: weights + config.json + generation_config.json
+    json_bytes = sum((d / n).stat().st_size for n in ("config.json", "generation_config.json"))
+    assert total == expected + header + json_bytes
+    # For a 1 MB model the safetensors header and config.json (tensor and module names) are ~10% of the
+    # directory; the factor over the tensor bytes is exact above, and the whole directory is within 15% of it.
+    assert header + json_bytes < 0.12 * expected
+    assert fp16_bytes / total >= 0.85 * factor
+    assert 3.0 < factor < 4.0  # stories260K: 226,560 of 260,032 params are in packed layers
+    # the same directory still loads, with fp16 embeddings cast to the requested dtype
+    assert export.from_pretrained(d).model.embed_tokens.weight.dtype == torch.float16
+
+
+# -- biases, untied and quantized lm_head, padding ----------------------------------------------
+
+
+def tiny_llama(tie: bool, bias: bool, hidden: int = 48, inter: int = 100, vocab: int = 96):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=12, max_position_embeddings=64,
+                      tie_word_embeddings=tie, attention_bias=bias, mlp_bias=bias, rope_theta=500.0)
+    torch.manual_seed(0)
+    return LlamaForCausalLM(cfg).eval()
+
+
+@pytest.mark.parametrize("tie, bias, exclude", [(False, True, ()), (True, False, ("lm_head", "*.o_proj"))])
+def test_tiny_models_round_trip(tie, bias, exclude, tmp_path):
+    m = tiny_llama(tie, bias)
+    rabit.quantize_(m, rabit.RabitConfig(exclude=exclude), progress=False)
+    p = rabit.convert_(m)
+    d = export.save_pretrained(p, tmp_path / "t")
+    qc = json.loads((d / "config.json").read_text())["quantization_config"]
+    assert ("lm_head" in qc["quantized_modules"]) == (not exclude)
+    x = torch.randint(0, 96, (2, 9))
+    assert torch.equal(logits(export.from_pretrained(d), x), logits(p, x))
+
+
+# -- export-side errors -------------------------------------------------------------------------
+
+
+def test_save_rejects_unpacked_or_plain_models(qat, tmp_path):
+    with pytest.raises(ValueError, match="rabit.convert_"):
+        export.save_pretrained(qat[0], tmp_path / "a")
+    fp, _ = load_stories260k()
+    with pytest.raises(ValueError, match="no PackedRaBiTLinear"):
+        export.save_pretrained(fp, tmp_path / "b")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_save_rejects_nonfinite_scales(packed, tmp_path):
+    p = copy.deepcopy(packed)
+    p.model.layers[1].mlp.gate_proj.h[0, 3] = float("nan")
+    with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.gate_proj\.h"):
+        export.save_pretrained(p, tmp_path / "x")
+
+
+def test_save_refuses_to_clobber_then_overwrites(packed, tmp_path):
+    d = tmp_path / "out"
+    d.mkdir()
+    (d / "keep.txt").write_text("user data")
+    with pytest.raises(FileExistsError, match="overwrite"):
+        export.save_pretrained(packed, d)
+    assert (d / "keep.txt").is_file()
+    export.save_pretrained(packed, d, overwrite=True)
+    assert not (d / "keep.txt").exists() and (d / "model.safetensors").is_file()
+
+
+def test_crash_mid_write_leaves_nothing_half_written(packed, tmp_path, monkeypatch):
+    import safetensors.torch as st
+
+    def boom(tensors, path, metadata=None):
+        Path(path).write_bytes(b"partial")
+        raise KeyboardInterrupt("simulated crash")
+
+    monkeypatch.setattr(st, "save_file", boom)
+    with pytest.raises(KeyboardInterrupt):
+        export.save_pretrained(packed, tmp_path / "new")
+    assert list(tmp_path.iterdir()) == []  # no final dir, no temporary dir
+    monkeypatch.undo()
+    export.save_pretrained(packed, tmp_path / "old")
+    before = (tmp_path / "old" / "model.safetensors").read_bytes()
+    monkeypatch.setattr(st, "save_file", boom)
+    with pytest.raises(KeyboardInterrupt):
+        export.save_pretrained(packed, tmp_path / "old", overwrite=True)
+    assert (tmp_path / "old" / "model.safetensors").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old"]
+
+
+# -- load-side errors (both loaders: torch and the NumPy runtime) ----------------------------------
+
+LOADERS = {"torch": export.from_pretrained, "numpy": LlamaRuntime.load}
+
+
+@pytest.fixture
+def broken(exported, tmp_path):
+    d = tmp_path / "broken"
+    shutil.copytree(exported, d)
+    return d
+
+
+def _edit_config(d, fn):
+    cfg = json.loads((d / "config.json").read_text())
+    fn(cfg)
+    (d / "config.json").write_text(json.dumps(cfg))
+
+
+def _edit_tensors(d, fn):
+    t = load_file(str(d / "model.safetensors"))
+    fn(t)
+    save_file(t, str(d / "model.safetensors"), metadata={"format": "pt"})
+
+
+Q = "model.layers.2.self_attn.k_proj"
+CASES = {
+    "missing dir": (lambda d: shutil.rmtree(d), FileNotFoundError, "does not exist"),
+    "missing config": (lambda d: (d / "config.json").unlink(), FileNotFoundError, "config.json"),
+    "missing weights": (lambda d: (d / "model.safetensors").unlink(), FileNotFoundError, "model.safetensors"),
+    "bad json": (lambda d: (d / "config.json").write_text("{not json"), ExportFormatError, "not valid JSON"),
+    "truncated": (lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:-100]),
+                  ExportFormatError, "truncated"),
+    "garbage header": (lambda d: (d / "model.safetensors").write_bytes(
+        (d / "model.safetensors").read_bytes()[:8] + b"\xff" * 64 + (d / "model.safetensors").read_bytes()[72:]),
+        ExportFormatError, "corrupted"),
+    "trailing bytes": (lambda d: open(d / "model.safetensors", "ab").write(b"xx"), ExportFormatError, "trailing"),
+    "no format_version": (lambda d: _edit_config(d, lambda c: c["quantization_config"].pop("format_version")),
+                          ExportFormatError, "no format_version"),
+    "wrong format_version": (lambda d: _edit_config(d, lambda c: c["quantization_config"].update(format_version=2)),
+                             ExportFormatError, "format_version 2 is not supported"),
+    "not rabit": (lambda d: _edit_config(d, lambda c: c["quantization_config"].update(quant_method="gptq")),
+                  ExportFormatError, "'gptq'"),
+    "no quantization_config": (lambda d: _edit_config(d, lambda c: c.pop("quantization_config")),
+                               ExportFormatError, "no quantization_config"),
+    "unknown module": (lambda d: _edit_config(d, lambda c: c["quantization_config"]["quantized_modules"].append(
+        "model.layers.9.mlp.up_proj")), ExportFormatError, "model.layers.9.mlp.up_proj"),
+    "missing tensor": (lambda d: _edit_tensors(d, lambda t: t.pop(f"{Q}.h")), ExportFormatError, f"{Q}.h"),
+    "wrong shape": (lambda d: _edit_tensors(
+        d, lambda t: t.update({f"{Q}.packed": t[f"{Q}.packed"][:, :-1].contiguous()})),
+                    ExportFormatError, rf"{Q}\.packed.*shape"),
+    "wrong dtype": (lambda d: _edit_tensors(d, lambda t: t.update({f"{Q}.g": t[f"{Q}.g"].float()})),
+                    ExportFormatError, rf"{Q}\.g.*float32"),
+    "nan scale": (lambda d: _edit_tensors(d, lambda t: t[f"{Q}.g"].__setitem__((1, 0), float("nan"))),
+                  ExportFormatError, rf"scale '{Q}\.g'.*NaN"),
+    "inf scale": (lambda d: _edit_tensors(d, lambda t: t[f"{Q}.h"].__setitem__((0, 5), float("inf"))),
+                  ExportFormatError, rf"scale '{Q}\.h'"),
+    "extra tensor": (lambda d: _edit_tensors(d, lambda t: t.update(stray=torch.zeros(3))), ExportFormatError,
+                     "unexpected tensors"),
+}
+
+
+@pytest.mark.parametrize("loader", LOADERS)
+@pytest.mark.parametrize("case", CASES)
+def test_load_errors_name_the_problem(broken, case, loader):
+    breakit, exc, pattern = CASES[case]
+    breakit(broken)
+    with pytest.raises(exc, match=pattern):
+        LOADERS[loader](broken)
+
+
+def test_transformers_loader_rejects_wrong_version(broken):
+    from transformers import AutoModelForCausalLM
+
+    _edit_config(broken, lambda c: c["quantization_config"].update(format_version=2))
+    with pytest.raises(ValueError, match="format_version 2"):
+        AutoModelForCausalLM.from_pretrained(str(broken))
+
+
+# -- CLI ----------------------------------------------------------------------------------------
+
+
+def test_cli_help_lists_options(capsys):
+    for cmd, flags in {"export": ["--checkpoint", "--out", "--k", "--fp16", "--overwrite", "--json"],
+                       "generate": ["--prompt", "--max-new-tokens", "--runtime", "--json"],
+                       "eval": ["--ppl", "--tasks", "--limit", "--json"]}.items():
+        assert cli_main([cmd, "--help"]) == 0
+        out = capsys.readouterr().out
+        for f in flags:
+            assert f in out, (cmd, f)
+
+
+@pytest.mark.parametrize("argv, code, needle", [
+    (["export"], 2, "--out"),
+    (["export", "--out", "x", "--k", "7"], 2, "--k"),
+    (["generate", "d"], 2, "--prompt"),
+    (["generate", "d", "--prompt", "a", "--max-new-tokens", "0"], 2, "--max-new-tokens"),
+    (["generate", "d", "--prompt", "a", "--runtime", "jax"], 2, "--runtime"),
+    (["eval", "d", "--tasks", "mmlu"], 2, "unknown task"),
+    (["eval", "stories260k"], 1, "nothing to evaluate"),
+    (["generate", "/nonexistent/dir", "--prompt", "a", "--runtime", "numpy"], 1, "exported rabit directory"),
+    (["export", "--out", "OUT", "--checkpoint", "/nonexistent/ckpt"], 1, "checkpoint"),
+])
+def test_cli_bad_arguments(argv, code, needle, capsys, tmp_path):
+    argv = [str(tmp_path / "o") if a == "OUT" else a for a in argv]
+    assert cli_main(argv) == code
+    assert needle in capsys.readouterr().err
+
+
+def test_cli_export_from_qat_checkpoint_and_generate(qat, tmp_path, capsys):
+    """QAT a couple of steps with rabit's trainer, export its checkpoint through the CLI, and check the
+    export reproduces convert_(student) exactly and generates with both runtimes."""
+    from rabit.train import TrainConfig, train
+
+    teacher, tok = load_stories260k()
+    student = copy.deepcopy(qat[0])
+    data = torch.randint(3, 512, (4, 32))
+    train(student, teacher, data, TrainConfig(steps=2, batch_size=2, checkpoint_every=0, log_every=1),
+          out_dir=tmp_path / "run", progress=False)
+    out = tmp_path / "packed"
+    assert cli_main(["export", "--checkpoint", str(tmp_path / "run"), "--out", str(out), "--quiet", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["trained"] and info["quantized_modules"] == 35 and info["k"] == 2
+    x = torch.tensor([tok.encode(PROMPT)])
+    want = logits(rabit.convert_(copy.deepcopy(student)), x)
+    assert torch.equal(logits(export.from_pretrained(out), x), want)
+    assert not torch.equal(want, logits(rabit.convert_(copy.deepcopy(qat[0])), x))  # training changed it
+    texts = {}
+    for rt in ("torch", "numpy"):
+        assert cli_main(["generate", str(out), "--prompt", PROMPT, "--max-new-tokens", "8", "--runtime", rt,
+                         "--json"]) == 0
+        r = json.loads(capsys.readouterr().out)
+        assert r["new_tokens"] == 8 and r["text"].startswith(PROMPT)
+        texts[rt] = r["text"]
+    assert texts["torch"] == texts["numpy"]
+    # a checkpoint from another configuration is refused with the reason
+    assert cli_main(["export", "--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "k3"), "--k", "3"]) == 1
+    assert "does not fit" in capsys.readouterr().err
+    # existing output
+    assert cli_main(["export", "--checkpoint", str(tmp_path / "run"), "--out", str(out)]) == 1
+    assert "--overwrite" in capsys.readouterr().err
+
+
+def test_cli_module_entry_point():
+    r = subprocess.run([sys.executable, "-m", "rabit.cli_export", "--help"], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0 and "export" in r.stdout and "generate" in r.stdout
+
+
+def test_commands_plug_into_rabit_cli(monkeypatch, exported, capsys):
+    """The wiring rabit/cli.py needs is `COMMANDS.update(rabit.cli_export.COMMANDS)`; check it works there."""
+    import rabit.cli as cli
+    from rabit.cli_export import COMMANDS
+
+    monkeypatch.setattr(cli, "COMMANDS", {**cli.COMMANDS, **COMMANDS})
+    argv = ["generate", str(exported), "--prompt", PROMPT, "--max-new-tokens", "3", "--runtime", "numpy", "--json"]
+    assert cli.main(argv) == 0
+    assert json.loads(capsys.readouterr().out)["new_tokens"] == 3
+    assert cli.main(["eval", str(exported)]) == 1
+    assert "nothing to evaluate" in capsys.readouterr().err
+    assert cli.main(["export", "--out", str(exported)]) == 1  # exists and is not empty
+    assert "--overwrite" in capsys.readouterr().err

