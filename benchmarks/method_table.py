@@ -1,0 +1,74 @@
+"""The RaBiT results table on one GPU: every method at the same token budget, one shared set of
+teacher-sampled training sequences, WikiText-2 PPL at ctx 2048 (and 4096), peak memory, time.
+
+    python benchmarks/method_table.py --model smollm2-135m --tokens 2.5e6 --out DIR \
+        --methods rabit independent onebit rabit-plain ptq
+
+Each row is also reproducible alone with ``rabit train --model ... --method ... --tokens ... --out``.
+Writes DIR/<method>/result.json and DIR/table.json (device, versions, date, FP reference beside).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from rabit.data import cached_teacher_data, write_json_atomic
+from rabit.evaluate import wikitext2_perplexity
+from rabit.experiment import METHODS, ExperimentConfig, run_experiment
+from rabit.models import load_model
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    ap.add_argument("--tokens", type=float, default=2.5e6)
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--data-seqs", type=int, default=1024)
+    ap.add_argument("--lr-latent", type=float, default=1e-3)
+    ap.add_argument("--lr-scales", type=float, default=1e-3)
+    ap.add_argument("--gamma", type=float, default=100.0)
+    ap.add_argument("--ctx", type=int, nargs="+", default=[2048, 4096])
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args(argv)
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    base = ExperimentConfig(model=args.model, tokens=int(args.tokens), seq_len=args.seq_len,
+                            batch_size=args.batch_size, data_seqs=args.data_seqs, lr_latent=args.lr_latent,
+                            lr_scales=args.lr_scales, gamma=args.gamma, ppl_ctx=tuple(args.ctx))
+    teacher, tok = load_model(args.model, device=args.device)
+    teacher.eval()
+    bos = int(teacher.config.bos_token_id if teacher.config.bos_token_id is not None else 1)
+    t0 = time.perf_counter()
+    data = cached_teacher_data(out / "teacher_data.safetensors", teacher, base.data_seqs, base.seq_len, 128, bos,
+                               model_name=args.model, seed=base.seed, device=args.device)
+    data_s = time.perf_counter() - t0
+    fp = {str(c): float(wikitext2_perplexity(teacher, tok, ctx=c)) for c in args.ctx}
+    print(f"FP: {fp}  (teacher data {data.shape[0]}x{data.shape[1]} in {data_s:.0f} s)", flush=True)
+    del teacher
+    rows = {}
+    for method in args.methods:
+        res = run_experiment(replace(base, method=method), out / method, device=args.device, teacher_data=data)
+        rows[method] = {k: res[k] for k in ("wikitext2_ppl", "train_tokens", "steps", "train_peak_memory_bytes",
+                                            "time_s", "kernels")}
+        print(f"{method:>12}: PPL {res['wikitext2_ppl']}  peak {res['train_peak_memory_bytes']}  "
+              f"time {res['time_s']}", flush=True)
+        write_json_atomic(out / "table.json", {
+            "model": args.model, "fp_ppl": fp, "rows": rows, "teacher_data_s": round(data_s, 1),
+            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+            "versions": {"torch": torch.__version__}, "date": time.strftime("%Y-%m-%d %H:%M"),
+            "config": {k: v for k, v in vars(args).items()}})
+    print(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()

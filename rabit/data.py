@@ -1,0 +1,413 @@
+"""Distillation data for RaBiT QAT.
+
+The project has no training text (see ``shared/README.md``): the published data-free recipe of
+LLM-QAT (Liu et al. 2023, arXiv 2305.17888) samples sequences from the FP teacher itself and
+distils the student on them. That is what :func:`generate_teacher_data` does. A user who has text
+of their own can turn it into training windows with :func:`tokens_from_text_file`.
+
+Token tensors are stored as safetensors (or ``.npy``), never pickle, and every write goes to a
+temporary file first and is then moved into place with ``os.replace``, so a crash never leaves a
+half-written file under the final name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import json
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+#: Bumped whenever the meaning of the cache metadata changes, so old caches are regenerated.
+CACHE_FORMAT = "rabit-teacher-tokens/1"
+
+
+# --------------------------------------------------------------------------------------------
+# Tokenizer adapter
+# --------------------------------------------------------------------------------------------
+
+
+def encode_text(tokenizer: Any, text: str, bos: bool = True) -> list[int]:
+    """Token ids of ``text`` with a leading BOS, for either tokenizer family the project uses.
+
+    * rabit's llama2.c tokenizer: ``tokenizer.encode(text, bos=True)``;
+    * Hugging Face tokenizers (``PreTrainedTokenizerBase``): ``tokenizer(text)["input_ids"]``,
+      whose special-token handling adds BOS for Llama-family models (the GPTQ/QuIP# protocol).
+    """
+    try:
+        from transformers import PreTrainedTokenizerBase
+    except ImportError:  # pragma: no cover - transformers is a hard dependency of the package
+        PreTrainedTokenizerBase = ()  # type: ignore[assignment]
+    if isinstance(tokenizer, PreTrainedTokenizerBase):
+        return list(tokenizer(text, add_special_tokens=bos, verbose=False)["input_ids"])
+    if not hasattr(tokenizer, "encode"):
+        raise TypeError(
+            f"rabit: tokenizer of type {type(tokenizer).__name__} has no encode(); pass the "
+            "tokenizer returned by rabit.models.load_model / load_stories260k or a Hugging Face tokenizer"
+        )
+    return list(tokenizer.encode(text, bos=bos))
+
+
+# --------------------------------------------------------------------------------------------
+# Autoregressive decoding with a KV cache (shared by sampling and the tokens/s benchmark)
+# --------------------------------------------------------------------------------------------
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """Device of the model's first parameter (the whole model is expected on one device)."""
+    try:
+        return next(model.parameters()).device
+    except StopIteration as e:
+        raise ValueError("rabit: the model has no parameters; cannot infer its device") from e
+
+
+def _cache_kwarg(model: torch.nn.Module) -> str:
+    # transformers 5.x renamed forward(past_key_values=) to forward(cache=) and warns on the old name.
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+@torch.no_grad()
+def decode_loop(
+    model: torch.nn.Module,
+    prompt_ids: torch.Tensor,
+    new_tokens: int,
+    choose: Callable[[torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """Extend ``prompt_ids [B, P]`` by ``new_tokens`` tokens with a KV cache.
+
+    ``choose(logits [B, V] float32) -> [B]`` picks the next token (sampling or argmax). One model
+    call per new token; the prompt is processed in one call. The sequence never stops early at EOS:
+    distillation and timing both need fixed-length output, and the teacher itself defines what
+    comes after an EOS (stories260K, like llama2.c's training data, just starts the next story).
+    """
+    from transformers import DynamicCache
+
+    out = torch.empty(prompt_ids.shape[0], prompt_ids.shape[1] + new_tokens, dtype=torch.long,
+                      device=prompt_ids.device)
+    out[:, : prompt_ids.shape[1]] = prompt_ids
+    if new_tokens == 0:
+        return out
+    cache = DynamicCache(config=getattr(model, "config", None))
+    cache_kw = _cache_kwarg(model)
+    step_input = prompt_ids
+    pos = prompt_ids.shape[1]
+    for i in range(new_tokens):
+        # logits_to_keep=1: only the last position's logits are needed (saves the lm_head GEMM
+        # over the whole prompt in the first call).
+        logits = model(input_ids=step_input, use_cache=True, logits_to_keep=1,
+                       **{cache_kw: cache}).logits[:, -1, :]
+        nxt = choose(logits.float())
+        out[:, pos + i] = nxt
+        step_input = nxt[:, None]
+    return out
+
+
+def _sampler(temperature: float, top_k: int | None, generator: torch.Generator):
+    def choose(logits: torch.Tensor) -> torch.Tensor:
+        logits = logits / temperature
+        if top_k is not None and top_k < logits.shape[-1]:
+            kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        probs = torch.softmax(logits, dim=-1)
+        return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+    return choose
+
+
+@contextlib.contextmanager
+def _eval_mode(model: torch.nn.Module):
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+# --------------------------------------------------------------------------------------------
+# Teacher sampling (LLM-QAT data-free recipe)
+# --------------------------------------------------------------------------------------------
+
+
+def generate_teacher_data(
+    model: torch.nn.Module,
+    n_seqs: int,
+    seq_len: int,
+    batch_size: int,
+    bos_id: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+) -> torch.Tensor:
+    """Sample ``n_seqs`` sequences of ``seq_len`` tokens from the teacher: ``LongTensor[n, seq_len]``.
+
+    Every row starts with ``bos_id``; token 1 is sampled from the teacher's distribution after BOS
+    and every later token from its distribution given the prefix (LLM-QAT's data-free recipe; we
+    sample from the first token on rather than LLM-QAT's greedy first few tokens, which keeps the
+    data an unbiased sample of the teacher). Batched, with a KV cache, one model call per token.
+
+    The result is deterministic for a fixed (seed, batch_size, device); a different batch size or
+    device gives a different draw from the same distribution. The model is run in its own dtype and
+    left in the train/eval mode it was in.
+    """
+    if n_seqs < 1 or seq_len < 2 or batch_size < 1:
+        raise ValueError(
+            f"rabit: need n_seqs >= 1, seq_len >= 2 (BOS + one sampled token) and batch_size >= 1; "
+            f"got n_seqs={n_seqs}, seq_len={seq_len}, batch_size={batch_size}"
+        )
+    if temperature <= 0:
+        raise ValueError(f"rabit: temperature must be > 0 (got {temperature}); use top_k=1 for greedy")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"rabit: top_k must be >= 1 or None (got {top_k})")
+    dev = model_device(model)
+    if device is not None and torch.device(device).type != dev.type:
+        raise ValueError(
+            f"rabit: the model is on {dev} but device={device!r} was requested; move it first "
+            f"with model.to({str(device)!r})"
+        )
+    max_pos = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if max_pos is not None and seq_len > max_pos:
+        raise ValueError(
+            f"rabit: seq_len={seq_len} exceeds the model's max_position_embeddings={max_pos}"
+        )
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    if vocab is not None and not 0 <= bos_id < vocab:
+        raise ValueError(f"rabit: bos_id={bos_id} is outside the vocabulary [0, {vocab})")
+
+    # The generator lives on the model's device so sampling needs no host round trip.
+    gen = torch.Generator(device=dev)
+    gen.manual_seed(seed)
+    choose = _sampler(temperature, top_k, gen)
+    out = torch.empty(n_seqs, seq_len, dtype=torch.long)
+    bar = _progress_bar(total=n_seqs * (seq_len - 1), desc="teacher data", unit="tok", enable=progress)
+    t0 = time.perf_counter()
+    with _eval_mode(model):
+        for start in range(0, n_seqs, batch_size):
+            b = min(batch_size, n_seqs - start)
+            prompt = torch.full((b, 1), bos_id, dtype=torch.long, device=dev)
+            ids = decode_loop(model, prompt, seq_len - 1, choose)
+            out[start : start + b] = ids.cpu()
+            bar.update(b * (seq_len - 1))
+    bar.close()
+    logger.info("rabit: sampled %d x %d teacher tokens in %.1f s", n_seqs, seq_len, time.perf_counter() - t0)
+    return out
+
+
+def _progress_bar(total: int, desc: str, unit: str, enable: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, unit_scale=True, disable=not enable, leave=False,
+                dynamic_ncols=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Storage
+# --------------------------------------------------------------------------------------------
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
+    """Call ``write(tmp_path)`` on a temporary file beside ``path`` and then ``os.replace`` it.
+
+    The temporary file lives in the same directory, so the final rename is atomic on POSIX and
+    Windows; if ``write`` raises, the temporary file is removed and ``path`` is untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        # mkstemp creates the file 0600 (and some writers recreate it); give the result the
+        # permissions a plain open() would have given it.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        with open(tmp, "rb") as f:  # flush to disk before the rename makes the file visible
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+    """JSON dump of ``obj`` to ``path``, atomically."""
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=2, sort_keys=False)
+            f.write("\n")
+
+    atomic_write(path, write)
+
+
+def _token_storage_dtype(ids: torch.Tensor) -> np.dtype:
+    # int32 halves the file size and covers every vocabulary the project uses (49,152 ids at most).
+    if ids.numel() and (int(ids.min()) < -(2**31) or int(ids.max()) >= 2**31):
+        raise ValueError("rabit: token ids do not fit in int32")
+    return np.dtype(np.int32)
+
+
+def save_tokens(path: str | os.PathLike, ids: torch.Tensor, metadata: dict[str, str] | None = None) -> None:
+    """Save an integer tensor of token ids atomically.
+
+    ``.safetensors`` (recommended; keeps ``metadata``, a dict of strings) or ``.npy`` (no metadata).
+    Ids are stored as int32 and come back from :func:`load_tokens` as int64.
+    """
+    path = Path(path)
+    if ids.dtype.is_floating_point or ids.dtype == torch.bool:
+        raise TypeError(f"rabit: token ids must be an integer tensor, got {ids.dtype}")
+    arr = ids.detach().cpu().numpy().astype(_token_storage_dtype(ids))
+    if path.suffix == ".safetensors":
+        from safetensors.numpy import save_file
+
+        meta = {k: str(v) for k, v in (metadata or {}).items()}
+        atomic_write(path, lambda tmp: save_file({"input_ids": np.ascontiguousarray(arr)}, tmp, metadata=meta))
+    elif path.suffix == ".npy":
+        if metadata:
+            raise ValueError("rabit: .npy files cannot hold metadata; save to a .safetensors path instead")
+
+        def write(tmp: str) -> None:
+            with open(tmp, "wb") as f:
+                np.save(f, arr, allow_pickle=False)
+
+        atomic_write(path, write)
+    else:
+        raise ValueError(f"rabit: unsupported token file suffix {path.suffix!r}; use .safetensors or .npy")
+
+
+def load_tokens(path: str | os.PathLike) -> torch.Tensor:
+    """Load token ids written by :func:`save_tokens` as a LongTensor (no pickle is ever loaded)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"rabit: token file {str(path)!r} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.numpy import load_file
+
+        tensors = load_file(str(path))
+        if "input_ids" not in tensors:
+            raise ValueError(f"rabit: {str(path)!r} has no 'input_ids' tensor; was it written by save_tokens?")
+        arr = tensors["input_ids"]
+    elif path.suffix == ".npy":
+        arr = np.load(path, allow_pickle=False)
+    else:
+        raise ValueError(f"rabit: unsupported token file suffix {path.suffix!r}; use .safetensors or .npy")
+    return torch.from_numpy(arr.astype(np.int64))
+
+
+def read_token_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The metadata dict of a ``.safetensors`` token file (empty for ``.npy``)."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        return {}
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="numpy") as f:
+        return dict(f.metadata() or {})
+
+
+# --------------------------------------------------------------------------------------------
+# Cached teacher data
+# --------------------------------------------------------------------------------------------
+
+
+def _default_model_name(model: torch.nn.Module) -> str:
+    cfg = getattr(model, "config", None)
+    name = getattr(cfg, "name_or_path", None) or getattr(cfg, "_name_or_path", None)
+    return str(name) if name else type(model).__name__
+
+
+def cached_teacher_data(
+    cache_path: str | os.PathLike,
+    model: torch.nn.Module,
+    n_seqs: int,
+    seq_len: int,
+    batch_size: int,
+    bos_id: int,
+    model_name: str | None = None,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+) -> torch.Tensor:
+    """:func:`generate_teacher_data` once, then reuse the ``.safetensors`` file at ``cache_path``.
+
+    The cache's metadata records the model name, n_seqs, seq_len, seed, temperature, top_k and
+    bos_id. If any of them differs from this call, the cache is regenerated (and overwritten) with a
+    warning that names the differing fields. ``model_name`` defaults to the model config's
+    ``name_or_path`` (or the class name); pass a distinct name when two teachers share a class.
+    """
+    cache_path = Path(cache_path)
+    if cache_path.suffix != ".safetensors":
+        raise ValueError(f"rabit: cache_path must end in .safetensors (got {str(cache_path)!r})")
+    want = {
+        "format": CACHE_FORMAT,
+        "model": model_name or _default_model_name(model),
+        "n_seqs": str(n_seqs),
+        "seq_len": str(seq_len),
+        "seed": str(seed),
+        "temperature": repr(float(temperature)),
+        "top_k": str(top_k),
+        "bos_id": str(bos_id),
+    }
+    if cache_path.is_file():
+        have = read_token_metadata(cache_path)
+        diff = {k: (have.get(k), v) for k, v in want.items() if have.get(k) != v}
+        if not diff:
+            ids = load_tokens(cache_path)
+            if tuple(ids.shape) == (n_seqs, seq_len):
+                logger.info("rabit: reusing teacher data from %s", cache_path)
+                return ids
+            diff = {"shape": (tuple(ids.shape), (n_seqs, seq_len))}
+        detail = ", ".join(f"{k}: cached {a!r} vs requested {b!r}" for k, (a, b) in diff.items())
+        logger.warning("rabit: teacher-data cache %s does not match this request (%s); regenerating it",
+                       cache_path, detail)
+    ids = generate_teacher_data(model, n_seqs, seq_len, batch_size, bos_id, temperature=temperature,
+                                top_k=top_k, seed=seed, device=device, progress=progress)
+    save_tokens(cache_path, ids, metadata=want)
+    return ids
+
+
+# --------------------------------------------------------------------------------------------
+# User text
+# --------------------------------------------------------------------------------------------
+
+
+def tokens_from_text_file(path: str | os.PathLike, tokenizer: Any, seq_len: int) -> torch.Tensor:
+    """Tokenize a UTF-8 text file once and cut it into non-overlapping rows: ``LongTensor[n, seq_len]``.
+
+    The text gets one BOS at its start (as the perplexity protocol does); the tail that does not
+    fill a whole row is dropped. Raises FileNotFoundError for a missing file and ValueError for an
+    empty file or one with fewer than ``seq_len`` tokens. Do not pass an evaluation split here.
+    """
+    if seq_len < 2:
+        raise ValueError(f"rabit: seq_len must be >= 2 (got {seq_len})")
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"rabit: text file {str(path)!r} does not exist (or is not a file)")
+    text = path.read_text(encoding="utf-8")
+    if not text.strip():
+        raise ValueError(f"rabit: text file {str(path)!r} is empty; it needs at least {seq_len} tokens of text")
+    ids = encode_text(tokenizer, text, bos=True)
+    n = len(ids) // seq_len
+    if n == 0:
+        raise ValueError(
+            f"rabit: text file {str(path)!r} gives only {len(ids)} tokens, fewer than one row of "
+            f"seq_len={seq_len}; use more text or a smaller seq_len"
+        )
+    return torch.tensor(ids[: n * seq_len], dtype=torch.long).reshape(n, seq_len)

@@ -1,0 +1,666 @@
+"""Coupled QAT for RaBiT: distil a quantized student from its FP teacher.
+
+Loss (RaBiT §4, LittleBit's ``kd_utils``)::
+
+    L = KL(teacher ‖ student)  per token, on the logits (temperature τ, scaled by τ²)
+      + γ · Σ_layers MSE(student hidden_l, teacher hidden_l)   over hidden_states[1:]
+
+Optimizers: the 2-D latent weights of RaBiTLinear modules (``module.is_rabit_latent``) go to Muon
+(the paper trains with Muon), everything else that is trainable (the scales g/h, norms, biases)
+goes to AdamW without weight decay. The schedule is linear warm-up then cosine to a floor.
+
+Checkpoints are one safetensors file (student weights, optimizer state, RNG state; the rest as
+JSON metadata), written atomically, so ``train(..., out_dir=d)`` after a crash continues from the
+last checkpoint and ends with the same weights an uninterrupted run would have on CPU. The batch
+for step ``s`` is a pure function of (seed, s), so resuming needs no data-loader state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .data import atomic_write, model_device, write_json_atomic
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_NAME = "checkpoint.safetensors"
+HISTORY_NAME = "history.json"
+CONFIG_NAME = "train_config.json"
+CHECKPOINT_FORMAT = "rabit-train-checkpoint/1"
+
+AUTOCAST_MODES = ("auto", "bf16", "none")
+OPTIMIZERS = ("muon", "adamw")
+# Fields that do not change the trajectory of training and may differ on resume.
+_RESUME_FREE_FIELDS = frozenset({"log_every", "checkpoint_every"})
+
+
+class TrainingDivergedError(RuntimeError):
+    """The loss or the gradient norm became NaN/inf; the last good checkpoint is kept."""
+
+
+# --------------------------------------------------------------------------------------------
+# Configuration
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of one QAT run. Every field is validated in ``__post_init__``.
+
+    Learning rates: ``lr_latent`` is Muon's (with ``muon_adjust_lr="match_rms_adamw"`` it is on the
+    same scale as an AdamW LR, so it transfers across layer shapes); ``lr_scales`` is AdamW's for
+    g/h, norms and biases. The paper does not publish its values (method notes §4, §8.4).
+    """
+
+    steps: int = 1000
+    batch_size: int = 8
+    lr_latent: float = 1e-3
+    lr_scales: float = 1e-3
+    weight_decay: float = 0.0  # on the latents only; scales and norms never get weight decay
+    warmup_steps: int | None = None  # if None, warmup_fraction * steps
+    warmup_fraction: float = 0.02
+    min_lr_ratio: float = 0.1  # cosine floor, as a fraction of the peak LR
+    gamma: float = 100.0  # hidden-state MSE weight (100 for Llama models in the paper)
+    kl_temperature: float = 1.0
+    optimizer: str = "muon"  # for the latents: "muon" | "adamw"
+    muon_momentum: float = 0.95
+    muon_adjust_lr: str = "match_rms_adamw"
+    adam_betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float | None = 1.0  # None or 0: no clipping (the norm is still checked for NaN)
+    autocast: str = "auto"  # "auto": bf16 on CUDA, none on CPU; "bf16"; "none"
+    gradient_checkpointing: bool = False
+    freeze_embeddings: bool = True  # keep token embeddings / lm_head frozen (LittleBit practice)
+    log_every: int = 10
+    checkpoint_every: int = 100  # 0: only at the end
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        def need(cond: bool, msg: str) -> None:
+            if not cond:
+                raise ValueError(f"rabit: TrainConfig: {msg}")
+
+        need(isinstance(self.steps, int) and self.steps >= 1, f"steps must be an int >= 1 (got {self.steps!r})")
+        need(isinstance(self.batch_size, int) and self.batch_size >= 1,
+             f"batch_size must be an int >= 1 (got {self.batch_size!r})")
+        for name in ("lr_latent", "lr_scales"):
+            v = getattr(self, name)
+            need(math.isfinite(v) and v >= 0, f"{name} must be a finite number >= 0 (got {v!r})")
+        need(self.weight_decay >= 0, f"weight_decay must be >= 0 (got {self.weight_decay!r})")
+        need(self.warmup_steps is None or self.warmup_steps >= 0,
+             f"warmup_steps must be >= 0 or None (got {self.warmup_steps!r})")
+        need(0 <= self.warmup_fraction < 1, f"warmup_fraction must be in [0, 1) (got {self.warmup_fraction!r})")
+        need(0 <= self.min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1] (got {self.min_lr_ratio!r})")
+        need(self.gamma >= 0, f"gamma must be >= 0 (got {self.gamma!r})")
+        need(self.kl_temperature > 0, f"kl_temperature must be > 0 (got {self.kl_temperature!r})")
+        need(self.optimizer in OPTIMIZERS, f"optimizer must be one of {OPTIMIZERS} (got {self.optimizer!r})")
+        need(self.autocast in AUTOCAST_MODES, f"autocast must be one of {AUTOCAST_MODES} (got {self.autocast!r})")
+        need(self.grad_clip is None or self.grad_clip >= 0, f"grad_clip must be >= 0 or None (got {self.grad_clip!r})")
+        need(self.log_every >= 1, f"log_every must be >= 1 (got {self.log_every!r})")
+        need(self.checkpoint_every >= 0, f"checkpoint_every must be >= 0 (got {self.checkpoint_every!r})")
+        self.adam_betas = tuple(self.adam_betas)  # type: ignore[assignment]  # JSON gives lists
+
+    @property
+    def num_warmup_steps(self) -> int:
+        if self.warmup_steps is not None:
+            return min(self.warmup_steps, self.steps)
+        return int(self.warmup_fraction * self.steps)
+
+    def lr_factor(self, step: int) -> float:
+        """Multiplier of the peak LR at 0-based ``step``: linear warm-up, then cosine to the floor."""
+        w = self.num_warmup_steps
+        if step < w:
+            return (step + 1) / w
+        progress = (step - w) / max(1, self.steps - w - 1)
+        progress = min(1.0, progress)
+        return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["adam_betas"] = list(self.adam_betas)
+        return d
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` returns; ``to_dict()`` is JSON-serialisable."""
+
+    steps: int  # total steps completed (including those before a resume)
+    start_step: int  # 0, or the step the run resumed from
+    final_loss: float | None
+    final_kl: float | None
+    final_mse: float | None
+    tokens_per_s: float | None  # mean over the steps run in this call
+    elapsed_s: float
+    history: list[dict[str, Any]] = field(default_factory=list)
+    checkpoint: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------------------------
+# Small helpers
+# --------------------------------------------------------------------------------------------
+
+
+def resolve_autocast_dtype(device: torch.device, mode: str) -> torch.dtype | None:
+    """The autocast dtype for ``mode`` on ``device`` (None: no autocast)."""
+    if mode == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    if mode == "bf16":
+        return torch.bfloat16
+    if mode == "none":
+        return None
+    raise ValueError(f"rabit: autocast must be one of {AUTOCAST_MODES} (got {mode!r})")
+
+
+def autocast_context(device: torch.device, mode: str):
+    """``torch.autocast`` for ``mode`` on ``device``, or a no-op context."""
+    dtype = resolve_autocast_dtype(device, mode)
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _vocab_size(model: torch.nn.Module) -> int:
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if emb is not None and hasattr(emb, "num_embeddings"):
+        return int(emb.num_embeddings)
+    v = getattr(getattr(model, "config", None), "vocab_size", None)
+    if v is None:
+        raise ValueError("rabit: cannot find the model's vocabulary size (no get_input_embeddings / config.vocab_size)")
+    return int(v)
+
+
+def validate_token_ids(token_ids: torch.Tensor, vocab_size: int, batch_size: int | None = None,
+                       max_positions: int | None = None) -> torch.Tensor:
+    """Check ``token_ids`` is ``[N, T]`` integer with ids in ``[0, vocab_size)``; returns it as int64."""
+    if not isinstance(token_ids, torch.Tensor):
+        raise TypeError(f"rabit: token_ids must be a torch.Tensor [N, T], got {type(token_ids).__name__}")
+    if token_ids.dtype.is_floating_point or token_ids.dtype == torch.bool:
+        raise TypeError(f"rabit: token_ids must be an integer tensor, got {token_ids.dtype}")
+    if token_ids.dim() != 2:
+        raise ValueError(f"rabit: token_ids must be 2-D [n_seqs, seq_len], got shape {tuple(token_ids.shape)}")
+    n, t = token_ids.shape
+    if t < 2:
+        raise ValueError(f"rabit: sequences must have at least 2 tokens to predict anything (seq_len={t})")
+    if n < 1:
+        raise ValueError("rabit: token_ids has no sequences")
+    if batch_size is not None and batch_size > n:
+        raise ValueError(f"rabit: batch_size={batch_size} is larger than the number of sequences ({n}); "
+                         "use more data or a smaller batch_size")
+    if max_positions is not None and t > max_positions:
+        raise ValueError(f"rabit: seq_len={t} exceeds the model's max_position_embeddings={max_positions}")
+    lo, hi = int(token_ids.min()), int(token_ids.max())
+    if lo < 0 or hi >= vocab_size:
+        raise ValueError(f"rabit: token ids span [{lo}, {hi}] but the model's vocabulary is [0, {vocab_size}); "
+                         "were the tokens made with another tokenizer?")
+    return token_ids.long()
+
+
+def data_fingerprint(token_ids: torch.Tensor) -> str:
+    """sha256 of the token ids (as little-endian int64), to detect a resume on different data."""
+    arr = token_ids.detach().to("cpu", torch.int64).contiguous().numpy()
+    return f"{tuple(arr.shape)}:" + hashlib.sha256(arr.tobytes()).hexdigest()[:32]
+
+
+class BatchSampler:
+    """Batch ``s`` = rows ``[s·B, (s+1)·B)`` of an endless concatenation of seeded permutations.
+
+    Stateless on purpose: the batch of any step follows from (seed, step), so a resumed run sees
+    exactly the batches the uninterrupted run would have seen.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int):
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self._perms: dict[int, torch.Tensor] = {}
+
+    def _perm(self, epoch: int) -> torch.Tensor:
+        if epoch not in self._perms:
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perms = {epoch: torch.randperm(self.n, generator=gen)}  # keep only the current one
+        return self._perms[epoch]
+
+    def indices(self, step: int) -> torch.Tensor:
+        start, parts, need = step * self.batch_size, [], self.batch_size
+        while need:
+            epoch, offset = divmod(start, self.n)
+            take = min(need, self.n - offset)
+            parts.append(self._perm(epoch)[offset : offset + take])
+            start, need = start + take, need - take
+        return torch.cat(parts)
+
+
+# --------------------------------------------------------------------------------------------
+# Loss
+# --------------------------------------------------------------------------------------------
+
+
+def distillation_loss(student_out, teacher_out, gamma: float, temperature: float = 1.0):
+    """``(loss, kl, mse)`` for HF model outputs of student and teacher on the same batch.
+
+    kl: per-token KL(teacher ‖ student) (``batchmean`` over all B·T positions), times τ² so its
+    gradient scale does not depend on τ (Hinton et al. 2015). mse: Σ over ``hidden_states[1:]`` of
+    the mean squared error (None when gamma == 0, where hidden states are not requested).
+    """
+    s_logits, t_logits = student_out.logits, teacher_out.logits
+    if s_logits.shape != t_logits.shape:
+        raise ValueError(f"rabit: student logits {tuple(s_logits.shape)} and teacher logits "
+                         f"{tuple(t_logits.shape)} differ; are they the same architecture and vocabulary?")
+    v = s_logits.shape[-1]
+    # float32 for the softmaxes: bf16 logits lose the small probabilities KL depends on.
+    s_logp = F.log_softmax(s_logits.float().reshape(-1, v) / temperature, dim=-1)
+    t_logp = F.log_softmax(t_logits.float().reshape(-1, v) / temperature, dim=-1)
+    kl = F.kl_div(s_logp, t_logp, log_target=True, reduction="batchmean") * (temperature**2)
+    if gamma == 0:
+        return kl, kl, None
+    s_h, t_h = student_out.hidden_states, teacher_out.hidden_states
+    if s_h is None or t_h is None or len(s_h) != len(t_h):
+        raise ValueError("rabit: student and teacher must return the same number of hidden states "
+                         "(output_hidden_states=True) when gamma > 0")
+    mse = sum(F.mse_loss(s.float(), t.float()) for s, t in zip(s_h[1:], t_h[1:]))
+    return kl + gamma * mse, kl, mse
+
+
+# --------------------------------------------------------------------------------------------
+# Optimizers
+# --------------------------------------------------------------------------------------------
+
+
+def latent_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+    """``(name, param)`` of the 2-D ``weight`` of every module with ``is_rabit_latent = True``."""
+    out = []
+    for mname, module in model.named_modules():
+        if getattr(module, "is_rabit_latent", False):
+            w = getattr(module, "weight", None)
+            if isinstance(w, torch.nn.Parameter) and w.dim() == 2 and w.requires_grad:
+                out.append((f"{mname}.weight" if mname else "weight", w))
+    return out
+
+
+def build_optimizers(student: torch.nn.Module, config: TrainConfig) -> list[torch.optim.Optimizer]:
+    """Muon for the latents (or AdamW when ``config.optimizer == "adamw"``), AdamW for the rest.
+
+    Each param group carries ``base_lr``; :func:`_set_lr` scales it by the schedule every step.
+    """
+    latents = latent_parameters(student)
+    latent_ids = {id(p) for _, p in latents}
+    others, seen = [], set(latent_ids)
+    for _, p in student.named_parameters():
+        if p.requires_grad and id(p) not in seen:
+            seen.add(id(p))
+            others.append(p)
+    if not latents and config.optimizer == "muon":
+        logger.warning("rabit: no RaBiTLinear latent weights found (modules with is_rabit_latent); "
+                       "Muon is unused and every trainable parameter uses AdamW at lr_scales=%g. "
+                       "Call rabit.quantize_(model) first to train a 2-bit student.", config.lr_scales)
+    latent_params = [p for _, p in latents]
+    optimizers: list[torch.optim.Optimizer] = []
+    adam_groups = []
+    if latent_params and config.optimizer == "muon":
+        optimizers.append(torch.optim.Muon(
+            [{"params": latent_params, "base_lr": config.lr_latent, "name": "latent"}],
+            lr=config.lr_latent, weight_decay=config.weight_decay, momentum=config.muon_momentum,
+            adjust_lr_fn=config.muon_adjust_lr,
+        ))
+    elif latent_params:
+        adam_groups.append({"params": latent_params, "lr": config.lr_latent, "base_lr": config.lr_latent,
+                            "weight_decay": config.weight_decay, "name": "latent"})
+    if others:
+        adam_groups.append({"params": others, "lr": config.lr_scales, "base_lr": config.lr_scales,
+                            "weight_decay": 0.0, "name": "scales"})
+    if adam_groups:
+        optimizers.append(torch.optim.AdamW(adam_groups, betas=config.adam_betas))
+    if not optimizers:
+        raise ValueError("rabit: the student has no trainable parameters (all requires_grad=False)")
+    return optimizers
+
+
+def _set_lr(optimizers: Iterable[torch.optim.Optimizer], factor: float) -> dict[str, float]:
+    lrs = {}
+    for opt in optimizers:
+        for g in opt.param_groups:
+            g["lr"] = g["base_lr"] * factor
+            lrs[f"lr_{g.get('name', 'group')}"] = g["lr"]
+    return lrs
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints (one safetensors file; everything not a tensor goes into JSON metadata)
+# --------------------------------------------------------------------------------------------
+
+
+def _state_dict_dedup(sd: dict[str, torch.Tensor], prefix: str):
+    """CPU copies of ``sd`` with tied tensors stored once; returns (tensors, aliases)."""
+    tensors, aliases, seen = {}, {}, {}
+    for k, t in sd.items():
+        key = (t.data_ptr(), t.dtype, tuple(t.shape), tuple(t.stride()), t.device) if t.numel() else None
+        if key is not None and key in seen:
+            aliases[k] = seen[key]
+            continue
+        if key is not None:
+            seen[key] = k
+        tensors[prefix + k] = t.detach().to("cpu").contiguous().clone()
+    return tensors, aliases
+
+
+def _optimizer_to_flat(opt: torch.optim.Optimizer, prefix: str):
+    sd = opt.state_dict()
+    tensors, state_meta = {}, {}
+    for pid, st in sd["state"].items():
+        entry = {}
+        for k, v in st.items():
+            if isinstance(v, torch.Tensor):
+                name = f"{prefix}.state.{pid}.{k}"
+                tensors[name] = v.detach().to("cpu").contiguous().clone()
+                entry[k] = {"tensor": name}
+            else:
+                entry[k] = {"value": v}
+        state_meta[str(pid)] = entry
+    return tensors, {"type": type(opt).__name__, "state": state_meta, "param_groups": sd["param_groups"]}
+
+
+def _optimizer_from_flat(opt: torch.optim.Optimizer, meta: dict, tensors: dict[str, torch.Tensor]) -> None:
+    if meta["type"] != type(opt).__name__:
+        raise ValueError(f"rabit: checkpoint has a {meta['type']} optimizer where this run builds "
+                         f"{type(opt).__name__}; was it written with another optimizer setting?")
+    state = {}
+    for pid, entry in meta["state"].items():
+        state[int(pid)] = {k: tensors[v["tensor"]] if "tensor" in v else v["value"] for k, v in entry.items()}
+    groups = []
+    for saved, current in zip(meta["param_groups"], opt.param_groups):
+        # JSON turns tuples (betas, ns_coefficients) into lists; give them back their type.
+        groups.append({k: tuple(v) if isinstance(current.get(k), tuple) and isinstance(v, list) else v
+                       for k, v in saved.items()})
+    if len(groups) != len(opt.param_groups):
+        raise ValueError("rabit: the checkpoint's optimizer has a different number of parameter groups")
+    opt.load_state_dict({"state": state, "param_groups": groups})
+
+
+def _rng_tensors() -> dict[str, torch.Tensor]:
+    t = {"rng.cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            t[f"rng.cuda.{i}"] = s
+    return t
+
+
+def _restore_rng(tensors: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(tensors["rng.cpu"])
+    cuda = sorted(k for k in tensors if k.startswith("rng.cuda."))
+    if cuda and torch.cuda.is_available():
+        if len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all([tensors[k] for k in sorted(cuda, key=lambda k: int(k.split(".")[-1]))])
+        else:
+            logger.warning("rabit: checkpoint has CUDA RNG state for %d devices, this machine has %d; "
+                           "CUDA RNG not restored", len(cuda), torch.cuda.device_count())
+
+
+def save_checkpoint(path: str | os.PathLike, student: torch.nn.Module, optimizers, step: int,
+                    config: TrainConfig, fingerprint: str) -> None:
+    """Write student weights, optimizer and RNG state at ``step`` to one safetensors file, atomically."""
+    from safetensors.torch import save_file
+
+    tensors, aliases = _state_dict_dedup(student.state_dict(), "student.")
+    opt_meta = []
+    for i, opt in enumerate(optimizers):
+        t, m = _optimizer_to_flat(opt, f"optim{i}")
+        tensors.update(t)
+        opt_meta.append(m)
+    tensors.update(_rng_tensors())
+    meta = {
+        "format": CHECKPOINT_FORMAT,
+        "step": step,
+        "config": config.to_dict(),
+        "data": fingerprint,
+        "aliases": aliases,
+        "optimizers": opt_meta,
+    }
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"rabit": json.dumps(meta)}))
+
+
+def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """``(metadata, tensors)`` of a checkpoint written by :func:`save_checkpoint` (no pickle)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(path), framework="pt") as f:
+        raw = (f.metadata() or {}).get("rabit")
+    if raw is None:
+        raise ValueError(f"rabit: {str(path)!r} is not a rabit training checkpoint (no 'rabit' metadata)")
+    meta = json.loads(raw)
+    if meta.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"rabit: {str(path)!r} has checkpoint format {meta.get('format')!r}; "
+                         f"this version reads {CHECKPOINT_FORMAT!r}")
+    return meta, load_file(str(path))
+
+
+def load_student_weights(student: torch.nn.Module, meta: dict, tensors: dict[str, torch.Tensor]) -> None:
+    """Copy the checkpoint's student weights into ``student`` (strict: every key must match)."""
+    sd = {k[len("student."):]: v for k, v in tensors.items() if k.startswith("student.")}
+    for alias, target in meta["aliases"].items():
+        sd[alias] = sd[target]
+    missing, unexpected = student.load_state_dict(sd, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"rabit: checkpoint does not fit this student (missing {missing[:5]}, unexpected "
+                         f"{unexpected[:5]}); was the student quantized with the same settings?")
+
+
+def _check_resume_compatible(meta: dict, config: TrainConfig, fingerprint: str, path: Path) -> None:
+    saved = meta["config"]
+    now = config.to_dict()
+    diff = {k: (saved.get(k), v) for k, v in now.items() if k not in _RESUME_FREE_FIELDS and saved.get(k) != v}
+    problems = [f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diff.items()]
+    if meta["data"] != fingerprint:
+        problems.append(f"token data: checkpoint {meta['data']} vs now {fingerprint}")
+    if problems:
+        raise ValueError(f"rabit: cannot resume from {str(path)!r}, the run differs: " + "; ".join(problems)
+                         + ". Use the same config and data, pass resume=False, or use another out_dir.")
+
+
+# --------------------------------------------------------------------------------------------
+# The training loop
+# --------------------------------------------------------------------------------------------
+
+
+def _set_checkpointing(model: torch.nn.Module, on: bool) -> None:
+    """Switch Hugging Face activation checkpointing on/off (transformers >= 5.x renamed the API)."""
+    # Non-reentrant checkpointing: works with frozen embeddings (inputs that need no grad).
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        if on:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.activation_checkpointing_disable()
+    elif hasattr(model, "gradient_checkpointing_enable"):
+        if on:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_disable()
+    else:
+        raise ValueError("rabit: gradient_checkpointing=True needs a Hugging Face model "
+                         f"(activation_checkpointing_enable); {type(model).__name__} has none")
+
+
+def _forward(model, input_ids, hidden: bool):
+    return model(input_ids=input_ids, output_hidden_states=hidden, use_cache=False)
+
+
+def train(
+    student: torch.nn.Module,
+    teacher: torch.nn.Module,
+    token_ids: torch.Tensor,
+    config: TrainConfig | None = None,
+    out_dir: str | os.PathLike | None = None,
+    resume: bool = True,
+    progress: bool = True,
+) -> TrainResult:
+    """Distil ``teacher`` into ``student`` on ``token_ids [N, T]`` for ``config.steps`` steps.
+
+    ``student`` is trained in place (both models on one device; the teacher is only run forward,
+    under no_grad). With ``out_dir``, a checkpoint is written every ``config.checkpoint_every``
+    steps and at the end, plus ``history.json`` and ``train_config.json``; with ``resume=True`` an
+    existing checkpoint there is loaded and training continues from its step (the config and data
+    must match). Raises :class:`TrainingDivergedError` on a NaN/inf loss or gradient.
+    """
+    config = config or TrainConfig()
+    dev = model_device(student)
+    if model_device(teacher) != dev:
+        raise ValueError(f"rabit: student is on {dev} but teacher on {model_device(teacher)}; "
+                         "put both on the same device")
+    vocab = _vocab_size(student)
+    if _vocab_size(teacher) != vocab:
+        raise ValueError(f"rabit: student vocabulary {vocab} != teacher vocabulary {_vocab_size(teacher)}")
+    max_pos = getattr(getattr(student, "config", None), "max_position_embeddings", None)
+    token_ids = validate_token_ids(token_ids, vocab, config.batch_size, max_pos)
+    fingerprint = data_fingerprint(token_ids)
+
+    if config.freeze_embeddings:
+        for get in ("get_input_embeddings", "get_output_embeddings"):
+            mod = getattr(student, get, lambda: None)()
+            if mod is not None:
+                for p in mod.parameters():
+                    p.requires_grad_(False)
+    optimizers = build_optimizers(student, config)
+    params = [p for opt in optimizers for g in opt.param_groups for p in g["params"]]
+
+    out = Path(out_dir) if out_dir is not None else None
+    ckpt_path = out / CHECKPOINT_NAME if out else None
+    start_step, history = 0, []
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        if resume and ckpt_path.is_file():
+            meta, tensors = read_checkpoint(ckpt_path)
+            _check_resume_compatible(meta, config, fingerprint, ckpt_path)
+            load_student_weights(student, meta, tensors)
+            if len(meta["optimizers"]) != len(optimizers):
+                raise ValueError("rabit: the checkpoint has a different optimizer layout than this run")
+            for opt, m in zip(optimizers, meta["optimizers"]):
+                _optimizer_from_flat(opt, m, tensors)
+            _restore_rng(tensors)
+            start_step = int(meta["step"])
+            history = _read_history(out / HISTORY_NAME, start_step)
+            logger.info("rabit: resuming from %s at step %d", ckpt_path, start_step)
+        write_json_atomic(out / CONFIG_NAME, config.to_dict())
+    if start_step == 0:
+        # Llama students use no randomness, but a model with dropout must be reproducible too.
+        torch.manual_seed(config.seed)
+
+    sampler = BatchSampler(token_ids.shape[0], config.batch_size, config.seed)
+    hidden = config.gamma > 0
+    tokens_per_step = config.batch_size * token_ids.shape[1]
+    was_training, teacher_training = student.training, teacher.training
+    gc_enabled = False
+    if config.gradient_checkpointing:
+        _set_checkpointing(student, True)
+        gc_enabled = True
+    student.train()
+    teacher.eval()
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=config.steps, initial=start_step, desc="QAT", unit="step", disable=not progress,
+               dynamic_ncols=True, leave=False)
+    t_start = time.perf_counter()
+    t_log, acc, n_acc = t_start, {"loss": 0.0, "kl": 0.0, "mse": 0.0}, 0
+    last_saved = start_step if ckpt_path is not None and ckpt_path.is_file() and resume else None
+
+    def diverged(step: int, what: str) -> TrainingDivergedError:
+        if out is not None:
+            write_json_atomic(out / HISTORY_NAME, history)
+        kept = (f"the last good checkpoint (step {last_saved}) is kept in {str(out)!r}"
+                if last_saved is not None else "no checkpoint was written")
+        return TrainingDivergedError(
+            f"rabit: {what} at step {step + 1}; stopping ({kept}). Lower the learning rates "
+            f"(lr_latent={config.lr_latent:g}, lr_scales={config.lr_scales:g}), lengthen the warm-up "
+            f"or enable grad_clip, and run again.")
+
+    try:
+        for step in range(start_step, config.steps):
+            x = token_ids[sampler.indices(step)].to(dev, non_blocking=True)
+            lrs = _set_lr(optimizers, config.lr_factor(step))
+            with torch.no_grad(), autocast_context(dev, config.autocast):
+                t_out = _forward(teacher, x, hidden)
+            with autocast_context(dev, config.autocast):
+                s_out = _forward(student, x, hidden)
+            loss, kl, mse = distillation_loss(s_out, t_out, config.gamma, config.kl_temperature)
+            del t_out, s_out
+            # One host sync per step: needed for the NaN check and the progress bar anyway.
+            loss_v, kl_v = float(loss.detach()), float(kl.detach())
+            mse_v = float(mse.detach()) if mse is not None else 0.0
+            if not math.isfinite(loss_v):
+                raise diverged(step, f"the loss became {loss_v} (kl={kl_v:.4g}, mse={mse_v:.4g})")
+            loss.backward()
+            gnorm = float(torch.nn.utils.clip_grad_norm_(params, config.grad_clip or float("inf")))
+            if not math.isfinite(gnorm):
+                raise diverged(step, f"the gradient norm became {gnorm} (loss {loss_v:.4g})")
+            for opt in optimizers:
+                opt.step()
+            for opt in optimizers:
+                opt.zero_grad(set_to_none=True)
+
+            acc["loss"] += loss_v
+            acc["kl"] += kl_v
+            acc["mse"] += mse_v
+            n_acc += 1
+            done = step + 1
+            now = time.perf_counter()
+            if done % config.log_every == 0 or done == config.steps or done == 1:
+                tps = n_acc * tokens_per_step / max(now - t_log, 1e-9)
+                entry = {"step": done, "loss": acc["loss"] / n_acc, "kl": acc["kl"] / n_acc,
+                         "mse": acc["mse"] / n_acc if hidden else None, **lrs, "grad_norm": gnorm,
+                         "tokens_per_s": tps, "elapsed_s": now - t_start}
+                history.append(entry)
+                bar.set_postfix(loss=f"{entry['loss']:.4f}", kl=f"{entry['kl']:.4f}", tok_s=f"{tps:,.0f}")
+                t_log, acc, n_acc = now, {"loss": 0.0, "kl": 0.0, "mse": 0.0}, 0
+            bar.update(1)
+            if ckpt_path is not None and (done == config.steps or
+                                          (config.checkpoint_every and done % config.checkpoint_every == 0)):
+                # History first: a crash between the two writes then leaves extra history entries,
+                # which a resume drops, rather than a checkpoint whose history is missing.
+                write_json_atomic(out / HISTORY_NAME, history)
+                save_checkpoint(ckpt_path, student, optimizers, done, config, fingerprint)
+                last_saved = done
+    finally:
+        bar.close()
+        student.train(was_training)
+        teacher.train(teacher_training)
+        if gc_enabled:
+            _set_checkpointing(student, False)
+
+    elapsed = time.perf_counter() - t_start
+    ran = config.steps - start_step
+    last = history[-1] if history else {}
+    return TrainResult(
+        steps=config.steps,
+        start_step=start_step,
+        final_loss=last.get("loss"),
+        final_kl=last.get("kl"),
+        final_mse=last.get("mse"),
+        tokens_per_s=ran * tokens_per_step / elapsed if ran else None,
+        elapsed_s=elapsed,
+        history=history,
+        checkpoint=str(ckpt_path) if ckpt_path is not None else None,
+    )
+
+
+def _read_history(path: Path, upto_step: int) -> list[dict[str, Any]]:
+    """History entries up to the checkpoint's step (later ones are redone after a resume)."""
+    if not path.is_file():
+        return []
+    with open(path, encoding="utf-8") as f:
+        return [e for e in json.load(f) if e["step"] <= upto_step]

@@ -1,0 +1,90 @@
+"""Tests of the `rabit` command line and of the quickstart job (at a tiny size)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import rabit.quickstart as Q
+from rabit.cli import main
+
+TINY = Q.QuickstartPlan(train_seqs=12, eval_seqs=4, seq_len=32, gen_batch=12, calib_seqs=4, batch_size=4,
+                        bench_new_tokens=4)
+
+
+def test_top_level_help(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "usage: rabit" in out and "quickstart" in out
+    from rabit.cli import COMMANDS
+
+    for name in COMMANDS:
+        assert name in out
+
+
+def test_quickstart_help(capsys):
+    assert main(["quickstart", "--help"]) == 0
+    out = capsys.readouterr().out
+    for flag in ("--steps", "--out", "--seed", "--json", "--device"):
+        assert flag in out
+
+
+@pytest.mark.parametrize("argv, needle", [
+    ([], "COMMAND"),
+    (["frobnicate"], "invalid choice"),
+    (["quickstart", "--steps", "0"], "--steps"),
+    (["quickstart", "--steps", "many"], "--steps"),
+    (["quickstart", "--seed", "-1"], "--seed"),
+    (["quickstart", "--device", "tpu"], "--device"),
+    (["quickstart", "--bogus"], "unrecognized arguments"),
+])
+def test_bad_arguments_exit_2_with_a_message(capsys, argv, needle):
+    assert main(argv) == 2
+    assert needle in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU error path")
+def test_cuda_without_a_gpu_is_a_clear_error(capsys):
+    assert main(["quickstart", "--device", "cuda", "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "cuda" in err and "--device cpu" in err
+
+
+def test_python_dash_m_rabit_help():
+    r = subprocess.run([sys.executable, "-m", "rabit", "quickstart", "--help"], capture_output=True, text=True,
+                       check=False, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "--steps" in r.stdout
+
+
+def test_quickstart_end_to_end_tiny(tmp_path, monkeypatch, capsys):
+    """The whole job at a toy size through the CLI: JSON on stdout, result.json, resumable out dir."""
+    real = Q.run_quickstart
+    monkeypatch.setattr(Q, "run_quickstart", lambda **kw: real(plan=TINY, **kw))
+    assert main(["quickstart", "--steps", "3", "--out", str(tmp_path), "--json", "--quiet"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res == json.loads((tmp_path / "result.json").read_text())
+    assert res["train"]["steps"] == 3 and res["eval"]["sequences"] == 4
+    assert 1.0 <= res["fp"]["ppl"] and 1.0 <= res["rabit_2bit"]["ppl"]
+    assert res["rabit_2bit"]["kl_to_fp"] > 0 and 0 <= res["rabit_2bit"]["top1_agreement"] <= 1
+    # 2 sign bits + fp16 scales instead of fp32 weights
+    assert res["rabit_2bit"]["linear_bytes"] * 6 < res["fp"]["linear_bytes"]
+    assert res["fp"]["tokens_per_s"] > 0 and res["rabit_2bit"]["tokens_per_s"] > 0
+    for name in ("teacher_train.safetensors", "teacher_eval.safetensors", "train/checkpoint.safetensors",
+                 "train/history.json"):
+        assert (tmp_path / name).is_file(), name
+
+    # run again on the same folder: data come from the cache and training is already complete
+    assert main(["quickstart", "--steps", "3", "--out", str(tmp_path), "--json", "--quiet"]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again["train"]["resumed_from"] == 3
+    assert again["rabit_2bit"]["kl_to_fp"] == pytest.approx(res["rabit_2bit"]["kl_to_fp"], rel=1e-6)
+
+
+def test_quickstart_report_is_printed(monkeypatch, capsys):
+    res = Q.run_quickstart(steps=2, progress=False, report=True, plan=TINY)
+    out = capsys.readouterr().out
+    assert "RaBiT 2-bit" in out and "top-1 agreement" in out and "tokens/s" in out
+    assert f"{res['fp']['ppl']:.3f}" in out

@@ -1,0 +1,219 @@
+"""Tests of rabit.data: teacher sampling, token storage, the cache, and the text-file loader."""
+
+import logging
+import os
+
+import numpy as np
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from rabit import data as D
+
+VOCAB = 48
+
+
+def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                      tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
+    return LlamaForCausalLM(cfg).eval()
+
+
+class CharTokenizer:
+    """llama2.c-style interface: encode(text, bos=True) -> ids; one id per character."""
+
+    def encode(self, text, bos=True):
+        return ([1] if bos else []) + [3 + ord(c) % (VOCAB - 3) for c in text]
+
+
+# ---------------------------------------------------------------------------------------------
+# sampling
+# ---------------------------------------------------------------------------------------------
+
+
+def test_generate_shape_bos_range_and_determinism():
+    m = tiny_llama()
+    a = D.generate_teacher_data(m, n_seqs=5, seq_len=12, batch_size=2, bos_id=1, seed=3, progress=False)
+    b = D.generate_teacher_data(m, n_seqs=5, seq_len=12, batch_size=2, bos_id=1, seed=3, progress=False)
+    c = D.generate_teacher_data(m, n_seqs=5, seq_len=12, batch_size=2, bos_id=1, seed=4, progress=False)
+    assert a.shape == (5, 12) and a.dtype == torch.long
+    assert (a[:, 0] == 1).all()
+    assert int(a.min()) >= 0 and int(a.max()) < VOCAB
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+    # a random init has a near-uniform next-token distribution: samples must not collapse
+    assert len(torch.unique(a[:, 1:])) > 10
+
+
+def test_greedy_sampling_matches_full_forward():
+    """top_k=1 sampling through the KV cache must equal argmax of an uncached full forward."""
+    m = tiny_llama(1)
+    ids = D.generate_teacher_data(m, n_seqs=3, seq_len=16, batch_size=3, bos_id=1, top_k=1, progress=False)
+    with torch.no_grad():
+        logits = m(input_ids=ids[:, :-1], use_cache=False).logits
+    assert torch.equal(logits.argmax(-1), ids[:, 1:])
+
+
+def test_sampling_follows_teacher_distribution():
+    """Token 1 after BOS is drawn from softmax(teacher logits | BOS): compare frequencies."""
+    m = tiny_llama(2)
+    n = 4000
+    ids = D.generate_teacher_data(m, n_seqs=n, seq_len=2, batch_size=n, bos_id=1, temperature=0.5, progress=False)
+    with torch.no_grad():
+        p = torch.softmax(m(input_ids=torch.tensor([[1]])).logits[0, -1] / 0.5, -1)
+    freq = torch.bincount(ids[:, 1], minlength=VOCAB).double() / n
+    tv = 0.5 * (freq - p.double()).abs().sum().item()
+    assert tv < 0.08, f"total variation {tv:.3f} between sampled and teacher distribution"
+
+
+def test_top_k_restricts_support():
+    m = tiny_llama(3)
+    ids = D.generate_teacher_data(m, n_seqs=200, seq_len=2, batch_size=200, bos_id=1, top_k=3, progress=False)
+    with torch.no_grad():
+        top3 = set(m(input_ids=torch.tensor([[1]])).logits[0, -1].topk(3).indices.tolist())
+    assert set(ids[:, 1].tolist()) <= top3
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"n_seqs": 0}, "n_seqs"),
+    ({"seq_len": 1}, "seq_len"),
+    ({"temperature": 0.0}, "temperature"),
+    ({"top_k": 0}, "top_k"),
+    ({"seq_len": 100}, "max_position_embeddings"),
+    ({"bos_id": VOCAB}, "bos_id"),
+])
+def test_generate_rejects_bad_arguments(kw, match):
+    args = {"n_seqs": 2, "seq_len": 8, "batch_size": 2, "bos_id": 1, "progress": False}
+    args.update(kw)
+    with pytest.raises(ValueError, match=match):
+        D.generate_teacher_data(tiny_llama(), **args)
+
+
+def test_generate_leaves_training_mode_alone():
+    m = tiny_llama()
+    m.train()
+    D.generate_teacher_data(m, n_seqs=1, seq_len=4, batch_size=1, bos_id=1, progress=False)
+    assert m.training
+
+
+# ---------------------------------------------------------------------------------------------
+# storage
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".npy"])
+def test_save_load_roundtrip(tmp_path, suffix):
+    ids = torch.randint(0, 50000, (7, 13))
+    path = tmp_path / f"ids{suffix}"
+    D.save_tokens(path, ids)
+    back = D.load_tokens(path)
+    assert back.dtype == torch.long and torch.equal(back, ids)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask, "atomic write must not leave mkstemp's 0600"
+
+
+def test_metadata_roundtrip_and_npy_refuses_metadata(tmp_path):
+    ids = torch.arange(12).reshape(3, 4)
+    D.save_tokens(tmp_path / "a.safetensors", ids, metadata={"seed": 5})
+    assert D.read_token_metadata(tmp_path / "a.safetensors")["seed"] == "5"
+    with pytest.raises(ValueError, match="metadata"):
+        D.save_tokens(tmp_path / "a.npy", ids, metadata={"seed": 5})
+    with pytest.raises(ValueError, match="suffix"):
+        D.save_tokens(tmp_path / "a.pt", ids)
+    with pytest.raises(TypeError, match="integer"):
+        D.save_tokens(tmp_path / "b.safetensors", ids.float())
+
+
+def test_atomic_write_keeps_old_file_on_failure(tmp_path):
+    path = tmp_path / "ids.safetensors"
+    old = torch.arange(6).reshape(2, 3)
+    D.save_tokens(path, old)
+
+    def failing_write(tmp):
+        with open(tmp, "wb") as f:
+            f.write(b"half a file")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        D.atomic_write(path, failing_write)
+    assert torch.equal(D.load_tokens(path), old)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ids.safetensors"], "temporary file left behind"
+
+
+def test_load_missing_file_names_it(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.safetensors"):
+        D.load_tokens(tmp_path / "nope.safetensors")
+
+
+# ---------------------------------------------------------------------------------------------
+# cache
+# ---------------------------------------------------------------------------------------------
+
+
+def test_cache_generates_once_then_reuses(tmp_path, monkeypatch, caplog):
+    m = tiny_llama()
+    calls = []
+    real = D.generate_teacher_data
+
+    def counting(*a, **k):
+        calls.append(k.get("seed"))
+        return real(*a, **k)
+
+    monkeypatch.setattr(D, "generate_teacher_data", counting)
+    path = tmp_path / "cache.safetensors"
+    kw = {"n_seqs": 4, "seq_len": 8, "batch_size": 2, "bos_id": 1, "model_name": "tiny", "progress": False}
+    first = D.cached_teacher_data(path, m, seed=0, **kw)
+    second = D.cached_teacher_data(path, m, seed=0, **kw)
+    assert calls == [0] and torch.equal(first, second)
+
+    with caplog.at_level(logging.WARNING, logger="rabit.data"):
+        third = D.cached_teacher_data(path, m, seed=1, **kw)
+    assert calls == [0, 1]
+    assert "seed" in caplog.text and "regenerating" in caplog.text
+    assert not torch.equal(third, first)
+    assert D.read_token_metadata(path)["seed"] == "1"
+
+    kw2 = dict(kw, model_name="other")
+    D.cached_teacher_data(path, m, seed=1, **kw2)
+    assert calls == [0, 1, 1], "a different model name must invalidate the cache"
+
+
+# ---------------------------------------------------------------------------------------------
+# text files
+# ---------------------------------------------------------------------------------------------
+
+
+def test_tokens_from_text_file(tmp_path):
+    p = tmp_path / "t.txt"
+    p.write_text("abcdefghij" * 3, encoding="utf-8")  # 30 chars + BOS = 31 ids
+    ids = D.tokens_from_text_file(p, CharTokenizer(), seq_len=10)
+    assert ids.shape == (3, 10)
+    expected = torch.tensor(CharTokenizer().encode("abcdefghij" * 3)[:30])
+    assert torch.equal(ids.reshape(-1), expected)
+
+
+def test_tokens_from_text_file_errors(tmp_path):
+    tok = CharTokenizer()
+    with pytest.raises(FileNotFoundError, match="missing.txt"):
+        D.tokens_from_text_file(tmp_path / "missing.txt", tok, 8)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="empty"):
+        D.tokens_from_text_file(empty, tok, 8)
+    short = tmp_path / "short.txt"
+    short.write_text("abc", encoding="utf-8")
+    with pytest.raises(ValueError, match="fewer than one row"):
+        D.tokens_from_text_file(short, tok, 8)
+    with pytest.raises(ValueError, match="seq_len"):
+        D.tokens_from_text_file(short, tok, 1)
+
+
+def test_storage_is_not_pickle(tmp_path):
+    """.npy files are loaded with allow_pickle=False: an object array must be refused."""
+    p = tmp_path / "evil.npy"
+    np.save(p, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(ValueError):
+        D.load_tokens(p)

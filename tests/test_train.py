@@ -1,0 +1,332 @@
+"""Tests of rabit.train: loss, optimizer routing, schedule, checkpoints/resume, NaN handling."""
+
+import copy
+import itertools
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import rabit.train as T
+from rabit.train import TrainConfig, TrainingDivergedError, train
+
+VOCAB = 48
+
+
+def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                      tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def noisy_student(teacher, latent: bool = False, scale: float = 0.05):
+    """A deep copy of the teacher with fixed noise; latent=True marks the decoder linears as RaBiT
+    latents (is_rabit_latent), so their weights go to Muon like RaBiTLinear's would."""
+    s = copy.deepcopy(teacher)
+    gen = torch.Generator().manual_seed(123)
+    with torch.no_grad():
+        for p in s.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=gen))
+    if latent:
+        for name, m in s.named_modules():
+            if isinstance(m, torch.nn.Linear) and name != "lm_head":
+                m.is_rabit_latent = True
+    return s
+
+
+def token_data(n=16, t=24, seed=7):
+    return torch.randint(0, VOCAB, (n, t), generator=torch.Generator().manual_seed(seed))
+
+
+def states_equal(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+# ---------------------------------------------------------------------------------------------
+# loss
+# ---------------------------------------------------------------------------------------------
+
+
+def test_distillation_loss_matches_hand_computation():
+    teacher = tiny_llama()
+    student = noisy_student(teacher)
+    x = token_data(3, 10)
+    with torch.no_grad():
+        so = student(input_ids=x, output_hidden_states=True)
+        to = teacher(input_ids=x, output_hidden_states=True)
+        loss, kl, mse = T.distillation_loss(so, to, gamma=2.0, temperature=1.0)
+    lt, ls = torch.log_softmax(to.logits.double(), -1), torch.log_softmax(so.logits.double(), -1)
+    kl_ref = (lt.exp() * (lt - ls)).sum(-1).mean()
+    mse_ref = sum(((a.double() - b.double()) ** 2).mean() for a, b in zip(so.hidden_states[1:], to.hidden_states[1:]))
+    assert math.isclose(float(kl), float(kl_ref), rel_tol=1e-5)
+    assert math.isclose(float(mse), float(mse_ref), rel_tol=1e-5)
+    assert math.isclose(float(loss), float(kl_ref + 2.0 * mse_ref), rel_tol=1e-5)
+    assert len(so.hidden_states) == 3  # embeddings + 2 layers: MSE covers the 2 layer outputs
+
+
+def test_distillation_loss_is_zero_for_identical_models():
+    m = tiny_llama()
+    with torch.no_grad():
+        o = m(input_ids=token_data(2, 8), output_hidden_states=True)
+    loss, kl, mse = T.distillation_loss(o, o, gamma=100.0)
+    assert float(loss) == 0.0 and float(kl) == 0.0 and float(mse) == 0.0
+
+
+def test_kl_temperature_scaling():
+    a, b = torch.randn(2, 5, VOCAB), torch.randn(2, 5, VOCAB)
+
+    class O:
+        def __init__(self, logits):
+            self.logits, self.hidden_states = logits, None
+
+    _, kl, _ = T.distillation_loss(O(a), O(b), gamma=0.0, temperature=2.0)
+    ref = F.kl_div(torch.log_softmax(a / 2, -1).reshape(-1, VOCAB), torch.log_softmax(b / 2, -1).reshape(-1, VOCAB),
+                   log_target=True, reduction="batchmean") * 4
+    assert torch.allclose(kl, ref)
+
+
+# ---------------------------------------------------------------------------------------------
+# config, schedule, optimizer routing
+# ---------------------------------------------------------------------------------------------
+
+
+def test_lr_schedule_warmup_then_cosine_to_floor():
+    c = TrainConfig(steps=100, warmup_steps=10, min_lr_ratio=0.1)
+    assert c.lr_factor(0) == pytest.approx(0.1)
+    assert c.lr_factor(9) == pytest.approx(1.0)
+    assert c.lr_factor(10) == pytest.approx(1.0)
+    assert c.lr_factor(99) == pytest.approx(0.1)
+    f = [c.lr_factor(s) for s in range(10, 100)]
+    assert all(x >= y for x, y in itertools.pairwise(f)), "cosine part must be non-increasing"
+    assert TrainConfig(steps=50, warmup_fraction=0.1).num_warmup_steps == 5
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"steps": 0}, "steps"), ({"batch_size": 0}, "batch_size"), ({"lr_latent": -1.0}, "lr_latent"),
+    ({"optimizer": "sgd"}, "optimizer"), ({"autocast": "fp8"}, "autocast"), ({"gamma": -1.0}, "gamma"),
+    ({"warmup_fraction": 1.0}, "warmup_fraction"), ({"kl_temperature": 0.0}, "kl_temperature"),
+])
+def test_config_rejects_bad_values(kw, match):
+    with pytest.raises(ValueError, match=match):
+        TrainConfig(**kw)
+
+
+def test_latents_go_to_muon_and_the_rest_to_adamw():
+    s = noisy_student(tiny_llama(), latent=True)
+    opts = T.build_optimizers(s, TrainConfig())
+    muon = [o for o in opts if isinstance(o, torch.optim.Muon)]
+    adam = [o for o in opts if isinstance(o, torch.optim.AdamW)]
+    assert len(muon) == 1 and len(adam) == 1
+    muon_ids = {id(p) for g in muon[0].param_groups for p in g["params"]}
+    latent_ids = {id(m.weight) for m in s.modules() if getattr(m, "is_rabit_latent", False)}
+    assert muon_ids == latent_ids and len(latent_ids) == 14  # 7 linears x 2 layers
+    adam_ids = {id(p) for g in adam[0].param_groups for p in g["params"]}
+    assert not (adam_ids & muon_ids)
+    assert adam_ids | muon_ids == {id(p) for p in s.parameters() if p.requires_grad}
+    assert all(g["weight_decay"] == 0.0 for g in adam[0].param_groups)
+
+    opts = T.build_optimizers(s, TrainConfig(optimizer="adamw"))
+    assert len(opts) == 1 and isinstance(opts[0], torch.optim.AdamW)
+    names = {g["name"]: g for g in opts[0].param_groups}
+    assert {id(p) for p in names["latent"]["params"]} == latent_ids
+
+
+def test_embeddings_are_frozen_by_default():
+    teacher = tiny_llama()
+    s = noisy_student(teacher)
+    emb_before = s.get_input_embeddings().weight.detach().clone()
+    norm_before = s.model.norm.weight.detach().clone()
+    train(s, teacher, token_data(), TrainConfig(steps=2, batch_size=4, lr_scales=1e-2), progress=False)
+    assert torch.equal(s.get_input_embeddings().weight, emb_before)
+    assert not torch.equal(s.model.norm.weight, norm_before)
+
+
+# ---------------------------------------------------------------------------------------------
+# training
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("latent", [False, True], ids=["adamw", "muon"])
+def test_training_lowers_the_loss(latent):
+    teacher = tiny_llama()
+    s = noisy_student(teacher, latent=latent)
+    cfg = TrainConfig(steps=15, batch_size=4, lr_latent=1e-2, lr_scales=3e-3, gamma=1.0, log_every=5)
+    r = train(s, teacher, token_data(), cfg, progress=False)
+    assert [h["step"] for h in r.history] == [1, 5, 10, 15]
+    assert r.final_loss < 0.7 * r.history[0]["loss"], r.history
+    assert r.final_kl is not None and r.final_mse is not None and r.tokens_per_s > 0
+    json.dumps(r.to_dict())  # serialisable
+
+
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, monkeypatch):
+    teacher = tiny_llama()
+    ids = token_data()
+    cfg = TrainConfig(steps=6, batch_size=4, lr_latent=1e-2, lr_scales=3e-3, gamma=1.0, checkpoint_every=3,
+                      log_every=1)
+    straight = noisy_student(teacher, latent=True)
+    ref = train(straight, teacher, ids, cfg, progress=False)
+
+    class Killed(Exception):
+        pass
+
+    real_save = T.save_checkpoint
+
+    def save_then_die(*a, **k):  # the process "dies" right after the step-3 checkpoint
+        real_save(*a, **k)
+        raise Killed
+
+    monkeypatch.setattr(T, "save_checkpoint", save_then_die)
+    with pytest.raises(Killed):
+        train(noisy_student(teacher, latent=True), teacher, ids, cfg, out_dir=tmp_path, progress=False)
+    monkeypatch.setattr(T, "save_checkpoint", real_save)
+
+    resumed = noisy_student(teacher, latent=True)  # fresh weights: everything must come from the checkpoint
+    r = train(resumed, teacher, ids, cfg, out_dir=tmp_path, progress=False)
+    assert r.start_step == 3 and r.steps == 6
+    assert states_equal(straight, resumed)
+    assert [h["step"] for h in r.history] == list(range(1, 7))
+    assert [h["loss"] for h in r.history] == [h["loss"] for h in ref.history]
+    saved = json.loads((tmp_path / "history.json").read_text())
+    assert [h["step"] for h in saved] == list(range(1, 7))
+
+    # a finished run resumes to "nothing to do" and keeps the weights
+    again = noisy_student(teacher, latent=True)
+    r2 = train(again, teacher, ids, cfg, out_dir=tmp_path, progress=False)
+    assert r2.start_step == 6 and states_equal(again, straight)
+
+
+def test_resume_refuses_a_different_run(tmp_path):
+    teacher = tiny_llama()
+    ids = token_data()
+    cfg = TrainConfig(steps=2, batch_size=4, checkpoint_every=1)
+    train(noisy_student(teacher), teacher, ids, cfg, out_dir=tmp_path, progress=False)
+    with pytest.raises(ValueError, match="lr_scales"):
+        train(noisy_student(teacher), teacher, ids, TrainConfig(steps=2, batch_size=4, lr_scales=5e-3),
+              out_dir=tmp_path, progress=False)
+    with pytest.raises(ValueError, match="token data"):
+        train(noisy_student(teacher), teacher, token_data(seed=8), cfg, out_dir=tmp_path, progress=False)
+    # resume=False starts over in the same folder
+    r = train(noisy_student(teacher), teacher, ids, TrainConfig(steps=2, batch_size=4, lr_scales=5e-3),
+              out_dir=tmp_path, resume=False, progress=False)
+    assert r.start_step == 0
+
+
+def test_nan_loss_stops_with_a_message_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    teacher = tiny_llama()
+    ids = token_data()
+    calls = {"n": 0}
+    real = T.distillation_loss
+
+    def nan_at_third_step(*a, **k):
+        calls["n"] += 1
+        loss, kl, mse = real(*a, **k)
+        return (loss * float("nan"), kl, mse) if calls["n"] == 3 else (loss, kl, mse)
+
+    monkeypatch.setattr(T, "distillation_loss", nan_at_third_step)
+    s = noisy_student(teacher)
+    cfg = TrainConfig(steps=5, batch_size=4, checkpoint_every=2)
+    with pytest.raises(TrainingDivergedError) as e:
+        train(s, teacher, ids, cfg, out_dir=tmp_path, progress=False)
+    msg = str(e.value)
+    assert "step 3" in msg and "nan" in msg and "checkpoint (step 2)" in msg and "Lower the learning rates" in msg
+    meta, _ = T.read_checkpoint(tmp_path / T.CHECKPOINT_NAME)
+    assert meta["step"] == 2
+    monkeypatch.setattr(T, "distillation_loss", real)
+    r = train(noisy_student(teacher), teacher, ids, cfg, out_dir=tmp_path, progress=False)
+    assert r.start_step == 2 and r.steps == 5
+
+
+def test_exploding_learning_rate_is_reported_as_divergence():
+    teacher = tiny_llama()
+    cfg = TrainConfig(steps=20, batch_size=4, lr_scales=1e6, grad_clip=None, gamma=1.0, warmup_steps=0)
+    with pytest.raises(TrainingDivergedError, match="no checkpoint was written"):
+        train(noisy_student(teacher), teacher, token_data(), cfg, progress=False)
+
+
+@pytest.mark.parametrize("ids, err, match", [
+    (torch.full((4, 8), VOCAB), ValueError, "vocabulary"),
+    (torch.full((4, 8), -1), ValueError, "vocabulary"),
+    (torch.zeros(4, 1, dtype=torch.long), ValueError, "at least 2 tokens"),
+    (torch.zeros(8, dtype=torch.long), ValueError, "2-D"),
+    (torch.zeros(4, 8), TypeError, "integer"),
+    (torch.zeros(2, 8, dtype=torch.long), ValueError, "batch_size"),
+    (torch.zeros(4, 65, dtype=torch.long), ValueError, "max_position_embeddings"),
+])
+def test_bad_token_ids_are_rejected(ids, err, match):
+    teacher = tiny_llama()
+    with pytest.raises(err, match=match):
+        train(noisy_student(teacher), teacher, ids, TrainConfig(steps=1, batch_size=4), progress=False)
+
+
+def test_batches_are_a_pure_function_of_seed_and_step():
+    a = T.BatchSampler(10, 4, seed=1)
+    b = T.BatchSampler(10, 4, seed=1)
+    seq = torch.cat([a.indices(s) for s in range(5)])  # 20 rows = exactly 2 epochs
+    assert sorted(seq[:10].tolist()) == list(range(10)) and sorted(seq[10:].tolist()) == list(range(10))
+    assert torch.equal(b.indices(3), seq[12:16])  # random access without replaying earlier steps
+
+
+def test_gradient_checkpointing_gives_the_same_training(monkeypatch):
+    teacher = tiny_llama()
+    ids = token_data()
+    cfg = {"steps": 3, "batch_size": 4, "lr_latent": 1e-2, "lr_scales": 3e-3, "gamma": 1.0}
+    a, b = noisy_student(teacher, latent=True), noisy_student(teacher, latent=True)
+    train(a, teacher, ids, TrainConfig(**cfg), progress=False)
+    seen = []
+    real_forward = T._forward
+
+    def spy(model, *args):
+        if model is b:
+            seen.append(model.is_activation_checkpointing)
+        return real_forward(model, *args)
+
+    monkeypatch.setattr(T, "_forward", spy)
+    train(b, teacher, ids, TrainConfig(gradient_checkpointing=True, **cfg), progress=False)
+    assert seen == [True] * 3, "the student must run with activation checkpointing on"
+    on = getattr(b, "is_activation_checkpointing", None)
+    assert on is not None and not on, "train() must switch checkpointing back off"
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.allclose(x, y, rtol=1e-5, atol=1e-6), name
+
+
+def test_bf16_autocast_path_trains():
+    """The CUDA default (autocast bf16) exercised on CPU: finite, decreasing loss."""
+    teacher = tiny_llama()
+    s = noisy_student(teacher, latent=True)
+    cfg = TrainConfig(steps=8, batch_size=4, lr_latent=1e-2, lr_scales=3e-3, gamma=1.0, autocast="bf16",
+                      log_every=1)
+    r = train(s, teacher, token_data(), cfg, progress=False)
+    assert all(math.isfinite(h["loss"]) for h in r.history)
+    assert r.history[-1]["loss"] < r.history[0]["loss"]
+    assert all(p.dtype == torch.float32 for p in s.parameters()), "autocast must not change parameter dtypes"
+
+
+# ---------------------------------------------------------------------------------------------
+# the real thing: quantize_ + coupled QAT on stories260K
+# ---------------------------------------------------------------------------------------------
+
+
+def test_quantize_then_qat_lowers_distillation_loss_on_stories260k():
+    from rabit.data import generate_teacher_data
+    from rabit.models import load_stories260k
+    from rabit.quantize import RabitConfig, quantize_
+
+    teacher, _ = load_stories260k()
+    ids = generate_teacher_data(teacher, n_seqs=16, seq_len=64, batch_size=16, bos_id=1, seed=0, progress=False)
+    student = copy.deepcopy(teacher)
+    quantize_(student, RabitConfig(), calib_input_ids=ids[:8], progress=False)
+    assert any(getattr(m, "is_rabit_latent", False) for m in student.modules())
+    opts = T.build_optimizers(student, TrainConfig())
+    assert any(isinstance(o, torch.optim.Muon) for o in opts)
+    cfg = TrainConfig(steps=12, batch_size=8, lr_latent=3e-3, lr_scales=3e-3, gamma=10.0, log_every=1,
+                      warmup_steps=0)
+    r = train(student, teacher, ids, cfg, progress=False)
+    first = sum(h["loss"] for h in r.history[:3]) / 3
+    last = sum(h["loss"] for h in r.history[-3:]) / 3
+    assert last < 0.8 * first, [round(h["loss"], 3) for h in r.history]
