@@ -34,7 +34,7 @@ def main(argv=None):
     ap.add_argument("--data-seqs", type=int, default=1024)
     ap.add_argument("--lr-latent", type=float, default=1e-3)
     ap.add_argument("--lr-scales", type=float, default=1e-3)
-    ap.add_argument("--gamma", type=float, default=100.0)
+    ap.add_argument("--gamma", type=float, default=0.0)
     ap.add_argument("--ctx", type=int, nargs="+", default=[2048, 4096])
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--out", required=True)
