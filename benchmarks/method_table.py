@@ -35,8 +35,11 @@ def main(argv=None):
     ap.add_argument("--lr-latent", type=float, default=1e-3)
     ap.add_argument("--lr-scales", type=float, default=1e-3)
     ap.add_argument("--gamma", type=float, default=0.0)
-    ap.add_argument("--ctx", type=int, nargs="+", default=[2048, 4096])
+    ap.add_argument("--ctx", type=int, nargs="*", default=[2048, 4096], help="WikiText-2 contexts (none: skip)")
+    ap.add_argument("--progress", action="store_true")
     ap.add_argument("--device", default="cuda")
+    ap.add_argument("--heldout-seqs", type=int, default=0,
+                    help="also score KL / top-1 / PPL against the FP model on this many held-out teacher samples")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
 
@@ -50,17 +53,24 @@ def main(argv=None):
     bos = int(teacher.config.bos_token_id if teacher.config.bos_token_id is not None else 1)
     t0 = time.perf_counter()
     data = cached_teacher_data(out / "teacher_data.safetensors", teacher, base.data_seqs, base.seq_len, 128, bos,
-                               model_name=args.model, seed=base.seed, device=args.device)
+                               model_name=args.model, seed=base.seed, device=args.device, progress=args.progress)
     data_s = time.perf_counter() - t0
+    heldout = None
+    if args.heldout_seqs:
+        heldout = cached_teacher_data(out / "heldout.safetensors", teacher, args.heldout_seqs, base.seq_len, 128, bos,
+                                      model_name=args.model, seed=base.seed + 1_000_000, device=args.device)
     fp = {str(c): float(wikitext2_perplexity(teacher, tok, ctx=c)) for c in args.ctx}
     print(f"FP: {fp}  (teacher data {data.shape[0]}x{data.shape[1]} in {data_s:.0f} s)", flush=True)
     del teacher
     rows = {}
     for method in args.methods:
-        res = run_experiment(replace(base, method=method), out / method, device=args.device, teacher_data=data)
-        rows[method] = {k: res[k] for k in ("wikitext2_ppl", "train_tokens", "steps", "train_peak_memory_bytes",
-                                            "time_s", "kernels")}
-        print(f"{method:>12}: PPL {res['wikitext2_ppl']}  peak {res['train_peak_memory_bytes']}  "
+        res = run_experiment(replace(base, method=method), out / method, device=args.device, teacher_data=data,
+                             progress=args.progress,
+                             heldout=heldout)
+        rows[method] = {k: res[k] for k in ("wikitext2_ppl", "heldout_vs_teacher", "train_tokens", "steps",
+                                            "train_peak_memory_bytes", "time_s", "kernels")}
+        print(f"{method:>12}: PPL {res['wikitext2_ppl']} held-out {res['heldout_vs_teacher']} "
+              f"peak {res['train_peak_memory_bytes']}  "
               f"time {res['time_s']}", flush=True)
         write_json_atomic(out / "table.json", {
             "model": args.model, "fp_ppl": fp, "rows": rows, "teacher_data_s": round(data_s, 1),

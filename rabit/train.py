@@ -282,13 +282,21 @@ def distillation_loss(student_out, teacher_out, gamma: float, temperature: float
 
 
 def latent_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
-    """``(name, param)`` of the 2-D ``weight`` of every module with ``is_rabit_latent = True``."""
+    """``(name, param)`` of the latent weights of every module with ``is_rabit_latent = True``: its
+    ``rabit_latents()`` when it has them (one latent per path in the independent baseline), else its
+    2-D ``weight``."""
     out = []
     for mname, module in model.named_modules():
-        if getattr(module, "is_rabit_latent", False):
-            w = getattr(module, "weight", None)
-            if isinstance(w, torch.nn.Parameter) and w.dim() == 2 and w.requires_grad:
-                out.append((f"{mname}.weight" if mname else "weight", w))
+        if not getattr(module, "is_rabit_latent", False):
+            continue
+        prefix = f"{mname}." if mname else ""
+        if hasattr(module, "rabit_latents"):
+            ids = {id(p) for p in module.rabit_latents()}
+            cands = [(f"{prefix}{n}", p) for n, p in module.named_parameters() if id(p) in ids]
+        else:
+            cands = [(f"{prefix}weight", getattr(module, "weight", None))]
+        out += [(n, p) for n, p in cands
+                if isinstance(p, torch.nn.Parameter) and p.dim() == 2 and p.requires_grad]
     return out
 
 

@@ -330,3 +330,16 @@ def test_quantize_then_qat_lowers_distillation_loss_on_stories260k():
     first = sum(h["loss"] for h in r.history[:3]) / 3
     last = sum(h["loss"] for h in r.history[-3:]) / 3
     assert last < 0.8 * first, [round(h["loss"], 3) for h in r.history]
+
+
+def test_independent_latents_go_to_the_latent_optimizer():
+    import rabit
+    from rabit.models import load_stories260k
+    from rabit.train import TrainConfig, build_optimizers, latent_parameters
+
+    model, _ = load_stories260k()
+    rabit.quantize_(model, rabit.RabitConfig(latents="independent", init_iters=0), progress=False)
+    latents = latent_parameters(model)
+    assert len(latents) == 2 * 35 and all(".latents." in n for n, _ in latents)
+    muon = build_optimizers(model, TrainConfig(steps=1))[0]
+    assert isinstance(muon, torch.optim.Muon) and len(muon.param_groups[0]["params"]) == 70
