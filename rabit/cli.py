@@ -16,34 +16,13 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 
+from ._cli_args import add_common as _add_common  # noqa: E402
+from ._cli_args import non_negative_int as _non_negative_int  # noqa: E402
+from ._cli_args import positive_int as _positive_int  # noqa: E402
+
+
 class CommandError(Exception):
     """A failure the user can fix; printed as ``rabit: error: <message>`` with exit status 1."""
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {value}")
-    return value
-
-
-def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--json", action="store_true",
-                   help="print the result as JSON on stdout (the human-readable report is not printed)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars or stage messages on stderr")
 
 
 # --------------------------------------------------------------------------------------------

@@ -22,32 +22,17 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 
+from ._cli_args import add_common as _add_common  # noqa: E402
+from ._cli_args import non_negative_int as _non_negative_int  # noqa: E402
+from ._cli_args import positive_int as _positive_int  # noqa: E402
+
+
 class CliError(ValueError):
     """A failure the user can fix (bad file, bad combination of options)."""
 
 
 # ----------------------------------------------------------------------------------------------
 # argument types
-
-
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
-    return v
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {v}")
-    return v
 
 
 def _task_list(text: str) -> list[str]:
@@ -60,11 +45,6 @@ def _task_list(text: str) -> list[str]:
     if not names or bad:
         raise argparse.ArgumentTypeError(f"unknown task(s) {bad or [text]}; choose from {', '.join(TASKS)} or 'all'")
     return names
-
-
-def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
-    p.add_argument("--quiet", action="store_true", help="no progress bars on stderr")
 
 
 def _is_export_dir(path: str) -> bool:
