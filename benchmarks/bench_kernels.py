@@ -1,0 +1,263 @@
+"""Benchmark of the rabit CUDA kernels against cuBLAS fp16 (F.linear) measured in the same run.
+
+    python benchmarks/bench_kernels.py [--out DIR] [--quick]
+
+Writes bench_kernels_<gpu>_<date>.json (into --out, else $OUT, else benchmarks/results/) and prints a table.
+
+Method: every timed call reads weights from a pool of copies larger than 2 x 50 MB (more than the L2), so
+that HBM, not L2, is measured; the calls over the pool are captured in one CUDA graph, replayed many
+times, timed with CUDA events, and the median time per call is reported. GEMV bandwidth counts the
+bytes that must move: packed bits + fp16 scales + x + y (rabit) or the fp16 weight + x + y (cuBLAS).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import rabit  # noqa: E402
+from rabit import reference as R  # noqa: E402
+
+DEV = "cuda"
+POOL_BYTES = 160 << 20  # > 2 x 50 MB of L2
+SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (12288, 4096), (14336, 4096), (4096, 14336)]  # (out, in)
+MS = [1, 2, 4, 8, 16, 2048]
+K = 2
+
+
+def graph_time_us(fns, reps=30, min_calls=200):
+    """Median time per call (µs) of the callables in `fns`, captured back to back in one CUDA graph."""
+    calls = list(fns) * max(1, -(-min_calls // len(fns)))
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for f in fns:  # warm-up (and one-time kernel attributes) outside the capture
+            f()
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for f in calls:
+            f()
+    g.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        e0.record()
+        g.replay()
+        e1.record()
+        e1.synchronize()
+        times.append(e0.elapsed_time(e1) * 1e3 / len(calls))
+    del g
+    return statistics.median(times), statistics.pstdev(times)
+
+
+def event_time_us(fn, reps=20, warmup=3):
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        e0.record()
+        fn()
+        e1.record()
+        e1.synchronize()
+        times.append(e0.elapsed_time(e1) * 1e3)
+    return statistics.median(times)
+
+
+def copy_bandwidth():
+    n = 1 << 30
+    a = torch.empty(n, dtype=torch.uint8, device=DEV)
+    b = torch.empty_like(a)
+    t, _ = graph_time_us([lambda: b.copy_(a)], reps=10, min_calls=5)
+    return 2 * n / (t * 1e-6) / 1e9  # GB/s, bytes read + written
+
+
+def make_packed(out, in_features, n):
+    """n independent packed layers (K=2, fp16 scales, the export format)."""
+    layers = []
+    for _ in range(n):
+        w = torch.randn(out, in_features, device=DEV)
+        g = (w.abs().mean(1) * torch.tensor([[1.0], [0.4]], device=DEV))
+        h = torch.rand(K, in_features, device=DEV) + 0.5
+        _, packed = rabit.residual_binarize(w, g, h)
+        layers.append((packed, g.half(), h.half()))
+        del w
+    return layers
+
+
+def bench_linear(out, in_features, quick):
+    res = []
+    packed_bytes = K * out * R.words_per_row(in_features) * 4
+    scale_bytes = 2 * K * (out + in_features)
+    dense_bytes = out * in_features * 2
+    n_packed = max(2, -(-POOL_BYTES // (packed_bytes + scale_bytes)))
+    n_dense = max(2, -(-POOL_BYTES // dense_bytes))
+    packed_pool = make_packed(out, in_features, min(n_packed, 64))
+    dense_pool = [torch.randn(out, in_features, device=DEV).half() * 0.02 for _ in range(n_dense)]
+    for m in (MS if not quick else [1, 8, 2048]):
+        x = torch.randn(m, in_features, device=DEV).half()
+        # correctness guard: never time a wrong kernel
+        p0, g0, h0 = packed_pool[0]
+        y = rabit.packed_linear(x, p0, g0, h0)
+        y64 = R.packed_linear(x.cpu(), p0.cpu(), g0.cpu(), h0.cpu(), compute_dtype=torch.float64) if m <= 64 else None
+        rel = None if y64 is None else ((y.cpu().double() - y64).norm() / y64.norm()).item()
+        pool = packed_pool if m < 1024 else packed_pool[:2]
+        dpool = dense_pool if m < 1024 else dense_pool[:2]
+        t_r, sd_r = graph_time_us([lambda p=p, g=g, h=h: rabit.packed_linear(x, p, g, h) for p, g, h in pool],
+                                  min_calls=200 if m < 1024 else 10, reps=30 if m < 1024 else 10)
+        t_c, sd_c = graph_time_us([lambda w=w: F.linear(x, w) for w in dpool],
+                                  min_calls=200 if m < 1024 else 10, reps=30 if m < 1024 else 10)
+        io = 2 * m * (in_features + out)
+        row = dict(out=out, in_=in_features, M=m, K=K, rabit_us=round(t_r, 3), rabit_sd_us=round(sd_r, 3),
+                   cublas_fp16_us=round(t_c, 3), cublas_sd_us=round(sd_c, 3), speedup=round(t_c / t_r, 3),
+                   rabit_bytes=packed_bytes + scale_bytes + io, cublas_bytes=dense_bytes + io,
+                   rabit_GBps=round((packed_bytes + scale_bytes + io) / (t_r * 1e-6) / 1e9, 1),
+                   cublas_GBps=round((dense_bytes + io) / (t_c * 1e-6) / 1e9, 1),
+                   path="decode" if m <= 16 else "prefill", rel_err_vs_fp64=rel,
+                   pool=(len(pool), len(dpool)))
+        if m >= 1024:
+            row["rabit_TFLOPs"] = round(2 * m * out * in_features / (t_r * 1e-6) / 1e12, 1)
+            row["cublas_TFLOPs"] = round(2 * m * out * in_features / (t_c * 1e-6) / 1e12, 1)
+        res.append(row)
+        print(f"  {out}x{in_features} M={m}: rabit {t_r:.2f} us, cuBLAS fp16 {t_c:.2f} us, x{t_c / t_r:.2f}"
+              + (f", rel err {rel:.2e}" if rel is not None else ""), flush=True)
+    del packed_pool, dense_pool
+    torch.cuda.empty_cache()
+    return res
+
+
+def bench_ops(out, in_features):
+    """The QAT forward and backward ops alone (bandwidth-bound), latent W float32, Ŵ / grad fp16."""
+    w = torch.randn(out, in_features, device=DEV)
+    g = (w.abs().mean(1) * torch.tensor([[1.0], [0.4]], device=DEV))
+    h = torch.rand(K, in_features, device=DEV) + 0.5
+    _, packed = rabit.residual_binarize(w, g, h)
+    grad = torch.randn(out, in_features, device=DEV).half()
+    t_f = event_time_us(lambda: rabit.residual_binarize(w, g, h, torch.float16))
+    t_b = event_time_us(lambda: rabit.residual_binarize_backward(grad, w, g, h, packed))
+    n = out * in_features
+    f_bytes = n * 4 + n * 2 + K * n // 8
+    b_bytes = n * 2 + n * 4 + K * n // 8
+    return dict(out=out, in_=in_features, fwd_us=round(t_f, 2), fwd_GBps=round(f_bytes / (t_f * 1e-6) / 1e9, 1),
+                bwd_us=round(t_b, 2), bwd_GBps=round(b_bytes / (t_b * 1e-6) / 1e9, 1),
+                note="fwd: W fp32 -> Ŵ fp16 + bits, incl. the NaN-flag readback (one sync); bwd: G fp16 -> dW fp32, dg, dh")
+
+
+def bench_qat(out, in_features, tokens):
+    x = torch.randn(tokens, in_features, device=DEV).half()
+    dy = torch.randn(tokens, out, device=DEV).half()
+
+    w = torch.randn(out, in_features, device=DEV).mul_(0.02).requires_grad_()
+    g = (w.detach().abs().mean(1) * torch.tensor([[1.0], [0.4]], device=DEV)).requires_grad_()
+    h = (torch.rand(K, in_features, device=DEV) + 0.5).requires_grad_()
+
+    def ours():
+        what, _ = rabit.residual_binarize(w, g, h, torch.float16)
+        F.linear(x, what).backward(dy)
+
+    def plain():  # the same math from plain PyTorch ops (rabit.reference) and autograd
+        signs = R.residual_signs(w.detach(), g.detach(), h.detach())
+        what = R.dequantize(signs, g, h) + (w - w.detach())
+        F.linear(x, what.half()).backward(dy)
+
+    w16 = (torch.randn(out, in_features, device=DEV) * 0.02).half().requires_grad_()
+
+    def dense():
+        F.linear(x, w16).backward(dy)
+
+    res = {}
+    for name, fn in (("rabit", ours), ("fp16_linear", dense), ("plain_pytorch", plain)):
+        fn()
+        torch.cuda.synchronize()
+        for p in (w, g, h, w16):
+            p.grad = None
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+        for p in (w, g, h, w16):
+            p.grad = None
+
+        def step(fn=fn):
+            fn()
+            for p in (w, g, h, w16):
+                p.grad = None
+
+        t = event_time_us(step, reps=10 if name != "plain_pytorch" else 5, warmup=2)
+        res[name] = dict(us=round(t, 1), peak_extra_MB=round(peak / 2**20, 1))
+    res["ratio_vs_fp16_linear"] = round(res["rabit"]["us"] / res["fp16_linear"]["us"], 3)
+    res["speedup_vs_plain_pytorch"] = round(res["plain_pytorch"]["us"] / res["rabit"]["us"], 3)
+    res.update(out=out, in_=in_features, tokens=tokens, K=K,
+               note="latent W fp32, Ŵ fp16; step = residual_binarize + F.linear fwd + backward (cuBLAS dX, dŴ + "
+                    "rabit backward); peak_extra = peak allocated during the step above the resident tensors "
+                    "(grads included)")
+    return res
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = True  # cuBLAS default
+    prop = torch.cuda.get_device_properties(0)
+    info = dict(device=prop.name, sms=prop.multi_processor_count, l2_MB=getattr(prop, "L2_cache_size", 0) / 2**20,
+                torch=torch.__version__, cuda=torch.version.cuda,
+                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                K=K, scales="float16", x="float16", method=__doc__.split("Method: ")[1].strip())
+    print(f"{info['device']}, torch {info['torch']}, CUDA {info['cuda']}", flush=True)
+    bw = copy_bandwidth()
+    info["copy_GBps"] = round(bw, 1)
+    print(f"device-to-device copy: {bw:.0f} GB/s (read + write)", flush=True)
+    shapes = SHAPES if not args.quick else SHAPES[:2]
+    linear = []
+    for out, in_features in shapes:
+        linear += bench_linear(out, in_features, args.quick)
+    for r in linear:
+        if r["M"] == 1:
+            r["rabit_pct_copy_bw"] = round(100 * r["rabit_GBps"] / bw, 1)
+            r["cublas_pct_copy_bw"] = round(100 * r["cublas_GBps"] / bw, 1)
+    ops = [bench_ops(4096, 4096), bench_ops(11008, 4096)]
+    qat = [bench_qat(4096, 4096, 2048)] + ([] if args.quick else [bench_qat(11008, 4096, 2048)])
+    result = dict(info=info, packed_linear=linear, qat_ops=ops, qat_step=qat)
+
+    out_dir = Path(args.out or os.environ.get("OUT") or ROOT / "benchmarks" / "results")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    gpu = "".join(c if c.isalnum() else "_" for c in prop.name).strip("_")
+    path = out_dir / f"bench_kernels_{gpu}_{datetime.date.today().isoformat()}.json"
+    path.write_text(json.dumps(result, indent=1))
+    print(f"\nwrote {path}\n")
+
+    print(f"{'shape (out x in)':>18} {'M':>5} {'rabit us':>9} {'cuBLAS us':>10} {'speedup':>8} {'%copyBW':>8}")
+    for r in linear:
+        pct = f"{r.get('rabit_pct_copy_bw', ''):>8}"
+        print(f"{r['out']:>8} x {r['in_']:<7} {r['M']:>5} {r['rabit_us']:>9.2f} {r['cublas_fp16_us']:>10.2f} "
+              f"{r['speedup']:>8.2f} {pct}")
+    for o in ops:
+        print(f"ops {o['out']}x{o['in_']}: fwd {o['fwd_us']} us ({o['fwd_GBps']} GB/s), "
+              f"bwd {o['bwd_us']} us ({o['bwd_GBps']} GB/s)")
+    for q in qat:
+        print(f"QAT step {q['out']}x{q['in_']} T={q['tokens']}: rabit {q['rabit']['us']} us "
+              f"(+{q['rabit']['peak_extra_MB']} MB), fp16 Linear {q['fp16_linear']['us']} us "
+              f"(+{q['fp16_linear']['peak_extra_MB']} MB), plain PyTorch {q['plain_pytorch']['us']} us; "
+              f"ratio {q['ratio_vs_fp16_linear']}, vs plain x{q['speedup_vs_plain_pytorch']}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,203 @@
+// CUDA implementations of the rabit ops: the same checks and messages as ops_cpu.cpp (csrc/checks.h),
+// then the torch-free launchers of kernels/cuda/ on the current stream of the input's device.
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/all.h>
+#include <torch/library.h>
+
+#include "../../kernels/cuda/rabit_cuda.cuh"
+#include "../../kernels/rabit_kernels.h"
+#include "../checks.h"
+
+namespace rabit {
+
+namespace {
+
+void check_weight(const char *op, const at::Tensor &weight) {
+    RABIT_CHECK_DIM(op, weight, 2);
+    RABIT_CHECK_FLOAT(op, weight);
+    RABIT_CHECK_CONTIGUOUS(op, weight);
+    TORCH_CHECK_VALUE(weight.size(0) >= 1 && weight.size(1) >= 1, op, ": weight is empty (shape ", weight.sizes(), ")");
+}
+
+void check_packed(const char *op, const at::Tensor &packed, int64_t K, int64_t out, int64_t in) {
+    RABIT_CHECK_DIM(op, packed, 3);
+    RABIT_CHECK_PACKED_DTYPE(op, packed);
+    RABIT_CHECK_CONTIGUOUS(op, packed);
+    TORCH_CHECK_VALUE(packed.size(0) == K && packed.size(1) == out && packed.size(2) == words_per_row(in), op,
+                      ": packed is ", packed.sizes(), " but K=", K, ", out=", out, ", in=", in, " need [", K, ", ",
+                      out, ", ", words_per_row(in), "]");
+}
+
+void check_launch(cudaError_t e) {
+    C10_CUDA_CHECK(e);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+const rabit_word_t *words(const at::Tensor &t) { return reinterpret_cast<const rabit_word_t *>(t.data_ptr<int32_t>()); }
+rabit_word_t *words_mut(at::Tensor &t) { return reinterpret_cast<rabit_word_t *>(t.data_ptr<int32_t>()); }
+
+bool stream_is_capturing(cudaStream_t s) {
+    cudaStreamCaptureStatus st = cudaStreamCaptureStatusNone;
+    C10_CUDA_CHECK(cudaStreamIsCapturing(s, &st));
+    return st != cudaStreamCaptureStatusNone;
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> residual_binarize_cuda(const at::Tensor &weight, const at::Tensor &g,
+                                                          const at::Tensor &h, std::optional<at::ScalarType> out_dtype,
+                                                          c10::string_view ste, double ste_param) {
+    const char *op = "rabit.residual_binarize";
+    check_weight(op, weight);
+    TORCH_CHECK_VALUE(parse_ste(op, ste) == RABIT_STE_IDENTITY || ste_param > 0, op, ": ste_param must be > 0 for ste='",
+                      std::string(ste), "', got ", ste_param);
+    const int64_t out = weight.size(0), in = weight.size(1);
+    check_scales(op, g, h, out, in, weight);
+    const at::ScalarType odt = out_dtype.value_or(weight.scalar_type());
+    const rabit_dtype ordt = to_rabit_dtype(odt);
+    const int64_t K = g.size(0);
+    const c10::cuda::CUDAGuard guard(weight.device());
+    const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+    at::Tensor gf = g.to(at::kFloat).contiguous(), hf = h.to(at::kFloat).contiguous();
+    at::Tensor what = at::empty({out, in}, weight.options().dtype(odt));
+    at::Tensor packed = at::empty({K, out, words_per_row(in)}, weight.options().dtype(at::kInt));
+    // Non-finite g, h (checked before the kernel on the CPU) and W are reported through one device flag,
+    // read back after the kernel: one synchronisation instead of three.
+    at::Tensor flag = at::empty({1}, weight.options().dtype(at::kInt));
+    C10_CUDA_CHECK(cudaMemsetAsync(flag.data_ptr<int>(), 0, sizeof(int), stream));
+    check_launch(rabit_cuda::residual_binarize(weight.data_ptr(), to_rabit_dtype(weight.scalar_type()),
+                                               gf.data_ptr<float>(), hf.data_ptr<float>(), static_cast<int>(K), out,
+                                               in, what.data_ptr(), ordt, words_mut(packed), flag.data_ptr<int>(),
+                                               stream));
+    // Inside CUDA-graph capture nothing may synchronise: the check is skipped there (docs/kernels.md).
+    if (!stream_is_capturing(stream)) {
+        const int bad = flag.item<int>();
+        TORCH_CHECK_VALUE(!(bad & rabit_cuda::FLAG_G_NONFINITE), op, ": g contains NaN or Inf");
+        TORCH_CHECK_VALUE(!(bad & rabit_cuda::FLAG_H_NONFINITE), op, ": h contains NaN or Inf");
+        check_status(op, (bad & rabit_cuda::FLAG_W_NONFINITE) ? RABIT_ERR_NONFINITE : RABIT_OK);
+    }
+    return {what, packed};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_binarize_backward_cuda(
+    const at::Tensor &grad, const at::Tensor &weight, const at::Tensor &g, const at::Tensor &h,
+    const at::Tensor &packed, c10::string_view ste, double ste_param) {
+    const char *op = "rabit.residual_binarize_backward";
+    check_weight(op, weight);
+    const int64_t out = weight.size(0), in = weight.size(1);
+    RABIT_CHECK_DIM(op, grad, 2);
+    RABIT_CHECK_FLOAT(op, grad);
+    RABIT_CHECK_CONTIGUOUS(op, grad);
+    TORCH_CHECK_VALUE(grad.sizes() == weight.sizes(), op, ": grad is ", grad.sizes(), " but weight is ",
+                      weight.sizes(), "; grad must be ∂L/∂Ŵ of the weight's shape");
+    check_scales(op, g, h, out, in, weight);
+    const int64_t K = g.size(0);
+    check_packed(op, packed, K, out, in);
+    RABIT_CHECK_SAME_DEVICE(op, grad, weight);
+    RABIT_CHECK_SAME_DEVICE(op, packed, weight);
+    const rabit_ste s = parse_ste(op, ste);
+    TORCH_CHECK_VALUE(s == RABIT_STE_IDENTITY || ste_param > 0, op, ": ste_param must be > 0 for ste='",
+                      std::string(ste), "', got ", ste_param);
+    const c10::cuda::CUDAGuard guard(weight.device());
+    const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+    at::Tensor gf = g.to(at::kFloat).contiguous(), hf = h.to(at::kFloat).contiguous();
+    at::Tensor dW = at::empty_like(weight);
+    at::Tensor dg = at::empty({K, out}, weight.options().dtype(at::kFloat));
+    at::Tensor dh = at::empty({K, in}, weight.options().dtype(at::kFloat));
+    at::Tensor ws = at::empty({static_cast<int64_t>(rabit_cuda::backward_workspace_doubles(static_cast<int>(K), out, in))},
+                              weight.options().dtype(at::kDouble));
+    check_launch(rabit_cuda::residual_binarize_backward(
+        grad.data_ptr(), to_rabit_dtype(grad.scalar_type()), weight.data_ptr(), to_rabit_dtype(weight.scalar_type()),
+        gf.data_ptr<float>(), hf.data_ptr<float>(), words(packed), static_cast<int>(K), out, in, s,
+        static_cast<float>(ste_param), dW.data_ptr(), dg.data_ptr<float>(), dh.data_ptr<float>(),
+        ws.data_ptr<double>(), stream));
+    return {dW, dg.to(g.scalar_type()), dh.to(h.scalar_type())};
+}
+
+at::Tensor pack_signs_cuda(const at::Tensor &signs) {
+    const char *op = "rabit.pack_signs";
+    TORCH_CHECK_VALUE(signs.dim() >= 1 && signs.size(-1) >= 1, op, ": expected signs with a non-empty last "
+                      "dimension (the in-features), got shape ", signs.sizes());
+    TORCH_CHECK_TYPE(signs.is_floating_point() || signs.scalar_type() == at::kInt || signs.scalar_type() == at::kChar ||
+                         signs.scalar_type() == at::kLong || signs.scalar_type() == at::kShort,
+                     op, ": expected a float or signed integer tensor of signs, got ", signs.scalar_type());
+    const c10::cuda::CUDAGuard guard(signs.device());
+    const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+    at::Tensor s = signs.to(at::kFloat).contiguous();
+    const int64_t in = s.size(-1), rows = s.numel() / in;
+    std::vector<int64_t> shape(signs.sizes().begin(), signs.sizes().end());
+    shape.back() = words_per_row(in);
+    at::Tensor packed = at::empty(shape, signs.options().dtype(at::kInt));
+    check_launch(rabit_cuda::pack_signs(s.data_ptr<float>(), rows, in, words_mut(packed), stream));
+    return packed;
+}
+
+at::Tensor unpack_signs_cuda(const at::Tensor &packed, int64_t in_features, std::optional<at::ScalarType> dtype) {
+    const char *op = "rabit.unpack_signs";
+    RABIT_CHECK_PACKED_DTYPE(op, packed);
+    RABIT_CHECK_CONTIGUOUS(op, packed);
+    TORCH_CHECK_VALUE(packed.dim() >= 1, op, ": expected packed words with at least 1 dimension");
+    TORCH_CHECK_VALUE(in_features >= 1, op, ": in_features must be >= 1, got ", in_features);
+    TORCH_CHECK_VALUE(packed.size(-1) == words_per_row(in_features), op, ": packed rows hold ", packed.size(-1),
+                      " words but in_features=", in_features, " needs ", words_per_row(in_features));
+    const at::ScalarType dt = dtype.value_or(at::kFloat);
+    const rabit_dtype rdt = to_rabit_dtype(dt);
+    const c10::cuda::CUDAGuard guard(packed.device());
+    const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+    std::vector<int64_t> shape(packed.sizes().begin(), packed.sizes().end());
+    shape.back() = in_features;
+    at::Tensor out = at::empty(shape, packed.options().dtype(dt));
+    const int64_t rows = packed.size(-1) ? packed.numel() / packed.size(-1) : 0;
+    check_launch(rabit_cuda::unpack_signs(words(packed), rows, in_features, out.data_ptr(), rdt, stream));
+    return out;
+}
+
+at::Tensor packed_linear_cuda(const at::Tensor &x, const at::Tensor &packed, const at::Tensor &g, const at::Tensor &h,
+                              const std::optional<at::Tensor> &bias) {
+    const char *op = "rabit.packed_linear";
+    RABIT_CHECK_DIM(op, x, 2);
+    RABIT_CHECK_FLOAT(op, x);
+    RABIT_CHECK_CONTIGUOUS(op, x);
+    RABIT_CHECK_DIM(op, packed, 3);
+    const int64_t K = packed.size(0), out = packed.size(1), in = x.size(1);
+    TORCH_CHECK_VALUE(in >= 1, op, ": x has no input features (shape ", x.sizes(), ")");
+    check_scales(op, g, h, out, in, packed);  // `in` comes from x: a mismatch names h and x's width
+    check_packed(op, packed, K, out, in);
+    RABIT_CHECK_SAME_DEVICE(op, x, packed);
+    const rabit_dtype xdt = to_rabit_dtype(x.scalar_type());
+    const int64_t M = x.size(0);
+    const bool prefill = rabit_cuda::packed_linear_path(xdt, M) == 1;
+    at::Tensor bt;
+    if (bias.has_value()) {
+        RABIT_CHECK_DIM(op, (*bias), 1);
+        RABIT_CHECK_FLOAT(op, (*bias));
+        TORCH_CHECK_VALUE(bias->size(0) == out, op, ": bias has ", bias->size(0), " elements but out=", out);
+        RABIT_CHECK_SAME_DEVICE(op, (*bias), packed);
+        bt = prefill ? bias->to(at::kFloat).contiguous() : bias->contiguous();
+    }
+    const c10::cuda::CUDAGuard guard(x.device());
+    const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+    // decode reads the scales in their own dtype (no conversion kernels on the GEMV path); prefill wants float32
+    at::Tensor gs = prefill ? g.to(at::kFloat).contiguous() : g.contiguous();
+    at::Tensor hs = prefill ? h.to(at::kFloat).contiguous() : h.contiguous();
+    at::Tensor y = at::empty({M, out}, x.options());
+    if (M == 0) return y;
+    check_launch(rabit_cuda::packed_linear(
+        x.data_ptr(), xdt, M, words(packed), gs.data_ptr(), to_rabit_dtype(gs.scalar_type()), hs.data_ptr(),
+        to_rabit_dtype(hs.scalar_type()), bias.has_value() ? bt.data_ptr() : nullptr,
+        bias.has_value() ? to_rabit_dtype(bt.scalar_type()) : RABIT_F32, static_cast<int>(K), out, in, y.data_ptr(),
+        stream));
+    return y;
+}
+
+TORCH_LIBRARY_IMPL(rabit, CUDA, m) {
+    m.impl("residual_binarize", &residual_binarize_cuda);
+    m.impl("residual_binarize_backward", &residual_binarize_backward_cuda);
+    m.impl("pack_signs", &pack_signs_cuda);
+    m.impl("unpack_signs", &unpack_signs_cuda);
+    m.impl("packed_linear", &packed_linear_cuda);
+}
+
+}  // namespace rabit

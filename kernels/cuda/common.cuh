@@ -1,0 +1,108 @@
+/* Device helpers shared by the rabit CUDA kernels: dtype loads/stores, finiteness, warp reductions. */
+#ifndef RABIT_CUDA_COMMON_CUH
+#define RABIT_CUDA_COMMON_CUH
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+#include "../rabit_format.h"
+#include "../rabit_kernels.h"
+
+namespace rabit_cuda {
+
+__host__ __device__ __forceinline__ int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+__host__ __device__ __forceinline__ int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
+
+__device__ __forceinline__ bool is_finite_f(float x) { return (__float_as_uint(x) & 0x7f800000u) != 0x7f800000u; }
+
+/* Element i of an array of dtype dt, as float32 (exact for all three dtypes). */
+__device__ __forceinline__ float ld_any(const void *p, int dt, int64_t i) {
+    if (dt == RABIT_F32) return __ldg(reinterpret_cast<const float *>(p) + i);
+    const unsigned short u = __ldg(reinterpret_cast<const unsigned short *>(p) + i);
+    if (dt == RABIT_BF16) return __uint_as_float(static_cast<uint32_t>(u) << 16);
+    return __half2float(__ushort_as_half(u));
+}
+
+/* float32 -> dtype bits, round to nearest even (PyTorch's casts). */
+__device__ __forceinline__ unsigned short f32_to_16(float v, int dt) {
+    if (dt == RABIT_BF16) return __bfloat16_as_ushort(__float2bfloat16_rn(v));
+    return __half_as_ushort(__float2half_rn(v));
+}
+
+__device__ __forceinline__ void st_any(void *p, int dt, int64_t i, float v) {
+    if (dt == RABIT_F32)
+        reinterpret_cast<float *>(p)[i] = v;
+    else
+        reinterpret_cast<unsigned short *>(p)[i] = f32_to_16(v, dt);
+}
+
+template <typename T>
+struct DT;
+template <>
+struct DT<float> {
+    static constexpr int code = RABIT_F32;
+    __device__ static __forceinline__ float to_f(float v) { return v; }
+};
+template <>
+struct DT<__half> {
+    static constexpr int code = RABIT_F16;
+    __device__ static __forceinline__ float to_f(__half v) { return __half2float(v); }
+};
+template <>
+struct DT<__nv_bfloat16> {
+    static constexpr int code = RABIT_BF16;
+    __device__ static __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
+};
+
+/* 8 consecutive elements (16-byte aligned) -> float32. */
+__device__ __forceinline__ void load8(const float *p, float v[8]) {
+    const float4 a = __ldcs(reinterpret_cast<const float4 *>(p));
+    const float4 b = __ldcs(reinterpret_cast<const float4 *>(p) + 1);
+    v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w;
+    v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
+}
+__device__ __forceinline__ void load8(const __half *p, float v[8]) {
+    const uint4 u = __ldcs(reinterpret_cast<const uint4 *>(p));
+    const uint32_t w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        v[2 * i] = __half2float(__ushort_as_half(static_cast<unsigned short>(w[i] & 0xffffu)));
+        v[2 * i + 1] = __half2float(__ushort_as_half(static_cast<unsigned short>(w[i] >> 16)));
+    }
+}
+__device__ __forceinline__ void load8(const __nv_bfloat16 *p, float v[8]) {
+    const uint4 u = __ldcs(reinterpret_cast<const uint4 *>(p));
+    const uint32_t w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        v[2 * i] = __uint_as_float(w[i] << 16);
+        v[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+    }
+}
+
+/* 8 float32 -> dtype dt at p (16-byte aligned). */
+__device__ __forceinline__ void store8(void *p, int dt, const float v[8]) {
+    if (dt == RABIT_F32) {
+        float4 *q = reinterpret_cast<float4 *>(p);
+        q[0] = make_float4(v[0], v[1], v[2], v[3]);
+        q[1] = make_float4(v[4], v[5], v[6], v[7]);
+    } else {
+        uint32_t w[4];
+#pragma unroll
+        for (int i = 0; i < 4; i++)
+            w[i] = static_cast<uint32_t>(f32_to_16(v[2 * i], dt)) | (static_cast<uint32_t>(f32_to_16(v[2 * i + 1], dt)) << 16);
+        *reinterpret_cast<uint4 *>(p) = make_uint4(w[0], w[1], w[2], w[3]);
+    }
+}
+
+__device__ __forceinline__ double warp_sum(double v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+}  // namespace rabit_cuda
+
+#endif

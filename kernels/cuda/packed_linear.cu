@@ -1,0 +1,687 @@
+/*
+ * Packed GEMV / GEMM on the GPU, straight from the sign planes (kernels/rabit_format.h); see
+ * docs/kernels.md for the design and the measured numbers.
+ *
+ * decode (M <= 16, and every M for float32 x, in chunks of 16 rows):
+ *   y[m][o] = sum_k g_k[o] * sum_j B_k[o][j] * xh_k[m][j],   xh_k = h_k * x   (float32)
+ *   Each xh value is split into NSPLIT bfloat16 parts (hi + lo [+ lo2]: 16 or 24 significant bits), so
+ *   the tensor-core products (+-1) x (bf16 part) are exact and accumulate in float32: the result has
+ *   float32-level accuracy. The +-1 operand A of mma.m16n8k16 is expanded from the bits in registers
+ *   (two instructions per pair of weights; no unpacked weight anywhere in memory); the split
+ *   activations, the B operand, live in shared memory in fragment order, built once per block from
+ *   16-byte loads of x and h. All K paths run in one kernel over one read of the bit planes; g is
+ *   applied in the epilogue.
+ *
+ * prefill (fp16/bf16 x, M > 16): a tiled tensor-core GEMM y = x * What^T whose weight tile What[o][j] =
+ *   sum_k g_k[o] B_k[o][j] h_k[j] is expanded from the bits (float32, rounded once to x's dtype) into
+ *   shared memory, one 128x32 tile per k-step; x tiles arrive by cp.async. Accuracy is that of a dense
+ *   fp16/bf16 layer holding What in x's dtype.
+ */
+#include <cuda_runtime.h>
+
+#include "common.cuh"
+#include "rabit_cuda.cuh"
+
+namespace rabit_cuda {
+
+namespace {
+
+__device__ __forceinline__ void mma_bf16(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                         uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ void mma_f16(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                        uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+/* Two bf16 +-1 from bits (15 - sh) and (31 - sh) of w after the shift: set bit = +1. */
+__device__ __forceinline__ uint32_t pm1_pair(uint32_t w, int sh) {
+    return ((w << sh) & 0x80008000u) ^ 0xBF80BF80u;
+}
+
+__device__ __forceinline__ float bf16_round(float f) { return __bfloat162float(__float2bfloat16_rn(f)); }
+
+__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
+    return static_cast<uint32_t>(__bfloat16_as_ushort(__float2bfloat16_rn(lo))) |
+           (static_cast<uint32_t>(__bfloat16_as_ushort(__float2bfloat16_rn(hi))) << 16);
+}
+
+struct DecodeArgs {
+    const void *x;
+    int xdt;
+    int64_t M;
+    const rabit_word_t *packed;
+    const void *g;
+    int gdt;
+    const void *h;
+    int hdt;
+    const void *bias;
+    int bdt;
+    void *y;
+    int64_t out, in, nw;
+    int nsplit, ncols;  // B columns per 16-row chunk of x: ncols = min(M,16) * nsplit
+    int RT, CS;         // row tiles x column slices = 8 warps
+    int SU, nslabs, NUT;
+    int vec;         // bit rows allow WPT-word vector loads
+    int xvec, hvec;  // x / h rows allow 16-byte loads
+};
+
+/* Raw bits of 8 consecutive elements p[off .. off+7] (16-byte loads when `vec` and all 8 are in range; else
+   float32 values from scalar loads, zero past nvalid). Nothing here uses the loaded data, so the loads of
+   several calls stay in flight together; raw8_cvt converts afterwards. */
+struct Raw8 {
+    uint4 a, b;
+};
+__device__ __forceinline__ Raw8 raw8_load(const void *p, int dt, int64_t off, int64_t nvalid, bool vec) {
+    Raw8 r;
+    r.a = make_uint4(0, 0, 0, 0);
+    r.b = r.a;
+    if (vec && nvalid >= 8) {
+        if (dt == RABIT_F32) {
+            const uint4 *q = reinterpret_cast<const uint4 *>(static_cast<const float *>(p) + off);
+            r.a = __ldg(q);
+            r.b = __ldg(q + 1);
+        } else {
+            r.a = __ldg(reinterpret_cast<const uint4 *>(static_cast<const unsigned short *>(p) + off));
+        }
+    } else {
+        float v[8];
+#pragma unroll
+        for (int e = 0; e < 8; e++) v[e] = e < nvalid ? ld_any(p, dt, off + e) : 0.0f;
+        r.a = make_uint4(__float_as_uint(v[0]), __float_as_uint(v[1]), __float_as_uint(v[2]), __float_as_uint(v[3]));
+        r.b = make_uint4(__float_as_uint(v[4]), __float_as_uint(v[5]), __float_as_uint(v[6]), __float_as_uint(v[7]));
+    }
+    return r;
+}
+/* packed16: r holds 8 values of a 16-bit dtype (the vector path of raw8_load); else 8 float32. */
+__device__ __forceinline__ void raw8_cvt(const Raw8 &r, int dt, bool packed16, float v[8]) {
+    const uint32_t w[8] = {r.a.x, r.a.y, r.a.z, r.a.w, r.b.x, r.b.y, r.b.z, r.b.w};
+    if (!packed16) {
+#pragma unroll
+        for (int i = 0; i < 8; i++) v[i] = __uint_as_float(w[i]);
+    } else if (dt == RABIT_BF16) {
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            v[2 * i] = __uint_as_float(w[i] << 16);
+            v[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+        }
+    } else {
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            v[2 * i] = __half2float(__ushort_as_half(static_cast<unsigned short>(w[i] & 0xffffu)));
+            v[2 * i + 1] = __half2float(__ushort_as_half(static_cast<unsigned short>(w[i] >> 16)));
+        }
+    }
+}
+
+/*
+ * Column mapping of one "unit" = 128*WPT columns = 4*WPT words: lane (g, t) loads words t*WPT .. t*WPT+WPT-1
+ * of rows g and g+8 of its 16-row tile. MMA step s = 8j + q (j < WPT, q < 8) uses, for k-indices
+ * (2t, 2t+1, 2t+8, 2t+9), the columns c0 + (0, 16, 1, 17) with c0 = 32*(t*WPT + j) + 2q: two bits 16 apart
+ * fill one register of two bf16 +-1 (pm1_pair), and the same permutation of k is applied to the B operand,
+ * which shared memory holds as uint2 {b0b1, b2b3} per (path, unit, step, column n, t).
+ */
+template <int K, int NT, int WPT>
+__global__ void __launch_bounds__(256, 2) decode_kernel(const DecodeArgs a) {
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    uint2 *Bs = reinterpret_cast<uint2 *>(smem_raw);
+    constexpr int SPU = 8 * WPT;      // mma steps per unit
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int g = lane >> 2, t = lane & 3;
+    const int rt = warp / a.CS, cs = warp - rt * a.CS;
+    const int64_t row_base = static_cast<int64_t>(blockIdx.x) * a.RT * 16;
+    const int64_t row0 = row_base + rt * 16;
+    const int64_t m0 = static_cast<int64_t>(blockIdx.z) * kDecodeMaxM;
+    const int Mc = static_cast<int>(min64(kDecodeMaxM, a.M - m0));
+    const int ncols = a.ncols, NTT = ncols * 4;
+    const bool active = row0 < a.out;
+    const int64_t oA = row0 + g, oB = row0 + g + 8;
+    const bool vA = oA < a.out, vB = oB < a.out;
+    const int64_t nw = a.nw, in = a.in;
+
+    constexpr int NA = NT == 1 ? 2 : 1;  // independent accumulator chains per (path, n-tile)
+    float acc[K][NT][NA][4];
+#pragma unroll
+    for (int k = 0; k < K; k++)
+#pragma unroll
+        for (int n = 0; n < NT; n++)
+#pragma unroll
+            for (int c = 0; c < NA; c++)
+#pragma unroll
+                for (int i = 0; i < 4; i++) acc[k][n][c][i] = 0.0f;
+
+    uint32_t cur[K][2][WPT];
+    auto load_unit = [&](int64_t u, uint32_t (&dst)[K][2][WPT]) {
+        const int64_t w0 = u * (4 * WPT) + t * WPT;
+#pragma unroll
+        for (int k = 0; k < K; k++) {
+            const rabit_word_t *pa = a.packed + (k * a.out + oA) * nw + w0;
+            const rabit_word_t *pb = a.packed + (k * a.out + oB) * nw + w0;
+            if (a.vec) {
+                const bool ina = vA && w0 < nw, inb = vB && w0 < nw;
+                if (WPT == 4) {
+                    const uint4 za = ina ? __ldcs(reinterpret_cast<const uint4 *>(pa)) : make_uint4(0, 0, 0, 0);
+                    const uint4 zb = inb ? __ldcs(reinterpret_cast<const uint4 *>(pb)) : make_uint4(0, 0, 0, 0);
+                    dst[k][0][0] = za.x; dst[k][0][1 % WPT] = za.y; dst[k][0][2 % WPT] = za.z; dst[k][0][3 % WPT] = za.w;
+                    dst[k][1][0] = zb.x; dst[k][1][1 % WPT] = zb.y; dst[k][1][2 % WPT] = zb.z; dst[k][1][3 % WPT] = zb.w;
+                } else if (WPT == 2) {
+                    const uint2 za = ina ? __ldcs(reinterpret_cast<const uint2 *>(pa)) : make_uint2(0, 0);
+                    const uint2 zb = inb ? __ldcs(reinterpret_cast<const uint2 *>(pb)) : make_uint2(0, 0);
+                    dst[k][0][0] = za.x; dst[k][0][1 % WPT] = za.y;
+                    dst[k][1][0] = zb.x; dst[k][1][1 % WPT] = zb.y;
+                } else {
+                    dst[k][0][0] = ina ? __ldcs(pa) : 0u;
+                    dst[k][1][0] = inb ? __ldcs(pb) : 0u;
+                }
+            } else {
+#pragma unroll
+                for (int j = 0; j < WPT; j++) {
+                    dst[k][0][j] = (vA && w0 + j < nw) ? __ldcs(pa + j) : 0u;
+                    dst[k][1][j] = (vB && w0 + j < nw) ? __ldcs(pb + j) : 0u;
+                }
+            }
+        }
+    };
+
+    for (int slab = 0; slab < a.nslabs; ++slab) {
+        const int u0 = slab * a.SU;
+        const int su = static_cast<int>(min64(a.SU, a.NUT - u0));
+        // first unit of this warp: its loads fly during the build
+        if (active && cs < su) load_unit(u0 + cs, cur);
+        if (slab > 0) __syncthreads();  // everyone is done reading the previous slab
+
+        // ---- build the split activations of this slab. One item = one word (32 columns) of one x row, done
+        // in two halves: columns {8hp..8hp+7} and {16+8hp..16+8hp+7} feed steps q = 4hp..4hp+3. x is read once
+        // per half (16-byte loads), then for each path h_k (16-byte loads); xh = h*x is split into bf16 parts
+        // and each part scattered as uint2 {b0b1, b2b3} to its fragment slot.
+        {
+            const int nws = su * 4 * WPT;
+            const int items = Mc * nws;
+            for (int it = tid; it < items; it += 256) {
+                const int m = it / nws, wl = it - m * nws;
+                const int ul = wl / (4 * WPT), wiu = wl - ul * (4 * WPT);
+                const int bt = wiu / WPT, j = wiu - bt * WPT;
+                const int64_t cb = (static_cast<int64_t>(u0) * 4 * WPT + wl) * 32;
+                const int64_t xrow = (m0 + m) * in;
+#pragma unroll 1
+                for (int hp = 0; hp < 2; hp++) {
+                    const int64_t c1 = cb + 8 * hp, c2 = cb + 16 + 8 * hp;
+                    // all loads of this half first (one memory round trip), conversions after
+                    const Raw8 xr0 = raw8_load(a.x, a.xdt, xrow + c1, in - c1, a.xvec);
+                    const Raw8 xr1 = raw8_load(a.x, a.xdt, xrow + c2, in - c2, a.xvec);
+                    Raw8 hr[K][2];
+#pragma unroll
+                    for (int k = 0; k < K; k++) {
+                        hr[k][0] = raw8_load(a.h, a.hdt, k * in + c1, in - c1, a.hvec);
+                        hr[k][1] = raw8_load(a.h, a.hdt, k * in + c2, in - c2, a.hvec);
+                    }
+                    const bool x16a = a.xvec && a.xdt != RABIT_F32 && in - c1 >= 8;
+                    const bool x16b = a.xvec && a.xdt != RABIT_F32 && in - c2 >= 8;
+                    const bool h16a = a.hvec && a.hdt != RABIT_F32 && in - c1 >= 8;
+                    const bool h16b = a.hvec && a.hdt != RABIT_F32 && in - c2 >= 8;
+                    float xv[16];
+                    raw8_cvt(xr0, a.xdt, x16a, xv);
+                    raw8_cvt(xr1, a.xdt, x16b, xv + 8);
+#pragma unroll
+                    for (int k = 0; k < K; k++) {
+                        float f[16];
+                        raw8_cvt(hr[k][0], a.hdt, h16a, f);
+                        raw8_cvt(hr[k][1], a.hdt, h16b, f + 8);
+#pragma unroll
+                        for (int e = 0; e < 16; e++) f[e] = __fmul_rn(f[e], xv[e]);
+                        uint2 *dst = Bs + static_cast<size_t>((k * su + ul) * SPU + 8 * j + 4 * hp) * NTT + bt;
+#pragma unroll 1
+                        for (int sp = 0; sp < a.nsplit; sp++) {
+                            const int n = m * a.nsplit + sp;
+#pragma unroll
+                            for (int qq = 0; qq < 4; qq++) {
+                                const int es[4] = {2 * qq, 8 + 2 * qq, 2 * qq + 1, 8 + 2 * qq + 1};
+                                float pp[4];
+#pragma unroll
+                                for (int e = 0; e < 4; e++) {
+                                    pp[e] = bf16_round(f[es[e]]);
+                                    f[es[e]] = __fsub_rn(f[es[e]], pp[e]);  // exact: the residual for the next part
+                                }
+                                dst[qq * NTT + n * 4] = make_uint2(pack_bf16(pp[0], pp[1]), pack_bf16(pp[2], pp[3]));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        __syncthreads();
+
+        // ---- stream this warp's units of the slab through the tensor cores
+        if (active) {
+            for (int ul = cs; ul < su; ul += a.CS) {
+                uint32_t nxt[K][2][WPT];
+                const bool more = ul + a.CS < su;
+                if (more) load_unit(u0 + ul + a.CS, nxt);
+#pragma unroll
+                for (int k = 0; k < K; k++) {
+                    const uint2 *bp = Bs + static_cast<size_t>(k * su + ul) * SPU * NTT + t;
+#pragma unroll
+                    for (int j = 0; j < WPT; j++) {
+                        const uint32_t wa = cur[k][0][j], wb = cur[k][1][j];
+#pragma unroll
+                        for (int q = 0; q < 8; q++) {
+                            const int s = j * 8 + q;
+                            const uint32_t a0 = pm1_pair(wa, 15 - 2 * q), a1 = pm1_pair(wb, 15 - 2 * q);
+                            const uint32_t a2 = pm1_pair(wa, 14 - 2 * q), a3 = pm1_pair(wb, 14 - 2 * q);
+#pragma unroll
+                            for (int nt = 0; nt < NT; nt++) {
+                                const int n = min(nt * 8 + g, ncols - 1);  // columns past ncols: any finite data
+                                const uint2 b = bp[s * NTT + n * 4];
+                                mma_bf16(acc[k][nt][q & (NA - 1)], a0, a1, a2, a3, b.x, b.y);
+                            }
+                        }
+                    }
+                }
+                if (more) {
+#pragma unroll
+                    for (int k = 0; k < K; k++)
+#pragma unroll
+                        for (int r = 0; r < 2; r++)
+#pragma unroll
+                            for (int j = 0; j < WPT; j++) cur[k][r][j] = nxt[k][r][j];
+                }
+            }
+        }
+    }
+
+    // ---- epilogue: g per path, then the column slices and the splits through shared memory
+    __syncthreads();
+    float *red = reinterpret_cast<float *>(smem_raw);  // [CS][16*RT][ncols]
+    const int R16 = 16 * a.RT;
+    if (active) {
+        float gA[K], gB[K];
+#pragma unroll
+        for (int k = 0; k < K; k++) {
+            gA[k] = vA ? ld_any(a.g, a.gdt, k * a.out + oA) : 0.0f;
+            gB[k] = vB ? ld_any(a.g, a.gdt, k * a.out + oB) : 0.0f;
+        }
+#pragma unroll
+        for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                const int n = nt * 8 + 2 * t + (i & 1);
+                const int rl = rt * 16 + g + (i >> 1) * 8;
+                float v = 0.0f;
+#pragma unroll
+                for (int k = 0; k < K; k++) {
+                    float ak = acc[k][nt][0][i];
+#pragma unroll
+                    for (int c = 1; c < NA; c++) ak = __fadd_rn(ak, acc[k][nt][c][i]);
+                    v = __fadd_rn(v, __fmul_rn((i >> 1) ? gB[k] : gA[k], ak));
+                }
+                if (n < ncols) red[(cs * R16 + rl) * ncols + n] = v;
+            }
+    }
+    __syncthreads();
+    for (int idx = tid; idx < R16 * Mc; idx += 256) {
+        const int m = idx / R16, rl = idx - m * R16;
+        const int64_t o = row_base + rl;
+        if (o >= a.out) continue;
+        float s = 0.0f;
+        for (int c = 0; c < a.CS; c++)
+            for (int sp = 0; sp < a.nsplit; sp++) s = __fadd_rn(s, red[(c * R16 + rl) * ncols + m * a.nsplit + sp]);
+        if (a.bias) s = __fadd_rn(s, ld_any(a.bias, a.bdt, o));
+        st_any(a.y, a.xdt, (m0 + m) * a.out + o, s);
+    }
+}
+
+/* ------------------------------------------------------------------------------------------------ prefill */
+constexpr int PF_BM = 256, PF_BN = 128, PF_BK = 32, PF_LD = PF_BK + 8;  // smem row stride in halves (80 B)
+constexpr int PF_SMEM = 2 * (PF_BM + PF_BN) * PF_LD * 2;                  // bytes, two stages
+
+struct PrefillArgs {
+    const void *x;
+    int64_t M;
+    const rabit_word_t *packed;
+    const float *g, *h, *bias;
+    void *y;
+    int64_t out, in, nw;
+    int xvec;  // x rows 16-byte aligned (in % 8 == 0)
+};
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void *p) {
+    const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(p));
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(s));
+}
+
+__device__ __forceinline__ void cp_async16(void *dst, const void *src, int src_bytes) {
+    const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(src), "r"(src_bytes));
+}
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::); }
+
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi);
+template <>
+__device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
+    const __half2 v = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t *>(&v);
+}
+template <>
+__device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
+    const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t *>(&v);
+}
+
+/* 256 threads = 8 warps as 4 (M) x 2 (N); warp tile 64 x 64; mma m16n8k16 with float32 accumulation. */
+template <typename T, int K>
+__global__ void __launch_bounds__(256, 1) prefill_kernel(const PrefillArgs a) {
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    T *As = reinterpret_cast<T *>(smem_raw);   // [2][BM][LD]
+    T *Ws = As + 2 * PF_BM * PF_LD;            // [2][BN][LD]
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int wm = warp >> 1, wn = warp & 1;
+    const int64_t m_base = static_cast<int64_t>(blockIdx.y) * PF_BM;
+    const int64_t n_base = static_cast<int64_t>(blockIdx.x) * PF_BN;
+    const int64_t in = a.in, nw = a.nw;
+    const int nk = static_cast<int>((in + PF_BK - 1) / PF_BK);
+    const T *x = static_cast<const T *>(a.x);
+
+    // weight-tile role of this thread: row wr_ (of BN), 16 columns starting at wc_
+    const int wr_ = tid >> 1, wc_ = (tid & 1) * 16;
+    const int64_t wo = n_base + wr_;
+    const bool wvalid = wo < a.out;
+    float gk[K];
+#pragma unroll
+    for (int k = 0; k < K; k++) gk[k] = wvalid ? __ldg(a.g + k * a.out + wo) : 0.0f;
+
+    auto load_x = [&](int kt, int st) {
+        const int64_t kk = static_cast<int64_t>(kt) * PF_BK;
+#pragma unroll
+        for (int i = 0; i < (PF_BM * PF_BK / 8) / 256; i++) {
+            const int c = tid + i * 256;
+            const int r = c >> 2, c8 = (c & 3) * 8;
+            T *dst = As + (st * PF_BM + r) * PF_LD + c8;
+            const int64_t m = m_base + r, col = kk + c8;
+            if (a.xvec) {
+                const bool ok = m < a.M && col < in;
+                cp_async16(dst, ok ? static_cast<const void *>(x + m * in + col) : static_cast<const void *>(x), ok ? 16 : 0);
+            } else {
+                uint16_t v[8];
+#pragma unroll
+                for (int e = 0; e < 8; e++)
+                    v[e] = (m < a.M && col + e < in) ? reinterpret_cast<const uint16_t *>(x)[m * in + col + e] : 0;
+                *reinterpret_cast<uint4 *>(dst) =
+                    make_uint4(v[0] | (uint32_t(v[1]) << 16), v[2] | (uint32_t(v[3]) << 16),
+                               v[4] | (uint32_t(v[5]) << 16), v[6] | (uint32_t(v[7]) << 16));
+            }
+        }
+    };
+    auto load_bits = [&](int kt, uint32_t (&bw)[K]) {
+#pragma unroll
+        for (int k = 0; k < K; k++) bw[k] = wvalid ? (__ldg(a.packed + (k * a.out + wo) * nw + kt) >> wc_) : 0u;
+    };
+    auto dequant = [&](int kt, const uint32_t (&bw)[K], int st) {
+        const int64_t c0 = static_cast<int64_t>(kt) * PF_BK + wc_;
+        float v[16];
+#pragma unroll
+        for (int e = 0; e < 16; e++) v[e] = 0.0f;
+#pragma unroll
+        for (int k = 0; k < K; k++) {
+            float hv[16];
+            if (c0 + 16 <= in) {
+                const float4 *hp = reinterpret_cast<const float4 *>(a.h + k * in + c0);
+                if ((reinterpret_cast<uintptr_t>(hp) & 15) == 0) {
+#pragma unroll
+                    for (int e = 0; e < 4; e++) {
+                        const float4 f = __ldg(hp + e);
+                        hv[4 * e] = f.x; hv[4 * e + 1] = f.y; hv[4 * e + 2] = f.z; hv[4 * e + 3] = f.w;
+                    }
+                } else {
+#pragma unroll
+                    for (int e = 0; e < 16; e++) hv[e] = __ldg(a.h + k * in + c0 + e);
+                }
+            } else {
+#pragma unroll
+                for (int e = 0; e < 16; e++) hv[e] = (c0 + e < in) ? __ldg(a.h + k * in + c0 + e) : 0.0f;
+            }
+            const uint32_t gbits = __float_as_uint(gk[k]);
+#pragma unroll
+            for (int e = 0; e < 16; e++) {
+                // +-g_k by the sign bit (bit clear = -1), then one fused multiply-add per path
+                const float sg = __uint_as_float(gbits ^ ((~bw[k] << (31 - e)) & 0x80000000u));
+                v[e] = __fmaf_rn(sg, hv[e], v[e]);
+            }
+        }
+        uint32_t p[8];
+#pragma unroll
+        for (int e = 0; e < 8; e++) p[e] = pack2<T>(v[2 * e], v[2 * e + 1]);
+        uint4 *dst = reinterpret_cast<uint4 *>(Ws + (st * PF_BN + wr_) * PF_LD + wc_);
+        dst[0] = make_uint4(p[0], p[1], p[2], p[3]);
+        dst[1] = make_uint4(p[4], p[5], p[6], p[7]);
+    };
+
+    float acc[4][8][4];
+#pragma unroll
+    for (int i = 0; i < 4; i++)
+#pragma unroll
+        for (int j = 0; j < 8; j++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) acc[i][j][e] = 0.0f;
+
+    uint32_t bw[K];
+    load_x(0, 0);
+    load_bits(0, bw);
+    dequant(0, bw, 0);
+    cp_async_wait_all();
+    __syncthreads();
+
+    for (int kt = 0; kt < nk; kt++) {
+        const int st = kt & 1;
+        const bool more = kt + 1 < nk;
+        if (more) {
+            load_x(kt + 1, st ^ 1);
+            load_bits(kt + 1, bw);
+        }
+#pragma unroll
+        for (int ks = 0; ks < PF_BK; ks += 16) {
+            uint32_t af[4][4], bf[8][2];
+#pragma unroll
+            for (int mt = 0; mt < 4; mt++)
+                ldmatrix_x4(af[mt], As + (st * PF_BM + wm * 64 + mt * 16 + (lane & 15)) * PF_LD + ks + (lane >> 4) * 8);
+#pragma unroll
+            for (int np = 0; np < 4; np++) {
+                uint32_t r[4];
+                ldmatrix_x4(r, Ws + (st * PF_BN + wn * 64 + np * 16 + (lane & 7) + (lane >> 4) * 8) * PF_LD + ks +
+                                   ((lane >> 3) & 1) * 8);
+                bf[2 * np][0] = r[0];
+                bf[2 * np][1] = r[1];
+                bf[2 * np + 1][0] = r[2];
+                bf[2 * np + 1][1] = r[3];
+            }
+#pragma unroll
+            for (int mt = 0; mt < 4; mt++)
+#pragma unroll
+                for (int nt = 0; nt < 8; nt++) {
+                    if (DT<T>::code == RABIT_BF16)
+                        mma_bf16(acc[mt][nt], af[mt][0], af[mt][1], af[mt][2], af[mt][3], bf[nt][0], bf[nt][1]);
+                    else
+                        mma_f16(acc[mt][nt], af[mt][0], af[mt][1], af[mt][2], af[mt][3], bf[nt][0], bf[nt][1]);
+                }
+        }
+        if (more) dequant(kt + 1, bw, st ^ 1);
+        cp_async_wait_all();
+        __syncthreads();
+    }
+
+    // epilogue: + bias, round to T
+    const int g = lane >> 2, t = lane & 3;
+    T *y = static_cast<T *>(a.y);
+#pragma unroll
+    for (int nt = 0; nt < 8; nt++) {
+        const int64_t o = n_base + wn * 64 + nt * 8 + 2 * t;
+        const float b0 = (a.bias && o < a.out) ? __ldg(a.bias + o) : 0.0f;
+        const float b1 = (a.bias && o + 1 < a.out) ? __ldg(a.bias + o + 1) : 0.0f;
+#pragma unroll
+        for (int mt = 0; mt < 4; mt++)
+#pragma unroll
+            for (int hh = 0; hh < 2; hh++) {
+                const int64_t m = m_base + wm * 64 + mt * 16 + g + hh * 8;
+                if (m >= a.M) continue;
+                const float v0 = acc[mt][nt][2 * hh] + b0, v1 = acc[mt][nt][2 * hh + 1] + b1;
+                if (o + 1 < a.out && ((a.out & 1) == 0)) {
+                    *reinterpret_cast<uint32_t *>(y + m * a.out + o) = pack2<T>(v0, v1);
+                } else {
+                    if (o < a.out) st_any(y, DT<T>::code, m * a.out + o, v0);
+                    if (o + 1 < a.out) st_any(y, DT<T>::code, m * a.out + o + 1, v1);
+                }
+            }
+    }
+}
+
+/* ------------------------------------------------------------------------------------------------ host */
+struct DevInfo {
+    int sms = 0, major = 0, smem_optin = 0;
+};
+
+const DevInfo &device_info() {
+    static DevInfo info[64];
+    int dev = 0;
+    cudaGetDevice(&dev);
+    DevInfo &d = info[dev & 63];
+    if (d.sms == 0) {
+        cudaDeviceGetAttribute(&d.major, cudaDevAttrComputeCapabilityMajor, dev);
+        cudaDeviceGetAttribute(&d.smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+        cudaDeviceGetAttribute(&d.sms, cudaDevAttrMultiProcessorCount, dev);
+    }
+    return d;
+}
+
+template <int K, int NT, int WPT>
+cudaError_t launch_decode_t(DecodeArgs a, int smem, unsigned gx, unsigned gz, cudaStream_t s) {
+    static int attr_set = 0;  // per instantiation: the device's opt-in maximum
+    if (smem > 48 * 1024 && attr_set < smem) {
+        const int mx = device_info().smem_optin;
+        cudaError_t e = cudaFuncSetAttribute(decode_kernel<K, NT, WPT>, cudaFuncAttributeMaxDynamicSharedMemorySize, mx);
+        if (e != cudaSuccess) return e;
+        attr_set = mx;
+    }
+    decode_kernel<K, NT, WPT><<<dim3(gx, 1, gz), 256, smem, s>>>(a);
+    return cudaGetLastError();
+}
+
+template <int K>
+cudaError_t launch_decode_k(const DecodeArgs &a, int NT, int smem, unsigned gx, unsigned gz, cudaStream_t s) {
+    switch (NT) {
+        case 1: return launch_decode_t<K, 1, 4>(a, smem, gx, gz, s);
+        case 2: return launch_decode_t<K, 2, 2>(a, smem, gx, gz, s);
+        case 4: return launch_decode_t<K, 4, 1>(a, smem, gx, gz, s);
+        case 6: return launch_decode_t<K, 6, 1>(a, smem, gx, gz, s);
+    }
+    return cudaErrorInvalidValue;
+}
+
+cudaError_t launch_decode(const void *x, rabit_dtype xdt, int64_t M, const rabit_word_t *packed, const void *g,
+                          rabit_dtype gdt, const void *h, rabit_dtype hdt, const void *bias, rabit_dtype bdt, int K,
+                          int64_t out, int64_t in, void *y, cudaStream_t s) {
+    const DevInfo &dev = device_info();
+    DecodeArgs a;
+    a.x = x; a.xdt = xdt; a.M = M; a.packed = packed; a.g = g; a.gdt = gdt; a.h = h; a.hdt = hdt;
+    a.bias = bias; a.bdt = bdt; a.y = y; a.out = out; a.in = in; a.nw = RABIT_WORDS(in);
+    a.nsplit = xdt == RABIT_F32 ? 3 : 2;
+    const int mchunk = static_cast<int>(min64(M, kDecodeMaxM));
+    a.ncols = mchunk * a.nsplit;
+    int NT = (a.ncols + 7) / 8;
+    if (NT == 3) NT = 4;
+    if (NT == 5) NT = 6;
+    const int WPT = NT == 1 ? 4 : (NT == 2 ? 2 : 1);
+    const int64_t unit_bytes = static_cast<int64_t>(8 * WPT) * a.ncols * 4 * 8;  // per path
+    a.NUT = static_cast<int>((in + 128 * WPT - 1) / (128 * WPT));
+    int64_t budget = 96 * 1024;
+    int64_t fit = budget / (K * unit_bytes);
+    if (fit < 1) {
+        budget = dev.smem_optin - 1024;
+        fit = budget / (K * unit_bytes);
+    }
+    if (fit < 1) return cudaErrorInvalidConfiguration;  // cannot happen for K <= 4, M chunk <= 16
+    int CS = 8;
+    while (CS > 1 && (CS > fit || CS > a.NUT)) CS >>= 1;
+    a.CS = CS;
+    a.RT = 8 / CS;
+    const int64_t cap = (fit / CS) * CS;
+    a.nslabs = static_cast<int>((a.NUT + cap - 1) / cap);
+    a.SU = static_cast<int>((a.NUT + a.nslabs - 1) / a.nslabs);
+    const int64_t smem_b = static_cast<int64_t>(K) * a.SU * unit_bytes;
+    const int64_t smem_r = static_cast<int64_t>(CS) * 16 * a.RT * a.ncols * 4;
+    const int smem = static_cast<int>(smem_b > smem_r ? smem_b : smem_r);
+    a.vec = (a.nw % WPT == 0) && (reinterpret_cast<uintptr_t>(packed) % (4 * WPT) == 0);
+    const int64_t tiles = (out + 16 * a.RT - 1) / (16 * a.RT);
+    const unsigned gx = static_cast<unsigned>(tiles);
+    auto vec16 = [&](const void *p, int dt) {
+        return (reinterpret_cast<uintptr_t>(p) % 16 == 0) && (in % (dt == RABIT_F32 ? 4 : 8) == 0);
+    };
+    a.xvec = vec16(x, xdt);
+    a.hvec = vec16(h, hdt);
+    const unsigned gz = static_cast<unsigned>((M + kDecodeMaxM - 1) / kDecodeMaxM);
+    switch (K) {
+        case 1: return launch_decode_k<1>(a, NT, smem, gx, gz, s);
+        case 2: return launch_decode_k<2>(a, NT, smem, gx, gz, s);
+        case 3: return launch_decode_k<3>(a, NT, smem, gx, gz, s);
+        case 4: return launch_decode_k<4>(a, NT, smem, gx, gz, s);
+    }
+    return cudaErrorInvalidValue;
+}
+
+template <typename T, int K>
+cudaError_t launch_prefill_t(const PrefillArgs &a, cudaStream_t s) {
+    static bool attr_set = false;
+    if (!attr_set) {
+        cudaError_t e = cudaFuncSetAttribute(prefill_kernel<T, K>, cudaFuncAttributeMaxDynamicSharedMemorySize, PF_SMEM);
+        if (e != cudaSuccess) return e;
+        attr_set = true;
+    }
+    const dim3 grid(static_cast<unsigned>((a.out + PF_BN - 1) / PF_BN), static_cast<unsigned>((a.M + PF_BM - 1) / PF_BM));
+    prefill_kernel<T, K><<<grid, 256, PF_SMEM, s>>>(a);
+    return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t launch_prefill_k(const PrefillArgs &a, int K, cudaStream_t s) {
+    switch (K) {
+        case 1: return launch_prefill_t<T, 1>(a, s);
+        case 2: return launch_prefill_t<T, 2>(a, s);
+        case 3: return launch_prefill_t<T, 3>(a, s);
+        case 4: return launch_prefill_t<T, 4>(a, s);
+    }
+    return cudaErrorInvalidValue;
+}
+
+}  // namespace
+
+int packed_linear_path(rabit_dtype xdt, int64_t M) { return (xdt != RABIT_F32 && M > kDecodeMaxM) ? 1 : 0; }
+
+cudaError_t packed_linear(const void *x, rabit_dtype xdt, int64_t M, const rabit_word_t *packed, const void *g,
+                          rabit_dtype gdt, const void *h, rabit_dtype hdt, const void *bias, rabit_dtype bdt, int K,
+                          int64_t out, int64_t in, void *y, cudaStream_t s) {
+    if (M == 0) return cudaSuccess;
+    if (K < 1 || K > RABIT_MAX_K) return cudaErrorInvalidValue;
+    if (packed_linear_path(xdt, M) == 0)
+        return launch_decode(x, xdt, M, packed, g, gdt, h, hdt, bias, bdt, K, out, in, y, s);
+    if (gdt != RABIT_F32 || hdt != RABIT_F32 || (bias && bdt != RABIT_F32)) return cudaErrorInvalidValue;
+    PrefillArgs a;
+    a.x = x; a.M = M; a.packed = packed;
+    a.g = static_cast<const float *>(g); a.h = static_cast<const float *>(h); a.bias = static_cast<const float *>(bias);
+    a.y = y; a.out = out; a.in = in; a.nw = RABIT_WORDS(in);
+    a.xvec = (in % 8 == 0) && (reinterpret_cast<uintptr_t>(x) % 16 == 0);
+    if (xdt == RABIT_F16) return launch_prefill_k<__half>(a, K, s);
+    return launch_prefill_k<__nv_bfloat16>(a, K, s);
+}
+
+}  // namespace rabit_cuda

@@ -1,0 +1,62 @@
+/*
+ * rabit CUDA kernels: host-side launchers over raw device pointers, no torch (csrc/cuda/ops_cuda.cu is
+ * the ATen glue). Same shapes, packed format (rabit_format.h) and arithmetic rules as the C kernels in
+ * kernels/cpu/. Every launcher enqueues on `stream` and returns the launch's cudaError_t.
+ *
+ * Dtype codes are rabit_dtype (rabit_kernels.h). Scales g, h of residual_binarize(_backward) are float32
+ * (the glue converts them, like the CPU glue); packed_linear reads g, h, bias in their own dtypes.
+ */
+#ifndef RABIT_CUDA_CUH
+#define RABIT_CUDA_CUH
+
+#include <cuda_runtime.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "../rabit_format.h"
+#include "../rabit_kernels.h"
+
+namespace rabit_cuda {
+
+/* Bits of the error flag written by residual_binarize (checked by the glue after the kernel). */
+enum { FLAG_W_NONFINITE = 1, FLAG_G_NONFINITE = 2, FLAG_H_NONFINITE = 4 };
+
+/* Backward block tile: kBwdRows rows x kBwdCols columns. The workspace holds float64 partial sums:
+   dg partials [ceil(in / kBwdCols)][K][out] then dh partials [ceil(out / kBwdRows)][K][in]. */
+constexpr int kBwdCols = 256;
+constexpr int kBwdRows = 128;
+size_t backward_workspace_doubles(int K, int64_t out, int64_t in);
+
+/* Decode (tensor-core GEMV / small GEMM on the split activations) is used for M <= kDecodeMaxM and for
+   every M when x is float32; the dequantised-tile tensor-core GEMM ("prefill") for fp16/bf16 x with
+   M > kDecodeMaxM. */
+constexpr int kDecodeMaxM = 16;
+
+/* flag: device int, zeroed by the caller; receives FLAG_* bits. what or packed may be null. */
+cudaError_t residual_binarize(const void *W, rabit_dtype wdt, const float *g, const float *h, int K, int64_t out,
+                              int64_t in, void *what, rabit_dtype odt, rabit_word_t *packed, int *flag,
+                              cudaStream_t stream);
+
+/* dg, dh: float32 [K][out], [K][in]; ws: backward_workspace_doubles() doubles. */
+cudaError_t residual_binarize_backward(const void *G, rabit_dtype gdt, const void *W, rabit_dtype wdt, const float *g,
+                                       const float *h, const rabit_word_t *packed, int K, int64_t out, int64_t in,
+                                       rabit_ste ste, float ste_param, void *dW, float *dg, float *dh, double *ws,
+                                       cudaStream_t stream);
+
+cudaError_t pack_signs(const float *signs, int64_t rows, int64_t in, rabit_word_t *packed, cudaStream_t stream);
+
+cudaError_t unpack_signs(const rabit_word_t *packed, int64_t rows, int64_t in, void *out, rabit_dtype dt,
+                         cudaStream_t stream);
+
+/* y [M][out] in xdt = sum_k g_k * (B_k (h_k * x)) + bias. g, h, bias in their own dtypes (bias nullable).
+   For the prefill path (fp16/bf16 x, M > kDecodeMaxM) g, h and bias must be float32. */
+cudaError_t packed_linear(const void *x, rabit_dtype xdt, int64_t M, const rabit_word_t *packed, const void *g,
+                          rabit_dtype gdt, const void *h, rabit_dtype hdt, const void *bias, rabit_dtype bdt, int K,
+                          int64_t out, int64_t in, void *y, cudaStream_t stream);
+
+/* Which packed_linear path a call with these arguments takes: 0 = decode, 1 = prefill. */
+int packed_linear_path(rabit_dtype xdt, int64_t M);
+
+}  // namespace rabit_cuda
+
+#endif /* RABIT_CUDA_CUH */

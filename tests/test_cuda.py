@@ -1,0 +1,257 @@
+"""CUDA kernels against the CPU kernels and rabit.reference: signs, packed words and Ŵ bit for bit, dW exact
+(identity / clipped), dg, dh and packed_linear by the 2x error rule of tests/helpers.py. Skipped without a GPU
+(the `cuda` marker; see conftest.py). tests/test_ops.py also runs every op test on "cuda" when it is available."""
+
+import pytest
+import torch
+
+import rabit
+from rabit import reference as R
+
+from helpers import FLOAT_DTYPES, SHAPES, assert_float_close, dtype_id, random_layer, shape_id
+
+pytestmark = pytest.mark.cuda
+
+DEV = "cuda"
+EXTRA_SHAPES = [(100, 1000), (70, 4099), (19, 512), (33, 2048)]
+
+
+@pytest.fixture(autouse=True)
+def _needs_cuda_kernels():
+    if not (torch.cuda.is_available() and torch.ops.rabit.residual_binarize.default.has_kernel_for_dispatch_key("CUDA")):
+        pytest.skip("rabit was built without CUDA kernels")
+
+
+def _poison(nbytes=64 << 20):
+    """Fill the caching allocator's free memory with NaN so that an output element the kernel forgets to write
+    cannot inherit a correct value from an earlier call."""
+    t = torch.full((nbytes // 4,), float("nan"), device=DEV)
+    del t
+
+
+def _layer(shape, k, wdtype, scales=torch.float32):
+    w, g, h = random_layer(*shape, k, wdtype)
+    return w, g.to(scales), h.to(scales)
+
+
+# ---------------------------------------------------------------- forward
+@pytest.mark.parametrize("shape", SHAPES + EXTRA_SHAPES, ids=shape_id)
+@pytest.mark.parametrize("k", [1, 2, 3, 4])
+@pytest.mark.parametrize("wdtype", FLOAT_DTYPES, ids=dtype_id)
+def test_forward_bit_exact_vs_cpu(shape, k, wdtype):
+    w, g, h = random_layer(*shape, k, wdtype)
+    for out_dtype in [None, *FLOAT_DTYPES]:
+        what_c, packed_c = rabit.residual_binarize(w, g, h, out_dtype)
+        _poison()
+        what_g, packed_g = rabit.residual_binarize(w.to(DEV), g.to(DEV), h.to(DEV), out_dtype)
+        assert what_g.dtype == what_c.dtype and packed_g.dtype == torch.int32
+        assert torch.equal(packed_g.cpu(), packed_c), "sign planes differ from the CPU kernel"
+        assert torch.equal(what_g.cpu(), what_c), f"Ŵ ({out_dtype}) differs from the CPU kernel"
+
+
+def test_forward_exact_ties_and_zero_residuals():
+    # W built from the scales so that residuals hit exactly 0 (sign(0) = +1) and sit on rounding ties
+    out, in_features = 37, 300
+    g = torch.rand(3, out) + 0.5
+    h = torch.rand(3, in_features) + 0.5
+    s = torch.where(torch.rand(out, in_features) < 0.5, -1.0, 1.0)
+    w = (g[0][:, None] * s) * h[0][None, :]
+    w[::3] = 0.0
+    w[1, ::7] = -0.0
+    for scales in (torch.float32, torch.float16):
+        gs, hs = g.to(scales), h.to(scales)
+        what_c, packed_c = rabit.residual_binarize(w, gs, hs)
+        what_g, packed_g = rabit.residual_binarize(w.to(DEV), gs.to(DEV), hs.to(DEV))
+        assert torch.equal(packed_g.cpu(), packed_c)
+        assert torch.equal(what_g.cpu(), what_c)
+        assert torch.equal(packed_c, R.residual_binarize(w, gs, hs)[1])
+
+
+def test_forward_reports_non_finite_like_cpu():
+    w, g, h = (t.to(DEV) for t in random_layer(9, 70, 2))
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        wb = w.clone()
+        wb[4, 65] = bad
+        with pytest.raises(ValueError, match="NaN or Inf"):
+            rabit.residual_binarize(wb, g, h)
+    with pytest.raises(ValueError, match="g contains NaN or Inf"):
+        rabit.residual_binarize(w, torch.full_like(g, float("inf")), h)
+    hb = h.clone()
+    hb[1, 3] = float("nan")
+    with pytest.raises(ValueError, match="h contains NaN or Inf"):
+        rabit.residual_binarize(w, g, hb)
+    rabit.residual_binarize(w, g, h)  # still usable afterwards
+
+
+# ---------------------------------------------------------------- backward
+@pytest.mark.parametrize("shape", SHAPES + EXTRA_SHAPES, ids=shape_id)
+@pytest.mark.parametrize("k", [1, 2, 4])
+@pytest.mark.parametrize("wdtype", FLOAT_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("ste", ["identity", "clipped", "tanh"])
+def test_backward_vs_cpu_and_reference(shape, k, wdtype, ste):
+    w, g, h = random_layer(*shape, k, wdtype)
+    gdt = FLOAT_DTYPES[(k + len(ste)) % 3]  # ∂L/∂Ŵ in another dtype than W now and then
+    grad = torch.randn(*shape).to(gdt)
+    _, packed = rabit.residual_binarize(w, g, h)
+    param = 0.7
+    dw_c, _, _ = rabit.residual_binarize_backward(grad, w, g, h, packed, ste, param)
+    _poison()
+    dw, dg, dh = rabit.residual_binarize_backward(*(t.to(DEV) for t in (grad, w, g, h, packed)), ste, param)
+    assert dw.dtype == wdtype and dg.dtype == g.dtype and dh.dtype == h.dtype
+    if ste == "tanh":
+        bound = 4 * torch.finfo(torch.float32).eps * grad.float().abs() + torch.finfo(wdtype).eps * dw_c.float().abs()
+        assert ((dw.cpu().float() - dw_c.float()).abs() <= bound).all()
+    else:
+        assert torch.equal(dw.cpu(), dw_c)
+    args = (grad, w, g, h, packed, ste, param)
+    _, rdg, rdh = R.residual_binarize_backward(*args)
+    _, dg64, dh64 = R.residual_binarize_backward(*args, compute_dtype=torch.float64)
+    assert_float_close(dg.cpu(), rdg, dg64, "dg")
+    assert_float_close(dh.cpu(), rdh, dh64, "dh")
+
+
+def test_backward_deterministic_and_half_scales():
+    w, g, h = (t.to(DEV) for t in random_layer(300, 520, 3, torch.bfloat16))
+    g, h = g.half(), h.half()
+    grad = torch.randn(300, 520, device=DEV).bfloat16()
+    _, packed = rabit.residual_binarize(w, g, h)
+    a = rabit.residual_binarize_backward(grad, w, g, h, packed, "clipped", 1.5)
+    b = rabit.residual_binarize_backward(grad, w, g, h, packed, "clipped", 1.5)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert a[1].dtype == torch.float16 and a[2].dtype == torch.float16
+
+
+# ---------------------------------------------------------------- pack / unpack
+@pytest.mark.parametrize("shape", SHAPES + EXTRA_SHAPES, ids=shape_id)
+def test_pack_unpack_vs_cpu(shape):
+    signs = torch.randn(2, *shape)
+    signs[0, 0, 0] = 0.0
+    signs[1, -1, -1] = -0.0
+    p_c = rabit.pack_signs(signs)
+    p_g = rabit.pack_signs(signs.to(DEV))
+    assert torch.equal(p_g.cpu(), p_c)
+    for dt in FLOAT_DTYPES:
+        assert torch.equal(rabit.unpack_signs(p_g, shape[1], dt).cpu(), rabit.unpack_signs(p_c, shape[1], dt))
+    junk = p_c.clone()
+    junk[..., -1] |= -(2 ** 31)  # padding bits set: readers must ignore them
+    assert torch.equal(rabit.unpack_signs(junk.to(DEV), shape[1]).cpu(), rabit.unpack_signs(junk, shape[1]))
+    assert torch.equal(rabit.pack_signs(signs.to(DEV).to(torch.int8)).cpu(), rabit.pack_signs(signs.to(torch.int8)))
+
+
+# ---------------------------------------------------------------- packed_linear
+def _abs_terms(x, g, h, bias):
+    t = sum(g[k].abs().double()[None, :] * (x.abs().double() @ h[k].abs().double())[:, None]
+            for k in range(g.shape[0]))
+    return t + (bias.abs().double() if bias is not None else 0)
+
+
+PL_SHAPES = [(1, 1), (3, 33), (7, 31), (13, 95), (31, 127), (64, 129), (33, 257), (100, 1000), (45, 4099),
+             (130, 512), (17, 2080)]
+
+
+@pytest.mark.parametrize("shape", PL_SHAPES, ids=shape_id)
+@pytest.mark.parametrize("m", [1, 2, 3, 8, 16, 17, 64, 200])
+@pytest.mark.parametrize("xdtype", FLOAT_DTYPES, ids=dtype_id)
+def test_packed_linear_vs_reference(shape, m, xdtype):
+    out, in_features = shape
+    k = 1 + (m + out) % 4
+    w, g, h = random_layer(out, in_features, k)
+    _, packed = rabit.residual_binarize(w, g, h)
+    x = torch.randn(m, in_features).to(xdtype)
+    for scales in (torch.float32, torch.float16, torch.bfloat16):
+        gs, hs = g.to(scales), h.to(scales)
+        bias = torch.randn(out).to(scales) if (m + len(str(scales))) % 2 else None
+        _poison()
+        y = rabit.packed_linear(x.to(DEV), packed.to(DEV), gs.to(DEV), hs.to(DEV),
+                                None if bias is None else bias.to(DEV))
+        assert y.dtype == xdtype and y.shape == (m, out)
+        y = y.cpu()
+        assert torch.isfinite(y).all()
+        args = (x, packed, gs, hs, bias)
+        y64 = R.packed_linear(*args, compute_dtype=torch.float64)
+        if xdtype == torch.float32 or m <= 16:
+            # decode kernel: float32-level accuracy, the rule of tests/test_ops.py
+            assert_float_close(y, R.packed_linear(*args), y64, f"packed_linear m={m}",
+                               _abs_terms(x, gs, hs, bias), k * in_features)
+        else:
+            # prefill kernel: a dense tensor-core GEMM on Ŵ held in x's dtype; as accurate as the dense layer
+            signs = R.unpack_signs(packed, in_features)
+            what_low = R.dequantize(signs, gs, hs).to(xdtype)
+            ref_low = x.float() @ what_low.float().T
+            if bias is not None:
+                ref_low = ref_low + bias.float()
+            assert_float_close(y, ref_low.to(xdtype), y64, f"packed_linear prefill m={m}",
+                               _abs_terms(x, gs, hs, bias), k * in_features)
+
+
+def test_packed_linear_large_and_graph_capture():
+    torch.manual_seed(0)
+    out, in_features = 4096, 4096
+    w, g, h = (t.to(DEV) for t in random_layer(out, in_features, 2, torch.float32))
+    what, packed = rabit.residual_binarize(w, g, h)
+    what_c, packed_c = rabit.residual_binarize(w.cpu(), g.cpu(), h.cpu())
+    assert torch.equal(packed.cpu(), packed_c) and torch.equal(what.cpu(), what_c)
+    grad = torch.randn_like(w).half()
+    dw, dg, dh = rabit.residual_binarize_backward(grad, w, g, h, packed)
+    _, dg64, dh64 = R.residual_binarize_backward(grad.cpu(), w.cpu(), g.cpu(), h.cpu(), packed_c,
+                                                 compute_dtype=torch.float64)
+    _, rdg, rdh = R.residual_binarize_backward(grad.cpu(), w.cpu(), g.cpu(), h.cpu(), packed_c)
+    assert torch.equal(dw, grad.float())
+    assert_float_close(dg.cpu(), rdg, dg64, "dg 4096^2")
+    assert_float_close(dh.cpu(), rdh, dh64, "dh 4096^2")
+    gs, hs = g.half(), h.half()
+    for m in (1, 4, 16, 64):
+        x = torch.randn(m, in_features, device=DEV).half()
+        y = rabit.packed_linear(x, packed, gs, hs)
+        y64 = R.packed_linear(x.cpu(), packed_c, gs.cpu(), hs.cpu(), compute_dtype=torch.float64)
+        tol = 4e-3 if m > 16 else 1e-3
+        assert ((y.cpu().double() - y64).norm() / y64.norm()).item() < tol
+    # CUDA-graph capture of the decode kernel (no synchronisation inside) and of the QAT forward
+    x = torch.randn(1, in_features, device=DEV).half()
+    y0 = rabit.packed_linear(x, packed, gs, hs)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            yg = rabit.packed_linear(x, packed, gs, hs)
+            wg, pg = rabit.residual_binarize(w, g, h)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(yg, y0) and torch.equal(pg, packed) and torch.equal(wg, what)
+
+
+def test_side_stream_and_second_device_guard():
+    w, g, h = (t.to(DEV) for t in random_layer(50, 300, 2))
+    ref = rabit.residual_binarize(w, g, h)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        out = rabit.residual_binarize(w, g, h)
+        y = rabit.packed_linear(torch.randn(3, 300, device=DEV), out[1], g, h)
+    torch.cuda.synchronize()
+    assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1]) and y.shape == (3, 50)
+
+
+def test_device_mismatch_is_an_error():
+    w, g, h = random_layer(4, 10, 2)
+    _, packed = rabit.residual_binarize(w, g, h)
+    with pytest.raises(ValueError, match="move both to one device"):
+        rabit.packed_linear(torch.randn(1, 10, device=DEV), packed, g, h)
+
+
+def test_opcheck_cuda_paths():
+    w, g, h = (t.to(DEV) for t in random_layer(40, 100, 3))
+    _, packed = rabit.residual_binarize(w, g, h)
+    pl = torch.ops.rabit.packed_linear.default
+    samples = [
+        (pl, (torch.randn(1, 100, device=DEV).half(), packed, g.half(), h.half(), None)),
+        (pl, (torch.randn(8, 100, device=DEV).bfloat16(), packed, g.bfloat16(), h, torch.randn(40, device=DEV))),
+        (pl, (torch.randn(40, 100, device=DEV).half(), packed, g, h.half(), torch.randn(40, device=DEV).half())),
+        (pl, (torch.randn(33, 100, device=DEV), packed, g, h, None)),
+        (torch.ops.rabit.residual_binarize.default, (w.half(), g, h, torch.bfloat16, "clipped", 1.0)),
+        (torch.ops.rabit.residual_binarize_backward.default,
+         (torch.randn(40, 100, device=DEV), w, g, h, packed, "tanh", 0.5)),
+    ]
+    for op, args in samples:
+        torch.library.opcheck(op, args)
