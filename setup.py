@@ -14,6 +14,7 @@ Build toggles (environment):
 
 import os
 import runpy
+import shutil
 import sys
 from pathlib import Path
 
@@ -102,5 +103,6 @@ core_ext = Extension(
 setup(
     libraries=libraries,
     ext_modules=[torch_ext, core_ext],
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=False)},
+    # ninja (when installed) compiles the CUDA files in parallel; without it they build one by one
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)},
 )
