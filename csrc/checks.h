@@ -74,4 +74,96 @@ inline rabit_ste parse_ste(const char *op, c10::string_view ste) {
     TORCH_CHECK_VALUE(false, op, ": unknown ste '", std::string(ste), "'; use 'identity', 'clipped' or 'tanh'");
 }
 
+// ---- per-op argument validation, shared by the CPU and CUDA glue (same checks, same messages) ----
+
+struct LayerDims {
+    int64_t K, out, in;
+};
+
+inline void check_weight(const char *op, const at::Tensor &weight) {
+    RABIT_CHECK_DIM(op, weight, 2);
+    RABIT_CHECK_FLOAT(op, weight);
+    RABIT_CHECK_CONTIGUOUS(op, weight);
+    TORCH_CHECK_VALUE(weight.size(0) >= 1 && weight.size(1) >= 1, op, ": weight is empty (shape ", weight.sizes(), ")");
+}
+
+inline void check_packed(const char *op, const at::Tensor &packed, int64_t K, int64_t out, int64_t in) {
+    RABIT_CHECK_DIM(op, packed, 3);
+    RABIT_CHECK_PACKED_DTYPE(op, packed);
+    RABIT_CHECK_CONTIGUOUS(op, packed);
+    TORCH_CHECK_VALUE(packed.size(0) == K && packed.size(1) == out && packed.size(2) == words_per_row(in), op,
+                      ": packed is ", packed.sizes(), " but K=", K, ", out=", out, ", in=", in, " need [", K, ", ",
+                      out, ", ", words_per_row(in), "]");
+}
+
+inline rabit_ste check_ste(const char *op, c10::string_view ste, double ste_param) {
+    const rabit_ste s = parse_ste(op, ste);
+    TORCH_CHECK_VALUE(s == RABIT_STE_IDENTITY || ste_param > 0, op, ": ste_param must be > 0 for ste='",
+                      std::string(ste), "', got ", ste_param);
+    return s;
+}
+
+inline LayerDims check_residual_binarize_args(const char *op, const at::Tensor &weight, const at::Tensor &g,
+                                              const at::Tensor &h, c10::string_view ste, double ste_param) {
+    check_weight(op, weight);
+    check_ste(op, ste, ste_param);
+    const int64_t out = weight.size(0), in = weight.size(1);
+    check_scales(op, g, h, out, in, weight);
+    return {g.size(0), out, in};
+}
+
+inline LayerDims check_backward_args(const char *op, const at::Tensor &grad, const at::Tensor &weight,
+                                     const at::Tensor &g, const at::Tensor &h, const at::Tensor &packed) {
+    check_weight(op, weight);
+    const int64_t out = weight.size(0), in = weight.size(1);
+    RABIT_CHECK_DIM(op, grad, 2);
+    RABIT_CHECK_FLOAT(op, grad);
+    RABIT_CHECK_CONTIGUOUS(op, grad);
+    TORCH_CHECK_VALUE(grad.sizes() == weight.sizes(), op, ": grad is ", grad.sizes(), " but weight is ",
+                      weight.sizes(), "; grad must be ∂L/∂Ŵ of the weight's shape");
+    check_scales(op, g, h, out, in, weight);
+    check_packed(op, packed, g.size(0), out, in);
+    RABIT_CHECK_SAME_DEVICE(op, grad, weight);
+    RABIT_CHECK_SAME_DEVICE(op, packed, weight);
+    return {g.size(0), out, in};
+}
+
+inline void check_pack_args(const char *op, const at::Tensor &signs) {
+    TORCH_CHECK_VALUE(signs.dim() >= 1 && signs.size(-1) >= 1, op, ": expected signs with a non-empty last "
+                      "dimension (the in-features), got shape ", signs.sizes());
+    TORCH_CHECK_TYPE(signs.is_floating_point() || signs.scalar_type() == at::kInt || signs.scalar_type() == at::kChar ||
+                         signs.scalar_type() == at::kLong || signs.scalar_type() == at::kShort,
+                     op, ": expected a float or signed integer tensor of signs, got ", signs.scalar_type());
+}
+
+inline void check_unpack_args(const char *op, const at::Tensor &packed, int64_t in_features) {
+    RABIT_CHECK_PACKED_DTYPE(op, packed);
+    RABIT_CHECK_CONTIGUOUS(op, packed);
+    TORCH_CHECK_VALUE(packed.dim() >= 1, op, ": expected packed words with at least 1 dimension");
+    TORCH_CHECK_VALUE(in_features >= 1, op, ": in_features must be >= 1, got ", in_features);
+    TORCH_CHECK_VALUE(packed.size(-1) == words_per_row(in_features), op, ": packed rows hold ", packed.size(-1),
+                      " words but in_features=", in_features, " needs ", words_per_row(in_features));
+}
+
+inline LayerDims check_packed_linear_args(const char *op, const at::Tensor &x, const at::Tensor &packed,
+                                          const at::Tensor &g, const at::Tensor &h,
+                                          const std::optional<at::Tensor> &bias) {
+    RABIT_CHECK_DIM(op, x, 2);
+    RABIT_CHECK_FLOAT(op, x);
+    RABIT_CHECK_CONTIGUOUS(op, x);
+    RABIT_CHECK_DIM(op, packed, 3);
+    const int64_t K = packed.size(0), out = packed.size(1), in = x.size(1);
+    TORCH_CHECK_VALUE(in >= 1, op, ": x has no input features (shape ", x.sizes(), ")");
+    check_scales(op, g, h, out, in, packed);  // `in` comes from x: a mismatch names h and x's width
+    check_packed(op, packed, K, out, in);
+    RABIT_CHECK_SAME_DEVICE(op, x, packed);
+    if (bias.has_value()) {
+        RABIT_CHECK_DIM(op, (*bias), 1);
+        RABIT_CHECK_FLOAT(op, (*bias));
+        TORCH_CHECK_VALUE(bias->size(0) == out, op, ": bias has ", bias->size(0), " elements but out=", out);
+        RABIT_CHECK_SAME_DEVICE(op, (*bias), packed);
+    }
+    return {K, out, in};
+}
+
 }  // namespace rabit

@@ -14,22 +14,6 @@ namespace rabit {
 
 namespace {
 
-void check_weight(const char *op, const at::Tensor &weight) {
-    RABIT_CHECK_DIM(op, weight, 2);
-    RABIT_CHECK_FLOAT(op, weight);
-    RABIT_CHECK_CONTIGUOUS(op, weight);
-    TORCH_CHECK_VALUE(weight.size(0) >= 1 && weight.size(1) >= 1, op, ": weight is empty (shape ", weight.sizes(), ")");
-}
-
-void check_packed(const char *op, const at::Tensor &packed, int64_t K, int64_t out, int64_t in) {
-    RABIT_CHECK_DIM(op, packed, 3);
-    RABIT_CHECK_PACKED_DTYPE(op, packed);
-    RABIT_CHECK_CONTIGUOUS(op, packed);
-    TORCH_CHECK_VALUE(packed.size(0) == K && packed.size(1) == out && packed.size(2) == words_per_row(in), op,
-                      ": packed is ", packed.sizes(), " but K=", K, ", out=", out, ", in=", in, " need [", K, ", ",
-                      out, ", ", words_per_row(in), "]");
-}
-
 void check_launch(cudaError_t e) {
     C10_CUDA_CHECK(e);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -50,14 +34,9 @@ std::tuple<at::Tensor, at::Tensor> residual_binarize_cuda(const at::Tensor &weig
                                                           const at::Tensor &h, std::optional<at::ScalarType> out_dtype,
                                                           c10::string_view ste, double ste_param) {
     const char *op = "rabit.residual_binarize";
-    check_weight(op, weight);
-    TORCH_CHECK_VALUE(parse_ste(op, ste) == RABIT_STE_IDENTITY || ste_param > 0, op, ": ste_param must be > 0 for ste='",
-                      std::string(ste), "', got ", ste_param);
-    const int64_t out = weight.size(0), in = weight.size(1);
-    check_scales(op, g, h, out, in, weight);
+    const auto [K, out, in] = check_residual_binarize_args(op, weight, g, h, ste, ste_param);
     const at::ScalarType odt = out_dtype.value_or(weight.scalar_type());
     const rabit_dtype ordt = to_rabit_dtype(odt);
-    const int64_t K = g.size(0);
     const c10::cuda::CUDAGuard guard(weight.device());
     const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
     at::Tensor gf = g.to(at::kFloat).contiguous(), hf = h.to(at::kFloat).contiguous();
@@ -85,21 +64,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_binarize_backward_cuda(
     const at::Tensor &grad, const at::Tensor &weight, const at::Tensor &g, const at::Tensor &h,
     const at::Tensor &packed, c10::string_view ste, double ste_param) {
     const char *op = "rabit.residual_binarize_backward";
-    check_weight(op, weight);
-    const int64_t out = weight.size(0), in = weight.size(1);
-    RABIT_CHECK_DIM(op, grad, 2);
-    RABIT_CHECK_FLOAT(op, grad);
-    RABIT_CHECK_CONTIGUOUS(op, grad);
-    TORCH_CHECK_VALUE(grad.sizes() == weight.sizes(), op, ": grad is ", grad.sizes(), " but weight is ",
-                      weight.sizes(), "; grad must be ∂L/∂Ŵ of the weight's shape");
-    check_scales(op, g, h, out, in, weight);
-    const int64_t K = g.size(0);
-    check_packed(op, packed, K, out, in);
-    RABIT_CHECK_SAME_DEVICE(op, grad, weight);
-    RABIT_CHECK_SAME_DEVICE(op, packed, weight);
-    const rabit_ste s = parse_ste(op, ste);
-    TORCH_CHECK_VALUE(s == RABIT_STE_IDENTITY || ste_param > 0, op, ": ste_param must be > 0 for ste='",
-                      std::string(ste), "', got ", ste_param);
+    const auto [K, out, in] = check_backward_args(op, grad, weight, g, h, packed);
+    const rabit_ste s = check_ste(op, ste, ste_param);
     const c10::cuda::CUDAGuard guard(weight.device());
     const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
     at::Tensor gf = g.to(at::kFloat).contiguous(), hf = h.to(at::kFloat).contiguous();
@@ -118,11 +84,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_binarize_backward_cuda(
 
 at::Tensor pack_signs_cuda(const at::Tensor &signs) {
     const char *op = "rabit.pack_signs";
-    TORCH_CHECK_VALUE(signs.dim() >= 1 && signs.size(-1) >= 1, op, ": expected signs with a non-empty last "
-                      "dimension (the in-features), got shape ", signs.sizes());
-    TORCH_CHECK_TYPE(signs.is_floating_point() || signs.scalar_type() == at::kInt || signs.scalar_type() == at::kChar ||
-                         signs.scalar_type() == at::kLong || signs.scalar_type() == at::kShort,
-                     op, ": expected a float or signed integer tensor of signs, got ", signs.scalar_type());
+    check_pack_args(op, signs);
     const c10::cuda::CUDAGuard guard(signs.device());
     const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
     at::Tensor s = signs.to(at::kFloat).contiguous();
@@ -136,12 +98,7 @@ at::Tensor pack_signs_cuda(const at::Tensor &signs) {
 
 at::Tensor unpack_signs_cuda(const at::Tensor &packed, int64_t in_features, std::optional<at::ScalarType> dtype) {
     const char *op = "rabit.unpack_signs";
-    RABIT_CHECK_PACKED_DTYPE(op, packed);
-    RABIT_CHECK_CONTIGUOUS(op, packed);
-    TORCH_CHECK_VALUE(packed.dim() >= 1, op, ": expected packed words with at least 1 dimension");
-    TORCH_CHECK_VALUE(in_features >= 1, op, ": in_features must be >= 1, got ", in_features);
-    TORCH_CHECK_VALUE(packed.size(-1) == words_per_row(in_features), op, ": packed rows hold ", packed.size(-1),
-                      " words but in_features=", in_features, " needs ", words_per_row(in_features));
+    check_unpack_args(op, packed, in_features);
     const at::ScalarType dt = dtype.value_or(at::kFloat);
     const rabit_dtype rdt = to_rabit_dtype(dt);
     const c10::cuda::CUDAGuard guard(packed.device());
@@ -157,26 +114,12 @@ at::Tensor unpack_signs_cuda(const at::Tensor &packed, int64_t in_features, std:
 at::Tensor packed_linear_cuda(const at::Tensor &x, const at::Tensor &packed, const at::Tensor &g, const at::Tensor &h,
                               const std::optional<at::Tensor> &bias) {
     const char *op = "rabit.packed_linear";
-    RABIT_CHECK_DIM(op, x, 2);
-    RABIT_CHECK_FLOAT(op, x);
-    RABIT_CHECK_CONTIGUOUS(op, x);
-    RABIT_CHECK_DIM(op, packed, 3);
-    const int64_t K = packed.size(0), out = packed.size(1), in = x.size(1);
-    TORCH_CHECK_VALUE(in >= 1, op, ": x has no input features (shape ", x.sizes(), ")");
-    check_scales(op, g, h, out, in, packed);  // `in` comes from x: a mismatch names h and x's width
-    check_packed(op, packed, K, out, in);
-    RABIT_CHECK_SAME_DEVICE(op, x, packed);
+    const auto [K, out, in] = check_packed_linear_args(op, x, packed, g, h, bias);
     const rabit_dtype xdt = to_rabit_dtype(x.scalar_type());
     const int64_t M = x.size(0);
     const bool prefill = rabit_cuda::packed_linear_path(xdt, M) == 1;
     at::Tensor bt;
-    if (bias.has_value()) {
-        RABIT_CHECK_DIM(op, (*bias), 1);
-        RABIT_CHECK_FLOAT(op, (*bias));
-        TORCH_CHECK_VALUE(bias->size(0) == out, op, ": bias has ", bias->size(0), " elements but out=", out);
-        RABIT_CHECK_SAME_DEVICE(op, (*bias), packed);
-        bt = prefill ? bias->to(at::kFloat).contiguous() : bias->contiguous();
-    }
+    if (bias.has_value()) bt = prefill ? bias->to(at::kFloat).contiguous() : bias->contiguous();
     const c10::cuda::CUDAGuard guard(x.device());
     const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
     // decode reads the scales in their own dtype (no conversion kernels on the GEMV path); prefill wants float32
