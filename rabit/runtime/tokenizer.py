@@ -7,100 +7,10 @@ encode/decode (that module imports torch); ``tests/test_runtime.py`` checks the 
 from __future__ import annotations
 
 import os
-import re
-import struct
 from pathlib import Path
 
-from .format import ExportFormatError, read_config
-
-
-class Llama2cTokenizer:
-    """llama2.c BPE-by-score tokenizer (dummy-prefix space, byte fallback at id+3), as ``run.c``."""
-
-    bos_id = 1
-    eos_id = 2
-
-    def __init__(self, path: str | os.PathLike):
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"rabit.runtime: llama2.c tokenizer {str(path)!r} not found; re-export the "
-                                    "model with its tokenizer")
-        data = path.read_bytes()
-        if len(data) < 4:
-            raise ExportFormatError(f"rabit.runtime: llama2.c tokenizer {path} is truncated; re-copy it")
-        self.pieces: list[bytes] = []
-        self.scores: list[float] = []
-        off = 4
-        while off < len(data):
-            if off + 8 > len(data):
-                raise ExportFormatError(f"rabit.runtime: llama2.c tokenizer {path} is truncated; re-copy it")
-            score, n = struct.unpack_from("<fi", data, off)
-            off += 8
-            if n < 0 or off + n > len(data):
-                raise ExportFormatError(f"rabit.runtime: llama2.c tokenizer {path} is corrupted; re-copy it")
-            self.pieces.append(data[off:off + n])
-            self.scores.append(score)
-            off += n
-        if len(self.pieces) < 3 + 256:
-            raise ExportFormatError(f"rabit.runtime: llama2.c tokenizer {path} has only {len(self.pieces)} "
-                                    "entries; expected at least 259")
-        self.path = path
-        self._ids: dict[bytes, int] = {}
-        for i, p in enumerate(self.pieces):
-            self._ids.setdefault(p, i)
-        self._split_words = not any(b" " in p[1:] for p in self.pieces)
-
-    @property
-    def vocab_size(self) -> int:
-        return len(self.pieces)
-
-    @property
-    def eos_token_id(self) -> int:
-        return self.eos_id
-
-    def _bpe(self, text: str) -> list[int]:
-        ids: list[int] = []
-        for ch in text:
-            i = self._ids.get(ch.encode("utf-8", "surrogatepass"))
-            if i is not None:
-                ids.append(i)
-            else:
-                ids.extend(b + 3 for b in ch.encode("utf-8", "surrogatepass"))
-        while True:
-            best, best_i, best_id = -1e10, -1, -1
-            for k in range(len(ids) - 1):
-                j = self._ids.get(self.pieces[ids[k]] + self.pieces[ids[k + 1]])
-                if j is not None and self.scores[j] > best:
-                    best, best_i, best_id = self.scores[j], k, j
-            if best_i < 0:
-                return ids
-            ids[best_i:best_i + 2] = [best_id]
-
-    def encode(self, text: str, bos: bool = True) -> list[int]:
-        ids = [self.bos_id] if bos else []
-        if text:
-            text = " " + text
-            words = re.split(r"(?= )", text) if self._split_words else [text]
-            for w in words:
-                if w:
-                    ids.extend(self._bpe(w))
-        return ids
-
-    def decode(self, ids) -> str:
-        out = bytearray()
-        prev = -1
-        for t in ids:
-            t = int(t)
-            if t in (self.bos_id, self.eos_id):
-                prev = t
-                continue
-            piece = self.pieces[t]
-            if prev == self.bos_id and piece[:1] == b" ":
-                piece = piece[1:]
-            m = re.fullmatch(rb"<0x([0-9A-Fa-f]{2})>", piece)
-            out += bytes([int(m.group(1), 16)]) if m else piece
-            prev = t
-        return out.decode("utf-8", errors="replace")
+from ..llama2c_tokenizer import Llama2cTokenizer  # noqa: F401  (torch-free, shared with rabit.models)
+from .format import read_config
 
 
 class HFTokenizer:
