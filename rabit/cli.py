@@ -107,10 +107,28 @@ def _run_train(args: argparse.Namespace) -> dict[str, Any]:
     return res
 
 
+def _add_bench(sub) -> argparse.ArgumentParser:
+    from .bench import add_arguments
+
+    p = sub.add_parser("bench", help="time the packed CPU GEMV against torch F.linear (fp32, bf16)",
+                       description="Llama-2-7B shapes, weights cycled past the cache, median of --reps calls; "
+                                   "writes a JSON with the machine, versions and the baseline of the same run.")
+    add_arguments(p)
+    _add_common(p)
+    return p
+
+
+def _run_bench(args: argparse.Namespace) -> dict[str, Any]:
+    from .bench import run
+
+    return run(args)
+
+
 # name -> (add parser, run)
 COMMANDS: dict[str, tuple[Callable, Callable[[argparse.Namespace], dict[str, Any]]]] = {
     "quickstart": (_add_quickstart, _run_quickstart),
     "train": (_add_train, _run_train),
+    "bench": (_add_bench, _run_bench),
 }
 
 # export, eval, generate live in their own module with the same (add parser, run) shape.

@@ -88,3 +88,11 @@ def test_quickstart_report_is_printed(monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "RaBiT 2-bit" in out and "top-1 agreement" in out and "tokens/s" in out
     assert f"{res['fp']['ppl']:.3f}" in out
+
+
+def test_bench_and_train_have_help(capsys):
+    from rabit.cli import main
+
+    assert main(["bench", "--help"]) == 0
+    assert main(["train", "--help"]) == 0
+    assert main(["train", "--method", "nonsense", "--out", "x"]) == 2

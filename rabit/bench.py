@@ -1,6 +1,6 @@
 """CPU packed GEMV/GEMM against torch F.linear (fp32 and bf16), measured in the same run.
 
-    python benchmarks/bench_cpu_gemv.py [--threads N] [--out benchmarks/results]
+    rabit bench [--threads N] [--m 1 4] [--out benchmarks/results]   (or python -m rabit.bench)
 
 Writes benchmarks/results/bench_cpu_gemv_<host>_<date>.json with every timing (median of many
 calls, weights cycled through a pool larger than the last-level cache so memory is measured).
@@ -75,13 +75,14 @@ def bench_shape(out: int, in_features: int, m: int, reps: int, pool_bytes: int) 
     return res
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--threads", type=int, default=os.cpu_count())
-    ap.add_argument("--reps", type=int, default=30)
-    ap.add_argument("--m", type=int, nargs="+", default=[1, 4])
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
-    args = ap.parse_args(argv)
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads (default: all)")
+    ap.add_argument("--reps", type=int, default=30, help="timed calls per case (median reported)")
+    ap.add_argument("--m", type=int, nargs="+", default=[1, 4], help="batch rows M (default 1 4)")
+    ap.add_argument("--out", default="benchmarks/results", help="folder for the JSON (default benchmarks/results)")
+
+
+def run(args) -> dict:
     torch.set_num_threads(args.threads)
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     rows = [bench_shape(o, i, m, args.reps, 256 << 20) for (o, i) in SHAPES for m in args.m]
@@ -92,12 +93,21 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"bench_cpu_gemv_{platform.node() or 'host'}_{time.strftime('%Y%m%d')}.json"
     path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    if getattr(args, "json", False):
+        return {"meta": meta, "rows": rows, "json": str(path)}
     print(f"{'shape':>12} {'M':>3} {'fp32 ms':>9} {'bf16 ms':>9} {'rabit ms':>9} {'x fp32':>7} {'x bf16':>7}")
     for r in rows:
         best = r.get("rabit_avx2_s", r.get("rabit_ref_s"))
         print(f"{r['out']:>6}x{r['in']:<5} {r['m']:>3} {1e3 * r['torch_fp32_s']:9.3f} {1e3 * r['torch_bf16_s']:9.3f} "
               f"{1e3 * best:9.3f} {r['speedup_vs_fp32']:7.2f} {r['speedup_vs_bf16']:7.2f}")
     print(f"wrote {path}")
+    return {"meta": meta, "rows": rows, "json": str(path)}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(ap)
+    run(ap.parse_args(argv))
 
 
 if __name__ == "__main__":
