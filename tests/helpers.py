@@ -43,3 +43,17 @@ def assert_float_close(kernel, ref_low, ref64, what="", terms_abs=None, n_terms=
     k_err, r_err = rel_err(kernel, ref64), rel_err(ref_low, ref64)
     assert k_err <= 2 * r_err + floor, (f"{what}: kernel rel err {k_err:.3g} > 2 x reference rel err {r_err:.3g} "
                                         f"+ float32 floor {floor:.3g}")
+
+
+TINY_VOCAB = 48
+
+
+def tiny_llama(seed: int = 0):
+    """A 2-layer GQA Llama with a 48-token vocabulary, for tests that need any causal LM."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=TINY_VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                      tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
+    return LlamaForCausalLM(cfg).eval()

@@ -6,19 +6,11 @@ import os
 import numpy as np
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from rabit import data as D
 
-VOCAB = 48
-
-
-def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                      tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
-    return LlamaForCausalLM(cfg).eval()
+from helpers import TINY_VOCAB as VOCAB  # noqa: E402
+from helpers import tiny_llama  # noqa: E402
 
 
 class CharTokenizer:

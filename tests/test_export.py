@@ -27,16 +27,6 @@ from rabit.runtime.format import ExportFormatError, quantized_layer_bytes
 PROMPT = "Once upon a time"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # The packed kernel opens an OpenMP parallel region even for tiny layers; when another process keeps a
-    # core busy, every call then waits ~8 ms at the barrier (2-core boxes). One thread keeps these tests
-    # fast and their timing independent of machine load. Restored afterwards.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(scope="module")
 def qat():

@@ -12,7 +12,6 @@ import pytest
 
 pytest.importorskip("lm_eval", reason="lm-eval-harness not installed (pip install lm_eval==0.4.13)")
 
-import torch  # noqa: E402
 import yaml  # noqa: E402
 
 import rabit  # noqa: E402
@@ -35,14 +34,6 @@ except FileNotFoundError:
     HAVE_DATA = False
 needs_data = pytest.mark.skipif(not HAVE_DATA, reason="task data not found (set RABIT_TASK_DATA)")
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # see tests/test_export.py: the OpenMP packed kernel stalls on tiny layers when cores are contended
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

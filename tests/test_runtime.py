@@ -29,14 +29,6 @@ RUNTIME_DIR = Path(runtime.__file__).parent
 REL_TOL = 1e-4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # see tests/test_export.py: the OpenMP packed kernel stalls on tiny layers when cores are contended
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(scope="module")
 def stories_export(tmp_path_factory):
