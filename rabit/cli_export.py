@@ -86,16 +86,15 @@ def _emit(args, lines: list[str]) -> None:
 
 def add_export(sub) -> argparse.ArgumentParser:
     p = sub.add_parser(
-        "export", help="pack a RaBiT model (QAT checkpoint or fresh quantization) into an exported directory",
+        "export", help="pack a trained RaBiT model (QAT checkpoint) into an exported directory",
         description="Write config.json + model.safetensors (+ tokenizer) with the K packed sign planes, fp16 "
-                    "scales and every unquantized tensor. With --checkpoint, the QAT student saved by rabit's "
-                    "trainer (checkpoint.safetensors) is rebuilt on top of --model and packed; without it, "
-                    "--model is quantized by rabit.quantize_ alone (an untrained 2-bit model: useful for "
-                    "testing the pipeline, not for quality).")
+                    "scales and every unquantized tensor: the QAT student saved by rabit's trainer "
+                    "(checkpoint.safetensors) is rebuilt on top of --model and packed. For a post-training "
+                    "(untrained) 2-bit model use `rabit quantize`.")
     p.add_argument("--model", default="stories260k",
                    help="base model: 'stories260k', 'smollm2-135m', a HF model dir, a llama2.c .bin or a .gguf "
                         "(default stories260k)")
-    p.add_argument("--checkpoint", metavar="PATH", default=None,
+    p.add_argument("--checkpoint", metavar="PATH", required=True,
                    help="QAT checkpoint: a training output directory or its checkpoint.safetensors")
     p.add_argument("--out", metavar="DIR", required=True, help="output directory (must not exist or be empty)")
     p.add_argument("--k", type=int, choices=(1, 2, 3, 4), default=2, help="binary paths per layer (default 2)")
@@ -103,13 +102,15 @@ def add_export(sub) -> argparse.ArgumentParser:
                    help="module-name globs to quantize (default: every nn.Linear)")
     p.add_argument("--exclude", nargs="*", default=["lm_head"], metavar="GLOB",
                    help="module-name globs kept in full precision (default: lm_head)")
-    p.add_argument("--init-iters", type=_non_negative_int, default=5,
-                   help="residual-SVID init rounds when quantizing without --checkpoint (default 5)")
+    _add_pack_options(p)
+    _add_common(p)
+    return p
+
+
+def _add_pack_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fp16", action="store_true",
                    help="store embeddings, norms and other unquantized tensors as float16 (smaller file)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out directory")
-    _add_common(p)
-    return p
 
 
 def _checkpoint_file(path: str) -> Path:
@@ -122,45 +123,94 @@ def _checkpoint_file(path: str) -> Path:
     return p
 
 
-def run_export(args: argparse.Namespace) -> dict[str, Any]:
-    import torch
-
-    from .export import describe, save_pretrained
-    from .quantize import RabitConfig, convert_, quantize_
-
+def _prepare(args: argparse.Namespace):
+    """Output checks, then (model, tokenizer) for --model; shared by export and quantize."""
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
         raise CliError(f"rabit: output {str(out)!r} exists and is not an empty directory; pass --overwrite or "
                        "choose another --out")
-    ckpt = _checkpoint_file(args.checkpoint) if args.checkpoint else None
     if _is_export_dir(args.model):
-        raise CliError(f"rabit: {args.model!r} is already an exported (packed) model; export needs the base model")
+        raise CliError(f"rabit: {args.model!r} is already an exported (packed) model; pass the base model")
     model, tok, _ = _load_any(args.model)
-    cfg = RabitConfig(k=args.k, include=tuple(args.include), exclude=tuple(args.exclude),
-                      init_iters=0 if ckpt else args.init_iters)
-    quantize_(model, cfg, progress=not args.quiet)
-    if ckpt is not None:
-        from .train import load_student_weights, read_checkpoint
+    return out, model, tok
 
-        meta, tensors = read_checkpoint(ckpt)
-        try:
-            load_student_weights(model, meta, tensors)
-        except (ValueError, RuntimeError) as e:  # RuntimeError: load_state_dict's size mismatch
-            first = str(e).strip().splitlines()[0][:300]
-            raise CliError(f"rabit: QAT checkpoint {str(ckpt)!r} does not fit --model {args.model!r} with --k "
-                           f"{args.k} --include {args.include} --exclude {args.exclude}: {first}; pass the "
-                           "options the student was quantized with") from None
+
+def _pack_and_save(args: argparse.Namespace, model, tok, out: Path, **info_extra) -> dict[str, Any]:
+    import torch
+
+    from .export import describe, save_pretrained
+    from .quantize import convert_
+
     convert_(model)
     save_pretrained(model, out, tokenizer=tok, unquantized_dtype=torch.float16 if args.fp16 else None,
                     overwrite=args.overwrite)
     info = describe(out)
-    info.update(source_model=args.model, checkpoint=str(ckpt) if ckpt else None,
-                trained=ckpt is not None)
+    info.update(source_model=args.model, **info_extra)
     _emit(args, [f"exported {info['quantized_modules']} packed layers (k={info['k']}) to {out}",
                  f"  packed layers {info['quantized_bytes'] / 1e6:.3f} MB, other tensors "
-                 f"{info['other_tensor_bytes'] / 1e6:.3f} MB, directory {info['directory_bytes'] / 1e6:.3f} MB"]
-          + ([] if ckpt else ["  note: no --checkpoint, so this is an untrained (post-training) 2-bit model"]))
+                 f"{info['other_tensor_bytes'] / 1e6:.3f} MB, directory {info['directory_bytes'] / 1e6:.3f} MB"])
     return info
+
+
+def run_export(args: argparse.Namespace) -> dict[str, Any]:
+    from .quantize import RabitConfig, quantize_
+    from .train import load_student_weights, read_checkpoint
+
+    ckpt = _checkpoint_file(args.checkpoint)
+    out, model, tok = _prepare(args)
+    # the skeleton only: the checkpoint overwrites latents and scales, so no init rounds are needed
+    cfg = RabitConfig(k=args.k, include=tuple(args.include), exclude=tuple(args.exclude), init_iters=0)
+    quantize_(model, cfg, progress=not args.quiet)
+    meta, tensors = read_checkpoint(ckpt)
+    try:
+        load_student_weights(model, meta, tensors)
+    except (ValueError, RuntimeError) as e:  # RuntimeError: load_state_dict's size mismatch
+        first = str(e).strip().splitlines()[0][:300]
+        raise CliError(f"rabit: QAT checkpoint {str(ckpt)!r} does not fit --model {args.model!r} with --k "
+                       f"{args.k} --include {args.include} --exclude {args.exclude}: {first}; pass the "
+                       "options the student was quantized with") from None
+    return _pack_and_save(args, model, tok, out, checkpoint=str(ckpt), trained=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# quantize: post-training (calibrated init only)
+
+
+def add_quantize(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "quantize", help="post-training 2-bit quantization (calibrated RaBiT init, no training) to a packed dir",
+        description="Sample calibration sequences from the FP model itself (never a test split), run the "
+                    "function-preserving init (I/O preconditioning + iterative residual SVID), pack and save. "
+                    "Without QAT a 2-bit model is far from the FP one; train with `rabit train` for quality.")
+    p.add_argument("--model", default="stories260k", help="base model (default stories260k)")
+    p.add_argument("--out", metavar="DIR", required=True, help="output directory (must not exist or be empty)")
+    p.add_argument("--k", type=int, choices=(1, 2, 3, 4), default=2, help="binary paths per layer (default 2)")
+    p.add_argument("--include", nargs="*", default=[], metavar="GLOB", help="module-name globs to quantize")
+    p.add_argument("--exclude", nargs="*", default=["lm_head"], metavar="GLOB",
+                   help="module-name globs kept in full precision (default: lm_head)")
+    p.add_argument("--init-iters", type=_non_negative_int, default=5, help="residual-SVID rounds (default 5)")
+    p.add_argument("--calib-seqs", type=_non_negative_int, default=32,
+                   help="teacher-sampled calibration sequences; 0 = no preconditioning (default 32)")
+    p.add_argument("--seq-len", type=_positive_int, default=256, help="calibration sequence length (default 256)")
+    _add_pack_options(p)
+    _add_common(p)
+    return p
+
+
+def run_quantize(args: argparse.Namespace) -> dict[str, Any]:
+    from .data import generate_teacher_data
+    from .quantize import RabitConfig, quantize_
+
+    out, model, tok = _prepare(args)
+    calib = None
+    if args.calib_seqs:
+        bos = model.config.bos_token_id if model.config.bos_token_id is not None else 1
+        calib = generate_teacher_data(model, args.calib_seqs, args.seq_len, min(args.calib_seqs, 64), bos, seed=0,
+                                      progress=not args.quiet)
+    cfg = RabitConfig(k=args.k, include=tuple(args.include), exclude=tuple(args.exclude), init_iters=args.init_iters)
+    quantize_(model, cfg, calib_input_ids=calib, progress=not args.quiet)
+    return _pack_and_save(args, model, tok, out, checkpoint=None, trained=False,
+                          calibration_sequences=int(args.calib_seqs))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -283,6 +333,7 @@ def run_generate(args: argparse.Namespace) -> dict[str, Any]:
 
 
 COMMANDS: dict[str, tuple[Callable, Callable[[argparse.Namespace], dict[str, Any]]]] = {
+    "quantize": (add_quantize, run_quantize),
     "export": (add_export, run_export),
     "eval": (add_eval, run_eval),
     "generate": (add_generate, run_generate),
@@ -290,7 +341,7 @@ COMMANDS: dict[str, tuple[Callable, Callable[[argparse.Namespace], dict[str, Any
 
 
 def add_subcommands(subparsers) -> None:
-    """Add ``export``, ``eval`` and ``generate`` to an argparse subparsers object (``_run`` = handler)."""
+    """Add ``quantize``, ``export``, ``eval`` and ``generate`` to an argparse subparsers object (``_run`` = handler)."""
     for _name, (add, run) in COMMANDS.items():
         add(subparsers).set_defaults(_run=run)
 

@@ -485,5 +485,15 @@ def test_commands_plug_into_rabit_cli(monkeypatch, exported, capsys):
     assert json.loads(capsys.readouterr().out)["new_tokens"] == 3
     assert cli.main(["eval", str(exported)]) == 1
     assert "nothing to evaluate" in capsys.readouterr().err
-    assert cli.main(["export", "--out", str(exported)]) == 1  # exists and is not empty
+    assert cli.main(["quantize", "--out", str(exported)]) == 1  # exists and is not empty
     assert "--overwrite" in capsys.readouterr().err
+
+
+def test_cli_quantize_writes_a_loadable_packed_model(tmp_path):
+    from rabit.cli import main as cli_main
+
+    out = tmp_path / "ptq"
+    assert cli_main(["quantize", "--out", str(out), "--calib-seqs", "4", "--seq-len", "32", "--quiet", "--json"]) == 0
+    model = export.from_pretrained(out)
+    assert sum(isinstance(m, rabit.PackedRaBiTLinear) for m in model.modules()) == 35
+    assert cli_main(["quantize", "--out", str(out), "--quiet"]) == 1  # exists and is not empty
