@@ -97,14 +97,19 @@ def add_export(sub) -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", metavar="PATH", required=True,
                    help="QAT checkpoint: a training output directory or its checkpoint.safetensors")
     p.add_argument("--out", metavar="DIR", required=True, help="output directory (must not exist or be empty)")
+    _add_layer_selection(p)
+    _add_pack_options(p)
+    _add_common(p)
+    return p
+
+
+def _add_layer_selection(p: argparse.ArgumentParser) -> None:
+    """--k / --include / --exclude: which linears become RaBiT layers (rabit.RabitConfig)."""
     p.add_argument("--k", type=int, choices=(1, 2, 3, 4), default=2, help="binary paths per layer (default 2)")
     p.add_argument("--include", nargs="*", default=[], metavar="GLOB",
                    help="module-name globs to quantize (default: every nn.Linear)")
     p.add_argument("--exclude", nargs="*", default=["lm_head"], metavar="GLOB",
                    help="module-name globs kept in full precision (default: lm_head)")
-    _add_pack_options(p)
-    _add_common(p)
-    return p
 
 
 def _add_pack_options(p: argparse.ArgumentParser) -> None:
@@ -184,10 +189,7 @@ def add_quantize(sub) -> argparse.ArgumentParser:
                     "Without QAT a 2-bit model is far from the FP one; train with `rabit train` for quality.")
     p.add_argument("--model", default="stories260k", help="base model (default stories260k)")
     p.add_argument("--out", metavar="DIR", required=True, help="output directory (must not exist or be empty)")
-    p.add_argument("--k", type=int, choices=(1, 2, 3, 4), default=2, help="binary paths per layer (default 2)")
-    p.add_argument("--include", nargs="*", default=[], metavar="GLOB", help="module-name globs to quantize")
-    p.add_argument("--exclude", nargs="*", default=["lm_head"], metavar="GLOB",
-                   help="module-name globs kept in full precision (default: lm_head)")
+    _add_layer_selection(p)
     p.add_argument("--init-iters", type=_non_negative_int, default=5, help="residual-SVID rounds (default 5)")
     p.add_argument("--calib-seqs", type=_non_negative_int, default=32,
                    help="teacher-sampled calibration sequences; 0 = no preconditioning (default 32)")
