@@ -100,7 +100,7 @@ def make_packed(out, in_features, n):
     return layers
 
 
-def bench_linear(out, in_features, quick):
+def bench_linear(out, in_features, quick, max_m=None):
     res = []
     packed_bytes = K * out * R.words_per_row(in_features) * 4
     scale_bytes = 2 * K * (out + in_features)
@@ -110,6 +110,8 @@ def bench_linear(out, in_features, quick):
     packed_pool = make_packed(out, in_features, min(n_packed, 64))
     dense_pool = [torch.randn(out, in_features, device=DEV).half() * 0.02 for _ in range(n_dense)]
     for m in (MS if not quick else [1, 8, 2048]):
+        if max_m is not None and m > max_m:
+            continue
         x = torch.randn(m, in_features, device=DEV).half()
         # correctness guard: never time a wrong kernel
         p0, g0, h0 = packed_pool[0]
@@ -214,6 +216,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--gemv-only", action="store_true", help="only packed_linear at M <= 16 (no prefill, no QAT)")
     args = ap.parse_args()
     torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = True  # cuBLAS default
     prop = torch.cuda.get_device_properties(0)
@@ -228,13 +231,13 @@ def main():
     shapes = SHAPES if not args.quick else SHAPES[:2]
     linear = []
     for out, in_features in shapes:
-        linear += bench_linear(out, in_features, args.quick)
+        linear += bench_linear(out, in_features, args.quick, max_m=16 if args.gemv_only else None)
     for r in linear:
         if r["M"] == 1:
             r["rabit_pct_copy_bw"] = round(100 * r["rabit_GBps"] / bw, 1)
             r["cublas_pct_copy_bw"] = round(100 * r["cublas_GBps"] / bw, 1)
-    ops = [bench_ops(4096, 4096), bench_ops(11008, 4096)]
-    qat = [bench_qat(4096, 4096, 2048)] + ([] if args.quick else [bench_qat(11008, 4096, 2048)])
+    ops = [] if args.gemv_only else [bench_ops(4096, 4096), bench_ops(11008, 4096)]
+    qat = [] if args.gemv_only else [bench_qat(4096, 4096, 2048)] + ([] if args.quick else [bench_qat(11008, 4096, 2048)])
     result = dict(info=info, packed_linear=linear, qat_ops=ops, qat_step=qat)
 
     out_dir = Path(args.out or os.environ.get("OUT") or ROOT / "benchmarks" / "results")

@@ -285,6 +285,9 @@ def add_generate(sub) -> argparse.ArgumentParser:
     p.add_argument("--prompt", required=True, help="text to continue")
     p.add_argument("--max-new-tokens", type=_positive_int, default=32, help="tokens to generate (default 32)")
     p.add_argument("--runtime", choices=("torch", "numpy"), default="torch", help="backend (default torch)")
+    p.add_argument("--device", default="cpu",
+                   help="torch device (default cpu); on cuda the model runs in fp16 with a static KV cache and "
+                        "one CUDA graph per token (rabit.static_decode, the path of benchmarks/bench_decode.py)")
     _add_common(p)
     return p
 
@@ -309,17 +312,31 @@ def run_generate(args: argparse.Namespace) -> dict[str, Any]:
 
         from .data import encode_text
 
-        model, tok, _ = _load_any(args.model)
+        from .static_decode import SUPPORTED, StaticDecoder
+
+        if args.device.startswith("cuda") and not torch.cuda.is_available():
+            raise CliError("rabit: --device cuda, but torch sees no CUDA GPU")
+        model, tok, _ = _load_any(args.model, device=args.device)
         if tok is None:
             raise CliError(f"rabit: {args.model!r} has no tokenizer; re-export it with its tokenizer")
+        if args.device.startswith("cuda"):
+            model = model.half()
         prompt_ids = encode_text(tok, args.prompt, bos=True)
         x = torch.tensor([prompt_ids])
-        t1 = time.perf_counter()
         eos = getattr(tok, "eos_token_id", None)
-        with torch.no_grad():
-            out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=args.max_new_tokens,
-                                 do_sample=False, eos_token_id=eos, pad_token_id=eos)
+        if model.config.model_type in SUPPORTED:  # static KV cache (+ CUDA graph on GPU): same tokens as HF
+            dec = StaticDecoder(model, batch_size=1, max_len=len(prompt_ids) + args.max_new_tokens + 1)
+            t1 = time.perf_counter()
+            out = dec.generate(x, args.max_new_tokens, eos_token_id=eos)
+        else:
+            t1 = time.perf_counter()
+            with torch.no_grad():
+                out = model.generate(x.to(args.device), attention_mask=torch.ones_like(x).to(args.device),
+                                     max_new_tokens=args.max_new_tokens, do_sample=False, eos_token_id=eos,
+                                     pad_token_id=eos)
         ids = out[0].tolist()
+        if eos is not None and eos in ids[len(prompt_ids):]:  # drop the EOS padding after the first EOS
+            ids = ids[: ids.index(eos, len(prompt_ids)) + 1]
         text = tok.decode(ids, skip_special_tokens=True)
     t2 = time.perf_counter()
     new = len(ids) - len(prompt_ids)

@@ -184,6 +184,30 @@ def test_packed_linear_vs_reference(shape, m, xdtype):
                                _abs_terms(x, gs, hs, bias), k * in_features)
 
 
+@pytest.mark.parametrize("xdtype", [torch.float16, torch.bfloat16], ids=dtype_id)
+def test_packed_linear_int8_decode_range_and_nonfinite(xdtype):
+    """The int8 decode path quantizes x*h per 512-column group to 2^-31 of the group's max: outliers and tiny
+    values side by side stay float32-accurate, and a NaN/Inf input makes its output row NaN."""
+    out, in_features, m = 300, 1500, 4
+    w, g, h = random_layer(out, in_features, 2)
+    _, packed = rabit.residual_binarize(w, g, h)
+    x = torch.randn(m, in_features)
+    x[:, ::97] *= 3e3    # outliers
+    x[1, 600:1100] *= 1e-4  # a small-valued stretch, across a group boundary
+    x = x.to(xdtype)
+    args = (x, packed, g, h, None)
+    y = rabit.packed_linear(x.to(DEV), packed.to(DEV), g.to(DEV), h.to(DEV)).cpu()
+    y64 = R.packed_linear(*args, compute_dtype=torch.float64)
+    assert_float_close(y, R.packed_linear(*args), y64, "int8 decode, wide range",
+                       _abs_terms(x, g, h, None), 2 * in_features)
+    for bad in (float("nan"), float("inf")):
+        xb = x.clone()
+        xb[2, 777] = bad
+        yb = rabit.packed_linear(xb.to(DEV), packed.to(DEV), g.to(DEV), h.to(DEV)).cpu()
+        assert torch.isnan(yb[2]).all()
+        assert torch.equal(yb[[0, 1, 3]], y[[0, 1, 3]])
+
+
 def test_packed_linear_large_and_graph_capture():
     torch.manual_seed(0)
     out, in_features = 4096, 4096

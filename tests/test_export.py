@@ -409,7 +409,7 @@ def test_transformers_loader_rejects_wrong_version(broken):
 
 def test_cli_help_lists_options(capsys):
     for cmd, flags in {"export": ["--checkpoint", "--out", "--k", "--fp16", "--overwrite", "--json"],
-                       "generate": ["--prompt", "--max-new-tokens", "--runtime", "--json"],
+                       "generate": ["--prompt", "--max-new-tokens", "--runtime", "--device", "--json"],
                        "eval": ["--ppl", "--tasks", "--limit", "--json"]}.items():
         assert cli_main([cmd, "--help"]) == 0
         out = capsys.readouterr().out
@@ -432,6 +432,12 @@ def test_cli_bad_arguments(argv, code, needle, capsys, tmp_path):
     argv = [str(tmp_path / "o") if a == "OUT" else a for a in argv]
     assert cli_main(argv) == code
     assert needle in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without a GPU")
+def test_cli_generate_cuda_without_gpu(capsys):
+    assert cli_main(["generate", "stories260k", "--prompt", "a", "--device", "cuda"]) == 1
+    assert "sees no CUDA GPU" in capsys.readouterr().err
 
 
 def test_cli_export_from_qat_checkpoint_and_generate(qat, tmp_path, capsys):

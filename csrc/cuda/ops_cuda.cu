@@ -127,11 +127,15 @@ at::Tensor packed_linear_cuda(const at::Tensor &x, const at::Tensor &packed, con
     at::Tensor hs = prefill ? h.to(at::kFloat).contiguous() : h.contiguous();
     at::Tensor y = at::empty({M, out}, x.options());
     if (M == 0) return y;
+    // scratch of the int8 decode path (activation digits in MMA-fragment order), from the caching allocator
+    const size_t ws_bytes = rabit_cuda::packed_linear_workspace_bytes(xdt, M, static_cast<int>(K), in);
+    at::Tensor ws;
+    if (ws_bytes) ws = at::empty({static_cast<int64_t>(ws_bytes)}, x.options().dtype(at::kByte));
     check_launch(rabit_cuda::packed_linear(
         x.data_ptr(), xdt, M, words(packed), gs.data_ptr(), to_rabit_dtype(gs.scalar_type()), hs.data_ptr(),
         to_rabit_dtype(hs.scalar_type()), bias.has_value() ? bt.data_ptr() : nullptr,
         bias.has_value() ? to_rabit_dtype(bt.scalar_type()) : RABIT_F32, static_cast<int>(K), out, in, y.data_ptr(),
-        stream));
+        ws_bytes ? ws.data_ptr() : nullptr, stream));
     return y;
 }
 

@@ -665,15 +665,23 @@ cudaError_t launch_prefill_k(const PrefillArgs &a, int K, cudaStream_t s) {
 
 }  // namespace
 
-int packed_linear_path(rabit_dtype xdt, int64_t M) { return (xdt != RABIT_F32 && M > kDecodeMaxM) ? 1 : 0; }
+int packed_linear_path(rabit_dtype xdt, int64_t M) {
+    if (xdt == RABIT_F32) return 0;
+    return M > kDecodeMaxM ? 1 : 2;
+}
+
+size_t packed_linear_workspace_bytes(rabit_dtype xdt, int64_t M, int K, int64_t in) {
+    return packed_linear_path(xdt, M) == 2 && M > 0 ? gemv_i8_workspace_bytes(K, M, in) : 0;
+}
 
 cudaError_t packed_linear(const void *x, rabit_dtype xdt, int64_t M, const rabit_word_t *packed, const void *g,
                           rabit_dtype gdt, const void *h, rabit_dtype hdt, const void *bias, rabit_dtype bdt, int K,
-                          int64_t out, int64_t in, void *y, cudaStream_t s) {
+                          int64_t out, int64_t in, void *y, void *workspace, cudaStream_t s) {
     if (M == 0) return cudaSuccess;
     if (K < 1 || K > RABIT_MAX_K) return cudaErrorInvalidValue;
-    if (packed_linear_path(xdt, M) == 0)
-        return launch_decode(x, xdt, M, packed, g, gdt, h, hdt, bias, bdt, K, out, in, y, s);
+    const int path = packed_linear_path(xdt, M);
+    if (path == 0) return launch_decode(x, xdt, M, packed, g, gdt, h, hdt, bias, bdt, K, out, in, y, s);
+    if (path == 2) return gemv_i8(x, xdt, M, packed, g, gdt, h, hdt, bias, bdt, K, out, in, y, workspace, s);
     if (gdt != RABIT_F32 || hdt != RABIT_F32 || (bias && bdt != RABIT_F32)) return cudaErrorInvalidValue;
     PrefillArgs a;
     a.x = x; a.M = M; a.packed = packed;

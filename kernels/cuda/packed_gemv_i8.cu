@@ -1,0 +1,444 @@
+/*
+ * Packed GEMV / small GEMM for fp16/bf16 activations (M <= 16) on the integer tensor cores.
+ * See docs/kernels.md ("int8 decode kernel") for the design and the measured numbers.
+ *
+ *   y[m][o] = sum_k g_k[o] * sum_j (2 b_k[o][j] - 1) * xh_k[m][j],   xh_k = h_k * x (float32)
+ *           = sum_k g_k[o] * (2 * sum_j b_k[o][j] xh_k[m][j]  -  sum_j xh_k[m][j])
+ *
+ * b in {0, 1} is the stored bit itself: `(word >> p) & 0x01010101` puts four of them, one per byte, into
+ * an int8 A register of mma.m16n8k32.s8 -- two integer instructions per four weights, half of what a
+ * bf16 +-1 expansion costs, and half as many MMAs (k = 32).
+ *
+ * The activations are made exact integers by a prologue kernel: per 512-column group, path and row m,
+ * Q = round(xh / S) with S = 2^(e - 30) and 2^e > max|xh| of the group, so |Q| <= 2^30 carries every bit
+ * of the largest float32 values and at least 2^-31 * max of the rest; Q is split into four balanced
+ * base-256 digits (int8), which occupy four n-columns of the MMA (n = 4m + digit). Products and sums are
+ * exact in int32 (|acc| <= 512 * 128); per group the digits recombine exactly in float64,
+ * value = S * (2 * sum_j b Q - sum_j Q), and the groups add in float32. So the only error besides the
+ * final rounding to x's dtype is the rounding of xh to 2^-31 of its group maximum: float32-level.
+ * A non-finite xh makes its group's S NaN, so the output row is NaN (never a silently finite value).
+ *
+ * Work split: a warp owns MT 16-row tiles and every 8th group; the bits of a group arrive as one 16-byte
+ * load per (path, row) per lane, one group ahead; B fragments are read from the prologue's buffer (small,
+ * L2-resident) in fragment order. The 8 warps of a block reduce through shared memory at the end.
+ */
+#include <cuda_runtime.h>
+
+#include "common.cuh"
+#include "rabit_cuda.cuh"
+
+namespace rabit_cuda {
+
+namespace {
+
+constexpr int kGroupCols = 512;  // columns per scale group = 16 words
+constexpr int kGroupWords = kGroupCols / 32;
+constexpr int kMaxNT = 8;           // n-tiles of 8 columns: 4 digits x 2 rows of x each
+constexpr int kWarps = 8;
+
+/* Programmatic dependent launch (sm_90): the prologue lets the main kernel be scheduled while it runs; the main
+   kernel waits for the prologue's completion (and memory flush) before its first read of the fragments. Both
+   are no-ops on older GPUs, where the launch is ordinary. */
+__device__ __forceinline__ void pdl_launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void mma_s8(int (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
+                                       uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+        : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+/* Column (within its group) of byte i of the B register of lane-quad t for bit p, set s, half hh:
+   word 4t + 2s + hh of the group, bit p + 8i. The A side takes the same bits from that word. */
+__host__ __device__ __forceinline__ int frag_col(int t, int s, int hh, int p, int i) {
+    return 32 * (4 * t + 2 * s + hh) + p + 8 * i;
+}
+
+/* Balanced base-256 digit d (0 = most significant) of q, |q| <= 2^30: q = sum_d digit_d 256^(3-d), digits
+   in [-128, 127], returned as the byte of an int8. */
+__device__ __forceinline__ uint32_t digit(int q, int d) {
+    const int d3 = static_cast<int8_t>(q & 0xff);
+    const int q1 = (q - d3) >> 8;  // exact: q - d3 is a multiple of 256
+    const int d2 = static_cast<int8_t>(q1 & 0xff);
+    const int q2 = (q1 - d2) >> 8;
+    const int d1 = static_cast<int8_t>(q2 & 0xff);
+    const int d0 = (q2 - d1) >> 8;  // |d0| <= 65
+    const int v = d == 0 ? d0 : d == 1 ? d1 : d == 2 ? d2 : d3;
+    return static_cast<uint32_t>(v) & 0xffu;
+}
+
+struct PrepArgs {
+    const void *x;
+    int xdt;
+    int M;
+    const void *h;
+    int hdt;
+    int64_t in;
+    int NT;
+    uint2 *frag;    // [group][K][s(2)][p(8)][NT][lane(32)]
+    float *scale;   // [group][K][2*NT]
+    double *qsum;   // [group][K][2*NT]
+};
+
+/* One block per (group, path): xh of the group in shared memory, its max |.| per row, then the digits in
+   fragment order and sum(Q) per row. */
+__global__ void __launch_bounds__(256) gemv_i8_prep_kernel(const PrepArgs a) {
+    __shared__ float xh[kMaxNT * 2][kGroupCols];
+    __shared__ unsigned int amax[kMaxNT * 2];
+    __shared__ int bad[kMaxNT * 2];
+    __shared__ unsigned long long qs[kMaxNT * 2];
+    __shared__ float inv[kMaxNT * 2];
+    const int gr = blockIdx.x, k = blockIdx.y, K = gridDim.y, tid = threadIdx.x;
+    const int64_t c0 = static_cast<int64_t>(gr) * kGroupCols;
+    pdl_launch_dependents();  // the main kernel may start now: it loads its bits, then waits for this grid
+    const int Mp = 2 * a.NT;
+    if (tid < Mp) {
+        amax[tid] = 0u;
+        bad[tid] = 0;
+        qs[tid] = 0ull;
+    }
+    __syncthreads();
+    for (int m = 0; m < a.M; m++) {
+        float mx = 0.0f;
+        int nf = 0;
+        for (int c = tid; c < kGroupCols; c += 256) {
+            const int64_t j = c0 + c;
+            float v = 0.0f;
+            if (j < a.in) v = __fmul_rn(ld_any(a.h, a.hdt, k * a.in + j), ld_any(a.x, a.xdt, m * a.in + j));
+            xh[m][c] = v;
+            nf |= !is_finite_f(v);
+            mx = fmaxf(mx, fabsf(v));
+        }
+        // |v| as float bits orders like the values (non-negative), so an integer max is exact
+        unsigned int mu = __float_as_uint(mx);
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) mu = max(mu, __shfl_xor_sync(0xffffffffu, mu, o));
+        nf = __any_sync(0xffffffffu, nf);
+        if ((tid & 31) == 0) {
+            atomicMax(&amax[m], mu);
+            if (nf) atomicOr(&bad[m], 1);
+        }
+    }
+    __syncthreads();
+    // S = 2^(e - 30) with max|xh| < 2^e (frexp), so |Q| = |xh / S| <= 2^30 and xh / S is exact in float32;
+    // e >= -96 keeps 1/S finite (groups below 2^-96 keep 2^-126 absolute resolution)
+    if (tid < a.M) {
+        int e;
+        frexpf(__uint_as_float(amax[tid]), &e);
+        inv[tid] = amax[tid] ? ldexpf(1.0f, 30 - max(e, -96)) : 1.0f;
+    }
+    __syncthreads();
+    // fragments: entry (s, p, nt, lane) holds, for n = 8 nt + lane/4 -> (row m = n/4, digit n%4), bytes
+    // i = 0..3 of b0 (hh = 0) and b1 (hh = 1)
+    const int entries = 16 * a.NT * 32;
+    uint2 *dst = a.frag + (static_cast<size_t>(gr) * K + k) * entries;
+    for (int e = tid; e < entries; e += 256) {
+        const int lane = e & 31, nt = (e >> 5) % a.NT, sp = e / (32 * a.NT);
+        const int s = sp >> 3, p = sp & 7, t = lane & 3;
+        const int n = nt * 8 + (lane >> 2), m = n >> 2, d = n & 3;
+        uint32_t b[2] = {0u, 0u};
+        if (m < a.M) {
+#pragma unroll
+            for (int hh = 0; hh < 2; hh++)
+#pragma unroll
+                for (int i = 0; i < 4; i++) {
+                    const int q = __float2int_rn(xh[m][frag_col(t, s, hh, p, i)] * inv[m]);
+                    b[hh] |= digit(q, d) << (8 * i);
+                }
+        }
+        dst[e] = make_uint2(b[0], b[1]);
+    }
+    // sum(Q) per row, exact in int64 (512 * 2^30 < 2^63)
+    for (int m = 0; m < a.M; m++) {
+        long long part = 0;
+        for (int c = tid; c < kGroupCols; c += 256) part += __float2int_rn(xh[m][c] * inv[m]);
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) part += __shfl_xor_sync(0xffffffffu, part, o);
+        if ((tid & 31) == 0) atomicAdd(&qs[m], static_cast<unsigned long long>(part));
+    }
+    __syncthreads();
+    if (tid < Mp) {
+        const size_t o = (static_cast<size_t>(gr) * K + k) * Mp + tid;
+        float sc = 0.0f;
+        if (tid < a.M) sc = bad[tid] ? __int_as_float(0x7fffffff) : 1.0f / inv[tid];  // NaN poisons the row
+        a.scale[o] = sc;
+        a.qsum[o] = static_cast<double>(static_cast<long long>(qs[tid]));
+    }
+}
+
+struct MainArgs {
+    const rabit_word_t *packed;
+    const void *g;
+    int gdt;
+    const void *bias;
+    int bdt;
+    void *y;
+    int ydt;
+    int M;
+    int64_t out, in, nw, ngroups;
+    const uint2 *frag;
+    const float *scale;
+    const double *qsum;
+    int vec;  // rows of words allow 16-byte loads
+};
+
+template <int K, int MT>
+struct Bits {
+    uint4 w[K][MT][2];  // [path][m-tile][row g / g+8]: words 4t .. 4t+3 of the group
+};
+
+template <int K, int NT, int MT>
+__global__ void __launch_bounds__(kWarps * 32, ((K <= 2 && NT <= 2) || (K == 3 && NT == 1)) ? 2 : 1)
+    gemv_i8_kernel(const MainArgs a) {
+    __shared__ float red[kWarps][MT * 16][2 * NT];
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int g = lane >> 2, t = lane & 3;
+    const int64_t row0 = static_cast<int64_t>(blockIdx.x) * MT * 16;
+    constexpr int Mp = 2 * NT;
+    const int64_t nw = a.nw, out = a.out;
+
+    auto load = [&](int64_t gr, Bits<K, MT> &dst) {
+        const int64_t w0 = gr * kGroupWords + 4 * t;
+#pragma unroll
+        for (int k = 0; k < K; k++)
+#pragma unroll
+            for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+                for (int r = 0; r < 2; r++) {
+                    const int64_t o = row0 + mt * 16 + g + 8 * r;
+                    const rabit_word_t *p = a.packed + (k * out + o) * nw + w0;
+                    uint4 v = make_uint4(0u, 0u, 0u, 0u);
+                    if (o < out) {
+                        if (a.vec) {
+                            if (w0 < nw) v = __ldcs(reinterpret_cast<const uint4 *>(p));
+                        } else {
+                            if (w0 < nw) v.x = __ldcs(p);
+                            if (w0 + 1 < nw) v.y = __ldcs(p + 1);
+                            if (w0 + 2 < nw) v.z = __ldcs(p + 2);
+                            if (w0 + 3 < nw) v.w = __ldcs(p + 3);
+                        }
+                    }
+                    dst.w[k][mt][r] = v;
+                }
+    };
+
+    // g of this lane's rows (g, g+8 of each m-tile), folded into every group's flush
+    float gk[K][MT][2];
+#pragma unroll
+    for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+        for (int r = 0; r < 2; r++) {
+            const int64_t o = row0 + mt * 16 + g + 8 * r;
+#pragma unroll
+            for (int k = 0; k < K; k++) gk[k][mt][r] = o < out ? ld_any(a.g, a.gdt, k * out + o) : 0.0f;
+        }
+    float fa[MT][NT][2];
+#pragma unroll
+    for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+        for (int nt = 0; nt < NT; nt++) fa[mt][nt][0] = fa[mt][nt][1] = 0.0f;
+
+    // digit weights of this lane's two accumulator columns n = 2t, 2t+1 (digit = n % 4)
+    const double dw0 = (t & 1) ? 256.0 : 16777216.0, dw1 = (t & 1) ? 1.0 : 65536.0;
+
+    // B fragments arrive in chunks of CH (s, p) steps (CH * NT = 8 uint2 = 16 registers), one chunk ahead of
+    // the MMAs that use it, so that the fragment reads (L2) overlap the tensor-core work instead of each MMA
+    // waiting for its own load. The scales of path k are read when its first chunk is consumed and used at
+    // its flush, NCH chunks later.
+    constexpr int CH = 8 / NT;
+    constexpr int NCH = 16 / CH, NCHUNK = K * NCH;
+    struct Chunk {
+        uint2 b[CH][NT];
+    };
+    auto load_chunk = [&](int64_t grp, int c, Chunk &dst) {
+        const int k = c / NCH, sp0 = (c % NCH) * CH;
+        const uint2 *fp = a.frag + (static_cast<size_t>(grp) * K + k) * (16 * NT * 32) + lane;
+#pragma unroll
+        for (int j = 0; j < CH; j++)
+#pragma unroll
+            for (int nt = 0; nt < NT; nt++)  // B columns of rows m >= M are zero: not read
+                dst.b[j][nt] = 2 * nt + (g >> 2) < a.M ? __ldg(fp + ((sp0 + j) * NT + nt) * 32) : make_uint2(0u, 0u);
+    };
+
+    Bits<K, MT> cur, nxt;
+    int64_t gr = warp;
+    if (gr < a.ngroups) load(gr, cur);
+    pdl_wait();  // the bits and g are in flight; the prologue's fragments and scales are complete past here
+    Chunk ch[2];
+    double sck[NT], qsk[NT];
+    if (gr < a.ngroups) load_chunk(gr, 0, ch[0]);
+    for (; gr < a.ngroups; gr += kWarps) {
+        const bool more = gr + kWarps < a.ngroups;
+        if (more) load(gr + kWarps, nxt);
+        int acc[MT][NT][4];
+#pragma unroll
+        for (int c = 0; c < NCHUNK; c++) {
+            const int k = c / NCH, sp0 = (c % NCH) * CH;
+            Chunk &cc = ch[c & 1];
+            // the next chunk: of this group, else the first of the warp's next group
+            if (c + 1 < NCHUNK)
+                load_chunk(gr, c + 1, ch[(c + 1) & 1]);
+            else if (more)
+                load_chunk(gr + kWarps, 0, ch[(c + 1) & 1]);
+            if (c % NCH == 0) {
+                const size_t so = (static_cast<size_t>(gr) * K + k) * Mp;
+#pragma unroll
+                for (int nt = 0; nt < NT; nt++) {
+                    const int m = 2 * nt + (t >> 1);
+                    sck[nt] = __ldg(a.scale + so + m);
+                    qsk[nt] = __ldg(a.qsum + so + m);
+                }
+#pragma unroll
+                for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+                    for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+                        for (int i = 0; i < 4; i++) acc[mt][nt][i] = 0;
+            }
+#pragma unroll
+            for (int j = 0; j < CH; j++) {
+                const int s = (sp0 + j) >> 3, p = (sp0 + j) & 7;
+#pragma unroll
+                for (int mt = 0; mt < MT; mt++) {
+                    const uint4 &wg = cur.w[k][mt][0], &wh = cur.w[k][mt][1];
+                    constexpr uint32_t m1 = 0x01010101u;
+                    const uint32_t a0 = ((s ? wg.z : wg.x) >> p) & m1, a2 = ((s ? wg.w : wg.y) >> p) & m1;
+                    const uint32_t a1 = ((s ? wh.z : wh.x) >> p) & m1, a3 = ((s ? wh.w : wh.y) >> p) & m1;
+#pragma unroll
+                    for (int nt = 0; nt < NT; nt++) mma_s8(acc[mt][nt], a0, a1, a2, a3, cc.b[j][nt].x, cc.b[j][nt].y);
+                }
+            }
+            if (c % NCH == NCH - 1) {
+                // flush path k of the group: recombine the digits exactly, scale, times g, add in float32
+#pragma unroll
+                for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+                    for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+                        for (int r = 0; r < 2; r++) {
+                            double v = static_cast<double>(acc[mt][nt][2 * r]) * dw0 +
+                                       static_cast<double>(acc[mt][nt][2 * r + 1]) * dw1;
+                            v += __shfl_xor_sync(0xffffffffu, v, 1);
+                            const float val = static_cast<float>(sck[nt] * (2.0 * v - qsk[nt]));
+                            fa[mt][nt][r] = __fmaf_rn(gk[k][mt][r], val, fa[mt][nt][r]);
+                        }
+            }
+        }
+        if (more) cur = nxt;
+    }
+
+    // epilogue: the warps' partial sums in warp order through shared memory, bias, one rounding
+#pragma unroll
+    for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+        for (int r = 0; r < 2; r++)
+#pragma unroll
+            for (int nt = 0; nt < NT; nt++)
+                if ((t & 1) == 0) red[warp][mt * 16 + g + 8 * r][2 * nt + (t >> 1)] = fa[mt][nt][r];
+    __syncthreads();
+    for (int idx = tid; idx < MT * 16 * a.M; idx += kWarps * 32) {
+        const int m = idx / (MT * 16), rl = idx - m * (MT * 16);
+        const int64_t o = row0 + rl;
+        if (o >= out) continue;
+        float s = 0.0f;
+#pragma unroll
+        for (int w = 0; w < kWarps; w++) s = __fadd_rn(s, red[w][rl][m]);
+        if (a.bias) s = __fadd_rn(s, ld_any(a.bias, a.bdt, o));
+        st_any(a.y, a.ydt, static_cast<int64_t>(m) * out + o, s);
+    }
+}
+
+bool pdl_supported() {
+    static int major = -1;
+    if (major < 0) {
+        int dev = 0;
+        cudaGetDevice(&dev);
+        cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+    }
+    return major >= 9;
+}
+
+int gemv_nt(int64_t M) { return M <= 2 ? 1 : M <= 4 ? 2 : M <= 8 ? 4 : 8; }
+
+template <int K, int NT>
+cudaError_t launch_main_nt(const MainArgs &a, cudaStream_t s) {
+    // one 16-row tile per warp (MT = 2 would halve the fragment reads but, with the fragment prefetch, needs
+    // more registers than two blocks per SM allow)
+    constexpr int MT = 1;
+    const unsigned blocks = static_cast<unsigned>((a.out + MT * 16 - 1) / (MT * 16));
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = dim3(blocks);
+    cfg.blockDim = dim3(kWarps * 32);
+    cfg.stream = s;
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = pdl_supported() ? 1 : 0;
+    return cudaLaunchKernelEx(&cfg, gemv_i8_kernel<K, NT, MT>, a);
+}
+
+template <int K>
+cudaError_t launch_main_k(const MainArgs &a, int NT, cudaStream_t s) {
+    switch (NT) {
+        case 1: return launch_main_nt<K, 1>(a, s);
+        case 2: return launch_main_nt<K, 2>(a, s);
+        case 4: return launch_main_nt<K, 4>(a, s);
+        case 8: return launch_main_nt<K, 8>(a, s);
+    }
+    return cudaErrorInvalidValue;
+}
+
+}  // namespace
+
+size_t gemv_i8_workspace_bytes(int K, int64_t M, int64_t in) {
+    const int64_t ng = (in + kGroupCols - 1) / kGroupCols;
+    const int NT = gemv_nt(M);
+    const size_t frag = static_cast<size_t>(ng) * K * 16 * NT * 32 * sizeof(uint2);
+    const size_t sc = static_cast<size_t>(ng) * K * 2 * NT;
+    return frag + sc * sizeof(double) + sc * sizeof(float);
+}
+
+cudaError_t gemv_i8(const void *x, rabit_dtype xdt, int64_t M, const rabit_word_t *packed, const void *g,
+                    rabit_dtype gdt, const void *h, rabit_dtype hdt, const void *bias, rabit_dtype bdt, int K,
+                    int64_t out, int64_t in, void *y, void *workspace, cudaStream_t s) {
+    if (M < 1 || M > kDecodeMaxM || xdt == RABIT_F32 || K < 1 || K > RABIT_MAX_K) return cudaErrorInvalidValue;
+    const int64_t ng = (in + kGroupCols - 1) / kGroupCols;
+    const int NT = gemv_nt(M);
+    uint2 *frag = static_cast<uint2 *>(workspace);
+    const size_t nfrag = static_cast<size_t>(ng) * K * 16 * NT * 32;
+    double *qsum = reinterpret_cast<double *>(frag + nfrag);  // 8-byte aligned after uint2s
+    float *scale = reinterpret_cast<float *>(qsum + static_cast<size_t>(ng) * K * 2 * NT);
+
+    PrepArgs p;
+    p.x = x; p.xdt = xdt; p.M = static_cast<int>(M); p.h = h; p.hdt = hdt; p.in = in; p.NT = NT;
+    p.frag = frag; p.scale = scale; p.qsum = qsum;
+    gemv_i8_prep_kernel<<<dim3(static_cast<unsigned>(ng), static_cast<unsigned>(K)), 256, 0, s>>>(p);
+    cudaError_t e = cudaGetLastError();
+    if (e != cudaSuccess) return e;
+
+    MainArgs a;
+    a.packed = packed; a.g = g; a.gdt = gdt; a.bias = bias; a.bdt = bdt; a.y = y; a.ydt = xdt;
+    a.M = static_cast<int>(M); a.out = out; a.in = in; a.nw = RABIT_WORDS(in); a.ngroups = ng;
+    a.frag = frag; a.scale = scale; a.qsum = qsum;
+    a.vec = (a.nw % 4 == 0) && (reinterpret_cast<uintptr_t>(packed) % 16 == 0);
+    switch (K) {
+        case 1: return launch_main_k<1>(a, NT, s);
+        case 2: return launch_main_k<2>(a, NT, s);
+        case 3: return launch_main_k<3>(a, NT, s);
+        case 4: return launch_main_k<4>(a, NT, s);
+    }
+    return cudaErrorInvalidValue;
+}
+
+}  // namespace rabit_cuda

@@ -1,0 +1,240 @@
+"""Fast greedy decoding of Llama-family models: a static KV cache and, on CUDA, one CUDA graph per step.
+
+HF ``generate()`` spends most of a small model's step in Python and launch overhead, which hides what the
+weights cost. :class:`StaticDecoder` runs the same modules (the model's own ``nn.Linear`` or
+``PackedRaBiTLinear`` layers, norms, rotary tables) over a preallocated KV cache, so a decode step has fixed
+shapes and is captured once as a CUDA graph; every later token is one graph replay with no host
+synchronisation. It is the decode path of ``rabit generate --device cuda`` and of
+``benchmarks/bench_decode.py``, for FP16 and packed models alike.
+
+    dec = StaticDecoder(model, batch_size=1, max_len=prompt_len + new_tokens)
+    tokens = dec.generate(input_ids, max_new_tokens=256)          # [B, prompt + new], greedy
+
+Supported: HF models whose ``model.model`` has ``embed_tokens``, ``layers`` (``self_attn.{q,k,v,o}_proj``,
+``mlp.{gate,up,down}_proj``, ``input_layernorm``, ``post_attention_layernorm``), ``norm`` and
+``rotary_emb``: model types in ``SUPPORTED`` (Llama, Mistral, Qwen2). Attention is full causal (a sliding
+window is refused when max_len exceeds it).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["StaticDecoder", "SUPPORTED"]
+
+# Architectures whose decoder layer is exactly what StaticDecoder.forward computes.
+SUPPORTED = frozenset({"llama", "mistral", "qwen2"})
+
+
+def _rotate_half(x: Tensor) -> Tensor:
+    h = x.shape[-1] // 2
+    return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
+
+
+# The elementwise glue between the linears, written as functions of tensors only (the HF modules' exact math),
+# so that torch.compile (compile=True) fuses each into one or two kernels and compiles it once for all layers.
+def _rms_norm(x: Tensor, w: Tensor, eps: float) -> Tensor:
+    xf = x.float()
+    return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def _add_rms_norm(h: Tensor, delta: Tensor, w: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    h = h + delta
+    return h, _rms_norm(h, w, eps)
+
+
+def _rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
+def _swiglu(gate: Tensor, up: Tensor) -> Tensor:
+    return F.silu(gate) * up
+
+
+class StaticDecoder:
+    """Greedy decoder over a static KV cache (see the module docstring).
+
+    Args:
+        model: a Llama-family causal LM (``LlamaForCausalLM`` and alike), in eval mode.
+        batch_size: rows decoded together.
+        max_len: prompt + generated tokens that the cache holds.
+        cuda_graph: capture the decode step as a CUDA graph (default: when the model is on CUDA).
+        compile: fuse the elementwise glue (RMSNorm, residual adds, rotary, SwiGLU) with torch.compile; the
+            linears and attention run as they are. Costs a one-time compilation; results may differ from
+            eager in the last bits (fused float32 arithmetic).
+    """
+
+    def __init__(self, model: nn.Module, batch_size: int = 1, max_len: int = 2048, cuda_graph: bool | None = None,
+                 compile: bool = False):
+        base = getattr(model, "model", None)
+        needed = ("embed_tokens", "layers", "norm", "rotary_emb")
+        if base is None or not all(hasattr(base, n) for n in needed) or not hasattr(model, "lm_head"):
+            raise TypeError(f"StaticDecoder: {type(model).__name__} is not a Llama-family causal LM "
+                            f"(needs model.model.{{{', '.join(needed)}}} and model.lm_head)")
+        if batch_size < 1 or max_len < 2:
+            raise ValueError(f"StaticDecoder: batch_size must be >= 1 and max_len >= 2, got {batch_size}, {max_len}")
+        cfg = model.config
+        if getattr(cfg, "model_type", None) not in SUPPORTED:
+            raise TypeError(f"StaticDecoder: model type {getattr(cfg, 'model_type', None)!r} is not supported; "
+                            f"supported: {', '.join(sorted(SUPPORTED))}")
+        window = getattr(cfg, "sliding_window", None)
+        if window and getattr(cfg, "use_sliding_window", True) and max_len > window:
+            raise ValueError(f"StaticDecoder: max_len={max_len} exceeds the sliding window ({window}), which "
+                             "this decoder does not implement")
+        for layer in base.layers:
+            for norm in (layer.input_layernorm, layer.post_attention_layernorm):
+                if not hasattr(norm, "weight") or not hasattr(norm, "variance_epsilon"):
+                    raise TypeError(f"StaticDecoder: expected HF RMSNorm layers, got {type(norm).__name__}")
+        if getattr(cfg, "hidden_act", "silu") != "silu":
+            raise ValueError(f"StaticDecoder: only SwiGLU (hidden_act='silu') MLPs are supported, got {cfg.hidden_act!r}")
+        self.model, self.base = model, base
+        self._eager = (_rms_norm, _add_rms_norm, _rope, _swiglu)
+        self._decode_fns = self._eager
+        if compile:  # decode steps only (T = 1); the prefill runs eagerly
+            from torch import _dynamo
+
+            # one compilation per function and shape; several decoders / models in one process need more
+            # than the default limit of recompilations (past it dynamo would silently run eagerly)
+            _dynamo.config.cache_size_limit = max(_dynamo.config.cache_size_limit, 64)
+            self._decode_fns = tuple(torch.compile(f, dynamic=False, fullgraph=True) for f in self._eager)
+        self.B, self.max_len = batch_size, max_len
+        self.n_heads = cfg.num_attention_heads
+        self.n_kv = getattr(cfg, "num_key_value_heads", None) or self.n_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads
+        emb = base.embed_tokens.weight
+        self.device, self.dtype = emb.device, emb.dtype
+        shape = (len(base.layers), batch_size, self.n_kv, max_len, self.head_dim)
+        self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        with torch.no_grad():
+            pos = torch.arange(max_len, device=self.device)[None]
+            cos, sin = base.rotary_emb(torch.zeros(1, dtype=self.dtype, device=self.device), pos)
+        self.cos, self.sin = cos[0], sin[0]  # [max_len, head_dim]
+        self.positions = torch.arange(max_len, device=self.device)
+        self.cuda_graph = self.device.type == "cuda" if cuda_graph is None else cuda_graph
+        if self.cuda_graph and self.device.type != "cuda":
+            raise ValueError("StaticDecoder: cuda_graph=True needs the model on a CUDA device")
+        # static inputs / outputs of the captured step
+        self._tok = torch.zeros(batch_size, 1, dtype=torch.long, device=self.device)
+        self._pos = torch.zeros(1, dtype=torch.long, device=self.device)
+        self._out = torch.zeros(batch_size, max_len, dtype=torch.long, device=self.device)
+        self._graph = None
+
+    # ------------------------------------------------------------------ the model, over the static cache
+    def layer_linears(self) -> list[nn.Module]:
+        """The quantizable linears of every layer, in execution order."""
+        mods = []
+        for layer in self.base.layers:
+            a, m = layer.self_attn, layer.mlp
+            mods += [a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj]
+        return mods
+
+    def attention(self, i: int, q: Tensor, pos: Tensor) -> Tensor:
+        """Causal attention of q [B, H, T, D] at positions pos [T] over layer i's cache."""
+        mask = self.positions[None, :] <= pos[:, None]  # [T, max_len]
+        return F.scaled_dot_product_attention(q, self.k_cache[i], self.v_cache[i], attn_mask=mask,
+                                              enable_gqa=self.n_kv != self.n_heads)
+
+    def forward(self, tokens: Tensor, pos: Tensor) -> Tensor:
+        """Logits of the last position of tokens [B, T] placed at positions pos [T]; fills the cache there."""
+        B, T = tokens.shape
+        H, Hkv, D = self.n_heads, self.n_kv, self.head_dim
+        layers = self.base.layers
+        norm_fn, add_norm, rope, swiglu = self._decode_fns if T == 1 else self._eager
+        h = self.base.embed_tokens(tokens)
+        cos, sin = self.cos[pos][None, None], self.sin[pos][None, None]  # [1, 1, T, D]
+        n0 = layers[0].input_layernorm
+        x = norm_fn(h, n0.weight, n0.variance_epsilon)
+        for i, layer in enumerate(layers):
+            a, mlp = layer.self_attn, layer.mlp
+            q = a.q_proj(x).view(B, T, H, D).transpose(1, 2)
+            k = a.k_proj(x).view(B, T, Hkv, D).transpose(1, 2)
+            v = a.v_proj(x).view(B, T, Hkv, D).transpose(1, 2)
+            q, k = rope(q, k, cos, sin)
+            self.k_cache[i].index_copy_(2, pos, k)
+            self.v_cache[i].index_copy_(2, pos, v)
+            o = self.attention(i, q, pos).transpose(1, 2).reshape(B, T, H * D)
+            pn = layer.post_attention_layernorm
+            h, x = add_norm(h, a.o_proj(o), pn.weight, pn.variance_epsilon)
+            d = mlp.down_proj(swiglu(mlp.gate_proj(x), mlp.up_proj(x)))
+            nn_ = layers[i + 1].input_layernorm if i + 1 < len(layers) else self.base.norm
+            h, x = add_norm(h, d, nn_.weight, nn_.variance_epsilon)
+        return self.model.lm_head(x[:, -1:])[:, 0]
+
+    # ------------------------------------------------------------------ decoding
+    def _step(self) -> None:
+        """One greedy step on the static buffers: next token of _tok at _pos, recorded in _out."""
+        nxt = self.forward(self._tok, self._pos).argmax(-1, keepdim=True)
+        self._out.index_copy_(1, self._pos + 1, nxt)
+        self._tok.copy_(nxt)
+        self._pos.add_(1)
+
+    def _capture(self) -> None:
+        saved = (self._tok.clone(), self._pos.clone(), self._out.clone(),
+                 self.k_cache.clone(), self.v_cache.clone())
+        s = torch.cuda.Stream(self.device)
+        s.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(s):
+            for _ in range(2):  # warm-up outside the capture: cuBLAS handles, kernel attributes
+                self._step()
+        torch.cuda.current_stream(self.device).wait_stream(s)
+        self._graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self._graph):
+            self._step()
+        for dst, src in zip((self._tok, self._pos, self._out, self.k_cache, self.v_cache), saved):
+            dst.copy_(src)
+
+    @torch.no_grad()
+    def prefill(self, input_ids: Tensor) -> None:
+        """Fill the cache with the prompt input_ids [B, T] and set up the first decode step."""
+        if input_ids.dim() != 2 or input_ids.shape[0] != self.B:
+            raise ValueError(f"StaticDecoder: expected input_ids of shape [{self.B}, T], got {tuple(input_ids.shape)}")
+        T = input_ids.shape[1]
+        if not 1 <= T < self.max_len:
+            raise ValueError(f"StaticDecoder: the prompt has {T} tokens; it must have 1 .. max_len-1 = "
+                             f"{self.max_len - 1}")
+        ids = input_ids.to(self.device)
+        self.k_cache.zero_()
+        self.v_cache.zero_()
+        self._out.zero_()
+        self._out[:, :T] = ids
+        if T > 1:
+            self.forward(ids[:, :-1], self.positions[: T - 1])
+        self._tok.copy_(ids[:, -1:])
+        self._pos.fill_(T - 1)
+
+    @torch.no_grad()
+    def decode(self, steps: int) -> None:
+        """Run `steps` greedy steps from the current state (graph replays on CUDA); no synchronisation."""
+        if int(self._pos.item()) + steps >= self.max_len:
+            raise ValueError(f"StaticDecoder: {steps} more tokens would pass max_len={self.max_len}")
+        if self.cuda_graph and self._graph is None:
+            self._capture()
+        for _ in range(steps):
+            if self._graph is not None:
+                self._graph.replay()
+            else:
+                self._step()
+
+    @torch.no_grad()
+    def generate(self, input_ids: Tensor, max_new_tokens: int, eos_token_id: int | None = None) -> Tensor:
+        """Greedy continuation: [B, T + n] token ids (n <= max_new_tokens; stops early once every row has
+        produced eos_token_id, and positions after a row's first EOS repeat that EOS, as HF pads)."""
+        T = input_ids.shape[1]
+        self.prefill(input_ids)
+        done, chunk = 0, 16
+        while done < max_new_tokens:
+            n = min(chunk, max_new_tokens - done)
+            self.decode(n)
+            done += n
+            if eos_token_id is not None and bool((self._out[:, T:T + done] == eos_token_id).any(1).all()):
+                break
+        out = self._out[:, :T + done].clone()
+        if eos_token_id is not None:
+            gen = out[:, T:]
+            hit = (gen == eos_token_id).int().cumsum(1) > 0
+            after = hit & ~((gen == eos_token_id) & (hit.int().cumsum(1) == 1))
+            gen[after] = eos_token_id
+        return out.cpu()
