@@ -17,7 +17,8 @@ kernels' time does not depend on the bits).
 
 Reported per (model, batch): prefill ms, decode ms/token and tokens/s (batch x new tokens / decode time,
 CUDA events around graph replays), the speed-up, a time split measured with separate graphs of the same
-ops (the layer linears, attention, lm_head; the rest = step - those), and the roofline: bytes a step must
+ops (the layer linears, attention, lm_head; the rest = step - those; separately timed graphs, so the parts
+need not add up exactly and "rest" can come out slightly negative), and the roofline: bytes a step must
 read (weights + the static KV cache) / the measured device copy bandwidth, as a fraction of the step time.
 Writes bench_decode_<device>_<date>.json into --out (else $OUT, else benchmarks/results/).
 """

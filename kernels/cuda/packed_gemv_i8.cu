@@ -90,16 +90,21 @@ struct PrepArgs {
     double *qsum;   // [group][K][2*NT]
 };
 
-/* One block per (group, path): xh of the group in shared memory, its max |.| per row, then the digits in
-   fragment order and sum(Q) per row. */
-__global__ void __launch_bounds__(256) gemv_i8_prep_kernel(const PrepArgs a) {
-    __shared__ float xh[kMaxNT * 2][kGroupCols];
+/* Blocks (group, path, part): each computes xh of the group (one column per thread), its max |.| per row and
+   Q = xh / S as int32 in shared memory; part z then writes its quarter of the fragments (digits), and part 0
+   the scales and sum(Q) per row. Four parts per group keep the serial digit work per thread at one fragment
+   entry (for M <= 2): the main kernel waits for the whole prologue, so its latency is what counts. */
+constexpr int kPrepThreads = kGroupCols;
+constexpr int kPrepParts = 4;
+
+__global__ void __launch_bounds__(kPrepThreads) gemv_i8_prep_kernel(const PrepArgs a) {
+    __shared__ int qv[kMaxNT * 2][kGroupCols];
     __shared__ unsigned int amax[kMaxNT * 2];
     __shared__ int bad[kMaxNT * 2];
     __shared__ unsigned long long qs[kMaxNT * 2];
     __shared__ float inv[kMaxNT * 2];
-    const int gr = blockIdx.x, k = blockIdx.y, K = gridDim.y, tid = threadIdx.x;
-    const int64_t c0 = static_cast<int64_t>(gr) * kGroupCols;
+    const int gr = blockIdx.x, k = blockIdx.y, K = gridDim.y, part = blockIdx.z, tid = threadIdx.x;
+    const int64_t j = static_cast<int64_t>(gr) * kGroupCols + tid;  // this thread's column
     pdl_launch_dependents();  // the main kernel may start now: it loads its bits, then waits for this grid
     const int Mp = 2 * a.NT;
     if (tid < Mp) {
@@ -107,23 +112,20 @@ __global__ void __launch_bounds__(256) gemv_i8_prep_kernel(const PrepArgs a) {
         bad[tid] = 0;
         qs[tid] = 0ull;
     }
+    float xh[kMaxNT * 2];
+    const float hj = j < a.in ? ld_any(a.h, a.hdt, k * a.in + j) : 0.0f;
+#pragma unroll
+    for (int m = 0; m < kMaxNT * 2; m++)
+        xh[m] = (m < a.M && j < a.in) ? __fmul_rn(hj, ld_any(a.x, a.xdt, m * a.in + j)) : 0.0f;
     __syncthreads();
-    for (int m = 0; m < a.M; m++) {
-        float mx = 0.0f;
-        int nf = 0;
-        for (int c = tid; c < kGroupCols; c += 256) {
-            const int64_t j = c0 + c;
-            float v = 0.0f;
-            if (j < a.in) v = __fmul_rn(ld_any(a.h, a.hdt, k * a.in + j), ld_any(a.x, a.xdt, m * a.in + j));
-            xh[m][c] = v;
-            nf |= !is_finite_f(v);
-            mx = fmaxf(mx, fabsf(v));
-        }
+#pragma unroll
+    for (int m = 0; m < kMaxNT * 2; m++) {
+        if (m >= a.M) break;
         // |v| as float bits orders like the values (non-negative), so an integer max is exact
-        unsigned int mu = __float_as_uint(mx);
+        unsigned int mu = __float_as_uint(fabsf(xh[m]));
 #pragma unroll
         for (int o = 16; o > 0; o >>= 1) mu = max(mu, __shfl_xor_sync(0xffffffffu, mu, o));
-        nf = __any_sync(0xffffffffu, nf);
+        const int nf = __any_sync(0xffffffffu, !is_finite_f(xh[m]));
         if ((tid & 31) == 0) {
             atomicMax(&amax[m], mu);
             if (nf) atomicOr(&bad[m], 1);
@@ -138,11 +140,24 @@ __global__ void __launch_bounds__(256) gemv_i8_prep_kernel(const PrepArgs a) {
         inv[tid] = amax[tid] ? ldexpf(1.0f, 30 - max(e, -96)) : 1.0f;
     }
     __syncthreads();
+#pragma unroll
+    for (int m = 0; m < kMaxNT * 2; m++) {
+        if (m >= a.M) break;
+        const int q = __float2int_rn(xh[m] * inv[m]);
+        qv[m][tid] = q;
+        if (part == 0) {  // sum(Q) per row, exact in int64 (512 * 2^30 < 2^63)
+            long long sq = q;
+#pragma unroll
+            for (int o = 16; o > 0; o >>= 1) sq += __shfl_xor_sync(0xffffffffu, sq, o);
+            if ((tid & 31) == 0) atomicAdd(&qs[m], static_cast<unsigned long long>(sq));
+        }
+    }
+    __syncthreads();
     // fragments: entry (s, p, nt, lane) holds, for n = 8 nt + lane/4 -> (row m = n/4, digit n%4), bytes
-    // i = 0..3 of b0 (hh = 0) and b1 (hh = 1)
-    const int entries = 16 * a.NT * 32;
+    // i = 0..3 of b0 (hh = 0) and b1 (hh = 1); this part writes entries [part * E/4, (part + 1) * E/4)
+    const int entries = 16 * a.NT * 32, per = entries / kPrepParts;
     uint2 *dst = a.frag + (static_cast<size_t>(gr) * K + k) * entries;
-    for (int e = tid; e < entries; e += 256) {
+    for (int e = part * per + tid; e < (part + 1) * per; e += kPrepThreads) {
         const int lane = e & 31, nt = (e >> 5) % a.NT, sp = e / (32 * a.NT);
         const int s = sp >> 3, p = sp & 7, t = lane & 3;
         const int n = nt * 8 + (lane >> 2), m = n >> 2, d = n & 3;
@@ -151,23 +166,11 @@ __global__ void __launch_bounds__(256) gemv_i8_prep_kernel(const PrepArgs a) {
 #pragma unroll
             for (int hh = 0; hh < 2; hh++)
 #pragma unroll
-                for (int i = 0; i < 4; i++) {
-                    const int q = __float2int_rn(xh[m][frag_col(t, s, hh, p, i)] * inv[m]);
-                    b[hh] |= digit(q, d) << (8 * i);
-                }
+                for (int i = 0; i < 4; i++) b[hh] |= digit(qv[m][frag_col(t, s, hh, p, i)], d) << (8 * i);
         }
         dst[e] = make_uint2(b[0], b[1]);
     }
-    // sum(Q) per row, exact in int64 (512 * 2^30 < 2^63)
-    for (int m = 0; m < a.M; m++) {
-        long long part = 0;
-        for (int c = tid; c < kGroupCols; c += 256) part += __float2int_rn(xh[m][c] * inv[m]);
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) part += __shfl_xor_sync(0xffffffffu, part, o);
-        if ((tid & 31) == 0) atomicAdd(&qs[m], static_cast<unsigned long long>(part));
-    }
-    __syncthreads();
-    if (tid < Mp) {
+    if (part == 0 && tid < Mp) {
         const size_t o = (static_cast<size_t>(gr) * K + k) * Mp + tid;
         float sc = 0.0f;
         if (tid < a.M) sc = bad[tid] ? __int_as_float(0x7fffffff) : 1.0f / inv[tid];  // NaN poisons the row
@@ -423,7 +426,7 @@ cudaError_t gemv_i8(const void *x, rabit_dtype xdt, int64_t M, const rabit_word_
     PrepArgs p;
     p.x = x; p.xdt = xdt; p.M = static_cast<int>(M); p.h = h; p.hdt = hdt; p.in = in; p.NT = NT;
     p.frag = frag; p.scale = scale; p.qsum = qsum;
-    gemv_i8_prep_kernel<<<dim3(static_cast<unsigned>(ng), static_cast<unsigned>(K)), 256, 0, s>>>(p);
+    gemv_i8_prep_kernel<<<dim3(static_cast<unsigned>(ng), static_cast<unsigned>(K), kPrepParts), kPrepThreads, 0, s>>>(p);
     cudaError_t e = cudaGetLastError();
     if (e != cudaSuccess) return e;
 
