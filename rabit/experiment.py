@@ -7,6 +7,8 @@ method on a real model"):
     rabit         coupled QAT, calibrated init (I/O preconditioning + iterative residual SVID)
     rabit-plain   coupled QAT, plain init (greedy SVID, no preconditioning)
     independent   independent-latent two-path QAT (DB-LLM-style "standard" QAT), same init
+    path-freeze   path freezing: path 1 (K = 1) trained alone for half the steps, frozen; path 2 fitted to
+                  the weight residual and trained alone for the other half (rabit.path_freeze)
     onebit        K = 1 (OneBit-style sign + two scale vectors) QAT, same init
     ptq           the calibrated init alone, no training
 
@@ -19,13 +21,13 @@ from __future__ import annotations
 import copy
 import platform
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-METHODS = ("rabit", "rabit-plain", "independent", "onebit", "ptq")
+METHODS = ("rabit", "rabit-plain", "independent", "path-freeze", "onebit", "ptq")
 
 
 @dataclass
@@ -65,7 +67,7 @@ class ExperimentConfig:
 
         plain = self.method == "rabit-plain"
         return RabitConfig(
-            k=1 if self.method == "onebit" else 2,
+            k=1 if self.method in ("onebit", "path-freeze") else 2,  # path freezing: stage 1 is one path
             latents="independent" if self.method == "independent" else "coupled",
             init_iters=0 if plain else self.init_iters,
             alpha_in=0.0 if plain else self.alpha_in,
@@ -133,7 +135,22 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, device: str = "cu
                          lr_scales=cfg.lr_scales, gamma=cfg.gamma, optimizer=cfg.optimizer, seed=cfg.seed,
                          log_every=max(1, cfg.steps // 50), checkpoint_every=max(1, cfg.steps // 4))
         t0 = time.perf_counter()
-        train_res = train(student, teacher, teacher_data, tc, out_dir=out / "train", progress=progress)
+        if cfg.method == "path-freeze":
+            # half the budget on path 1 alone, then path 2 fitted to the residual and trained alone
+            from .path_freeze import add_residual_path_
+
+            half = max(1, cfg.steps // 2)
+            first = train(student, teacher, teacher_data, replace(tc, steps=half,
+                          checkpoint_every=max(1, half // 2)), out_dir=out / "train_path1", progress=progress)
+            add_residual_path_(student, teacher)
+            rest = max(1, cfg.steps - half)
+            train_res = train(student, teacher, teacher_data, replace(tc, steps=rest, seed=cfg.seed + 1,
+                              checkpoint_every=max(1, rest // 2)), out_dir=out / "train_path2", progress=progress)
+            for h in train_res.history:
+                h["step"] += half
+            train_res.history = first.history + train_res.history
+        else:
+            train_res = train(student, teacher, teacher_data, tc, out_dir=out / "train", progress=progress)
         train_s = time.perf_counter() - t0
         train_peak = _peak_memory(dev)
 

@@ -1,0 +1,38 @@
+"""Plot end-to-end decode results of benchmarks/bench_decode.py: tokens/s of FP and rabit per model and batch.
+
+    python benchmarks/plot_decode.py OUT.png RESULT.json [RESULT.json ...]
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def main(out: str, paths: list[str]) -> None:
+    docs = [json.loads(Path(p).read_text()) for p in paths]
+    rows = [(d, r) for d in docs for r in d["results"]]
+    fig, ax = plt.subplots(figsize=(1.3 * len(rows) + 2, 3.6))
+    xs = range(len(rows))
+    fp = [r["fp"]["tokens_per_s"] for _, r in rows]
+    rb = [r["rabit"]["tokens_per_s"] for _, r in rows]
+    ax.bar([x - 0.2 for x in xs], fp, width=0.4, label="FP (fp16 GPU / fp32 CPU)")
+    ax.bar([x + 0.2 for x in xs], rb, width=0.4, label="rabit packed (K=2)")
+    for x, (_, r) in zip(xs, rows):
+        ax.text(x + 0.2, r["rabit"]["tokens_per_s"], f"{r['speedup']:.2f}x", ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(list(xs))
+    ax.set_xticklabels([f"{r['model']}\n{d['device'].split(' x')[0][:12]}\nB={r['batch']}" for d, r in rows], fontsize=7)
+    ax.set_yscale("log")
+    ax.set_ylabel("tokens/s (greedy decode)")
+    ax.legend(fontsize=8)
+    ax.set_title("End-to-end decoding, same static-cache runtime for both (bench_decode.py)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2:])
