@@ -85,6 +85,8 @@ def official_config(task):
 
 @pytest.fixture(scope="module")
 def our_tasks():
+    if not HAVE_DATA:
+        pytest.skip("task data not found (set RABIT_TASK_DATA)")
     from lm_eval.tasks import TaskManager
 
     tm = TaskManager(include_path=str(prepare_task_dir(TASKS)), include_defaults=False)

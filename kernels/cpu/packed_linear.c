@@ -29,9 +29,9 @@ rabit_cpu_kernel rabit_cpu_active_kernel(void) {
 rabit_status rabit_packed_linear_cpu(const void *x, rabit_dtype xdt, int64_t M, const rabit_word_t *packed,
                                      const float *g, const float *h, const float *bias, int64_t K, int64_t out,
                                      int64_t in, void *y) {
-    const int64_t in_pad = RABIT_WORDS(in) * RABIT_WORD_BITS;
+    const int64_t nw = RABIT_WORDS(in), in_pad = nw * RABIT_WORD_BITS;
     rabit_rows_fn rows_fn = rabit_packed_rows_ref;
-    float *xh, *yf, *row;
+    float *xh, *lut, *yf, *row;
     int64_t m, k, j, blk;
     const int64_t block = 16; /* output rows per scheduled chunk: a multiple of the SIMD row block */
     if (!x || !packed || !g || !h || !y || M < 0 || K < 1 || K > RABIT_MAX_K || out < 1 || in < 1)
@@ -42,10 +42,12 @@ rabit_status rabit_packed_linear_cpu(const void *x, rabit_dtype xdt, int64_t M, 
     if (rabit_cpu_active_kernel() == RABIT_CPU_AVX2) rows_fn = rabit_packed_rows_avx2;
 #endif
     xh = (float *)calloc((size_t)(M * K * in_pad), sizeof(float)); /* zero padding past `in` */
+    lut = (float *)malloc((size_t)(M * K * nw * RABIT_LUT_PER_WORD) * sizeof(float));
     yf = (float *)malloc((size_t)(M * out) * sizeof(float));
     row = (float *)malloc((size_t)in * sizeof(float));
-    if (!xh || !yf || !row) {
+    if (!xh || !lut || !yf || !row) {
         free(xh);
+        free(lut);
         free(yf);
         free(row);
         return RABIT_ERR_NOMEM;
@@ -56,14 +58,25 @@ rabit_status rabit_packed_linear_cpu(const void *x, rabit_dtype xdt, int64_t M, 
         for (k = 0; k < K; k++)
             for (j = 0; j < in; j++) xh[(m * K + k) * in_pad + j] = h[k * in + j] * row[j];
     }
-#pragma omp parallel for schedule(static) if (M * out * RABIT_WORDS(in) * K >= RABIT_PARALLEL_MIN_WORDS)
+    /* the nibble tables (packed_linear.h), once per call: 2 floats per column and path */
+    for (j = 0; j < M * K * in_pad / 4; j++) {
+        const float *c = xh + 4 * j;
+        float *t = lut + 8 * j;
+        int i;
+        for (i = 0; i < 8; i++) {
+            const float s0 = (i & 1) ? c[0] : -c[0], s1 = (i & 2) ? c[1] : -c[1], s2 = (i & 4) ? c[2] : -c[2];
+            t[i] = ((s0 + s1) + s2) - c[3];
+        }
+    }
+#pragma omp parallel for schedule(static) if (M * out * nw * K >= RABIT_PARALLEL_MIN_WORDS)
     for (blk = 0; blk < (out + block - 1) / block; blk++) {
         const int64_t o0 = blk * block;
         const int64_t o1 = o0 + block < out ? o0 + block : out;
-        rows_fn(xh, M, in_pad, packed, g, bias, K, out, in, o0, o1, yf);
+        rows_fn(lut, M, packed, g, bias, K, out, in, o0, o1, yf);
     }
     rabit_store_f32(y, xdt, 0, M * out, yf);
     free(xh);
+    free(lut);
     free(yf);
     free(row);
     return RABIT_OK;
