@@ -57,13 +57,15 @@ def run(path: Path) -> int:
         t0 = time.time()
         try:
             tree = ast.parse(src)
-            last = tree.body.pop() if tree.body and isinstance(tree.body[-1], ast.Expr) else None
+            # like IPython: the last expression is the cell's result, unless the cell ends with ';'
+            show = not src.rstrip().endswith(";")
+            last = tree.body.pop() if show and tree.body and isinstance(tree.body[-1], ast.Expr) else None
             with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
                 exec(compile(tree, f"<cell {count}>", "exec"), ns)
                 if last is not None:
                     result = eval(compile(ast.Expression(last.value), f"<cell {count}>", "eval"), ns)
             failed = None
-        except Exception as e:  # recorded in the notebook like a kernel error
+        except (Exception, SystemExit, KeyboardInterrupt) as e:  # recorded in the notebook like a kernel error
             failed = e
         for name, buf in (("stdout", out), ("stderr", err)):
             if buf.getvalue():
@@ -84,6 +86,10 @@ def run(path: Path) -> int:
             print("".join(tb), file=sys.stderr)
             status = 1
             break
+    if status:  # cells after the failure did not run: no stale outputs from an earlier run
+        for cell in nb["cells"][nb["cells"].index(cell) + 1:]:
+            if cell["cell_type"] == "code":
+                cell["outputs"], cell["execution_count"] = [], None
     path.write_text(json.dumps(nb, indent=1, ensure_ascii=False) + "\n")
     return status
 

@@ -319,12 +319,12 @@ def run_generate(args: argparse.Namespace) -> dict[str, Any]:
         model, tok, _ = _load_any(args.model, device=args.device)
         if tok is None:
             raise CliError(f"rabit: {args.model!r} has no tokenizer; re-export it with its tokenizer")
-        if args.device.startswith("cuda"):
-            model = model.half()
+        if args.device.startswith("cuda") and model.dtype not in (torch.float16, torch.bfloat16):
+            model = model.half()  # 16-bit activations on the GPU (a bf16 model stays bf16)
         prompt_ids = encode_text(tok, args.prompt, bos=True)
         x = torch.tensor([prompt_ids])
         eos = getattr(tok, "eos_token_id", None)
-        if model.config.model_type in SUPPORTED:  # static KV cache (+ CUDA graph on GPU): same tokens as HF
+        if model.config.model_type in SUPPORTED:  # static KV cache (+ CUDA graph on GPU): HF's greedy tokens
             dec = StaticDecoder(model, batch_size=1, max_len=len(prompt_ids) + args.max_new_tokens + 1)
             t1 = time.perf_counter()
             out = dec.generate(x, args.max_new_tokens, eos_token_id=eos)

@@ -8,7 +8,8 @@ method on a real model"):
     rabit-plain   coupled QAT, plain init (greedy SVID, no preconditioning)
     independent   independent-latent two-path QAT (DB-LLM-style "standard" QAT), same init
     path-freeze   path freezing: path 1 (K = 1) trained alone for half the steps, frozen; path 2 fitted to
-                  the weight residual and trained alone for the other half (rabit.path_freeze)
+                  the weight residual and trained alone for the other half (rabit.path_freeze); norms and
+                  biases train in both stages
     onebit        K = 1 (OneBit-style sign + two scale vectors) QAT, same init
     ptq           the calibrated init alone, no training
 
@@ -57,6 +58,8 @@ class ExperimentConfig:
             raise ValueError(f"rabit train: unknown method {self.method!r}; use one of {METHODS}")
         if self.tokens < 0:
             raise ValueError("rabit train: tokens must be >= 0")
+        if self.method == "path-freeze" and self.steps < 2:
+            raise ValueError("rabit train: path-freeze trains two stages; give it tokens for at least 2 steps")
 
     @property
     def steps(self) -> int:
@@ -139,11 +142,11 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, device: str = "cu
             # half the budget on path 1 alone, then path 2 fitted to the residual and trained alone
             from .path_freeze import add_residual_path_
 
-            half = max(1, cfg.steps // 2)
+            half = cfg.steps // 2
             first = train(student, teacher, teacher_data, replace(tc, steps=half,
                           checkpoint_every=max(1, half // 2)), out_dir=out / "train_path1", progress=progress)
             add_residual_path_(student, teacher)
-            rest = max(1, cfg.steps - half)
+            rest = cfg.steps - half
             train_res = train(student, teacher, teacher_data, replace(tc, steps=rest, seed=cfg.seed + 1,
                               checkpoint_every=max(1, rest // 2)), out_dir=out / "train_path2", progress=progress)
             for h in train_res.history:

@@ -174,6 +174,7 @@ class StaticDecoder:
     def _capture(self) -> None:
         saved = (self._tok.clone(), self._pos.clone(), self._out.clone(),
                  self.k_cache.clone(), self.v_cache.clone())
+        self._pos.zero_()  # the warm-up steps write at _pos + 1: keep them inside the buffers (state restored below)
         s = torch.cuda.Stream(self.device)
         s.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(s):
@@ -210,18 +211,22 @@ class StaticDecoder:
         """Run `steps` greedy steps from the current state (graph replays on CUDA); no synchronisation."""
         if int(self._pos.item()) + steps >= self.max_len:
             raise ValueError(f"StaticDecoder: {steps} more tokens would pass max_len={self.max_len}")
-        if self.cuda_graph and self._graph is None:
-            self._capture()
-        for _ in range(steps):
-            if self._graph is not None:
-                self._graph.replay()
-            else:
+        if not self.cuda_graph:
+            for _ in range(steps):
                 self._step()
+            return
+        with torch.cuda.device(self.device):  # capture and replay on the model's GPU, not the current one
+            if self._graph is None:
+                self._capture()
+            for _ in range(steps):
+                self._graph.replay()
 
     @torch.no_grad()
     def generate(self, input_ids: Tensor, max_new_tokens: int, eos_token_id: int | None = None) -> Tensor:
-        """Greedy continuation: [B, T + n] token ids (n <= max_new_tokens; stops early once every row has
-        produced eos_token_id, and positions after a row's first EOS repeat that EOS, as HF pads)."""
+        """Greedy continuation: [B, T + n] token ids (n <= max_new_tokens). With eos_token_id it stops once every
+        row has produced it (checked every 16 tokens, so up to 15 more columns may follow), and positions after
+        a row's first EOS hold that EOS. Plain greedy argmax: the model's generation_config processors
+        (repetition penalty, suppressed tokens, ...) are not applied."""
         T = input_ids.shape[1]
         self.prefill(input_ids)
         done, chunk = 0, 16

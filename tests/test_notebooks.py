@@ -40,9 +40,11 @@ def test_execute_script_records_outputs_and_stops_at_an_error(tmp_path):
     nb = nbformat.v4.new_notebook(cells=[
         nbformat.v4.new_code_cell("x = 6 * 7\nprint('hello', x)"),
         nbformat.v4.new_code_cell("import matplotlib.pyplot as plt\nplt.plot([1, 2]); plt.show()\nx + 1"),
+        nbformat.v4.new_code_cell("x;"),
         nbformat.v4.new_code_cell("raise ValueError('boom')"),
         nbformat.v4.new_code_cell("print('never')"),
     ])
+    nb.cells[4].outputs = [nbformat.v4.new_output("stream", text="stale")]  # from an earlier run
     path = tmp_path / "t.ipynb"
     nbformat.write(nb, path)
     r = subprocess.run([sys.executable, str(NOTEBOOKS / "execute.py"), str(path)], capture_output=True, text=True)
@@ -51,5 +53,6 @@ def test_execute_script_records_outputs_and_stops_at_an_error(tmp_path):
     assert cells[0].outputs[0].text == "hello 42\n"
     kinds = [o.output_type for o in cells[1].outputs]
     assert kinds == ["display_data", "execute_result"] and cells[1].outputs[1].data["text/plain"] == "43"
-    assert cells[2].outputs[-1].output_type == "error" and cells[2].outputs[-1].ename == "ValueError"
-    assert not cells[3].get("outputs")
+    assert cells[2].outputs == []  # a trailing ';' hides the result
+    assert cells[3].outputs[-1].output_type == "error" and cells[3].outputs[-1].ename == "ValueError"
+    assert not cells[4].outputs and cells[4].execution_count is None

@@ -119,3 +119,11 @@ def test_compiled_glue_gives_the_same_tokens(stories):
     ids = _prompts(tok, 2)
     ref = StaticDecoder(model, batch_size=2, max_len=48).generate(ids, 24)
     assert torch.equal(StaticDecoder(model, batch_size=2, max_len=48, compile=True).generate(ids, 24), ref)
+
+
+def test_full_length_prompt_and_path_freeze_budget(stories):
+    """A prompt of max_len - 1 tokens leaves room for exactly one new token."""
+    model, tok = stories
+    ids = torch.tensor([[1] + tok.encode("Once upon a time there was")])
+    out = StaticDecoder(model, max_len=ids.shape[1] + 1).generate(ids, 1)
+    assert torch.equal(out, _hf_greedy(model, ids, 1))

@@ -68,6 +68,8 @@ rabit_status rabit_packed_linear_cpu(const void *x, rabit_dtype xdt, int64_t M, 
             t[i] = ((s0 + s1) + s2) - c[3];
         }
     }
+    free(xh); /* only the tables are read from here on */
+    xh = NULL;
 #pragma omp parallel for schedule(static) if (M * out * nw * K >= RABIT_PARALLEL_MIN_WORDS)
     for (blk = 0; blk < (out + block - 1) / block; blk++) {
         const int64_t o0 = blk * block;
