@@ -43,6 +43,7 @@ sys.path.insert(0, str(ROOT))
 import rabit  # noqa: E402
 from rabit.nn import PackedRaBiTLinear  # noqa: E402
 from rabit.static_decode import StaticDecoder  # noqa: E402
+from timing import copy_bandwidth_gbps, graph_time_us  # noqa: E402
 
 
 def sync(dev):
@@ -72,29 +73,7 @@ def graph_time(fns, dev, reps=20):
     """Median time (s) of calling fns in order; on CUDA captured as one graph and replayed."""
     if dev.type != "cuda":
         return timed(lambda: [f() for f in fns], dev, reps=3)
-    s = torch.cuda.Stream(dev)
-    s.wait_stream(torch.cuda.current_stream(dev))
-    with torch.cuda.stream(s):
-        for f in fns:
-            f()
-    torch.cuda.current_stream(dev).wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for f in fns:
-            f()
-    g.replay()
-    return timed(g.replay, dev, reps)
-
-
-def copy_bandwidth(dev):
-    """Device copy bandwidth (bytes read + written per second) of a 1 GiB (CPU: 256 MiB) tensor copy."""
-    n = (1 << 30) if dev.type == "cuda" else (256 << 20)
-    a = torch.empty(n, dtype=torch.uint8, device=dev)
-    a.random_()  # not zeros
-    b = torch.empty_like(a)
-    b.copy_(a)
-    t = timed(lambda: b.copy_(a), dev, reps=10)
-    return 2 * n / t
+    return graph_time_us(fns, reps=reps, min_calls=1)[0] * 1e-6
 
 
 def tensor_bytes(mod):
@@ -214,7 +193,7 @@ def main(argv=None):
     dtype = torch.float16 if dev.type == "cuda" else torch.float32
     batches = [int(b) for b in args.batch.split(",")]
     compile_glue = dev.type == "cuda" and not args.no_compile
-    bw = copy_bandwidth(dev)
+    bw = copy_bandwidth_gbps(dev) * 1e9
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"{platform.processor() or 'cpu'} x{torch.get_num_threads()} threads"
     print(f"device: {name}; copy bandwidth {bw / 1e9:.0f} GB/s (read + write)", flush=True)
     results = []

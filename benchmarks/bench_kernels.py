@@ -16,7 +16,6 @@ import argparse
 import datetime
 import json
 import os
-import statistics
 import sys
 from pathlib import Path
 
@@ -28,63 +27,13 @@ sys.path.insert(0, str(ROOT))
 
 import rabit  # noqa: E402
 from rabit import reference as R  # noqa: E402
+from timing import copy_bandwidth_gbps, event_time_us, graph_time_us  # noqa: E402
 
 DEV = "cuda"
 POOL_BYTES = 160 << 20  # > 2 x 50 MB of L2
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (12288, 4096), (14336, 4096), (4096, 14336)]  # (out, in)
 MS = [1, 2, 4, 8, 16, 2048]
 K = 2
-
-
-def graph_time_us(fns, reps=30, min_calls=200):
-    """Median time per call (µs) of the callables in `fns`, captured back to back in one CUDA graph."""
-    calls = list(fns) * max(1, -(-min_calls // len(fns)))
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for f in fns:  # warm-up (and one-time kernel attributes) outside the capture
-            f()
-    torch.cuda.current_stream().wait_stream(s)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for f in calls:
-            f()
-    g.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        e0.record()
-        g.replay()
-        e1.record()
-        e1.synchronize()
-        times.append(e0.elapsed_time(e1) * 1e3 / len(calls))
-    del g
-    return statistics.median(times), statistics.pstdev(times)
-
-
-def event_time_us(fn, reps=20, warmup=3):
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        e0.record()
-        fn()
-        e1.record()
-        e1.synchronize()
-        times.append(e0.elapsed_time(e1) * 1e3)
-    return statistics.median(times)
-
-
-def copy_bandwidth():
-    n = 1 << 30
-    a = torch.empty(n, dtype=torch.uint8, device=DEV)
-    b = torch.empty_like(a)
-    t, _ = graph_time_us([lambda: b.copy_(a)], reps=10, min_calls=5)
-    return 2 * n / (t * 1e-6) / 1e9  # GB/s, bytes read + written
 
 
 def make_packed(out, in_features, n):
@@ -225,7 +174,7 @@ def main():
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 K=K, scales="float16", x="float16", method=__doc__.split("Method: ")[1].strip())
     print(f"{info['device']}, torch {info['torch']}, CUDA {info['cuda']}", flush=True)
-    bw = copy_bandwidth()
+    bw = copy_bandwidth_gbps(DEV)
     info["copy_GBps"] = round(bw, 1)
     print(f"device-to-device copy: {bw:.0f} GB/s (read + write)", flush=True)
     shapes = SHAPES if not args.quick else SHAPES[:2]

@@ -119,6 +119,7 @@ class StaticDecoder:
         # static inputs / outputs of the captured step
         self._tok = torch.zeros(batch_size, 1, dtype=torch.long, device=self.device)
         self._pos = torch.zeros(1, dtype=torch.long, device=self.device)
+        self._steps_left = max_len - 1  # host copy of max_len - 1 - _pos: the bounds check reads no device value
         self._out = torch.zeros(batch_size, max_len, dtype=torch.long, device=self.device)
         self._graph = None
 
@@ -205,12 +206,14 @@ class StaticDecoder:
             self.forward(ids[:, :-1], self.positions[: T - 1])
         self._tok.copy_(ids[:, -1:])
         self._pos.fill_(T - 1)
+        self._steps_left = self.max_len - T
 
     @torch.no_grad()
     def decode(self, steps: int) -> None:
         """Run `steps` greedy steps from the current state (graph replays on CUDA); no synchronisation."""
-        if int(self._pos.item()) + steps >= self.max_len:
+        if steps > self._steps_left:
             raise ValueError(f"StaticDecoder: {steps} more tokens would pass max_len={self.max_len}")
+        self._steps_left -= steps
         if not self.cuda_graph:
             for _ in range(steps):
                 self._step()

@@ -2,9 +2,9 @@
  * Packed GEMV / GEMM on the GPU, straight from the sign planes (kernels/rabit_format.h); see
  * docs/kernels.md for the design and the measured numbers.
  *
- * decode (M <= 16, and every M for float32 x, in chunks of 16 rows):
+ * decode (float32 x, any M in chunks of 16 rows; fp16/bf16 x at M <= 16 take packed_gemv_i8.cu):
  *   y[m][o] = sum_k g_k[o] * sum_j B_k[o][j] * xh_k[m][j],   xh_k = h_k * x   (float32)
- *   Each xh value is split into NSPLIT bfloat16 parts (hi + lo [+ lo2]: 16 or 24 significant bits), so
+ *   Each xh value is split into NSPLIT = 3 bfloat16 parts (hi + lo + lo2: all 24 significant bits), so
  *   the tensor-core products (+-1) x (bf16 part) are exact and accumulate in float32: the result has
  *   float32-level accuracy. The +-1 operand A of mma.m16n8k16 is expanded from the bits in registers
  *   (two instructions per pair of weights; no unpacked weight anywhere in memory); the split
@@ -595,7 +595,7 @@ cudaError_t launch_decode(const void *x, rabit_dtype xdt, int64_t M, const rabit
     DecodeArgs a;
     a.x = x; a.xdt = xdt; a.M = M; a.packed = packed; a.g = g; a.gdt = gdt; a.h = h; a.hdt = hdt;
     a.bias = bias; a.bdt = bdt; a.y = y; a.out = out; a.in = in; a.nw = RABIT_WORDS(in);
-    a.nsplit = xdt == RABIT_F32 ? 3 : 2;
+    a.nsplit = 3;  // only float32 x comes here (packed_linear_path): all 24 bits in three bf16 parts
     const int mchunk = static_cast<int>(min64(M, kDecodeMaxM));
     a.ncols = mchunk * a.nsplit;
     int NT = (a.ncols + 7) / 8;

@@ -1,0 +1,74 @@
+"""Timing helpers shared by the benchmarks (bench_kernels.py, bench_decode.py): CUDA-graph and event
+timing with warm-up outside the timed region, and the device's measured copy bandwidth."""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+
+def graph_time_us(fns, reps=30, min_calls=200):
+    """(median, pstdev) time per call (µs) of the callables in `fns`, captured back to back in one CUDA graph
+    (repeated to at least `min_calls` calls) and replayed `reps` times."""
+    calls = list(fns) * max(1, -(-min_calls // len(fns)))
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for f in fns:  # warm-up (and one-time kernel attributes) outside the capture
+            f()
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for f in calls:
+            f()
+    g.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        e0.record()
+        g.replay()
+        e1.record()
+        e1.synchronize()
+        times.append(e0.elapsed_time(e1) * 1e3 / len(calls))
+    del g
+    return statistics.median(times), statistics.pstdev(times)
+
+
+def event_time_us(fn, reps=20, warmup=3):
+    """Median time (µs) of fn() between CUDA events, after `warmup` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        e0.record()
+        fn()
+        e1.record()
+        e1.synchronize()
+        times.append(e0.elapsed_time(e1) * 1e3)
+    return statistics.median(times)
+
+
+def copy_bandwidth_gbps(device="cuda"):
+    """Measured copy bandwidth in GB/s, counting bytes read + written: a 1 GiB tensor copy in a CUDA graph
+    (CPU: 256 MiB, wall clock, median of 10). The data is random, not zeros."""
+    dev = torch.device(device)
+    n = (1 << 30) if dev.type == "cuda" else (256 << 20)
+    a = torch.empty(n, dtype=torch.uint8, device=dev)
+    a.random_()
+    b = torch.empty_like(a)
+    if dev.type == "cuda":
+        t_us, _ = graph_time_us([lambda: b.copy_(a)], reps=10, min_calls=5)
+        return 2 * n / (t_us * 1e-6) / 1e9
+    b.copy_(a)
+    times = []
+    for _ in range(10):
+        t0 = time.perf_counter()
+        b.copy_(a)
+        times.append(time.perf_counter() - t0)
+    return 2 * n / statistics.median(times) / 1e9
