@@ -288,6 +288,9 @@ def add_generate(sub) -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu",
                    help="torch device (default cpu); on cuda the model runs in fp16 with a static KV cache and "
                         "one CUDA graph per token (rabit.static_decode, the path of benchmarks/bench_decode.py)")
+    p.add_argument("--compile", action="store_true",
+                   help="fuse the elementwise glue with torch.compile, as benchmarks/bench_decode.py does on "
+                        "CUDA (a one-time compilation of tens of seconds)")
     _add_common(p)
     return p
 
@@ -325,7 +328,8 @@ def run_generate(args: argparse.Namespace) -> dict[str, Any]:
         x = torch.tensor([prompt_ids])
         eos = getattr(tok, "eos_token_id", None)
         if model.config.model_type in SUPPORTED:  # static KV cache (+ CUDA graph on GPU): HF's greedy tokens
-            dec = StaticDecoder(model, batch_size=1, max_len=len(prompt_ids) + args.max_new_tokens + 1)
+            dec = StaticDecoder(model, batch_size=1, max_len=len(prompt_ids) + args.max_new_tokens + 1,
+                                compile=args.compile)
             t1 = time.perf_counter()
             out = dec.generate(x, args.max_new_tokens, eos_token_id=eos)
         else:

@@ -409,7 +409,7 @@ def test_transformers_loader_rejects_wrong_version(broken):
 
 def test_cli_help_lists_options(capsys):
     for cmd, flags in {"export": ["--checkpoint", "--out", "--k", "--fp16", "--overwrite", "--json"],
-                       "generate": ["--prompt", "--max-new-tokens", "--runtime", "--device", "--json"],
+                       "generate": ["--prompt", "--max-new-tokens", "--runtime", "--device", "--compile", "--json"],
                        "eval": ["--ppl", "--tasks", "--limit", "--json"]}.items():
         assert cli_main([cmd, "--help"]) == 0
         out = capsys.readouterr().out
@@ -466,6 +466,9 @@ def test_cli_export_from_qat_checkpoint_and_generate(qat, tmp_path, capsys):
         assert r["new_tokens"] == 8 and r["text"].startswith(PROMPT)
         texts[rt] = r["text"]
     assert texts["torch"] == texts["numpy"]
+    # --compile (torch.compile of the decoder's elementwise glue) gives the same greedy text
+    assert cli_main(["generate", str(out), "--prompt", PROMPT, "--max-new-tokens", "8", "--compile", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["text"] == texts["torch"]
     # a checkpoint from another configuration is refused with the reason
     assert cli_main(["export", "--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "k3"), "--k", "3"]) == 1
     assert "does not fit" in capsys.readouterr().err
