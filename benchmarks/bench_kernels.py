@@ -166,13 +166,16 @@ def main():
     ap.add_argument("--out", default=None)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--gemv-only", action="store_true", help="only packed_linear at M <= 16 (no prefill, no QAT)")
+    ap.add_argument("--tag", default="", help="suffix of the JSON file name (e.g. the decode kernel forced)")
     args = ap.parse_args()
     torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = True  # cuBLAS default
     prop = torch.cuda.get_device_properties(0)
     info = dict(device=prop.name, sms=prop.multi_processor_count, l2_MB=getattr(prop, "L2_cache_size", 0) / 2**20,
                 torch=torch.__version__, cuda=torch.version.cuda,
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                K=K, scales="float16", x="float16", method=__doc__.split("Method: ")[1].strip())
+                K=K, scales="float16", x="float16", method=__doc__.split("Method: ")[1].strip(),
+                # RABIT_CUDA_DECODE=b1 or i8 forces that decode kernel where both apply (M <= 2)
+                decode_kernel=os.environ.get("RABIT_CUDA_DECODE", "auto: 1-bit MMA for M = 1 and in >= 8192, else int8"))
     print(f"{info['device']}, torch {info['torch']}, CUDA {info['cuda']}", flush=True)
     bw = copy_bandwidth_gbps(DEV)
     info["copy_GBps"] = round(bw, 1)
@@ -192,7 +195,8 @@ def main():
     out_dir = Path(args.out or os.environ.get("OUT") or ROOT / "benchmarks" / "results")
     out_dir.mkdir(parents=True, exist_ok=True)
     gpu = "".join(c if c.isalnum() else "_" for c in prop.name).strip("_")
-    path = out_dir / f"bench_kernels_{gpu}_{datetime.date.today().isoformat()}.json"
+    tag = f"_{args.tag}" if args.tag else ""
+    path = out_dir / f"bench_kernels_{gpu}_{datetime.date.today().isoformat()}{tag}.json"
     path.write_text(json.dumps(result, indent=1))
     print(f"\nwrote {path}\n")
 

@@ -36,6 +36,7 @@ def main(argv=None):
     ap.add_argument("--lr-scales", type=float, default=1e-3)
     ap.add_argument("--gamma", type=float, default=0.0)
     ap.add_argument("--ctx", type=int, nargs="*", default=[2048, 4096], help="WikiText-2 contexts (none: skip)")
+    ap.add_argument("--curve", type=int, default=0, help="WikiText-2 PPL (first --ctx) N times during training")
     ap.add_argument("--progress", action="store_true")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--heldout-seqs", type=int, default=0,
@@ -47,17 +48,18 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     base = ExperimentConfig(model=args.model, tokens=int(args.tokens), seq_len=args.seq_len,
                             batch_size=args.batch_size, data_seqs=args.data_seqs, lr_latent=args.lr_latent,
-                            lr_scales=args.lr_scales, gamma=args.gamma, ppl_ctx=tuple(args.ctx))
+                            lr_scales=args.lr_scales, gamma=args.gamma, ppl_ctx=tuple(args.ctx),
+                            curve_points=args.curve)
     teacher, tok = load_model(args.model, device=args.device)
     teacher.eval()
     bos = int(teacher.config.bos_token_id if teacher.config.bos_token_id is not None else 1)
     t0 = time.perf_counter()
-    data = cached_teacher_data(out / "teacher_data.safetensors", teacher, base.data_seqs, base.seq_len, 128, bos,
-                               model_name=args.model, seed=base.seed, device=args.device, progress=args.progress)
+    data = cached_teacher_data(out / "teacher_data.safetensors", teacher, base.data_seqs, base.seq_len, base.gen_batch,
+                               bos, model_name=args.model, seed=base.seed, device=args.device, progress=args.progress)
     data_s = time.perf_counter() - t0
     heldout = None
     if args.heldout_seqs:
-        heldout = cached_teacher_data(out / "heldout.safetensors", teacher, args.heldout_seqs, base.seq_len, 128, bos,
+        heldout = cached_teacher_data(out / "heldout.safetensors", teacher, args.heldout_seqs, base.seq_len, base.gen_batch, bos,
                                       model_name=args.model, seed=base.seed + 1_000_000, device=args.device)
     fp = {str(c): float(wikitext2_perplexity(teacher, tok, ctx=c)) for c in args.ctx}
     print(f"FP: {fp}  (teacher data {data.shape[0]}x{data.shape[1]} in {data_s:.0f} s)", flush=True)
@@ -68,7 +70,7 @@ def main(argv=None):
                              progress=args.progress,
                              heldout=heldout)
         rows[method] = {k: res[k] for k in ("wikitext2_ppl", "heldout_vs_teacher", "train_tokens", "steps",
-                                            "train_peak_memory_bytes", "time_s", "kernels")}
+                                            "train_peak_memory_bytes", "time_s", "kernels", "ppl_curve")}
         print(f"{method:>12}: PPL {res['wikitext2_ppl']} held-out {res['heldout_vs_teacher']} "
               f"peak {res['train_peak_memory_bytes']}  "
               f"time {res['time_s']}", flush=True)

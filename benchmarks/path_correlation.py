@@ -25,12 +25,14 @@ def main(argv=None):
     ap.add_argument("--table", required=True, help="output folder of benchmarks/method_table.py")
     ap.add_argument("--methods", nargs="+", default=["rabit", "independent"])
     ap.add_argument("--calib-seqs", type=int, default=8)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--plot", required=True)
     ap.add_argument("--json", required=True)
     args = ap.parse_args(argv)
     table = Path(args.table)
-    teacher, _ = load_model(args.model)
-    ids = load_tokens(table / "teacher_data.safetensors")[: args.calib_seqs]  # training data, not a test split
+    teacher, _ = load_model(args.model, device=args.device)
+    # training data, not a test split
+    ids = load_tokens(table / "teacher_data.safetensors")[: args.calib_seqs].to(args.device)
     results = {}
     for method in args.methods:
         student = copy.deepcopy(teacher)
@@ -41,7 +43,9 @@ def main(argv=None):
         mean = {k: sum(r[k] for r in results[method]) / len(results[method]) for k in ("corr_r1_y2", "corr_y1_y2")}
         print(f"{method:>12}: mean Corr(R1,y2) {mean['corr_r1_y2']:.3f}  mean Corr(y1,y2) {mean['corr_y1_y2']:.3f}")
     plot_path_correlations(results, args.plot)
-    Path(args.json).write_text(json.dumps({"model": args.model, "torch": torch.__version__, "results": results},
+    device = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    Path(args.json).write_text(json.dumps({"model": args.model, "device": device, "torch": torch.__version__,
+                                           "calib_seqs": args.calib_seqs, "results": results},
                                           indent=1))
 
 

@@ -11,19 +11,24 @@ static at::Tensor scales_f32(const at::Tensor &s) { return s.to(at::kFloat).cont
 
 std::tuple<at::Tensor, at::Tensor> residual_binarize_cpu(const at::Tensor &weight, const at::Tensor &g,
                                                          const at::Tensor &h, std::optional<at::ScalarType> out_dtype,
-                                                         c10::string_view ste, double ste_param) {
+                                                         c10::string_view ste, double ste_param,
+                                                         bool check_finite) {
     const char *op = "rabit.residual_binarize";
     const auto [K, out, in] = check_residual_binarize_args(op, weight, g, h, ste, ste_param);
-    check_finite_scales(op, g, h);
+    if (check_finite) check_finite_scales(op, g, h);
     const at::ScalarType odt = out_dtype.value_or(weight.scalar_type());
     const rabit_dtype ordt = to_rabit_dtype(odt);
     at::Tensor gf = scales_f32(g), hf = scales_f32(h);
     at::Tensor what = at::empty({out, in}, weight.options().dtype(odt));
     at::Tensor packed = at::empty({K, out, words_per_row(in)}, weight.options().dtype(at::kInt));
-    check_status(op, rabit_residual_binarize_cpu(weight.data_ptr(), to_rabit_dtype(weight.scalar_type()),
-                                                 gf.data_ptr<float>(), hf.data_ptr<float>(), K, out, in,
-                                                 what.data_ptr(), ordt,
-                                                 reinterpret_cast<rabit_word_t *>(packed.data_ptr<int32_t>())));
+    rabit_status st = rabit_residual_binarize_cpu(weight.data_ptr(), to_rabit_dtype(weight.scalar_type()),
+                                                  gf.data_ptr<float>(), hf.data_ptr<float>(), K, out, in,
+                                                  what.data_ptr(), ordt,
+                                                  reinterpret_cast<rabit_word_t *>(packed.data_ptr<int32_t>()));
+    // The kernel computes every output before it reports non-finite input, so ignoring the report
+    // leaves the non-finite results in place (the CUDA kernel does the same).
+    if (!check_finite && st == RABIT_ERR_NONFINITE) st = RABIT_OK;
+    check_status(op, st);
     return {what, packed};
 }
 

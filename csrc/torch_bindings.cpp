@@ -16,9 +16,11 @@
 TORCH_LIBRARY(rabit, m) {
     // Coupled residual binarization: (Ŵ = Σ_k g_k⊙B_k⊙h_k in out_dtype (default: weight's), packed planes).
     // ste/ste_param do not change the forward; they choose the straight-through estimator of its backward.
+    // check_finite=false: no error for NaN/Inf in weight, g or h; the kernels compute on (a NaN latent entry
+    // takes the sign -1). On CUDA the check costs a device synchronisation per call; the trainer turns it off.
     m.def(
         "residual_binarize(Tensor weight, Tensor g, Tensor h, ScalarType? out_dtype=None, str ste=\"identity\", "
-        "float ste_param=1.0) -> (Tensor, Tensor)");
+        "float ste_param=1.0, bool check_finite=True) -> (Tensor, Tensor)");
     // One pass over grad = ∂L/∂Ŵ: (dW via the straight-through estimator, dg, dh) with signs from packed.
     m.def(
         "residual_binarize_backward(Tensor grad, Tensor weight, Tensor g, Tensor h, Tensor packed, "

@@ -50,7 +50,8 @@ rabit_cpu_kernel rabit_cpu_active_kernel(void);
  *   what   (nullable) Ŵ = sum_k g_k*B_k*h_k, written in dtype what_dt;
  *   packed (nullable) the K sign planes.
  * Arithmetic is float32, no FMA, in the order of rabit/reference.py, so signs are bit-exact.
- * Returns RABIT_ERR_NONFINITE (and leaves outputs unspecified) if W holds NaN or Inf.
+ * Returns RABIT_ERR_NONFINITE if W holds NaN or Inf; every output is still computed, as on the GPU
+ * (a NaN entry has sign -1 in every path: NaN >= 0 is false).
  */
 rabit_status rabit_residual_binarize_cpu(const void *W, rabit_dtype wdt, const float *g, const float *h,
                                          int64_t K, int64_t out, int64_t in, void *what, rabit_dtype what_dt,

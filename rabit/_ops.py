@@ -29,7 +29,7 @@ def _check_scales(op: str, g: Tensor, h: Tensor, out: int, in_features: int) -> 
 # fake kernels: shapes and dtypes only, for torch.compile / FakeTensor / opcheck
 # ---------------------------------------------------------------------------------------------
 @torch.library.register_fake("rabit::residual_binarize")
-def _residual_binarize_fake(weight, g, h, out_dtype=None, ste="identity", ste_param=1.0):
+def _residual_binarize_fake(weight, g, h, out_dtype=None, ste="identity", ste_param=1.0, check_finite=True):
     op = "rabit.residual_binarize"
     torch._check(weight.dim() == 2, lambda: f"{op}: expected a 2-D weight, got {weight.dim()}-D")
     _check_ste(op, ste, ste_param)
@@ -76,7 +76,7 @@ def _packed_linear_fake(x, packed, g, h, bias=None):
 # autograd
 # ---------------------------------------------------------------------------------------------
 def _rb_setup_context(ctx, inputs, output):
-    weight, g, h, _out_dtype, ste, ste_param = inputs
+    weight, g, h, _out_dtype, ste, ste_param, _check_finite = inputs
     _what, packed = output
     # Only the packed planes (1 bit per weight per path) are kept: B is never stored as a matrix.
     ctx.save_for_backward(weight, g, h, packed)
@@ -86,9 +86,9 @@ def _rb_setup_context(ctx, inputs, output):
 def _rb_backward(ctx, grad_what, _grad_packed):
     weight, g, h, packed = ctx.saved_tensors
     if grad_what is None:
-        return None, None, None, None, None, None
+        return None, None, None, None, None, None, None
     dw, dg, dh = _ops.residual_binarize_backward(grad_what.contiguous(), weight, g, h, packed, ctx.ste, ctx.ste_param)
-    return dw, dg, dh, None, None, None
+    return dw, dg, dh, None, None, None, None
 
 
 torch.library.register_autograd("rabit::residual_binarize", _rb_backward, setup_context=_rb_setup_context)
@@ -128,7 +128,8 @@ torch.library.register_autograd("rabit::packed_linear", _pl_backward, setup_cont
 # public wrappers
 # ---------------------------------------------------------------------------------------------
 def residual_binarize(weight: Tensor, g: Tensor, h: Tensor, out_dtype: torch.dtype | None = None,
-                      ste: str = "identity", ste_param: float = 1.0) -> tuple[Tensor, Tensor]:
+                      ste: str = "identity", ste_param: float = 1.0,
+                      check_finite: bool = True) -> tuple[Tensor, Tensor]:
     """Coupled residual binarization (one QAT forward): returns ``(Ŵ, packed)``.
 
     Args:
@@ -137,11 +138,15 @@ def residual_binarize(weight: Tensor, g: Tensor, h: Tensor, out_dtype: torch.dty
         out_dtype: dtype of Ŵ (default: the weight's).
         ste, ste_param: the straight-through estimator used by the backward
             (``"identity"``, ``"clipped"`` with window ``|w| <= ste_param``, or ``"tanh"``).
+        check_finite: raise ``ValueError`` if weight, g or h hold NaN/Inf (default). On CUDA this costs
+            one device synchronisation per call. With ``False`` the kernels compute on: a NaN latent entry
+            takes the sign −1 in every path (``NaN >= 0`` is false), non-finite scales give non-finite Ŵ
+            (the trainer turns the check off; it checks the parameters itself, see rabit.train).
     Returns:
         Ŵ ``[out, in]`` and the K sign planes ``[K, out, ceil(in/32)]`` int32 (kernels/rabit_format.h).
     Differentiable in weight (STE), g and h (exact, signs held constant).
     """
-    return _ops.residual_binarize(weight, g, h, out_dtype, ste, ste_param)
+    return _ops.residual_binarize(weight, g, h, out_dtype, ste, ste_param, check_finite)
 
 
 def residual_binarize_backward(grad: Tensor, weight: Tensor, g: Tensor, h: Tensor, packed: Tensor,
@@ -191,8 +196,15 @@ def use_reference_kernels(device_type: str = "cuda") -> None:
     if has_native_kernels(device_type):
         raise RuntimeError(f"rabit: {device_type} already has compiled rabit kernels; not overriding them")
 
-    def rb(weight, g, h, out_dtype=None, ste="identity", ste_param=1.0):
+    def rb(weight, g, h, out_dtype=None, ste="identity", ste_param=1.0, check_finite=True):
         _check_ste("rabit.residual_binarize", ste, ste_param)
+        if check_finite:  # the compiled kernels' messages
+            for name, t in (("g", g), ("h", h)):
+                if not torch.isfinite(t).all():
+                    raise ValueError(f"rabit.residual_binarize: {name} contains NaN or Inf")
+            if not torch.isfinite(weight).all():
+                raise ValueError("rabit.residual_binarize: the latent weight contains NaN or Inf; "
+                                 "check the learning rate or the checkpoint it was loaded from")
         what, packed = R.residual_binarize(weight, g, h, out_dtype)
         return what, packed
 

@@ -81,6 +81,9 @@ def _add_train(sub) -> argparse.ArgumentParser:
     p.add_argument("--lr-latent", type=float, default=d.lr_latent)
     p.add_argument("--lr-scales", type=float, default=d.lr_scales)
     p.add_argument("--gamma", type=float, default=d.gamma, help="hidden-state MSE weight")
+    p.add_argument("--curve", type=_non_negative_int, default=0, metavar="N",
+                   help="also evaluate WikiText-2 PPL (ctx 2048) N times during training: the PPL-vs-tokens curve "
+                        "in result.json (default 0: only at the end)")
     p.add_argument("--device", default="cuda" if _cuda_available() else "cpu")
     p.add_argument("--out", required=True, metavar="DIR")
     _add_common(p)
@@ -98,7 +101,7 @@ def _run_train(args: argparse.Namespace) -> dict[str, Any]:
 
     cfg = ExperimentConfig(model=args.model, method=args.method, tokens=int(args.tokens), seq_len=args.seq_len,
                            batch_size=args.batch_size, data_seqs=args.data_seqs, lr_latent=args.lr_latent,
-                           lr_scales=args.lr_scales, gamma=args.gamma)
+                           lr_scales=args.lr_scales, gamma=args.gamma, curve_points=args.curve)
     res = run_experiment(cfg, args.out, device=args.device, progress=not args.quiet)
     if not args.json:
         print(f"{res['method']} on {res['model']}: WikiText-2 PPL "

@@ -40,7 +40,7 @@ class ExperimentConfig:
     batch_size: int = 16
     data_seqs: int = 1024  # distinct teacher-sampled sequences (reused over epochs)
     calib_seqs: int = 64
-    gen_batch: int = 128
+    gen_batch: int = 512  # sequences sampled at once (one model call per token for the whole batch)
     init_iters: int = 5
     alpha_in: float = 0.5
     alpha_out: float = 0.5
@@ -50,6 +50,7 @@ class ExperimentConfig:
     optimizer: str = "muon"
     ste: str = "identity"
     ppl_ctx: tuple[int, ...] = (2048, 4096)
+    curve_points: int = 0  # WikiText-2 PPL (first ppl_ctx) this many times during training: PPL vs tokens
     seed: int = 0
     extra: dict = field(default_factory=dict)
 
@@ -58,6 +59,8 @@ class ExperimentConfig:
             raise ValueError(f"rabit train: unknown method {self.method!r}; use one of {METHODS}")
         if self.tokens < 0:
             raise ValueError("rabit train: tokens must be >= 0")
+        if self.curve_points < 0:
+            raise ValueError("rabit train: curve_points must be >= 0")
         if self.method == "path-freeze" and self.steps < 2:
             raise ValueError("rabit train: path-freeze trains two stages; give it tokens for at least 2 steps")
 
@@ -130,6 +133,18 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, device: str = "cu
     quantize_(student, cfg.rabit_config(), calib_input_ids=calib, progress=progress)
     init_s = time.perf_counter() - t0
 
+    eval_fn, eval_every = None, 0
+    if cfg.curve_points and cfg.ppl_ctx and cfg.steps:
+        def eval_fn(model, ctx=cfg.ppl_ctx[0]):
+            r = wikitext2_perplexity(model, tok, ctx=ctx, progress=False)
+            return {f"wikitext2_ppl_{ctx}": float(r)}
+
+        eval_every = max(1, cfg.steps // cfg.curve_points)
+    init_eval = None
+    if eval_fn is not None:
+        from .train import _evaluate
+
+        init_eval = _evaluate(student, eval_fn)  # the curve's first point: the init alone
     train_res, train_s, train_peak = None, 0.0, None
     if cfg.steps:
         if dev.type == "cuda":
@@ -144,16 +159,20 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, device: str = "cu
 
             half = cfg.steps // 2
             first = train(student, teacher, teacher_data, replace(tc, steps=half,
-                          checkpoint_every=max(1, half // 2)), out_dir=out / "train_path1", progress=progress)
+                          checkpoint_every=max(1, half // 2)), out_dir=out / "train_path1", progress=progress,
+                          eval_fn=eval_fn, eval_every=eval_every)
             add_residual_path_(student, teacher)
             rest = cfg.steps - half
             train_res = train(student, teacher, teacher_data, replace(tc, steps=rest, seed=cfg.seed + 1,
-                              checkpoint_every=max(1, rest // 2)), out_dir=out / "train_path2", progress=progress)
+                              checkpoint_every=max(1, rest // 2)), out_dir=out / "train_path2", progress=progress,
+                              eval_fn=eval_fn, eval_every=eval_every)
             for h in train_res.history:
                 h["step"] += half
+                h["tokens"] += first.history[-1]["tokens"] if first.history else 0
             train_res.history = first.history + train_res.history
         else:
-            train_res = train(student, teacher, teacher_data, tc, out_dir=out / "train", progress=progress)
+            train_res = train(student, teacher, teacher_data, tc, out_dir=out / "train", progress=progress,
+                              eval_fn=eval_fn, eval_every=eval_every)
         train_s = time.perf_counter() - t0
         train_peak = _peak_memory(dev)
 
@@ -178,6 +197,9 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, device: str = "cu
         "time_s": {"data": round(data_s, 1), "init": round(init_s, 1), "train": round(train_s, 1),
                    "total": round(time.perf_counter() - t_all, 1)},
         "history": train_res.history if train_res is not None else [],
+        # WikiText-2 PPL against training tokens (curve_points > 0): the init's value, then each evaluation
+        "ppl_curve": ([{"tokens": 0, **init_eval}] if init_eval else []) + [
+            {"tokens": h["tokens"], **h["eval"]} for h in (train_res.history if train_res else []) if "eval" in h],
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu",
         "kernels": kernels,
         "versions": {"torch": torch.__version__, "python": platform.python_version()},

@@ -26,6 +26,9 @@ class RaBiTLinear(nn.Module):
     """
 
     is_rabit_latent = True  # lets trainers route `weight` to the latent-weight optimizer
+    # NaN/Inf in the latent or the scales raise in forward (one device sync per call on CUDA); the trainer
+    # sets this False while it trains, since it checks the loss and gradient norm every step anyway.
+    check_finite = True
 
     def __init__(self, in_features: int, out_features: int, k: int = 2, bias: bool = True,
                  ste: str = "identity", ste_param: float = 1.0, device=None, dtype=None):
@@ -58,14 +61,16 @@ class RaBiTLinear(nn.Module):
 
     def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
         """Ŵ as a dense matrix (differentiable)."""
-        what, _ = residual_binarize(self.weight, self.g, self.h, dtype, self.ste, self.ste_param)
+        what, _ = residual_binarize(self.weight, self.g, self.h, dtype, self.ste, self.ste_param,
+                                    self.check_finite)
         return what
 
     def forward(self, x: Tensor) -> Tensor:
         dtype = x.dtype
         if torch.is_autocast_enabled(x.device.type):
             dtype = torch.get_autocast_dtype(x.device.type)  # build Ŵ directly in the GEMM's dtype
-        what, _ = residual_binarize(self.weight.contiguous(), self.g, self.h, dtype, self.ste, self.ste_param)
+        what, _ = residual_binarize(self.weight.contiguous(), self.g, self.h, dtype, self.ste, self.ste_param,
+                                    self.check_finite)
         bias = self.bias.to(dtype) if self.bias is not None else None
         return F.linear(x.to(dtype), what, bias)
 
@@ -89,6 +94,7 @@ class IndependentRaBiTLinear(nn.Module):
     """
 
     is_rabit_latent = True
+    check_finite = True  # as RaBiTLinear.check_finite
 
     def __init__(self, in_features: int, out_features: int, k: int = 2, bias: bool = True,
                  ste: str = "identity", ste_param: float = 1.0, device=None, dtype=None):
@@ -121,7 +127,7 @@ class IndependentRaBiTLinear(nn.Module):
     def _paths(self, dtype=None):
         for k, w in enumerate(self.latents):
             yield residual_binarize(w.contiguous(), self.g[k:k + 1], self.h[k:k + 1], dtype, self.ste,
-                                    self.ste_param)
+                                    self.ste_param, self.check_finite)
 
     def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
         return sum(what for what, _ in self._paths(dtype))

@@ -25,7 +25,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -508,6 +508,27 @@ def _forward(model, input_ids, hidden: bool):
     return model(input_ids=input_ids, output_hidden_states=hidden, use_cache=False)
 
 
+@contextlib.contextmanager
+def _finite_checks_off(model: torch.nn.Module):
+    """Switch off the per-layer NaN/Inf check of the RaBiT layers while training: on CUDA each check is a
+    device synchronisation (one per layer per step, the largest overhead of a small model's step). The loop
+    keeps the same guarantee more cheaply: it checks every trainable parameter at the start and at each
+    checkpoint, and the loss and gradient norm every step; finite parameters updated with finite gradients
+    stay finite."""
+    mods = [m for m in model.modules() if hasattr(m, "check_finite")]
+    saved = [m.__dict__.get("check_finite") for m in mods]
+    for m in mods:
+        m.check_finite = False
+    try:
+        yield
+    finally:
+        for m, v in zip(mods, saved):
+            if v is None:
+                del m.check_finite  # back to the class default
+            else:
+                m.check_finite = v
+
+
 def train(
     student: torch.nn.Module,
     teacher: torch.nn.Module,
@@ -516,6 +537,8 @@ def train(
     out_dir: str | os.PathLike | None = None,
     resume: bool = True,
     progress: bool = True,
+    eval_fn: Callable[[torch.nn.Module], dict[str, Any]] | None = None,
+    eval_every: int = 0,
 ) -> TrainResult:
     """Distil ``teacher`` into ``student`` on ``token_ids [N, T]`` for ``config.steps`` steps.
 
@@ -524,6 +547,10 @@ def train(
     steps and at the end, plus ``history.json`` and ``train_config.json``; with ``resume=True`` an
     existing checkpoint there is loaded and training continues from its step (the config and data
     must match). Raises :class:`TrainingDivergedError` on a NaN/inf loss or gradient.
+
+    ``eval_fn(student) -> dict`` (e.g. a WikiText-2 perplexity) runs every ``eval_every`` steps and at
+    the end, in eval mode under no_grad; its result is stored as ``"eval"`` in that step's history entry
+    (a curve of the metric against training tokens). It does not change the training trajectory.
     """
     config = config or TrainConfig()
     dev = model_device(student)
@@ -585,6 +612,7 @@ def train(
                dynamic_ncols=True, leave=False)
     t_start = time.perf_counter()
     t_log, acc, n_acc = t_start, {"loss": 0.0, "kl": 0.0, "mse": 0.0}, 0
+    eval_s = 0.0
     last_saved = start_step if ckpt_path is not None and ckpt_path.is_file() and resume else None
 
     def diverged(step: int, what: str) -> TrainingDivergedError:
@@ -597,6 +625,14 @@ def train(
             f"(lr_latent={config.lr_latent:g}, lr_scales={config.lr_scales:g}), lengthen the warm-up "
             f"or enable grad_clip, and run again.")
 
+    if eval_every < 0:
+        raise ValueError(f"rabit: eval_every must be >= 0 (got {eval_every})")
+    bad = _nonfinite_parameter(student, params)
+    if bad is not None:
+        where = "the student" if start_step == 0 else f"the checkpoint of step {start_step} in {str(out)!r}"
+        raise ValueError(f"rabit: {bad} holds NaN or Inf in {where}; training needs finite weights and scales")
+    checks_off = _finite_checks_off(student)
+    checks_off.__enter__()
     try:
         for step in range(start_step, config.steps):
             x = token_ids[sampler.indices(step)].to(dev, non_blocking=True)
@@ -627,11 +663,17 @@ def train(
             n_acc += 1
             done = step + 1
             now = time.perf_counter()
-            if done % config.log_every == 0 or done == config.steps or done == 1:
+            run_eval = eval_fn is not None and (done == config.steps or (eval_every and done % eval_every == 0))
+            if run_eval or done % config.log_every == 0 or done == config.steps or done == 1:
                 tps = n_acc * tokens_per_step / max(now - t_log, 1e-9)
-                entry = {"step": done, "loss": acc["loss"] / n_acc, "kl": acc["kl"] / n_acc,
+                entry = {"step": done, "tokens": done * tokens_per_step, "loss": acc["loss"] / n_acc, "kl": acc["kl"] / n_acc,
                          "mse": acc["mse"] / n_acc if hidden else None, **lrs, "grad_norm": gnorm,
-                         "tokens_per_s": tps, "elapsed_s": now - t_start}
+                         "tokens_per_s": tps, "elapsed_s": now - t_start - eval_s}
+                if run_eval:
+                    t_eval = time.perf_counter()
+                    entry["eval"] = _evaluate(student, eval_fn)
+                    now = time.perf_counter()
+                    eval_s += now - t_eval  # evaluation time is not training time
                 history.append(entry)
                 bar.set_postfix(loss=f"{entry['loss']:.4f}", kl=f"{entry['kl']:.4f}", tok_s=f"{tps:,.0f}")
                 t_log, acc, n_acc = now, {"loss": 0.0, "kl": 0.0, "mse": 0.0}, 0
@@ -640,17 +682,21 @@ def train(
                                           (config.checkpoint_every and done % config.checkpoint_every == 0)):
                 # History first: a crash between the two writes then leaves extra history entries,
                 # which a resume drops, rather than a checkpoint whose history is missing.
+                bad = _nonfinite_parameter(student, params)
+                if bad is not None:
+                    raise diverged(step, f"{bad} became NaN or Inf")
                 write_json_atomic(out / HISTORY_NAME, history)
                 save_checkpoint(ckpt_path, student, optimizers, done, config, fingerprint)
                 last_saved = done
     finally:
+        checks_off.__exit__(None, None, None)
         bar.close()
         student.train(was_training)
         teacher.train(teacher_training)
         if gc_enabled:
             _set_checkpointing(student, False)
 
-    elapsed = time.perf_counter() - t_start
+    elapsed = time.perf_counter() - t_start - eval_s
     ran = config.steps - start_step
     last = history[-1] if history else {}
     return TrainResult(
@@ -664,6 +710,25 @@ def train(
         history=history,
         checkpoint=str(ckpt_path) if ckpt_path is not None else None,
     )
+
+
+def _nonfinite_parameter(model: torch.nn.Module, params: list[torch.nn.Parameter]) -> str | None:
+    """The name of a parameter holding NaN/Inf, or None: one device sync for all of them."""
+    if not params or bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):
+        return None
+    names = {id(p): n for n, p in model.named_parameters()}
+    bad = next(p for p in params if not bool(torch.isfinite(p).all()))
+    return names.get(id(bad), f"a parameter of shape {tuple(bad.shape)}")
+
+
+def _evaluate(student: torch.nn.Module, eval_fn: Callable[[torch.nn.Module], dict[str, Any]]) -> dict[str, Any]:
+    was_training = student.training
+    student.eval()
+    try:
+        with torch.no_grad():
+            return dict(eval_fn(student))
+    finally:
+        student.train(was_training)
 
 
 def _read_history(path: Path, upto_step: int) -> list[dict[str, Any]]:

@@ -184,16 +184,19 @@ def test_packed_linear_vs_reference(shape, m, xdtype):
                                _abs_terms(x, gs, hs, bias), k * in_features)
 
 
+@pytest.mark.parametrize("kernel", ["b1", "i8"])
+@pytest.mark.parametrize("m", [1, 2, 4], ids=lambda m: f"m{m}")
 @pytest.mark.parametrize("xdtype", [torch.float16, torch.bfloat16], ids=dtype_id)
-def test_packed_linear_int8_decode_range_and_nonfinite(xdtype):
-    """The int8 decode path quantizes x*h per 512-column group to 2^-31 of the group's max: outliers and tiny
+def test_packed_linear_int8_decode_range_and_nonfinite(xdtype, m, kernel, monkeypatch):
+    """The integer decode paths quantize x*h per 512-column group to 2^-31 of the group's max: outliers and tiny
     values side by side stay float32-accurate, and a NaN/Inf input makes its output row NaN."""
-    out, in_features, m = 300, 1500, 4
+    monkeypatch.setenv("RABIT_CUDA_DECODE", kernel)  # b1 applies to m <= 2 only; m = 4 is int8 either way
+    out, in_features = 300, 1500
     w, g, h = random_layer(out, in_features, 2)
     _, packed = rabit.residual_binarize(w, g, h)
     x = torch.randn(m, in_features)
     x[:, ::97] *= 3e3    # outliers
-    x[1, 600:1100] *= 1e-4  # a small-valued stretch, across a group boundary
+    x[m // 2, 600:1100] *= 1e-4  # a small-valued stretch, across a group boundary
     x = x.to(xdtype)
     args = (x, packed, g, h, None)
     y = rabit.packed_linear(x.to(DEV), packed.to(DEV), g.to(DEV), h.to(DEV)).cpu()
@@ -202,10 +205,33 @@ def test_packed_linear_int8_decode_range_and_nonfinite(xdtype):
                        _abs_terms(x, g, h, None), 2 * in_features)
     for bad in (float("nan"), float("inf")):
         xb = x.clone()
-        xb[2, 777] = bad
+        xb[m - 1, 777] = bad
         yb = rabit.packed_linear(xb.to(DEV), packed.to(DEV), g.to(DEV), h.to(DEV)).cpu()
-        assert torch.isnan(yb[2]).all()
-        assert torch.equal(yb[[0, 1, 3]], y[[0, 1, 3]])
+        assert torch.isnan(yb[m - 1]).all()
+        assert torch.equal(yb[: m - 1], y[: m - 1])
+
+
+@pytest.mark.parametrize("shape", PL_SHAPES + [(300, 1500), (4096, 4096)], ids=shape_id)
+@pytest.mark.parametrize("m", [1, 2], ids=lambda m: f"m{m}")
+@pytest.mark.parametrize("xdtype", [torch.float16, torch.bfloat16], ids=dtype_id)
+def test_binary_and_int8_decode_kernels_agree_bit_for_bit(shape, m, xdtype, monkeypatch):
+    """RABIT_CUDA_DECODE=b1 / i8 forces the 1-bit MMA kernel / the int8 one (M <= 2). Both sum the same exact
+    integers and recombine them the same way, so their outputs must be identical, bit for bit."""
+    out, in_features = shape
+    for k in (1, 2, 3, 4):
+        w, g, h = random_layer(out, in_features, k)
+        _, packed = rabit.residual_binarize(w, g, h)
+        x = torch.randn(m, in_features)
+        x[:, ::97] *= 3e3
+        bias = torch.randn(out, device=DEV) if k % 2 else None
+        args = (x.to(xdtype).to(DEV), packed.to(DEV), g.to(DEV), h.to(DEV), bias)
+        monkeypatch.setenv("RABIT_CUDA_DECODE", "b1")
+        _poison()
+        y_b1 = rabit.packed_linear(*args)
+        monkeypatch.setenv("RABIT_CUDA_DECODE", "i8")
+        _poison()
+        y_i8 = rabit.packed_linear(*args)
+        assert torch.equal(y_b1, y_i8), (k, (y_b1.float() - y_i8.float()).abs().max().item())
 
 
 def test_packed_linear_large_and_graph_capture():

@@ -338,6 +338,8 @@ def test_errors_name_the_problem():
         rabit.residual_binarize(bad, g, h)
     with pytest.raises(ValueError, match="g contains NaN"):
         rabit.residual_binarize(w, torch.full_like(g, float("inf")), h)
+    with pytest.raises(ValueError, match="h contains NaN"):
+        rabit.residual_binarize(w, g, torch.full_like(h, float("nan")))
     with pytest.raises(ValueError, match="unknown ste 'sigmoid'"):
         rabit.residual_binarize(w, g, h, None, "sigmoid")
     _, packed = rabit.residual_binarize(w, g, h)
@@ -353,3 +355,20 @@ def test_errors_name_the_problem():
         rabit.packed_linear(torch.randn(1, 10), packed, g, h, torch.zeros(3))
     with pytest.raises(ValueError, match="in_features=33 needs 2"):
         rabit.unpack_signs(packed, 33)
+
+
+@pytest.mark.parametrize("what", ["weight", "g", "h"])
+def test_residual_binarize_without_finite_check_computes_like_the_reference(what, device):
+    # check_finite=False (the trainer's mode): no error, and the outputs are those of the plain-PyTorch
+    # reference on the same non-finite input (a NaN latent entry takes the sign -1 in every path).
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    w, g, h = torch.randn(7, 45, generator=gen), torch.rand(2, 7, generator=gen) + 0.1, torch.rand(2, 45, generator=gen) + 0.5
+    t = {"weight": w, "g": g, "h": h}[what]
+    t.view(-1)[3] = float("nan")
+    t.view(-1)[5] = float("inf")
+    what_k, packed_k = rabit.residual_binarize(w.to(device), g.to(device), h.to(device), check_finite=False)
+    what_r, packed_r = R.residual_binarize(w, g, h)
+    assert torch.equal(packed_k.cpu(), packed_r)
+    torch.testing.assert_close(what_k.cpu(), what_r, rtol=0, atol=0, equal_nan=True)
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        rabit.residual_binarize(w.to(device), g.to(device), h.to(device))

@@ -335,3 +335,97 @@ def test_independent_latents_go_to_the_latent_optimizer():
     assert len(latents) == 2 * 35 and all(".latents." in n for n, _ in latents)
     muon = build_optimizers(model, TrainConfig(steps=1))[0]
     assert isinstance(muon, torch.optim.Muon) and len(muon.param_groups[0]["params"]) == 70
+
+
+# ---------------------------------------------------------------------------------------------
+# per-layer finite checks and the evaluation hook
+# ---------------------------------------------------------------------------------------------
+
+
+def _rabit_student(teacher):
+    import rabit
+
+    s = copy.deepcopy(teacher)
+    rabit.quantize_(s, rabit.RabitConfig(k=2, init_iters=0), progress=False)
+    return s
+
+
+def test_training_turns_the_layer_finite_checks_off_and_restores_them():
+    teacher = tiny_llama()
+    s = _rabit_student(teacher)
+    layers = [m for m in s.modules() if hasattr(m, "check_finite")]
+    assert layers and all(m.check_finite for m in layers)
+    layers[0].check_finite = False  # a user's own setting survives training
+    seen = []
+    train(s, teacher, token_data(), TrainConfig(steps=2, batch_size=4), progress=False,
+          eval_fn=lambda m: seen.append([x.check_finite for x in layers]) or {}, eval_every=1)
+    assert seen == [[False] * len(layers)] * 2
+    assert layers[0].check_finite is False and all(m.check_finite for m in layers[1:])
+    assert "check_finite" not in layers[1].__dict__  # back to the class default
+
+
+def test_a_non_finite_parameter_is_named_before_training(tmp_path):
+    teacher = tiny_llama()
+    s = _rabit_student(teacher)
+    name, layer = next((n, m) for n, m in s.named_modules() if hasattr(m, "check_finite"))
+    with torch.no_grad():
+        layer.weight[0, 1] = float("nan")  # a NaN latent entry binarizes to -1: the loss alone would not see it
+    with pytest.raises(ValueError, match=f"{name}.weight holds NaN or Inf in the student"):
+        train(s, teacher, token_data(), TrainConfig(steps=2, batch_size=4), out_dir=tmp_path, progress=False)
+
+
+def test_a_parameter_that_becomes_non_finite_is_caught_at_the_checkpoint(tmp_path, monkeypatch):
+    teacher = tiny_llama()
+    s = _rabit_student(teacher)
+    layer = next(m for m in s.modules() if hasattr(m, "check_finite"))
+    real_step = torch.optim.Muon.step
+
+    def poisoned_step(self, *a, **k):  # an optimizer step that writes NaN into one latent
+        out = real_step(self, *a, **k)
+        with torch.no_grad():
+            layer.weight[0, 0] = float("nan")
+        return out
+
+    monkeypatch.setattr(torch.optim.Muon, "step", poisoned_step)
+    with pytest.raises(TrainingDivergedError, match=r"\.weight became NaN or Inf at step 2.*no checkpoint"):
+        train(s, teacher, token_data(), TrainConfig(steps=4, batch_size=4, checkpoint_every=2), out_dir=tmp_path,
+              progress=False)
+
+
+def test_eval_hook_records_a_curve_without_changing_training():
+    teacher = tiny_llama()
+    ids = token_data()
+    cfg = TrainConfig(steps=5, batch_size=4, lr_latent=1e-2, lr_scales=3e-3, log_every=10)
+    plain, hooked = noisy_student(teacher, latent=True), noisy_student(teacher, latent=True)
+    train(plain, teacher, ids, cfg, progress=False)
+    modes = []
+
+    def kl_to_teacher(model):
+        modes.append((model.training, torch.is_grad_enabled()))
+        with torch.no_grad():
+            return {"kl": float(T.distillation_loss(model(ids[:4]), teacher(ids[:4]), 0.0)[1])}
+
+    r = train(hooked, teacher, ids, cfg, progress=False, eval_fn=kl_to_teacher, eval_every=2)
+    assert states_equal(plain, hooked)
+    evals = [(h["step"], h["tokens"]) for h in r.history if "eval" in h]
+    assert evals == [(2, 2 * 4 * 24), (4, 4 * 4 * 24), (5, 5 * 4 * 24)]
+    assert modes == [(False, False)] * 3 and hooked.training == plain.training
+    assert all(h["eval"]["kl"] > 0 for h in r.history if "eval" in h)
+
+
+def test_experiment_records_the_ppl_curve(tmp_path, monkeypatch):
+    from rabit import evaluate as E
+    from rabit.experiment import ExperimentConfig, run_experiment
+
+    wiki = tmp_path / "shared" / E.WIKITEXT2_RAW_TEST
+    wiki.parent.mkdir(parents=True)
+    wiki.write_text("\n".join(f" Once upon a time there was a cat number {i} ." for i in range(40)) + "\n")
+    monkeypatch.setenv(E.SHARED_ENV, str(tmp_path / "shared"))
+    cfg = ExperimentConfig(model="stories260k", method="rabit", tokens=4 * 4 * 32, seq_len=32, batch_size=4,
+                           data_seqs=16, calib_seqs=4, gen_batch=16, ppl_ctx=(64,), curve_points=2)
+    res = run_experiment(cfg, tmp_path / "run", device="cpu", progress=False)
+    curve = res["ppl_curve"]
+    assert [c["tokens"] for c in curve] == [0, 2 * 4 * 32, 4 * 4 * 32]
+    assert all(math.isfinite(c["wikitext2_ppl_64"]) for c in curve)
+    assert curve[-1]["wikitext2_ppl_64"] == pytest.approx(res["wikitext2_ppl"]["64"]["ppl"], rel=1e-9)
+    assert curve[0]["wikitext2_ppl_64"] != curve[-1]["wikitext2_ppl_64"]

@@ -32,7 +32,8 @@ bool stream_is_capturing(cudaStream_t s) {
 
 std::tuple<at::Tensor, at::Tensor> residual_binarize_cuda(const at::Tensor &weight, const at::Tensor &g,
                                                           const at::Tensor &h, std::optional<at::ScalarType> out_dtype,
-                                                          c10::string_view ste, double ste_param) {
+                                                          c10::string_view ste, double ste_param,
+                                                          bool check_finite) {
     const char *op = "rabit.residual_binarize";
     const auto [K, out, in] = check_residual_binarize_args(op, weight, g, h, ste, ste_param);
     const at::ScalarType odt = out_dtype.value_or(weight.scalar_type());
@@ -42,8 +43,8 @@ std::tuple<at::Tensor, at::Tensor> residual_binarize_cuda(const at::Tensor &weig
     at::Tensor gf = g.to(at::kFloat).contiguous(), hf = h.to(at::kFloat).contiguous();
     at::Tensor what = at::empty({out, in}, weight.options().dtype(odt));
     at::Tensor packed = at::empty({K, out, words_per_row(in)}, weight.options().dtype(at::kInt));
-    // Non-finite g, h (checked before the kernel on the CPU) and W are reported through one device flag,
-    // read back after the kernel: one synchronisation instead of three.
+    // Non-finite g, h and W are reported through one device flag, read back after the kernel: one
+    // synchronisation instead of three (none with check_finite=false).
     at::Tensor flag = at::empty({1}, weight.options().dtype(at::kInt));
     C10_CUDA_CHECK(cudaMemsetAsync(flag.data_ptr<int>(), 0, sizeof(int), stream));
     check_launch(rabit_cuda::residual_binarize(weight.data_ptr(), to_rabit_dtype(weight.scalar_type()),
@@ -51,7 +52,7 @@ std::tuple<at::Tensor, at::Tensor> residual_binarize_cuda(const at::Tensor &weig
                                                in, what.data_ptr(), ordt, words_mut(packed), flag.data_ptr<int>(),
                                                stream));
     // Inside CUDA-graph capture nothing may synchronise: the check is skipped there (docs/kernels.md).
-    if (!stream_is_capturing(stream)) {
+    if (check_finite && !stream_is_capturing(stream)) {
         const int bad = flag.item<int>();
         TORCH_CHECK_VALUE(!(bad & rabit_cuda::FLAG_G_NONFINITE), op, ": g contains NaN or Inf");
         TORCH_CHECK_VALUE(!(bad & rabit_cuda::FLAG_H_NONFINITE), op, ": h contains NaN or Inf");

@@ -40,9 +40,10 @@ rabit_status rabit_residual_binarize_cpu(const void *W, rabit_dtype wdt, const f
             rabit_load_f32(W, wdt, o * in, in, r);
             for (j = 0; j < in; j++) bad |= !rabit_isfinite(r[j]);
             if (bad) {
+                /* Reported after the whole output is computed, as on the GPU, so a caller that ignores
+                   the report gets the same outputs on both. */
 #pragma omp atomic write
                 nonfinite = 1;
-                continue;
             }
             for (k = 0; k < K; k++) {
                 const float gk = g[k * out + o];

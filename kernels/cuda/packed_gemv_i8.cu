@@ -24,6 +24,9 @@
  */
 #include <cuda_runtime.h>
 
+#include <cstdlib>
+#include <cstring>
+
 #include "common.cuh"
 #include "rabit_cuda.cuh"
 
@@ -97,22 +100,18 @@ struct PrepArgs {
 constexpr int kPrepThreads = kGroupCols;
 constexpr int kPrepParts = 4;
 
-__global__ void __launch_bounds__(kPrepThreads) gemv_i8_prep_kernel(const PrepArgs a) {
-    __shared__ int qv[kMaxNT * 2][kGroupCols];
-    __shared__ unsigned int amax[kMaxNT * 2];
-    __shared__ int bad[kMaxNT * 2];
-    __shared__ unsigned long long qs[kMaxNT * 2];
-    __shared__ float inv[kMaxNT * 2];
-    const int gr = blockIdx.x, k = blockIdx.y, K = gridDim.y, part = blockIdx.z, tid = threadIdx.x;
-    const int64_t j = static_cast<int64_t>(gr) * kGroupCols + tid;  // this thread's column
+/* The common front of both prologues, for this thread's column j of group gr and path k: xh = h * x per row m
+   of x, the group's max |xh| per row (bad: a non-finite xh) and inv = 1/S with S = 2^(e - 30), 2^e > max, so
+   that Q = xh * inv is exact in float32 and |Q| <= 2^30; e >= -96 keeps 1/S finite (groups below 2^-96 keep
+   2^-126 absolute resolution). Ends with a barrier; amax, bad, inv are shared arrays of kMaxNT * 2. */
+__device__ __forceinline__ void prep_front(const PrepArgs &a, int k, int64_t j, int tid, float (&xh)[kMaxNT * 2],
+                                           unsigned int *amax, int *bad, unsigned long long *qs, float *inv) {
     pdl_launch_dependents();  // the main kernel may start now: it loads its bits, then waits for this grid
-    const int Mp = 2 * a.NT;
-    if (tid < Mp) {
+    if (tid < 2 * kMaxNT) {
         amax[tid] = 0u;
         bad[tid] = 0;
         qs[tid] = 0ull;
     }
-    float xh[kMaxNT * 2];
     const float hj = j < a.in ? ld_any(a.h, a.hdt, k * a.in + j) : 0.0f;
 #pragma unroll
     for (int m = 0; m < kMaxNT * 2; m++)
@@ -132,25 +131,50 @@ __global__ void __launch_bounds__(kPrepThreads) gemv_i8_prep_kernel(const PrepAr
         }
     }
     __syncthreads();
-    // S = 2^(e - 30) with max|xh| < 2^e (frexp), so |Q| = |xh / S| <= 2^30 and xh / S is exact in float32;
-    // e >= -96 keeps 1/S finite (groups below 2^-96 keep 2^-126 absolute resolution)
     if (tid < a.M) {
         int e;
         frexpf(__uint_as_float(amax[tid]), &e);
         inv[tid] = amax[tid] ? ldexpf(1.0f, 30 - max(e, -96)) : 1.0f;
     }
     __syncthreads();
+}
+
+/* sum(Q) of row m over the block's columns, exact in int64 (512 * 2^30 < 2^63), into qs[m]. */
+__device__ __forceinline__ void add_qsum(int q, int tid, unsigned long long *qs_m) {
+    long long sq = q;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) sq += __shfl_xor_sync(0xffffffffu, sq, o);
+    if ((tid & 31) == 0) atomicAdd(qs_m, static_cast<unsigned long long>(sq));
+}
+
+/* Scale S (NaN if the group had a non-finite xh: it poisons the row) and sum(Q) of rows m < Mp. */
+__device__ __forceinline__ void write_scales(const PrepArgs &a, size_t o, int tid, int Mp, const int *bad,
+                                             const float *inv, const unsigned long long *qs) {
+    if (tid < Mp) {
+        float sc = 0.0f;
+        if (tid < a.M) sc = bad[tid] ? __int_as_float(0x7fffffff) : 1.0f / inv[tid];
+        a.scale[o + tid] = sc;
+        a.qsum[o + tid] = static_cast<double>(static_cast<long long>(qs[tid]));
+    }
+}
+
+__global__ void __launch_bounds__(kPrepThreads) gemv_i8_prep_kernel(const PrepArgs a) {
+    __shared__ int qv[kMaxNT * 2][kGroupCols];
+    __shared__ unsigned int amax[kMaxNT * 2];
+    __shared__ int bad[kMaxNT * 2];
+    __shared__ unsigned long long qs[kMaxNT * 2];
+    __shared__ float inv[kMaxNT * 2];
+    const int gr = blockIdx.x, k = blockIdx.y, K = gridDim.y, part = blockIdx.z, tid = threadIdx.x;
+    const int64_t j = static_cast<int64_t>(gr) * kGroupCols + tid;  // this thread's column
+    const int Mp = 2 * a.NT;
+    float xh[kMaxNT * 2];
+    prep_front(a, k, j, tid, xh, amax, bad, qs, inv);
 #pragma unroll
     for (int m = 0; m < kMaxNT * 2; m++) {
         if (m >= a.M) break;
         const int q = __float2int_rn(xh[m] * inv[m]);
         qv[m][tid] = q;
-        if (part == 0) {  // sum(Q) per row, exact in int64 (512 * 2^30 < 2^63)
-            long long sq = q;
-#pragma unroll
-            for (int o = 16; o > 0; o >>= 1) sq += __shfl_xor_sync(0xffffffffu, sq, o);
-            if ((tid & 31) == 0) atomicAdd(&qs[m], static_cast<unsigned long long>(sq));
-        }
+        if (part == 0) add_qsum(q, tid, &qs[m]);
     }
     __syncthreads();
     // fragments: entry (s, p, nt, lane) holds, for n = 8 nt + lane/4 -> (row m = n/4, digit n%4), bytes
@@ -170,13 +194,7 @@ __global__ void __launch_bounds__(kPrepThreads) gemv_i8_prep_kernel(const PrepAr
         }
         dst[e] = make_uint2(b[0], b[1]);
     }
-    if (part == 0 && tid < Mp) {
-        const size_t o = (static_cast<size_t>(gr) * K + k) * Mp + tid;
-        float sc = 0.0f;
-        if (tid < a.M) sc = bad[tid] ? __int_as_float(0x7fffffff) : 1.0f / inv[tid];  // NaN poisons the row
-        a.scale[o] = sc;
-        a.qsum[o] = static_cast<double>(static_cast<long long>(qs[tid]));
-    }
+    if (part == 0) write_scales(a, (static_cast<size_t>(gr) * K + k) * Mp, tid, Mp, bad, inv, qs);
 }
 
 struct MainArgs {
@@ -361,6 +379,203 @@ __global__ void __launch_bounds__(kWarps * 32, ((K <= 2 && NT <= 2) || (K == 3 &
     }
 }
 
+/* ---------------------------------------------------------------------------------------------------------
+ * Binary variant (M <= kB1MaxM): the same exact integers Q, as 32 bit planes, against the stored bits with the
+ * native 1-bit tensor-core MMA (mma.m16n8k256 .b1, AND + POPC; BMMA on sm_80/sm_90):
+ *   sum_j b_j Q_j = sum_p w_p popc(b AND plane_p(Q)),  w_p = 2^p (p < 31), w_31 = -2^31 (two's complement).
+ * The A registers are the packed words themselves (no expansion instruction at all), one MMA covers 16 rows x
+ * 256 columns x 8 planes, and the popcounts are exact in int32 (<= 512 per group). Per group the planes
+ * recombine exactly in float64 to the same sum as the int8 kernel's digits, so both kernels give bit-identical
+ * outputs (tested); only the instruction count differs (the int8 kernel: 2 integer instructions per 4
+ * weights to build its A operand, 16 MMAs per 512 columns and path).
+ * MMA n-index = 32 m + p (row m of x, plane p); k-index t*32 + i (b0) and 128 + t*32 + i (b1) of step s are
+ * columns 32 (4t + 2s) + i and 32 (4t + 2s + 1) + i of the group: the words lane (g, t) already holds.
+ * ------------------------------------------------------------------------------------------------------- */
+constexpr int kB1MaxM = 2;
+
+__device__ __forceinline__ void mma_b1(int (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
+                                       uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k256.row.col.s32.b1.b1.s32.and.popc {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+/* Blocks (group, path) of 512 threads, one column each. Warp w's ballot of bit p of Q over its 32 columns is
+   word w of plane p; lane p keeps it and stores it where the main kernel's lane (g, t) reads it as b0/b1 of
+   step s: fragment [group][K][s][nt][lane] (uint2), n = 32 m + p = 8 nt + g, w = 4t + 2s + hh. */
+__global__ void __launch_bounds__(kPrepThreads) gemv_b1_prep_kernel(const PrepArgs a) {
+    __shared__ unsigned int amax[kMaxNT * 2];
+    __shared__ int bad[kMaxNT * 2];
+    __shared__ unsigned long long qs[kMaxNT * 2];
+    __shared__ float inv[kMaxNT * 2];
+    const int gr = blockIdx.x, k = blockIdx.y, K = gridDim.y, tid = threadIdx.x, lane = tid & 31, w = tid >> 5;
+    const int64_t j = static_cast<int64_t>(gr) * kGroupCols + tid;
+    const int NTB = 4 * a.M;
+    float xh[kMaxNT * 2];
+    prep_front(a, k, j, tid, xh, amax, bad, qs, inv);
+    uint32_t *dst = reinterpret_cast<uint32_t *>(a.frag + (static_cast<size_t>(gr) * K + k) * 2 * NTB * 32);
+    const int t = w >> 2, s = (w >> 1) & 1, hh = w & 1;
+#pragma unroll
+    for (int m = 0; m < kB1MaxM; m++) {
+        if (m >= a.M) break;
+        const int q = __float2int_rn(xh[m] * inv[m]);  // 0 past `in` (xh = 0 there)
+        add_qsum(q, tid, &qs[m]);
+        uint32_t mine = 0u;
+#pragma unroll
+        for (int p = 0; p < 32; p++) {
+            const uint32_t word = __ballot_sync(0xffffffffu, (static_cast<uint32_t>(q) >> p) & 1u);
+            if (lane == p) mine = word;
+        }
+        const int n = 32 * m + lane, nt = n >> 3, g = n & 7;
+        dst[((s * NTB + nt) * 32 + g * 4 + t) * 2 + hh] = mine;
+    }
+    __syncthreads();
+    write_scales(a, (static_cast<size_t>(gr) * K + k) * kB1MaxM, tid, kB1MaxM, bad, inv, qs);
+}
+
+/* One 16-row tile per block, 8 warps over the groups (as the int8 kernel). Per (group, path): 2 steps x 4M
+   n-tiles of BMMA, then the planes recombine in float64 and the 4 lanes of a quad (t) add their planes. The B
+   fragments of the next (group, path) are loaded before the MMAs of this one. */
+template <int K, int M>
+__global__ void __launch_bounds__(kWarps * 32, M == 1 ? 2 : 1) gemv_b1_kernel(const MainArgs a) {
+    constexpr int NTB = 4 * M;
+    __shared__ float red[kWarps][16][M];
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int g = lane >> 2, t = lane & 3;
+    const int64_t row0 = static_cast<int64_t>(blockIdx.x) * 16;
+    const int64_t nw = a.nw, out = a.out;
+
+    auto load = [&](int64_t gr, Bits<K, 1> &dst) {
+        const int64_t w0 = gr * kGroupWords + 4 * t;
+#pragma unroll
+        for (int k = 0; k < K; k++)
+#pragma unroll
+            for (int r = 0; r < 2; r++) {
+                const int64_t o = row0 + g + 8 * r;
+                const rabit_word_t *p = a.packed + (k * out + o) * nw + w0;
+                uint4 v = make_uint4(0u, 0u, 0u, 0u);
+                if (o < out) {
+                    if (a.vec) {
+                        if (w0 < nw) v = __ldcs(reinterpret_cast<const uint4 *>(p));
+                    } else {
+                        if (w0 < nw) v.x = __ldcs(p);
+                        if (w0 + 1 < nw) v.y = __ldcs(p + 1);
+                        if (w0 + 2 < nw) v.z = __ldcs(p + 2);
+                        if (w0 + 3 < nw) v.w = __ldcs(p + 3);
+                    }
+                }
+                dst.w[k][0][r] = v;
+            }
+    };
+    struct Frag {
+        uint2 b[2][NTB];
+    };
+    auto load_frag = [&](int64_t gr, int k, Frag &dst) {
+        const uint2 *fp = a.frag + (static_cast<size_t>(gr) * K + k) * (2 * NTB * 32) + lane;
+#pragma unroll
+        for (int s = 0; s < 2; s++)
+#pragma unroll
+            for (int nt = 0; nt < NTB; nt++) dst.b[s][nt] = __ldg(fp + (s * NTB + nt) * 32);
+    };
+
+    float gk[K][2];
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        const int64_t o = row0 + g + 8 * r;
+#pragma unroll
+        for (int k = 0; k < K; k++) gk[k][r] = o < out ? ld_any(a.g, a.gdt, k * out + o) : 0.0f;
+    }
+    // plane weights of this lane's accumulator columns: n-tile ntl (of a row m) holds planes 8 ntl + 2t, +1
+    double pw[4][2];
+#pragma unroll
+    for (int ntl = 0; ntl < 4; ntl++)
+#pragma unroll
+        for (int c = 0; c < 2; c++) {
+            const int pl = 8 * ntl + 2 * t + c;
+            pw[ntl][c] = pl == 31 ? -2147483648.0 : static_cast<double>(1u << pl);
+        }
+    float fa[M][2];
+#pragma unroll
+    for (int m = 0; m < M; m++) fa[m][0] = fa[m][1] = 0.0f;
+
+    Bits<K, 1> cur, nxt;
+    int64_t gr = warp;
+    if (gr < a.ngroups) load(gr, cur);
+    pdl_wait();  // the bits and g are in flight; the prologue's fragments and scales are complete past here
+    Frag fr[2];
+    if (gr < a.ngroups) load_frag(gr, 0, fr[0]);
+    for (; gr < a.ngroups; gr += kWarps) {
+        const bool more = gr + kWarps < a.ngroups;
+        if (more) load(gr + kWarps, nxt);
+#pragma unroll
+        for (int k = 0; k < K; k++) {
+            Frag &f = fr[k & 1];  // K is unrolled: (group, path) items alternate buffers within a group...
+            if (k + 1 < K)
+                load_frag(gr, k + 1, fr[(k + 1) & 1]);
+            else if (more)
+                load_frag(gr + kWarps, 0, fr[(k + 1) & 1]);  // ...and K even/odd is fixed, see below
+            const size_t so = (static_cast<size_t>(gr) * K + k) * kB1MaxM;
+            double sck[M], qsk[M];
+#pragma unroll
+            for (int m = 0; m < M; m++) {
+                sck[m] = __ldg(a.scale + so + m);
+                qsk[m] = __ldg(a.qsum + so + m);
+            }
+            int acc[NTB][4];
+#pragma unroll
+            for (int nt = 0; nt < NTB; nt++) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0;
+            const uint4 &wg = cur.w[k][0][0], &wh = cur.w[k][0][1];
+#pragma unroll
+            for (int s = 0; s < 2; s++)
+#pragma unroll
+                for (int nt = 0; nt < NTB; nt++)
+                    mma_b1(acc[nt], s ? wg.z : wg.x, s ? wh.z : wh.x, s ? wg.w : wg.y, s ? wh.w : wh.y,
+                           f.b[s][nt].x, f.b[s][nt].y);
+#pragma unroll
+            for (int m = 0; m < M; m++)
+#pragma unroll
+                for (int r = 0; r < 2; r++) {
+                    double v = 0.0;
+#pragma unroll
+                    for (int ntl = 0; ntl < 4; ntl++) {
+                        v = fma(static_cast<double>(acc[4 * m + ntl][2 * r]), pw[ntl][0], v);
+                        v = fma(static_cast<double>(acc[4 * m + ntl][2 * r + 1]), pw[ntl][1], v);
+                    }
+                    v += __shfl_xor_sync(0xffffffffu, v, 1);  // exact: integers below 2^53
+                    v += __shfl_xor_sync(0xffffffffu, v, 2);
+                    const float val = static_cast<float>(sck[m] * (2.0 * v - qsk[m]));
+                    fa[m][r] = __fmaf_rn(gk[k][r], val, fa[m][r]);
+                }
+        }
+        if constexpr (K % 2 == 1) {
+            // odd K: the next group's path 0 went to buffer K & 1 = 1; move it to buffer 0
+            fr[0] = fr[1];
+        }
+        if (more) cur = nxt;
+    }
+
+    // epilogue as in the int8 kernel: warps in order through shared memory, bias, one rounding
+    if (t == 0) {
+#pragma unroll
+        for (int m = 0; m < M; m++)
+#pragma unroll
+            for (int r = 0; r < 2; r++) red[warp][g + 8 * r][m] = fa[m][r];
+    }
+    __syncthreads();
+    for (int idx = tid; idx < 16 * M; idx += kWarps * 32) {
+        const int m = idx / 16, rl = idx - m * 16;
+        const int64_t o = row0 + rl;
+        if (o >= out) continue;
+        float sum = 0.0f;
+#pragma unroll
+        for (int w = 0; w < kWarps; w++) sum = __fadd_rn(sum, red[w][rl][m]);
+        if (a.bias) sum = __fadd_rn(sum, ld_any(a.bias, a.bdt, o));
+        st_any(a.y, a.ydt, static_cast<int64_t>(m) * out + o, sum);
+    }
+}
+
 bool pdl_supported() {  // of the current device (the glue sets it to the tensors' device)
     int dev = 0, major = 0;
     cudaGetDevice(&dev);
@@ -376,6 +591,11 @@ cudaError_t launch_main_nt(const MainArgs &a, cudaStream_t s) {
     // more registers than two blocks per SM allow)
     constexpr int MT = 1;
     const unsigned blocks = static_cast<unsigned>((a.out + MT * 16 - 1) / (MT * 16));
+    return launch_pdl(gemv_i8_kernel<K, NT, MT>, blocks, a, s);
+}
+
+template <typename Kern>
+cudaError_t launch_pdl(Kern kernel, unsigned blocks, const MainArgs &a, cudaStream_t s) {
     cudaLaunchConfig_t cfg = {};
     cfg.gridDim = dim3(blocks);
     cfg.blockDim = dim3(kWarps * 32);
@@ -385,7 +605,29 @@ cudaError_t launch_main_nt(const MainArgs &a, cudaStream_t s) {
     attr[0].val.programmaticStreamSerializationAllowed = 1;
     cfg.attrs = attr;
     cfg.numAttrs = pdl_supported() ? 1 : 0;
-    return cudaLaunchKernelEx(&cfg, gemv_i8_kernel<K, NT, MT>, a);
+    return cudaLaunchKernelEx(&cfg, kernel, a);
+}
+
+template <int K>
+cudaError_t launch_b1_k(const MainArgs &a, cudaStream_t s) {
+    const unsigned blocks = static_cast<unsigned>((a.out + 15) / 16);
+    return a.M == 1 ? launch_pdl(gemv_b1_kernel<K, 1>, blocks, a, s) : launch_pdl(gemv_b1_kernel<K, 2>, blocks, a, s);
+}
+
+/* Which decode kernel runs. Measured on an H200 (docs/kernels.md, 2026-11-26): the 1-bit kernel is faster at
+   M = 1 for long rows (in = 11008: 12.2 against 13.6 us; in = 14336: 13.7 against 15.7 us) and slower for 8
+   groups per row (in = 4096: 8.2 against 7.6 us at 4096 x 4096) and at M = 2 (two blocks per SM do not fit
+   its registers), so it runs for M = 1 and at least kB1MinGroups groups. RABIT_CUDA_DECODE=b1 or i8 forces
+   one where both apply (benchmarks; the test that both give the same bits): the outputs are bit-identical,
+   so this never changes a result. */
+constexpr int64_t kB1MinGroups = 16;
+
+bool use_b1(int64_t M, int64_t ngroups) {
+    if (M > kB1MaxM) return false;
+    const char *v = getenv("RABIT_CUDA_DECODE");
+    if (v && strcmp(v, "b1") == 0) return true;
+    if (v && strcmp(v, "i8") == 0) return false;
+    return M == 1 && ngroups >= kB1MinGroups;
 }
 
 template <int K>
@@ -423,7 +665,12 @@ cudaError_t gemv_i8(const void *x, rabit_dtype xdt, int64_t M, const rabit_word_
     PrepArgs p;
     p.x = x; p.xdt = xdt; p.M = static_cast<int>(M); p.h = h; p.hdt = hdt; p.in = in; p.NT = NT;
     p.frag = frag; p.scale = scale; p.qsum = qsum;
-    gemv_i8_prep_kernel<<<dim3(static_cast<unsigned>(ng), static_cast<unsigned>(K), kPrepParts), kPrepThreads, 0, s>>>(p);
+    const bool b1 = use_b1(M, ng);  // same workspace: b1 needs 256 M <= 512 fragment entries per group and path
+    if (b1)
+        gemv_b1_prep_kernel<<<dim3(static_cast<unsigned>(ng), static_cast<unsigned>(K)), kPrepThreads, 0, s>>>(p);
+    else
+        gemv_i8_prep_kernel<<<dim3(static_cast<unsigned>(ng), static_cast<unsigned>(K), kPrepParts), kPrepThreads,
+                              0, s>>>(p);
     cudaError_t e = cudaGetLastError();
     if (e != cudaSuccess) return e;
 
@@ -432,6 +679,15 @@ cudaError_t gemv_i8(const void *x, rabit_dtype xdt, int64_t M, const rabit_word_
     a.M = static_cast<int>(M); a.out = out; a.in = in; a.nw = RABIT_WORDS(in); a.ngroups = ng;
     a.frag = frag; a.scale = scale; a.qsum = qsum;
     a.vec = (a.nw % 4 == 0) && (reinterpret_cast<uintptr_t>(packed) % 16 == 0);
+    if (b1) {
+        switch (K) {
+            case 1: return launch_b1_k<1>(a, s);
+            case 2: return launch_b1_k<2>(a, s);
+            case 3: return launch_b1_k<3>(a, s);
+            case 4: return launch_b1_k<4>(a, s);
+        }
+        return cudaErrorInvalidValue;
+    }
     switch (K) {
         case 1: return launch_main_k<1>(a, NT, s);
         case 2: return launch_main_k<2>(a, NT, s);
