@@ -19,17 +19,21 @@ def main(argv=None) -> None:
     ap.add_argument("out")
     ap.add_argument("results", nargs="+")
     ap.add_argument("--fp", type=float, default=None, help="the FP model's perplexity (dashed line)")
+    ap.add_argument("--labels", nargs="*", default=None, help="one legend label per result (default: the method)")
     args = ap.parse_args(argv)
     fig, ax = plt.subplots(figsize=(6.4, 4))
     title = None
-    for f in args.results:
+    labels = args.labels or [None] * len(args.results)
+    if len(labels) != len(args.results):
+        raise SystemExit("--labels: give one label per result file")
+    for f, label in zip(args.results, labels):
         res = json.loads(Path(f).read_text())
         curve = res.get("ppl_curve") or []
         if not curve:
             raise SystemExit(f"{f}: no ppl_curve (run rabit train with --curve N)")
         key = next(k for k in curve[0] if k.startswith("wikitext2_ppl_"))
         pts = [(c["tokens"] / 1e6, c[key]) for c in curve if c["tokens"] > 0]  # the init (tokens 0) is off-scale
-        ax.plot(*zip(*pts), marker="o", label=f"{res['method']} (init: {curve[0][key]:.3g})")
+        ax.plot(*zip(*pts), marker="o", label=f"{label or res['method']} (init: {curve[0][key]:.3g})")
         title = f"{res['model']}, {res['device']}, ctx {key.rsplit('_', 1)[1]}"
     if args.fp:
         ax.axhline(args.fp, color="k", ls="--", lw=1, label=f"FP {args.fp:g}")

@@ -6,7 +6,7 @@ Loss (RaBiT §4, LittleBit's ``kd_utils``)::
       + γ · Σ_layers MSE(student hidden_l, teacher hidden_l)   over hidden_states[1:]
 
 Optimizers: the 2-D latent weights of RaBiTLinear modules (``module.is_rabit_latent``) go to Muon
-(the paper trains with Muon), everything else that is trainable (the scales g/h, norms, biases)
+(the paper trains with Muon; :class:`rabit.muon.GroupedMuon`, torch's Muon with batched iterations), everything else that is trainable (the scales g/h, norms, biases)
 goes to AdamW without weight decay. The schedule is linear warm-up then cosine to a floor.
 
 Checkpoints are one safetensors file (student weights, optimizer state, RNG state; the rest as
@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from .data import atomic_write, model_device, write_json_atomic
+from .muon import GroupedMuon
 
 logger = logging.getLogger(__name__)
 
@@ -320,7 +321,8 @@ def build_optimizers(student: torch.nn.Module, config: TrainConfig) -> list[torc
     optimizers: list[torch.optim.Optimizer] = []
     adam_groups = []
     if latent_params and config.optimizer == "muon":
-        optimizers.append(torch.optim.Muon(
+        # torch.optim.Muon's math with the Newton–Schulz iterations batched per shape (rabit/muon.py)
+        optimizers.append(GroupedMuon(
             [{"params": latent_params, "base_lr": config.lr_latent, "name": "latent"}],
             lr=config.lr_latent, weight_decay=config.weight_decay, momentum=config.muon_momentum,
             adjust_lr_fn=config.muon_adjust_lr,
@@ -332,7 +334,9 @@ def build_optimizers(student: torch.nn.Module, config: TrainConfig) -> list[torc
         adam_groups.append({"params": others, "lr": config.lr_scales, "base_lr": config.lr_scales,
                             "weight_decay": 0.0, "name": "scales"})
     if adam_groups:
-        optimizers.append(torch.optim.AdamW(adam_groups, betas=config.adam_betas))
+        # fused: one kernel for all the scales, norms and biases (hundreds of small tensors) on CUDA
+        fused = all(p.is_cuda for g in adam_groups for p in g["params"])
+        optimizers.append(torch.optim.AdamW(adam_groups, betas=config.adam_betas, fused=fused or None))
     if not optimizers:
         raise ValueError("rabit: the student has no trainable parameters (all requires_grad=False)")
     return optimizers

@@ -378,7 +378,9 @@ def test_a_parameter_that_becomes_non_finite_is_caught_at_the_checkpoint(tmp_pat
     teacher = tiny_llama()
     s = _rabit_student(teacher)
     layer = next(m for m in s.modules() if hasattr(m, "check_finite"))
-    real_step = torch.optim.Muon.step
+    from rabit.muon import GroupedMuon
+
+    real_step = GroupedMuon.step
 
     def poisoned_step(self, *a, **k):  # an optimizer step that writes NaN into one latent
         out = real_step(self, *a, **k)
@@ -386,7 +388,7 @@ def test_a_parameter_that_becomes_non_finite_is_caught_at_the_checkpoint(tmp_pat
             layer.weight[0, 0] = float("nan")
         return out
 
-    monkeypatch.setattr(torch.optim.Muon, "step", poisoned_step)
+    monkeypatch.setattr(GroupedMuon, "step", poisoned_step)
     with pytest.raises(TrainingDivergedError, match=r"\.weight became NaN or Inf at step 2.*no checkpoint"):
         train(s, teacher, token_data(), TrainConfig(steps=4, batch_size=4, checkpoint_every=2), out_dir=tmp_path,
               progress=False)
