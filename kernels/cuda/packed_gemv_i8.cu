@@ -218,6 +218,35 @@ struct Bits {
     uint4 w[K][MT][2];  // [path][m-tile][row g / g+8]: words 4t .. 4t+3 of the group
 };
 
+/* Lane (g, t)'s bits of group gr: words 4t .. 4t+3 of rows g and g+8 of each m-tile, per path (zeros past the
+   matrix), streamed (__ldcs: each word is read once). */
+template <int K, int MT>
+__device__ __forceinline__ void load_bits(const MainArgs &a, int64_t row0, int g, int t, int64_t gr,
+                                          Bits<K, MT> &dst) {
+    const int64_t w0 = gr * kGroupWords + 4 * t, nw = a.nw, out = a.out;
+#pragma unroll
+    for (int k = 0; k < K; k++)
+#pragma unroll
+        for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+            for (int r = 0; r < 2; r++) {
+                const int64_t o = row0 + mt * 16 + g + 8 * r;
+                const rabit_word_t *p = a.packed + (k * out + o) * nw + w0;
+                uint4 v = make_uint4(0u, 0u, 0u, 0u);
+                if (o < out) {
+                    if (a.vec) {
+                        if (w0 < nw) v = __ldcs(reinterpret_cast<const uint4 *>(p));
+                    } else {
+                        if (w0 < nw) v.x = __ldcs(p);
+                        if (w0 + 1 < nw) v.y = __ldcs(p + 1);
+                        if (w0 + 2 < nw) v.z = __ldcs(p + 2);
+                        if (w0 + 3 < nw) v.w = __ldcs(p + 3);
+                    }
+                }
+                dst.w[k][mt][r] = v;
+            }
+}
+
 template <int K, int NT, int MT>
 __global__ void __launch_bounds__(kWarps * 32, ((K <= 2 && NT <= 2) || (K == 3 && NT == 1)) ? 2 : 1)
     gemv_i8_kernel(const MainArgs a) {
@@ -226,32 +255,9 @@ __global__ void __launch_bounds__(kWarps * 32, ((K <= 2 && NT <= 2) || (K == 3 &
     const int g = lane >> 2, t = lane & 3;
     const int64_t row0 = static_cast<int64_t>(blockIdx.x) * MT * 16;
     constexpr int Mp = 2 * NT;
-    const int64_t nw = a.nw, out = a.out;
+    const int64_t out = a.out;
 
-    auto load = [&](int64_t gr, Bits<K, MT> &dst) {
-        const int64_t w0 = gr * kGroupWords + 4 * t;
-#pragma unroll
-        for (int k = 0; k < K; k++)
-#pragma unroll
-            for (int mt = 0; mt < MT; mt++)
-#pragma unroll
-                for (int r = 0; r < 2; r++) {
-                    const int64_t o = row0 + mt * 16 + g + 8 * r;
-                    const rabit_word_t *p = a.packed + (k * out + o) * nw + w0;
-                    uint4 v = make_uint4(0u, 0u, 0u, 0u);
-                    if (o < out) {
-                        if (a.vec) {
-                            if (w0 < nw) v = __ldcs(reinterpret_cast<const uint4 *>(p));
-                        } else {
-                            if (w0 < nw) v.x = __ldcs(p);
-                            if (w0 + 1 < nw) v.y = __ldcs(p + 1);
-                            if (w0 + 2 < nw) v.z = __ldcs(p + 2);
-                            if (w0 + 3 < nw) v.w = __ldcs(p + 3);
-                        }
-                    }
-                    dst.w[k][mt][r] = v;
-                }
-    };
+    auto load = [&](int64_t gr, Bits<K, MT> &dst) { load_bits(a, row0, g, t, gr, dst); };
 
     // g of this lane's rows (g, g+8 of each m-tile), folded into every group's flush
     float gk[K][MT][2];
@@ -445,30 +451,9 @@ __global__ void __launch_bounds__(kWarps * 32, M == 1 ? 2 : 1) gemv_b1_kernel(co
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int g = lane >> 2, t = lane & 3;
     const int64_t row0 = static_cast<int64_t>(blockIdx.x) * 16;
-    const int64_t nw = a.nw, out = a.out;
+    const int64_t out = a.out;
 
-    auto load = [&](int64_t gr, Bits<K, 1> &dst) {
-        const int64_t w0 = gr * kGroupWords + 4 * t;
-#pragma unroll
-        for (int k = 0; k < K; k++)
-#pragma unroll
-            for (int r = 0; r < 2; r++) {
-                const int64_t o = row0 + g + 8 * r;
-                const rabit_word_t *p = a.packed + (k * out + o) * nw + w0;
-                uint4 v = make_uint4(0u, 0u, 0u, 0u);
-                if (o < out) {
-                    if (a.vec) {
-                        if (w0 < nw) v = __ldcs(reinterpret_cast<const uint4 *>(p));
-                    } else {
-                        if (w0 < nw) v.x = __ldcs(p);
-                        if (w0 + 1 < nw) v.y = __ldcs(p + 1);
-                        if (w0 + 2 < nw) v.z = __ldcs(p + 2);
-                        if (w0 + 3 < nw) v.w = __ldcs(p + 3);
-                    }
-                }
-                dst.w[k][0][r] = v;
-            }
-    };
+    auto load = [&](int64_t gr, Bits<K, 1> &dst) { load_bits(a, row0, g, t, gr, dst); };
     struct Frag {
         uint2 b[2][NTB];
     };
