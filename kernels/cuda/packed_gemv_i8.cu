@@ -247,6 +247,23 @@ __device__ __forceinline__ void load_bits(const MainArgs &a, int64_t row0, int g
             }
 }
 
+/* Epilogue of both kernels: the warps' partial sums red[warp][row][m] added in warp order (deterministic), the
+   bias, one rounding to y's dtype. */
+template <int ROWS, int MD>
+__device__ __forceinline__ void store_rows(const MainArgs &a, const float (&red)[kWarps][ROWS][MD], int64_t row0,
+                                           int tid) {
+    for (int idx = tid; idx < ROWS * a.M; idx += kWarps * 32) {
+        const int m = idx / ROWS, rl = idx - m * ROWS;
+        const int64_t o = row0 + rl;
+        if (o >= a.out) continue;
+        float s = 0.0f;
+#pragma unroll
+        for (int w = 0; w < kWarps; w++) s = __fadd_rn(s, red[w][rl][m]);
+        if (a.bias) s = __fadd_rn(s, ld_any(a.bias, a.bdt, o));
+        st_any(a.y, a.ydt, static_cast<int64_t>(m) * a.out + o, s);
+    }
+}
+
 template <int K, int NT, int MT>
 __global__ void __launch_bounds__(kWarps * 32, ((K <= 2 && NT <= 2) || (K == 3 && NT == 1)) ? 2 : 1)
     gemv_i8_kernel(const MainArgs a) {
@@ -373,16 +390,7 @@ __global__ void __launch_bounds__(kWarps * 32, ((K <= 2 && NT <= 2) || (K == 3 &
             for (int nt = 0; nt < NT; nt++)
                 if ((t & 1) == 0) red[warp][mt * 16 + g + 8 * r][2 * nt + (t >> 1)] = fa[mt][nt][r];
     __syncthreads();
-    for (int idx = tid; idx < MT * 16 * a.M; idx += kWarps * 32) {
-        const int m = idx / (MT * 16), rl = idx - m * (MT * 16);
-        const int64_t o = row0 + rl;
-        if (o >= out) continue;
-        float s = 0.0f;
-#pragma unroll
-        for (int w = 0; w < kWarps; w++) s = __fadd_rn(s, red[w][rl][m]);
-        if (a.bias) s = __fadd_rn(s, ld_any(a.bias, a.bdt, o));
-        st_any(a.y, a.ydt, static_cast<int64_t>(m) * out + o, s);
-    }
+    store_rows(a, red, row0, tid);
 }
 
 /* ---------------------------------------------------------------------------------------------------------
@@ -549,16 +557,7 @@ __global__ void __launch_bounds__(kWarps * 32, M == 1 ? 2 : 1) gemv_b1_kernel(co
             for (int r = 0; r < 2; r++) red[warp][g + 8 * r][m] = fa[m][r];
     }
     __syncthreads();
-    for (int idx = tid; idx < 16 * M; idx += kWarps * 32) {
-        const int m = idx / 16, rl = idx - m * 16;
-        const int64_t o = row0 + rl;
-        if (o >= out) continue;
-        float sum = 0.0f;
-#pragma unroll
-        for (int w = 0; w < kWarps; w++) sum = __fadd_rn(sum, red[w][rl][m]);
-        if (a.bias) sum = __fadd_rn(sum, ld_any(a.bias, a.bdt, o));
-        st_any(a.y, a.ydt, static_cast<int64_t>(m) * out + o, sum);
-    }
+    store_rows(a, red, row0, tid);
 }
 
 bool pdl_supported() {  // of the current device (the glue sets it to the tensors' device)
