@@ -96,3 +96,23 @@ def test_bench_and_train_have_help(capsys):
     assert main(["bench", "--help"]) == 0
     assert main(["train", "--help"]) == 0
     assert main(["train", "--method", "nonsense", "--out", "x"]) == 2
+
+
+def test_train_passes_its_options_to_the_experiment(monkeypatch, tmp_path, capsys):
+    import rabit.experiment as X
+    from rabit.cli import main
+
+    seen = {}
+
+    def fake_run(cfg, out, device, progress):
+        seen.update(cfg=cfg, out=out, device=device)
+        return {"method": cfg.method, "model": cfg.model, "wikitext2_ppl": {"2048": {"ppl": 1.0}},
+                "train_tokens": cfg.steps * cfg.batch_size * cfg.seq_len}
+
+    monkeypatch.setattr(X, "run_experiment", fake_run)
+    assert main(["train", "--model", "stories260k", "--method", "independent", "--tokens", "2e4", "--curve", "5",
+                 "--data-seqs", "64", "--device", "cpu", "--out", str(tmp_path), "--quiet"]) == 0
+    cfg = seen["cfg"]
+    assert (cfg.method, cfg.tokens, cfg.curve_points, cfg.data_seqs) == ("independent", 20000, 5, 64)
+    assert seen["device"] == "cpu" and "ctx 2048: 1.00" in capsys.readouterr().out
+    assert main(["train", "--curve", "-1", "--out", str(tmp_path)]) == 2
