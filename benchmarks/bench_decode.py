@@ -73,7 +73,9 @@ def graph_time(fns, dev, reps=20):
     """Median time (s) of calling fns in order; on CUDA captured as one graph and replayed."""
     if dev.type != "cuda":
         return timed(lambda: [f() for f in fns], dev, reps=3)
-    return graph_time_us(fns, reps=reps, min_calls=1)[0] * 1e-6
+    # graph_time_us gives the time per call; the split needs the whole sequence (fixed 2026-11-26: the
+    # split_ms of ..._b1-dispatch.json was per call)
+    return graph_time_us(fns, reps=reps, min_calls=1)[0] * 1e-6 * len(fns)
 
 
 def tensor_bytes(mod):

@@ -175,7 +175,7 @@ def main():
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 K=K, scales="float16", x="float16", method=__doc__.split("Method: ")[1].strip(),
                 # RABIT_CUDA_DECODE=b1 or i8 forces that decode kernel where both apply (M <= 2)
-                decode_kernel=os.environ.get("RABIT_CUDA_DECODE", "auto: 1-bit MMA for M = 1 and in >= 8192, else int8"))
+                decode_kernel=os.environ.get("RABIT_CUDA_DECODE", "auto: 1-bit MMA for M = 1 and in > 7680, else int8"))
     print(f"{info['device']}, torch {info['torch']}, CUDA {info['cuda']}", flush=True)
     bw = copy_bandwidth_gbps(DEV)
     info["copy_GBps"] = round(bw, 1)

@@ -168,12 +168,15 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, device: str = "cu
                               eval_fn=eval_fn, eval_every=eval_every)
             for h in train_res.history:
                 h["step"] += half
-                h["tokens"] += first.history[-1]["tokens"] if first.history else 0
+                h["tokens"] = h["step"] * cfg.batch_size * cfg.seq_len
             train_res.history = first.history + train_res.history
+            eval_total = sum(r.eval_s for r in (first, train_res))
         else:
             train_res = train(student, teacher, teacher_data, tc, out_dir=out / "train", progress=progress,
                               eval_fn=eval_fn, eval_every=eval_every)
-        train_s = time.perf_counter() - t0
+            eval_total = train_res.eval_s
+        # training time without the curve's evaluations (checkpoint writes stay in)
+        train_s = time.perf_counter() - t0 - eval_total
         train_peak = _peak_memory(dev)
 
     agreement = None

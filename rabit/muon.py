@@ -2,7 +2,7 @@
 
 ``torch.optim.Muon`` orthogonalises one matrix at a time: five iterations of three small GEMMs each, so a
 model with hundreds of latent matrices launches thousands of kernels per step. On SmolLM2-135M (210 latents)
-that took 134 of the 253 ms of a QAT step on an H200 (benchmarks/bench_train.py, torch.profiler). Transformer
+that took 134 of the 263 ms of a QAT step on an H200 (benchmarks/bench_train.py, torch.profiler). Transformer
 layers repeat the same few shapes, so this subclass stacks the matrices of one shape and runs the same
 iteration with batched GEMMs (``torch.baddbmm``): the same arithmetic, per matrix, as ``torch.optim.Muon``
 (momentum, Nesterov, bf16 Newton–Schulz with the same coefficients, decoupled weight decay, the same learning-

@@ -145,7 +145,8 @@ class TrainResult:
     final_kl: float | None
     final_mse: float | None
     tokens_per_s: float | None  # mean over the steps run in this call
-    elapsed_s: float
+    elapsed_s: float  # training time of this call, without the evaluations of eval_fn
+    eval_s: float = 0.0  # time spent in eval_fn in this call
     history: list[dict[str, Any]] = field(default_factory=list)
     checkpoint: str | None = None
 
@@ -557,6 +558,8 @@ def train(
     (a curve of the metric against training tokens). It does not change the training trajectory.
     """
     config = config or TrainConfig()
+    if eval_every < 0:
+        raise ValueError(f"rabit: eval_every must be >= 0 (got {eval_every})")
     dev = model_device(student)
     if model_device(teacher) != dev:
         raise ValueError(f"rabit: student is on {dev} but teacher on {model_device(teacher)}; "
@@ -599,6 +602,11 @@ def train(
         # Llama students use no randomness, but a model with dropout must be reproducible too.
         torch.manual_seed(config.seed)
 
+    # checked before the student's mode, checkpointing or a progress bar change, so an error leaves it as it was
+    bad = _nonfinite_parameter(student, params)
+    if bad is not None:
+        where = "the student" if start_step == 0 else f"the checkpoint of step {start_step} in {str(out)!r}"
+        raise ValueError(f"rabit: {bad} holds NaN or Inf in {where}; training needs finite weights and scales")
     sampler = BatchSampler(token_ids.shape[0], config.batch_size, config.seed)
     hidden = config.gamma > 0
     tokens_per_step = config.batch_size * token_ids.shape[1]
@@ -629,12 +637,6 @@ def train(
             f"(lr_latent={config.lr_latent:g}, lr_scales={config.lr_scales:g}), lengthen the warm-up "
             f"or enable grad_clip, and run again.")
 
-    if eval_every < 0:
-        raise ValueError(f"rabit: eval_every must be >= 0 (got {eval_every})")
-    bad = _nonfinite_parameter(student, params)
-    if bad is not None:
-        where = "the student" if start_step == 0 else f"the checkpoint of step {start_step} in {str(out)!r}"
-        raise ValueError(f"rabit: {bad} holds NaN or Inf in {where}; training needs finite weights and scales")
     checks_off = _finite_checks_off(student)
     checks_off.__enter__()
     try:
@@ -692,6 +694,11 @@ def train(
                 write_json_atomic(out / HISTORY_NAME, history)
                 save_checkpoint(ckpt_path, student, optimizers, done, config, fingerprint)
                 last_saved = done
+        if ckpt_path is None and config.steps > start_step:
+            # without an out_dir there is no checkpoint at which the parameters were checked
+            bad = _nonfinite_parameter(student, params)
+            if bad is not None:
+                raise diverged(config.steps - 1, f"{bad} became NaN or Inf")
     finally:
         checks_off.__exit__(None, None, None)
         bar.close()
@@ -711,6 +718,7 @@ def train(
         final_mse=last.get("mse"),
         tokens_per_s=ran * tokens_per_step / elapsed if ran else None,
         elapsed_s=elapsed,
+        eval_s=eval_s,
         history=history,
         checkpoint=str(ckpt_path) if ckpt_path is not None else None,
     )

@@ -392,6 +392,26 @@ def test_a_parameter_that_becomes_non_finite_is_caught_at_the_checkpoint(tmp_pat
     with pytest.raises(TrainingDivergedError, match=r"\.weight became NaN or Inf at step 2.*no checkpoint"):
         train(s, teacher, token_data(), TrainConfig(steps=4, batch_size=4, checkpoint_every=2), out_dir=tmp_path,
               progress=False)
+    # without an out_dir (no checkpoints) the check runs once after the last step
+    s = _rabit_student(teacher)
+    layer = next(m for m in s.modules() if hasattr(m, "check_finite"))
+    with pytest.raises(TrainingDivergedError, match=r"\.weight became NaN or Inf at step 3"):
+        train(s, teacher, token_data(), TrainConfig(steps=3, batch_size=4), progress=False)
+
+
+def test_a_bad_start_leaves_the_student_as_it_was():
+    teacher = tiny_llama()
+    s = _rabit_student(teacher).eval()
+    layer = next(m for m in s.modules() if hasattr(m, "check_finite"))
+    with torch.no_grad():
+        layer.g[0, 0] = float("inf")
+    with pytest.raises(ValueError, match="holds NaN or Inf in the student"):
+        train(s, teacher, token_data(), TrainConfig(steps=2, batch_size=4, gradient_checkpointing=True),
+              progress=False)
+    assert not s.training and layer.check_finite and "check_finite" not in layer.__dict__
+    assert not getattr(s.model, "gradient_checkpointing", False)
+    with pytest.raises(ValueError, match="eval_every must be >= 0"):
+        train(s, teacher, token_data(), TrainConfig(steps=2, batch_size=4), eval_every=-1, progress=False)
 
 
 def test_eval_hook_records_a_curve_without_changing_training():

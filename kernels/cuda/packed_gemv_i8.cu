@@ -452,8 +452,9 @@ __global__ void __launch_bounds__(kPrepThreads) gemv_b1_prep_kernel(const PrepAr
 /* One 16-row tile per block, 8 warps over the groups (as the int8 kernel). Per (group, path): 2 steps x 4M
    n-tiles of BMMA, then the planes recombine in float64 and the 4 lanes of a quad (t) add their planes. The B
    fragments of the next (group, path) are loaded before the MMAs of this one. */
+// two blocks per SM where the registers allow it without spills (K = 4 at M = 1 would spill at 128 registers)
 template <int K, int M>
-__global__ void __launch_bounds__(kWarps * 32, M == 1 ? 2 : 1) gemv_b1_kernel(const MainArgs a) {
+__global__ void __launch_bounds__(kWarps * 32, (M == 1 && K <= 3) ? 2 : 1) gemv_b1_kernel(const MainArgs a) {
     constexpr int NTB = 4 * M;
     __shared__ float red[kWarps][16][M];
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
