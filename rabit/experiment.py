@@ -50,7 +50,9 @@ class ExperimentConfig:
     optimizer: str = "muon"
     ste: str = "identity"
     ppl_ctx: tuple[int, ...] = (2048, 4096)
-    curve_points: int = 0  # WikiText-2 PPL (first ppl_ctx) this many times during training: PPL vs tokens
+    # WikiText-2 PPL (first ppl_ctx) this many times during training: PPL vs tokens. path-freeze evaluates every
+    # steps // curve_points steps of each of its two stages, so its stage-2 points may sit off the others' grid.
+    curve_points: int = 0
     seed: int = 0
     extra: dict = field(default_factory=dict)
 
