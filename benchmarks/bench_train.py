@@ -20,7 +20,6 @@ also the top CUDA kernels and CPU ops of 3 profiled rabit steps (torch.profiler)
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import datetime
 import json
@@ -49,25 +48,14 @@ def smollm2_shaped(device):
 
 def run(student, teacher, ids, steps, batch, checked=False):
     cfg = T.TrainConfig(steps=steps, batch_size=batch, lr_latent=1e-4, lr_scales=1e-4, gamma=0.0,
-                        log_every=max(1, steps // 4), checkpoint_every=0, warmup_steps=0)
-    ctx = contextlib.nullcontext() if not checked else _keep_checks()
-    with ctx:
-        r = T.train(student, teacher, ids, cfg, progress=False)
+                        log_every=max(1, steps // 4), checkpoint_every=0, warmup_steps=0,
+                        layer_finite_checks=checked)
+    r = T.train(student, teacher, ids, cfg, progress=False)
     # the first logged interval holds one-time costs (kernel selection, allocator growth): skip it
     later = [h for h in r.history if h["step"] > r.history[0]["step"]]
     tps = sum(h["tokens_per_s"] for h in later) / len(later) if later else r.tokens_per_s
     return {"tokens_per_s": tps, "ms_per_step": batch * ids.shape[1] / tps * 1e3,
             "peak_memory_bytes": torch.cuda.max_memory_allocated()}
-
-
-@contextlib.contextmanager
-def _keep_checks():
-    real = T._finite_checks_off
-    T._finite_checks_off = lambda model: contextlib.nullcontext()
-    try:
-        yield
-    finally:
-        T._finite_checks_off = real
 
 
 def profile(student, teacher, ids, batch):

@@ -46,7 +46,7 @@ CHECKPOINT_FORMAT = "rabit-train-checkpoint/1"
 AUTOCAST_MODES = ("auto", "bf16", "none")
 OPTIMIZERS = ("muon", "adamw")
 # Fields that do not change the trajectory of training and may differ on resume.
-_RESUME_FREE_FIELDS = frozenset({"log_every", "checkpoint_every"})
+_RESUME_FREE_FIELDS = frozenset({"log_every", "checkpoint_every", "layer_finite_checks"})
 
 
 class TrainingDivergedError(RuntimeError):
@@ -84,6 +84,9 @@ class TrainConfig:
     grad_clip: float | None = 1.0  # None or 0: no clipping (the norm is still checked for NaN)
     autocast: str = "auto"  # "auto": bf16 on CUDA, none on CPU; "bf16"; "none"
     gradient_checkpointing: bool = False
+    # keep the RaBiT layers' own NaN/Inf check on every call (a device sync per layer per step on CUDA); off by
+    # default, the loop checks the parameters itself (see _disable_finite_checks)
+    layer_finite_checks: bool = False
     freeze_embeddings: bool = True  # keep token embeddings / lm_head frozen (LittleBit practice)
     log_every: int = 10
     checkpoint_every: int = 100  # 0: only at the end
@@ -513,25 +516,25 @@ def _forward(model, input_ids, hidden: bool):
     return model(input_ids=input_ids, output_hidden_states=hidden, use_cache=False)
 
 
-@contextlib.contextmanager
-def _finite_checks_off(model: torch.nn.Module):
-    """Switch off the per-layer NaN/Inf check of the RaBiT layers while training: on CUDA each check is a
-    device synchronisation (one per layer per step, the largest overhead of a small model's step). The loop
-    keeps the same guarantee more cheaply: it checks every trainable parameter at the start and at each
-    checkpoint, and the loss and gradient norm every step; finite parameters updated with finite gradients
-    stay finite."""
+def _disable_finite_checks(model: torch.nn.Module) -> Callable[[], None]:
+    """Switch off the per-layer NaN/Inf check of the RaBiT layers for training; returns the function that puts
+    them back. On CUDA each check is a device synchronisation (one per layer per step). The loop keeps the same
+    guarantee more cheaply: it checks every trainable parameter at the start, at each checkpoint (or after the
+    last step without one), and the loss and gradient norm every step; finite parameters updated with finite
+    gradients stay finite."""
     mods = [m for m in model.modules() if hasattr(m, "check_finite")]
     saved = [m.__dict__.get("check_finite") for m in mods]
     for m in mods:
         m.check_finite = False
-    try:
-        yield
-    finally:
+
+    def restore() -> None:
         for m, v in zip(mods, saved):
             if v is None:
                 del m.check_finite  # back to the class default
             else:
                 m.check_finite = v
+
+    return restore
 
 
 def train(
@@ -637,8 +640,7 @@ def train(
             f"(lr_latent={config.lr_latent:g}, lr_scales={config.lr_scales:g}), lengthen the warm-up "
             f"or enable grad_clip, and run again.")
 
-    checks_off = _finite_checks_off(student)
-    checks_off.__enter__()
+    restore_checks = (lambda: None) if config.layer_finite_checks else _disable_finite_checks(student)
     try:
         for step in range(start_step, config.steps):
             x = token_ids[sampler.indices(step)].to(dev, non_blocking=True)
@@ -700,7 +702,7 @@ def train(
             if bad is not None:
                 raise diverged(config.steps - 1, f"{bad} became NaN or Inf")
     finally:
-        checks_off.__exit__(None, None, None)
+        restore_checks()
         bar.close()
         student.train(was_training)
         teacher.train(teacher_training)

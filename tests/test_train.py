@@ -362,6 +362,10 @@ def test_training_turns_the_layer_finite_checks_off_and_restores_them():
     assert seen == [[False] * len(layers)] * 2
     assert layers[0].check_finite is False and all(m.check_finite for m in layers[1:])
     assert "check_finite" not in layers[1].__dict__  # back to the class default
+    seen.clear()  # TrainConfig.layer_finite_checks keeps them on
+    train(s, teacher, token_data(), TrainConfig(steps=1, batch_size=4, layer_finite_checks=True), progress=False,
+          eval_fn=lambda m: seen.append([x.check_finite for x in layers[1:]]) or {}, eval_every=1)
+    assert seen == [[True] * (len(layers) - 1)]
 
 
 def test_a_non_finite_parameter_is_named_before_training(tmp_path):

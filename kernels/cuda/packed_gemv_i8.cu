@@ -616,7 +616,8 @@ bool use_b1(int64_t M, int64_t ngroups) {
 }
 
 template <int K>
-cudaError_t launch_main_k(const MainArgs &a, int NT, cudaStream_t s) {
+cudaError_t launch_main_k(const MainArgs &a, bool b1, int NT, cudaStream_t s) {
+    if (b1) return launch_b1_k<K>(a, s);
     switch (NT) {
         case 1: return launch_main_nt<K, 1>(a, s);
         case 2: return launch_main_nt<K, 2>(a, s);
@@ -664,20 +665,11 @@ cudaError_t gemv_i8(const void *x, rabit_dtype xdt, int64_t M, const rabit_word_
     a.M = static_cast<int>(M); a.out = out; a.in = in; a.nw = RABIT_WORDS(in); a.ngroups = ng;
     a.frag = frag; a.scale = scale; a.qsum = qsum;
     a.vec = (a.nw % 4 == 0) && (reinterpret_cast<uintptr_t>(packed) % 16 == 0);
-    if (b1) {
-        switch (K) {
-            case 1: return launch_b1_k<1>(a, s);
-            case 2: return launch_b1_k<2>(a, s);
-            case 3: return launch_b1_k<3>(a, s);
-            case 4: return launch_b1_k<4>(a, s);
-        }
-        return cudaErrorInvalidValue;
-    }
     switch (K) {
-        case 1: return launch_main_k<1>(a, NT, s);
-        case 2: return launch_main_k<2>(a, NT, s);
-        case 3: return launch_main_k<3>(a, NT, s);
-        case 4: return launch_main_k<4>(a, NT, s);
+        case 1: return launch_main_k<1>(a, b1, NT, s);
+        case 2: return launch_main_k<2>(a, b1, NT, s);
+        case 3: return launch_main_k<3>(a, b1, NT, s);
+        case 4: return launch_main_k<4>(a, b1, NT, s);
     }
     return cudaErrorInvalidValue;
 }
