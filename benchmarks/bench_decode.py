@@ -126,13 +126,13 @@ def pack_random_(model, seed=0):
 
 
 def load(name, dev, dtype):
-    """(fp model, packed model builder) for a benchmark model name."""
+    """(fp model, what its weights are) for a benchmark model name; the packed model is pack_random_ of it."""
     if name == "llama2-7b-shape":
-        return llama2_7b_shape(dev, dtype), "random FP weights; random packed bits", pack_random_
+        return llama2_7b_shape(dev, dtype), "random FP weights; random packed bits"
     from rabit.models import load_model
 
     model, _ = load_model(name, dtype=dtype, device=dev)
-    return model.eval(), "pretrained FP weights; random packed bits", pack_random_
+    return model.eval(), "pretrained FP weights; random packed bits"
 
 
 # ------------------------------------------------------------------------------------------------ measure
@@ -161,7 +161,8 @@ def measure(model, batch, prompt, new, dev, reps, compile):
     t_lin = graph_time(lin_calls, dev)
     q = torch.randn(batch, dec.n_heads, 1, dec.head_dim, device=dev, dtype=dec.dtype)
     pos = torch.tensor([prompt + new // 2], device=dev)
-    t_att = graph_time([lambda i=i: dec.attention(i, q, pos) for i in range(len(model.model.layers))], dev)
+    mask = dec.causal_mask(pos)
+    t_att = graph_time([lambda i=i: dec.attention(i, q, mask) for i in range(len(model.model.layers))], dev)
     t_head = graph_time([lambda: model.lm_head(x1)], dev)
     step = t_dec / new
     lin_bytes = sum(tensor_bytes(m) for m in dec.layer_linears())
@@ -200,11 +201,11 @@ def main(argv=None):
     print(f"device: {name}; copy bandwidth {bw / 1e9:.0f} GB/s (read + write)", flush=True)
     results = []
     for mname in args.models.split(","):
-        model, weights, packer = load(mname, dev, dtype)
+        model, weights = load(mname, dev, dtype)
         rows = {}
         for variant in ("fp", "rabit"):
             if variant == "rabit":
-                model = packer(model)
+                model = pack_random_(model)
                 if dev.type == "cuda":
                     torch.cuda.empty_cache()
             for b in batches:

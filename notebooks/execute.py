@@ -46,7 +46,7 @@ def run(path: Path) -> int:
     plt.show = lambda *a, **k: pending.extend(_figures_to_outputs(plt))  # noqa: E731
     ns: dict = {"__name__": "__main__"}
     count, status = 0, 0
-    for cell in nb["cells"]:
+    for index, cell in enumerate(nb["cells"]):
         if cell["cell_type"] != "code":
             continue
         count += 1
@@ -87,7 +87,7 @@ def run(path: Path) -> int:
             status = 1
             break
     if status:  # cells after the failure did not run: no stale outputs from an earlier run
-        for cell in nb["cells"][nb["cells"].index(cell) + 1:]:
+        for cell in nb["cells"][index + 1:]:  # index: the failed cell's
             if cell["cell_type"] == "code":
                 cell["outputs"], cell["execution_count"] = [], None
     path.write_text(json.dumps(nb, indent=1, ensure_ascii=False) + "\n")

@@ -15,15 +15,17 @@ import torch
 from torch import nn
 
 from .init import rank1_fit
+from .quantize import _set_submodule
 from .nn import IndependentRaBiTLinear, RaBiTLinear
 
 
-def _frozen_row_hook(k: int):
-    mask = torch.ones(k, 1)
+def _frozen_row_hook(param: torch.Tensor):
+    """A gradient hook zeroing row 0 (path 1) of param's gradient; the mask is built once, on param's device."""
+    mask = torch.ones(param.shape[0], 1, device=param.device, dtype=param.dtype)
     mask[0] = 0.0
 
     def hook(grad):
-        return grad * mask.to(device=grad.device, dtype=grad.dtype)
+        return grad * mask
 
     return hook
 
@@ -51,10 +53,9 @@ def add_residual_path_(student: nn.Module, teacher: nn.Module) -> int:
         new.latents[1].copy_(r.to(m.weight.dtype))
         new.g.copy_(torch.stack([m.g[0], g2]))
         new.h.copy_(torch.stack([m.h[0], h2]))
-        new.g.register_hook(_frozen_row_hook(2))
-        new.h.register_hook(_frozen_row_hook(2))
+        new.g.register_hook(_frozen_row_hook(new.g))
+        new.h.register_hook(_frozen_row_hook(new.h))
         if m.bias is not None:
             new.bias.copy_(m.bias)
-        parent, _, child = name.rpartition(".")
-        setattr(student.get_submodule(parent) if parent else student, child, new)
+        _set_submodule(student, name, new)
     return len(names)

@@ -116,6 +116,8 @@ class StaticDecoder:
         self.cuda_graph = self.device.type == "cuda" if cuda_graph is None else cuda_graph
         if self.cuda_graph and self.device.type != "cuda":
             raise ValueError("StaticDecoder: cuda_graph=True needs the model on a CUDA device")
+        if self.cuda_graph and max_len < 3:  # the capture's two warm-up steps write positions 1 and 2
+            raise ValueError(f"StaticDecoder: max_len must be >= 3 with a CUDA graph, got {max_len}")
         # static inputs / outputs of the captured step
         self._tok = torch.zeros(batch_size, 1, dtype=torch.long, device=self.device)
         self._pos = torch.zeros(1, dtype=torch.long, device=self.device)
@@ -132,9 +134,12 @@ class StaticDecoder:
             mods += [a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj]
         return mods
 
-    def attention(self, i: int, q: Tensor, pos: Tensor) -> Tensor:
-        """Causal attention of q [B, H, T, D] at positions pos [T] over layer i's cache."""
-        mask = self.positions[None, :] <= pos[:, None]  # [T, max_len]
+    def causal_mask(self, pos: Tensor) -> Tensor:
+        """[T, max_len]: which cache positions the queries at positions pos [T] attend to (same for every layer)."""
+        return self.positions[None, :] <= pos[:, None]
+
+    def attention(self, i: int, q: Tensor, mask: Tensor) -> Tensor:
+        """Causal attention of q [B, H, T, D] over layer i's cache, with mask = causal_mask(pos)."""
         return F.scaled_dot_product_attention(q, self.k_cache[i], self.v_cache[i], attn_mask=mask,
                                               enable_gqa=self.n_kv != self.n_heads)
 
@@ -146,6 +151,7 @@ class StaticDecoder:
         norm_fn, add_norm, rope, swiglu = self._decode_fns if T == 1 else self._eager
         h = self.base.embed_tokens(tokens)
         cos, sin = self.cos[pos][None, None], self.sin[pos][None, None]  # [1, 1, T, D]
+        mask = self.causal_mask(pos)
         n0 = layers[0].input_layernorm
         x = norm_fn(h, n0.weight, n0.variance_epsilon)
         for i, layer in enumerate(layers):
@@ -156,7 +162,7 @@ class StaticDecoder:
             q, k = rope(q, k, cos, sin)
             self.k_cache[i].index_copy_(2, pos, k)
             self.v_cache[i].index_copy_(2, pos, v)
-            o = self.attention(i, q, pos).transpose(1, 2).reshape(B, T, H * D)
+            o = self.attention(i, q, mask).transpose(1, 2).reshape(B, T, H * D)
             pn = layer.post_attention_layernorm
             h, x = add_norm(h, a.o_proj(o), pn.weight, pn.variance_epsilon)
             d = mlp.down_proj(swiglu(mlp.gate_proj(x), mlp.up_proj(x)))
@@ -242,7 +248,5 @@ class StaticDecoder:
         out = self._out[:, :T + done].clone()
         if eos_token_id is not None:
             gen = out[:, T:]
-            hit = (gen == eos_token_id).int().cumsum(1) > 0
-            after = hit & ~((gen == eos_token_id) & (hit.int().cumsum(1) == 1))
-            gen[after] = eos_token_id
+            gen[(gen == eos_token_id).cumsum(1) > 0] = eos_token_id  # from each row's first EOS on
         return out.cpu()

@@ -69,7 +69,6 @@ rabit_status rabit_packed_linear_cpu(const void *x, rabit_dtype xdt, int64_t M, 
         }
     }
     free(xh); /* only the tables are read from here on */
-    xh = NULL;
 #pragma omp parallel for schedule(static) if (M * out * nw * K >= RABIT_PARALLEL_MIN_WORDS)
     for (blk = 0; blk < (out + block - 1) / block; blk++) {
         const int64_t o0 = blk * block;
@@ -77,7 +76,6 @@ rabit_status rabit_packed_linear_cpu(const void *x, rabit_dtype xdt, int64_t M, 
         rows_fn(lut, M, packed, g, bias, K, out, in, o0, o1, yf);
     }
     rabit_store_f32(y, xdt, 0, M * out, yf);
-    free(xh);
     free(lut);
     free(yf);
     free(row);
