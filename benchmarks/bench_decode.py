@@ -20,6 +20,8 @@ CUDA events around graph replays), the speed-up, a time split measured with sepa
 ops (the layer linears, attention, lm_head; the rest = step - those; separately timed graphs, so the parts
 need not add up exactly and "rest" can come out slightly negative), and the roofline: bytes a step must
 read (weights + the static KV cache) / the measured device copy bandwidth, as a fraction of the step time.
+generate_tokens_per_s is what users get: StaticDecoder.generate (the path of `rabit generate`) on a warm
+decoder, wall clock, the prompt's prefill and the EOS check every 16 tokens included.
 Writes bench_decode_<device>_<date>.json into --out (else $OUT, else benchmarks/results/).
 """
 
@@ -151,6 +153,13 @@ def measure(model, batch, prompt, new, dev, reps, compile):
     dec.decode(4)  # capture + warm-up
     t_dec = statistics.median(run() for _ in range(reps))
     tokens = dec._out[:, : prompt + new].clone()
+
+    def user():  # what users get: StaticDecoder.generate, the path of `rabit generate --device cuda`
+        t0 = time.perf_counter()
+        out = dec.generate(ids, new, eos_token_id=cfg.eos_token_id)  # EOS check every 16 tokens, as the CLI
+        return batch * (out.shape[1] - prompt) / (time.perf_counter() - t0)
+
+    gen_tps = statistics.median(user() for _ in range(reps))
     # time split with graphs of the same ops at the step's shapes
     hidden = cfg.hidden_size
     x1 = torch.randn(batch, 1, hidden, device=dev, dtype=dec.dtype)
@@ -173,6 +182,7 @@ def measure(model, batch, prompt, new, dev, reps, compile):
     return dec, tokens, {
         "batch": batch, "prefill_ms": round(t_pre * 1e3, 3), "decode_ms_per_token": round(step * 1e3, 4),
         "tokens_per_s": round(batch * new / t_dec, 1),
+        "generate_tokens_per_s": round(gen_tps, 1),
         "split_ms": {"layer_linears": round(t_lin * 1e3, 4), "attention": round(t_att * 1e3, 4),
                      "lm_head": round(t_head * 1e3, 4),
                      "rest": round((step - t_lin - t_att - t_head) * 1e3, 4)},
@@ -220,6 +230,7 @@ def main(argv=None):
                     r["graph_equals_eager_16_tokens"] = bool(torch.equal(out, tokens[:, : args.prompt + 16].cpu()))
                 rows[(variant, b)] = r
                 print(f"{mname:16s} {variant:5s} B={b:2d}: {r['tokens_per_s']:9.1f} tok/s  "
+                      f"(generate() {r['generate_tokens_per_s']:.1f})  "
                       f"{r['decode_ms_per_token']:8.3f} ms/token  split {r['split_ms']}  "
                       f"roofline {r['roofline_fraction']:.2f}", flush=True)
                 del dec

@@ -1,6 +1,6 @@
 """Benchmark of the rabit CUDA kernels against cuBLAS fp16 (F.linear) measured in the same run.
 
-    python benchmarks/bench_kernels.py [--out DIR] [--quick]
+    python benchmarks/bench_kernels.py [--out DIR] [--quick] [--gemv-only] [--decode-kernels b1,i8]
 
 Writes bench_kernels_<gpu>_<date>.json (into --out, else $OUT, else benchmarks/results/) and prints a table.
 
@@ -49,7 +49,20 @@ def make_packed(out, in_features, n):
     return layers
 
 
-def bench_linear(out, in_features, quick, max_m=None):
+# the decode kernels RABIT_CUDA_DECODE can force, and the largest M each applies to
+DECODE_KERNELS = {"b1": 2, "i8": 16}
+
+
+def decode_kernel_env(name):
+    """Set RABIT_CUDA_DECODE (None: the default dispatch). It is read at each launch, so a graph captured
+    after this call holds that kernel."""
+    if name is None:
+        os.environ.pop("RABIT_CUDA_DECODE", None)
+    else:
+        os.environ["RABIT_CUDA_DECODE"] = name
+
+
+def bench_linear(out, in_features, quick, max_m=None, kernels=()):
     res = []
     packed_bytes = K * out * R.words_per_row(in_features) * 4
     scale_bytes = 2 * K * (out + in_features)
@@ -62,17 +75,32 @@ def bench_linear(out, in_features, quick, max_m=None):
         if max_m is not None and m > max_m:
             continue
         x = torch.randn(m, in_features, device=DEV).half()
-        # correctness guard: never time a wrong kernel
         p0, g0, h0 = packed_pool[0]
-        y = rabit.packed_linear(x, p0, g0, h0)
         y64 = R.packed_linear(x.cpu(), p0.cpu(), g0.cpu(), h0.cpu(), compute_dtype=torch.float64) if m <= 64 else None
-        rel = None if y64 is None else ((y.cpu().double() - y64).norm() / y64.norm()).item()
         pool = packed_pool if m < 1024 else packed_pool[:2]
         dpool = dense_pool if m < 1024 else dense_pool[:2]
-        t_r, sd_r = graph_time_us([lambda p=p, g=g, h=h: rabit.packed_linear(x, p, g, h) for p, g, h in pool],
-                                  min_calls=200 if m < 1024 else 10, reps=30 if m < 1024 else 10)
-        t_c, sd_c = graph_time_us([lambda w=w: F.linear(x, w) for w in dpool],
-                                  min_calls=200 if m < 1024 else 10, reps=30 if m < 1024 else 10)
+        calls, reps = (200, 30) if m < 1024 else (10, 10)
+
+        def time_rabit(kernel):
+            decode_kernel_env(kernel)
+            try:
+                y = rabit.packed_linear(x, p0, g0, h0)  # correctness guard: never time a wrong kernel
+                rel = None if y64 is None else ((y.cpu().double() - y64).norm() / y64.norm()).item()
+                if rel is not None and not rel < 1e-2:
+                    raise RuntimeError(f"{out}x{in_features} M={m} kernel {kernel or 'default'}: rel err {rel}")
+                t, sd = graph_time_us([lambda p=p, g=g, h=h: rabit.packed_linear(x, p, g, h) for p, g, h in pool],
+                                      min_calls=calls, reps=reps)
+            finally:
+                decode_kernel_env(None)
+            return t, sd, rel
+
+        t_r, sd_r, rel = time_rabit(None)
+        forced = {}
+        for kern in kernels:
+            if m <= DECODE_KERNELS[kern]:
+                t_k, sd_k, rel_k = time_rabit(kern)
+                forced[kern] = dict(us=round(t_k, 3), sd_us=round(sd_k, 3), rel_err_vs_fp64=rel_k)
+        t_c, sd_c = graph_time_us([lambda w=w: F.linear(x, w) for w in dpool], min_calls=calls, reps=reps)
         io = 2 * m * (in_features + out)
         row = dict(out=out, in_=in_features, M=m, K=K, rabit_us=round(t_r, 3), rabit_sd_us=round(sd_r, 3),
                    cublas_fp16_us=round(t_c, 3), cublas_sd_us=round(sd_c, 3), speedup=round(t_c / t_r, 3),
@@ -81,12 +109,15 @@ def bench_linear(out, in_features, quick, max_m=None):
                    cublas_GBps=round((dense_bytes + io) / (t_c * 1e-6) / 1e9, 1),
                    path="decode" if m <= 16 else "prefill", rel_err_vs_fp64=rel,
                    pool=(len(pool), len(dpool)))
+        if forced:
+            row["decode_kernels_forced"] = forced
         if m >= 1024:
             row["rabit_TFLOPs"] = round(2 * m * out * in_features / (t_r * 1e-6) / 1e12, 1)
             row["cublas_TFLOPs"] = round(2 * m * out * in_features / (t_c * 1e-6) / 1e12, 1)
         res.append(row)
         print(f"  {out}x{in_features} M={m}: rabit {t_r:.2f} us, cuBLAS fp16 {t_c:.2f} us, x{t_c / t_r:.2f}"
-              + (f", rel err {rel:.2e}" if rel is not None else ""), flush=True)
+              + (f", rel err {rel:.2e}" if rel is not None else "")
+              + "".join(f", {k} {v['us']:.2f} us" for k, v in forced.items()), flush=True)
     del packed_pool, dense_pool
     torch.cuda.empty_cache()
     return res
@@ -166,16 +197,24 @@ def main():
     ap.add_argument("--out", default=None)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--gemv-only", action="store_true", help="only packed_linear at M <= 16 (no prefill, no QAT)")
-    ap.add_argument("--tag", default="", help="suffix of the JSON file name (e.g. the decode kernel forced)")
+    ap.add_argument("--tag", default="", help="suffix of the JSON file name")
+    ap.add_argument("--decode-kernels", default="",
+                    help="comma-separated decode kernels to time as well, each forced where it applies: "
+                         + ", ".join(f"{k} (M <= {v})" for k, v in DECODE_KERNELS.items()))
     args = ap.parse_args()
+    kernels = [k for k in args.decode_kernels.split(",") if k]
+    if any(k not in DECODE_KERNELS for k in kernels):
+        ap.error(f"--decode-kernels: expected names from {sorted(DECODE_KERNELS)}, got {args.decode_kernels!r}")
+    if "RABIT_CUDA_DECODE" in os.environ:
+        ap.error("unset RABIT_CUDA_DECODE: the default dispatch is the measured one (--decode-kernels times others)")
     torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = True  # cuBLAS default
     prop = torch.cuda.get_device_properties(0)
     info = dict(device=prop.name, sms=prop.multi_processor_count, l2_MB=getattr(prop, "L2_cache_size", 0) / 2**20,
                 torch=torch.__version__, cuda=torch.version.cuda,
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 K=K, scales="float16", x="float16", method=__doc__.split("Method: ")[1].strip(),
-                # RABIT_CUDA_DECODE=b1 or i8 forces that decode kernel where both apply (M <= 2)
-                decode_kernel=os.environ.get("RABIT_CUDA_DECODE", "auto: 1-bit MMA for M = 1 and in > 7680, else int8"))
+                decode_kernel="default dispatch: 1-bit MMA for M = 1 and in > 7680, else int8 MMA "
+                              "(decode_kernels_forced: each forced with RABIT_CUDA_DECODE where it applies)")
     print(f"{info['device']}, torch {info['torch']}, CUDA {info['cuda']}", flush=True)
     bw = copy_bandwidth_gbps(DEV)
     info["copy_GBps"] = round(bw, 1)
@@ -183,7 +222,7 @@ def main():
     shapes = SHAPES if not args.quick else SHAPES[:2]
     linear = []
     for out, in_features in shapes:
-        linear += bench_linear(out, in_features, args.quick, max_m=16 if args.gemv_only else None)
+        linear += bench_linear(out, in_features, args.quick, max_m=16 if args.gemv_only else None, kernels=kernels)
     for r in linear:
         if r["M"] == 1:
             r["rabit_pct_copy_bw"] = round(100 * r["rabit_GBps"] / bw, 1)

@@ -290,7 +290,8 @@ def add_generate(sub) -> argparse.ArgumentParser:
                         "one CUDA graph per token (rabit.static_decode, the path of benchmarks/bench_decode.py)")
     p.add_argument("--compile", action="store_true",
                    help="fuse the elementwise glue with torch.compile, as benchmarks/bench_decode.py does on "
-                        "CUDA (a one-time compilation of tens of seconds)")
+                        "CUDA (a one-time compilation of tens of seconds, counted in load_s with the CUDA-graph "
+                        "capture: tokens_per_s is decoding only)")
     _add_common(p)
     return p
 
@@ -320,6 +321,9 @@ def run_generate(args: argparse.Namespace) -> dict[str, Any]:
         if args.device.startswith("cuda") and not torch.cuda.is_available():
             raise CliError("rabit: --device cuda, but torch sees no CUDA GPU")
         model, tok, _ = _load_any(args.model, device=args.device)
+        if args.compile and model.config.model_type not in SUPPORTED:
+            raise CliError(f"rabit: --compile applies to the static decoder of {', '.join(sorted(SUPPORTED))} "
+                           f"models; {model.config.model_type!r} runs HF generate: drop --compile")
         if tok is None:
             raise CliError(f"rabit: {args.model!r} has no tokenizer; re-export it with its tokenizer")
         if args.device.startswith("cuda") and model.dtype not in (torch.float16, torch.bfloat16):
@@ -329,7 +333,7 @@ def run_generate(args: argparse.Namespace) -> dict[str, Any]:
         eos = getattr(tok, "eos_token_id", None)
         if model.config.model_type in SUPPORTED:  # static KV cache (+ CUDA graph on GPU): HF's greedy tokens
             dec = StaticDecoder(model, batch_size=1, max_len=len(prompt_ids) + args.max_new_tokens + 1,
-                                compile=args.compile)
+                                compile=args.compile).warm_up()  # one-time capture/compile: load time
             t1 = time.perf_counter()
             out = dec.generate(x, args.max_new_tokens, eos_token_id=eos)
         else:

@@ -440,6 +440,16 @@ def test_cli_generate_cuda_without_gpu(capsys):
     assert "sees no CUDA GPU" in capsys.readouterr().err
 
 
+def test_cli_generate_compile_needs_the_static_decoder(tmp_path, capsys):
+    """--compile fuses the static decoder's glue; a model that runs HF generate instead is refused, not silently
+    run without it."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=64, n_positions=32)).save_pretrained(tmp_path)
+    assert cli_main(["generate", str(tmp_path), "--prompt", "a", "--compile"]) == 1
+    assert "--compile applies to the static decoder" in capsys.readouterr().err
+
+
 def test_cli_export_from_qat_checkpoint_and_generate(qat, tmp_path, capsys):
     """QAT a couple of steps with rabit's trainer, export its checkpoint through the CLI, and check the
     export reproduces convert_(student) exactly and generates with both runtimes."""

@@ -98,6 +98,8 @@ def test_cuda_graph_equals_eager_and_hf(packed):
     graph = StaticDecoder(model, batch_size=3, max_len=64).generate(ids, 40)
     eager = StaticDecoder(model, batch_size=3, max_len=64, cuda_graph=False).generate(ids, 40)
     assert torch.equal(graph, eager)
+    # capturing up front (rabit generate does, to time decoding only) keeps the state and the tokens
+    assert torch.equal(StaticDecoder(model, batch_size=3, max_len=64).warm_up().generate(ids, 40), graph)
     # against the HF forward: the logits after the prompt (fp16, so a tolerance instead of token equality)
     dec = StaticDecoder(model, batch_size=3, max_len=64)
     dec.prefill(ids)

@@ -15,6 +15,54 @@ namespace rabit_cuda {
 __host__ __device__ __forceinline__ int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 __host__ __device__ __forceinline__ int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
 
+/* Facts of the current device (the glue sets it to the tensors' device), read once per device. */
+struct DevInfo {
+    int sms = 0, major = 0, smem_optin = 0;
+};
+inline const DevInfo &device_info() {
+    static DevInfo info[64];
+    int dev = 0;
+    cudaGetDevice(&dev);
+    DevInfo &d = info[dev & 63];
+    if (d.sms == 0) {
+        cudaDeviceGetAttribute(&d.major, cudaDevAttrComputeCapabilityMajor, dev);
+        cudaDeviceGetAttribute(&d.smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+        cudaDeviceGetAttribute(&d.sms, cudaDevAttrMultiProcessorCount, dev);
+    }
+    return d;
+}
+
+/* Programmatic dependent launch (sm_90). A kernel launched by launch_pdl may be scheduled before the previous
+   kernel in the stream has finished: it must call pdl_wait() before it reads anything an earlier kernel may
+   write and before it writes anything (its output may reuse memory an earlier kernel still reads). The earlier
+   kernel's pdl_launch_dependents() lets it be scheduled sooner. Both are no-ops below sm_90, where launch_pdl
+   is an ordinary launch. */
+__device__ __forceinline__ void pdl_launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+
+template <typename Args>
+cudaError_t launch_pdl(void (*kernel)(Args), dim3 grid, int threads, size_t smem, const Args &a, cudaStream_t s) {
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = grid;
+    cfg.blockDim = dim3(threads);
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = s;
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = device_info().major >= 9 ? 1 : 0;
+    return cudaLaunchKernelEx(&cfg, kernel, a);
+}
+
 __device__ __forceinline__ bool is_finite_f(float x) { return (__float_as_uint(x) & 0x7f800000u) != 0x7f800000u; }
 
 /* Element i of an array of dtype dt, as float32 (exact for all three dtypes). */

@@ -24,9 +24,6 @@
  */
 #include <cuda_runtime.h>
 
-#include <cstdlib>
-#include <cstring>
-
 #include "common.cuh"
 #include "rabit_cuda.cuh"
 
@@ -38,20 +35,6 @@ constexpr int kGroupCols = 512;  // columns per scale group = 16 words
 constexpr int kGroupWords = kGroupCols / 32;
 constexpr int kMaxNT = 8;           // n-tiles of 8 columns: 4 digits x 2 rows of x each
 constexpr int kWarps = 8;
-
-/* Programmatic dependent launch (sm_90): the prologue lets the main kernel be scheduled while it runs; the main
-   kernel waits for the prologue's completion (and memory flush) before its first read of the fragments. Both
-   are no-ops on older GPUs, where the launch is ordinary. */
-__device__ __forceinline__ void pdl_launch_dependents() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void pdl_wait() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("griddepcontrol.wait;\n" ::: "memory");
-#endif
-}
 
 __device__ __forceinline__ void mma_s8(int (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
                                        uint32_t b1) {
@@ -561,13 +544,6 @@ __global__ void __launch_bounds__(kWarps * 32, (M == 1 && K <= 3) ? 2 : 1) gemv_
     store_rows(a, red, row0, tid);
 }
 
-bool pdl_supported() {  // of the current device (the glue sets it to the tensors' device)
-    int dev = 0, major = 0;
-    cudaGetDevice(&dev);
-    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
-    return major >= 9;
-}
-
 int gemv_nt(int64_t M) { return M <= 2 ? 1 : M <= 4 ? 2 : M <= 8 ? 4 : 8; }
 
 template <int K, int NT>
@@ -576,43 +552,14 @@ cudaError_t launch_main_nt(const MainArgs &a, cudaStream_t s) {
     // more registers than two blocks per SM allow)
     constexpr int MT = 1;
     const unsigned blocks = static_cast<unsigned>((a.out + MT * 16 - 1) / (MT * 16));
-    return launch_pdl(gemv_i8_kernel<K, NT, MT>, blocks, a, s);
-}
-
-template <typename Kern>
-cudaError_t launch_pdl(Kern kernel, unsigned blocks, const MainArgs &a, cudaStream_t s) {
-    cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = dim3(blocks);
-    cfg.blockDim = dim3(kWarps * 32);
-    cfg.stream = s;
-    cudaLaunchAttribute attr[1];
-    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attr[0].val.programmaticStreamSerializationAllowed = 1;
-    cfg.attrs = attr;
-    cfg.numAttrs = pdl_supported() ? 1 : 0;
-    return cudaLaunchKernelEx(&cfg, kernel, a);
+    return launch_pdl(gemv_i8_kernel<K, NT, MT>, dim3(blocks), kWarps * 32, 0, a, s);
 }
 
 template <int K>
 cudaError_t launch_b1_k(const MainArgs &a, cudaStream_t s) {
     const unsigned blocks = static_cast<unsigned>((a.out + 15) / 16);
-    return a.M == 1 ? launch_pdl(gemv_b1_kernel<K, 1>, blocks, a, s) : launch_pdl(gemv_b1_kernel<K, 2>, blocks, a, s);
-}
-
-/* Which decode kernel runs. Measured on an H200 (docs/kernels.md, 2026-11-26): the 1-bit kernel is faster at
-   M = 1 for long rows (in = 11008: 12.2 against 13.6 us; in = 14336: 13.7 against 15.7 us) and slower for 8
-   groups per row (in = 4096: 8.2 against 7.6 us at 4096 x 4096) and at M = 2 (two blocks per SM do not fit
-   its registers), so it runs for M = 1 and at least kB1MinGroups groups. RABIT_CUDA_DECODE=b1 or i8 forces
-   one where both apply (benchmarks; the test that both give the same bits): the outputs are bit-identical,
-   so this never changes a result. */
-constexpr int64_t kB1MinGroups = 16;
-
-bool use_b1(int64_t M, int64_t ngroups) {
-    if (M > kB1MaxM) return false;
-    const char *v = getenv("RABIT_CUDA_DECODE");
-    if (v && strcmp(v, "b1") == 0) return true;
-    if (v && strcmp(v, "i8") == 0) return false;
-    return M == 1 && ngroups >= kB1MinGroups;
+    return a.M == 1 ? launch_pdl(gemv_b1_kernel<K, 1>, dim3(blocks), kWarps * 32, 0, a, s)
+                    : launch_pdl(gemv_b1_kernel<K, 2>, dim3(blocks), kWarps * 32, 0, a, s);
 }
 
 template <int K>
@@ -639,8 +586,8 @@ size_t gemv_i8_workspace_bytes(int K, int64_t M, int64_t in) {
 
 cudaError_t gemv_i8(const void *x, rabit_dtype xdt, int64_t M, const rabit_word_t *packed, const void *g,
                     rabit_dtype gdt, const void *h, rabit_dtype hdt, const void *bias, rabit_dtype bdt, int K,
-                    int64_t out, int64_t in, void *y, void *workspace, cudaStream_t s) {
-    if (M < 1 || M > kDecodeMaxM || xdt == RABIT_F32 || K < 1 || K > RABIT_MAX_K) return cudaErrorInvalidValue;
+                    int64_t out, int64_t in, void *y, void *workspace, bool b1, cudaStream_t s) {
+    if (M < 1 || M > kDecodeMaxM || (b1 && M > kB1MaxM) || xdt == RABIT_F32 || K < 1 || K > RABIT_MAX_K) return cudaErrorInvalidValue;
     const int64_t ng = (in + kGroupCols - 1) / kGroupCols;
     const int NT = gemv_nt(M);
     uint2 *frag = static_cast<uint2 *>(workspace);
@@ -651,7 +598,7 @@ cudaError_t gemv_i8(const void *x, rabit_dtype xdt, int64_t M, const rabit_word_
     PrepArgs p;
     p.x = x; p.xdt = xdt; p.M = static_cast<int>(M); p.h = h; p.hdt = hdt; p.in = in; p.NT = NT;
     p.frag = frag; p.scale = scale; p.qsum = qsum;
-    const bool b1 = use_b1(M, ng);  // same workspace: b1 needs 256 M <= 512 fragment entries per group and path
+    // same workspace for b1: it needs 256 M <= 512 fragment entries per group and path
     if (b1)
         gemv_b1_prep_kernel<<<dim3(static_cast<unsigned>(ng), static_cast<unsigned>(K)), kPrepThreads, 0, s>>>(p);
     else

@@ -19,6 +19,9 @@
  */
 #include <cuda_runtime.h>
 
+#include <cstdlib>
+#include <cstring>
+
 #include "common.cuh"
 #include "rabit_cuda.cuh"
 
@@ -547,31 +550,16 @@ __global__ void __launch_bounds__(256, 1) prefill_kernel(const PrefillArgs a) {
 }
 
 /* ------------------------------------------------------------------------------------------------ host */
-struct DevInfo {
-    int sms = 0, major = 0, smem_optin = 0;
-};
-
-const DevInfo &device_info() {
-    static DevInfo info[64];
-    int dev = 0;
-    cudaGetDevice(&dev);
-    DevInfo &d = info[dev & 63];
-    if (d.sms == 0) {
-        cudaDeviceGetAttribute(&d.major, cudaDevAttrComputeCapabilityMajor, dev);
-        cudaDeviceGetAttribute(&d.smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
-        cudaDeviceGetAttribute(&d.sms, cudaDevAttrMultiProcessorCount, dev);
-    }
-    return d;
-}
-
 template <int K, int NT, int WPT>
 cudaError_t launch_decode_t(DecodeArgs a, int smem, unsigned gx, unsigned gz, cudaStream_t s) {
-    static int attr_set = 0;  // per instantiation: the device's opt-in maximum
-    if (smem > 48 * 1024 && attr_set < smem) {
+    static bool attr_set[64] = {};  // per instantiation and device (an attribute of the device's function)
+    int dev = 0;
+    cudaGetDevice(&dev);
+    if (smem > 48 * 1024 && !attr_set[dev & 63]) {
         const int mx = device_info().smem_optin;
         cudaError_t e = cudaFuncSetAttribute(decode_kernel<K, NT, WPT>, cudaFuncAttributeMaxDynamicSharedMemorySize, mx);
         if (e != cudaSuccess) return e;
-        attr_set = mx;
+        attr_set[dev & 63] = true;
     }
     decode_kernel<K, NT, WPT><<<dim3(gx, 1, gz), 256, smem, s>>>(a);
     return cudaGetLastError();
@@ -641,11 +629,13 @@ cudaError_t launch_decode(const void *x, rabit_dtype xdt, int64_t M, const rabit
 
 template <typename T, int K>
 cudaError_t launch_prefill_t(const PrefillArgs &a, cudaStream_t s) {
-    static bool attr_set = false;
-    if (!attr_set) {
+    static bool attr_set[64] = {};  // per instantiation and device
+    int dev = 0;
+    cudaGetDevice(&dev);
+    if (!attr_set[dev & 63]) {
         cudaError_t e = cudaFuncSetAttribute(prefill_kernel<T, K>, cudaFuncAttributeMaxDynamicSharedMemorySize, PF_SMEM);
         if (e != cudaSuccess) return e;
-        attr_set = true;
+        attr_set[dev & 63] = true;
     }
     const dim3 grid(static_cast<unsigned>((a.out + PF_BN - 1) / PF_BN), static_cast<unsigned>((a.M + PF_BM - 1) / PF_BM));
     prefill_kernel<T, K><<<grid, 256, PF_SMEM, s>>>(a);
@@ -670,6 +660,19 @@ int packed_linear_path(rabit_dtype xdt, int64_t M) {
     return M > kDecodeMaxM ? 1 : 2;
 }
 
+/* Which decode kernel runs. Measured on an H200 (docs/kernels.md, 2026-11-26): the 1-bit kernel is faster at
+   M = 1 for long rows (in = 11008: 12.2 against 13.6 us; in = 14336: 13.7 against 15.7 us) and slower for 8
+   groups per row (in = 4096: 8.2 against 7.6 us at 4096 x 4096) and at M = 2 (two blocks per SM do not fit
+   its registers), so it runs for M = 1 and in > 7680 (at least 16 groups of 512 columns). RABIT_CUDA_DECODE=b1
+   or i8 forces one where both apply (benchmarks; the test that both give the same bits): the outputs are
+   bit-identical, so this never changes a result. */
+bool use_b1(int64_t M, int64_t in) {
+    const char *v = getenv("RABIT_CUDA_DECODE");
+    if (M > 2 || (v && strcmp(v, "i8") == 0)) return false;
+    if (v && strcmp(v, "b1") == 0) return true;
+    return M == 1 && in > 7680;
+}
+
 size_t packed_linear_workspace_bytes(rabit_dtype xdt, int64_t M, int K, int64_t in) {
     return packed_linear_path(xdt, M) == 2 && M > 0 ? gemv_i8_workspace_bytes(K, M, in) : 0;
 }
@@ -681,7 +684,9 @@ cudaError_t packed_linear(const void *x, rabit_dtype xdt, int64_t M, const rabit
     if (K < 1 || K > RABIT_MAX_K) return cudaErrorInvalidValue;
     const int path = packed_linear_path(xdt, M);
     if (path == 0) return launch_decode(x, xdt, M, packed, g, gdt, h, hdt, bias, bdt, K, out, in, y, s);
-    if (path == 2) return gemv_i8(x, xdt, M, packed, g, gdt, h, hdt, bias, bdt, K, out, in, y, workspace, s);
+    if (path == 2)
+        return gemv_i8(x, xdt, M, packed, g, gdt, h, hdt, bias, bdt, K, out, in, y, workspace,
+                       use_b1(M, in), s);
     if (gdt != RABIT_F32 || hdt != RABIT_F32 || (bias && bdt != RABIT_F32)) return cudaErrorInvalidValue;
     PrefillArgs a;
     a.x = x; a.M = M; a.packed = packed;

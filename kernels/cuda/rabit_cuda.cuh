@@ -27,8 +27,9 @@ constexpr int kBwdCols = 256;
 constexpr int kBwdRows = 128;
 size_t backward_workspace_doubles(int K, int64_t out, int64_t in);
 
-/* For fp16/bf16 x: the int8 decode kernel for M <= kDecodeMaxM, the dequantised-tile tensor-core GEMM
-   ("prefill") above. For float32 x: the bf16-split decode kernel at every M (chunks of kDecodeMaxM rows). */
+/* For fp16/bf16 x: a decode kernel for M <= kDecodeMaxM (use_b1() says which), the dequantised-tile
+   tensor-core GEMM ("prefill") above. For float32 x: the bf16-split decode kernel at every M (chunks of
+   kDecodeMaxM rows). */
 constexpr int kDecodeMaxM = 16;
 
 /* flag: device int, zeroed by the caller; receives FLAG_* bits. what or packed may be null. */
@@ -56,14 +57,16 @@ cudaError_t packed_linear(const void *x, rabit_dtype xdt, int64_t M, const rabit
 size_t packed_linear_workspace_bytes(rabit_dtype xdt, int64_t M, int K, int64_t in);
 
 /* Which packed_linear path a call with these arguments takes: 0 = decode (float32 x), 1 = prefill
-   (fp16/bf16 x, M > kDecodeMaxM), 2 = int8 decode (fp16/bf16 x, M <= kDecodeMaxM; packed_gemv_i8.cu). */
+   (fp16/bf16 x, M > kDecodeMaxM), 2 = a decode kernel of fp16/bf16 x (M <= kDecodeMaxM). */
 int packed_linear_path(rabit_dtype xdt, int64_t M);
 
-/* The int8 decode path (fp16/bf16 x, 1 <= M <= kDecodeMaxM). */
+/* The decode kernels of path 2 (packed_gemv_i8.cu): b1 = the 1-bit MMA one (M <= 2), else the int8 one;
+   use_b1() is the choice packed_linear makes. */
+bool use_b1(int64_t M, int64_t in);
 size_t gemv_i8_workspace_bytes(int K, int64_t M, int64_t in);
 cudaError_t gemv_i8(const void *x, rabit_dtype xdt, int64_t M, const rabit_word_t *packed, const void *g,
                     rabit_dtype gdt, const void *h, rabit_dtype hdt, const void *bias, rabit_dtype bdt, int K,
-                    int64_t out, int64_t in, void *y, void *workspace, cudaStream_t stream);
+                    int64_t out, int64_t in, void *y, void *workspace, bool b1, cudaStream_t stream);
 
 }  // namespace rabit_cuda
 
