@@ -291,7 +291,7 @@ def add_generate(sub) -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true",
                    help="fuse the elementwise glue with torch.compile, as benchmarks/bench_decode.py does on "
                         "CUDA (a one-time compilation of tens of seconds, counted in load_s with the CUDA-graph "
-                        "capture: tokens_per_s is decoding only)")
+                        "capture: generate_s and tokens_per_s cover the prompt's prefill and the decoding)")
     _add_common(p)
     return p
 

@@ -18,6 +18,8 @@ window is refused when max_len exceeds it).
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -92,6 +94,7 @@ class StaticDecoder:
         self.model, self.base = model, base
         self._eager = (_rms_norm, _add_rms_norm, _rope, _swiglu)
         self._decode_fns = self._eager
+        self.compiled, self._warm = compile, False
         if compile:  # decode steps only (T = 1); the prefill runs eagerly
             from torch import _dynamo
 
@@ -178,32 +181,44 @@ class StaticDecoder:
         self._tok.copy_(nxt)
         self._pos.add_(1)
 
-    def _capture(self) -> None:
-        # the two warm-up steps from _pos = 0 write the cache at positions 0, 1 and _out at 1, 2: save just those
-        # (not whole caches: ~3 GB at the 7B shape and batch 16) and put them back after the capture
+    @contextlib.contextmanager
+    def _scratch_state(self):
+        """Steps run inside start at _pos = 0; two of them write cache positions 0, 1 and _out columns 1, 2. Those
+        slices, _tok and _pos are saved and put back afterwards (slices, not whole caches: ~3 GB at the 7B shape
+        and batch 16), so the decoder's state is kept."""
         touched = (self._tok, self._pos, self._out[:, 1:3], self.k_cache[:, :, :, :2], self.v_cache[:, :, :, :2])
         saved = tuple(t.clone() for t in touched)
         self._pos.zero_()
-        s = torch.cuda.Stream(self.device)
-        s.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(s):
-            for _ in range(2):  # warm-up outside the capture: cuBLAS handles, kernel attributes
+        try:
+            yield
+        finally:
+            for dst, src in zip(touched, saved):
+                dst.copy_(src)
+
+    def _capture(self) -> None:
+        with self._scratch_state():
+            s = torch.cuda.Stream(self.device)
+            s.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(s):
+                for _ in range(2):  # warm-up outside the capture: cuBLAS handles, kernel attributes
+                    self._step()
+            torch.cuda.current_stream(self.device).wait_stream(s)
+            self._graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self._graph):
                 self._step()
-        torch.cuda.current_stream(self.device).wait_stream(s)
-        self._graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self._graph):
-            self._step()
-        for dst, src in zip(touched, saved):
-            dst.copy_(src)
 
     @torch.no_grad()
     def warm_up(self) -> "StaticDecoder":
-        """Capture the CUDA graph now (with the torch.compile of the glue inside it) instead of in the first
-        decode call, so that a timed generate() measures decoding only. The decoder's state is kept. Without a
-        CUDA graph there is nothing to do."""
+        """Do the one-time work now instead of in the first decode call: the CUDA-graph capture (with the
+        torch.compile of the glue inside it), or without a graph one compiled step; so that a timed generate()
+        measures prefill and decoding only. The decoder's state is kept."""
         if self.cuda_graph and self._graph is None:
             with torch.cuda.device(self.device):
                 self._capture()
+        elif not self.cuda_graph and self.compiled and not self._warm:
+            with self._scratch_state():
+                self._step()
+        self._warm = True
         return self
 
     @torch.no_grad()

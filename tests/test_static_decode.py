@@ -98,8 +98,12 @@ def test_cuda_graph_equals_eager_and_hf(packed):
     graph = StaticDecoder(model, batch_size=3, max_len=64).generate(ids, 40)
     eager = StaticDecoder(model, batch_size=3, max_len=64, cuda_graph=False).generate(ids, 40)
     assert torch.equal(graph, eager)
-    # capturing up front (rabit generate does, to time decoding only) keeps the state and the tokens
-    assert torch.equal(StaticDecoder(model, batch_size=3, max_len=64).warm_up().generate(ids, 40), graph)
+    # capturing after the prefill (warm_up, as rabit generate does before its clock starts) keeps the state
+    dec = StaticDecoder(model, batch_size=3, max_len=64)
+    dec.prefill(ids)
+    dec.warm_up()
+    dec.decode(40)
+    assert torch.equal(dec._out[:, : ids.shape[1] + 40].cpu(), graph)
     # against the HF forward: the logits after the prompt (fp16, so a tolerance instead of token equality)
     dec = StaticDecoder(model, batch_size=3, max_len=64)
     dec.prefill(ids)
@@ -121,6 +125,12 @@ def test_compiled_glue_gives_the_same_tokens(stories):
     ids = _prompts(tok, 2)
     ref = StaticDecoder(model, batch_size=2, max_len=48).generate(ids, 24)
     assert torch.equal(StaticDecoder(model, batch_size=2, max_len=48, compile=True).generate(ids, 24), ref)
+    # warm_up (one compiled step on scratch positions) after the prefill keeps the decoder's state
+    dec = StaticDecoder(model, batch_size=2, max_len=48, compile=True)
+    dec.prefill(ids)
+    dec.warm_up()
+    dec.decode(24)
+    assert torch.equal(dec._out[:, : ids.shape[1] + 24].cpu(), ref)
 
 
 def test_full_length_prompt_and_path_freeze_budget(stories):

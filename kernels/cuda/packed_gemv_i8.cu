@@ -388,8 +388,6 @@ __global__ void __launch_bounds__(kWarps * 32, ((K <= 2 && NT <= 2) || (K == 3 &
  * MMA n-index = 32 m + p (row m of x, plane p); k-index t*32 + i (b0) and 128 + t*32 + i (b1) of step s are
  * columns 32 (4t + 2s) + i and 32 (4t + 2s + 1) + i of the group: the words lane (g, t) already holds.
  * ------------------------------------------------------------------------------------------------------- */
-constexpr int kB1MaxM = 2;
-
 __device__ __forceinline__ void mma_b1(int (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
                                        uint32_t b1) {
     asm volatile(

@@ -668,7 +668,7 @@ int packed_linear_path(rabit_dtype xdt, int64_t M) {
    bit-identical, so this never changes a result. */
 bool use_b1(int64_t M, int64_t in) {
     const char *v = getenv("RABIT_CUDA_DECODE");
-    if (M > 2 || (v && strcmp(v, "i8") == 0)) return false;
+    if (M > kB1MaxM || (v && strcmp(v, "i8") == 0)) return false;
     if (v && strcmp(v, "b1") == 0) return true;
     return M == 1 && in > 7680;
 }

@@ -60,8 +60,9 @@ size_t packed_linear_workspace_bytes(rabit_dtype xdt, int64_t M, int K, int64_t 
    (fp16/bf16 x, M > kDecodeMaxM), 2 = a decode kernel of fp16/bf16 x (M <= kDecodeMaxM). */
 int packed_linear_path(rabit_dtype xdt, int64_t M);
 
-/* The decode kernels of path 2 (packed_gemv_i8.cu): b1 = the 1-bit MMA one (M <= 2), else the int8 one;
+/* The decode kernels of path 2 (packed_gemv_i8.cu): b1 = the 1-bit MMA one (M <= kB1MaxM), else the int8 one;
    use_b1() is the choice packed_linear makes. */
+constexpr int kB1MaxM = 2;
 bool use_b1(int64_t M, int64_t in);
 size_t gemv_i8_workspace_bytes(int K, int64_t M, int64_t in);
 cudaError_t gemv_i8(const void *x, rabit_dtype xdt, int64_t M, const rabit_word_t *packed, const void *g,
