@@ -158,8 +158,14 @@ def wikitext2_perplexity(
 
     Reference (shared/README.md): SmolLM2-135M-Instruct, fp32, ctx 2048 → 22.23 over 147 windows.
     """
-    ids = torch.tensor(encode_text(tokenizer, wikitext2_text(path), bos=True), dtype=torch.long)
-    return perplexity(model, ids, ctx=ctx, batch_size=batch_size, progress=progress, autocast=autocast)
+    return perplexity(model, wikitext2_ids(tokenizer, path), ctx=ctx, batch_size=batch_size, progress=progress,
+                      autocast=autocast)
+
+
+def wikitext2_ids(tokenizer: Any, path: str | os.PathLike | None = None) -> torch.Tensor:
+    """The WikiText-2 raw test split as one LongTensor of token ids (rows joined by "\n\n", BOS first): the
+    input of :func:`wikitext2_perplexity`, for callers that evaluate it several times."""
+    return torch.tensor(encode_text(tokenizer, wikitext2_text(path), bos=True), dtype=torch.long)
 
 
 # --------------------------------------------------------------------------------------------

@@ -96,7 +96,7 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, device: str = "cu
     and perplexity against the teacher: the measure for models WikiText does not fit (stories260K);
     pass ``cfg.ppl_ctx=()`` to skip WikiText."""
     from .data import cached_teacher_data, write_json_atomic
-    from .evaluate import wikitext2_perplexity
+    from .evaluate import perplexity, wikitext2_ids
     from .models import load_model
     from .quantize import quantize_
     from .train import TrainConfig, train
@@ -135,11 +135,11 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, device: str = "cu
     quantize_(student, cfg.rabit_config(), calib_input_ids=calib, progress=progress)
     init_s = time.perf_counter() - t0
 
+    wiki_ids = wikitext2_ids(tok) if cfg.ppl_ctx else None  # tokenized once: the curve and the final numbers
     eval_fn, eval_every = None, 0
     if cfg.curve_points and cfg.ppl_ctx and cfg.steps:
         def eval_fn(model, ctx=cfg.ppl_ctx[0]):
-            r = wikitext2_perplexity(model, tok, ctx=ctx, progress=False)
-            return {f"wikitext2_ppl_{ctx}": float(r)}
+            return {f"wikitext2_ppl_{ctx}": float(perplexity(model, wiki_ids, ctx=ctx, progress=False))}
 
         eval_every = max(1, cfg.steps // cfg.curve_points)
     init_eval = None
@@ -188,7 +188,7 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, device: str = "cu
         agreement = compare_to_teacher(student, teacher, heldout.to(dev))
     ppl = {}
     for ctx in cfg.ppl_ctx:
-        r = wikitext2_perplexity(student, tok, ctx=ctx, progress=progress)
+        r = perplexity(student, wiki_ids, ctx=ctx, progress=progress)
         ppl[str(ctx)] = {"ppl": float(r), "tokens": r.tokens, "windows": r.windows}
     res = {
         "model": cfg.model,

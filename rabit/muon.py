@@ -50,6 +50,8 @@ class GroupedMuon(torch.optim.Muon):
             if not params:
                 continue
             momentum, lr, wd = group["momentum"], group["lr"], group["weight_decay"]
+            if wd:  # decoupled weight decay, before the update (as torch's Muon)
+                torch._foreach_mul_(params, 1 - lr * wd)
             torch._foreach_lerp_(bufs, grads, 1 - momentum)
             updates = torch._foreach_lerp(grads, bufs, momentum) if group["nesterov"] else bufs
             # the iteration runs on the wide orientation (rows <= cols), as torch's does
@@ -64,8 +66,6 @@ class GroupedMuon(torch.optim.Muon):
                     x = torch.stack([updates[i].mT if transposed else updates[i] for i in chunk]).bfloat16()
                     x = _zeropower_batched(x, group["ns_coefficients"], group["ns_steps"], group["eps"])
                     ps = [params[i] for i in chunk]
-                    if wd:
-                        torch._foreach_mul_(ps, 1 - lr * wd)
                     torch._foreach_add_(ps, list(x.mT.unbind(0)) if transposed else list(x.unbind(0)),
                                         alpha=-_adjust_lr(lr, group["adjust_lr_fn"], ps[0].shape))
         return loss

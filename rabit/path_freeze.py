@@ -20,12 +20,13 @@ from .nn import IndependentRaBiTLinear, RaBiTLinear
 
 
 def _frozen_row_hook(param: torch.Tensor):
-    """A gradient hook zeroing row 0 (path 1) of param's gradient; the mask is built once, on param's device."""
+    """A gradient hook zeroing row 0 (path 1) of param's gradient. The mask is built once; `.to` is a no-op while
+    the gradient stays on the mask's device and dtype, and follows the model if it is moved later."""
     mask = torch.ones(param.shape[0], 1, device=param.device, dtype=param.dtype)
     mask[0] = 0.0
 
     def hook(grad):
-        return grad * mask
+        return grad * mask.to(grad.device, grad.dtype)
 
     return hook
 

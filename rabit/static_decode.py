@@ -94,7 +94,7 @@ class StaticDecoder:
         self.model, self.base = model, base
         self._eager = (_rms_norm, _add_rms_norm, _rope, _swiglu)
         self._decode_fns = self._eager
-        self.compiled, self._warm = compile, False
+        self._warm = False  # warm_up() done (without a graph; with one, _graph says it)
         if compile:  # decode steps only (T = 1); the prefill runs eagerly
             from torch import _dynamo
 
@@ -215,7 +215,7 @@ class StaticDecoder:
         if self.cuda_graph and self._graph is None:
             with torch.cuda.device(self.device):
                 self._capture()
-        elif not self.cuda_graph and self.compiled and not self._warm:
+        elif not self.cuda_graph and self._decode_fns is not self._eager and not self._warm:
             with self._scratch_state():
                 self._step()
         self._warm = True

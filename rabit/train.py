@@ -686,21 +686,18 @@ def train(
                 bar.set_postfix(loss=f"{entry['loss']:.4f}", kl=f"{entry['kl']:.4f}", tok_s=f"{tps:,.0f}")
                 t_log, acc, n_acc = now, {"loss": 0.0, "kl": 0.0, "mse": 0.0}, 0
             bar.update(1)
-            if ckpt_path is not None and (done == config.steps or
-                                          (config.checkpoint_every and done % config.checkpoint_every == 0)):
-                # History first: a crash between the two writes then leaves extra history entries,
-                # which a resume drops, rather than a checkpoint whose history is missing.
+            at_checkpoint = config.checkpoint_every and done % config.checkpoint_every == 0
+            # the parameters are checked where a checkpoint is written, and after the last step in any case
+            if done == config.steps or (ckpt_path is not None and at_checkpoint):
                 bad = _nonfinite_parameter(student, params)
                 if bad is not None:
                     raise diverged(step, f"{bad} became NaN or Inf")
-                write_json_atomic(out / HISTORY_NAME, history)
-                save_checkpoint(ckpt_path, student, optimizers, done, config, fingerprint)
-                last_saved = done
-        if ckpt_path is None and config.steps > start_step:
-            # without an out_dir there is no checkpoint at which the parameters were checked
-            bad = _nonfinite_parameter(student, params)
-            if bad is not None:
-                raise diverged(config.steps - 1, f"{bad} became NaN or Inf")
+                if ckpt_path is not None:
+                    # History first: a crash between the two writes then leaves extra history entries,
+                    # which a resume drops, rather than a checkpoint whose history is missing.
+                    write_json_atomic(out / HISTORY_NAME, history)
+                    save_checkpoint(ckpt_path, student, optimizers, done, config, fingerprint)
+                    last_saved = done
     finally:
         restore_checks()
         bar.close()

@@ -69,6 +69,7 @@ rabit_status rabit_packed_linear_cpu(const void *x, rabit_dtype xdt, int64_t M, 
         }
     }
     free(xh); /* only the tables are read from here on */
+    free(row);
 #pragma omp parallel for schedule(static) if (M * out * nw * K >= RABIT_PARALLEL_MIN_WORDS)
     for (blk = 0; blk < (out + block - 1) / block; blk++) {
         const int64_t o0 = blk * block;
@@ -78,6 +79,5 @@ rabit_status rabit_packed_linear_cpu(const void *x, rabit_dtype xdt, int64_t M, 
     rabit_store_f32(y, xdt, 0, M * out, yf);
     free(lut);
     free(yf);
-    free(row);
     return RABIT_OK;
 }

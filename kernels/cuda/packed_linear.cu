@@ -667,8 +667,9 @@ int packed_linear_path(rabit_dtype xdt, int64_t M) {
    or i8 forces one where both apply (benchmarks; the test that both give the same bits): the outputs are
    bit-identical, so this never changes a result. */
 bool use_b1(int64_t M, int64_t in) {
+    if (M > kB1MaxM) return false;
     const char *v = getenv("RABIT_CUDA_DECODE");
-    if (M > kB1MaxM || (v && strcmp(v, "i8") == 0)) return false;
+    if (v && strcmp(v, "i8") == 0) return false;
     if (v && strcmp(v, "b1") == 0) return true;
     return M == 1 && in > 7680;
 }
