@@ -13,7 +13,7 @@ autocast, batch 16 x 512 tokens):
 * ``rabit-checked``: as ``rabit`` with the per-layer NaN/Inf check left on (one device sync per layer per
   step), to show what turning it off during training buys.
 
-Writes bench_train_<gpu>_<date>.json (into --out, else $OUT, else benchmarks/results/). With --profile,
+Writes bench_train_<gpu>_<date>_batch<B>.json (into --out, else $OUT, else benchmarks/results/). With --profile,
 also the top CUDA kernels and CPU ops of 3 profiled rabit steps (torch.profiler).
 """
 
@@ -124,7 +124,7 @@ def main(argv=None):
            "steps": args.steps, "results": res}
     out = Path(args.out or os.environ.get("OUT") or ROOT / "benchmarks" / "results")
     out.mkdir(parents=True, exist_ok=True)
-    f = out / f"bench_train_{gpu.replace(' ', '_')}_{datetime.date.today()}.json"
+    f = out / f"bench_train_{gpu.replace(' ', '_')}_{datetime.date.today()}_batch{args.batch}.json"
     f.write_text(json.dumps(doc, indent=1))
     print("wrote", f)
 

@@ -20,23 +20,15 @@ import torch
 
 from rabit.data import cached_teacher_data, write_json_atomic
 from rabit.evaluate import wikitext2_perplexity
-from rabit.experiment import METHODS, ExperimentConfig, run_experiment
+from rabit.experiment import METHODS, add_config_arguments, config_from_args, run_experiment
 from rabit.models import load_model
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="smollm2-135m")
+    add_config_arguments(ap)
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    ap.add_argument("--tokens", type=float, default=2.5e6)
-    ap.add_argument("--seq-len", type=int, default=512)
-    ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--data-seqs", type=int, default=1024)
-    ap.add_argument("--lr-latent", type=float, default=1e-3)
-    ap.add_argument("--lr-scales", type=float, default=1e-3)
-    ap.add_argument("--gamma", type=float, default=0.0)
     ap.add_argument("--ctx", type=int, nargs="*", default=[2048, 4096], help="WikiText-2 contexts (none: skip)")
-    ap.add_argument("--curve", type=int, default=0, help="WikiText-2 PPL (first --ctx) N times during training")
     ap.add_argument("--progress", action="store_true")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--heldout-seqs", type=int, default=0,
@@ -46,16 +38,14 @@ def main(argv=None):
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    base = ExperimentConfig(model=args.model, tokens=int(args.tokens), seq_len=args.seq_len,
-                            batch_size=args.batch_size, data_seqs=args.data_seqs, lr_latent=args.lr_latent,
-                            lr_scales=args.lr_scales, gamma=args.gamma, ppl_ctx=tuple(args.ctx),
-                            curve_points=args.curve)
+    base = config_from_args(args, ppl_ctx=tuple(args.ctx))
     teacher, tok = load_model(args.model, device=args.device)
     teacher.eval()
     bos = int(teacher.config.bos_token_id if teacher.config.bos_token_id is not None else 1)
     t0 = time.perf_counter()
     data = cached_teacher_data(out / "teacher_data.safetensors", teacher, base.data_seqs, base.seq_len, base.gen_batch,
-                               bos, model_name=args.model, seed=base.seed, device=args.device, progress=args.progress)
+                               bos, model_name=args.model, temperature=base.data_temperature, top_k=base.data_top_k,
+                               seed=base.seed, device=args.device, progress=args.progress)
     data_s = time.perf_counter() - t0
     heldout = None
     if args.heldout_seqs:

@@ -65,25 +65,15 @@ def _run_quickstart(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _add_train(sub) -> argparse.ArgumentParser:
-    from .experiment import METHODS, ExperimentConfig
+    from .experiment import METHODS, ExperimentConfig, add_config_arguments
 
     d = ExperimentConfig()
     p = sub.add_parser(
         "train", help="quantize + QAT a model with one method and report WikiText-2 PPL",
         description="Sample distillation data from the FP model, quantize with METHOD, train on --tokens "
                     "tokens, evaluate WikiText-2 perplexity (ctx 2048 and 4096); writes OUT/result.json.")
-    p.add_argument("--model", default=d.model, help=f"model name or path (default {d.model})")
     p.add_argument("--method", choices=METHODS, default=d.method, help="rabit (default) or a baseline")
-    p.add_argument("--tokens", type=float, default=d.tokens, help="training tokens (default %(default).3g)")
-    p.add_argument("--seq-len", type=_positive_int, default=d.seq_len)
-    p.add_argument("--batch-size", type=_positive_int, default=d.batch_size)
-    p.add_argument("--data-seqs", type=_positive_int, default=d.data_seqs, help="teacher-sampled sequences")
-    p.add_argument("--lr-latent", type=float, default=d.lr_latent)
-    p.add_argument("--lr-scales", type=float, default=d.lr_scales)
-    p.add_argument("--gamma", type=float, default=d.gamma, help="hidden-state MSE weight")
-    p.add_argument("--curve", type=_non_negative_int, default=0, metavar="N",
-                   help="also evaluate WikiText-2 PPL (ctx 2048) N times during training: the PPL-vs-tokens curve "
-                        "in result.json (default 0: only at the end)")
+    add_config_arguments(p, d)
     p.add_argument("--device", default="cuda" if _cuda_available() else "cpu")
     p.add_argument("--out", required=True, metavar="DIR")
     _add_common(p)
@@ -97,11 +87,9 @@ def _cuda_available() -> bool:
 
 
 def _run_train(args: argparse.Namespace) -> dict[str, Any]:
-    from .experiment import ExperimentConfig, run_experiment
+    from .experiment import config_from_args, run_experiment
 
-    cfg = ExperimentConfig(model=args.model, method=args.method, tokens=int(args.tokens), seq_len=args.seq_len,
-                           batch_size=args.batch_size, data_seqs=args.data_seqs, lr_latent=args.lr_latent,
-                           lr_scales=args.lr_scales, gamma=args.gamma, curve_points=args.curve)
+    cfg = config_from_args(args, method=args.method)
     res = run_experiment(cfg, args.out, device=args.device, progress=not args.quiet)
     if not args.json:
         print(f"{res['method']} on {res['model']}: WikiText-2 PPL "

@@ -277,14 +277,20 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
 
 def add_generate(sub) -> argparse.ArgumentParser:
     p = sub.add_parser(
-        "generate", help="greedy text generation from an exported directory (torch or NumPy runtime)",
-        description="Greedy continuation of --prompt. --runtime numpy runs the torch-free rabit.runtime on an "
-                    "exported Llama directory; --runtime torch (default) runs the PyTorch model (an exported "
-                    "directory or any model name/path).")
+        "generate", help="text generation from an exported directory (torch or NumPy runtime)",
+        description="Greedy (or, with --temperature, sampled) continuation of --prompt. --runtime numpy runs the "
+                    "torch-free rabit.runtime on an exported Llama directory; --runtime torch (default) runs the "
+                    "PyTorch model (an exported directory or any model name/path).")
     p.add_argument("model", help="exported directory (or, with --runtime torch, a model name/path)")
     p.add_argument("--prompt", required=True, help="text to continue")
     p.add_argument("--max-new-tokens", type=_positive_int, default=32, help="tokens to generate (default 32)")
     p.add_argument("--runtime", choices=("torch", "numpy"), default="torch", help="backend (default torch)")
+    p.add_argument("--temperature", type=float, default=None,
+                   help="sample at this temperature instead of greedy decoding (torch runtime, Llama-family "
+                        "models: rabit.sampling's counter-based draws, reproducible from --seed on any device)")
+    p.add_argument("--top-k", type=_positive_int, default=None, help="with --temperature: sample from the k most "
+                                                                      "likely tokens only")
+    p.add_argument("--seed", type=_non_negative_int, default=0, help="seed of the sampled draws (default 0)")
     p.add_argument("--device", default="cpu",
                    help="torch device (default cpu); on cuda the model runs in fp16 with a static KV cache and "
                         "one CUDA graph per token (rabit.static_decode, the path of benchmarks/bench_decode.py)")
@@ -298,7 +304,14 @@ def add_generate(sub) -> argparse.ArgumentParser:
 
 def run_generate(args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.perf_counter()
+    sampled = args.temperature is not None
+    if args.top_k is not None and not sampled:
+        raise CliError("rabit: --top-k needs --temperature (without it, generate decodes greedily)")
+    if sampled and not args.temperature > 0:
+        raise CliError(f"rabit: --temperature must be > 0, got {args.temperature}")
     if args.runtime == "numpy":
+        if sampled:
+            raise CliError("rabit: --runtime numpy decodes greedily; drop --temperature or use --runtime torch")
         if not _is_export_dir(args.model):
             raise CliError(f"rabit: --runtime numpy needs an exported rabit directory, got {args.model!r}; "
                            "export it first with `rabit export`")
@@ -324,6 +337,9 @@ def run_generate(args: argparse.Namespace) -> dict[str, Any]:
         if args.compile and model.config.model_type not in SUPPORTED:
             raise CliError(f"rabit: --compile applies to the static decoder of {', '.join(sorted(SUPPORTED))} "
                            f"models; {model.config.model_type!r} runs HF generate: drop --compile")
+        if sampled and model.config.model_type not in SUPPORTED:
+            raise CliError(f"rabit: --temperature samples with the static decoder of {', '.join(sorted(SUPPORTED))} "
+                           f"models; {model.config.model_type!r} runs HF generate: drop --temperature")
         if tok is None:
             raise CliError(f"rabit: {args.model!r} has no tokenizer; re-export it with its tokenizer")
         if args.device.startswith("cuda") and model.dtype not in (torch.float16, torch.bfloat16):
@@ -333,9 +349,10 @@ def run_generate(args: argparse.Namespace) -> dict[str, Any]:
         eos = getattr(tok, "eos_token_id", None)
         if model.config.model_type in SUPPORTED:  # static KV cache (+ CUDA graph on GPU): HF's greedy tokens
             dec = StaticDecoder(model, batch_size=1, max_len=len(prompt_ids) + args.max_new_tokens + 1,
-                                compile=args.compile).warm_up()  # one-time capture/compile: load time
+                                compile=args.compile, temperature=args.temperature,
+                                top_k=args.top_k).warm_up()  # one-time capture/compile: load time
             t1 = time.perf_counter()
-            out = dec.generate(x, args.max_new_tokens, eos_token_id=eos)
+            out = dec.generate(x, args.max_new_tokens, eos_token_id=eos, seed=args.seed)
         else:
             t1 = time.perf_counter()
             with torch.no_grad():
@@ -349,6 +366,7 @@ def run_generate(args: argparse.Namespace) -> dict[str, Any]:
     t2 = time.perf_counter()
     new = len(ids) - len(prompt_ids)
     result = {"model": args.model, "runtime": args.runtime, "prompt": args.prompt, "text": text,
+              "sampling": {"temperature": args.temperature, "top_k": args.top_k, "seed": args.seed} if sampled else None,
               "prompt_tokens": len(prompt_ids), "new_tokens": new, "load_s": round(t1 - t0, 4),
               "generate_s": round(t2 - t1, 4), "tokens_per_s": round(new / (t2 - t1), 2) if t2 > t1 else None}
     _emit(args, [text])

@@ -26,10 +26,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from .sampling import row_keys, sample_next
+
 logger = logging.getLogger(__name__)
 
 #: Bumped whenever the meaning of the cache metadata changes, so old caches are regenerated.
-CACHE_FORMAT = "rabit-teacher-tokens/1"
+CACHE_FORMAT = "rabit-teacher-tokens/2"  # 2: counter-based draws (rabit.sampling)
 
 
 # --------------------------------------------------------------------------------------------
@@ -82,14 +84,15 @@ def decode_loop(
     model: torch.nn.Module,
     prompt_ids: torch.Tensor,
     new_tokens: int,
-    choose: Callable[[torch.Tensor], torch.Tensor],
+    choose: Callable[[torch.Tensor, int], torch.Tensor],
 ) -> torch.Tensor:
     """Extend ``prompt_ids [B, P]`` by ``new_tokens`` tokens with a KV cache.
 
-    ``choose(logits [B, V] float32) -> [B]`` picks the next token (sampling or argmax). One model
-    call per new token; the prompt is processed in one call. The sequence never stops early at EOS:
-    distillation and timing both need fixed-length output, and the teacher itself defines what
-    comes after an EOS (stories260K, like llama2.c's training data, just starts the next story).
+    ``choose(logits [B, V] float32, pos) -> [B]`` picks the token placed at sequence position ``pos``
+    (:func:`greedy`, or a sampler). One model call per new token; the prompt is processed in one call. The
+    sequence never stops early at EOS: distillation and timing both need fixed-length output, and the teacher
+    itself defines what comes after an EOS (stories260K, like llama2.c's training data, just starts the next
+    story).
     """
     from transformers import DynamicCache
 
@@ -107,22 +110,15 @@ def decode_loop(
         # over the whole prompt in the first call).
         logits = model(input_ids=step_input, use_cache=True, logits_to_keep=1,
                        **{cache_kw: cache}).logits[:, -1, :]
-        nxt = choose(logits.float())
+        nxt = choose(logits.float(), pos + i)
         out[:, pos + i] = nxt
         step_input = nxt[:, None]
     return out
 
 
-def _sampler(temperature: float, top_k: int | None, generator: torch.Generator):
-    def choose(logits: torch.Tensor) -> torch.Tensor:
-        logits = logits / temperature
-        if top_k is not None and top_k < logits.shape[-1]:
-            kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        probs = torch.softmax(logits, dim=-1)
-        return torch.multinomial(probs, 1, generator=generator)[:, 0]
-
-    return choose
+def greedy(logits: torch.Tensor, pos: int) -> torch.Tensor:
+    """:func:`decode_loop`'s ``choose`` for greedy decoding."""
+    return logits.argmax(-1)
 
 
 @contextlib.contextmanager
@@ -157,11 +153,13 @@ def generate_teacher_data(
     Every row starts with ``bos_id``; token 1 is sampled from the teacher's distribution after BOS
     and every later token from its distribution given the prefix (LLM-QAT's data-free recipe; we
     sample from the first token on rather than LLM-QAT's greedy first few tokens, which keeps the
-    data an unbiased sample of the teacher). Batched, with a KV cache, one model call per token.
+    data an unbiased sample of the teacher), at ``temperature``, from the ``top_k`` most likely tokens
+    when given.
 
-    The result is deterministic for a fixed (seed, batch_size, device); a different batch size or
-    device gives a different draw from the same distribution. The model is run in its own dtype and
-    left in the train/eval mode it was in.
+    Draws are counter-based (:mod:`rabit.sampling`): row r's random numbers depend only on (seed, r), not
+    on the batch size or the device; the tokens can still differ between them where float rounding moves
+    the teacher's probabilities across a draw. :class:`~rabit.static_decode.StaticDecoder` samples with the
+    same draws. The model is run in its own dtype and left in the train/eval mode it was in.
     """
     if n_seqs < 1 or seq_len < 2 or batch_size < 1:
         raise ValueError(
@@ -172,6 +170,8 @@ def generate_teacher_data(
         raise ValueError(f"rabit: temperature must be > 0 (got {temperature}); use top_k=1 for greedy")
     if top_k is not None and top_k < 1:
         raise ValueError(f"rabit: top_k must be >= 1 or None (got {top_k})")
+    if seed < 0:
+        raise ValueError(f"rabit: seed must be >= 0 (got {seed})")
     dev = model_device(model)
     if device is not None and torch.device(device).type != dev.type:
         raise ValueError(
@@ -187,18 +187,16 @@ def generate_teacher_data(
     if vocab is not None and not 0 <= bos_id < vocab:
         raise ValueError(f"rabit: bos_id={bos_id} is outside the vocabulary [0, {vocab})")
 
-    # The generator lives on the model's device so sampling needs no host round trip.
-    gen = torch.Generator(device=dev)
-    gen.manual_seed(seed)
-    choose = _sampler(temperature, top_k, gen)
     out = torch.empty(n_seqs, seq_len, dtype=torch.long)
     bar = _progress_bar(total=n_seqs * (seq_len - 1), desc="teacher data", unit="tok", enable=progress)
     t0 = time.perf_counter()
     with _eval_mode(model):
         for start in range(0, n_seqs, batch_size):
             b = min(batch_size, n_seqs - start)
+            keys = row_keys(seed, torch.arange(start, start + b, device=dev))
             prompt = torch.full((b, 1), bos_id, dtype=torch.long, device=dev)
-            ids = decode_loop(model, prompt, seq_len - 1, choose)
+            ids = decode_loop(model, prompt, seq_len - 1,
+                              lambda logits, pos: sample_next(logits, keys, pos, temperature, top_k))
             out[start : start + b] = ids.cpu()
             bar.update(b * (seq_len - 1))
     bar.close()

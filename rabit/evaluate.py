@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .data import decode_loop, encode_text, model_device
+from .data import decode_loop, encode_text, greedy, model_device
 from .train import autocast_context
 
 SHARED_ENV = "RABIT_SHARED"
@@ -258,9 +258,6 @@ def tokens_per_second(
     prompt_ids = prompt_ids.to(dev)
     was_training = model.training
     model.eval()
-
-    def greedy(logits: torch.Tensor) -> torch.Tensor:
-        return logits.argmax(-1)
 
     times = []
     try:

@@ -41,11 +41,15 @@ class ExperimentConfig:
     data_seqs: int = 1024  # distinct teacher-sampled sequences (reused over epochs)
     calib_seqs: int = 64
     gen_batch: int = 512  # sequences sampled at once (one model call per token for the whole batch)
+    # how the teacher samples its training sequences (rabit.data.generate_teacher_data)
+    data_temperature: float = 1.0
+    data_top_k: int | None = None
     init_iters: int = 5
     alpha_in: float = 0.5
     alpha_out: float = 0.5
     lr_latent: float = 1e-3
     lr_scales: float = 1e-3
+    min_lr_ratio: float = 0.1  # cosine floor as a fraction of the peak learning rates
     gamma: float = 0.0  # KL only: γ > 0 gave a higher held-out KL in short runs (quickstart sweep)
     optimizer: str = "muon"
     ste: str = "identity"
@@ -63,6 +67,10 @@ class ExperimentConfig:
             raise ValueError("rabit train: tokens must be >= 0")
         if self.curve_points < 0:
             raise ValueError("rabit train: curve_points must be >= 0")
+        if not self.data_temperature > 0:
+            raise ValueError(f"rabit train: data_temperature must be > 0 (got {self.data_temperature})")
+        if self.data_top_k is not None and self.data_top_k < 1:
+            raise ValueError(f"rabit train: data_top_k must be >= 1 or None (got {self.data_top_k})")
         if self.method == "path-freeze" and self.steps < 2:
             raise ValueError("rabit train: path-freeze trains two stages; give it tokens for at least 2 steps")
 
@@ -82,6 +90,41 @@ class ExperimentConfig:
             alpha_out=0.0 if plain else self.alpha_out,
             ste=self.ste,
         )
+
+
+def add_config_arguments(p, d: ExperimentConfig | None = None) -> None:
+    """The options of one experiment (``rabit train`` and ``benchmarks/method_table.py`` share them)."""
+    from ._cli_args import non_negative_int, positive_int
+
+    d = d or ExperimentConfig()
+    p.add_argument("--model", default=d.model, help=f"model name or path (default {d.model})")
+    p.add_argument("--tokens", type=float, default=d.tokens, help="training tokens (default %(default).3g)")
+    p.add_argument("--seq-len", type=positive_int, default=d.seq_len)
+    p.add_argument("--batch-size", type=positive_int, default=d.batch_size)
+    p.add_argument("--data-seqs", type=positive_int, default=d.data_seqs,
+                   help="teacher-sampled sequences, reused over epochs (default %(default)s)")
+    p.add_argument("--data-temperature", type=float, default=d.data_temperature,
+                   help="sampling temperature of the teacher data (default %(default)s)")
+    p.add_argument("--data-top-k", type=positive_int, default=d.data_top_k,
+                   help="sample the teacher data from its k most likely tokens only (default: all)")
+    p.add_argument("--lr-latent", type=float, default=d.lr_latent, help="Muon learning rate of the latent weights")
+    p.add_argument("--lr-scales", type=float, default=d.lr_scales, help="AdamW learning rate of scales and norms")
+    p.add_argument("--min-lr-ratio", type=float, default=d.min_lr_ratio,
+                   help="cosine floor as a fraction of the peak learning rates (default %(default)s)")
+    p.add_argument("--gamma", type=float, default=d.gamma, help="hidden-state MSE weight")
+    p.add_argument("--seed", type=non_negative_int, default=d.seed, help="seed of the teacher data and training")
+    p.add_argument("--curve", type=non_negative_int, default=d.curve_points, metavar="N",
+                   help="also evaluate WikiText-2 PPL (first context) N times during training: the PPL-vs-tokens "
+                        "curve in result.json (default 0: only at the end)")
+
+
+def config_from_args(args, **overrides: Any) -> ExperimentConfig:
+    """The :class:`ExperimentConfig` of options added by :func:`add_config_arguments`."""
+    return ExperimentConfig(model=args.model, tokens=int(args.tokens), seq_len=args.seq_len,
+                            batch_size=args.batch_size, data_seqs=args.data_seqs,
+                            data_temperature=args.data_temperature, data_top_k=args.data_top_k,
+                            lr_latent=args.lr_latent, lr_scales=args.lr_scales, min_lr_ratio=args.min_lr_ratio,
+                            gamma=args.gamma, seed=args.seed, curve_points=args.curve, **overrides)
 
 
 def _peak_memory(dev: torch.device) -> int | None:
@@ -121,8 +164,9 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, device: str = "cu
     t0 = time.perf_counter()
     if teacher_data is None:
         teacher_data = cached_teacher_data(out / "teacher_data.safetensors", teacher, cfg.data_seqs, cfg.seq_len,
-                                           cfg.gen_batch, bos, model_name=cfg.model, seed=cfg.seed, device=dev,
-                                           progress=progress)
+                                           cfg.gen_batch, bos, model_name=cfg.model,
+                                           temperature=cfg.data_temperature, top_k=cfg.data_top_k, seed=cfg.seed,
+                                           device=dev, progress=progress)
     data_s = time.perf_counter() - t0
 
     student = copy.deepcopy(teacher)
@@ -152,7 +196,8 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, device: str = "cu
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
         tc = TrainConfig(steps=cfg.steps, batch_size=cfg.batch_size, lr_latent=cfg.lr_latent,
-                         lr_scales=cfg.lr_scales, gamma=cfg.gamma, optimizer=cfg.optimizer, seed=cfg.seed,
+                         lr_scales=cfg.lr_scales, min_lr_ratio=cfg.min_lr_ratio, gamma=cfg.gamma,
+                         optimizer=cfg.optimizer, seed=cfg.seed,
                          log_every=max(1, cfg.steps // 50), checkpoint_every=max(1, cfg.steps // 4))
         t0 = time.perf_counter()
         if cfg.method == "path-freeze":

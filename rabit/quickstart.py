@@ -199,10 +199,10 @@ def run_quickstart(
 
 @torch.no_grad()
 def _greedy_text(model, tokenizer, prompt: str, new_tokens: int) -> str:
-    from .data import decode_loop, model_device
+    from .data import decode_loop, greedy, model_device
 
     ids = torch.tensor([tokenizer.encode(prompt, bos=True)], device=model_device(model))
-    out = decode_loop(model, ids, new_tokens, lambda logits: logits.argmax(-1))
+    out = decode_loop(model, ids, new_tokens, greedy)
     return tokenizer.decode(out[0].tolist())
 
 

@@ -1,4 +1,4 @@
-"""Fast greedy decoding of Llama-family models: a static KV cache and, on CUDA, one CUDA graph per step.
+"""Fast greedy or sampled decoding of Llama-family models: a static KV cache and, on CUDA, one CUDA graph per step.
 
 HF ``generate()`` spends most of a small model's step in Python and launch overhead, which hides what the
 weights cost. :class:`StaticDecoder` runs the same modules (the model's own ``nn.Linear`` or
@@ -9,6 +9,8 @@ synchronisation. It is the decode path of ``rabit generate --device cuda`` and o
 
     dec = StaticDecoder(model, batch_size=1, max_len=prompt_len + new_tokens)
     tokens = dec.generate(input_ids, max_new_tokens=256)          # [B, prompt + new], greedy
+    sampler = StaticDecoder(model, batch_size=8, max_len=512, temperature=1.0)
+    tokens = sampler.generate(input_ids, max_new_tokens=500, seed=0)  # sampled (rabit.sampling: counter-based)
 
 Supported: HF models whose ``model.model`` has ``embed_tokens``, ``layers`` (``self_attn.{q,k,v,o}_proj``,
 ``mlp.{gate,up,down}_proj``, ``input_layernorm``, ``post_attention_layernorm``), ``norm`` and
@@ -23,6 +25,8 @@ import contextlib
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .sampling import row_keys, sample_next
 
 __all__ = ["StaticDecoder", "SUPPORTED"]
 
@@ -56,7 +60,7 @@ def _swiglu(gate: Tensor, up: Tensor) -> Tensor:
 
 
 class StaticDecoder:
-    """Greedy decoder over a static KV cache (see the module docstring).
+    """Greedy or sampling decoder over a static KV cache (see the module docstring).
 
     Args:
         model: a Llama-family causal LM (``LlamaForCausalLM`` and alike), in eval mode.
@@ -66,10 +70,13 @@ class StaticDecoder:
         compile: fuse the elementwise glue (RMSNorm, residual adds, rotary, SwiGLU) with torch.compile; the
             linears and attention run as they are. Costs a one-time compilation; results may differ from
             eager in the last bits (fused float32 arithmetic).
+        temperature: None (default) decodes greedily; a value > 0 samples from softmax(logits / temperature)
+            with :func:`rabit.sampling.sample_next` (counter-based draws, seeded per generate() call).
+        top_k: with temperature, sample from the k most likely tokens only.
     """
 
     def __init__(self, model: nn.Module, batch_size: int = 1, max_len: int = 2048, cuda_graph: bool | None = None,
-                 compile: bool = False):
+                 compile: bool = False, temperature: float | None = None, top_k: int | None = None):
         base = getattr(model, "model", None)
         needed = ("embed_tokens", "layers", "norm", "rotary_emb")
         if base is None or not all(hasattr(base, n) for n in needed) or not hasattr(model, "lm_head"):
@@ -77,6 +84,12 @@ class StaticDecoder:
                             f"(needs model.model.{{{', '.join(needed)}}} and model.lm_head)")
         if batch_size < 1 or max_len < 2:
             raise ValueError(f"StaticDecoder: batch_size must be >= 1 and max_len >= 2, got {batch_size}, {max_len}")
+        if temperature is not None and not temperature > 0:
+            raise ValueError(f"StaticDecoder: temperature must be > 0 or None (greedy), got {temperature}")
+        if top_k is not None and (temperature is None or top_k < 1):
+            raise ValueError(f"StaticDecoder: top_k must be >= 1 and needs a temperature, got top_k={top_k}, "
+                             f"temperature={temperature}")
+        self.temperature, self.top_k = temperature, top_k
         cfg = model.config
         if getattr(cfg, "model_type", None) not in SUPPORTED:
             raise TypeError(f"StaticDecoder: model type {getattr(cfg, 'model_type', None)!r} is not supported; "
@@ -126,6 +139,7 @@ class StaticDecoder:
         self._pos = torch.zeros(1, dtype=torch.long, device=self.device)
         self._steps_left = max_len - 1  # host copy of max_len - 1 - _pos: the bounds check reads no device value
         self._out = torch.zeros(batch_size, max_len, dtype=torch.long, device=self.device)
+        self._keys = torch.zeros(batch_size, dtype=torch.long, device=self.device)  # sampling: rows' draw keys
         self._graph = None
 
     # ------------------------------------------------------------------ the model, over the static cache
@@ -143,8 +157,16 @@ class StaticDecoder:
 
     def attention(self, i: int, q: Tensor, mask: Tensor) -> Tensor:
         """Causal attention of q [B, H, T, D] over layer i's cache, with mask = causal_mask(pos)."""
-        return F.scaled_dot_product_attention(q, self.k_cache[i], self.v_cache[i], attn_mask=mask,
-                                              enable_gqa=self.n_kv != self.n_heads)
+        B, H, T, D = q.shape
+        G = H // self.n_kv
+        if G == 1:
+            return F.scaled_dot_product_attention(q, self.k_cache[i], self.v_cache[i], attn_mask=mask)
+        # GQA: the G query heads of a KV head become G x T query rows of that head (head h = kv * G + g, as HF's
+        # repeat_kv), so the cache is read as it is; enable_gqa would expand it G-fold (at batch 512 and
+        # max_len 512 that copy dominated the step)
+        o = F.scaled_dot_product_attention(q.reshape(B, self.n_kv, G * T, D), self.k_cache[i], self.v_cache[i],
+                                           attn_mask=mask.repeat(G, 1))
+        return o.view(B, H, T, D)
 
     def forward(self, tokens: Tensor, pos: Tensor) -> Tensor:
         """Logits of the last position of tokens [B, T] placed at positions pos [T]; fills the cache there."""
@@ -175,8 +197,12 @@ class StaticDecoder:
 
     # ------------------------------------------------------------------ decoding
     def _step(self) -> None:
-        """One greedy step on the static buffers: next token of _tok at _pos, recorded in _out."""
-        nxt = self.forward(self._tok, self._pos).argmax(-1, keepdim=True)
+        """One step on the static buffers: next token of _tok at _pos (greedy or sampled), recorded in _out."""
+        logits = self.forward(self._tok, self._pos)
+        if self.temperature is None:
+            nxt = logits.argmax(-1, keepdim=True)
+        else:  # the token lands at position _pos + 1: that is its draw's counter
+            nxt = sample_next(logits, self._keys, self._pos + 1, self.temperature, self.top_k)[:, None]
         self._out.index_copy_(1, self._pos + 1, nxt)
         self._tok.copy_(nxt)
         self._pos.add_(1)
@@ -258,12 +284,17 @@ class StaticDecoder:
                 self._graph.replay()
 
     @torch.no_grad()
-    def generate(self, input_ids: Tensor, max_new_tokens: int, eos_token_id: int | None = None) -> Tensor:
-        """Greedy continuation: [B, T + n] token ids (n <= max_new_tokens). With eos_token_id it stops once every
-        row has produced it (checked every 16 tokens, so up to 15 more columns may follow), and positions after
-        a row's first EOS hold that EOS. Plain greedy argmax: the model's generation_config processors
-        (repetition penalty, suppressed tokens, ...) are not applied."""
+    def generate(self, input_ids: Tensor, max_new_tokens: int, eos_token_id: int | None = None, seed: int = 0,
+                 first_row: int = 0) -> Tensor:
+        """Continuation: [B, T + n] token ids (n <= max_new_tokens), greedy or sampled (the decoder's temperature).
+        With eos_token_id it stops once every row has produced it (checked every 16 tokens, so up to 15 more
+        columns may follow), and positions after a row's first EOS hold that EOS. Sampling draws row r's numbers
+        from (seed, first_row + r, position) (rabit.sampling.row_keys), so a set sampled in batches gets the same
+        draws whatever the batch size. The model's generation_config processors (repetition penalty, suppressed
+        tokens, ...) are not applied."""
         T = input_ids.shape[1]
+        if self.temperature is not None:
+            self._keys.copy_(row_keys(seed, torch.arange(first_row, first_row + self.B, device=self.device)))
         self.prefill(input_ids)
         done, chunk = 0, 16
         while done < max_new_tokens:

@@ -440,6 +440,32 @@ def test_cli_generate_cuda_without_gpu(capsys):
     assert "sees no CUDA GPU" in capsys.readouterr().err
 
 
+def test_cli_generate_sampling(capsys):
+    """--temperature samples (reproducibly from --seed, with top-k's support); greedy without it."""
+    def run(*extra):
+        assert cli_main(["generate", "stories260k", "--prompt", PROMPT, "--max-new-tokens", "24", "--json", *extra]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    greedy = run()
+    assert greedy["sampling"] is None
+    a, b, c = run("--temperature", "1.5", "--seed", "3"), run("--temperature", "1.5", "--seed", "3"), \
+        run("--temperature", "1.5", "--seed", "4")
+    assert a["text"] == b["text"] and a["text"] != c["text"] and a["text"] != greedy["text"]
+    assert a["sampling"] == {"temperature": 1.5, "top_k": None, "seed": 3}
+    # top-k 1 is greedy whatever the temperature and seed
+    assert run("--temperature", "2", "--top-k", "1", "--seed", "9")["text"] == greedy["text"]
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--top-k", "5"], "--top-k needs --temperature"),
+    (["--temperature", "0"], "--temperature must be > 0"),
+    (["--temperature", "1", "--runtime", "numpy"], "decodes greedily"),
+])
+def test_cli_generate_sampling_errors(argv, needle, capsys):
+    assert cli_main(["generate", "stories260k", "--prompt", "a", *argv]) == 1
+    assert needle in capsys.readouterr().err
+
+
 def test_cli_generate_compile_needs_the_static_decoder(tmp_path, capsys):
     """--compile fuses the static decoder's glue; a model that runs HF generate instead is refused, not silently
     run without it."""

@@ -1,0 +1,112 @@
+"""rabit.sampling: counter-based draws (the hash, the uniforms, the token distribution) and their use by the
+teacher sampler and the static decoder (same draws in every runtime and at every batch size)."""
+
+import pytest
+import torch
+
+from rabit import data as D
+from rabit.sampling import mix32, row_keys, sample_next, uniforms
+from rabit.static_decode import StaticDecoder
+
+from helpers import TINY_VOCAB as VOCAB  # noqa: E402
+from helpers import tiny_llama  # noqa: E402
+
+
+def _lowbias32(x: int) -> int:
+    """The published lowbias32 in plain Python integers (the reference of the tensor version)."""
+    m = 0xFFFFFFFF
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & m
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & m
+    return x ^ (x >> 16)
+
+
+def test_mix32_matches_python_reference():
+    g = torch.Generator().manual_seed(torch.seed())
+    xs = torch.cat([torch.tensor([0, 1, 2**31 - 1, 2**31, 2**32 - 1]),
+                    torch.randint(0, 2**32, (2000,), generator=g, dtype=torch.int64)])
+    got = mix32(xs)
+    assert got.tolist() == [_lowbias32(int(x)) for x in xs]
+
+
+def test_uniforms_are_uniform_and_depend_on_every_coordinate():
+    keys = row_keys(7, torch.arange(20000))
+    u = uniforms(keys, 5)
+    assert u.dtype == torch.float64 and float(u.min()) > 0 and float(u.max()) < 1
+    # Kolmogorov-Smirnov distance to U(0, 1): ~0.0096 is the 1 % critical value at n = 20000
+    s = u.sort().values
+    n = len(s)
+    ks = torch.maximum(torch.arange(1, n + 1) / n - s, s - torch.arange(n) / n).abs().max().item()
+    assert ks < 0.0096, ks
+    assert not torch.equal(u, uniforms(keys, 6))                         # position
+    assert not torch.equal(u, uniforms(row_keys(8, torch.arange(20000)), 5))  # seed
+    assert len(torch.unique(u)) > 19990                                  # rows
+    # seeds beyond 32 bits are not folded onto small ones
+    assert not torch.equal(row_keys(1, torch.arange(4)), row_keys(1 + 2**32, torch.arange(4)))
+
+
+def test_row_keys_rejects_bad_input():
+    with pytest.raises(ValueError, match="seed"):
+        row_keys(-1, torch.arange(3))
+    with pytest.raises(ValueError, match="2\\^32"):
+        row_keys(0, torch.tensor([2**32]))
+
+
+@pytest.mark.parametrize("temperature, top_k", [(1.0, None), (0.5, None), (1.0, 3)])
+def test_sample_next_follows_the_distribution(temperature, top_k):
+    g = torch.Generator().manual_seed(torch.seed())
+    logits = torch.randn(1, 11, generator=g) * 2
+    n = 20000
+    keys = row_keys(int(torch.randint(0, 2**31, (1,), generator=g)), torch.arange(n))
+    tok = sample_next(logits.expand(n, -1), keys, 3, temperature, top_k)
+    z = logits[0] / temperature
+    if top_k is not None:
+        z = z.masked_fill(z < z.topk(top_k).values[-1], float("-inf"))
+    p = torch.softmax(z, -1).double()
+    freq = torch.bincount(tok, minlength=11).double() / n
+    assert 0.5 * (freq - p).abs().sum().item() < 0.02
+    if top_k is not None:
+        assert set(tok.tolist()) <= set(logits[0].topk(top_k).indices.tolist())
+
+
+def test_hf_loop_and_static_decoder_draw_the_same_tokens():
+    m = tiny_llama(4)
+    prompt = torch.full((3, 1), 1)
+    keys = row_keys(11, torch.arange(3))
+    ref = D.decode_loop(m, prompt, 30, lambda logits, pos: sample_next(logits, keys, pos, 0.8, 20))
+    dec = StaticDecoder(m, batch_size=3, max_len=31, temperature=0.8, top_k=20)
+    assert torch.equal(dec.generate(prompt, 30, seed=11), ref)
+    assert not torch.equal(dec.generate(prompt, 30, seed=12), ref)
+
+
+def test_teacher_data_does_not_depend_on_the_batch_size():
+    m = tiny_llama(5)
+    a = D.generate_teacher_data(m, n_seqs=7, seq_len=20, batch_size=7, bos_id=1, seed=3, progress=False)
+    b = D.generate_teacher_data(m, n_seqs=7, seq_len=20, batch_size=3, bos_id=1, seed=3, progress=False)
+    assert torch.equal(a, b)
+    assert (a[:, 0] == 1).all() and int(a.max()) < VOCAB
+
+
+def test_static_decoder_rejects_bad_sampling_arguments():
+    m = tiny_llama()
+    with pytest.raises(ValueError, match="temperature"):
+        StaticDecoder(m, max_len=8, temperature=0.0)
+    with pytest.raises(ValueError, match="top_k"):
+        StaticDecoder(m, max_len=8, top_k=5)
+    with pytest.raises(ValueError, match="top_k"):
+        StaticDecoder(m, max_len=8, temperature=1.0, top_k=0)
+
+
+@pytest.mark.cuda
+def test_cuda_graph_sampling_equals_eager_and_cpu():
+    m = tiny_llama(6)
+    prompt = torch.full((4, 1), 1)
+    cpu = StaticDecoder(m, batch_size=4, max_len=33, temperature=1.0).generate(prompt, 32, seed=5, first_row=9)
+    mc = m.to("cuda")
+    graph = StaticDecoder(mc, batch_size=4, max_len=33, temperature=1.0).generate(prompt, 32, seed=5, first_row=9)
+    eager = StaticDecoder(mc, batch_size=4, max_len=33, temperature=1.0, cuda_graph=False).generate(
+        prompt, 32, seed=5, first_row=9)
+    assert torch.equal(graph, eager)
+    # same draws on both devices; float32 logits may differ in the last bits, so allow a rare flip
+    assert (graph == cpu).float().mean().item() > 0.9
