@@ -37,6 +37,15 @@ def mix32(x: Tensor) -> Tensor:
     return x ^ (x >> 16)
 
 
+def _mix32_int(x: int) -> int:
+    """:func:`mix32` of one Python int (no tensor, so no host-to-device copy per decoding step)."""
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & _M32
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & _M32
+    return x ^ (x >> 16)
+
+
 def row_keys(seed: int, rows: Tensor) -> Tensor:
     """int64 [B] keys of the rows ``rows`` (indices in the whole sampled set, < 2^32) under ``seed`` (any int >= 0)."""
     if seed < 0:
@@ -50,8 +59,8 @@ def row_keys(seed: int, rows: Tensor) -> Tensor:
 
 def uniforms(keys: Tensor, pos: Tensor | int) -> Tensor:
     """float64 [B] uniform numbers in (0, 1) of the rows with ``keys`` [B] at sequence position ``pos``."""
-    pos = torch.as_tensor(pos, dtype=torch.int64, device=keys.device)
-    return (mix32(keys ^ mix32(pos & _M32)).to(torch.float64) + 0.5) / 2.0**32
+    p = mix32(pos & _M32) if isinstance(pos, Tensor) else _mix32_int(pos & _M32)
+    return (mix32(keys ^ p).to(torch.float64) + 0.5) / 2.0**32
 
 
 def sample_next(logits: Tensor, keys: Tensor, pos: Tensor | int, temperature: float = 1.0,

@@ -39,6 +39,7 @@ def test_uniforms_are_uniform_and_depend_on_every_coordinate():
     n = len(s)
     ks = torch.maximum(torch.arange(1, n + 1) / n - s, s - torch.arange(n) / n).abs().max().item()
     assert ks < 0.0096, ks
+    assert torch.equal(u, uniforms(keys, torch.tensor([5])))            # an int or a tensor position
     assert not torch.equal(u, uniforms(keys, 6))                         # position
     assert not torch.equal(u, uniforms(row_keys(8, torch.arange(20000)), 5))  # seed
     assert len(torch.unique(u)) > 19990                                  # rows
