@@ -44,13 +44,18 @@ std::tuple<at::Tensor, at::Tensor> residual_binarize_cuda(const at::Tensor &weig
     at::Tensor what = at::empty({out, in}, weight.options().dtype(odt));
     at::Tensor packed = at::empty({K, out, words_per_row(in)}, weight.options().dtype(at::kInt));
     // Non-finite g, h and W are reported through one device flag, read back after the kernel: one
-    // synchronisation instead of three (none with check_finite=false).
-    at::Tensor flag = at::empty({1}, weight.options().dtype(at::kInt));
-    C10_CUDA_CHECK(cudaMemsetAsync(flag.data_ptr<int>(), 0, sizeof(int), stream));
+    // synchronisation instead of three. With check_finite=false there is no flag (no allocation, no memset,
+    // no synchronisation: the trainer checks its parameters itself).
+    at::Tensor flag;
+    int *flag_ptr = nullptr;
+    if (check_finite) {
+        flag = at::empty({1}, weight.options().dtype(at::kInt));
+        flag_ptr = flag.data_ptr<int>();
+        C10_CUDA_CHECK(cudaMemsetAsync(flag_ptr, 0, sizeof(int), stream));
+    }
     check_launch(rabit_cuda::residual_binarize(weight.data_ptr(), to_rabit_dtype(weight.scalar_type()),
                                                gf.data_ptr<float>(), hf.data_ptr<float>(), static_cast<int>(K), out,
-                                               in, what.data_ptr(), ordt, words_mut(packed), flag.data_ptr<int>(),
-                                               stream));
+                                               in, what.data_ptr(), ordt, words_mut(packed), flag_ptr, stream));
     // Inside CUDA-graph capture nothing may synchronise: the check is skipped there (docs/kernels.md).
     if (check_finite && !stream_is_capturing(stream)) {
         const int bad = flag.item<int>();

@@ -90,7 +90,7 @@ __global__ void __launch_bounds__(128) rb_forward_kernel(const WT *__restrict__ 
         for (int k = 0; k < K; k++) packed[(k * out + o) * nw + w0 + lane] = word[k];
     }
     bad = __reduce_or_sync(FULL, bad);
-    if (bad && lane == 0) atomicOr(flag, bad);
+    if (bad && lane == 0 && flag) atomicOr(flag, bad);
 }
 
 template <int K>

@@ -32,7 +32,7 @@ size_t backward_workspace_doubles(int K, int64_t out, int64_t in);
    kDecodeMaxM rows). */
 constexpr int kDecodeMaxM = 16;
 
-/* flag: device int, zeroed by the caller; receives FLAG_* bits. what or packed may be null. */
+/* flag: device int, zeroed by the caller; receives FLAG_* bits (null: not checked). what or packed may be null. */
 cudaError_t residual_binarize(const void *W, rabit_dtype wdt, const float *g, const float *h, int K, int64_t out,
                               int64_t in, void *what, rabit_dtype odt, rabit_word_t *packed, int *flag,
                               cudaStream_t stream);
