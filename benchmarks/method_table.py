@@ -32,7 +32,8 @@ def main(argv=None):
     ap.add_argument("--progress", action="store_true")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--heldout-seqs", type=int, default=0,
-                    help="also score KL / top-1 / PPL against the FP model on this many held-out teacher samples")
+                    help="also score KL / top-1 / PPL against the FP model on this many held-out teacher samples "
+                         "(always at temperature 1 from the full vocabulary: the teacher's own distribution)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
 

@@ -347,7 +347,7 @@ def run_generate(args: argparse.Namespace) -> dict[str, Any]:
         prompt_ids = encode_text(tok, args.prompt, bos=True)
         x = torch.tensor([prompt_ids])
         eos = getattr(tok, "eos_token_id", None)
-        if model.config.model_type in SUPPORTED:  # static KV cache (+ CUDA graph on GPU): HF's greedy tokens
+        if model.config.model_type in SUPPORTED:  # static KV cache (+ CUDA graph on GPU)
             dec = StaticDecoder(model, batch_size=1, max_len=len(prompt_ids) + args.max_new_tokens + 1,
                                 compile=args.compile, temperature=args.temperature,
                                 top_k=args.top_k).warm_up()  # one-time capture/compile: load time

@@ -31,7 +31,7 @@ from .sampling import row_keys, sample_next
 logger = logging.getLogger(__name__)
 
 #: Bumped whenever the meaning of the cache metadata changes, so old caches are regenerated.
-CACHE_FORMAT = "rabit-teacher-tokens/2"  # 2: counter-based draws (rabit.sampling)
+CACHE_FORMAT = "rabit-teacher-tokens/3"  # 2: counter-based draws (rabit.sampling); 3: salted hash
 
 
 # --------------------------------------------------------------------------------------------

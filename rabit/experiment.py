@@ -67,6 +67,8 @@ class ExperimentConfig:
             raise ValueError("rabit train: tokens must be >= 0")
         if self.curve_points < 0:
             raise ValueError("rabit train: curve_points must be >= 0")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"rabit train: min_lr_ratio must be in [0, 1] (got {self.min_lr_ratio})")
         if not self.data_temperature > 0:
             raise ValueError(f"rabit train: data_temperature must be > 0 (got {self.data_temperature})")
         if self.data_top_k is not None and self.data_top_k < 1:
@@ -114,8 +116,8 @@ def add_config_arguments(p, d: ExperimentConfig | None = None) -> None:
     p.add_argument("--gamma", type=float, default=d.gamma, help="hidden-state MSE weight")
     p.add_argument("--seed", type=non_negative_int, default=d.seed, help="seed of the teacher data and training")
     p.add_argument("--curve", type=non_negative_int, default=d.curve_points, metavar="N",
-                   help="also evaluate WikiText-2 PPL (first context) N times during training: the PPL-vs-tokens "
-                        "curve in result.json (default 0: only at the end)")
+                   help="also evaluate WikiText-2 PPL (ctx 2048; method_table.py: its first --ctx) N times during "
+                        "training: the PPL-vs-tokens curve in result.json (default 0: only at the end)")
 
 
 def config_from_args(args, **overrides: Any) -> ExperimentConfig:

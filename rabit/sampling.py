@@ -19,6 +19,11 @@ import torch
 from torch import Tensor
 
 _M32 = 0xFFFFFFFF
+# Salts that keep seeds, rows and positions in separate domains of the hash. lowbias32 maps 0 to 0, so without
+# them seed 0 made the draw of (row r, position t) a symmetric function of r and t and pinned it to the smallest
+# uniform at t == r.
+_SEED_SALT = 0x243F6A88
+_POS_SALT = 0x9E3779B9
 
 
 def _mul32(x: Tensor, c: int) -> Tensor:
@@ -50,16 +55,18 @@ def row_keys(seed: int, rows: Tensor) -> Tensor:
     """int64 [B] keys of the rows ``rows`` (indices in the whole sampled set, < 2^32) under ``seed`` (any int >= 0)."""
     if seed < 0:
         raise ValueError(f"rabit: the sampling seed must be >= 0 (got {seed})")
-    if rows.numel() and int(rows.max()) > _M32:
-        raise ValueError(f"rabit: row indices must be < 2^32 (got {int(rows.max())})")
-    s = torch.tensor([seed & _M32, (seed >> 32) & _M32], dtype=torch.int64)
-    s = mix32(mix32(s[0:1]) ^ s[1:2])
-    return mix32(s.to(rows.device) ^ rows.to(torch.int64))
+    if rows.numel() and not (0 <= int(rows.min()) and int(rows.max()) <= _M32):
+        raise ValueError(f"rabit: row indices must be in [0, 2^32) (got {int(rows.min())} .. {int(rows.max())})")
+    s = _mix32_int(_mix32_int((seed & _M32) ^ _SEED_SALT) ^ ((seed >> 32) & _M32))
+    return mix32(rows.to(torch.int64) ^ s)
 
 
 def uniforms(keys: Tensor, pos: Tensor | int) -> Tensor:
     """float64 [B] uniform numbers in (0, 1) of the rows with ``keys`` [B] at sequence position ``pos``."""
-    p = mix32(pos & _M32) if isinstance(pos, Tensor) else _mix32_int(pos & _M32)
+    if isinstance(pos, Tensor):
+        p = mix32(mix32(pos & _M32) ^ _POS_SALT)
+    else:
+        p = _mix32_int(_mix32_int(pos & _M32) ^ _POS_SALT)
     return (mix32(keys ^ p).to(torch.float64) + 0.5) / 2.0**32
 
 

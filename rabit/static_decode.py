@@ -139,7 +139,8 @@ class StaticDecoder:
         self._pos = torch.zeros(1, dtype=torch.long, device=self.device)
         self._steps_left = max_len - 1  # host copy of max_len - 1 - _pos: the bounds check reads no device value
         self._out = torch.zeros(batch_size, max_len, dtype=torch.long, device=self.device)
-        self._keys = torch.zeros(batch_size, dtype=torch.long, device=self.device)  # sampling: rows' draw keys
+        # sampling: the rows' draw keys (generate() sets them from its seed; these are seed 0's)
+        self._keys = row_keys(0, torch.arange(batch_size, device=self.device))
         self._graph = None
 
     # ------------------------------------------------------------------ the model, over the static cache
@@ -152,8 +153,11 @@ class StaticDecoder:
         return mods
 
     def causal_mask(self, pos: Tensor) -> Tensor:
-        """[T, max_len]: which cache positions the queries at positions pos [T] attend to (same for every layer)."""
-        return self.positions[None, :] <= pos[:, None]
+        """[G * T, max_len]: which cache positions the queries at positions pos [T] attend to (same for every layer),
+        repeated for the G = heads / KV heads query heads that share a KV head (row g * T + t: see attention)."""
+        mask = self.positions[None, :] <= pos[:, None]
+        G = self.n_heads // self.n_kv
+        return mask.repeat(G, 1) if G > 1 else mask
 
     def attention(self, i: int, q: Tensor, mask: Tensor) -> Tensor:
         """Causal attention of q [B, H, T, D] over layer i's cache, with mask = causal_mask(pos)."""
@@ -163,10 +167,10 @@ class StaticDecoder:
             return F.scaled_dot_product_attention(q, self.k_cache[i], self.v_cache[i], attn_mask=mask)
         # GQA: the G query heads of a KV head become G x T query rows of that head (head h = kv * G + g, as HF's
         # repeat_kv), so the cache is read as it is; enable_gqa would expand it G-fold (at batch 512 and
-        # max_len 512 that copy dominated the step)
+        # max_len 512 that copy dominated the step). reshape, not view: SDPA's output may come back strided.
         o = F.scaled_dot_product_attention(q.reshape(B, self.n_kv, G * T, D), self.k_cache[i], self.v_cache[i],
-                                           attn_mask=mask.repeat(G, 1))
-        return o.view(B, H, T, D)
+                                           attn_mask=mask)
+        return o.reshape(B, H, T, D)
 
     def forward(self, tokens: Tensor, pos: Tensor) -> Tensor:
         """Logits of the last position of tokens [B, T] placed at positions pos [T]; fills the cache there."""
@@ -269,7 +273,7 @@ class StaticDecoder:
 
     @torch.no_grad()
     def decode(self, steps: int) -> None:
-        """Run `steps` greedy steps from the current state (graph replays on CUDA); no synchronisation."""
+        """Run `steps` decoding steps (greedy or sampled) from the current state (graph replays on CUDA); no synchronisation."""
         if steps > self._steps_left:
             raise ValueError(f"StaticDecoder: {steps} more tokens would pass max_len={self.max_len}")
         self._steps_left -= steps

@@ -133,3 +133,5 @@ def test_experiment_config_rejects_a_bad_recipe():
         ExperimentConfig(data_temperature=0.0)
     with pytest.raises(ValueError, match="data_top_k"):
         ExperimentConfig(data_top_k=0)
+    with pytest.raises(ValueError, match="min_lr_ratio"):
+        ExperimentConfig(min_lr_ratio=-1.0)

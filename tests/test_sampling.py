@@ -47,11 +47,25 @@ def test_uniforms_are_uniform_and_depend_on_every_coordinate():
     assert not torch.equal(row_keys(1, torch.arange(4)), row_keys(1 + 2**32, torch.arange(4)))
 
 
+@pytest.mark.parametrize("seed", [0, 1, 1465, 2**40 + 3])
+def test_draws_have_no_structure_in_row_and_position(seed):
+    """u(row, position) must not be symmetric in (row, position), nor pinned where they are equal (the unsalted
+    hash did both for seed 0: row r drew the smallest uniform at position r, i.e. token 0)."""
+    n = 256
+    U = torch.stack([uniforms(row_keys(seed, torch.arange(n)), t) for t in range(n)], 1)  # [row, position]
+    assert not torch.allclose(U, U.T)
+    diag = U.diagonal()
+    assert diag.min().item() > 1e-6 and diag.std().item() > 0.2
+    assert U.min().item() > 1e-7  # 65k draws: the smallest is ~1.5e-5 on average
+
+
 def test_row_keys_rejects_bad_input():
     with pytest.raises(ValueError, match="seed"):
         row_keys(-1, torch.arange(3))
     with pytest.raises(ValueError, match="2\\^32"):
         row_keys(0, torch.tensor([2**32]))
+    with pytest.raises(ValueError, match="2\\^32"):
+        row_keys(0, torch.tensor([-1, 3]))
 
 
 @pytest.mark.parametrize("temperature, top_k", [(1.0, None), (0.5, None), (1.0, 3)])
