@@ -74,7 +74,9 @@ class TrainConfig:
     weight_decay: float = 0.0  # on the latents only; scales and norms never get weight decay
     warmup_steps: int | None = None  # if None, warmup_fraction * steps
     warmup_fraction: float = 0.02
-    min_lr_ratio: float = 0.1  # cosine floor, as a fraction of the peak LR
+    # cosine floor, as a fraction of the peak LR. 0: on stories260K (2 seeds) the cosine to zero beat a floor of 0.1
+    # by 14 % in held-out KL (the last, small steps stop flipping signs); SmolLM2 not yet measured with repeats
+    min_lr_ratio: float = 0.0
     gamma: float = 100.0  # hidden-state MSE weight (100 for Llama models in the paper)
     kl_temperature: float = 1.0
     optimizer: str = "muon"  # for the latents: "muon" | "adamw"
