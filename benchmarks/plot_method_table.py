@@ -41,6 +41,7 @@ def main(prefix: str, out: str) -> None:
             vals.append(row["wikitext2_ppl"]["2048"]["ppl"])
             label = "WikiText-2 PPL @2048"
     ax[1].bar(names, vals)
+    ax[1].tick_params(axis="x", labelrotation=30)  # six method names side by side overlap otherwise
     ax[1].set_yscale("log")
     ax[1].set_ylabel(label)
     fig.suptitle(f"{table['model']} on {table['device']}, {table['date']}")
