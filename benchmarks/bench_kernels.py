@@ -49,8 +49,9 @@ def make_packed(out, in_features, n):
     return layers
 
 
-# the decode kernels RABIT_CUDA_DECODE can force, and the largest M each applies to
-DECODE_KERNELS = {"b1": 2, "i8": 16}
+# the decode kernels RABIT_CUDA_DECODE can force, and the largest M at which forcing matters: both apply only up
+# to M = 2 (above it int8 is the only decode kernel, so a forced int8 run would time the default again)
+DECODE_KERNELS = {"b1": 2, "i8": 2}
 
 
 def decode_kernel_env(name):

@@ -334,12 +334,10 @@ def run_generate(args: argparse.Namespace) -> dict[str, Any]:
         if args.device.startswith("cuda") and not torch.cuda.is_available():
             raise CliError("rabit: --device cuda, but torch sees no CUDA GPU")
         model, tok, _ = _load_any(args.model, device=args.device)
-        if args.compile and model.config.model_type not in SUPPORTED:
-            raise CliError(f"rabit: --compile applies to the static decoder of {', '.join(sorted(SUPPORTED))} "
-                           f"models; {model.config.model_type!r} runs HF generate: drop --compile")
-        if sampled and model.config.model_type not in SUPPORTED:
-            raise CliError(f"rabit: --temperature samples with the static decoder of {', '.join(sorted(SUPPORTED))} "
-                           f"models; {model.config.model_type!r} runs HF generate: drop --temperature")
+        for flag, given in (("--compile", args.compile), ("--temperature", sampled)):
+            if given and model.config.model_type not in SUPPORTED:
+                raise CliError(f"rabit: {flag} applies to the static decoder of {', '.join(sorted(SUPPORTED))} "
+                               f"models; {model.config.model_type!r} runs HF generate: drop {flag}")
         if tok is None:
             raise CliError(f"rabit: {args.model!r} has no tokenizer; re-export it with its tokenizer")
         if args.device.startswith("cuda") and model.dtype not in (torch.float16, torch.bfloat16):

@@ -170,8 +170,6 @@ def generate_teacher_data(
         raise ValueError(f"rabit: temperature must be > 0 (got {temperature}); use top_k=1 for greedy")
     if top_k is not None and top_k < 1:
         raise ValueError(f"rabit: top_k must be >= 1 or None (got {top_k})")
-    if seed < 0:
-        raise ValueError(f"rabit: seed must be >= 0 (got {seed})")
     dev = model_device(model)
     if device is not None and torch.device(device).type != dev.type:
         raise ValueError(

@@ -26,28 +26,20 @@ _SEED_SALT = 0x243F6A88
 _POS_SALT = 0x9E3779B9
 
 
-def _mul32(x: Tensor, c: int) -> Tensor:
-    """x * c mod 2^32 for int64 x in [0, 2^32): in 16-bit halves of c, so no product passes 2^49 (int64
-    overflow is undefined in C++, the kernels' language)."""
+def _mul32(x: Tensor | int, c: int) -> Tensor | int:
+    """x * c mod 2^32 for x in [0, 2^32) (an int64 tensor or an int): in 16-bit halves of c, so no product passes
+    2^49 (int64 overflow is undefined in C++, the kernels' language)."""
     lo, hi = c & 0xFFFF, c >> 16
     return (x * lo + (((x * hi) & 0xFFFF) << 16)) & _M32
 
 
-def mix32(x: Tensor) -> Tensor:
-    """A 32-bit integer hash (``lowbias32``, Chris Wellons' hash-prospector) of int64 x in [0, 2^32)."""
+def mix32(x: Tensor | int) -> Tensor | int:
+    """A 32-bit integer hash (``lowbias32``, Chris Wellons' hash-prospector) of x in [0, 2^32): an int64 tensor,
+    or a Python int (no tensor, so no host-to-device copy per decoding step)."""
     x = x ^ (x >> 16)
     x = _mul32(x, 0x7FEB352D)
     x = x ^ (x >> 15)
     x = _mul32(x, 0x846CA68B)
-    return x ^ (x >> 16)
-
-
-def _mix32_int(x: int) -> int:
-    """:func:`mix32` of one Python int (no tensor, so no host-to-device copy per decoding step)."""
-    x ^= x >> 16
-    x = (x * 0x7FEB352D) & _M32
-    x ^= x >> 15
-    x = (x * 0x846CA68B) & _M32
     return x ^ (x >> 16)
 
 
@@ -57,16 +49,13 @@ def row_keys(seed: int, rows: Tensor) -> Tensor:
         raise ValueError(f"rabit: the sampling seed must be >= 0 (got {seed})")
     if rows.numel() and not (0 <= int(rows.min()) and int(rows.max()) <= _M32):
         raise ValueError(f"rabit: row indices must be in [0, 2^32) (got {int(rows.min())} .. {int(rows.max())})")
-    s = _mix32_int(_mix32_int((seed & _M32) ^ _SEED_SALT) ^ ((seed >> 32) & _M32))
+    s = mix32(mix32((seed & _M32) ^ _SEED_SALT) ^ ((seed >> 32) & _M32))
     return mix32(rows.to(torch.int64) ^ s)
 
 
 def uniforms(keys: Tensor, pos: Tensor | int) -> Tensor:
     """float64 [B] uniform numbers in (0, 1) of the rows with ``keys`` [B] at sequence position ``pos``."""
-    if isinstance(pos, Tensor):
-        p = mix32(mix32(pos & _M32) ^ _POS_SALT)
-    else:
-        p = _mix32_int(_mix32_int(pos & _M32) ^ _POS_SALT)
+    p = mix32(mix32(pos & _M32) ^ _POS_SALT)  # an int position stays a Python int: no device copy per step
     return (mix32(keys ^ p).to(torch.float64) + 0.5) / 2.0**32
 
 

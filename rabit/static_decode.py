@@ -118,6 +118,7 @@ class StaticDecoder:
         self.B, self.max_len = batch_size, max_len
         self.n_heads = cfg.num_attention_heads
         self.n_kv = getattr(cfg, "num_key_value_heads", None) or self.n_heads
+        self.groups = self.n_heads // self.n_kv  # query heads per KV head (GQA)
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads
         emb = base.embed_tokens.weight
         self.device, self.dtype = emb.device, emb.dtype
@@ -156,13 +157,12 @@ class StaticDecoder:
         """[G * T, max_len]: which cache positions the queries at positions pos [T] attend to (same for every layer),
         repeated for the G = heads / KV heads query heads that share a KV head (row g * T + t: see attention)."""
         mask = self.positions[None, :] <= pos[:, None]
-        G = self.n_heads // self.n_kv
-        return mask.repeat(G, 1) if G > 1 else mask
+        return mask.repeat(self.groups, 1) if self.groups > 1 else mask
 
     def attention(self, i: int, q: Tensor, mask: Tensor) -> Tensor:
         """Causal attention of q [B, H, T, D] over layer i's cache, with mask = causal_mask(pos)."""
         B, H, T, D = q.shape
-        G = H // self.n_kv
+        G = self.groups
         if G == 1:
             return F.scaled_dot_product_attention(q, self.k_cache[i], self.v_cache[i], attn_mask=mask)
         # GQA: the G query heads of a KV head become G x T query rows of that head (head h = kv * G + g, as HF's
@@ -273,7 +273,8 @@ class StaticDecoder:
 
     @torch.no_grad()
     def decode(self, steps: int) -> None:
-        """Run `steps` decoding steps (greedy or sampled) from the current state (graph replays on CUDA); no synchronisation."""
+        """Run `steps` decoding steps (greedy or sampled) from the current state (graph replays on CUDA); no
+        synchronisation."""
         if steps > self._steps_left:
             raise ValueError(f"StaticDecoder: {steps} more tokens would pass max_len={self.max_len}")
         self._steps_left -= steps

@@ -32,6 +32,18 @@ inline const DevInfo &device_info() {
     return d;
 }
 
+/* Raise kernel fn's dynamic shared-memory limit to `bytes`, once per device: `done` holds one flag per device and
+   belongs to the caller's kernel instantiation (the attribute is a property of the device's function). */
+template <class Fn>
+inline cudaError_t set_smem_limit_once(Fn *fn, int bytes, bool (&done)[64]) {
+    int dev = 0;
+    cudaGetDevice(&dev);
+    if (done[dev & 63]) return cudaSuccess;
+    const cudaError_t e = cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+    if (e == cudaSuccess) done[dev & 63] = true;
+    return e;
+}
+
 /* Programmatic dependent launch (sm_90). A kernel launched by launch_pdl may be scheduled before the previous
    kernel in the stream has finished: it must call pdl_wait() before it reads anything an earlier kernel may
    write and before it writes anything (its output may reuse memory an earlier kernel still reads). The earlier

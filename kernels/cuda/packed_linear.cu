@@ -552,14 +552,10 @@ __global__ void __launch_bounds__(256, 1) prefill_kernel(const PrefillArgs a) {
 /* ------------------------------------------------------------------------------------------------ host */
 template <int K, int NT, int WPT>
 cudaError_t launch_decode_t(DecodeArgs a, int smem, unsigned gx, unsigned gz, cudaStream_t s) {
-    static bool attr_set[64] = {};  // per instantiation and device (an attribute of the device's function)
-    int dev = 0;
-    cudaGetDevice(&dev);
-    if (smem > 48 * 1024 && !attr_set[dev & 63]) {
-        const int mx = device_info().smem_optin;
-        cudaError_t e = cudaFuncSetAttribute(decode_kernel<K, NT, WPT>, cudaFuncAttributeMaxDynamicSharedMemorySize, mx);
+    static bool attr_set[64] = {};  // per instantiation and device
+    if (smem > 48 * 1024) {  // only large slabs need the opt-in limit (and the device lookup)
+        const cudaError_t e = set_smem_limit_once(decode_kernel<K, NT, WPT>, device_info().smem_optin, attr_set);
         if (e != cudaSuccess) return e;
-        attr_set[dev & 63] = true;
     }
     decode_kernel<K, NT, WPT><<<dim3(gx, 1, gz), 256, smem, s>>>(a);
     return cudaGetLastError();
@@ -630,13 +626,8 @@ cudaError_t launch_decode(const void *x, rabit_dtype xdt, int64_t M, const rabit
 template <typename T, int K>
 cudaError_t launch_prefill_t(const PrefillArgs &a, cudaStream_t s) {
     static bool attr_set[64] = {};  // per instantiation and device
-    int dev = 0;
-    cudaGetDevice(&dev);
-    if (!attr_set[dev & 63]) {
-        cudaError_t e = cudaFuncSetAttribute(prefill_kernel<T, K>, cudaFuncAttributeMaxDynamicSharedMemorySize, PF_SMEM);
-        if (e != cudaSuccess) return e;
-        attr_set[dev & 63] = true;
-    }
+    const cudaError_t e = set_smem_limit_once(prefill_kernel<T, K>, PF_SMEM, attr_set);
+    if (e != cudaSuccess) return e;
     const dim3 grid(static_cast<unsigned>((a.out + PF_BN - 1) / PF_BN), static_cast<unsigned>((a.M + PF_BM - 1) / PF_BM));
     prefill_kernel<T, K><<<grid, 256, PF_SMEM, s>>>(a);
     return cudaGetLastError();
@@ -666,12 +657,14 @@ int packed_linear_path(rabit_dtype xdt, int64_t M) {
    its registers), so it runs for M = 1 and in > 7680 (at least 16 groups of 512 columns). RABIT_CUDA_DECODE=b1
    or i8 forces one where both apply (benchmarks; the test that both give the same bits): the outputs are
    bit-identical, so this never changes a result. */
+constexpr int64_t kB1MinIn = 15 * 512 + 1;  // at least 16 groups of 512 columns per row
+
 bool use_b1(int64_t M, int64_t in) {
     if (M > kB1MaxM) return false;
     const char *v = getenv("RABIT_CUDA_DECODE");
     if (v && strcmp(v, "i8") == 0) return false;
     if (v && strcmp(v, "b1") == 0) return true;
-    return M == 1 && in > 7680;
+    return M == 1 && in >= kB1MinIn;
 }
 
 size_t packed_linear_workspace_bytes(rabit_dtype xdt, int64_t M, int K, int64_t in) {
