@@ -189,7 +189,7 @@ struct MainArgs {
     void *y;
     int ydt;
     int M;
-    int64_t out, in, nw, ngroups;
+    int64_t out, nw, ngroups;
     const uint2 *frag;
     const float *scale;
     const double *qsum;
@@ -607,7 +607,7 @@ cudaError_t gemv_i8(const void *x, rabit_dtype xdt, int64_t M, const rabit_word_
 
     MainArgs a;
     a.packed = packed; a.g = g; a.gdt = gdt; a.bias = bias; a.bdt = bdt; a.y = y; a.ydt = xdt;
-    a.M = static_cast<int>(M); a.out = out; a.in = in; a.nw = RABIT_WORDS(in); a.ngroups = ng;
+    a.M = static_cast<int>(M); a.out = out; a.nw = RABIT_WORDS(in); a.ngroups = ng;
     a.frag = frag; a.scale = scale; a.qsum = qsum;
     a.vec = (a.nw % 4 == 0) && (reinterpret_cast<uintptr_t>(packed) % 16 == 0);
     switch (K) {

@@ -59,6 +59,10 @@ __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
            (static_cast<uint32_t>(__bfloat16_as_ushort(__float2bfloat16_rn(hi))) << 16);
 }
 
+/* Only float32 x comes to the decode kernel (packed_linear_path): each x value is split into three bf16 parts
+   that together carry all 24 bits of its mantissa, one B column per part. */
+constexpr int kSplit = 3;
+
 struct DecodeArgs {
     const void *x;
     int xdt;
@@ -72,7 +76,7 @@ struct DecodeArgs {
     int bdt;
     void *y;
     int64_t out, in, nw;
-    int nsplit, ncols;  // B columns per 16-row chunk of x: ncols = min(M,16) * nsplit
+    int ncols;  // B columns per 16-row chunk of x: ncols = min(M,16) * kSplit
     int RT, CS;         // row tiles x column slices = 8 warps
     int SU, nslabs, NUT;
     int vec;         // bit rows allow WPT-word vector loads
@@ -244,8 +248,8 @@ __global__ void __launch_bounds__(256, 2) decode_kernel(const DecodeArgs a) {
                         for (int e = 0; e < 16; e++) f[e] = __fmul_rn(f[e], xv[e]);
                         uint2 *dst = Bs + static_cast<size_t>((k * su + ul) * SPU + 8 * j + 4 * hp) * NTT + bt;
 #pragma unroll 1
-                        for (int sp = 0; sp < a.nsplit; sp++) {
-                            const int n = m * a.nsplit + sp;
+                        for (int sp = 0; sp < kSplit; sp++) {
+                            const int n = m * kSplit + sp;
 #pragma unroll
                             for (int qq = 0; qq < 4; qq++) {
                                 const int es[4] = {2 * qq, 8 + 2 * qq, 2 * qq + 1, 8 + 2 * qq + 1};
@@ -337,7 +341,7 @@ __global__ void __launch_bounds__(256, 2) decode_kernel(const DecodeArgs a) {
         if (o >= a.out) continue;
         float s = 0.0f;
         for (int c = 0; c < a.CS; c++)
-            for (int sp = 0; sp < a.nsplit; sp++) s = __fadd_rn(s, red[(c * R16 + rl) * ncols + m * a.nsplit + sp]);
+            for (int sp = 0; sp < kSplit; sp++) s = __fadd_rn(s, red[(c * R16 + rl) * ncols + m * kSplit + sp]);
         if (a.bias) s = __fadd_rn(s, ld_any(a.bias, a.bdt, o));
         st_any(a.y, a.xdt, (m0 + m) * a.out + o, s);
     }
@@ -579,9 +583,8 @@ cudaError_t launch_decode(const void *x, rabit_dtype xdt, int64_t M, const rabit
     DecodeArgs a;
     a.x = x; a.xdt = xdt; a.M = M; a.packed = packed; a.g = g; a.gdt = gdt; a.h = h; a.hdt = hdt;
     a.bias = bias; a.bdt = bdt; a.y = y; a.out = out; a.in = in; a.nw = RABIT_WORDS(in);
-    a.nsplit = 3;  // only float32 x comes here (packed_linear_path): all 24 bits in three bf16 parts
     const int mchunk = static_cast<int>(min64(M, kDecodeMaxM));
-    a.ncols = mchunk * a.nsplit;
+    a.ncols = mchunk * kSplit;
     int NT = (a.ncols + 7) / 8;
     if (NT == 3) NT = 4;
     if (NT == 5) NT = 6;

@@ -1,0 +1,134 @@
+"""Teacher-data sampling speed, and the decode attention behind it (CUDA only).
+
+    python benchmarks/bench_sampling.py [--seqs 512] [--seq-len 512] [--out DIR]
+
+On a model with SmolLM2-135M's shapes and random weights (9 query / 3 KV heads; speed does not depend on the
+values), same run:
+
+* ``attention``: one decode step's attention over all 30 layers, captured in a CUDA graph, for float16 and
+  float32 at batch 1, 16 and 512: ``StaticDecoder.attention`` as it is (fp16: SDPA with enable_gqa; float32:
+  grouped matmuls) against the two SDPA forms it chose between (``enable_gqa=True``; the query heads grouped
+  onto their KV head, one SDPA call).
+* ``teacher_data``: ``--seqs`` x ``--seq-len`` tokens sampled at temperature 1 in float32 (the teacher's
+  dtype), one batch, by ``rabit.data.generate_teacher_data`` (StaticDecoder: static cache, CUDA graph) and by
+  the HF loop (``rabit.data.decode_loop`` over the HF forward, its path for non-Llama models); both draw the
+  same random numbers, so the tokens differ only where float rounding moves a probability across a draw (the
+  fraction of equal tokens is reported).
+
+Writes bench_sampling_<gpu>_<date>.json into --out (else $OUT, else benchmarks/results/).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import transformers  # noqa: E402
+
+from rabit.data import decode_loop, generate_teacher_data  # noqa: E402
+from rabit.sampling import row_keys, sample_next  # noqa: E402
+from rabit.static_decode import StaticDecoder  # noqa: E402
+from bench_train import smollm2_shaped  # noqa: E402
+from timing import graph_time_us  # noqa: E402
+
+
+def attention_times(model, dtype, batch, max_len):
+    """µs per decode step (all layers) of each attention form, and each form's max deviation from rabit's."""
+    dec = StaticDecoder(model.to(dtype), batch_size=batch, max_len=max_len, cuda_graph=False)
+    dec.k_cache.normal_()
+    dec.v_cache.normal_()
+    q = torch.randn(batch, dec.n_heads, 1, dec.head_dim, device=dec.device, dtype=dtype)
+    pos = torch.tensor([max_len - 100], device=dec.device)
+    n, G, kv = len(dec.base.layers), dec.groups, dec.n_kv
+    bool_mask = dec.positions[None, :] <= pos[:, None]
+
+    def rabit_form():
+        mask = dec.causal_mask(pos)
+        return [dec.attention(i, q, mask) for i in range(n)]
+
+    def sdpa_gqa():
+        return [F.scaled_dot_product_attention(q, dec.k_cache[i], dec.v_cache[i], attn_mask=bool_mask,
+                                               enable_gqa=True) for i in range(n)]
+
+    def sdpa_grouped():
+        m = bool_mask.repeat(G, 1)
+        return [F.scaled_dot_product_attention(q.reshape(batch, kv, G, -1), dec.k_cache[i], dec.v_cache[i],
+                                               attn_mask=m).reshape(q.shape) for i in range(n)]
+
+    ref = rabit_form()[0].float()
+    row = {}
+    for name, fn in (("rabit", rabit_form), ("sdpa_enable_gqa", sdpa_gqa), ("sdpa_grouped", sdpa_grouped)):
+        us, sd = graph_time_us([fn], reps=10, min_calls=5)
+        row[name] = {"us_per_step": round(us, 1), "max_abs_diff_vs_rabit": (fn()[0].float() - ref).abs().max().item()}
+    return row
+
+
+def sampler_times(model, seqs, seq_len):
+    """One batch of seqs x seq_len tokens: the HF loop (decode_loop over the HF forward, what
+    generate_teacher_data runs for non-Llama models) against generate_teacher_data itself (StaticDecoder)."""
+    model = model.float()
+    res, toks = {}, {}
+    keys = row_keys(0, torch.arange(seqs, device="cuda"))
+    for name in ("hf_loop", "generate_teacher_data"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        if name == "hf_loop":
+            toks[name] = decode_loop(model, torch.ones(seqs, 1, dtype=torch.long, device="cuda"), seq_len - 1,
+                                     lambda logits, pos: sample_next(logits, keys, pos)).cpu()
+        else:
+            toks[name] = generate_teacher_data(model, seqs, seq_len, seqs, 1, seed=0, progress=False)
+        torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        res[name] = {"s": round(dt, 2), "tokens_per_s": round(seqs * (seq_len - 1) / dt),
+                     "peak_memory_bytes": torch.cuda.max_memory_allocated()}
+    res["speedup"] = round(res["hf_loop"]["s"] / res["generate_teacher_data"]["s"], 2)
+    res["equal_token_fraction"] = (toks["hf_loop"] == toks["generate_teacher_data"]).float().mean().item()
+    return res
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seqs", type=int, default=512)
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_sampling.py: needs a CUDA GPU")
+    model = smollm2_shaped("cuda")
+    attention = []
+    for dtype in (torch.float16, torch.float32):
+        for batch in (1, 16, 512):
+            row = attention_times(model, dtype, batch, max_len=512)
+            attention.append({"dtype": str(dtype).removeprefix("torch."), "batch": batch, **row})
+            print(f"attention {attention[-1]['dtype']:>7} batch {batch:>3}: " +
+                  "  ".join(f"{k} {v['us_per_step']:8.1f} µs" for k, v in row.items()), flush=True)
+    sampling = sampler_times(model, args.seqs, args.seq_len)
+    print(f"teacher data {args.seqs} x {args.seq_len}, float32: HF loop {sampling['hf_loop']['s']} s, "
+          f"generate_teacher_data {sampling['generate_teacher_data']['s']} s ({sampling['speedup']}x), equal tokens "
+          f"{sampling['equal_token_fraction']:.4f}", flush=True)
+    gpu = torch.cuda.get_device_name()
+    doc = {"benchmark": "bench_sampling", "device": gpu, "date": datetime.datetime.now().isoformat(timespec="seconds"),
+           "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+           "model": "SmolLM2-135M shapes, random weights", "command": " ".join(["bench_sampling.py", *sys.argv[1:]]),
+           "attention_decode_step": attention, "teacher_data": {"seqs": args.seqs, "seq_len": args.seq_len, **sampling}}
+    out = Path(args.out or os.environ.get("OUT") or ROOT / "benchmarks" / "results")
+    out.mkdir(parents=True, exist_ok=True)
+    f = out / f"bench_sampling_{gpu.replace(' ', '_')}_{datetime.date.today()}.json"
+    f.write_text(json.dumps(doc, indent=1))
+    print("wrote", f)
+
+
+if __name__ == "__main__":
+    main()
