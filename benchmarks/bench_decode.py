@@ -29,8 +29,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
-import os
 import platform
 import statistics
 import sys
@@ -45,7 +43,7 @@ sys.path.insert(0, str(ROOT))
 import rabit  # noqa: E402
 from rabit.nn import PackedRaBiTLinear  # noqa: E402
 from rabit.static_decode import StaticDecoder  # noqa: E402
-from timing import copy_bandwidth_gbps, graph_time_us  # noqa: E402
+from timing import copy_bandwidth_gbps, graph_time_us, write_result  # noqa: E402
 
 
 def sync(dev):
@@ -255,12 +253,8 @@ def main(argv=None):
            "prompt_tokens": args.prompt, "new_tokens": args.new, "glue_compiled": compile_glue,
            "fp_dtype": str(dtype), "command": " ".join([Path(sys.argv[0]).name] + (argv or sys.argv[1:])),
            "results": results}
-    out = Path(args.out or os.environ.get("OUT") or ROOT / "benchmarks" / "results")
-    out.mkdir(parents=True, exist_ok=True)
     tag = (torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu").replace(" ", "_")
-    path = out / f"bench_decode_{tag}_{datetime.date.today().isoformat()}.json"
-    path.write_text(json.dumps(doc, indent=1))
-    print(f"wrote {path}")
+    write_result(doc, args.out, f"bench_decode_{tag}_{datetime.date.today().isoformat()}.json")
 
 
 if __name__ == "__main__":

@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import multiprocessing
-import os
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -39,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 import rabit  # noqa: E402
 from rabit import reference as R  # noqa: E402
 from bench_kernels import K, POOL_BYTES, SHAPES, make_packed  # noqa: E402
-from timing import copy_bandwidth_gbps, event_time_us, graph_time_us  # noqa: E402
+from timing import copy_bandwidth_gbps, event_time_us, graph_time_us, write_result  # noqa: E402
 
 try:
     import triton
@@ -220,15 +218,13 @@ def main():
     info["copy_GBps"] = round(bw, 1)
     print(f"device-to-device copy: {bw:.0f} GB/s (read + write)", flush=True)
 
-    out_dir = Path(args.out or os.environ.get("OUT") or ROOT / "benchmarks" / "results")
-    out_dir.mkdir(parents=True, exist_ok=True)
     gpu = "".join(c if c.isalnum() else "_" for c in prop.name).strip("_")
-    path = out_dir / f"bench_gemlite_{gpu}_{datetime.date.today().isoformat()}.json"
+    name = f"bench_gemlite_{gpu}_{datetime.date.today().isoformat()}.json"
     rows = []
     for out, in_features in shapes:
         rows += bench_shape(out, in_features, ms, bw, gs[(out, in_features)])
         info["seconds"] = round(time.time() - t0, 1)
-        path.write_text(json.dumps(dict(info=info, rows=rows), indent=1))
+        path = write_result(dict(info=info, rows=rows), args.out, name, quiet=True)
     print(f"\nwrote {path} ({time.time() - t0:.0f} s)\n")
 
     print(f"{'shape (out x in)':>18} {'M':>3} {'cuBLAS us':>10}" + "".join(f"{k:>24}" for k in METHODS[1:])

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import sys
 from pathlib import Path
@@ -27,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 import rabit  # noqa: E402
 from rabit import reference as R  # noqa: E402
-from timing import copy_bandwidth_gbps, event_time_us, graph_time_us  # noqa: E402
+from timing import copy_bandwidth_gbps, event_time_us, graph_time_us, write_result  # noqa: E402
 
 DEV = "cuda"
 POOL_BYTES = 160 << 20  # > 2 x 50 MB of L2
@@ -232,13 +231,9 @@ def main():
     qat = [] if args.gemv_only else [bench_qat(4096, 4096, 2048)] + ([] if args.quick else [bench_qat(11008, 4096, 2048)])
     result = dict(info=info, packed_linear=linear, qat_ops=ops, qat_step=qat)
 
-    out_dir = Path(args.out or os.environ.get("OUT") or ROOT / "benchmarks" / "results")
-    out_dir.mkdir(parents=True, exist_ok=True)
     gpu = "".join(c if c.isalnum() else "_" for c in prop.name).strip("_")
     tag = f"_{args.tag}" if args.tag else ""
-    path = out_dir / f"bench_kernels_{gpu}_{datetime.date.today().isoformat()}{tag}.json"
-    path.write_text(json.dumps(result, indent=1))
-    print(f"\nwrote {path}\n")
+    write_result(result, args.out, f"bench_kernels_{gpu}_{datetime.date.today().isoformat()}{tag}.json")
 
     print(f"{'shape (out x in)':>18} {'M':>5} {'rabit us':>9} {'cuBLAS us':>10} {'speedup':>8} {'%copyBW':>8}")
     for r in linear:

@@ -22,8 +22,6 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
-import json
-import os
 import sys
 from pathlib import Path
 
@@ -34,6 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 import rabit  # noqa: E402
 import rabit.train as T  # noqa: E402
+from timing import write_result  # noqa: E402
 
 
 def smollm2_shaped(device):
@@ -122,11 +121,7 @@ def main(argv=None):
     doc = {"device": gpu, "torch": torch.__version__, "date": datetime.datetime.now().isoformat(timespec="seconds"),
            "model": "SmolLM2-135M shapes, random weights", "batch": args.batch, "seq_len": args.seq_len,
            "steps": args.steps, "results": res}
-    out = Path(args.out or os.environ.get("OUT") or ROOT / "benchmarks" / "results")
-    out.mkdir(parents=True, exist_ok=True)
-    f = out / f"bench_train_{gpu.replace(' ', '_')}_{datetime.date.today()}_batch{args.batch}.json"
-    f.write_text(json.dumps(doc, indent=1))
-    print("wrote", f)
+    write_result(doc, args.out, f"bench_train_{gpu.replace(' ', '_')}_{datetime.date.today()}_batch{args.batch}.json")
 
 
 if __name__ == "__main__":

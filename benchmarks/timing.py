@@ -1,12 +1,29 @@
-"""Timing helpers shared by the benchmarks (bench_kernels.py, bench_decode.py): CUDA-graph and event
-timing with warm-up outside the timed region, and the device's measured copy bandwidth."""
+"""Helpers shared by the benchmarks: CUDA-graph and event timing with warm-up outside the timed region, the
+device's measured copy bandwidth, and where and how a benchmark writes its JSON."""
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
+from pathlib import Path
 
 import torch
+
+from rabit.data import write_json_atomic
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def write_result(doc, out: str | None, filename: str, quiet: bool = False) -> Path:
+    """Write ``doc`` as JSON to ``out`` (a benchmark's --out), else $OUT (the GPU machine's return folder), else
+    benchmarks/results/, atomically (a benchmark killed mid-write leaves the previous file); returns the path."""
+    path = Path(out or os.environ.get("OUT") or RESULTS) / filename
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, doc)
+    if not quiet:
+        print(f"wrote {path}", flush=True)
+    return path
 
 
 def graph_time_us(fns, reps=30, min_calls=200):
