@@ -95,23 +95,29 @@ def test_hf_loop_and_static_decoder_draw_the_same_tokens():
     assert not torch.equal(dec.generate(prompt, 30, seed=12), ref)
 
 
-def test_teacher_data_of_a_llama_comes_from_the_static_decoder_with_the_hf_loops_tokens(monkeypatch):
-    """Llama-family teachers are sampled by StaticDecoder (faster), others by the HF loop; same draws, so on the
-    CPU in float32 the same tokens, a partial last batch included."""
+def test_teacher_data_from_the_static_decoder_has_the_hf_loops_tokens(monkeypatch):
+    """On CUDA, Llama-family teachers are sampled by StaticDecoder (faster there), elsewhere by the HF loop; the
+    draws are the same, so on the CPU in float32 the tokens are too, a partial last batch included."""
     m = tiny_llama(6)
+    assert not D._static_sampler_applies(m, 20)  # the CPU keeps the HF loop
     keys = row_keys(3, torch.arange(7))
     ref = D.decode_loop(m, torch.full((7, 1), 1), 19, lambda logits, pos: sample_next(logits, keys, pos, 0.9, 10))
-    monkeypatch.setattr(D, "decode_loop", None)  # the Llama path must not use it
+    monkeypatch.setattr(D, "_static_sampler_applies", lambda model, seq_len: True)
+    monkeypatch.setattr(D, "decode_loop", None)  # the static path must not use it
     got = D.generate_teacher_data(m, n_seqs=7, seq_len=20, batch_size=3, bos_id=1, temperature=0.9, top_k=10,
                                   seed=3, progress=False)
     assert torch.equal(got, ref)
 
 
-def test_teacher_data_of_other_models_comes_from_the_hf_loop():
+def test_teacher_data_of_other_models_comes_from_the_hf_loop(monkeypatch):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
     m = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_positions=32, n_embd=32, n_layer=2, n_head=4)).eval()
+    with monkeypatch.context() as mp:  # as if on CUDA: the layout alone decides
+        mp.setattr(D, "model_device", lambda model: torch.device("cuda"))
+        assert not D._static_sampler_applies(m, 12)
+        assert D._static_sampler_applies(tiny_llama(), 12)
     a = D.generate_teacher_data(m, n_seqs=5, seq_len=12, batch_size=5, bos_id=1, seed=2, progress=False)
     b = D.generate_teacher_data(m, n_seqs=5, seq_len=12, batch_size=2, bos_id=1, seed=2, progress=False)
     assert torch.equal(a, b) and a.shape == (5, 12) and (a[:, 0] == 1).all()
@@ -147,3 +153,7 @@ def test_cuda_graph_sampling_equals_eager_and_cpu():
     assert torch.equal(graph, eager)
     # same draws on both devices; float32 logits may differ in the last bits, so allow a rare flip
     assert (graph == cpu).float().mean().item() > 0.9
+    # teacher data on CUDA comes from StaticDecoder (rows 9-12 of seed 5 are these rows)
+    assert D._static_sampler_applies(mc, 33)
+    data = D.generate_teacher_data(mc, n_seqs=13, seq_len=33, batch_size=5, bos_id=1, seed=5, progress=False)
+    assert (data[9:13] == graph).float().mean().item() > 0.9
