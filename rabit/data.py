@@ -161,9 +161,9 @@ def generate_teacher_data(
     Draws are counter-based (:mod:`rabit.sampling`): row r's random numbers depend only on (seed, r), not
     on the batch size or the device; the tokens can still differ between them where float rounding moves
     the teacher's probabilities across a draw. On CUDA, models that :class:`~rabit.static_decode.StaticDecoder`
-    runs (Llama family) are sampled by it (static KV cache, one CUDA graph per step: 2x the HF loop on an H200);
-    otherwise :func:`decode_loop` runs the HF forward token by token. Both use the same draws. The model is
-    run in its own dtype and left in the train/eval mode it was in.
+    runs (Llama family, on one device) are sampled by it (static KV cache, one CUDA graph per step; see
+    ``_static_sampler_applies``); otherwise :func:`decode_loop` runs the HF forward token by token. Both use the
+    same draws. The model is run in its own dtype and left in the train/eval mode it was in.
     """
     if n_seqs < 1 or seq_len < 2 or batch_size < 1:
         raise ValueError(
@@ -215,10 +215,14 @@ def generate_teacher_data(
 
 
 def _static_sampler_applies(model: torch.nn.Module, seq_len: int) -> bool:
-    """Whether :func:`generate_teacher_data` samples with StaticDecoder: on CUDA (one CUDA graph per step, 2x the HF
-    loop on an H200), for the layouts StaticDecoder runs. On the CPU it is no faster (stories260K, 1,024 x 256: 8-22 s
-    against 10-13 s), so the CPU keeps the HF loop."""
-    if model_device(model).type != "cuda":
+    """Whether :func:`generate_teacher_data` samples with StaticDecoder: on CUDA (one CUDA graph per step; 2x the HF
+    loop on an H200 with the attention form of then, grouped SDPA; not re-timed since), for a model on one device
+    whose layout StaticDecoder runs, and seq_len >= 3 (the graph's capture needs it). On the CPU it was no faster
+    (stories260K, 1,024 x 256: HF loop 10-13 s; StaticDecoder 8-22 s with grouped matmuls, 10-14 s with SDPA), so
+    the CPU keeps the HF loop, as do models spread over devices (StaticDecoder would bypass accelerate's hooks)."""
+    if model_device(model).type != "cuda" or seq_len < 3 or getattr(model, "hf_device_map", None):
+        return False
+    if len({p.device for p in model.parameters()}) > 1:
         return False
     try:
         check_model(model, seq_len)

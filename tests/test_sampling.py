@@ -114,10 +114,21 @@ def test_teacher_data_of_other_models_comes_from_the_hf_loop(monkeypatch):
 
     torch.manual_seed(0)
     m = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_positions=32, n_embd=32, n_layer=2, n_head=4)).eval()
-    with monkeypatch.context() as mp:  # as if on CUDA: the layout alone decides
+    with monkeypatch.context() as mp:  # as if on CUDA: layout, length and placement decide
         mp.setattr(D, "model_device", lambda model: torch.device("cuda"))
         assert not D._static_sampler_applies(m, 12)
-        assert D._static_sampler_applies(tiny_llama(), 12)
+        llama = tiny_llama()
+        assert D._static_sampler_applies(llama, 12)
+        assert not D._static_sampler_applies(llama, 2)  # a CUDA graph needs max_len >= 3
+        llama.hf_device_map = {"model.layers.0": 0, "model.layers.1": 1}
+        assert not D._static_sampler_applies(llama, 12)  # sharded: StaticDecoder would bypass accelerate's hooks
+        from transformers import MistralConfig, MistralForCausalLM
+
+        mistral = MistralForCausalLM(MistralConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48,
+                                                   num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                                                   sliding_window=8, max_position_embeddings=64)).eval()
+        assert D._static_sampler_applies(mistral, 8)
+        assert not D._static_sampler_applies(mistral, 9)  # longer than its sliding window
     a = D.generate_teacher_data(m, n_seqs=5, seq_len=12, batch_size=5, bos_id=1, seed=2, progress=False)
     b = D.generate_teacher_data(m, n_seqs=5, seq_len=12, batch_size=2, bos_id=1, seed=2, progress=False)
     assert torch.equal(a, b) and a.shape == (5, 12) and (a[:, 0] == 1).all()
@@ -142,7 +153,7 @@ def test_static_decoder_rejects_bad_sampling_arguments():
 
 
 @pytest.mark.cuda
-def test_cuda_graph_sampling_equals_eager_and_cpu():
+def test_cuda_graph_sampling_equals_eager_and_cpu(monkeypatch):
     m = tiny_llama(6)
     prompt = torch.full((4, 1), 1)
     cpu = StaticDecoder(m, batch_size=4, max_len=33, temperature=1.0).generate(prompt, 32, seed=5, first_row=9)
@@ -153,7 +164,10 @@ def test_cuda_graph_sampling_equals_eager_and_cpu():
     assert torch.equal(graph, eager)
     # same draws on both devices; float32 logits may differ in the last bits, so allow a rare flip
     assert (graph == cpu).float().mean().item() > 0.9
-    # teacher data on CUDA comes from StaticDecoder (rows 9-12 of seed 5 are these rows)
+    # teacher data on CUDA comes from StaticDecoder (rows 9-12 of seed 5 are these rows), float32 with grouped matmuls
     assert D._static_sampler_applies(mc, 33)
+    assert StaticDecoder(mc, max_len=8)._grouped_matmuls
+    assert not StaticDecoder(tiny_llama(6).to("cuda", torch.float16), max_len=8)._grouped_matmuls
+    monkeypatch.setattr(D, "decode_loop", None)  # the static path must not use it
     data = D.generate_teacher_data(mc, n_seqs=13, seq_len=33, batch_size=5, bos_id=1, seed=5, progress=False)
     assert (data[9:13] == graph).float().mean().item() > 0.9
