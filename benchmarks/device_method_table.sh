@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # The method table on the lent GPU machine (no network there): reassemble the SmolLM2 GGUF carried in
 # parts (.gguf/, git-ignored; part_aa may already sit in /root/g from an earlier call), install the carried
-# wheels, build rabit with its CUDA kernels unless it is already built, run the table in /root/table and
+# wheels, build rabit with its CUDA kernels unless it is already built, run the table in $TABLE_DIR and
 # copy its JSON (not the multi-GB checkpoints) to $OUT; then the inter-path correlations of rabit and
 # independent when both were run.
-#   usage: bash benchmarks/device_method_table.sh TOKENS METHOD... [-- METHOD_TABLE_ARGS...]
+#   usage: [TABLE_DIR=/root/table] bash benchmarks/device_method_table.sh TOKENS METHOD... [-- METHOD_TABLE_ARGS...]
+# TABLE_DIR keeps each method's checkpoint: a later call with another --seed or other data needs another TABLE_DIR
+# (the trainer refuses to resume a checkpoint of a different run, and says so).
 set -euo pipefail
 tokens=$1; shift
 methods=(); while [ $# -gt 0 ] && [ "$1" != "--" ]; do methods+=("$1"); shift; done
@@ -23,7 +25,7 @@ if ! python3 -c "import torch; from rabit._ops import has_native_kernels as h; a
   TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 python3 -m pip install -q --no-build-isolation --no-deps -e . 2>&1 | tail -3
 fi
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-table=/root/table
+table=${TABLE_DIR:-/root/table}
 python3 benchmarks/method_table.py --model smollm2-135m --tokens "$tokens" --methods "${methods[@]}" --out $table \
   "$@" 2>&1 | tee "$OUT/log.txt"
 mkdir -p "$OUT/table"
