@@ -49,8 +49,9 @@ class ExperimentConfig:
     alpha_out: float = 0.5
     lr_latent: float = 1e-3
     lr_scales: float = 1e-3
-    # cosine floor as a fraction of the peak learning rates: 0.1, as in every SmolLM2 run of docs/results.md (so
-    # its commands reproduce them); TrainConfig's default is 0 since stories260K preferred it (one SmolLM2 run: 81.6)
+    # cosine floor as a fraction of the peak learning rates: 0.1, as in the 2.5 M-token SmolLM2 runs of
+    # docs/results.md (so their commands reproduce them); TrainConfig's default is 0, which stories260K preferred and
+    # the best SmolLM2 runs (7.5 M tokens) pass as --min-lr-ratio 0
     min_lr_ratio: float = 0.1
     gamma: float = 0.0  # KL only: γ > 0 gave a higher held-out KL in short runs (quickstart sweep)
     optimizer: str = "muon"
