@@ -49,8 +49,9 @@ class QuickstartPlan:
     With the counter-based teacher data (2026-11-26, fourth session, seeds 0 and 1): a cosine to zero
     (min_lr_ratio 0) beat the floor of 0.1 (held-out KL 0.268 / 0.269 against 0.307 / 0.318, PPL 4.79 / 4.73
     against 4.98 / 4.96): the last steps at a small learning rate stop flipping signs, so the model that
-    is kept has settled; batch 64 x 100 steps at the same tokens lost to 16 x 400 (KL 0.385 / 0.389, and
-    0.368 with both learning rates doubled, seed 0).
+    is kept has settled. At the same tokens fewer, larger steps lose: batch 64 x 100 steps (floor 0.1) gave
+    KL 0.385 / 0.389 (0.368 with both learning rates doubled, seed 0), and with the cosine to zero batch 32 x 200
+    steps gave 0.306 / 0.307 (0.302 / 0.302 with both learning rates x sqrt(2)).
     """
 
     train_seqs: int = 1024

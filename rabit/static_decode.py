@@ -60,7 +60,6 @@ def check_model(model: nn.Module, max_len: int) -> None:
         raise ValueError(f"StaticDecoder: only SwiGLU (hidden_act='silu') MLPs are supported, got {cfg.hidden_act!r}")
 
 
-
 def _rotate_half(x: Tensor) -> Tensor:
     h = x.shape[-1] // 2
     return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
