@@ -22,7 +22,6 @@
  * load per (path, row) per lane, one group ahead; B fragments are read from the prologue's buffer (small,
  * L2-resident) in fragment order. The 8 warps of a block reduce through shared memory at the end.
  */
-#include <cooperative_groups.h>
 #include <cuda_runtime.h>
 
 #include "common.cuh"
@@ -543,169 +542,6 @@ __global__ void __launch_bounds__(kWarps * 32, (M == 1 && K <= 3) ? 2 : 1) gemv_
     store_rows(a, red, row0, tid);
 }
 
-/* ---------------------------------------------------------------------------------------------------------
- * Cluster variant of the int8 kernel (sm_90), for M >= 3: the same exact integers, MMAs and flush, with the work
- * split the other way round. In the int8 kernel above every warp reads the B fragments of its groups from L2 for
- * its own 16 rows: 8 B per lane and MMA, NT MMAs per step, so at M = 16 (NT = 8) the fragments, not the weight
- * bits, are most of the traffic (134 MB of L2 reads for one 4096 x 4096 call) and the kernel takes 2.8x cuBLAS.
- * Here the 8 warps of a block take 8 consecutive 16-row tiles (128 rows) and the same group: the block stages the
- * group's fragments (all K paths) in shared memory once and its 8 warps read them from there, so L2 carries each
- * fragment once per 128 rows instead of once per 16. The groups are split over the C <= 8 blocks of a thread-block
- * cluster (block r takes groups r, r + C, ...: what warp r of the int8 kernel takes); at the end block 0 of the
- * cluster adds the C partial sums from the other blocks' shared memory in rank order. That is the int8 kernel's
- * order of additions (its warps, in warp order), so both give the same bits (tested), and no workspace or
- * counter is needed for the split.
- * ------------------------------------------------------------------------------------------------------- */
-constexpr int kClusterRows = kWarps * 16;
-constexpr int kMaxCluster = 8;  // the portable cluster size
-
-template <int K, int NT>
-constexpr int cluster_smem_bytes() {
-    return K * 16 * NT * 32 * static_cast<int>(sizeof(uint2));
-}
-
-template <int K, int NT>
-__global__ void __launch_bounds__(kWarps * 32, K <= 3 ? 2 : 1) gemv_i8_cluster_kernel(const MainArgs a) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    namespace cg = cooperative_groups;
-    constexpr int Mp = 2 * NT;
-    extern __shared__ uint2 sfrag[];  // [K][16 steps * NT][32 lanes]: one group's fragments
-    __shared__ float red[kClusterRows][Mp];
-    __shared__ float ssc[K][Mp];
-    __shared__ double sqs[K][Mp];
-    cg::cluster_group cluster = cg::this_cluster();
-    const int rank = static_cast<int>(cluster.block_rank()), C = static_cast<int>(cluster.num_blocks());
-    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    const int g = lane >> 2, t = lane & 3;
-    const int64_t row0 = static_cast<int64_t>(blockIdx.y) * kClusterRows + warp * 16;  // this warp's tile
-    const int64_t out = a.out;
-
-    float gk[K][2];
-#pragma unroll
-    for (int r = 0; r < 2; r++) {
-        const int64_t o = row0 + g + 8 * r;
-#pragma unroll
-        for (int k = 0; k < K; k++) gk[k][r] = o < out ? ld_any(a.g, a.gdt, k * out + o) : 0.0f;
-    }
-    float fa[NT][2];
-#pragma unroll
-    for (int nt = 0; nt < NT; nt++) fa[nt][0] = fa[nt][1] = 0.0f;
-    const double dw0 = (t & 1) ? 256.0 : 16777216.0, dw1 = (t & 1) ? 1.0 : 65536.0;
-
-    Bits<K, 1> cur, nxt;
-    int64_t gr = rank;
-    if (gr < a.ngroups) load_bits(a, row0, g, t, gr, cur);
-    pdl_wait();  // the bits and g are in flight; the prologue's fragments and scales are complete past here
-    constexpr int kVec = K * 16 * NT * 32 / 2;  // the group's fragments as uint4
-    for (; gr < a.ngroups; gr += C) {
-        const bool more = gr + C < a.ngroups;
-        if (more) load_bits(a, row0, g, t, gr + C, nxt);
-        __syncthreads();  // every warp is done with the previous group's fragments
-        const uint4 *src = reinterpret_cast<const uint4 *>(a.frag + static_cast<size_t>(gr) * K * (16 * NT * 32));
-        uint4 *dst = reinterpret_cast<uint4 *>(sfrag);
-#pragma unroll 4
-        for (int i = tid; i < kVec; i += kWarps * 32) dst[i] = __ldg(src + i);
-        if (tid < K * Mp) {
-            const size_t so = static_cast<size_t>(gr) * K * Mp + tid;
-            ssc[tid / Mp][tid % Mp] = __ldg(a.scale + so);
-            sqs[tid / Mp][tid % Mp] = __ldg(a.qsum + so);
-        }
-        __syncthreads();
-#pragma unroll
-        for (int k = 0; k < K; k++) {
-            int acc[NT][4];
-#pragma unroll
-            for (int nt = 0; nt < NT; nt++) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0;
-            const uint4 &wg = cur.w[k][0][0], &wh = cur.w[k][0][1];
-            const uint2 *fk = sfrag + k * (16 * NT * 32) + lane;
-            // fully unrolled at NT <= 4; at NT = 8 four steps at a time keep it within two blocks' registers
-#pragma unroll(NT >= 8 ? 4 : 16)
-            for (int sp = 0; sp < 16; sp++) {
-                const int s = sp >> 3, p = sp & 7;
-                constexpr uint32_t m1 = 0x01010101u;
-                const uint32_t a0 = ((s ? wg.z : wg.x) >> p) & m1, a2 = ((s ? wg.w : wg.y) >> p) & m1;
-                const uint32_t a1 = ((s ? wh.z : wh.x) >> p) & m1, a3 = ((s ? wh.w : wh.y) >> p) & m1;
-#pragma unroll
-                for (int nt = 0; nt < NT; nt++) {
-                    const uint2 b = fk[(sp * NT + nt) * 32];
-                    mma_s8(acc[nt], a0, a1, a2, a3, b.x, b.y);
-                }
-            }
-            // flush path k of the group exactly as the int8 kernel does
-#pragma unroll
-            for (int nt = 0; nt < NT; nt++) {
-                const int m = 2 * nt + (t >> 1);
-                const double sck = ssc[k][m], qsk = sqs[k][m];
-#pragma unroll
-                for (int r = 0; r < 2; r++) {
-                    double v = static_cast<double>(acc[nt][2 * r]) * dw0 + static_cast<double>(acc[nt][2 * r + 1]) * dw1;
-                    v += __shfl_xor_sync(0xffffffffu, v, 1);
-                    const float val = static_cast<float>(sck * (2.0 * v - qsk));
-                    fa[nt][r] = __fmaf_rn(gk[k][r], val, fa[nt][r]);
-                }
-            }
-        }
-        if (more) cur = nxt;
-    }
-
-    // this block's partial sums of its 128 rows, then block 0 of the cluster adds the C blocks' in rank order
-#pragma unroll
-    for (int r = 0; r < 2; r++)
-#pragma unroll
-        for (int nt = 0; nt < NT; nt++)
-            if ((t & 1) == 0) red[warp * 16 + g + 8 * r][2 * nt + (t >> 1)] = fa[nt][r];
-    cluster.sync();
-    if (rank == 0) {
-        const int64_t base = static_cast<int64_t>(blockIdx.y) * kClusterRows;
-        for (int idx = tid; idx < kClusterRows * a.M; idx += kWarps * 32) {
-            const int m = idx / kClusterRows, rl = idx - m * kClusterRows;
-            const int64_t o = base + rl;
-            if (o >= out) continue;
-            float s = 0.0f;
-            for (int r = 0; r < C; r++) s = __fadd_rn(s, cluster.map_shared_rank(&red[0][0], r)[rl * Mp + m]);
-            if (a.bias) s = __fadd_rn(s, ld_any(a.bias, a.bdt, o));
-            st_any(a.y, a.ydt, static_cast<int64_t>(m) * out + o, s);
-        }
-    }
-    cluster.sync();  // no block leaves while block 0 may still read its shared memory
-#endif
-}
-
-template <int K, int NT>
-cudaError_t launch_cluster_nt(const MainArgs &a, cudaStream_t s) {
-    constexpr int smem = cluster_smem_bytes<K, NT>();
-    static bool attr_set[64];
-    const cudaError_t e = set_smem_limit_once(gemv_i8_cluster_kernel<K, NT>, smem, attr_set);
-    if (e != cudaSuccess) return e;
-    const int C = static_cast<int>(a.ngroups < kMaxCluster ? a.ngroups : kMaxCluster);
-    cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = dim3(static_cast<unsigned>(C), static_cast<unsigned>((a.out + kClusterRows - 1) / kClusterRows));
-    cfg.blockDim = dim3(kWarps * 32);
-    cfg.dynamicSmemBytes = smem;
-    cfg.stream = s;
-    cudaLaunchAttribute attr[2];
-    attr[0].id = cudaLaunchAttributeClusterDimension;
-    attr[0].val.clusterDim.x = static_cast<unsigned>(C);
-    attr[0].val.clusterDim.y = 1;
-    attr[0].val.clusterDim.z = 1;
-    attr[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attr[1].val.programmaticStreamSerializationAllowed = 1;
-    cfg.attrs = attr;
-    cfg.numAttrs = 2;
-    return cudaLaunchKernelEx(&cfg, gemv_i8_cluster_kernel<K, NT>, a);
-}
-
-template <int K>
-cudaError_t launch_cluster_k(const MainArgs &a, int NT, cudaStream_t s) {
-    switch (NT) {
-        case 1: return launch_cluster_nt<K, 1>(a, s);
-        case 2: return launch_cluster_nt<K, 2>(a, s);
-        case 4: return launch_cluster_nt<K, 4>(a, s);
-        case 8: return launch_cluster_nt<K, 8>(a, s);
-    }
-    return cudaErrorInvalidValue;
-}
-
 int gemv_nt(int64_t M) { return M <= 2 ? 1 : M <= 4 ? 2 : M <= 8 ? 4 : 8; }
 
 template <int K, int NT>
@@ -725,9 +561,8 @@ cudaError_t launch_b1_k(const MainArgs &a, cudaStream_t s) {
 }
 
 template <int K>
-cudaError_t launch_main_k(const MainArgs &a, DecodeKernel kernel, int NT, cudaStream_t s) {
-    if (kernel == DECODE_B1) return launch_b1_k<K>(a, s);
-    if (kernel == DECODE_I8_CLUSTER) return launch_cluster_k<K>(a, NT, s);
+cudaError_t launch_main_k(const MainArgs &a, bool b1, int NT, cudaStream_t s) {
+    if (b1) return launch_b1_k<K>(a, s);
     switch (NT) {
         case 1: return launch_main_nt<K, 1>(a, s);
         case 2: return launch_main_nt<K, 2>(a, s);
@@ -749,10 +584,8 @@ size_t gemv_i8_workspace_bytes(int K, int64_t M, int64_t in) {
 
 cudaError_t gemv_i8(const void *x, rabit_dtype xdt, int64_t M, const rabit_word_t *packed, const void *g,
                     rabit_dtype gdt, const void *h, rabit_dtype hdt, const void *bias, rabit_dtype bdt, int K,
-                    int64_t out, int64_t in, void *y, void *workspace, DecodeKernel kernel, cudaStream_t s) {
-    const bool b1 = kernel == DECODE_B1;
+                    int64_t out, int64_t in, void *y, void *workspace, bool b1, cudaStream_t s) {
     if (M < 1 || M > kDecodeMaxM || (b1 && M > kB1MaxM) || xdt == RABIT_F32 || K < 1 || K > RABIT_MAX_K) return cudaErrorInvalidValue;
-    if (kernel == DECODE_I8_CLUSTER && device_info().major < 9) return cudaErrorNotSupported;
     const int64_t ng = (in + kGroupCols - 1) / kGroupCols;
     const int NT = gemv_nt(M);
     uint2 *frag = static_cast<uint2 *>(workspace);
@@ -778,10 +611,10 @@ cudaError_t gemv_i8(const void *x, rabit_dtype xdt, int64_t M, const rabit_word_
     a.frag = frag; a.scale = scale; a.qsum = qsum;
     a.vec = (a.nw % 4 == 0) && (reinterpret_cast<uintptr_t>(packed) % 16 == 0);
     switch (K) {
-        case 1: return launch_main_k<1>(a, kernel, NT, s);
-        case 2: return launch_main_k<2>(a, kernel, NT, s);
-        case 3: return launch_main_k<3>(a, kernel, NT, s);
-        case 4: return launch_main_k<4>(a, kernel, NT, s);
+        case 1: return launch_main_k<1>(a, b1, NT, s);
+        case 2: return launch_main_k<2>(a, b1, NT, s);
+        case 3: return launch_main_k<3>(a, b1, NT, s);
+        case 4: return launch_main_k<4>(a, b1, NT, s);
     }
     return cudaErrorInvalidValue;
 }

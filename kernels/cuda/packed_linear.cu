@@ -654,24 +654,20 @@ int packed_linear_path(rabit_dtype xdt, int64_t M) {
     return M > kDecodeMaxM ? 1 : 2;
 }
 
-/* Which decode kernel runs; the outputs are bit-identical, so this never changes a result. Measured on an H200
-   (docs/kernels.md, 2026-11-26): the 1-bit kernel is faster at M = 1 for long rows (in = 11008: 12.2 against
-   13.6 us; in = 14336: 13.7 against 15.7 us) and slower for 8 groups per row (in = 4096: 8.2 against 7.6 us at
-   4096 x 4096) and at M = 2 (two blocks per SM do not fit its registers), so it runs for M = 1 and in > 7680
-   (at least 16 groups of 512 columns). The cluster kernel shares each B fragment among the 8 row tiles of a
-   block, which pays where the fragments are most of the traffic: M >= 3 (2 to 8 n-tiles). RABIT_CUDA_DECODE=b1,
-   i8 or i8c forces one where it applies (benchmarks; the test that all give the same bits). */
+/* Which decode kernel runs. Measured on an H200 (docs/kernels.md, 2026-11-26): the 1-bit kernel is faster at
+   M = 1 for long rows (in = 11008: 12.2 against 13.6 us; in = 14336: 13.7 against 15.7 us) and slower for 8
+   groups per row (in = 4096: 8.2 against 7.6 us at 4096 x 4096) and at M = 2 (two blocks per SM do not fit
+   its registers), so it runs for M = 1 and in > 7680 (at least 16 groups of 512 columns). RABIT_CUDA_DECODE=b1
+   or i8 forces one where both apply (benchmarks; the test that both give the same bits): the outputs are
+   bit-identical, so this never changes a result. */
 constexpr int64_t kB1MinIn = 15 * 512 + 1;  // at least 16 groups of 512 columns per row
-constexpr int64_t kClusterMinM = 3;
 
-DecodeKernel decode_kernel_for(int64_t M, int64_t in) {
+bool use_b1(int64_t M, int64_t in) {
+    if (M > kB1MaxM) return false;
     const char *v = getenv("RABIT_CUDA_DECODE");
-    if (v && strcmp(v, "i8") == 0) return DECODE_I8;
-    if (v && strcmp(v, "i8c") == 0) return DECODE_I8_CLUSTER;
-    if (v && strcmp(v, "b1") == 0 && M <= kB1MaxM) return DECODE_B1;
-    if (M == 1 && in >= kB1MinIn) return DECODE_B1;
-    if (M >= kClusterMinM && device_info().major >= 9) return DECODE_I8_CLUSTER;
-    return DECODE_I8;
+    if (v && strcmp(v, "i8") == 0) return false;
+    if (v && strcmp(v, "b1") == 0) return true;
+    return M == 1 && in >= kB1MinIn;
 }
 
 size_t packed_linear_workspace_bytes(rabit_dtype xdt, int64_t M, int K, int64_t in) {
@@ -687,7 +683,7 @@ cudaError_t packed_linear(const void *x, rabit_dtype xdt, int64_t M, const rabit
     if (path == 0) return launch_decode(x, xdt, M, packed, g, gdt, h, hdt, bias, bdt, K, out, in, y, s);
     if (path == 2)
         return gemv_i8(x, xdt, M, packed, g, gdt, h, hdt, bias, bdt, K, out, in, y, workspace,
-                       decode_kernel_for(M, in), s);
+                       use_b1(M, in), s);
     if (gdt != RABIT_F32 || hdt != RABIT_F32 || (bias && bdt != RABIT_F32)) return cudaErrorInvalidValue;
     PrefillArgs a;
     a.x = x; a.M = M; a.packed = packed;

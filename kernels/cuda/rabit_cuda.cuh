@@ -27,7 +27,7 @@ constexpr int kBwdCols = 256;
 constexpr int kBwdRows = 128;
 size_t backward_workspace_doubles(int K, int64_t out, int64_t in);
 
-/* For fp16/bf16 x: a decode kernel for M <= kDecodeMaxM (decode_kernel_for() says which), the dequantised-tile
+/* For fp16/bf16 x: a decode kernel for M <= kDecodeMaxM (use_b1() says which), the dequantised-tile
    tensor-core GEMM ("prefill") above. For float32 x: the bf16-split decode kernel at every M (chunks of
    kDecodeMaxM rows). */
 constexpr int kDecodeMaxM = 16;
@@ -60,16 +60,14 @@ size_t packed_linear_workspace_bytes(rabit_dtype xdt, int64_t M, int K, int64_t 
    (fp16/bf16 x, M > kDecodeMaxM), 2 = a decode kernel of fp16/bf16 x (M <= kDecodeMaxM). */
 int packed_linear_path(rabit_dtype xdt, int64_t M);
 
-/* The decode kernels of path 2 (packed_gemv_i8.cu), all summing the same exact integers in the same order (their
-   outputs are bit-identical): the int8 MMA one, the 1-bit MMA one (M <= kB1MaxM) and the int8 one split over a
-   thread-block cluster (sm_90). decode_kernel_for() is the choice packed_linear makes. */
+/* The decode kernels of path 2 (packed_gemv_i8.cu): b1 = the 1-bit MMA one (M <= kB1MaxM), else the int8 one;
+   use_b1() is the choice packed_linear makes. */
 constexpr int kB1MaxM = 2;
-enum DecodeKernel { DECODE_I8 = 0, DECODE_B1 = 1, DECODE_I8_CLUSTER = 2 };
-DecodeKernel decode_kernel_for(int64_t M, int64_t in);
+bool use_b1(int64_t M, int64_t in);
 size_t gemv_i8_workspace_bytes(int K, int64_t M, int64_t in);
 cudaError_t gemv_i8(const void *x, rabit_dtype xdt, int64_t M, const rabit_word_t *packed, const void *g,
                     rabit_dtype gdt, const void *h, rabit_dtype hdt, const void *bias, rabit_dtype bdt, int K,
-                    int64_t out, int64_t in, void *y, void *workspace, DecodeKernel kernel, cudaStream_t stream);
+                    int64_t out, int64_t in, void *y, void *workspace, bool b1, cudaStream_t stream);
 
 }  // namespace rabit_cuda
 
