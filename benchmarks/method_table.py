@@ -1,8 +1,10 @@
 """The RaBiT results table on one GPU: every method at the same token budget, one shared set of
 teacher-sampled training sequences, WikiText-2 PPL at ctx 2048 (and 4096), peak memory, time.
 
-    python benchmarks/method_table.py --model smollm2-135m --tokens 2.5e6 --out DIR \
-        --methods rabit independent onebit rabit-plain ptq
+    python benchmarks/method_table.py --model smollm2-135m --tokens 2.5e6 --batch-size 16 --data-seqs 1024 \
+        --min-lr-ratio 0.1 --out DIR --methods rabit independent onebit rabit-plain ptq
+
+(the 2.5 M-token table of docs/results.md; without the recipe options every method gets `rabit train`'s defaults)
 
 Each row is also reproducible alone with ``rabit train --model ... --method ... --tokens ... --out``.
 Writes DIR/<method>/result.json and DIR/table.json (device, versions, date, FP reference beside).
