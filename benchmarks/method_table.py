@@ -6,7 +6,8 @@ teacher-sampled training sequences, WikiText-2 PPL at ctx 2048 (and 4096), peak 
 
 (the 2.5 M-token table of docs/results.md; without the recipe options every method gets `rabit train`'s defaults)
 
-Each row is also reproducible alone with ``rabit train --model ... --method ... --tokens ... --out``.
+Each row is also reproducible alone with ``rabit train --model ... --method ... --tokens ... --out`` and the same
+recipe options (``--batch-size``, ``--data-seqs``, ``--min-lr-ratio``, ...).
 Writes DIR/<method>/result.json and DIR/table.json (device, versions, date, FP reference beside).
 """
 

@@ -75,7 +75,7 @@ class TrainConfig:
     warmup_steps: int | None = None  # if None, warmup_fraction * steps
     warmup_fraction: float = 0.02
     # cosine floor, as a fraction of the peak LR. 0: on stories260K (2 seeds) the cosine to zero beat a floor of 0.1
-    # by 14 % in held-out KL (the last, small steps stop flipping signs); the best SmolLM2 runs (7.5 M tokens) use it,
+    # by 14 % in held-out KL (the last, small steps stop flipping signs); the best SmolLM2 runs (15 M tokens) use it,
     # but it has not been compared with the floor there at that budget
     min_lr_ratio: float = 0.0
     gamma: float = 100.0  # hidden-state MSE weight (100 for Llama models in the paper)

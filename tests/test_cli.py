@@ -117,11 +117,11 @@ def test_train_passes_its_options_to_the_experiment(monkeypatch, tmp_path, capsy
     assert seen["device"] == "cpu" and "ctx 2048: 1.00" in capsys.readouterr().out
     # every recipe option reaches the config
     assert main(["train", "--model", "stories260k", "--seq-len", "64", "--batch-size", "8", "--data-temperature",
-                 "0.7", "--data-top-k", "40", "--lr-latent", "2e-4", "--lr-scales", "5e-3", "--min-lr-ratio", "0",
+                 "0.7", "--data-top-k", "40", "--lr-latent", "2e-4", "--lr-scales", "5e-3", "--min-lr-ratio", "0.25",
                  "--gamma", "0.5", "--seed", "3", "--device", "cpu", "--out", str(tmp_path), "--quiet"]) == 0
     cfg = seen["cfg"]
     assert (cfg.seq_len, cfg.batch_size, cfg.data_temperature, cfg.data_top_k, cfg.lr_latent, cfg.lr_scales,
-            cfg.min_lr_ratio, cfg.gamma, cfg.seed) == (64, 8, 0.7, 40, 2e-4, 5e-3, 0.0, 0.5, 3)
+            cfg.min_lr_ratio, cfg.gamma, cfg.seed) == (64, 8, 0.7, 40, 2e-4, 5e-3, 0.25, 0.5, 3)
     assert main(["train", "--curve", "-1", "--out", str(tmp_path)]) == 2
     assert main(["train", "--data-top-k", "0", "--out", str(tmp_path)]) == 2
 
