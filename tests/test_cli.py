@@ -126,6 +126,23 @@ def test_train_passes_its_options_to_the_experiment(monkeypatch, tmp_path, capsy
     assert main(["train", "--data-top-k", "0", "--out", str(tmp_path)]) == 2
 
 
+def test_train_out_of_gpu_memory_names_the_fix(monkeypatch, tmp_path, capsys):
+    """A CUDA out-of-memory error in `rabit train` becomes a one-line error that names the batch size to lower."""
+    import torch
+
+    import rabit.experiment as X
+    from rabit.cli import main
+
+    def oom(cfg, out, device, progress):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.00 GiB\nmore details")
+
+    monkeypatch.setattr(X, "run_experiment", oom)
+    assert main(["train", "--model", "stories260k", "--batch-size", "24", "--out", str(tmp_path), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "out of GPU memory at batch 24 x 512" in err and "--batch-size" in err
+    assert "Tried to allocate 3.00 GiB" in err and "more details" not in err
+
+
 def test_experiment_config_rejects_a_bad_recipe():
     from rabit.experiment import ExperimentConfig
 
