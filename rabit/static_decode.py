@@ -264,7 +264,7 @@ class StaticDecoder:
             with torch.cuda.device(self.device):
                 self._capture()
         elif not self.cuda_graph and self._decode_fns is not self._eager and not self._warm:
-            with self._scratch_state():
+            with self._scratch_state(), torch.inference_mode():  # as decode() runs it: no recompilation there
                 self._step()
         self._warm = True
         return self
@@ -297,8 +297,12 @@ class StaticDecoder:
             raise ValueError(f"StaticDecoder: {steps} more tokens would pass max_len={self.max_len}")
         self._steps_left -= steps
         if not self.cuda_graph:
-            for _ in range(steps):
-                self._step()
+            # inference_mode, not only no_grad: the custom ops' Python autograd wrappers still run under no_grad
+            # (~3 us per packed linear on the CPU, docs/kernels.md). _step only writes the decoder's buffers in
+            # place, and those stay normal tensors.
+            with torch.inference_mode():
+                for _ in range(steps):
+                    self._step()
             return
         with torch.cuda.device(self.device):  # capture and replay on the model's GPU, not the current one
             if self._graph is None:

@@ -136,6 +136,28 @@ def test_both_attention_forms_match_hf(grouped):
     torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-5)
 
 
+def test_decoding_leaves_no_inference_tensors(stories):
+    """The CPU decode loop runs under torch.inference_mode (cheaper custom-op dispatch). What it hands out and the
+    state it keeps must stay normal tensors: the tokens can feed a training step, the buffers can be refilled."""
+    model, tok = stories
+    ids = _prompts(tok, 2)
+    dec = StaticDecoder(model, batch_size=2, max_len=48)
+    out = dec.generate(ids, 20)
+    assert not out.is_inference()
+    for t in (dec._out, dec._tok, dec._pos, dec.k_cache, dec.v_cache):
+        assert not t.is_inference()
+    # the generated tokens go into a forward with autograd, and the decoder runs again from a new prompt
+    emb = model.get_input_embeddings()
+    emb.weight.requires_grad_(True)
+    try:
+        emb(out).sum().backward()
+        assert emb.weight.grad is not None
+    finally:
+        emb.weight.requires_grad_(False)
+        emb.weight.grad = None
+    assert torch.equal(dec.generate(ids, 20), out)
+
+
 def test_compiled_glue_gives_the_same_tokens(stories):
     """compile=True fuses RMSNorm/rotary/SwiGLU with torch.compile (decode steps only)."""
     model, tok = stories
