@@ -87,9 +87,9 @@ def _cuda_available() -> bool:
 
 
 def _run_train(args: argparse.Namespace) -> dict[str, Any]:
-    from .experiment import config_from_args, run_experiment
-
     import torch
+
+    from .experiment import config_from_args, run_experiment
 
     cfg = config_from_args(args, method=args.method)
     try:
