@@ -43,7 +43,7 @@ sys.path.insert(0, str(ROOT))
 import rabit  # noqa: E402
 from rabit.nn import PackedRaBiTLinear  # noqa: E402
 from rabit.static_decode import StaticDecoder  # noqa: E402
-from timing import copy_bandwidth_gbps, graph_time_us, write_result  # noqa: E402
+from timing import copy_bandwidth_gbps, device_tag, graph_time_us, write_result  # noqa: E402
 
 
 def sync(dev):
@@ -253,7 +253,7 @@ def main(argv=None):
            "prompt_tokens": args.prompt, "new_tokens": args.new, "glue_compiled": compile_glue,
            "fp_dtype": str(dtype), "command": " ".join([Path(sys.argv[0]).name] + (argv or sys.argv[1:])),
            "results": results}
-    tag = (torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu").replace(" ", "_")
+    tag = device_tag(torch.cuda.get_device_name(dev)) if dev.type == "cuda" else "cpu"
     write_result(doc, args.out, f"bench_decode_{tag}_{datetime.date.today().isoformat()}.json")
 
 

@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 import rabit  # noqa: E402
 from rabit import reference as R  # noqa: E402
 from bench_kernels import K, POOL_BYTES, SHAPES, make_packed  # noqa: E402
-from timing import copy_bandwidth_gbps, event_time_us, graph_time_us, write_result  # noqa: E402
+from timing import copy_bandwidth_gbps, device_tag, event_time_us, graph_time_us, write_result  # noqa: E402
 
 try:
     import triton
@@ -218,7 +218,7 @@ def main():
     info["copy_GBps"] = round(bw, 1)
     print(f"device-to-device copy: {bw:.0f} GB/s (read + write)", flush=True)
 
-    gpu = "".join(c if c.isalnum() else "_" for c in prop.name).strip("_")
+    gpu = device_tag(prop.name)
     name = f"bench_gemlite_{gpu}_{datetime.date.today().isoformat()}.json"
     rows = []
     for out, in_features in shapes:

@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 import rabit  # noqa: E402
 from rabit import reference as R  # noqa: E402
-from timing import copy_bandwidth_gbps, event_time_us, graph_time_us, write_result  # noqa: E402
+from timing import copy_bandwidth_gbps, device_tag, event_time_us, graph_time_us, write_result  # noqa: E402
 
 DEV = "cuda"
 POOL_BYTES = 160 << 20  # > 2 x 50 MB of L2
@@ -231,7 +231,7 @@ def main():
     qat = [] if args.gemv_only else [bench_qat(4096, 4096, 2048)] + ([] if args.quick else [bench_qat(11008, 4096, 2048)])
     result = dict(info=info, packed_linear=linear, qat_ops=ops, qat_step=qat)
 
-    gpu = "".join(c if c.isalnum() else "_" for c in prop.name).strip("_")
+    gpu = device_tag(prop.name)
     tag = f"_{args.tag}" if args.tag else ""
     write_result(result, args.out, f"bench_kernels_{gpu}_{datetime.date.today().isoformat()}{tag}.json")
 

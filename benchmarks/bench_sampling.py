@@ -39,7 +39,7 @@ from rabit.data import decode_loop, generate_teacher_data  # noqa: E402
 from rabit.sampling import row_keys, sample_next  # noqa: E402
 from rabit.static_decode import StaticDecoder  # noqa: E402
 from bench_train import smollm2_shaped  # noqa: E402
-from timing import graph_time_us, write_result  # noqa: E402
+from timing import device_tag, graph_time_us, write_result  # noqa: E402
 
 
 def attention_times(model, dtype, batch, max_len):
@@ -127,7 +127,7 @@ def main(argv=None):
            "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
            "model": "SmolLM2-135M shapes, random weights", "command": " ".join(["bench_sampling.py", *sys.argv[1:]]),
            "attention_decode_step": attention, "teacher_data": {"seqs": args.seqs, "seq_len": args.seq_len, **sampling}}
-    write_result(doc, args.out, f"bench_sampling_{gpu.replace(' ', '_')}_{datetime.date.today()}.json")
+    write_result(doc, args.out, f"bench_sampling_{device_tag(gpu)}_{datetime.date.today()}.json")
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 import rabit  # noqa: E402
 import rabit.train as T  # noqa: E402
-from timing import write_result  # noqa: E402
+from timing import device_tag, write_result  # noqa: E402
 
 
 def smollm2_shaped(device):
@@ -121,7 +121,7 @@ def main(argv=None):
     doc = {"device": gpu, "torch": torch.__version__, "date": datetime.datetime.now().isoformat(timespec="seconds"),
            "model": "SmolLM2-135M shapes, random weights", "batch": args.batch, "seq_len": args.seq_len,
            "steps": args.steps, "results": res}
-    write_result(doc, args.out, f"bench_train_{gpu.replace(' ', '_')}_{datetime.date.today()}_batch{args.batch}.json")
+    write_result(doc, args.out, f"bench_train_{device_tag(gpu)}_{datetime.date.today()}_batch{args.batch}.json")
 
 
 if __name__ == "__main__":

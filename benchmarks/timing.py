@@ -15,6 +15,11 @@ from rabit.data import write_json_atomic
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+def device_tag(name: str) -> str:
+    """A device name as a file-name part: "NVIDIA H200" -> "NVIDIA_H200"."""
+    return "".join(c if c.isalnum() else "_" for c in name).strip("_")
+
+
 def write_result(doc, out: str | None, filename: str, quiet: bool = False) -> Path:
     """Write ``doc`` as JSON to ``out`` (a benchmark's --out), else $OUT (the GPU machine's return folder), else
     benchmarks/results/, atomically (a benchmark killed mid-write leaves the previous file); returns the path."""
