@@ -1,6 +1,6 @@
 """Benchmark of the rabit CUDA kernels against cuBLAS fp16 (F.linear) measured in the same run.
 
-    python benchmarks/bench_kernels.py [--out DIR] [--quick] [--gemv-only] [--decode-kernels b1,i8]
+    python benchmarks/bench_kernels.py [--out DIR] [--quick] [--gemv-only] [--decode-kernels b1,i8,f16]
 
 Writes bench_kernels_<gpu>_<date>.json (into --out, else $OUT, else benchmarks/results/) and prints a table.
 
@@ -48,9 +48,9 @@ def make_packed(out, in_features, n):
     return layers
 
 
-# the decode kernels RABIT_CUDA_DECODE can force, and the largest M at which forcing matters: both apply only up
-# to M = 2 (above it int8 is the only decode kernel, so a forced int8 run would time the default again)
-DECODE_KERNELS = {"b1": 2, "i8": 2}
+# the decode kernels RABIT_CUDA_DECODE can force, and the largest M each applies to (b1: M <= 2; int8 and fp16: the
+# whole decode range, M <= 16)
+DECODE_KERNELS = {"b1": 2, "i8": 16, "f16": 16}
 
 
 def decode_kernel_env(name):
@@ -213,7 +213,7 @@ def main():
                 torch=torch.__version__, cuda=torch.version.cuda,
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 K=K, scales="float16", x="float16", method=__doc__.split("Method: ")[1].strip(),
-                decode_kernel="default dispatch: 1-bit MMA for M = 1 and in > 7680, else int8 MMA "
+                decode_kernel="default dispatch: 1-bit MMA for M = 1 and in > 7680, fp16 MMA for M >= 5, else int8 MMA "
                               "(decode_kernels_forced: each forced with RABIT_CUDA_DECODE where it applies)")
     print(f"{info['device']}, torch {info['torch']}, CUDA {info['cuda']}", flush=True)
     bw = copy_bandwidth_gbps(DEV)

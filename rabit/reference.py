@@ -130,17 +130,34 @@ def residual_binarize_backward(grad, weight, g, h, packed, ste="identity", ste_p
     return dw, dg.to(g.dtype), dh.to(h.dtype)
 
 
-def packed_linear(x, packed, g, h, bias=None, compute_dtype=torch.float32):
+def round_activations_f16(x, h, group=512):
+    """h_k ⊙ x as the CUDA fp16 decode kernel multiplies it (``kernels/cuda/packed_gemv_i8.cu``): computed in
+    float32, then per row of x, path and group of 512 columns scaled by a power of two 1/S, S = 2^(e - 15) with
+    2^e > max |h_k ⊙ x| of the group (so the scaled values stay below 2^15), rounded to fp16 and scaled back.
+    Returns ``[K, M, in]`` float32."""
+    xh = x.float()[None, :, :] * h.float()[:, None, :]
+    n = xh.shape[-1]
+    xg = torch.nn.functional.pad(xh, (0, (-n) % group)).unflatten(-1, (-1, group))
+    amax = xg.abs().amax(-1, keepdim=True)
+    e = torch.frexp(amax).exponent.clamp_min(-96)  # amax < 2^e; -96 keeps 1/S finite, as the kernel
+    inv = torch.where(amax > 0, torch.ldexp(torch.ones_like(amax), 15 - e), torch.ones_like(amax))
+    return ((xg * inv).half().float() / inv).flatten(-2)[..., :n]
+
+
+def packed_linear(x, packed, g, h, bias=None, compute_dtype=torch.float32, xh_fp16=False):
     """y = Σ_k g_k ⊙ (B_k (h_k ⊙ x)) + bias for x ``[M, in]``; output in x's dtype (or compute_dtype
-    when that is float64, the tests' oracle)."""
+    when that is float64, the tests' oracle). ``xh_fp16``: h_k ⊙ x rounded as the fp16 decode kernel rounds
+    it (``round_activations_f16``), the reference of that kernel."""
     in_features = h.shape[1]
     signs = unpack_signs(packed, in_features, compute_dtype)
-    xf = x.to(compute_dtype)
     gf = g.to(compute_dtype)
-    hf = h.to(compute_dtype)
+    if xh_fp16:
+        xh = round_activations_f16(x, h).to(compute_dtype)
+    else:
+        xh = x.to(compute_dtype)[None, :, :] * h.to(compute_dtype)[:, None, :]
     y = torch.zeros(x.shape[0], packed.shape[1], dtype=compute_dtype, device=x.device)
     for k in range(packed.shape[0]):
-        y = y + gf[k][None, :] * ((xf * hf[k][None, :]) @ signs[k].T)
+        y = y + gf[k][None, :] * (xh[k] @ signs[k].T)
     if bias is not None:
         y = y + bias.to(compute_dtype)
     return y if compute_dtype == torch.float64 else y.to(x.dtype)

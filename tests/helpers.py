@@ -45,6 +45,16 @@ def assert_float_close(kernel, ref_low, ref64, what="", terms_abs=None, n_terms=
                                         f"+ float32 floor {floor:.3g}")
 
 
+# From this many rows of fp16/bf16 x on (up to 16) the CUDA decode dispatch takes the fp16 kernel, which rounds x*h
+# once to fp16 (kF16MinM in kernels/cuda/packed_linear.cu; tests/test_cuda.py checks the dispatch against it)
+CUDA_F16_DECODE_MIN_M = 5
+
+
+def cuda_rounds_xh_to_fp16(device, xdtype, m):
+    """Whether packed_linear on this device, dtype and batch runs the fp16 decode kernel."""
+    return str(device).startswith("cuda") and xdtype != torch.float32 and CUDA_F16_DECODE_MIN_M <= m <= 16
+
+
 TINY_VOCAB = 48
 
 

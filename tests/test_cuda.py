@@ -2,13 +2,16 @@
 (identity / clipped), dg, dh and packed_linear by the 2x error rule of tests/helpers.py. Skipped without a GPU
 (the `cuda` marker; see conftest.py). tests/test_ops.py also runs every op test on "cuda" when it is available."""
 
+import itertools
+
 import pytest
 import torch
 
 import rabit
 from rabit import reference as R
 
-from helpers import FLOAT_DTYPES, SHAPES, assert_float_close, dtype_id, random_layer, shape_id
+from helpers import (CUDA_F16_DECODE_MIN_M, FLOAT_DTYPES, SHAPES, assert_float_close, dtype_id, random_layer,
+                     shape_id)
 
 pytestmark = pytest.mark.cuda
 
@@ -149,28 +152,41 @@ PL_SHAPES = [(1, 1), (3, 33), (7, 31), (13, 95), (31, 127), (64, 129), (33, 257)
              (130, 512), (17, 2080)]
 
 
+# the decode kernels of fp16/bf16 x (M <= 16), forced with RABIT_CUDA_DECODE: the default dispatch picks one of
+# these at each M (test_decode_dispatch); b1 gives i8's bits (the bit-for-bit test below)
+HALF_DECODE_KERNELS = ("i8", "f16")
+
+
 @pytest.mark.parametrize("shape", PL_SHAPES, ids=shape_id)
 @pytest.mark.parametrize("m", [1, 2, 3, 8, 16, 17, 64, 200])
 @pytest.mark.parametrize("xdtype", FLOAT_DTYPES, ids=dtype_id)
-def test_packed_linear_vs_reference(shape, m, xdtype):
+def test_packed_linear_vs_reference(shape, m, xdtype, monkeypatch):
     out, in_features = shape
     k = 1 + (m + out) % 4
     w, g, h = random_layer(out, in_features, k)
     _, packed = rabit.residual_binarize(w, g, h)
     x = torch.randn(m, in_features).to(xdtype)
-    for scales in (torch.float32, torch.float16, torch.bfloat16):
+    kernels = HALF_DECODE_KERNELS if xdtype != torch.float32 and m <= 16 else (None,)
+    for scales, kernel in itertools.product((torch.float32, torch.float16, torch.bfloat16), kernels):
         gs, hs = g.to(scales), h.to(scales)
         bias = torch.randn(out).to(scales) if (m + len(str(scales))) % 2 else None
+        if kernel:
+            monkeypatch.setenv("RABIT_CUDA_DECODE", kernel)
         _poison()
         y = rabit.packed_linear(x.to(DEV), packed.to(DEV), gs.to(DEV), hs.to(DEV),
                                 None if bias is None else bias.to(DEV))
+        monkeypatch.delenv("RABIT_CUDA_DECODE", raising=False)
         assert y.dtype == xdtype and y.shape == (m, out)
         y = y.cpu()
         assert torch.isfinite(y).all()
         args = (x, packed, gs, hs, bias)
         y64 = R.packed_linear(*args, compute_dtype=torch.float64)
-        if xdtype == torch.float32 or m <= 16:
-            # decode kernel: float32-level accuracy, the rule of tests/test_ops.py
+        if kernel == "f16":
+            # fp16 decode kernel: x*h rounded once to fp16 (per 512-column group, power-of-two scaled)
+            assert_float_close(y, R.packed_linear(*args, xh_fp16=True), y64, f"packed_linear f16 m={m}",
+                               _abs_terms(x, gs, hs, bias), k * in_features)
+        elif xdtype == torch.float32 or m <= 16:
+            # integer decode kernels (and float32 x): float32-level accuracy, the rule of tests/test_ops.py
             assert_float_close(y, R.packed_linear(*args), y64, f"packed_linear m={m}",
                                _abs_terms(x, gs, hs, bias), k * in_features)
         else:
@@ -184,13 +200,16 @@ def test_packed_linear_vs_reference(shape, m, xdtype):
                                _abs_terms(x, gs, hs, bias), k * in_features)
 
 
-# b1 applies to m <= 2 only (m = 4 would run int8 again)
-@pytest.mark.parametrize("kernel, m", [("b1", 1), ("b1", 2), ("i8", 1), ("i8", 2), ("i8", 4)],
+# b1 applies to m <= 2 only (m = 4 would run another kernel)
+@pytest.mark.parametrize("kernel, m", [("b1", 1), ("b1", 2), ("i8", 1), ("i8", 2), ("i8", 4), ("i8", 16),
+                                       ("f16", 1), ("f16", 3), ("f16", 9), ("f16", 16)],
                          ids=lambda v: f"m{v}" if isinstance(v, int) else v)
 @pytest.mark.parametrize("xdtype", [torch.float16, torch.bfloat16], ids=dtype_id)
-def test_packed_linear_int8_decode_range_and_nonfinite(xdtype, m, kernel, monkeypatch):
-    """The integer decode paths quantize x*h per 512-column group to 2^-31 of the group's max: outliers and tiny
-    values side by side stay float32-accurate, and a NaN/Inf input makes its output row NaN."""
+def test_packed_linear_decode_range_and_nonfinite(xdtype, m, kernel, monkeypatch):
+    """The decode kernels scale x*h per 512-column group by a power of two of the group's max: the integer ones
+    quantize to 2^-31 of it (outliers and tiny values side by side stay float32-accurate), the fp16 one rounds to
+    fp16 below 2^15 (as rabit.reference.round_activations_f16, without overflow). A NaN/Inf input makes its output
+    row NaN and leaves the other rows unchanged."""
     monkeypatch.setenv("RABIT_CUDA_DECODE", kernel)
     out, in_features = 300, 1500
     w, g, h = random_layer(out, in_features, 2)
@@ -202,7 +221,7 @@ def test_packed_linear_int8_decode_range_and_nonfinite(xdtype, m, kernel, monkey
     args = (x, packed, g, h, None)
     y = rabit.packed_linear(x.to(DEV), packed.to(DEV), g.to(DEV), h.to(DEV)).cpu()
     y64 = R.packed_linear(*args, compute_dtype=torch.float64)
-    assert_float_close(y, R.packed_linear(*args), y64, "int8 decode, wide range",
+    assert_float_close(y, R.packed_linear(*args, xh_fp16=kernel == "f16"), y64, f"{kernel} decode, wide range",
                        _abs_terms(x, g, h, None), 2 * in_features)
     for bad in (float("nan"), float("inf")):
         xb = x.clone()
@@ -236,6 +255,26 @@ def test_binary_and_int8_decode_kernels_agree_bit_for_bit(shape, m, xdtype, monk
         assert torch.equal(y_b1, y_i8), (k, (y_b1.float() - y_i8.float()).abs().max().item())
 
 
+@pytest.mark.parametrize("xdtype", [torch.float16, torch.bfloat16], ids=dtype_id)
+def test_decode_dispatch(xdtype, monkeypatch):
+    """At every M <= 16 the default dispatch gives, bit for bit, the output of the forced kernel that the tests'
+    CUDA_F16_DECODE_MIN_M says it takes (and that the accuracy tests above hold to its reference): fp16 from that
+    M on, else int8 (or the 1-bit kernel, whose bits are int8's)."""
+    for out, in_features in [(300, 1500), (64, 8200)]:  # 8200: long enough rows for b1 at m = 1
+        w, g, h = random_layer(out, in_features, 2)
+        _, packed = rabit.residual_binarize(w, g, h)
+        args = [t.to(DEV) for t in (packed, g.half(), h.half())]
+        for m in range(1, 17):
+            x = torch.randn(m, in_features, device=DEV).to(xdtype)
+            y = rabit.packed_linear(x, *args)
+            forced = {}
+            for kernel in HALF_DECODE_KERNELS:
+                monkeypatch.setenv("RABIT_CUDA_DECODE", kernel)
+                forced[kernel] = rabit.packed_linear(x, *args)
+            monkeypatch.delenv("RABIT_CUDA_DECODE")
+            assert torch.equal(y, forced["f16" if m >= CUDA_F16_DECODE_MIN_M else "i8"]), (out, in_features, m)
+
+
 def test_packed_linear_large_and_graph_capture():
     torch.manual_seed(0)
     out, in_features = 4096, 4096
@@ -258,19 +297,20 @@ def test_packed_linear_large_and_graph_capture():
         y64 = R.packed_linear(x.cpu(), packed_c, gs.cpu(), hs.cpu(), compute_dtype=torch.float64)
         tol = 4e-3 if m > 16 else 1e-3
         assert ((y.cpu().double() - y64).norm() / y64.norm()).item() < tol
-    # CUDA-graph capture of the decode kernel (no synchronisation inside) and of the QAT forward
-    x = torch.randn(1, in_features, device=DEV).half()
-    y0 = rabit.packed_linear(x, packed, gs, hs)
+    # CUDA-graph capture of the decode kernels (no synchronisation inside; M = 1 and 16 take different ones) and
+    # of the QAT forward
+    xs = [torch.randn(m, in_features, device=DEV).half() for m in (1, 16)]
+    y0 = [rabit.packed_linear(x, packed, gs, hs) for x in xs]
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            yg = rabit.packed_linear(x, packed, gs, hs)
+            yg = [rabit.packed_linear(x, packed, gs, hs) for x in xs]
             wg, pg = rabit.residual_binarize(w, g, h)
     graph.replay()
     torch.cuda.synchronize()
-    assert torch.equal(yg, y0) and torch.equal(pg, packed) and torch.equal(wg, what)
+    assert all(torch.equal(a, b) for a, b in zip(yg, y0)) and torch.equal(pg, packed) and torch.equal(wg, what)
 
 
 def test_side_stream_and_second_device_guard():

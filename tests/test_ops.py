@@ -8,7 +8,8 @@ import rabit
 from rabit import reference as R
 
 from conftest import available_devices
-from helpers import FLOAT_DTYPES, SHAPES, assert_float_close, dtype_id, random_layer, shape_id
+from helpers import (FLOAT_DTYPES, SHAPES, assert_float_close, cuda_rounds_xh_to_fp16, dtype_id, random_layer,
+                     shape_id)
 
 DEVICES = available_devices()
 
@@ -197,8 +198,9 @@ def test_packed_linear_matches_reference(shape, k, xdtype, m, device):
         assert y.dtype == xdtype and y.shape == (m, shape[0])
         args = (x.cpu(), packed.cpu(), gs.cpu(), hs.cpu(), None if bias is None else bias.cpu())
         terms = _abs_terms(x, gs, hs, bias).cpu()
-        assert_float_close(y.cpu(), R.packed_linear(*args), R.packed_linear(*args, compute_dtype=torch.float64),
-                           "packed_linear", terms, k * shape[1])
+        ref = R.packed_linear(*args, xh_fp16=cuda_rounds_xh_to_fp16(device, xdtype, m))
+        assert_float_close(y.cpu(), ref, R.packed_linear(*args, compute_dtype=torch.float64), "packed_linear",
+                           terms, k * shape[1])
 
 
 def _abs_terms(x, g, h, bias):

@@ -35,6 +35,7 @@ constexpr int kGroupCols = 512;  // columns per scale group = 16 words
 constexpr int kGroupWords = kGroupCols / 32;
 constexpr int kMaxNT = 8;           // n-tiles of 8 columns: 4 digits x 2 rows of x each
 constexpr int kWarps = 8;
+constexpr int kScaleSlots = kMaxNT * 2;  // scale and sum(Q) entries per (group, path): one per row of x
 
 __device__ __forceinline__ void mma_s8(int (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
                                        uint32_t b1) {
@@ -83,12 +84,14 @@ struct PrepArgs {
 constexpr int kPrepThreads = kGroupCols;
 constexpr int kPrepParts = 4;
 
-/* The common front of both prologues, for this thread's column j of group gr and path k: xh = h * x per row m
-   of x, the group's max |xh| per row (bad: a non-finite xh) and inv = 1/S with S = 2^(e - 30), 2^e > max, so
-   that Q = xh * inv is exact in float32 and |Q| <= 2^30; e >= -96 keeps 1/S finite (groups below 2^-96 keep
-   2^-126 absolute resolution). Ends with a barrier; amax, bad, inv are shared arrays of kMaxNT * 2. */
+/* The common front of the prologues, for this thread's column j of group gr and path k: xh = h * x per row m
+   of x, the group's max |xh| per row (bad: a non-finite xh) and inv = 1/S with S = 2^(e - top), 2^e > max, so
+   that Q = xh * inv is exact in float32 and |Q| < 2^top (top = 30 for the integer kernels, 15 for the fp16
+   one); e >= -96 keeps 1/S finite (groups below 2^-96 keep 2^-126 absolute resolution). Ends with a barrier;
+   amax, bad, inv are shared arrays of kMaxNT * 2. */
 __device__ __forceinline__ void prep_front(const PrepArgs &a, int k, int64_t j, int tid, float (&xh)[kMaxNT * 2],
-                                           unsigned int *amax, int *bad, unsigned long long *qs, float *inv) {
+                                           unsigned int *amax, int *bad, unsigned long long *qs, float *inv,
+                                           int top) {
     pdl_launch_dependents();  // the main kernel may start now: it loads its bits, then waits for this grid
     if (tid < 2 * kMaxNT) {
         amax[tid] = 0u;
@@ -117,7 +120,7 @@ __device__ __forceinline__ void prep_front(const PrepArgs &a, int k, int64_t j, 
     if (tid < a.M) {
         int e;
         frexpf(__uint_as_float(amax[tid]), &e);
-        inv[tid] = amax[tid] ? ldexpf(1.0f, 30 - max(e, -96)) : 1.0f;
+        inv[tid] = amax[tid] ? ldexpf(1.0f, top - max(e, -96)) : 1.0f;
     }
     __syncthreads();
 }
@@ -151,7 +154,7 @@ __global__ void __launch_bounds__(kPrepThreads) gemv_i8_prep_kernel(const PrepAr
     const int64_t j = static_cast<int64_t>(gr) * kGroupCols + tid;  // this thread's column
     const int Mp = 2 * a.NT;
     float xh[kMaxNT * 2];
-    prep_front(a, k, j, tid, xh, amax, bad, qs, inv);
+    prep_front(a, k, j, tid, xh, amax, bad, qs, inv, 30);
 #pragma unroll
     for (int m = 0; m < kMaxNT * 2; m++) {
         if (m >= a.M) break;
@@ -409,7 +412,7 @@ __global__ void __launch_bounds__(kPrepThreads) gemv_b1_prep_kernel(const PrepAr
     const int64_t j = static_cast<int64_t>(gr) * kGroupCols + tid;
     const int NTB = 4 * a.M;
     float xh[kMaxNT * 2];
-    prep_front(a, k, j, tid, xh, amax, bad, qs, inv);
+    prep_front(a, k, j, tid, xh, amax, bad, qs, inv, 30);
     uint32_t *dst = reinterpret_cast<uint32_t *>(a.frag + (static_cast<size_t>(gr) * K + k) * 2 * NTB * 32);
     const int t = w >> 2, s = (w >> 1) & 1, hh = w & 1;
 #pragma unroll
@@ -542,7 +545,174 @@ __global__ void __launch_bounds__(kWarps * 32, (M == 1 && K <= 3) ? 2 : 1) gemv_
     store_rows(a, red, row0, tid);
 }
 
+/* ---------------------------------------------------------------------------------------------------------
+ * fp16 variant (the batched decode kernel, M >= kF16MinM): one rounding of the activations instead of exact
+ * integers. Per 512-column group, path and row m the prologue writes Q = fp16(xh * 2^(15 - e)), 2^e > max |xh|
+ * of the group (|Q| < 2^15: no overflow; 11 significant bits for every value down to 2^-14 of the maximum), and
+ * the main kernel multiplies Q by the +-1 weights on the fp16 tensor cores (mma.m16n8k16, float32 accumulation,
+ * exact products):
+ *   y[m][o] = sum_k g_k[o] * sum_groups S * sum_j (+-1) Q_j,   S = 2^(e - 15).
+ * A operand: `((w << s) & 0x80008000) ^ 0xBC00BC00` turns bits 15 - s and 31 - s of a packed word into +-1.0 in
+ * the two halves of a register (set bit = +1): 2 instructions per 2 weights, but one MMA serves 8 rows of x
+ * (n = m), where the int8 kernel spends 4 n-columns per row on the digits (n = 4m + d): at M = 16 that is 2
+ * MMAs per 16 columns instead of 8 per 32, and no float64 flush. Accuracy: that of rounding x*h once to fp16
+ * (2^-11 relative per term), the class of the prefill kernel and of a dense fp16 layer, not the float32 level
+ * of the integer kernels; tests/test_cuda.py holds it to rabit.reference.round_activations_f16.
+ * Step st = 16 q + s (q = 0, 1; s = 0..15) of a group: lane (g, t)'s A registers take bits 15 - s and 31 - s of
+ * words 4t + 2q (k = 2t, 2t + 1) and 4t + 2q + 1 (k = 2t + 8, 2t + 9) of rows g (a0, a2) and g + 8 (a1, a3); its
+ * B registers hold Q of the same columns for row m = 8 nt + g.
+ * ------------------------------------------------------------------------------------------------------- */
+constexpr int kF16Steps = 32;   // k16 steps per group and path
+constexpr int kF16Pitch = 545;  // shared row pitch: 1 mod 32, room for one pad word per 32 columns
+
+__host__ __device__ __forceinline__ int f16_col(int t, int q, int hh, int bit) { return 32 * (4 * t + 2 * q + hh) + bit; }
+
+/* Two fp16 +-1.0 from bits 15 - s and 31 - s of w: set bit = +1. */
+__device__ __forceinline__ uint32_t pm1_f16(uint32_t w, int s) { return ((w << s) & 0x80008000u) ^ 0xBC00BC00u; }
+
+__device__ __forceinline__ uint32_t pack_half2(float lo, float hi) {
+    return static_cast<uint32_t>(__half_as_ushort(__float2half_rn(lo))) |
+           (static_cast<uint32_t>(__half_as_ushort(__float2half_rn(hi))) << 16);
+}
+
+/* Blocks (group, path) of 512 threads, one column each: xh, the scale, xh / S in shared memory (padded: a
+   warp's fragment reads hit at most 2 lanes per bank), then the fragments [group][K][step][NT][lane]. */
+__global__ void __launch_bounds__(kPrepThreads) gemv_f16_prep_kernel(const PrepArgs a) {
+    __shared__ float qv[kMaxNT * 2][kF16Pitch];
+    __shared__ unsigned int amax[kMaxNT * 2];
+    __shared__ int bad[kMaxNT * 2];
+    __shared__ unsigned long long qs[kMaxNT * 2];
+    __shared__ float inv[kMaxNT * 2];
+    const int gr = blockIdx.x, k = blockIdx.y, K = gridDim.y, tid = threadIdx.x;
+    const int64_t j = static_cast<int64_t>(gr) * kGroupCols + tid;
+    float xh[kMaxNT * 2];
+    prep_front(a, k, j, tid, xh, amax, bad, qs, inv, 15);
+#pragma unroll
+    for (int m = 0; m < kMaxNT * 2; m++) {
+        if (m >= a.M) break;
+        qv[m][tid + (tid >> 5)] = xh[m] * inv[m];  // exact (a power of two); rounded to fp16 below
+    }
+    __syncthreads();
+    const int entries = kF16Steps * a.NT * 32;
+    uint2 *dst = a.frag + (static_cast<size_t>(gr) * K + k) * entries;
+    for (int e = tid; e < entries; e += kPrepThreads) {
+        const int lane = e & 31, nt = (e >> 5) % a.NT, st = e / (32 * a.NT);
+        const int q = st >> 4, s = st & 15, t = lane & 3, m = nt * 8 + (lane >> 2);
+        uint32_t b[2] = {0u, 0u};
+        if (m < a.M) {
+#pragma unroll
+            for (int hh = 0; hh < 2; hh++) {
+                const int c0 = f16_col(t, q, hh, 15 - s), c1 = f16_col(t, q, hh, 31 - s);
+                b[hh] = pack_half2(qv[m][c0 + (c0 >> 5)], qv[m][c1 + (c1 >> 5)]);
+            }
+        }
+        dst[e] = make_uint2(b[0], b[1]);
+    }
+    write_scales(a, (static_cast<size_t>(gr) * K + k) * kScaleSlots, tid, kScaleSlots, bad, inv, qs);
+}
+
+/* One 16-row tile per block, 8 warps over the groups (as the int8 kernel). Per (group, path): 32 steps of NT
+   MMAs into a fresh float32 accumulator, then times S and g into the running sums. The B fragments arrive in
+   chunks of CH steps (8 uint2), one chunk ahead of the MMAs that use them. */
+template <int K, int NT>
+__global__ void __launch_bounds__(kWarps * 32, K <= 2 ? 2 : 1) gemv_f16_kernel(const MainArgs a) {
+    __shared__ float red[kWarps][16][8 * NT];
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int g = lane >> 2, t = lane & 3;
+    const int64_t row0 = static_cast<int64_t>(blockIdx.x) * 16;
+    const int64_t out = a.out;
+
+    float gk[K][2];
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        const int64_t o = row0 + g + 8 * r;
+#pragma unroll
+        for (int k = 0; k < K; k++) gk[k][r] = o < out ? ld_any(a.g, a.gdt, k * out + o) : 0.0f;
+    }
+    float fa[NT][4];
+#pragma unroll
+    for (int nt = 0; nt < NT; nt++) fa[nt][0] = fa[nt][1] = fa[nt][2] = fa[nt][3] = 0.0f;
+
+    constexpr int CH = 8 / NT, NCH = kF16Steps / CH, NCHUNK = K * NCH;
+    struct Chunk {
+        uint2 b[CH][NT];
+    };
+    auto load_chunk = [&](int64_t grp, int c, Chunk &dst) {
+        const int k = c / NCH, st0 = (c % NCH) * CH;
+        const uint2 *fp = a.frag + (static_cast<size_t>(grp) * K + k) * (kF16Steps * NT * 32) + lane;
+#pragma unroll
+        for (int j = 0; j < CH; j++)
+#pragma unroll
+            for (int nt = 0; nt < NT; nt++)  // B columns of rows m >= M are zero: not read
+                dst.b[j][nt] = nt * 8 + g < a.M ? __ldg(fp + ((st0 + j) * NT + nt) * 32) : make_uint2(0u, 0u);
+    };
+
+    Bits<K, 1> cur, nxt;
+    int64_t gr = warp;
+    if (gr < a.ngroups) load_bits(a, row0, g, t, gr, cur);
+    pdl_wait();  // the bits and g are in flight; the prologue's fragments and scales are complete past here
+    Chunk ch[2];
+    if (gr < a.ngroups) load_chunk(gr, 0, ch[0]);
+    for (; gr < a.ngroups; gr += kWarps) {
+        const bool more = gr + kWarps < a.ngroups;
+        if (more) load_bits(a, row0, g, t, gr + kWarps, nxt);
+        float acc[NT][4], sck[NT][2];
+#pragma unroll
+        for (int c = 0; c < NCHUNK; c++) {
+            const int k = c / NCH, st0 = (c % NCH) * CH;
+            Chunk &cc = ch[c & 1];
+            // the next chunk: of this group, else the first of the warp's next group (NCHUNK is even)
+            if (c + 1 < NCHUNK)
+                load_chunk(gr, c + 1, ch[(c + 1) & 1]);
+            else if (more)
+                load_chunk(gr + kWarps, 0, ch[(c + 1) & 1]);
+            if (c % NCH == 0) {
+                const size_t so = (static_cast<size_t>(gr) * K + k) * kScaleSlots;
+#pragma unroll
+                for (int nt = 0; nt < NT; nt++) {
+                    sck[nt][0] = __ldg(a.scale + so + nt * 8 + 2 * t);
+                    sck[nt][1] = __ldg(a.scale + so + nt * 8 + 2 * t + 1);
+                    acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.0f;
+                }
+            }
+            const uint4 &wg = cur.w[k][0][0], &wh = cur.w[k][0][1];
+#pragma unroll
+            for (int j = 0; j < CH; j++) {
+                const int st = st0 + j, q = st >> 4, s = st & 15;
+                const uint32_t a0 = pm1_f16(q ? wg.z : wg.x, s), a2 = pm1_f16(q ? wg.w : wg.y, s);
+                const uint32_t a1 = pm1_f16(q ? wh.z : wh.x, s), a3 = pm1_f16(q ? wh.w : wh.y, s);
+#pragma unroll
+                for (int nt = 0; nt < NT; nt++) mma_f16(acc[nt], a0, a1, a2, a3, cc.b[j][nt].x, cc.b[j][nt].y);
+            }
+            if (c % NCH == NCH - 1) {
+                // flush path k of the group: S is a power of two (exact), then times g in float32
+#pragma unroll
+                for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+                    for (int i = 0; i < 4; i++)
+                        fa[nt][i] = __fmaf_rn(gk[k][i >> 1], acc[nt][i] * sck[nt][i & 1], fa[nt][i]);
+            }
+        }
+        if (more) cur = nxt;
+    }
+
+    // epilogue as in the int8 kernel; accumulator i of n-tile nt is row g + 8 (i / 2), column m = 8 nt + 2t + i % 2
+#pragma unroll
+    for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+        for (int i = 0; i < 4; i++) red[warp][g + 8 * (i >> 1)][nt * 8 + 2 * t + (i & 1)] = fa[nt][i];
+    __syncthreads();
+    store_rows(a, red, row0, tid);
+}
+
 int gemv_nt(int64_t M) { return M <= 2 ? 1 : M <= 4 ? 2 : M <= 8 ? 4 : 8; }
+int f16_nt(int64_t M) { return M <= 8 ? 1 : 2; }
+
+/* uint2 fragment entries per (group, path): the most any decode kernel needs at this M (the b1 kernel: 256 M). */
+size_t frag_entries(int64_t M) {
+    const size_t i8 = 16 * gemv_nt(M) * 32, f16 = kF16Steps * f16_nt(M) * 32;
+    return i8 > f16 ? i8 : f16;
+}
 
 template <int K, int NT>
 cudaError_t launch_main_nt(const MainArgs &a, cudaStream_t s) {
@@ -561,8 +731,16 @@ cudaError_t launch_b1_k(const MainArgs &a, cudaStream_t s) {
 }
 
 template <int K>
-cudaError_t launch_main_k(const MainArgs &a, bool b1, int NT, cudaStream_t s) {
-    if (b1) return launch_b1_k<K>(a, s);
+cudaError_t launch_f16_k(const MainArgs &a, cudaStream_t s) {
+    const unsigned blocks = static_cast<unsigned>((a.out + 15) / 16);
+    return f16_nt(a.M) == 1 ? launch_pdl(gemv_f16_kernel<K, 1>, dim3(blocks), kWarps * 32, 0, a, s)
+                            : launch_pdl(gemv_f16_kernel<K, 2>, dim3(blocks), kWarps * 32, 0, a, s);
+}
+
+template <int K>
+cudaError_t launch_main_k(const MainArgs &a, DecodeKernel kern, int NT, cudaStream_t s) {
+    if (kern == DECODE_B1) return launch_b1_k<K>(a, s);
+    if (kern == DECODE_F16) return launch_f16_k<K>(a, s);
     switch (NT) {
         case 1: return launch_main_nt<K, 1>(a, s);
         case 2: return launch_main_nt<K, 2>(a, s);
@@ -575,33 +753,33 @@ cudaError_t launch_main_k(const MainArgs &a, bool b1, int NT, cudaStream_t s) {
 }  // namespace
 
 size_t gemv_i8_workspace_bytes(int K, int64_t M, int64_t in) {
-    const int64_t ng = (in + kGroupCols - 1) / kGroupCols;
-    const int NT = gemv_nt(M);
-    const size_t frag = static_cast<size_t>(ng) * K * 16 * NT * 32 * sizeof(uint2);
-    const size_t sc = static_cast<size_t>(ng) * K * 2 * NT;
-    return frag + sc * sizeof(double) + sc * sizeof(float);
+    const size_t gk = static_cast<size_t>((in + kGroupCols - 1) / kGroupCols) * K;
+    return gk * (frag_entries(M) * sizeof(uint2) + kScaleSlots * (sizeof(double) + sizeof(float)));
 }
 
 cudaError_t gemv_i8(const void *x, rabit_dtype xdt, int64_t M, const rabit_word_t *packed, const void *g,
                     rabit_dtype gdt, const void *h, rabit_dtype hdt, const void *bias, rabit_dtype bdt, int K,
-                    int64_t out, int64_t in, void *y, void *workspace, bool b1, cudaStream_t s) {
-    if (M < 1 || M > kDecodeMaxM || (b1 && M > kB1MaxM) || xdt == RABIT_F32 || K < 1 || K > RABIT_MAX_K) return cudaErrorInvalidValue;
+                    int64_t out, int64_t in, void *y, void *workspace, DecodeKernel kern, cudaStream_t s) {
+    if (M < 1 || M > kDecodeMaxM || (kern == DECODE_B1 && M > kB1MaxM) || xdt == RABIT_F32 || K < 1 ||
+        K > RABIT_MAX_K)
+        return cudaErrorInvalidValue;
     const int64_t ng = (in + kGroupCols - 1) / kGroupCols;
-    const int NT = gemv_nt(M);
+    const int NT = kern == DECODE_F16 ? f16_nt(M) : gemv_nt(M);
     uint2 *frag = static_cast<uint2 *>(workspace);
-    const size_t nfrag = static_cast<size_t>(ng) * K * 16 * NT * 32;
-    double *qsum = reinterpret_cast<double *>(frag + nfrag);  // 8-byte aligned after uint2s
-    float *scale = reinterpret_cast<float *>(qsum + static_cast<size_t>(ng) * K * 2 * NT);
+    const size_t gk = static_cast<size_t>(ng) * K;
+    double *qsum = reinterpret_cast<double *>(frag + gk * frag_entries(M));  // 8-byte aligned after uint2s
+    float *scale = reinterpret_cast<float *>(qsum + gk * kScaleSlots);
 
     PrepArgs p;
     p.x = x; p.xdt = xdt; p.M = static_cast<int>(M); p.h = h; p.hdt = hdt; p.in = in; p.NT = NT;
     p.frag = frag; p.scale = scale; p.qsum = qsum;
-    // same workspace for b1: it needs 256 M <= 512 fragment entries per group and path
-    if (b1)
-        gemv_b1_prep_kernel<<<dim3(static_cast<unsigned>(ng), static_cast<unsigned>(K)), kPrepThreads, 0, s>>>(p);
+    const dim3 pg(static_cast<unsigned>(ng), static_cast<unsigned>(K));
+    if (kern == DECODE_B1)
+        gemv_b1_prep_kernel<<<pg, kPrepThreads, 0, s>>>(p);
+    else if (kern == DECODE_F16)
+        gemv_f16_prep_kernel<<<pg, kPrepThreads, 0, s>>>(p);
     else
-        gemv_i8_prep_kernel<<<dim3(static_cast<unsigned>(ng), static_cast<unsigned>(K), kPrepParts), kPrepThreads,
-                              0, s>>>(p);
+        gemv_i8_prep_kernel<<<dim3(pg.x, pg.y, kPrepParts), kPrepThreads, 0, s>>>(p);
     cudaError_t e = cudaGetLastError();
     if (e != cudaSuccess) return e;
 
@@ -611,10 +789,10 @@ cudaError_t gemv_i8(const void *x, rabit_dtype xdt, int64_t M, const rabit_word_
     a.frag = frag; a.scale = scale; a.qsum = qsum;
     a.vec = (a.nw % 4 == 0) && (reinterpret_cast<uintptr_t>(packed) % 16 == 0);
     switch (K) {
-        case 1: return launch_main_k<1>(a, b1, NT, s);
-        case 2: return launch_main_k<2>(a, b1, NT, s);
-        case 3: return launch_main_k<3>(a, b1, NT, s);
-        case 4: return launch_main_k<4>(a, b1, NT, s);
+        case 1: return launch_main_k<1>(a, kern, NT, s);
+        case 2: return launch_main_k<2>(a, kern, NT, s);
+        case 3: return launch_main_k<3>(a, kern, NT, s);
+        case 4: return launch_main_k<4>(a, kern, NT, s);
     }
     return cudaErrorInvalidValue;
 }

@@ -38,15 +38,6 @@ __device__ __forceinline__ void mma_bf16(float (&d)[4], uint32_t a0, uint32_t a1
         : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
-__device__ __forceinline__ void mma_f16(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
-                                        uint32_t b0, uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
-
 /* Two bf16 +-1 from bits (15 - sh) and (31 - sh) of w after the shift: set bit = +1. */
 __device__ __forceinline__ uint32_t pm1_pair(uint32_t w, int sh) {
     return ((w << sh) & 0x80008000u) ^ 0xBF80BF80u;
@@ -654,20 +645,26 @@ int packed_linear_path(rabit_dtype xdt, int64_t M) {
     return M > kDecodeMaxM ? 1 : 2;
 }
 
-/* Which decode kernel runs. Measured on an H200 (docs/kernels.md, 2026-11-26): the 1-bit kernel is faster at
-   M = 1 for long rows (in = 11008: 12.2 against 13.6 us; in = 14336: 13.7 against 15.7 us) and slower for 8
-   groups per row (in = 4096: 8.2 against 7.6 us at 4096 x 4096) and at M = 2 (two blocks per SM do not fit
-   its registers), so it runs for M = 1 and in > 7680 (at least 16 groups of 512 columns). RABIT_CUDA_DECODE=b1
-   or i8 forces one where both apply (benchmarks; the test that both give the same bits): the outputs are
-   bit-identical, so this never changes a result. */
+/* Which decode kernel runs (fp16/bf16 x, M <= kDecodeMaxM). Measured on an H200 (docs/kernels.md, 2026-11-26):
+   the 1-bit kernel is faster than int8 at M = 1 for long rows (in = 11008: 12.2 against 13.6 us; in = 14336: 13.7
+   against 15.7 us) and slower for 8 groups per row (in = 4096: 8.2 against 7.6 us at 4096 x 4096) and at M = 2
+   (two blocks per SM do not fit its registers), so it runs for M = 1 and in > 7680 (at least 16 groups of 512
+   columns); the two give bit-identical outputs. The fp16 kernel runs from M = kF16MinM on, where the int8 kernel's
+   digits (4 n-columns per row of x) make it slow: 11.7 against 17.8 us at M = 8 and 17.9 against 38.3 us at
+   M = 16 (4096 x 4096), while at M = 4 int8 was as fast or up to 8 % faster at 5 of the 6 7B shapes (and its time
+   is the same at M = 3). It rounds x*h to fp16, so from that M on a layer is as accurate as a dense fp16 layer
+   rather than float32-accurate. RABIT_CUDA_DECODE=i8, f16 (any M) or b1 (M <= 2) forces one
+   (benchmarks, tests). */
 constexpr int64_t kB1MinIn = 15 * 512 + 1;  // at least 16 groups of 512 columns per row
+constexpr int64_t kF16MinM = 5;
 
-bool use_b1(int64_t M, int64_t in) {
-    if (M > kB1MaxM) return false;
+DecodeKernel decode_kernel(int64_t M, int64_t in) {
     const char *v = getenv("RABIT_CUDA_DECODE");
-    if (v && strcmp(v, "i8") == 0) return false;
-    if (v && strcmp(v, "b1") == 0) return true;
-    return M == 1 && in >= kB1MinIn;
+    if (v && strcmp(v, "i8") == 0) return DECODE_I8;
+    if (v && strcmp(v, "f16") == 0) return DECODE_F16;
+    if (v && strcmp(v, "b1") == 0 && M <= kB1MaxM) return DECODE_B1;
+    if (M == 1 && in >= kB1MinIn) return DECODE_B1;
+    return M >= kF16MinM ? DECODE_F16 : DECODE_I8;
 }
 
 size_t packed_linear_workspace_bytes(rabit_dtype xdt, int64_t M, int K, int64_t in) {
@@ -683,7 +680,7 @@ cudaError_t packed_linear(const void *x, rabit_dtype xdt, int64_t M, const rabit
     if (path == 0) return launch_decode(x, xdt, M, packed, g, gdt, h, hdt, bias, bdt, K, out, in, y, s);
     if (path == 2)
         return gemv_i8(x, xdt, M, packed, g, gdt, h, hdt, bias, bdt, K, out, in, y, workspace,
-                       use_b1(M, in), s);
+                       decode_kernel(M, in), s);
     if (gdt != RABIT_F32 || hdt != RABIT_F32 || (bias && bdt != RABIT_F32)) return cudaErrorInvalidValue;
     PrefillArgs a;
     a.x = x; a.M = M; a.packed = packed;
