@@ -233,6 +233,36 @@ __device__ __forceinline__ void load_bits(const MainArgs &a, int64_t row0, int g
             }
 }
 
+/* The main loop of the int8 and fp16 kernels: warp w takes groups w, w + 8, ...; the bits of its next group and the
+   next chunk of B fragments (of this group, else the first of the warp's next group) are loaded one step ahead of
+   the MMAs that use them, so that the loads (bits from DRAM, fragments from L2) overlap the tensor-core work.
+   load_chunk(grp, c, Chunk &) reads chunk c of a group; body(gr, c, chunk, bits) does chunk c's MMAs (and the
+   flush after a path's last chunk). Fully unrolled over the NCHUNK chunks of a group, so c is a constant in body. */
+template <int K, int MT, int NCHUNK, class Chunk, class LoadChunk, class Body>
+__device__ __forceinline__ void for_each_chunk(const MainArgs &a, int64_t row0, int g, int t, int warp,
+                                               LoadChunk &&load_chunk, Body &&body) {
+    static_assert(NCHUNK % 2 == 0, "the next group's first chunk must land in buffer 0");
+    Bits<K, MT> cur, nxt;
+    int64_t gr = warp;
+    if (gr < a.ngroups) load_bits(a, row0, g, t, gr, cur);
+    pdl_wait();  // the bits and g are in flight; the prologue's fragments and scales are complete past here
+    Chunk ch[2];
+    if (gr < a.ngroups) load_chunk(gr, 0, ch[0]);
+    for (; gr < a.ngroups; gr += kWarps) {
+        const bool more = gr + kWarps < a.ngroups;
+        if (more) load_bits(a, row0, g, t, gr + kWarps, nxt);
+#pragma unroll
+        for (int c = 0; c < NCHUNK; c++) {
+            if (c + 1 < NCHUNK)
+                load_chunk(gr, c + 1, ch[(c + 1) & 1]);
+            else if (more)
+                load_chunk(gr + kWarps, 0, ch[(c + 1) & 1]);
+            body(gr, c, ch[c & 1], cur);
+        }
+        if (more) cur = nxt;
+    }
+}
+
 /* Epilogue of both kernels: the warps' partial sums red[warp][row][m] added in warp order (deterministic), the
    bias, one rounding to y's dtype. */
 template <int ROWS, int MD>
@@ -259,8 +289,6 @@ __global__ void __launch_bounds__(kWarps * 32, ((K <= 2 && NT <= 2) || (K == 3 &
     const int64_t row0 = static_cast<int64_t>(blockIdx.x) * MT * 16;
     constexpr int Mp = 2 * NT;
     const int64_t out = a.out;
-
-    auto load = [&](int64_t gr, Bits<K, MT> &dst) { load_bits(a, row0, g, t, gr, dst); };
 
     // g of this lane's rows (g, g+8 of each m-tile), folded into every group's flush
     float gk[K][MT][2];
@@ -300,26 +328,11 @@ __global__ void __launch_bounds__(kWarps * 32, ((K <= 2 && NT <= 2) || (K == 3 &
                 dst.b[j][nt] = 2 * nt + (g >> 2) < a.M ? __ldg(fp + ((sp0 + j) * NT + nt) * 32) : make_uint2(0u, 0u);
     };
 
-    Bits<K, MT> cur, nxt;
-    int64_t gr = warp;
-    if (gr < a.ngroups) load(gr, cur);
-    pdl_wait();  // the bits and g are in flight; the prologue's fragments and scales are complete past here
-    Chunk ch[2];
     double sck[NT], qsk[NT];
-    if (gr < a.ngroups) load_chunk(gr, 0, ch[0]);
-    for (; gr < a.ngroups; gr += kWarps) {
-        const bool more = gr + kWarps < a.ngroups;
-        if (more) load(gr + kWarps, nxt);
-        int acc[MT][NT][4];
-#pragma unroll
-        for (int c = 0; c < NCHUNK; c++) {
+    int acc[MT][NT][4];
+    for_each_chunk<K, MT, NCHUNK, Chunk>(a, row0, g, t, warp, load_chunk,
+                                         [&](int64_t gr, int c, const Chunk &cc, const Bits<K, MT> &cur) {
             const int k = c / NCH, sp0 = (c % NCH) * CH;
-            Chunk &cc = ch[c & 1];
-            // the next chunk: of this group, else the first of the warp's next group
-            if (c + 1 < NCHUNK)
-                load_chunk(gr, c + 1, ch[(c + 1) & 1]);
-            else if (more)
-                load_chunk(gr + kWarps, 0, ch[(c + 1) & 1]);
             if (c % NCH == 0) {
                 const size_t so = (static_cast<size_t>(gr) * K + k) * Mp;
 #pragma unroll
@@ -363,9 +376,7 @@ __global__ void __launch_bounds__(kWarps * 32, ((K <= 2 && NT <= 2) || (K == 3 &
                             fa[mt][nt][r] = __fmaf_rn(gk[k][mt][r], val, fa[mt][nt][r]);
                         }
             }
-        }
-        if (more) cur = nxt;
-    }
+        });
 
     // epilogue: the warps' partial sums in warp order through shared memory, bias, one rounding
 #pragma unroll
@@ -647,25 +658,10 @@ __global__ void __launch_bounds__(kWarps * 32, K <= 2 ? 2 : 1) gemv_f16_kernel(c
                 dst.b[j][nt] = nt * 8 + g < a.M ? __ldg(fp + ((st0 + j) * NT + nt) * 32) : make_uint2(0u, 0u);
     };
 
-    Bits<K, 1> cur, nxt;
-    int64_t gr = warp;
-    if (gr < a.ngroups) load_bits(a, row0, g, t, gr, cur);
-    pdl_wait();  // the bits and g are in flight; the prologue's fragments and scales are complete past here
-    Chunk ch[2];
-    if (gr < a.ngroups) load_chunk(gr, 0, ch[0]);
-    for (; gr < a.ngroups; gr += kWarps) {
-        const bool more = gr + kWarps < a.ngroups;
-        if (more) load_bits(a, row0, g, t, gr + kWarps, nxt);
-        float acc[NT][4], sck[NT][2];
-#pragma unroll
-        for (int c = 0; c < NCHUNK; c++) {
+    float acc[NT][4], sck[NT][2];
+    for_each_chunk<K, 1, NCHUNK, Chunk>(a, row0, g, t, warp, load_chunk,
+                                        [&](int64_t gr, int c, const Chunk &cc, const Bits<K, 1> &cur) {
             const int k = c / NCH, st0 = (c % NCH) * CH;
-            Chunk &cc = ch[c & 1];
-            // the next chunk: of this group, else the first of the warp's next group (NCHUNK is even)
-            if (c + 1 < NCHUNK)
-                load_chunk(gr, c + 1, ch[(c + 1) & 1]);
-            else if (more)
-                load_chunk(gr + kWarps, 0, ch[(c + 1) & 1]);
             if (c % NCH == 0) {
                 const size_t so = (static_cast<size_t>(gr) * K + k) * kScaleSlots;
 #pragma unroll
@@ -692,9 +688,7 @@ __global__ void __launch_bounds__(kWarps * 32, K <= 2 ? 2 : 1) gemv_f16_kernel(c
                     for (int i = 0; i < 4; i++)
                         fa[nt][i] = __fmaf_rn(gk[k][i >> 1], acc[nt][i] * sck[nt][i & 1], fa[nt][i]);
             }
-        }
-        if (more) cur = nxt;
-    }
+        });
 
     // epilogue as in the int8 kernel; accumulator i of n-tile nt is row g + 8 (i / 2), column m = 8 nt + 2t + i % 2
 #pragma unroll
