@@ -84,14 +84,25 @@ struct PrepArgs {
 constexpr int kPrepThreads = kGroupCols;
 constexpr int kPrepParts = 4;
 
+/* Per-row state of a prologue block (in shared memory), for the rows m of x. */
+struct PrepRows {
+    unsigned int amax[kMaxNT * 2];      // max |xh| of the group, as float bits
+    int bad[kMaxNT * 2];                // a non-finite xh in the group
+    unsigned long long qs[kMaxNT * 2];  // sum(Q), two's complement int64
+    float inv[kMaxNT * 2];              // 1 / S
+};
+
 /* The common front of the prologues, for this thread's column j of group gr and path k: xh = h * x per row m
    of x, the group's max |xh| per row (bad: a non-finite xh) and inv = 1/S with S = 2^(e - top), 2^e > max, so
    that Q = xh * inv is exact in float32 and |Q| < 2^top (top = 30 for the integer kernels, 15 for the fp16
-   one); e >= -96 keeps 1/S finite (groups below 2^-96 keep 2^-126 absolute resolution). Ends with a barrier;
-   amax, bad, inv are shared arrays of kMaxNT * 2. */
+   one); e >= -96 keeps 1/S finite (groups below 2^-96 keep 2^-126 absolute resolution). Ends with a barrier. */
+
 __device__ __forceinline__ void prep_front(const PrepArgs &a, int k, int64_t j, int tid, float (&xh)[kMaxNT * 2],
-                                           unsigned int *amax, int *bad, unsigned long long *qs, float *inv,
-                                           int top) {
+                                           PrepRows &sh, int top) {
+    unsigned int *amax = sh.amax;
+    int *bad = sh.bad;
+    unsigned long long *qs = sh.qs;
+    float *inv = sh.inv;
     pdl_launch_dependents();  // the main kernel may start now: it loads its bits, then waits for this grid
     if (tid < 2 * kMaxNT) {
         amax[tid] = 0u;
@@ -134,33 +145,29 @@ __device__ __forceinline__ void add_qsum(int q, int tid, unsigned long long *qs_
 }
 
 /* Scale S (NaN if the group had a non-finite xh: it poisons the row) and sum(Q) of rows m < Mp. */
-__device__ __forceinline__ void write_scales(const PrepArgs &a, size_t o, int tid, int Mp, const int *bad,
-                                             const float *inv, const unsigned long long *qs) {
+__device__ __forceinline__ void write_scales(const PrepArgs &a, size_t o, int tid, int Mp, const PrepRows &sh) {
     if (tid < Mp) {
         float sc = 0.0f;
-        if (tid < a.M) sc = bad[tid] ? __int_as_float(0x7fffffff) : 1.0f / inv[tid];
+        if (tid < a.M) sc = sh.bad[tid] ? __int_as_float(0x7fffffff) : 1.0f / sh.inv[tid];
         a.scale[o + tid] = sc;
-        a.qsum[o + tid] = static_cast<double>(static_cast<long long>(qs[tid]));
+        a.qsum[o + tid] = static_cast<double>(static_cast<long long>(sh.qs[tid]));
     }
 }
 
 __global__ void __launch_bounds__(kPrepThreads) gemv_i8_prep_kernel(const PrepArgs a) {
     __shared__ int qv[kMaxNT * 2][kGroupCols];
-    __shared__ unsigned int amax[kMaxNT * 2];
-    __shared__ int bad[kMaxNT * 2];
-    __shared__ unsigned long long qs[kMaxNT * 2];
-    __shared__ float inv[kMaxNT * 2];
+    __shared__ PrepRows sh;
     const int gr = blockIdx.x, k = blockIdx.y, K = gridDim.y, part = blockIdx.z, tid = threadIdx.x;
     const int64_t j = static_cast<int64_t>(gr) * kGroupCols + tid;  // this thread's column
     const int Mp = 2 * a.NT;
     float xh[kMaxNT * 2];
-    prep_front(a, k, j, tid, xh, amax, bad, qs, inv, 30);
+    prep_front(a, k, j, tid, xh, sh, 30);
 #pragma unroll
     for (int m = 0; m < kMaxNT * 2; m++) {
         if (m >= a.M) break;
-        const int q = __float2int_rn(xh[m] * inv[m]);
+        const int q = __float2int_rn(xh[m] * sh.inv[m]);
         qv[m][tid] = q;
-        if (part == 0) add_qsum(q, tid, &qs[m]);
+        if (part == 0) add_qsum(q, tid, &sh.qs[m]);
     }
     __syncthreads();
     // fragments: entry (s, p, nt, lane) holds, for n = 8 nt + lane/4 -> (row m = n/4, digit n%4), bytes
@@ -180,7 +187,7 @@ __global__ void __launch_bounds__(kPrepThreads) gemv_i8_prep_kernel(const PrepAr
         }
         dst[e] = make_uint2(b[0], b[1]);
     }
-    if (part == 0) write_scales(a, (static_cast<size_t>(gr) * K + k) * Mp, tid, Mp, bad, inv, qs);
+    if (part == 0) write_scales(a, (static_cast<size_t>(gr) * K + k) * Mp, tid, Mp, sh);
 }
 
 struct MainArgs {
@@ -231,6 +238,19 @@ __device__ __forceinline__ void load_bits(const MainArgs &a, int64_t row0, int g
                 }
                 dst.w[k][mt][r] = v;
             }
+}
+
+/* g of lane (g, t)'s rows g and g + 8 of each of the block's MT 16-row tiles, per path (0 past the matrix). */
+template <int K, int MT>
+__device__ __forceinline__ void load_row_scales(const MainArgs &a, int64_t row0, int g, float (&gk)[K][MT][2]) {
+#pragma unroll
+    for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+        for (int r = 0; r < 2; r++) {
+            const int64_t o = row0 + mt * 16 + g + 8 * r;
+#pragma unroll
+            for (int k = 0; k < K; k++) gk[k][mt][r] = o < a.out ? ld_any(a.g, a.gdt, k * a.out + o) : 0.0f;
+        }
 }
 
 /* The main loop of the int8 and fp16 kernels: warp w takes groups w, w + 8, ...; the bits of its next group and the
@@ -288,18 +308,10 @@ __global__ void __launch_bounds__(kWarps * 32, ((K <= 2 && NT <= 2) || (K == 3 &
     const int g = lane >> 2, t = lane & 3;
     const int64_t row0 = static_cast<int64_t>(blockIdx.x) * MT * 16;
     constexpr int Mp = 2 * NT;
-    const int64_t out = a.out;
 
     // g of this lane's rows (g, g+8 of each m-tile), folded into every group's flush
     float gk[K][MT][2];
-#pragma unroll
-    for (int mt = 0; mt < MT; mt++)
-#pragma unroll
-        for (int r = 0; r < 2; r++) {
-            const int64_t o = row0 + mt * 16 + g + 8 * r;
-#pragma unroll
-            for (int k = 0; k < K; k++) gk[k][mt][r] = o < out ? ld_any(a.g, a.gdt, k * out + o) : 0.0f;
-        }
+    load_row_scales(a, row0, g, gk);
     float fa[MT][NT][2];
 #pragma unroll
     for (int mt = 0; mt < MT; mt++)
@@ -415,22 +427,19 @@ __device__ __forceinline__ void mma_b1(int (&d)[4], uint32_t a0, uint32_t a1, ui
    word w of plane p; lane p keeps it and stores it where the main kernel's lane (g, t) reads it as b0/b1 of
    step s: fragment [group][K][s][nt][lane] (uint2), n = 32 m + p = 8 nt + g, w = 4t + 2s + hh. */
 __global__ void __launch_bounds__(kPrepThreads) gemv_b1_prep_kernel(const PrepArgs a) {
-    __shared__ unsigned int amax[kMaxNT * 2];
-    __shared__ int bad[kMaxNT * 2];
-    __shared__ unsigned long long qs[kMaxNT * 2];
-    __shared__ float inv[kMaxNT * 2];
+    __shared__ PrepRows sh;
     const int gr = blockIdx.x, k = blockIdx.y, K = gridDim.y, tid = threadIdx.x, lane = tid & 31, w = tid >> 5;
     const int64_t j = static_cast<int64_t>(gr) * kGroupCols + tid;
     const int NTB = 4 * a.M;
     float xh[kMaxNT * 2];
-    prep_front(a, k, j, tid, xh, amax, bad, qs, inv, 30);
+    prep_front(a, k, j, tid, xh, sh, 30);
     uint32_t *dst = reinterpret_cast<uint32_t *>(a.frag + (static_cast<size_t>(gr) * K + k) * 2 * NTB * 32);
     const int t = w >> 2, s = (w >> 1) & 1, hh = w & 1;
 #pragma unroll
     for (int m = 0; m < kB1MaxM; m++) {
         if (m >= a.M) break;
-        const int q = __float2int_rn(xh[m] * inv[m]);  // 0 past `in` (xh = 0 there)
-        add_qsum(q, tid, &qs[m]);
+        const int q = __float2int_rn(xh[m] * sh.inv[m]);  // 0 past `in` (xh = 0 there)
+        add_qsum(q, tid, &sh.qs[m]);
         uint32_t mine = 0u;
 #pragma unroll
         for (int p = 0; p < 32; p++) {
@@ -441,7 +450,7 @@ __global__ void __launch_bounds__(kPrepThreads) gemv_b1_prep_kernel(const PrepAr
         dst[((s * NTB + nt) * 32 + g * 4 + t) * 2 + hh] = mine;
     }
     __syncthreads();
-    write_scales(a, (static_cast<size_t>(gr) * K + k) * kB1MaxM, tid, kB1MaxM, bad, inv, qs);
+    write_scales(a, (static_cast<size_t>(gr) * K + k) * kB1MaxM, tid, kB1MaxM, sh);
 }
 
 /* One 16-row tile per block, 8 warps over the groups (as the int8 kernel). Per (group, path): 2 steps x 4M
@@ -455,7 +464,6 @@ __global__ void __launch_bounds__(kWarps * 32, (M == 1 && K <= 3) ? 2 : 1) gemv_
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int g = lane >> 2, t = lane & 3;
     const int64_t row0 = static_cast<int64_t>(blockIdx.x) * 16;
-    const int64_t out = a.out;
 
     auto load = [&](int64_t gr, Bits<K, 1> &dst) { load_bits(a, row0, g, t, gr, dst); };
     struct Frag {
@@ -469,13 +477,8 @@ __global__ void __launch_bounds__(kWarps * 32, (M == 1 && K <= 3) ? 2 : 1) gemv_
             for (int nt = 0; nt < NTB; nt++) dst.b[s][nt] = __ldg(fp + (s * NTB + nt) * 32);
     };
 
-    float gk[K][2];
-#pragma unroll
-    for (int r = 0; r < 2; r++) {
-        const int64_t o = row0 + g + 8 * r;
-#pragma unroll
-        for (int k = 0; k < K; k++) gk[k][r] = o < out ? ld_any(a.g, a.gdt, k * out + o) : 0.0f;
-    }
+    float gk[K][1][2];
+    load_row_scales(a, row0, g, gk);
     // plane weights of this lane's accumulator columns: n-tile ntl (of a row m) holds planes 8 ntl + 2t, +1
     double pw[4][2];
 #pragma unroll
@@ -535,7 +538,7 @@ __global__ void __launch_bounds__(kWarps * 32, (M == 1 && K <= 3) ? 2 : 1) gemv_
                     v += __shfl_xor_sync(0xffffffffu, v, 1);  // exact: integers below 2^53
                     v += __shfl_xor_sync(0xffffffffu, v, 2);
                     const float val = static_cast<float>(sck[m] * (2.0 * v - qsk[m]));
-                    fa[m][r] = __fmaf_rn(gk[k][r], val, fa[m][r]);
+                    fa[m][r] = __fmaf_rn(gk[k][0][r], val, fa[m][r]);
                 }
         }
         if constexpr (K % 2 == 1) {
@@ -590,18 +593,15 @@ __device__ __forceinline__ uint32_t pack_half2(float lo, float hi) {
    warp's fragment reads hit at most 2 lanes per bank), then the fragments [group][K][step][NT][lane]. */
 __global__ void __launch_bounds__(kPrepThreads) gemv_f16_prep_kernel(const PrepArgs a) {
     __shared__ float qv[kMaxNT * 2][kF16Pitch];
-    __shared__ unsigned int amax[kMaxNT * 2];
-    __shared__ int bad[kMaxNT * 2];
-    __shared__ unsigned long long qs[kMaxNT * 2];
-    __shared__ float inv[kMaxNT * 2];
+    __shared__ PrepRows sh;
     const int gr = blockIdx.x, k = blockIdx.y, K = gridDim.y, tid = threadIdx.x;
     const int64_t j = static_cast<int64_t>(gr) * kGroupCols + tid;
     float xh[kMaxNT * 2];
-    prep_front(a, k, j, tid, xh, amax, bad, qs, inv, 15);
+    prep_front(a, k, j, tid, xh, sh, 15);
 #pragma unroll
     for (int m = 0; m < kMaxNT * 2; m++) {
         if (m >= a.M) break;
-        qv[m][tid + (tid >> 5)] = xh[m] * inv[m];  // exact (a power of two); rounded to fp16 below
+        qv[m][tid + (tid >> 5)] = xh[m] * sh.inv[m];  // exact (a power of two); rounded to fp16 below
     }
     __syncthreads();
     const int entries = kF16Steps * a.NT * 32;
@@ -619,7 +619,7 @@ __global__ void __launch_bounds__(kPrepThreads) gemv_f16_prep_kernel(const PrepA
         }
         dst[e] = make_uint2(b[0], b[1]);
     }
-    write_scales(a, (static_cast<size_t>(gr) * K + k) * kScaleSlots, tid, kScaleSlots, bad, inv, qs);
+    write_scales(a, (static_cast<size_t>(gr) * K + k) * kScaleSlots, tid, kScaleSlots, sh);
 }
 
 /* One 16-row tile per block, 8 warps over the groups (as the int8 kernel). Per (group, path): 32 steps of NT
@@ -631,15 +631,9 @@ __global__ void __launch_bounds__(kWarps * 32, K <= 2 ? 2 : 1) gemv_f16_kernel(c
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int g = lane >> 2, t = lane & 3;
     const int64_t row0 = static_cast<int64_t>(blockIdx.x) * 16;
-    const int64_t out = a.out;
 
-    float gk[K][2];
-#pragma unroll
-    for (int r = 0; r < 2; r++) {
-        const int64_t o = row0 + g + 8 * r;
-#pragma unroll
-        for (int k = 0; k < K; k++) gk[k][r] = o < out ? ld_any(a.g, a.gdt, k * out + o) : 0.0f;
-    }
+    float gk[K][1][2];
+    load_row_scales(a, row0, g, gk);
     float fa[NT][4];
 #pragma unroll
     for (int nt = 0; nt < NT; nt++) fa[nt][0] = fa[nt][1] = fa[nt][2] = fa[nt][3] = 0.0f;
@@ -686,7 +680,7 @@ __global__ void __launch_bounds__(kWarps * 32, K <= 2 ? 2 : 1) gemv_f16_kernel(c
                 for (int nt = 0; nt < NT; nt++)
 #pragma unroll
                     for (int i = 0; i < 4; i++)
-                        fa[nt][i] = __fmaf_rn(gk[k][i >> 1], acc[nt][i] * sck[nt][i & 1], fa[nt][i]);
+                        fa[nt][i] = __fmaf_rn(gk[k][0][i >> 1], acc[nt][i] * sck[nt][i & 1], fa[nt][i]);
             }
         });
 
