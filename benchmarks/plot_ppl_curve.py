@@ -43,7 +43,9 @@ def main(argv=None) -> None:
     ax.set_ylabel("WikiText-2 perplexity")
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
+    # beside the axes, not over them: with five or more curves a legend inside covers points
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.set_size_inches(9.0, 4.0)
     fig.tight_layout()
     fig.savefig(args.out, dpi=120)
     print("wrote", args.out)
