@@ -4,6 +4,7 @@
 """
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -20,13 +21,16 @@ def main(out: str, paths: list[str]) -> None:
     xs = range(len(rows))
     fp = [r["fp"]["tokens_per_s"] for _, r in rows]
     rb = [r["rabit"]["tokens_per_s"] for _, r in rows]
-    ax.bar([x - 0.2 for x in xs], fp, width=0.4, label="FP (fp16 GPU / fp32 CPU)")
+    kinds = sorted({f"{d['fp_dtype'].removeprefix('torch.')} {d['device_type'].upper()}" for d in docs})  # e.g. float16 CUDA
+    ax.bar([x - 0.2 for x in xs], fp, width=0.4, label=f"FP ({' / '.join(kinds)})")
     ax.bar([x + 0.2 for x in xs], rb, width=0.4, label="rabit packed (K=2)")
     for x, (_, r) in zip(xs, rows):
         ax.text(x + 0.2, r["rabit"]["tokens_per_s"], f"{r['speedup']:.2f}x", ha="center", va="bottom", fontsize=8)
     ax.set_xticks(list(xs))
     ax.set_xticklabels([f"{r['model']}\n{d['device'].split(' x')[0][:12]}\nB={r['batch']}" for d, r in rows], fontsize=7)
     ax.set_yscale("log")
+    # bars on a log axis start at its bottom: a power of ten below the smallest keeps their lengths comparable
+    ax.set_ylim(bottom=10 ** math.floor(math.log10(min(fp + rb))))
     ax.set_ylabel("tokens/s (greedy decode)")
     ax.legend(fontsize=8)
     ax.set_title("End-to-end decoding, same static-cache runtime for both (bench_decode.py)", fontsize=9)

@@ -151,13 +151,12 @@ def packed_linear(x, packed, g, h, bias=None, compute_dtype=torch.float32, xh_fp
     in_features = h.shape[1]
     signs = unpack_signs(packed, in_features, compute_dtype)
     gf = g.to(compute_dtype)
-    if xh_fp16:
-        xh = round_activations_f16(x, h).to(compute_dtype)
-    else:
-        xh = x.to(compute_dtype)[None, :, :] * h.to(compute_dtype)[:, None, :]
+    xf, hf = x.to(compute_dtype), h.to(compute_dtype)
+    xr = round_activations_f16(x, h).to(compute_dtype) if xh_fp16 else None
     y = torch.zeros(x.shape[0], packed.shape[1], dtype=compute_dtype, device=x.device)
-    for k in range(packed.shape[0]):
-        y = y + gf[k][None, :] * (xh[k] @ signs[k].T)
+    for k in range(packed.shape[0]):  # one path at a time: the fallback kernels' memory stays that of one x*h
+        xh = xr[k] if xh_fp16 else xf * hf[k][None, :]
+        y = y + gf[k][None, :] * (xh @ signs[k].T)
     if bias is not None:
         y = y + bias.to(compute_dtype)
     return y if compute_dtype == torch.float64 else y.to(x.dtype)

@@ -1,5 +1,7 @@
 """Shapes, dtypes and error rules shared by the op tests."""
 
+import os
+
 import torch
 
 # (out, in): odd sizes, in not a multiple of 32, out=1, in=1, and exact word multiples
@@ -51,8 +53,14 @@ CUDA_F16_DECODE_MIN_M = 5
 
 
 def cuda_rounds_xh_to_fp16(device, xdtype, m):
-    """Whether packed_linear on this device, dtype and batch runs the fp16 decode kernel."""
-    return str(device).startswith("cuda") and xdtype != torch.float32 and CUDA_F16_DECODE_MIN_M <= m <= 16
+    """Whether packed_linear on this device, dtype and batch runs the fp16 decode kernel (RABIT_CUDA_DECODE, when
+    set, forces a decode kernel at every M <= 16: f16, or i8 / b1, whose results are float32-level)."""
+    if not str(device).startswith("cuda") or xdtype == torch.float32 or m > 16:
+        return False
+    forced = os.environ.get("RABIT_CUDA_DECODE")
+    if forced in ("i8", "f16") or (forced == "b1" and m <= 2):  # b1 applies to M <= 2 only
+        return forced == "f16"
+    return m >= CUDA_F16_DECODE_MIN_M
 
 
 TINY_VOCAB = 48

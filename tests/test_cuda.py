@@ -200,6 +200,25 @@ def test_packed_linear_vs_reference(shape, m, xdtype, monkeypatch):
                                _abs_terms(x, gs, hs, bias), k * in_features)
 
 
+def _wide_range_layer(m, xdtype, seed=0):
+    """A 300 x 1500 layer and x [m, 1500] that probe the decode kernels' per-group scaling: outliers, one
+    |x*h| above fp16's largest value (65504), a small-valued stretch across a group boundary and, in bf16, a row
+    of values far below fp16's range (an unscaled fp16 rounding would make that row's output 0)."""
+    torch.manual_seed(seed)
+    out, in_features = 300, 1500
+    w, g, h = random_layer(out, in_features, 2)
+    h[:, 5] = 1.1
+    _, packed = rabit.residual_binarize(w, g, h)
+    g = g * 0.1  # keeps y inside fp16's range despite the 6e4 input
+    x = torch.randn(m, in_features)
+    x[:, ::97] *= 3e3    # outliers
+    x[0, 5] = 6e4        # x*h = 6.6e4 > 65504
+    x[m // 2, 600:1100] *= 1e-4  # a small-valued stretch, across a group boundary
+    if m >= 3 and xdtype == torch.bfloat16:
+        x[m - 2] *= 1e-8  # a whole row of tiny values (fp16 x could not hold them)
+    return x.to(xdtype), packed, g, h
+
+
 # b1 applies to m <= 2 only (m = 4 would run another kernel)
 @pytest.mark.parametrize("kernel, m", [("b1", 1), ("b1", 2), ("i8", 1), ("i8", 2), ("i8", 4), ("i8", 16),
                                        ("f16", 1), ("f16", 3), ("f16", 9), ("f16", 16)],
@@ -208,27 +227,29 @@ def test_packed_linear_vs_reference(shape, m, xdtype, monkeypatch):
 def test_packed_linear_decode_range_and_nonfinite(xdtype, m, kernel, monkeypatch):
     """The decode kernels scale x*h per 512-column group by a power of two of the group's max: the integer ones
     quantize to 2^-31 of it (outliers and tiny values side by side stay float32-accurate), the fp16 one rounds to
-    fp16 below 2^15 (as rabit.reference.round_activations_f16, without overflow). A NaN/Inf input makes its output
-    row NaN and leaves the other rows unchanged."""
+    fp16 at most 2^15 (as rabit.reference.round_activations_f16: no overflow, no underflow of a tiny row). Checked
+    for the whole output and for each row alone. A NaN/Inf input makes its output row NaN and leaves the other rows
+    unchanged."""
     monkeypatch.setenv("RABIT_CUDA_DECODE", kernel)
-    out, in_features = 300, 1500
-    w, g, h = random_layer(out, in_features, 2)
-    _, packed = rabit.residual_binarize(w, g, h)
-    x = torch.randn(m, in_features)
-    x[:, ::97] *= 3e3    # outliers
-    x[m // 2, 600:1100] *= 1e-4  # a small-valued stretch, across a group boundary
-    x = x.to(xdtype)
+    x, packed, g, h = _wide_range_layer(m, xdtype)
     args = (x, packed, g, h, None)
     y = rabit.packed_linear(x.to(DEV), packed.to(DEV), g.to(DEV), h.to(DEV)).cpu()
+    assert torch.isfinite(y).all()
+    ref = R.packed_linear(*args, xh_fp16=kernel == "f16")
     y64 = R.packed_linear(*args, compute_dtype=torch.float64)
-    assert_float_close(y, R.packed_linear(*args, xh_fp16=kernel == "f16"), y64, f"{kernel} decode, wide range",
-                       _abs_terms(x, g, h, None), 2 * in_features)
+    terms = _abs_terms(x, g, h, None)
+    assert_float_close(y, ref, y64, f"{kernel} decode, wide range", terms, 2 * x.shape[1])
+    for r in range(m):
+        assert_float_close(y[r:r + 1], ref[r:r + 1], y64[r:r + 1], f"{kernel} decode, wide range, row {r}",
+                           terms[r:r + 1], 2 * x.shape[1])
+    bad_row = m // 2
+    others = [r for r in range(m) if r != bad_row]
     for bad in (float("nan"), float("inf")):
         xb = x.clone()
-        xb[m - 1, 777] = bad
+        xb[bad_row, 777] = bad
         yb = rabit.packed_linear(xb.to(DEV), packed.to(DEV), g.to(DEV), h.to(DEV)).cpu()
-        assert torch.isnan(yb[m - 1]).all()
-        assert torch.equal(yb[: m - 1], y[: m - 1])
+        assert torch.isnan(yb[bad_row]).all()
+        assert torch.equal(yb[others], y[others])
 
 
 # beyond PL_SHAPES: more than 8 groups of 512 columns (warps with several groups, a partial last one)
@@ -264,6 +285,7 @@ def test_decode_dispatch(xdtype, monkeypatch):
         w, g, h = random_layer(out, in_features, 2)
         _, packed = rabit.residual_binarize(w, g, h)
         args = [t.to(DEV) for t in (packed, g.half(), h.half())]
+        forcing_works = False  # the two forced kernels must differ somewhere, or the env var was ignored
         for m in range(1, 17):
             x = torch.randn(m, in_features, device=DEV).to(xdtype)
             y = rabit.packed_linear(x, *args)
@@ -273,6 +295,8 @@ def test_decode_dispatch(xdtype, monkeypatch):
                 forced[kernel] = rabit.packed_linear(x, *args)
             monkeypatch.delenv("RABIT_CUDA_DECODE")
             assert torch.equal(y, forced["f16" if m >= CUDA_F16_DECODE_MIN_M else "i8"]), (out, in_features, m)
+            forcing_works |= not torch.equal(forced["i8"], forced["f16"])
+        assert forcing_works, (out, in_features)
 
 
 def test_packed_linear_large_and_graph_capture():

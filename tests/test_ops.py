@@ -203,6 +203,27 @@ def test_packed_linear_matches_reference(shape, k, xdtype, m, device):
                            terms, k * shape[1])
 
 
+def test_round_activations_f16_scales_each_group_by_a_power_of_two():
+    """The reference of the CUDA fp16 decode kernel: per row, path and 512-column group, h*x rounded to fp16 after
+    a power-of-two scaling, so it is scale-invariant, never overflows or underflows, rounds to 11 significant bits,
+    and a group does not depend on the others."""
+    torch.manual_seed(0)
+    x, h = torch.randn(3, 1100), torch.rand(2, 1100) + 0.2
+    r = R.round_activations_f16(x, h)
+    xh = x[None] * h[:, None]
+    assert r.shape == (2, 3, 1100) and r.dtype == torch.float32
+    for e in (-60, -20, 20, 60):  # fp16 alone would underflow to 0 or overflow to inf at these scales
+        assert torch.equal(R.round_activations_f16(x * 2.0**e, h), r * 2.0**e)
+    amax = xh[..., :512].abs().amax(-1, keepdim=True)
+    normal = xh[..., :512].abs() >= amax * 2.0**-14  # where fp16 keeps all 11 bits
+    err = (r[..., :512] - xh[..., :512]).abs()
+    assert (err[normal] <= xh[..., :512].abs()[normal] * 2.0**-11).all()
+    assert (err > 0).any()  # it does round
+    x2 = x.clone()
+    x2[:, 512:] *= 1e6  # other groups only
+    assert torch.equal(R.round_activations_f16(x2, h)[..., :512], r[..., :512])
+
+
 def _abs_terms(x, g, h, bias):
     """Σ over the summed terms' absolute values: Σ_k |g_k| (|x| · |h_k|) + |bias|."""
     t = sum(g[k].abs().double()[None, :] * (x.abs().double() @ h[k].abs().double())[:, None]

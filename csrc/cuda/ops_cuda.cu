@@ -133,7 +133,7 @@ at::Tensor packed_linear_cuda(const at::Tensor &x, const at::Tensor &packed, con
     at::Tensor hs = prefill ? h.to(at::kFloat).contiguous() : h.contiguous();
     at::Tensor y = at::empty({M, out}, x.options());
     if (M == 0) return y;
-    // scratch of the int8 decode path (activation digits in MMA-fragment order), from the caching allocator
+    // scratch of the decode kernels (activations in MMA-fragment order, per-group scales), from the caching allocator
     const size_t ws_bytes = rabit_cuda::packed_linear_workspace_bytes(xdt, M, static_cast<int>(K), in);
     at::Tensor ws;
     if (ws_bytes) ws = at::empty({static_cast<int64_t>(ws_bytes)}, x.options().dtype(at::kByte));

@@ -1,7 +1,11 @@
 /*
- * Packed GEMV / small GEMM for fp16/bf16 activations (M <= 16) on the integer tensor cores.
- * See docs/kernels.md ("int8 decode kernel") for the design and the measured numbers.
+ * Packed GEMV / small GEMM for fp16/bf16 activations (M <= 16): the decode kernels of packed_linear. Three of
+ * them share the prologue front, the main-loop pipeline and the epilogue (the dispatch is decode_kernel() in
+ * packed_linear.cu): the int8 kernel described here and its 1-bit variant (float32-level, bit-identical), and
+ * the fp16 kernel (x*h rounded once to fp16; its section below). See docs/kernels.md ("int8 decode kernel",
+ * "1-bit variant", "fp16 decode kernel") for the designs and the measured numbers.
  *
+ * The int8 kernel:
  *   y[m][o] = sum_k g_k[o] * sum_j (2 b_k[o][j] - 1) * xh_k[m][j],   xh_k = h_k * x (float32)
  *           = sum_k g_k[o] * (2 * sum_j b_k[o][j] xh_k[m][j]  -  sum_j xh_k[m][j])
  *
@@ -72,9 +76,10 @@ struct PrepArgs {
     int hdt;
     int64_t in;
     int NT;
-    uint2 *frag;    // [group][K][s(2)][p(8)][NT][lane(32)]
-    float *scale;   // [group][K][2*NT]
-    double *qsum;   // [group][K][2*NT]
+    uint2 *frag;    // [group][K][frag_entries(M)], laid out per kernel: int8 [s(2)][p(8)][NT][lane(32)],
+                    // 1-bit [s(2)][4M][lane], fp16 [step(32)][NT][lane]
+    float *scale;   // [group][K][kScaleSlots]: int8 uses 2*NT of them, 1-bit kB1MaxM, fp16 all (one per row of x)
+    double *qsum;   // same layout; the fp16 kernel does not read it (its prologue writes zeros)
 };
 
 /* Blocks (group, path, part): each computes xh of the group (one column per thread), its max |.| per row and
@@ -283,7 +288,7 @@ __device__ __forceinline__ void for_each_chunk(const MainArgs &a, int64_t row0, 
     }
 }
 
-/* Epilogue of both kernels: the warps' partial sums red[warp][row][m] added in warp order (deterministic), the
+/* Epilogue of the three main kernels: the warps' partial sums red[warp][row][m] added in warp order (deterministic), the
    bias, one rounding to y's dtype. */
 template <int ROWS, int MD>
 __device__ __forceinline__ void store_rows(const MainArgs &a, const float (&red)[kWarps][ROWS][MD], int64_t row0,
@@ -562,7 +567,7 @@ __global__ void __launch_bounds__(kWarps * 32, (M == 1 && K <= 3) ? 2 : 1) gemv_
 /* ---------------------------------------------------------------------------------------------------------
  * fp16 variant (the batched decode kernel, M >= kF16MinM): one rounding of the activations instead of exact
  * integers. Per 512-column group, path and row m the prologue writes Q = fp16(xh * 2^(15 - e)), 2^e > max |xh|
- * of the group (|Q| < 2^15: no overflow; 11 significant bits for every value down to 2^-14 of the maximum), and
+ * of the group (|Q| <= 2^15 after rounding: no overflow; 11 significant bits for every value down to 2^-14 of the maximum), and
  * the main kernel multiplies Q by the +-1 weights on the fp16 tensor cores (mma.m16n8k16, float32 accumulation,
  * exact products):
  *   y[m][o] = sum_k g_k[o] * sum_groups S * sum_j (+-1) Q_j,   S = 2^(e - 15).

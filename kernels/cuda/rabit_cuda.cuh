@@ -27,7 +27,7 @@ constexpr int kBwdCols = 256;
 constexpr int kBwdRows = 128;
 size_t backward_workspace_doubles(int K, int64_t out, int64_t in);
 
-/* For fp16/bf16 x: a decode kernel for M <= kDecodeMaxM (use_b1() says which), the dequantised-tile
+/* For fp16/bf16 x: a decode kernel for M <= kDecodeMaxM (decode_kernel() says which), the dequantised-tile
    tensor-core GEMM ("prefill") above. For float32 x: the bf16-split decode kernel at every M (chunks of
    kDecodeMaxM rows). */
 constexpr int kDecodeMaxM = 16;
