@@ -131,7 +131,7 @@ def residual_binarize_backward(grad, weight, g, h, packed, ste="identity", ste_p
 
 
 def round_activations_f16(x, h, group=512):
-    """h_k ⊙ x as the CUDA fp16 decode kernel multiplies it (``kernels/cuda/packed_gemv_i8.cu``): computed in
+    """h_k ⊙ x as the CUDA fp16 decode kernel multiplies it (``kernels/cuda/packed_decode.cu``): computed in
     float32, then per row of x, path and group of 512 columns scaled by a power of two 1/S, S = 2^(e - 15) with
     2^e > max |h_k ⊙ x| of the group (so the scaled values stay below 2^15), rounded to fp16 and scaled back.
     Returns ``[K, M, in]`` float32."""

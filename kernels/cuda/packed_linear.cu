@@ -2,7 +2,7 @@
  * Packed GEMV / GEMM on the GPU, straight from the sign planes (kernels/rabit_format.h); see
  * docs/kernels.md for the design and the measured numbers.
  *
- * decode (float32 x, any M in chunks of 16 rows; fp16/bf16 x at M <= 16 take packed_gemv_i8.cu):
+ * decode (float32 x, any M in chunks of 16 rows; fp16/bf16 x at M <= 16 take packed_decode.cu):
  *   y[m][o] = sum_k g_k[o] * sum_j B_k[o][j] * xh_k[m][j],   xh_k = h_k * x   (float32)
  *   Each xh value is split into NSPLIT = 3 bfloat16 parts (hi + lo + lo2: all 24 significant bits), so
  *   the tensor-core products (+-1) x (bf16 part) are exact and accumulate in float32: the result has
@@ -668,7 +668,7 @@ DecodeKernel decode_kernel(int64_t M, int64_t in) {
 }
 
 size_t packed_linear_workspace_bytes(rabit_dtype xdt, int64_t M, int K, int64_t in) {
-    return packed_linear_path(xdt, M) == 2 && M > 0 ? gemv_i8_workspace_bytes(K, M, in) : 0;
+    return packed_linear_path(xdt, M) == 2 && M > 0 ? decode_workspace_bytes(K, M, in) : 0;
 }
 
 cudaError_t packed_linear(const void *x, rabit_dtype xdt, int64_t M, const rabit_word_t *packed, const void *g,
@@ -679,8 +679,8 @@ cudaError_t packed_linear(const void *x, rabit_dtype xdt, int64_t M, const rabit
     const int path = packed_linear_path(xdt, M);
     if (path == 0) return launch_decode(x, xdt, M, packed, g, gdt, h, hdt, bias, bdt, K, out, in, y, s);
     if (path == 2)
-        return gemv_i8(x, xdt, M, packed, g, gdt, h, hdt, bias, bdt, K, out, in, y, workspace,
-                       decode_kernel(M, in), s);
+        return decode_gemv(x, xdt, M, packed, g, gdt, h, hdt, bias, bdt, K, out, in, y, workspace,
+                           decode_kernel(M, in), s);
     if (gdt != RABIT_F32 || hdt != RABIT_F32 || (bias && bdt != RABIT_F32)) return cudaErrorInvalidValue;
     PrefillArgs a;
     a.x = x; a.M = M; a.packed = packed;

@@ -60,16 +60,16 @@ size_t packed_linear_workspace_bytes(rabit_dtype xdt, int64_t M, int K, int64_t 
    (fp16/bf16 x, M > kDecodeMaxM), 2 = a decode kernel of fp16/bf16 x (M <= kDecodeMaxM). */
 int packed_linear_path(rabit_dtype xdt, int64_t M);
 
-/* The decode kernels of path 2 (packed_gemv_i8.cu): the int8 MMA one on exact integer digits of x*h (float32-level
+/* The decode kernels of path 2 (packed_decode.cu): the int8 MMA one on exact integer digits of x*h (float32-level
    accuracy), its 1-bit MMA variant (M <= kB1MaxM; bit-identical outputs), and the fp16 MMA one (x*h rounded once
    to fp16: the accuracy of a dense fp16 layer). decode_kernel() is the choice packed_linear makes. */
 enum DecodeKernel { DECODE_I8 = 0, DECODE_B1 = 1, DECODE_F16 = 2 };
 constexpr int kB1MaxM = 2;
 DecodeKernel decode_kernel(int64_t M, int64_t in);
-size_t gemv_i8_workspace_bytes(int K, int64_t M, int64_t in);
-cudaError_t gemv_i8(const void *x, rabit_dtype xdt, int64_t M, const rabit_word_t *packed, const void *g,
-                    rabit_dtype gdt, const void *h, rabit_dtype hdt, const void *bias, rabit_dtype bdt, int K,
-                    int64_t out, int64_t in, void *y, void *workspace, DecodeKernel kern, cudaStream_t stream);
+size_t decode_workspace_bytes(int K, int64_t M, int64_t in);
+cudaError_t decode_gemv(const void *x, rabit_dtype xdt, int64_t M, const rabit_word_t *packed, const void *g,
+                        rabit_dtype gdt, const void *h, rabit_dtype hdt, const void *bias, rabit_dtype bdt, int K,
+                        int64_t out, int64_t in, void *y, void *workspace, DecodeKernel kern, cudaStream_t stream);
 
 }  // namespace rabit_cuda
 

@@ -745,14 +745,14 @@ cudaError_t launch_main_k(const MainArgs &a, DecodeKernel kern, int NT, cudaStre
 
 }  // namespace
 
-size_t gemv_i8_workspace_bytes(int K, int64_t M, int64_t in) {
+size_t decode_workspace_bytes(int K, int64_t M, int64_t in) {
     const size_t gk = static_cast<size_t>((in + kGroupCols - 1) / kGroupCols) * K;
     return gk * (frag_entries(M) * sizeof(uint2) + kScaleSlots * (sizeof(double) + sizeof(float)));
 }
 
-cudaError_t gemv_i8(const void *x, rabit_dtype xdt, int64_t M, const rabit_word_t *packed, const void *g,
-                    rabit_dtype gdt, const void *h, rabit_dtype hdt, const void *bias, rabit_dtype bdt, int K,
-                    int64_t out, int64_t in, void *y, void *workspace, DecodeKernel kern, cudaStream_t s) {
+cudaError_t decode_gemv(const void *x, rabit_dtype xdt, int64_t M, const rabit_word_t *packed, const void *g,
+                        rabit_dtype gdt, const void *h, rabit_dtype hdt, const void *bias, rabit_dtype bdt, int K,
+                        int64_t out, int64_t in, void *y, void *workspace, DecodeKernel kern, cudaStream_t s) {
     if (M < 1 || M > kDecodeMaxM || (kern == DECODE_B1 && M > kB1MaxM) || xdt == RABIT_F32 || K < 1 ||
         K > RABIT_MAX_K)
         return cudaErrorInvalidValue;
