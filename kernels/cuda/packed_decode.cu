@@ -723,17 +723,19 @@ cudaError_t launch_b1_k(const MainArgs &a, cudaStream_t s) {
                     : launch_pdl(gemv_b1_kernel<K, 2>, dim3(blocks), kWarps * 32, 0, a, s);
 }
 
+/* NT: f16_nt(M), the n-tiles the prologue wrote. */
 template <int K>
-cudaError_t launch_f16_k(const MainArgs &a, cudaStream_t s) {
+cudaError_t launch_f16_k(const MainArgs &a, int NT, cudaStream_t s) {
     const unsigned blocks = static_cast<unsigned>((a.out + 15) / 16);
-    return f16_nt(a.M) == 1 ? launch_pdl(gemv_f16_kernel<K, 1>, dim3(blocks), kWarps * 32, 0, a, s)
-                            : launch_pdl(gemv_f16_kernel<K, 2>, dim3(blocks), kWarps * 32, 0, a, s);
+    return NT == 1 ? launch_pdl(gemv_f16_kernel<K, 1>, dim3(blocks), kWarps * 32, 0, a, s)
+                   : launch_pdl(gemv_f16_kernel<K, 2>, dim3(blocks), kWarps * 32, 0, a, s);
 }
 
+/* NT: the n-tiles of the prologue's fragments (decode_gemv), for the int8 and fp16 kernels. */
 template <int K>
 cudaError_t launch_main_k(const MainArgs &a, DecodeKernel kern, int NT, cudaStream_t s) {
     if (kern == DECODE_B1) return launch_b1_k<K>(a, s);
-    if (kern == DECODE_F16) return launch_f16_k<K>(a, s);
+    if (kern == DECODE_F16) return launch_f16_k<K>(a, NT, s);
     switch (NT) {
         case 1: return launch_main_nt<K, 1>(a, s);
         case 2: return launch_main_nt<K, 2>(a, s);
