@@ -8,7 +8,7 @@ Install with `pip install --no-build-isolation -e .` after `pip install torch==2
 Build toggles (environment):
   RABIT_NO_CUDA=1     never build CUDA kernels
   RABIT_FORCE_CUDA=1  build CUDA kernels even if torch reports no CUDA (needs nvcc + CUDA torch headers)
-  TORCH_CUDA_ARCH_LIST  GPU targets (default "8.0;9.0")
+  TORCH_CUDA_ARCH_LIST  GPU targets (default "8.0;9.0a"; 9.0a, H100/H200, enables the wgmma prefill kernel)
   DEBUG=1             -O0 -g
 """
 
@@ -72,7 +72,10 @@ libraries = [("rabit_kernels", {"sources": KERNEL_C, "cflags": C_FLAGS + ["-fPIC
 torch_sources = rel((ROOT / "csrc").glob("*.cpp"))
 torch_defines = DEFINES + [("RABIT_TORCH_VERSION", f'"{torch.__version__}"')]
 if use_cuda:
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    # 9.0a (not plain 9.0): the prefill GEMM's wgmma instructions exist only in the arch-specific sm_90a target
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0a")
+    if "9.0a" in os.environ["TORCH_CUDA_ARCH_LIST"].replace(" ", ";").split(";"):
+        torch_defines = torch_defines + [("RABIT_SM90A", "1")]
     torch_ext = CUDAExtension(
         "rabit._C",
         torch_sources + KERNEL_CU + GLUE_CU,

@@ -1,6 +1,7 @@
 """Benchmark of the rabit CUDA kernels against cuBLAS fp16 (F.linear) measured in the same run.
 
-    python benchmarks/bench_kernels.py [--out DIR] [--quick] [--gemv-only] [--decode-kernels b1,i8,f16]
+    python benchmarks/bench_kernels.py [--out DIR] [--quick] [--gemv-only | --prefill-only]
+        [--decode-kernels b1,i8,f16] [--prefill-kernels wgmma,mma]
 
 Writes bench_kernels_<gpu>_<date>.json (into --out, else $OUT, else benchmarks/results/) and prints a table.
 
@@ -31,7 +32,7 @@ from timing import copy_bandwidth_gbps, device_tag, event_time_us, graph_time_us
 DEV = "cuda"
 POOL_BYTES = 160 << 20  # > 2 x 50 MB of L2
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (12288, 4096), (14336, 4096), (4096, 14336)]  # (out, in)
-MS = [1, 2, 4, 8, 16, 2048]
+MS = [1, 2, 4, 8, 16, 128, 2048]
 K = 2
 
 
@@ -53,16 +54,25 @@ def make_packed(out, in_features, n):
 DECODE_KERNELS = {"b1": 2, "i8": 16, "f16": 16}
 
 
-def decode_kernel_env(name):
-    """Set RABIT_CUDA_DECODE (None: the default dispatch). It is read at each launch, so a graph captured
-    after this call holds that kernel."""
-    if name is None:
-        os.environ.pop("RABIT_CUDA_DECODE", None)
-    else:
-        os.environ["RABIT_CUDA_DECODE"] = name
+# the prefill kernels RABIT_CUDA_PREFILL can force (M > 16): wgmma (sm_90a) and mma.sync (any GPU)
+PREFILL_KERNELS = ("wgmma", "mma")
+KERNEL_ENV = ("RABIT_CUDA_DECODE", "RABIT_CUDA_PREFILL")
 
 
-def bench_linear(out, in_features, quick, max_m=None, kernels=()):
+def kernel_env(name):
+    """Force a decode or prefill kernel by name (None: the default dispatch). The variable is read at each launch,
+    so a graph captured after this call holds that kernel."""
+    for var in KERNEL_ENV:
+        os.environ.pop(var, None)
+    if name is not None:
+        os.environ["RABIT_CUDA_PREFILL" if name in PREFILL_KERNELS else "RABIT_CUDA_DECODE"] = name
+
+
+def kernel_applies(name, m):
+    return m > 16 if name in PREFILL_KERNELS else m <= DECODE_KERNELS[name]
+
+
+def bench_linear(out, in_features, quick, ms, kernels=()):
     res = []
     packed_bytes = K * out * R.words_per_row(in_features) * 4
     scale_bytes = 2 * K * (out + in_features)
@@ -71,33 +81,33 @@ def bench_linear(out, in_features, quick, max_m=None, kernels=()):
     n_dense = max(2, -(-POOL_BYTES // dense_bytes))
     packed_pool = make_packed(out, in_features, min(n_packed, 64))
     dense_pool = [torch.randn(out, in_features, device=DEV).half() * 0.02 for _ in range(n_dense)]
-    for m in (MS if not quick else [1, 8, 2048]):
-        if max_m is not None and m > max_m:
-            continue
+    for m in ms:
         x = torch.randn(m, in_features, device=DEV).half()
         p0, g0, h0 = packed_pool[0]
-        y64 = R.packed_linear(x.cpu(), p0.cpu(), g0.cpu(), h0.cpu(), compute_dtype=torch.float64) if m <= 64 else None
+        # float64 reference: on the CPU where that is quick, else on the GPU
+        on = (lambda t: t.cpu()) if m <= 64 else (lambda t: t)
+        y64 = R.packed_linear(on(x), on(p0), on(g0), on(h0), compute_dtype=torch.float64)
         pool = packed_pool if m < 1024 else packed_pool[:2]
         dpool = dense_pool if m < 1024 else dense_pool[:2]
-        calls, reps = (200, 30) if m < 1024 else (10, 10)
+        calls, reps = (200, 30) if m < 1024 else (20, 20)
 
         def time_rabit(kernel):
-            decode_kernel_env(kernel)
+            kernel_env(kernel)
             try:
                 y = rabit.packed_linear(x, p0, g0, h0)  # correctness guard: never time a wrong kernel
-                rel = None if y64 is None else ((y.cpu().double() - y64).norm() / y64.norm()).item()
-                if rel is not None and not rel < 1e-2:
+                rel = ((y.to(y64.device).double() - y64).norm() / y64.norm()).item()
+                if not rel < 1e-2:
                     raise RuntimeError(f"{out}x{in_features} M={m} kernel {kernel or 'default'}: rel err {rel}")
                 t, sd = graph_time_us([lambda p=p, g=g, h=h: rabit.packed_linear(x, p, g, h) for p, g, h in pool],
                                       min_calls=calls, reps=reps)
             finally:
-                decode_kernel_env(None)
+                kernel_env(None)
             return t, sd, rel
 
         t_r, sd_r, rel = time_rabit(None)
         forced = {}
         for kern in kernels:
-            if m <= DECODE_KERNELS[kern]:
+            if kernel_applies(kern, m):
                 t_k, sd_k, rel_k = time_rabit(kern)
                 forced[kern] = dict(us=round(t_k, 3), sd_us=round(sd_k, 3), rel_err_vs_fp64=rel_k)
         t_c, sd_c = graph_time_us([lambda w=w: F.linear(x, w) for w in dpool], min_calls=calls, reps=reps)
@@ -110,7 +120,7 @@ def bench_linear(out, in_features, quick, max_m=None, kernels=()):
                    path="decode" if m <= 16 else "prefill", rel_err_vs_fp64=rel,
                    pool=(len(pool), len(dpool)))
         if forced:
-            row["decode_kernels_forced"] = forced
+            row["kernels_forced"] = forced
         if m >= 1024:
             row["rabit_TFLOPs"] = round(2 * m * out * in_features / (t_r * 1e-6) / 1e12, 1)
             row["cublas_TFLOPs"] = round(2 * m * out * in_features / (t_c * 1e-6) / 1e12, 1)
@@ -197,16 +207,25 @@ def main():
     ap.add_argument("--out", default=None)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--gemv-only", action="store_true", help="only packed_linear at M <= 16 (no prefill, no QAT)")
+    ap.add_argument("--prefill-only", action="store_true", help="only packed_linear at M > 16 (no decode, no QAT)")
     ap.add_argument("--tag", default="", help="suffix of the JSON file name")
     ap.add_argument("--decode-kernels", default="",
                     help="comma-separated decode kernels to time as well, each forced where it applies: "
                          + ", ".join(f"{k} (M <= {v})" for k, v in DECODE_KERNELS.items()))
+    ap.add_argument("--prefill-kernels", default="",
+                    help=f"comma-separated prefill kernels to time as well (M > 16): {', '.join(PREFILL_KERNELS)}")
     args = ap.parse_args()
     kernels = [k for k in args.decode_kernels.split(",") if k]
     if any(k not in DECODE_KERNELS for k in kernels):
         ap.error(f"--decode-kernels: expected names from {sorted(DECODE_KERNELS)}, got {args.decode_kernels!r}")
-    if "RABIT_CUDA_DECODE" in os.environ:
-        ap.error("unset RABIT_CUDA_DECODE: the default dispatch is the measured one (--decode-kernels times others)")
+    prefill = [k for k in args.prefill_kernels.split(",") if k]
+    if any(k not in PREFILL_KERNELS for k in prefill):
+        ap.error(f"--prefill-kernels: expected names from {list(PREFILL_KERNELS)}, got {args.prefill_kernels!r}")
+    if args.gemv_only and args.prefill_only:
+        ap.error("--gemv-only and --prefill-only exclude each other")
+    if any(v in os.environ for v in KERNEL_ENV):
+        ap.error(f"unset {' and '.join(KERNEL_ENV)}: the default dispatch is the measured one "
+                 "(--decode-kernels / --prefill-kernels time others)")
     torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = True  # cuBLAS default
     prop = torch.cuda.get_device_properties(0)
     info = dict(device=prop.name, sms=prop.multi_processor_count, l2_MB=getattr(prop, "L2_cache_size", 0) / 2**20,
@@ -214,21 +233,29 @@ def main():
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 K=K, scales="float16", x="float16", method=__doc__.split("Method: ")[1].strip(),
                 decode_kernel="default dispatch: 1-bit MMA for M = 1 and in > 7680, fp16 MMA for M >= 5, else int8 MMA "
-                              "(decode_kernels_forced: each forced with RABIT_CUDA_DECODE where it applies)")
+                              "(kernels_forced: each forced with RABIT_CUDA_DECODE where it applies)",
+                prefill_kernel="default dispatch: wgmma on sm_90a builds and compute capability 9.0, else mma.sync "
+                               "(kernels_forced: each forced with RABIT_CUDA_PREFILL for M > 16)")
     print(f"{info['device']}, torch {info['torch']}, CUDA {info['cuda']}", flush=True)
     bw = copy_bandwidth_gbps(DEV)
     info["copy_GBps"] = round(bw, 1)
     print(f"device-to-device copy: {bw:.0f} GB/s (read + write)", flush=True)
     shapes = SHAPES if not args.quick else SHAPES[:2]
     linear = []
+    ms = MS if not args.quick else [1, 8, 2048]
+    if args.gemv_only:
+        ms = [m for m in ms if m <= 16]
+    if args.prefill_only:
+        ms = [m for m in ms if m > 16]
     for out, in_features in shapes:
-        linear += bench_linear(out, in_features, args.quick, max_m=16 if args.gemv_only else None, kernels=kernels)
+        linear += bench_linear(out, in_features, args.quick, ms, kernels=kernels + prefill)
     for r in linear:
         if r["M"] == 1:
             r["rabit_pct_copy_bw"] = round(100 * r["rabit_GBps"] / bw, 1)
             r["cublas_pct_copy_bw"] = round(100 * r["cublas_GBps"] / bw, 1)
-    ops = [] if args.gemv_only else [bench_ops(4096, 4096), bench_ops(11008, 4096)]
-    qat = [] if args.gemv_only else [bench_qat(4096, 4096, 2048)] + ([] if args.quick else [bench_qat(11008, 4096, 2048)])
+    only = args.gemv_only or args.prefill_only
+    ops = [] if only else [bench_ops(4096, 4096), bench_ops(11008, 4096)]
+    qat = [] if only else [bench_qat(4096, 4096, 2048)] + ([] if args.quick else [bench_qat(11008, 4096, 2048)])
     result = dict(info=info, packed_linear=linear, qat_ops=ops, qat_step=qat)
 
     gpu = device_tag(prop.name)

@@ -75,5 +75,10 @@ extern "C" PyObject *PyInit__C(void) {
 #else
     PyModule_AddIntConstant(m, "WITH_CUDA", 0);
 #endif
+#ifdef RABIT_SM90A
+    PyModule_AddIntConstant(m, "WITH_SM90A", 1);  // the wgmma prefill kernel is built (packed_prefill.cu)
+#else
+    PyModule_AddIntConstant(m, "WITH_SM90A", 0);
+#endif
     return m;
 }

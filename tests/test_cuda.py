@@ -157,6 +157,24 @@ PL_SHAPES = [(1, 1), (3, 33), (7, 31), (13, 95), (31, 127), (64, 129), (33, 257)
 HALF_DECODE_KERNELS = ("i8", "f16")
 
 
+def _wgmma_runs():
+    """The wgmma prefill kernel is built (sm_90a) and this GPU can run it (compute capability 9.0)."""
+    return bool(rabit._C.WITH_SM90A) and torch.cuda.get_device_capability() == (9, 0)
+
+
+def _prefill_kernels():
+    """The prefill kernels of fp16/bf16 x (M > 16), forced with RABIT_CUDA_PREFILL (test_prefill_dispatch)."""
+    return ("mma", "wgmma") if _wgmma_runs() else ("mma",)
+
+
+def _half_kernels(m, in_features):
+    """(env var, kernel) pairs of the CUDA kernels that may run packed_linear for fp16/bf16 x at this M."""
+    if m <= 16:
+        return [("RABIT_CUDA_DECODE", k) for k in HALF_DECODE_KERNELS]
+    # wgmma takes rows of 16-byte-aligned x only (in % 8 == 0)
+    return [("RABIT_CUDA_PREFILL", k) for k in _prefill_kernels() if k == "mma" or in_features % 8 == 0]
+
+
 @pytest.mark.parametrize("shape", PL_SHAPES, ids=shape_id)
 @pytest.mark.parametrize("m", [1, 2, 3, 8, 16, 17, 64, 200])
 @pytest.mark.parametrize("xdtype", FLOAT_DTYPES, ids=dtype_id)
@@ -166,16 +184,17 @@ def test_packed_linear_vs_reference(shape, m, xdtype, monkeypatch):
     w, g, h = random_layer(out, in_features, k)
     _, packed = rabit.residual_binarize(w, g, h)
     x = torch.randn(m, in_features).to(xdtype)
-    kernels = HALF_DECODE_KERNELS if xdtype != torch.float32 and m <= 16 else (None,)
-    for scales, kernel in itertools.product((torch.float32, torch.float16, torch.bfloat16), kernels):
+    kernels = _half_kernels(m, in_features) if xdtype != torch.float32 else [(None, None)]
+    for scales, (var, kernel) in itertools.product((torch.float32, torch.float16, torch.bfloat16), kernels):
         gs, hs = g.to(scales), h.to(scales)
         bias = torch.randn(out).to(scales) if (m + len(str(scales))) % 2 else None
         if kernel:
-            monkeypatch.setenv("RABIT_CUDA_DECODE", kernel)
+            monkeypatch.setenv(var, kernel)
         _poison()
         y = rabit.packed_linear(x.to(DEV), packed.to(DEV), gs.to(DEV), hs.to(DEV),
                                 None if bias is None else bias.to(DEV))
-        monkeypatch.delenv("RABIT_CUDA_DECODE", raising=False)
+        if kernel:
+            monkeypatch.delenv(var)
         assert y.dtype == xdtype and y.shape == (m, out)
         y = y.cpu()
         assert torch.isfinite(y).all()
@@ -190,7 +209,7 @@ def test_packed_linear_vs_reference(shape, m, xdtype, monkeypatch):
             assert_float_close(y, R.packed_linear(*args), y64, f"packed_linear m={m}",
                                _abs_terms(x, gs, hs, bias), k * in_features)
         else:
-            # prefill kernel: a dense tensor-core GEMM on Ŵ held in x's dtype; as accurate as the dense layer
+            # prefill kernels: a dense tensor-core GEMM on Ŵ held in x's dtype; as accurate as the dense layer
             signs = R.unpack_signs(packed, in_features)
             what_low = R.dequantize(signs, gs, hs).to(xdtype)
             ref_low = x.float() @ what_low.float().T
@@ -299,6 +318,65 @@ def test_decode_dispatch(xdtype, monkeypatch):
         assert forcing_works, (out, in_features)
 
 
+PREFILL_SHAPES = [(130, 512), (17, 2080), (100, 1000), (257, 64), (300, 136), (64, 4104), (9, 8)]
+
+
+@pytest.mark.parametrize("shape", PREFILL_SHAPES, ids=shape_id)
+@pytest.mark.parametrize("m", [17, 128, 129, 300])
+@pytest.mark.parametrize("xdtype", [torch.float16, torch.bfloat16], ids=dtype_id)
+def test_prefill_kernels_form_what_exactly(shape, m, xdtype, monkeypatch):
+    """Each x row a one-hot vector: y[m] must be column j(m) of Ŵ rounded to x's dtype (+ bias), bit for bit, since
+    the kernels form Ŵ exactly as rabit.reference.dequantize does and every other product is 0. This pins the
+    weight-fragment layout, the swizzled x tiles and the row/column/token edges of both prefill kernels."""
+    out, in_features = shape
+    k = 1 + (m + out) % 4
+    w, g, h = random_layer(out, in_features, k)
+    _, packed = rabit.residual_binarize(w, g, h)
+    what = R.dequantize(R.unpack_signs(packed, in_features), g, h).to(xdtype)
+    cols = (torch.arange(m) * 7 + 3) % in_features
+    x = torch.zeros(m, in_features)
+    x[torch.arange(m), cols] = 1.0
+    bias = torch.randn(out) if m % 2 else None
+    expect = what[:, cols].T.float() + (bias if bias is not None else 0.0)
+    for var, kernel in _half_kernels(m, in_features):
+        monkeypatch.setenv(var, kernel)
+        _poison()
+        y = rabit.packed_linear(x.to(xdtype).to(DEV), packed.to(DEV), g.to(DEV), h.to(DEV),
+                                None if bias is None else bias.to(DEV))
+        monkeypatch.delenv(var)
+        assert torch.equal(y.cpu(), expect.to(xdtype)), (kernel, (y.cpu().float() - expect).abs().max().item())
+
+
+@pytest.mark.parametrize("xdtype", [torch.float16, torch.bfloat16], ids=dtype_id)
+def test_prefill_dispatch(xdtype, monkeypatch):
+    """The default prefill kernel is wgmma where it runs (sm_90a build, compute capability 9.0, 16-byte-aligned x
+    rows), else mma.sync, bit for bit; the two agree bit for bit; forcing wgmma where it cannot run is an error."""
+    out, in_features, m = 200, 2080, 150
+    w, g, h = random_layer(out, in_features, 2)
+    _, packed = rabit.residual_binarize(w, g, h)
+    args = [t.to(DEV) for t in (packed, g.half(), h.half())]
+    x = torch.randn(m, in_features, device=DEV).to(xdtype)
+    # the same values at an address 2 bytes past a 16-byte boundary: the wgmma kernel's 16-byte copies cannot read it
+    x_off = torch.empty(m * in_features + 1, device=DEV, dtype=xdtype)[1:].view(m, in_features)
+    x_off.copy_(x)
+    forced = {}
+    for kernel in _prefill_kernels():
+        monkeypatch.setenv("RABIT_CUDA_PREFILL", kernel)
+        forced[kernel] = rabit.packed_linear(x, *args)
+    monkeypatch.setenv("RABIT_CUDA_PREFILL", "mma")
+    forced_off = rabit.packed_linear(x_off, *args)
+    monkeypatch.delenv("RABIT_CUDA_PREFILL")
+    assert torch.equal(rabit.packed_linear(x, *args), forced["wgmma" if _wgmma_runs() else "mma"]), "aligned x"
+    assert torch.equal(rabit.packed_linear(x_off, *args), forced_off), "misaligned x"
+    if _wgmma_runs():
+        # the same Ŵ and the same x, summed in float32 in the same 16-column steps of the tensor cores: on H100 and
+        # H200 the two kernels agree bit for bit (2026-11-26)
+        assert torch.equal(forced["wgmma"], forced["mma"])
+        monkeypatch.setenv("RABIT_CUDA_PREFILL", "wgmma")
+        with pytest.raises(RuntimeError, match="RABIT_CUDA_PREFILL=wgmma"):
+            rabit.packed_linear(x_off, *args)
+
+
 def test_packed_linear_large_and_graph_capture():
     torch.manual_seed(0)
     out, in_features = 4096, 4096
@@ -315,7 +393,7 @@ def test_packed_linear_large_and_graph_capture():
     assert_float_close(dg.cpu(), rdg, dg64, "dg 4096^2")
     assert_float_close(dh.cpu(), rdh, dh64, "dh 4096^2")
     gs, hs = g.half(), h.half()
-    for m in (1, 4, 16, 64):
+    for m in (1, 4, 16, 64, 300):
         x = torch.randn(m, in_features, device=DEV).half()
         y = rabit.packed_linear(x, packed, gs, hs)
         y64 = R.packed_linear(x.cpu(), packed_c, gs.cpu(), hs.cpu(), compute_dtype=torch.float64)

@@ -12,10 +12,7 @@
  *   16-byte loads of x and h. All K paths run in one kernel over one read of the bit planes; g is
  *   applied in the epilogue.
  *
- * prefill (fp16/bf16 x, M > 16): a tiled tensor-core GEMM y = x * What^T whose weight tile What[o][j] =
- *   sum_k g_k[o] B_k[o][j] h_k[j] is expanded from the bits (float32, rounded once to x's dtype) into
- *   shared memory, one 128x32 tile per k-step; x tiles arrive by cp.async. Accuracy is that of a dense
- *   fp16/bf16 layer holding What in x's dtype.
+ * prefill (fp16/bf16 x, M > 16): packed_prefill.cu.
  */
 #include <cuda_runtime.h>
 
@@ -28,15 +25,6 @@
 namespace rabit_cuda {
 
 namespace {
-
-__device__ __forceinline__ void mma_bf16(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
-                                         uint32_t b0, uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
 
 /* Two bf16 +-1 from bits (15 - sh) and (31 - sh) of w after the shift: set bit = +1. */
 __device__ __forceinline__ uint32_t pm1_pair(uint32_t w, int sh) {
@@ -338,212 +326,6 @@ __global__ void __launch_bounds__(256, 2) decode_kernel(const DecodeArgs a) {
     }
 }
 
-/* ------------------------------------------------------------------------------------------------ prefill */
-constexpr int PF_BM = 256, PF_BN = 128, PF_BK = 32, PF_LD = PF_BK + 8;  // smem row stride in halves (80 B)
-constexpr int PF_SMEM = 2 * (PF_BM + PF_BN) * PF_LD * 2;                  // bytes, two stages
-
-struct PrefillArgs {
-    const void *x;
-    int64_t M;
-    const rabit_word_t *packed;
-    const float *g, *h, *bias;
-    void *y;
-    int64_t out, in, nw;
-    int xvec;  // x rows 16-byte aligned (in % 8 == 0)
-};
-
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void *p) {
-    const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(p));
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(s));
-}
-
-__device__ __forceinline__ void cp_async16(void *dst, const void *src, int src_bytes) {
-    const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(dst));
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(src), "r"(src_bytes));
-}
-__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::); }
-
-template <typename T>
-__device__ __forceinline__ uint32_t pack2(float lo, float hi);
-template <>
-__device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
-    const __half2 v = __floats2half2_rn(lo, hi);
-    return *reinterpret_cast<const uint32_t *>(&v);
-}
-template <>
-__device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
-    const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<const uint32_t *>(&v);
-}
-
-/* 256 threads = 8 warps as 4 (M) x 2 (N); warp tile 64 x 64; mma m16n8k16 with float32 accumulation. */
-template <typename T, int K>
-__global__ void __launch_bounds__(256, 1) prefill_kernel(const PrefillArgs a) {
-    extern __shared__ __align__(16) unsigned char smem_raw[];
-    T *As = reinterpret_cast<T *>(smem_raw);   // [2][BM][LD]
-    T *Ws = As + 2 * PF_BM * PF_LD;            // [2][BN][LD]
-    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    const int wm = warp >> 1, wn = warp & 1;
-    const int64_t m_base = static_cast<int64_t>(blockIdx.y) * PF_BM;
-    const int64_t n_base = static_cast<int64_t>(blockIdx.x) * PF_BN;
-    const int64_t in = a.in, nw = a.nw;
-    const int nk = static_cast<int>((in + PF_BK - 1) / PF_BK);
-    const T *x = static_cast<const T *>(a.x);
-
-    // weight-tile role of this thread: row wr_ (of BN), 16 columns starting at wc_
-    const int wr_ = tid >> 1, wc_ = (tid & 1) * 16;
-    const int64_t wo = n_base + wr_;
-    const bool wvalid = wo < a.out;
-    float gk[K];
-#pragma unroll
-    for (int k = 0; k < K; k++) gk[k] = wvalid ? __ldg(a.g + k * a.out + wo) : 0.0f;
-
-    auto load_x = [&](int kt, int st) {
-        const int64_t kk = static_cast<int64_t>(kt) * PF_BK;
-#pragma unroll
-        for (int i = 0; i < (PF_BM * PF_BK / 8) / 256; i++) {
-            const int c = tid + i * 256;
-            const int r = c >> 2, c8 = (c & 3) * 8;
-            T *dst = As + (st * PF_BM + r) * PF_LD + c8;
-            const int64_t m = m_base + r, col = kk + c8;
-            if (a.xvec) {
-                const bool ok = m < a.M && col < in;
-                cp_async16(dst, ok ? static_cast<const void *>(x + m * in + col) : static_cast<const void *>(x), ok ? 16 : 0);
-            } else {
-                uint16_t v[8];
-#pragma unroll
-                for (int e = 0; e < 8; e++)
-                    v[e] = (m < a.M && col + e < in) ? reinterpret_cast<const uint16_t *>(x)[m * in + col + e] : 0;
-                *reinterpret_cast<uint4 *>(dst) =
-                    make_uint4(v[0] | (uint32_t(v[1]) << 16), v[2] | (uint32_t(v[3]) << 16),
-                               v[4] | (uint32_t(v[5]) << 16), v[6] | (uint32_t(v[7]) << 16));
-            }
-        }
-    };
-    auto load_bits = [&](int kt, uint32_t (&bw)[K]) {
-#pragma unroll
-        for (int k = 0; k < K; k++) bw[k] = wvalid ? (__ldg(a.packed + (k * a.out + wo) * nw + kt) >> wc_) : 0u;
-    };
-    auto dequant = [&](int kt, const uint32_t (&bw)[K], int st) {
-        const int64_t c0 = static_cast<int64_t>(kt) * PF_BK + wc_;
-        float v[16];
-#pragma unroll
-        for (int e = 0; e < 16; e++) v[e] = 0.0f;
-#pragma unroll
-        for (int k = 0; k < K; k++) {
-            float hv[16];
-            if (c0 + 16 <= in) {
-                const float4 *hp = reinterpret_cast<const float4 *>(a.h + k * in + c0);
-                if ((reinterpret_cast<uintptr_t>(hp) & 15) == 0) {
-#pragma unroll
-                    for (int e = 0; e < 4; e++) {
-                        const float4 f = __ldg(hp + e);
-                        hv[4 * e] = f.x; hv[4 * e + 1] = f.y; hv[4 * e + 2] = f.z; hv[4 * e + 3] = f.w;
-                    }
-                } else {
-#pragma unroll
-                    for (int e = 0; e < 16; e++) hv[e] = __ldg(a.h + k * in + c0 + e);
-                }
-            } else {
-#pragma unroll
-                for (int e = 0; e < 16; e++) hv[e] = (c0 + e < in) ? __ldg(a.h + k * in + c0 + e) : 0.0f;
-            }
-            const uint32_t gbits = __float_as_uint(gk[k]);
-#pragma unroll
-            for (int e = 0; e < 16; e++) {
-                // +-g_k by the sign bit (bit clear = -1), then one fused multiply-add per path
-                const float sg = __uint_as_float(gbits ^ ((~bw[k] << (31 - e)) & 0x80000000u));
-                v[e] = __fmaf_rn(sg, hv[e], v[e]);
-            }
-        }
-        uint32_t p[8];
-#pragma unroll
-        for (int e = 0; e < 8; e++) p[e] = pack2<T>(v[2 * e], v[2 * e + 1]);
-        uint4 *dst = reinterpret_cast<uint4 *>(Ws + (st * PF_BN + wr_) * PF_LD + wc_);
-        dst[0] = make_uint4(p[0], p[1], p[2], p[3]);
-        dst[1] = make_uint4(p[4], p[5], p[6], p[7]);
-    };
-
-    float acc[4][8][4];
-#pragma unroll
-    for (int i = 0; i < 4; i++)
-#pragma unroll
-        for (int j = 0; j < 8; j++)
-#pragma unroll
-            for (int e = 0; e < 4; e++) acc[i][j][e] = 0.0f;
-
-    uint32_t bw[K];
-    load_x(0, 0);
-    load_bits(0, bw);
-    dequant(0, bw, 0);
-    cp_async_wait_all();
-    __syncthreads();
-
-    for (int kt = 0; kt < nk; kt++) {
-        const int st = kt & 1;
-        const bool more = kt + 1 < nk;
-        if (more) {
-            load_x(kt + 1, st ^ 1);
-            load_bits(kt + 1, bw);
-        }
-#pragma unroll
-        for (int ks = 0; ks < PF_BK; ks += 16) {
-            uint32_t af[4][4], bf[8][2];
-#pragma unroll
-            for (int mt = 0; mt < 4; mt++)
-                ldmatrix_x4(af[mt], As + (st * PF_BM + wm * 64 + mt * 16 + (lane & 15)) * PF_LD + ks + (lane >> 4) * 8);
-#pragma unroll
-            for (int np = 0; np < 4; np++) {
-                uint32_t r[4];
-                ldmatrix_x4(r, Ws + (st * PF_BN + wn * 64 + np * 16 + (lane & 7) + (lane >> 4) * 8) * PF_LD + ks +
-                                   ((lane >> 3) & 1) * 8);
-                bf[2 * np][0] = r[0];
-                bf[2 * np][1] = r[1];
-                bf[2 * np + 1][0] = r[2];
-                bf[2 * np + 1][1] = r[3];
-            }
-#pragma unroll
-            for (int mt = 0; mt < 4; mt++)
-#pragma unroll
-                for (int nt = 0; nt < 8; nt++) {
-                    if (DT<T>::code == RABIT_BF16)
-                        mma_bf16(acc[mt][nt], af[mt][0], af[mt][1], af[mt][2], af[mt][3], bf[nt][0], bf[nt][1]);
-                    else
-                        mma_f16(acc[mt][nt], af[mt][0], af[mt][1], af[mt][2], af[mt][3], bf[nt][0], bf[nt][1]);
-                }
-        }
-        if (more) dequant(kt + 1, bw, st ^ 1);
-        cp_async_wait_all();
-        __syncthreads();
-    }
-
-    // epilogue: + bias, round to T
-    const int g = lane >> 2, t = lane & 3;
-    T *y = static_cast<T *>(a.y);
-#pragma unroll
-    for (int nt = 0; nt < 8; nt++) {
-        const int64_t o = n_base + wn * 64 + nt * 8 + 2 * t;
-        const float b0 = (a.bias && o < a.out) ? __ldg(a.bias + o) : 0.0f;
-        const float b1 = (a.bias && o + 1 < a.out) ? __ldg(a.bias + o + 1) : 0.0f;
-#pragma unroll
-        for (int mt = 0; mt < 4; mt++)
-#pragma unroll
-            for (int hh = 0; hh < 2; hh++) {
-                const int64_t m = m_base + wm * 64 + mt * 16 + g + hh * 8;
-                if (m >= a.M) continue;
-                const float v0 = acc[mt][nt][2 * hh] + b0, v1 = acc[mt][nt][2 * hh + 1] + b1;
-                if (o + 1 < a.out && ((a.out & 1) == 0)) {
-                    *reinterpret_cast<uint32_t *>(y + m * a.out + o) = pack2<T>(v0, v1);
-                } else {
-                    if (o < a.out) st_any(y, DT<T>::code, m * a.out + o, v0);
-                    if (o + 1 < a.out) st_any(y, DT<T>::code, m * a.out + o + 1, v1);
-                }
-            }
-    }
-}
-
 /* ------------------------------------------------------------------------------------------------ host */
 template <int K, int NT, int WPT>
 cudaError_t launch_decode_t(DecodeArgs a, int smem, unsigned gx, unsigned gz, cudaStream_t s) {
@@ -617,27 +399,6 @@ cudaError_t launch_decode(const void *x, rabit_dtype xdt, int64_t M, const rabit
     return cudaErrorInvalidValue;
 }
 
-template <typename T, int K>
-cudaError_t launch_prefill_t(const PrefillArgs &a, cudaStream_t s) {
-    static bool attr_set[64] = {};  // per instantiation and device
-    const cudaError_t e = set_smem_limit_once(prefill_kernel<T, K>, PF_SMEM, attr_set);
-    if (e != cudaSuccess) return e;
-    const dim3 grid(static_cast<unsigned>((a.out + PF_BN - 1) / PF_BN), static_cast<unsigned>((a.M + PF_BM - 1) / PF_BM));
-    prefill_kernel<T, K><<<grid, 256, PF_SMEM, s>>>(a);
-    return cudaGetLastError();
-}
-
-template <typename T>
-cudaError_t launch_prefill_k(const PrefillArgs &a, int K, cudaStream_t s) {
-    switch (K) {
-        case 1: return launch_prefill_t<T, 1>(a, s);
-        case 2: return launch_prefill_t<T, 2>(a, s);
-        case 3: return launch_prefill_t<T, 3>(a, s);
-        case 4: return launch_prefill_t<T, 4>(a, s);
-    }
-    return cudaErrorInvalidValue;
-}
-
 }  // namespace
 
 int packed_linear_path(rabit_dtype xdt, int64_t M) {
@@ -682,13 +443,8 @@ cudaError_t packed_linear(const void *x, rabit_dtype xdt, int64_t M, const rabit
         return decode_gemv(x, xdt, M, packed, g, gdt, h, hdt, bias, bdt, K, out, in, y, workspace,
                            decode_kernel(M, in), s);
     if (gdt != RABIT_F32 || hdt != RABIT_F32 || (bias && bdt != RABIT_F32)) return cudaErrorInvalidValue;
-    PrefillArgs a;
-    a.x = x; a.M = M; a.packed = packed;
-    a.g = static_cast<const float *>(g); a.h = static_cast<const float *>(h); a.bias = static_cast<const float *>(bias);
-    a.y = y; a.out = out; a.in = in; a.nw = RABIT_WORDS(in);
-    a.xvec = (in % 8 == 0) && (reinterpret_cast<uintptr_t>(x) % 16 == 0);
-    if (xdt == RABIT_F16) return launch_prefill_k<__half>(a, K, s);
-    return launch_prefill_k<__nv_bfloat16>(a, K, s);
+    return packed_prefill(x, xdt, M, packed, static_cast<const float *>(g), static_cast<const float *>(h),
+                          static_cast<const float *>(bias), K, out, in, y, s);
 }
 
 }  // namespace rabit_cuda

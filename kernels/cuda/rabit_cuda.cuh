@@ -27,9 +27,9 @@ constexpr int kBwdCols = 256;
 constexpr int kBwdRows = 128;
 size_t backward_workspace_doubles(int K, int64_t out, int64_t in);
 
-/* For fp16/bf16 x: a decode kernel for M <= kDecodeMaxM (decode_kernel() says which), the dequantised-tile
-   tensor-core GEMM ("prefill") above. For float32 x: the bf16-split decode kernel at every M (chunks of
-   kDecodeMaxM rows). */
+/* For fp16/bf16 x: a decode kernel for M <= kDecodeMaxM (decode_kernel() says which), a tensor-core GEMM on Ŵ
+   formed from the bits ("prefill", packed_prefill.cu: wgmma on sm_90a, else mma.sync) above. For float32 x: the
+   bf16-split decode kernel at every M (chunks of kDecodeMaxM rows). */
 constexpr int kDecodeMaxM = 16;
 
 /* flag: device int, zeroed by the caller; receives FLAG_* bits (null: not checked). what or packed may be null. */
@@ -55,6 +55,11 @@ cudaError_t packed_linear(const void *x, rabit_dtype xdt, int64_t M, const rabit
                           rabit_dtype gdt, const void *h, rabit_dtype hdt, const void *bias, rabit_dtype bdt, int K,
                           int64_t out, int64_t in, void *y, void *workspace, cudaStream_t stream);
 size_t packed_linear_workspace_bytes(rabit_dtype xdt, int64_t M, int K, int64_t in);
+
+/* The prefill path (packed_prefill.cu): g, h, bias float32 [K][out], [K][in], [out] (bias nullable). */
+cudaError_t packed_prefill(const void *x, rabit_dtype xdt, int64_t M, const rabit_word_t *packed, const float *g,
+                           const float *h, const float *bias, int K, int64_t out, int64_t in, void *y,
+                           cudaStream_t stream);
 
 /* Which packed_linear path a call with these arguments takes: 0 = decode (float32 x), 1 = prefill
    (fp16/bf16 x, M > kDecodeMaxM), 2 = a decode kernel of fp16/bf16 x (M <= kDecodeMaxM). */
