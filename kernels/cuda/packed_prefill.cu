@@ -43,7 +43,8 @@ struct PrefillArgs {
     const float *g, *h, *bias;
     void *y;
     int64_t out, in, nw;
-    int xvec;  // x rows 16-byte aligned (in % 8 == 0)
+    int xvec;     // x rows 16-byte aligned (in % 8 == 0)
+    int nw_even;  // bit rows hold an even number of words: a row's k-block pair is 8-byte aligned
 };
 
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void *p) {
@@ -243,7 +244,9 @@ __global__ void __launch_bounds__(256, 1) prefill_kernel(const PrefillArgs a) {
 /* ---------------------------------------------------------------------------------------------- wgmma (sm_90a) */
 constexpr int WG_BM = 128;    // weight rows per block: two warpgroups of 64
 constexpr int WG_BK = 64;     // columns per k-block: one 128-byte swizzle row of x per token
-constexpr int WG_STAGES = 5;  // x/h stages in shared memory; loads run WG_STAGES - 2 k-blocks ahead
+constexpr int WG_STAGES = 5;  // stages of x, h and bits in shared memory
+constexpr int WG_THREADS = 384;  // a producer warpgroup and two consumer warpgroups
+constexpr int WG_PRODUCER_REGS = 24, WG_CONSUMER_REGS = 240;
 
 template <int K, int NB>
 struct WgLayout {
@@ -263,10 +266,24 @@ __device__ __forceinline__ void cp_async16_s(uint32_t dst, const void *src, int 
 __device__ __forceinline__ void cp_async4_s(uint32_t dst, const void *src, int src_bytes) {
     asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes));
 }
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+__device__ __forceinline__ void cp_async8_s(uint32_t dst, const void *src, int src_bytes) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes));
+}
+/* Arrives on the mbarrier once all of this thread's earlier cp.async copies have landed (counted in its init). */
+__device__ __forceinline__ void cp_async_arrive_noinc(uint32_t bar) {
+    asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
+/* Register budgets of the producer and consumer warpgroups (setmaxnreg: 24 + 2 x 240 <= 3 x 168, the entry cap). */
 template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+__device__ __forceinline__ void setmaxnreg_dec() {
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(N));
+}
+template <int N>
+__device__ __forceinline__ void setmaxnreg_inc() {
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(N));
 }
 /* The x tiles come by the tensor memory accelerator (TMA), each stage's arrival counted in bytes on an mbarrier.
    (Loaded by cp.async from all threads they held the loop to ~1,000 cycles per k-block on an H100, as long as the
@@ -354,12 +371,18 @@ __device__ __forceinline__ void wgmma_n128(float (&d)[64], const uint32_t (&a)[4
 }
 #endif  // RABIT_DEVICE_WGMMA
 
-/* 256 threads = two warpgroups; warp w builds and multiplies weight rows 16w .. 16w + 15 of the block's 128. */
+/* 384 threads = three warpgroups. Warpgroup 0 is the producer: it loads each stage (x by TMA, h and the bit words by
+   cp.async) once the consumers have released it. Warpgroups 1 and 2 are the consumers: each owns 64 of
+   the block's 128 weight rows, builds their Ŵ and runs the wgmmas, and neither waits for the other (no block-wide
+   barrier in the loop). */
 template <typename T, int K, int NB>
-__global__ void __launch_bounds__(256, 1) prefill_wgmma_kernel(const PrefillArgs a, const __grid_constant__ CUtensorMap tmx) {
+__global__ void __launch_bounds__(WG_THREADS, 1) prefill_wgmma_kernel(const PrefillArgs a,
+                                                                      const __grid_constant__ CUtensorMap tmx) {
 #ifdef RABIT_DEVICE_WGMMA
     using L = WgLayout<K, NB>;
-    __shared__ __align__(8) uint64_t xfull[WG_STAGES];  // per stage: its x tile has landed
+    // per stage: full (x landed: the TMA's bytes, and the producer's 128 cp.async arrivals for h and bits) and
+    // empty (both consumer warpgroups are done with it)
+    __shared__ __align__(8) uint64_t full[WG_STAGES], empty[WG_STAGES];
     extern __shared__ __align__(16) unsigned char smem_raw[];
     const uint32_t raw_s = smem_u32(smem_raw);
     unsigned char *base = smem_raw + (((raw_s + 1023u) & ~1023u) - raw_s);  // the swizzle needs 1024-byte alignment
@@ -367,12 +390,14 @@ __global__ void __launch_bounds__(256, 1) prefill_wgmma_kernel(const PrefillArgs
     const float *hsm = reinterpret_cast<const float *>(base + WG_STAGES * L::x_stage);  // [S][K][WG_BK]
     const uint2 *bsm = reinterpret_cast<const uint2 *>(base + WG_STAGES * (L::x_stage + L::h_stage));  // [S][K][BM]
 
-    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    const int gq = lane >> 2, t = lane & 3;
-    const uint32_t bar_s = smem_u32(xfull);
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, wg = warp >> 2;
+    const uint32_t full_s = smem_u32(full), empty_s = smem_u32(empty);
     if (tid == 0) {
 #pragma unroll
-        for (int s = 0; s < WG_STAGES; s++) mbar_init(bar_s + 8 * s, 1);
+        for (int s = 0; s < WG_STAGES; s++) {
+            mbar_init(full_s + 8 * s, 1 + 128);
+            mbar_init(empty_s + 8 * s, 2);
+        }
         mbar_fence_init();
     }
     __syncthreads();
@@ -381,9 +406,51 @@ __global__ void __launch_bounds__(256, 1) prefill_wgmma_kernel(const PrefillArgs
     const int64_t in = a.in, nw = a.nw, out = a.out;
     const int nk = static_cast<int>((in + WG_BK - 1) / WG_BK);
 
-    // this thread's two rows of What (rows gq and gq + 8 of its warp's 16: the A fragment's rows)
+    if (wg == 0) {  // ------------------------------------------------------------------------------ producer
+        setmaxnreg_dec<WG_PRODUCER_REGS>();
+        // all 128 threads copy (one warp alone was slower than the consumers: measured): thread r takes row r's bit
+        // words of every path, the first K x 16 threads one 16-byte piece of h each, thread 0 the TMA of x
+        const int r = tid;
+        const int64_t o = o_base + r;
+        for (int kb = 0; kb < nk; kb++) {
+            const int st = kb % WG_STAGES;
+            if (kb >= WG_STAGES) mbar_wait(empty_s + 8 * st, (kb / WG_STAGES - 1) & 1);
+            const int64_t col0 = static_cast<int64_t>(kb) * WG_BK;
+            const uint32_t bar = full_s + 8 * st;
+            if (r == 0) {  // the whole box counts, the zero-filled part past the tensor's edges too
+                mbar_expect_tx(bar, L::x_stage);
+                tma_load_2d(xs_s + st * L::x_stage, &tmx, static_cast<int>(col0), static_cast<int>(n_base), bar);
+            }
+            if (r < K * 16) {  // h (zero past `in`)
+                const int k = r >> 4, q = r & 15;
+                const int64_t col = col0 + q * 4;
+                const bool ok = col < in;
+                cp_async16_s(smem_u32(hsm + (st * K + k) * WG_BK + q * 4),
+                             ok ? static_cast<const void *>(a.h + k * in + col) : a.h, ok ? 16 : 0);
+            }
+            // bit words 2 kb, 2 kb + 1 of row r, every path (zero past the last row or word); not unrolled: the
+            // producer lives on WG_PRODUCER_REGS registers
+            const int64_t w0 = 2 * static_cast<int64_t>(kb);
+#pragma unroll 1
+            for (int k = 0; k < K; k++) {
+                const rabit_word_t *src = a.packed + (k * out + o) * nw + w0;
+                const uint32_t dst = smem_u32(bsm + (st * K + k) * WG_BM + r);
+                if (a.nw_even) {  // the pair is 8-byte aligned, and both words exist
+                    cp_async8_s(dst, o < out ? static_cast<const void *>(src) : a.packed, o < out ? 8 : 0);
+                } else {
+                    const bool ok0 = o < out, ok1 = o < out && w0 + 1 < nw;
+                    cp_async4_s(dst, ok0 ? static_cast<const void *>(src) : a.packed, ok0 ? 4 : 0);
+                    cp_async4_s(dst + 4, ok1 ? static_cast<const void *>(src + 1) : a.packed, ok1 ? 4 : 0);
+                }
+            }
+            cp_async_arrive_noinc(bar);  // arrives when this thread's copies have landed
+        }
+    } else {  // --------------------------------------------------------------------------------------------- consumers
+    setmaxnreg_inc<WG_CONSUMER_REGS>();
+    const int gq = lane >> 2, t = lane & 3;
+    const int rloc = (wg - 1) * 64 + (warp & 3) * 16 + gq;  // this thread's first row in the block (the second: + 8)
     int64_t row[2];
-    row[0] = o_base + warp * 16 + gq;
+    row[0] = o_base + rloc;
     row[1] = row[0] + 8;
     uint32_t gbits[2][K];  // g_k[row] (0 past the last row, so those rows of What are 0)
 #pragma unroll
@@ -391,37 +458,6 @@ __global__ void __launch_bounds__(256, 1) prefill_wgmma_kernel(const PrefillArgs
 #pragma unroll
         for (int k = 0; k < K; k++) gbits[i][k] = row[i] < out ? __float_as_uint(__ldg(a.g + k * out + row[i])) : 0u;
 
-    // x, h and the bit words of k-block kb into stage kb % S; columns past `in` and tokens past M are zero-filled, so
-    // they add 0 (the bits come through shared memory too: read straight from device memory into registers, their
-    // latency was the loop's critical path)
-    auto load_stage = [&](int kb) {
-        if (kb < nk) {
-            const int st = kb % WG_STAGES;
-            const int64_t col0 = static_cast<int64_t>(kb) * WG_BK;
-            if (tid == 0) {  // the whole box counts, the zero-filled part past the tensor's edges too
-                mbar_expect_tx(bar_s + 8 * st, L::x_stage);
-                tma_load_2d(xs_s + st * L::x_stage, &tmx, static_cast<int>(col0), static_cast<int>(n_base),
-                            bar_s + 8 * st);
-            }
-            if (tid < K * 16) {
-                const int k = tid >> 4, q = tid & 15;
-                const int64_t col = col0 + q * 4;
-                const bool ok = col < in;
-                cp_async16_s(smem_u32(hsm + (st * K + k) * WG_BK + q * 4),
-                             ok ? static_cast<const void *>(a.h + k * in + col) : a.h, ok ? 16 : 0);
-            }
-#pragma unroll
-            for (int i = 0; i < K; i++) {
-                // path i, row r, word 2 kb + s (4-byte copies: a row's words need not be 8-byte aligned)
-                const int r = tid >> 1, s = tid & 1;
-                const int64_t o = o_base + r, wi = 2 * static_cast<int64_t>(kb) + s;
-                const bool ok = o < out && wi < nw;
-                cp_async4_s(smem_u32(bsm + (st * K + i) * WG_BM + r) + 4 * s,
-                            ok ? static_cast<const void *>(a.packed + (i * out + o) * nw + wi) : a.packed, ok ? 4 : 0);
-            }
-        }
-        cp_async_commit();  // an empty group past the end keeps the wait count uniform
-    };
     // What of k-block kb in the m64n128k16 A fragment: for k16 step j, columns 16j + 2t + {0, 1, 8, 9}
     auto build = [&](int st, uint32_t (&A)[4][4]) {
         const float *hk = hsm + st * K * WG_BK + 2 * t;
@@ -430,7 +466,7 @@ __global__ void __launch_bounds__(256, 1) prefill_wgmma_kernel(const PrefillArgs
         for (int i = 0; i < 2; i++)
 #pragma unroll
             for (int k = 0; k < K; k++) {
-                const uint2 b = bsm[(st * K + k) * WG_BM + warp * 16 + gq + 8 * i];
+                const uint2 b = bsm[(st * K + k) * WG_BM + rloc + 8 * i];
                 bw[i][k][0] = ~b.x;
                 bw[i][k][1] = ~b.y;
             }
@@ -473,16 +509,9 @@ __global__ void __launch_bounds__(256, 1) prefill_wgmma_kernel(const PrefillArgs
         for (int e = 0; e < 64; e++) acc[nb][e] = 0.0f;
     uint32_t A0[4][4], A1[4][4];  // What of two k-blocks: one being built while the tensor cores read the other
 
-#pragma unroll
-    for (int s = 0; s < WG_STAGES - 2; s++) load_stage(s);
-
     auto step = [&](int kb, uint32_t (&A)[4][4]) {
-        cp_async_wait<WG_STAGES - 3>();  // this thread's copies of h and bits of stage kb have landed
-        // everyone's copies have landed, and every warpgroup has retired the wgmmas of k-block kb - 2, whose stage
-        // the next load overwrites
-        __syncthreads();
-        load_stage(kb + WG_STAGES - 2);
         const int st = kb % WG_STAGES;
+        mbar_wait(full_s + 8 * st, (kb / WG_STAGES) & 1);  // x, h and the bits of k-block kb have landed
         build(st, A);
 #pragma unroll
         for (int nb = 0; nb < NB; nb++) keep(acc[nb]);
@@ -495,7 +524,6 @@ __global__ void __launch_bounds__(256, 1) prefill_wgmma_kernel(const PrefillArgs
 #pragma unroll
             for (int nb = 0; nb < NB; nb++) desc[j][nb] = desc_sw128(xb + nb * 128 * 128 + j * 32);
         pin(A, desc);
-        mbar_wait(bar_s + 8 * st, (kb / WG_STAGES) & 1);  // x of stage kb has landed
         wgmma_fence();
 #pragma unroll
         for (int j = 0; j < 4; j++)
@@ -504,9 +532,10 @@ __global__ void __launch_bounds__(256, 1) prefill_wgmma_kernel(const PrefillArgs
         wgmma_commit();
 #pragma unroll
         for (int nb = 0; nb < NB; nb++) keep(acc[nb]);
-        wgmma_wait<1>();  // k-block kb - 1 is done: its A registers may be rebuilt
+        wgmma_wait<1>();  // k-block kb - 1 is done: its A registers may be rebuilt, its stage released
 #pragma unroll
         for (int nb = 0; nb < NB; nb++) keep(acc[nb]);
+        if (kb > 0 && (tid & 127) == 0) mbar_arrive(empty_s + 8 * ((kb - 1) % WG_STAGES));
     };
     // two k-blocks per trip and no branch inside: a conditional wgmma would make the compiler copy accumulators
     // between wgmmas (ptxas C7513: serialized wgmmas)
@@ -537,6 +566,7 @@ __global__ void __launch_bounds__(256, 1) prefill_wgmma_kernel(const PrefillArgs
                     if (n < a.M) st_any(y, DT<T>::code, n * out + o, acc[nb][4 * c + 2 * i + e] + b);
                 }
     }
+    }  // consumers
 #else
     __trap();  // launched only where the sm_90a build runs (wgmma_runs)
 #endif
@@ -571,7 +601,7 @@ cudaError_t launch_wgmma_t(const PrefillArgs &a, const CUtensorMap &tmx, cudaStr
     if (e != cudaSuccess) return e;
     const dim3 grid(static_cast<unsigned>((a.out + WG_BM - 1) / WG_BM),
                     static_cast<unsigned>((a.M + NB * 128 - 1) / (NB * 128)));
-    prefill_wgmma_kernel<T, K, NB><<<grid, 256, smem, s>>>(a, tmx);
+    prefill_wgmma_kernel<T, K, NB><<<grid, WG_THREADS, smem, s>>>(a, tmx);
     return cudaGetLastError();
 }
 
@@ -639,6 +669,7 @@ cudaError_t packed_prefill(const void *x, rabit_dtype xdt, int64_t M, const rabi
     a.x = x; a.M = M; a.packed = packed; a.g = g; a.h = h; a.bias = bias;
     a.y = y; a.out = out; a.in = in; a.nw = RABIT_WORDS(in);
     a.xvec = (in % 8 == 0) && (reinterpret_cast<uintptr_t>(x) % 16 == 0);
+    a.nw_even = a.nw % 2 == 0 && reinterpret_cast<uintptr_t>(packed) % 8 == 0;
     const char *v = getenv("RABIT_CUDA_PREFILL");
     const bool force_mma = v && strcmp(v, "mma") == 0, force_wgmma = v && strcmp(v, "wgmma") == 0;
     // 256 tokens per block once there are that many; below, 128 (half the idle rows)
