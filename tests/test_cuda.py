@@ -338,19 +338,27 @@ def test_prefill_kernels_form_what_exactly(shape, m, xdtype, monkeypatch):
     x[torch.arange(m), cols] = 1.0
     bias = torch.randn(out) if m % 2 else None
     expect = what[:, cols].T.float() + (bias if bias is not None else 0.0)
-    for var, kernel in _half_kernels(m, in_features):
+    # the wgmma kernel also with its k-split over a cluster forced to 1 and 3 blocks (their partial sums are 0 but one)
+    runs = [(var, kernel, None) for var, kernel in _half_kernels(m, in_features)]
+    runs += [(var, kernel, s) for var, kernel, _ in runs if kernel == "wgmma" for s in ("1", "3")]
+    for var, kernel, splits in runs:
         monkeypatch.setenv(var, kernel)
+        if splits:
+            monkeypatch.setenv("RABIT_CUDA_PREFILL_SPLITS", splits)
         _poison()
         y = rabit.packed_linear(x.to(xdtype).to(DEV), packed.to(DEV), g.to(DEV), h.to(DEV),
                                 None if bias is None else bias.to(DEV))
         monkeypatch.delenv(var)
-        assert torch.equal(y.cpu(), expect.to(xdtype)), (kernel, (y.cpu().float() - expect).abs().max().item())
+        monkeypatch.delenv("RABIT_CUDA_PREFILL_SPLITS", raising=False)
+        assert torch.equal(y.cpu(), expect.to(xdtype)), (kernel, splits,
+                                                          (y.cpu().float() - expect).abs().max().item())
 
 
 @pytest.mark.parametrize("xdtype", [torch.float16, torch.bfloat16], ids=dtype_id)
 def test_prefill_dispatch(xdtype, monkeypatch):
     """The default prefill kernel is wgmma where it runs (sm_90a build, compute capability 9.0, 16-byte-aligned x
-    rows), else mma.sync, bit for bit; the two agree bit for bit; forcing wgmma where it cannot run is an error."""
+    rows), else mma.sync, bit for bit; without the k-split the two agree bit for bit; the split is deterministic; bad
+    settings are errors."""
     out, in_features, m = 200, 2080, 150
     w, g, h = random_layer(out, in_features, 2)
     _, packed = rabit.residual_binarize(w, g, h)
@@ -369,10 +377,19 @@ def test_prefill_dispatch(xdtype, monkeypatch):
     assert torch.equal(rabit.packed_linear(x, *args), forced["wgmma" if _wgmma_runs() else "mma"]), "aligned x"
     assert torch.equal(rabit.packed_linear(x_off, *args), forced_off), "misaligned x"
     if _wgmma_runs():
-        # the same Ŵ and the same x, summed in float32 in the same 16-column steps of the tensor cores: on H100 and
-        # H200 the two kernels agree bit for bit (2026-11-26)
-        assert torch.equal(forced["wgmma"], forced["mma"])
+        # the same Ŵ and the same x, summed in float32 in the same 16-column steps of the tensor cores: without the
+        # k-split the two kernels agree bit for bit on H100 and H200 (2026-11-26)
         monkeypatch.setenv("RABIT_CUDA_PREFILL", "wgmma")
+        monkeypatch.setenv("RABIT_CUDA_PREFILL_SPLITS", "1")
+        assert torch.equal(rabit.packed_linear(x, *args), forced["mma"])
+        # this small layer (2 output tiles) takes the k-split by default; its partial sums add in a fixed order
+        monkeypatch.delenv("RABIT_CUDA_PREFILL_SPLITS")
+        assert torch.equal(rabit.packed_linear(x, *args), forced["wgmma"])
+        for bad in ("0", "9", "two"):
+            monkeypatch.setenv("RABIT_CUDA_PREFILL_SPLITS", bad)
+            with pytest.raises(RuntimeError, match="RABIT_CUDA_PREFILL_SPLITS"):
+                rabit.packed_linear(x, *args)
+        monkeypatch.delenv("RABIT_CUDA_PREFILL_SPLITS")
         with pytest.raises(RuntimeError, match="RABIT_CUDA_PREFILL=wgmma"):
             rabit.packed_linear(x_off, *args)
 

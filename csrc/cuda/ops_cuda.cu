@@ -146,6 +146,9 @@ at::Tensor packed_linear_cuda(const at::Tensor &x, const at::Tensor &packed, con
                 ": RABIT_CUDA_PREFILL=wgmma forces the wgmma prefill kernel, which cannot run here: it needs an sm_90a "
                 "build (TORCH_CUDA_ARCH_LIST with 9.0a), a compute-capability 9.0 GPU and x and h rows 16-byte aligned "
                 "(in_features % 8 == 0). Unset RABIT_CUDA_PREFILL or set it to mma.");
+    TORCH_CHECK(e != cudaErrorInvalidValue || !prefill, op,
+                ": RABIT_CUDA_PREFILL_SPLITS must be an integer from 1 to 8 (the blocks that split a prefill GEMM's "
+                "columns); unset it to let rabit choose.");
     check_launch(e);
     return y;
 }

@@ -1,19 +1,22 @@
 /*
  * Prefill GEMM of packed_linear (fp16/bf16 x, M > kDecodeMaxM): y = x What^T + bias, where the weight tile
  * What[o][j] = sum_k g_k[o] B_k[o][j] h_k[j] is formed from the sign bits in float32 exactly as
- * rabit.reference.dequantize forms it (the product per path, added in path order) and rounded once to x's dtype. No unpacked weight is ever written to device memory. The
- * accuracy is that of a dense fp16/bf16 layer holding What in x's dtype; both kernels below form the same What,
- * bit for bit, and differ only in the order of the float32 accumulation.
+ * rabit.reference.dequantize forms it (the product per path, added in path order) and rounded once to x's dtype.
+ * No unpacked weight is ever written to device memory. The accuracy is that of a dense fp16/bf16 layer holding What
+ * in x's dtype; both kernels below form the same What, bit for bit, and differ only in the order of the float32
+ * accumulation (none, on the H100 and H200, without the wgmma kernel's k-split).
  *
- *   wgmma (sm_90a: H100, H200; x rows 16-byte aligned): a block of two warpgroups owns 128 weight rows and 128 or
- *     256 tokens. Each thread builds its part of What straight into the registers of wgmma's A operand (the
- *     m64n128k16 register fragment), one 64-column k-block ahead of the tensor cores; x, the B operand, comes by
- *     TMA into shared memory in the 128-byte-swizzled K-major layout that wgmma reads, WG_STAGES deep (h and the
- *     bit words by cp.async beside it).
+ *   wgmma (sm_90a: H100, H200; x rows 16-byte aligned): a block of three warpgroups owns 128 weight rows and 128 or
+ *     256 tokens. The producer warpgroup loads x by TMA (into the 128-byte-swizzled K-major layout that wgmma reads)
+ *     and h and the bit words by cp.async, 6-13 stages deep, against full/empty mbarriers. Each thread of the two
+ *     consumer warpgroups builds its part of What straight into the registers of wgmma's A operand (the m64n128k16
+ *     register fragment), one 64-column k-block ahead of the tensor cores. With few output tiles a cluster of blocks
+ *     splits the k-blocks and rank 0 adds the partial sums in rank order.
  *   mma.sync (sm_80, and any x the wgmma kernel does not take): What expanded into shared memory, one 128 x 32
  *     tile per k-step, x by cp.async, mma.m16n8k16.
  *
- * RABIT_CUDA_PREFILL=mma or wgmma forces one (tests, benchmarks); wgmma where it cannot run is an error.
+ * RABIT_CUDA_PREFILL=mma or wgmma forces one, RABIT_CUDA_PREFILL_SPLITS=n the k-split (tests, benchmarks); wgmma
+ * where it cannot run is an error. docs/kernels.md has the measurements.
  */
 #include <cuda.h>
 #include <cudaTypedefs.h>  // PFN_cuTensorMapEncodeTiled (the driver call comes through the runtime: no -lcuda)
@@ -44,6 +47,7 @@ struct PrefillArgs {
     void *y;
     int64_t out, in, nw;
     int xvec;     // x rows 16-byte aligned (in % 8 == 0)
+    int splits;   // wgmma kernel: blocks of a cluster that split the k-blocks (1: no split)
     int nw_even;  // bit rows hold an even number of words: a row's k-block pair is 8-byte aligned
 };
 
@@ -244,7 +248,6 @@ __global__ void __launch_bounds__(256, 1) prefill_kernel(const PrefillArgs a) {
 /* ---------------------------------------------------------------------------------------------- wgmma (sm_90a) */
 constexpr int WG_BM = 128;    // weight rows per block: two warpgroups of 64
 constexpr int WG_BK = 64;     // columns per k-block: one 128-byte swizzle row of x per token
-constexpr int WG_STAGES = 5;  // stages of x, h and bits in shared memory
 constexpr int WG_THREADS = 384;  // a producer warpgroup and two consumer warpgroups
 constexpr int WG_PRODUCER_REGS = 24, WG_CONSUMER_REGS = 240;
 
@@ -253,7 +256,10 @@ struct WgLayout {
     static constexpr int x_stage = NB * 128 * WG_BK * 2;  // bytes: NB * 128 tokens x 64 columns of x
     static constexpr int h_stage = K * WG_BK * 4;         // bytes: K paths x 64 columns of h (float32)
     static constexpr int b_stage = K * WG_BM * 8;         // bytes: K paths x 128 rows x the 2 bit words
-    static constexpr int smem = 1024 + WG_STAGES * (x_stage + h_stage + b_stage);  // 1024: slack to align x
+    // stages of x, h and bits in shared memory: as many as fit (the bits' loads from device memory wait ~1-2 us);
+    // 1024: slack to align x
+    static constexpr int stages = (227 * 1024 - 1024 - 512) / (x_stage + h_stage + b_stage);
+    static constexpr int smem = 1024 + stages * (x_stage + h_stage + b_stage);
 };
 
 #ifdef RABIT_DEVICE_WGMMA
@@ -273,8 +279,31 @@ __device__ __forceinline__ void cp_async8_s(uint32_t dst, const void *src, int s
 __device__ __forceinline__ void cp_async_arrive_noinc(uint32_t bar) {
     asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory");
 }
+__device__ __forceinline__ void prefetch_l2(const void *p, uint32_t bytes) {  // bytes: a multiple of 16
+    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(p), "r"(bytes) : "memory");
+}
 __device__ __forceinline__ void mbar_arrive(uint32_t bar) {
     asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
+/* Thread-block clusters (the split over k): a barrier of all the cluster's threads; another block's address of this
+   block's shared-memory address `saddr`, and a float read there. */
+__device__ __forceinline__ void cluster_sync() {
+    asm volatile("barrier.cluster.arrive.release;\nbarrier.cluster.wait.acquire;\n" ::: "memory");
+}
+__device__ __forceinline__ uint32_t cluster_rank() {
+    uint32_t r;
+    asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r));
+    return r;
+}
+__device__ __forceinline__ uint32_t cluster_map(uint32_t saddr, uint32_t rank) {
+    uint32_t remote;
+    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(remote) : "r"(saddr), "r"(rank));
+    return remote;
+}
+__device__ __forceinline__ float ld_cluster_f32(uint32_t remote) {
+    float v;
+    asm volatile("ld.shared::cluster.f32 %0, [%1];\n" : "=f"(v) : "r"(remote) : "memory");
+    return v;
 }
 /* Register budgets of the producer and consumer warpgroups (setmaxnreg: 24 + 2 x 240 <= 3 x 168, the entry cap). */
 template <int N>
@@ -380,6 +409,7 @@ __global__ void __launch_bounds__(WG_THREADS, 1) prefill_wgmma_kernel(const Pref
                                                                       const __grid_constant__ CUtensorMap tmx) {
 #ifdef RABIT_DEVICE_WGMMA
     using L = WgLayout<K, NB>;
+    constexpr int WG_STAGES = L::stages;
     // per stage: full (x landed: the TMA's bytes, and the producer's 128 cp.async arrivals for h and bits) and
     // empty (both consumer warpgroups are done with it)
     __shared__ __align__(8) uint64_t full[WG_STAGES], empty[WG_STAGES];
@@ -405,6 +435,11 @@ __global__ void __launch_bounds__(WG_THREADS, 1) prefill_wgmma_kernel(const Pref
     const int64_t n_base = static_cast<int64_t>(blockIdx.y) * (NB * 128);
     const int64_t in = a.in, nw = a.nw, out = a.out;
     const int nk = static_cast<int>((in + WG_BK - 1) / WG_BK);
+    // this block's share of the k-blocks: all of them, or with a.splits > 1 the blockIdx.z-th of a.splits ranges,
+    // whose partial sums the cluster's rank-0 block adds up in rank order at the end
+    const int chunk = (nk + a.splits - 1) / a.splits;
+    const int kb_lo = min(nk, static_cast<int>(blockIdx.z) * chunk);
+    const int nloc = min(nk, kb_lo + chunk) - kb_lo;
 
     if (wg == 0) {  // ------------------------------------------------------------------------------ producer
         setmaxnreg_dec<WG_PRODUCER_REGS>();
@@ -412,9 +447,15 @@ __global__ void __launch_bounds__(WG_THREADS, 1) prefill_wgmma_kernel(const Pref
         // words of every path, the first K x 16 threads one 16-byte piece of h each, thread 0 the TMA of x
         const int r = tid;
         const int64_t o = o_base + r;
-        for (int kb = 0; kb < nk; kb++) {
-            const int st = kb % WG_STAGES;
-            if (kb >= WG_STAGES) mbar_wait(empty_s + 8 * st, (kb / WG_STAGES - 1) & 1);
+        if (r < K && nloc > 0) {  // the block's bit rows of path r, towards L2 now (their own loads come later)
+            const uintptr_t lo = reinterpret_cast<uintptr_t>(a.packed + (r * out + o_base) * nw + 2 * int64_t(kb_lo));
+            const uintptr_t hi = reinterpret_cast<uintptr_t>(a.packed + (r * out + min64(o_base + WG_BM, out)) * nw);
+            const uintptr_t lo16 = lo & ~uintptr_t(15), hi16 = hi & ~uintptr_t(15);  // inside the tensor
+            if (hi16 > lo16) prefetch_l2(reinterpret_cast<const void *>(lo16), static_cast<uint32_t>(hi16 - lo16));
+        }
+        for (int i = 0; i < nloc; i++) {
+            const int kb = kb_lo + i, st = i % WG_STAGES;
+            if (i >= WG_STAGES) mbar_wait(empty_s + 8 * st, (i / WG_STAGES - 1) & 1);
             const int64_t col0 = static_cast<int64_t>(kb) * WG_BK;
             const uint32_t bar = full_s + 8 * st;
             if (r == 0) {  // the whole box counts, the zero-filled part past the tensor's edges too
@@ -444,6 +485,10 @@ __global__ void __launch_bounds__(WG_THREADS, 1) prefill_wgmma_kernel(const Pref
                 }
             }
             cp_async_arrive_noinc(bar);  // arrives when this thread's copies have landed
+        }
+        if (a.splits > 1) {  // the consumers' two cluster barriers (below)
+            cluster_sync();
+            cluster_sync();
         }
     } else {  // --------------------------------------------------------------------------------------------- consumers
     setmaxnreg_inc<WG_CONSUMER_REGS>();
@@ -509,9 +554,9 @@ __global__ void __launch_bounds__(WG_THREADS, 1) prefill_wgmma_kernel(const Pref
         for (int e = 0; e < 64; e++) acc[nb][e] = 0.0f;
     uint32_t A0[4][4], A1[4][4];  // What of two k-blocks: one being built while the tensor cores read the other
 
-    auto step = [&](int kb, uint32_t (&A)[4][4]) {
-        const int st = kb % WG_STAGES;
-        mbar_wait(full_s + 8 * st, (kb / WG_STAGES) & 1);  // x, h and the bits of k-block kb have landed
+    auto step = [&](int i, uint32_t (&A)[4][4]) {  // the block's i-th k-block
+        const int st = i % WG_STAGES;
+        mbar_wait(full_s + 8 * st, (i / WG_STAGES) & 1);  // x, h and the bits of the k-block have landed
         build(st, A);
 #pragma unroll
         for (int nb = 0; nb < NB; nb++) keep(acc[nb]);
@@ -532,22 +577,51 @@ __global__ void __launch_bounds__(WG_THREADS, 1) prefill_wgmma_kernel(const Pref
         wgmma_commit();
 #pragma unroll
         for (int nb = 0; nb < NB; nb++) keep(acc[nb]);
-        wgmma_wait<1>();  // k-block kb - 1 is done: its A registers may be rebuilt, its stage released
+        wgmma_wait<1>();  // k-block i - 1 is done: its A registers may be rebuilt, its stage released
 #pragma unroll
         for (int nb = 0; nb < NB; nb++) keep(acc[nb]);
-        if (kb > 0 && (tid & 127) == 0) mbar_arrive(empty_s + 8 * ((kb - 1) % WG_STAGES));
+        if (i > 0 && (tid & 127) == 0) mbar_arrive(empty_s + 8 * ((i - 1) % WG_STAGES));
     };
     // two k-blocks per trip and no branch inside: a conditional wgmma would make the compiler copy accumulators
     // between wgmmas (ptxas C7513: serialized wgmmas)
-    int kb = 0;
-    for (; kb + 1 < nk; kb += 2) {
-        step(kb, A0);
-        step(kb + 1, A1);
+    int i = 0;
+    for (; i + 1 < nloc; i += 2) {
+        step(i, A0);
+        step(i + 1, A1);
     }
-    if (kb < nk) step(kb, A0);
+    if (i < nloc) step(i, A0);
     wgmma_wait<0>();
 #pragma unroll
     for (int nb = 0; nb < NB; nb++) keep(acc[nb]);
+
+    if (a.splits > 1) {
+        // the other ranks leave their partial sums in their shared memory (over the x stages, all consumed now),
+        // rank 0 adds them in rank order: the same result on every run
+        float *red = reinterpret_cast<float *>(base);  // [NB * 64][256 consumer threads]
+        const int ct = tid - 128;
+        const uint32_t rank = cluster_rank();
+        // both consumer warpgroups are past their last wgmma before either overwrites the stages
+        asm volatile("bar.sync 1, 256;\n" ::: "memory");
+        if (rank != 0) {
+#pragma unroll
+            for (int nb = 0; nb < NB; nb++)
+#pragma unroll
+                for (int e = 0; e < 64; e++) red[(nb * 64 + e) * 256 + ct] = acc[nb][e];
+        }
+        cluster_sync();
+        if (rank == 0) {
+            for (int r = 1; r < a.splits; r++) {
+                const uint32_t rb = cluster_map(smem_u32(red + ct), r);
+#pragma unroll
+                for (int nb = 0; nb < NB; nb++)
+#pragma unroll
+                    for (int e = 0; e < 64; e++)
+                        acc[nb][e] = __fadd_rn(acc[nb][e], ld_cluster_f32(rb + (nb * 64 + e) * 256 * 4));
+            }
+        }
+        cluster_sync();  // the other ranks' shared memory outlives rank 0's reads
+        if (rank != 0) return;
+    }
 
     // epilogue: acc[nb][4c + 2i + e] is (row[i], token n_base + 128 nb + 8c + 2t + e); + bias, round to T
     T *y = static_cast<T *>(a.y);
@@ -599,10 +673,20 @@ cudaError_t launch_wgmma_t(const PrefillArgs &a, const CUtensorMap &tmx, cudaStr
     constexpr int smem = WgLayout<K, NB>::smem;
     const cudaError_t e = set_smem_limit_once(prefill_wgmma_kernel<T, K, NB>, smem, attr_set);
     if (e != cudaSuccess) return e;
-    const dim3 grid(static_cast<unsigned>((a.out + WG_BM - 1) / WG_BM),
-                    static_cast<unsigned>((a.M + NB * 128 - 1) / (NB * 128)));
-    prefill_wgmma_kernel<T, K, NB><<<grid, WG_THREADS, smem, s>>>(a, tmx);
-    return cudaGetLastError();
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = dim3(static_cast<unsigned>((a.out + WG_BM - 1) / WG_BM),
+                       static_cast<unsigned>((a.M + NB * 128 - 1) / (NB * 128)), static_cast<unsigned>(a.splits));
+    cfg.blockDim = dim3(WG_THREADS);
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = s;
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeClusterDimension;
+    attr[0].val.clusterDim.x = 1;
+    attr[0].val.clusterDim.y = 1;
+    attr[0].val.clusterDim.z = static_cast<unsigned>(a.splits);
+    cfg.attrs = attr;
+    cfg.numAttrs = a.splits > 1 ? 1 : 0;
+    return cudaLaunchKernelEx(&cfg, prefill_wgmma_kernel<T, K, NB>, a, tmx);
 }
 
 template <typename T, int NB>
@@ -659,6 +743,23 @@ bool wgmma_runs(const PrefillArgs &a) {
 #endif
 }
 
+/* Blocks per cluster splitting the k-blocks of the wgmma kernel: with few output tiles (M = 128 at 4096 rows: 32 tiles
+   on 132 SMs) idle SMs take shares of k, at most 4, at least 4 k-blocks each, and all blocks within 3/4 of the SMs:
+   a cluster must fit in one GPC, and 32 clusters of 4 did not fit at once on an H100 (4096 x 4096, M = 128: 42.9 us
+   with 4, 26.8 with 3, 32.1 with 2, 50.9 with 1, 59.7 with 8; 2026-11-26).
+   RABIT_CUDA_PREFILL_SPLITS=n (1..8) forces n (tests, benchmarks); 0 is returned for a value outside that. */
+int prefill_splits(const PrefillArgs &a, int nb) {
+    const int64_t nk = (a.in + WG_BK - 1) / WG_BK;
+    const char *v = getenv("RABIT_CUDA_PREFILL_SPLITS");
+    if (v && *v) {
+        const int n = atoi(v);
+        return n >= 1 && n <= 8 ? static_cast<int>(min64(n, nk)) : 0;
+    }
+    const int64_t tiles = ((a.out + WG_BM - 1) / WG_BM) * ((a.M + nb * 128 - 1) / (nb * 128));
+    const int64_t s = min64(min64(3 * device_info().sms / (4 * max64(tiles, 1)), 4), max64(nk / 4, 1));
+    return static_cast<int>(max64(s, 1));
+}
+
 }  // namespace
 
 cudaError_t packed_prefill(const void *x, rabit_dtype xdt, int64_t M, const rabit_word_t *packed, const float *g,
@@ -674,6 +775,8 @@ cudaError_t packed_prefill(const void *x, rabit_dtype xdt, int64_t M, const rabi
     const bool force_mma = v && strcmp(v, "mma") == 0, force_wgmma = v && strcmp(v, "wgmma") == 0;
     // 256 tokens per block once there are that many; below, 128 (half the idle rows)
     const int nb = M > 128 ? 2 : 1;
+    a.splits = prefill_splits(a, nb);
+    if (a.splits < 1) return cudaErrorInvalidValue;
     CUtensorMap tmx;
     const bool wgmma = !force_mma && wgmma_runs(a) && encode_x_map(&tmx, a, xdt, nb * 128);
     if (force_wgmma && !wgmma) return cudaErrorNotSupported;
