@@ -74,7 +74,7 @@ torch_defines = DEFINES + [("RABIT_TORCH_VERSION", f'"{torch.__version__}"')]
 if use_cuda:
     # 9.0a (not plain 9.0): the prefill GEMM's wgmma instructions exist only in the arch-specific sm_90a target
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0a")
-    if "9.0a" in os.environ["TORCH_CUDA_ARCH_LIST"].replace(" ", ";").split(";"):
+    if "9.0a" in [a.split("+")[0] for a in os.environ["TORCH_CUDA_ARCH_LIST"].replace(" ", ";").split(";")]:
         torch_defines = torch_defines + [("RABIT_SM90A", "1")]
     torch_ext = CUDAExtension(
         "rabit._C",

@@ -55,9 +55,30 @@ static PyObject *rabit_py_cpu_kernel(PyObject *, PyObject *) {
     return PyUnicode_FromString(rabit_cpu_active_kernel() == RABIT_CPU_AVX2 ? "avx2" : "ref");
 }
 
+#ifdef RABIT_WITH_CUDA
+#include "../kernels/cuda/rabit_cuda.cuh"
+
+// Which prefill kernel (and k-split) packed_linear takes on the current CUDA device for fp16/bf16 x [M, in] with
+// 16-byte-aligned rows, as ("wgmma" | "mma", splits); ValueError where a RABIT_CUDA_PREFILL* setting cannot hold.
+static PyObject *rabit_py_cuda_prefill_plan(PyObject *, PyObject *args) {
+    long long M = 0, out = 0, in = 0;
+    if (!PyArg_ParseTuple(args, "LLL", &M, &out, &in)) return nullptr;
+    const rabit_cuda::PrefillPlan p = rabit_cuda::prefill_plan(M, out, in, true, true);
+    if (p.error) {
+        PyErr_SetString(PyExc_ValueError, p.error);
+        return nullptr;
+    }
+    return Py_BuildValue("(si)", p.kernel == rabit_cuda::PREFILL_WGMMA ? "wgmma" : "mma", p.splits);
+}
+#endif
+
 static PyMethodDef rabit_methods[] = {
     {"set_cpu_kernel", rabit_py_set_cpu_kernel, METH_O, "Force the CPU packed-GEMV kernel: 'auto', 'ref' or 'avx2'."},
     {"cpu_kernel", rabit_py_cpu_kernel, METH_NOARGS, "The CPU packed-GEMV kernel in use."},
+#ifdef RABIT_WITH_CUDA
+    {"cuda_prefill_plan", rabit_py_cuda_prefill_plan, METH_VARARGS,
+     "cuda_prefill_plan(M, out, in) -> (kernel, splits): the prefill GEMM packed_linear runs on the current GPU."},
+#endif
     {nullptr, nullptr, 0, nullptr}};
 
 static struct PyModuleDef rabit_module = {PyModuleDef_HEAD_INIT, "_C", "rabit operator library", -1, rabit_methods};

@@ -338,9 +338,10 @@ def test_prefill_kernels_form_what_exactly(shape, m, xdtype, monkeypatch):
     x[torch.arange(m), cols] = 1.0
     bias = torch.randn(out) if m % 2 else None
     expect = what[:, cols].T.float() + (bias if bias is not None else 0.0)
-    # the wgmma kernel also with its k-split over a cluster forced to 1 and 3 blocks (their partial sums are 0 but one)
+    # the wgmma kernel also with its k-split over a cluster forced to 1, 3 and 8 blocks (at most one k-block each
+    # where `in` is short; every partial sum is 0 but one, so this pins which block takes which k-blocks)
     runs = [(var, kernel, None) for var, kernel in _half_kernels(m, in_features)]
-    runs += [(var, kernel, s) for var, kernel, _ in runs if kernel == "wgmma" for s in ("1", "3")]
+    runs += [(var, kernel, s) for var, kernel, _ in runs if kernel == "wgmma" for s in ("1", "3", "8")]
     for var, kernel, splits in runs:
         monkeypatch.setenv(var, kernel)
         if splits:
@@ -382,16 +383,31 @@ def test_prefill_dispatch(xdtype, monkeypatch):
         monkeypatch.setenv("RABIT_CUDA_PREFILL", "wgmma")
         monkeypatch.setenv("RABIT_CUDA_PREFILL_SPLITS", "1")
         assert torch.equal(rabit.packed_linear(x, *args), forced["mma"])
-        # this small layer (2 output tiles) takes the k-split by default; its partial sums add in a fixed order
+        # this small layer (2 output tiles) takes the k-split by default, a large one does not; the plan is what
+        # runs (the default equals the forced split, bit for bit), and the partial sums add in a fixed order
+        monkeypatch.delenv("RABIT_CUDA_PREFILL")
         monkeypatch.delenv("RABIT_CUDA_PREFILL_SPLITS")
+        kernel, splits = rabit._C.cuda_prefill_plan(m, out, in_features)
+        assert kernel == "wgmma" and splits > 1, (kernel, splits)
+        assert rabit._C.cuda_prefill_plan(2048, 4096, 4096) == ("wgmma", 1)
         assert torch.equal(rabit.packed_linear(x, *args), forced["wgmma"])
-        for bad in ("0", "9", "two"):
+        monkeypatch.setenv("RABIT_CUDA_PREFILL_SPLITS", str(splits))
+        assert torch.equal(rabit.packed_linear(x, *args), forced["wgmma"])
+        for bad in ("0", "9", "two", "3x"):
             monkeypatch.setenv("RABIT_CUDA_PREFILL_SPLITS", bad)
-            with pytest.raises(RuntimeError, match="RABIT_CUDA_PREFILL_SPLITS"):
+            with pytest.raises(RuntimeError, match="RABIT_CUDA_PREFILL_SPLITS must be"):
                 rabit.packed_linear(x, *args)
+            with pytest.raises(ValueError, match="RABIT_CUDA_PREFILL_SPLITS must be"):
+                rabit._C.cuda_prefill_plan(m, out, in_features)
         monkeypatch.delenv("RABIT_CUDA_PREFILL_SPLITS")
+        monkeypatch.setenv("RABIT_CUDA_PREFILL", "wgmma")
         with pytest.raises(RuntimeError, match="RABIT_CUDA_PREFILL=wgmma"):
             rabit.packed_linear(x_off, *args)
+    else:
+        assert rabit._C.cuda_prefill_plan(m, out, in_features) == ("mma", 1)
+    monkeypatch.setenv("RABIT_CUDA_PREFILL", "fast")
+    with pytest.raises(RuntimeError, match="RABIT_CUDA_PREFILL must be mma or wgmma"):
+        rabit.packed_linear(x, *args)
 
 
 def test_packed_linear_large_and_graph_capture():
@@ -416,9 +432,9 @@ def test_packed_linear_large_and_graph_capture():
         y64 = R.packed_linear(x.cpu(), packed_c, gs.cpu(), hs.cpu(), compute_dtype=torch.float64)
         tol = 4e-3 if m > 16 else 1e-3
         assert ((y.cpu().double() - y64).norm() / y64.norm()).item() < tol
-    # CUDA-graph capture of the decode kernels (no synchronisation inside; M = 1 and 16 take different ones) and
-    # of the QAT forward
-    xs = [torch.randn(m, in_features, device=DEV).half() for m in (1, 16)]
+    # CUDA-graph capture of the decode kernels (no synchronisation inside; M = 1 and 16 take different ones), of the
+    # prefill (M = 300: on H100/H200 the wgmma kernel, its tensor map a kernel argument) and of the QAT forward
+    xs = [torch.randn(m, in_features, device=DEV).half() for m in (1, 16, 300)]
     y0 = [rabit.packed_linear(x, packed, gs, hs) for x in xs]
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())

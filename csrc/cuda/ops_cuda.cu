@@ -137,19 +137,17 @@ at::Tensor packed_linear_cuda(const at::Tensor &x, const at::Tensor &packed, con
     const size_t ws_bytes = rabit_cuda::packed_linear_workspace_bytes(xdt, M, static_cast<int>(K), in);
     at::Tensor ws;
     if (ws_bytes) ws = at::empty({static_cast<int64_t>(ws_bytes)}, x.options().dtype(at::kByte));
-    const cudaError_t e = rabit_cuda::packed_linear(
+    if (prefill) {  // a forced kernel or split that cannot hold is the caller's error, not a CUDA failure
+        const rabit_cuda::PrefillPlan plan = rabit_cuda::prefill_plan(
+            M, out, in, reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0,
+            reinterpret_cast<uintptr_t>(hs.data_ptr()) % 16 == 0);
+        TORCH_CHECK(!plan.error, op, ": ", plan.error);
+    }
+    check_launch(rabit_cuda::packed_linear(
         x.data_ptr(), xdt, M, words(packed), gs.data_ptr(), to_rabit_dtype(gs.scalar_type()), hs.data_ptr(),
         to_rabit_dtype(hs.scalar_type()), bias.has_value() ? bt.data_ptr() : nullptr,
         bias.has_value() ? to_rabit_dtype(bt.scalar_type()) : RABIT_F32, static_cast<int>(K), out, in, y.data_ptr(),
-        ws_bytes ? ws.data_ptr() : nullptr, stream);
-    TORCH_CHECK(e != cudaErrorNotSupported || !prefill, op,
-                ": RABIT_CUDA_PREFILL=wgmma forces the wgmma prefill kernel, which cannot run here: it needs an sm_90a "
-                "build (TORCH_CUDA_ARCH_LIST with 9.0a), a compute-capability 9.0 GPU and x and h rows 16-byte aligned "
-                "(in_features % 8 == 0). Unset RABIT_CUDA_PREFILL or set it to mma.");
-    TORCH_CHECK(e != cudaErrorInvalidValue || !prefill, op,
-                ": RABIT_CUDA_PREFILL_SPLITS must be an integer from 1 to 8 (the blocks that split a prefill GEMM's "
-                "columns); unset it to let rabit choose.");
-    check_launch(e);
+        ws_bytes ? ws.data_ptr() : nullptr, stream));
     return y;
 }
 

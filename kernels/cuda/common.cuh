@@ -7,6 +7,8 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
+#include <mutex>
+
 #include "../rabit_format.h"
 #include "../rabit_kernels.h"
 
@@ -21,15 +23,16 @@ struct DevInfo {
 };
 inline const DevInfo &device_info() {
     static DevInfo info[64];
+    static std::once_flag once[64];  // several host threads may ask at once
     int dev = 0;
     cudaGetDevice(&dev);
     DevInfo &d = info[dev & 63];
-    if (d.sms == 0) {
+    std::call_once(once[dev & 63], [&] {
         cudaDeviceGetAttribute(&d.major, cudaDevAttrComputeCapabilityMajor, dev);
         cudaDeviceGetAttribute(&d.minor, cudaDevAttrComputeCapabilityMinor, dev);
         cudaDeviceGetAttribute(&d.smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
         cudaDeviceGetAttribute(&d.sms, cudaDevAttrMultiProcessorCount, dev);
-    }
+    });
     return d;
 }
 

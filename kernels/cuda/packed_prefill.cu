@@ -249,7 +249,6 @@ __global__ void __launch_bounds__(256, 1) prefill_kernel(const PrefillArgs a) {
 constexpr int WG_BM = 128;    // weight rows per block: two warpgroups of 64
 constexpr int WG_BK = 64;     // columns per k-block: one 128-byte swizzle row of x per token
 constexpr int WG_THREADS = 384;  // a producer warpgroup and two consumer warpgroups
-constexpr int WG_PRODUCER_REGS = 24, WG_CONSUMER_REGS = 240;
 
 template <int K, int NB>
 struct WgLayout {
@@ -279,9 +278,6 @@ __device__ __forceinline__ void cp_async8_s(uint32_t dst, const void *src, int s
 __device__ __forceinline__ void cp_async_arrive_noinc(uint32_t bar) {
     asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory");
 }
-__device__ __forceinline__ void prefetch_l2(const void *p, uint32_t bytes) {  // bytes: a multiple of 16
-    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(p), "r"(bytes) : "memory");
-}
 __device__ __forceinline__ void mbar_arrive(uint32_t bar) {
     asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
 }
@@ -305,6 +301,7 @@ __device__ __forceinline__ float ld_cluster_f32(uint32_t remote) {
     asm volatile("ld.shared::cluster.f32 %0, [%1];\n" : "=f"(v) : "r"(remote) : "memory");
     return v;
 }
+constexpr int WG_PRODUCER_REGS = 24, WG_CONSUMER_REGS = 240;
 /* Register budgets of the producer and consumer warpgroups (setmaxnreg: 24 + 2 x 240 <= 3 x 168, the entry cap). */
 template <int N>
 __device__ __forceinline__ void setmaxnreg_dec() {
@@ -437,9 +434,8 @@ __global__ void __launch_bounds__(WG_THREADS, 1) prefill_wgmma_kernel(const Pref
     const int nk = static_cast<int>((in + WG_BK - 1) / WG_BK);
     // this block's share of the k-blocks: all of them, or with a.splits > 1 the blockIdx.z-th of a.splits ranges,
     // whose partial sums the cluster's rank-0 block adds up in rank order at the end
-    const int chunk = (nk + a.splits - 1) / a.splits;
-    const int kb_lo = min(nk, static_cast<int>(blockIdx.z) * chunk);
-    const int nloc = min(nk, kb_lo + chunk) - kb_lo;
+    const int kb_lo = static_cast<int>(static_cast<int64_t>(blockIdx.z) * nk / a.splits);  // splits <= nk: none empty
+    const int nloc = static_cast<int>((static_cast<int64_t>(blockIdx.z) + 1) * nk / a.splits) - kb_lo;
 
     if (wg == 0) {  // ------------------------------------------------------------------------------ producer
         setmaxnreg_dec<WG_PRODUCER_REGS>();
@@ -447,12 +443,6 @@ __global__ void __launch_bounds__(WG_THREADS, 1) prefill_wgmma_kernel(const Pref
         // words of every path, the first K x 16 threads one 16-byte piece of h each, thread 0 the TMA of x
         const int r = tid;
         const int64_t o = o_base + r;
-        if (r < K && nloc > 0) {  // the block's bit rows of path r, towards L2 now (their own loads come later)
-            const uintptr_t lo = reinterpret_cast<uintptr_t>(a.packed + (r * out + o_base) * nw + 2 * int64_t(kb_lo));
-            const uintptr_t hi = reinterpret_cast<uintptr_t>(a.packed + (r * out + min64(o_base + WG_BM, out)) * nw);
-            const uintptr_t lo16 = lo & ~uintptr_t(15), hi16 = hi & ~uintptr_t(15);  // inside the tensor
-            if (hi16 > lo16) prefetch_l2(reinterpret_cast<const void *>(lo16), static_cast<uint32_t>(hi16 - lo16));
-        }
         for (int i = 0; i < nloc; i++) {
             const int kb = kb_lo + i, st = i % WG_STAGES;
             if (i >= WG_STAGES) mbar_wait(empty_s + 8 * st, (i / WG_STAGES - 1) & 1);
@@ -642,7 +632,7 @@ __global__ void __launch_bounds__(WG_THREADS, 1) prefill_wgmma_kernel(const Pref
     }
     }  // consumers
 #else
-    __trap();  // launched only where the sm_90a build runs (wgmma_runs)
+    __trap();  // launched only where the sm_90a build runs (prefill_plan)
 #endif
 }
 
@@ -730,56 +720,78 @@ bool encode_x_map(CUtensorMap *map, const PrefillArgs &a, rabit_dtype xdt, int r
                CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
-/* The wgmma kernel needs the sm_90a build (setup.py defines RABIT_SM90A when TORCH_CUDA_ARCH_LIST has 9.0a), a
-   compute-capability 9.0 device, 16-byte-aligned rows of x and h (TMA, 16-byte copies; M and in within int32). */
-bool wgmma_runs(const PrefillArgs &a) {
-#ifdef RABIT_SM90A
-    const DevInfo &d = device_info();
-    return d.major == 9 && d.minor == 0 && a.xvec && reinterpret_cast<uintptr_t>(a.h) % 16 == 0 &&
-           a.M < (int64_t(1) << 31) && a.in < (int64_t(1) << 31);
-#else
-    (void)a;
-    return false;
-#endif
-}
-
-/* Blocks per cluster splitting the k-blocks of the wgmma kernel: with few output tiles (M = 128 at 4096 rows: 32 tiles
-   on 132 SMs) idle SMs take shares of k, at most 4, at least 4 k-blocks each, and all blocks within 3/4 of the SMs:
-   a cluster must fit in one GPC, and 32 clusters of 4 did not fit at once on an H100 (4096 x 4096, M = 128: 42.9 us
-   with 4, 26.8 with 3, 32.1 with 2, 50.9 with 1, 59.7 with 8; 2026-11-26).
-   RABIT_CUDA_PREFILL_SPLITS=n (1..8) forces n (tests, benchmarks); 0 is returned for a value outside that. */
-int prefill_splits(const PrefillArgs &a, int nb) {
-    const int64_t nk = (a.in + WG_BK - 1) / WG_BK;
-    const char *v = getenv("RABIT_CUDA_PREFILL_SPLITS");
-    if (v && *v) {
-        const int n = atoi(v);
-        return n >= 1 && n <= 8 ? static_cast<int>(min64(n, nk)) : 0;
-    }
-    const int64_t tiles = ((a.out + WG_BM - 1) / WG_BM) * ((a.M + nb * 128 - 1) / (nb * 128));
-    const int64_t s = min64(min64(3 * device_info().sms / (4 * max64(tiles, 1)), 4), max64(nk / 4, 1));
-    return static_cast<int>(max64(s, 1));
+/* An environment setting as an integer in [lo, hi]; `bad` when set to anything else, `unset` when unset or empty. */
+int env_int(const char *name, int lo, int hi, int unset, int bad) {
+    const char *v = getenv(name);
+    if (!v || !*v) return unset;
+    char *end = nullptr;
+    const long n = strtol(v, &end, 10);
+    return *end == '\0' && n >= lo && n <= hi ? static_cast<int>(n) : bad;
 }
 
 }  // namespace
+
+/* The wgmma kernel needs the sm_90a build (setup.py defines RABIT_SM90A when TORCH_CUDA_ARCH_LIST has 9.0a), a
+   compute-capability 9.0 device and 16-byte-aligned rows of x and h (TMA, 16-byte copies).
+   Its k-split: with few output tiles (M = 128 at 4096 rows: 32 tiles on 132 SMs) idle SMs take shares of k, at most
+   4, at least 4 k-blocks each, all blocks within 3/4 of the SMs: a cluster must fit in one GPC, and 32 clusters of 4
+   did not fit at once on an H100 (4096 x 4096, M = 128: 42.9 us with 4, 26.8 with 3, 32.1 with 2, 50.9 with 1,
+   59.7 with 8; 2026-11-26). RABIT_CUDA_PREFILL=mma|wgmma and RABIT_CUDA_PREFILL_SPLITS=1..8 force them. */
+PrefillPlan prefill_plan(int64_t M, int64_t out, int64_t in, bool x_aligned, bool h_aligned) {
+    PrefillPlan p = {PREFILL_MMA, 1, nullptr};
+    const char *v = getenv("RABIT_CUDA_PREFILL");
+    const bool force_mma = v && strcmp(v, "mma") == 0, force_wgmma = v && strcmp(v, "wgmma") == 0;
+    if (v && *v && !force_mma && !force_wgmma) {
+        p.error = "RABIT_CUDA_PREFILL must be mma or wgmma (or unset, to let rabit choose)";
+        return p;
+    }
+    bool runs = false;
+#ifdef RABIT_SM90A
+    const DevInfo &d = device_info();
+    runs = d.major == 9 && d.minor == 0 && in % 8 == 0 && x_aligned && h_aligned;
+#else
+    (void)x_aligned;
+    (void)h_aligned;
+#endif
+    if (force_wgmma && !runs) {
+        p.error = "RABIT_CUDA_PREFILL=wgmma forces the wgmma prefill kernel, which cannot run here: it needs an sm_90a "
+                  "build (TORCH_CUDA_ARCH_LIST with 9.0a), a compute-capability 9.0 GPU and x and h rows 16-byte "
+                  "aligned (in_features % 8 == 0). Unset RABIT_CUDA_PREFILL or set it to mma.";
+        return p;
+    }
+    if (!runs || force_mma) return p;
+    p.kernel = PREFILL_WGMMA;
+    const int64_t nk = (in + WG_BK - 1) / WG_BK, nb = M > 128 ? 2 : 1;
+    const int forced = env_int("RABIT_CUDA_PREFILL_SPLITS", 1, 8, 0, -1);
+    if (forced < 0) {
+        p.error = "RABIT_CUDA_PREFILL_SPLITS must be an integer from 1 to 8 (the blocks that split the wgmma prefill "
+                  "kernel's columns); unset it to let rabit choose.";
+        return p;
+    }
+    const int64_t tiles = ((out + WG_BM - 1) / WG_BM) * ((M + nb * 128 - 1) / (nb * 128));
+    const int64_t s = forced ? forced : min64(min64(3 * device_info().sms / (4 * max64(tiles, 1)), 4), max64(nk / 4, 1));
+    p.splits = static_cast<int>(max64(min64(s, nk), 1));
+    return p;
+}
 
 cudaError_t packed_prefill(const void *x, rabit_dtype xdt, int64_t M, const rabit_word_t *packed, const float *g,
                            const float *h, const float *bias, int K, int64_t out, int64_t in, void *y,
                            cudaStream_t s) {
     if (xdt != RABIT_F16 && xdt != RABIT_BF16) return cudaErrorInvalidValue;
+    const PrefillPlan plan = prefill_plan(M, out, in, reinterpret_cast<uintptr_t>(x) % 16 == 0,
+                                          reinterpret_cast<uintptr_t>(h) % 16 == 0);
+    if (plan.error) return cudaErrorInvalidValue;  // the glue reports plan.error before it calls this
     PrefillArgs a;
     a.x = x; a.M = M; a.packed = packed; a.g = g; a.h = h; a.bias = bias;
     a.y = y; a.out = out; a.in = in; a.nw = RABIT_WORDS(in);
     a.xvec = (in % 8 == 0) && (reinterpret_cast<uintptr_t>(x) % 16 == 0);
     a.nw_even = a.nw % 2 == 0 && reinterpret_cast<uintptr_t>(packed) % 8 == 0;
-    const char *v = getenv("RABIT_CUDA_PREFILL");
-    const bool force_mma = v && strcmp(v, "mma") == 0, force_wgmma = v && strcmp(v, "wgmma") == 0;
+    a.splits = plan.splits;
     // 256 tokens per block once there are that many; below, 128 (half the idle rows)
     const int nb = M > 128 ? 2 : 1;
-    a.splits = prefill_splits(a, nb);
-    if (a.splits < 1) return cudaErrorInvalidValue;
     CUtensorMap tmx;
-    const bool wgmma = !force_mma && wgmma_runs(a) && encode_x_map(&tmx, a, xdt, nb * 128);
-    if (force_wgmma && !wgmma) return cudaErrorNotSupported;
+    // (a driver without the tensor-map encoder gets the mma.sync kernel: the same values, slower)
+    const bool wgmma = plan.kernel == PREFILL_WGMMA && encode_x_map(&tmx, a, xdt, nb * 128);
     if (wgmma) {
         if (nb == 2)
             return xdt == RABIT_F16 ? launch_wgmma_k<__half, 2>(a, tmx, K, s) : launch_wgmma_k<__nv_bfloat16, 2>(a, tmx, K, s);

@@ -61,6 +61,17 @@ cudaError_t packed_prefill(const void *x, rabit_dtype xdt, int64_t M, const rabi
                            const float *h, const float *bias, int K, int64_t out, int64_t in, void *y,
                            cudaStream_t stream);
 
+/* How packed_prefill runs a call with these arguments on the current device: the kernel and the wgmma kernel's
+   k-split over a thread-block cluster, or, where a RABIT_CUDA_PREFILL / RABIT_CUDA_PREFILL_SPLITS setting cannot
+   hold, `error` (a static message; packed_prefill then returns cudaErrorInvalidValue). */
+enum PrefillKernel { PREFILL_MMA = 0, PREFILL_WGMMA = 1 };
+struct PrefillPlan {
+    PrefillKernel kernel;
+    int splits;
+    const char *error;
+};
+PrefillPlan prefill_plan(int64_t M, int64_t out, int64_t in, bool x_aligned, bool h_aligned);
+
 /* Which packed_linear path a call with these arguments takes: 0 = decode (float32 x), 1 = prefill
    (fp16/bf16 x, M > kDecodeMaxM), 2 = a decode kernel of fp16/bf16 x (M <= kDecodeMaxM). */
 int packed_linear_path(rabit_dtype xdt, int64_t M);
