@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Where the wgmma prefill kernel's time goes (docs/kernels.md, "Where the time goes"): builds standalone timers of
+# kernels/cuda/packed_prefill.cu at 4096 x 4096 (K = 2, fp16 x, M = 2048 and 128), each from a copy of the source
+# with one stage left out, and prints the time per call of each. Needs nvcc and an H100/H200; run from the repository
+# root: bash benchmarks/prefill_breakdown/run.sh
+#   whole      the kernel as it is
+#   nobuild    Ŵ built for the first two k-blocks only (the A registers are then reused): no build cost
+#   nomma      no wgmma issued: loads, barriers and the build
+#   loadsonly  neither: loads and barriers
+# The copies are edited with sed; each edit must change exactly one line, or the script stops (the source moved on).
+# Timing: 5 warm-up calls, then 50 back-to-back launches between CUDA events (host work included, no graph).
+set -euo pipefail
+here=benchmarks/prefill_breakdown
+work=$(mktemp -d)
+mkdir -p "$work/cuda"
+cp kernels/*.h "$work/"
+cp kernels/cuda/*.cuh "$work/cuda/"
+no_build='s/^        build(st, A);$/        if (i < 2) build(st, A);/'
+no_mma='s/^            for (int nb = 0; nb < NB; nb++) wgmma_n128<T>(acc\[nb\], A\[j\], desc\[j\]\[nb\]);$/            for (int nb = 0; nb < NB; nb++) if (i < 0) wgmma_n128<T>(acc[nb], A[j], desc[j][nb]);/'
+declare -A edits=([whole]="" [nobuild]="$no_build" [nomma]="$no_mma" [loadsonly]="$no_build;$no_mma")
+declare -A nlines=([whole]=0 [nobuild]=1 [nomma]=1 [loadsonly]=2)
+for v in whole nobuild nomma loadsonly; do
+    src="$work/cuda/$v.cu"
+    if [ -n "${edits[$v]}" ]; then sed "${edits[$v]}" kernels/cuda/packed_prefill.cu > "$src"; else cp kernels/cuda/packed_prefill.cu "$src"; fi
+    changed=$(diff kernels/cuda/packed_prefill.cu "$src" | grep -c '^<' || true)
+    if [ "$changed" != "${nlines[$v]}" ]; then
+        echo "$v: expected ${nlines[$v]} edited line(s), got $changed: update the sed patterns in $0" >&2
+        exit 1
+    fi
+    cat "$src" "$here/timer_main.cu" > "$work/cuda/${v}_all.cu"
+    nvcc -std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a -DRABIT_SM90A=1 --fmad=false --expt-relaxed-constexpr \
+        -DVARIANT="\"$v\"" -I"$work/cuda" -o "$work/$v" "$work/cuda/${v}_all.cu" &
+done
+wait
+nvidia-smi --query-gpu=name --format=csv,noheader
+for v in whole nobuild nomma loadsonly; do "$work/$v"; done
+rm -rf "$work"
