@@ -56,13 +56,14 @@ DECODE_KERNELS = {"b1": 2, "i8": 16, "f16": 16}
 
 # the prefill kernels RABIT_CUDA_PREFILL can force (M > 16): wgmma (sm_90a) and mma.sync (any GPU)
 PREFILL_KERNELS = ("wgmma", "mma")
-KERNEL_ENV = ("RABIT_CUDA_DECODE", "RABIT_CUDA_PREFILL", "RABIT_CUDA_PREFILL_SPLITS")
+FORCE_ENV = ("RABIT_CUDA_DECODE", "RABIT_CUDA_PREFILL")  # set by kernel_env
+KERNEL_ENV = FORCE_ENV + ("RABIT_CUDA_PREFILL_SPLITS",)  # must be unset at the start: they change the default
 
 
 def kernel_env(name):
     """Force a decode or prefill kernel by name (None: the default dispatch). The variable is read at each launch,
     so a graph captured after this call holds that kernel."""
-    for var in KERNEL_ENV[:2]:
+    for var in FORCE_ENV:
         os.environ.pop(var, None)
     if name is not None:
         os.environ["RABIT_CUDA_PREFILL" if name in PREFILL_KERNELS else "RABIT_CUDA_DECODE"] = name

@@ -357,26 +357,18 @@ size_t backward_workspace_doubles(int K, int64_t out, int64_t in) {
 cudaError_t residual_binarize(const void *W, rabit_dtype wdt, const float *g, const float *h, int K, int64_t out,
                               int64_t in, void *what, rabit_dtype odt, rabit_word_t *packed, int *flag,
                               cudaStream_t s) {
-    switch (K) {
-        case 1: return launch_forward<1>(W, wdt, g, h, out, in, what, odt, packed, flag, s);
-        case 2: return launch_forward<2>(W, wdt, g, h, out, in, what, odt, packed, flag, s);
-        case 3: return launch_forward<3>(W, wdt, g, h, out, in, what, odt, packed, flag, s);
-        case 4: return launch_forward<4>(W, wdt, g, h, out, in, what, odt, packed, flag, s);
-    }
-    return cudaErrorInvalidValue;
+    return with_paths(K, [&](auto k) {
+        return launch_forward<decltype(k)::value>(W, wdt, g, h, out, in, what, odt, packed, flag, s);
+    });
 }
 
 cudaError_t residual_binarize_backward(const void *G, rabit_dtype gdt, const void *W, rabit_dtype wdt, const float *g,
                                        const float *h, const rabit_word_t *packed, int K, int64_t out, int64_t in,
                                        rabit_ste ste, float ste_param, void *dW, float *dg, float *dh, double *ws,
                                        cudaStream_t s) {
-    switch (K) {
-        case 1: return backward_k<1>(G, gdt, W, wdt, g, h, packed, out, in, ste, ste_param, dW, dg, dh, ws, s);
-        case 2: return backward_k<2>(G, gdt, W, wdt, g, h, packed, out, in, ste, ste_param, dW, dg, dh, ws, s);
-        case 3: return backward_k<3>(G, gdt, W, wdt, g, h, packed, out, in, ste, ste_param, dW, dg, dh, ws, s);
-        case 4: return backward_k<4>(G, gdt, W, wdt, g, h, packed, out, in, ste, ste_param, dW, dg, dh, ws, s);
-    }
-    return cudaErrorInvalidValue;
+    return with_paths(K, [&](auto k) {
+        return backward_k<decltype(k)::value>(G, gdt, W, wdt, g, h, packed, out, in, ste, ste_param, dW, dg, dh, ws, s);
+    });
 }
 
 cudaError_t pack_signs(const float *signs, int64_t rows, int64_t in, rabit_word_t *packed, cudaStream_t s) {

@@ -8,6 +8,7 @@
 #include <stdint.h>
 
 #include <mutex>
+#include <type_traits>
 
 #include "../rabit_format.h"
 #include "../rabit_kernels.h"
@@ -34,6 +35,20 @@ inline const DevInfo &device_info() {
         cudaDeviceGetAttribute(&d.sms, cudaDevAttrMultiProcessorCount, dev);
     });
     return d;
+}
+
+/* f(std::integral_constant<int, K>()) for the run-time path count K = 1..RABIT_MAX_K: the one switch that turns K
+   into the template argument of the kernels; cudaErrorInvalidValue for any other K. */
+static_assert(RABIT_MAX_K == 4, "with_paths covers K = 1..4");
+template <class F>
+inline cudaError_t with_paths(int K, F &&f) {
+    switch (K) {
+        case 1: return f(std::integral_constant<int, 1>());
+        case 2: return f(std::integral_constant<int, 2>());
+        case 3: return f(std::integral_constant<int, 3>());
+        case 4: return f(std::integral_constant<int, 4>());
+    }
+    return cudaErrorInvalidValue;
 }
 
 /* Raise kernel fn's dynamic shared-memory limit to `bytes`, once per device: `done` holds one flag per device and

@@ -783,13 +783,7 @@ cudaError_t decode_gemv(const void *x, rabit_dtype xdt, int64_t M, const rabit_w
     a.M = static_cast<int>(M); a.out = out; a.nw = RABIT_WORDS(in); a.ngroups = ng;
     a.frag = frag; a.scale = scale; a.qsum = qsum;
     a.vec = (a.nw % 4 == 0) && (reinterpret_cast<uintptr_t>(packed) % 16 == 0);
-    switch (K) {
-        case 1: return launch_main_k<1>(a, kern, NT, s);
-        case 2: return launch_main_k<2>(a, kern, NT, s);
-        case 3: return launch_main_k<3>(a, kern, NT, s);
-        case 4: return launch_main_k<4>(a, kern, NT, s);
-    }
-    return cudaErrorInvalidValue;
+    return with_paths(K, [&](auto k) { return launch_main_k<decltype(k)::value>(a, kern, NT, s); });
 }
 
 }  // namespace rabit_cuda

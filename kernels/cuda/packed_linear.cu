@@ -390,13 +390,7 @@ cudaError_t launch_decode(const void *x, rabit_dtype xdt, int64_t M, const rabit
     a.xvec = vec16(x, xdt);
     a.hvec = vec16(h, hdt);
     const unsigned gz = static_cast<unsigned>((M + kDecodeMaxM - 1) / kDecodeMaxM);
-    switch (K) {
-        case 1: return launch_decode_k<1>(a, NT, smem, gx, gz, s);
-        case 2: return launch_decode_k<2>(a, NT, smem, gx, gz, s);
-        case 3: return launch_decode_k<3>(a, NT, smem, gx, gz, s);
-        case 4: return launch_decode_k<4>(a, NT, smem, gx, gz, s);
-    }
-    return cudaErrorInvalidValue;
+    return with_paths(K, [&](auto k) { return launch_decode_k<decltype(k)::value>(a, NT, smem, gx, gz, s); });
 }
 
 }  // namespace

@@ -51,16 +51,19 @@ struct PrefillArgs {
     int nw_even;  // bit rows hold an even number of words: a row's k-block pair is 8-byte aligned
 };
 
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void *p) {
-    const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(p));
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(s));
+/* The shared-memory address (state space .shared) of a generic pointer into shared memory. */
+__device__ __forceinline__ uint32_t smem_u32(const void *p) {
+    return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+/* 16 bytes global -> shared, bypassing L1; src_bytes < 16 zero-fills the rest (0: a zero fill, src not read). */
+__device__ __forceinline__ void cp_async16_s(uint32_t dst, const void *src, int src_bytes) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes));
 }
 
-__device__ __forceinline__ void cp_async16(void *dst, const void *src, int src_bytes) {
-    const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(dst));
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(src), "r"(src_bytes));
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void *p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_u32(p)));
 }
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::); }
 
@@ -109,7 +112,8 @@ __global__ void __launch_bounds__(256, 1) prefill_kernel(const PrefillArgs a) {
             const int64_t m = m_base + r, col = kk + c8;
             if (a.xvec) {
                 const bool ok = m < a.M && col < in;
-                cp_async16(dst, ok ? static_cast<const void *>(x + m * in + col) : static_cast<const void *>(x), ok ? 16 : 0);
+                cp_async16_s(smem_u32(dst), ok ? static_cast<const void *>(x + m * in + col) : static_cast<const void *>(x),
+                             ok ? 16 : 0);
             } else {
                 uint16_t v[8];
 #pragma unroll
@@ -262,12 +266,6 @@ struct WgLayout {
 };
 
 #ifdef RABIT_DEVICE_WGMMA
-__device__ __forceinline__ uint32_t smem_u32(const void *p) {
-    return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-__device__ __forceinline__ void cp_async16_s(uint32_t dst, const void *src, int src_bytes) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes));
-}
 __device__ __forceinline__ void cp_async4_s(uint32_t dst, const void *src, int src_bytes) {
     asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes));
 }
@@ -648,13 +646,7 @@ cudaError_t launch_prefill_t(const PrefillArgs &a, cudaStream_t s) {
 
 template <typename T>
 cudaError_t launch_prefill_k(const PrefillArgs &a, int K, cudaStream_t s) {
-    switch (K) {
-        case 1: return launch_prefill_t<T, 1>(a, s);
-        case 2: return launch_prefill_t<T, 2>(a, s);
-        case 3: return launch_prefill_t<T, 3>(a, s);
-        case 4: return launch_prefill_t<T, 4>(a, s);
-    }
-    return cudaErrorInvalidValue;
+    return with_paths(K, [&](auto k) { return launch_prefill_t<T, decltype(k)::value>(a, s); });
 }
 
 template <typename T, int K, int NB>
@@ -681,13 +673,7 @@ cudaError_t launch_wgmma_t(const PrefillArgs &a, const CUtensorMap &tmx, cudaStr
 
 template <typename T, int NB>
 cudaError_t launch_wgmma_k(const PrefillArgs &a, const CUtensorMap &tmx, int K, cudaStream_t s) {
-    switch (K) {
-        case 1: return launch_wgmma_t<T, 1, NB>(a, tmx, s);
-        case 2: return launch_wgmma_t<T, 2, NB>(a, tmx, s);
-        case 3: return launch_wgmma_t<T, 3, NB>(a, tmx, s);
-        case 4: return launch_wgmma_t<T, 4, NB>(a, tmx, s);
-    }
-    return cudaErrorInvalidValue;
+    return with_paths(K, [&](auto k) { return launch_wgmma_t<T, decltype(k)::value, NB>(a, tmx, s); });
 }
 
 /* The driver's tensor-map encoder, through the runtime (null where the driver lacks it). */
