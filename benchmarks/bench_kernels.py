@@ -141,65 +141,114 @@ def bench_ops(out, in_features):
     h = torch.rand(K, in_features, device=DEV) + 0.5
     _, packed = rabit.residual_binarize(w, g, h)
     grad = torch.randn(out, in_features, device=DEV).half()
-    t_f = event_time_us(lambda: rabit.residual_binarize(w, g, h, torch.float16))
-    t_b = event_time_us(lambda: rabit.residual_binarize_backward(grad, w, g, h, packed))
+    t_f = event_time_us(lambda: rabit.residual_binarize(w, g, h, torch.float16))  # a sync: no graph
+    gs, hs = g.half(), h.half()
+    # the others as CUDA graphs (GPU time, no launch overhead) cycling over 3 layers, > 2 x 50 MB of L2 at 4096²
+    ws = [w] + [torch.randn_like(w) for _ in range(2)]
+    grads = [grad] + [torch.randn_like(grad) for _ in range(2)]
+    packs = [rabit.residual_binarize(x, g, h)[1] for x in ws]
+    t_fn = graph_time_us([lambda x=x: rabit.residual_binarize(x, g, h, torch.float16, check_finite=False)
+                          for x in ws], min_calls=24)[0]
+    t_b = graph_time_us([lambda x=x, d=d, p=p: rabit.residual_binarize_backward(d, x, g, h, p)
+                         for x, d, p in zip(ws, grads, packs)], min_calls=24)[0]
+    t_d = graph_time_us([lambda p=p: rabit.dequantize(p, gs, hs, torch.float16) for p in packs], min_calls=24)[0]
     n = out * in_features
     f_bytes = n * 4 + n * 2 + K * n // 8
     b_bytes = n * 2 + n * 4 + K * n // 8
-    return dict(out=out, in_=in_features, fwd_us=round(t_f, 2), fwd_GBps=round(f_bytes / (t_f * 1e-6) / 1e9, 1),
-                bwd_us=round(t_b, 2), bwd_GBps=round(b_bytes / (t_b * 1e-6) / 1e9, 1),
-                note="fwd: W fp32 -> Ŵ fp16 + bits, incl. the NaN-flag readback (one sync); bwd: G fp16 -> dW fp32, dg, dh")
+    d_bytes = n * 2 + K * n // 8
+    gbps = lambda nbytes, t: round(nbytes / (t * 1e-6) / 1e9, 1)  # noqa: E731
+    return dict(out=out, in_=in_features, fwd_us=round(t_f, 2), fwd_GBps=gbps(f_bytes, t_f),
+                fwd_unchecked_us=round(t_fn, 2), fwd_unchecked_GBps=gbps(f_bytes, t_fn),
+                bwd_us=round(t_b, 2), bwd_GBps=gbps(b_bytes, t_b),
+                dequantize_us=round(t_d, 2), dequantize_GBps=gbps(d_bytes, t_d),
+                note="fwd: W fp32 -> Ŵ fp16 + bits, incl. the NaN-flag readback (one sync), one call between CUDA "
+                     "events; fwd_unchecked: the same without the check (as the trainer runs it); bwd: G fp16 -> dW "
+                     "fp32, dg, dh; dequantize: bits -> Ŵ fp16 (qat_linear's backward); these three timed as CUDA "
+                     "graphs of 24 calls cycling over 3 layers' tensors")
 
 
-def bench_qat(out, in_features, tokens):
-    x = torch.randn(tokens, in_features, device=DEV).half()
+def bench_qat(out, in_features, tokens, x_grad):
+    """One layer's QAT step against an fp16 nn.Linear's forward + backward, and the same math in plain PyTorch.
+    x_grad: whether x requires grad (a layer inside a network: backward also computes dX), else only the weight
+    side of the backward runs. Each step is timed twice: eagerly (CPU launch overhead included, as a Python
+    training loop sees one layer alone) and as a CUDA graph of forward + backward (GPU time only)."""
+    x = torch.randn(tokens, in_features, device=DEV).half().requires_grad_(x_grad)
     dy = torch.randn(tokens, out, device=DEV).half()
 
     w = torch.randn(out, in_features, device=DEV).mul_(0.02).requires_grad_()
     g = (w.detach().abs().mean(1) * torch.tensor([[1.0], [0.4]], device=DEV)).requires_grad_()
     h = (torch.rand(K, in_features, device=DEV) + 0.5).requires_grad_()
+    w16 = (torch.randn(out, in_features, device=DEV) * 0.02).half().requires_grad_()
+    params = (x, w, g, h, w16)
 
-    def ours():  # as the trainer runs it: no NaN check (a device sync) per layer (rabit/train.py)
+    def ours():  # what RaBiTLinear runs in training: one op, no NaN check (a device sync) per layer (rabit/train.py)
+        return rabit.qat_linear(x, w, g, h, check_finite=False)
+
+    def unfused():  # residual_binarize, then F.linear, whose autograd keeps Ŵ for dX
         what, _ = rabit.residual_binarize(w, g, h, torch.float16, check_finite=False)
-        F.linear(x, what).backward(dy)
+        return F.linear(x, what)
 
     def plain():  # the same math from plain PyTorch ops (rabit.reference) and autograd
         signs = R.residual_signs(w.detach(), g.detach(), h.detach())
         what = R.dequantize(signs, g, h) + (w - w.detach())
-        F.linear(x, what.half()).backward(dy)
-
-    w16 = (torch.randn(out, in_features, device=DEV) * 0.02).half().requires_grad_()
+        return F.linear(x, what.half())
 
     def dense():
-        F.linear(x, w16).backward(dy)
+        return F.linear(x, w16)
 
     res = {}
-    for name, fn in (("rabit", ours), ("fp16_linear", dense), ("plain_pytorch", plain)):
-        fn()
+    for name, fn in (("rabit", ours), ("rabit_unfused", unfused), ("fp16_linear", dense), ("plain_pytorch", plain)):
+        fn().backward(dy)
         torch.cuda.synchronize()
-        for p in (w, g, h, w16):
+        for p in params:
             p.grad = None
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-        fn()
+        y = fn()
+        # kept from the forward for the backward, beyond the output itself: the activation memory of the layer
+        saved = torch.cuda.memory_allocated() - base - y.numel() * y.element_size()
+        y.backward(dy)
+        del y
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() - base
-        for p in (w, g, h, w16):
+        for p in params:
             p.grad = None
 
         def step(fn=fn):
-            fn()
-            for p in (w, g, h, w16):
+            fn().backward(dy)
+            for p in params:
                 p.grad = None
 
         t = event_time_us(step, reps=10 if name != "plain_pytorch" else 5, warmup=2)
-        res[name] = dict(us=round(t, 1), peak_extra_MB=round(peak / 2**20, 1))
-    res["ratio_vs_fp16_linear"] = round(res["rabit"]["us"] / res["fp16_linear"]["us"], 3)
-    res["speedup_vs_plain_pytorch"] = round(res["plain_pytorch"]["us"] / res["rabit"]["us"], 3)
-    res.update(out=out, in_=in_features, tokens=tokens, K=K,
-               note="latent W fp32, Ŵ fp16; step = residual_binarize + F.linear fwd + backward (cuBLAS dX, dŴ + "
-                    "rabit backward); peak_extra = peak allocated during the step above the resident tensors "
-                    "(grads included)")
+        res[name] = dict(us=round(t, 1), peak_extra_MB=round(peak / 2**20, 1), saved_MB=round(saved / 2**20, 2))
+        try:
+            res[name]["graph_us"] = round(graph_time_us([step], reps=10, min_calls=8 if name != "plain_pytorch" else 2)[0], 1)
+        except RuntimeError as e:  # recorded in the JSON, never replaced by another number
+            if name != "plain_pytorch":
+                raise
+            res[name]["graph_us"], res[name]["graph_error"] = None, str(e)[:300]
+        for p in params:
+            p.grad = None  # the graph's gradients live in its memory pool
+        torch.cuda.empty_cache()
+    fp = res["fp16_linear"]
+    for name in ("rabit", "rabit_unfused"):
+        res[name]["ratio_vs_fp16_linear"] = round(res[name]["us"] / fp["us"], 3)
+        res[name]["graph_ratio_vs_fp16_linear"] = round(res[name]["graph_us"] / fp["graph_us"], 3)
+    res["ratio_vs_fp16_linear"] = res["rabit"]["graph_ratio_vs_fp16_linear"]
+    plain_graph = res["plain_pytorch"]["graph_us"]
+    res["speedup_vs_plain_pytorch"] = round(plain_graph / res["rabit"]["graph_us"], 3) if plain_graph else None
+    res["eager_speedup_vs_plain_pytorch"] = round(res["plain_pytorch"]["us"] / res["rabit"]["us"], 3)
+    res.update(out=out, in_=in_features, tokens=tokens, K=K, x_requires_grad=x_grad,
+               packed_MB=round(K * out * R.words_per_row(in_features) * 4 / 2**20, 2),
+               note="latent W fp32, Ŵ fp16; step = forward + backward (cuBLAS "
+                    + ("dX and dŴ" if x_grad else "dŴ only: x does not require grad")
+                    + " + rabit backward). rabit = rabit.qat_linear (RaBiTLinear's op: Ŵ derived again in the "
+                      "backward), rabit_unfused = residual_binarize + F.linear (keeps Ŵ). us: eager, one step "
+                      "between CUDA events (CPU launch overhead included); graph_us: forward + backward captured "
+                      "in a CUDA graph (GPU time); ratio_vs_fp16_linear and speedup_vs_plain_pytorch: from the graph times. peak_extra = peak "
+                      "allocated during the step above the resident tensors (grads included); saved = allocated "
+                      "after the forward minus before, less the output: what the layer keeps for its backward "
+                      "(target: at most K bits per weight, packed_MB)")
     return res
 
 
@@ -209,6 +258,7 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--gemv-only", action="store_true", help="only packed_linear at M <= 16 (no prefill, no QAT)")
     ap.add_argument("--prefill-only", action="store_true", help="only packed_linear at M > 16 (no decode, no QAT)")
+    ap.add_argument("--qat-only", action="store_true", help="only the QAT ops and the QAT step")
     ap.add_argument("--tag", default="", help="suffix of the JSON file name")
     ap.add_argument("--decode-kernels", default="",
                     help="comma-separated decode kernels to time as well, each forced where it applies: "
@@ -222,8 +272,8 @@ def main():
     prefill = [k for k in args.prefill_kernels.split(",") if k]
     if any(k not in PREFILL_KERNELS for k in prefill):
         ap.error(f"--prefill-kernels: expected names from {list(PREFILL_KERNELS)}, got {args.prefill_kernels!r}")
-    if args.gemv_only and args.prefill_only:
-        ap.error("--gemv-only and --prefill-only exclude each other")
+    if args.gemv_only + args.prefill_only + args.qat_only > 1:
+        ap.error("--gemv-only, --prefill-only and --qat-only exclude each other")
     if any(v in os.environ for v in KERNEL_ENV):
         ap.error(f"unset {' and '.join(KERNEL_ENV)}: the default dispatch is the measured one "
                  "(--decode-kernels / --prefill-kernels time others)")
@@ -248,15 +298,17 @@ def main():
         ms = [m for m in ms if m <= 16]
     if args.prefill_only:
         ms = [m for m in ms if m > 16]
-    for out, in_features in shapes:
+    for out, in_features in [] if args.qat_only else shapes:
         linear += bench_linear(out, in_features, args.quick, ms, kernels=kernels + prefill)
     for r in linear:
         if r["M"] == 1:
             r["rabit_pct_copy_bw"] = round(100 * r["rabit_GBps"] / bw, 1)
             r["cublas_pct_copy_bw"] = round(100 * r["cublas_GBps"] / bw, 1)
-    only = args.gemv_only or args.prefill_only
-    ops = [] if only else [bench_ops(4096, 4096), bench_ops(11008, 4096)]
-    qat = [] if only else [bench_qat(4096, 4096, 2048)] + ([] if args.quick else [bench_qat(11008, 4096, 2048)])
+    only = args.gemv_only or args.prefill_only or args.qat_only
+    ops = [] if only and not args.qat_only else [bench_ops(4096, 4096), bench_ops(11008, 4096)]
+    qat = [] if only and not args.qat_only else [
+        bench_qat(o, i, 2048, x_grad) for o, i in ([(4096, 4096)] if args.quick else [(4096, 4096), (11008, 4096)])
+        for x_grad in (False, True)]
     result = dict(info=info, packed_linear=linear, qat_ops=ops, qat_step=qat)
 
     gpu = device_tag(prop.name)
@@ -269,13 +321,19 @@ def main():
         print(f"{r['out']:>8} x {r['in_']:<7} {r['M']:>5} {r['rabit_us']:>9.2f} {r['cublas_fp16_us']:>10.2f} "
               f"{r['speedup']:>8.2f} {pct}")
     for o in ops:
-        print(f"ops {o['out']}x{o['in_']}: fwd {o['fwd_us']} us ({o['fwd_GBps']} GB/s), "
+        print(f"ops {o['out']}x{o['in_']}: fwd {o['fwd_us']} us ({o['fwd_GBps']} GB/s), unchecked "
+              f"{o['fwd_unchecked_us']} us ({o['fwd_unchecked_GBps']} GB/s), dequantize {o['dequantize_us']} us "
+              f"({o['dequantize_GBps']} GB/s), "
               f"bwd {o['bwd_us']} us ({o['bwd_GBps']} GB/s)")
     for q in qat:
-        print(f"QAT step {q['out']}x{q['in_']} T={q['tokens']}: rabit {q['rabit']['us']} us "
-              f"(+{q['rabit']['peak_extra_MB']} MB), fp16 Linear {q['fp16_linear']['us']} us "
-              f"(+{q['fp16_linear']['peak_extra_MB']} MB), plain PyTorch {q['plain_pytorch']['us']} us; "
-              f"ratio {q['ratio_vs_fp16_linear']}, vs plain x{q['speedup_vs_plain_pytorch']}")
+        r, u, d = q["rabit"], q["rabit_unfused"], q["fp16_linear"]
+        print(f"QAT step {q['out']}x{q['in_']} T={q['tokens']} dX={q['x_requires_grad']}: graph us rabit "
+              f"{r['graph_us']} / unfused {u['graph_us']} / fp16 Linear {d['graph_us']} (ratio {r['graph_ratio_vs_fp16_linear']}"
+              f" / {u['graph_ratio_vs_fp16_linear']}); saved MB {r['saved_MB']} / {u['saved_MB']} / {d['saved_MB']} "
+              f"(packed {q['packed_MB']}); peak MB +{r['peak_extra_MB']} / +{u['peak_extra_MB']} / "
+              f"+{d['peak_extra_MB']}; eager us {r['us']} / {u['us']} / {d['us']}; plain PyTorch graph "
+              f"{q['plain_pytorch']['graph_us']} us (rabit x{q['speedup_vs_plain_pytorch']} faster), eager "
+              f"{q['plain_pytorch']['us']} us (x{q['eager_speedup_vs_plain_pytorch']})")
 
 
 if __name__ == "__main__":

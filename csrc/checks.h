@@ -145,6 +145,17 @@ inline void check_unpack_args(const char *op, const at::Tensor &packed, int64_t 
                       " words but in_features=", in_features, " needs ", words_per_row(in_features));
 }
 
+inline LayerDims check_dequantize_args(const char *op, const at::Tensor &packed, const at::Tensor &g,
+                                       const at::Tensor &h) {
+    RABIT_CHECK_DIM(op, packed, 3);
+    RABIT_CHECK_DIM(op, h, 2);
+    const int64_t K = packed.size(0), out = packed.size(1), in = h.size(1);
+    TORCH_CHECK_VALUE(in >= 1, op, ": h has no input features (shape ", h.sizes(), ")");
+    check_scales(op, g, h, out, in, packed);  // `in` comes from h
+    check_packed(op, packed, K, out, in);
+    return {K, out, in};
+}
+
 inline LayerDims check_packed_linear_args(const char *op, const at::Tensor &x, const at::Tensor &packed,
                                           const at::Tensor &g, const at::Tensor &h,
                                           const std::optional<at::Tensor> &bias) {

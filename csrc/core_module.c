@@ -162,6 +162,51 @@ fail:
     return NULL;
 }
 
+static PyObject *core_dequantize(PyObject *self, PyObject *args) {
+    const char *op = "rabit._core.dequantize";
+    PyObject *op_, *og, *oh, *what = NULL;
+    PyArrayObject *p = NULL, *g = NULL, *h = NULL;
+    npy_intp out, in, K, dims[2];
+    rabit_status st;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "OOO", &op_, &og, &oh)) return NULL;
+    if (!(p = rabit_array(op, "packed", op_, NPY_UINT32, 3, 3))) goto fail;
+    if (!(g = rabit_array(op, "g", og, NPY_FLOAT32, 2, 2))) goto fail;
+    if (!(h = rabit_array(op, "h", oh, NPY_FLOAT32, 2, 2))) goto fail;
+    K = PyArray_DIM(p, 0);
+    out = PyArray_DIM(p, 1);
+    in = PyArray_DIM(h, 1);
+    if (in < 1) {
+        PyErr_Format(PyExc_ValueError, "%s: h has no input features", op);
+        goto fail;
+    }
+    if (rabit_check_scales(op, g, h, out, in)) goto fail;
+    if (PyArray_DIM(g, 0) != K || PyArray_DIM(p, 2) != RABIT_WORDS(in)) {
+        PyErr_Format(PyExc_ValueError, "%s: packed is [%zd, %zd, %zd] but g, h need [%zd, %zd, %zd]", op, (Py_ssize_t)K,
+                     (Py_ssize_t)out, (Py_ssize_t)PyArray_DIM(p, 2), (Py_ssize_t)PyArray_DIM(g, 0), (Py_ssize_t)out,
+                     (Py_ssize_t)RABIT_WORDS(in));
+        goto fail;
+    }
+    dims[0] = out;
+    dims[1] = in;
+    if (!(what = PyArray_SimpleNew(2, dims, NPY_FLOAT32))) goto fail;
+    Py_BEGIN_ALLOW_THREADS
+    st = rabit_dequantize_cpu((const rabit_word_t *)PyArray_DATA(p), (const float *)PyArray_DATA(g),
+                              (const float *)PyArray_DATA(h), K, out, in, PyArray_DATA((PyArrayObject *)what), RABIT_F32);
+    Py_END_ALLOW_THREADS
+    if (rabit_fail(op, st)) goto fail;
+    Py_DECREF(p);
+    Py_DECREF(g);
+    Py_DECREF(h);
+    return what;
+fail:
+    Py_XDECREF(p);
+    Py_XDECREF(g);
+    Py_XDECREF(h);
+    Py_XDECREF(what);
+    return NULL;
+}
+
 static PyObject *core_packed_linear(PyObject *self, PyObject *args, PyObject *kwargs) {
     static char *kwlist[] = {"x", "packed", "g", "h", "bias", NULL};
     const char *op = "rabit._core.packed_linear";
@@ -257,6 +302,8 @@ static PyMethodDef core_methods[] = {
     {"unpack_signs", core_unpack_signs, METH_VARARGS, "unpack_signs(packed: uint32[..., words], in_features) -> float32 ±1"},
     {"residual_binarize", core_residual_binarize, METH_VARARGS,
      "residual_binarize(weight f32[out,in], g f32[K,out], h f32[K,in]) -> (what f32[out,in], packed uint32[K,out,words])"},
+    {"dequantize", core_dequantize, METH_VARARGS,
+     "dequantize(packed uint32[K,out,words], g f32[K,out], h f32[K,in]) -> what f32[out,in] (residual_binarize's)"},
     {"packed_linear", (PyCFunction)(void (*)(void))core_packed_linear, METH_VARARGS | METH_KEYWORDS,
      "packed_linear(x f32[M,in] or [in], packed, g, h, bias=None) -> f32[M,out]: sum_k g_k*(B_k (h_k*x)) + bias"},
     {"set_cpu_kernel", core_set_cpu_kernel, METH_O, "Force the CPU packed-GEMV kernel: 'auto', 'ref' or 'avx2'."},

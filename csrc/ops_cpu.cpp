@@ -78,6 +78,19 @@ at::Tensor unpack_signs_cpu(const at::Tensor &packed, int64_t in_features, std::
     return out;
 }
 
+at::Tensor dequantize_cpu(const at::Tensor &packed, const at::Tensor &g, const at::Tensor &h,
+                          std::optional<at::ScalarType> dtype) {
+    const char *op = "rabit.dequantize";
+    const auto [K, out, in] = check_dequantize_args(op, packed, g, h);
+    const at::ScalarType dt = dtype.value_or(at::kFloat);
+    const rabit_dtype rdt = to_rabit_dtype(dt);
+    at::Tensor gf = scales_f32(g), hf = scales_f32(h);
+    at::Tensor what = at::empty({out, in}, packed.options().dtype(dt));
+    check_status(op, rabit_dequantize_cpu(reinterpret_cast<const rabit_word_t *>(packed.data_ptr<int32_t>()),
+                                          gf.data_ptr<float>(), hf.data_ptr<float>(), K, out, in, what.data_ptr(), rdt));
+    return what;
+}
+
 at::Tensor packed_linear_cpu(const at::Tensor &x, const at::Tensor &packed, const at::Tensor &g, const at::Tensor &h,
                              const std::optional<at::Tensor> &bias) {
     const char *op = "rabit.packed_linear";
@@ -99,6 +112,7 @@ TORCH_LIBRARY_IMPL(rabit, CPU, m) {
     m.impl("residual_binarize_backward", &residual_binarize_backward_cpu);
     m.impl("pack_signs", &pack_signs_cpu);
     m.impl("unpack_signs", &unpack_signs_cpu);
+    m.impl("dequantize", &dequantize_cpu);
     m.impl("packed_linear", &packed_linear_cpu);
 }
 

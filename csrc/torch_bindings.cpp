@@ -29,6 +29,9 @@ TORCH_LIBRARY(rabit, m) {
     m.def("pack_signs(Tensor signs) -> Tensor");
     // Unpack int32 words [..., words] into ±1 of the given dtype (default float32), [..., in_features].
     m.def("unpack_signs(Tensor packed, int in_features, ScalarType? dtype=None) -> Tensor");
+    // Ŵ = Σ_k g_k ⊙ B_k ⊙ h_k [out, in] from the planes [K, out, words] and g [K, out], h [K, in], in dtype (default
+    // float32), with residual_binarize's arithmetic: its Ŵ bit for bit for the planes it wrote.
+    m.def("dequantize(Tensor packed, Tensor g, Tensor h, ScalarType? dtype=None) -> Tensor");
     // y = Σ_k g_k ⊙ (B_k (h_k ⊙ x)) + bias for x [M, in] straight from the packed planes.
     m.def("packed_linear(Tensor x, Tensor packed, Tensor g, Tensor h, Tensor? bias=None) -> Tensor");
 }

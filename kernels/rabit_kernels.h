@@ -68,6 +68,13 @@ rabit_status rabit_residual_binarize_backward_cpu(const void *G, rabit_dtype gdt
                                                   int64_t K, int64_t out, int64_t in, rabit_ste ste,
                                                   float ste_param, void *dW, float *dg, float *dh);
 
+/*
+ * Ŵ = sum_k g_k*B_k*h_k from the packed planes, in dtype dt, with the forward's arithmetic: for the planes
+ * rabit_residual_binarize_cpu wrote, its Ŵ bit for bit.
+ */
+rabit_status rabit_dequantize_cpu(const rabit_word_t *packed, const float *g, const float *h, int64_t K, int64_t out,
+                                  int64_t in, void *what, rabit_dtype dt);
+
 /* Pack rows of signs (float32; bit = value >= 0) into words; padding bits are cleared. */
 rabit_status rabit_pack_signs_cpu(const float *signs, int64_t rows, int64_t in, rabit_word_t *packed);
 

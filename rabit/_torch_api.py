@@ -6,8 +6,10 @@ _C = load_torch_extension()
 
 from . import reference  # noqa: E402
 from ._ops import (  # noqa: E402
+    dequantize,
     pack_signs,
     packed_linear,
+    qat_linear,
     residual_binarize,
     residual_binarize_backward,
     unpack_signs,
@@ -41,8 +43,10 @@ __all__ = [
     "RabitConfig",
     "convert_",
     "cpu_kernel",
+    "dequantize",
     "pack_signs",
     "packed_linear",
+    "qat_linear",
     "quantize_",
     "reference",
     "residual_binarize",

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._ops import packed_linear, residual_binarize
+from ._ops import packed_linear, qat_linear, residual_binarize
 from .reference import STE_VARIANTS, words_per_row
 
 
@@ -22,7 +22,8 @@ class RaBiTLinear(nn.Module):
     Parameters: ``weight`` (the one shared latent, ``[out, in]``), ``g`` ``[K, out]``, ``h`` ``[K, in]``,
     optional ``bias``. Every forward re-derives B_1 = sign(W), B_{k+1} = sign(W − Σ_{j≤k} Ŵ_j) in the
     fused ``rabit.residual_binarize`` op; its backward passes ∂L/∂Ŵ to W by a straight-through
-    estimator and gives g, h their exact gradients.
+    estimator and gives g, h their exact gradients. The forward runs as one op (``rabit.qat_linear``) that
+    keeps no Ŵ for the backward: the layer's activation memory is that of an ``nn.Linear``.
     """
 
     is_rabit_latent = True  # lets trainers route `weight` to the latent-weight optimizer
@@ -69,10 +70,10 @@ class RaBiTLinear(nn.Module):
         dtype = x.dtype
         if torch.is_autocast_enabled(x.device.type):
             dtype = torch.get_autocast_dtype(x.device.type)  # build Ŵ directly in the GEMM's dtype
-        what, _ = residual_binarize(self.weight.contiguous(), self.g, self.h, dtype, self.ste, self.ste_param,
-                                    self.check_finite)
         bias = self.bias.to(dtype) if self.bias is not None else None
-        return F.linear(x.to(dtype), what, bias)
+        # one op: Ŵ is built in the GEMM's dtype and not kept for the backward (rabit.qat_linear)
+        return qat_linear(x.to(dtype), self.weight.contiguous(), self.g, self.h, bias, self.ste, self.ste_param,
+                          self.check_finite)
 
     @torch.no_grad()
     def packed_signs(self) -> Tensor:

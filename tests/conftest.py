@@ -35,9 +35,11 @@ def pytest_runtest_makereport(item, call):
 
 
 def available_devices():
+    """Devices to parametrize over: "cpu", and "cuda" (marked `cuda`, so that `pytest -m cuda` runs it) where a GPU
+    and the CUDA kernels are there."""
     devs = ["cpu"]
     if torch.cuda.is_available() and torch.ops.rabit.residual_binarize.default.has_kernel_for_dispatch_key("CUDA"):
-        devs.append("cuda")
+        devs.append(pytest.param("cuda", marks=pytest.mark.cuda))
     return devs
 
 

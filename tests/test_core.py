@@ -32,6 +32,7 @@ def test_core_matches_torch_ops(shape, k):
     signs = rabit.unpack_signs(packed_t, shape[1])
     assert np.array_equal(_core.pack_signs(signs.numpy()).view(np.int32), packed_t.numpy())
     assert np.array_equal(_core.unpack_signs(packed_n, shape[1]), signs.numpy())
+    assert np.array_equal(_core.dequantize(packed_n, g.numpy(), h.numpy()), what_n)  # the forward's Ŵ
 
 
 def test_core_rejects_wrong_dtype_and_shape():
@@ -55,6 +56,10 @@ def test_core_rejects_wrong_dtype_and_shape():
         _core.packed_linear(np.ones(10, np.float32), packed, g, h, np.ones(3, np.float32))
     with pytest.raises(ValueError, match="in_features=40 needs 2"):
         _core.unpack_signs(packed, 40)
+    with pytest.raises(ValueError, match=r"packed is \[2, 4, 1\] but g, h need \[2, 4, 2\]"):
+        _core.dequantize(packed, g, np.ones((2, 40), np.float32))
+    with pytest.raises(TypeError, match="expected g to have dtype f4, got f2"):
+        _core.dequantize(packed, g.astype(np.float16), h)
 
 
 def test_core_accepts_non_contiguous_views():

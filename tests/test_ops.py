@@ -281,6 +281,8 @@ def _opcheck_samples(device):
         (torch.ops.rabit.residual_binarize_backward.default, (torch.randn(3, 64, device=device).bfloat16(), w2, g2, h2, packed2, "tanh", 0.3)),
         (torch.ops.rabit.pack_signs.default, (torch.randn(2, 3, 70, device=device),)),
         (torch.ops.rabit.unpack_signs.default, (packed, 45, torch.bfloat16)),
+        (torch.ops.rabit.dequantize.default, (packed, g, h, torch.float16)),
+        (torch.ops.rabit.dequantize.default, (packed2, g2.bfloat16(), h2, None)),
         (torch.ops.rabit.packed_linear.default, (x, packed, g, h, None)),
         (torch.ops.rabit.packed_linear.default,
          (x.clone().requires_grad_(), packed, g.clone().requires_grad_(), h.half(), torch.randn(7, device=device))),
@@ -295,7 +297,7 @@ def test_opcheck_every_op(device):
 def test_every_op_has_an_opcheck_sample():
     tested = {op.name() for op, _ in _opcheck_samples("cpu")}
     assert tested == {f"rabit::{n}" for n in ["residual_binarize", "residual_binarize_backward", "pack_signs",
-                                               "unpack_signs", "packed_linear"]}
+                                               "unpack_signs", "packed_linear", "dequantize"]}
 
 
 # The kernels compute in float32, so gradcheck runs in float32. It is exact where it applies:
@@ -329,6 +331,137 @@ def test_gradcheck_packed_linear(device):
         args = [t.clone().requires_grad_(j == i) for j, t in enumerate(inputs)]
         assert torch.autograd.gradcheck(
             lambda *a: rabit.packed_linear(a[0], packed, a[1], a[2], a[3]), tuple(args), **GC)
+
+
+# ---------------------------------------------------------------- dequantize: Ŵ from the planes
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
+@pytest.mark.parametrize("k", [1, 2, 3, 4])
+def test_dequantize_is_residual_binarize_what(shape, k, device):
+    w, g, h = random_layer(*shape, k, torch.float32, device)
+    for odt in FLOAT_DTYPES:
+        what, packed = rabit.residual_binarize(w, g, h, odt)
+        assert torch.equal(rabit.dequantize(packed, g, h, odt), what), f"Ŵ ({odt}) is not the forward's"
+    # scales in other dtypes are used as float32, like every op
+    assert torch.equal(rabit.dequantize(packed, g.half(), h.bfloat16()),
+                       R.dequantize(R.unpack_signs(packed.cpu(), shape[1]), g.half().cpu(), h.bfloat16().cpu()).to(device))
+
+
+def test_dequantize_wide_rows(device):
+    """Rows over several blocks of the CUDA kernel (1,024 columns each), with and without its 16-byte path."""
+    for out, in_features in [(70, 1032), (129, 2048), (3, 2601)]:
+        w, g, h = random_layer(out, in_features, 2, torch.float32, device)
+        for odt in FLOAT_DTYPES:
+            what, packed = rabit.residual_binarize(w, g, h, odt)
+            assert torch.equal(rabit.dequantize(packed, g, h, odt), what), f"{out}x{in_features} {odt}"
+        # h a view at an offset of one float: the kernel must not take the 16-byte path
+        h_off = torch.cat([torch.zeros(1, device=device), h.flatten()])[1:].view_as(h)
+        what, packed = rabit.residual_binarize(w, g, h_off, torch.float16)
+        assert torch.equal(rabit.dequantize(packed, g, h_off, torch.float16), what)
+
+
+def test_dequantize_errors(device):
+    w, g, h = random_layer(5, 40, 2, torch.float32, device)
+    _, packed = rabit.residual_binarize(w, g, h)
+    with pytest.raises(TypeError, match="int32 words"):
+        rabit.dequantize(packed.float(), g, h)
+    if device != "cpu":  # shape errors crash on the GPU: test_cuda.py::test_shape_errors_raise_on_cuda (known bug)
+        return
+    with pytest.raises(ValueError, match=r"packed is \[2, 5, 2\] but K=2, out=5, in=70 need \[2, 5, 3\]"):
+        rabit.dequantize(packed, g, torch.rand(2, 70, device=device))
+    with pytest.raises(ValueError, match="g has 3 paths but h has 2"):
+        rabit.dequantize(packed, torch.rand(3, 5, device=device), h)
+
+
+# ---------------------------------------------------------------- qat_linear: one op for the QAT layer
+def _unfused_qat_linear(x, w, g, h, bias, ste, ste_param):
+    what, _ = rabit.residual_binarize(w, g, h, x.dtype, ste, ste_param)
+    return torch.nn.functional.linear(x, what, bias)
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (7, 31), (13, 95), (64, 129), (33, 256)], ids=shape_id)
+@pytest.mark.parametrize("k", [1, 2, 3])
+@pytest.mark.parametrize("xdtype", FLOAT_DTYPES, ids=dtype_id)
+def test_qat_linear_matches_residual_binarize_then_linear(shape, k, xdtype, device):
+    out, in_features = shape
+    for lead, bias_on, ste in (((5,), True, "identity"), ((2, 3), False, "clipped"), ((4,), True, "tanh")):
+        w, g, h = random_layer(out, in_features, k, torch.float32, device)
+        x = torch.randn(*lead, in_features, device=device).to(xdtype)
+        bias = torch.randn(out, device=device).to(xdtype) if bias_on else None
+        leaves = [t.clone().requires_grad_() for t in (x, w, g, h)] + ([bias.clone().requires_grad_()] if bias_on else [])
+        ref_leaves = [t.detach().clone().requires_grad_() for t in leaves]
+
+        def split(ts):
+            return ts[:4] + [ts[4] if bias_on else None]
+
+        y = rabit.qat_linear(*split(leaves), ste, 1.5)
+        y_ref = _unfused_qat_linear(*split(ref_leaves), ste, 1.5)
+        assert y.dtype == xdtype and y.shape == (*lead, out)
+        assert torch.equal(y, y_ref), "forward differs from residual_binarize + F.linear"
+        dy = torch.randn_like(y)
+        grads = torch.autograd.grad(y, leaves, dy)
+        ref_grads = torch.autograd.grad(y_ref, ref_leaves, dy)
+        for name, a, b in zip(["x", "weight", "g", "h", "bias"], grads, ref_grads):
+            assert a.dtype == b.dtype and a.shape == b.shape, name
+            # the same math; only the order of the GEMM sums may differ (dŴ = dYᵀX instead of (XᵀdY)ᵀ)
+            torch.testing.assert_close(a, b, msg=lambda m, name=name: f"grad of {name}: {m}")
+
+
+def _activation_bytes(fn, keep):
+    """Bytes of the tensors autograd keeps from fn()'s forward for its backward, other than those in keep
+    (inputs and parameters, which exist anyway), counting each storage once."""
+    seen = {}
+    kept = {t.untyped_storage().data_ptr() for t in keep}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in kept:
+            seen[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("xdtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+def test_rabit_linear_keeps_no_what_for_the_backward(xdtype, device):
+    """The issue's memory target: a QAT layer keeps at most K bits per weight beyond what nn.Linear keeps."""
+    out, in_features, k = 96, 150, 2
+    m = rabit.RaBiTLinear(in_features, out, k=k).to(device)
+    x = torch.randn(3, 4, in_features, device=device, dtype=xdtype, requires_grad=True)
+    keep = [x, *m.parameters()]
+    dense = torch.nn.Linear(in_features, out, device=device, dtype=xdtype)
+    assert _activation_bytes(lambda: dense(x), [x, *dense.parameters()]) == 0  # nn.Linear keeps only x and W
+    budget = k * out * R.words_per_row(in_features) * 4  # the packed planes: K bits per weight
+    assert _activation_bytes(lambda: m(x.to(xdtype)), keep) <= budget
+    # the check would catch the unfused form, whose F.linear keeps Ŵ (16 or 32 bits per weight) for dX
+    unfused = _activation_bytes(lambda: _unfused_qat_linear(x, m.weight, m.g, m.h, m.bias.to(xdtype), "identity",
+                                                            1.0), keep)
+    assert unfused >= out * in_features * torch.finfo(xdtype).bits // 8 > budget
+
+
+def test_qat_linear_errors():
+    w, g, h = random_layer(6, 20, 2)
+    with pytest.raises(ValueError, match=r"x has 21 features in its last dimension but the weight is \(6, 20\)"):
+        rabit.qat_linear(torch.randn(3, 21), w, g, h)
+    with pytest.raises(ValueError, match="bias must be \\[6\\] in x's dtype torch.float32"):
+        rabit.qat_linear(torch.randn(3, 20), w, g, h, torch.randn(6).half())
+    with pytest.raises(TypeError, match="expected x to be float32, float16 or bfloat16, got torch.float64"):
+        rabit.qat_linear(torch.randn(3, 20, dtype=torch.float64), w, g, h)
+
+
+@float32_gradcheck
+def test_gradcheck_qat_linear(device):
+    w, g, h = random_layer(6, 41, 2, torch.float32, device)
+    x, bias = torch.randn(3, 41, device=device), torch.randn(6, device=device)
+
+    def f(x_, b_, g_last, h_last):
+        return rabit.qat_linear(x_, w, torch.cat([g[:-1], g_last[None]]), torch.cat([h[:-1], h_last[None]]), b_)
+
+    inputs = (x, bias, g[-1], h[-1])
+    for i in range(4):  # one input at a time: linear in x and bias, bilinear in the last path's scales
+        args = [t.clone().requires_grad_(j == i) for j, t in enumerate(inputs)]
+        assert torch.autograd.gradcheck(f, tuple(args), **GC)
 
 
 def test_ste_gradient_of_weight_is_grad_what(device):

@@ -117,6 +117,21 @@ at::Tensor unpack_signs_cuda(const at::Tensor &packed, int64_t in_features, std:
     return out;
 }
 
+at::Tensor dequantize_cuda(const at::Tensor &packed, const at::Tensor &g, const at::Tensor &h,
+                           std::optional<at::ScalarType> dtype) {
+    const char *op = "rabit.dequantize";
+    const auto [K, out, in] = check_dequantize_args(op, packed, g, h);
+    const at::ScalarType dt = dtype.value_or(at::kFloat);
+    const rabit_dtype rdt = to_rabit_dtype(dt);
+    const c10::cuda::CUDAGuard guard(packed.device());
+    const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+    at::Tensor gf = g.to(at::kFloat).contiguous(), hf = h.to(at::kFloat).contiguous();
+    at::Tensor what = at::empty({out, in}, packed.options().dtype(dt));
+    check_launch(rabit_cuda::dequantize(words(packed), gf.data_ptr<float>(), hf.data_ptr<float>(), static_cast<int>(K),
+                                        out, in, what.data_ptr(), rdt, stream));
+    return what;
+}
+
 at::Tensor packed_linear_cuda(const at::Tensor &x, const at::Tensor &packed, const at::Tensor &g, const at::Tensor &h,
                               const std::optional<at::Tensor> &bias) {
     const char *op = "rabit.packed_linear";
@@ -156,6 +171,7 @@ TORCH_LIBRARY_IMPL(rabit, CUDA, m) {
     m.impl("residual_binarize_backward", &residual_binarize_backward_cuda);
     m.impl("pack_signs", &pack_signs_cuda);
     m.impl("unpack_signs", &unpack_signs_cuda);
+    m.impl("dequantize", &dequantize_cuda);
     m.impl("packed_linear", &packed_linear_cuda);
 }
 

@@ -161,3 +161,37 @@ rabit_status rabit_residual_binarize_backward_cpu(const void *G, rabit_dtype gdt
     free(partial);
     return nomem ? RABIT_ERR_NOMEM : RABIT_OK;
 }
+
+rabit_status rabit_dequantize_cpu(const rabit_word_t *packed, const float *g, const float *h, int64_t K, int64_t out,
+                                  int64_t in, void *what, rabit_dtype dt) {
+    const int64_t nw = RABIT_WORDS(in);
+    int nomem = 0;
+    int64_t o;
+    if (!packed || !g || !h || !what || K < 1 || K > RABIT_MAX_K || out < 0 || in < 1) return RABIT_ERR_ARG;
+    if (!rabit_dtype_valid(dt)) return RABIT_ERR_UNSUPPORTED;
+#pragma omp parallel if (out * nw * K >= RABIT_PARALLEL_MIN_WORDS)
+    {
+        float *acc = (float *)malloc((size_t)in * sizeof(float));
+        if (!acc) {
+#pragma omp atomic write
+            nomem = 1;
+        }
+#pragma omp for schedule(static)
+        for (o = 0; o < out; o++) {
+            int64_t j, k;
+            if (!acc) continue;
+            for (k = 0; k < K; k++) {
+                const float gk = g[k * out + o];
+                const float *hk = h + k * in;
+                const rabit_word_t *pw = packed + (k * out + o) * nw;
+                for (j = 0; j < in; j++) { /* the forward's arithmetic, so its Ŵ comes back bit for bit */
+                    const float v = (((pw[j / RABIT_WORD_BITS] >> (j % RABIT_WORD_BITS)) & 1u) ? gk : -gk) * hk[j];
+                    acc[j] = k ? acc[j] + v : v;
+                }
+            }
+            rabit_store_f32(what, dt, o * in, in, acc);
+        }
+        free(acc);
+    }
+    return nomem ? RABIT_ERR_NOMEM : RABIT_OK;
+}

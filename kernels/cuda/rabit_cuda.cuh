@@ -21,10 +21,10 @@ namespace rabit_cuda {
 /* Bits of the error flag written by residual_binarize (checked by the glue after the kernel). */
 enum { FLAG_W_NONFINITE = 1, FLAG_G_NONFINITE = 2, FLAG_H_NONFINITE = 4 };
 
-/* Backward block tile: kBwdRows rows x kBwdCols columns. The workspace holds float64 partial sums:
-   dg partials [ceil(in / kBwdCols)][K][out] then dh partials [ceil(out / kBwdRows)][K][in]. */
-constexpr int kBwdCols = 256;
-constexpr int kBwdRows = 128;
+/* The backward's warps each own a chunk of kBwdCols columns; its blocks are row groups of one chunk. The
+   workspace holds float64 partial sums: dg partials [ceil(in / kBwdCols)][K][out], one per chunk, then dh
+   partials [groups][K][in], one per row group, with groups <= a bound of K, out and in alone (binarize.cu). */
+constexpr int kBwdCols = 128;
 size_t backward_workspace_doubles(int K, int64_t out, int64_t in);
 
 /* For fp16/bf16 x: a decode kernel for M <= kDecodeMaxM (decode_kernel() says which), a tensor-core GEMM on Ŵ
@@ -42,6 +42,10 @@ cudaError_t residual_binarize_backward(const void *G, rabit_dtype gdt, const voi
                                        const float *h, const rabit_word_t *packed, int K, int64_t out, int64_t in,
                                        rabit_ste ste, float ste_param, void *dW, float *dg, float *dh, double *ws,
                                        cudaStream_t stream);
+
+/* Ŵ [out][in] in dtype dt from the planes and float32 g, h (dequantize.cu): residual_binarize's Ŵ for its planes. */
+cudaError_t dequantize(const rabit_word_t *packed, const float *g, const float *h, int K, int64_t out, int64_t in,
+                       void *what, rabit_dtype dt, cudaStream_t stream);
 
 cudaError_t pack_signs(const float *signs, int64_t rows, int64_t in, rabit_word_t *packed, cudaStream_t stream);
 
