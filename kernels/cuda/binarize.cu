@@ -10,8 +10,6 @@
  */
 #include <cuda_runtime.h>
 
-#include <atomic>
-
 #include "common.cuh"
 #include "rabit_cuda.cuh"
 
@@ -273,19 +271,8 @@ cudaError_t launch_forward_t(const WT *W, const float *g, const float *h, int64_
     constexpr int V = FwdLane<WT, VEC>::V;
     constexpr int wpb = kFwdThreads / 32;
     auto *kern = rb_forward_kernel<K, WT, OT, VEC>;
-    // resident blocks per SM of this instantiation, asked once per device (0: not asked yet)
-    static std::atomic<int> resident[64];
-    int dev = 0;
-    cudaGetDevice(&dev);
-    int bps = resident[dev & 63].load(std::memory_order_relaxed);
-    if (bps == 0) {
-        if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&bps, kern, kFwdThreads, 0) != cudaSuccess) {
-            (void)cudaGetLastError();  // not sticky; a guess is enough here
-            bps = 0;
-        }
-        bps = bps < 1 ? 1 : bps;
-        resident[dev & 63].store(bps, std::memory_order_relaxed);
-    }
+    static std::atomic<int> resident[64];  // resident blocks an SM of this instantiation, per device
+    const int bps = resident_blocks_once(kern, kFwdThreads, 0, resident);
     // one wave: P row phases per chunk so that nch * P ~= the resident warps; P = ceil(out / per) gives
     // every warp per or per - 1 rows
     const int64_t nch = (in + 32 * V - 1) / (32 * V);
@@ -303,9 +290,8 @@ template <int K, typename WT>
 cudaError_t launch_forward_w(const WT *W, const float *g, const float *h, int64_t out, int64_t in, void *what,
                              rabit_dtype odt, rabit_word_t *packed, int *flag, cudaStream_t s) {
     constexpr int U = FwdLane<WT, true>::U;
-    auto a16 = [](const void *q) { return reinterpret_cast<uintptr_t>(q) % 16 == 0; };
     // 16-byte units of W, h and Ŵ (in % U == 0: every row starts where the first one does, modulo 16)
-    const bool vec = in % U == 0 && a16(W) && a16(h) && (what == nullptr || a16(what));
+    const bool vec = in % U == 0 && aligned16(W) && aligned16(h) && (what == nullptr || aligned16(what));
     auto go = [&](auto ot) {
         using OT = typename decltype(ot)::type;
         return vec ? launch_forward_t<K, WT, OT, true>(W, g, h, out, in, what, packed, flag, s)
@@ -352,7 +338,7 @@ cudaError_t launch_forward(const void *W, rabit_dtype wdt, const float *g, const
  * consecutive columns stores float32 as two interleaved 16-byte halves: the same f16 -> f32 stream ran 1.45x
  * slower that way). After a batch the warp reduce-scatters its B K row sums (padded to 4 or 8; lanes trade halves
  * of their values: 7 + 2 float64 shuffles for 8 sums, against 8 x 5 for a butterfly each); each sum sees the xor
- * butterfly's additions, as warp_sum would. At the end the 8 warps of a block add their dh registers in shared
+ * butterfly's additions, as a 5-step xor butterfly over the warp (the kernel this replaced) would. At the end the 8 warps of a block add their dh registers in shared
  * memory in warp order.
  * Partials go to the float64 workspace (dg [nch][K][out], dh [nq][K][in]); rb_backward_finalize, launched
  * with programmatic dependent launch so that it is scheduled while the last blocks run, adds them in a fixed
@@ -423,7 +409,7 @@ __device__ __forceinline__ void decode8(const uint32_t *w, float (&v)[8]) {
 /* Sums over the 32 lanes of NV values per lane (a reduce-scatter): while more than one value is left, the lanes
    of a pair (mask 16, 8, ...) each keep one half and add the other lane's copy of it, then the last value is
    butterflied. Value v ends complete in lanes v << (5 - log2 NV) and up. Each value sees exactly the additions
-   of warp_sum, in the same order: the same bits. */
+   of a 5-step xor butterfly, in the same order: the same bits. */
 template <int N, int M, int NV>
 __device__ __forceinline__ double reduce_scatter_step(double (&v)[NV], int lane) {
     if constexpr (N > 1) {
@@ -759,23 +745,13 @@ cudaError_t launch_backward_t(const GT *G, const void *W, rabit_dtype wdt, const
         if (smem > di.smem_optin)
             return launch_backward_t<K, GT, false, HW>(G, W, wdt, g, h, packed, out, in, ste, c, dW, dg, dh, ws, s);
     }
-    // resident blocks an SM, per device and W size (0, 2, 4 bytes), asked once (0: not yet)
-    static std::atomic<int> resident_bps[64][3];
+    // the shared-memory limit before the occupancy query, which depends on it; resident blocks an SM per device
+    // and W size (0, 2, 4 bytes: the ring's size)
     static bool smem_set[64];
-    int dev = 0;
-    cudaGetDevice(&dev);
-    int bps = resident_bps[dev & 63][wsz / 2].load(std::memory_order_relaxed);
-    if (bps == 0) {
-        const cudaError_t e = set_smem_limit_once(kern, di.smem_optin, smem_set);
-        if (e != cudaSuccess) return e;
-        if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&bps, kern, kBwdThreads, static_cast<int>(smem)) !=
-            cudaSuccess) {
-            (void)cudaGetLastError();  // not sticky; a guess is enough here
-            bps = 0;
-        }
-        bps = bps < 1 ? 1 : bps;
-        resident_bps[dev & 63][wsz / 2].store(bps, std::memory_order_relaxed);
-    }
+    static std::atomic<int> resident_bps[3][64];
+    const cudaError_t e0 = set_smem_limit_once(kern, di.smem_optin, smem_set);
+    if (e0 != cudaSuccess) return e0;
+    const int bps = resident_blocks_once(kern, kBwdThreads, static_cast<size_t>(smem), resident_bps[wsz / 2]);
     // one wave: nq row groups per chunk so that nch * nq <= the resident blocks
     const int64_t nch = (in + kBwdCols - 1) / kBwdCols;
     const int64_t resident = static_cast<int64_t>(di.sms) * bps;
@@ -794,9 +770,8 @@ cudaError_t launch_backward(const GT *G, const void *W, rabit_dtype wdt, const f
                             const rabit_word_t *packed, int64_t out, int64_t in, rabit_ste ste, float c, void *dW,
                             float *dg, float *dh, double *ws, cudaStream_t s) {
     if (out < 1 || in < 1) return cudaErrorInvalidValue;  // the glue rejects empty weights (no workspace for them)
-    auto a16 = [](const void *p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
     const bool hw = ste != RABIT_STE_IDENTITY;
-    const bool vec = in % 8 == 0 && a16(G) && a16(dW) && (!hw || a16(W));
+    const bool vec = in % 8 == 0 && aligned16(G) && aligned16(dW) && (!hw || aligned16(W));
     auto go = [&](auto v, auto w) {
         return launch_backward_t<K, GT, decltype(v)::value, decltype(w)::value>(G, W, wdt, g, h, packed, out, in, ste,
                                                                                  c, dW, dg, dh, ws, s);

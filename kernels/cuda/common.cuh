@@ -7,6 +7,7 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
+#include <atomic>
 #include <mutex>
 #include <type_traits>
 
@@ -61,6 +62,29 @@ inline cudaError_t set_smem_limit_once(Fn *fn, int bytes, bool (&done)[64]) {
     const cudaError_t e = cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
     if (e == cudaSuccess) done[dev & 63] = true;
     return e;
+}
+
+/* Whether p may be read or written in 16-byte units (the kernels' vector paths). */
+inline bool aligned16(const void *p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+/* Resident blocks an SM of kernel fn with `threads` threads and `smem` dynamic shared memory on the current device,
+   asked once per device: `cache` holds one entry per device (0: not asked yet) and belongs to the caller's kernel
+   instantiation and launch shape. At least 1; a failed query is cleared (it is not sticky) and counts as 1, since
+   the callers only size a grid with it. */
+template <class Fn>
+inline int resident_blocks_once(Fn *fn, int threads, size_t smem, std::atomic<int> (&cache)[64]) {
+    int dev = 0;
+    cudaGetDevice(&dev);
+    int bps = cache[dev & 63].load(std::memory_order_relaxed);
+    if (bps == 0) {
+        if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&bps, fn, threads, smem) != cudaSuccess) {
+            (void)cudaGetLastError();
+            bps = 0;
+        }
+        bps = bps < 1 ? 1 : bps;
+        cache[dev & 63].store(bps, std::memory_order_relaxed);
+    }
+    return bps;
 }
 
 /* Programmatic dependent launch (sm_90). A kernel launched by launch_pdl may be scheduled before the previous
@@ -135,47 +159,6 @@ struct DT<__nv_bfloat16> {
     __device__ static __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
 };
 
-/* 8 consecutive elements (16-byte aligned) -> float32. */
-__device__ __forceinline__ void load8(const float *p, float v[8]) {
-    const float4 a = __ldcs(reinterpret_cast<const float4 *>(p));
-    const float4 b = __ldcs(reinterpret_cast<const float4 *>(p) + 1);
-    v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w;
-    v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
-}
-__device__ __forceinline__ void load8(const __half *p, float v[8]) {
-    const uint4 u = __ldcs(reinterpret_cast<const uint4 *>(p));
-    const uint32_t w[4] = {u.x, u.y, u.z, u.w};
-#pragma unroll
-    for (int i = 0; i < 4; i++) {
-        v[2 * i] = __half2float(__ushort_as_half(static_cast<unsigned short>(w[i] & 0xffffu)));
-        v[2 * i + 1] = __half2float(__ushort_as_half(static_cast<unsigned short>(w[i] >> 16)));
-    }
-}
-__device__ __forceinline__ void load8(const __nv_bfloat16 *p, float v[8]) {
-    const uint4 u = __ldcs(reinterpret_cast<const uint4 *>(p));
-    const uint32_t w[4] = {u.x, u.y, u.z, u.w};
-#pragma unroll
-    for (int i = 0; i < 4; i++) {
-        v[2 * i] = __uint_as_float(w[i] << 16);
-        v[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
-    }
-}
-
-/* 8 float32 -> dtype dt at p (16-byte aligned). */
-__device__ __forceinline__ void store8(void *p, int dt, const float v[8]) {
-    if (dt == RABIT_F32) {
-        float4 *q = reinterpret_cast<float4 *>(p);
-        q[0] = make_float4(v[0], v[1], v[2], v[3]);
-        q[1] = make_float4(v[4], v[5], v[6], v[7]);
-    } else {
-        uint32_t w[4];
-#pragma unroll
-        for (int i = 0; i < 4; i++)
-            w[i] = static_cast<uint32_t>(f32_to_16(v[2 * i], dt)) | (static_cast<uint32_t>(f32_to_16(v[2 * i + 1], dt)) << 16);
-        *reinterpret_cast<uint4 *>(p) = make_uint4(w[0], w[1], w[2], w[3]);
-    }
-}
-
 /* D += A B on the tensor cores, float32 accumulation (m16n8k16, A row-major, B column-major); TY: "f16" or "bf16",
    the type of A and B. */
 #define RABIT_MMA_M16N8K16(TY)                                                                                  \
@@ -191,12 +174,6 @@ __device__ __forceinline__ void mma_f16(float (&d)[4], uint32_t a0, uint32_t a1,
 __device__ __forceinline__ void mma_bf16(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
                                          uint32_t b0, uint32_t b1) {
     RABIT_MMA_M16N8K16("bf16");
-}
-
-__device__ __forceinline__ double warp_sum(double v) {
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    return v;
 }
 
 }  // namespace rabit_cuda

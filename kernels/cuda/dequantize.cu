@@ -107,7 +107,7 @@ cudaError_t dequantize(const rabit_word_t *packed, const float *g, const float *
     if ((in + 1023) / 1024 > 65535) return cudaErrorInvalidValue;
     // 16-byte accesses need every row of h and Ŵ to start 16-byte aligned: in % 8 == 0 (h is float32, Ŵ at least
     // 2 bytes an element) and aligned base pointers
-    const bool vec = in % 8 == 0 && reinterpret_cast<uintptr_t>(h) % 16 == 0 && reinterpret_cast<uintptr_t>(what) % 16 == 0;
+    const bool vec = in % 8 == 0 && aligned16(h) && aligned16(what);
     return with_paths(K, [&](auto kc) {
         constexpr int KK = decltype(kc)::value;
         const int64_t groups = (out + rows_per_block<KK>() - 1) / rows_per_block<KK>();
