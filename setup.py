@@ -63,8 +63,28 @@ def want_cuda():
     return True, f"torch {torch.__version__} with CUDA {torch.version.cuda}, CUDA_HOME={CUDA_HOME}"
 
 
+def torch_cxx_runtime():
+    """Path of the C++ runtime (libstdc++) the imported torch runs with, from this process's memory map (Linux), or
+    None. rabit._C is linked against that file by path. Otherwise a compiler whose own directory has only a static
+    libstdc++.a (seen on a GPU machine: CXX=/opt/gcc/bin/g++) links a private copy of the C++ runtime into the
+    extension; its iostreams and locale are never initialised in a process whose torch uses the shared one, and the
+    first error message that formats an integer (every shape check) crashed the process with SIGSEGV."""
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                fields = line.split()
+                if len(fields) >= 6 and "/libstdc++.so" in fields[5]:
+                    return fields[5]
+    except OSError:
+        pass
+    return None
+
+
+CXX_RUNTIME = torch_cxx_runtime()
+LINK_ARGS = ["-fopenmp"] + ([CXX_RUNTIME] if CXX_RUNTIME else [])
 use_cuda, why = want_cuda()
-print(f"rabit setup: building rabit._C {'with' if use_cuda else 'without'} CUDA ({why}); source hash {SOURCE_HASH}")
+print(f"rabit setup: building rabit._C {'with' if use_cuda else 'without'} CUDA ({why}); source hash {SOURCE_HASH}; "
+      f"C++ runtime {CXX_RUNTIME or 'as the compiler links it (torch loaded none that /proc/self/maps shows)'}")
 
 # The C kernels are compiled once, as C11, into a static library linked into both extensions.
 libraries = [("rabit_kernels", {"sources": KERNEL_C, "cflags": C_FLAGS + ["-fPIC"], "macros": DEFINES})]
@@ -81,7 +101,7 @@ if use_cuda:
         torch_sources + KERNEL_CU + GLUE_CU,
         define_macros=torch_defines + [("RABIT_WITH_CUDA", "1")],
         extra_compile_args={"cxx": CXX_FLAGS, "nvcc": OPT + ["--fmad=false", "-lineinfo", "--expt-relaxed-constexpr"]},
-        extra_link_args=["-fopenmp"],
+        extra_link_args=LINK_ARGS,
     )
 else:
     torch_ext = CppExtension(
@@ -89,7 +109,7 @@ else:
         torch_sources,
         define_macros=torch_defines,
         extra_compile_args={"cxx": CXX_FLAGS},
-        extra_link_args=["-fopenmp"],
+        extra_link_args=LINK_ARGS,
     )
 
 from setuptools import Extension  # noqa: E402

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
+import statistics
 import sys
 from pathlib import Path
 
@@ -27,13 +28,16 @@ sys.path.insert(0, str(ROOT))
 
 import rabit  # noqa: E402
 from rabit import reference as R  # noqa: E402
-from timing import copy_bandwidth_gbps, device_tag, event_time_us, graph_time_us, write_result  # noqa: E402
+from rabit import _ops as _qat_ops  # noqa: E402  (the two-stream threshold of qat_linear's backward)
+from timing import (copy_bandwidth_gbps, device_tag, event_time_us, graph_time_us,  # noqa: E402
+                    interleaved_graph_times_us, write_result)
 
 DEV = "cuda"
 POOL_BYTES = 160 << 20  # > 2 x 50 MB of L2
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (12288, 4096), (14336, 4096), (4096, 14336)]  # (out, in)
 MS = [1, 2, 4, 8, 16, 128, 2048]
 K = 2
+QAT_ROUNDS = 30  # interleaved graph replays of the QAT-step variants (timing.interleaved_graph_times_us)
 
 
 def make_packed(out, in_features, n):
@@ -142,7 +146,6 @@ def bench_ops(out, in_features):
     _, packed = rabit.residual_binarize(w, g, h)
     grad = torch.randn(out, in_features, device=DEV).half()
     t_f = event_time_us(lambda: rabit.residual_binarize(w, g, h, torch.float16))  # a sync: no graph
-    gs, hs = g.half(), h.half()
     # the others as CUDA graphs (GPU time, no launch overhead) cycling over 3 layers, > 2 x 50 MB of L2 at 4096²
     ws = [w] + [torch.randn_like(w) for _ in range(2)]
     grads = [grad] + [torch.randn_like(grad) for _ in range(2)]
@@ -151,20 +154,29 @@ def bench_ops(out, in_features):
                           for x in ws], min_calls=24)[0]
     t_b = graph_time_us([lambda x=x, d=d, p=p: rabit.residual_binarize_backward(d, x, g, h, p)
                          for x, d, p in zip(ws, grads, packs)], min_calls=24)[0]
-    t_d = graph_time_us([lambda p=p: rabit.dequantize(p, gs, hs, torch.float16) for p in packs], min_calls=24)[0]
+    # float32 g, h as RaBiTLinear holds them (fp16 scales would add two conversion kernels to every call)
+    t_d = graph_time_us([lambda p=p: rabit.dequantize(p, g, h, torch.float16) for p in packs], min_calls=24)[0]
+    grads32 = [d.float() for d in grads]
+    t_s = graph_time_us([lambda d=d, p=p: rabit.scale_grads(d, g, h, p) for d, p in zip(grads32, packs)],
+                        min_calls=24)[0]
+    del grads32
     n = out * in_features
     f_bytes = n * 4 + n * 2 + K * n // 8
     b_bytes = n * 2 + n * 4 + K * n // 8
     d_bytes = n * 2 + K * n // 8
+    s_bytes = n * 4 + K * n // 8
     gbps = lambda nbytes, t: round(nbytes / (t * 1e-6) / 1e9, 1)  # noqa: E731
     return dict(out=out, in_=in_features, fwd_us=round(t_f, 2), fwd_GBps=gbps(f_bytes, t_f),
                 fwd_unchecked_us=round(t_fn, 2), fwd_unchecked_GBps=gbps(f_bytes, t_fn),
                 bwd_us=round(t_b, 2), bwd_GBps=gbps(b_bytes, t_b),
                 dequantize_us=round(t_d, 2), dequantize_GBps=gbps(d_bytes, t_d),
+                scale_grads_us=round(t_s, 2), scale_grads_GBps=gbps(s_bytes, t_s),
                 note="fwd: W fp32 -> Ŵ fp16 + bits, incl. the NaN-flag readback (one sync), one call between CUDA "
                      "events; fwd_unchecked: the same without the check (as the trainer runs it); bwd: G fp16 -> dW "
-                     "fp32, dg, dh; dequantize: bits -> Ŵ fp16 (qat_linear's backward); these three timed as CUDA "
-                     "graphs of 24 calls cycling over 3 layers' tensors")
+                     "fp32, dg, dh; dequantize: bits -> Ŵ fp16 (qat_linear's backward); scale_grads: G fp32 -> dg, dh (no "
+                     "dW: qat_linear's backward with the identity STE and a float32 latent, whose dW is the float32 "
+                     "dŴ from cuBLAS); g, h float32; these four timed as CUDA graphs of 24 calls cycling over 3 "
+                     "layers' tensors")
 
 
 def bench_qat(out, in_features, tokens, x_grad):
@@ -174,6 +186,7 @@ def bench_qat(out, in_features, tokens, x_grad):
     training loop sees one layer alone) and as a CUDA graph of forward + backward (GPU time only)."""
     x = torch.randn(tokens, in_features, device=DEV).half().requires_grad_(x_grad)
     dy = torch.randn(tokens, out, device=DEV).half()
+    overlap_default = _qat_ops.OVERLAP_MIN_WEIGHTS
 
     w = torch.randn(out, in_features, device=DEV).mul_(0.02).requires_grad_()
     g = (w.detach().abs().mean(1) * torch.tensor([[1.0], [0.4]], device=DEV)).requires_grad_()
@@ -196,15 +209,29 @@ def bench_qat(out, in_features, tokens, x_grad):
     def dense():
         return F.linear(x, w16)
 
+    # qat_linear's schedule per variant (module state, read while a step runs or is captured)
+    flags = {"rabit_serial": (1 << 62, True), "rabit_fp16_dwhat": (overlap_default, False)}
+
+    def make_step(name, fn):
+        def step():
+            _qat_ops.OVERLAP_MIN_WEIGHTS, _qat_ops.FLOAT32_DWHAT = flags.get(name, (overlap_default, True))
+            fn().backward(dy)
+            for p in params:
+                p.grad = None
+        return step
+
     res = {}
-    for name, fn in (("rabit", ours), ("rabit_unfused", unfused), ("fp16_linear", dense), ("plain_pytorch", plain)):
-        fn().backward(dy)
+    variants = (("rabit", ours), ("rabit_serial", ours), ("rabit_fp16_dwhat", ours), ("rabit_unfused", unfused),
+                ("fp16_linear", dense), ("plain_pytorch", plain))
+    for name, fn in variants:
+        step = make_step(name, fn)
+        step()
         torch.cuda.synchronize()
         for p in params:
             p.grad = None
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-        y = fn()
+        y = fn()  # with the flags step() set
         # kept from the forward for the backward, beyond the output itself: the activation memory of the layer
         saved = torch.cuda.memory_allocated() - base - y.numel() * y.element_size()
         y.backward(dy)
@@ -214,26 +241,32 @@ def bench_qat(out, in_features, tokens, x_grad):
         for p in params:
             p.grad = None
 
-        def step(fn=fn):
-            fn().backward(dy)
-            for p in params:
-                p.grad = None
-
         t = event_time_us(step, reps=10 if name != "plain_pytorch" else 5, warmup=2)
         res[name] = dict(us=round(t, 1), peak_extra_MB=round(peak / 2**20, 1), saved_MB=round(saved / 2**20, 2))
-        try:
-            res[name]["graph_us"] = round(graph_time_us([step], reps=10, min_calls=8 if name != "plain_pytorch" else 2)[0], 1)
-        except RuntimeError as e:  # recorded in the JSON, never replaced by another number
-            if name != "plain_pytorch":
-                raise
-            res[name]["graph_us"], res[name]["graph_error"] = None, str(e)[:300]
+        if name == "plain_pytorch":
+            try:
+                res[name]["graph_us"] = round(graph_time_us([step], reps=10, min_calls=2)[0], 1)
+            except RuntimeError as e:  # recorded in the JSON, never replaced by another number
+                res[name]["graph_us"], res[name]["graph_error"] = None, str(e)[:300]
         for p in params:
-            p.grad = None  # the graph's gradients live in its memory pool
+            p.grad = None
         torch.cuda.empty_cache()
+    # GPU time: each variant's step captured in a CUDA graph (flags as set at capture), the graphs replayed in turn
+    # for QAT_ROUNDS rounds; a ratio is the median over rounds of the two variants' times in the same round
+    times = interleaved_graph_times_us({name: make_step(name, fn) for name, fn in variants[:-1]}, rounds=QAT_ROUNDS)
+    _qat_ops.OVERLAP_MIN_WEIGHTS, _qat_ops.FLOAT32_DWHAT = overlap_default, True
+    for p in params:
+        p.grad = None  # the graphs' gradients lived in their memory pools
+    torch.cuda.empty_cache()
+    for name, ts in times.items():
+        res[name]["graph_us"] = round(statistics.median(ts), 1)
+        res[name]["graph_us_min_max"] = [round(min(ts), 1), round(max(ts), 1)]
     fp = res["fp16_linear"]
-    for name in ("rabit", "rabit_unfused"):
+    for name in ("rabit", "rabit_serial", "rabit_fp16_dwhat", "rabit_unfused"):
+        ratios = [a / b for a, b in zip(times[name], times["fp16_linear"])]
         res[name]["ratio_vs_fp16_linear"] = round(res[name]["us"] / fp["us"], 3)
-        res[name]["graph_ratio_vs_fp16_linear"] = round(res[name]["graph_us"] / fp["graph_us"], 3)
+        res[name]["graph_ratio_vs_fp16_linear"] = round(statistics.median(ratios), 3)
+        res[name]["graph_ratio_min_max"] = [round(min(ratios), 3), round(max(ratios), 3)]
     res["ratio_vs_fp16_linear"] = res["rabit"]["graph_ratio_vs_fp16_linear"]
     plain_graph = res["plain_pytorch"]["graph_us"]
     res["speedup_vs_plain_pytorch"] = round(plain_graph / res["rabit"]["graph_us"], 3) if plain_graph else None
@@ -243,9 +276,16 @@ def bench_qat(out, in_features, tokens, x_grad):
                note="latent W fp32, Ŵ fp16; step = forward + backward (cuBLAS "
                     + ("dX and dŴ" if x_grad else "dŴ only: x does not require grad")
                     + " + rabit backward). rabit = rabit.qat_linear (RaBiTLinear's op: Ŵ derived again in the "
-                      "backward), rabit_unfused = residual_binarize + F.linear (keeps Ŵ). us: eager, one step "
+                      "backward; with dX and >= rabit._ops.OVERLAP_MIN_WEIGHTS weights its backward runs dequantize "
+                      "beside the dŴ GEMM and the fused backward beside the dX GEMM, on two streams; with the identity "
+                      "STE and the float32 latent, dŴ = dW comes from cuBLAS in float32 and scale_grads reduces it to "
+                      "dg, dh), rabit_serial = the same on one stream, rabit_fp16_dwhat = rabit with dŴ in fp16 and "
+                      "residual_binarize_backward writing dW (the schedule before scale_grads), rabit_unfused = residual_binarize + F.linear (keeps Ŵ). us: eager, one step "
                       "between CUDA events (CPU launch overhead included); graph_us: forward + backward captured "
-                      "in a CUDA graph (GPU time); ratio_vs_fp16_linear and speedup_vs_plain_pytorch: from the graph times. peak_extra = peak "
+                      f"in a CUDA graph (GPU time), the variants' graphs replayed in turn for {QAT_ROUNDS} rounds, "
+                      "median (and min, max) over rounds; graph_ratio_vs_fp16_linear: median over rounds of the "
+                      "ratio within a round (min, max beside it); speedup_vs_plain_pytorch: from the medians. "
+                      "peak_extra = peak "
                       "allocated during the step above the resident tensors (grads included); saved = allocated "
                       "after the forward minus before, less the output: what the layer keeps for its backward "
                       "(target: at most K bits per weight, packed_MB)")
@@ -323,12 +363,14 @@ def main():
     for o in ops:
         print(f"ops {o['out']}x{o['in_']}: fwd {o['fwd_us']} us ({o['fwd_GBps']} GB/s), unchecked "
               f"{o['fwd_unchecked_us']} us ({o['fwd_unchecked_GBps']} GB/s), dequantize {o['dequantize_us']} us "
-              f"({o['dequantize_GBps']} GB/s), "
+              f"({o['dequantize_GBps']} GB/s), scale_grads {o['scale_grads_us']} us ({o['scale_grads_GBps']} GB/s), "
               f"bwd {o['bwd_us']} us ({o['bwd_GBps']} GB/s)")
     for q in qat:
         r, u, d = q["rabit"], q["rabit_unfused"], q["fp16_linear"]
         print(f"QAT step {q['out']}x{q['in_']} T={q['tokens']} dX={q['x_requires_grad']}: graph us rabit "
-              f"{r['graph_us']} / unfused {u['graph_us']} / fp16 Linear {d['graph_us']} (ratio {r['graph_ratio_vs_fp16_linear']}"
+              f"{r['graph_us']} / serial {q['rabit_serial']['graph_us']} "
+              f"(ratio {q['rabit_serial']['graph_ratio_vs_fp16_linear']}) / fp16 dŴ {q['rabit_fp16_dwhat']['graph_us']} "
+              f"(ratio {q['rabit_fp16_dwhat']['graph_ratio_vs_fp16_linear']}) / unfused {u['graph_us']} / fp16 Linear {d['graph_us']} (ratio {r['graph_ratio_vs_fp16_linear']}"
               f" / {u['graph_ratio_vs_fp16_linear']}); saved MB {r['saved_MB']} / {u['saved_MB']} / {d['saved_MB']} "
               f"(packed {q['packed_MB']}); peak MB +{r['peak_extra_MB']} / +{u['peak_extra_MB']} / "
               f"+{d['peak_extra_MB']}; eager us {r['us']} / {u['us']} / {d['us']}; plain PyTorch graph "

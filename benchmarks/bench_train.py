@@ -32,6 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 import rabit  # noqa: E402
 import rabit.train as T  # noqa: E402
+from rabit import _ops as rabit_ops  # noqa: E402  (FLOAT32_DWHAT: the same-run comparison)
 from timing import device_tag, write_result  # noqa: E402
 
 
@@ -101,10 +102,15 @@ def main(argv=None):
     for p in student.parameters():
         p.requires_grad_(True)
     rabit.quantize_(student, rabit.RabitConfig(k=2, init_iters=0), progress=False)
-    for name, checked in (("rabit", False), ("rabit-checked", True)):
+    # rabit-fp16-dwhat: dŴ in the activations' dtype and residual_binarize_backward writing dW (the schedule before
+    # scale_grads; rabit._ops.FLOAT32_DWHAT), for the same-run comparison
+    variants = (("rabit", False, True), ("rabit-checked", True, True), ("rabit-fp16-dwhat", False, False))
+    for name, checked, f32_dwhat in variants:
+        rabit_ops.FLOAT32_DWHAT = f32_dwhat
         torch.cuda.reset_peak_memory_stats()
         res[name] = run(student, teacher, ids, args.steps, args.batch, checked=checked)
-    for name in ("rabit", "rabit-checked"):
+    rabit_ops.FLOAT32_DWHAT = True
+    for name, _, _ in variants:
         res[name]["step_time_vs_fp"] = res["fp"]["tokens_per_s"] / res[name]["tokens_per_s"]
     for name, r in res.items():
         print(f"{name:>14}: {r['tokens_per_s']:>9,.0f} tok/s  {r['ms_per_step']:7.1f} ms/step  "

@@ -31,9 +31,9 @@ def write_result(doc, out: str | None, filename: str, quiet: bool = False) -> Pa
     return path
 
 
-def graph_time_us(fns, reps=30, min_calls=200):
-    """(median, pstdev) time per call (µs) of the callables in `fns`, captured back to back in one CUDA graph
-    (repeated to at least `min_calls` calls) and replayed `reps` times."""
+def capture_graph(fns, min_calls=200):
+    """A CUDA graph of the callables in `fns` back to back, repeated to at least `min_calls` calls, warmed up
+    outside the capture; returns (graph, calls in it)."""
     calls = list(fns) * max(1, -(-min_calls // len(fns)))
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
@@ -48,16 +48,41 @@ def graph_time_us(fns, reps=30, min_calls=200):
             f()
     g.replay()
     torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        e0.record()
-        g.replay()
-        e1.record()
-        e1.synchronize()
-        times.append(e0.elapsed_time(e1) * 1e3 / len(calls))
+    return g, len(calls)
+
+
+def replay_us(graph, calls):
+    """One replay of a captured graph between CUDA events: µs per call."""
+    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    e0.record()
+    graph.replay()
+    e1.record()
+    e1.synchronize()
+    return e0.elapsed_time(e1) * 1e3 / calls
+
+
+def graph_time_us(fns, reps=30, min_calls=200):
+    """(median, pstdev) time per call (µs) of the callables in `fns`, captured back to back in one CUDA graph
+    (repeated to at least `min_calls` calls) and replayed `reps` times."""
+    g, calls = capture_graph(fns, min_calls)
+    times = [replay_us(g, calls) for _ in range(reps)]
     del g
     return statistics.median(times), statistics.pstdev(times)
+
+
+def interleaved_graph_times_us(named_fns, rounds=30, min_calls=8):
+    """{name: [µs per call, one per round]} for several variants, each captured in its own graph, replayed in
+    turn round after round: the GPU's clock and temperature drift over a run (on an H100 the same fp16 layer
+    measured 282-294 µs in three back-to-back runs), so ratios of variants are taken within a round, where each
+    saw the same conditions, not between separate runs. `named_fns`: {name: callable or list of callables}."""
+    graphs = {name: capture_graph(fns if isinstance(fns, (list, tuple)) else [fns], min_calls)
+              for name, fns in named_fns.items()}
+    times = {name: [] for name in graphs}
+    for _ in range(rounds):
+        for name, (g, calls) in graphs.items():
+            times[name].append(replay_us(g, calls))
+    del graphs
+    return times
 
 
 def event_time_us(fn, reps=20, warmup=3):

@@ -128,6 +128,19 @@ inline LayerDims check_backward_args(const char *op, const at::Tensor &grad, con
     return {g.size(0), out, in};
 }
 
+inline LayerDims check_scale_grads_args(const char *op, const at::Tensor &grad, const at::Tensor &g,
+                                        const at::Tensor &h, const at::Tensor &packed) {
+    RABIT_CHECK_DIM(op, grad, 2);
+    RABIT_CHECK_FLOAT(op, grad);
+    RABIT_CHECK_CONTIGUOUS(op, grad);
+    const int64_t out = grad.size(0), in = grad.size(1);
+    TORCH_CHECK_VALUE(out >= 1 && in >= 1, op, ": grad is empty (shape ", grad.sizes(), ")");
+    check_scales(op, g, h, out, in, grad);
+    check_packed(op, packed, g.size(0), out, in);
+    RABIT_CHECK_SAME_DEVICE(op, packed, grad);
+    return {g.size(0), out, in};
+}
+
 inline void check_pack_args(const char *op, const at::Tensor &signs) {
     TORCH_CHECK_VALUE(signs.dim() >= 1 && signs.size(-1) >= 1, op, ": expected signs with a non-empty last "
                       "dimension (the in-features), got shape ", signs.sizes());

@@ -50,6 +50,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_binarize_backward_cpu(
     return {dW, dg.to(g.scalar_type()), dh.to(h.scalar_type())};
 }
 
+std::tuple<at::Tensor, at::Tensor> scale_grads_cpu(const at::Tensor &grad, const at::Tensor &g, const at::Tensor &h,
+                                                   const at::Tensor &packed) {
+    const char *op = "rabit.scale_grads";
+    const auto [K, out, in] = check_scale_grads_args(op, grad, g, h, packed);
+    at::Tensor gf = scales_f32(g), hf = scales_f32(h);
+    at::Tensor dg = at::empty({K, out}, grad.options().dtype(at::kFloat));
+    at::Tensor dh = at::empty({K, in}, grad.options().dtype(at::kFloat));
+    const rabit_dtype gdt = to_rabit_dtype(grad.scalar_type());
+    check_status(op, rabit_residual_binarize_backward_cpu(
+                         grad.data_ptr(), gdt, nullptr, gdt, gf.data_ptr<float>(), hf.data_ptr<float>(),
+                         reinterpret_cast<const rabit_word_t *>(packed.data_ptr<int32_t>()), K, out, in,
+                         RABIT_STE_IDENTITY, 1.0f, nullptr, dg.data_ptr<float>(), dh.data_ptr<float>()));
+    return {dg.to(g.scalar_type()), dh.to(h.scalar_type())};
+}
+
 at::Tensor pack_signs_cpu(const at::Tensor &signs) {
     const char *op = "rabit.pack_signs";
     check_pack_args(op, signs);
@@ -110,6 +125,7 @@ at::Tensor packed_linear_cpu(const at::Tensor &x, const at::Tensor &packed, cons
 TORCH_LIBRARY_IMPL(rabit, CPU, m) {
     m.impl("residual_binarize", &residual_binarize_cpu);
     m.impl("residual_binarize_backward", &residual_binarize_backward_cpu);
+    m.impl("scale_grads", &scale_grads_cpu);
     m.impl("pack_signs", &pack_signs_cpu);
     m.impl("unpack_signs", &unpack_signs_cpu);
     m.impl("dequantize", &dequantize_cpu);

@@ -25,6 +25,9 @@ TORCH_LIBRARY(rabit, m) {
     m.def(
         "residual_binarize_backward(Tensor grad, Tensor weight, Tensor g, Tensor h, Tensor packed, "
         "str ste=\"identity\", float ste_param=1.0) -> (Tensor, Tensor, Tensor)");
+    // (dg, dh) of residual_binarize_backward alone, without dW: with the identity STE and a float32 weight, dW is
+    // grad itself (in float32), so a caller that has grad in float32 needs only these two reductions.
+    m.def("scale_grads(Tensor grad, Tensor g, Tensor h, Tensor packed) -> (Tensor, Tensor)");
     // Pack a [..., in] tensor of signs (bit = value >= 0) into int32 words [..., ceil(in/32)].
     m.def("pack_signs(Tensor signs) -> Tensor");
     // Unpack int32 words [..., words] into ±1 of the given dtype (default float32), [..., in_features].

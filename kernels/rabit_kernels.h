@@ -62,6 +62,8 @@ rabit_status rabit_residual_binarize_cpu(const void *W, rabit_dtype wdt, const f
  *   dW = G * ste(W)   (dtype wdt; W is only read for the clipped and tanh variants)
  *   dg[k][o] = sum_j G[o][j] B_k[o][j] h_k[j]      dh[k][j] = sum_o G[o][j] B_k[o][j] g_k[o]
  * dg, dh are float32, accumulated in double; the result does not depend on thread scheduling.
+ * dW = NULL: dg and dh only (W, wdt, ste and ste_param are then unused): with the identity STE and a float32 G of
+ * the weight's dtype, dW is G itself, and the caller has it already.
  */
 rabit_status rabit_residual_binarize_backward_cpu(const void *G, rabit_dtype gdt, const void *W, rabit_dtype wdt,
                                                   const float *g, const float *h, const rabit_word_t *packed,

@@ -51,6 +51,14 @@ def _residual_binarize_backward_fake(grad, weight, g, h, packed, ste="identity",
     return torch.empty_like(weight), torch.empty_like(g), torch.empty_like(h)
 
 
+@torch.library.register_fake("rabit::scale_grads")
+def _scale_grads_fake(grad, g, h, packed):
+    op = "rabit.scale_grads"
+    torch._check(grad.dim() == 2, lambda: f"{op}: expected a 2-D grad, got {grad.dim()}-D")
+    _check_scales(op, g, h, grad.shape[0], grad.shape[1])
+    return torch.empty_like(g), torch.empty_like(h)
+
+
 @torch.library.register_fake("rabit::pack_signs")
 def _pack_signs_fake(signs):
     return signs.new_empty((*signs.shape[:-1], words_per_row(signs.shape[-1])), dtype=torch.int32)
@@ -159,16 +167,97 @@ class _QATLinear(torch.autograd.Function):
         x, weight, g, h, packed = ctx.saved_tensors
         need_x, need_wgh, need_b = ctx.needs_input_grad[0], any(ctx.needs_input_grad[1:4]), ctx.needs_input_grad[4]
         dx = dw = dg = dh = db = None
-        dy2 = dy.reshape(-1, dy.shape[-1])
-        if need_x:
-            dx = dy2.mm(_ops.dequantize(packed, g, h, x.dtype)).reshape(x.shape)
-        if need_wgh:
-            # dŴ = dYᵀ X comes out of the GEMM contiguous [out, in]: no transposed copy before the fused backward
-            dwhat = dy2.t().mm(x.reshape(-1, x.shape[-1]))
-            dw, dg, dh = _ops.residual_binarize_backward(dwhat, weight, g, h, packed, ctx.ste, ctx.ste_param)
+        dy2, x2 = dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1])
+        if need_x and need_wgh and dy.is_cuda and weight.numel() >= OVERLAP_MIN_WEIGHTS:
+            dx, dw, dg, dh = _overlapped_backward(ctx, dy2, x2, weight, g, h, packed)
+            dx = dx.reshape(x.shape)
+        else:
+            if need_x:
+                dx = dy2.mm(_ops.dequantize(packed, g, h, x.dtype)).reshape(x.shape)
+            if need_wgh:
+                dw, dg, dh = _weight_grads(ctx, _dwhat(ctx, dy2, x2, weight), weight, g, h, packed)
         if ctx.has_bias and need_b:
             db = dy2.sum(0)
         return dx, dw, dg, dh, db, None, None, None
+
+
+def _dw_is_dwhat(ctx, weight) -> bool:
+    """Whether dW is dŴ itself: the identity STE passes ∂L/∂Ŵ through unchanged, and a float32 latent takes it in
+    float32. dŴ is then taken from the GEMM in float32 (not rounded to x's dtype first) and is returned as dW, and
+    the fused backward only reduces it to dg, dh (scale_grads: one read of dŴ, no dW written)."""
+    return FLOAT32_DWHAT and ctx.ste == "identity" and weight.dtype == torch.float32
+
+
+# Module state for benchmarks and tests: False takes dŴ in x's dtype and runs residual_binarize_backward (which
+# writes dW) in every case, the schedule before scale_grads existed.
+FLOAT32_DWHAT = True
+_MM_OUT_DTYPE = "dtype" in torch.ops.aten.mm.overloads()  # torch.mm(..., out_dtype=) (CUDA, torch >= 2.8)
+
+
+def _mm_f32(a: Tensor, b: Tensor) -> Tensor:
+    """a @ b accumulated and returned in float32: cuBLAS writes float32 straight from fp16/bf16 operands (products
+    of fp16/bf16 values are exact in float32, so on the CPU, or without out_dtype, the upcast operands give the same
+    sums up to their order)."""
+    if a.dtype == torch.float32:
+        return a.mm(b)
+    if a.is_cuda and _MM_OUT_DTYPE:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return a.float().mm(b.float())
+
+
+def _dwhat(ctx, dy2, x2, weight):
+    # dŴ = dYᵀ X comes out of the GEMM contiguous [out, in]: no transposed copy before the fused backward
+    return _mm_f32(dy2.t(), x2) if _dw_is_dwhat(ctx, weight) else dy2.t().mm(x2)
+
+
+def _weight_grads(ctx, dwhat, weight, g, h, packed):
+    if _dw_is_dwhat(ctx, weight):
+        return (dwhat, *_ops.scale_grads(dwhat, g, h, packed))
+    return _ops.residual_binarize_backward(dwhat, weight, g, h, packed, ctx.ste, ctx.ste_param)
+
+
+# Layers with at least this many weights run their backward on two CUDA streams (below); smaller ones serially,
+# where the two stream switches and event waits cost more than the overlap gains. Module state so that benchmarks
+# and tests can time and compare both schedules; the results are the same either way (the same kernels on the
+# same inputs, each deterministic).
+OVERLAP_MIN_WEIGHTS = 1 << 22
+_SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
+
+
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SIDE_STREAMS:
+        _SIDE_STREAMS[index] = torch.cuda.Stream(device=index)
+    return _SIDE_STREAMS[index]
+
+
+def _overlapped_backward(ctx, dy2, x2, weight, g, h, packed):
+    """The layer's backward with its two memory-bound kernels beside its two compute-bound GEMMs.
+
+    Serially it is dequantize -> dX GEMM -> dŴ GEMM -> the fused backward. dequantize needs only the planes and
+    dŴ = dYᵀX needs no Ŵ, so they run at once on two streams; then the fused backward (needs dŴ) runs beside
+    dX = dY Ŵ (needs Ŵ). A bandwidth-bound kernel can then take SMs the GEMM leaves idle (its last wave) instead of
+    always running alone; measured 1-4 % off the step on an H100 (docs/kernels.md). The side stream forks from and
+    joins the current one, so this also holds inside CUDA-graph capture; record_stream keeps the caching allocator
+    from handing a tensor's memory to its own stream while the other one may still read it."""
+    main = torch.cuda.current_stream(dy2.device)
+    side = _side_stream(dy2.device)
+    side.wait_stream(main)
+    with torch.cuda.stream(side):
+        what = _ops.dequantize(packed, g, h, x2.dtype)
+        what_ready = side.record_event()
+    dwhat = _dwhat(ctx, dy2, x2, weight)  # main stream, beside dequantize
+    side.wait_stream(main)
+    with torch.cuda.stream(side):
+        dw, dg, dh = _weight_grads(ctx, dwhat, weight, g, h, packed)
+    main.wait_event(what_ready)
+    dx = dy2.mm(what)  # main stream, beside the fused backward
+    main.wait_stream(side)
+    what.record_stream(main)
+    dwhat.record_stream(side)
+    for t in (dw, dg, dh):
+        t.record_stream(main)
+    return dx, dw, dg, dh
 
 
 def _check_qat_linear(x, weight, bias):
@@ -215,7 +304,9 @@ def qat_linear(x: Tensor, weight: Tensor, g: Tensor, h: Tensor, bias: Tensor | N
     The same values and gradients as ``F.linear(x, residual_binarize(weight, g, h, x.dtype)[0], bias)``, but
     the layer keeps only the K sign planes (K bits per weight) beside what ``nn.Linear`` keeps (``x`` and the
     parameters): the backward rebuilds Ŵ from them (:func:`dequantize`) instead of keeping Ŵ (16 bits per weight
-    in fp16/bf16) alive between the two. ``x`` is ``[..., in]``; Ŵ is built in
+    in fp16/bf16) alive between the two. With the identity STE and a float32 latent, ∂L/∂Ŵ is accumulated and kept
+    in float32 (it is dW), where the unfused form rounds it to x's dtype first: dW, dg, dh are then slightly more
+    exact than that form's for fp16/bf16 x. ``x`` is ``[..., in]``; Ŵ is built in
     ``x``'s dtype; ``bias`` must have that dtype too. Arguments as in :func:`residual_binarize`.
     """
     _check_qat_linear(x, weight, bias)
@@ -233,6 +324,13 @@ def residual_binarize_backward(grad: Tensor, weight: Tensor, g: Tensor, h: Tenso
                                ste: str = "identity", ste_param: float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
     """One pass over ``grad = ∂L/∂Ŵ``: returns ``(dW, dg, dh)`` (see rabit.reference)."""
     return _ops.residual_binarize_backward(grad, weight, g, h, packed, ste, ste_param)
+
+
+def scale_grads(grad: Tensor, g: Tensor, h: Tensor, packed: Tensor) -> tuple[Tensor, Tensor]:
+    """``(dg, dh)`` of :func:`residual_binarize_backward` alone, without dW, for ``grad = ∂L/∂Ŵ`` ``[out, in]``:
+    with the identity STE and a float32 weight dW is ``grad`` itself, so a caller holding it in float32 needs
+    only these two reductions (one read of grad and the planes, nothing written but dg, dh)."""
+    return _ops.scale_grads(grad, g, h, packed)
 
 
 def pack_signs(signs: Tensor) -> Tensor:
@@ -293,6 +391,7 @@ def use_reference_kernels(device_type: str = "cuda") -> None:
         "residual_binarize": rb,
         "residual_binarize_backward": lambda grad, weight, g, h, packed, ste="identity", ste_param=1.0:
             R.residual_binarize_backward(grad, weight, g, h, packed, ste, ste_param),
+        "scale_grads": lambda grad, g, h, packed: R.scale_grads(grad, g, h, packed),
         "pack_signs": lambda signs: R.pack_signs(signs),
         "unpack_signs": lambda packed, in_features, dtype=None: R.unpack_signs(packed, in_features,
                                                                                 dtype or torch.float32),

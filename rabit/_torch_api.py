@@ -12,6 +12,7 @@ from ._ops import (  # noqa: E402
     qat_linear,
     residual_binarize,
     residual_binarize_backward,
+    scale_grads,
     unpack_signs,
 )
 from .nn import IndependentRaBiTLinear, PackedRaBiTLinear, RaBiTLinear  # noqa: E402
@@ -51,6 +52,7 @@ __all__ = [
     "reference",
     "residual_binarize",
     "residual_binarize_backward",
+    "scale_grads",
     "set_cpu_kernel",
     "unpack_signs",
 ]

@@ -119,15 +119,23 @@ def residual_binarize_backward(grad, weight, g, h, packed, ste="identity", ste_p
     dW has the weight's dtype; dg, dh have g's and h's. ``compute_dtype=torch.float64`` gives the
     high-precision oracle the tests measure errors against.
     """
+    dg, dh = scale_grads(grad, g, h, packed, compute_dtype)
+    dw = (grad.float() * ste_factor(weight, ste, ste_param)).to(weight.dtype)
+    return dw, dg, dh
+
+
+def scale_grads(grad, g, h, packed, compute_dtype=torch.float32):
+    """dg_k = (G ⊙ B_k) h_k and dh_k = (G ⊙ B_k)ᵀ g_k for G = ``grad`` = ∂L/∂Ŵ, B held constant: the scale part of
+    :func:`residual_binarize_backward` (with the identity STE and a float32 weight, its dW is G itself).
+    dg, dh have g's and h's dtype."""
     G = grad.to(compute_dtype)
-    signs = unpack_signs(packed, weight.shape[1], compute_dtype)
+    signs = unpack_signs(packed, grad.shape[1], compute_dtype)
     gf = g.to(compute_dtype)
     hf = h.to(compute_dtype)
     gb = G[None] * signs  # [K, out, in]
     dg = (gb * hf[:, None, :]).sum(-1)
     dh = (gb * gf[:, :, None]).sum(-2)
-    dw = (G.float() * ste_factor(weight, ste, ste_param)).to(weight.dtype)
-    return dw, dg.to(g.dtype), dh.to(h.dtype)
+    return dg.to(g.dtype), dh.to(h.dtype)
 
 
 def round_activations_f16(x, h, group=512):

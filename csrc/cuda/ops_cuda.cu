@@ -88,6 +88,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_binarize_backward_cuda(
     return {dW, dg.to(g.scalar_type()), dh.to(h.scalar_type())};
 }
 
+std::tuple<at::Tensor, at::Tensor> scale_grads_cuda(const at::Tensor &grad, const at::Tensor &g, const at::Tensor &h,
+                                                    const at::Tensor &packed) {
+    const char *op = "rabit.scale_grads";
+    const auto [K, out, in] = check_scale_grads_args(op, grad, g, h, packed);
+    const c10::cuda::CUDAGuard guard(grad.device());
+    const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+    at::Tensor gf = g.to(at::kFloat).contiguous(), hf = h.to(at::kFloat).contiguous();
+    at::Tensor dg = at::empty({K, out}, grad.options().dtype(at::kFloat));
+    at::Tensor dh = at::empty({K, in}, grad.options().dtype(at::kFloat));
+    at::Tensor ws = at::empty({static_cast<int64_t>(rabit_cuda::backward_workspace_doubles(static_cast<int>(K), out, in))},
+                              grad.options().dtype(at::kDouble));
+    const rabit_dtype gdt = to_rabit_dtype(grad.scalar_type());
+    check_launch(rabit_cuda::residual_binarize_backward(
+        grad.data_ptr(), gdt, nullptr, gdt, gf.data_ptr<float>(), hf.data_ptr<float>(), words(packed),
+        static_cast<int>(K), out, in, RABIT_STE_IDENTITY, 1.0f, nullptr, dg.data_ptr<float>(), dh.data_ptr<float>(),
+        ws.data_ptr<double>(), stream));
+    return {dg.to(g.scalar_type()), dh.to(h.scalar_type())};
+}
+
 at::Tensor pack_signs_cuda(const at::Tensor &signs) {
     const char *op = "rabit.pack_signs";
     check_pack_args(op, signs);
@@ -169,6 +188,7 @@ at::Tensor packed_linear_cuda(const at::Tensor &x, const at::Tensor &packed, con
 TORCH_LIBRARY_IMPL(rabit, CUDA, m) {
     m.impl("residual_binarize", &residual_binarize_cuda);
     m.impl("residual_binarize_backward", &residual_binarize_backward_cuda);
+    m.impl("scale_grads", &scale_grads_cuda);
     m.impl("pack_signs", &pack_signs_cuda);
     m.impl("unpack_signs", &unpack_signs_cuda);
     m.impl("dequantize", &dequantize_cuda);

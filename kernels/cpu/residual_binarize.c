@@ -90,9 +90,9 @@ rabit_status rabit_residual_binarize_backward_cpu(const void *G, rabit_dtype gdt
     int nthreads = 1, nomem = 0;
     double *partial;
     int64_t i, t;
-    if (!G || !g || !h || !packed || !dW || !dg || !dh || K < 1 || K > RABIT_MAX_K || out < 1 || in < 1)
+    if (!G || !g || !h || !packed || !dg || !dh || K < 1 || K > RABIT_MAX_K || out < 1 || in < 1)
         return RABIT_ERR_ARG;
-    if (ste != RABIT_STE_IDENTITY && (!W || !(ste_param > 0.0f))) return RABIT_ERR_ARG;
+    if (dW && ste != RABIT_STE_IDENTITY && (!W || !(ste_param > 0.0f))) return RABIT_ERR_ARG;
     if (ste != RABIT_STE_IDENTITY && ste != RABIT_STE_CLIPPED && ste != RABIT_STE_TANH) return RABIT_ERR_ARG;
     if (!rabit_dtype_valid(gdt) || !rabit_dtype_valid(wdt)) return RABIT_ERR_UNSUPPORTED;
 #ifdef _OPENMP
@@ -142,6 +142,7 @@ rabit_status rabit_residual_binarize_backward_cpu(const void *G, rabit_dtype gdt
                 }
                 dg[k * out + o] = (float)acc;
             }
+            if (!dW) continue; /* dg, dh only */
             if (ste != RABIT_STE_IDENTITY) {
                 rabit_load_f32(W, wdt, o * in, in, Wr);
                 for (j = 0; j < in; j++) Gr[j] = Gr[j] * rabit_ste_factor(Wr[j], ste, ste_param);

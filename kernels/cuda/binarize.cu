@@ -594,7 +594,8 @@ __global__ void __launch_bounds__(kBwdThreads, VEC && K <= 3 ? 2 : 1)
         cp_commit();
     }
     const int64_t dstride = in * dsz;
-    char *const dlane = static_cast<char *>(dW) + (cbase + 4 * lane) * dsz;
+    const bool store = dW != nullptr;  // null: dg and dh only (uniform over the grid)
+    char *const dlane = store ? static_cast<char *>(dW) + (cbase + 4 * lane) * dsz : nullptr;
     for (int64_t t = 0; t < nt; t++) {
         const int64_t base = (p + P * t) * B;
         const int nr = static_cast<int>(min64(B, out - base));
@@ -604,7 +605,7 @@ __global__ void __launch_bounds__(kBwdThreads, VEC && K <= 3 ? 2 : 1)
         double pg[NV];     // [b K + k]; the rest stay 0
 #pragma unroll
         for (int v = 0; v < NV; v++) pg[v] = 0.0;
-        char *drow = dlane + base * dstride;
+        char *drow = store ? dlane + base * dstride : nullptr;
 #pragma unroll
         for (int s = 0; s < BS; s++) {
             if (2 * s >= nr) break;  // uniform over the warp; a missing second row is all zeros
@@ -655,18 +656,20 @@ __global__ void __launch_bounds__(kBwdThreads, VEC && K <= 3 ? 2 : 1)
 #pragma unroll
                 for (int i = 0; i < 8; i++) gv[i] = __fmul_rn(gv[i], ste_factor(wv[i], ste, cst));
             }
-            if constexpr (VEC) {
-                if (ncol > 0) {
-                    bwd_store4(drow, wdt, gv);
-                    if (2 * s + 1 < nr) bwd_store4(drow + dstride, wdt, gv + 4);
-                }
-            } else {
+            if (store) {
+                if constexpr (VEC) {
+                    if (ncol > 0) {
+                        bwd_store4(drow, wdt, gv);
+                        if (2 * s + 1 < nr) bwd_store4(drow + dstride, wdt, gv + 4);
+                    }
+                } else {
 #pragma unroll
-                for (int i = 0; i < 8; i++)
-                    if ((i & 3) < ncol && 2 * s + (i >> 2) < nr)
-                        st_any(dW, wdt, (base + 2 * s + (i >> 2)) * in + cbase + 4 * lane + (i & 3), gv[i]);
+                    for (int i = 0; i < 8; i++)
+                        if ((i & 3) < ncol && 2 * s + (i >> 2) < nr)
+                            st_any(dW, wdt, (base + 2 * s + (i >> 2)) * in + cbase + 4 * lane + (i & 3), gv[i]);
+                }
             }
-            drow += 2 * dstride;
+            if (store) drow += 2 * dstride;
         }
         __syncwarp();  // every lane has read the batch's stages: refill them with batch t + D
         if (t + D < nt) issue_batch(t + D, soff);
@@ -770,8 +773,8 @@ cudaError_t launch_backward(const GT *G, const void *W, rabit_dtype wdt, const f
                             const rabit_word_t *packed, int64_t out, int64_t in, rabit_ste ste, float c, void *dW,
                             float *dg, float *dh, double *ws, cudaStream_t s) {
     if (out < 1 || in < 1) return cudaErrorInvalidValue;  // the glue rejects empty weights (no workspace for them)
-    const bool hw = ste != RABIT_STE_IDENTITY;
-    const bool vec = in % 8 == 0 && aligned16(G) && aligned16(dW) && (!hw || aligned16(W));
+    const bool hw = dW != nullptr && ste != RABIT_STE_IDENTITY;  // W is read only for a non-identity STE's dW
+    const bool vec = in % 8 == 0 && aligned16(G) && (!dW || aligned16(dW)) && (!hw || aligned16(W));
     auto go = [&](auto v, auto w) {
         return launch_backward_t<K, GT, decltype(v)::value, decltype(w)::value>(G, W, wdt, g, h, packed, out, in, ste,
                                                                                  c, dW, dg, dh, ws, s);

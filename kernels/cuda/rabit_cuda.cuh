@@ -37,7 +37,8 @@ cudaError_t residual_binarize(const void *W, rabit_dtype wdt, const float *g, co
                               int64_t in, void *what, rabit_dtype odt, rabit_word_t *packed, int *flag,
                               cudaStream_t stream);
 
-/* dg, dh: float32 [K][out], [K][in]; ws: backward_workspace_doubles() doubles. */
+/* dg, dh: float32 [K][out], [K][in]; ws: backward_workspace_doubles() doubles. dW null: dg and dh only (W and the
+   STE unused), as rabit_residual_binarize_backward_cpu. */
 cudaError_t residual_binarize_backward(const void *G, rabit_dtype gdt, const void *W, rabit_dtype wdt, const float *g,
                                        const float *h, const rabit_word_t *packed, int K, int64_t out, int64_t in,
                                        rabit_ste ste, float ste_param, void *dW, float *dg, float *dh, double *ws,
