@@ -113,6 +113,7 @@ else:
     )
 
 from setuptools import Extension  # noqa: E402
+from setuptools.command.build_ext import build_ext as setuptools_build_ext  # noqa: E402
 
 core_ext = Extension(
     "rabit._core",
@@ -123,9 +124,25 @@ core_ext = Extension(
     extra_link_args=["-fopenmp"],
 )
 
+class BuildExt(BuildExtension):
+    """torch's BuildExtension for rabit._C; setuptools' own build for rabit._core. With ninja, torch's build compiles
+    every non-CUDA source with the C++ compiler, which would make the C-API module's C source C++ (and its C11 flags
+    invalid); that module needs no torch, so it is built first, with the C compiler, before torch wraps it."""
+
+    def build_extensions(self):
+        everything = self.extensions
+        try:
+            self.extensions = [e for e in everything if e is core_ext]
+            setuptools_build_ext.build_extensions(self)
+            self.extensions = [e for e in everything if e is not core_ext]
+            super().build_extensions()
+        finally:
+            self.extensions = everything
+
+
 setup(
     libraries=libraries,
     ext_modules=[torch_ext, core_ext],
     # ninja (when installed) compiles the CUDA files in parallel; without it they build one by one
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)},
+    cmdclass={"build_ext": BuildExt.with_options(use_ninja=shutil.which("ninja") is not None)},
 )
