@@ -168,14 +168,15 @@ class _QATLinear(torch.autograd.Function):
         need_x, need_wgh, need_b = ctx.needs_input_grad[0], any(ctx.needs_input_grad[1:4]), ctx.needs_input_grad[4]
         dx = dw = dg = dh = db = None
         dy2, x2 = dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1])
+        f32 = _dw_is_dwhat(ctx, weight)
         if need_x and need_wgh and dy.is_cuda and weight.numel() >= OVERLAP_MIN_WEIGHTS:
-            dx, dw, dg, dh = _overlapped_backward(ctx, dy2, x2, weight, g, h, packed)
+            dx, dw, dg, dh = _overlapped_backward(ctx, f32, dy2, x2, weight, g, h, packed)
             dx = dx.reshape(x.shape)
         else:
             if need_x:
                 dx = dy2.mm(_ops.dequantize(packed, g, h, x.dtype)).reshape(x.shape)
             if need_wgh:
-                dw, dg, dh = _weight_grads(ctx, _dwhat(ctx, dy2, x2, weight), weight, g, h, packed)
+                dw, dg, dh = _weight_grads(ctx, f32, _dwhat(f32, dy2, x2), weight, g, h, packed)
         if ctx.has_bias and need_b:
             db = dy2.sum(0)
         return dx, dw, dg, dh, db, None, None, None
@@ -205,13 +206,14 @@ def _mm_f32(a: Tensor, b: Tensor) -> Tensor:
     return a.float().mm(b.float())
 
 
-def _dwhat(ctx, dy2, x2, weight):
+# f32: _dw_is_dwhat(ctx, weight), decided once per backward
+def _dwhat(f32, dy2, x2):
     # dŴ = dYᵀ X comes out of the GEMM contiguous [out, in]: no transposed copy before the fused backward
-    return _mm_f32(dy2.t(), x2) if _dw_is_dwhat(ctx, weight) else dy2.t().mm(x2)
+    return _mm_f32(dy2.t(), x2) if f32 else dy2.t().mm(x2)
 
 
-def _weight_grads(ctx, dwhat, weight, g, h, packed):
-    if _dw_is_dwhat(ctx, weight):
+def _weight_grads(ctx, f32, dwhat, weight, g, h, packed):
+    if f32:
         return (dwhat, *_ops.scale_grads(dwhat, g, h, packed))
     return _ops.residual_binarize_backward(dwhat, weight, g, h, packed, ctx.ste, ctx.ste_param)
 
@@ -231,7 +233,7 @@ def _side_stream(device: torch.device) -> torch.cuda.Stream:
     return _SIDE_STREAMS[index]
 
 
-def _overlapped_backward(ctx, dy2, x2, weight, g, h, packed):
+def _overlapped_backward(ctx, f32, dy2, x2, weight, g, h, packed):
     """The layer's backward with its two memory-bound kernels beside its two compute-bound GEMMs.
 
     Serially it is dequantize -> dX GEMM -> dŴ GEMM -> the fused backward. dequantize needs only the planes and
@@ -246,10 +248,10 @@ def _overlapped_backward(ctx, dy2, x2, weight, g, h, packed):
     with torch.cuda.stream(side):
         what = _ops.dequantize(packed, g, h, x2.dtype)
         what_ready = side.record_event()
-    dwhat = _dwhat(ctx, dy2, x2, weight)  # main stream, beside dequantize
+    dwhat = _dwhat(f32, dy2, x2)  # main stream, beside dequantize
     side.wait_stream(main)
     with torch.cuda.stream(side):
-        dw, dg, dh = _weight_grads(ctx, dwhat, weight, g, h, packed)
+        dw, dg, dh = _weight_grads(ctx, f32, dwhat, weight, g, h, packed)
     main.wait_event(what_ready)
     dx = dy2.mm(what)  # main stream, beside the fused backward
     main.wait_stream(side)
