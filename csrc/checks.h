@@ -190,4 +190,23 @@ inline LayerDims check_packed_linear_args(const char *op, const at::Tensor &x, c
     return {K, out, in};
 }
 
+// packed_linear_group: one entry per layer in packed, g, h, and in bias unless it is empty (no layer has a bias);
+// the layer's checks are packed_linear's, named "<op> (layer l)".
+inline int64_t check_group_lists(const char *op, at::TensorList packed, at::TensorList g, at::TensorList h,
+                                 at::TensorList bias) {
+    const int64_t n = static_cast<int64_t>(packed.size());
+    TORCH_CHECK_VALUE(n >= 1, op, ": expected at least one layer, got an empty packed list");
+    TORCH_CHECK_VALUE(static_cast<int64_t>(g.size()) == n && static_cast<int64_t>(h.size()) == n &&
+                          (bias.empty() || static_cast<int64_t>(bias.size()) == n),
+                      op, ": packed, g, h and bias must list the same layers (bias may be empty: no biases), got ", n,
+                      ", ", g.size(), ", ", h.size(), " and ", bias.size(), " entries");
+    return n;
+}
+
+inline std::optional<at::Tensor> layer_bias(at::TensorList bias, int64_t l) {
+    return bias.empty() ? std::nullopt : std::optional<at::Tensor>(bias[l]);
+}
+
+inline std::string layer_op(const char *op, int64_t l) { return std::string(op) + " (layer " + std::to_string(l) + ")"; }
+
 }  // namespace rabit

@@ -32,37 +32,43 @@ std::tuple<at::Tensor, at::Tensor> residual_binarize_cpu(const at::Tensor &weigh
     return {what, packed};
 }
 
+namespace {
+
+// dW (weight given), dg and dh in one pass of the backward kernel; without a weight (scale_grads) it writes no dW.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(const char *op, const at::Tensor &grad,
+                                                            const at::Tensor *weight, const at::Tensor &g,
+                                                            const at::Tensor &h, const at::Tensor &packed, LayerDims d,
+                                                            rabit_ste ste, double ste_param) {
+    at::Tensor gf = scales_f32(g), hf = scales_f32(h);
+    at::Tensor dW = weight ? at::empty_like(*weight) : at::Tensor();
+    at::Tensor dg = at::empty({d.K, d.out}, grad.options().dtype(at::kFloat));
+    at::Tensor dh = at::empty({d.K, d.in}, grad.options().dtype(at::kFloat));
+    const rabit_dtype gdt = to_rabit_dtype(grad.scalar_type());
+    check_status(op, rabit_residual_binarize_backward_cpu(
+                         grad.data_ptr(), gdt, weight ? weight->data_ptr() : nullptr,
+                         weight ? to_rabit_dtype(weight->scalar_type()) : gdt, gf.data_ptr<float>(),
+                         hf.data_ptr<float>(), reinterpret_cast<const rabit_word_t *>(packed.data_ptr<int32_t>()),
+                         d.K, d.out, d.in, ste, static_cast<float>(ste_param), weight ? dW.data_ptr() : nullptr,
+                         dg.data_ptr<float>(), dh.data_ptr<float>()));
+    return {dW, dg.to(g.scalar_type()), dh.to(h.scalar_type())};
+}
+
+}  // namespace
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_binarize_backward_cpu(
     const at::Tensor &grad, const at::Tensor &weight, const at::Tensor &g, const at::Tensor &h,
     const at::Tensor &packed, c10::string_view ste, double ste_param) {
     const char *op = "rabit.residual_binarize_backward";
-    const auto [K, out, in] = check_backward_args(op, grad, weight, g, h, packed);
-    const rabit_ste s = check_ste(op, ste, ste_param);
-    at::Tensor gf = scales_f32(g), hf = scales_f32(h);
-    at::Tensor dW = at::empty_like(weight);
-    at::Tensor dg = at::empty({K, out}, weight.options().dtype(at::kFloat));
-    at::Tensor dh = at::empty({K, in}, weight.options().dtype(at::kFloat));
-    check_status(op, rabit_residual_binarize_backward_cpu(
-                         grad.data_ptr(), to_rabit_dtype(grad.scalar_type()), weight.data_ptr(),
-                         to_rabit_dtype(weight.scalar_type()), gf.data_ptr<float>(), hf.data_ptr<float>(),
-                         reinterpret_cast<const rabit_word_t *>(packed.data_ptr<int32_t>()), K, out, in, s,
-                         static_cast<float>(ste_param), dW.data_ptr(), dg.data_ptr<float>(), dh.data_ptr<float>()));
-    return {dW, dg.to(g.scalar_type()), dh.to(h.scalar_type())};
+    const LayerDims d = check_backward_args(op, grad, weight, g, h, packed);
+    return backward_cpu(op, grad, &weight, g, h, packed, d, check_ste(op, ste, ste_param), ste_param);
 }
 
 std::tuple<at::Tensor, at::Tensor> scale_grads_cpu(const at::Tensor &grad, const at::Tensor &g, const at::Tensor &h,
                                                    const at::Tensor &packed) {
     const char *op = "rabit.scale_grads";
-    const auto [K, out, in] = check_scale_grads_args(op, grad, g, h, packed);
-    at::Tensor gf = scales_f32(g), hf = scales_f32(h);
-    at::Tensor dg = at::empty({K, out}, grad.options().dtype(at::kFloat));
-    at::Tensor dh = at::empty({K, in}, grad.options().dtype(at::kFloat));
-    const rabit_dtype gdt = to_rabit_dtype(grad.scalar_type());
-    check_status(op, rabit_residual_binarize_backward_cpu(
-                         grad.data_ptr(), gdt, nullptr, gdt, gf.data_ptr<float>(), hf.data_ptr<float>(),
-                         reinterpret_cast<const rabit_word_t *>(packed.data_ptr<int32_t>()), K, out, in,
-                         RABIT_STE_IDENTITY, 1.0f, nullptr, dg.data_ptr<float>(), dh.data_ptr<float>()));
-    return {dg.to(g.scalar_type()), dh.to(h.scalar_type())};
+    const LayerDims d = check_scale_grads_args(op, grad, g, h, packed);
+    auto [dW, dg, dh] = backward_cpu(op, grad, nullptr, g, h, packed, d, RABIT_STE_IDENTITY, 1.0);
+    return {dg, dh};
 }
 
 at::Tensor pack_signs_cpu(const at::Tensor &signs) {
@@ -106,9 +112,10 @@ at::Tensor dequantize_cpu(const at::Tensor &packed, const at::Tensor &g, const a
     return what;
 }
 
-at::Tensor packed_linear_cpu(const at::Tensor &x, const at::Tensor &packed, const at::Tensor &g, const at::Tensor &h,
-                             const std::optional<at::Tensor> &bias) {
-    const char *op = "rabit.packed_linear";
+namespace {
+
+at::Tensor packed_linear_cpu_impl(const char *op, const at::Tensor &x, const at::Tensor &packed, const at::Tensor &g,
+                                  const at::Tensor &h, const std::optional<at::Tensor> &bias) {
     const auto [K, out, in] = check_packed_linear_args(op, x, packed, g, h, bias);
     at::Tensor bf;
     if (bias.has_value()) bf = bias->to(at::kFloat).contiguous();
@@ -122,6 +129,25 @@ at::Tensor packed_linear_cpu(const at::Tensor &x, const at::Tensor &packed, cons
     return y;
 }
 
+}  // namespace
+
+at::Tensor packed_linear_cpu(const at::Tensor &x, const at::Tensor &packed, const at::Tensor &g, const at::Tensor &h,
+                             const std::optional<at::Tensor> &bias) {
+    return packed_linear_cpu_impl("rabit.packed_linear", x, packed, g, h, bias);
+}
+
+// One call per layer: on the CPU a launch costs nothing worth saving (the CUDA glue runs decode groups as one).
+std::vector<at::Tensor> packed_linear_group_cpu(const at::Tensor &x, at::TensorList packed, at::TensorList g,
+                                                at::TensorList h, at::TensorList bias) {
+    const char *op = "rabit.packed_linear_group";
+    const int64_t n = check_group_lists(op, packed, g, h, bias);
+    std::vector<at::Tensor> ys;
+    for (int64_t l = 0; l < n; l++)
+        ys.push_back(
+            packed_linear_cpu_impl(layer_op(op, l).c_str(), x, packed[l], g[l], h[l], layer_bias(bias, l)));
+    return ys;
+}
+
 TORCH_LIBRARY_IMPL(rabit, CPU, m) {
     m.impl("residual_binarize", &residual_binarize_cpu);
     m.impl("residual_binarize_backward", &residual_binarize_backward_cpu);
@@ -130,6 +156,7 @@ TORCH_LIBRARY_IMPL(rabit, CPU, m) {
     m.impl("unpack_signs", &unpack_signs_cpu);
     m.impl("dequantize", &dequantize_cpu);
     m.impl("packed_linear", &packed_linear_cpu);
+    m.impl("packed_linear_group", &packed_linear_group_cpu);
 }
 
 }  // namespace rabit

@@ -37,6 +37,11 @@ TORCH_LIBRARY(rabit, m) {
     m.def("dequantize(Tensor packed, Tensor g, Tensor h, ScalarType? dtype=None) -> Tensor");
     // y = Σ_k g_k ⊙ (B_k (h_k ⊙ x)) + bias for x [M, in] straight from the packed planes.
     m.def("packed_linear(Tensor x, Tensor packed, Tensor g, Tensor h, Tensor? bias=None) -> Tensor");
+    // packed_linear of several layers that read the same x (q/k/v, gate/up): output l is packed_linear(x, packed[l],
+    // g[l], h[l], bias[l]) bit for bit; on CUDA a decode-size x runs the layers in one launch of the decode kernels.
+    // bias: one per layer, or empty for none (not Tensor?[]: torch.library's autograd does not reach tensors in a
+    // list that holds None, so their gradients would be lost silently).
+    m.def("packed_linear_group(Tensor x, Tensor[] packed, Tensor[] g, Tensor[] h, Tensor[] bias) -> Tensor[]");
 }
 
 static PyObject *rabit_py_set_cpu_kernel(PyObject *, PyObject *arg) {

@@ -93,6 +93,17 @@ def _packed_linear_fake(x, packed, g, h, bias=None):
     return x.new_empty((x.shape[0], packed.shape[1]))
 
 
+@torch.library.register_fake("rabit::packed_linear_group")
+def _packed_linear_group_fake(x, packed, g, h, bias):
+    op = "rabit.packed_linear_group"
+    n = len(packed)
+    torch._check(n >= 1, lambda: f"{op}: expected at least one layer, got an empty packed list")
+    torch._check(len(g) == n and len(h) == n and len(bias) in (0, n),
+                 lambda: f"{op}: packed, g, h and bias must list the same layers (bias may be empty: no biases), "
+                 f"got {n}, {len(g)}, {len(h)} and {len(bias)} entries")
+    return [_packed_linear_fake(x, packed[i], g[i], h[i], bias[i] if bias else None) for i in range(n)]
+
+
 # ---------------------------------------------------------------------------------------------
 # autograd
 # ---------------------------------------------------------------------------------------------
@@ -122,27 +133,64 @@ def _pl_setup_context(ctx, inputs, output):
     ctx.bias_dtype = bias.dtype if bias is not None else None
 
 
-def _pl_backward(ctx, dy):
-    # y = Σ_k g_k ⊙ (B_k (h_k ⊙ x)) + b  is linear in each of x, g, h, b; B is constant.
-    x, packed, g, h = ctx.saved_tensors
+def _pl_grads(dy, x, packed, g, h, need_x, need_g, need_h, bias_dtype):
+    """(dx in float32, dg, dh, db) of y = Σ_k g_k ⊙ (B_k (h_k ⊙ x)) + b, which is linear in each of x, g, h, b
+    (B is constant); None where not needed (db: bias_dtype None)."""
     signs = _ops.unpack_signs(packed, h.shape[1], torch.float32)  # [K, out, in]
     dyf, xf, gf, hf = dy.float(), x.float(), g.float(), h.float()
     dx = dg = dh = db = None
-    if ctx.needs_input_grad[0] or ctx.needs_input_grad[3]:
+    if need_x or need_h:
         t = torch.einsum("mo,ko,koi->kmi", dyf, gf, signs)  # (dy ⊙ g_k) B_k
-    if ctx.needs_input_grad[0]:
-        dx = (t * hf[:, None, :]).sum(0).to(x.dtype)
-    if ctx.needs_input_grad[2]:
+    if need_x:
+        dx = (t * hf[:, None, :]).sum(0)
+    if need_g:
         z = torch.einsum("mi,ki,koi->kmo", xf, hf, signs)  # B_k (h_k ⊙ x)
         dg = torch.einsum("mo,kmo->ko", dyf, z).to(g.dtype)
-    if ctx.needs_input_grad[3]:
+    if need_h:
         dh = torch.einsum("kmi,mi->ki", t, xf).to(h.dtype)
-    if ctx.has_bias and ctx.needs_input_grad[4]:
-        db = dyf.sum(0).to(ctx.bias_dtype)
-    return dx, None, dg, dh, db
+    if bias_dtype is not None:
+        db = dyf.sum(0).to(bias_dtype)
+    return dx, dg, dh, db
+
+
+def _pl_backward(ctx, dy):
+    x, packed, g, h = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    dx, dg, dh, db = _pl_grads(dy, x, packed, g, h, need[0], need[2], need[3],
+                               ctx.bias_dtype if ctx.has_bias and need[4] else None)
+    return None if dx is None else dx.to(x.dtype), None, dg, dh, db
 
 
 torch.library.register_autograd("rabit::packed_linear", _pl_backward, setup_context=_pl_setup_context)
+
+
+def _plg_setup_context(ctx, inputs, output):
+    x, packed, g, h, bias = inputs
+    ctx.n = len(packed)
+    ctx.save_for_backward(x, *packed, *g, *h)
+    ctx.bias_dtypes = [b.dtype for b in bias]
+
+
+def _plg_backward(ctx, dys):
+    # each layer's packed_linear gradients; x's are summed over the layers (in float32, rounded once)
+    x, *rest = ctx.saved_tensors
+    n = ctx.n
+    packed, g, h = rest[:n], rest[n:2 * n], rest[2 * n:]
+    need_x, _, need_g, need_h, need_b = ctx.needs_input_grad
+    dx, dgs, dhs, dbs = None, [], [], []
+    for i in range(n):
+        if dys[i] is None:
+            dgs.append(None), dhs.append(None), dbs.append(None)
+            continue
+        bdt = ctx.bias_dtypes[i] if ctx.bias_dtypes and need_b[i] else None
+        dxi, dg, dh, db = _pl_grads(dys[i], x, packed[i], g[i], h[i], need_x, need_g[i], need_h[i], bdt)
+        if dxi is not None:
+            dx = dxi if dx is None else dx + dxi
+        dgs.append(dg), dhs.append(dh), dbs.append(db)
+    return None if dx is None else dx.to(x.dtype), [None] * n, dgs, dhs, dbs[:len(ctx.bias_dtypes)]
+
+
+torch.library.register_autograd("rabit::packed_linear_group", _plg_backward, setup_context=_plg_setup_context)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -350,6 +398,26 @@ def packed_linear(x: Tensor, packed: Tensor, g: Tensor, h: Tensor, bias: Tensor 
     return _ops.packed_linear(x, packed, g, h, bias)
 
 
+def packed_linear_group(x: Tensor, packed: list[Tensor], g: list[Tensor], h: list[Tensor],
+                        bias: list[Tensor | None] | None = None) -> list[Tensor]:
+    """``[packed_linear(x, packed[l], g[l], h[l], bias[l]) for each layer l]`` in one call, bit for bit, for layers
+    that read the same x (a decoder's q/k/v or gate/up projections). On CUDA, a decode-size x (fp16/bf16, at most
+    16 rows) runs all the layers in one launch of the decode kernels instead of one per layer, when they share K
+    and the dtypes of g, h and bias; every other call runs the layers one by one. ``bias``: None, or one entry
+    per layer (each a tensor or None)."""
+    packed, g, h = list(packed), list(g), list(h)
+    bias = [] if bias is None else list(bias)
+    if bias and len(bias) != len(packed):
+        raise ValueError(f"rabit.packed_linear_group: bias lists {len(bias)} layers but packed lists {len(packed)}; "
+                         "pass one entry per layer (None for a layer without a bias) or bias=None")
+    if all(b is None for b in bias):
+        return _ops.packed_linear_group(x, packed, g, h, [])
+    if all(b is not None for b in bias):
+        return _ops.packed_linear_group(x, packed, g, h, bias)
+    # some layers have a bias and some not: the op takes all or none, so those run as packed_linear each
+    return [_ops.packed_linear(x, *layer) for layer in zip(packed, g, h, bias, strict=True)]
+
+
 # ---------------------------------------------------------------------------------------------
 # reference kernels for a device without compiled ones (explicit opt-in)
 # ---------------------------------------------------------------------------------------------
@@ -398,6 +466,7 @@ def use_reference_kernels(device_type: str = "cuda") -> None:
         "unpack_signs": lambda packed, in_features, dtype=None: R.unpack_signs(packed, in_features,
                                                                                 dtype or torch.float32),
         "packed_linear": lambda x, packed, g, h, bias=None: R.packed_linear(x, packed, g, h, bias),
+        "packed_linear_group": lambda x, packed, g, h, bias: R.packed_linear_group(x, packed, g, h, bias),
         "dequantize": lambda packed, g, h, dtype=None: R.dequantize(
             R.unpack_signs(packed, h.shape[1], torch.float32), g, h).to(dtype or torch.float32),
     }

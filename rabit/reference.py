@@ -168,3 +168,9 @@ def packed_linear(x, packed, g, h, bias=None, compute_dtype=torch.float32, xh_fp
     if bias is not None:
         y = y + bias.to(compute_dtype)
     return y if compute_dtype == torch.float64 else y.to(x.dtype)
+
+
+def packed_linear_group(x, packed, g, h, bias=()):
+    """packed_linear of each layer (lists of one entry per layer; bias empty or one per layer) on the same x."""
+    bias = list(bias) or [None] * len(packed)
+    return [packed_linear(x, p, gl, hl, b) for p, gl, hl, b in zip(packed, g, h, bias, strict=True)]

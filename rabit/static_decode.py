@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._ops import packed_linear_group
+from .nn import PackedRaBiTLinear
 from .sampling import row_keys, sample_next
 
 __all__ = ["StaticDecoder", "SUPPORTED", "check_model"]
@@ -99,10 +101,14 @@ class StaticDecoder:
         temperature: None (default) decodes greedily; a value > 0 samples from softmax(logits / temperature)
             with :func:`rabit.sampling.sample_next` (counter-based draws, seeded per generate() call).
         top_k: with temperature, sample from the k most likely tokens only.
+        group_projections: run the packed q/k/v projections of a layer as one call, and gate/up as one
+            (:func:`rabit.packed_linear_group`: on CUDA one launch of the decode kernels instead of three or two);
+            the outputs are the same bit for bit. False runs every linear on its own (benchmarks compare both).
     """
 
     def __init__(self, model: nn.Module, batch_size: int = 1, max_len: int = 2048, cuda_graph: bool | None = None,
-                 compile: bool = False, temperature: float | None = None, top_k: int | None = None):
+                 compile: bool = False, temperature: float | None = None, top_k: int | None = None,
+                 group_projections: bool = True):
         check_model(model, max_len)
         if batch_size < 1 or max_len < 2:
             raise ValueError(f"StaticDecoder: batch_size must be >= 1 and max_len >= 2, got {batch_size}, {max_len}")
@@ -112,6 +118,7 @@ class StaticDecoder:
             raise ValueError(f"StaticDecoder: top_k must be >= 1 and needs a temperature, got top_k={top_k}, "
                              f"temperature={temperature}")
         self.temperature, self.top_k = temperature, top_k
+        self.group_projections = group_projections
         base, cfg = model.model, model.config
         self.model, self.base = model, base
         self._eager = (_rms_norm, _add_rms_norm, _rope, _swiglu)
@@ -166,6 +173,29 @@ class StaticDecoder:
             mods += [a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj]
         return mods
 
+    def projections(self) -> list[tuple[nn.Module, ...]]:
+        """The layers' linears as forward() calls them, in execution order: per layer (q, k, v), (o,), (gate, up),
+        (down,) where _grouped() holds, else one linear a call."""
+        calls = []
+        for layer in self.base.layers:
+            a, m = layer.self_attn, layer.mlp
+            for mods in ((a.q_proj, a.k_proj, a.v_proj), (a.o_proj,), (m.gate_proj, m.up_proj), (m.down_proj,)):
+                calls += [mods] if self._grouped(mods) else [(lin,) for lin in mods]
+        return calls
+
+    def _grouped(self, mods: tuple[nn.Module, ...]) -> bool:
+        return len(mods) > 1 and self.group_projections and all(isinstance(m, PackedRaBiTLinear) for m in mods)
+
+    def project(self, mods: tuple[nn.Module, ...], x: Tensor) -> list[Tensor]:
+        """The outputs of the linears mods on x [..., in]: one packed_linear_group call where projections() groups
+        them, else each module's own forward."""
+        if not self._grouped(mods):
+            return [m(x) for m in mods]
+        lead = x.shape[:-1]
+        ys = packed_linear_group(x.reshape(-1, x.shape[-1]).contiguous(), [m.packed for m in mods],
+                                 [m.g for m in mods], [m.h for m in mods], [m.bias for m in mods])
+        return [y.reshape(*lead, m.out_features) for y, m in zip(ys, mods)]
+
     def causal_mask(self, pos: Tensor) -> Tensor:
         """Which cache positions the queries at positions pos [T] attend to (the same for every layer), in the form
         attention() takes: [T, max_len] booleans for SDPA; with grouped matmuls (float32 on CUDA) an additive
@@ -203,16 +233,17 @@ class StaticDecoder:
         x = norm_fn(h, n0.weight, n0.variance_epsilon)
         for i, layer in enumerate(layers):
             a, mlp = layer.self_attn, layer.mlp
-            q = a.q_proj(x).view(B, T, H, D).transpose(1, 2)
-            k = a.k_proj(x).view(B, T, Hkv, D).transpose(1, 2)
-            v = a.v_proj(x).view(B, T, Hkv, D).transpose(1, 2)
+            q, k, v = self.project((a.q_proj, a.k_proj, a.v_proj), x)
+            q = q.view(B, T, H, D).transpose(1, 2)
+            k = k.view(B, T, Hkv, D).transpose(1, 2)
+            v = v.view(B, T, Hkv, D).transpose(1, 2)
             q, k = rope(q, k, cos, sin)
             self.k_cache[i].index_copy_(2, pos, k)
             self.v_cache[i].index_copy_(2, pos, v)
             o = self.attention(i, q, mask).transpose(1, 2).reshape(B, T, H * D)
             pn = layer.post_attention_layernorm
             h, x = add_norm(h, a.o_proj(o), pn.weight, pn.variance_epsilon)
-            d = mlp.down_proj(swiglu(mlp.gate_proj(x), mlp.up_proj(x)))
+            d = mlp.down_proj(swiglu(*self.project((mlp.gate_proj, mlp.up_proj), x)))
             nn_ = layers[i + 1].input_layernorm if i + 1 < len(layers) else self.base.norm
             h, x = add_norm(h, d, nn_.weight, nn_.variance_epsilon)
         return self.model.lm_head(x[:, -1:])[:, 0]

@@ -451,6 +451,39 @@ def test_packed_linear_large_and_graph_capture():
     assert all(torch.equal(a, b) for a, b in zip(yg, y0)) and torch.equal(pg, packed) and torch.equal(wg, what)
 
 
+@pytest.mark.parametrize("k", [1, 2, 3, 4])
+@pytest.mark.parametrize("kernel", ["i8", "f16", "b1"])
+def test_packed_linear_group_kernels_are_packed_linear(k, kernel, monkeypatch):
+    """Each decode kernel run over a group of layers (one launch: layer offsets, per-layer pointers and fragment paths)
+    gives each layer's packed_linear output bit for bit; also under CUDA-graph capture."""
+    monkeypatch.setenv("RABIT_CUDA_DECODE", kernel)
+    layers = [(48, 1100), (17, 1100), (64, 1100), (5, 1100)]  # 4 layers: one launch; odd rows: partial tiles
+    args = []
+    for i, (out, in_features) in enumerate(layers):
+        w, g, h = (t.to(DEV) for t in random_layer(out, in_features, k))
+        _, packed = rabit.residual_binarize(w, g, h)
+        args.append((packed, g.half(), h.half(), torch.randn(out, device=DEV)))
+    lists = [list(t) for t in zip(*args)]
+    for m in ((1, 2) if kernel == "b1" else (1, 2, 3, 5, 9, 16)):
+        x = torch.randn(m, 1100, device=DEV).half()
+        for bias in (lists[3], None):
+            _poison()
+            ys = rabit.packed_linear_group(x, *lists[:3], bias)
+            for i, (y, a) in enumerate(zip(ys, args)):
+                assert torch.equal(y, rabit.packed_linear(x, *a[:3], a[3] if bias else None)), f"m={m} layer {i}"
+    x = torch.randn(1, 1100, device=DEV).half()
+    y0 = rabit.packed_linear_group(x, *lists)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            yg = rabit.packed_linear_group(x, *lists)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert all(torch.equal(a, b) for a, b in zip(yg, y0))
+
+
 def test_side_stream_and_second_device_guard():
     w, g, h = (t.to(DEV) for t in random_layer(50, 300, 2))
     ref = rabit.residual_binarize(w, g, h)

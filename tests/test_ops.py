@@ -242,6 +242,88 @@ def test_packed_linear_matches_reference(shape, k, xdtype, m, device):
                            terms, k * shape[1])
 
 
+# ---------------------------------------------------------------- packed_linear_group: layers that read one x
+# (out, in) per layer; odd `out` leaves partial 16-row tiles in the CUDA kernels; 5 layers need two CUDA launches
+# (at most 4 layers a launch); in = 8000 takes the 1-bit decode kernel at M = 1.
+GROUP_LAYERS = [[(17, 45), (40, 45), (5, 45)], [(64, 512), (48, 512)], [(33, 600)] * 5, [(24, 8000), (9, 8000)]]
+
+
+def _group_args(layers, k, device, scales=torch.float16):
+    args = []
+    for i, (out, in_features) in enumerate(layers):
+        w, g, h = random_layer(out, in_features, k, torch.float32, device)
+        _, packed = rabit.residual_binarize(w, g, h)
+        args.append((packed, g.to(scales), h.to(scales), torch.randn(out, device=device) if i % 2 == 0 else None))
+    return args
+
+
+@pytest.mark.parametrize("layers", GROUP_LAYERS, ids=lambda ls: f"{len(ls)}x{ls[0][1]}")
+@pytest.mark.parametrize("xdtype", FLOAT_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("m", [1, 2, 3, 5, 16, 17])
+def test_packed_linear_group_is_packed_linear_per_layer(layers, xdtype, m, device):
+    if layers[0][1] == 8000 and m > 2:
+        pytest.skip("the long rows are for the 1-bit kernel (M <= 2)")
+    args = _group_args(layers, 2, device)
+    x = torch.randn(m, layers[0][1], device=device).to(xdtype)
+    ys = rabit.packed_linear_group(x, *map(list, zip(*args)))
+    assert len(ys) == len(layers)
+    for i, (y, a) in enumerate(zip(ys, args)):
+        assert torch.equal(y, rabit.packed_linear(x, *a)), f"layer {i}"
+
+
+def test_packed_linear_group_of_unlike_layers(device):
+    """Layers with different K, scale dtypes or bias dtypes run one by one on CUDA: still each layer's output."""
+    a = _group_args([(20, 96)], 2, device) + _group_args([(31, 96)], 3, device) + \
+        _group_args([(16, 96)], 2, device, torch.float32)
+    a[2] = (*a[2][:3], torch.randn(16, device=device).half())
+    for m in (1, 4, 9):
+        x = torch.randn(m, 96, device=device).half()
+        for sub in ([a[0], a[1]], [a[0], a[2]], [a[2], a[0], a[2]]):
+            ys = rabit.packed_linear_group(x, *map(list, zip(*sub)))
+            for y, args in zip(ys, sub):
+                assert torch.equal(y, rabit.packed_linear(x, *args))
+
+
+def test_packed_linear_group_gradients_are_the_layers(device):
+    args = _group_args([(7, 45), (12, 45), (5, 45)], 2, device, torch.float32)
+    x0 = torch.randn(3, 45, device=device)
+    dys = [torch.randn(3, a[0].shape[1], device=device) for a in args]
+
+    def grads(group):
+        x = x0.clone().requires_grad_()
+        gs = [a[1].clone().requires_grad_() for a in args]
+        hs = [a[2].clone().requires_grad_() for a in args]
+        bs = [None if a[3] is None else a[3].clone().requires_grad_() for a in args]
+        if group:
+            ys = rabit.packed_linear_group(x, [a[0] for a in args], gs, hs, bs)
+        else:
+            ys = [rabit.packed_linear(x, a[0], g, h, b) for a, g, h, b in zip(args, gs, hs, bs)]
+        sum((y * dy).sum() for y, dy in zip(ys, dys)).backward()
+        return [x.grad] + [t.grad for t in gs + hs + bs if t is not None]
+
+    for got, want in zip(grads(True), grads(False), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_packed_linear_group_errors(device):
+    (packed, g, h, _), = _group_args([(5, 40)], 2, device)
+    x = torch.randn(2, 40, device=device).half()
+    with pytest.raises(ValueError, match="at least one layer"):
+        rabit.packed_linear_group(x, [], [], [])
+    with pytest.raises(ValueError, match=r"must list the same layers \(bias may be empty: no biases\), got 2, 1, 2 "
+                       "and 0 entries"):
+        rabit.packed_linear_group(x, [packed, packed], [g], [h, h])
+    with pytest.raises(ValueError, match="got 2, 2, 2 and 1 entries"):
+        torch.ops.rabit.packed_linear_group(x, [packed, packed], [g, g], [h, h], [torch.randn(5, device=device)])
+    with pytest.raises(ValueError, match="bias lists 1 layers but packed lists 2"):
+        rabit.packed_linear_group(x, [packed, packed], [g, g], [h, h], [None])
+    with pytest.raises(ValueError, match=r"rabit.packed_linear_group \(layer 1\): h is \[2, 70\] but the layer has "
+                       "in=40"):
+        rabit.packed_linear_group(x, [packed, packed], [g, g], [h, torch.rand(2, 70, device=device)])
+    with pytest.raises(TypeError, match=r"\(layer 0\): expected packed to hold int32 words"):
+        rabit.packed_linear_group(x, [packed.float()], [g], [h])
+
+
 def test_round_activations_f16_scales_each_group_by_a_power_of_two():
     """The reference of the CUDA fp16 decode kernel: per row, path and 512-column group, h*x rounded to fp16 after
     a power-of-two scaling, so it is scale-invariant, never overflows or underflows, rounds to 11 significant bits,
@@ -327,6 +409,11 @@ def _opcheck_samples(device):
         (torch.ops.rabit.packed_linear.default, (x, packed, g, h, None)),
         (torch.ops.rabit.packed_linear.default,
          (x.clone().requires_grad_(), packed, g.clone().requires_grad_(), h.half(), torch.randn(7, device=device))),
+        (torch.ops.rabit.packed_linear_group.default,
+         (x.half(), [packed, packed], [g.half(), g.half()], [h, h], [])),
+        (torch.ops.rabit.packed_linear_group.default,
+         (x.clone().requires_grad_(), [packed, packed], [g.clone().requires_grad_(), g], [h, h.clone().requires_grad_()],
+          [torch.randn(7, device=device), torch.randn(7, device=device).requires_grad_()])),
     ]
 
 
@@ -423,6 +510,8 @@ SHAPE_ERROR_CALLS = {
     "unpack_signs": ("rabit.unpack_signs(packed, 70)", "70"),
     "dequantize": ("rabit.dequantize(packed, g, h70)", "70"),
     "residual_binarize": ("rabit.residual_binarize(w, torch.rand(3, 5, device=D), h)", "g has 3 paths but h has 2"),
+    "packed_linear_group": ("rabit.packed_linear_group(torch.randn(1, 40, device=D).half(), [packed, packed], [g, g], "
+                            "[h, h70])", " (layer 1): h is [2, 70] but the layer has in=40"),
 }
 
 
@@ -436,7 +525,7 @@ def test_shape_errors_raise_in_a_fresh_process(op, device):
             f"try:\n    {stmt}\nexcept ValueError as e:\n    print('ValueError', e)\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, f"the process died (rc {r.returncode}) instead of raising ValueError: {r.stderr[-800:]}"
-    assert r.stdout.startswith(f"ValueError rabit.{op}:") and fragment in r.stdout, r.stdout
+    assert r.stdout.startswith(f"ValueError rabit.{op}") and fragment in r.stdout, r.stdout
 
 
 # ---------------------------------------------------------------- qat_linear: one op for the QAT layer

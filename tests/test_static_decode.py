@@ -48,6 +48,14 @@ def test_packed_equals_hf_generate(stories):
     assert torch.equal(dec.generate(ids, 30), ref)
     # the decoder is reusable: a second prompt starts from a clean cache
     assert torch.equal(dec.generate(ids[:, :3], 30), _hf_greedy(model, ids[:, :3], 30))
+    # q/k/v and gate/up run as one packed_linear_group call each, or (group_projections=False) one call a linear
+    layer = model.model.layers[0]
+    assert dec.projections()[:4] == [(layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj),
+                                     (layer.self_attn.o_proj,), (layer.mlp.gate_proj, layer.mlp.up_proj),
+                                     (layer.mlp.down_proj,)]
+    single = StaticDecoder(model, batch_size=2, max_len=64, group_projections=False)
+    assert len(single.projections()) == 7 * len(model.model.layers)
+    assert torch.equal(single.generate(ids, 30), ref)
 
 
 def test_eos_stops_and_pads(stories):
@@ -98,6 +106,9 @@ def test_cuda_graph_equals_eager_and_hf(packed):
     graph = StaticDecoder(model, batch_size=3, max_len=64).generate(ids, 40)
     eager = StaticDecoder(model, batch_size=3, max_len=64, cuda_graph=False).generate(ids, 40)
     assert torch.equal(graph, eager)
+    # packed q/k/v and gate/up as one launch each (the default) or one launch a linear: the same tokens
+    single = StaticDecoder(model, batch_size=3, max_len=64, group_projections=False).generate(ids, 40)
+    assert torch.equal(single, graph)
     # capturing after the prefill (warm_up, as rabit generate does before its clock starts) keeps the state
     dec = StaticDecoder(model, batch_size=3, max_len=64)
     dec.prefill(ids)

@@ -66,45 +66,45 @@ std::tuple<at::Tensor, at::Tensor> residual_binarize_cuda(const at::Tensor &weig
     return {what, packed};
 }
 
+namespace {
+
+// dW (weight given), dg and dh in one pass of the backward kernel; without a weight (scale_grads) it writes no dW.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(const at::Tensor &grad, const at::Tensor *weight,
+                                                             const at::Tensor &g, const at::Tensor &h,
+                                                             const at::Tensor &packed, LayerDims d, rabit_ste ste,
+                                                             double ste_param) {
+    const c10::cuda::CUDAGuard guard(grad.device());
+    const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+    at::Tensor gf = g.to(at::kFloat).contiguous(), hf = h.to(at::kFloat).contiguous();
+    at::Tensor dW = weight ? at::empty_like(*weight) : at::Tensor();
+    at::Tensor dg = at::empty({d.K, d.out}, grad.options().dtype(at::kFloat));
+    at::Tensor dh = at::empty({d.K, d.in}, grad.options().dtype(at::kFloat));
+    const int K = static_cast<int>(d.K);
+    at::Tensor ws = at::empty({static_cast<int64_t>(rabit_cuda::backward_workspace_doubles(K, d.out, d.in))},
+                              grad.options().dtype(at::kDouble));
+    const rabit_dtype gdt = to_rabit_dtype(grad.scalar_type());
+    check_launch(rabit_cuda::residual_binarize_backward(
+        grad.data_ptr(), gdt, weight ? weight->data_ptr() : nullptr, weight ? to_rabit_dtype(weight->scalar_type()) : gdt,
+        gf.data_ptr<float>(), hf.data_ptr<float>(), words(packed), K, d.out, d.in, ste, static_cast<float>(ste_param),
+        weight ? dW.data_ptr() : nullptr, dg.data_ptr<float>(), dh.data_ptr<float>(), ws.data_ptr<double>(), stream));
+    return {dW, dg.to(g.scalar_type()), dh.to(h.scalar_type())};
+}
+
+}  // namespace
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_binarize_backward_cuda(
     const at::Tensor &grad, const at::Tensor &weight, const at::Tensor &g, const at::Tensor &h,
     const at::Tensor &packed, c10::string_view ste, double ste_param) {
     const char *op = "rabit.residual_binarize_backward";
-    const auto [K, out, in] = check_backward_args(op, grad, weight, g, h, packed);
-    const rabit_ste s = check_ste(op, ste, ste_param);
-    const c10::cuda::CUDAGuard guard(weight.device());
-    const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-    at::Tensor gf = g.to(at::kFloat).contiguous(), hf = h.to(at::kFloat).contiguous();
-    at::Tensor dW = at::empty_like(weight);
-    at::Tensor dg = at::empty({K, out}, weight.options().dtype(at::kFloat));
-    at::Tensor dh = at::empty({K, in}, weight.options().dtype(at::kFloat));
-    at::Tensor ws = at::empty({static_cast<int64_t>(rabit_cuda::backward_workspace_doubles(static_cast<int>(K), out, in))},
-                              weight.options().dtype(at::kDouble));
-    check_launch(rabit_cuda::residual_binarize_backward(
-        grad.data_ptr(), to_rabit_dtype(grad.scalar_type()), weight.data_ptr(), to_rabit_dtype(weight.scalar_type()),
-        gf.data_ptr<float>(), hf.data_ptr<float>(), words(packed), static_cast<int>(K), out, in, s,
-        static_cast<float>(ste_param), dW.data_ptr(), dg.data_ptr<float>(), dh.data_ptr<float>(),
-        ws.data_ptr<double>(), stream));
-    return {dW, dg.to(g.scalar_type()), dh.to(h.scalar_type())};
+    const LayerDims d = check_backward_args(op, grad, weight, g, h, packed);
+    return backward_cuda(grad, &weight, g, h, packed, d, check_ste(op, ste, ste_param), ste_param);
 }
 
 std::tuple<at::Tensor, at::Tensor> scale_grads_cuda(const at::Tensor &grad, const at::Tensor &g, const at::Tensor &h,
                                                     const at::Tensor &packed) {
-    const char *op = "rabit.scale_grads";
-    const auto [K, out, in] = check_scale_grads_args(op, grad, g, h, packed);
-    const c10::cuda::CUDAGuard guard(grad.device());
-    const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-    at::Tensor gf = g.to(at::kFloat).contiguous(), hf = h.to(at::kFloat).contiguous();
-    at::Tensor dg = at::empty({K, out}, grad.options().dtype(at::kFloat));
-    at::Tensor dh = at::empty({K, in}, grad.options().dtype(at::kFloat));
-    at::Tensor ws = at::empty({static_cast<int64_t>(rabit_cuda::backward_workspace_doubles(static_cast<int>(K), out, in))},
-                              grad.options().dtype(at::kDouble));
-    const rabit_dtype gdt = to_rabit_dtype(grad.scalar_type());
-    check_launch(rabit_cuda::residual_binarize_backward(
-        grad.data_ptr(), gdt, nullptr, gdt, gf.data_ptr<float>(), hf.data_ptr<float>(), words(packed),
-        static_cast<int>(K), out, in, RABIT_STE_IDENTITY, 1.0f, nullptr, dg.data_ptr<float>(), dh.data_ptr<float>(),
-        ws.data_ptr<double>(), stream));
-    return {dg.to(g.scalar_type()), dh.to(h.scalar_type())};
+    const LayerDims d = check_scale_grads_args("rabit.scale_grads", grad, g, h, packed);
+    auto [dW, dg, dh] = backward_cuda(grad, nullptr, g, h, packed, d, RABIT_STE_IDENTITY, 1.0);
+    return {dg, dh};
 }
 
 at::Tensor pack_signs_cuda(const at::Tensor &signs) {
@@ -151,9 +151,10 @@ at::Tensor dequantize_cuda(const at::Tensor &packed, const at::Tensor &g, const 
     return what;
 }
 
-at::Tensor packed_linear_cuda(const at::Tensor &x, const at::Tensor &packed, const at::Tensor &g, const at::Tensor &h,
-                              const std::optional<at::Tensor> &bias) {
-    const char *op = "rabit.packed_linear";
+namespace {
+
+at::Tensor packed_linear_cuda_impl(const char *op, const at::Tensor &x, const at::Tensor &packed, const at::Tensor &g,
+                                   const at::Tensor &h, const std::optional<at::Tensor> &bias) {
     const auto [K, out, in] = check_packed_linear_args(op, x, packed, g, h, bias);
     const rabit_dtype xdt = to_rabit_dtype(x.scalar_type());
     const int64_t M = x.size(0);
@@ -185,6 +186,75 @@ at::Tensor packed_linear_cuda(const at::Tensor &x, const at::Tensor &packed, con
     return y;
 }
 
+}  // namespace
+
+at::Tensor packed_linear_cuda(const at::Tensor &x, const at::Tensor &packed, const at::Tensor &g, const at::Tensor &h,
+                              const std::optional<at::Tensor> &bias) {
+    return packed_linear_cuda_impl("rabit.packed_linear", x, packed, g, h, bias);
+}
+
+// Layers that take the decode path (fp16/bf16 x, M <= kDecodeMaxM) and share K and the dtypes of g, h and bias run
+// in groups of up to kDecodeMaxLayers as one prologue and one main kernel; any other call runs each layer as
+// packed_linear does. Both give each layer's packed_linear output bit for bit (the kernels compute a row the same way
+// whatever else the launch holds), so the choice changes the speed only.
+std::vector<at::Tensor> packed_linear_group_cuda(const at::Tensor &x, at::TensorList packed, at::TensorList g,
+                                                 at::TensorList h, at::TensorList bias) {
+    const char *op = "rabit.packed_linear_group";
+    const int64_t n = check_group_lists(op, packed, g, h, bias);
+    std::vector<int64_t> K(n), out(n);
+    for (int64_t l = 0; l < n; l++) {
+        const auto dims =
+            check_packed_linear_args(layer_op(op, l).c_str(), x, packed[l], g[l], h[l], layer_bias(bias, l));
+        K[l] = dims.K;
+        out[l] = dims.out;
+    }
+    const rabit_dtype xdt = to_rabit_dtype(x.scalar_type());
+    const int64_t M = x.size(0), in = x.size(1);
+    std::optional<at::ScalarType> bdt;
+    bool together = rabit_cuda::packed_linear_path(xdt, M) == 2 && M > 0 && n > 1;
+    for (int64_t l = 0; l < n && together; l++) {
+        const std::optional<at::Tensor> b = layer_bias(bias, l);
+        if (b.has_value()) {
+            together = !bdt.has_value() || *bdt == b->scalar_type();
+            bdt = b->scalar_type();
+        }
+        together = together && K[l] == K[0] && g[l].scalar_type() == g[0].scalar_type() &&
+                   h[l].scalar_type() == h[0].scalar_type();
+    }
+    std::vector<at::Tensor> ys;
+    if (!together) {
+        for (int64_t l = 0; l < n; l++)
+            ys.push_back(
+                packed_linear_cuda_impl(layer_op(op, l).c_str(), x, packed[l], g[l], h[l], layer_bias(bias, l)));
+        return ys;
+    }
+    const c10::cuda::CUDAGuard guard(x.device());
+    const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+    const rabit_cuda::DecodeKernel kern = rabit_cuda::decode_kernel(M, in);
+    std::vector<at::Tensor> keep;  // contiguous copies of scales and biases that live until the launch
+    for (int64_t l0 = 0; l0 < n; l0 += rabit_cuda::kDecodeMaxLayers) {
+        const int nl = static_cast<int>(std::min<int64_t>(n - l0, rabit_cuda::kDecodeMaxLayers));
+        rabit_cuda::DecodeLayer layers[rabit_cuda::kDecodeMaxLayers];
+        for (int i = 0; i < nl; i++) {
+            const int64_t l = l0 + i;
+            at::Tensor gs = g[l].contiguous(), hs = h[l].contiguous();
+            const std::optional<at::Tensor> b = layer_bias(bias, l);
+            at::Tensor bt = b.has_value() ? b->contiguous() : at::Tensor();
+            ys.push_back(at::empty({M, out[l]}, x.options()));
+            layers[i] = {words(packed[l]), gs.data_ptr(), hs.data_ptr(), b.has_value() ? bt.data_ptr() : nullptr,
+                         ys.back().data_ptr(), out[l]};
+            keep.insert(keep.end(), {gs, hs, bt});
+        }
+        const size_t ws_bytes = rabit_cuda::decode_workspace_bytes(nl * static_cast<int>(K[0]), M, in);
+        at::Tensor ws = at::empty({static_cast<int64_t>(ws_bytes)}, x.options().dtype(at::kByte));
+        check_launch(rabit_cuda::decode_gemv(x.data_ptr(), xdt, M, layers, nl, to_rabit_dtype(g[0].scalar_type()),
+                                             to_rabit_dtype(h[0].scalar_type()),
+                                             bdt.has_value() ? to_rabit_dtype(*bdt) : RABIT_F32, static_cast<int>(K[0]),
+                                             in, ws.data_ptr(), kern, stream));
+    }
+    return ys;
+}
+
 TORCH_LIBRARY_IMPL(rabit, CUDA, m) {
     m.impl("residual_binarize", &residual_binarize_cuda);
     m.impl("residual_binarize_backward", &residual_binarize_backward_cuda);
@@ -193,6 +263,7 @@ TORCH_LIBRARY_IMPL(rabit, CUDA, m) {
     m.impl("unpack_signs", &unpack_signs_cuda);
     m.impl("dequantize", &dequantize_cuda);
     m.impl("packed_linear", &packed_linear_cuda);
+    m.impl("packed_linear_group", &packed_linear_group_cuda);
 }
 
 }  // namespace rabit

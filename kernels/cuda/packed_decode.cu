@@ -25,6 +25,13 @@
  * Work split: a warp owns MT 16-row tiles and every 8th group; the bits of a group arrive as one 16-byte
  * load per (path, row) per lane, one group ahead; B fragments are read from the prologue's buffer (small,
  * L2-resident) in fragment order. The 8 warps of a block reduce through shared memory at the end.
+ *
+ * Layer groups: up to kDecodeMaxLayers layers that read the same x (q/k/v, gate/up) run as one prologue and one
+ * main kernel. The prologue treats the layers' paths as L*K paths (path l*K + k reads layer l's h_k); the main
+ * kernel's 16-row tiles are numbered over the layers in order, and a block takes its layer's pointers and its
+ * fragment paths l*K .. l*K + K-1 (layer_args). Each output row is computed exactly as by a call for its layer
+ * alone, so a group's outputs equal the separate calls' bit for bit; it saves the launches and the tails of
+ * the small grids.
  */
 #include <cuda_runtime.h>
 
@@ -68,17 +75,29 @@ __device__ __forceinline__ uint32_t digit(int q, int d) {
     return static_cast<uint32_t>(v) & 0xffu;
 }
 
+/* Element l of a per-layer array with l a run-time value, by selects: a dynamic index into a kernel parameter
+   array would copy the array to local memory. */
+template <class T>
+__device__ __forceinline__ T pick(const T (&arr)[kDecodeMaxLayers], int l) {
+    T v = arr[0];
+#pragma unroll
+    for (int i = 1; i < kDecodeMaxLayers; i++)
+        if (l == i) v = arr[i];
+    return v;
+}
+
 struct PrepArgs {
     const void *x;
     int xdt;
     int M;
-    const void *h;
+    const void *h[kDecodeMaxLayers];  // per layer [K][in]; grid.y = layers * K, path l * K + k reads h[l][k]
+    int K;                            // paths per layer
     int hdt;
     int64_t in;
     int NT;
-    uint2 *frag;    // [group][K][frag_entries(M)], laid out per kernel: int8 [s(2)][p(8)][NT][lane(32)],
+    uint2 *frag;    // [group][L*K][frag_entries(M)], laid out per kernel: int8 [s(2)][p(8)][NT][lane(32)],
                     // 1-bit [s(2)][4M][lane], fp16 [step(32)][NT][lane]
-    float *scale;   // [group][K][kScaleSlots]: int8 uses 2*NT of them, 1-bit kB1MaxM, fp16 all (one per row of x)
+    float *scale;   // [group][L*K][kScaleSlots]: int8 uses 2*NT of them, 1-bit kB1MaxM, fp16 all (one per row of x)
     double *qsum;   // same layout; the fp16 kernel does not read it (its prologue writes zeros)
 };
 
@@ -114,7 +133,8 @@ __device__ __forceinline__ void prep_front(const PrepArgs &a, int k, int64_t j, 
         bad[tid] = 0;
         qs[tid] = 0ull;
     }
-    const float hj = j < a.in ? ld_any(a.h, a.hdt, k * a.in + j) : 0.0f;
+    const int l = k / a.K;  // k: the path over all layers
+    const float hj = j < a.in ? ld_any(pick(a.h, l), a.hdt, (k - l * a.K) * a.in + j) : 0.0f;
 #pragma unroll
     for (int m = 0; m < kMaxNT * 2; m++)
         xh[m] = (m < a.M && j < a.in) ? __fmul_rn(hj, ld_any(a.x, a.xdt, m * a.in + j)) : 0.0f;
@@ -209,7 +229,52 @@ struct MainArgs {
     const float *scale;
     const double *qsum;
     int vec;  // rows of words allow 16-byte loads
+    int KL;   // fragment paths of all layers (layers * K)
+    int kb;   // this layer's first fragment path (l * K)
 };
+
+/* The layers of one launch: MainArgs holds what they share (and layer 0's own fields); tile0[l] is layer l's
+   first 16-row tile. */
+struct GroupArgs {
+    MainArgs a;
+    int layers;
+    int64_t tile0[kDecodeMaxLayers];
+    const rabit_word_t *packed[kDecodeMaxLayers];
+    const void *g[kDecodeMaxLayers];
+    const void *bias[kDecodeMaxLayers];
+    void *y[kDecodeMaxLayers];
+    int64_t out[kDecodeMaxLayers];
+    int vec[kDecodeMaxLayers];
+};
+
+/* The arguments of the layer that owns 16-row tile `tile` (of all layers), and the tile's index in that layer.
+   The main kernels are built twice: GROUPED = false for one layer reads ga.a as it is (its pointers stay kernel
+   parameters, not registers: the K = 2, 3 instances are at the 128 registers that two blocks per SM allow, and
+   the selected pointers would make them spill); GROUPED = true selects the block's layer. */
+template <int K, bool GROUPED>
+__device__ __forceinline__ MainArgs layer_args(const GroupArgs &ga, int64_t &tile) {
+    if (!GROUPED) return ga.a;
+    int l = 0;
+#pragma unroll
+    for (int i = 1; i < kDecodeMaxLayers; i++)
+        if (i < ga.layers && tile >= ga.tile0[i]) l = i;
+    MainArgs a = ga.a;
+    a.packed = pick(ga.packed, l);
+    a.g = pick(ga.g, l);
+    a.bias = pick(ga.bias, l);
+    a.y = pick(ga.y, l);
+    a.out = pick(ga.out, l);
+    a.vec = pick(ga.vec, l);
+    a.kb = l * K;
+    tile -= pick(ga.tile0, l);
+    return a;
+}
+
+/* Index of the prologue's (group, path) entry of path k of this block's layer. */
+template <int K, bool GROUPED>
+__device__ __forceinline__ size_t frag_path(const MainArgs &a, int64_t grp, int k) {
+    return GROUPED ? static_cast<size_t>(grp) * a.KL + a.kb + k : static_cast<size_t>(grp) * K + k;
+}
 
 template <int K, int MT>
 struct Bits {
@@ -305,13 +370,16 @@ __device__ __forceinline__ void store_rows(const MainArgs &a, const float (&red)
     }
 }
 
-template <int K, int NT, int MT>
+template <int K, int NT, int MT, bool GROUPED>
 __global__ void __launch_bounds__(kWarps * 32, ((K <= 2 && NT <= 2) || (K == 3 && NT == 1)) ? 2 : 1)
-    gemv_i8_kernel(const MainArgs a) {
+    gemv_i8_kernel(const GroupArgs ga) {
+    static_assert(MT == 1, "layer groups number 16-row tiles");
     __shared__ float red[kWarps][MT * 16][2 * NT];
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int g = lane >> 2, t = lane & 3;
-    const int64_t row0 = static_cast<int64_t>(blockIdx.x) * MT * 16;
+    int64_t tile = blockIdx.x;
+    const MainArgs a = layer_args<K, GROUPED>(ga, tile);
+    const int64_t row0 = tile * MT * 16;
     constexpr int Mp = 2 * NT;
 
     // g of this lane's rows (g, g+8 of each m-tile), folded into every group's flush
@@ -337,7 +405,7 @@ __global__ void __launch_bounds__(kWarps * 32, ((K <= 2 && NT <= 2) || (K == 3 &
     };
     auto load_chunk = [&](int64_t grp, int c, Chunk &dst) {
         const int k = c / NCH, sp0 = (c % NCH) * CH;
-        const uint2 *fp = a.frag + (static_cast<size_t>(grp) * K + k) * (16 * NT * 32) + lane;
+        const uint2 *fp = a.frag + frag_path<K, GROUPED>(a, grp, k) * (16 * NT * 32) + lane;
 #pragma unroll
         for (int j = 0; j < CH; j++)
 #pragma unroll
@@ -351,7 +419,7 @@ __global__ void __launch_bounds__(kWarps * 32, ((K <= 2 && NT <= 2) || (K == 3 &
                                          [&](int64_t gr, int c, const Chunk &cc, const Bits<K, MT> &cur) {
             const int k = c / NCH, sp0 = (c % NCH) * CH;
             if (c % NCH == 0) {
-                const size_t so = (static_cast<size_t>(gr) * K + k) * Mp;
+                const size_t so = frag_path<K, GROUPED>(a, gr, k) * Mp;
 #pragma unroll
                 for (int nt = 0; nt < NT; nt++) {
                     const int m = 2 * nt + (t >> 1);
@@ -462,20 +530,22 @@ __global__ void __launch_bounds__(kPrepThreads) gemv_b1_prep_kernel(const PrepAr
    n-tiles of BMMA, then the planes recombine in float64 and the 4 lanes of a quad (t) add their planes. The B
    fragments of the next (group, path) are loaded before the MMAs of this one. */
 // two blocks per SM where the registers allow it without spills (K = 4 at M = 1 would spill at 128 registers)
-template <int K, int M>
-__global__ void __launch_bounds__(kWarps * 32, (M == 1 && K <= 3) ? 2 : 1) gemv_b1_kernel(const MainArgs a) {
+template <int K, int M, bool GROUPED>
+__global__ void __launch_bounds__(kWarps * 32, (M == 1 && K <= 3) ? 2 : 1) gemv_b1_kernel(const GroupArgs ga) {
     constexpr int NTB = 4 * M;
     __shared__ float red[kWarps][16][M];
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int g = lane >> 2, t = lane & 3;
-    const int64_t row0 = static_cast<int64_t>(blockIdx.x) * 16;
+    int64_t tile = blockIdx.x;
+    const MainArgs a = layer_args<K, GROUPED>(ga, tile);
+    const int64_t row0 = tile * 16;
 
     auto load = [&](int64_t gr, Bits<K, 1> &dst) { load_bits(a, row0, g, t, gr, dst); };
     struct Frag {
         uint2 b[2][NTB];
     };
     auto load_frag = [&](int64_t gr, int k, Frag &dst) {
-        const uint2 *fp = a.frag + (static_cast<size_t>(gr) * K + k) * (2 * NTB * 32) + lane;
+        const uint2 *fp = a.frag + frag_path<K, GROUPED>(a, gr, k) * (2 * NTB * 32) + lane;
 #pragma unroll
         for (int s = 0; s < 2; s++)
 #pragma unroll
@@ -513,7 +583,7 @@ __global__ void __launch_bounds__(kWarps * 32, (M == 1 && K <= 3) ? 2 : 1) gemv_
                 load_frag(gr, k + 1, fr[(k + 1) & 1]);
             else if (more)
                 load_frag(gr + kWarps, 0, fr[(k + 1) & 1]);  // ...and K even/odd is fixed, see below
-            const size_t so = (static_cast<size_t>(gr) * K + k) * kB1MaxM;
+            const size_t so = frag_path<K, GROUPED>(a, gr, k) * kB1MaxM;
             double sck[M], qsk[M];
 #pragma unroll
             for (int m = 0; m < M; m++) {
@@ -630,12 +700,14 @@ __global__ void __launch_bounds__(kPrepThreads) gemv_f16_prep_kernel(const PrepA
 /* One 16-row tile per block, 8 warps over the groups (as the int8 kernel). Per (group, path): 32 steps of NT
    MMAs into a fresh float32 accumulator, then times S and g into the running sums. The B fragments arrive in
    chunks of CH steps (8 uint2), one chunk ahead of the MMAs that use them. */
-template <int K, int NT>
-__global__ void __launch_bounds__(kWarps * 32, K <= 2 ? 2 : 1) gemv_f16_kernel(const MainArgs a) {
+template <int K, int NT, bool GROUPED>
+__global__ void __launch_bounds__(kWarps * 32, K <= 2 ? 2 : 1) gemv_f16_kernel(const GroupArgs ga) {
     __shared__ float red[kWarps][16][8 * NT];
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int g = lane >> 2, t = lane & 3;
-    const int64_t row0 = static_cast<int64_t>(blockIdx.x) * 16;
+    int64_t tile = blockIdx.x;
+    const MainArgs a = layer_args<K, GROUPED>(ga, tile);
+    const int64_t row0 = tile * 16;
 
     float gk[K][1][2];
     load_row_scales(a, row0, g, gk);
@@ -649,7 +721,7 @@ __global__ void __launch_bounds__(kWarps * 32, K <= 2 ? 2 : 1) gemv_f16_kernel(c
     };
     auto load_chunk = [&](int64_t grp, int c, Chunk &dst) {
         const int k = c / NCH, st0 = (c % NCH) * CH;
-        const uint2 *fp = a.frag + (static_cast<size_t>(grp) * K + k) * (kF16Steps * NT * 32) + lane;
+        const uint2 *fp = a.frag + frag_path<K, GROUPED>(a, grp, k) * (kF16Steps * NT * 32) + lane;
 #pragma unroll
         for (int j = 0; j < CH; j++)
 #pragma unroll
@@ -662,7 +734,7 @@ __global__ void __launch_bounds__(kWarps * 32, K <= 2 ? 2 : 1) gemv_f16_kernel(c
                                         [&](int64_t gr, int c, const Chunk &cc, const Bits<K, 1> &cur) {
             const int k = c / NCH, st0 = (c % NCH) * CH;
             if (c % NCH == 0) {
-                const size_t so = (static_cast<size_t>(gr) * K + k) * kScaleSlots;
+                const size_t so = frag_path<K, GROUPED>(a, gr, k) * kScaleSlots;
 #pragma unroll
                 for (int nt = 0; nt < NT; nt++) {
                     sck[nt][0] = __ldg(a.scale + so + nt * 8 + 2 * t);
@@ -707,68 +779,73 @@ size_t frag_entries(int64_t M) {
     return i8 > f16 ? i8 : f16;
 }
 
-template <int K, int NT>
-cudaError_t launch_main_nt(const MainArgs &a, cudaStream_t s) {
+/* The launchers take the layers' total of 16-row tiles as the grid (one tile per block). */
+template <int K, int NT, bool GR>
+cudaError_t launch_main_nt(const GroupArgs &a, unsigned tiles, cudaStream_t s) {
     // one 16-row tile per warp (MT = 2 would halve the fragment reads but, with the fragment prefetch, needs
     // more registers than two blocks per SM allow)
-    constexpr int MT = 1;
-    const unsigned blocks = static_cast<unsigned>((a.out + MT * 16 - 1) / (MT * 16));
-    return launch_pdl(gemv_i8_kernel<K, NT, MT>, dim3(blocks), kWarps * 32, 0, a, s);
+    return launch_pdl(gemv_i8_kernel<K, NT, 1, GR>, dim3(tiles), kWarps * 32, 0, a, s);
 }
 
-template <int K>
-cudaError_t launch_b1_k(const MainArgs &a, cudaStream_t s) {
-    const unsigned blocks = static_cast<unsigned>((a.out + 15) / 16);
-    return a.M == 1 ? launch_pdl(gemv_b1_kernel<K, 1>, dim3(blocks), kWarps * 32, 0, a, s)
-                    : launch_pdl(gemv_b1_kernel<K, 2>, dim3(blocks), kWarps * 32, 0, a, s);
+template <int K, bool GR>
+cudaError_t launch_b1_k(const GroupArgs &a, unsigned tiles, cudaStream_t s) {
+    return a.a.M == 1 ? launch_pdl(gemv_b1_kernel<K, 1, GR>, dim3(tiles), kWarps * 32, 0, a, s)
+                      : launch_pdl(gemv_b1_kernel<K, 2, GR>, dim3(tiles), kWarps * 32, 0, a, s);
 }
 
 /* NT: f16_nt(M), the n-tiles the prologue wrote. */
-template <int K>
-cudaError_t launch_f16_k(const MainArgs &a, int NT, cudaStream_t s) {
-    const unsigned blocks = static_cast<unsigned>((a.out + 15) / 16);
-    return NT == 1 ? launch_pdl(gemv_f16_kernel<K, 1>, dim3(blocks), kWarps * 32, 0, a, s)
-                   : launch_pdl(gemv_f16_kernel<K, 2>, dim3(blocks), kWarps * 32, 0, a, s);
+template <int K, bool GR>
+cudaError_t launch_f16_k(const GroupArgs &a, int NT, unsigned tiles, cudaStream_t s) {
+    return NT == 1 ? launch_pdl(gemv_f16_kernel<K, 1, GR>, dim3(tiles), kWarps * 32, 0, a, s)
+                   : launch_pdl(gemv_f16_kernel<K, 2, GR>, dim3(tiles), kWarps * 32, 0, a, s);
 }
 
 /* NT: the n-tiles of the prologue's fragments (decode_gemv), for the int8 and fp16 kernels. */
-template <int K>
-cudaError_t launch_main_k(const MainArgs &a, DecodeKernel kern, int NT, cudaStream_t s) {
-    if (kern == DECODE_B1) return launch_b1_k<K>(a, s);
-    if (kern == DECODE_F16) return launch_f16_k<K>(a, NT, s);
+template <int K, bool GR>
+cudaError_t launch_main_kg(const GroupArgs &a, DecodeKernel kern, int NT, unsigned tiles, cudaStream_t s) {
+    if (kern == DECODE_B1) return launch_b1_k<K, GR>(a, tiles, s);
+    if (kern == DECODE_F16) return launch_f16_k<K, GR>(a, NT, tiles, s);
     switch (NT) {
-        case 1: return launch_main_nt<K, 1>(a, s);
-        case 2: return launch_main_nt<K, 2>(a, s);
-        case 4: return launch_main_nt<K, 4>(a, s);
-        case 8: return launch_main_nt<K, 8>(a, s);
+        case 1: return launch_main_nt<K, 1, GR>(a, tiles, s);
+        case 2: return launch_main_nt<K, 2, GR>(a, tiles, s);
+        case 4: return launch_main_nt<K, 4, GR>(a, tiles, s);
+        case 8: return launch_main_nt<K, 8, GR>(a, tiles, s);
     }
     return cudaErrorInvalidValue;
 }
 
+template <int K>
+cudaError_t launch_main_k(const GroupArgs &a, DecodeKernel kern, int NT, unsigned tiles, cudaStream_t s) {
+    return a.layers == 1 ? launch_main_kg<K, false>(a, kern, NT, tiles, s)
+                         : launch_main_kg<K, true>(a, kern, NT, tiles, s);
+}
+
 }  // namespace
 
-size_t decode_workspace_bytes(int K, int64_t M, int64_t in) {
-    const size_t gk = static_cast<size_t>((in + kGroupCols - 1) / kGroupCols) * K;
+size_t decode_workspace_bytes(int paths, int64_t M, int64_t in) {
+    const size_t gk = static_cast<size_t>((in + kGroupCols - 1) / kGroupCols) * paths;
     return gk * (frag_entries(M) * sizeof(uint2) + kScaleSlots * (sizeof(double) + sizeof(float)));
 }
 
-cudaError_t decode_gemv(const void *x, rabit_dtype xdt, int64_t M, const rabit_word_t *packed, const void *g,
-                        rabit_dtype gdt, const void *h, rabit_dtype hdt, const void *bias, rabit_dtype bdt, int K,
-                        int64_t out, int64_t in, void *y, void *workspace, DecodeKernel kern, cudaStream_t s) {
+cudaError_t decode_gemv(const void *x, rabit_dtype xdt, int64_t M, const DecodeLayer *layers, int n,
+                        rabit_dtype gdt, rabit_dtype hdt, rabit_dtype bdt, int K, int64_t in, void *workspace,
+                        DecodeKernel kern, cudaStream_t s) {
     if (M < 1 || M > kDecodeMaxM || (kern == DECODE_B1 && M > kB1MaxM) || xdt == RABIT_F32 || K < 1 ||
-        K > RABIT_MAX_K)
+        K > RABIT_MAX_K || n < 1 || n > kDecodeMaxLayers)
         return cudaErrorInvalidValue;
     const int64_t ng = (in + kGroupCols - 1) / kGroupCols;
     const int NT = kern == DECODE_F16 ? f16_nt(M) : gemv_nt(M);
+    const int KL = n * K;
     uint2 *frag = static_cast<uint2 *>(workspace);
-    const size_t gk = static_cast<size_t>(ng) * K;
+    const size_t gk = static_cast<size_t>(ng) * KL;
     double *qsum = reinterpret_cast<double *>(frag + gk * frag_entries(M));  // 8-byte aligned after uint2s
     float *scale = reinterpret_cast<float *>(qsum + gk * kScaleSlots);
 
-    PrepArgs p;
-    p.x = x; p.xdt = xdt; p.M = static_cast<int>(M); p.h = h; p.hdt = hdt; p.in = in; p.NT = NT;
+    PrepArgs p{};
+    p.x = x; p.xdt = xdt; p.M = static_cast<int>(M); p.K = K; p.hdt = hdt; p.in = in; p.NT = NT;
     p.frag = frag; p.scale = scale; p.qsum = qsum;
-    const dim3 pg(static_cast<unsigned>(ng), static_cast<unsigned>(K));
+    for (int l = 0; l < n; l++) p.h[l] = layers[l].h;
+    const dim3 pg(static_cast<unsigned>(ng), static_cast<unsigned>(KL));
     if (kern == DECODE_B1)
         gemv_b1_prep_kernel<<<pg, kPrepThreads, 0, s>>>(p);
     else if (kern == DECODE_F16)
@@ -778,12 +855,25 @@ cudaError_t decode_gemv(const void *x, rabit_dtype xdt, int64_t M, const rabit_w
     cudaError_t e = cudaGetLastError();
     if (e != cudaSuccess) return e;
 
-    MainArgs a;
-    a.packed = packed; a.g = g; a.gdt = gdt; a.bias = bias; a.bdt = bdt; a.y = y; a.ydt = xdt;
-    a.M = static_cast<int>(M); a.out = out; a.nw = RABIT_WORDS(in); a.ngroups = ng;
-    a.frag = frag; a.scale = scale; a.qsum = qsum;
-    a.vec = (a.nw % 4 == 0) && (reinterpret_cast<uintptr_t>(packed) % 16 == 0);
-    return with_paths(K, [&](auto k) { return launch_main_k<decltype(k)::value>(a, kern, NT, s); });
+    GroupArgs ga{};
+    MainArgs &a = ga.a;
+    a.gdt = gdt; a.bdt = bdt; a.ydt = xdt;
+    a.M = static_cast<int>(M); a.nw = RABIT_WORDS(in); a.ngroups = ng;
+    a.frag = frag; a.scale = scale; a.qsum = qsum; a.KL = KL; a.kb = 0;
+    ga.layers = n;
+    int64_t tiles = 0;
+    for (int l = 0; l < n; l++) {
+        const DecodeLayer &L = layers[l];
+        ga.tile0[l] = tiles;
+        ga.packed[l] = L.packed; ga.g[l] = L.g; ga.bias[l] = L.bias; ga.y[l] = L.y; ga.out[l] = L.out;
+        ga.vec[l] = (a.nw % 4 == 0) && (reinterpret_cast<uintptr_t>(L.packed) % 16 == 0);
+        tiles += (L.out + 15) / 16;
+    }
+    a.packed = ga.packed[0]; a.g = ga.g[0]; a.bias = ga.bias[0]; a.y = ga.y[0]; a.out = ga.out[0]; a.vec = ga.vec[0];
+    if (tiles == 0) return cudaSuccess;
+    return with_paths(K, [&](auto k) {
+        return launch_main_k<decltype(k)::value>(ga, kern, NT, static_cast<unsigned>(tiles), s);
+    });
 }
 
 }  // namespace rabit_cuda

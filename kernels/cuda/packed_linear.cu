@@ -434,8 +434,10 @@ cudaError_t packed_linear(const void *x, rabit_dtype xdt, int64_t M, const rabit
     const int path = packed_linear_path(xdt, M);
     if (path == 0) return launch_decode(x, xdt, M, packed, g, gdt, h, hdt, bias, bdt, K, out, in, y, s);
     if (path == 2)
-        return decode_gemv(x, xdt, M, packed, g, gdt, h, hdt, bias, bdt, K, out, in, y, workspace,
-                           decode_kernel(M, in), s);
+    {
+        const DecodeLayer layer{packed, g, h, bias, y, out};
+        return decode_gemv(x, xdt, M, &layer, 1, gdt, hdt, bdt, K, in, workspace, decode_kernel(M, in), s);
+    }
     if (gdt != RABIT_F32 || hdt != RABIT_F32 || (bias && bdt != RABIT_F32)) return cudaErrorInvalidValue;
     return packed_prefill(x, xdt, M, packed, static_cast<const float *>(g), static_cast<const float *>(h),
                           static_cast<const float *>(bias), K, out, in, y, s);

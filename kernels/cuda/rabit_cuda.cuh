@@ -87,10 +87,24 @@ int packed_linear_path(rabit_dtype xdt, int64_t M);
 enum DecodeKernel { DECODE_I8 = 0, DECODE_B1 = 1, DECODE_F16 = 2 };
 constexpr int kB1MaxM = 2;
 DecodeKernel decode_kernel(int64_t M, int64_t in);
-size_t decode_workspace_bytes(int K, int64_t M, int64_t in);
-cudaError_t decode_gemv(const void *x, rabit_dtype xdt, int64_t M, const rabit_word_t *packed, const void *g,
-                        rabit_dtype gdt, const void *h, rabit_dtype hdt, const void *bias, rabit_dtype bdt, int K,
-                        int64_t out, int64_t in, void *y, void *workspace, DecodeKernel kern, cudaStream_t stream);
+
+/* A decode call runs up to kDecodeMaxLayers layers that read the same x [M, in] (q/k/v, gate/up) as one prologue
+   and one main kernel: layer l is packed [K][out][words], g [K][out], h [K][in], bias [out] (nullable), y [M][out].
+   The layers share K, in and the dtypes of g, h and bias; each y equals a call for its layer alone bit for bit. */
+constexpr int kDecodeMaxLayers = 4;
+struct DecodeLayer {
+    const rabit_word_t *packed;
+    const void *g;
+    const void *h;
+    const void *bias;
+    void *y;
+    int64_t out;
+};
+/* Workspace of a decode call over `paths` = layers * K paths. */
+size_t decode_workspace_bytes(int paths, int64_t M, int64_t in);
+cudaError_t decode_gemv(const void *x, rabit_dtype xdt, int64_t M, const DecodeLayer *layers, int n,
+                        rabit_dtype gdt, rabit_dtype hdt, rabit_dtype bdt, int K, int64_t in, void *workspace,
+                        DecodeKernel kern, cudaStream_t stream);
 
 }  // namespace rabit_cuda
 
