@@ -9,7 +9,10 @@ the comparison measures the weights, not Python overhead. The FP side is fp16 on
 float32 on CPU; the rabit side swaps every decoder-layer linear (q,k,v,o,gate,up,down) for PackedRaBiTLinear
 (K=2, fp16 scales); embeddings, norms and lm_head stay as they are on both sides. The packed model runs twice:
 `rabit` as StaticDecoder runs it by default (q/k/v and gate/up each as one packed_linear_group call) and
-`rabit-single` with one call per linear (group_projections=False), for the gain of the grouping (--variants).
+`rabit-single` with one call per linear (group_projections=False), for the gain of the grouping (--variants); the FP
+model likewise as `fp` (on CUDA q/k/v and gate/up as one GEMM each on weights stacked into one tensor, as serving
+runtimes do) and `fp-single` (one nn.Linear call each). `speedup` compares rabit with fp, `speedup_single`
+rabit-single with fp-single, and `speedup_<variant>_vs_fastest_fp` each rabit variant with the faster FP one.
 
 Models: `llama2-7b-shape` is a LlamaForCausalLM with Llama-2-7B's shapes (32 layers, 4096 hidden, 11008 MLP,
 32000 vocab) and RANDOM weights and random sign bits (speed only); `smollm2-135m-shape` the same with SmolLM2-135M's
@@ -211,15 +214,18 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--no-compile", action="store_true",
                     help="run the elementwise glue eagerly (default: fused by torch.compile on CUDA)")
-    ap.add_argument("--variants", default="fp,rabit,rabit-single",
-                    help="fp: FP16/FP32 layers; rabit: packed, q/k/v and gate/up as one packed_linear_group call each "
-                    "(what StaticDecoder runs); rabit-single: packed, one call per linear (group_projections=False)")
+    ap.add_argument("--variants", default="fp,fp-single,rabit,rabit-single",
+                    help="fp: FP16/FP32 layers, q/k/v and gate/up as one GEMM each on stacked weights (on CUDA); "
+                    "rabit: packed, q/k/v and gate/up as one packed_linear_group call each (both what StaticDecoder "
+                    "runs by default); -single: one call per linear (group_projections=False)")
     ap.add_argument("--tag", default="", help="suffix of the JSON file name")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     variants = args.variants.split(",")
-    if "fp" not in variants or not set(variants) <= {"fp", "rabit", "rabit-single"}:
-        ap.error(f"--variants: expected fp plus rabit and/or rabit-single, got {args.variants!r}")
+    known = ["fp", "fp-single", "rabit", "rabit-single"]
+    if not set(variants) <= set(known) or not any(v.startswith("fp") for v in variants):
+        ap.error(f"--variants: expected an fp variant and others of {known}, got {args.variants!r}")
+    variants = [v for v in known if v in variants]  # FP first: the model is packed in place afterwards
     dev = torch.device(args.device)
     dtype = torch.float16 if dev.type == "cuda" else torch.float32
     batches = [int(b) for b in args.batch.split(",")]
@@ -232,19 +238,19 @@ def main(argv=None):
         model, weights = load(mname, dev, dtype)
         rows = {}
         for variant in variants:
-            if variant != "fp" and not isinstance(model.model.layers[0].mlp.up_proj, PackedRaBiTLinear):
+            if variant.startswith("rabit") and not isinstance(model.model.layers[0].mlp.up_proj, PackedRaBiTLinear):
                 model = pack_random_(model)
                 if dev.type == "cuda":
                     torch.cuda.empty_cache()
             for b in batches:
                 dec, tokens, r = measure(model, b, args.prompt, args.new, dev, args.reps, compile_glue,
-                                         group=variant != "rabit-single")
+                                         group=not variant.endswith("-single"))
                 nbytes = sum(r["bytes_per_step"].values())
                 r["roofline_fraction"] = round(nbytes / bw / (r["decode_ms_per_token"] / 1e3), 3)
                 if b == batches[0]:
                     # the graph decode equals step-by-step eager decoding (same runtime, no graph)
                     eager = StaticDecoder(model, batch_size=b, max_len=args.prompt + 17, cuda_graph=False,
-                                          compile=compile_glue, group_projections=variant != "rabit-single")
+                                          compile=compile_glue, group_projections=not variant.endswith("-single"))
                     out = eager.generate(tokens[:, : args.prompt].cpu(), 16)
                     r["graph_equals_eager_16_tokens"] = bool(torch.equal(out, tokens[:, : args.prompt + 16].cpu()))
                 rows[(variant, b)] = r
@@ -254,23 +260,28 @@ def main(argv=None):
                       f"roofline {r['roofline_fraction']:.2f}", flush=True)
                 del dec
         for b in batches:
-            fp = rows[("fp", b)]
-            row = {"model": mname, "weights": weights, "batch": b, "fp": fp}
-            for v in variants[1:]:
-                key = v.replace("-", "_")
-                row[key] = rows[(v, b)]
-                row["speedup" if v == "rabit" else f"speedup_{key[6:]}"] = round(
-                    rows[(v, b)]["tokens_per_s"] / fp["tokens_per_s"], 3)
+            row = {"model": mname, "weights": weights, "batch": b}
+            row.update({v.replace("-", "_"): rows[(v, b)] for v in variants})
+            # rabit against FP with the same grouping (speedup), and each rabit variant against the fastest FP one
+            for v, f in (("rabit", "fp"), ("rabit-single", "fp-single")):
+                if v in variants and f in variants:
+                    row["speedup" + v[5:].replace("-", "_")] = round(
+                        rows[(v, b)]["tokens_per_s"] / rows[(f, b)]["tokens_per_s"], 3)
+            fp_best = max(rows[(v, b)]["tokens_per_s"] for v in variants if v.startswith("fp"))
+            for v in variants:
+                if v.startswith("rabit"):
+                    row[f"speedup_{v.replace('-', '_')}_vs_fastest_fp"] = round(
+                        rows[(v, b)]["tokens_per_s"] / fp_best, 3)
             results.append(row)
         del model
         if dev.type == "cuda":
             torch.cuda.empty_cache()
-    print("\nmodel            batch  variant          tok/s  speed-up over FP  roofline")
+    print("\nmodel                batch  variant          tok/s  vs fastest FP  roofline")
     for r in results:
         for v in variants:
             key = v.replace("-", "_")
-            sp = "" if v == "fp" else f"{r['speedup' if v == 'rabit' else 'speedup_' + key[6:]]:8.2f}x"
-            print(f"{r['model']:16s} {r['batch']:5d}  {v:12s} {r[key]['tokens_per_s']:10.1f} {sp:>17s}"
+            sp = f"{r[f'speedup_{key}_vs_fastest_fp']:8.2f}x" if v.startswith("rabit") else ""
+            print(f"{r['model']:20s} {r['batch']:5d}  {v:12s} {r[key]['tokens_per_s']:10.1f} {sp:>14s}"
                   f" {r[key]['roofline_fraction']:9.2f}")
     import transformers
 

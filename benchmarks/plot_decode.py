@@ -19,25 +19,32 @@ def main(out: str, paths: list[str]) -> None:
     rows = [(d, r) for d in docs for r in d["results"]]
     fig, ax = plt.subplots(figsize=(1.3 * len(rows) + 2, 3.6))
     xs = range(len(rows))
-    fp = [r["fp"]["tokens_per_s"] for _, r in rows]
-    rb = [r["rabit"]["tokens_per_s"] for _, r in rows]
     kinds = sorted({f"{d['fp_dtype'].removeprefix('torch.')} {d['device_type'].upper()}" for d in docs})  # e.g. float16 CUDA
-    # results with a rabit_single variant (one launch per linear, bench_decode --variants) get a third bar
-    single = any("rabit_single" in r for _, r in rows)
-    w = 0.27 if single else 0.4
-    ax.bar([x - w / (1 if single else 2) for x in xs], fp, width=w, label=f"FP ({' / '.join(kinds)})")
-    rx = [x if single else x + w / 2 for x in xs]
-    ax.bar(rx, rb, width=w, label="rabit packed (K=2)" + (", q/k/v and gate/up grouped" if single else ""))
-    if single:
-        ax.bar([x + w for x in xs], [r.get("rabit_single", {}).get("tokens_per_s", 0) for _, r in rows], width=w,
-               label="rabit, one launch per linear")
-    for x, (_, r) in zip(rx, rows):
-        ax.text(x, r["rabit"]["tokens_per_s"], f"{r['speedup']:.2f}x", ha="center", va="bottom", fontsize=8)
+    labels = {"fp": f"FP ({' / '.join(kinds)})", "fp_single": "FP, one GEMM per linear",
+              "rabit": "rabit packed (K=2)", "rabit_single": "rabit, one launch per linear"}
+    # one bar per variant the results have (bench_decode --variants); grouped q/k/v and gate/up where a -single
+    # variant is beside it
+    variants = [v for v in labels if any(v in r for _, r in rows)]
+    if "fp_single" in variants:
+        labels["fp"] += ", q/k/v and gate/up stacked"
+    if "rabit_single" in variants:
+        labels["rabit"] += ", grouped"
+    w = 0.8 / len(variants)
+    values = []
+    for i, v in enumerate(variants):
+        vals = [r[v]["tokens_per_s"] if v in r else 0 for _, r in rows]  # a missing bar is 0: below the axis
+        values += [t for t in vals if t > 0]
+        off = (i - (len(variants) - 1) / 2) * w
+        ax.bar([x + off for x in xs], vals, width=w, label=labels[v])
+        if v == "rabit":
+            for x, (_, r) in zip(xs, rows):
+                ax.text(x + off, r["rabit"]["tokens_per_s"], f"{r['speedup']:.2f}x", ha="center", va="bottom",
+                        fontsize=8)
     ax.set_xticks(list(xs))
     ax.set_xticklabels([f"{r['model']}\n{d['device'].split(' x')[0][:12]}\nB={r['batch']}" for d, r in rows], fontsize=7)
     ax.set_yscale("log")
     # bars on a log axis start at its bottom: a power of ten below the smallest keeps their lengths comparable
-    ax.set_ylim(bottom=10 ** math.floor(math.log10(min(fp + rb))))  # (a missing third bar is 0: below the axis)
+    ax.set_ylim(bottom=10 ** math.floor(math.log10(min(values))))
     ax.set_ylabel("tokens/s (greedy decode)")
     ax.legend(fontsize=8)
     ax.set_title("End-to-end decoding, same static-cache runtime for both (bench_decode.py)", fontsize=9)

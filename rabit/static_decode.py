@@ -87,6 +87,20 @@ def _swiglu(gate: Tensor, up: Tensor) -> Tensor:
     return F.silu(gate) * up
 
 
+def _adjacent(ts: list[Tensor]) -> Tensor | None:
+    """The one tensor that contiguous ts are consecutive row blocks of (one storage, each starting where the last
+    ends), or None."""
+    t0 = ts[0]
+    offset = t0.storage_offset()
+    for t in ts:
+        if not t.is_contiguous() or t.untyped_storage().data_ptr() != t0.untyped_storage().data_ptr() \
+                or t.storage_offset() != offset or t.shape[1:] != t0.shape[1:]:
+            return None
+        offset += t.numel()
+    rows = sum(t.shape[0] for t in ts)
+    return t0.detach().new_empty(0).set_(t0.untyped_storage(), t0.storage_offset(), (rows, *t0.shape[1:]))
+
+
 class StaticDecoder:
     """Greedy or sampling decoder over a static KV cache (see the module docstring).
 
@@ -101,9 +115,14 @@ class StaticDecoder:
         temperature: None (default) decodes greedily; a value > 0 samples from softmax(logits / temperature)
             with :func:`rabit.sampling.sample_next` (counter-based draws, seeded per generate() call).
         top_k: with temperature, sample from the k most likely tokens only.
-        group_projections: run the packed q/k/v projections of a layer as one call, and gate/up as one
-            (:func:`rabit.packed_linear_group`: on CUDA one launch of the decode kernels instead of three or two);
-            the outputs are the same bit for bit. False runs every linear on its own (benchmarks compare both).
+        group_projections: run a layer's q/k/v projections as one call, and gate/up as one. Packed layers:
+            :func:`rabit.packed_linear_group` (on CUDA one launch of the decode kernels instead of three or two;
+            the outputs are the same bit for bit). Plain ``nn.Linear`` layers on CUDA: one GEMM on their weights
+            stacked into one tensor, as serving runtimes do; the decoder moves those weights into the stacked
+            tensor and leaves the modules views of it (same values, no extra memory). A stacked GEMM may round
+            differently from separate ones in the last bits (cuBLAS picks its kernel by shape), so on the CPU,
+            where launches cost little, FP layers are not stacked. False runs every linear on its own (benchmarks
+            compare both).
     """
 
     def __init__(self, model: nn.Module, batch_size: int = 1, max_len: int = 2048, cuda_graph: bool | None = None,
@@ -163,6 +182,13 @@ class StaticDecoder:
         # sampling: the rows' draw keys (generate() sets them from its seed; these are seed 0's)
         self._keys = row_keys(0, torch.arange(batch_size, device=self.device))
         self._graph = None
+        # stacked weight (and bias) of each FP group, keyed by the group's first module
+        self._stacked: dict[int, tuple[Tensor, Tensor | None]] = {}
+        if group_projections and self.device.type == "cuda":
+            for layer in base.layers:
+                a, m = layer.self_attn, layer.mlp
+                for mods in ((a.q_proj, a.k_proj, a.v_proj), (m.gate_proj, m.up_proj)):
+                    self._stack_fp(mods)
 
     # ------------------------------------------------------------------ the model, over the static cache
     def layer_linears(self) -> list[nn.Module]:
@@ -183,14 +209,46 @@ class StaticDecoder:
                 calls += [mods] if self._grouped(mods) else [(lin,) for lin in mods]
         return calls
 
+    @torch.no_grad()
+    def _stack_fp(self, mods: tuple[nn.Module, ...]) -> None:
+        """Move the weights (and biases) of plain nn.Linear layers that read one x into one tensor each, the modules
+        keeping views of it, so that the group is one GEMM (project). Left as they are when the layers differ in
+        dtype, device or bias presence."""
+        ws = [getattr(m, "weight", None) for m in mods]
+        if not all(type(m) is nn.Linear for m in mods) or len({(w.dtype, w.device) for w in ws}) != 1:
+            return
+        has_bias = [m.bias is not None for m in mods]
+        if any(has_bias) and not all(has_bias):
+            return
+        stacked = _adjacent(ws)
+        bias = _adjacent([m.bias for m in mods]) if all(has_bias) else None
+        if stacked is not None and (bias is not None or not all(has_bias)):
+            self._stacked[id(mods[0])] = (stacked, bias)  # stacked already (by an earlier decoder of this model)
+            return
+        stacked = torch.cat([w.detach() for w in ws])
+        bias = torch.cat([m.bias.detach() for m in mods]) if all(has_bias) else None
+        r = 0
+        for m, w in zip(mods, ws):
+            n = w.shape[0]
+            m.weight = nn.Parameter(stacked[r:r + n], requires_grad=w.requires_grad)
+            if bias is not None:
+                m.bias = nn.Parameter(bias[r:r + n], requires_grad=m.bias.requires_grad)
+            r += n
+        self._stacked[id(mods[0])] = (stacked, bias)
+
     def _grouped(self, mods: tuple[nn.Module, ...]) -> bool:
-        return len(mods) > 1 and self.group_projections and all(isinstance(m, PackedRaBiTLinear) for m in mods)
+        if len(mods) < 2 or not self.group_projections:
+            return False
+        return id(mods[0]) in self._stacked or all(isinstance(m, PackedRaBiTLinear) for m in mods)
 
     def project(self, mods: tuple[nn.Module, ...], x: Tensor) -> list[Tensor]:
-        """The outputs of the linears mods on x [..., in]: one packed_linear_group call where projections() groups
-        them, else each module's own forward."""
+        """The outputs of the linears mods on x [..., in]: one packed_linear_group call or one GEMM on the stacked FP
+        weights where projections() groups them, else each module's own forward."""
         if not self._grouped(mods):
             return [m(x) for m in mods]
+        if id(mods[0]) in self._stacked:
+            w, b = self._stacked[id(mods[0])]
+            return list(F.linear(x, w, b).split([m.out_features for m in mods], dim=-1))
         lead = x.shape[:-1]
         ys = packed_linear_group(x.reshape(-1, x.shape[-1]).contiguous(), [m.packed for m in mods],
                                  [m.g for m in mods], [m.h for m in mods], [m.bias for m in mods])
