@@ -168,6 +168,7 @@ def bench_group(name, layers, ms):
                                **calls)
         t_c, _ = graph_time_us([lambda ws=ws: [F.linear(x, w) for w in ws] for ws in dense_pool], **calls)
         t_cs, _ = graph_time_us([lambda w=w: F.linear(x, w) for w in stacked_pool], **calls)
+        # *_per_layer_us: one call per layer, the time of all of them together
         row = dict(group=name, layers=[list(lay) for lay in layers], M=m, K=K, rabit_group_us=round(t_g, 3),
                    rabit_per_layer_us=round(t_s, 3), cublas_fp16_per_layer_us=round(t_c, 3),
                    cublas_fp16_stacked_us=round(t_cs, 3), group_gain=round(t_s / t_g, 3),

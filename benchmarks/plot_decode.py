@@ -36,10 +36,11 @@ def main(out: str, paths: list[str]) -> None:
         values += [t for t in vals if t > 0]
         off = (i - (len(variants) - 1) / 2) * w
         ax.bar([x + off for x in xs], vals, width=w, label=labels[v])
-        if v == "rabit":
+        if v == "rabit":  # speedup: rabit over FP with the same grouping, where both ran
             for x, (_, r) in zip(xs, rows):
-                ax.text(x + off, r["rabit"]["tokens_per_s"], f"{r['speedup']:.2f}x", ha="center", va="bottom",
-                        fontsize=8)
+                if "speedup" in r:
+                    ax.text(x + off, r["rabit"]["tokens_per_s"], f"{r['speedup']:.2f}x", ha="center",
+                            va="bottom", fontsize=8)
     ax.set_xticks(list(xs))
     ax.set_xticklabels([f"{r['model']}\n{d['device'].split(' x')[0][:12]}\nB={r['batch']}" for d, r in rows], fontsize=7)
     ax.set_yscale("log")

@@ -172,7 +172,8 @@ def _plg_setup_context(ctx, inputs, output):
 
 
 def _plg_backward(ctx, dys):
-    # each layer's packed_linear gradients; x's are summed over the layers (in float32, rounded once)
+    # each layer's packed_linear gradients; x's are summed over the layers in float32 and rounded once (separate
+    # packed_linear calls round each layer's share to x's dtype first: with fp16/bf16 x the last bits can differ)
     x, *rest = ctx.saved_tensors
     n = ctx.n
     packed, g, h = rest[:n], rest[n:2 * n], rest[2 * n:]

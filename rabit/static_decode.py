@@ -30,7 +30,7 @@ from ._ops import packed_linear_group
 from .nn import PackedRaBiTLinear
 from .sampling import row_keys, sample_next
 
-__all__ = ["StaticDecoder", "SUPPORTED", "check_model"]
+__all__ = ["StaticDecoder", "SUPPORTED", "check_model", "stack_linears"]
 
 # Architectures whose decoder layer is exactly what StaticDecoder.forward computes.
 SUPPORTED = frozenset({"llama", "mistral", "qwen2"})
@@ -101,6 +101,36 @@ def _adjacent(ts: list[Tensor]) -> Tensor | None:
     return t0.detach().new_empty(0).set_(t0.untyped_storage(), t0.storage_offset(), (rows, *t0.shape[1:]))
 
 
+def stack_linears(mods: tuple[nn.Module, ...]) -> tuple[Tensor, Tensor | None] | None:
+    """(weight, bias) of plain nn.Linear layers that read one x, stacked row-wise into one tensor each, so that the
+    group is one GEMM; None (nothing changed) when they are not all nn.Linear or differ in dtype, device or bias
+    presence. The weights move into the stacked tensors: the modules keep their Parameter objects (an optimizer, tied
+    weights and .grad still refer to them) and only their data become views of it, so no memory is added and a second
+    call on the same layers finds them stacked already."""
+    ws = [getattr(m, "weight", None) for m in mods]
+    if not all(type(m) is nn.Linear for m in mods) or len({(w.dtype, w.device) for w in ws}) != 1:
+        return None
+    has_bias = [m.bias is not None for m in mods]
+    if any(has_bias) and not all(has_bias):
+        return None
+    # outside inference mode: data set inside it would turn the model's weights into inference tensors for good
+    with torch.inference_mode(False), torch.no_grad():
+        stacked = _adjacent(ws)
+        bias = _adjacent([m.bias for m in mods]) if all(has_bias) else None
+        if stacked is not None and (bias is not None or not all(has_bias)):
+            return stacked, bias  # stacked already (by an earlier decoder of this model)
+        stacked = torch.cat([w.detach() for w in ws])
+        bias = torch.cat([m.bias.detach() for m in mods]) if all(has_bias) else None
+        r = 0
+        for m, w in zip(mods, ws):
+            n = w.shape[0]
+            m.weight.data = stacked[r:r + n]
+            if bias is not None:
+                m.bias.data = bias[r:r + n]
+            r += n
+    return stacked, bias
+
+
 class StaticDecoder:
     """Greedy or sampling decoder over a static KV cache (see the module docstring).
 
@@ -118,8 +148,8 @@ class StaticDecoder:
         group_projections: run a layer's q/k/v projections as one call, and gate/up as one. Packed layers:
             :func:`rabit.packed_linear_group` (on CUDA one launch of the decode kernels instead of three or two;
             the outputs are the same bit for bit). Plain ``nn.Linear`` layers on CUDA: one GEMM on their weights
-            stacked into one tensor, as serving runtimes do; the decoder moves those weights into the stacked
-            tensor and leaves the modules views of it (same values, no extra memory). A stacked GEMM may round
+            stacked into one tensor, as serving runtimes do (:func:`stack_linears`: the modules keep their
+            Parameters, whose data become views of that tensor; same values, no extra memory). A stacked GEMM may round
             differently from separate ones in the last bits (cuBLAS picks its kernel by shape), so on the CPU,
             where launches cost little, FP layers are not stacked. False runs every linear on its own (benchmarks
             compare both).
@@ -188,7 +218,9 @@ class StaticDecoder:
             for layer in base.layers:
                 a, m = layer.self_attn, layer.mlp
                 for mods in ((a.q_proj, a.k_proj, a.v_proj), (m.gate_proj, m.up_proj)):
-                    self._stack_fp(mods)
+                    stacked = stack_linears(mods)
+                    if stacked is not None:
+                        self._stacked[id(mods[0])] = stacked
 
     # ------------------------------------------------------------------ the model, over the static cache
     def layer_linears(self) -> list[nn.Module]:
@@ -208,33 +240,6 @@ class StaticDecoder:
             for mods in ((a.q_proj, a.k_proj, a.v_proj), (a.o_proj,), (m.gate_proj, m.up_proj), (m.down_proj,)):
                 calls += [mods] if self._grouped(mods) else [(lin,) for lin in mods]
         return calls
-
-    @torch.no_grad()
-    def _stack_fp(self, mods: tuple[nn.Module, ...]) -> None:
-        """Move the weights (and biases) of plain nn.Linear layers that read one x into one tensor each, the modules
-        keeping views of it, so that the group is one GEMM (project). Left as they are when the layers differ in
-        dtype, device or bias presence."""
-        ws = [getattr(m, "weight", None) for m in mods]
-        if not all(type(m) is nn.Linear for m in mods) or len({(w.dtype, w.device) for w in ws}) != 1:
-            return
-        has_bias = [m.bias is not None for m in mods]
-        if any(has_bias) and not all(has_bias):
-            return
-        stacked = _adjacent(ws)
-        bias = _adjacent([m.bias for m in mods]) if all(has_bias) else None
-        if stacked is not None and (bias is not None or not all(has_bias)):
-            self._stacked[id(mods[0])] = (stacked, bias)  # stacked already (by an earlier decoder of this model)
-            return
-        stacked = torch.cat([w.detach() for w in ws])
-        bias = torch.cat([m.bias.detach() for m in mods]) if all(has_bias) else None
-        r = 0
-        for m, w in zip(mods, ws):
-            n = w.shape[0]
-            m.weight = nn.Parameter(stacked[r:r + n], requires_grad=w.requires_grad)
-            if bias is not None:
-                m.bias = nn.Parameter(bias[r:r + n], requires_grad=m.bias.requires_grad)
-            r += n
-        self._stacked[id(mods[0])] = (stacked, bias)
 
     def _grouped(self, mods: tuple[nn.Module, ...]) -> bool:
         if len(mods) < 2 or not self.group_projections:

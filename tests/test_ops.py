@@ -248,12 +248,14 @@ def test_packed_linear_matches_reference(shape, k, xdtype, m, device):
 GROUP_LAYERS = [[(17, 45), (40, 45), (5, 45)], [(64, 512), (48, 512)], [(33, 600)] * 5, [(24, 8000), (9, 8000)]]
 
 
-def _group_args(layers, k, device, scales=torch.float16):
+def _group_args(layers, k, device, scales=torch.float16, bias=True):
+    """(packed, g, h, bias) per layer; bias on every layer or none (the op runs groups only then: the wrapper runs a
+    group with some biases as separate calls, test_packed_linear_group_of_unlike_layers)."""
     args = []
-    for i, (out, in_features) in enumerate(layers):
+    for out, in_features in layers:
         w, g, h = random_layer(out, in_features, k, torch.float32, device)
         _, packed = rabit.residual_binarize(w, g, h)
-        args.append((packed, g.to(scales), h.to(scales), torch.randn(out, device=device) if i % 2 == 0 else None))
+        args.append((packed, g.to(scales), h.to(scales), torch.randn(out, device=device) if bias else None))
     return args
 
 
@@ -263,29 +265,33 @@ def _group_args(layers, k, device, scales=torch.float16):
 def test_packed_linear_group_is_packed_linear_per_layer(layers, xdtype, m, device):
     if layers[0][1] == 8000 and m > 2:
         pytest.skip("the long rows are for the 1-bit kernel (M <= 2)")
-    args = _group_args(layers, 2, device)
-    x = torch.randn(m, layers[0][1], device=device).to(xdtype)
-    ys = rabit.packed_linear_group(x, *map(list, zip(*args)))
-    assert len(ys) == len(layers)
-    for i, (y, a) in enumerate(zip(ys, args)):
-        assert torch.equal(y, rabit.packed_linear(x, *a)), f"layer {i}"
+    for bias in (True, False):
+        args = _group_args(layers, 2, device, bias=bias)
+        x = torch.randn(m, layers[0][1], device=device).to(xdtype)
+        packed, g, h, b = (list(t) for t in zip(*args))
+        ys = torch.ops.rabit.packed_linear_group(x, packed, g, h, b if bias else [])  # the op, not the wrapper
+        assert len(ys) == len(layers)
+        for i, (y, a) in enumerate(zip(ys, args)):
+            assert torch.equal(y, rabit.packed_linear(x, *a)), f"layer {i}, bias {bias}"
 
 
 def test_packed_linear_group_of_unlike_layers(device):
     """Layers with different K, scale dtypes or bias dtypes run one by one on CUDA: still each layer's output."""
     a = _group_args([(20, 96)], 2, device) + _group_args([(31, 96)], 3, device) + \
-        _group_args([(16, 96)], 2, device, torch.float32)
+        _group_args([(16, 96)], 2, device, torch.float32) + _group_args([(24, 96)], 2, device, bias=False)
     a[2] = (*a[2][:3], torch.randn(16, device=device).half())
     for m in (1, 4, 9):
         x = torch.randn(m, 96, device=device).half()
-        for sub in ([a[0], a[1]], [a[0], a[2]], [a[2], a[0], a[2]]):
+        # different K; different scale and bias dtypes; some layers with a bias and some without (the wrapper)
+        for sub in ([a[0], a[1]], [a[0], a[2]], [a[2], a[0], a[2]], [a[0], a[3], a[0]]):
             ys = rabit.packed_linear_group(x, *map(list, zip(*sub)))
             for y, args in zip(ys, sub):
                 assert torch.equal(y, rabit.packed_linear(x, *args))
 
 
-def test_packed_linear_group_gradients_are_the_layers(device):
-    args = _group_args([(7, 45), (12, 45), (5, 45)], 2, device, torch.float32)
+@pytest.mark.parametrize("bias", [True, False])
+def test_packed_linear_group_gradients_are_the_layers(bias, device):
+    args = _group_args([(7, 45), (12, 45), (5, 45)], 2, device, torch.float32, bias)
     x0 = torch.randn(3, 45, device=device)
     dys = [torch.randn(3, a[0].shape[1], device=device) for a in args]
 

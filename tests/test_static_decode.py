@@ -6,7 +6,7 @@ import torch
 
 import rabit
 from rabit.models import load_stories260k
-from rabit.static_decode import StaticDecoder
+from rabit.static_decode import StaticDecoder, stack_linears
 
 from helpers import tiny_llama
 
@@ -200,3 +200,28 @@ def test_full_length_prompt_and_path_freeze_budget(stories):
     ids = torch.tensor([[1] + tok.encode("Once upon a time there was")])
     out = StaticDecoder(model, max_len=ids.shape[1] + 1).generate(ids, 1)
     assert torch.equal(out, _hf_greedy(model, ids, 1))
+
+
+def test_stack_linears_keeps_the_parameters():
+    """The FP grouping of the decoder (CUDA) moves q/k/v-like weights into one tensor: same values, same Parameter
+    objects (an optimizer keeps training them), no inference tensors even when called under inference_mode, a second
+    call reuses the stack, and unlike layers are left alone."""
+    lins = (torch.nn.Linear(8, 4), torch.nn.Linear(8, 6), torch.nn.Linear(8, 2))
+    params = [p for lin in lins for p in lin.parameters()]
+    before = [p.detach().clone() for p in params]
+    opt = torch.optim.SGD(params, lr=0.1)
+    with torch.inference_mode():
+        w, b = stack_linears(lins)
+    assert [p is q for p, q in zip(params, [p for lin in lins for p in lin.parameters()])] == [True] * 6
+    assert all(torch.equal(p, q) for p, q in zip(params, before)) and not lins[0].weight.is_inference()
+    assert w.shape == (12, 8) and b.shape == (12,) and w.data_ptr() == lins[0].weight.data_ptr()
+    x = torch.randn(3, 8)
+    sum(lin(x).sum() for lin in lins).backward()
+    opt.step()
+    assert not torch.equal(lins[1].weight, before[2]) and torch.equal(w[4:10], lins[1].weight)  # trained, in place
+    w2, b2 = stack_linears(lins)
+    assert w2.data_ptr() == w.data_ptr() and b2.data_ptr() == b.data_ptr()
+    lins[0].load_state_dict({k: v.clone() for k, v in lins[0].state_dict().items()})
+    mixed = (torch.nn.Linear(8, 4), torch.nn.Linear(8, 4, bias=False))
+    assert stack_linears(mixed) is None and stack_linears((lins[0], torch.nn.Linear(8, 4).double())) is None
+
