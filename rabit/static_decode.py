@@ -134,6 +134,10 @@ def stack_linears(mods: tuple[nn.Module, ...]) -> tuple[Tensor, Tensor | None] |
 class StaticDecoder:
     """Greedy or sampling decoder over a static KV cache (see the module docstring).
 
+    The decoder holds on to the model's weights as they are when it is built (the captured CUDA graph reads their
+    memory, and the stacked FP projections are views of it): updates in place are seen, but a model moved or converted
+    afterwards (``.to()``, ``.half()``) needs a new decoder.
+
     Args:
         model: a Llama-family causal LM (``LlamaForCausalLM`` and alike), in eval mode.
         batch_size: rows decoded together.
