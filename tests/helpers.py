@@ -75,3 +75,15 @@ def tiny_llama(seed: int = 0):
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                       tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
     return LlamaForCausalLM(cfg).eval()
+
+
+def tanh_ste_dw_bound(grad, dw_ref):
+    """How far a kernel's dW with the tanh STE may lie from dw_ref: libm tanhf and PyTorch's vectorised tanh (or
+    CUDA's) may differ in the last bit; the factor 1 - t^2 lies in [0, 1], so its error is a few float32 eps absolute,
+    i.e. a few eps of |G| in dW, plus one rounding of dW to its dtype: one unit in the last place, which below the
+    dtype's smallest normal is the fixed subnormal spacing (a float16 dW of 2.6e-5 differed by 2^-24 = 6e-8, more
+    than eps * |dW|, with RABIT_TEST_SEED=501432293)."""
+    fi = torch.finfo(dw_ref.dtype)
+    ulp = torch.clamp(fi.eps * dw_ref.float().abs(), min=fi.smallest_normal * fi.eps)
+    return 4 * torch.finfo(torch.float32).eps * grad.cpu().float().abs() + ulp
+

@@ -11,7 +11,7 @@ import rabit
 from rabit import reference as R
 
 from helpers import (CUDA_F16_DECODE_MIN_M, FLOAT_DTYPES, SHAPES, assert_float_close, dtype_id, random_layer,
-                     shape_id)
+                     shape_id, tanh_ste_dw_bound)
 
 pytestmark = pytest.mark.cuda
 
@@ -102,7 +102,7 @@ def test_backward_vs_cpu_and_reference(shape, k, wdtype, ste):
     dw, dg, dh = rabit.residual_binarize_backward(*(t.to(DEV) for t in (grad, w, g, h, packed)), ste, param)
     assert dw.dtype == wdtype and dg.dtype == g.dtype and dh.dtype == h.dtype
     if ste == "tanh":
-        bound = 4 * torch.finfo(torch.float32).eps * grad.float().abs() + torch.finfo(wdtype).eps * dw_c.float().abs()
+        bound = tanh_ste_dw_bound(grad, dw_c)
         assert ((dw.cpu().float() - dw_c.float()).abs() <= bound).all()
     else:
         assert torch.equal(dw.cpu(), dw_c)

@@ -12,7 +12,7 @@ from rabit import reference as R
 
 from conftest import available_devices
 from helpers import (FLOAT_DTYPES, SHAPES, assert_float_close, cuda_rounds_xh_to_fp16, dtype_id, random_layer,
-                     shape_id)
+                     shape_id, tanh_ste_dw_bound)
 
 DEVICES = available_devices()
 
@@ -83,10 +83,7 @@ def test_backward_matches_reference(shape, k, wdtype, ste, device):
     _, dg64, dh64 = R.residual_binarize_backward(*args, compute_dtype=torch.float64)
     assert dw.dtype == wdtype and dg.dtype == g.dtype and dh.dtype == h.dtype
     if ste == "tanh":
-        # libm tanhf and PyTorch's vectorised tanh may differ in the last bit; the factor 1 - t^2 lies
-        # in [0, 1], so its error is a few float32 eps absolute, i.e. a few eps of |G| in dW,
-        # plus one rounding of dW to its dtype.
-        bound = 4 * torch.finfo(torch.float32).eps * grad.cpu().float().abs() + torch.finfo(wdtype).eps * rdw.float().abs()
+        bound = tanh_ste_dw_bound(grad, rdw)
         assert ((dw.cpu().float() - rdw.float()).abs() <= bound).all()
     else:
         assert torch.equal(dw.cpu(), rdw)
