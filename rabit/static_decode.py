@@ -5,7 +5,9 @@ weights cost. :class:`StaticDecoder` runs the same modules (the model's own ``nn
 ``PackedRaBiTLinear`` layers, norms, rotary tables) over a preallocated KV cache, so a decode step has fixed
 shapes and is captured once as a CUDA graph; every later token is one graph replay with no host
 synchronisation. It is the decode path of ``rabit generate --device cuda`` and of
-``benchmarks/bench_decode.py``, for FP16 and packed models alike.
+``benchmarks/bench_decode.py``, for FP16 and packed models alike. A layer's q/k/v projections run as one call
+and gate/up as another (``group_projections``): packed layers through :func:`rabit.packed_linear_group`, FP
+``nn.Linear`` layers on CUDA as one GEMM on their stacked weights (:func:`stack_linears`).
 
     dec = StaticDecoder(model, batch_size=1, max_len=prompt_len + new_tokens)
     tokens = dec.generate(input_ids, max_new_tokens=256)          # [B, prompt + new], greedy
