@@ -263,10 +263,9 @@ def main(argv=None):
             row = {"model": mname, "weights": weights, "batch": b}
             row.update({v.replace("-", "_"): rows[(v, b)] for v in variants})
             # rabit against FP with the same grouping (speedup), and each rabit variant against the fastest FP one
-            for v, f in (("rabit", "fp"), ("rabit-single", "fp-single")):
+            for key, v, f in (("speedup", "rabit", "fp"), ("speedup_single", "rabit-single", "fp-single")):
                 if v in variants and f in variants:
-                    row["speedup" + v[5:].replace("-", "_")] = round(
-                        rows[(v, b)]["tokens_per_s"] / rows[(f, b)]["tokens_per_s"], 3)
+                    row[key] = round(rows[(v, b)]["tokens_per_s"] / rows[(f, b)]["tokens_per_s"], 3)
             fp_best = max(rows[(v, b)]["tokens_per_s"] for v in variants if v.startswith("fp"))
             for v in variants:
                 if v.startswith("rabit"):

@@ -154,16 +154,17 @@ def bench_group(name, layers, ms):
     dense_pool = [[torch.randn(o, i, device=DEV).half() * 0.02 for o, i in layers]
                   for _ in range(max(2, -(-POOL_BYTES // dense_set)))]
     stacked_pool = [torch.cat(ws) for ws in dense_pool]
+    group_args = [[list(t) for t in zip(*ls)] for ls in packed_pool]  # ([packed], [g], [h]) of each set
     res = []
     for m in ms:
         x = torch.randn(m, in_features, device=DEV).half()
-        for ls in packed_pool[:2]:  # correctness guard: the group is packed_linear per layer, bit for bit
-            ys = rabit.packed_linear_group(x, *[list(t) for t in zip(*ls)])
+        for ls, args in list(zip(packed_pool, group_args))[:2]:  # correctness guard: bit for bit per layer
+            ys = rabit.packed_linear_group(x, *args)
             if not all(torch.equal(y, rabit.packed_linear(x, *lay)) for y, lay in zip(ys, ls)):
                 raise RuntimeError(f"{name} M={m}: packed_linear_group differs from packed_linear")
         calls = dict(min_calls=200, reps=30)
-        t_g, _ = graph_time_us([lambda ls=ls: rabit.packed_linear_group(x, *[list(t) for t in zip(*ls)])
-                                for ls in packed_pool], **calls)
+        t_g, _ = graph_time_us([lambda args=args: rabit.packed_linear_group(x, *args) for args in group_args],
+                               **calls)
         t_s, _ = graph_time_us([lambda ls=ls: [rabit.packed_linear(x, *lay) for lay in ls] for ls in packed_pool],
                                **calls)
         t_c, _ = graph_time_us([lambda ws=ws: [F.linear(x, w) for w in ws] for ws in dense_pool], **calls)

@@ -183,12 +183,12 @@ def _plg_backward(ctx, dys):
         if dys[i] is None:
             dgs.append(None), dhs.append(None), dbs.append(None)
             continue
-        bdt = ctx.bias_dtypes[i] if ctx.bias_dtypes and need_b[i] else None
+        bdt = ctx.bias_dtypes[i] if ctx.bias_dtypes and need_b[i] else None  # bias: every layer's or none
         dxi, dg, dh, db = _pl_grads(dys[i], x, packed[i], g[i], h[i], need_x, need_g[i], need_h[i], bdt)
         if dxi is not None:
             dx = dxi if dx is None else dx + dxi
         dgs.append(dg), dhs.append(dh), dbs.append(db)
-    return None if dx is None else dx.to(x.dtype), [None] * n, dgs, dhs, dbs[:len(ctx.bias_dtypes)]
+    return None if dx is None else dx.to(x.dtype), [None] * n, dgs, dhs, dbs if ctx.bias_dtypes else []
 
 
 torch.library.register_autograd("rabit::packed_linear_group", _plg_backward, setup_context=_plg_setup_context)

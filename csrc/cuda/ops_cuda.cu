@@ -210,17 +210,11 @@ std::vector<at::Tensor> packed_linear_group_cuda(const at::Tensor &x, at::Tensor
     }
     const rabit_dtype xdt = to_rabit_dtype(x.scalar_type());
     const int64_t M = x.size(0), in = x.size(1);
-    std::optional<at::ScalarType> bdt;
     bool together = rabit_cuda::packed_linear_path(xdt, M) == 2 && M > 0 && n > 1;
-    for (int64_t l = 0; l < n && together; l++) {
-        const std::optional<at::Tensor> b = layer_bias(bias, l);
-        if (b.has_value()) {
-            together = !bdt.has_value() || *bdt == b->scalar_type();
-            bdt = b->scalar_type();
-        }
+    for (int64_t l = 1; l < n; l++)  // bias is every layer's or none (check_group_lists)
         together = together && K[l] == K[0] && g[l].scalar_type() == g[0].scalar_type() &&
-                   h[l].scalar_type() == h[0].scalar_type();
-    }
+                   h[l].scalar_type() == h[0].scalar_type() &&
+                   (bias.empty() || bias[l].scalar_type() == bias[0].scalar_type());
     std::vector<at::Tensor> ys;
     if (!together) {
         for (int64_t l = 0; l < n; l++)
@@ -249,7 +243,8 @@ std::vector<at::Tensor> packed_linear_group_cuda(const at::Tensor &x, at::Tensor
         at::Tensor ws = at::empty({static_cast<int64_t>(ws_bytes)}, x.options().dtype(at::kByte));
         check_launch(rabit_cuda::decode_gemv(x.data_ptr(), xdt, M, layers, nl, to_rabit_dtype(g[0].scalar_type()),
                                              to_rabit_dtype(h[0].scalar_type()),
-                                             bdt.has_value() ? to_rabit_dtype(*bdt) : RABIT_F32, static_cast<int>(K[0]),
+                                             bias.empty() ? RABIT_F32 : to_rabit_dtype(bias[0].scalar_type()),
+                                             static_cast<int>(K[0]),
                                              in, ws.data_ptr(), kern, stream));
     }
     return ys;
