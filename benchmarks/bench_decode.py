@@ -23,12 +23,14 @@ kernels' time does not depend on the bits).
 
 Reported per (model, batch): prefill ms, decode ms/token and tokens/s (batch x new tokens / decode time,
 CUDA events around graph replays), the speed-up, a time split measured with separate graphs of the same
-ops (the layer linears, attention, lm_head; the rest = step - those; separately timed graphs, so the parts
-need not add up exactly and "rest" can come out slightly negative), and the roofline: bytes a step must
-read (weights + the static KV cache) / the measured device copy bandwidth, as a fraction of the step time.
+ops (the layer linears, attention with its rotary embedding and cache write, lm_head; the rest = step - those;
+separately timed graphs, so the parts need not add up exactly and "rest" can come out slightly negative), and the
+roofline: bytes a step must read (weights + the KV cache it reads: with the fused attention, the default
+(--attention), the positions in use, on average prompt + (new + 1) / 2; unfused, SDPA reads the whole static cache)
+/ the measured device copy bandwidth, as a fraction of the step time.
 generate_tokens_per_s is what users get: StaticDecoder.generate (the path of `rabit generate`) on a warm
 decoder, wall clock, the prompt's prefill and the EOS check every 16 tokens included.
-Writes bench_decode_<device>_<date>.json into --out (else $OUT, else benchmarks/results/).
+Writes bench_decode_<models>_<device>_<date>[_<tag>].json into --out (else $OUT, else benchmarks/results/).
 """
 
 from __future__ import annotations
@@ -152,9 +154,10 @@ def load(name, dev, dtype):
 
 
 # ------------------------------------------------------------------------------------------------ measure
-def measure(model, batch, prompt, new, dev, reps, compile, group=True):
+def measure(model, batch, prompt, new, dev, reps, compile, group=True, fused_attention=None):
     cfg = model.config
-    dec = StaticDecoder(model, batch_size=batch, max_len=prompt + new + 1, compile=compile, group_projections=group)
+    dec = StaticDecoder(model, batch_size=batch, max_len=prompt + new + 1, compile=compile, group_projections=group,
+                        fused_attention=fused_attention)
     ids = torch.randint(3, cfg.vocab_size, (batch, prompt), generator=torch.Generator().manual_seed(1))
     t_pre = timed(lambda: dec.prefill(ids), dev, reps=3)
 
@@ -182,19 +185,32 @@ def measure(model, batch, prompt, new, dev, reps, compile, group=True):
         xin = torch.randn(batch, 1, mods[0].in_features, device=dev, dtype=dec.dtype)
         lin_calls.append(lambda mods=mods, xin=xin: dec.project(mods, xin))
     t_lin = graph_time(lin_calls, dev)
-    q = torch.randn(batch, dec.n_heads, 1, dec.head_dim, device=dev, dtype=dec.dtype)
+    # attention as the step runs it, rotary embedding and cache write included, at the middle position of the decode
+    q = torch.randn(batch, 1, dec.n_heads * dec.head_dim, device=dev, dtype=dec.dtype)
+    k = torch.randn(batch, 1, dec.n_kv * dec.head_dim, device=dev, dtype=dec.dtype)
+    v = torch.randn_like(k)
     pos = torch.tensor([prompt + new // 2], device=dev)
-    mask = dec.causal_mask(pos)
-    t_att = graph_time([lambda i=i: dec.attention(i, q, mask) for i in range(len(model.model.layers))], dev)
+    if dec.fused_attention:
+        att = [lambda i=i: dec.attend_fused(i, q, k, v, pos) for i in range(len(model.model.layers))]
+    else:
+        cos, sin, mask = dec.cos[pos][None, None], dec.sin[pos][None, None], dec.causal_mask(pos)
+        rope = dec._decode_fns[2]
+        att = [lambda i=i: dec.attend_unfused(i, q, k, v, pos, cos, sin, mask, rope)
+               for i in range(len(model.model.layers))]
+    t_att = graph_time(att, dev)
     t_head = graph_time([lambda: model.lm_head(x1)], dev)
     step = t_dec / new
     lin_bytes = sum(tensor_bytes(m) for m in dec.layer_linears())
     other_bytes = tensor_bytes(model.lm_head) + sum(
         tensor_bytes(mod) for layer in model.model.layers
         for mod in (layer.input_layernorm, layer.post_attention_layernorm)) + tensor_bytes(model.model.norm)
-    kv_bytes = dec.k_cache.numel() * dec.k_cache.element_size() * 2  # SDPA reads the whole static cache
+    # KV bytes read per step: the fused attention reads the positions in use (on average prompt + (new + 1) / 2 of
+    # them over the decode), SDPA with a mask the whole static cache
+    kv_positions = prompt + (new + 1) / 2 if dec.fused_attention else dec.max_len
+    kv_bytes = round(dec.k_cache.numel() * dec.k_cache.element_size() * 2 * kv_positions / dec.max_len)
     return dec, tokens, {
-        "batch": batch, "prefill_ms": round(t_pre * 1e3, 3), "decode_ms_per_token": round(step * 1e3, 4),
+        "batch": batch, "fused_attention": dec.fused_attention, "prefill_ms": round(t_pre * 1e3, 3),
+        "decode_ms_per_token": round(step * 1e3, 4),
         "tokens_per_s": round(batch * new / t_dec, 1),
         "generate_tokens_per_s": round(gen_tps, 1),
         "split_ms": {"layer_linears": round(t_lin * 1e3, 4), "attention": round(t_att * 1e3, 4),
@@ -218,6 +234,9 @@ def main(argv=None):
                     help="fp: FP16/FP32 layers, q/k/v and gate/up as one GEMM each on stacked weights (on CUDA); "
                     "rabit: packed, q/k/v and gate/up as one packed_linear_group call each (both what StaticDecoder "
                     "runs by default); -single: one call per linear (group_projections=False)")
+    ap.add_argument("--attention", choices=["fused", "unfused"], default="fused",
+                    help="decode-step attention: fused (rabit.decode_attention where supported: StaticDecoder's "
+                    "default) or unfused (rotary, cache copies, SDPA over the whole cache; fused_attention=False)")
     ap.add_argument("--tag", default="", help="suffix of the JSON file name")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
@@ -226,6 +245,7 @@ def main(argv=None):
     if not set(variants) <= set(known) or not any(v.startswith("fp") for v in variants):
         ap.error(f"--variants: expected an fp variant and others of {known}, got {args.variants!r}")
     variants = [v for v in known if v in variants]  # FP first: the model is packed in place afterwards
+    fused = None if args.attention == "fused" else False
     dev = torch.device(args.device)
     dtype = torch.float16 if dev.type == "cuda" else torch.float32
     batches = [int(b) for b in args.batch.split(",")]
@@ -244,13 +264,14 @@ def main(argv=None):
                     torch.cuda.empty_cache()
             for b in batches:
                 dec, tokens, r = measure(model, b, args.prompt, args.new, dev, args.reps, compile_glue,
-                                         group=not variant.endswith("-single"))
+                                         group=not variant.endswith("-single"), fused_attention=fused)
                 nbytes = sum(r["bytes_per_step"].values())
                 r["roofline_fraction"] = round(nbytes / bw / (r["decode_ms_per_token"] / 1e3), 3)
                 if b == batches[0]:
                     # the graph decode equals step-by-step eager decoding (same runtime, no graph)
                     eager = StaticDecoder(model, batch_size=b, max_len=args.prompt + 17, cuda_graph=False,
-                                          compile=compile_glue, group_projections=not variant.endswith("-single"))
+                                          compile=compile_glue, group_projections=not variant.endswith("-single"),
+                                          fused_attention=fused)
                     out = eager.generate(tokens[:, : args.prompt].cpu(), 16)
                     r["graph_equals_eager_16_tokens"] = bool(torch.equal(out, tokens[:, : args.prompt + 16].cpu()))
                 rows[(variant, b)] = r
@@ -290,11 +311,13 @@ def main(argv=None):
                         "rabit": getattr(rabit, "__version__", None), "python": platform.python_version()},
            "copy_bandwidth_GBps": round(bw / 1e9, 1), "threads": torch.get_num_threads(),
            "prompt_tokens": args.prompt, "new_tokens": args.new, "glue_compiled": compile_glue,
+           "attention": args.attention,
            "fp_dtype": str(dtype), "command": " ".join([Path(sys.argv[0]).name] + (argv or sys.argv[1:])),
            "results": results}
     tag = device_tag(torch.cuda.get_device_name(dev)) if dev.type == "cuda" else "cpu"
     suffix = f"_{args.tag}" if args.tag else ""
-    write_result(doc, args.out, f"bench_decode_{tag}_{datetime.date.today().isoformat()}{suffix}.json")
+    models = args.models.replace(",", "+")  # one file per set of models: runs of other models do not overwrite it
+    write_result(doc, args.out, f"bench_decode_{models}_{tag}_{datetime.date.today().isoformat()}{suffix}.json")
 
 
 if __name__ == "__main__":

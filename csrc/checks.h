@@ -209,4 +209,58 @@ inline std::optional<at::Tensor> layer_bias(at::TensorList bias, int64_t l) {
 
 inline std::string layer_op(const char *op, int64_t l) { return std::string(op) + " (layer " + std::to_string(l) + ")"; }
 
+// decode_attention: q [B, H, D], k and v [B, Hkv, D] (any strides with a dense last dimension), caches
+// [B, Hkv, S, D] dense, cos and sin [P >= S, D] dense, all of one float dtype on one device; pos: one int64 on that
+// device. Returns the sizes.
+struct AttentionDims {
+    int64_t B, H, Hkv, D, S;
+};
+
+inline AttentionDims check_decode_attention_args(const char *op, const at::Tensor &q, const at::Tensor &k,
+                                                 const at::Tensor &v, const at::Tensor &k_cache,
+                                                 const at::Tensor &v_cache, const at::Tensor &cos,
+                                                 const at::Tensor &sin, const at::Tensor &pos, double scale) {
+    RABIT_CHECK_DIM(op, q, 3);
+    RABIT_CHECK_DIM(op, k, 3);
+    RABIT_CHECK_DIM(op, v, 3);
+    RABIT_CHECK_DIM(op, k_cache, 4);
+    RABIT_CHECK_DIM(op, v_cache, 4);
+    RABIT_CHECK_DIM(op, cos, 2);
+    RABIT_CHECK_DIM(op, sin, 2);
+    RABIT_CHECK_FLOAT(op, q);
+    for (const at::Tensor *t : {&k, &v, &k_cache, &v_cache, &cos, &sin})
+        TORCH_CHECK_TYPE(t->scalar_type() == q.scalar_type(), op, ": q, k, v, the caches, cos and sin must share one "
+                         "dtype; q is ", q.scalar_type(), " but another is ", t->scalar_type());
+    for (const at::Tensor *t : {&k, &v, &k_cache, &v_cache, &cos, &sin, &pos})
+        TORCH_CHECK_VALUE(t->device() == q.device(), op, ": every argument must be on q's device (", q.device(),
+                          "), got one on ", t->device(), "; pos too (a 1-element tensor, so that a CUDA graph can "
+                          "replay the call)");
+    const int64_t B = q.size(0), H = q.size(1), D = q.size(2), Hkv = k.size(1), S = k_cache.size(2);
+    TORCH_CHECK_VALUE(B >= 1 && H >= 1 && Hkv >= 1 && S >= 1, op, ": empty input: q is ", q.sizes(), ", k is ",
+                      k.sizes(), ", k_cache is ", k_cache.sizes());
+    TORCH_CHECK_VALUE(D >= 2 && D % 2 == 0, op, ": the head dimension must be even (rotary halves), got ", D);
+    TORCH_CHECK_VALUE(H % Hkv == 0, op, ": q has ", H, " heads, which is not a multiple of k's ", Hkv, " KV heads");
+    TORCH_CHECK_VALUE(k.sizes() == v.sizes() && k.size(0) == B && k.size(2) == D, op, ": k and v must be [B=", B,
+                      ", Hkv, D=", D, "], got ", k.sizes(), " and ", v.sizes());
+    TORCH_CHECK_VALUE(k_cache.sizes() == v_cache.sizes() && k_cache.size(0) == B && k_cache.size(1) == Hkv &&
+                          k_cache.size(3) == D,
+                      op, ": the caches must be [B=", B, ", Hkv=", Hkv, ", S, D=", D, "], got ", k_cache.sizes(),
+                      " and ", v_cache.sizes());
+    TORCH_CHECK_VALUE(cos.sizes() == sin.sizes() && cos.size(0) >= S && cos.size(1) == D, op,
+                      ": cos and sin must be [P >= S=", S, ", D=", D, "] (one row per cache position), got ",
+                      cos.sizes(), " and ", sin.sizes());
+    for (const at::Tensor *t : {&q, &k, &v})
+        TORCH_CHECK_VALUE(t->stride(2) == 1, op, ": q, k and v need a dense last dimension (stride 1), got strides ",
+                          t->strides(), "; call .contiguous() on it");
+    RABIT_CHECK_CONTIGUOUS(op, k_cache);
+    RABIT_CHECK_CONTIGUOUS(op, v_cache);
+    RABIT_CHECK_CONTIGUOUS(op, cos);
+    RABIT_CHECK_CONTIGUOUS(op, sin);
+    TORCH_CHECK_TYPE(pos.scalar_type() == at::kLong && pos.numel() == 1, op,
+                     ": pos must be a 1-element int64 tensor (the cache position of the new token), got ",
+                     pos.scalar_type(), " with ", pos.numel(), " elements");
+    TORCH_CHECK_VALUE(std::isfinite(scale) && scale > 0, op, ": scale must be finite and > 0, got ", scale);
+    return {B, H, Hkv, D, S};
+}
+
 }  // namespace rabit

@@ -148,6 +148,23 @@ std::vector<at::Tensor> packed_linear_group_cpu(const at::Tensor &x, at::TensorL
     return ys;
 }
 
+at::Tensor decode_attention_cpu(const at::Tensor &q, const at::Tensor &k, const at::Tensor &v, at::Tensor &k_cache,
+                                at::Tensor &v_cache, const at::Tensor &cos, const at::Tensor &sin,
+                                const at::Tensor &pos, double scale) {
+    const char *op = "rabit.decode_attention";
+    const auto d = check_decode_attention_args(op, q, k, v, k_cache, v_cache, cos, sin, pos, scale);
+    const int64_t p = pos.item<int64_t>();
+    TORCH_CHECK_VALUE(p >= 0 && p < d.S, op, ": pos=", p, " is outside the cache's ", d.S, " positions");
+    at::Tensor out = at::empty({d.B, d.H, d.D}, q.options());
+    const int64_t qs[2] = {q.stride(0), q.stride(1)}, ks[2] = {k.stride(0), k.stride(1)},
+                  vs[2] = {v.stride(0), v.stride(1)};
+    check_status(op, rabit_decode_attention_cpu(q.data_ptr(), qs, k.data_ptr(), ks, v.data_ptr(), vs,
+                                                to_rabit_dtype(q.scalar_type()), d.B, d.H, d.Hkv, d.D,
+                                                k_cache.data_ptr(), v_cache.data_ptr(), d.S, cos.data_ptr(),
+                                                sin.data_ptr(), p, static_cast<float>(scale), out.data_ptr()));
+    return out;
+}
+
 TORCH_LIBRARY_IMPL(rabit, CPU, m) {
     m.impl("residual_binarize", &residual_binarize_cpu);
     m.impl("residual_binarize_backward", &residual_binarize_backward_cpu);
@@ -157,6 +174,7 @@ TORCH_LIBRARY_IMPL(rabit, CPU, m) {
     m.impl("dequantize", &dequantize_cpu);
     m.impl("packed_linear", &packed_linear_cpu);
     m.impl("packed_linear_group", &packed_linear_group_cpu);
+    m.impl("decode_attention", &decode_attention_cpu);
 }
 
 }  // namespace rabit

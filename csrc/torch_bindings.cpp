@@ -42,6 +42,12 @@ TORCH_LIBRARY(rabit, m) {
     // bias: one per layer, or empty for none (not Tensor?[]: torch.library's autograd does not reach tensors in a
     // list that holds None, so their gradients would be lost silently).
     m.def("packed_linear_group(Tensor x, Tensor[] packed, Tensor[] g, Tensor[] h, Tensor[] bias) -> Tensor[]");
+    // One decoding step of attention (a new token per row, every row at cache position pos): writes rope(k) and v
+    // into the caches at pos and returns softmax(scale * rope(q) K^T) V over positions 0..pos, [B, H, D]; grouped-
+    // query heads (H a multiple of Hkv); HF's rotate_half rotary with cos/sin rows [P, D]. For inference: no autograd.
+    m.def(
+        "decode_attention(Tensor q, Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor cos, "
+        "Tensor sin, Tensor pos, float scale) -> Tensor");
 }
 
 static PyObject *rabit_py_set_cpu_kernel(PyObject *, PyObject *arg) {
@@ -81,6 +87,16 @@ static PyObject *rabit_py_cuda_prefill_plan(PyObject *, PyObject *args) {
     }
     return Py_BuildValue("(si)", p.kernel == rabit_cuda::PREFILL_WGMMA ? "wgmma" : "mma", p.splits);
 }
+
+// Why the CUDA decode_attention kernel cannot run float dtype code dt (0 float32, 1 float16, 2 bfloat16) with G
+// query heads per KV head and head dimension D, or None: what StaticDecoder asks before it fuses its attention.
+static PyObject *rabit_py_cuda_attention_unsupported(PyObject *, PyObject *args) {
+    int dt = 0, G = 0, D = 0;
+    if (!PyArg_ParseTuple(args, "iii", &dt, &G, &D)) return nullptr;
+    const char *why = rabit_cuda::decode_attention_unsupported(static_cast<rabit_dtype>(dt), G, D);
+    if (!why) Py_RETURN_NONE;
+    return PyUnicode_FromString(why);
+}
 #endif
 
 static PyMethodDef rabit_methods[] = {
@@ -89,6 +105,8 @@ static PyMethodDef rabit_methods[] = {
 #ifdef RABIT_WITH_CUDA
     {"cuda_prefill_plan", rabit_py_cuda_prefill_plan, METH_VARARGS,
      "cuda_prefill_plan(M, out, in) -> (kernel, splits): the prefill GEMM packed_linear runs on the current GPU."},
+    {"cuda_attention_unsupported", rabit_py_cuda_attention_unsupported, METH_VARARGS,
+     "cuda_attention_unsupported(dtype_code, G, D) -> why the CUDA decode_attention kernel cannot run, or None."},
 #endif
     {nullptr, nullptr, 0, nullptr}};
 

@@ -92,6 +92,22 @@ rabit_status rabit_packed_linear_cpu(const void *x, rabit_dtype xdt, int64_t M, 
                                      const float *g, const float *h, const float *bias, int64_t K, int64_t out,
                                      int64_t in, void *y);
 
+/*
+ * One decoding step of attention for one new token per row, all rows at cache position pos:
+ *   k_cache[b][kh][pos] = rope(k[b][kh]),  v_cache[b][kh][pos] = v[b][kh]
+ *   out[b][hd] = softmax_p(scale * rope(q[b][hd]) . k_cache[b][kh][p], p <= pos) v_cache[b][kh][p]
+ * with kh = hd / (H / Hkv) (grouped-query attention). rope(x) = x * cos[pos] + rotate_half(x) * sin[pos] (HF's
+ * rotate_half form: rotate_half(x) = (-x[D/2:], x[:D/2])), float32 without FMA, rounded once to dtype dt; the
+ * scores, the softmax and the sum over positions are float32, the output is rounded once to dt.
+ * q [B][H][D], k and v [B][Hkv][D] with element strides (batch, head) given in qs, ks, vs (the last dimension
+ * is dense); caches [B][Hkv][S][D] dense; cos, sin [>= S][D]; every array of dtype dt. Needs D even and
+ * 0 <= pos < S.
+ */
+rabit_status rabit_decode_attention_cpu(const void *q, const int64_t qs[2], const void *k, const int64_t ks[2],
+                                        const void *v, const int64_t vs[2], rabit_dtype dt, int64_t B, int64_t H,
+                                        int64_t Hkv, int64_t D, void *k_cache, void *v_cache, int64_t S,
+                                        const void *cos, const void *sin, int64_t pos, float scale, void *out);
+
 #ifdef __cplusplus
 }
 #endif

@@ -6,6 +6,7 @@ _C = load_torch_extension()
 
 from . import reference  # noqa: E402
 from ._ops import (  # noqa: E402
+    decode_attention,
     dequantize,
     pack_signs,
     packed_linear,
@@ -45,6 +46,7 @@ __all__ = [
     "RabitConfig",
     "convert_",
     "cpu_kernel",
+    "decode_attention",
     "dequantize",
     "pack_signs",
     "packed_linear",

@@ -195,11 +195,12 @@ def generate_teacher_data(
     static = _static_sampler_applies(model, seq_len)
     with _eval_mode(model):
         if static:  # one decoder (one captured graph) for every batch; the last one may use fewer of its rows
-            # group_projections=False: the teacher's layers run as they are (no stacked FP weights, which may round
-            # otherwise in the last bits), so the sampled sequences stay those of the cached token files and of the
-            # published runs, and the teacher is not rearranged
+            # group_projections=False, fused_attention=False: the teacher's layers and attention run as they did
+            # (stacked FP weights and the fused attention may round otherwise in the last bits), so the sampled
+            # sequences stay those of the cached token files and of the published runs, and the teacher is not
+            # rearranged
             dec = StaticDecoder(model, batch_size=min(batch_size, n_seqs), max_len=seq_len, temperature=temperature,
-                                top_k=top_k, group_projections=False)
+                                top_k=top_k, group_projections=False, fused_attention=False)
             bos = torch.full((dec.B, 1), bos_id, dtype=torch.long, device=dev)
         for start in range(0, n_seqs, batch_size):
             b = min(batch_size, n_seqs - start)

@@ -174,3 +174,30 @@ def packed_linear_group(x, packed, g, h, bias=()):
     """packed_linear of each layer (lists of one entry per layer; bias empty or one per layer) on the same x."""
     bias = list(bias) or [None] * len(packed)
     return [packed_linear(x, p, gl, hl, b) for p, gl, hl, b in zip(packed, g, h, bias, strict=True)]
+
+
+def rope(x, cos, sin):
+    """Rotary embedding of x ``[..., D]`` with the rows cos, sin ``[D]`` (HF's rotate_half form), as
+    :func:`decode_attention` computes it: float32 without a fused multiply-add, rounded once to x's dtype."""
+    xf, c, s = x.float(), cos.float(), sin.float()
+    half = x.shape[-1] // 2
+    rot = torch.cat((-xf[..., half:], xf[..., :half]), dim=-1)
+    return (xf * c + rot * s).to(x.dtype)
+
+
+def decode_attention(q, k, v, k_cache, v_cache, cos, sin, pos, scale):
+    """One decoding step of attention: q ``[B, H, D]`` and the new token's k, v ``[B, Hkv, D]`` (before the rotary
+    embedding), every row at cache position ``pos`` (a 1-element tensor). Writes rope(k) and v into the caches
+    ``[B, Hkv, S, D]`` at pos (in place) and returns ``softmax(scale * rope(q) Kᵀ) V`` over positions 0 .. pos,
+    ``[B, H, D]`` in q's dtype; query head j reads KV head j // (H / Hkv) (grouped-query attention); cos, sin are
+    ``[P >= S, D]``, one row per position. Scores, softmax and the weighted sum in float32."""
+    p = int(pos.reshape(-1)[0])
+    B, H, D = q.shape
+    Hkv = k.shape[1]
+    k_cache[:, :, p] = rope(k, cos[p], sin[p])
+    v_cache[:, :, p] = v
+    keys = k_cache[:, :, : p + 1].float()
+    vals = v_cache[:, :, : p + 1].float()
+    qg = rope(q, cos[p], sin[p]).float().reshape(B, Hkv, H // Hkv, D)
+    w = torch.softmax((qg @ keys.transpose(-1, -2)) * scale, dim=-1)  # [B, Hkv, G, p + 1]
+    return (w @ vals).reshape(B, H, D).to(q.dtype)

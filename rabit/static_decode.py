@@ -7,7 +7,9 @@ shapes and is captured once as a CUDA graph; every later token is one graph repl
 synchronisation. It is the decode path of ``rabit generate --device cuda`` and of
 ``benchmarks/bench_decode.py``, for FP16 and packed models alike. A layer's q/k/v projections run as one call
 and gate/up as another (``group_projections``): packed layers through :func:`rabit.packed_linear_group`, FP
-``nn.Linear`` layers on CUDA as one GEMM on their stacked weights (:func:`stack_linears`).
+``nn.Linear`` layers on CUDA as one GEMM on their stacked weights (:func:`stack_linears`). A decode step's
+attention (rotary embedding, cache write, attention over the positions in use) is one :func:`rabit.decode_attention`
+call per layer (``fused_attention``).
 
     dec = StaticDecoder(model, batch_size=1, max_len=prompt_len + new_tokens)
     tokens = dec.generate(input_ids, max_new_tokens=256)          # [B, prompt + new], greedy
@@ -28,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._ops import packed_linear_group
+from ._ops import decode_attention, has_native_kernels, packed_linear_group
 from .nn import PackedRaBiTLinear
 from .sampling import row_keys, sample_next
 
@@ -159,11 +161,17 @@ class StaticDecoder:
             differently from separate ones in the last bits (cuBLAS picks its kernel by shape), so on the CPU,
             where launches cost little, FP layers are not stacked. False runs every linear on its own (benchmarks
             compare both).
+        fused_attention: run a decode step's attention as one :func:`rabit.decode_attention` call per layer (rotary
+            embedding, cache write and split-KV attention over the positions in use) instead of a rotary kernel, two
+            cache copies and SDPA over the whole cache with a mask. None (default): where the kernel supports the
+            model (CUDA: at most 8 query heads per KV head and a head dimension that is a multiple of 8 up to 256,
+            float32 up to 128; the CPU kernel takes any even one); True: always, with an error where it cannot; False:
+            never. Fused and unfused attention round differently in the last bits. The prefill runs unfused.
     """
 
     def __init__(self, model: nn.Module, batch_size: int = 1, max_len: int = 2048, cuda_graph: bool | None = None,
                  compile: bool = False, temperature: float | None = None, top_k: int | None = None,
-                 group_projections: bool = True):
+                 group_projections: bool = True, fused_attention: bool | None = None):
         check_model(model, max_len)
         if batch_size < 1 or max_len < 2:
             raise ValueError(f"StaticDecoder: batch_size must be >= 1 and max_len >= 2, got {batch_size}, {max_len}")
@@ -205,6 +213,7 @@ class StaticDecoder:
             cos, sin = base.rotary_emb(torch.zeros(1, dtype=self.dtype, device=self.device), pos)
         self.cos, self.sin = cos[0], sin[0]  # [max_len, head_dim]
         self.positions = torch.arange(max_len, device=self.device)
+        self.fused_attention = self._fusable_attention(fused_attention)
         self.cuda_graph = self.device.type == "cuda" if cuda_graph is None else cuda_graph
         if self.cuda_graph and self.device.type != "cuda":
             raise ValueError("StaticDecoder: cuda_graph=True needs the model on a CUDA device")
@@ -227,6 +236,28 @@ class StaticDecoder:
                     stacked = stack_linears(mods)
                     if stacked is not None:
                         self._stacked[id(mods[0])] = stacked
+
+    def _fusable_attention(self, wanted: bool | None) -> bool:
+        """Whether decode steps run rabit.decode_attention: `wanted`, or (None) where its kernel takes this model."""
+        if wanted is False:
+            return False
+        dev = self.device.type
+        if dev not in ("cpu", "cuda"):
+            why = f"it has no kernel for {dev}"
+        elif not has_native_kernels(dev):  # the reference implementation reads pos on the host: no CUDA graph
+            why = f"this build has no compiled {dev} kernels"
+        elif dev == "cuda":
+            from ._torch_api import _C
+
+            code = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}.get(self.dtype)
+            why = f"the dtype {self.dtype}" if code is None else \
+                _C.cuda_attention_unsupported(code, self.groups, self.head_dim)
+        else:
+            why = "an odd head dimension" if self.head_dim % 2 else None
+        if why is not None and wanted:
+            raise ValueError(f"StaticDecoder: fused_attention=True, but rabit.decode_attention cannot run this model: "
+                             f"{why}; pass fused_attention=None (fuse where supported) or False")
+        return why is None
 
     # ------------------------------------------------------------------ the model, over the static cache
     def layer_linears(self) -> list[nn.Module]:
@@ -289,27 +320,47 @@ class StaticDecoder:
         s = torch.matmul(q.reshape(B, self.n_kv, self.groups * T, D), k.transpose(-1, -2)) * D ** -0.5
         return torch.matmul((s + mask).softmax(-1), v).reshape(B, H, T, D)
 
+    def attend_fused(self, i: int, q: Tensor, k: Tensor, v: Tensor, pos: Tensor) -> Tensor:
+        """Layer i's attention for one new token per row, the projections q [B, 1, H * D], k, v [B, 1, Hkv * D] at
+        position pos [1]: one rabit.decode_attention call (rotary embedding, cache write, attention); [B, 1, H * D]."""
+        B, H, Hkv, D = q.shape[0], self.n_heads, self.n_kv, self.head_dim
+        return decode_attention(q.view(B, H, D), k.view(B, Hkv, D), v.view(B, Hkv, D), self.k_cache[i],
+                                self.v_cache[i], self.cos, self.sin, pos, D ** -0.5).view(B, 1, H * D)
+
+    def attend_unfused(self, i: int, q: Tensor, k: Tensor, v: Tensor, pos: Tensor, cos: Tensor, sin: Tensor,
+                       mask: Tensor, rope=_rope) -> Tensor:
+        """Layer i's attention for the projections q [B, T, H * D], k, v [B, T, Hkv * D] of tokens at positions pos
+        [T], without rabit.decode_attention: the rotary embedding (cos, sin [1, 1, T, D]), the cache write, then
+        attention() with mask = causal_mask(pos); returns [B, T, H * D]."""
+        B, T = q.shape[:2]
+        H, Hkv, D = self.n_heads, self.n_kv, self.head_dim
+        q = q.view(B, T, H, D).transpose(1, 2)
+        k = k.view(B, T, Hkv, D).transpose(1, 2)
+        v = v.view(B, T, Hkv, D).transpose(1, 2)
+        q, k = rope(q, k, cos, sin)
+        self.k_cache[i].index_copy_(2, pos, k)
+        self.v_cache[i].index_copy_(2, pos, v)
+        return self.attention(i, q, mask).transpose(1, 2).reshape(B, T, H * D)
+
     def forward(self, tokens: Tensor, pos: Tensor) -> Tensor:
         """Logits of the last position of tokens [B, T] placed at positions pos [T]; fills the cache there."""
         B, T = tokens.shape
-        H, Hkv, D = self.n_heads, self.n_kv, self.head_dim
         layers = self.base.layers
         norm_fn, add_norm, rope, swiglu = self._decode_fns if T == 1 else self._eager
         h = self.base.embed_tokens(tokens)
-        cos, sin = self.cos[pos][None, None], self.sin[pos][None, None]  # [1, 1, T, D]
-        mask = self.causal_mask(pos)
+        fused = T == 1 and self.fused_attention
+        # rotary rows and mask, shared by the layers; the fused attention reads the tables at pos itself
+        cos, sin, mask = (None, None, None) if fused else \
+            (self.cos[pos][None, None], self.sin[pos][None, None], self.causal_mask(pos))  # cos, sin: [1, 1, T, D]
         n0 = layers[0].input_layernorm
         x = norm_fn(h, n0.weight, n0.variance_epsilon)
         for i, layer in enumerate(layers):
             a, mlp = layer.self_attn, layer.mlp
             q, k, v = self.project((a.q_proj, a.k_proj, a.v_proj), x)
-            q = q.view(B, T, H, D).transpose(1, 2)
-            k = k.view(B, T, Hkv, D).transpose(1, 2)
-            v = v.view(B, T, Hkv, D).transpose(1, 2)
-            q, k = rope(q, k, cos, sin)
-            self.k_cache[i].index_copy_(2, pos, k)
-            self.v_cache[i].index_copy_(2, pos, v)
-            o = self.attention(i, q, mask).transpose(1, 2).reshape(B, T, H * D)
+            if fused:
+                o = self.attend_fused(i, q, k, v, pos)
+            else:
+                o = self.attend_unfused(i, q, k, v, pos, cos, sin, mask, rope)
             pn = layer.post_attention_layernorm
             h, x = add_norm(h, a.o_proj(o), pn.weight, pn.variance_epsilon)
             d = mlp.down_proj(swiglu(*self.project((mlp.gate_proj, mlp.up_proj), x)))

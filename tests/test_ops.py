@@ -417,6 +417,11 @@ def _opcheck_samples(device):
         (torch.ops.rabit.packed_linear_group.default,
          (x.clone().requires_grad_(), [packed, packed], [g.clone().requires_grad_(), g], [h, h.clone().requires_grad_()],
           [torch.randn(7, device=device), torch.randn(7, device=device).requires_grad_()])),
+        (torch.ops.rabit.decode_attention.default,
+         (torch.randn(2, 6, 16, device=device).half(), torch.randn(2, 3, 16, device=device).half(),
+          torch.randn(2, 3, 16, device=device).half(), torch.randn(2, 3, 140, 16, device=device).half(),
+          torch.randn(2, 3, 140, 16, device=device).half(), torch.randn(140, 16, device=device).half(),
+          torch.randn(140, 16, device=device).half(), torch.tensor([133], device=device), 0.25)),
     ]
 
 

@@ -147,7 +147,7 @@ def test_both_attention_forms_match_hf(grouped):
     greedy tokens (the grouped form forced here, on the CPU)."""
     model = tiny_llama(3)
     ids = torch.randint(3, 48, (2, 6))
-    dec = StaticDecoder(model, batch_size=2, max_len=40)
+    dec = StaticDecoder(model, batch_size=2, max_len=40, fused_attention=False)  # decode steps use these forms too
     assert dec._grouped_matmuls is False  # the CPU's default
     dec._grouped_matmuls = grouped
     out = dec.generate(ids, 30)
@@ -225,3 +225,63 @@ def test_stack_linears_keeps_the_parameters():
     mixed = (torch.nn.Linear(8, 4), torch.nn.Linear(8, 4, bias=False))
     assert stack_linears(mixed) is None and stack_linears((lins[0], torch.nn.Linear(8, 4).double())) is None
 
+
+
+def _count_fused_calls(monkeypatch):
+    import rabit.static_decode as sd
+
+    calls = []
+
+    def counting(*args, **kw):
+        calls.append(args[7])
+        return rabit.decode_attention(*args, **kw)
+
+    monkeypatch.setattr(sd, "decode_attention", counting)
+    return calls
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_fused_attention_matches_unfused(device, monkeypatch):
+    """Decode steps run one rabit.decode_attention call per layer by default (fused_attention=None: where supported)
+    and give the unfused path's tokens and, within rounding, its logits; the prefill stays unfused."""
+    model = tiny_llama(5).to(device, torch.float16 if device == "cuda" else torch.float32)
+    ids = torch.randint(3, 48, (2, 6))
+    calls = _count_fused_calls(monkeypatch)
+    fused = StaticDecoder(model, batch_size=2, max_len=40, cuda_graph=False)
+    unfused = StaticDecoder(model, batch_size=2, max_len=40, cuda_graph=False, fused_attention=False)
+    assert fused.fused_attention and not unfused.fused_attention
+    out = fused.generate(ids, 30)
+    assert len(calls) == 30 * len(model.model.layers)  # the decode steps only, each layer once
+    ref = unfused.generate(ids, 30)
+    assert torch.equal(out, ref)
+    assert torch.equal(out, _hf_greedy(model, ids.to(device), 30))
+    with torch.no_grad():  # one more step on each, from the same caches
+        a = fused.forward(fused._tok, fused._pos).float()
+        b = unfused.forward(unfused._tok, unfused._pos).float()
+    assert (a - b).norm() / b.norm() < (2e-3 if device == "cuda" else 1e-5)
+    if device == "cpu":  # float32: the fused rotary is HF's float32 arithmetic, so layer 0's caches (whose inputs are
+        # the same tokens) agree bit for bit; later layers read attention outputs that differ in the last bits
+        assert torch.equal(fused.k_cache[0], unfused.k_cache[0]) and torch.equal(fused.v_cache[0], unfused.v_cache[0])
+
+
+def test_fused_attention_true_runs_on_cpu():
+    model = tiny_llama()
+    dec = StaticDecoder(model, max_len=16, fused_attention=True)
+    assert dec.fused_attention
+    ids = torch.randint(3, 48, (1, 5))
+    assert torch.equal(dec.generate(ids, 8), _hf_greedy(model, ids, 8))
+
+
+@pytest.mark.cuda
+def test_cuda_fused_attention_where_supported():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    # head_dim 68 is not a multiple of 8: the CUDA kernel cannot take it, so None runs unfused and True says why
+    cfg = LlamaConfig(vocab_size=48, hidden_size=136, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
+    model = LlamaForCausalLM(cfg).eval().to("cuda", torch.float16)
+    assert not StaticDecoder(model, max_len=16).fused_attention
+    with pytest.raises(ValueError, match="not a multiple of 8"):
+        StaticDecoder(model, max_len=16, fused_attention=True)
+    ids = torch.randint(3, 48, (1, 5))
+    assert torch.equal(StaticDecoder(model, max_len=16).generate(ids, 8), _hf_greedy(model, ids.cuda(), 8))

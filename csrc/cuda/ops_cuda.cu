@@ -250,10 +250,47 @@ std::vector<at::Tensor> packed_linear_group_cuda(const at::Tensor &x, at::Tensor
     return ys;
 }
 
+at::Tensor decode_attention_cuda(const at::Tensor &q, const at::Tensor &k, const at::Tensor &v, at::Tensor &k_cache,
+                                 at::Tensor &v_cache, const at::Tensor &cos, const at::Tensor &sin,
+                                 const at::Tensor &pos, double scale) {
+    const char *op = "rabit.decode_attention";
+    const auto d = check_decode_attention_args(op, q, k, v, k_cache, v_cache, cos, sin, pos, scale);
+    const rabit_dtype dt = to_rabit_dtype(q.scalar_type());
+    const char *why = rabit_cuda::decode_attention_unsupported(dt, static_cast<int>(d.H / d.Hkv),
+                                                               static_cast<int>(d.D));
+    TORCH_CHECK_VALUE(!why, op, ": the CUDA kernel does not support ", why, " (q ", q.sizes(), ", k ", k.sizes(), ", ",
+                      q.scalar_type(), "); run the attention unfused (StaticDecoder(fused_attention=False))");
+    for (const at::Tensor *t : {&k_cache, &v_cache})
+        TORCH_CHECK_VALUE(reinterpret_cast<uintptr_t>(t->data_ptr()) % 16 == 0, op,
+                          ": the caches must start at a 16-byte aligned address (the kernel reads rows in 16-byte "
+                          "pieces); allocate them as tensors of their own");
+    TORCH_CHECK_VALUE(d.S <= INT32_MAX && d.B <= 65535 && d.Hkv <= 65535, op, ": too large: B=", d.B, ", Hkv=", d.Hkv,
+                      ", S=", d.S);
+    const c10::cuda::CUDAGuard guard(q.device());
+    const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+    at::Tensor out = at::empty({d.B, d.H, d.D}, q.options());
+    const int splits = rabit_cuda::decode_attention_splits(d.S);
+    at::Tensor part = at::empty({splits > 1 ? splits * d.B * d.H * (d.D + 2) : 1}, q.options().dtype(at::kFloat));
+    at::Tensor count = at::empty({d.B * d.Hkv}, q.options().dtype(at::kInt));
+    C10_CUDA_CHECK(cudaMemsetAsync(count.data_ptr(), 0, count.nbytes(), stream));  // a memset node in a graph
+    rabit_cuda::AttnTensors t;
+    t.q = q.data_ptr(), t.k = k.data_ptr(), t.v = v.data_ptr();
+    t.q_b = q.stride(0), t.q_h = q.stride(1), t.k_b = k.stride(0), t.k_h = k.stride(1), t.v_b = v.stride(0),
+    t.v_h = v.stride(1);
+    t.k_cache = k_cache.data_ptr(), t.v_cache = v_cache.data_ptr(), t.cos = cos.data_ptr(), t.sin = sin.data_ptr();
+    t.pos = pos.data_ptr<int64_t>(), t.out = out.data_ptr();
+    check_launch(rabit_cuda::decode_attention(t, dt, static_cast<int>(d.B), static_cast<int>(d.H),
+                                              static_cast<int>(d.Hkv), static_cast<int>(d.D), static_cast<int>(d.S),
+                                              static_cast<float>(scale), part.data_ptr<float>(),
+                                              count.data_ptr<int>(), stream));
+    return out;
+}
+
 TORCH_LIBRARY_IMPL(rabit, CUDA, m) {
     m.impl("residual_binarize", &residual_binarize_cuda);
     m.impl("residual_binarize_backward", &residual_binarize_backward_cuda);
     m.impl("scale_grads", &scale_grads_cuda);
+    m.impl("decode_attention", &decode_attention_cuda);
     m.impl("pack_signs", &pack_signs_cuda);
     m.impl("unpack_signs", &unpack_signs_cuda);
     m.impl("dequantize", &dequantize_cuda);

@@ -106,6 +106,27 @@ cudaError_t decode_gemv(const void *x, rabit_dtype xdt, int64_t M, const DecodeL
                         rabit_dtype gdt, rabit_dtype hdt, rabit_dtype bdt, int K, int64_t in, void *workspace,
                         DecodeKernel kern, cudaStream_t stream);
 
+/* Decode-step attention (decode_attention.cu; the math of rabit/reference.py's decode_attention): the new token's
+   q [B][H][D] and k, v [B][Hkv][D] (element strides per row and head; dense last dimension), caches
+   [B][Hkv][S][D], cos/sin [>= S][D], all of dtype dt; pos: one int64 on the device. Writes rope(k), v into the
+   caches at pos and out [B][H][D]. A pos outside [0, S) makes the outputs NaN and leaves the caches alone.
+   Workspace: part, decode_attention_splits(S) * B * H * (D + 2) floats (with G = H / Hkv: [B*Hkv][splits][G][D+2]),
+   and count, B * Hkv ints that must be zero (each call leaves them zero). */
+constexpr int kAttnMaxGroup = 8;
+struct AttnTensors {
+    const void *q, *k, *v;
+    int64_t q_b, q_h, k_b, k_h, v_b, v_h;
+    void *k_cache, *v_cache;
+    const void *cos, *sin;
+    const int64_t *pos;
+    void *out;
+};
+/* Why the kernel cannot take (dt, G = H / Hkv, D), or nullptr; every row must also be 16-byte aligned. */
+const char *decode_attention_unsupported(rabit_dtype dt, int G, int D);
+int decode_attention_splits(int64_t S);
+cudaError_t decode_attention(const AttnTensors &t, rabit_dtype dt, int B, int H, int Hkv, int D, int S, float scale,
+                             float *part, int *count, cudaStream_t stream);
+
 }  // namespace rabit_cuda
 
 #endif /* RABIT_CUDA_CUH */
