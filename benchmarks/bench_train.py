@@ -105,11 +105,13 @@ def main(argv=None):
     # rabit-fp16-dwhat: dŴ in the activations' dtype and residual_binarize_backward writing dW (the schedule before
     # scale_grads; rabit._ops.FLOAT32_DWHAT), for the same-run comparison
     variants = (("rabit", False, True), ("rabit-checked", True, True), ("rabit-fp16-dwhat", False, False))
-    for name, checked, f32_dwhat in variants:
-        rabit_ops.FLOAT32_DWHAT = f32_dwhat
-        torch.cuda.reset_peak_memory_stats()
-        res[name] = run(student, teacher, ids, args.steps, args.batch, checked=checked)
-    rabit_ops.FLOAT32_DWHAT = True
+    try:
+        for name, checked, f32_dwhat in variants:
+            rabit_ops.FLOAT32_DWHAT = f32_dwhat
+            torch.cuda.reset_peak_memory_stats()
+            res[name] = run(student, teacher, ids, args.steps, args.batch, checked=checked)
+    finally:  # the module-wide switch goes back to its default even when a variant fails (the profile runs after)
+        rabit_ops.FLOAT32_DWHAT = True
     for name, _, _ in variants:
         res[name]["step_time_vs_fp"] = res["fp"]["tokens_per_s"] / res[name]["tokens_per_s"]
     for name, r in res.items():

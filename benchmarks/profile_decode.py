@@ -38,7 +38,7 @@ KINDS = [
     ("fmha", "attention (SDPA)"), ("flash", "attention (SDPA)"), ("attention", "attention (SDPA)"),
     ("softmax", "attention (SDPA)"),
     ("triton", "glue (torch.compile)"),
-    ("gemv", "cuBLAS / GEMM"), ("gemm", "cuBLAS / GEMM"), ("sm90_xmma", "cuBLAS / GEMM"), ("cutlass", "cuBLAS / GEMM"),
+    ("splitkreduce", "cuBLAS / GEMM"), ("gemv", "cuBLAS / GEMM"), ("gemm", "cuBLAS / GEMM"), ("sm90_xmma", "cuBLAS / GEMM"), ("cutlass", "cuBLAS / GEMM"),
     ("nvjet", "cuBLAS / GEMM"),
     ("index", "indexing, copies, argmax"), ("copy", "indexing, copies, argmax"), ("arg", "indexing, copies, argmax"),
     ("reduce", "indexing, copies, argmax"), ("elementwise", "other elementwise"),

@@ -112,22 +112,6 @@ inline LayerDims check_residual_binarize_args(const char *op, const at::Tensor &
     return {g.size(0), out, in};
 }
 
-inline LayerDims check_backward_args(const char *op, const at::Tensor &grad, const at::Tensor &weight,
-                                     const at::Tensor &g, const at::Tensor &h, const at::Tensor &packed) {
-    check_weight(op, weight);
-    const int64_t out = weight.size(0), in = weight.size(1);
-    RABIT_CHECK_DIM(op, grad, 2);
-    RABIT_CHECK_FLOAT(op, grad);
-    RABIT_CHECK_CONTIGUOUS(op, grad);
-    TORCH_CHECK_VALUE(grad.sizes() == weight.sizes(), op, ": grad is ", grad.sizes(), " but weight is ",
-                      weight.sizes(), "; grad must be ∂L/∂Ŵ of the weight's shape");
-    check_scales(op, g, h, out, in, weight);
-    check_packed(op, packed, g.size(0), out, in);
-    RABIT_CHECK_SAME_DEVICE(op, grad, weight);
-    RABIT_CHECK_SAME_DEVICE(op, packed, weight);
-    return {g.size(0), out, in};
-}
-
 inline LayerDims check_scale_grads_args(const char *op, const at::Tensor &grad, const at::Tensor &g,
                                         const at::Tensor &h, const at::Tensor &packed) {
     RABIT_CHECK_DIM(op, grad, 2);
@@ -139,6 +123,17 @@ inline LayerDims check_scale_grads_args(const char *op, const at::Tensor &grad, 
     check_packed(op, packed, g.size(0), out, in);
     RABIT_CHECK_SAME_DEVICE(op, packed, grad);
     return {g.size(0), out, in};
+}
+
+// scale_grads' checks plus the weight: grad must be ∂L/∂Ŵ of the weight's shape, on its device
+inline LayerDims check_backward_args(const char *op, const at::Tensor &grad, const at::Tensor &weight,
+                                     const at::Tensor &g, const at::Tensor &h, const at::Tensor &packed) {
+    check_weight(op, weight);
+    RABIT_CHECK_DIM(op, grad, 2);
+    TORCH_CHECK_VALUE(grad.sizes() == weight.sizes(), op, ": grad is ", grad.sizes(), " but weight is ",
+                      weight.sizes(), "; grad must be ∂L/∂Ŵ of the weight's shape");
+    RABIT_CHECK_SAME_DEVICE(op, grad, weight);
+    return check_scale_grads_args(op, grad, g, h, packed);
 }
 
 inline void check_pack_args(const char *op, const at::Tensor &signs) {

@@ -98,7 +98,7 @@ rabit_status rabit_packed_linear_cpu(const void *x, rabit_dtype xdt, int64_t M, 
  *   out[b][hd] = softmax_p(scale * rope(q[b][hd]) . k_cache[b][kh][p], p <= pos) v_cache[b][kh][p]
  * with kh = hd / (H / Hkv) (grouped-query attention). rope(x) = x * cos[pos] + rotate_half(x) * sin[pos] (HF's
  * rotate_half form: rotate_half(x) = (-x[D/2:], x[:D/2])), float32 without FMA, rounded once to dtype dt; the
- * scores, the softmax and the sum over positions are float32, the output is rounded once to dt.
+ * scores and the sums over positions are accumulated in double, the output is rounded once to dt.
  * q [B][H][D], k and v [B][Hkv][D] with element strides (batch, head) given in qs, ks, vs (the last dimension
  * is dense); caches [B][Hkv][S][D] dense; cos, sin [>= S][D]; every array of dtype dt. Needs D even and
  * 0 <= pos < S.

@@ -79,6 +79,11 @@ CASES = [
     (1, 14, 2, 64, 700, 513),
     (1, 16, 2, 80, 150, 149),
     (2, 8, 8, 256, 140, 139),
+    # many (row, KV head) pairs: on CUDA a block loops over several chunks (a running max), with and without a combine
+    (4, 32, 32, 32, 700, 650),
+    (16, 40, 40, 32, 300, 299),
+    (16, 40, 40, 32, 300, 70),
+    (1, 8, 2, 64, 2048, 1999),  # batch 1, long cache: on sm_90 a cluster of 8 blocks of 4 chunks each
 ]
 
 
@@ -218,10 +223,37 @@ def test_cuda_unsupported_shapes_are_named(dtype, G, D, why):
         rabit.decode_attention(q, k, v, kc, vc, cos, sin, torch.tensor([3], device="cuda"))
 
 
+# On sm_90 the blocks of a (row, KV head) combine their parts in a thread-block cluster when there are few such
+# pairs, else (and on sm_80) through device memory and a counter; RABIT_CUDA_ATTENTION_COMBINE forces either, so the
+# H100 tests both at every shape.
+COMBINE = ["cluster", "counter"]
+
+
 @cuda
-def test_cuda_graph_replays_at_the_current_position():
-    # pos is read on the device: one captured call serves every position; the split count follows pos
-    B, H, Hkv, D, S = 2, 8, 2, 64, 400
+@pytest.mark.parametrize("combine", COMBINE)
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_cuda_both_combines_match_reference(case, combine, monkeypatch):
+    monkeypatch.setenv("RABIT_CUDA_ATTENTION_COMBINE", combine)
+    B, H, Hkv, D, S, pos = case
+    check_against_reference(B, H, Hkv, D, S, pos, torch.float16, "cuda")
+    check_against_reference(B, H, Hkv, min(D, 128), S, pos, torch.float32, "cuda")
+
+
+@cuda
+def test_cuda_combine_setting_is_checked(monkeypatch):
+    q, k, v, kc, vc, cos, sin = make_case(1, 4, 2, 16, 300, torch.float16, "cuda")
+    monkeypatch.setenv("RABIT_CUDA_ATTENTION_COMBINE", "atomics")
+    with torch.no_grad(), pytest.raises(ValueError, match="must be counter or cluster"):
+        rabit.decode_attention(q, k, v, kc, vc, cos, sin, torch.tensor([200], device="cuda"))
+
+
+@cuda
+@pytest.mark.parametrize("combine", COMBINE)
+@pytest.mark.parametrize("B,H,Hkv", [(2, 8, 2), (8, 32, 32)], ids=["chunk-per-block", "chunks-per-block"])
+def test_cuda_graph_replays_at_the_current_position(B, H, Hkv, combine, monkeypatch):
+    monkeypatch.setenv("RABIT_CUDA_ATTENTION_COMBINE", combine)
+    # pos is read on the device: one captured call serves every position; the blocks in use follow pos
+    D, S = 64, 400
     q, k, v, kc, vc, cos, sin = make_case(B, H, Hkv, D, S, torch.float16, "cuda")
     kc_ref, vc_ref = kc.clone(), vc.clone()
     pos = torch.zeros(1, dtype=torch.long, device="cuda")

@@ -269,10 +269,13 @@ at::Tensor decode_attention_cuda(const at::Tensor &q, const at::Tensor &k, const
     const c10::cuda::CUDAGuard guard(q.device());
     const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
     at::Tensor out = at::empty({d.B, d.H, d.D}, q.options());
-    const int splits = rabit_cuda::decode_attention_splits(d.S);
-    at::Tensor part = at::empty({splits > 1 ? splits * d.B * d.H * (d.D + 2) : 1}, q.options().dtype(at::kFloat));
-    at::Tensor count = at::empty({d.B * d.Hkv}, q.options().dtype(at::kInt));
-    C10_CUDA_CHECK(cudaMemsetAsync(count.data_ptr(), 0, count.nbytes(), stream));  // a memset node in a graph
+    const rabit_cuda::AttnSplit sp = rabit_cuda::decode_attention_split(d.S, d.B * d.Hkv);
+    TORCH_CHECK_VALUE(!sp.error, op, ": ", sp.error);
+    const bool counter = sp.splits > 1 && !sp.cluster;  // blocks combine through device memory and a counter
+    at::Tensor part = at::empty({counter ? sp.splits * d.B * d.H * (d.D + 2) : 1}, q.options().dtype(at::kFloat));
+    at::Tensor count = at::empty({counter ? d.B * d.Hkv : 1}, q.options().dtype(at::kInt));
+    if (counter)  // the blocks' arrival counters start at zero (a memset node in a graph)
+        C10_CUDA_CHECK(cudaMemsetAsync(count.data_ptr(), 0, count.nbytes(), stream));
     rabit_cuda::AttnTensors t;
     t.q = q.data_ptr(), t.k = k.data_ptr(), t.v = v.data_ptr();
     t.q_b = q.stride(0), t.q_h = q.stride(1), t.k_b = k.stride(0), t.k_h = k.stride(1), t.v_b = v.stride(0),

@@ -1,6 +1,7 @@
 /* Decode-step attention on the CPU (rabit_kernels.h): rotary embedding of the new key and query, the cache
-   write, and softmax attention over positions 0 .. pos, in one pass per (row, KV head). The arithmetic is that
-   of rabit/reference.py's decode_attention: float32, no FMA (-ffp-contract=off), rotary rounded once to dtype. */
+   write, and softmax attention over positions 0 .. pos, in one pass per (row, KV head). The rotary embedding is
+   that of rabit/reference.py's decode_attention (float32, no FMA: -ffp-contract=off, rounded once to the dtype);
+   the dot products and sums are accumulated in double. */
 #include <math.h>
 #include <stdlib.h>
 
@@ -42,10 +43,16 @@ rabit_status rabit_decode_attention_cpu(const void *q, const int64_t qs[2], cons
         return RABIT_ERR_ARG;
     if (!rabit_dtype_valid(dt)) return RABIT_ERR_UNSUPPORTED;
     const int64_t G = H / Hkv, L = pos + 1;
-    /* scratch: cos, sin rows; x; rotated row; scores; accumulator */
+    /* scratch: cos, sin rows; x; rotated row; output row; scores; the accumulator (double: one thread sums up to
+       S positions in order, where float32 would lose ~sqrt(S) ulps) */
     float *buf = (float *)malloc(sizeof(float) * (size_t)(5 * D + L));
-    if (!buf) return RABIT_ERR_NOMEM;
-    float *c = buf, *s = c + D, *x = s + D, *r = x + D, *acc = r + D, *sc = acc + D;
+    double *acc = (double *)malloc(sizeof(double) * (size_t)D);
+    if (!buf || !acc) {
+        free(buf);
+        free(acc);
+        return RABIT_ERR_NOMEM;
+    }
+    float *c = buf, *s = c + D, *x = s + D, *r = x + D, *o = r + D, *sc = o + D;
     rabit_load_f32(cos, dt, pos * D, D, c);
     rabit_load_f32(sin, dt, pos * D, D, s);
     for (b = 0; b < B; b++) {
@@ -57,28 +64,30 @@ rabit_status rabit_decode_attention_cpu(const void *q, const int64_t qs[2], cons
             rabit_store_f32(v_cache, dt, (row0 + pos) * D, D, x);
             for (g = 0; g < G; g++) {
                 const int64_t hd = kh * G + g;
-                float m = -INFINITY, l = 0.0f;
+                float m = -INFINITY;
+                double l = 0.0;
                 rope_row(q, b * qs[0] + hd * qs[1], dt, c, s, D, x, r);
                 for (p = 0; p < L; p++) {
-                    float dot = 0.0f;
+                    double dot = 0.0;
                     rabit_load_f32(k_cache, dt, (row0 + p) * D, D, x);
-                    for (d = 0; d < D; d++) dot += r[d] * x[d];
-                    sc[p] = dot * scale;
+                    for (d = 0; d < D; d++) dot += (double)r[d] * x[d];
+                    sc[p] = (float)dot * scale;
                     if (sc[p] > m) m = sc[p];
                 }
-                for (d = 0; d < D; d++) acc[d] = 0.0f;
+                for (d = 0; d < D; d++) acc[d] = 0.0;
                 for (p = 0; p < L; p++) {
-                    /* a NaN score leaves m and the weights NaN: the row's output is NaN, never a finite guess */
+                    /* a NaN score leaves the weights NaN: the row's output is NaN, never a finite guess */
                     const float e = expf(sc[p] - m);
                     l += e;
                     rabit_load_f32(v_cache, dt, (row0 + p) * D, D, x);
-                    for (d = 0; d < D; d++) acc[d] += e * x[d];
+                    for (d = 0; d < D; d++) acc[d] += (double)e * x[d];
                 }
-                for (d = 0; d < D; d++) acc[d] = acc[d] / l;
-                rabit_store_f32(out, dt, (b * H + hd) * D, D, acc);
+                for (d = 0; d < D; d++) o[d] = (float)(acc[d] / l);
+                rabit_store_f32(out, dt, (b * H + hd) * D, D, o);
             }
         }
     }
     free(buf);
+    free(acc);
     return RABIT_OK;
 }

@@ -103,6 +103,41 @@ __device__ __forceinline__ void pdl_wait() {
 #endif
 }
 
+/* Thread-block clusters (sm_90): a barrier of all the cluster's threads (release / acquire: shared-memory writes
+   before it are visible to the other blocks' reads after it); this block's rank; another block's address of this
+   block's shared-memory address `saddr` (smem_u32: the .shared address of a generic pointer into shared memory),
+   and a float read there. Below sm_90 they do nothing: no
+   launch there has a cluster. */
+__device__ __forceinline__ uint32_t smem_u32(const void *p) {
+    return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+__device__ __forceinline__ void cluster_sync() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("barrier.cluster.arrive.release;\nbarrier.cluster.wait.acquire;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ uint32_t cluster_rank() {
+    uint32_t r = 0;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r));
+#endif
+    return r;
+}
+__device__ __forceinline__ uint32_t cluster_map(uint32_t saddr, uint32_t rank) {
+    uint32_t remote = saddr;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(remote) : "r"(saddr), "r"(rank));
+#endif
+    return remote;
+}
+__device__ __forceinline__ float ld_cluster_f32(uint32_t remote) {
+    float v = 0.0f;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("ld.shared::cluster.f32 %0, [%1];\n" : "=f"(v) : "r"(remote) : "memory");
+#endif
+    return v;
+}
+
 template <typename Args>
 cudaError_t launch_pdl(void (*kernel)(Args), dim3 grid, int threads, size_t smem, const Args &a, cudaStream_t s) {
     cudaLaunchConfig_t cfg = {};

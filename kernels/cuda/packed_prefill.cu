@@ -51,10 +51,6 @@ struct PrefillArgs {
     int nw_even;  // bit rows hold an even number of words: a row's k-block pair is 8-byte aligned
 };
 
-/* The shared-memory address (state space .shared) of a generic pointer into shared memory. */
-__device__ __forceinline__ uint32_t smem_u32(const void *p) {
-    return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
 /* 16 bytes global -> shared, bypassing L1; src_bytes < 16 zero-fills the rest (0: a zero fill, src not read). */
 __device__ __forceinline__ void cp_async16_s(uint32_t dst, const void *src, int src_bytes) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes));
@@ -278,26 +274,6 @@ __device__ __forceinline__ void cp_async_arrive_noinc(uint32_t bar) {
 }
 __device__ __forceinline__ void mbar_arrive(uint32_t bar) {
     asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
-}
-/* Thread-block clusters (the split over k): a barrier of all the cluster's threads; another block's address of this
-   block's shared-memory address `saddr`, and a float read there. */
-__device__ __forceinline__ void cluster_sync() {
-    asm volatile("barrier.cluster.arrive.release;\nbarrier.cluster.wait.acquire;\n" ::: "memory");
-}
-__device__ __forceinline__ uint32_t cluster_rank() {
-    uint32_t r;
-    asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r));
-    return r;
-}
-__device__ __forceinline__ uint32_t cluster_map(uint32_t saddr, uint32_t rank) {
-    uint32_t remote;
-    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(remote) : "r"(saddr), "r"(rank));
-    return remote;
-}
-__device__ __forceinline__ float ld_cluster_f32(uint32_t remote) {
-    float v;
-    asm volatile("ld.shared::cluster.f32 %0, [%1];\n" : "=f"(v) : "r"(remote) : "memory");
-    return v;
 }
 constexpr int WG_PRODUCER_REGS = 24, WG_CONSUMER_REGS = 240;
 /* Register budgets of the producer and consumer warpgroups (setmaxnreg: 24 + 2 x 240 <= 3 x 168, the entry cap). */

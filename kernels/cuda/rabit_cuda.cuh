@@ -110,7 +110,7 @@ cudaError_t decode_gemv(const void *x, rabit_dtype xdt, int64_t M, const DecodeL
    q [B][H][D] and k, v [B][Hkv][D] (element strides per row and head; dense last dimension), caches
    [B][Hkv][S][D], cos/sin [>= S][D], all of dtype dt; pos: one int64 on the device. Writes rope(k), v into the
    caches at pos and out [B][H][D]. A pos outside [0, S) makes the outputs NaN and leaves the caches alone.
-   Workspace: part, decode_attention_splits(S) * B * H * (D + 2) floats (with G = H / Hkv: [B*Hkv][splits][G][D+2]),
+   Workspace: part, decode_attention_split(S, B * Hkv).splits * B * H * (D + 2) floats (with G = H / Hkv: [B*Hkv][splits][G][D+2]),
    and count, B * Hkv ints that must be zero (each call leaves them zero). */
 constexpr int kAttnMaxGroup = 8;
 struct AttnTensors {
@@ -123,7 +123,15 @@ struct AttnTensors {
 };
 /* Why the kernel cannot take (dt, G = H / Hkv, D), or nullptr; every row must also be 16-byte aligned. */
 const char *decode_attention_unsupported(rabit_dtype dt, int G, int D);
-int decode_attention_splits(int64_t S);
+/* How a call splits the cache: `splits` blocks per (row, KV head), each over `chunks_per_block` chunks of positions;
+   part and count are needed with splits > 1 and no cluster only. */
+constexpr int kAttnMaxCluster = 8;
+struct AttnSplit {
+    int splits, chunks_per_block;
+    bool cluster;       // the blocks combine in a thread-block cluster (sm_90): no part, no count
+    const char *error;  // a RABIT_CUDA_ATTENTION_COMBINE setting that cannot hold (decode_attention then fails)
+};
+AttnSplit decode_attention_split(int64_t S, int64_t rows_heads);
 cudaError_t decode_attention(const AttnTensors &t, rabit_dtype dt, int B, int H, int Hkv, int D, int S, float scale,
                              float *part, int *count, cudaStream_t stream);
 
