@@ -283,5 +283,11 @@ def test_cuda_fused_attention_where_supported():
     assert not StaticDecoder(model, max_len=16).fused_attention
     with pytest.raises(ValueError, match="not a multiple of 8"):
         StaticDecoder(model, max_len=16, fused_attention=True)
+    # the unfused decode step against HF's forward (logits: a random fp16 model's are near-ties, so no token equality)
     ids = torch.randint(3, 48, (1, 5))
-    assert torch.equal(StaticDecoder(model, max_len=16).generate(ids, 8), _hf_greedy(model, ids.cuda(), 8))
+    dec = StaticDecoder(model, max_len=16)
+    dec.prefill(ids)
+    with torch.no_grad():
+        ours = dec.forward(dec._tok, dec._pos).float()
+        ref = model(ids.cuda()).logits[:, -1].float()
+    assert (ours - ref).norm() / ref.norm() < 5e-3

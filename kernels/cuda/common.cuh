@@ -138,18 +138,29 @@ __device__ __forceinline__ float ld_cluster_f32(uint32_t remote) {
     return v;
 }
 
+/* cluster_x > 1: the grid's blocks also form thread-block clusters of cluster_x x 1 x 1 (sm_90). */
 template <typename Args>
-cudaError_t launch_pdl(void (*kernel)(Args), dim3 grid, int threads, size_t smem, const Args &a, cudaStream_t s) {
+cudaError_t launch_pdl(void (*kernel)(Args), dim3 grid, int threads, size_t smem, const Args &a, cudaStream_t s,
+                       unsigned cluster_x = 1) {
     cudaLaunchConfig_t cfg = {};
     cfg.gridDim = grid;
     cfg.blockDim = dim3(threads);
     cfg.dynamicSmemBytes = smem;
     cfg.stream = s;
-    cudaLaunchAttribute attr[1];
-    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    cudaLaunchAttribute attr[2];
+    int n = 0;
+    if (device_info().major >= 9) {
+        attr[n].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+        attr[n++].val.programmaticStreamSerializationAllowed = 1;
+    }
+    if (cluster_x > 1) {
+        attr[n].id = cudaLaunchAttributeClusterDimension;
+        attr[n].val.clusterDim.x = cluster_x;
+        attr[n].val.clusterDim.y = 1;
+        attr[n++].val.clusterDim.z = 1;
+    }
     cfg.attrs = attr;
-    cfg.numAttrs = device_info().major >= 9 ? 1 : 0;
+    cfg.numAttrs = n;
     return cudaLaunchKernelEx(&cfg, kernel, a);
 }
 

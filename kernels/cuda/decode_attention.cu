@@ -343,30 +343,11 @@ __global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(const At
 
 int gm_of(int G) { return G <= 1 ? 1 : G <= 2 ? 2 : G <= 4 ? 4 : 8; }
 
-/* The launch: programmatic dependent launch on sm_90, and with CLUSTER the grid's x extent (a row and KV head's
-   blocks) as one thread-block cluster. */
+/* With CLUSTER the grid's x extent (a row and KV head's blocks) is one thread-block cluster. */
 template <int GM, int E, int SEG, bool CLUSTER>
 cudaError_t launch_one(const AttnArgs &a, dim3 grid, size_t smem, cudaStream_t s) {
-    cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = grid;
-    cfg.blockDim = dim3(kAttnThreads);
-    cfg.dynamicSmemBytes = smem;
-    cfg.stream = s;
-    cudaLaunchAttribute attr[2];
-    int n = 0;
-    if (device_info().major >= 9) {
-        attr[n].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-        attr[n++].val.programmaticStreamSerializationAllowed = 1;
-    }
-    if (CLUSTER) {
-        attr[n].id = cudaLaunchAttributeClusterDimension;
-        attr[n].val.clusterDim.x = grid.x;
-        attr[n].val.clusterDim.y = 1;
-        attr[n++].val.clusterDim.z = 1;
-    }
-    cfg.attrs = attr;
-    cfg.numAttrs = n;
-    return cudaLaunchKernelEx(&cfg, decode_attention_kernel<GM, E, SEG, CLUSTER>, a);
+    return launch_pdl(decode_attention_kernel<GM, E, SEG, CLUSTER>, grid, kAttnThreads, smem, a, s,
+                      CLUSTER ? grid.x : 1u);
 }
 
 template <int GM, int E, bool CLUSTER>
