@@ -207,6 +207,22 @@ inline std::string layer_op(const char *op, int64_t l) { return std::string(op) 
 // decode_attention: q [B, H, D], k and v [B, Hkv, D] (any strides with a dense last dimension), caches
 // [B, Hkv, S, D] dense, cos and sin [P >= S, D] dense, all of one float dtype on one device; pos: one int64 on that
 // device. Returns the sizes.
+// Whether the memory spans of a and b (first to last element, any strides) overlap within one storage.
+inline bool spans_overlap(const at::Tensor &a, const at::Tensor &b) {
+    if (!a.has_storage() || !b.has_storage() || a.numel() == 0 || b.numel() == 0 ||
+        !a.storage().is_alias_of(b.storage()))
+        return false;
+    auto span = [](const at::Tensor &t) {
+        int64_t last = 0;
+        for (int64_t d = 0; d < t.dim(); d++) last += (t.size(d) - 1) * t.stride(d);
+        const auto *p = static_cast<const char *>(t.data_ptr());
+        return std::make_pair(p, p + (last + 1) * t.element_size());
+    };
+    const auto [a0, a1] = span(a);
+    const auto [b0, b1] = span(b);
+    return a0 < b1 && b0 < a1;
+}
+
 struct AttentionDims {
     int64_t B, H, Hkv, D, S;
 };
@@ -255,6 +271,14 @@ inline AttentionDims check_decode_attention_args(const char *op, const at::Tenso
                      ": pos must be a 1-element int64 tensor (the cache position of the new token), got ",
                      pos.scalar_type(), " with ", pos.numel(), " elements");
     TORCH_CHECK_VALUE(std::isfinite(scale) && scale > 0, op, ": scale must be finite and > 0, got ", scale);
+    // the op writes the caches while it reads q, k, v and the other cache (on CUDA through the read-only cache path)
+    const std::pair<const at::Tensor *, const char *> args[] = {{&q, "q"}, {&k, "k"}, {&v, "v"}, {&k_cache, "k_cache"}};
+    for (const at::Tensor *w : {&k_cache, &v_cache})
+        for (const auto &[t, name] : args)
+            if (t != w)
+                TORCH_CHECK_VALUE(!spans_overlap(*t, *w), op, ": ", name,
+                                  " shares memory with ", w == &k_cache ? "k_cache" : "v_cache",
+                                  ", which the op writes; give the caches storage of their own");
     return {B, H, Hkv, D, S};
 }
 

@@ -192,6 +192,8 @@ def decode_attention(q, k, v, k_cache, v_cache, cos, sin, pos, scale):
     ``[B, H, D]`` in q's dtype; query head j reads KV head j // (H / Hkv) (grouped-query attention); cos, sin are
     ``[P >= S, D]``, one row per position. Scores, softmax and the weighted sum in float32."""
     p = int(pos.reshape(-1)[0])
+    if not 0 <= p < k_cache.shape[2]:  # a negative index would wrap around silently
+        raise ValueError(f"rabit.decode_attention: pos={p} is outside the cache's {k_cache.shape[2]} positions")
     B, H, D = q.shape
     Hkv = k.shape[1]
     k_cache[:, :, p] = rope(k, cos[p], sin[p])

@@ -165,8 +165,9 @@ class StaticDecoder:
             embedding, cache write and split-KV attention over the positions in use) instead of a rotary kernel, two
             cache copies and SDPA over the whole cache with a mask. None (default): where the kernel supports the
             model (CUDA: at most 8 query heads per KV head and a head dimension that is a multiple of 8 up to 256,
-            float32 up to 128; the CPU kernel takes any even one); True: always, with an error where it cannot; False:
-            never. Fused and unfused attention round differently in the last bits. The prefill runs unfused.
+            a multiple of 4 up to 128 for float32; the CPU kernel takes any even one); True: always, with an error where it
+            cannot; False: never. Fused and unfused attention round differently in the last bits. Steps of one token
+            run fused (a one-token prefill too), longer prefills unfused.
     """
 
     def __init__(self, model: nn.Module, batch_size: int = 1, max_len: int = 2048, cuda_graph: bool | None = None,

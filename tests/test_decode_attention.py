@@ -65,7 +65,7 @@ def check_against_reference(B, H, Hkv, D, S, pos, dtype, device, strided=False):
     assert_float_close(out, ref, oracle64(q, kc_ref, vc_ref, cos, sin, pos, D ** -0.5), what)
 
 
-# (B, H, Hkv, D, S, pos): one chunk and several (the CUDA kernel splits the cache in chunks of 128 positions),
+# (B, H, Hkv, D, S, pos): one chunk and several (the CUDA kernel splits the cache in chunks of 64 positions),
 # pos at a chunk's first and last position, position 0, grouped-query heads 1..8, head dims 8..256
 CASES = [
     (1, 4, 4, 8, 5, 0),
@@ -84,6 +84,8 @@ CASES = [
     (16, 40, 40, 32, 300, 299),
     (16, 40, 40, 32, 300, 70),
     (1, 8, 2, 64, 2048, 1999),  # batch 1, long cache: on sm_90 a cluster of 8 blocks of 4 chunks each
+    (1, 4, 2, 16, 64, 63),  # the last position of the first chunk
+    (2, 4, 2, 16, 130, 64),  # the first position of the second chunk
 ]
 
 
@@ -113,7 +115,7 @@ def test_decode_attention_strided_projections_and_random_sizes(dtype, device):
         check_against_reference(int(torch.randint(1, 4, ())), Hkv * G, Hkv, D, S, pos, dtype, device)
 
 
-def test_decode_attention_odd_head_dims_on_cpu():
+def test_decode_attention_head_dims_not_multiples_of_8_on_cpu():
     # the CPU kernel takes any even head dimension
     for D in (2, 6, 10, 34):
         check_against_reference(2, 6, 2, D, 20, 11, torch.float32, "cpu")
@@ -180,6 +182,26 @@ def test_decode_attention_errors(device):
         op(q.requires_grad_(), k, v, kc, vc, cos, sin, p)
 
 
+def test_decode_attention_refuses_caches_that_share_memory(device):
+    q, k, v, kc, vc, cos, sin = make_case(1, 4, 2, 16, 10, torch.float32, device)
+    p = torch.tensor([3], device=device)
+    with torch.no_grad():
+        with pytest.raises(ValueError, match="k_cache shares memory with v_cache"):
+            rabit.decode_attention(q, k, v, kc, kc, cos, sin, p)
+        with pytest.raises(ValueError, match="k shares memory with k_cache"):
+            rabit.decode_attention(q, kc[:, :, 0], v, kc, vc, cos, sin, p)
+
+
+def test_reference_rejects_pos_outside_cache():
+    # the spec, which use_reference_kernels registers as the op: a negative pos must not wrap around
+    q, k, v, kc, vc, cos, sin = make_case(1, 4, 2, 16, 10, torch.float32, "cpu")
+    before = kc.clone()
+    for bad in (-1, 10):
+        with pytest.raises(ValueError, match=f"pos={bad} is outside the cache's 10 positions"):
+            R.decode_attention(q, k, v, kc, vc, cos, sin, torch.tensor([bad]), 0.25)
+    assert torch.equal(kc, before)
+
+
 def test_decode_attention_cpu_rejects_pos_outside_cache():
     q, k, v, kc, vc, cos, sin = make_case(1, 4, 2, 16, 10, torch.float32, "cpu")
     before = kc.clone()
@@ -236,7 +258,21 @@ def test_cuda_both_combines_match_reference(case, combine, monkeypatch):
     monkeypatch.setenv("RABIT_CUDA_ATTENTION_COMBINE", combine)
     B, H, Hkv, D, S, pos = case
     check_against_reference(B, H, Hkv, D, S, pos, torch.float16, "cuda")
+    check_against_reference(B, H, Hkv, D, S, pos, torch.bfloat16, "cuda")
     check_against_reference(B, H, Hkv, min(D, 128), S, pos, torch.float32, "cuda")
+
+
+@cuda
+@pytest.mark.parametrize("combine", COMBINE)
+def test_cuda_nan_propagates_through_the_combine(combine, monkeypatch):
+    # a NaN key in one block's chunk reaches the output through either combine; a huge but finite key in another
+    # block's chunk (scores of -inf after float32 overflow) leaves the output finite
+    monkeypatch.setenv("RABIT_CUDA_ATTENTION_COMBINE", combine)
+    q, k, v, kc, vc, cos, sin = make_case(1, 4, 2, 64, 2000, torch.float32, "cuda")
+    kc[0, 1, 700, 5] = float("nan")  # KV head 1 only
+    with torch.no_grad():
+        out = rabit.decode_attention(q, k, v, kc, vc, cos, sin, torch.tensor([1900], device="cuda"))
+    assert torch.isfinite(out[0, :2]).all() and torch.isnan(out[0, 2:]).all()
 
 
 @cuda

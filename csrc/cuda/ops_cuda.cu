@@ -284,7 +284,7 @@ at::Tensor decode_attention_cuda(const at::Tensor &q, const at::Tensor &k, const
     t.pos = pos.data_ptr<int64_t>(), t.out = out.data_ptr();
     check_launch(rabit_cuda::decode_attention(t, dt, static_cast<int>(d.B), static_cast<int>(d.H),
                                               static_cast<int>(d.Hkv), static_cast<int>(d.D), static_cast<int>(d.S),
-                                              static_cast<float>(scale), part.data_ptr<float>(),
+                                              static_cast<float>(scale), sp, part.data_ptr<float>(),
                                               count.data_ptr<int>(), stream));
     return out;
 }

@@ -198,10 +198,13 @@ __global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(const At
 #pragma unroll
             for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
             // a NaN score: fmaxf skips it, but its weight below is NaN, so the output is NaN (never a finite guess)
-            const float m_old = mx[g], m_new = fmaxf(m_old, m);  // a chunk in use has a row <= pos: m_new is finite
+            const float m_old = mx[g], m_new = fmaxf(m_old, m);
+            // every score so far -inf (a float32 overflow of q.k): subtract 0, not -inf, so that the weights are 0
+            // rather than NaN (as flash attention does)
+            const float m_sub = m_new == -INFINITY ? 0.0f : m_new;
             float l = 0.0f;
             for (int i = lane; i < kAttnChunk; i += 32) {
-                const float e = expf(w[g * kAttnChunk + i] - m_new);  // exp(-inf) = 0 for rows out of range
+                const float e = expf(w[g * kAttnChunk + i] - m_sub);  // exp(-inf) = 0 for rows out of range
                 w[g * kAttnChunk + i] = e;
                 l += e;
             }
@@ -209,7 +212,7 @@ __global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(const At
             for (int o = 16; o > 0; o >>= 1) l += __shfl_xor_sync(0xffffffffu, l, o);
             __syncwarp();
             if (lane == 0) {
-                const float f = expf(m_old - m_new);  // 0 for the first chunk (m_old = -inf)
+                const float f = expf(m_old - m_sub);  // 0 for the first chunk (m_old = -inf)
                 fac[g] = f;
                 sm[g] = sm[g] * f + l;
                 mx[g] = m_new;
@@ -422,9 +425,8 @@ AttnSplit decode_attention_split(int64_t S, int64_t rows_heads) {
 }
 
 cudaError_t decode_attention(const AttnTensors &t, rabit_dtype dt, int B, int H, int Hkv, int D, int S, float scale,
-                             float *part, int *count, cudaStream_t stream) {
-    const AttnSplit sp = decode_attention_split(S, static_cast<int64_t>(B) * Hkv);
-    if (sp.error) return cudaErrorInvalidValue;
+                             const AttnSplit &sp, float *part, int *count, cudaStream_t stream) {
+    if (sp.error || sp.splits < 1 || sp.chunks_per_block < 1) return cudaErrorInvalidValue;
     AttnArgs a;
     a.q = t.q, a.k = t.k, a.v = t.v;
     a.q_b = t.q_b, a.q_h = t.q_h, a.k_b = t.k_b, a.k_h = t.k_h, a.v_b = t.v_b, a.v_h = t.v_h;
