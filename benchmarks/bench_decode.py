@@ -193,7 +193,7 @@ def measure(model, batch, prompt, new, dev, reps, compile, group=True, fused_att
     if dec.fused_attention:
         att = [lambda i=i: dec.attend_fused(i, q, k, v, pos) for i in range(len(model.model.layers))]
     else:
-        cos, sin, mask = dec.cos[pos][None, None], dec.sin[pos][None, None], dec.causal_mask(pos)
+        cos, sin, mask = dec.unfused_inputs(pos)
         rope = dec._decode_fns[2]
         att = [lambda i=i: dec.attend_unfused(i, q, k, v, pos, cos, sin, mask, rope)
                for i in range(len(model.model.layers))]

@@ -328,11 +328,15 @@ class StaticDecoder:
         return decode_attention(q.view(B, H, D), k.view(B, Hkv, D), v.view(B, Hkv, D), self.k_cache[i],
                                 self.v_cache[i], self.cos, self.sin, pos, D ** -0.5).view(B, 1, H * D)
 
+    def unfused_inputs(self, pos: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(cos, sin [1, 1, T, D], mask) for attend_unfused at positions pos [T], the same for every layer."""
+        return self.cos[pos][None, None], self.sin[pos][None, None], self.causal_mask(pos)
+
     def attend_unfused(self, i: int, q: Tensor, k: Tensor, v: Tensor, pos: Tensor, cos: Tensor, sin: Tensor,
                        mask: Tensor, rope=_rope) -> Tensor:
         """Layer i's attention for the projections q [B, T, H * D], k, v [B, T, Hkv * D] of tokens at positions pos
-        [T], without rabit.decode_attention: the rotary embedding (cos, sin [1, 1, T, D]), the cache write, then
-        attention() with mask = causal_mask(pos); returns [B, T, H * D]."""
+        [T], without rabit.decode_attention: the rotary embedding, the cache write, then attention(), with cos, sin and
+        mask from unfused_inputs(pos); returns [B, T, H * D]."""
         B, T = q.shape[:2]
         H, Hkv, D = self.n_heads, self.n_kv, self.head_dim
         q = q.view(B, T, H, D).transpose(1, 2)
@@ -350,9 +354,8 @@ class StaticDecoder:
         norm_fn, add_norm, rope, swiglu = self._decode_fns if T == 1 else self._eager
         h = self.base.embed_tokens(tokens)
         fused = T == 1 and self.fused_attention
-        # rotary rows and mask, shared by the layers; the fused attention reads the tables at pos itself
-        cos, sin, mask = (None, None, None) if fused else \
-            (self.cos[pos][None, None], self.sin[pos][None, None], self.causal_mask(pos))  # cos, sin: [1, 1, T, D]
+        # shared by the layers; the fused attention reads the rotary tables at pos itself
+        cos, sin, mask = (None, None, None) if fused else self.unfused_inputs(pos)
         n0 = layers[0].input_layernorm
         x = norm_fn(h, n0.weight, n0.variance_epsilon)
         for i, layer in enumerate(layers):

@@ -265,24 +265,19 @@ __global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(const At
     __syncthreads();
 
     const int64_t out0 = (static_cast<int64_t>(b) * a.H + kh * G) * D;  // this KV head's first output row
-    if (n_split == 1) {
-        for (int i = tid; i < G * D; i += kAttnThreads) {
-            const int g = i / D, d = i - g * D;
-            float t = 0.0f;
+    auto block_sum = [&](int i) {  // element i = g * D + d of the block's weighted sums: the warps' in order
+        const int g = i / D, d = i - g * D;
+        float t = 0.0f;
 #pragma unroll
-            for (int wi = 0; wi < kAttnWarps; wi++) t += red[(wi * GM + g) * D + d];
-            st_any(a.out, a.dt, out0 + i, t / sm[g]);
-        }
+        for (int wi = 0; wi < kAttnWarps; wi++) t += red[(wi * GM + g) * D + d];
+        return t;
+    };
+    if (n_split == 1) {
+        for (int i = tid; i < G * D; i += kAttnThreads) st_any(a.out, a.dt, out0 + i, block_sum(i) / sm[i / D]);
         return;
     }
     if (CLUSTER) {  // several blocks of one cluster: each keeps its part in shared memory, and they combine it there
-        for (int i = tid; i < G * D; i += kAttnThreads) {  // (q is no longer needed: qs holds the part's sums)
-            const int g = i / D, d = i - g * D;
-            float t = 0.0f;
-#pragma unroll
-            for (int wi = 0; wi < kAttnWarps; wi++) t += red[(wi * GM + g) * D + d];
-            qs[i] = t;
-        }
+        for (int i = tid; i < G * D; i += kAttnThreads) qs[i] = block_sum(i);  // (q is no longer needed)
         cluster_sync();
         // rank `split` (cluster rank = blockIdx.x: the cluster spans grid.x) writes outputs split * threads + tid, ...
         const uint32_t q_s = smem_u32(qs), mx_s = smem_u32(mx), sm_s = smem_u32(sm);
@@ -303,13 +298,7 @@ __global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(const At
     }
     // several blocks without a cluster: write this one's part; the last block to finish combines them all
     float *mine = a.part + (bk * a.splits + split) * G * (D + 2);
-    for (int i = tid; i < G * D; i += kAttnThreads) {
-        const int g = i / D, d = i - g * D;
-        float t = 0.0f;
-#pragma unroll
-        for (int wi = 0; wi < kAttnWarps; wi++) t += red[(wi * GM + g) * D + d];
-        mine[g * (D + 2) + d] = t;
-    }
+    for (int i = tid; i < G * D; i += kAttnThreads) mine[i / D * (D + 2) + i % D] = block_sum(i);
     if (tid < G) {
         mine[tid * (D + 2) + D] = mx[tid];
         mine[tid * (D + 2) + D + 1] = sm[tid];
@@ -342,7 +331,6 @@ __global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(const At
         }
         st_any(a.out, a.dt, out0 + i, t / sm[g]);
     }
-    if (tid == 0) a.count[bk] = 0;  // left as found
 }
 
 int gm_of(int G) { return G <= 1 ? 1 : G <= 2 ? 2 : G <= 4 ? 4 : 8; }

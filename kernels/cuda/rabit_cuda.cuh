@@ -111,7 +111,7 @@ cudaError_t decode_gemv(const void *x, rabit_dtype xdt, int64_t M, const DecodeL
    [B][Hkv][S][D], cos/sin [>= S][D], all of dtype dt; pos: one int64 on the device. Writes rope(k), v into the
    caches at pos and out [B][H][D]. A pos outside [0, S) makes the outputs NaN and leaves the caches alone.
    Workspace: part, decode_attention_split(S, B * Hkv).splits * B * H * (D + 2) floats (with G = H / Hkv: [B*Hkv][splits][G][D+2]),
-   and count, B * Hkv ints that must be zero (each call leaves them zero). */
+   and count, B * Hkv ints that must be zero (the glue zeroes them before each call). */
 constexpr int kAttnMaxGroup = 8;
 struct AttnTensors {
     const void *q, *k, *v;
