@@ -55,7 +55,9 @@ def main(argv=None):
     if args.heldout_seqs:
         heldout = cached_teacher_data(out / "heldout.safetensors", teacher, args.heldout_seqs, base.seq_len, base.gen_batch, bos,
                                       model_name=args.model, seed=base.seed + 1_000_000, device=args.device)
-    fp = {str(c): float(wikitext2_perplexity(teacher, tok, ctx=c)) for c in args.ctx}
+    fp_results = {str(c): wikitext2_perplexity(teacher, tok, ctx=c) for c in args.ctx}
+    fp = {c: float(r) for c, r in fp_results.items()}
+    fp_by_position = {c: r.nll_by_position for c, r in fp_results.items()}
     print(f"FP: {fp}  (teacher data {data.shape[0]}x{data.shape[1]} in {data_s:.0f} s)", flush=True)
     del teacher
     rows = {}
@@ -69,7 +71,7 @@ def main(argv=None):
               f"peak {res['train_peak_memory_bytes']}  "
               f"time {res['time_s']}", flush=True)
         write_json_atomic(out / "table.json", {
-            "model": args.model, "fp_ppl": fp, "rows": rows, "teacher_data_s": round(data_s, 1),
+            "model": args.model, "fp_ppl": fp, "fp_nll_by_position": fp_by_position, "rows": rows, "teacher_data_s": round(data_s, 1),
             "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
             "versions": {"torch": torch.__version__}, "date": time.strftime("%Y-%m-%d %H:%M"),
             "config": {k: v for k, v in vars(args).items()}})

@@ -5,6 +5,7 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <math.h>
 #define NPY_NO_DEPRECATED_API NPY_1_7_API_VERSION
 #include <numpy/arrayobject.h>
 
@@ -272,6 +273,127 @@ fail:
     return NULL;
 }
 
+/* Whether the bytes of two C-contiguous arrays overlap. */
+static int rabit_arrays_overlap(PyArrayObject *a, PyArrayObject *b) {
+    const char *a0 = (const char *)PyArray_DATA(a), *b0 = (const char *)PyArray_DATA(b);
+    const npy_intp na = PyArray_NBYTES(a), nb = PyArray_NBYTES(b);
+    return na > 0 && nb > 0 && a0 < b0 + nb && b0 < a0 + na;
+}
+
+/* A cache the kernel writes in place: float32, C-contiguous, aligned and writeable as given (a copy would take the
+   write away from the caller), 4-D. Returns a new reference; NULL + exception. */
+static PyArrayObject *rabit_cache_array(const char *op, const char *name, PyObject *obj) {
+    PyArrayObject *arr = rabit_array(op, name, obj, NPY_FLOAT32, 4, 4);
+    if (!arr) return NULL;
+    if ((PyObject *)arr != obj || !PyArray_ISWRITEABLE(arr)) {
+        PyErr_Format(PyExc_ValueError, "%s: %s is written in place, so it must be a writeable, C-contiguous, aligned "
+                     "float32 array (np.ascontiguousarray gives a copy the caller would not see)", op, name);
+        Py_DECREF(arr);
+        return NULL;
+    }
+    return arr;
+}
+
+static PyObject *core_decode_attention(PyObject *self, PyObject *args, PyObject *kwargs) {
+    static char *kwlist[] = {"q", "k", "v", "k_cache", "v_cache", "cos", "sin", "pos", "scale", NULL};
+    const char *op = "rabit._core.decode_attention";
+    PyObject *oq, *ok, *ov, *okc, *ovc, *oc, *os_, *oscale = Py_None, *y = NULL;
+    PyArrayObject *a[7] = {NULL, NULL, NULL, NULL, NULL, NULL, NULL}; /* q k v k_cache v_cache cos sin */
+    Py_ssize_t pos;
+    npy_intp B, H, D, Hkv, S, i, j;
+    double scale;
+    rabit_status st;
+    (void)self;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOOOOn|O", kwlist, &oq, &ok, &ov, &okc, &ovc, &oc, &os_, &pos,
+                                     &oscale))
+        return NULL;
+    if (!(a[0] = rabit_array(op, "q", oq, NPY_FLOAT32, 3, 3))) goto fail;
+    if (!(a[1] = rabit_array(op, "k", ok, NPY_FLOAT32, 3, 3))) goto fail;
+    if (!(a[2] = rabit_array(op, "v", ov, NPY_FLOAT32, 3, 3))) goto fail;
+    if (!(a[3] = rabit_cache_array(op, "k_cache", okc))) goto fail;
+    if (!(a[4] = rabit_cache_array(op, "v_cache", ovc))) goto fail;
+    if (!(a[5] = rabit_array(op, "cos", oc, NPY_FLOAT32, 2, 2))) goto fail;
+    if (!(a[6] = rabit_array(op, "sin", os_, NPY_FLOAT32, 2, 2))) goto fail;
+    B = PyArray_DIM(a[0], 0), H = PyArray_DIM(a[0], 1), D = PyArray_DIM(a[0], 2);
+    Hkv = PyArray_DIM(a[1], 1), S = PyArray_DIM(a[3], 2);
+    if (B < 1 || H < 1 || Hkv < 1 || S < 1) {
+        PyErr_Format(PyExc_ValueError, "%s: empty input: q is [%zd, %zd, %zd], k_cache has S=%zd", op, (Py_ssize_t)B,
+                     (Py_ssize_t)H, (Py_ssize_t)D, (Py_ssize_t)S);
+        goto fail;
+    }
+    if (D < 2 || D % 2) {
+        PyErr_Format(PyExc_ValueError, "%s: the head dimension must be even (rotary halves), got %zd", op, (Py_ssize_t)D);
+        goto fail;
+    }
+    if (H % Hkv) {
+        PyErr_Format(PyExc_ValueError, "%s: q has %zd heads, which is not a multiple of k's %zd KV heads", op,
+                     (Py_ssize_t)H, (Py_ssize_t)Hkv);
+        goto fail;
+    }
+    for (i = 1; i <= 2; i++)
+        if (PyArray_DIM(a[i], 0) != B || PyArray_DIM(a[i], 1) != Hkv || PyArray_DIM(a[i], 2) != D) {
+            PyErr_Format(PyExc_ValueError, "%s: k and v must be [B=%zd, Hkv=%zd, D=%zd], got %s [%zd, %zd, %zd]", op,
+                         (Py_ssize_t)B, (Py_ssize_t)Hkv, (Py_ssize_t)D, i == 1 ? "k" : "v",
+                         (Py_ssize_t)PyArray_DIM(a[i], 0), (Py_ssize_t)PyArray_DIM(a[i], 1),
+                         (Py_ssize_t)PyArray_DIM(a[i], 2));
+            goto fail;
+        }
+    for (i = 3; i <= 4; i++)
+        if (PyArray_DIM(a[i], 0) != B || PyArray_DIM(a[i], 1) != Hkv || PyArray_DIM(a[i], 2) != S ||
+            PyArray_DIM(a[i], 3) != D) {
+            PyErr_Format(PyExc_ValueError, "%s: the caches must be [B=%zd, Hkv=%zd, S=%zd, D=%zd]; %s is [%zd, %zd, %zd, "
+                         "%zd]", op, (Py_ssize_t)B, (Py_ssize_t)Hkv, (Py_ssize_t)S, (Py_ssize_t)D,
+                         i == 3 ? "k_cache" : "v_cache", (Py_ssize_t)PyArray_DIM(a[i], 0),
+                         (Py_ssize_t)PyArray_DIM(a[i], 1), (Py_ssize_t)PyArray_DIM(a[i], 2),
+                         (Py_ssize_t)PyArray_DIM(a[i], 3));
+            goto fail;
+        }
+    for (i = 5; i <= 6; i++)
+        if (PyArray_DIM(a[i], 0) < S || PyArray_DIM(a[i], 1) != D) {
+            PyErr_Format(PyExc_ValueError, "%s: cos and sin must be [P >= S=%zd, D=%zd] rotary tables, got %s [%zd, %zd]",
+                         op, (Py_ssize_t)S, (Py_ssize_t)D, i == 5 ? "cos" : "sin", (Py_ssize_t)PyArray_DIM(a[i], 0),
+                         (Py_ssize_t)PyArray_DIM(a[i], 1));
+            goto fail;
+        }
+    if (pos < 0 || pos >= S) {
+        PyErr_Format(PyExc_ValueError, "%s: pos %zd is outside the cache's %zd positions; grow the cache", op, pos,
+                     (Py_ssize_t)S);
+        goto fail;
+    }
+    /* the caches are written while the other inputs are read: no two of them may share bytes */
+    for (i = 3; i <= 4; i++)
+        for (j = 0; j < 7; j++)
+            if (j != i && rabit_arrays_overlap(a[i], a[j])) {
+                PyErr_Format(PyExc_ValueError, "%s: %s shares memory with another argument; pass separate arrays", op,
+                             i == 3 ? "k_cache" : "v_cache");
+                goto fail;
+            }
+    if (oscale == Py_None) {
+        scale = 1.0 / sqrt((double)D);
+    } else {
+        scale = PyFloat_AsDouble(oscale);
+        if (scale == -1.0 && PyErr_Occurred()) goto fail;
+    }
+    {
+        npy_intp ydims[3] = {B, H, D};
+        const int64_t qs[2] = {H * D, D}, kvs[2] = {Hkv * D, D};
+        if (!(y = PyArray_SimpleNew(3, ydims, NPY_FLOAT32))) goto fail;
+        Py_BEGIN_ALLOW_THREADS
+        st = rabit_decode_attention_cpu(PyArray_DATA(a[0]), qs, PyArray_DATA(a[1]), kvs, PyArray_DATA(a[2]), kvs,
+                                        RABIT_F32, B, H, Hkv, D, PyArray_DATA(a[3]), PyArray_DATA(a[4]), S,
+                                        PyArray_DATA(a[5]), PyArray_DATA(a[6]), pos, (float)scale,
+                                        PyArray_DATA((PyArrayObject *)y));
+        Py_END_ALLOW_THREADS
+        if (rabit_fail(op, st)) goto fail;
+    }
+    for (i = 0; i < 7; i++) Py_DECREF(a[i]);
+    return y;
+fail:
+    for (i = 0; i < 7; i++) Py_XDECREF(a[i]);
+    Py_XDECREF(y);
+    return NULL;
+}
+
 static PyObject *core_set_cpu_kernel(PyObject *self, PyObject *arg) {
     const char *name = PyUnicode_AsUTF8(arg);
     rabit_cpu_kernel k;
@@ -306,6 +428,10 @@ static PyMethodDef core_methods[] = {
      "dequantize(packed uint32[K,out,words], g f32[K,out], h f32[K,in]) -> what f32[out,in] (residual_binarize's)"},
     {"packed_linear", (PyCFunction)(void (*)(void))core_packed_linear, METH_VARARGS | METH_KEYWORDS,
      "packed_linear(x f32[M,in] or [in], packed, g, h, bias=None) -> f32[M,out]: sum_k g_k*(B_k (h_k*x)) + bias"},
+    {"decode_attention", (PyCFunction)(void (*)(void))core_decode_attention, METH_VARARGS | METH_KEYWORDS,
+     "decode_attention(q f32[B,H,D], k, v f32[B,Hkv,D], k_cache, v_cache f32[B,Hkv,S,D], cos, sin f32[P>=S,D], pos, "
+     "scale=None) -> f32[B,H,D]: rotary embedding of q and k, k and v written into the caches at pos (in place), "
+     "softmax attention over positions 0..pos (rabit.decode_attention's CPU kernel)"},
     {"set_cpu_kernel", core_set_cpu_kernel, METH_O, "Force the CPU packed-GEMV kernel: 'auto', 'ref' or 'avx2'."},
     {"cpu_kernel", core_cpu_kernel, METH_NOARGS, "The CPU packed-GEMV kernel in use."},
     {NULL, NULL, 0, NULL}};

@@ -98,7 +98,7 @@ def _run_train(args: argparse.Namespace) -> dict[str, Any]:
         # the default recipe (batch 32 x 512) peaks at ~36 GB on SmolLM2-135M, more than many cards have
         first = (str(e).strip() or "out of memory").splitlines()[0]
         raise CommandError(
-            f"rabit train: out of GPU memory at batch {cfg.batch_size} x {cfg.seq_len} ({first}). On SmolLM2-135M "
+            f"rabit train: out of GPU memory at batch {cfg.batch_size} x {cfg.train_len} ({first}). On SmolLM2-135M "
             "batch 32 needs ~36 GB and batch 16 ~19 GB: pass a smaller --batch-size (or --seq-len)") from e
     if not args.json:
         print(f"{res['method']} on {res['model']}: WikiText-2 PPL "

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,9 @@ class PerplexityResult:
     tokens: int  # predicted tokens (ctx - 1 per window)
     windows: int
     ctx: int
+    # mean NLL of the tokens at window positions [lo, hi) (position j is predicted from the j tokens before it),
+    # keyed "lo-hi": shows whether a model loses more late in the window, beyond the lengths it was trained on
+    nll_by_position: dict[str, float] = field(default_factory=dict)
 
     def __float__(self) -> float:
         return self.ppl
@@ -98,20 +101,31 @@ def perplexity(
 
     was_training = model.training
     model.eval()
-    nll_sum, count = 0.0, 0
+    by_pos = torch.zeros(wins.shape[1] - 1, dtype=torch.float64)  # NLL summed over windows, per position 1..ctx-1
     try:
         for i in tqdm(range(0, wins.shape[0], batch_size), desc="perplexity", disable=not progress, leave=False):
             x = wins[i : i + batch_size]
             logits = _logits(model, x, autocast)
             tgt = x[:, 1:].to(logits.device)
-            nll = F.cross_entropy(_upcast(logits[:, :-1]).reshape(-1, logits.shape[-1]), tgt.reshape(-1),
-                                  reduction="sum")
-            nll_sum += float(nll)
-            count += tgt.numel()
+            nll = F.cross_entropy(_upcast(logits[:, :-1]).transpose(1, 2), tgt, reduction="none")
+            by_pos += nll.double().sum(0).cpu()
     finally:
         model.train(was_training)
-    mean = nll_sum / count
-    return PerplexityResult(ppl=math.exp(mean), nll=mean, tokens=count, windows=wins.shape[0], ctx=wins.shape[1])
+    count = by_pos.numel() * wins.shape[0]
+    mean = float(by_pos.sum()) / count
+    return PerplexityResult(ppl=math.exp(mean), nll=mean, tokens=count, windows=wins.shape[0], ctx=wins.shape[1],
+                            nll_by_position=_position_buckets(by_pos / wins.shape[0]))
+
+
+# window positions at which the per-position NLL is split: the training lengths in use (256, 512) and the ctx values
+POSITION_EDGES = (1, 64, 256, 512, 1024, 2048, 4096, 8192)
+
+
+def _position_buckets(mean_nll: torch.Tensor) -> dict[str, float]:
+    """Mean of ``mean_nll[j - 1]`` (the NLL at position j) over each [lo, hi) of POSITION_EDGES within the window."""
+    last = mean_nll.numel() + 1  # positions run 1 .. ctx-1
+    edges = [e for e in POSITION_EDGES if e < last] + [last]
+    return {f"{lo}-{hi}": float(mean_nll[lo - 1 : hi - 1].mean()) for lo, hi in zip(edges[:-1], edges[1:])}
 
 
 def shared_dir(path: str | os.PathLike | None = None) -> Path:

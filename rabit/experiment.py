@@ -39,8 +39,11 @@ class ExperimentConfig:
     # seeds, 7-8 minutes per run on an H200 with the teacher data): 15 M tokens at batch 32 over 8,192 sequences
     # (3.6 epochs), cosine to zero. Batch 16 is better at equal tokens but not at equal time; the 2.5 M-token
     # all-methods table used --tokens 2.5e6 --batch-size 16 --data-seqs 1024 --min-lr-ratio 0.1.
-    tokens: int = 15_000_000  # training tokens (steps = tokens / (batch * seq_len))
-    seq_len: int = 512
+    tokens: int = 15_000_000  # training tokens (steps = tokens / (batch * train_len))
+    seq_len: int = 512  # length of the teacher-sampled sequences
+    # train on the sequences cut into pieces of this many tokens (0: whole sequences); a divisor of seq_len. Pieces
+    # after a sequence's first do not start with BOS. It isolates the effect of the training length at fixed data.
+    train_seq_len: int = 0
     batch_size: int = 32
     data_seqs: int = 8192  # distinct teacher-sampled sequences (reused over epochs)
     calib_seqs: int = 64
@@ -77,12 +80,20 @@ class ExperimentConfig:
             raise ValueError(f"rabit train: data_temperature must be > 0 (got {self.data_temperature})")
         if self.data_top_k is not None and self.data_top_k < 1:
             raise ValueError(f"rabit train: data_top_k must be >= 1 or None (got {self.data_top_k})")
+        if self.train_seq_len and (self.train_seq_len < 2 or self.seq_len % self.train_seq_len):
+            raise ValueError(f"rabit train: train_seq_len must be a divisor >= 2 of seq_len {self.seq_len} "
+                             f"(got {self.train_seq_len})")
         if self.method == "path-freeze" and self.steps < 2:
             raise ValueError("rabit train: path-freeze trains two stages; give it tokens for at least 2 steps")
 
     @property
+    def train_len(self) -> int:
+        """Tokens per training sequence."""
+        return self.train_seq_len or self.seq_len
+
+    @property
     def steps(self) -> int:
-        return 0 if self.method == "ptq" else max(1, round(self.tokens / (self.batch_size * self.seq_len)))
+        return 0 if self.method == "ptq" else max(1, round(self.tokens / (self.batch_size * self.train_len)))
 
     def rabit_config(self):
         from .quantize import RabitConfig
@@ -105,7 +116,10 @@ def add_config_arguments(p, d: ExperimentConfig | None = None) -> None:
     d = d or ExperimentConfig()
     p.add_argument("--model", default=d.model, help=f"model name or path (default {d.model})")
     p.add_argument("--tokens", type=float, default=d.tokens, help="training tokens (default %(default).3g)")
-    p.add_argument("--seq-len", type=positive_int, default=d.seq_len)
+    p.add_argument("--seq-len", type=positive_int, default=d.seq_len, help="length of the teacher-sampled sequences")
+    p.add_argument("--train-seq-len", type=non_negative_int, default=d.train_seq_len,
+                   help="train on the sequences cut into pieces of this length, a divisor of --seq-len "
+                        "(default 0: whole sequences)")
     p.add_argument("--batch-size", type=positive_int, default=d.batch_size)
     p.add_argument("--data-seqs", type=positive_int, default=d.data_seqs,
                    help="teacher-sampled sequences, reused over epochs (default %(default)s)")
@@ -127,6 +141,7 @@ def add_config_arguments(p, d: ExperimentConfig | None = None) -> None:
 def config_from_args(args, **overrides: Any) -> ExperimentConfig:
     """The :class:`ExperimentConfig` of options added by :func:`add_config_arguments`."""
     return ExperimentConfig(model=args.model, tokens=int(args.tokens), seq_len=args.seq_len,
+                            train_seq_len=args.train_seq_len,
                             batch_size=args.batch_size, data_seqs=args.data_seqs,
                             data_temperature=args.data_temperature, data_top_k=args.data_top_k,
                             lr_latent=args.lr_latent, lr_scales=args.lr_scales, min_lr_ratio=args.min_lr_ratio,
@@ -182,6 +197,8 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, device: str = "cu
         torch.cuda.reset_peak_memory_stats(dev)
     t0 = time.perf_counter()
     calib = teacher_data[: cfg.calib_seqs].to(dev) if cfg.method != "rabit-plain" else None
+    if cfg.train_len != teacher_data.shape[1]:  # after the calibration rows, which stay whole sequences
+        teacher_data = teacher_data.reshape(-1, cfg.train_len)
     quantize_(student, cfg.rabit_config(), calib_input_ids=calib, progress=progress)
     init_s = time.perf_counter() - t0
 
@@ -221,7 +238,7 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, device: str = "cu
                               eval_fn=eval_fn, eval_every=eval_every)
             for h in train_res.history:
                 h["step"] += half
-                h["tokens"] = h["step"] * cfg.batch_size * cfg.seq_len
+                h["tokens"] = h["step"] * cfg.batch_size * cfg.train_len
             train_res.history = first.history + train_res.history
             eval_total = sum(r.eval_s for r in (first, train_res))
         else:
@@ -240,13 +257,14 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, device: str = "cu
     ppl = {}
     for ctx in cfg.ppl_ctx:
         r = perplexity(student, wiki_ids, ctx=ctx, progress=progress)
-        ppl[str(ctx)] = {"ppl": float(r), "tokens": r.tokens, "windows": r.windows}
+        ppl[str(ctx)] = {"ppl": float(r), "tokens": r.tokens, "windows": r.windows,
+                         "nll_by_position": r.nll_by_position}
     res = {
         "model": cfg.model,
         "method": cfg.method,
         "config": asdict(cfg),
         "steps": cfg.steps,
-        "train_tokens": cfg.steps * cfg.batch_size * cfg.seq_len,
+        "train_tokens": cfg.steps * cfg.batch_size * cfg.train_len,
         "wikitext2_ppl": ppl,
         "heldout_vs_teacher": agreement,
         "train_peak_memory_bytes": train_peak,

@@ -92,3 +92,64 @@ def test_core_imports_without_torch(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("OK rabit.quantize_ needs PyTorch")
+
+
+# (B, H, Hkv, D, S, pos): grouped heads, odd cache sizes, pos at both ends
+ATTENTION_CASES = [(1, 4, 4, 8, 5, 0), (2, 9, 3, 64, 40, 39), (3, 8, 2, 6, 17, 9), (1, 14, 2, 64, 130, 64),
+                   (2, 6, 1, 2, 3, 1)]
+
+
+def attention_inputs(B, H, Hkv, D, S, gen):
+    def r(*shape):
+        return torch.randn(*shape, generator=gen)
+    ang = torch.rand(S + 3, D // 2, generator=gen) * 6.3
+    ang = torch.cat([ang, ang], -1)
+    return r(B, H, D), r(B, Hkv, D), r(B, Hkv, D), r(B, Hkv, S, D), r(B, Hkv, S, D), ang.cos(), ang.sin()
+
+
+@pytest.mark.parametrize("case", ATTENTION_CASES, ids=lambda c: "B{}-H{}-Hkv{}-D{}-S{}-p{}".format(*c))
+def test_core_decode_attention_matches_torch_op(case):
+    B, H, Hkv, D, S, pos = case
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))  # a fresh seed per run
+    q, k, v, kc, vc, cos, sin = attention_inputs(B, H, Hkv, D, S, gen)
+    kc_n, vc_n = kc.numpy().copy(), vc.numpy().copy()
+    with torch.no_grad():
+        want = rabit.decode_attention(q, k, v, kc, vc, cos, sin, torch.tensor([pos]), 0.3)
+    got = _core.decode_attention(q.numpy(), k.numpy(), v.numpy(), kc_n, vc_n, cos.numpy(), sin.numpy(), pos, 0.3)
+    # the same C kernel: the same bits, and the caches written in place the same way
+    assert got.dtype == np.float32 and np.array_equal(got, want.numpy())
+    assert np.array_equal(kc_n, kc.numpy()) and np.array_equal(vc_n, vc.numpy())
+    default = _core.decode_attention(q.numpy(), k.numpy(), v.numpy(), kc_n, vc_n, cos.numpy(), sin.numpy(), pos)
+    with torch.no_grad():
+        want = rabit.decode_attention(q, k, v, kc, vc, cos, sin, torch.tensor([pos]))  # scale D^-0.5
+    assert np.array_equal(default, want.numpy())
+
+
+def test_core_decode_attention_rejects_bad_input():
+    gen = torch.Generator().manual_seed(0)
+    q, k, v, kc, vc, cos, sin = (t.numpy() for t in attention_inputs(1, 4, 2, 8, 6, gen))
+    kc, vc = kc.copy(), vc.copy()
+    with pytest.raises(TypeError, match="expected q to have dtype f4, got f8"):
+        _core.decode_attention(q.astype(np.float64), k, v, kc, vc, cos, sin, 0)
+    with pytest.raises(ValueError, match="outside the cache's 6 positions"):
+        _core.decode_attention(q, k, v, kc, vc, cos, sin, 6)
+    with pytest.raises(ValueError, match="outside the cache"):
+        _core.decode_attention(q, k, v, kc, vc, cos, sin, -1)
+    with pytest.raises(ValueError, match="written in place"):
+        _core.decode_attention(q, k, v, kc[:, :, ::2], vc[:, :, ::2], cos, sin, 0)  # a strided view
+    ro = kc.copy()
+    ro.flags.writeable = False
+    with pytest.raises(ValueError, match="written in place"):
+        _core.decode_attention(q, k, v, ro, vc, cos, sin, 0)
+    with pytest.raises(ValueError, match="shares memory"):
+        _core.decode_attention(q, k, v, kc, kc, cos, sin, 0)
+    with pytest.raises(ValueError, match="not a multiple of k's 3 KV heads"):
+        _core.decode_attention(q, np.zeros((1, 3, 8), np.float32), np.zeros((1, 3, 8), np.float32),
+                               np.zeros((1, 3, 6, 8), np.float32), np.zeros((1, 3, 6, 8), np.float32), cos, sin, 0)
+    with pytest.raises(ValueError, match=r"rotary tables, got cos \[4, 8\]"):
+        _core.decode_attention(q, k, v, kc, vc, cos[:4], sin, 0)
+    with pytest.raises(ValueError, match="caches must be"):
+        _core.decode_attention(q, k, v, kc, vc[:, :, :5].copy(), cos, sin, 0)
+    with pytest.raises(ValueError, match="head dimension must be even"):
+        _core.decode_attention(q[..., :7].copy(), k[..., :7].copy(), v[..., :7].copy(), kc[..., :7].copy(),
+                               vc[..., :7].copy(), cos[:, :7].copy(), sin[:, :7].copy(), 0)

@@ -77,6 +77,26 @@ def test_perplexity_of_rows_never_crosses_rows():
     assert r4.ppl == pytest.approx(math.exp(nll4 / count4), rel=1e-9)
 
 
+def test_perplexity_splits_the_nll_by_window_position(monkeypatch):
+    """nll_by_position[lo-hi] is the hand-computed mean NLL of the tokens at positions lo..hi-1 of the windows."""
+    monkeypatch.setattr(E, "POSITION_EDGES", (1, 3, 4, 64))
+    model = BigramLM(VOCAB, seed=5)
+    stream = torch.randint(0, VOCAB, (41,), generator=torch.Generator().manual_seed(6))
+    r = E.perplexity(model, stream, ctx=7, batch_size=4, progress=False)
+    windows = [stream[i * 7 : (i + 1) * 7].tolist() for i in range(5)]
+    table = model.table.detach()
+    want = {}
+    for lo, hi in ((1, 3), (3, 4), (4, 7)):  # 64 lies beyond the window: its last bucket ends at ctx
+        nll, count = hand_nll(table, [[w[j - 1], w[j]] for w in windows for j in range(lo, hi)])
+        want[f"{lo}-{hi}"] = nll / count
+    assert r.nll_by_position.keys() == want.keys()
+    for k, v in want.items():
+        assert r.nll_by_position[k] == pytest.approx(v, rel=1e-9), k
+    # the buckets weighted by their sizes give the overall mean
+    sizes = {"1-3": 2, "3-4": 1, "4-7": 3}
+    assert sum(sizes[k] * v for k, v in r.nll_by_position.items()) / 6 == pytest.approx(r.nll, rel=1e-9)
+
+
 def test_perplexity_of_a_llama_equals_its_own_loss():
     """Cross-check against transformers' own next-token loss on one window."""
     m = tiny_llama()

@@ -455,3 +455,33 @@ def test_experiment_records_the_ppl_curve(tmp_path, monkeypatch):
     assert all(math.isfinite(c["wikitext2_ppl_64"]) for c in curve)
     assert curve[-1]["wikitext2_ppl_64"] == pytest.approx(res["wikitext2_ppl"]["64"]["ppl"], rel=1e-9)
     assert curve[0]["wikitext2_ppl_64"] != curve[-1]["wikitext2_ppl_64"]
+
+
+def test_experiment_trains_on_pieces_of_the_teacher_sequences(tmp_path, monkeypatch):
+    """train_seq_len cuts the teacher sequences into pieces: the trainer sees [N * seq_len / L, L] rows of the same
+    tokens, the calibration keeps the first whole sequences, and the step count follows the piece length."""
+    from rabit import experiment as X
+    from rabit.experiment import ExperimentConfig, run_experiment
+
+    seen = {}
+
+    def fake_train(student, teacher, data, tc, **kw):
+        seen["data"], seen["steps"] = data.clone(), tc.steps
+        raise RuntimeError("stop after the data check")
+
+    def fake_quantize(student, config, calib_input_ids=None, progress=True):
+        seen["calib"] = calib_input_ids.clone()
+
+    data = torch.randint(3, 500, (16, 32), generator=torch.Generator().manual_seed(1))
+    monkeypatch.setattr("rabit.train.train", fake_train)
+    monkeypatch.setattr("rabit.quantize.quantize_", fake_quantize)
+    cfg = ExperimentConfig(model="stories260k", method="rabit", tokens=3 * 4 * 8, seq_len=32, train_seq_len=8,
+                           batch_size=4, data_seqs=16, calib_seqs=4, ppl_ctx=())
+    assert (cfg.train_len, cfg.steps) == (8, 3)
+    with pytest.raises(RuntimeError, match="after the data check"):
+        run_experiment(cfg, tmp_path / "run", device="cpu", progress=False, teacher_data=data)
+    assert torch.equal(seen["data"], data.reshape(64, 8))
+    assert torch.equal(seen["calib"], data[:4])
+    assert seen["steps"] == 3
+    with pytest.raises(ValueError, match="divisor"):
+        X.ExperimentConfig(seq_len=32, train_seq_len=12)

