@@ -40,7 +40,9 @@ static PyArrayObject *rabit_array(const char *op, const char *name, PyObject *ob
                          PyArray_NDIM(arr));
         return NULL;
     }
-    return (PyArrayObject *)PyArray_FROM_OF(obj, NPY_ARRAY_C_CONTIGUOUS | NPY_ARRAY_ALIGNED);
+    /* native byte order too: a '>f4' array would otherwise pass the dtype check and be read (or written) as
+       native floats */
+    return (PyArrayObject *)PyArray_FROM_OF(obj, NPY_ARRAY_C_CONTIGUOUS | NPY_ARRAY_ALIGNED | NPY_ARRAY_NOTSWAPPED);
 }
 
 static int rabit_fail(const char *op, rabit_status s) {
@@ -287,7 +289,8 @@ static PyArrayObject *rabit_cache_array(const char *op, const char *name, PyObje
     if (!arr) return NULL;
     if ((PyObject *)arr != obj || !PyArray_ISWRITEABLE(arr)) {
         PyErr_Format(PyExc_ValueError, "%s: %s is written in place, so it must be a writeable, C-contiguous, aligned "
-                     "float32 array (np.ascontiguousarray gives a copy the caller would not see)", op, name);
+                     "float32 array in native byte order (np.ascontiguousarray gives a copy the caller would not see)",
+                     op, name);
         Py_DECREF(arr);
         return NULL;
     }
@@ -372,7 +375,16 @@ static PyObject *core_decode_attention(PyObject *self, PyObject *args, PyObject 
         scale = 1.0 / sqrt((double)D);
     } else {
         scale = PyFloat_AsDouble(oscale);
-        if (scale == -1.0 && PyErr_Occurred()) goto fail;
+        if (scale == -1.0 && PyErr_Occurred()) {
+            PyErr_Clear();
+            PyErr_Format(PyExc_TypeError, "%s: scale must be a number or None (head_dim ** -0.5), got %s", op,
+                         Py_TYPE(oscale)->tp_name);
+            goto fail;
+        }
+        if (!isfinite((float)scale)) {
+            PyErr_Format(PyExc_ValueError, "%s: scale must be finite in float32, got %g", op, scale);
+            goto fail;
+        }
     }
     {
         npy_intp ydims[3] = {B, H, D};

@@ -107,8 +107,9 @@ def perplexity(
             x = wins[i : i + batch_size]
             logits = _logits(model, x, autocast)
             tgt = x[:, 1:].to(logits.device)
-            nll = F.cross_entropy(_upcast(logits[:, :-1]).transpose(1, 2), tgt, reduction="none")
-            by_pos += nll.double().sum(0).cpu()
+            nll = F.cross_entropy(_upcast(logits[:, :-1]).reshape(-1, logits.shape[-1]), tgt.reshape(-1),
+                                  reduction="none")
+            by_pos += nll.view(tgt.shape).double().sum(0).cpu()
     finally:
         model.train(was_training)
     count = by_pos.numel() * wins.shape[0]

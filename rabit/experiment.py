@@ -197,8 +197,11 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, device: str = "cu
         torch.cuda.reset_peak_memory_stats(dev)
     t0 = time.perf_counter()
     calib = teacher_data[: cfg.calib_seqs].to(dev) if cfg.method != "rabit-plain" else None
-    if cfg.train_len != teacher_data.shape[1]:  # after the calibration rows, which stay whole sequences
-        teacher_data = teacher_data.reshape(-1, cfg.train_len)
+    if cfg.train_seq_len and cfg.train_seq_len != teacher_data.shape[1]:  # after the calibration rows: whole sequences
+        if teacher_data.shape[1] % cfg.train_seq_len:
+            raise ValueError(f"rabit train: train_seq_len {cfg.train_seq_len} does not divide the teacher sequences' "
+                             f"length {teacher_data.shape[1]}")
+        teacher_data = teacher_data.reshape(-1, cfg.train_seq_len)
     quantize_(student, cfg.rabit_config(), calib_input_ids=calib, progress=progress)
     init_s = time.perf_counter() - t0
 

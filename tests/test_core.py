@@ -96,7 +96,8 @@ def test_core_imports_without_torch(tmp_path):
 
 # (B, H, Hkv, D, S, pos): grouped heads, odd cache sizes, pos at both ends
 ATTENTION_CASES = [(1, 4, 4, 8, 5, 0), (2, 9, 3, 64, 40, 39), (3, 8, 2, 6, 17, 9), (1, 14, 2, 64, 130, 64),
-                   (2, 6, 1, 2, 3, 1)]
+                   (2, 6, 1, 2, 3, 1),
+                   (1, 9, 3, 64, 300, 250)]  # enough work for the kernel's threads (B * H * (pos + 1) * D >= 65536)
 
 
 def attention_inputs(B, H, Hkv, D, S, gen):
@@ -110,19 +111,23 @@ def attention_inputs(B, H, Hkv, D, S, gen):
 @pytest.mark.parametrize("case", ATTENTION_CASES, ids=lambda c: "B{}-H{}-Hkv{}-D{}-S{}-p{}".format(*c))
 def test_core_decode_attention_matches_torch_op(case):
     B, H, Hkv, D, S, pos = case
-    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))  # a fresh seed per run
-    q, k, v, kc, vc, cos, sin = attention_inputs(B, H, Hkv, D, S, gen)
+    seed = int(torch.randint(0, 2**31, ()))  # a fresh seed per run, named in any failure
+    q, k, v, kc, vc, cos, sin = attention_inputs(B, H, Hkv, D, S, torch.Generator().manual_seed(seed))
     kc_n, vc_n = kc.numpy().copy(), vc.numpy().copy()
     with torch.no_grad():
         want = rabit.decode_attention(q, k, v, kc, vc, cos, sin, torch.tensor([pos]), 0.3)
     got = _core.decode_attention(q.numpy(), k.numpy(), v.numpy(), kc_n, vc_n, cos.numpy(), sin.numpy(), pos, 0.3)
     # the same C kernel: the same bits, and the caches written in place the same way
-    assert got.dtype == np.float32 and np.array_equal(got, want.numpy())
-    assert np.array_equal(kc_n, kc.numpy()) and np.array_equal(vc_n, vc.numpy())
+    assert got.dtype == np.float32 and np.array_equal(got, want.numpy()), f"seed {seed}"
+    assert np.array_equal(kc_n, kc.numpy()) and np.array_equal(vc_n, vc.numpy()), f"seed {seed}"
     default = _core.decode_attention(q.numpy(), k.numpy(), v.numpy(), kc_n, vc_n, cos.numpy(), sin.numpy(), pos)
     with torch.no_grad():
         want = rabit.decode_attention(q, k, v, kc, vc, cos, sin, torch.tensor([pos]))  # scale D^-0.5
-    assert np.array_equal(default, want.numpy())
+    assert np.array_equal(default, want.numpy()), f"seed {seed}"
+    # big-endian inputs are read as numbers (converted), not as native bytes
+    swapped = _core.decode_attention(q.numpy().astype(">f4"), k.numpy().astype(">f4"), v.numpy(), kc_n.copy(),
+                                     vc_n.copy(), cos.numpy().astype(">f4"), sin.numpy(), pos)
+    assert np.array_equal(swapped, default), f"seed {seed}"
 
 
 def test_core_decode_attention_rejects_bad_input():
@@ -141,8 +146,16 @@ def test_core_decode_attention_rejects_bad_input():
     ro.flags.writeable = False
     with pytest.raises(ValueError, match="written in place"):
         _core.decode_attention(q, k, v, ro, vc, cos, sin, 0)
+    with pytest.raises(ValueError, match="native byte order"):
+        _core.decode_attention(q, k, v, kc.astype(">f4"), vc, cos, sin, 0)
     with pytest.raises(ValueError, match="shares memory"):
         _core.decode_attention(q, k, v, kc, kc, cos, sin, 0)
+    with pytest.raises(ValueError, match="shares memory"):
+        _core.decode_attention(kc[0, 0, :4].reshape(1, 4, 8), k, v, kc, vc, cos, sin, 0)  # q a view of k_cache
+    with pytest.raises(TypeError, match="scale must be a number or None"):
+        _core.decode_attention(q, k, v, kc, vc, cos, sin, 0, "0.3")
+    with pytest.raises(ValueError, match="scale must be finite"):
+        _core.decode_attention(q, k, v, kc, vc, cos, sin, 0, 1e300)
     with pytest.raises(ValueError, match="not a multiple of k's 3 KV heads"):
         _core.decode_attention(q, np.zeros((1, 3, 8), np.float32), np.zeros((1, 3, 8), np.float32),
                                np.zeros((1, 3, 6, 8), np.float32), np.zeros((1, 3, 6, 8), np.float32), cos, sin, 0)

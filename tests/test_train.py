@@ -485,3 +485,14 @@ def test_experiment_trains_on_pieces_of_the_teacher_sequences(tmp_path, monkeypa
     assert seen["steps"] == 3
     with pytest.raises(ValueError, match="divisor"):
         X.ExperimentConfig(seq_len=32, train_seq_len=12)
+    # data given as is, without train_seq_len, is trained on as given (never glued into seq_len rows)
+    short = data[:, :16].clone()
+    cfg = ExperimentConfig(model="stories260k", method="rabit", tokens=3 * 4 * 32, seq_len=32, batch_size=4,
+                           data_seqs=16, calib_seqs=4, ppl_ctx=())
+    with pytest.raises(RuntimeError, match="after the data check"):
+        run_experiment(cfg, tmp_path / "run2", device="cpu", progress=False, teacher_data=short)
+    assert torch.equal(seen["data"], short)
+    cfg = ExperimentConfig(model="stories260k", method="rabit", tokens=3 * 4 * 8, seq_len=32, train_seq_len=8,
+                           batch_size=4, data_seqs=16, calib_seqs=4, ppl_ctx=())
+    with pytest.raises(ValueError, match="does not divide"):
+        run_experiment(cfg, tmp_path / "run3", device="cpu", progress=False, teacher_data=data[:, :12].clone())

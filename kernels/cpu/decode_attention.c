@@ -133,9 +133,15 @@ rabit_status rabit_decode_attention_cpu(const void *q, const int64_t qs[2], cons
             rabit_load_f32(cos, dt, pos * D, D, w.c);
             rabit_load_f32(sin, dt, pos * D, D, w.s);
         }
+        /* every thread's allocation is settled before any pair runs: out of memory writes no cache at all */
+#pragma omp barrier
+        int all_ok;
+#pragma omp atomic read
+        all_ok = nomem;
+        all_ok = !all_ok;
 #pragma omp for schedule(static)
         for (pair = 0; pair < B * Hkv; pair++)
-            if (ok)
+            if (all_ok)
                 attend_pair(&w, pair / Hkv, pair % Hkv, q, qs, k, ks, v, vs, dt, H, Hkv, D, k_cache, v_cache, S, pos,
                             scale, out);
         free(w.c);

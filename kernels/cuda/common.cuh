@@ -19,9 +19,18 @@ namespace rabit_cuda {
 __host__ __device__ __forceinline__ int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 __host__ __device__ __forceinline__ int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
 
-/* Facts of the current device (the glue sets it to the tensors' device), read once per device. */
+/* An empty kernel, compiled for the same targets as every other: which of the build's code the current device runs
+   tells whether the sm_90 instructions (griddepcontrol, clusters; compiled only from __CUDA_ARCH__ >= 900) exist. */
+template <int = 0>
+__global__ void sm90_probe_kernel() {}
+
+/* Facts of the current device (the glue sets it to the tensors' device), read once per device. sm90_code: the
+   device is sm_90 or later AND runs this build's sm_90 code; a build without it (TORCH_CUDA_ARCH_LIST=8.0+PTX, run
+   on an H100 through the JIT) must neither launch with PDL (its kernels would not wait: pdl_wait is compiled out)
+   nor take a cluster path. */
 struct DevInfo {
     int sms = 0, major = 0, minor = 0, smem_optin = 0;
+    bool sm90_code = false;
 };
 inline const DevInfo &device_info() {
     static DevInfo info[64];
@@ -34,6 +43,11 @@ inline const DevInfo &device_info() {
         cudaDeviceGetAttribute(&d.minor, cudaDevAttrComputeCapabilityMinor, dev);
         cudaDeviceGetAttribute(&d.smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
         cudaDeviceGetAttribute(&d.sms, cudaDevAttrMultiProcessorCount, dev);
+        cudaFuncAttributes fa = {};
+        if (cudaFuncGetAttributes(&fa, sm90_probe_kernel<0>) == cudaSuccess)
+            d.sm90_code = d.major >= 9 && fa.ptxVersion >= 90;
+        else
+            (void)cudaGetLastError();  // no code for this device at all: every launch will say so
     });
     return d;
 }
@@ -91,7 +105,7 @@ inline int resident_blocks_once(Fn *fn, int threads, size_t smem, std::atomic<in
    kernel in the stream has finished: it must call pdl_wait() before it reads anything an earlier kernel may
    write and before it writes anything (its output may reuse memory an earlier kernel still reads). The earlier
    kernel's pdl_launch_dependents() lets it be scheduled sooner. Both are no-ops below sm_90, where launch_pdl
-   is an ordinary launch. */
+   is an ordinary launch (so is it where the device runs code of an older target: device_info().sm90_code). */
 __device__ __forceinline__ void pdl_launch_dependents() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
@@ -149,7 +163,7 @@ cudaError_t launch_pdl(void (*kernel)(Args), dim3 grid, int threads, size_t smem
     cfg.stream = s;
     cudaLaunchAttribute attr[2];
     int n = 0;
-    if (device_info().major >= 9) {
+    if (device_info().sm90_code) {
         attr[n].id = cudaLaunchAttributeProgrammaticStreamSerialization;
         attr[n++].val.programmaticStreamSerializationAllowed = 1;
     }

@@ -19,7 +19,6 @@
  */
 #include <cuda_runtime.h>
 
-#include <atomic>
 #include <cstdlib>
 #include <cstring>
 
@@ -383,24 +382,6 @@ const char *decode_attention_unsupported(rabit_dtype dt, int G, int D) {
     return nullptr;
 }
 
-/* Whether this build's code of the attention kernel for the current device has the cluster instructions: they are
-   compiled only from sm_90 code (common.cuh), so a build without it (e.g. TORCH_CUDA_ARCH_LIST=8.0+PTX, run on an
-   H100 through the JIT) must not take the cluster path, whatever the device can do. Asked once per device. */
-bool cluster_code_built() {
-    static std::atomic<int> cache[64];  // 0: not asked yet, 1: no, 2: yes
-    int dev = 0;
-    cudaGetDevice(&dev);
-    int v = cache[dev & 63].load(std::memory_order_relaxed);
-    if (v == 0) {
-        cudaFuncAttributes fa = {};
-        const bool ok = cudaFuncGetAttributes(&fa, decode_attention_kernel<1, 8, 16, true>) == cudaSuccess;
-        if (!ok) (void)cudaGetLastError();
-        v = ok && fa.ptxVersion >= 90 ? 2 : 1;
-        cache[dev & 63].store(v, std::memory_order_relaxed);
-    }
-    return v == 2;
-}
-
 AttnSplit decode_attention_split(int64_t S, int64_t rows_heads) {
     // Enough blocks for one wave at ~4 resident per SM: with few (row, KV head) pairs (batch 1) a chunk each, so that
     // the positions in use are read in parallel; with many (batch 16) one block loops over several chunks, which
@@ -411,7 +392,7 @@ AttnSplit decode_attention_split(int64_t S, int64_t rows_heads) {
     // Clusters where there are few (row, KV head) pairs (batch 1, small models): there the combine's latency is the
     // step's; with many, blocks that wait for their cluster's barriers held the SMs longer than the counter's last
     // block alone (Llama-2-7B shapes at batch 4 on an H100: 0.76 against 0.66 ms per step; batch 1: 0.29 against 0.40)
-    const bool can = device_info().major >= 9 && cluster_code_built();
+    const bool can = device_info().sm90_code;  // sm_90 device and this build's sm_90 code (common.cuh)
     AttnSplit sp = {1, 1, can && rows_heads <= device_info().sms / 2, nullptr};
     if (v && *v) {
         if (strcmp(v, "counter") == 0) sp.cluster = false;

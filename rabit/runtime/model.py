@@ -146,7 +146,7 @@ class LlamaRuntime:
         half = self.head_dim // 2
         self.inv_freq = (1.0 / (self.rope_theta ** (np.arange(0, 2 * half, 2, dtype=np.float32) / self.head_dim))
                          ).astype(np.float32)
-        self._cos = self._sin = np.zeros((0, self.head_dim), np.float32)
+        self._rot = (np.zeros((0, self.head_dim), np.float32),) * 2  # (cos, sin), replaced as one tuple
         del self._tensors
 
     # -- construction -------------------------------------------------------------------------
@@ -267,12 +267,13 @@ class LlamaRuntime:
     def _rotary(self, n: int) -> tuple[np.ndarray, np.ndarray]:
         """cos, sin ``[>= n, head_dim]`` float32 for positions 0.. (grown by doubling): the prompt's rows and the
         decode kernel's table are the same numbers."""
-        if self._cos.shape[0] < n:
-            pos = np.arange(max(n, 2 * self._cos.shape[0], 64), dtype=np.float32)
+        rot = self._rot
+        if rot[0].shape[0] < n:
+            pos = np.arange(max(n, 2 * rot[0].shape[0], 64), dtype=np.float32)
             freqs = pos[:, None] * self.inv_freq[None, :]
             emb = np.concatenate([freqs, freqs], axis=-1)
-            self._cos, self._sin = np.cos(emb), np.sin(emb)
-        return self._cos, self._sin
+            rot = self._rot = (np.cos(emb), np.sin(emb))  # one assignment: another thread never sees a mixed pair
+        return rot
 
     def _attention(self, layer: dict, x: np.ndarray, cache: KVCache, i: int, cos, sin) -> np.ndarray:
         t = x.shape[0]
