@@ -1,5 +1,6 @@
 """rabit._core (CPython + NumPy C API, no torch) against the torch ops: same kernels, same bits."""
 
+import os
 import subprocess
 import sys
 
@@ -166,3 +167,27 @@ def test_core_decode_attention_rejects_bad_input():
     with pytest.raises(ValueError, match="head dimension must be even"):
         _core.decode_attention(q[..., :7].copy(), k[..., :7].copy(), v[..., :7].copy(), kc[..., :7].copy(),
                                vc[..., :7].copy(), cos[:, :7].copy(), sin[:, :7].copy(), 0)
+
+
+def test_core_decode_attention_does_not_depend_on_the_thread_count(tmp_path):
+    """The kernel splits (row, KV head) pairs over OpenMP threads, each pair whole on one thread: 1 and 3 threads
+    (OMP_NUM_THREADS, read by the OpenMP runtime at start-up, hence one process each) give the same bytes."""
+    code = (
+        "import hashlib, sys\n"
+        "import numpy as np\n"
+        "from rabit import _core\n"
+        "r = np.random.default_rng(3)\n"
+        "f = lambda *s: r.standard_normal(s).astype(np.float32)\n"
+        "B, H, Hkv, D, S, pos = 2, 9, 3, 64, 300, 250\n"  # 6 pairs and enough work for the threads
+        "kc, vc = f(B, Hkv, S, D), f(B, Hkv, S, D)\n"
+        "ang = np.concatenate([r.random((S, D // 2))] * 2, -1).astype(np.float32) * 6.3\n"
+        "out = _core.decode_attention(f(B, H, D), f(B, Hkv, D), f(B, Hkv, D), kc, vc, np.cos(ang), np.sin(ang), pos)\n"
+        "print(hashlib.sha256(out.tobytes() + kc.tobytes() + vc.tobytes()).hexdigest())\n"
+    )
+    digests = []
+    for threads in ("1", "3"):
+        env = {**os.environ, "OMP_NUM_THREADS": threads}
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env)
+        assert r.returncode == 0, r.stderr
+        digests.append(r.stdout.strip())
+    assert digests[0] == digests[1] and len(digests[0]) == 64
