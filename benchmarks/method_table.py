@@ -71,7 +71,8 @@ def main(argv=None):
               f"peak {res['train_peak_memory_bytes']}  "
               f"time {res['time_s']}", flush=True)
         write_json_atomic(out / "table.json", {
-            "model": args.model, "fp_ppl": fp, "fp_nll_by_position": fp_by_position, "rows": rows, "teacher_data_s": round(data_s, 1),
+            "model": args.model, "fp_ppl": fp, "fp_nll_by_position": fp_by_position, "rows": rows,
+            "teacher_data_s": round(data_s, 1),
             "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
             "versions": {"torch": torch.__version__}, "date": time.strftime("%Y-%m-%d %H:%M"),
             "config": {k: v for k, v in vars(args).items()}})
