@@ -48,8 +48,8 @@ def main(argv=None):
     bos = int(teacher.config.bos_token_id if teacher.config.bos_token_id is not None else 1)
     t0 = time.perf_counter()
     data = cached_teacher_data(out / "teacher_data.safetensors", teacher, base.data_seqs, base.seq_len, base.gen_batch,
-                               bos, model_name=args.model, temperature=base.data_temperature, top_k=base.data_top_k,
-                               seed=base.seed, device=args.device, progress=args.progress)
+                               bos, model_name=args.model, device=args.device, progress=args.progress,
+                               **base.sampling_kwargs())
     data_s = time.perf_counter() - t0
     heldout = None
     if args.heldout_seqs:

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .sampling import row_keys, sample_next
+from .sampling import row_keys, sample_next, uniforms
 from .static_decode import StaticDecoder, check_model
 
 logger = logging.getLogger(__name__)
@@ -34,6 +34,10 @@ logger = logging.getLogger(__name__)
 #: Bumped whenever the meaning of the cache metadata changes, so old caches are regenerated.
 CACHE_FORMAT = "rabit-teacher-tokens/4"  # 2: counter-based draws (rabit.sampling); 3: salted hash;
 # 4: Llama-family teachers on CUDA sampled by StaticDecoder (same draws; rounding may move a token)
+
+#: How a teacher sequence begins (generate_teacher_data's ``start``): "bos" (BOS, then sampled tokens) or
+#: "random-token" (BOS and one token drawn uniformly from the vocabulary: LLM-QAT's varied first token).
+DATA_STARTS = ("bos", "random-token")
 
 
 # --------------------------------------------------------------------------------------------
@@ -149,14 +153,19 @@ def generate_teacher_data(
     seed: int = 0,
     device: str | torch.device | None = None,
     progress: bool = True,
+    start: str = "bos",
+    greedy_tokens: int = 0,
 ) -> torch.Tensor:
     """Sample ``n_seqs`` sequences of ``seq_len`` tokens from the teacher: ``LongTensor[n, seq_len]``.
 
-    Every row starts with ``bos_id``; token 1 is sampled from the teacher's distribution after BOS
-    and every later token from its distribution given the prefix (LLM-QAT's data-free recipe; we
-    sample from the first token on rather than LLM-QAT's greedy first few tokens, which keeps the
-    data an unbiased sample of the teacher), at ``temperature``, from the ``top_k`` most likely tokens
-    when given.
+    Every row starts with ``bos_id``. With ``start="bos"`` (default) token 1 is sampled from the teacher's
+    distribution after BOS and every later token from its distribution given the prefix, at ``temperature``,
+    from the ``top_k`` most likely tokens when given: an unbiased sample of the teacher (at temperature 1).
+    LLM-QAT's data-free recipe (Liu et al. 2023) varies the beginnings instead: ``start="random-token"`` makes
+    token 1 a token drawn uniformly from the whole vocabulary (``model.config.vocab_size``; special tokens
+    included, as in LLM-QAT), and ``greedy_tokens=n`` takes the n tokens after the start by argmax before
+    sampling the rest (LLM-QAT: 3-5). From BOS alone greedy tokens would make every row begin alike, so
+    ``greedy_tokens`` needs the random start.
 
     Draws are counter-based (:mod:`rabit.sampling`): row r's random numbers depend only on (seed, r), not
     on the batch size or the device; the tokens can still differ between them where float rounding moves
@@ -174,6 +183,17 @@ def generate_teacher_data(
         raise ValueError(f"rabit: temperature must be > 0 (got {temperature}); use top_k=1 for greedy")
     if top_k is not None and top_k < 1:
         raise ValueError(f"rabit: top_k must be >= 1 or None (got {top_k})")
+    if start not in DATA_STARTS:
+        raise ValueError(f"rabit: start must be one of {DATA_STARTS} (got {start!r})")
+    if greedy_tokens < 0:
+        raise ValueError(f"rabit: greedy_tokens must be >= 0 (got {greedy_tokens})")
+    if greedy_tokens and start == "bos":
+        raise ValueError("rabit: greedy_tokens > 0 with start='bos' would begin every sequence with the same "
+                         "tokens; use start='random-token' (LLM-QAT's recipe)")
+    prompt_len = 1 if start == "bos" else 2
+    if seq_len <= prompt_len:
+        raise ValueError(f"rabit: seq_len={seq_len} leaves no sampled token after the {prompt_len}-token start "
+                         f"{start!r}")
     dev = model_device(model)
     if device is not None and torch.device(device).type != dev.type:
         raise ValueError(
@@ -188,9 +208,20 @@ def generate_teacher_data(
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     if vocab is not None and not 0 <= bos_id < vocab:
         raise ValueError(f"rabit: bos_id={bos_id} is outside the vocabulary [0, {vocab})")
+    if start == "random-token" and not vocab:
+        raise ValueError("rabit: start='random-token' needs model.config.vocab_size")
+
+    def prompts(first: int, rows: int) -> torch.Tensor:
+        """[rows, prompt_len] starts of rows first .. first + rows - 1 (their own draws: (seed, row))."""
+        bos = torch.full((rows, 1), bos_id, dtype=torch.long, device=dev)
+        if start == "bos":
+            return bos
+        # position 1 holds the start token, so its draw is not used by the sampler
+        u = uniforms(row_keys(seed, torch.arange(first, first + rows, device=dev)), 1)
+        return torch.cat([bos, (u * vocab).long().clamp_(max=vocab - 1)[:, None]], 1)
 
     out = torch.empty(n_seqs, seq_len, dtype=torch.long)
-    bar = _progress_bar(total=n_seqs * (seq_len - 1), desc="teacher data", unit="tok", enable=progress)
+    bar = _progress_bar(total=n_seqs * (seq_len - prompt_len), desc="teacher data", unit="tok", enable=progress)
     t0 = time.perf_counter()
     static = _static_sampler_applies(model, seq_len)
     with _eval_mode(model):
@@ -200,19 +231,23 @@ def generate_teacher_data(
             # sequences stay those of the cached token files and of the published runs, and the teacher is not
             # rearranged
             dec = StaticDecoder(model, batch_size=min(batch_size, n_seqs), max_len=seq_len, temperature=temperature,
-                                top_k=top_k, group_projections=False, fused_attention=False)
-            bos = torch.full((dec.B, 1), bos_id, dtype=torch.long, device=dev)
-        for start in range(0, n_seqs, batch_size):
-            b = min(batch_size, n_seqs - start)
-            if static:
-                ids = dec.generate(bos, seq_len - 1, seed=seed, first_row=start)[:b]
+                                top_k=top_k, greedy_tokens=greedy_tokens, group_projections=False,
+                                fused_attention=False)
+        for first in range(0, n_seqs, batch_size):
+            b = min(batch_size, n_seqs - first)
+            if static:  # all dec.B rows run; rows past n_seqs are dropped (each row's draws are its own)
+                ids = dec.generate(prompts(first, dec.B), seq_len - prompt_len, seed=seed, first_row=first)[:b]
             else:
-                keys = row_keys(seed, torch.arange(start, start + b, device=dev))
-                prompt = torch.full((b, 1), bos_id, dtype=torch.long, device=dev)
-                ids = decode_loop(model, prompt, seq_len - 1,
-                                  lambda logits, pos: sample_next(logits, keys, pos, temperature, top_k))
-            out[start : start + b] = ids.cpu()
-            bar.update(b * (seq_len - 1))
+                keys = row_keys(seed, torch.arange(first, first + b, device=dev))
+
+                def choose(logits: torch.Tensor, pos: int) -> torch.Tensor:
+                    if pos < prompt_len + greedy_tokens:
+                        return greedy(logits, pos)
+                    return sample_next(logits, keys, pos, temperature, top_k)
+
+                ids = decode_loop(model, prompts(first, b), seq_len - prompt_len, choose)
+            out[first : first + b] = ids.cpu()
+            bar.update(b * (seq_len - prompt_len))
     bar.close()
     logger.info("rabit: sampled %d x %d teacher tokens in %.1f s", n_seqs, seq_len, time.perf_counter() - t0)
     return out
@@ -373,12 +408,14 @@ def cached_teacher_data(
     seed: int = 0,
     device: str | torch.device | None = None,
     progress: bool = True,
+    start: str = "bos",
+    greedy_tokens: int = 0,
 ) -> torch.Tensor:
     """:func:`generate_teacher_data` once, then reuse the ``.safetensors`` file at ``cache_path``.
 
-    The cache's metadata records the model name, n_seqs, seq_len, seed, temperature, top_k and
-    bos_id. If any of them differs from this call, the cache is regenerated (and overwritten) with a
-    warning that names the differing fields. ``model_name`` defaults to the model config's
+    The cache's metadata records the model name, n_seqs, seq_len, seed, temperature, top_k, bos_id,
+    start and greedy_tokens. If any of them differs from this call, the cache is regenerated (and overwritten)
+    with a warning that names the differing fields. ``model_name`` defaults to the model config's
     ``name_or_path`` (or the class name); pass a distinct name when two teachers share a class.
     """
     cache_path = Path(cache_path)
@@ -393,9 +430,12 @@ def cached_teacher_data(
         "temperature": repr(float(temperature)),
         "top_k": str(top_k),
         "bos_id": str(bos_id),
+        "start": start,
+        "greedy_tokens": str(greedy_tokens),
     }
     if cache_path.is_file():
-        have = read_token_metadata(cache_path)
+        # caches written before start / greedy_tokens existed hold BOS-started samples
+        have = {"start": "bos", "greedy_tokens": "0", **read_token_metadata(cache_path)}
         diff = {k: (have.get(k), v) for k, v in want.items() if have.get(k) != v}
         if not diff:
             ids = load_tokens(cache_path)
@@ -407,7 +447,8 @@ def cached_teacher_data(
         logger.warning("rabit: teacher-data cache %s does not match this request (%s); regenerating it",
                        cache_path, detail)
     ids = generate_teacher_data(model, n_seqs, seq_len, batch_size, bos_id, temperature=temperature,
-                                top_k=top_k, seed=seed, device=device, progress=progress)
+                                top_k=top_k, seed=seed, device=device, progress=progress, start=start,
+                                greedy_tokens=greedy_tokens)
     save_tokens(cache_path, ids, metadata=want)
     return ids
 

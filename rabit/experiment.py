@@ -51,6 +51,8 @@ class ExperimentConfig:
     # how the teacher samples its training sequences (rabit.data.generate_teacher_data)
     data_temperature: float = 1.0
     data_top_k: int | None = None
+    data_start: str = "bos"  # or "random-token": LLM-QAT's uniformly drawn first token
+    data_greedy: int = 0  # tokens after a random start taken by argmax (LLM-QAT: 3-5)
     init_iters: int = 5
     alpha_in: float = 0.5
     alpha_out: float = 0.5
@@ -80,11 +82,23 @@ class ExperimentConfig:
             raise ValueError(f"rabit train: data_temperature must be > 0 (got {self.data_temperature})")
         if self.data_top_k is not None and self.data_top_k < 1:
             raise ValueError(f"rabit train: data_top_k must be >= 1 or None (got {self.data_top_k})")
+        from .data import DATA_STARTS
+
+        if self.data_start not in DATA_STARTS:
+            raise ValueError(f"rabit train: data_start must be one of {DATA_STARTS} (got {self.data_start!r})")
+        if self.data_greedy < 0 or (self.data_greedy and self.data_start == "bos"):
+            raise ValueError(f"rabit train: data_greedy must be >= 0 and needs data_start='random-token' (greedy "
+                             f"tokens after BOS would begin every sequence alike); got {self.data_greedy}")
         if self.train_seq_len and (self.train_seq_len < 2 or self.seq_len % self.train_seq_len):
             raise ValueError(f"rabit train: train_seq_len must be a divisor >= 2 of seq_len {self.seq_len} "
                              f"(got {self.train_seq_len})")
         if self.method == "path-freeze" and self.steps < 2:
             raise ValueError("rabit train: path-freeze trains two stages; give it tokens for at least 2 steps")
+
+    def sampling_kwargs(self) -> dict[str, Any]:
+        """How the teacher samples the training data: keyword arguments of rabit.data.cached_teacher_data."""
+        return dict(temperature=self.data_temperature, top_k=self.data_top_k, start=self.data_start,
+                    greedy_tokens=self.data_greedy, seed=self.seed)
 
     @property
     def train_len(self) -> int:
@@ -112,6 +126,7 @@ class ExperimentConfig:
 def add_config_arguments(p, d: ExperimentConfig | None = None) -> None:
     """The options of one experiment (``rabit train`` and ``benchmarks/method_table.py`` share them)."""
     from ._cli_args import non_negative_int, positive_int
+    from .data import DATA_STARTS
 
     d = d or ExperimentConfig()
     p.add_argument("--model", default=d.model, help=f"model name or path (default {d.model})")
@@ -127,6 +142,12 @@ def add_config_arguments(p, d: ExperimentConfig | None = None) -> None:
                    help="sampling temperature of the teacher data (default %(default)s)")
     p.add_argument("--data-top-k", type=positive_int, default=d.data_top_k,
                    help="sample the teacher data from its k most likely tokens only (default: all)")
+    p.add_argument("--data-start", choices=DATA_STARTS, default=d.data_start,
+                   help="how teacher sequences begin: BOS, or BOS and a token drawn uniformly from the vocabulary "
+                        "(LLM-QAT) (default %(default)s)")
+    p.add_argument("--data-greedy", type=non_negative_int, default=d.data_greedy, metavar="N",
+                   help="with --data-start random-token: take the N tokens after it by argmax, then sample "
+                        "(LLM-QAT: 3-5; default %(default)s)")
     p.add_argument("--lr-latent", type=float, default=d.lr_latent, help="Muon learning rate of the latent weights")
     p.add_argument("--lr-scales", type=float, default=d.lr_scales, help="AdamW learning rate of scales and norms")
     p.add_argument("--min-lr-ratio", type=float, default=d.min_lr_ratio,
@@ -144,6 +165,7 @@ def config_from_args(args, **overrides: Any) -> ExperimentConfig:
                             train_seq_len=args.train_seq_len,
                             batch_size=args.batch_size, data_seqs=args.data_seqs,
                             data_temperature=args.data_temperature, data_top_k=args.data_top_k,
+                            data_start=args.data_start, data_greedy=args.data_greedy,
                             lr_latent=args.lr_latent, lr_scales=args.lr_scales, min_lr_ratio=args.min_lr_ratio,
                             gamma=args.gamma, seed=args.seed, curve_points=args.curve, **overrides)
 
@@ -185,9 +207,8 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, device: str = "cu
     t0 = time.perf_counter()
     if teacher_data is None:
         teacher_data = cached_teacher_data(out / "teacher_data.safetensors", teacher, cfg.data_seqs, cfg.seq_len,
-                                           cfg.gen_batch, bos, model_name=cfg.model,
-                                           temperature=cfg.data_temperature, top_k=cfg.data_top_k, seed=cfg.seed,
-                                           device=dev, progress=progress)
+                                           cfg.gen_batch, bos, model_name=cfg.model, device=dev, progress=progress,
+                                           **cfg.sampling_kwargs())
     data_s = time.perf_counter() - t0
 
     student = copy.deepcopy(teacher)

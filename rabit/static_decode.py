@@ -153,6 +153,8 @@ class StaticDecoder:
         temperature: None (default) decodes greedily; a value > 0 samples from softmax(logits / temperature)
             with :func:`rabit.sampling.sample_next` (counter-based draws, seeded per generate() call).
         top_k: with temperature, sample from the k most likely tokens only.
+        greedy_tokens: with temperature, the first ``greedy_tokens`` tokens after each prompt are taken by argmax
+            and only the later ones sampled (LLM-QAT's teacher data, :func:`rabit.data.generate_teacher_data`).
         group_projections: run a layer's q/k/v projections as one call, and gate/up as one. Packed layers:
             :func:`rabit.packed_linear_group` (on CUDA one launch of the decode kernels instead of three or two;
             the outputs are the same bit for bit). Plain ``nn.Linear`` layers on CUDA: one GEMM on their weights
@@ -172,7 +174,7 @@ class StaticDecoder:
 
     def __init__(self, model: nn.Module, batch_size: int = 1, max_len: int = 2048, cuda_graph: bool | None = None,
                  compile: bool = False, temperature: float | None = None, top_k: int | None = None,
-                 group_projections: bool = True, fused_attention: bool | None = None):
+                 greedy_tokens: int = 0, group_projections: bool = True, fused_attention: bool | None = None):
         check_model(model, max_len)
         if batch_size < 1 or max_len < 2:
             raise ValueError(f"StaticDecoder: batch_size must be >= 1 and max_len >= 2, got {batch_size}, {max_len}")
@@ -181,7 +183,11 @@ class StaticDecoder:
         if top_k is not None and (temperature is None or top_k < 1):
             raise ValueError(f"StaticDecoder: top_k must be >= 1 and needs a temperature, got top_k={top_k}, "
                              f"temperature={temperature}")
-        self.temperature, self.top_k = temperature, top_k
+        if greedy_tokens < 0 or (greedy_tokens and temperature is None):
+            raise ValueError(f"StaticDecoder: greedy_tokens must be >= 0 and needs a temperature (greedy decoding "
+                             f"takes every token by argmax), got greedy_tokens={greedy_tokens}, "
+                             f"temperature={temperature}")
+        self.temperature, self.top_k, self.greedy_tokens = temperature, top_k, greedy_tokens
         self.group_projections = group_projections
         base, cfg = model.model, model.config
         self.model, self.base = model, base
@@ -227,6 +233,8 @@ class StaticDecoder:
         self._out = torch.zeros(batch_size, max_len, dtype=torch.long, device=self.device)
         # sampling: the rows' draw keys (generate() sets them from its seed; these are seed 0's)
         self._keys = row_keys(0, torch.arange(batch_size, device=self.device))
+        # positions below this one are taken by argmax (generate() sets it to the prompt length + greedy_tokens)
+        self._greedy_end = torch.zeros(1, dtype=torch.long, device=self.device)
         self._graph = None
         # stacked weight (and bias) of each FP group, keyed by the group's first module
         self._stacked: dict[int, tuple[Tensor, Tensor | None]] = {}
@@ -380,6 +388,8 @@ class StaticDecoder:
             nxt = logits.argmax(-1, keepdim=True)
         else:  # the token lands at position _pos + 1: that is its draw's counter
             nxt = sample_next(logits, self._keys, self._pos + 1, self.temperature, self.top_k)[:, None]
+            if self.greedy_tokens:  # a device-side choice: the captured graph serves every position
+                nxt = torch.where(self._pos + 1 < self._greedy_end, logits.argmax(-1, keepdim=True), nxt)
         self._out.index_copy_(1, self._pos + 1, nxt)
         self._tok.copy_(nxt)
         self._pos.add_(1)
@@ -477,6 +487,7 @@ class StaticDecoder:
         T = input_ids.shape[1]
         if self.temperature is not None:
             self._keys.copy_(row_keys(seed, torch.arange(first_row, first_row + self.B, device=self.device)))
+            self._greedy_end.fill_(T + self.greedy_tokens)
         self.prefill(input_ids)
         done, chunk = 0, 16
         while done < max_new_tokens:

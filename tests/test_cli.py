@@ -118,12 +118,15 @@ def test_train_passes_its_options_to_the_experiment(monkeypatch, tmp_path, capsy
     # every recipe option reaches the config
     assert main(["train", "--model", "stories260k", "--seq-len", "64", "--batch-size", "8", "--data-temperature",
                  "0.7", "--data-top-k", "40", "--lr-latent", "2e-4", "--lr-scales", "5e-3", "--min-lr-ratio", "0.25",
-                 "--gamma", "0.5", "--seed", "3", "--device", "cpu", "--out", str(tmp_path), "--quiet"]) == 0
+                 "--gamma", "0.5", "--seed", "3", "--data-start", "random-token", "--data-greedy", "4",
+                 "--device", "cpu", "--out", str(tmp_path), "--quiet"]) == 0
     cfg = seen["cfg"]
     assert (cfg.seq_len, cfg.batch_size, cfg.data_temperature, cfg.data_top_k, cfg.lr_latent, cfg.lr_scales,
             cfg.min_lr_ratio, cfg.gamma, cfg.seed) == (64, 8, 0.7, 40, 2e-4, 5e-3, 0.25, 0.5, 3)
+    assert cfg.sampling_kwargs() == dict(temperature=0.7, top_k=40, start="random-token", greedy_tokens=4, seed=3)
     assert main(["train", "--curve", "-1", "--out", str(tmp_path)]) == 2
     assert main(["train", "--data-top-k", "0", "--out", str(tmp_path)]) == 2
+    assert main(["train", "--data-start", "prompt", "--out", str(tmp_path)]) == 2
 
 
 def test_train_out_of_gpu_memory_names_the_fix(monkeypatch, tmp_path, capsys):
@@ -152,3 +155,7 @@ def test_experiment_config_rejects_a_bad_recipe():
         ExperimentConfig(data_top_k=0)
     with pytest.raises(ValueError, match="min_lr_ratio"):
         ExperimentConfig(min_lr_ratio=-1.0)
+    with pytest.raises(ValueError, match="data_start"):
+        ExperimentConfig(data_start="prompt")
+    with pytest.raises(ValueError, match="data_greedy"):
+        ExperimentConfig(data_greedy=3)  # greedy tokens after BOS: every sequence would begin alike

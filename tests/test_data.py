@@ -172,6 +172,28 @@ def test_cache_generates_once_then_reuses(tmp_path, monkeypatch, caplog):
     D.cached_teacher_data(path, m, seed=1, **kw2)
     assert calls == [0, 1, 1], "a different model name must invalidate the cache"
 
+    D.cached_teacher_data(path, m, seed=1, start="random-token", greedy_tokens=2, **kw2)
+    assert calls == [0, 1, 1, 1], "another start must invalidate the cache"
+    meta = D.read_token_metadata(path)
+    assert (meta["start"], meta["greedy_tokens"]) == ("random-token", "2")
+    D.cached_teacher_data(path, m, seed=1, start="random-token", greedy_tokens=2, **kw2)
+    assert len(calls) == 4
+
+
+def test_cache_written_before_the_start_option_is_a_bos_cache(tmp_path, monkeypatch):
+    """Caches from before `start` / `greedy_tokens` hold BOS-started samples: reused for start='bos', regenerated
+    for a random start."""
+    m = tiny_llama()
+    path = tmp_path / "old.safetensors"
+    kw = {"n_seqs": 3, "seq_len": 8, "batch_size": 3, "bos_id": 1, "model_name": "tiny", "progress": False, "seed": 0}
+    ids = D.cached_teacher_data(path, m, **kw)
+    meta = {k: v for k, v in D.read_token_metadata(path).items() if k not in ("start", "greedy_tokens")}
+    D.save_tokens(path, ids, metadata=meta)
+    monkeypatch.setattr(D, "generate_teacher_data", None)  # reuse must not sample
+    assert torch.equal(D.cached_teacher_data(path, m, **kw), ids)
+    with pytest.raises(TypeError):  # a random start is not in the old cache: it would sample
+        D.cached_teacher_data(path, m, start="random-token", **kw)
+
 
 # ---------------------------------------------------------------------------------------------
 # text files

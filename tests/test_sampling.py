@@ -142,6 +142,69 @@ def test_teacher_data_does_not_depend_on_the_batch_size():
     assert (a[:, 0] == 1).all() and int(a.max()) < VOCAB
 
 
+def _llm_qat_reference(m, n, seq_len, seed, greedy, temperature=1.0):
+    """LLM-QAT's start, written out: BOS, a uniform token from the row's own draw at position 1, `greedy` argmax
+    tokens, then samples; through the HF loop, one row at a time."""
+    rows = []
+    for r in range(n):
+        key = row_keys(seed, torch.tensor([r]))
+        first = int(uniforms(key, 1).item() * VOCAB)
+        prompt = torch.tensor([[1, first]])
+
+        def choose(logits, pos, key=key):
+            return logits.argmax(-1) if pos < 2 + greedy else sample_next(logits, key, pos, temperature)
+
+        rows.append(D.decode_loop(m, prompt, seq_len - 2, choose))
+    return torch.cat(rows)
+
+
+@pytest.mark.parametrize("greedy", [0, 3])
+def test_random_token_start_and_greedy_tokens(monkeypatch, greedy):
+    """LLM-QAT's recipe: the HF loop (CPU default) and StaticDecoder (CUDA default) both give the written-out
+    reference, whatever the batch size; the start tokens are spread over the vocabulary; the greedy tokens are the
+    argmax continuation of the start."""
+    m = tiny_llama(7)
+    ref = _llm_qat_reference(m, 7, 16, seed=4, greedy=greedy)
+    kw = dict(n_seqs=7, seq_len=16, bos_id=1, seed=4, progress=False, start="random-token", greedy_tokens=greedy)
+    assert torch.equal(D.generate_teacher_data(m, batch_size=3, **kw), ref)
+    assert torch.equal(D.generate_teacher_data(m, batch_size=7, **kw), ref)
+    with monkeypatch.context() as mp:
+        mp.setattr(D, "_static_sampler_applies", lambda model, seq_len: True)
+        mp.setattr(D, "decode_loop", None)  # the static path must not use it
+        assert torch.equal(D.generate_teacher_data(m, batch_size=3, **kw), ref)
+    assert len(set(ref[:, 1].tolist())) >= 6  # 7 uniform draws over 64 tokens: nearly all distinct
+    if greedy:
+        with torch.no_grad():
+            argmax = m(input_ids=ref[:, :-1]).logits.argmax(-1)
+        assert torch.equal(ref[:, 2:2 + greedy], argmax[:, 1:1 + greedy])
+        # and sampled afterwards: a random tiny model's argmax continuation is not what the draws picked
+        assert not torch.equal(ref[:, 2 + greedy:], argmax[:, 1 + greedy:])
+    # the start draws follow (seed, row) only: a fresh seed moves them
+    other = D.generate_teacher_data(m, batch_size=7, **dict(kw, seed=5))
+    assert not torch.equal(other[:, 1], ref[:, 1])
+
+
+def test_random_token_starts_are_uniform_over_the_vocabulary():
+    m = tiny_llama(8)
+    n = 6400
+    ids = D.generate_teacher_data(m, n_seqs=n, seq_len=3, batch_size=n, bos_id=1, start="random-token", progress=False)
+    freq = torch.bincount(ids[:, 1], minlength=VOCAB).double() / n
+    tv = 0.5 * (freq - 1.0 / VOCAB).abs().sum().item()
+    assert tv < 0.06, f"total variation {tv:.3f} from uniform"
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"start": "prompt"}, "start must be one of"),
+    ({"greedy_tokens": 2}, "greedy_tokens > 0 with start='bos'"),
+    ({"start": "random-token", "greedy_tokens": -1}, "greedy_tokens must be >= 0"),
+    ({"start": "random-token", "seq_len": 2}, "leaves no sampled token"),
+])
+def test_teacher_data_rejects_bad_starts(kw, match):
+    args = {"n_seqs": 2, "seq_len": 8, "batch_size": 2, "bos_id": 1, "progress": False, **kw}
+    with pytest.raises(ValueError, match=match):
+        D.generate_teacher_data(tiny_llama(), **args)
+
+
 def test_static_decoder_rejects_bad_sampling_arguments():
     m = tiny_llama()
     with pytest.raises(ValueError, match="temperature"):
@@ -150,6 +213,10 @@ def test_static_decoder_rejects_bad_sampling_arguments():
         StaticDecoder(m, max_len=8, top_k=5)
     with pytest.raises(ValueError, match="top_k"):
         StaticDecoder(m, max_len=8, temperature=1.0, top_k=0)
+    with pytest.raises(ValueError, match="greedy_tokens"):
+        StaticDecoder(m, max_len=8, greedy_tokens=2)  # greedy decoding has nothing to switch from
+    with pytest.raises(ValueError, match="greedy_tokens"):
+        StaticDecoder(m, max_len=8, temperature=1.0, greedy_tokens=-1)
 
 
 @pytest.mark.cuda
@@ -171,3 +238,19 @@ def test_cuda_graph_sampling_equals_eager_and_cpu(monkeypatch):
     monkeypatch.setattr(D, "decode_loop", None)  # the static path must not use it
     data = D.generate_teacher_data(mc, n_seqs=13, seq_len=33, batch_size=5, bos_id=1, seed=5, progress=False)
     assert (data[9:13] == graph).float().mean().item() > 0.9
+
+
+@pytest.mark.cuda
+def test_cuda_graph_greedy_tokens_equal_eager():
+    """The greedy/sampled switch is a device-side choice inside the captured step: graph replays give eager's
+    tokens, and the argmax stretch follows each generate() call's prompt length."""
+    mc = tiny_llama(9).to("cuda")
+    for T in (1, 2, 4):
+        prompt = torch.randint(0, VOCAB, (3, T), generator=torch.Generator().manual_seed(T))
+        graph = StaticDecoder(mc, batch_size=3, max_len=24, temperature=1.0, greedy_tokens=3)
+        eager = StaticDecoder(mc, batch_size=3, max_len=24, temperature=1.0, greedy_tokens=3, cuda_graph=False)
+        a = graph.generate(prompt, 24 - T, seed=2)
+        assert torch.equal(a, eager.generate(prompt, 24 - T, seed=2))
+        with torch.no_grad():
+            argmax = mc(input_ids=a[:, :-1].cuda()).logits.argmax(-1).cpu()
+        assert torch.equal(a[:, T:T + 3], argmax[:, T - 1:T + 2])
