@@ -1,0 +1,48 @@
+"""Plot a teacher-data comparison (benchmarks/results/teacher_data_variants_*.json): WikiText-2 perplexity per
+variant, and each variant's NLL gap to the FP model by position in the window.
+
+    python benchmarks/plot_teacher_data.py RESULT.json OUT.png
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("result")
+    ap.add_argument("out")
+    args = ap.parse_args(argv)
+    res = json.loads(Path(args.result).read_text())
+    rows = res["rows"]
+    names = [r["run"] for r in rows]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    ppl = [r["wikitext2_ppl_2048"] for r in rows]
+    bars = left.barh(names, ppl, color=["C0" if p == min(ppl) else "C7" for p in ppl])
+    left.bar_label(bars, fmt="%.1f", padding=3)
+    left.axvline(res["fp_wikitext2_ppl_2048"], color="k", ls="--", lw=1, label=f"FP {res['fp_wikitext2_ppl_2048']:.2f}")
+    left.set_xlim(0, 1.15 * max(ppl))
+    left.invert_yaxis()
+    left.set_xlabel("WikiText-2 PPL, ctx 2048 (lower is better)")
+    left.legend(loc="center right")
+    for r in rows:
+        gap = r["nll_gap_to_fp_by_position"]
+        right.plot(range(len(gap)), list(gap.values()), marker="o", label=r["run"])
+    right.set_xticks(range(len(gap)), [k.replace("-", "–") for k in gap])
+    right.set_xlabel("positions in the 2,048-token window")
+    right.set_ylabel("NLL gap to FP (nats)")
+    right.legend(fontsize=8)
+    fig.suptitle(f"RaBiT on SmolLM2-135M, 5 M tokens, seed 0: how the teacher data is sampled ({res['device']})")
+    fig.tight_layout()
+    fig.savefig(args.out, dpi=110)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
