@@ -237,6 +237,9 @@ def main(argv=None):
     ap.add_argument("--attention", choices=["fused", "unfused"], default="fused",
                     help="decode-step attention: fused (rabit.decode_attention where supported: StaticDecoder's "
                     "default) or unfused (rotary, cache copies, SDPA over the whole cache; fused_attention=False)")
+    ap.add_argument("--cpu-kernel", choices=["auto", "ref", "avx2", "gemm"], default="auto",
+                    help="CPU packed GEMV/GEMM (rabit.set_cpu_kernel): auto (tables below 32 rows of x, the dequantized "
+                    "GEMM from 32: the prefill), or one of them at every M")
     ap.add_argument("--tag", default="", help="suffix of the JSON file name")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
@@ -245,6 +248,7 @@ def main(argv=None):
     if not set(variants) <= set(known) or not any(v.startswith("fp") for v in variants):
         ap.error(f"--variants: expected an fp variant and others of {known}, got {args.variants!r}")
     variants = [v for v in known if v in variants]  # FP first: the model is packed in place afterwards
+    rabit.set_cpu_kernel(args.cpu_kernel)
     fused = None if args.attention == "fused" else False
     dev = torch.device(args.device)
     dtype = torch.float16 if dev.type == "cuda" else torch.float32
@@ -311,7 +315,7 @@ def main(argv=None):
                         "rabit": getattr(rabit, "__version__", None), "python": platform.python_version()},
            "copy_bandwidth_GBps": round(bw / 1e9, 1), "threads": torch.get_num_threads(),
            "prompt_tokens": args.prompt, "new_tokens": args.new, "glue_compiled": compile_glue,
-           "attention": args.attention,
+           "attention": args.attention, "cpu_kernel": args.cpu_kernel,
            "fp_dtype": str(dtype), "command": " ".join([Path(sys.argv[0]).name] + (argv or sys.argv[1:])),
            "results": results}
     tag = device_tag(torch.cuda.get_device_name(dev)) if dev.type == "cuda" else "cpu"

@@ -210,6 +210,51 @@ fail:
     return NULL;
 }
 
+/* y = x Ŵᵀ (+ bias) for rabit_cpu_use_gemm(M): Ŵ dequantized a tile of rows at a time (float32, the forward's
+   values) into NumPy's float32 matrix product (its BLAS), as the torch binding does with ATen's. 0 or -1 (error
+   set). */
+static int packed_linear_gemm(const char *op, PyArrayObject *x, PyArrayObject *p, PyArrayObject *g, PyArrayObject *h,
+                              PyArrayObject *b, npy_intp K, npy_intp out, npy_intp in, npy_intp M, PyArrayObject *y) {
+    const npy_intp rows = rabit_cpu_gemm_tile_rows(out, in);
+    npy_intp dims[2] = {rows, in}, o0, m, j;
+    PyArrayObject *tile = (PyArrayObject *)PyArray_SimpleNew(2, dims, NPY_FLOAT32);
+    float *yd = (float *)PyArray_DATA(y);
+    const float *bd = b ? (const float *)PyArray_DATA(b) : NULL;
+    if (!tile) return -1;
+    for (o0 = 0; o0 < out; o0 += rows) {
+        const npy_intp n = rows < out - o0 ? rows : out - o0;
+        PyArrayObject *view, *wt, *prod;
+        const float *pd;
+        npy_intp dv[2] = {n, in};
+        rabit_status st;
+        Py_BEGIN_ALLOW_THREADS
+        st = rabit_dequantize_rows_cpu((const rabit_word_t *)PyArray_DATA(p), (const float *)PyArray_DATA(g),
+                                       (const float *)PyArray_DATA(h), K, out, in, o0, o0 + n, PyArray_DATA(tile),
+                                       RABIT_F32);
+        Py_END_ALLOW_THREADS
+        if (rabit_fail(op, st)) goto fail;
+        /* the first n rows of the tile, transposed: [in, n] */
+        view = (PyArrayObject *)PyArray_New(&PyArray_Type, 2, dv, NPY_FLOAT32, NULL, PyArray_DATA(tile), 0,
+                                            NPY_ARRAY_CARRAY, NULL);
+        if (!view) goto fail;
+        wt = (PyArrayObject *)PyArray_Transpose(view, NULL);
+        Py_DECREF(view);
+        if (!wt) goto fail;
+        prod = (PyArrayObject *)PyArray_MatrixProduct2((PyObject *)x, (PyObject *)wt, NULL);
+        Py_DECREF(wt);
+        if (!prod) goto fail;
+        pd = (const float *)PyArray_DATA(prod); /* a new C-contiguous [M, n] (or [n]) float32 array */
+        for (m = 0; m < M; m++)
+            for (j = 0; j < n; j++) yd[m * out + o0 + j] = bd ? pd[m * n + j] + bd[o0 + j] : pd[m * n + j];
+        Py_DECREF(prod);
+    }
+    Py_DECREF(tile);
+    return 0;
+fail:
+    Py_DECREF(tile);
+    return -1;
+}
+
 static PyObject *core_packed_linear(PyObject *self, PyObject *args, PyObject *kwargs) {
     static char *kwlist[] = {"x", "packed", "g", "h", "bias", NULL};
     const char *op = "rabit._core.packed_linear";
@@ -252,12 +297,17 @@ static PyObject *core_packed_linear(PyObject *self, PyObject *args, PyObject *kw
     ydims[1] = out;
     y = vec ? PyArray_SimpleNew(1, &ydims[1], NPY_FLOAT32) : PyArray_SimpleNew(2, ydims, NPY_FLOAT32);
     if (!y) goto fail;
-    Py_BEGIN_ALLOW_THREADS
-    st = rabit_packed_linear_cpu(PyArray_DATA(x), RABIT_F32, M, (const rabit_word_t *)PyArray_DATA(p),
-                                 (const float *)PyArray_DATA(g), (const float *)PyArray_DATA(h),
-                                 b ? (const float *)PyArray_DATA(b) : NULL, K, out, in,
-                                 PyArray_DATA((PyArrayObject *)y));
-    Py_END_ALLOW_THREADS
+    if (rabit_cpu_use_gemm(M)) {
+        if (packed_linear_gemm(op, x, p, g, h, b, K, out, in, M, (PyArrayObject *)y)) goto fail;
+        st = RABIT_OK;
+    } else {
+        Py_BEGIN_ALLOW_THREADS
+        st = rabit_packed_linear_cpu(PyArray_DATA(x), RABIT_F32, M, (const rabit_word_t *)PyArray_DATA(p),
+                                     (const float *)PyArray_DATA(g), (const float *)PyArray_DATA(h),
+                                     b ? (const float *)PyArray_DATA(b) : NULL, K, out, in,
+                                     PyArray_DATA((PyArrayObject *)y));
+        Py_END_ALLOW_THREADS
+    }
     if (rabit_fail(op, st)) goto fail;
     Py_DECREF(x);
     Py_DECREF(p);
@@ -411,11 +461,9 @@ static PyObject *core_set_cpu_kernel(PyObject *self, PyObject *arg) {
     rabit_cpu_kernel k;
     (void)self;
     if (!name) return NULL;
-    if (!strcmp(name, "auto")) k = RABIT_CPU_AUTO;
-    else if (!strcmp(name, "ref")) k = RABIT_CPU_REF;
-    else if (!strcmp(name, "avx2")) k = RABIT_CPU_AVX2;
-    else {
-        PyErr_Format(PyExc_ValueError, "rabit._core.set_cpu_kernel: unknown kernel '%s'; use 'auto', 'ref' or 'avx2'", name);
+    if (rabit_cpu_kernel_from_name(name, &k) != RABIT_OK) {
+        PyErr_Format(PyExc_ValueError, "rabit._core.set_cpu_kernel: unknown kernel '%s'; use " RABIT_CPU_KERNEL_NAMES,
+                     name);
         return NULL;
     }
     if (rabit_cpu_set_kernel(k) != RABIT_OK) {
@@ -428,7 +476,7 @@ static PyObject *core_set_cpu_kernel(PyObject *self, PyObject *arg) {
 static PyObject *core_cpu_kernel(PyObject *self, PyObject *unused) {
     (void)self;
     (void)unused;
-    return PyUnicode_FromString(rabit_cpu_active_kernel() == RABIT_CPU_AVX2 ? "avx2" : "ref");
+    return PyUnicode_FromString(rabit_cpu_active_kernel_name());
 }
 
 static PyMethodDef core_methods[] = {
@@ -444,7 +492,7 @@ static PyMethodDef core_methods[] = {
      "decode_attention(q f32[B,H,D], k, v f32[B,Hkv,D], k_cache, v_cache f32[B,Hkv,S,D], cos, sin f32[P>=S,D], pos, "
      "scale=None) -> f32[B,H,D]: rotary embedding of q and k, k and v written into the caches at pos (in place), "
      "softmax attention over positions 0..pos (rabit.decode_attention's CPU kernel)"},
-    {"set_cpu_kernel", core_set_cpu_kernel, METH_O, "Force the CPU packed-GEMV kernel: 'auto', 'ref' or 'avx2'."},
+    {"set_cpu_kernel", core_set_cpu_kernel, METH_O, "Force the CPU packed-GEMV kernel: " RABIT_CPU_KERNEL_NAMES "."},
     {"cpu_kernel", core_cpu_kernel, METH_NOARGS, "The CPU packed-GEMV kernel in use."},
     {NULL, NULL, 0, NULL}};
 
@@ -458,6 +506,7 @@ PyMODINIT_FUNC PyInit__core(void) {
     if (!m) return NULL;
     PyModule_AddIntConstant(m, "FORMAT_VERSION", RABIT_FORMAT_VERSION);
     PyModule_AddIntConstant(m, "WORD_BITS", RABIT_WORD_BITS);
+    PyModule_AddIntConstant(m, "CPU_GEMM_MIN_ROWS", RABIT_CPU_GEMM_MIN_ROWS);
     PyModule_AddStringConstant(m, "SOURCE_HASH", RABIT_SOURCE_HASH);
     return m;
 }

@@ -114,12 +114,37 @@ at::Tensor dequantize_cpu(const at::Tensor &packed, const at::Tensor &g, const a
 
 namespace {
 
+// x [M, in] times Ŵᵀ for M >= RABIT_CPU_GEMM_MIN_ROWS (rabit_cpu_use_gemm): Ŵ dequantized a tile of rows at a time
+// (float32, the forward's values) into ATen's float32 GEMM, y[:, tile] = x Ŵ_tileᵀ (+ bias). Float32 accumulation as
+// in the table kernels, in BLAS's order instead of theirs.
+at::Tensor packed_linear_gemm(const char *op, const at::Tensor &x, const at::Tensor &packed, const at::Tensor &gf,
+                              const at::Tensor &hf, const at::Tensor &bf, int64_t K, int64_t out, int64_t in) {
+    const at::Tensor xf = x.to(at::kFloat).contiguous();
+    at::Tensor yf = at::empty({x.size(0), out}, xf.options());
+    const int64_t rows = rabit_cpu_gemm_tile_rows(out, in);
+    at::Tensor tile = at::empty({rows, in}, xf.options());
+    const auto *words = reinterpret_cast<const rabit_word_t *>(packed.data_ptr<int32_t>());
+    for (int64_t o0 = 0; o0 < out; o0 += rows) {
+        const int64_t n = std::min(rows, out - o0);
+        at::Tensor t = tile.narrow(0, 0, n);
+        check_status(op, rabit_dequantize_rows_cpu(words, gf.data_ptr<float>(), hf.data_ptr<float>(), K, out, in, o0,
+                                                   o0 + n, t.data_ptr(), RABIT_F32));
+        at::Tensor ys = yf.narrow(1, o0, n);
+        if (bf.defined())
+            at::addmm_out(ys, bf.narrow(0, o0, n), xf, t.t());
+        else
+            at::mm_out(ys, xf, t.t());
+    }
+    return x.scalar_type() == at::kFloat ? yf : yf.to(x.scalar_type());
+}
+
 at::Tensor packed_linear_cpu_impl(const char *op, const at::Tensor &x, const at::Tensor &packed, const at::Tensor &g,
                                   const at::Tensor &h, const std::optional<at::Tensor> &bias) {
     const auto [K, out, in] = check_packed_linear_args(op, x, packed, g, h, bias);
     at::Tensor bf;
     if (bias.has_value()) bf = bias->to(at::kFloat).contiguous();
     at::Tensor gf = scales_f32(g), hf = scales_f32(h);
+    if (x.size(0) > 0 && rabit_cpu_use_gemm(x.size(0))) return packed_linear_gemm(op, x, packed, gf, hf, bf, K, out, in);
     at::Tensor y = at::empty({x.size(0), out}, x.options());
     check_status(op, rabit_packed_linear_cpu(x.data_ptr(), to_rabit_dtype(x.scalar_type()), x.size(0),
                                              reinterpret_cast<const rabit_word_t *>(packed.data_ptr<int32_t>()),

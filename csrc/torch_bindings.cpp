@@ -54,11 +54,8 @@ static PyObject *rabit_py_set_cpu_kernel(PyObject *, PyObject *arg) {
     const char *name = PyUnicode_AsUTF8(arg);
     if (!name) return nullptr;
     rabit_cpu_kernel k;
-    if (!strcmp(name, "auto")) k = RABIT_CPU_AUTO;
-    else if (!strcmp(name, "ref")) k = RABIT_CPU_REF;
-    else if (!strcmp(name, "avx2")) k = RABIT_CPU_AVX2;
-    else {
-        PyErr_Format(PyExc_ValueError, "rabit.set_cpu_kernel: unknown kernel '%s'; use 'auto', 'ref' or 'avx2'", name);
+    if (rabit_cpu_kernel_from_name(name, &k) != RABIT_OK) {
+        PyErr_Format(PyExc_ValueError, "rabit.set_cpu_kernel: unknown kernel '%s'; use " RABIT_CPU_KERNEL_NAMES, name);
         return nullptr;
     }
     if (rabit_cpu_set_kernel(k) != RABIT_OK) {
@@ -69,7 +66,7 @@ static PyObject *rabit_py_set_cpu_kernel(PyObject *, PyObject *arg) {
 }
 
 static PyObject *rabit_py_cpu_kernel(PyObject *, PyObject *) {
-    return PyUnicode_FromString(rabit_cpu_active_kernel() == RABIT_CPU_AVX2 ? "avx2" : "ref");
+    return PyUnicode_FromString(rabit_cpu_active_kernel_name());
 }
 
 #ifdef RABIT_WITH_CUDA
@@ -100,7 +97,7 @@ static PyObject *rabit_py_cuda_attention_unsupported(PyObject *, PyObject *args)
 #endif
 
 static PyMethodDef rabit_methods[] = {
-    {"set_cpu_kernel", rabit_py_set_cpu_kernel, METH_O, "Force the CPU packed-GEMV kernel: 'auto', 'ref' or 'avx2'."},
+    {"set_cpu_kernel", rabit_py_set_cpu_kernel, METH_O, "Force the CPU packed-GEMV kernel: " RABIT_CPU_KERNEL_NAMES "."},
     {"cpu_kernel", rabit_py_cpu_kernel, METH_NOARGS, "The CPU packed-GEMV kernel in use."},
 #ifdef RABIT_WITH_CUDA
     {"cuda_prefill_plan", rabit_py_cuda_prefill_plan, METH_VARARGS,
@@ -116,6 +113,7 @@ extern "C" PyObject *PyInit__C(void) {
     PyObject *m = PyModule_Create(&rabit_module);
     if (!m) return nullptr;
     PyModule_AddIntConstant(m, "FORMAT_VERSION", RABIT_FORMAT_VERSION);
+    PyModule_AddIntConstant(m, "CPU_GEMM_MIN_ROWS", RABIT_CPU_GEMM_MIN_ROWS);
     PyModule_AddStringConstant(m, "SOURCE_HASH", RABIT_SOURCE_HASH);
 #ifdef RABIT_TORCH_VERSION
     PyModule_AddStringConstant(m, "TORCH_VERSION", RABIT_TORCH_VERSION);

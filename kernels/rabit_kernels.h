@@ -35,15 +35,34 @@ typedef enum { RABIT_F32 = 0, RABIT_F16 = 1, RABIT_BF16 = 2 } rabit_dtype;
 
 typedef enum { RABIT_STE_IDENTITY = 0, RABIT_STE_CLIPPED = 1, RABIT_STE_TANH = 2 } rabit_ste;
 
-/* Which CPU implementation the packed GEMV/GEMM uses. AUTO picks the best the CPU supports. */
-typedef enum { RABIT_CPU_AUTO = 0, RABIT_CPU_REF = 1, RABIT_CPU_AVX2 = 2 } rabit_cpu_kernel;
+/* Which CPU implementation the packed GEMV/GEMM uses. AUTO: the best table kernel the CPU supports for x of fewer
+   than RABIT_CPU_GEMM_MIN_ROWS rows, and from there Ŵ dequantized tile by tile into a float32 GEMM, which the
+   bindings run with their BLAS (ATen, NumPy): the table kernels' work grows with every row of x, the
+   dequantization is paid once per call. REF, AVX2: that table kernel at every M; GEMM: the GEMM at every M. */
+typedef enum { RABIT_CPU_AUTO = 0, RABIT_CPU_REF = 1, RABIT_CPU_AVX2 = 2, RABIT_CPU_GEMM = 3 } rabit_cpu_kernel;
+
+/* Rows of x from which AUTO takes the GEMM: on this project's 2-core VM the table kernels were faster up to 16 rows
+   (0.66-0.85x there), the GEMM from 32 (1.05-1.29x; 1.9-2.4x at 128 rows), docs/kernels.md */
+#define RABIT_CPU_GEMM_MIN_ROWS 32
+/* Elements of one dequantized tile of Ŵ in the GEMM path (4 MiB of float32): whole rows, at least one. */
+#define RABIT_CPU_GEMM_TILE_ELEMS (1 << 20)
 
 const char *rabit_status_string(rabit_status s);
 
 /* Select the packed-GEMV implementation (process-wide); UNSUPPORTED if the CPU lacks it. */
 rabit_status rabit_cpu_set_kernel(rabit_cpu_kernel k);
-/* The implementation AUTO resolves to on this CPU, or the one forced by rabit_cpu_set_kernel. */
+/* The table kernel AUTO resolves to on this CPU, or the one forced by rabit_cpu_set_kernel (GEMM when forced). */
 rabit_cpu_kernel rabit_cpu_active_kernel(void);
+/* Whether a packed linear of an x with M rows runs as the dequantized GEMM (the binding's job) rather than
+   rabit_packed_linear_cpu's table kernels. */
+int rabit_cpu_use_gemm(int64_t M);
+/* Rows of Ŵ per tile of the GEMM path for `in` columns. */
+int64_t rabit_cpu_gemm_tile_rows(int64_t out, int64_t in);
+/* The kernel named "auto", "ref", "avx2" or "gemm" into *k: RABIT_OK, or RABIT_ERR_ARG for another name. */
+rabit_status rabit_cpu_kernel_from_name(const char *name, rabit_cpu_kernel *k);
+/* The name of rabit_cpu_active_kernel(): "ref", "avx2" or "gemm". */
+const char *rabit_cpu_active_kernel_name(void);
+#define RABIT_CPU_KERNEL_NAMES "'auto', 'ref', 'avx2' or 'gemm'"
 
 /*
  * Coupled residual binarization (forward). From latent W (dtype wdt) and scales g, h:
@@ -76,6 +95,10 @@ rabit_status rabit_residual_binarize_backward_cpu(const void *G, rabit_dtype gdt
  */
 rabit_status rabit_dequantize_cpu(const rabit_word_t *packed, const float *g, const float *h, int64_t K, int64_t out,
                                   int64_t in, void *what, rabit_dtype dt);
+
+/* Rows o0 .. o1-1 of that Ŵ (same values), into what[(o - o0) * in + j]: a tile for a blocked GEMM. */
+rabit_status rabit_dequantize_rows_cpu(const rabit_word_t *packed, const float *g, const float *h, int64_t K,
+                                       int64_t out, int64_t in, int64_t o0, int64_t o1, void *what, rabit_dtype dt);
 
 /* Pack rows of signs (float32; bit = value >= 0) into words; padding bits are cleared. */
 rabit_status rabit_pack_signs_cpu(const float *signs, int64_t rows, int64_t in, rabit_word_t *packed);

@@ -28,17 +28,26 @@ from .hf_quantizer import install_lazy_registration  # noqa: E402
 install_lazy_registration()
 
 
+#: Rows of x from which the CPU packed linear multiplies by Ŵ dequantized tile by tile in a float32 GEMM (BLAS)
+#: instead of the table kernels, under ``set_cpu_kernel("auto")``.
+CPU_GEMM_MIN_ROWS = _C.CPU_GEMM_MIN_ROWS
+
+
 def set_cpu_kernel(name: str) -> None:
-    """Force the CPU packed GEMV/GEMM implementation: ``"auto"`` (default), ``"ref"`` or ``"avx2"``."""
+    """Choose the CPU packed GEMV/GEMM (process-wide): ``"auto"`` (default: the best table kernel below
+    :data:`CPU_GEMM_MIN_ROWS` rows of x, the dequantized GEMM from there), or one implementation at every M: the
+    table kernels ``"ref"`` (scalar) and ``"avx2"`` (bit-identical to each other), or ``"gemm"``."""
     _C.set_cpu_kernel(name)
 
 
 def cpu_kernel() -> str:
-    """The CPU packed GEMV/GEMM implementation in use."""
+    """The table kernel ``"auto"`` runs below :data:`CPU_GEMM_MIN_ROWS` rows (``"avx2"`` or ``"ref"``), or the
+    implementation forced by :func:`set_cpu_kernel`."""
     return _C.cpu_kernel()
 
 
 __all__ = [
+    "CPU_GEMM_MIN_ROWS",
     "FORMAT_VERSION",
     "IndependentRaBiTLinear",
     "PackedRaBiTLinear",

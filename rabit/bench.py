@@ -1,6 +1,6 @@
 """CPU packed GEMV/GEMM against torch F.linear (fp32 and bf16), measured in the same run.
 
-    rabit bench [--threads N] [--m 1 4] [--out benchmarks/results]   (or python -m rabit.bench)
+    rabit bench [--threads N] [--m 1 4 128] [--out benchmarks/results]   (or python -m rabit.bench)
 
 Writes benchmarks/results/bench_cpu_gemv_<host>_<date>.json with every timing (median of many
 calls, weights cycled through a pool larger than the last-level cache so memory is measured).
@@ -60,13 +60,16 @@ def bench_shape(out: int, in_features: int, m: int, reps: int, pool_bytes: int) 
     with torch.inference_mode():
         res["torch_fp32_s"] = median_time(lambda i: F.linear(x, ws[i]), pool, reps)
         res["torch_bf16_s"] = median_time(lambda i: F.linear(xb, ws_bf16[i]), pool, reps)
-        for kernel in ("ref", "avx2") if rabit.cpu_kernel() == "avx2" else ("ref",):
+        table = "avx2" if rabit.cpu_kernel() == "avx2" else "ref"
+        for kernel in ("ref", "avx2", "gemm") if table == "avx2" else ("ref", "gemm"):
             if kernel == "ref" and out * in_features > 50_000_000:
                 continue  # the scalar oracle is slow; it is measured at the smaller shapes
             rabit.set_cpu_kernel(kernel)
             res[f"rabit_{kernel}_s"] = median_time(lambda i: rabit.packed_linear(x, packed[i], g, h), pool, reps)
         rabit.set_cpu_kernel("auto")
-    best = res.get("rabit_avx2_s", res.get("rabit_ref_s"))
+    # what rabit.packed_linear runs by default (rabit.set_cpu_kernel("auto"))
+    res["rabit_default"] = "gemm" if m >= rabit.CPU_GEMM_MIN_ROWS else table
+    best = res[f"rabit_{res['rabit_default']}_s"]
     res["speedup_vs_fp32"] = res["torch_fp32_s"] / best
     res["speedup_vs_bf16"] = res["torch_bf16_s"] / best
     packed_bytes = k * out * ((in_features + 31) // 32) * 4 + 4 * k * (out + in_features)
@@ -78,7 +81,8 @@ def bench_shape(out: int, in_features: int, m: int, reps: int, pool_bytes: int) 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads (default: all)")
     ap.add_argument("--reps", type=int, default=30, help="timed calls per case (median reported)")
-    ap.add_argument("--m", type=int, nargs="+", default=[1, 4], help="batch rows M (default 1 4)")
+    ap.add_argument("--m", type=int, nargs="+", default=[1, 4, 128],
+                    help="rows of x, M (default 1 4 128: decoding, a small batch, a prefill)")
     ap.add_argument("--out", default="benchmarks/results", help="folder for the JSON (default benchmarks/results)")
 
 
@@ -97,7 +101,7 @@ def run(args) -> dict:
         return {"meta": meta, "rows": rows, "json": str(path)}
     print(f"{'shape':>12} {'M':>3} {'fp32 ms':>9} {'bf16 ms':>9} {'rabit ms':>9} {'x fp32':>7} {'x bf16':>7}")
     for r in rows:
-        best = r.get("rabit_avx2_s", r.get("rabit_ref_s"))
+        best = r[f"rabit_{r['rabit_default']}_s"]
         print(f"{r['out']:>6}x{r['in']:<5} {r['m']:>3} {1e3 * r['torch_fp32_s']:9.3f} {1e3 * r['torch_bf16_s']:9.3f} "
               f"{1e3 * best:9.3f} {r['speedup_vs_fp32']:7.2f} {r['speedup_vs_bf16']:7.2f}")
     print(f"wrote {path}")

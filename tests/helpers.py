@@ -47,6 +47,13 @@ def assert_float_close(kernel, ref_low, ref64, what="", terms_abs=None, n_terms=
                                         f"+ float32 floor {floor:.3g}")
 
 
+def abs_terms(x, g, h, bias):
+    """Σ over the summed terms' absolute values of a packed linear: Σ_k |g_k| (|x| · |h_k|) + |bias|."""
+    t = sum(g[k].abs().double()[None, :] * (x.abs().double() @ h[k].abs().double())[:, None]
+            for k in range(g.shape[0]))
+    return t + (bias.abs().double() if bias is not None else 0)
+
+
 # From this many rows of fp16/bf16 x on (up to 16) the CUDA decode dispatch takes the fp16 kernel, which rounds x*h
 # once to fp16 (kF16MinM in kernels/cuda/packed_linear.cu; tests/test_cuda.py checks the dispatch against it)
 CUDA_F16_DECODE_MIN_M = 5

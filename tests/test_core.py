@@ -11,7 +11,9 @@ import torch
 import rabit
 from rabit import _core
 
-from helpers import SHAPES, random_layer, shape_id
+from rabit import reference as R
+
+from helpers import SHAPES, abs_terms, assert_float_close, random_layer, shape_id
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
@@ -34,6 +36,32 @@ def test_core_matches_torch_ops(shape, k):
     assert np.array_equal(_core.pack_signs(signs.numpy()).view(np.int32), packed_t.numpy())
     assert np.array_equal(_core.unpack_signs(packed_n, shape[1]), signs.numpy())
     assert np.array_equal(_core.dequantize(packed_n, g.numpy(), h.numpy()), what_n)  # the forward's Ŵ
+
+
+@pytest.mark.parametrize("m", [1, 5, 40])
+def test_core_gemm_path_matches_torch_gemm_path(m):
+    """The NumPy module's GEMM path (Ŵ tiles into NumPy's matrix product) and the torch binding's (ATen's GEMM),
+    forced at every M, both against the reference by the 2x rule; 1-D x too. Three tiles of 26 rows (in = 40000),
+    the last partial."""
+    w, g, h = random_layer(60, 40000, 2)
+    _, packed = rabit.residual_binarize(w, g, h)
+    packed_n = packed.numpy().view(np.uint32)
+    x = torch.randn(m, 40000)
+    bias = torch.randn(60)
+    try:
+        _core.set_cpu_kernel("gemm")
+        rabit.set_cpu_kernel("gemm")
+        assert _core.cpu_kernel() == "gemm"
+        y_t = rabit.packed_linear(x, packed, g, h, bias)
+        y_n = _core.packed_linear(x.numpy(), packed_n, g.numpy(), h.numpy(), bias.numpy())
+        y1 = _core.packed_linear(x[0].numpy(), packed_n, g.numpy(), h.numpy())
+    finally:
+        _core.set_cpu_kernel("auto")
+        rabit.set_cpu_kernel("auto")
+    for y, xs, b in ((y_t, x, bias), (torch.from_numpy(y_n), x, bias), (torch.from_numpy(y1)[None], x[:1], None)):
+        args = (xs, packed, g, h, b)
+        assert_float_close(y, R.packed_linear(*args), R.packed_linear(*args, compute_dtype=torch.float64),
+                           "packed_linear (gemm)", abs_terms(xs, g, h, b), 2 * 40000)
 
 
 def test_core_rejects_wrong_dtype_and_shape():

@@ -8,11 +8,12 @@ import pytest
 import torch
 
 import rabit
+from rabit import _core
 from rabit import reference as R
 
 from conftest import available_devices
-from helpers import (FLOAT_DTYPES, SHAPES, assert_float_close, cuda_rounds_xh_to_fp16, dtype_id, random_layer,
-                     shape_id, tanh_ste_dw_bound)
+from helpers import (FLOAT_DTYPES, SHAPES, abs_terms, assert_float_close, cuda_rounds_xh_to_fp16, dtype_id,
+                     random_layer, shape_id, tanh_ste_dw_bound)
 
 DEVICES = available_devices()
 
@@ -154,7 +155,7 @@ def test_multithreaded_kernels_match_reference(k, device):
     y = rabit.packed_linear(x, packed, g, h)
     pl = (x.cpu(), packed.cpu(), g.cpu(), h.cpu())
     assert_float_close(y.cpu(), R.packed_linear(*pl), R.packed_linear(*pl, compute_dtype=torch.float64), "y",
-                       _abs_terms(x, g, h, None).cpu(), k * w.shape[1])
+                       abs_terms(x, g, h, None).cpu(), k * w.shape[1])
     assert torch.equal(rabit.unpack_signs(rabit.pack_signs(rabit.unpack_signs(packed, w.shape[1])), w.shape[1]),
                        rabit.unpack_signs(packed, w.shape[1]))
 
@@ -233,7 +234,7 @@ def test_packed_linear_matches_reference(shape, k, xdtype, m, device):
         y = rabit.packed_linear(x, packed, gs, hs, bias)
         assert y.dtype == xdtype and y.shape == (m, shape[0])
         args = (x.cpu(), packed.cpu(), gs.cpu(), hs.cpu(), None if bias is None else bias.cpu())
-        terms = _abs_terms(x, gs, hs, bias).cpu()
+        terms = abs_terms(x, gs, hs, bias).cpu()
         ref = R.packed_linear(*args, xh_fp16=cuda_rounds_xh_to_fp16(device, xdtype, m))
         assert_float_close(y.cpu(), ref, R.packed_linear(*args, compute_dtype=torch.float64), "packed_linear",
                            terms, k * shape[1])
@@ -348,20 +349,13 @@ def test_round_activations_f16_scales_each_group_by_a_power_of_two():
     assert torch.equal(R.round_activations_f16(x2, h)[..., :512], r[..., :512])
 
 
-def _abs_terms(x, g, h, bias):
-    """Σ over the summed terms' absolute values: Σ_k |g_k| (|x| · |h_k|) + |bias|."""
-    t = sum(g[k].abs().double()[None, :] * (x.abs().double() @ h[k].abs().double())[:, None]
-            for k in range(g.shape[0]))
-    return t + (bias.abs().double() if bias is not None else 0)
-
-
 def test_packed_linear_equals_dense_product_of_qat_weight():
     w, g, h = random_layer(96, 200, 2)
     what, packed = rabit.residual_binarize(w, g, h)
     x = torch.randn(4, 200)
     y64 = x.double() @ what.double().T
     assert_float_close(rabit.packed_linear(x, packed, g, h), x @ what.T, y64, "packed vs dense",
-                       _abs_terms(x, g, h, None), 2 * 200)
+                       abs_terms(x, g, h, None), 2 * 200)
 
 
 @pytest.mark.skipif(rabit.cpu_kernel() != "avx2", reason="CPU without AVX2")
@@ -384,8 +378,63 @@ def test_avx2_kernel_equals_scalar_kernel_bit_for_bit(m):
 
 
 def test_set_cpu_kernel_rejects_unknown_name():
-    with pytest.raises(ValueError, match="unknown kernel 'sse9'"):
+    with pytest.raises(ValueError, match="unknown kernel 'sse9'.*'gemm'"):
         rabit.set_cpu_kernel("sse9")
+
+
+# (out, in) for the CPU GEMM path: odd sizes; in = 40000 makes tiles of 26 rows (RABIT_CPU_GEMM_TILE_ELEMS // in), so
+# out = 60 runs three tiles, the last one partial
+GEMM_SHAPES = [(1, 1), (5, 33), (67, 257), (130, 576), (60, 40000)]
+
+
+@pytest.mark.parametrize("shape", GEMM_SHAPES, ids=shape_id)
+@pytest.mark.parametrize("xdtype", FLOAT_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("m", [1, 7, 32, 45])
+def test_cpu_gemm_path_matches_reference(shape, xdtype, m):
+    """Ŵ dequantized tile by tile into ATen's GEMM (forced here at every M): the reference by the 2x rule, with and
+    without bias, float32 and fp16 scales."""
+    k = 2
+    w, g, h = random_layer(*shape, k)
+    _, packed = rabit.residual_binarize(w, g, h)
+    x = torch.randn(m, shape[1]).to(xdtype)
+    bias = torch.randn(shape[0]) if m % 2 else None
+    try:
+        rabit.set_cpu_kernel("gemm")
+        assert rabit.cpu_kernel() == "gemm"
+        for scales in (torch.float32, torch.float16):
+            gs, hs = g.to(scales), h.to(scales)
+            y = rabit.packed_linear(x, packed, gs, hs, bias)
+            assert y.dtype == xdtype and y.shape == (m, shape[0])
+            args = (x, packed, gs, hs, bias)
+            assert_float_close(y, R.packed_linear(*args), R.packed_linear(*args, compute_dtype=torch.float64),
+                               "packed_linear (gemm)", abs_terms(x, gs, hs, bias), k * shape[1])
+    finally:
+        rabit.set_cpu_kernel("auto")
+
+
+def test_cpu_auto_takes_tables_below_32_rows_and_the_gemm_from_32():
+    """The default dispatch: the table kernel's bits below 32 rows of x, the GEMM's from 32 (each compared with the
+    forced implementation), and the two agree to float32 rounding."""
+    assert rabit.CPU_GEMM_MIN_ROWS == _core.CPU_GEMM_MIN_ROWS == 32
+    w, g, h = random_layer(300, 700, 2)
+    _, packed = rabit.residual_binarize(w, g, h)
+    table = "avx2" if rabit.cpu_kernel() == "avx2" else "ref"
+    for m in (31, 32, 100):
+        x = torch.randn(m, 700)
+        bias = torch.randn(300)
+        auto = rabit.packed_linear(x, packed, g, h, bias)
+        try:
+            forced = {}
+            for name in (table, "gemm"):
+                rabit.set_cpu_kernel(name)
+                forced[name] = rabit.packed_linear(x, packed, g, h, bias)
+        finally:
+            rabit.set_cpu_kernel("auto")
+        assert torch.equal(auto, forced["gemm" if m >= 32 else table])
+        assert not torch.equal(forced["gemm"], forced[table])  # two summation orders: they are told apart
+        # float32 rounding at the outputs' scale (an element near 0 is a cancellation, not a relative measure)
+        scale = float(forced[table].abs().max())
+        torch.testing.assert_close(forced["gemm"], forced[table], rtol=0, atol=1e-6 * scale)
 
 
 # ---------------------------------------------------------------- opcheck / gradcheck

@@ -1,5 +1,6 @@
 /* Packed GEMV/GEMM driver: input scaling, kernel choice, threading over output rows. */
 #include <stdlib.h>
+#include <string.h>
 
 #include "../rabit_dtype.h"
 #include "packed_linear.h"
@@ -16,7 +17,7 @@ static int rabit_cpu_has_avx2(void) {
 
 rabit_status rabit_cpu_set_kernel(rabit_cpu_kernel k) {
     if (k == RABIT_CPU_AVX2 && !rabit_cpu_has_avx2()) return RABIT_ERR_UNSUPPORTED;
-    if (k != RABIT_CPU_AUTO && k != RABIT_CPU_REF && k != RABIT_CPU_AVX2) return RABIT_ERR_ARG;
+    if (k != RABIT_CPU_AUTO && k != RABIT_CPU_REF && k != RABIT_CPU_AVX2 && k != RABIT_CPU_GEMM) return RABIT_ERR_ARG;
     rabit_forced_kernel = k;
     return RABIT_OK;
 }
@@ -24,6 +25,33 @@ rabit_status rabit_cpu_set_kernel(rabit_cpu_kernel k) {
 rabit_cpu_kernel rabit_cpu_active_kernel(void) {
     if (rabit_forced_kernel != RABIT_CPU_AUTO) return rabit_forced_kernel;
     return rabit_cpu_has_avx2() ? RABIT_CPU_AVX2 : RABIT_CPU_REF;
+}
+
+int rabit_cpu_use_gemm(int64_t M) {
+    if (rabit_forced_kernel == RABIT_CPU_AUTO) return M >= RABIT_CPU_GEMM_MIN_ROWS;
+    return rabit_forced_kernel == RABIT_CPU_GEMM;
+}
+
+rabit_status rabit_cpu_kernel_from_name(const char *name, rabit_cpu_kernel *k) {
+    static const char *const names[] = {"auto", "ref", "avx2", "gemm"}; /* in rabit_cpu_kernel's order */
+    int i;
+    if (!name || !k) return RABIT_ERR_ARG;
+    for (i = 0; i < 4; i++)
+        if (!strcmp(name, names[i])) {
+            *k = (rabit_cpu_kernel)i;
+            return RABIT_OK;
+        }
+    return RABIT_ERR_ARG;
+}
+
+const char *rabit_cpu_active_kernel_name(void) {
+    const rabit_cpu_kernel k = rabit_cpu_active_kernel();
+    return k == RABIT_CPU_GEMM ? "gemm" : k == RABIT_CPU_AVX2 ? "avx2" : "ref";
+}
+
+int64_t rabit_cpu_gemm_tile_rows(int64_t out, int64_t in) {
+    const int64_t rows = in > 0 ? RABIT_CPU_GEMM_TILE_ELEMS / in : out;
+    return rows < 1 ? 1 : rows > out ? out : rows;
 }
 
 rabit_status rabit_packed_linear_cpu(const void *x, rabit_dtype xdt, int64_t M, const rabit_word_t *packed,
@@ -39,7 +67,11 @@ rabit_status rabit_packed_linear_cpu(const void *x, rabit_dtype xdt, int64_t M, 
     if (!rabit_dtype_valid(xdt)) return RABIT_ERR_UNSUPPORTED;
     if (M == 0) return RABIT_OK;
 #ifdef RABIT_HAVE_AVX2_KERNEL
-    if (rabit_cpu_active_kernel() == RABIT_CPU_AVX2) rows_fn = rabit_packed_rows_avx2;
+    /* the table kernel (a binding that takes the GEMM path does not call this; forced GEMM falls back to the
+       best table kernel here, for callers without a BLAS) */
+    if (rabit_cpu_active_kernel() == RABIT_CPU_AVX2 ||
+        (rabit_cpu_active_kernel() == RABIT_CPU_GEMM && rabit_cpu_has_avx2()))
+        rows_fn = rabit_packed_rows_avx2;
 #endif
     xh = (float *)calloc((size_t)(M * K * in_pad), sizeof(float)); /* zero padding past `in` */
     lut = (float *)malloc((size_t)(M * K * nw * RABIT_LUT_PER_WORD) * sizeof(float));

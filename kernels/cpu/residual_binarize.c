@@ -4,6 +4,7 @@
  * -ffp-contract=off so that `r - (±g)*h` is never fused into an FMA, which would change signs.
  */
 #include <stdlib.h>
+#include <string.h>
 #include <math.h>
 
 #ifdef _OPENMP
@@ -163,14 +164,22 @@ rabit_status rabit_residual_binarize_backward_cpu(const void *G, rabit_dtype gdt
     return nomem ? RABIT_ERR_NOMEM : RABIT_OK;
 }
 
-rabit_status rabit_dequantize_cpu(const rabit_word_t *packed, const float *g, const float *h, int64_t K, int64_t out,
-                                  int64_t in, void *what, rabit_dtype dt) {
+/* 1 << b for b = 0..31, as a table so that a loop over the bits of a word reads constants (vectorizable). */
+static const rabit_word_t rabit_bit_masks[RABIT_WORD_BITS] = {
+    1u << 0,  1u << 1,  1u << 2,  1u << 3,  1u << 4,  1u << 5,  1u << 6,  1u << 7,  1u << 8,  1u << 9,  1u << 10,
+    1u << 11, 1u << 12, 1u << 13, 1u << 14, 1u << 15, 1u << 16, 1u << 17, 1u << 18, 1u << 19, 1u << 20, 1u << 21,
+    1u << 22, 1u << 23, 1u << 24, 1u << 25, 1u << 26, 1u << 27, 1u << 28, 1u << 29, 1u << 30, 1u << 31};
+
+rabit_status rabit_dequantize_rows_cpu(const rabit_word_t *packed, const float *g, const float *h, int64_t K,
+                                       int64_t out, int64_t in, int64_t o0, int64_t o1, void *what, rabit_dtype dt) {
     const int64_t nw = RABIT_WORDS(in);
     int nomem = 0;
     int64_t o;
-    if (!packed || !g || !h || !what || K < 1 || K > RABIT_MAX_K || out < 0 || in < 1) return RABIT_ERR_ARG;
+    if (!packed || !g || !h || !what || K < 1 || K > RABIT_MAX_K || out < 0 || in < 1 || o0 < 0 || o1 < o0 ||
+        o1 > out)
+        return RABIT_ERR_ARG;
     if (!rabit_dtype_valid(dt)) return RABIT_ERR_UNSUPPORTED;
-#pragma omp parallel if (out * nw * K >= RABIT_PARALLEL_MIN_WORDS)
+#pragma omp parallel if ((o1 - o0) * nw * K >= RABIT_PARALLEL_MIN_WORDS)
     {
         float *acc = (float *)malloc((size_t)in * sizeof(float));
         if (!acc) {
@@ -178,21 +187,42 @@ rabit_status rabit_dequantize_cpu(const rabit_word_t *packed, const float *g, co
             nomem = 1;
         }
 #pragma omp for schedule(static)
-        for (o = 0; o < out; o++) {
-            int64_t j, k;
+        for (o = o0; o < o1; o++) {
+            int64_t wi, k;
             if (!acc) continue;
             for (k = 0; k < K; k++) {
                 const float gk = g[k * out + o];
                 const float *hk = h + k * in;
                 const rabit_word_t *pw = packed + (k * out + o) * nw;
-                for (j = 0; j < in; j++) { /* the forward's arithmetic, so its Ŵ comes back bit for bit */
-                    const float v = (((pw[j / RABIT_WORD_BITS] >> (j % RABIT_WORD_BITS)) & 1u) ? gk : -gk) * hk[j];
-                    acc[j] = k ? acc[j] + v : v;
+                for (wi = 0; wi < nw; wi++) {
+                    /* a word at a time: the sign is a flip of the sign bit of gk * h_j where the bit is clear
+                       ((-gk) * h_j is exactly -(gk * h_j)), with constant masks, so the compiler vectorizes it;
+                       the forward's values, so its Ŵ comes back bit for bit */
+                    const rabit_word_t w = pw[wi];
+                    const int64_t j0 = wi * RABIT_WORD_BITS;
+                    const int n = (int)(in - j0 < RABIT_WORD_BITS ? in - j0 : RABIT_WORD_BITS);
+                    float *a = acc + j0;
+                    const float *hj = hk + j0;
+                    int b;
+                    for (b = 0; b < n; b++) {
+                        const uint32_t flip = (w & rabit_bit_masks[b]) ? 0u : 0x80000000u;
+                        float v = gk * hj[b];
+                        uint32_t u;
+                        memcpy(&u, &v, sizeof u);
+                        u ^= flip;
+                        memcpy(&v, &u, sizeof v);
+                        a[b] = k ? a[b] + v : v;
+                    }
                 }
             }
-            rabit_store_f32(what, dt, o * in, in, acc);
+            rabit_store_f32(what, dt, (o - o0) * in, in, acc);
         }
         free(acc);
     }
     return nomem ? RABIT_ERR_NOMEM : RABIT_OK;
+}
+
+rabit_status rabit_dequantize_cpu(const rabit_word_t *packed, const float *g, const float *h, int64_t K, int64_t out,
+                                  int64_t in, void *what, rabit_dtype dt) {
+    return rabit_dequantize_rows_cpu(packed, g, h, K, out, in, 0, out, what, dt);
 }
