@@ -297,7 +297,7 @@ static PyObject *core_packed_linear(PyObject *self, PyObject *args, PyObject *kw
     ydims[1] = out;
     y = vec ? PyArray_SimpleNew(1, &ydims[1], NPY_FLOAT32) : PyArray_SimpleNew(2, ydims, NPY_FLOAT32);
     if (!y) goto fail;
-    if (rabit_cpu_use_gemm(M)) {
+    if (M > 0 && rabit_cpu_use_gemm(M)) {
         if (packed_linear_gemm(op, x, p, g, h, b, K, out, in, M, (PyArrayObject *)y)) goto fail;
         st = RABIT_OK;
     } else {

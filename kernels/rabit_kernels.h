@@ -44,12 +44,13 @@ typedef enum { RABIT_CPU_AUTO = 0, RABIT_CPU_REF = 1, RABIT_CPU_AVX2 = 2, RABIT_
 /* Rows of x from which AUTO takes the GEMM: on this project's 2-core VM the table kernels were faster up to 16 rows
    (0.66-0.85x there), the GEMM from 32 (1.05-1.29x; 1.9-2.4x at 128 rows), docs/kernels.md */
 #define RABIT_CPU_GEMM_MIN_ROWS 32
-/* Elements of one dequantized tile of Ŵ in the GEMM path (4 MiB of float32): whole rows, at least one. */
+/* Elements of one dequantized tile of Ŵ in the GEMM path (4 MiB of float32): whole rows, at least one (out > 0). */
 #define RABIT_CPU_GEMM_TILE_ELEMS (1 << 20)
 
 const char *rabit_status_string(rabit_status s);
 
-/* Select the packed-GEMV implementation (process-wide); UNSUPPORTED if the CPU lacks it. */
+/* Select the packed-GEMV implementation for this copy of the C core (each extension module links its own);
+   UNSUPPORTED if the CPU lacks it. */
 rabit_status rabit_cpu_set_kernel(rabit_cpu_kernel k);
 /* The table kernel AUTO resolves to on this CPU, or the one forced by rabit_cpu_set_kernel (GEMM when forced). */
 rabit_cpu_kernel rabit_cpu_active_kernel(void);

@@ -34,9 +34,10 @@ CPU_GEMM_MIN_ROWS = _C.CPU_GEMM_MIN_ROWS
 
 
 def set_cpu_kernel(name: str) -> None:
-    """Choose the CPU packed GEMV/GEMM (process-wide): ``"auto"`` (default: the best table kernel below
-    :data:`CPU_GEMM_MIN_ROWS` rows of x, the dequantized GEMM from there), or one implementation at every M: the
-    table kernels ``"ref"`` (scalar) and ``"avx2"`` (bit-identical to each other), or ``"gemm"``."""
+    """Choose the torch ops' CPU packed GEMV/GEMM (for the whole process; the NumPy module has its own setting,
+    ``rabit._core.set_cpu_kernel``): ``"auto"`` (default: the best table kernel below :data:`CPU_GEMM_MIN_ROWS` rows
+    of x, the dequantized GEMM from there), or one implementation at every M: the table kernels ``"ref"`` (scalar)
+    and ``"avx2"`` (bit-identical to each other), or ``"gemm"``."""
     _C.set_cpu_kernel(name)
 
 

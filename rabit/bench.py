@@ -60,10 +60,11 @@ def bench_shape(out: int, in_features: int, m: int, reps: int, pool_bytes: int) 
     with torch.inference_mode():
         res["torch_fp32_s"] = median_time(lambda i: F.linear(x, ws[i]), pool, reps)
         res["torch_bf16_s"] = median_time(lambda i: F.linear(xb, ws_bf16[i]), pool, reps)
+        rabit.set_cpu_kernel("auto")  # so that cpu_kernel() names the table kernel auto runs
         table = "avx2" if rabit.cpu_kernel() == "avx2" else "ref"
         for kernel in ("ref", "avx2", "gemm") if table == "avx2" else ("ref", "gemm"):
-            if kernel == "ref" and out * in_features > 50_000_000:
-                continue  # the scalar oracle is slow; it is measured at the smaller shapes
+            if kernel == "ref" and table == "avx2" and (out * in_features > 50_000_000 or m >= rabit.CPU_GEMM_MIN_ROWS):
+                continue  # the scalar oracle is slow; it is measured at the smaller shapes and batches
             rabit.set_cpu_kernel(kernel)
             res[f"rabit_{kernel}_s"] = median_time(lambda i: rabit.packed_linear(x, packed[i], g, h), pool, reps)
         rabit.set_cpu_kernel("auto")

@@ -233,7 +233,7 @@ class StaticDecoder:
         self._out = torch.zeros(batch_size, max_len, dtype=torch.long, device=self.device)
         # sampling: the rows' draw keys (generate() sets them from its seed; these are seed 0's)
         self._keys = row_keys(0, torch.arange(batch_size, device=self.device))
-        # positions below this one are taken by argmax (generate() sets it to the prompt length + greedy_tokens)
+        # positions below this one are taken by argmax (prefill() sets it to the prompt length + greedy_tokens)
         self._greedy_end = torch.zeros(1, dtype=torch.long, device=self.device)
         self._graph = None
         # stacked weight (and bias) of each FP group, keyed by the group's first module
@@ -452,6 +452,7 @@ class StaticDecoder:
             self.forward(ids[:, :-1], self.positions[: T - 1])
         self._tok.copy_(ids[:, -1:])
         self._pos.fill_(T - 1)
+        self._greedy_end.fill_(T + self.greedy_tokens)
         self._steps_left = self.max_len - T
 
     @torch.no_grad()
@@ -487,7 +488,6 @@ class StaticDecoder:
         T = input_ids.shape[1]
         if self.temperature is not None:
             self._keys.copy_(row_keys(seed, torch.arange(first_row, first_row + self.B, device=self.device)))
-            self._greedy_end.fill_(T + self.greedy_tokens)
         self.prefill(input_ids)
         done, chunk = 0, 16
         while done < max_new_tokens:

@@ -412,6 +412,27 @@ def test_cpu_gemm_path_matches_reference(shape, xdtype, m):
         rabit.set_cpu_kernel("auto")
 
 
+def test_cpu_gemm_path_multiplies_by_the_forwards_what_exactly():
+    """x = the identity (one-hot rows): the GEMM path returns Ŵ's columns bit for bit, through every tile (in = 40000:
+    tiles of 26 rows, three for out = 60), in the torch op and in the NumPy module."""
+    w, g, h = random_layer(60, 40000, 2)
+    what, packed = rabit.residual_binarize(w, g, h)
+    cols = torch.tensor([0, 1, 7, 31, 32, 33, 999, 20000, 39968, 39999] * 4)  # 40 rows: auto takes the GEMM too
+    x = torch.nn.functional.one_hot(cols, 40000).float()
+    packed_n = packed.numpy().view("uint32")
+    for kernel in ("gemm", "auto"):
+        try:
+            rabit.set_cpu_kernel(kernel)
+            _core.set_cpu_kernel(kernel)
+            y = rabit.packed_linear(x, packed, g, h)
+            y_n = _core.packed_linear(x.numpy(), packed_n, g.numpy(), h.numpy())
+        finally:
+            rabit.set_cpu_kernel("auto")
+            _core.set_cpu_kernel("auto")
+        assert torch.equal(y, what[:, cols].T)
+        assert torch.equal(torch.from_numpy(y_n), what[:, cols].T)
+
+
 def test_cpu_auto_takes_tables_below_32_rows_and_the_gemm_from_32():
     """The default dispatch: the table kernel's bits below 32 rows of x, the GEMM's from 32 (each compared with the
     forced implementation), and the two agree to float32 rounding."""

@@ -172,7 +172,7 @@ def test_random_token_start_and_greedy_tokens(monkeypatch, greedy):
         mp.setattr(D, "_static_sampler_applies", lambda model, seq_len: True)
         mp.setattr(D, "decode_loop", None)  # the static path must not use it
         assert torch.equal(D.generate_teacher_data(m, batch_size=3, **kw), ref)
-    assert len(set(ref[:, 1].tolist())) >= 6  # 7 uniform draws over 64 tokens: nearly all distinct
+    assert len(set(ref[:, 1].tolist())) >= 6  # 7 uniform draws over 48 tokens: nearly all distinct
     if greedy:
         with torch.no_grad():
             argmax = m(input_ids=ref[:, :-1]).logits.argmax(-1)
@@ -191,6 +191,7 @@ def test_random_token_starts_are_uniform_over_the_vocabulary():
     freq = torch.bincount(ids[:, 1], minlength=VOCAB).double() / n
     tv = 0.5 * (freq - 1.0 / VOCAB).abs().sum().item()
     assert tv < 0.06, f"total variation {tv:.3f} from uniform"
+    assert int(ids[:, 1].min()) == 0 and int(ids[:, 1].max()) == VOCAB - 1  # both ends of the vocabulary are drawn
 
 
 @pytest.mark.parametrize("kw, match", [
@@ -245,10 +246,11 @@ def test_cuda_graph_greedy_tokens_equal_eager():
     """The greedy/sampled switch is a device-side choice inside the captured step: graph replays give eager's
     tokens, and the argmax stretch follows each generate() call's prompt length."""
     mc = tiny_llama(9).to("cuda")
+    # one decoder each: the graph is captured in the first call (T = 1) and replayed for the longer prompts
+    graph = StaticDecoder(mc, batch_size=3, max_len=24, temperature=1.0, greedy_tokens=3)
+    eager = StaticDecoder(mc, batch_size=3, max_len=24, temperature=1.0, greedy_tokens=3, cuda_graph=False)
     for T in (1, 2, 4):
         prompt = torch.randint(0, VOCAB, (3, T), generator=torch.Generator().manual_seed(T))
-        graph = StaticDecoder(mc, batch_size=3, max_len=24, temperature=1.0, greedy_tokens=3)
-        eager = StaticDecoder(mc, batch_size=3, max_len=24, temperature=1.0, greedy_tokens=3, cuda_graph=False)
         a = graph.generate(prompt, 24 - T, seed=2)
         assert torch.equal(a, eager.generate(prompt, 24 - T, seed=2))
         with torch.no_grad():
