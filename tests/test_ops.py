@@ -377,6 +377,21 @@ def test_avx2_kernel_equals_scalar_kernel_bit_for_bit(m):
         assert torch.equal(y_ref, y_simd)
 
 
+@pytest.mark.skipif(rabit.cpu_kernel() != "avx2", reason="CPU without AVX2")
+def test_dequantize_avx2_rows_equal_scalar_rows_bit_for_bit():
+    """rabit.dequantize runs the AVX2 row kernel unless "ref" is forced: the same Ŵ, the forward's, at odd widths
+    (a scalar tail after the whole words) and K = 1..4."""
+    for (out, in_features), k in (((3, 31), 1), ((5, 33), 2), ((17, 257), 3), ((9, 4096), 4)):
+        w, g, h = random_layer(out, in_features, k)
+        what, packed = rabit.residual_binarize(w, g, h)
+        try:
+            rabit.set_cpu_kernel("ref")
+            scalar = rabit.dequantize(packed, g, h)
+        finally:
+            rabit.set_cpu_kernel("auto")
+        assert torch.equal(scalar, what) and torch.equal(rabit.dequantize(packed, g, h), what)
+
+
 def test_set_cpu_kernel_rejects_unknown_name():
     with pytest.raises(ValueError, match="unknown kernel 'sse9'.*'gemm'"):
         rabit.set_cpu_kernel("sse9")

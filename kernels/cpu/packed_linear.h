@@ -33,6 +33,16 @@ void rabit_packed_rows_avx2(const float *lut, int64_t M, const rabit_word_t *pac
                             const float *bias, int64_t K, int64_t out, int64_t in, int64_t o0, int64_t o1, float *y);
 #endif
 
+/* Whether this build has the AVX2 kernels and the CPU runs them. */
+int rabit_cpu_has_avx2(void);
+
+/* One row's Ŵ over `in` columns for path k: acc[j] (= if first) or += (±g) * h[j], the sign from the packed bits
+   (set: +), in the forward's float32 arithmetic. Scalar C and AVX2 (bit-identical: the same products and sums). */
+void rabit_dequantize_row_scalar(const rabit_word_t *pw, float g, const float *h, int64_t in, int first, float *acc);
+#ifdef RABIT_HAVE_AVX2_KERNEL
+void rabit_dequantize_row_avx2(const rabit_word_t *pw, float g, const float *h, int64_t in, int first, float *acc);
+#endif
+
 /* The value nibble n (0..15) of table t (8 entries) contributes, in scalar C. */
 static inline float rabit_lut_value(const float *t, unsigned n) {
     return (n & 8u) ? -t[~n & 7u] : t[n & 7u];

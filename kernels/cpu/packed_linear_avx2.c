@@ -54,6 +54,32 @@ RABIT_AVX2 static void rabit_lut_block_avx2(const float *t, const rabit_word_t *
     _mm256_storeu_ps(a + 8, _mm256_add_ps(acc[1][0], acc[1][1]));
 }
 
+/* rabit_dequantize_row_scalar with 8 columns a vector: lane l of byte q tests bit 8q + l with a constant mask and,
+   where it is clear, flips the sign bit of g * h (exactly (-g) * h); the tail past the last whole word is scalar. */
+RABIT_AVX2 void rabit_dequantize_row_avx2(const rabit_word_t *pw, float g, const float *h, int64_t in, int first,
+                                          float *acc) {
+    const __m256i lane_bits = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+    const __m256i sign = _mm256_set1_epi32((int)0x80000000u);
+    const __m256 gv = _mm256_set1_ps(g);
+    const int64_t whole = in / RABIT_WORD_BITS;
+    int64_t w;
+    for (w = 0; w < whole; w++) {
+        const rabit_word_t word = pw[w];
+        int q;
+        for (q = 0; q < 4; q++) {
+            const int64_t j = w * RABIT_WORD_BITS + 8 * q;
+            const __m256i bits = _mm256_and_si256(_mm256_set1_epi32((int)((word >> (8 * q)) & 0xFFu)), lane_bits);
+            const __m256i clear = _mm256_cmpeq_epi32(bits, _mm256_setzero_si256());
+            __m256 v = _mm256_mul_ps(gv, _mm256_loadu_ps(h + j));
+            v = _mm256_xor_ps(v, _mm256_castsi256_ps(_mm256_and_si256(clear, sign)));
+            _mm256_storeu_ps(acc + j, first ? v : _mm256_add_ps(_mm256_loadu_ps(acc + j), v));
+        }
+    }
+    if (whole * RABIT_WORD_BITS < in)
+        rabit_dequantize_row_scalar(pw + whole, g, h + whole * RABIT_WORD_BITS, in - whole * RABIT_WORD_BITS, first,
+                                    acc + whole * RABIT_WORD_BITS);
+}
+
 RABIT_AVX2 void rabit_packed_rows_avx2(const float *lut, int64_t M, const rabit_word_t *packed, const float *g,
                                        const float *bias, int64_t K, int64_t out, int64_t in, int64_t o0, int64_t o1,
                                        float *y) {

@@ -13,6 +13,7 @@
 
 #include "../rabit_dtype.h"
 #include "../rabit_kernels.h"
+#include "packed_linear.h"
 
 static int rabit_isfinite(float x) { return (rabit_f32_bits(x) & 0x7f800000u) != 0x7f800000u; }
 
@@ -170,15 +171,45 @@ static const rabit_word_t rabit_bit_masks[RABIT_WORD_BITS] = {
     1u << 11, 1u << 12, 1u << 13, 1u << 14, 1u << 15, 1u << 16, 1u << 17, 1u << 18, 1u << 19, 1u << 20, 1u << 21,
     1u << 22, 1u << 23, 1u << 24, 1u << 25, 1u << 26, 1u << 27, 1u << 28, 1u << 29, 1u << 30, 1u << 31};
 
+void rabit_dequantize_row_scalar(const rabit_word_t *pw, float g, const float *h, int64_t in, int first, float *acc) {
+    int64_t wi;
+    for (wi = 0; wi < RABIT_WORDS(in); wi++) {
+        /* a word at a time: the sign is a flip of the sign bit of g * h_j where the bit is clear ((-g) * h_j is
+           exactly -(g * h_j)), with constant masks, so the compiler vectorizes it; the forward's values, so its Ŵ
+           comes back bit for bit */
+        const rabit_word_t w = pw[wi];
+        const int64_t j0 = wi * RABIT_WORD_BITS;
+        const int n = (int)(in - j0 < RABIT_WORD_BITS ? in - j0 : RABIT_WORD_BITS);
+        float *a = acc + j0;
+        const float *hj = h + j0;
+        int b;
+        for (b = 0; b < n; b++) {
+            const uint32_t flip = (w & rabit_bit_masks[b]) ? 0u : 0x80000000u;
+            float v = g * hj[b];
+            uint32_t u;
+            memcpy(&u, &v, sizeof u);
+            u ^= flip;
+            memcpy(&v, &u, sizeof v);
+            a[b] = first ? v : a[b] + v;
+        }
+    }
+}
+
 rabit_status rabit_dequantize_rows_cpu(const rabit_word_t *packed, const float *g, const float *h, int64_t K,
                                        int64_t out, int64_t in, int64_t o0, int64_t o1, void *what, rabit_dtype dt) {
     const int64_t nw = RABIT_WORDS(in);
+    void (*row)(const rabit_word_t *, float, const float *, int64_t, int, float *) = rabit_dequantize_row_scalar;
     int nomem = 0;
     int64_t o;
     if (!packed || !g || !h || !what || K < 1 || K > RABIT_MAX_K || out < 0 || in < 1 || o0 < 0 || o1 < o0 ||
         o1 > out)
         return RABIT_ERR_ARG;
     if (!rabit_dtype_valid(dt)) return RABIT_ERR_UNSUPPORTED;
+#ifdef RABIT_HAVE_AVX2_KERNEL
+    /* bit-identical rows: AVX2 where the CPU has it, unless the scalar kernels are forced (set_cpu_kernel("ref"),
+       which the tests use to compare the two) */
+    if (rabit_cpu_has_avx2() && rabit_cpu_active_kernel() != RABIT_CPU_REF) row = rabit_dequantize_row_avx2;
+#endif
 #pragma omp parallel if ((o1 - o0) * nw * K >= RABIT_PARALLEL_MIN_WORDS)
     {
         float *acc = (float *)malloc((size_t)in * sizeof(float));
@@ -188,33 +219,10 @@ rabit_status rabit_dequantize_rows_cpu(const rabit_word_t *packed, const float *
         }
 #pragma omp for schedule(static)
         for (o = o0; o < o1; o++) {
-            int64_t wi, k;
+            int64_t k;
             if (!acc) continue;
-            for (k = 0; k < K; k++) {
-                const float gk = g[k * out + o];
-                const float *hk = h + k * in;
-                const rabit_word_t *pw = packed + (k * out + o) * nw;
-                for (wi = 0; wi < nw; wi++) {
-                    /* a word at a time: the sign is a flip of the sign bit of gk * h_j where the bit is clear
-                       ((-gk) * h_j is exactly -(gk * h_j)), with constant masks, so the compiler vectorizes it;
-                       the forward's values, so its Ŵ comes back bit for bit */
-                    const rabit_word_t w = pw[wi];
-                    const int64_t j0 = wi * RABIT_WORD_BITS;
-                    const int n = (int)(in - j0 < RABIT_WORD_BITS ? in - j0 : RABIT_WORD_BITS);
-                    float *a = acc + j0;
-                    const float *hj = hk + j0;
-                    int b;
-                    for (b = 0; b < n; b++) {
-                        const uint32_t flip = (w & rabit_bit_masks[b]) ? 0u : 0x80000000u;
-                        float v = gk * hj[b];
-                        uint32_t u;
-                        memcpy(&u, &v, sizeof u);
-                        u ^= flip;
-                        memcpy(&v, &u, sizeof v);
-                        a[b] = k ? a[b] + v : v;
-                    }
-                }
-            }
+            for (k = 0; k < K; k++)
+                row(packed + (k * out + o) * nw, g[k * out + o], h + k * in, in, k == 0, acc);
             rabit_store_f32(what, dt, (o - o0) * in, in, acc);
         }
         free(acc);
