@@ -237,6 +237,11 @@ static int packed_linear_gemm(const char *op, PyArrayObject *x, PyArrayObject *p
         view = (PyArrayObject *)PyArray_New(&PyArray_Type, 2, dv, NPY_FLOAT32, NULL, PyArray_DATA(tile), 0,
                                             NPY_ARRAY_CARRAY, NULL);
         if (!view) goto fail;
+        Py_INCREF(tile); /* the view keeps the tile's memory alive (SetBaseObject steals this reference) */
+        if (PyArray_SetBaseObject(view, (PyObject *)tile) < 0) {
+            Py_DECREF(view);
+            goto fail;
+        }
         wt = (PyArrayObject *)PyArray_Transpose(view, NULL);
         Py_DECREF(view);
         if (!wt) goto fail;
