@@ -41,8 +41,8 @@ typedef enum { RABIT_STE_IDENTITY = 0, RABIT_STE_CLIPPED = 1, RABIT_STE_TANH = 2
    dequantization is paid once per call. REF, AVX2: that table kernel at every M; GEMM: the GEMM at every M. */
 typedef enum { RABIT_CPU_AUTO = 0, RABIT_CPU_REF = 1, RABIT_CPU_AVX2 = 2, RABIT_CPU_GEMM = 3 } rabit_cpu_kernel;
 
-/* Rows of x from which AUTO takes the GEMM: on this project's 2-core VM the table kernels were faster up to 16 rows
-   (0.66-0.85x there), the GEMM from 32 (1.05-1.29x; 1.9-2.4x at 128 rows), docs/kernels.md */
+/* Rows of x from which AUTO takes the GEMM: on this project's 2-core VM the GEMM (with AVX2 dequantization) was
+   1.01-1.54x the table kernels at 32 rows, about even at 24, and 1.8-2.5x at 128 (docs/kernels.md) */
 #define RABIT_CPU_GEMM_MIN_ROWS 32
 /* Elements of one dequantized tile of Ŵ in the GEMM path (4 MiB of float32): whole rows, at least one (out > 0). */
 #define RABIT_CPU_GEMM_TILE_ELEMS (1 << 20)

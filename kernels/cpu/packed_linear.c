@@ -7,7 +7,7 @@
 
 static rabit_cpu_kernel rabit_forced_kernel = RABIT_CPU_AUTO;
 
-int rabit_cpu_has_avx2(void) {
+static int rabit_cpu_has_avx2(void) {
 #if defined(RABIT_HAVE_AVX2_KERNEL) && (defined(__GNUC__) || defined(__clang__))
     return __builtin_cpu_supports("avx2");
 #else
@@ -22,9 +22,13 @@ rabit_status rabit_cpu_set_kernel(rabit_cpu_kernel k) {
     return RABIT_OK;
 }
 
-rabit_cpu_kernel rabit_cpu_active_kernel(void) {
-    if (rabit_forced_kernel != RABIT_CPU_AUTO) return rabit_forced_kernel;
+rabit_cpu_kernel rabit_cpu_table_kernel(void) {
+    if (rabit_forced_kernel == RABIT_CPU_REF || rabit_forced_kernel == RABIT_CPU_AVX2) return rabit_forced_kernel;
     return rabit_cpu_has_avx2() ? RABIT_CPU_AVX2 : RABIT_CPU_REF;
+}
+
+rabit_cpu_kernel rabit_cpu_active_kernel(void) {
+    return rabit_forced_kernel == RABIT_CPU_GEMM ? RABIT_CPU_GEMM : rabit_cpu_table_kernel();
 }
 
 int rabit_cpu_use_gemm(int64_t M) {
@@ -32,22 +36,20 @@ int rabit_cpu_use_gemm(int64_t M) {
     return rabit_forced_kernel == RABIT_CPU_GEMM;
 }
 
+static const char *const rabit_cpu_kernel_names[] = {"auto", "ref", "avx2", "gemm"}; /* rabit_cpu_kernel's order */
+
 rabit_status rabit_cpu_kernel_from_name(const char *name, rabit_cpu_kernel *k) {
-    static const char *const names[] = {"auto", "ref", "avx2", "gemm"}; /* in rabit_cpu_kernel's order */
     int i;
     if (!name || !k) return RABIT_ERR_ARG;
     for (i = 0; i < 4; i++)
-        if (!strcmp(name, names[i])) {
+        if (!strcmp(name, rabit_cpu_kernel_names[i])) {
             *k = (rabit_cpu_kernel)i;
             return RABIT_OK;
         }
     return RABIT_ERR_ARG;
 }
 
-const char *rabit_cpu_active_kernel_name(void) {
-    const rabit_cpu_kernel k = rabit_cpu_active_kernel();
-    return k == RABIT_CPU_GEMM ? "gemm" : k == RABIT_CPU_AVX2 ? "avx2" : "ref";
-}
+const char *rabit_cpu_active_kernel_name(void) { return rabit_cpu_kernel_names[rabit_cpu_active_kernel()]; }
 
 int64_t rabit_cpu_gemm_tile_rows(int64_t out, int64_t in) {
     const int64_t rows = in > 0 ? RABIT_CPU_GEMM_TILE_ELEMS / in : out;
@@ -67,11 +69,8 @@ rabit_status rabit_packed_linear_cpu(const void *x, rabit_dtype xdt, int64_t M, 
     if (!rabit_dtype_valid(xdt)) return RABIT_ERR_UNSUPPORTED;
     if (M == 0) return RABIT_OK;
 #ifdef RABIT_HAVE_AVX2_KERNEL
-    /* the table kernel (a binding that takes the GEMM path does not call this; forced GEMM falls back to the
-       best table kernel here, for callers without a BLAS) */
-    if (rabit_cpu_active_kernel() == RABIT_CPU_AVX2 ||
-        (rabit_cpu_active_kernel() == RABIT_CPU_GEMM && rabit_cpu_has_avx2()))
-        rows_fn = rabit_packed_rows_avx2;
+    /* always a table kernel: a binding that takes the GEMM path does not call this */
+    if (rabit_cpu_table_kernel() == RABIT_CPU_AVX2) rows_fn = rabit_packed_rows_avx2;
 #endif
     xh = (float *)calloc((size_t)(M * K * in_pad), sizeof(float)); /* zero padding past `in` */
     lut = (float *)malloc((size_t)(M * K * nw * RABIT_LUT_PER_WORD) * sizeof(float));

@@ -33,8 +33,9 @@ void rabit_packed_rows_avx2(const float *lut, int64_t M, const rabit_word_t *pac
                             const float *bias, int64_t K, int64_t out, int64_t in, int64_t o0, int64_t o1, float *y);
 #endif
 
-/* Whether this build has the AVX2 kernels and the CPU runs them. */
-int rabit_cpu_has_avx2(void);
+/* The table kernel in use: REF or AVX2 as forced, else the best this build and CPU run (also under a forced GEMM:
+   the table kernels and the dequantization rows follow it). */
+rabit_cpu_kernel rabit_cpu_table_kernel(void);
 
 /* One row's Ŵ over `in` columns for path k: acc[j] (= if first) or += (±g) * h[j], the sign from the packed bits
    (set: +), in the forward's float32 arithmetic. Scalar C and AVX2 (bit-identical: the same products and sums). */

@@ -206,9 +206,9 @@ rabit_status rabit_dequantize_rows_cpu(const rabit_word_t *packed, const float *
         return RABIT_ERR_ARG;
     if (!rabit_dtype_valid(dt)) return RABIT_ERR_UNSUPPORTED;
 #ifdef RABIT_HAVE_AVX2_KERNEL
-    /* bit-identical rows: AVX2 where the CPU has it, unless the scalar kernels are forced (set_cpu_kernel("ref"),
-       which the tests use to compare the two) */
-    if (rabit_cpu_has_avx2() && rabit_cpu_active_kernel() != RABIT_CPU_REF) row = rabit_dequantize_row_avx2;
+    /* bit-identical rows; forcing the scalar table kernel (set_cpu_kernel("ref")) forces the scalar rows, which
+       the tests use to compare the two */
+    if (rabit_cpu_table_kernel() == RABIT_CPU_AVX2) row = rabit_dequantize_row_avx2;
 #endif
 #pragma omp parallel if ((o1 - o0) * nw * K >= RABIT_PARALLEL_MIN_WORDS)
     {
