@@ -1,8 +1,8 @@
 """CPU time of one model forward over a window of tokens (what a perplexity evaluation or a long prompt's prefill
 costs): FP32 torch against the packed model with the default CPU kernels (`rabit.set_cpu_kernel("auto")`: the table
 kernels below `rabit.CPU_GEMM_MIN_ROWS` rows of x, Ŵ dequantized into a float32 BLAS GEMM from there) and with the
-table kernels forced at every M (`avx2`, or `ref` on CPUs without AVX2). Same process, the three alternating in each
-round.
+table kernel that auto runs below that (the widest of `avx512`, `avx2`, `ref` this CPU runs) forced at every M. Same
+process, the three alternating in each round.
 
 The packed model is the FP model's decoder linears replaced by packed layers with random bits and scales (speed only,
 as in bench_decode.py), so the logits are not meaningful.
@@ -44,7 +44,7 @@ def main(argv=None):
     ap.add_argument("--tag", default="", help="suffix of the JSON file name")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
-    table = "avx2" if rabit.cpu_kernel() == "avx2" else "ref"
+    table = rabit.cpu_kernel()  # under "auto": the widest table kernel this CPU runs
     rows = []
     for name in args.models.split(","):
         fp, _ = load_model(name, dtype=torch.float32, device="cpu")

@@ -38,8 +38,15 @@ typedef enum { RABIT_STE_IDENTITY = 0, RABIT_STE_CLIPPED = 1, RABIT_STE_TANH = 2
 /* Which CPU implementation the packed GEMV/GEMM uses. AUTO: the best table kernel the CPU supports for x of fewer
    than RABIT_CPU_GEMM_MIN_ROWS rows, and from there Ŵ dequantized tile by tile into a float32 GEMM, which the
    bindings run with their BLAS (ATen, NumPy): the table kernels' work grows with every row of x, the
-   dequantization is paid once per call. REF, AVX2: that table kernel at every M; GEMM: the GEMM at every M. */
-typedef enum { RABIT_CPU_AUTO = 0, RABIT_CPU_REF = 1, RABIT_CPU_AVX2 = 2, RABIT_CPU_GEMM = 3 } rabit_cpu_kernel;
+   dequantization is paid once per call. REF, AVX2, AVX512: that table kernel at every M (bit-identical to each
+   other); GEMM: the GEMM at every M. */
+typedef enum {
+    RABIT_CPU_AUTO = 0,
+    RABIT_CPU_REF = 1,
+    RABIT_CPU_AVX2 = 2,
+    RABIT_CPU_GEMM = 3,
+    RABIT_CPU_AVX512 = 4
+} rabit_cpu_kernel;
 
 /* Rows of x from which AUTO takes the GEMM: on this project's 2-core VM the GEMM (with AVX2 dequantization) was
    1.01-1.54x the table kernels at 32 rows, about even at 24, and 1.8-2.5x at 128 (docs/kernels.md) */
@@ -59,11 +66,11 @@ rabit_cpu_kernel rabit_cpu_active_kernel(void);
 int rabit_cpu_use_gemm(int64_t M);
 /* Rows of Ŵ per tile of the GEMM path for `in` columns. */
 int64_t rabit_cpu_gemm_tile_rows(int64_t out, int64_t in);
-/* The kernel named "auto", "ref", "avx2" or "gemm" into *k: RABIT_OK, or RABIT_ERR_ARG for another name. */
+/* The kernel named "auto", "ref", "avx2", "avx512" or "gemm" into *k: RABIT_OK, or RABIT_ERR_ARG for another name. */
 rabit_status rabit_cpu_kernel_from_name(const char *name, rabit_cpu_kernel *k);
-/* The name of rabit_cpu_active_kernel(): "ref", "avx2" or "gemm". */
+/* The name of rabit_cpu_active_kernel(): "ref", "avx2", "avx512" or "gemm". */
 const char *rabit_cpu_active_kernel_name(void);
-#define RABIT_CPU_KERNEL_NAMES "'auto', 'ref', 'avx2' or 'gemm'"
+#define RABIT_CPU_KERNEL_NAMES "'auto', 'ref', 'avx2', 'avx512' or 'gemm'"
 
 /*
  * Coupled residual binarization (forward). From latent W (dtype wdt) and scales g, h:

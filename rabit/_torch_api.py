@@ -36,14 +36,15 @@ CPU_GEMM_MIN_ROWS = _C.CPU_GEMM_MIN_ROWS
 def set_cpu_kernel(name: str) -> None:
     """Choose the torch ops' CPU packed GEMV/GEMM (for the whole process; the NumPy module has its own setting,
     ``rabit._core.set_cpu_kernel``): ``"auto"`` (default: the best table kernel below :data:`CPU_GEMM_MIN_ROWS` rows
-    of x, the dequantized GEMM from there), or one implementation at every M: the table kernels ``"ref"`` (scalar)
-    and ``"avx2"`` (bit-identical to each other), or ``"gemm"``."""
+    of x, the dequantized GEMM from there), or one implementation at every M: the table kernels ``"ref"`` (scalar),
+    ``"avx2"`` and ``"avx512"`` (bit-identical to each other), or ``"gemm"``. RuntimeError if this CPU lacks the
+    instructions."""
     _C.set_cpu_kernel(name)
 
 
 def cpu_kernel() -> str:
-    """The table kernel ``"auto"`` runs below :data:`CPU_GEMM_MIN_ROWS` rows (``"avx2"`` or ``"ref"``), or the
-    implementation forced by :func:`set_cpu_kernel`."""
+    """The table kernel ``"auto"`` runs below :data:`CPU_GEMM_MIN_ROWS` rows (the widest of ``"avx512"``,
+    ``"avx2"``, ``"ref"`` this CPU runs), or the implementation forced by :func:`set_cpu_kernel`."""
     return _C.cpu_kernel()
 
 

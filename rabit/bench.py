@@ -22,6 +22,7 @@ import torch.nn.functional as F
 import rabit
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]
+TABLE_KERNELS = ("ref", "avx2", "avx512")  # rabit.set_cpu_kernel's table kernels, narrowest first
 
 
 def cpu_name() -> str:
@@ -61,9 +62,11 @@ def bench_shape(out: int, in_features: int, m: int, reps: int, pool_bytes: int) 
         res["torch_fp32_s"] = median_time(lambda i: F.linear(x, ws[i]), pool, reps)
         res["torch_bf16_s"] = median_time(lambda i: F.linear(xb, ws_bf16[i]), pool, reps)
         rabit.set_cpu_kernel("auto")  # so that cpu_kernel() names the table kernel auto runs
-        table = "avx2" if rabit.cpu_kernel() == "avx2" else "ref"
-        for kernel in ("ref", "avx2", "gemm") if table == "avx2" else ("ref", "gemm"):
-            if kernel == "ref" and table == "avx2" and (out * in_features > 50_000_000 or m >= rabit.CPU_GEMM_MIN_ROWS):
+        table = rabit.cpu_kernel()
+        # every table kernel up to the one auto runs (the SIMD ones this CPU has), and the GEMM
+        kernels = TABLE_KERNELS[: TABLE_KERNELS.index(table) + 1] + ("gemm",)
+        for kernel in kernels:
+            if kernel == "ref" and table != "ref" and (out * in_features > 50_000_000 or m >= rabit.CPU_GEMM_MIN_ROWS):
                 continue  # the scalar oracle is slow; it is measured at the smaller shapes and batches
             rabit.set_cpu_kernel(kernel)
             res[f"rabit_{kernel}_s"] = median_time(lambda i: rabit.packed_linear(x, packed[i], g, h), pool, reps)

@@ -358,11 +358,25 @@ def test_packed_linear_equals_dense_product_of_qat_weight():
                        abs_terms(x, g, h, None), 2 * 200)
 
 
-@pytest.mark.skipif(rabit.cpu_kernel() != "avx2", reason="CPU without AVX2")
+def _cpu_runs(kernel: str) -> bool:
+    """Whether this CPU runs the table kernel `kernel` (set_cpu_kernel refuses one it lacks)."""
+    try:
+        rabit.set_cpu_kernel(kernel)
+        return True
+    except RuntimeError:
+        return False
+    finally:
+        rabit.set_cpu_kernel("auto")
+
+
+@pytest.mark.parametrize("kernel", ["avx2", "avx512"])
 @pytest.mark.parametrize("m", [1, 3, 16])
-def test_avx2_kernel_equals_scalar_kernel_bit_for_bit(m):
-    # both kernels use the same summation order (kernels/cpu/packed_linear.h)
-    for out, in_features in [(1, 1), (5, 33), (31, 100), (67, 257), (130, 4096)]:
+def test_simd_kernel_equals_scalar_kernel_bit_for_bit(kernel, m):
+    # every table kernel uses the same tables' values and summation order (kernels/cpu/packed_linear.h); the shapes
+    # cover partial row blocks (16 rows for AVX2, 64 for AVX-512), partial 16-word chunks and one-word rows
+    if not _cpu_runs(kernel):
+        pytest.skip(f"CPU without {kernel}")
+    for out, in_features in [(1, 1), (5, 33), (31, 100), (67, 257), (130, 4096), (64, 513), (129, 1000)]:
         w, g, h = random_layer(out, in_features, 2)
         _, packed = rabit.residual_binarize(w, g, h)
         x = torch.randn(m, in_features)
@@ -370,14 +384,26 @@ def test_avx2_kernel_equals_scalar_kernel_bit_for_bit(m):
         try:
             rabit.set_cpu_kernel("ref")
             y_ref = rabit.packed_linear(x, packed, g, h, bias)
-            rabit.set_cpu_kernel("avx2")
+            rabit.set_cpu_kernel(kernel)
             y_simd = rabit.packed_linear(x, packed, g, h, bias)
+            y_np = None
+            if kernel == "avx512":  # the NumPy module's copy of the C core takes the same kernel
+                _core.set_cpu_kernel(kernel)
+                y_np = _core.packed_linear(x.numpy(), packed.numpy().view("uint32"), g.numpy(), h.numpy(), bias.numpy())
         finally:
             rabit.set_cpu_kernel("auto")
+            _core.set_cpu_kernel("auto")
         assert torch.equal(y_ref, y_simd)
+        if y_np is not None:
+            assert torch.equal(torch.from_numpy(y_np), y_ref)
 
 
-@pytest.mark.skipif(rabit.cpu_kernel() != "avx2", reason="CPU without AVX2")
+def test_cpu_auto_takes_the_widest_table_kernel():
+    expected = "avx512" if _cpu_runs("avx512") else "avx2" if _cpu_runs("avx2") else "ref"
+    assert rabit.cpu_kernel() == expected and _core.cpu_kernel() == expected
+
+
+@pytest.mark.skipif(not _cpu_runs("avx2"), reason="CPU without AVX2")
 def test_dequantize_avx2_rows_equal_scalar_rows_bit_for_bit():
     """rabit.dequantize runs the AVX2 row kernel unless "ref" is forced: the same Ŵ, the forward's, at odd widths
     (a scalar tail after the whole words) and K = 1..4."""
@@ -454,7 +480,7 @@ def test_cpu_auto_takes_tables_below_32_rows_and_the_gemm_from_32():
     assert rabit.CPU_GEMM_MIN_ROWS == _core.CPU_GEMM_MIN_ROWS == 32
     w, g, h = random_layer(300, 700, 2)
     _, packed = rabit.residual_binarize(w, g, h)
-    table = "avx2" if rabit.cpu_kernel() == "avx2" else "ref"
+    table = rabit.cpu_kernel()  # under "auto": the table kernel it runs below 32 rows
     for m in (31, 32, 100):
         x = torch.randn(m, 700)
         bias = torch.randn(300)

@@ -15,16 +15,26 @@ static int rabit_cpu_has_avx2(void) {
 #endif
 }
 
+static int rabit_cpu_has_avx512(void) {
+#ifdef RABIT_HAVE_AVX512_KERNEL
+    return __builtin_cpu_supports("avx512f") && rabit_cpu_has_avx2(); /* its dequantization rows are AVX2 */
+#else
+    return 0;
+#endif
+}
+
 rabit_status rabit_cpu_set_kernel(rabit_cpu_kernel k) {
-    if (k == RABIT_CPU_AVX2 && !rabit_cpu_has_avx2()) return RABIT_ERR_UNSUPPORTED;
-    if (k != RABIT_CPU_AUTO && k != RABIT_CPU_REF && k != RABIT_CPU_AVX2 && k != RABIT_CPU_GEMM) return RABIT_ERR_ARG;
+    if (k != RABIT_CPU_AUTO && k != RABIT_CPU_REF && k != RABIT_CPU_AVX2 && k != RABIT_CPU_GEMM && k != RABIT_CPU_AVX512)
+        return RABIT_ERR_ARG;
+    if ((k == RABIT_CPU_AVX2 && !rabit_cpu_has_avx2()) || (k == RABIT_CPU_AVX512 && !rabit_cpu_has_avx512()))
+        return RABIT_ERR_UNSUPPORTED;
     rabit_forced_kernel = k;
     return RABIT_OK;
 }
 
 rabit_cpu_kernel rabit_cpu_table_kernel(void) {
-    if (rabit_forced_kernel == RABIT_CPU_REF || rabit_forced_kernel == RABIT_CPU_AVX2) return rabit_forced_kernel;
-    return rabit_cpu_has_avx2() ? RABIT_CPU_AVX2 : RABIT_CPU_REF;
+    if (rabit_forced_kernel != RABIT_CPU_AUTO && rabit_forced_kernel != RABIT_CPU_GEMM) return rabit_forced_kernel;
+    return rabit_cpu_has_avx512() ? RABIT_CPU_AVX512 : rabit_cpu_has_avx2() ? RABIT_CPU_AVX2 : RABIT_CPU_REF;
 }
 
 rabit_cpu_kernel rabit_cpu_active_kernel(void) {
@@ -36,12 +46,14 @@ int rabit_cpu_use_gemm(int64_t M) {
     return rabit_forced_kernel == RABIT_CPU_GEMM;
 }
 
-static const char *const rabit_cpu_kernel_names[] = {"auto", "ref", "avx2", "gemm"}; /* rabit_cpu_kernel's order */
+/* in rabit_cpu_kernel's order */
+static const char *const rabit_cpu_kernel_names[] = {"auto", "ref", "avx2", "gemm", "avx512"};
+#define RABIT_CPU_KERNEL_COUNT ((int)(sizeof rabit_cpu_kernel_names / sizeof rabit_cpu_kernel_names[0]))
 
 rabit_status rabit_cpu_kernel_from_name(const char *name, rabit_cpu_kernel *k) {
     int i;
     if (!name || !k) return RABIT_ERR_ARG;
-    for (i = 0; i < 4; i++)
+    for (i = 0; i < RABIT_CPU_KERNEL_COUNT; i++)
         if (!strcmp(name, rabit_cpu_kernel_names[i])) {
             *k = (rabit_cpu_kernel)i;
             return RABIT_OK;
@@ -61,19 +73,27 @@ rabit_status rabit_packed_linear_cpu(const void *x, rabit_dtype xdt, int64_t M, 
                                      int64_t in, void *y) {
     const int64_t nw = RABIT_WORDS(in), in_pad = nw * RABIT_WORD_BITS;
     rabit_rows_fn rows_fn = rabit_packed_rows_ref;
+    int64_t per_word = RABIT_LUT_PER_WORD; /* table floats per word: 16-entry tables for the AVX-512 kernel */
+    int64_t block = 16; /* output rows per scheduled chunk: a multiple of the SIMD row block */
     float *xh, *lut, *yf, *row;
     int64_t m, k, j, blk;
-    const int64_t block = 16; /* output rows per scheduled chunk: a multiple of the SIMD row block */
     if (!x || !packed || !g || !h || !y || M < 0 || K < 1 || K > RABIT_MAX_K || out < 1 || in < 1)
         return RABIT_ERR_ARG;
     if (!rabit_dtype_valid(xdt)) return RABIT_ERR_UNSUPPORTED;
     if (M == 0) return RABIT_OK;
-#ifdef RABIT_HAVE_AVX2_KERNEL
     /* always a table kernel: a binding that takes the GEMM path does not call this */
+#ifdef RABIT_HAVE_AVX2_KERNEL
     if (rabit_cpu_table_kernel() == RABIT_CPU_AVX2) rows_fn = rabit_packed_rows_avx2;
 #endif
+#ifdef RABIT_HAVE_AVX512_KERNEL
+    if (rabit_cpu_table_kernel() == RABIT_CPU_AVX512) {
+        rows_fn = rabit_packed_rows_avx512;
+        per_word = RABIT_LUT16_PER_WORD;
+        block = RABIT_AVX512_ROWS;
+    }
+#endif
     xh = (float *)calloc((size_t)(M * K * in_pad), sizeof(float)); /* zero padding past `in` */
-    lut = (float *)malloc((size_t)(M * K * nw * RABIT_LUT_PER_WORD) * sizeof(float));
+    lut = (float *)malloc((size_t)(M * K * nw * per_word) * sizeof(float));
     yf = (float *)malloc((size_t)(M * out) * sizeof(float));
     row = (float *)malloc((size_t)in * sizeof(float));
     if (!xh || !lut || !yf || !row) {
@@ -89,15 +109,19 @@ rabit_status rabit_packed_linear_cpu(const void *x, rabit_dtype xdt, int64_t M, 
         for (k = 0; k < K; k++)
             for (j = 0; j < in; j++) xh[(m * K + k) * in_pad + j] = h[k * in + j] * row[j];
     }
-    /* the nibble tables (packed_linear.h), once per call: 2 floats per column and path */
+    /* the nibble tables (packed_linear.h), once per call: 2 floats per column and path (4 for 16 entries) */
     for (j = 0; j < M * K * in_pad / 4; j++) {
         const float *c = xh + 4 * j;
-        float *t = lut + 8 * j;
+        float t[8];
         int i;
         for (i = 0; i < 8; i++) {
             const float s0 = (i & 1) ? c[0] : -c[0], s1 = (i & 2) ? c[1] : -c[1], s2 = (i & 4) ? c[2] : -c[2];
             t[i] = ((s0 + s1) + s2) - c[3];
         }
+        if (per_word == RABIT_LUT_PER_WORD)
+            memcpy(lut + 8 * j, t, sizeof t);
+        else
+            for (i = 0; i < 16; i++) lut[16 * j + i] = rabit_lut_value(t, (unsigned)i);
     }
     free(xh); /* only the tables are read from here on */
     free(row);

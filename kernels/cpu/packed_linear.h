@@ -18,7 +18,8 @@
 
 #include "../rabit_kernels.h"
 
-#define RABIT_LUT_PER_WORD 64 /* 8 nibbles x 8 entries */
+#define RABIT_LUT_PER_WORD 64    /* 8 nibbles x 8 entries */
+#define RABIT_LUT16_PER_WORD 128 /* 8 nibbles x 16 entries: the AVX-512 kernel's tables, rabit_lut_value(t, 0..15) */
 
 typedef void (*rabit_rows_fn)(const float *lut, int64_t M, const rabit_word_t *packed, const float *g,
                               const float *bias, int64_t K, int64_t out, int64_t in, int64_t o0, int64_t o1,
@@ -31,14 +32,22 @@ void rabit_packed_rows_ref(const float *lut, int64_t M, const rabit_word_t *pack
 #define RABIT_HAVE_AVX2_KERNEL 1
 void rabit_packed_rows_avx2(const float *lut, int64_t M, const rabit_word_t *packed, const float *g,
                             const float *bias, int64_t K, int64_t out, int64_t in, int64_t o0, int64_t o1, float *y);
+#if defined(__GNUC__) || defined(__clang__)
+#define RABIT_HAVE_AVX512_KERNEL 1
+#define RABIT_AVX512_ROWS 64 /* output rows per block: four vectors share each table load */
+/* Takes 16-entry tables (RABIT_LUT16_PER_WORD floats per word). */
+void rabit_packed_rows_avx512(const float *lut16, int64_t M, const rabit_word_t *packed, const float *g,
+                              const float *bias, int64_t K, int64_t out, int64_t in, int64_t o0, int64_t o1, float *y);
+#endif
 #endif
 
-/* The table kernel in use: REF or AVX2 as forced, else the best this build and CPU run (also under a forced GEMM:
+/* The table kernel in use: REF, AVX2 or AVX512 as forced, else the best this build and CPU run (also under a forced GEMM:
    the table kernels and the dequantization rows follow it). */
 rabit_cpu_kernel rabit_cpu_table_kernel(void);
 
 /* One row's Ŵ over `in` columns for path k: acc[j] (= if first) or += (±g) * h[j], the sign from the packed bits
-   (set: +), in the forward's float32 arithmetic. Scalar C and AVX2 (bit-identical: the same products and sums). */
+   (set: +), in the forward's float32 arithmetic. Scalar C and AVX2 (bit-identical: the same products and sums; the
+   AVX-512 table kernel's dequantization uses the AVX2 rows). */
 void rabit_dequantize_row_scalar(const rabit_word_t *pw, float g, const float *h, int64_t in, int first, float *acc);
 #ifdef RABIT_HAVE_AVX2_KERNEL
 void rabit_dequantize_row_avx2(const rabit_word_t *pw, float g, const float *h, int64_t in, int first, float *acc);

@@ -208,7 +208,7 @@ rabit_status rabit_dequantize_rows_cpu(const rabit_word_t *packed, const float *
 #ifdef RABIT_HAVE_AVX2_KERNEL
     /* bit-identical rows; forcing the scalar table kernel (set_cpu_kernel("ref")) forces the scalar rows, which
        the tests use to compare the two */
-    if (rabit_cpu_table_kernel() == RABIT_CPU_AVX2) row = rabit_dequantize_row_avx2;
+    if (rabit_cpu_table_kernel() != RABIT_CPU_REF) row = rabit_dequantize_row_avx2; /* AVX2 or AVX-512 */
 #endif
 #pragma omp parallel if ((o1 - o0) * nw * K >= RABIT_PARALLEL_MIN_WORDS)
     {
