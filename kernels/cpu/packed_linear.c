@@ -68,13 +68,36 @@ int64_t rabit_cpu_gemm_tile_rows(int64_t out, int64_t in) {
     return rows < 1 ? 1 : rows > out ? out : rows;
 }
 
+/* Output rows o0..o1 (at most block_rows) through a SIMD table kernel, every row of x and path, then g and the bias
+   in the order of packed_linear.h. */
+static void rabit_packed_rows_blocked(rabit_lut_block_fn block_fn, int block_rows, int64_t per_word, const float *lut,
+                                      int64_t M, const rabit_word_t *packed, const float *g, const float *bias,
+                                      int64_t K, int64_t out, int64_t in, int64_t o0, int64_t o1, float *y) {
+    const int64_t nw = RABIT_WORDS(in);
+    const int rows = (int)(o1 - o0);
+    const rabit_word_t *pw[RABIT_MAX_BLOCK_ROWS];
+    float a[RABIT_MAX_BLOCK_ROWS], yo[RABIT_MAX_BLOCK_ROWS];
+    int64_t m, k;
+    int r;
+    for (m = 0; m < M; m++) {
+        for (r = 0; r < rows; r++) yo[r] = 0.0f;
+        for (k = 0; k < K; k++) {
+            /* lanes past the last row read row o0 again; their sums are dropped */
+            for (r = 0; r < block_rows; r++) pw[r] = packed + (k * out + o0 + (r < rows ? r : 0)) * nw;
+            block_fn(lut + (m * K + k) * nw * per_word, pw, nw, a);
+            for (r = 0; r < rows; r++) yo[r] = yo[r] + g[k * out + o0 + r] * a[r];
+        }
+        for (r = 0; r < rows; r++) y[m * out + o0 + r] = bias ? yo[r] + bias[o0 + r] : yo[r];
+    }
+}
+
 rabit_status rabit_packed_linear_cpu(const void *x, rabit_dtype xdt, int64_t M, const rabit_word_t *packed,
                                      const float *g, const float *h, const float *bias, int64_t K, int64_t out,
                                      int64_t in, void *y) {
     const int64_t nw = RABIT_WORDS(in), in_pad = nw * RABIT_WORD_BITS;
-    rabit_rows_fn rows_fn = rabit_packed_rows_ref;
+    rabit_lut_block_fn block_fn = NULL;    /* NULL: the scalar kernel */
     int64_t per_word = RABIT_LUT_PER_WORD; /* table floats per word: 16-entry tables for the AVX-512 kernel */
-    int64_t block = 16; /* output rows per scheduled chunk: a multiple of the SIMD row block */
+    int64_t block = 16; /* output rows per scheduled chunk: the SIMD kernel's block rows */
     float *xh, *lut, *yf, *row;
     int64_t m, k, j, blk;
     if (!x || !packed || !g || !h || !y || M < 0 || K < 1 || K > RABIT_MAX_K || out < 1 || in < 1)
@@ -83,11 +106,14 @@ rabit_status rabit_packed_linear_cpu(const void *x, rabit_dtype xdt, int64_t M, 
     if (M == 0) return RABIT_OK;
     /* always a table kernel: a binding that takes the GEMM path does not call this */
 #ifdef RABIT_HAVE_AVX2_KERNEL
-    if (rabit_cpu_table_kernel() == RABIT_CPU_AVX2) rows_fn = rabit_packed_rows_avx2;
+    if (rabit_cpu_table_kernel() == RABIT_CPU_AVX2) {
+        block_fn = rabit_lut_block_avx2;
+        block = RABIT_AVX2_ROWS;
+    }
 #endif
 #ifdef RABIT_HAVE_AVX512_KERNEL
     if (rabit_cpu_table_kernel() == RABIT_CPU_AVX512) {
-        rows_fn = rabit_packed_rows_avx512;
+        block_fn = rabit_lut_block_avx512;
         per_word = RABIT_LUT16_PER_WORD;
         block = RABIT_AVX512_ROWS;
     }
@@ -129,7 +155,10 @@ rabit_status rabit_packed_linear_cpu(const void *x, rabit_dtype xdt, int64_t M, 
     for (blk = 0; blk < (out + block - 1) / block; blk++) {
         const int64_t o0 = blk * block;
         const int64_t o1 = o0 + block < out ? o0 + block : out;
-        rows_fn(lut, M, packed, g, bias, K, out, in, o0, o1, yf);
+        if (block_fn)
+            rabit_packed_rows_blocked(block_fn, (int)block, per_word, lut, M, packed, g, bias, K, out, in, o0, o1, yf);
+        else
+            rabit_packed_rows_ref(lut, M, packed, g, bias, K, out, in, o0, o1, yf);
     }
     rabit_store_f32(y, xdt, 0, M * out, yf);
     free(lut);

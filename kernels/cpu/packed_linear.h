@@ -21,23 +21,24 @@
 #define RABIT_LUT_PER_WORD 64    /* 8 nibbles x 8 entries */
 #define RABIT_LUT16_PER_WORD 128 /* 8 nibbles x 16 entries: the AVX-512 kernel's tables, rabit_lut_value(t, 0..15) */
 
-typedef void (*rabit_rows_fn)(const float *lut, int64_t M, const rabit_word_t *packed, const float *g,
-                              const float *bias, int64_t K, int64_t out, int64_t in, int64_t o0, int64_t o1,
-                              float *y);
-
 void rabit_packed_rows_ref(const float *lut, int64_t M, const rabit_word_t *packed, const float *g,
                            const float *bias, int64_t K, int64_t out, int64_t in, int64_t o0, int64_t o1, float *y);
 
+/* A SIMD table kernel: a[r] = partial sum of row pw[r] (r below its block's rows) of one path over the nw words of
+   its tables t, in the summation order above. The driver's row loop around it (rabit_packed_linear_cpu) applies g
+   and the bias. Lanes past the layer's last row get a pointer to a valid row; their sums are dropped. */
+typedef void (*rabit_lut_block_fn)(const float *t, const rabit_word_t *const *pw, int64_t nw, float *a);
+#define RABIT_MAX_BLOCK_ROWS 64
+
 #if defined(__x86_64__) || defined(_M_X64)
 #define RABIT_HAVE_AVX2_KERNEL 1
-void rabit_packed_rows_avx2(const float *lut, int64_t M, const rabit_word_t *packed, const float *g,
-                            const float *bias, int64_t K, int64_t out, int64_t in, int64_t o0, int64_t o1, float *y);
+#define RABIT_AVX2_ROWS 16 /* two vectors of 8 rows share every table load */
+void rabit_lut_block_avx2(const float *t, const rabit_word_t *const *pw, int64_t nw, float *a);
 #if defined(__GNUC__) || defined(__clang__)
 #define RABIT_HAVE_AVX512_KERNEL 1
-#define RABIT_AVX512_ROWS 64 /* output rows per block: four vectors share each table load */
+#define RABIT_AVX512_ROWS 64 /* four vectors of 16 rows share every table load */
 /* Takes 16-entry tables (RABIT_LUT16_PER_WORD floats per word). */
-void rabit_packed_rows_avx512(const float *lut16, int64_t M, const rabit_word_t *packed, const float *g,
-                              const float *bias, int64_t K, int64_t out, int64_t in, int64_t o0, int64_t o1, float *y);
+void rabit_lut_block_avx512(const float *t16, const rabit_word_t *const *pw, int64_t nw, float *a);
 #endif
 #endif
 

@@ -12,10 +12,9 @@
 #include <immintrin.h>
 
 #define RABIT_AVX2 __attribute__((target("avx2")))
-#define RABIT_ROW_BLOCK 16 /* two vectors of 8 rows share every table load */
 
-/* a[r] = partial sum of row r over all words, in the order of packed_linear.h. */
-RABIT_AVX2 static void rabit_lut_block_avx2(const float *t, const rabit_word_t *const *pw, int64_t nw, float *a) {
+/* rabit_lut_block_fn over RABIT_AVX2_ROWS rows. */
+RABIT_AVX2 void rabit_lut_block_avx2(const float *t, const rabit_word_t *const *pw, int64_t nw, float *a) {
     const __m256i sign = _mm256_set1_epi32((int)0x80000000u);
     __m256 acc[2][2] = {{_mm256_setzero_ps(), _mm256_setzero_ps()}, {_mm256_setzero_ps(), _mm256_setzero_ps()}};
     int64_t w;
@@ -78,28 +77,5 @@ RABIT_AVX2 void rabit_dequantize_row_avx2(const rabit_word_t *pw, float g, const
     if (whole * RABIT_WORD_BITS < in)
         rabit_dequantize_row_scalar(pw + whole, g, h + whole * RABIT_WORD_BITS, in - whole * RABIT_WORD_BITS, first,
                                     acc + whole * RABIT_WORD_BITS);
-}
-
-RABIT_AVX2 void rabit_packed_rows_avx2(const float *lut, int64_t M, const rabit_word_t *packed, const float *g,
-                                       const float *bias, int64_t K, int64_t out, int64_t in, int64_t o0, int64_t o1,
-                                       float *y) {
-    const int64_t nw = RABIT_WORDS(in);
-    int64_t o, m, k;
-    for (o = o0; o < o1; o += RABIT_ROW_BLOCK) {
-        const int rows = (int)(o1 - o < RABIT_ROW_BLOCK ? o1 - o : RABIT_ROW_BLOCK);
-        for (m = 0; m < M; m++) {
-            float yo[RABIT_ROW_BLOCK] = {0};
-            int r;
-            for (k = 0; k < K; k++) {
-                const rabit_word_t *pw[RABIT_ROW_BLOCK];
-                float a[RABIT_ROW_BLOCK];
-                /* lanes past the last row read row o again; their sums are dropped */
-                for (r = 0; r < RABIT_ROW_BLOCK; r++) pw[r] = packed + (k * out + o + (r < rows ? r : 0)) * nw;
-                rabit_lut_block_avx2(lut + (m * K + k) * nw * RABIT_LUT_PER_WORD, pw, nw, a);
-                for (r = 0; r < rows; r++) yo[r] = yo[r] + g[k * out + o + r] * a[r];
-            }
-            for (r = 0; r < rows; r++) y[m * out + o + r] = bias ? yo[r] + bias[o + r] : yo[r];
-        }
-    }
 }
 #endif

@@ -42,8 +42,8 @@ RABIT_AVX512 static inline void rabit_transpose16(__m512i r[16]) {
     }
 }
 
-/* a[r] = partial sum of row r (pw[r]) over all words, in the order of packed_linear.h. */
-RABIT_AVX512 static void rabit_lut16_block_avx512(const float *t, const rabit_word_t *const *pw, int64_t nw,
+/* rabit_lut_block_fn over RABIT_AVX512_ROWS rows, on 16-entry tables. */
+RABIT_AVX512 void rabit_lut_block_avx512(const float *t, const rabit_word_t *const *pw, int64_t nw,
                                                   float *a) {
     __m512 acc[RABIT_AVX512_VECS][2];
     /* the block's words, transposed: tw[j][r] = word w0 + j of row r */
@@ -86,28 +86,5 @@ RABIT_AVX512 static void rabit_lut16_block_avx512(const float *t, const rabit_wo
         }
     }
     for (b = 0; b < RABIT_AVX512_VECS; b++) _mm512_storeu_ps(a + 16 * b, _mm512_add_ps(acc[b][0], acc[b][1]));
-}
-
-RABIT_AVX512 void rabit_packed_rows_avx512(const float *lut, int64_t M, const rabit_word_t *packed, const float *g,
-                                           const float *bias, int64_t K, int64_t out, int64_t in, int64_t o0,
-                                           int64_t o1, float *y) {
-    const int64_t nw = RABIT_WORDS(in);
-    int64_t o, m, k;
-    for (o = o0; o < o1; o += RABIT_AVX512_ROWS) {
-        const int rows = (int)(o1 - o < RABIT_AVX512_ROWS ? o1 - o : RABIT_AVX512_ROWS);
-        for (m = 0; m < M; m++) {
-            float yo[RABIT_AVX512_ROWS] = {0};
-            int r;
-            for (k = 0; k < K; k++) {
-                const rabit_word_t *pw[RABIT_AVX512_ROWS];
-                float a[RABIT_AVX512_ROWS];
-                /* lanes past the last row read row o again; their sums are dropped */
-                for (r = 0; r < RABIT_AVX512_ROWS; r++) pw[r] = packed + (k * out + o + (r < rows ? r : 0)) * nw;
-                rabit_lut16_block_avx512(lut + (m * K + k) * nw * RABIT_LUT16_PER_WORD, pw, nw, a);
-                for (r = 0; r < rows; r++) yo[r] = yo[r] + g[k * out + o + r] * a[r];
-            }
-            for (r = 0; r < rows; r++) y[m * out + o + r] = bias ? yo[r] + bias[o + r] : yo[r];
-        }
-    }
 }
 #endif
