@@ -96,6 +96,7 @@ rabit_status rabit_packed_linear_cpu(const void *x, rabit_dtype xdt, int64_t M, 
                                      int64_t in, void *y) {
     const int64_t nw = RABIT_WORDS(in), in_pad = nw * RABIT_WORD_BITS;
     rabit_lut_block_fn block_fn = NULL;    /* NULL: the scalar kernel */
+    rabit_lut_build_fn build = rabit_lut8_build_scalar;
     int64_t per_word = RABIT_LUT_PER_WORD; /* table floats per word: 16-entry tables for the AVX-512 kernel */
     int64_t block = 16; /* output rows per scheduled chunk: the SIMD kernel's block rows */
     float *xh, *lut, *yf, *row;
@@ -108,12 +109,14 @@ rabit_status rabit_packed_linear_cpu(const void *x, rabit_dtype xdt, int64_t M, 
 #ifdef RABIT_HAVE_AVX2_KERNEL
     if (rabit_cpu_table_kernel() == RABIT_CPU_AVX2) {
         block_fn = rabit_lut_block_avx2;
+        build = rabit_lut8_build_avx2;
         block = RABIT_AVX2_ROWS;
     }
 #endif
 #ifdef RABIT_HAVE_AVX512_KERNEL
     if (rabit_cpu_table_kernel() == RABIT_CPU_AVX512) {
         block_fn = rabit_lut_block_avx512;
+        build = rabit_lut16_build_avx512;
         per_word = RABIT_LUT16_PER_WORD;
         block = RABIT_AVX512_ROWS;
     }
@@ -136,19 +139,7 @@ rabit_status rabit_packed_linear_cpu(const void *x, rabit_dtype xdt, int64_t M, 
             for (j = 0; j < in; j++) xh[(m * K + k) * in_pad + j] = h[k * in + j] * row[j];
     }
     /* the nibble tables (packed_linear.h), once per call: 2 floats per column and path (4 for 16 entries) */
-    for (j = 0; j < M * K * in_pad / 4; j++) {
-        const float *c = xh + 4 * j;
-        float t[8];
-        int i;
-        for (i = 0; i < 8; i++) {
-            const float s0 = (i & 1) ? c[0] : -c[0], s1 = (i & 2) ? c[1] : -c[1], s2 = (i & 4) ? c[2] : -c[2];
-            t[i] = ((s0 + s1) + s2) - c[3];
-        }
-        if (per_word == RABIT_LUT_PER_WORD)
-            memcpy(lut + 8 * j, t, sizeof t);
-        else
-            for (i = 0; i < 16; i++) lut[16 * j + i] = rabit_lut_value(t, (unsigned)i);
-    }
+    build(xh, M * K * in_pad / 4, lut);
     free(xh); /* only the tables are read from here on */
     free(row);
 #pragma omp parallel for schedule(static) if (M * out * nw * K >= RABIT_PARALLEL_MIN_WORDS)

@@ -29,16 +29,22 @@ void rabit_packed_rows_ref(const float *lut, int64_t M, const rabit_word_t *pack
    and the bias. Lanes past the layer's last row get a pointer to a valid row; their sums are dropped. */
 typedef void (*rabit_lut_block_fn)(const float *t, const rabit_word_t *const *pw, int64_t nw, float *a);
 #define RABIT_MAX_BLOCK_ROWS 64
+/* The tables of n nibbles of xh (4 columns each) into lut: 8 entries per nibble (scalar, AVX2) or 16 (AVX-512), the
+   values above, bit for bit the same in every version. */
+typedef void (*rabit_lut_build_fn)(const float *xh, int64_t n, float *lut);
+void rabit_lut8_build_scalar(const float *xh, int64_t n, float *lut);
 
 #if defined(__x86_64__) || defined(_M_X64)
 #define RABIT_HAVE_AVX2_KERNEL 1
 #define RABIT_AVX2_ROWS 16 /* two vectors of 8 rows share every table load */
 void rabit_lut_block_avx2(const float *t, const rabit_word_t *const *pw, int64_t nw, float *a);
+void rabit_lut8_build_avx2(const float *xh, int64_t n, float *lut);
 #if defined(__GNUC__) || defined(__clang__)
 #define RABIT_HAVE_AVX512_KERNEL 1
 #define RABIT_AVX512_ROWS 64 /* four vectors of 16 rows share every table load */
 /* Takes 16-entry tables (RABIT_LUT16_PER_WORD floats per word). */
 void rabit_lut_block_avx512(const float *t16, const rabit_word_t *const *pw, int64_t nw, float *a);
+void rabit_lut16_build_avx512(const float *xh, int64_t n, float *lut);
 #endif
 #endif
 

@@ -87,4 +87,29 @@ RABIT_AVX512 void rabit_lut_block_avx512(const float *t, const rabit_word_t *con
     }
     for (b = 0; b < RABIT_AVX512_VECS; b++) _mm512_storeu_ps(a + 16 * b, _mm512_add_ps(acc[b][0], acc[b][1]));
 }
+/* The 16-entry tables: lane e of a nibble's vector is rabit_lut_value(t, e), i.e. t[e] for e < 8 and -t[15 - e]
+   (= -t[~e & 7]) above, computed as rabit_lut8_build_scalar computes t[i] (i = e or 15 - e: c_j negated by a sign-bit
+   flip where bit j of i is clear, ((s0 + s1) + s2) - c3), then negated for e >= 8. Bit for bit the scalar values. */
+RABIT_AVX512 void rabit_lut16_build_avx512(const float *xh, int64_t n, float *lut) {
+    __m512i mk[4];
+    int64_t j;
+    int e, b;
+    {
+        int32_t lanes[4][16];
+        for (e = 0; e < 16; e++) {
+            const int i = e < 8 ? e : 15 - e;
+            for (b = 0; b < 3; b++) lanes[b][e] = (i >> b) & 1 ? 0 : INT32_MIN;
+            lanes[3][e] = e < 8 ? 0 : INT32_MIN;
+        }
+        for (b = 0; b < 4; b++) mk[b] = _mm512_loadu_si512((const void *)lanes[b]);
+    }
+    for (j = 0; j < n; j++) {
+        const float *c = xh + 4 * j;
+        const __m512 s0 = _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(_mm512_set1_ps(c[0])), mk[0]));
+        const __m512 s1 = _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(_mm512_set1_ps(c[1])), mk[1]));
+        const __m512 s2 = _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(_mm512_set1_ps(c[2])), mk[2]));
+        const __m512 t = _mm512_sub_ps(_mm512_add_ps(_mm512_add_ps(s0, s1), s2), _mm512_set1_ps(c[3]));
+        _mm512_storeu_ps(lut + 16 * j, _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(t), mk[3])));
+    }
+}
 #endif

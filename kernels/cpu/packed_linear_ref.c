@@ -24,3 +24,15 @@ void rabit_packed_rows_ref(const float *lut, int64_t M, const rabit_word_t *pack
         }
     }
 }
+
+void rabit_lut8_build_scalar(const float *xh, int64_t n, float *lut) {
+    int64_t j;
+    int i;
+    for (j = 0; j < n; j++) {
+        const float *c = xh + 4 * j;
+        for (i = 0; i < 8; i++) {
+            const float s0 = (i & 1) ? c[0] : -c[0], s1 = (i & 2) ? c[1] : -c[1], s2 = (i & 4) ? c[2] : -c[2];
+            lut[8 * j + i] = ((s0 + s1) + s2) - c[3];
+        }
+    }
+}
