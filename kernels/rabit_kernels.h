@@ -49,7 +49,8 @@ typedef enum {
 } rabit_cpu_kernel;
 
 /* Rows of x from which AUTO takes the GEMM: on this project's 2-core VM the GEMM (with AVX2 dequantization) was
-   1.01-1.54x the table kernels at 32 rows, about even at 24, and 1.8-2.5x at 128 (docs/kernels.md) */
+   1.01-1.54x the AVX2 table kernel at 32 rows, about even at 24, and 1.8-2.5x at 128; against the faster AVX-512
+   table kernel the crossover is 48-96 rows, depending on the shape (docs/kernels.md). One constant for both. */
 #define RABIT_CPU_GEMM_MIN_ROWS 32
 /* Elements of one dequantized tile of Ŵ in the GEMM path (4 MiB of float32): whole rows, at least one (out > 0). */
 #define RABIT_CPU_GEMM_TILE_ELEMS (1 << 20)

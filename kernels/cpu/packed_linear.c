@@ -23,9 +23,12 @@ static int rabit_cpu_has_avx512(void) {
 #endif
 }
 
+/* in rabit_cpu_kernel's order */
+static const char *const rabit_cpu_kernel_names[] = {"auto", "ref", "avx2", "gemm", "avx512"};
+#define RABIT_CPU_KERNEL_COUNT ((int)(sizeof rabit_cpu_kernel_names / sizeof rabit_cpu_kernel_names[0]))
+
 rabit_status rabit_cpu_set_kernel(rabit_cpu_kernel k) {
-    if (k != RABIT_CPU_AUTO && k != RABIT_CPU_REF && k != RABIT_CPU_AVX2 && k != RABIT_CPU_GEMM && k != RABIT_CPU_AVX512)
-        return RABIT_ERR_ARG;
+    if ((int)k < 0 || (int)k >= RABIT_CPU_KERNEL_COUNT) return RABIT_ERR_ARG;
     if ((k == RABIT_CPU_AVX2 && !rabit_cpu_has_avx2()) || (k == RABIT_CPU_AVX512 && !rabit_cpu_has_avx512()))
         return RABIT_ERR_UNSUPPORTED;
     rabit_forced_kernel = k;
@@ -45,10 +48,6 @@ int rabit_cpu_use_gemm(int64_t M) {
     if (rabit_forced_kernel == RABIT_CPU_AUTO) return M >= RABIT_CPU_GEMM_MIN_ROWS;
     return rabit_forced_kernel == RABIT_CPU_GEMM;
 }
-
-/* in rabit_cpu_kernel's order */
-static const char *const rabit_cpu_kernel_names[] = {"auto", "ref", "avx2", "gemm", "avx512"};
-#define RABIT_CPU_KERNEL_COUNT ((int)(sizeof rabit_cpu_kernel_names / sizeof rabit_cpu_kernel_names[0]))
 
 rabit_status rabit_cpu_kernel_from_name(const char *name, rabit_cpu_kernel *k) {
     int i;
@@ -91,38 +90,45 @@ static void rabit_packed_rows_blocked(rabit_lut_block_fn block_fn, int block_row
     }
 }
 
+/* What a table kernel needs from the driver: its block function (NULL: the scalar row kernel), its table builder,
+   table floats per word, and the output rows per scheduled chunk (its block's rows; 16 for the scalar kernel). */
+typedef struct {
+    rabit_lut_block_fn block;
+    rabit_lut_build_fn build;
+    int64_t per_word;
+    int rows;
+} rabit_table_impl;
+
+static rabit_table_impl rabit_table_impl_of(rabit_cpu_kernel k) {
+    switch (k) {
+#ifdef RABIT_HAVE_AVX2_KERNEL
+    case RABIT_CPU_AVX2:
+        return (rabit_table_impl){rabit_lut_block_avx2, rabit_lut8_build_avx2, RABIT_LUT_PER_WORD, RABIT_AVX2_ROWS};
+#endif
+#ifdef RABIT_HAVE_AVX512_KERNEL
+    case RABIT_CPU_AVX512:
+        return (rabit_table_impl){rabit_lut_block_avx512, rabit_lut16_build_avx512, RABIT_LUT16_PER_WORD,
+                                  RABIT_AVX512_ROWS};
+#endif
+    default:
+        return (rabit_table_impl){NULL, rabit_lut8_build_scalar, RABIT_LUT_PER_WORD, 16};
+    }
+}
+
 rabit_status rabit_packed_linear_cpu(const void *x, rabit_dtype xdt, int64_t M, const rabit_word_t *packed,
                                      const float *g, const float *h, const float *bias, int64_t K, int64_t out,
                                      int64_t in, void *y) {
     const int64_t nw = RABIT_WORDS(in), in_pad = nw * RABIT_WORD_BITS;
-    rabit_lut_block_fn block_fn = NULL;    /* NULL: the scalar kernel */
-    rabit_lut_build_fn build = rabit_lut8_build_scalar;
-    int64_t per_word = RABIT_LUT_PER_WORD; /* table floats per word: 16-entry tables for the AVX-512 kernel */
-    int64_t block = 16; /* output rows per scheduled chunk: the SIMD kernel's block rows */
+    /* always a table kernel: a binding that takes the GEMM path does not call this */
+    const rabit_table_impl impl = rabit_table_impl_of(rabit_cpu_table_kernel());
     float *xh, *lut, *yf, *row;
     int64_t m, k, j, blk;
     if (!x || !packed || !g || !h || !y || M < 0 || K < 1 || K > RABIT_MAX_K || out < 1 || in < 1)
         return RABIT_ERR_ARG;
     if (!rabit_dtype_valid(xdt)) return RABIT_ERR_UNSUPPORTED;
     if (M == 0) return RABIT_OK;
-    /* always a table kernel: a binding that takes the GEMM path does not call this */
-#ifdef RABIT_HAVE_AVX2_KERNEL
-    if (rabit_cpu_table_kernel() == RABIT_CPU_AVX2) {
-        block_fn = rabit_lut_block_avx2;
-        build = rabit_lut8_build_avx2;
-        block = RABIT_AVX2_ROWS;
-    }
-#endif
-#ifdef RABIT_HAVE_AVX512_KERNEL
-    if (rabit_cpu_table_kernel() == RABIT_CPU_AVX512) {
-        block_fn = rabit_lut_block_avx512;
-        build = rabit_lut16_build_avx512;
-        per_word = RABIT_LUT16_PER_WORD;
-        block = RABIT_AVX512_ROWS;
-    }
-#endif
     xh = (float *)calloc((size_t)(M * K * in_pad), sizeof(float)); /* zero padding past `in` */
-    lut = (float *)malloc((size_t)(M * K * nw * per_word) * sizeof(float));
+    lut = (float *)malloc((size_t)(M * K * nw * impl.per_word) * sizeof(float));
     yf = (float *)malloc((size_t)(M * out) * sizeof(float));
     row = (float *)malloc((size_t)in * sizeof(float));
     if (!xh || !lut || !yf || !row) {
@@ -139,15 +145,16 @@ rabit_status rabit_packed_linear_cpu(const void *x, rabit_dtype xdt, int64_t M, 
             for (j = 0; j < in; j++) xh[(m * K + k) * in_pad + j] = h[k * in + j] * row[j];
     }
     /* the nibble tables (packed_linear.h), once per call: 2 floats per column and path (4 for 16 entries) */
-    build(xh, M * K * in_pad / 4, lut);
+    impl.build(xh, M * K * in_pad / 4, lut);
     free(xh); /* only the tables are read from here on */
     free(row);
 #pragma omp parallel for schedule(static) if (M * out * nw * K >= RABIT_PARALLEL_MIN_WORDS)
-    for (blk = 0; blk < (out + block - 1) / block; blk++) {
-        const int64_t o0 = blk * block;
-        const int64_t o1 = o0 + block < out ? o0 + block : out;
-        if (block_fn)
-            rabit_packed_rows_blocked(block_fn, (int)block, per_word, lut, M, packed, g, bias, K, out, in, o0, o1, yf);
+    for (blk = 0; blk < (out + impl.rows - 1) / impl.rows; blk++) {
+        const int64_t o0 = blk * impl.rows;
+        const int64_t o1 = o0 + impl.rows < out ? o0 + impl.rows : out;
+        if (impl.block)
+            rabit_packed_rows_blocked(impl.block, impl.rows, impl.per_word, lut, M, packed, g, bias, K, out, in, o0, o1,
+                                      yf);
         else
             rabit_packed_rows_ref(lut, M, packed, g, bias, K, out, in, o0, o1, yf);
     }

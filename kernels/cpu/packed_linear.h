@@ -48,8 +48,8 @@ void rabit_lut16_build_avx512(const float *xh, int64_t n, float *lut);
 #endif
 #endif
 
-/* The table kernel in use: REF, AVX2 or AVX512 as forced, else the best this build and CPU run (also under a forced GEMM:
-   the table kernels and the dequantization rows follow it). */
+/* The table kernel in use: REF, AVX2 or AVX512 as forced, else the best this build and CPU run (also under a forced
+   GEMM: the table kernels and the dequantization rows follow it). */
 rabit_cpu_kernel rabit_cpu_table_kernel(void);
 
 /* One row's Ŵ over `in` columns for path k: acc[j] (= if first) or += (±g) * h[j], the sign from the packed bits

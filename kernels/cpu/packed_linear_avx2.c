@@ -78,6 +78,7 @@ RABIT_AVX2 void rabit_dequantize_row_avx2(const rabit_word_t *pw, float g, const
         rabit_dequantize_row_scalar(pw + whole, g, h + whole * RABIT_WORD_BITS, in - whole * RABIT_WORD_BITS, first,
                                     acc + whole * RABIT_WORD_BITS);
 }
+
 /* rabit_lut8_build_scalar with the 8 entries of a nibble in one vector: lane i negates c_j (a sign-bit flip, exact)
    where bit j of i is clear, then ((s0 + s1) + s2) - c3 as in the scalar code. */
 RABIT_AVX2 void rabit_lut8_build_avx2(const float *xh, int64_t n, float *lut) {
@@ -90,7 +91,8 @@ RABIT_AVX2 void rabit_lut8_build_avx2(const float *xh, int64_t n, float *lut) {
         const __m256 s0 = _mm256_xor_ps(_mm256_broadcast_ss(c), m0);
         const __m256 s1 = _mm256_xor_ps(_mm256_broadcast_ss(c + 1), m1);
         const __m256 s2 = _mm256_xor_ps(_mm256_broadcast_ss(c + 2), m2);
-        _mm256_storeu_ps(lut + 8 * j, _mm256_sub_ps(_mm256_add_ps(_mm256_add_ps(s0, s1), s2), _mm256_broadcast_ss(c + 3)));
+        const __m256 t = _mm256_sub_ps(_mm256_add_ps(_mm256_add_ps(s0, s1), s2), _mm256_broadcast_ss(c + 3));
+        _mm256_storeu_ps(lut + 8 * j, t);
     }
 }
 #endif

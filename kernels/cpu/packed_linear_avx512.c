@@ -43,8 +43,7 @@ RABIT_AVX512 static inline void rabit_transpose16(__m512i r[16]) {
 }
 
 /* rabit_lut_block_fn over RABIT_AVX512_ROWS rows, on 16-entry tables. */
-RABIT_AVX512 void rabit_lut_block_avx512(const float *t, const rabit_word_t *const *pw, int64_t nw,
-                                                  float *a) {
+RABIT_AVX512 void rabit_lut_block_avx512(const float *t, const rabit_word_t *const *pw, int64_t nw, float *a) {
     __m512 acc[RABIT_AVX512_VECS][2];
     /* the block's words, transposed: tw[j][r] = word w0 + j of row r */
     __attribute__((aligned(64))) rabit_word_t tw[16][RABIT_AVX512_ROWS];
@@ -87,6 +86,7 @@ RABIT_AVX512 void rabit_lut_block_avx512(const float *t, const rabit_word_t *con
     }
     for (b = 0; b < RABIT_AVX512_VECS; b++) _mm512_storeu_ps(a + 16 * b, _mm512_add_ps(acc[b][0], acc[b][1]));
 }
+
 /* The 16-entry tables: lane e of a nibble's vector is rabit_lut_value(t, e), i.e. t[e] for e < 8 and -t[15 - e]
    (= -t[~e & 7]) above, computed as rabit_lut8_build_scalar computes t[i] (i = e or 15 - e: c_j negated by a sign-bit
    flip where bit j of i is clear, ((s0 + s1) + s2) - c3), then negated for e >= 8. Bit for bit the scalar values. */
