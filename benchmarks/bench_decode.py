@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import os
 import platform
 import statistics
 import sys
@@ -317,8 +316,6 @@ def main(argv=None):
            "copy_bandwidth_GBps": round(bw / 1e9, 1), "threads": torch.get_num_threads(),
            "prompt_tokens": args.prompt, "new_tokens": args.new, "glue_compiled": compile_glue,
            "attention": args.attention, "cpu_kernel": args.cpu_kernel,
-           # the decode kernels' grid (packed_decode.cu): unset = one persistent wave; tiles = one block per tile
-           "cuda_decode_grid": os.environ.get("RABIT_CUDA_DECODE_GRID", "wave"),
            "fp_dtype": str(dtype), "command": " ".join([Path(sys.argv[0]).name] + (argv or sys.argv[1:])),
            "results": results}
     tag = device_tag(torch.cuda.get_device_name(dev)) if dev.type == "cuda" else "cpu"

@@ -1,7 +1,7 @@
 """Benchmark of the rabit CUDA kernels against cuBLAS fp16 (F.linear) measured in the same run.
 
     python benchmarks/bench_kernels.py [--out DIR] [--quick] [--gemv-only | --prefill-only | --qat-only | --group-only]
-        [--decode-kernels b1,i8,f16] [--prefill-kernels wgmma,mma] [--decode-grids tiles,N]
+        [--decode-kernels b1,i8,f16] [--prefill-kernels wgmma,mma]
 
 Writes bench_kernels_<gpu>_<date>.json (into --out, else $OUT, else benchmarks/results/) and prints a table.
 
@@ -53,41 +53,27 @@ def make_packed(out, in_features, n):
     return layers
 
 
-# the decode kernels RABIT_CUDA_DECODE can force, and the largest M each applies to (b1: M <= 2; the fused int8 i8f:
-# M = 1 and in <= 7680, elsewhere it runs int8; int8 and fp16: the whole decode range, M <= 16)
-DECODE_KERNELS = {"b1": 2, "i8f": 1, "i8": 16, "f16": 16}
+# the decode kernels RABIT_CUDA_DECODE can force, and the largest M each applies to (b1: M <= 2; int8 and fp16: the
+# whole decode range, M <= 16)
+DECODE_KERNELS = {"b1": 2, "i8": 16, "f16": 16}
 
 
 # the prefill kernels RABIT_CUDA_PREFILL can force (M > 16): wgmma (sm_90a) and mma.sync (any GPU)
 PREFILL_KERNELS = ("wgmma", "mma")
-# "grid:S": the default decode kernel with RABIT_CUDA_DECODE_GRID=S (tiles: one block per 16-row tile, the schedule
-# before the persistent one; N: at most N blocks)
-GRID_PREFIX = "grid:"
-FORCE_ENV = ("RABIT_CUDA_DECODE", "RABIT_CUDA_PREFILL", "RABIT_CUDA_DECODE_GRID")  # set by kernel_env
+FORCE_ENV = ("RABIT_CUDA_DECODE", "RABIT_CUDA_PREFILL")  # set by kernel_env
 KERNEL_ENV = FORCE_ENV + ("RABIT_CUDA_PREFILL_SPLITS",)  # must be unset at the start: they change the default
 
 
 def kernel_env(name):
-    """Force a decode or prefill kernel, or a decode grid ("grid:tiles"), by name (None: the default dispatch). The
-    variables are read at each launch, so a graph captured after this call holds that kernel."""
+    """Force a decode or prefill kernel by name (None: the default dispatch). The variable is read at each launch,
+    so a graph captured after this call holds that kernel."""
     for var in FORCE_ENV:
         os.environ.pop(var, None)
-    if name is None:
-        return
-    if name.startswith(GRID_PREFIX):
-        os.environ["RABIT_CUDA_DECODE_GRID"] = name[len(GRID_PREFIX):]
-    else:
+    if name is not None:
         os.environ["RABIT_CUDA_PREFILL" if name in PREFILL_KERNELS else "RABIT_CUDA_DECODE"] = name
 
 
-I8F_MAX_IN = 7680  # the fused int8 kernel's longest rows
-
-
-def kernel_applies(name, m, in_features):
-    if name.startswith(GRID_PREFIX):  # the grid setting applies to the fused kernel only
-        return m == 1 and in_features <= I8F_MAX_IN
-    if name == "i8f" and in_features > I8F_MAX_IN:
-        return False
+def kernel_applies(name, m):
     return m > 16 if name in PREFILL_KERNELS else m <= DECODE_KERNELS[name]
 
 
@@ -126,7 +112,7 @@ def bench_linear(out, in_features, quick, ms, kernels=()):
         t_r, sd_r, rel = time_rabit(None)
         forced = {}
         for kern in kernels:
-            if kernel_applies(kern, m, in_features):
+            if kernel_applies(kern, m):
                 t_k, sd_k, rel_k = time_rabit(kern)
                 forced[kern] = dict(us=round(t_k, 3), sd_us=round(sd_k, 3), rel_err_vs_fp64=rel_k)
         t_c, sd_c = graph_time_us([lambda w=w: F.linear(x, w) for w in dpool], min_calls=calls, reps=reps)
@@ -158,7 +144,7 @@ GROUPS = {"llama2-7b qkv": [(4096, 4096)] * 3, "llama2-7b gate/up": [(11008, 409
 GROUP_MS = [1, 2, 4, 8, 16]
 
 
-def bench_group(name, layers, ms, variants=()):
+def bench_group(name, layers, ms):
     """rabit.packed_linear_group (one launch of the decode kernels for all layers) against packed_linear per layer,
     and cuBLAS fp16 per layer and on the layers' weights stacked into one matrix, all in the same run."""
     in_features = layers[0][1]
@@ -183,27 +169,14 @@ def bench_group(name, layers, ms, variants=()):
                                **calls)
         t_c, _ = graph_time_us([lambda ws=ws: [F.linear(x, w) for w in ws] for ws in dense_pool], **calls)
         t_cs, _ = graph_time_us([lambda w=w: F.linear(x, w) for w in stacked_pool], **calls)
-        t_var = {}
-        for var in variants:  # the group launch again with each forced decode kernel / grid setting that applies
-            if not kernel_applies(var, m, in_features):
-                continue
-            kernel_env(var)
-            try:
-                t_var[var] = round(graph_time_us(
-                    [lambda args=args: rabit.packed_linear_group(x, *args) for args in group_args], **calls)[0], 3)
-            finally:
-                kernel_env(None)
         # *_per_layer_us: one call per layer, the time of all of them together
         row = dict(group=name, layers=[list(lay) for lay in layers], M=m, K=K, rabit_group_us=round(t_g, 3),
                    rabit_per_layer_us=round(t_s, 3), cublas_fp16_per_layer_us=round(t_c, 3),
                    cublas_fp16_stacked_us=round(t_cs, 3), group_gain=round(t_s / t_g, 3),
                    speedup_vs_cublas_per_layer=round(t_c / t_g, 3), speedup_vs_cublas_stacked=round(t_cs / t_g, 3),
                    pool=(len(packed_pool), len(dense_pool)))
-        if t_var:
-            row["rabit_group_us_forced"] = t_var
         res.append(row)
-        print(f"  {name} M={m}: group {t_g:.2f} us" + "".join(f" ({k}: {v:.2f} us)" for k, v in t_var.items())
-              + f", per layer {t_s:.2f} us (x{t_s / t_g:.2f}); cuBLAS fp16 per layer "
+        print(f"  {name} M={m}: group {t_g:.2f} us, per layer {t_s:.2f} us (x{t_s / t_g:.2f}); cuBLAS fp16 per layer "
               f"{t_c:.2f} us (x{t_c / t_g:.2f}), stacked {t_cs:.2f} us (x{t_cs / t_g:.2f})", flush=True)
     del packed_pool, dense_pool, stacked_pool
     torch.cuda.empty_cache()
@@ -379,9 +352,6 @@ def main():
                          + ", ".join(f"{k} (M <= {v})" for k, v in DECODE_KERNELS.items()))
     ap.add_argument("--prefill-kernels", default="",
                     help=f"comma-separated prefill kernels to time as well (M > 16): {', '.join(PREFILL_KERNELS)}")
-    ap.add_argument("--decode-grids", default="",
-                    help="comma-separated RABIT_CUDA_DECODE_GRID settings to time the default decode kernel under as "
-                         "well (M <= 16, groups too): tiles (one block per 16-row tile) or a number of blocks")
     args = ap.parse_args()
     kernels = [k for k in args.decode_kernels.split(",") if k]
     if any(k not in DECODE_KERNELS for k in kernels):
@@ -389,9 +359,6 @@ def main():
     prefill = [k for k in args.prefill_kernels.split(",") if k]
     if any(k not in PREFILL_KERNELS for k in prefill):
         ap.error(f"--prefill-kernels: expected names from {list(PREFILL_KERNELS)}, got {args.prefill_kernels!r}")
-    grids = [GRID_PREFIX + v for v in args.decode_grids.split(",") if v]
-    if any(v != "tiles" and not (v.isdigit() and int(v) > 0) for v in args.decode_grids.split(",") if v):
-        ap.error(f"--decode-grids: expected tiles or positive block counts, got {args.decode_grids!r}")
     if args.gemv_only + args.prefill_only + args.qat_only + args.group_only > 1:
         ap.error("--gemv-only, --prefill-only, --qat-only and --group-only exclude each other")
     if any(v in os.environ for v in KERNEL_ENV):
@@ -403,12 +370,8 @@ def main():
                 torch=torch.__version__, cuda=torch.version.cuda,
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 K=K, scales="float16", x="float16", method=__doc__.split("Method: ")[1].strip(),
-                decode_kernel="default dispatch: 1-bit MMA for M = 1 and in > 7680, fused int8 MMA for M = 1 and "
-                              "in <= 7680, fp16 MMA for M >= 5, else int8 MMA "
-                              "(kernels_forced: each forced with RABIT_CUDA_DECODE where it applies; 'grid:S': the "
-                              "default kernel with RABIT_CUDA_DECODE_GRID=S)",
-                decode_grid="the fused int8 kernel: persistent, one wave of blocks, each taking every G-th 16-row tile "
-                            "of its layer; the others: one block per 16-row tile",
+                decode_kernel="default dispatch: 1-bit MMA for M = 1 and in > 7680, fp16 MMA for M >= 5, else int8 MMA "
+                              "(kernels_forced: each forced with RABIT_CUDA_DECODE where it applies)",
                 prefill_kernel="default dispatch: wgmma on sm_90a builds and compute capability 9.0, else mma.sync "
                                "(kernels_forced: each forced with RABIT_CUDA_PREFILL for M > 16)")
     print(f"{info['device']}, torch {info['torch']}, CUDA {info['cuda']}", flush=True)
@@ -424,10 +387,9 @@ def main():
         ms = [m for m in ms if m > 16]
     only = args.gemv_only or args.prefill_only or args.qat_only or args.group_only
     for out, in_features in [] if args.qat_only or args.group_only else shapes:
-        linear += bench_linear(out, in_features, args.quick, ms, kernels=kernels + prefill + grids)
+        linear += bench_linear(out, in_features, args.quick, ms, kernels=kernels + prefill)
     groups = [] if only and not args.group_only else [
-        r for name, layers in GROUPS.items()
-        for r in bench_group(name, layers, [1, 16] if args.quick else GROUP_MS, kernels + grids)]
+        r for name, layers in GROUPS.items() for r in bench_group(name, layers, [1, 16] if args.quick else GROUP_MS)]
     for r in linear:
         if r["M"] == 1:
             r["rabit_pct_copy_bw"] = round(100 * r["rabit_GBps"] / bw, 1)

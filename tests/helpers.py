@@ -61,12 +61,11 @@ CUDA_F16_DECODE_MIN_M = 5
 
 def cuda_rounds_xh_to_fp16(device, xdtype, m):
     """Whether packed_linear on this device, dtype and batch runs the fp16 decode kernel (RABIT_CUDA_DECODE, when
-    set, forces a decode kernel at every M <= 16: f16, or i8 / i8f / b1, whose results are float32-level; i8f runs
-    the int8 kernel past M = 1)."""
+    set, forces a decode kernel at every M <= 16: f16, or i8 / b1, whose results are float32-level)."""
     if not str(device).startswith("cuda") or xdtype == torch.float32 or m > 16:
         return False
     forced = os.environ.get("RABIT_CUDA_DECODE")
-    if forced in ("i8", "i8f", "f16") or (forced == "b1" and m <= 2):  # b1 applies to M <= 2 only
+    if forced in ("i8", "f16") or (forced == "b1" and m <= 2):  # b1 applies to M <= 2 only
         return forced == "f16"
     return m >= CUDA_F16_DECODE_MIN_M
 

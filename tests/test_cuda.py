@@ -242,8 +242,7 @@ def _wide_range_layer(m, xdtype, seed=0):
 
 
 # b1 applies to m <= 2 only (m = 4 would run another kernel)
-@pytest.mark.parametrize("kernel, m", [("b1", 1), ("b1", 2), ("i8f", 1), ("i8", 1), ("i8", 2), ("i8", 4),
-                                       ("i8", 16),
+@pytest.mark.parametrize("kernel, m", [("b1", 1), ("b1", 2), ("i8", 1), ("i8", 2), ("i8", 4), ("i8", 16),
                                        ("f16", 1), ("f16", 3), ("f16", 9), ("f16", 16)],
                          ids=lambda v: f"m{v}" if isinstance(v, int) else v)
 @pytest.mark.parametrize("xdtype", [torch.float16, torch.bfloat16], ids=dtype_id)
@@ -297,10 +296,6 @@ def test_binary_and_int8_decode_kernels_agree_bit_for_bit(shape, m, xdtype, monk
         _poison()
         y_i8 = rabit.packed_linear(*args)
         assert torch.equal(y_b1, y_i8), (k, (y_b1.float() - y_i8.float()).abs().max().item())
-        if m == 1:  # and the fused int8 kernel (at in > 7680 it runs the int8 kernel)
-            monkeypatch.setenv("RABIT_CUDA_DECODE", "i8f")
-            _poison()
-            assert torch.equal(rabit.packed_linear(*args), y_i8), k
 
 
 @pytest.mark.parametrize("xdtype", [torch.float16, torch.bfloat16], ids=dtype_id)
@@ -457,7 +452,7 @@ def test_packed_linear_large_and_graph_capture():
 
 
 @pytest.mark.parametrize("k", [1, 2, 3, 4])
-@pytest.mark.parametrize("kernel", ["i8", "f16", "b1", "i8f"])
+@pytest.mark.parametrize("kernel", ["i8", "f16", "b1"])
 def test_packed_linear_group_kernels_are_packed_linear(k, kernel, monkeypatch):
     """Each decode kernel run over a group of layers (one launch: layer offsets, per-layer pointers and fragment paths)
     gives each layer's packed_linear output bit for bit; also under CUDA-graph capture."""
@@ -487,63 +482,6 @@ def test_packed_linear_group_kernels_are_packed_linear(k, kernel, monkeypatch):
     graph.replay()
     torch.cuda.synchronize()
     assert all(torch.equal(a, b) for a, b in zip(yg, y0))
-
-
-@pytest.mark.parametrize("k", [1, 2, 3, 4])
-def test_fused_int8_kernel_is_int8_bit_for_bit(k, monkeypatch):
-    """The fused int8 kernel (RABIT_CUDA_DECODE=i8f; an experiment, slower than the int8 kernel) computes the int8
-    prologue's exact integers itself and walks its 16-row tiles persistently (a block takes every G-th tile of its
-    layer). Its outputs equal the int8 kernel's (with prologue) bit for bit: single layers and layer groups, rows up
-    to 7680 (two groups a warp) and past it (where it runs the int8 kernel), outliers, with one block per tile
-    (RABIT_CUDA_DECODE_GRID=tiles), one wave (the default) and a few blocks (many tiles per block, one block for a
-    small layer); also in a CUDA graph. A bad grid setting is an error that names it."""
-    for in_features in (33, 1100, 4099, 7680, 7681):
-        layers = [(300, in_features), (17, in_features), (129, in_features), (700, in_features)]
-        args = []
-        for out, _ in layers:
-            w, g, h = (t.to(DEV) for t in random_layer(out, in_features, k))
-            _, packed = rabit.residual_binarize(w, g, h)
-            args.append((packed, g.half(), h.half(), torch.randn(out, device=DEV) if out % 2 else None))
-        lists = [list(t) for t in zip(*args)][:3]
-        for xdtype in (torch.float16, torch.bfloat16):
-            x = torch.randn(1, in_features, device=DEV)
-            x[:, ::97] *= 3e3
-            x = x.to(xdtype)
-            monkeypatch.setenv("RABIT_CUDA_DECODE", "i8")
-            ref = [rabit.packed_linear(x, *a) for a in args]
-            ref_group = rabit.packed_linear_group(x, *lists)
-            monkeypatch.setenv("RABIT_CUDA_DECODE", "i8f")
-            for grid in ("tiles", "wave", "1", "3", "7"):
-                monkeypatch.setenv("RABIT_CUDA_DECODE_GRID", grid)
-                _poison()
-                single = [rabit.packed_linear(x, *a) for a in args]
-                group = rabit.packed_linear_group(x, *lists)
-                for i in range(len(layers)):
-                    where = (in_features, xdtype, grid, i)
-                    assert torch.equal(single[i], ref[i]), where
-                    assert torch.equal(group[i], ref_group[i]), where
-            monkeypatch.delenv("RABIT_CUDA_DECODE_GRID")
-            monkeypatch.delenv("RABIT_CUDA_DECODE")
-    monkeypatch.setenv("RABIT_CUDA_DECODE_GRID", "3")
-    x = torch.randn(1, in_features, device=DEV).half()
-    lists = [list(t) for t in zip(*[a[:3] for a in args])]
-    monkeypatch.setenv("RABIT_CUDA_DECODE", "i8f")
-    y0 = rabit.packed_linear_group(x, *lists)
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            yg = rabit.packed_linear_group(x, *lists)
-    graph.replay()
-    torch.cuda.synchronize()
-    assert all(torch.equal(a, b) for a, b in zip(yg, y0))
-    for bad in ("0", "-3", "fast", "3x"):
-        monkeypatch.setenv("RABIT_CUDA_DECODE_GRID", bad)
-        with pytest.raises(RuntimeError, match="RABIT_CUDA_DECODE_GRID must be tiles, wave or a positive"):
-            rabit.packed_linear(x, *args[0][:3])
-        with pytest.raises(RuntimeError, match="RABIT_CUDA_DECODE_GRID must be"):
-            rabit.packed_linear_group(x, *lists)
 
 
 def test_side_stream_and_second_device_guard():

@@ -177,9 +177,6 @@ at::Tensor packed_linear_cuda_impl(const char *op, const at::Tensor &x, const at
             M, out, in, reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0,
             reinterpret_cast<uintptr_t>(hs.data_ptr()) % 16 == 0);
         TORCH_CHECK(!plan.error, op, ": ", plan.error);
-    } else if (rabit_cuda::packed_linear_path(xdt, M) == 2) {
-        const char *why = rabit_cuda::decode_grid_error();
-        TORCH_CHECK(!why, op, ": ", why);
     }
     check_launch(rabit_cuda::packed_linear(
         x.data_ptr(), xdt, M, words(packed), gs.data_ptr(), to_rabit_dtype(gs.scalar_type()), hs.data_ptr(),
@@ -228,8 +225,6 @@ std::vector<at::Tensor> packed_linear_group_cuda(const at::Tensor &x, at::Tensor
     const c10::cuda::CUDAGuard guard(x.device());
     const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
     const rabit_cuda::DecodeKernel kern = rabit_cuda::decode_kernel(M, in);
-    const char *why = rabit_cuda::decode_grid_error();
-    TORCH_CHECK(!why, op, ": ", why);
     std::vector<at::Tensor> keep;  // contiguous copies of scales and biases that live until the launch
     for (int64_t l0 = 0; l0 < n; l0 += rabit_cuda::kDecodeMaxLayers) {
         const int nl = static_cast<int>(std::min<int64_t>(n - l0, rabit_cuda::kDecodeMaxLayers));

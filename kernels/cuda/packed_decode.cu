@@ -35,9 +35,6 @@
  */
 #include <cuda_runtime.h>
 
-#include <cstdlib>
-#include <cstring>
-
 #include "common.cuh"
 #include "rabit_cuda.cuh"
 
@@ -234,12 +231,6 @@ struct MainArgs {
     int vec;  // rows of words allow 16-byte loads
     int KL;   // fragment paths of all layers (layers * K)
     int kb;   // this layer's first fragment path (l * K)
-    // the fused int8 kernel computes its activations itself: x [in], this layer's h [K][in]
-    const void *x;
-    int xdt;
-    const void *h;
-    int hdt;
-    int64_t in;
 };
 
 /* The layers of one launch: MainArgs holds what they share (and layer 0's own fields); tile0[l] is layer l's
@@ -248,10 +239,8 @@ struct GroupArgs {
     MainArgs a;
     int layers;
     int64_t tile0[kDecodeMaxLayers];
-    int64_t block0[kDecodeMaxLayers];  // the fused kernel: layer l's first block (block_layer_args, launch_i8f_k)
     const rabit_word_t *packed[kDecodeMaxLayers];
     const void *g[kDecodeMaxLayers];
-    const void *h[kDecodeMaxLayers];
     const void *bias[kDecodeMaxLayers];
     void *y[kDecodeMaxLayers];
     int64_t out[kDecodeMaxLayers];
@@ -285,32 +274,6 @@ __device__ __forceinline__ MainArgs layer_args(const GroupArgs &ga, int64_t &til
 template <int K, bool GROUPED>
 __device__ __forceinline__ size_t frag_path(const MainArgs &a, int64_t grp, int k) {
     return GROUPED ? static_cast<size_t>(grp) * a.KL + a.kb + k : static_cast<size_t>(grp) * K + k;
-}
-
-/* The fused kernel's layer selection: its blocks are split over the layers in proportion to their 16-row tiles
-   (launch_i8f_k: block0[l] is layer l's first block), so that a block stays in one layer while it walks its
-   tiles. `blocks`: the number of the layer's blocks; `first`: this block's index among them. */
-template <int K, bool GROUPED>
-__device__ __forceinline__ MainArgs block_layer_args(const GroupArgs &ga, int64_t &blocks, int64_t &first) {
-    blocks = gridDim.x;
-    first = blockIdx.x;
-    if (!GROUPED) return ga.a;
-    int l = 0;
-#pragma unroll
-    for (int i = 1; i < kDecodeMaxLayers; i++)
-        if (i < ga.layers && blockIdx.x >= ga.block0[i]) l = i;
-    blocks = (l + 1 < ga.layers ? pick(ga.block0, l + 1) : gridDim.x) - pick(ga.block0, l);
-    first = blockIdx.x - pick(ga.block0, l);
-    MainArgs a = ga.a;
-    a.packed = pick(ga.packed, l);
-    a.g = pick(ga.g, l);
-    a.h = pick(ga.h, l);
-    a.bias = pick(ga.bias, l);
-    a.y = pick(ga.y, l);
-    a.out = pick(ga.out, l);
-    a.vec = pick(ga.vec, l);
-    a.kb = l * K;
-    return a;
 }
 
 template <int K, int MT>
@@ -387,46 +350,6 @@ __device__ __forceinline__ void for_each_chunk(const MainArgs &a, int64_t row0, 
             body(gr, c, ch[c & 1], cur);
         }
         if (more) cur = nxt;
-    }
-}
-
-/* The fused kernel's schedule, persistent: the grid (one wave, decode_grid) is split over the launch's layers, and
-   block b of a layer's G blocks takes its 16-row tiles b, b + G, b + 2G, ...; in each tile warp w takes groups
-   w, w + 8, ... (the int8 kernel's split). A warp's (tile, group) items form one stream: the bits of its next item
-   (in this tile, else in the block's next tile) are loaded before the MMAs of this one, so that the DRAM reads
-   overlap the tensor-core work across tiles too.
-     prepare(a)                  once, after pdl_wait: the activations of the warp's groups;
-     tile_begin(a, row0)         per-tile set-up (g, zeroed sums);
-     item(gr, bits)              the MMAs and flushes of group gr, all paths;
-     tile_end(a, row0, buf)      the epilogue, one __syncthreads; buf alternates (0, 1) so that the next tile's
-                                 writes to the reduction buffer need no second barrier.
-   Each output row is computed as with one tile per block: the grid size does not change a bit of the result. */
-template <int K, bool GROUPED, class Prepare, class TileBegin, class Item, class TileEnd>
-__device__ __forceinline__ void for_each_tile(const GroupArgs &ga, int g, int t, int warp, Prepare &&prepare,
-                                              TileBegin &&tile_begin, Item &&item, TileEnd &&tile_end) {
-    int64_t blocks, first;
-    const MainArgs a = block_layer_args<K, GROUPED>(ga, blocks, first);
-    const int64_t rows = (a.out + 15) / 16 * 16, ng = a.ngroups, step = blocks * 16;
-    int64_t row0 = first * 16;  // < rows: launch_i8f_k gives a layer at most one block per tile
-    Bits<K, 1> cur, nxt;
-    if (warp < ng) load_bits(a, row0, g, t, warp, cur);
-    pdl_wait();  // the bits are in flight; x (an earlier kernel's output) may be read past here
-    prepare(a);
-    for (int buf = 0;; buf ^= 1) {
-        tile_begin(a, row0);
-        const bool has_next = row0 + step < rows;
-        for (int64_t gr = warp; gr < ng; gr += kWarps) {
-            const bool same = gr + kWarps < ng;
-            if (same)
-                load_bits(a, row0, g, t, gr + kWarps, nxt);
-            else if (has_next)
-                load_bits(a, row0 + step, g, t, warp, nxt);
-            item(gr, cur);
-            if (same || has_next) cur = nxt;
-        }
-        tile_end(a, row0, buf);
-        if (!has_next) break;
-        row0 += step;
     }
 }
 
@@ -550,140 +473,6 @@ __global__ void __launch_bounds__(kWarps * 32, ((K <= 2 && NT <= 2) || (K == 3 &
                 if ((t & 1) == 0) red[warp][mt * 16 + g + 8 * r][2 * nt + (t >> 1)] = fa[mt][nt][r];
     __syncthreads();
     store_rows(a, red, row0, tid);
-}
-
-/* ---------------------------------------------------------------------------------------------------------
- * Fused int8 kernel (M = 1, in <= kI8fMaxIn; sixteenth session): the int8 kernel without its prologue kernel.
- * Each warp computes the exact integers of its own groups -- the prologue's arithmetic step for step: xh, the
- * group's max |xh|, S, Q, sum(Q) -- into shared memory once, after pdl_wait, and then runs the int8 kernel's MMAs
- * and flush on them for every tile of its block (for_each_tile). So there is no second launch, no grid-wide wait
- * for a prologue, and no per-tile read of fragments from L2 (twice the bits' bytes in the int8 kernel); the price
- * is that every block recomputes its warps' groups (at most 2 a warp for in <= 7680). The integer sums are the
- * same and the flush is the int8 kernel's, so the outputs are the int8 kernel's bit for bit (tested).
- * Shared memory per (group slot j, path k): four digit arrays (digit d = 0 most significant, as digit()), word
- * 9 w + p, byte i of array d holding digit d of Q at column 32 w + p + 8 i of the group (w = 0..15, p = 0..7,
- * i = 0..3): lane (g, t)'s B register of step (s, p) is then the one word 9 (4 t + 2 s + hh) + p of array g (g < 4;
- * lanes g >= 4 hold row 1 of x, zero at M = 1). kI8fWords = 145 words an array (9 x 16 + 1): the 16 reading lanes
- * fall in 16 different banks (array d starts at bank 17 d mod 32, word 9 (4t) adds 4t mod 32).
- * ------------------------------------------------------------------------------------------------------- */
-constexpr int kI8fWords = 9 * 16 + 1;
-constexpr int kI8fItemBytes = 4 * kI8fWords * 4 + 12;  // 4 digit arrays + S (float) + sum(Q) (double)
-constexpr int64_t kI8fMaxIn = 15 * kGroupCols;          // <= 2 groups a warp
-constexpr size_t kI8fMaxSmem = 110 * 1024;              // two blocks an SM (228 KB, less the static arrays)
-
-size_t i8f_smem(int K, int64_t in) {
-    const int64_t ng = (in + kGroupCols - 1) / kGroupCols, J = (ng + kWarps - 1) / kWarps;
-    return static_cast<size_t>(kWarps * J * K) * kI8fItemBytes;
-}
-
-/* Q of path k, group gr (this warp's slot j) into the digit arrays at `dig`, S and sum(Q) into sc / qs; lane l
-   takes columns 32 w + l. Bit for bit the prologue's values (prep_front, gemv_i8_prep_kernel, write_scales). */
-__device__ __forceinline__ void i8f_activations(const MainArgs &a, int64_t gr, int k, int lane, uint32_t *dig,
-                                                float *sc, double *qs) {
-    float xh[16];
-    unsigned int mu = 0u;
-    bool nf = false;
-#pragma unroll
-    for (int w = 0; w < 16; w++) {
-        const int64_t j = gr * kGroupCols + 32 * w + lane;
-        const float hj = j < a.in ? ld_any(a.h, a.hdt, k * a.in + j) : 0.0f;
-        xh[w] = j < a.in ? __fmul_rn(hj, ld_any(a.x, a.xdt, j)) : 0.0f;
-        mu = max(mu, __float_as_uint(fabsf(xh[w])));
-        nf |= !is_finite_f(xh[w]);
-    }
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) mu = max(mu, __shfl_xor_sync(0xffffffffu, mu, o));
-    nf = __any_sync(0xffffffffu, nf);
-    int e;
-    frexpf(__uint_as_float(mu), &e);
-    const float inv = mu ? ldexpf(1.0f, 30 - max(e, -96)) : 1.0f;
-    unsigned char *bytes = reinterpret_cast<unsigned char *>(dig);
-    const int p = lane & 7, i = lane >> 3;
-    long long sq = 0;
-#pragma unroll
-    for (int w = 0; w < 16; w++) {
-        const int q = __float2int_rn(xh[w] * inv);
-        sq += q;
-#pragma unroll
-        for (int d = 0; d < 4; d++) bytes[4 * (d * kI8fWords + 9 * w + p) + i] = static_cast<unsigned char>(digit(q, d));
-    }
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) sq += __shfl_xor_sync(0xffffffffu, sq, o);
-    if (lane == 0) {
-        *sc = nf ? __int_as_float(0x7fffffff) : 1.0f / inv;
-        *qs = static_cast<double>(sq);
-    }
-}
-
-template <int K, bool GROUPED>
-__global__ void __launch_bounds__(kWarps * 32, 2) gemv_i8f_kernel(const GroupArgs ga) {
-    extern __shared__ __align__(16) unsigned char i8f_smem_raw[];
-    __shared__ float red[2][kWarps][16][2];
-    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    const int g = lane >> 2, t = lane & 3;
-    const int J = static_cast<int>((ga.a.ngroups + kWarps - 1) / kWarps);
-    // per (warp, slot, path) item: sum(Q), then S, then the digit arrays
-    double *qs = reinterpret_cast<double *>(i8f_smem_raw);
-    float *sc = reinterpret_cast<float *>(qs + kWarps * J * K);
-    uint32_t *dig = reinterpret_cast<uint32_t *>(sc + kWarps * J * K);
-    auto item_index = [&](int64_t gr, int k) { return (warp * J + static_cast<int>(gr / kWarps)) * K + k; };
-
-    auto prepare = [&](const MainArgs &a) {
-        pdl_launch_dependents();  // the next kernel may be scheduled as blocks of this one retire
-        for (int64_t gr = warp; gr < a.ngroups; gr += kWarps)
-#pragma unroll
-            for (int k = 0; k < K; k++) {
-                const int it = item_index(gr, k);
-                i8f_activations(a, gr, k, lane, dig + it * 4 * kI8fWords, sc + it, qs + it);
-            }
-        __syncwarp();  // a warp reads only its own groups' arrays
-    };
-
-    const double dw0 = (t & 1) ? 256.0 : 16777216.0, dw1 = (t & 1) ? 1.0 : 65536.0;
-    float gk[K][1][2], fa[2];
-    auto tile_begin = [&](const MainArgs &a, int64_t row0) {
-        load_row_scales(a, row0, g, gk);
-        fa[0] = fa[1] = 0.0f;
-    };
-    // the int8 kernel's steps at NT = 1 (16 a path; B registers from shared memory) and its flush per path
-    auto item = [&](int64_t gr, const Bits<K, 1> &cur) {
-#pragma unroll
-        for (int k = 0; k < K; k++) {
-            const int it = item_index(gr, k);
-            const double sck = sc[it], qsk = qs[it];  // S: float -> double, as the int8 kernel reads it
-            const uint32_t *arr = dig + it * 4 * kI8fWords + (g & 3) * kI8fWords;
-            const uint4 &wg = cur.w[k][0][0], &wh = cur.w[k][0][1];
-            int acc[4] = {0, 0, 0, 0};
-#pragma unroll
-            for (int s = 0; s < 2; s++)
-#pragma unroll
-                for (int p = 0; p < 8; p++) {
-                    constexpr uint32_t m1 = 0x01010101u;
-                    const uint32_t a0 = ((s ? wg.z : wg.x) >> p) & m1, a2 = ((s ? wg.w : wg.y) >> p) & m1;
-                    const uint32_t a1 = ((s ? wh.z : wh.x) >> p) & m1, a3 = ((s ? wh.w : wh.y) >> p) & m1;
-                    const uint32_t b0 = g < 4 ? arr[9 * (4 * t + 2 * s) + p] : 0u;
-                    const uint32_t b1 = g < 4 ? arr[9 * (4 * t + 2 * s + 1) + p] : 0u;
-                    mma_s8(acc, a0, a1, a2, a3, b0, b1);
-                }
-            // lanes t >= 2 hold row 1 of x: computed, never stored at M = 1
-#pragma unroll
-            for (int r = 0; r < 2; r++) {
-                double v = static_cast<double>(acc[2 * r]) * dw0 + static_cast<double>(acc[2 * r + 1]) * dw1;
-                v += __shfl_xor_sync(0xffffffffu, v, 1);
-                const float val = static_cast<float>(sck * (2.0 * v - qsk));
-                fa[r] = __fmaf_rn(gk[k][0][r], val, fa[r]);
-            }
-        }
-    };
-
-    auto tile_end = [&](const MainArgs &a, int64_t row0, int buf) {
-#pragma unroll
-        for (int r = 0; r < 2; r++)
-            if ((t & 1) == 0) red[buf][warp][g + 8 * r][t >> 1] = fa[r];
-        __syncthreads();
-        store_rows(a, red[buf], row0, tid);
-    };
-    for_each_tile<K, GROUPED>(ga, g, t, warp, prepare, tile_begin, item, tile_end);
 }
 
 /* ---------------------------------------------------------------------------------------------------------
@@ -990,53 +779,6 @@ size_t frag_entries(int64_t M) {
     return i8 > f16 ? i8 : f16;
 }
 
-/* The fused kernel runs persistent (for_each_tile) on one wave of blocks: as many as fit on the device at once, at
-   most one per 16-row tile. RABIT_CUDA_DECODE_GRID overrides it (benchmarks, tests; the outputs are the same bit
-   for bit): =tiles launches one block per tile (the other decode kernels' schedule), =N (a positive integer) at
-   most N blocks (tests: many tiles per block on small layers), =wave or unset one wave. Any other value fails the
-   call with cudaErrorInvalidValue (-1 here; decode_grid_error() says why). */
-constexpr int64_t kGridWave = 0, kGridTiles = -2, kGridBad = -1;
-int64_t grid_setting() {  // kGridWave, kGridTiles, kGridBad or N > 0
-    const char *v = getenv("RABIT_CUDA_DECODE_GRID");
-    if (!v || strcmp(v, "wave") == 0) return kGridWave;
-    if (strcmp(v, "tiles") == 0) return kGridTiles;
-    char *end = nullptr;
-    const long long n = strtoll(v, &end, 10);
-    return (end != v && *end == '\0' && n > 0) ? n : kGridBad;
-}
-
-int64_t decode_grid(int64_t tiles, int resident_per_sm) {
-    const int64_t set = grid_setting();
-    if (set == kGridBad) return -1;
-    if (set == kGridTiles) return tiles;
-    return min64(tiles, set > 0 ? set : static_cast<int64_t>(resident_per_sm) * device_info().sms);
-}
-
-/* The fused kernel: its grid split over the layers in proportion to their 16-row tiles (at least one block for a
-   layer with rows, at most one per tile: for_each_tile), its shared memory (above 48 KB needs the opt-in, once per
-   device) and the occupancy of its one- or two-groups-a-warp size class. */
-template <int K, bool GR>
-cudaError_t launch_i8f_k(GroupArgs ga, cudaStream_t s) {
-    static bool opted_in[64];
-    static std::atomic<int> resident[2][64];  // per size class and device
-    auto kern = gemv_i8f_kernel<K, GR>;
-    const cudaError_t e = set_smem_limit_once(kern, static_cast<int>(kI8fMaxSmem), opted_in);
-    if (e != cudaSuccess) return e;
-    const size_t smem = i8f_smem(K, ga.a.in);
-    int64_t tiles = 0;
-    for (int l = 0; l < ga.layers; l++) tiles += (ga.out[l] + 15) / 16;
-    const int64_t grid =
-        decode_grid(tiles, resident_blocks_once(kern, kWarps * 32, smem, resident[ga.a.ngroups > kWarps]));
-    if (grid < 1) return cudaErrorInvalidValue;
-    int64_t blocks = 0;
-    for (int l = 0; l < ga.layers; l++) {
-        const int64_t tl = (ga.out[l] + 15) / 16;
-        ga.block0[l] = blocks;
-        blocks += tl == 0 ? 0 : min64(tl, max64(1, grid * tl / tiles));
-    }
-    return launch_pdl(kern, dim3(static_cast<unsigned>(blocks)), kWarps * 32, smem, ga, s);
-}
-
 /* The launchers take the layers' total of 16-row tiles as the grid (one tile per block). */
 template <int K, int NT, bool GR>
 cudaError_t launch_main_nt(const GroupArgs &a, unsigned tiles, cudaStream_t s) {
@@ -1062,7 +804,6 @@ cudaError_t launch_f16_k(const GroupArgs &a, int NT, unsigned tiles, cudaStream_
 template <int K, bool GR>
 cudaError_t launch_main_kg(const GroupArgs &a, DecodeKernel kern, int NT, unsigned tiles, cudaStream_t s) {
     if (kern == DECODE_B1) return launch_b1_k<K, GR>(a, tiles, s);
-    if (kern == DECODE_I8F) return launch_i8f_k<K, GR>(a, s);
     if (kern == DECODE_F16) return launch_f16_k<K, GR>(a, NT, tiles, s);
     switch (NT) {
         case 1: return launch_main_nt<K, 1, GR>(a, tiles, s);
@@ -1081,13 +822,6 @@ cudaError_t launch_main_k(const GroupArgs &a, DecodeKernel kern, int NT, unsigne
 
 }  // namespace
 
-const char *decode_grid_error() {
-    return grid_setting() == kGridBad
-               ? "RABIT_CUDA_DECODE_GRID must be tiles, wave or a positive number of blocks (or unset, to let rabit "
-                 "choose)"
-               : nullptr;
-}
-
 size_t decode_workspace_bytes(int paths, int64_t M, int64_t in) {
     const size_t gk = static_cast<size_t>((in + kGroupCols - 1) / kGroupCols) * paths;
     return gk * (frag_entries(M) * sizeof(uint2) + kScaleSlots * (sizeof(double) + sizeof(float)));
@@ -1100,9 +834,6 @@ cudaError_t decode_gemv(const void *x, rabit_dtype xdt, int64_t M, const DecodeL
         K > RABIT_MAX_K || n < 1 || n > kDecodeMaxLayers)
         return cudaErrorInvalidValue;
     const int64_t ng = (in + kGroupCols - 1) / kGroupCols;
-    // the fused int8 kernel where it applies (M = 1, in <= kI8fMaxIn, its shared memory within two blocks an SM),
-    // else the int8 kernel: the same outputs bit for bit
-    if (kern == DECODE_I8F && (M != 1 || in > kI8fMaxIn || i8f_smem(K, in) > kI8fMaxSmem)) kern = DECODE_I8;
     const int NT = kern == DECODE_F16 ? f16_nt(M) : gemv_nt(M);
     const int KL = n * K;
     uint2 *frag = static_cast<uint2 *>(workspace);
@@ -1119,9 +850,8 @@ cudaError_t decode_gemv(const void *x, rabit_dtype xdt, int64_t M, const DecodeL
         gemv_b1_prep_kernel<<<pg, kPrepThreads, 0, s>>>(p);
     else if (kern == DECODE_F16)
         gemv_f16_prep_kernel<<<pg, kPrepThreads, 0, s>>>(p);
-    else if (kern == DECODE_I8)
+    else
         gemv_i8_prep_kernel<<<dim3(pg.x, pg.y, kPrepParts), kPrepThreads, 0, s>>>(p);
-    // DECODE_I8F: no prologue, its main kernel computes the activations
     cudaError_t e = cudaGetLastError();
     if (e != cudaSuccess) return e;
 
@@ -1130,17 +860,16 @@ cudaError_t decode_gemv(const void *x, rabit_dtype xdt, int64_t M, const DecodeL
     a.gdt = gdt; a.bdt = bdt; a.ydt = xdt;
     a.M = static_cast<int>(M); a.nw = RABIT_WORDS(in); a.ngroups = ng;
     a.frag = frag; a.scale = scale; a.qsum = qsum; a.KL = KL; a.kb = 0;
-    a.x = x; a.xdt = xdt; a.hdt = hdt; a.in = in;
     ga.layers = n;
     int64_t tiles = 0;
     for (int l = 0; l < n; l++) {
         const DecodeLayer &L = layers[l];
         ga.tile0[l] = tiles;
-        ga.packed[l] = L.packed; ga.g[l] = L.g; ga.h[l] = L.h; ga.bias[l] = L.bias; ga.y[l] = L.y; ga.out[l] = L.out;
+        ga.packed[l] = L.packed; ga.g[l] = L.g; ga.bias[l] = L.bias; ga.y[l] = L.y; ga.out[l] = L.out;
         ga.vec[l] = (a.nw % 4 == 0) && (reinterpret_cast<uintptr_t>(L.packed) % 16 == 0);
         tiles += (L.out + 15) / 16;
     }
-    a.packed = ga.packed[0]; a.g = ga.g[0]; a.h = ga.h[0]; a.bias = ga.bias[0]; a.y = ga.y[0]; a.out = ga.out[0]; a.vec = ga.vec[0];
+    a.packed = ga.packed[0]; a.g = ga.g[0]; a.bias = ga.bias[0]; a.y = ga.y[0]; a.out = ga.out[0]; a.vec = ga.vec[0];
     if (tiles == 0) return cudaSuccess;
     return with_paths(K, [&](auto k) {
         return launch_main_k<decltype(k)::value>(ga, kern, NT, static_cast<unsigned>(tiles), s);

@@ -416,7 +416,6 @@ constexpr int64_t kF16MinM = 5;
 DecodeKernel decode_kernel(int64_t M, int64_t in) {
     const char *v = getenv("RABIT_CUDA_DECODE");
     if (v && strcmp(v, "i8") == 0) return DECODE_I8;
-    if (v && strcmp(v, "i8f") == 0) return DECODE_I8F;  // where it cannot run (M > 1, long rows): int8
     if (v && strcmp(v, "f16") == 0) return DECODE_F16;
     if (v && strcmp(v, "b1") == 0 && M <= kB1MaxM) return DECODE_B1;
     if (M == 1 && in >= kB1MinIn) return DECODE_B1;

@@ -82,11 +82,9 @@ PrefillPlan prefill_plan(int64_t M, int64_t out, int64_t in, bool x_aligned, boo
 int packed_linear_path(rabit_dtype xdt, int64_t M);
 
 /* The decode kernels of path 2 (packed_decode.cu): the int8 MMA one on exact integer digits of x*h (float32-level
-   accuracy), its 1-bit MMA variant (M <= kB1MaxM) and its fused variant without a prologue kernel (forced only: slower;
-   M = 1, in <= 7680, elsewhere decode_gemv runs the int8 kernel instead) -- the three give bit-identical outputs -- and the fp16 MMA one
-   (x*h rounded once to fp16: the accuracy of a dense fp16 layer). decode_kernel() is the choice packed_linear
-   makes. */
-enum DecodeKernel { DECODE_I8 = 0, DECODE_B1 = 1, DECODE_F16 = 2, DECODE_I8F = 3 };
+   accuracy), its 1-bit MMA variant (M <= kB1MaxM; bit-identical outputs), and the fp16 MMA one (x*h rounded once
+   to fp16: the accuracy of a dense fp16 layer). decode_kernel() is the choice packed_linear makes. */
+enum DecodeKernel { DECODE_I8 = 0, DECODE_B1 = 1, DECODE_F16 = 2 };
 constexpr int kB1MaxM = 2;
 DecodeKernel decode_kernel(int64_t M, int64_t in);
 
@@ -102,10 +100,6 @@ struct DecodeLayer {
     void *y;
     int64_t out;
 };
-/* Null, or why the RABIT_CUDA_DECODE_GRID setting (packed_decode.cu: the decode kernels' grid) cannot hold; a decode
-   call fails with cudaErrorInvalidValue then, so the glue checks this first for a message. */
-const char *decode_grid_error();
-
 /* Workspace of a decode call over `paths` = layers * K paths. */
 size_t decode_workspace_bytes(int paths, int64_t M, int64_t in);
 cudaError_t decode_gemv(const void *x, rabit_dtype xdt, int64_t M, const DecodeLayer *layers, int n,
