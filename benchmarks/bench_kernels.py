@@ -58,22 +58,18 @@ def make_packed(out, in_features, n):
 DECODE_KERNELS = {"b1": 2, "i8": 16, "f16": 16}
 
 
-# the prefill kernels RABIT_CUDA_PREFILL can force (M > 16): wgmma (sm_90a) and mma.sync (any GPU); wgmma-nomc is
-# wgmma with RABIT_CUDA_PREFILL_MULTICAST=0 (each block loads its own x tiles)
-PREFILL_KERNELS = ("wgmma", "wgmma-nomc", "mma")
-FORCE_ENV = ("RABIT_CUDA_DECODE", "RABIT_CUDA_PREFILL", "RABIT_CUDA_PREFILL_MULTICAST")  # set by kernel_env
+# the prefill kernels RABIT_CUDA_PREFILL can force (M > 16): wgmma (sm_90a) and mma.sync (any GPU)
+PREFILL_KERNELS = ("wgmma", "mma")
+FORCE_ENV = ("RABIT_CUDA_DECODE", "RABIT_CUDA_PREFILL")  # set by kernel_env
 KERNEL_ENV = FORCE_ENV + ("RABIT_CUDA_PREFILL_SPLITS",)  # must be unset at the start: they change the default
 
 
 def kernel_env(name):
-    """Force a decode or prefill kernel by name (None: the default dispatch). The variables are read at each launch,
+    """Force a decode or prefill kernel by name (None: the default dispatch). The variable is read at each launch,
     so a graph captured after this call holds that kernel."""
     for var in FORCE_ENV:
         os.environ.pop(var, None)
-    if name == "wgmma-nomc":
-        os.environ["RABIT_CUDA_PREFILL"] = "wgmma"
-        os.environ["RABIT_CUDA_PREFILL_MULTICAST"] = "0"
-    elif name is not None:
+    if name is not None:
         os.environ["RABIT_CUDA_PREFILL" if name in PREFILL_KERNELS else "RABIT_CUDA_DECODE"] = name
 
 
@@ -376,10 +372,8 @@ def main():
                 K=K, scales="float16", x="float16", method=__doc__.split("Method: ")[1].strip(),
                 decode_kernel="default dispatch: 1-bit MMA for M = 1 and in > 7680, fp16 MMA for M >= 5, else int8 MMA "
                               "(kernels_forced: each forced with RABIT_CUDA_DECODE where it applies)",
-                prefill_kernel="default dispatch: wgmma on sm_90a builds and compute capability 9.0 (pairs of "
-                               "row blocks sharing x tiles by TMA multicast where there is no k-split), else "
-                               "mma.sync (kernels_forced: each forced with RABIT_CUDA_PREFILL for M > 16; "
-                               "wgmma-nomc: wgmma with RABIT_CUDA_PREFILL_MULTICAST=0)")
+                prefill_kernel="default dispatch: wgmma on sm_90a builds and compute capability 9.0, else mma.sync "
+                               "(kernels_forced: each forced with RABIT_CUDA_PREFILL for M > 16)")
     print(f"{info['device']}, torch {info['torch']}, CUDA {info['cuda']}", flush=True)
     bw = copy_bandwidth_gbps(DEV)
     info["copy_GBps"] = round(bw, 1)

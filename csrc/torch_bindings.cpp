@@ -82,7 +82,7 @@ static PyObject *rabit_py_cuda_prefill_plan(PyObject *, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, p.error);
         return nullptr;
     }
-    return Py_BuildValue("(sii)", p.kernel == rabit_cuda::PREFILL_WGMMA ? "wgmma" : "mma", p.splits, p.multicast);
+    return Py_BuildValue("(si)", p.kernel == rabit_cuda::PREFILL_WGMMA ? "wgmma" : "mma", p.splits);
 }
 
 // Why the CUDA decode_attention kernel cannot run float dtype code dt (0 float32, 1 float16, 2 bfloat16) with G
@@ -101,8 +101,7 @@ static PyMethodDef rabit_methods[] = {
     {"cpu_kernel", rabit_py_cpu_kernel, METH_NOARGS, "The CPU packed-GEMV kernel in use."},
 #ifdef RABIT_WITH_CUDA
     {"cuda_prefill_plan", rabit_py_cuda_prefill_plan, METH_VARARGS,
-     "cuda_prefill_plan(M, out, in) -> (kernel, splits, multicast): the prefill GEMM packed_linear runs on the "
-     "current GPU."},
+     "cuda_prefill_plan(M, out, in) -> (kernel, splits): the prefill GEMM packed_linear runs on the current GPU."},
     {"cuda_attention_unsupported", rabit_py_cuda_attention_unsupported, METH_VARARGS,
      "cuda_attention_unsupported(dtype_code, G, D) -> why the CUDA decode_attention kernel cannot run, or None."},
 #endif

@@ -390,9 +390,9 @@ def test_prefill_dispatch(xdtype, monkeypatch):
         # runs (the default equals the forced split, bit for bit), and the partial sums add in a fixed order
         monkeypatch.delenv("RABIT_CUDA_PREFILL")
         monkeypatch.delenv("RABIT_CUDA_PREFILL_SPLITS")
-        kernel, splits, multicast = rabit._C.cuda_prefill_plan(m, out, in_features)
-        assert kernel == "wgmma" and splits > 1 and multicast == 1, (kernel, splits, multicast)
-        assert rabit._C.cuda_prefill_plan(2048, 4096, 4096) == ("wgmma", 1, 2)
+        kernel, splits = rabit._C.cuda_prefill_plan(m, out, in_features)
+        assert kernel == "wgmma" and splits > 1, (kernel, splits)
+        assert rabit._C.cuda_prefill_plan(2048, 4096, 4096) == ("wgmma", 1)
         assert torch.equal(rabit.packed_linear(x, *args), forced["wgmma"])
         monkeypatch.setenv("RABIT_CUDA_PREFILL_SPLITS", str(splits))
         assert torch.equal(rabit.packed_linear(x, *args), forced["wgmma"])
@@ -407,61 +407,10 @@ def test_prefill_dispatch(xdtype, monkeypatch):
         with pytest.raises(RuntimeError, match="RABIT_CUDA_PREFILL=wgmma"):
             rabit.packed_linear(x_off, *args)
     else:
-        assert rabit._C.cuda_prefill_plan(m, out, in_features) == ("mma", 1, 1)
+        assert rabit._C.cuda_prefill_plan(m, out, in_features) == ("mma", 1)
     monkeypatch.setenv("RABIT_CUDA_PREFILL", "fast")
     with pytest.raises(RuntimeError, match="RABIT_CUDA_PREFILL must be mma or wgmma"):
         rabit.packed_linear(x, *args)
-
-
-@pytest.mark.parametrize("shape", [(256, 520), (512, 1032), (300, 136), (130, 4104)], ids=shape_id)
-def test_prefill_multicast_is_bit_for_bit(shape, monkeypatch):
-    """Without a k-split, pairs of 128-row blocks of the wgmma prefill kernel share their x tiles by TMA multicast
-    where the row blocks pair up (an even number of them: 256 and 512 rows; 300 rows, 3 blocks, do not). Each block
-    then loads half of a stage's tokens into both, and a stage is reused only once both blocks' consumers released it.
-    The outputs equal those without multicast and the mma.sync kernel's, bit for bit, also in a CUDA graph; a bad
-    RABIT_CUDA_PREFILL_MULTICAST is an error that names it."""
-    if not _wgmma_runs():
-        pytest.skip("the wgmma prefill kernel does not run here (sm_90a build and a compute-capability 9.0 GPU)")
-    out, in_features = shape
-    w, g, h = random_layer(out, in_features, 2)
-    _, packed = rabit.residual_binarize(w, g, h)
-    args = [t.to(DEV) for t in (packed, g.half(), h.half())]
-    monkeypatch.setenv("RABIT_CUDA_PREFILL_SPLITS", "1")
-    for m, xdtype in [(17, torch.float16), (129, torch.bfloat16), (300, torch.float16), (600, torch.bfloat16)]:
-        x = torch.randn(m, in_features, device=DEV).to(xdtype)
-        ys = {}
-        for kernel, mc in [("mma", None), ("wgmma", "0"), ("wgmma", "1")]:
-            monkeypatch.setenv("RABIT_CUDA_PREFILL", kernel)
-            if mc is None:
-                monkeypatch.delenv("RABIT_CUDA_PREFILL_MULTICAST", raising=False)
-            else:
-                monkeypatch.setenv("RABIT_CUDA_PREFILL_MULTICAST", mc)
-            _poison()
-            ys[(kernel, mc)] = rabit.packed_linear(x, *args)
-        plan = rabit._C.cuda_prefill_plan(m, out, in_features)
-        assert plan == ("wgmma", 1, 2 if (out + 127) // 128 % 2 == 0 else 1), (m, plan)
-        monkeypatch.setenv("RABIT_CUDA_PREFILL_MULTICAST", "0")
-        assert rabit._C.cuda_prefill_plan(m, out, in_features) == ("wgmma", 1, 1)
-        assert torch.equal(ys[("wgmma", "1")], ys[("wgmma", "0")]), m
-        assert torch.equal(ys[("wgmma", "1")], ys[("mma", None)]), m
-    monkeypatch.setenv("RABIT_CUDA_PREFILL_MULTICAST", "1")
-    x = torch.randn(300, in_features, device=DEV).half()
-    y0 = rabit.packed_linear(x, *args)
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            yg = rabit.packed_linear(x, *args)
-    graph.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(yg, y0)
-    for bad in ("2", "on", "-1"):
-        monkeypatch.setenv("RABIT_CUDA_PREFILL_MULTICAST", bad)
-        with pytest.raises(RuntimeError, match="RABIT_CUDA_PREFILL_MULTICAST must be 0"):
-            rabit.packed_linear(x, *args)
-        with pytest.raises(ValueError, match="RABIT_CUDA_PREFILL_MULTICAST must be 0"):
-            rabit._C.cuda_prefill_plan(300, out, in_features)
 
 
 def test_packed_linear_large_and_graph_capture():

@@ -48,7 +48,6 @@ struct PrefillArgs {
     int64_t out, in, nw;
     int xvec;     // x rows 16-byte aligned (in % 8 == 0)
     int splits;   // wgmma kernel: blocks of a cluster that split the k-blocks (1: no split)
-    int mc;       // wgmma kernel: blocks of a cluster (along the rows) that share each x tile by multicast (1 or 2)
     int nw_even;  // bit rows hold an even number of words: a row's k-block pair is 8-byte aligned
 };
 
@@ -310,20 +309,6 @@ __device__ __forceinline__ void tma_load_2d(uint32_t dst, const CUtensorMap *map
         ::"r"(dst), "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(bar)
         : "memory");
 }
-/* The same load multicast: the box lands at `dst` (and its bytes count on the mbarrier at `bar`) in every block of the
-   cluster named in `mask`. */
-__device__ __forceinline__ void tma_load_2d_mc(uint32_t dst, const CUtensorMap *map, int c0, int c1, uint32_t bar,
-                                               uint16_t mask) {
-    asm volatile(
-        "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes.multicast::cluster "
-        "[%0], [%1, {%2, %3}], [%4], %5;\n"
-        ::"r"(dst), "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(bar), "h"(mask)
-        : "memory");
-}
-/* Arrives on the mbarrier at `remote`, a shared::cluster address of another block of the cluster (cluster_map). */
-__device__ __forceinline__ void mbar_arrive_cluster(uint32_t remote) {
-    asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];\n" ::"r"(remote) : "memory");
-}
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
 template <int N>
@@ -389,12 +374,7 @@ __device__ __forceinline__ void wgmma_n128(float (&d)[64], const uint32_t (&a)[4
 /* 384 threads = three warpgroups. Warpgroup 0 is the producer: it loads each stage (x by TMA, h and the bit words by
    cp.async) once the consumers have released it. Warpgroups 1 and 2 are the consumers: each owns 64 of
    the block's 128 weight rows, builds their Ŵ and runs the wgmmas, and neither waits for the other (no block-wide
-   barrier in the loop).
-   With a.mc = 2 the blocks form clusters of two along the rows, which read the same x tiles: each block's TMA loads
-   half of the stage's tokens and multicasts it into both blocks, so x crosses from L2 once per pair instead of once
-   per block (x, re-read by every 128-row block, is most of the kernel's traffic: 16 MB x 32 row blocks at 4096 x
-   4096, M = 2048). A stage may then be overwritten only when the consumers of both blocks have released it: each
-   consumer warpgroup arrives on its own block's empty barrier and on the other's (count 4). */
+   barrier in the loop). */
 template <typename T, int K, int NB>
 __global__ void __launch_bounds__(WG_THREADS, 1) prefill_wgmma_kernel(const PrefillArgs a,
                                                                       const __grid_constant__ CUtensorMap tmx) {
@@ -417,15 +397,11 @@ __global__ void __launch_bounds__(WG_THREADS, 1) prefill_wgmma_kernel(const Pref
 #pragma unroll
         for (int s = 0; s < WG_STAGES; s++) {
             mbar_init(full_s + 8 * s, 1 + 128);
-            mbar_init(empty_s + 8 * s, 2 * a.mc);  // both consumer warpgroups of each block that shares the stage
+            mbar_init(empty_s + 8 * s, 2);
         }
         mbar_fence_init();
     }
-    // with multicast the other block's copies and arrivals reach this block's barriers: they must exist first
-    if (a.mc > 1)
-        cluster_sync();
-    else
-        __syncthreads();
+    __syncthreads();
     const int64_t o_base = static_cast<int64_t>(blockIdx.x) * WG_BM;
     const int64_t n_base = static_cast<int64_t>(blockIdx.y) * (NB * 128);
     const int64_t in = a.in, nw = a.nw, out = a.out;
@@ -447,14 +423,8 @@ __global__ void __launch_bounds__(WG_THREADS, 1) prefill_wgmma_kernel(const Pref
             const int64_t col0 = static_cast<int64_t>(kb) * WG_BK;
             const uint32_t bar = full_s + 8 * st;
             if (r == 0) {  // the whole box counts, the zero-filled part past the tensor's edges too
-                mbar_expect_tx(bar, L::x_stage);  // with multicast: this block's half and the other's
-                if (a.mc > 1) {  // this block's half of the tokens: the rank-th
-                    const uint32_t rank = cluster_rank();  // (read where used: the producer lives on 24 registers)
-                    tma_load_2d_mc(xs_s + st * L::x_stage + rank * (L::x_stage / 2), &tmx, static_cast<int>(col0),
-                                   static_cast<int>(n_base + rank * (NB * 64)), bar, 0x3);
-                } else {
-                    tma_load_2d(xs_s + st * L::x_stage, &tmx, static_cast<int>(col0), static_cast<int>(n_base), bar);
-                }
+                mbar_expect_tx(bar, L::x_stage);
+                tma_load_2d(xs_s + st * L::x_stage, &tmx, static_cast<int>(col0), static_cast<int>(n_base), bar);
             }
             if (r < K * 16) {  // h (zero past `in`)
                 const int k = r >> 4, q = r & 15;
@@ -484,7 +454,6 @@ __global__ void __launch_bounds__(WG_THREADS, 1) prefill_wgmma_kernel(const Pref
             cluster_sync();
             cluster_sync();
         }
-        if (a.mc > 1) cluster_sync();  // the consumers' last arrivals on the other block (below)
     } else {  // --------------------------------------------------------------------------------------------- consumers
     setmaxnreg_inc<WG_CONSUMER_REGS>();
     const int gq = lane >> 2, t = lane & 3;
@@ -575,11 +544,7 @@ __global__ void __launch_bounds__(WG_THREADS, 1) prefill_wgmma_kernel(const Pref
         wgmma_wait<1>();  // k-block i - 1 is done: its A registers may be rebuilt, its stage released
 #pragma unroll
         for (int nb = 0; nb < NB; nb++) keep(acc[nb]);
-        if (i > 0 && (tid & 127) == 0) {
-            const uint32_t e = empty_s + 8 * ((i - 1) % WG_STAGES);
-            mbar_arrive(e);
-            if (a.mc > 1) mbar_arrive_cluster(cluster_map(e, cluster_rank() ^ 1u));  // and the other block's
-        }
+        if (i > 0 && (tid & 127) == 0) mbar_arrive(empty_s + 8 * ((i - 1) % WG_STAGES));
     };
     // two k-blocks per trip and no branch inside: a conditional wgmma would make the compiler copy accumulators
     // between wgmmas (ptxas C7513: serialized wgmmas)
@@ -592,9 +557,6 @@ __global__ void __launch_bounds__(WG_THREADS, 1) prefill_wgmma_kernel(const Pref
     wgmma_wait<0>();
 #pragma unroll
     for (int nb = 0; nb < NB; nb++) keep(acc[nb]);
-    // neither block of a multicast pair exits while the other may still arrive on its barriers (its stages are all
-    // consumed: every multicast into this block has landed)
-    if (a.mc > 1) cluster_sync();
 
     if (a.splits > 1) {
         // the other ranks leave their partial sums in their shared memory (over the x stages, all consumed now),
@@ -677,11 +639,11 @@ cudaError_t launch_wgmma_t(const PrefillArgs &a, const CUtensorMap &tmx, cudaStr
     cfg.stream = s;
     cudaLaunchAttribute attr[1];
     attr[0].id = cudaLaunchAttributeClusterDimension;
-    attr[0].val.clusterDim.x = static_cast<unsigned>(a.mc);  // prefill_plan: mc > 1 only without a split
+    attr[0].val.clusterDim.x = 1;
     attr[0].val.clusterDim.y = 1;
     attr[0].val.clusterDim.z = static_cast<unsigned>(a.splits);
     cfg.attrs = attr;
-    cfg.numAttrs = a.splits > 1 || a.mc > 1 ? 1 : 0;
+    cfg.numAttrs = a.splits > 1 ? 1 : 0;
     return cudaLaunchKernelEx(&cfg, prefill_wgmma_kernel<T, K, NB>, a, tmx);
 }
 
@@ -736,11 +698,9 @@ int env_int(const char *name, int lo, int hi, int unset, int bad) {
    Its k-split: with few output tiles (M = 128 at 4096 rows: 32 tiles on 132 SMs) idle SMs take shares of k, at most
    4, at least 4 k-blocks each, all blocks within 3/4 of the SMs: a cluster must fit in one GPC, and 32 clusters of 4
    did not fit at once on an H100 (4096 x 4096, M = 128: 42.9 us with 4, 26.8 with 3, 32.1 with 2, 50.9 with 1,
-   59.7 with 8; 2026-11-26). RABIT_CUDA_PREFILL=mma|wgmma and RABIT_CUDA_PREFILL_SPLITS=1..8 force them.
-   Without a split, pairs of row blocks share their x tiles by TMA multicast where the row blocks pair up
-   (RABIT_CUDA_PREFILL_MULTICAST=0 turns it off: benchmarks, tests; the outputs are the same bit for bit). */
+   59.7 with 8; 2026-11-26). RABIT_CUDA_PREFILL=mma|wgmma and RABIT_CUDA_PREFILL_SPLITS=1..8 force them. */
 PrefillPlan prefill_plan(int64_t M, int64_t out, int64_t in, bool x_aligned, bool h_aligned) {
-    PrefillPlan p = {PREFILL_MMA, 1, 1, nullptr};
+    PrefillPlan p = {PREFILL_MMA, 1, nullptr};
     const char *v = getenv("RABIT_CUDA_PREFILL");
     const bool force_mma = v && strcmp(v, "mma") == 0, force_wgmma = v && strcmp(v, "wgmma") == 0;
     if (v && *v && !force_mma && !force_wgmma) {
@@ -770,18 +730,9 @@ PrefillPlan prefill_plan(int64_t M, int64_t out, int64_t in, bool x_aligned, boo
                   "kernel's columns); unset it to let rabit choose.";
         return p;
     }
-    const int64_t row_blocks = (out + WG_BM - 1) / WG_BM, tiles = row_blocks * ((M + nb * 128 - 1) / (nb * 128));
+    const int64_t tiles = ((out + WG_BM - 1) / WG_BM) * ((M + nb * 128 - 1) / (nb * 128));
     const int64_t s = forced ? forced : min64(min64(3 * device_info().sms / (4 * max64(tiles, 1)), 4), max64(nk / 4, 1));
     p.splits = static_cast<int>(max64(min64(s, nk), 1));
-    const int mc = env_int("RABIT_CUDA_PREFILL_MULTICAST", 0, 1, 1, -1);
-    if (mc < 0) {
-        p.error = "RABIT_CUDA_PREFILL_MULTICAST must be 0 (each block loads its own x tiles) or 1 (pairs of blocks "
-                  "share them where they can); unset it to let rabit choose.";
-        return p;
-    }
-    // pairs of row blocks share their x tiles (a cluster along the rows) where there is no k-split (a cluster along k)
-    // and the row blocks pair up
-    p.multicast = mc && p.splits == 1 && row_blocks % 2 == 0 ? 2 : 1;
     return p;
 }
 
@@ -798,13 +749,11 @@ cudaError_t packed_prefill(const void *x, rabit_dtype xdt, int64_t M, const rabi
     a.xvec = (in % 8 == 0) && (reinterpret_cast<uintptr_t>(x) % 16 == 0);
     a.nw_even = a.nw % 2 == 0 && reinterpret_cast<uintptr_t>(packed) % 8 == 0;
     a.splits = plan.splits;
-    a.mc = plan.multicast;
     // 256 tokens per block once there are that many; below, 128 (half the idle rows)
     const int nb = M > 128 ? 2 : 1;
     CUtensorMap tmx;
-    // (a driver without the tensor-map encoder gets the mma.sync kernel: the same values, slower); with multicast
-    // each block of a pair loads half of the tokens
-    const bool wgmma = plan.kernel == PREFILL_WGMMA && encode_x_map(&tmx, a, xdt, nb * 128 / a.mc);
+    // (a driver without the tensor-map encoder gets the mma.sync kernel: the same values, slower)
+    const bool wgmma = plan.kernel == PREFILL_WGMMA && encode_x_map(&tmx, a, xdt, nb * 128);
     if (wgmma) {
         if (nb == 2)
             return xdt == RABIT_F16 ? launch_wgmma_k<__half, 2>(a, tmx, K, s) : launch_wgmma_k<__nv_bfloat16, 2>(a, tmx, K, s);

@@ -66,15 +66,13 @@ cudaError_t packed_prefill(const void *x, rabit_dtype xdt, int64_t M, const rabi
                            const float *h, const float *bias, int K, int64_t out, int64_t in, void *y,
                            cudaStream_t stream);
 
-/* How packed_prefill runs a call with these arguments on the current device: the kernel, the wgmma kernel's
-   k-split over a thread-block cluster, the blocks of a cluster that share each x tile by TMA multicast (1 or 2), or,
-   where a RABIT_CUDA_PREFILL / RABIT_CUDA_PREFILL_SPLITS / RABIT_CUDA_PREFILL_MULTICAST setting cannot hold, `error`
-   (a static message; packed_prefill then returns cudaErrorInvalidValue). */
+/* How packed_prefill runs a call with these arguments on the current device: the kernel and the wgmma kernel's
+   k-split over a thread-block cluster, or, where a RABIT_CUDA_PREFILL / RABIT_CUDA_PREFILL_SPLITS setting cannot
+   hold, `error` (a static message; packed_prefill then returns cudaErrorInvalidValue). */
 enum PrefillKernel { PREFILL_MMA = 0, PREFILL_WGMMA = 1 };
 struct PrefillPlan {
     PrefillKernel kernel;
     int splits;
-    int multicast;
     const char *error;
 };
 PrefillPlan prefill_plan(int64_t M, int64_t out, int64_t in, bool x_aligned, bool h_aligned);
