@@ -23,7 +23,7 @@ import torch
 
 from rabit.data import cached_teacher_data, write_json_atomic
 from rabit.evaluate import wikitext2_perplexity
-from rabit.experiment import METHODS, add_config_arguments, config_from_args, run_experiment
+from rabit.experiment import METHODS, add_config_arguments, config_from_args, run_experiment, training_data
 from rabit.models import load_model
 
 
@@ -47,9 +47,7 @@ def main(argv=None):
     teacher.eval()
     bos = int(teacher.config.bos_token_id if teacher.config.bos_token_id is not None else 1)
     t0 = time.perf_counter()
-    data = cached_teacher_data(out / "teacher_data.safetensors", teacher, base.data_seqs, base.seq_len, base.gen_batch,
-                               bos, model_name=args.model, device=args.device, progress=args.progress,
-                               **base.sampling_kwargs())
+    data = training_data(base, teacher, tok, out, args.device, args.progress)
     data_s = time.perf_counter() - t0
     heldout = None
     if args.heldout_seqs:
@@ -58,7 +56,7 @@ def main(argv=None):
     fp_results = {str(c): wikitext2_perplexity(teacher, tok, ctx=c) for c in args.ctx}
     fp = {c: float(r) for c, r in fp_results.items()}
     fp_by_position = {c: r.nll_by_position for c, r in fp_results.items()}
-    print(f"FP: {fp}  (teacher data {data.shape[0]}x{data.shape[1]} in {data_s:.0f} s)", flush=True)
+    print(f"FP: {fp}  (training data {data.shape[0]}x{data.shape[1]} in {data_s:.0f} s)", flush=True)
     del teacher
     rows = {}
     for method in args.methods:

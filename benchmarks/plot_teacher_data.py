@@ -1,7 +1,7 @@
 """Plot a teacher-data comparison (benchmarks/results/teacher_data_variants_*.json): WikiText-2 perplexity per
 variant, and each variant's NLL gap to the FP model by position in the window.
 
-    python benchmarks/plot_teacher_data.py RESULT.json OUT.png
+    python benchmarks/plot_teacher_data.py RESULT.json OUT.png [--title WHAT]
 """
 
 import argparse
@@ -18,6 +18,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("result")
     ap.add_argument("out")
+    ap.add_argument("--title", default="how the teacher data is sampled", help="what the runs compare (the title)")
     args = ap.parse_args(argv)
     res = json.loads(Path(args.result).read_text())
     rows = res["rows"]
@@ -30,7 +31,7 @@ def main(argv=None) -> None:
     left.set_xlim(0, 1.15 * max(ppl))
     left.invert_yaxis()
     left.set_xlabel("WikiText-2 PPL, ctx 2048 (lower is better)")
-    left.legend(loc="center right")
+    left.legend(loc="best")
     for r in rows:
         gap = r["nll_gap_to_fp_by_position"]
         right.plot(range(len(gap)), list(gap.values()), marker="o", label=r["run"])
@@ -38,7 +39,7 @@ def main(argv=None) -> None:
     right.set_xlabel("positions in the 2,048-token window")
     right.set_ylabel("NLL gap to FP (nats)")
     right.legend(fontsize=8)
-    fig.suptitle(f"RaBiT on SmolLM2-135M, 5 M tokens, seed 0: how the teacher data is sampled ({res['device']})")
+    fig.suptitle(f"RaBiT on SmolLM2-135M, 5 M tokens, seed 0: {args.title} ({res['device']})")
     fig.tight_layout()
     fig.savefig(args.out, dpi=110)
     print(f"wrote {args.out}")

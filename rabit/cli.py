@@ -70,8 +70,9 @@ def _add_train(sub) -> argparse.ArgumentParser:
     d = ExperimentConfig()
     p = sub.add_parser(
         "train", help="quantize + QAT a model with one method and report WikiText-2 PPL",
-        description="Sample distillation data from the FP model, quantize with METHOD, train on --tokens "
-                    "tokens, evaluate WikiText-2 perplexity (ctx 2048 and 4096); writes OUT/result.json.")
+        description="Sample distillation data from the FP model (or take it from --text FILE), quantize with "
+                    "METHOD, train on --tokens tokens, evaluate WikiText-2 perplexity (ctx 2048 and 4096); writes "
+                    "OUT/result.json.")
     p.add_argument("--method", choices=METHODS, default=d.method, help="rabit (default) or a baseline")
     add_config_arguments(p, d)
     p.add_argument("--device", default="cuda" if _cuda_available() else "cpu")

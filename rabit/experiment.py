@@ -53,6 +53,9 @@ class ExperimentConfig:
     data_top_k: int | None = None
     data_start: str = "bos"  # or "random-token": LLM-QAT's uniformly drawn first token
     data_greedy: int = 0  # tokens after a random start taken by argmax (LLM-QAT: 3-5)
+    # a UTF-8 text file to train and calibrate on instead of teacher samples: tokenized once, BOS at its start, cut
+    # into rows of seq_len tokens, the first data_seqs of them used. Never an evaluation split.
+    text: str | None = None
     init_iters: int = 5
     alpha_in: float = 0.5
     alpha_out: float = 0.5
@@ -89,6 +92,10 @@ class ExperimentConfig:
         if self.data_greedy < 0 or (self.data_greedy and self.data_start == "bos"):
             raise ValueError(f"rabit train: data_greedy must be >= 0 and needs data_start='random-token' (greedy "
                              f"tokens after BOS would begin every sequence alike); got {self.data_greedy}")
+        if self.text is not None and (self.data_temperature != 1.0 or self.data_top_k is not None
+                                      or self.data_start != "bos" or self.data_greedy):
+            raise ValueError("rabit train: the teacher-sampling options (data_temperature, data_top_k, data_start, "
+                             "data_greedy) do not apply to training on a text file; drop them or the text")
         if self.train_seq_len and (self.train_seq_len < 2 or self.seq_len % self.train_seq_len):
             raise ValueError(f"rabit train: train_seq_len must be a divisor >= 2 of seq_len {self.seq_len} "
                              f"(got {self.train_seq_len})")
@@ -148,6 +155,9 @@ def add_config_arguments(p, d: ExperimentConfig | None = None) -> None:
     p.add_argument("--data-greedy", type=non_negative_int, default=d.data_greedy, metavar="N",
                    help="with --data-start random-token: take the N tokens after it by argmax, then sample "
                         "(LLM-QAT: 3-5; default %(default)s)")
+    p.add_argument("--text", default=d.text, metavar="FILE",
+                   help="train and calibrate on this UTF-8 text file instead of teacher-sampled data: rows of "
+                        "--seq-len tokens, at most --data-seqs of them (never an evaluation split)")
     p.add_argument("--lr-latent", type=float, default=d.lr_latent, help="Muon learning rate of the latent weights")
     p.add_argument("--lr-scales", type=float, default=d.lr_scales, help="AdamW learning rate of scales and norms")
     p.add_argument("--min-lr-ratio", type=float, default=d.min_lr_ratio,
@@ -165,9 +175,28 @@ def config_from_args(args, **overrides: Any) -> ExperimentConfig:
                             train_seq_len=args.train_seq_len,
                             batch_size=args.batch_size, data_seqs=args.data_seqs,
                             data_temperature=args.data_temperature, data_top_k=args.data_top_k,
-                            data_start=args.data_start, data_greedy=args.data_greedy,
+                            data_start=args.data_start, data_greedy=args.data_greedy, text=args.text,
                             lr_latent=args.lr_latent, lr_scales=args.lr_scales, min_lr_ratio=args.min_lr_ratio,
                             gamma=args.gamma, seed=args.seed, curve_points=args.curve, **overrides)
+
+
+def training_data(cfg: ExperimentConfig, teacher, tok, cache_dir: str | Path, device, progress: bool = True
+                  ) -> torch.Tensor:
+    """The training (and calibration) sequences ``LongTensor[n, seq_len]`` of an experiment: the first
+    ``cfg.data_seqs`` rows of ``cfg.text`` when it is set, else ``cfg.data_seqs`` sequences sampled from the teacher
+    (cached in ``cache_dir/teacher_data.safetensors``)."""
+    from .data import cached_teacher_data, tokens_from_text_file
+
+    if cfg.text is not None:
+        rows = tokens_from_text_file(cfg.text, tok, cfg.seq_len)
+        print(f"rabit train: {cfg.text}: {rows.numel():,} tokens in {len(rows)} rows of {cfg.seq_len}; training on "
+              f"{min(len(rows), cfg.data_seqs)} of them" + (" (--data-seqs)" if len(rows) > cfg.data_seqs else ""),
+              flush=True)
+        return rows[: cfg.data_seqs]
+    bos = int(teacher.config.bos_token_id if teacher.config.bos_token_id is not None else 1)
+    return cached_teacher_data(Path(cache_dir) / "teacher_data.safetensors", teacher, cfg.data_seqs, cfg.seq_len,
+                               cfg.gen_batch, bos, model_name=cfg.model, device=device, progress=progress,
+                               **cfg.sampling_kwargs())
 
 
 def _peak_memory(dev: torch.device) -> int | None:
@@ -181,7 +210,7 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, device: str = "cu
     ``heldout`` ([N, T] sequences sampled from the teacher with another seed) adds KL, top-1 agreement
     and perplexity against the teacher: the measure for models WikiText does not fit (stories260K);
     pass ``cfg.ppl_ctx=()`` to skip WikiText."""
-    from .data import cached_teacher_data, write_json_atomic
+    from .data import write_json_atomic
     from .evaluate import perplexity, wikitext2_ids
     from .models import load_model
     from .quantize import quantize_
@@ -203,12 +232,9 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, device: str = "cu
     teacher.eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
-    bos = int(teacher.config.bos_token_id if teacher.config.bos_token_id is not None else 1)
     t0 = time.perf_counter()
     if teacher_data is None:
-        teacher_data = cached_teacher_data(out / "teacher_data.safetensors", teacher, cfg.data_seqs, cfg.seq_len,
-                                           cfg.gen_batch, bos, model_name=cfg.model, device=dev, progress=progress,
-                                           **cfg.sampling_kwargs())
+        teacher_data = training_data(cfg, teacher, tok, out, dev, progress)
     data_s = time.perf_counter() - t0
 
     student = copy.deepcopy(teacher)

@@ -124,6 +124,13 @@ def test_train_passes_its_options_to_the_experiment(monkeypatch, tmp_path, capsy
     assert (cfg.seq_len, cfg.batch_size, cfg.data_temperature, cfg.data_top_k, cfg.lr_latent, cfg.lr_scales,
             cfg.min_lr_ratio, cfg.gamma, cfg.seed) == (64, 8, 0.7, 40, 2e-4, 5e-3, 0.25, 0.5, 3)
     assert cfg.sampling_kwargs() == dict(temperature=0.7, top_k=40, start="random-token", greedy_tokens=4, seed=3)
+    text = tmp_path / "mine.txt"
+    assert main(["train", "--model", "stories260k", "--text", str(text), "--device", "cpu", "--out", str(tmp_path),
+                 "--quiet"]) == 0
+    assert seen["cfg"].text == str(text)
+    # the sampling options and a text file exclude each other (an error, not an ignored option)
+    assert main(["train", "--text", str(text), "--data-temperature", "0.7", "--out", str(tmp_path), "--quiet"]) == 1
+    assert "do not apply to training on a text file" in capsys.readouterr().err
     assert main(["train", "--curve", "-1", "--out", str(tmp_path)]) == 2
     assert main(["train", "--data-top-k", "0", "--out", str(tmp_path)]) == 2
     assert main(["train", "--data-start", "prompt", "--out", str(tmp_path)]) == 2
@@ -159,3 +166,6 @@ def test_experiment_config_rejects_a_bad_recipe():
         ExperimentConfig(data_start="prompt")
     with pytest.raises(ValueError, match="data_greedy"):
         ExperimentConfig(data_greedy=3)  # greedy tokens after BOS: every sequence would begin alike
+    for sampling in (dict(data_temperature=0.7), dict(data_top_k=5), dict(data_start="random-token")):
+        with pytest.raises(ValueError, match="do not apply to training on a text file"):
+            ExperimentConfig(text="mine.txt", **sampling)

@@ -496,3 +496,45 @@ def test_experiment_trains_on_pieces_of_the_teacher_sequences(tmp_path, monkeypa
                            batch_size=4, data_seqs=16, calib_seqs=4, ppl_ctx=())
     with pytest.raises(ValueError, match="does not divide"):
         run_experiment(cfg, tmp_path / "run3", device="cpu", progress=False, teacher_data=data[:, :12].clone())
+
+
+def test_experiment_trains_and_calibrates_on_a_text_file(tmp_path, monkeypatch, capsys):
+    """ExperimentConfig.text (rabit train --text): the training rows are the text's tokens (BOS first, rows of
+    seq_len, at most data_seqs of them), the calibration takes the first rows, and no teacher data is sampled."""
+    from rabit.data import encode_text
+    from rabit.experiment import ExperimentConfig, run_experiment
+    from rabit.models import load_model
+
+    seen = {}
+
+    def fake_train(student, teacher, data, tc, **kw):
+        seen["data"] = data.clone()
+        raise RuntimeError("stop after the data check")
+
+    def fake_quantize(student, config, calib_input_ids=None, progress=True):
+        seen["calib"] = calib_input_ids.clone()
+
+    def no_sampling(*a, **k):
+        raise AssertionError("teacher data sampled although a text file was given")
+
+    text = " ".join(f"Once upon a time there was a dog named Tim number {i}." for i in range(60))
+    path = tmp_path / "mine.txt"
+    path.write_text(text, encoding="utf-8")
+    monkeypatch.setattr("rabit.train.train", fake_train)
+    monkeypatch.setattr("rabit.quantize.quantize_", fake_quantize)
+    monkeypatch.setattr("rabit.data.cached_teacher_data", no_sampling)
+    _, tok = load_model("stories260k", device="cpu")
+    ids = encode_text(tok, text, bos=True)
+    for data_seqs in (1000, 5):
+        cfg = ExperimentConfig(model="stories260k", method="rabit", tokens=4 * 4 * 32, seq_len=32, batch_size=4,
+                               data_seqs=data_seqs, calib_seqs=3, ppl_ctx=(), text=str(path))
+        with pytest.raises(RuntimeError, match="stop after the data check"):
+            run_experiment(cfg, tmp_path / f"run{data_seqs}", device="cpu", progress=False)
+        rows = min(len(ids) // 32, data_seqs)
+        assert seen["data"].shape == (rows, 32)
+        assert seen["data"].flatten().tolist() == ids[: rows * 32]
+        assert torch.equal(seen["calib"], seen["data"][:3])
+        assert f"{str(path)}: {len(ids) // 32 * 32:,} tokens in {len(ids) // 32} rows of 32" in capsys.readouterr().out
+    cfg = ExperimentConfig(model="stories260k", seq_len=32, ppl_ctx=(), text=str(tmp_path / "missing.txt"))
+    with pytest.raises(FileNotFoundError, match="missing.txt"):
+        run_experiment(cfg, tmp_path / "run_missing", device="cpu", progress=False)
