@@ -7,6 +7,8 @@
 #   nobuild    Ŵ built for the first two k-blocks only (the A registers are then reused): no build cost
 #   nomma      no wgmma issued: loads, barriers and the build
 #   loadsonly  neither: loads and barriers
+#   xonly      loadsonly without the producer's cp.async copies of h and the bit words: x by TMA and the barriers
+#   noxload    loadsonly without the TMA of x: h and the bit words by cp.async and the barriers
 # The copies are edited with sed; each edit must change exactly one line, or the script stops (the source moved on).
 # Timing: 5 warm-up calls, then 50 back-to-back launches between CUDA events (host work included, no graph).
 set -euo pipefail
@@ -17,9 +19,14 @@ cp kernels/*.h "$work/"
 cp kernels/cuda/*.cuh "$work/cuda/"
 no_build='s/^        build(st, A);$/        if (i < 2) build(st, A);/'
 no_mma='s/^            for (int nb = 0; nb < NB; nb++) wgmma_n128<T>(acc\[nb\], A\[j\], desc\[j\]\[nb\]);$/            for (int nb = 0; nb < NB; nb++) if (i < 0) wgmma_n128<T>(acc[nb], A[j], desc[j][nb]);/'
-declare -A edits=([whole]="" [nobuild]="$no_build" [nomma]="$no_mma" [loadsonly]="$no_build;$no_mma")
-declare -A nlines=([whole]=0 [nobuild]=1 [nomma]=1 [loadsonly]=2)
-for v in whole nobuild nomma loadsonly; do
+no_h='s/^            if (r < K \* 16) {  \/\/ h (zero past `in`)$/            if (false) {/'
+no_bits='/^#pragma unroll 1$/{n;s/^            for (int k = 0; k < K; k++) {$/            for (int k = 0; k < 0; k++) {/}'
+no_x='s/^                mbar_expect_tx(bar, L::x_stage);$/                mbar_arrive(bar);/;/^                tma_load_2d(xs_s + st \* L::x_stage, &tmx, /d'
+declare -A edits=([whole]="" [nobuild]="$no_build" [nomma]="$no_mma" [loadsonly]="$no_build;$no_mma"
+                  [xonly]="$no_build;$no_mma;$no_h;$no_bits" [noxload]="$no_build;$no_mma;$no_x")
+declare -A nlines=([whole]=0 [nobuild]=1 [nomma]=1 [loadsonly]=2 [xonly]=4 [noxload]=4)
+variants="whole nobuild nomma loadsonly xonly noxload"
+for v in $variants; do
     src="$work/cuda/$v.cu"
     if [ -n "${edits[$v]}" ]; then sed "${edits[$v]}" kernels/cuda/packed_prefill.cu > "$src"; else cp kernels/cuda/packed_prefill.cu "$src"; fi
     changed=$(diff kernels/cuda/packed_prefill.cu "$src" | grep -c '^<' || true)
@@ -33,5 +40,5 @@ for v in whole nobuild nomma loadsonly; do
 done
 wait
 nvidia-smi --query-gpu=name --format=csv,noheader
-for v in whole nobuild nomma loadsonly; do "$work/$v"; done
+for v in $variants; do "$work/$v"; done
 rm -rf "$work"
