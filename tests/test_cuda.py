@@ -413,6 +413,30 @@ def test_prefill_dispatch(xdtype, monkeypatch):
         rabit.packed_linear(x, *args)
 
 
+@pytest.mark.parametrize("k", [1, 2, 3, 4])
+def test_prefill_bits_by_tma_is_bit_for_bit(k, monkeypatch):
+    """Where a layer's bit rows are a multiple of 16 bytes (in_features a multiple of 128, or nearly: 32-bit words a
+    multiple of 4) and there is no k-split, the wgmma prefill kernel loads h and the bit words by TMA, an even
+    k-block's stage taking the bits of the k-block pair; elsewhere by cp.async. Both give the mma.sync kernel's outputs bit for bit (no k-split):
+    several row blocks, odd rows, a partial last k-block, an odd number of k-blocks (the last pair half empty)."""
+    if not _wgmma_runs():
+        pytest.skip("the wgmma prefill kernel does not run here (sm_90a build and a compute-capability 9.0 GPU)")
+    monkeypatch.setenv("RABIT_CUDA_PREFILL_SPLITS", "1")
+    # (out, in): TMA at 1000 (32 words), 4096, 640 (10 k-blocks) and 1984 (31 k-blocks); cp.async at 2080 (65 words)
+    for out, in_features in [(300, 1000), (129, 4096), (64, 640), (200, 1984), (200, 2080)]:
+        w, g, h = random_layer(out, in_features, k)
+        _, packed = rabit.residual_binarize(w, g, h)
+        args = [t.to(DEV) for t in (packed, g.half(), h.half())]
+        for m, xdtype in [(17, torch.float16), (129, torch.bfloat16), (300, torch.float16)]:
+            x = torch.randn(m, in_features, device=DEV).to(xdtype)
+            ys = {}
+            for kernel in ("mma", "wgmma"):
+                monkeypatch.setenv("RABIT_CUDA_PREFILL", kernel)
+                _poison()
+                ys[kernel] = rabit.packed_linear(x, *args)
+            assert torch.equal(ys["wgmma"], ys["mma"]), (out, in_features, m)
+
+
 def test_packed_linear_large_and_graph_capture():
     torch.manual_seed(0)
     out, in_features = 4096, 4096

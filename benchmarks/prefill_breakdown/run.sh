@@ -7,8 +7,8 @@
 #   nobuild    Ŵ built for the first two k-blocks only (the A registers are then reused): no build cost
 #   nomma      no wgmma issued: loads, barriers and the build
 #   loadsonly  neither: loads and barriers
-#   xonly      loadsonly without the producer's cp.async copies of h and the bit words: x by TMA and the barriers
-#   noxload    loadsonly without the TMA of x: h and the bit words by cp.async and the barriers
+#   xonly      loadsonly without the copies of h and the bit words: x by TMA and the barriers
+#   noxload    loadsonly without the TMA of x: h and the bit words and the barriers
 # The copies are edited with sed; each edit must change exactly one line, or the script stops (the source moved on).
 # Timing: 5 warm-up calls, then 50 back-to-back launches between CUDA events (host work included, no graph).
 set -euo pipefail
@@ -19,12 +19,12 @@ cp kernels/*.h "$work/"
 cp kernels/cuda/*.cuh "$work/cuda/"
 no_build='s/^        build(st, A);$/        if (i < 2) build(st, A);/'
 no_mma='s/^            for (int nb = 0; nb < NB; nb++) wgmma_n128<T>(acc\[nb\], A\[j\], desc\[j\]\[nb\]);$/            for (int nb = 0; nb < NB; nb++) if (i < 0) wgmma_n128<T>(acc[nb], A[j], desc[j][nb]);/'
-no_h='s/^            if (r < K \* 16) {  \/\/ h (zero past `in`)$/            if (false) {/'
-no_bits='/^#pragma unroll 1$/{n;s/^            for (int k = 0; k < K; k++) {$/            for (int k = 0; k < 0; k++) {/}'
-no_x='s/^                mbar_expect_tx(bar, L::x_stage);$/                mbar_arrive(bar);/;/^                tma_load_2d(xs_s + st \* L::x_stage, &tmx, /d'
+# (x, h and the bit words by TMA: the kernel's path where the bit rows are multiples of 16 bytes, as at 4096 x 4096)
+x_only='s/^                    mbar_expect_tx(bar, L::x_stage + L::h_stage + (pair ? L::b_stage : 0));$/                    mbar_expect_tx(bar, L::x_stage);/;/^                    tma_load_2d(smem_u32(hsm + st \* K \* WG_BK), \&tmh, /d;s/^                    if (pair)$/                    if (false)/'
+no_x='s/^                    mbar_expect_tx(bar, L::x_stage + L::h_stage + (pair ? L::b_stage : 0));$/                    mbar_expect_tx(bar, L::h_stage + (pair ? L::b_stage : 0));/;/^                    tma_load_2d(xs_s + st \* L::x_stage, \&tmx, kb \* WG_BK, /d'
 declare -A edits=([whole]="" [nobuild]="$no_build" [nomma]="$no_mma" [loadsonly]="$no_build;$no_mma"
-                  [xonly]="$no_build;$no_mma;$no_h;$no_bits" [noxload]="$no_build;$no_mma;$no_x")
-declare -A nlines=([whole]=0 [nobuild]=1 [nomma]=1 [loadsonly]=2 [xonly]=4 [noxload]=4)
+                  [xonly]="$no_build;$no_mma;$x_only" [noxload]="$no_build;$no_mma;$no_x")
+declare -A nlines=([whole]=0 [nobuild]=1 [nomma]=1 [loadsonly]=2 [xonly]=5 [noxload]=4)
 variants="whole nobuild nomma loadsonly xonly noxload"
 for v in $variants; do
     src="$work/cuda/$v.cu"

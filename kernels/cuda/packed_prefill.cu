@@ -49,6 +49,7 @@ struct PrefillArgs {
     int xvec;     // x rows 16-byte aligned (in % 8 == 0)
     int splits;   // wgmma kernel: blocks of a cluster that split the k-blocks (1: no split)
     int nw_even;  // bit rows hold an even number of words: a row's k-block pair is 8-byte aligned
+    int bits_tma; // wgmma kernel: h and the bit words come by TMA (rows of 16-byte multiples); else by cp.async
 };
 
 /* 16 bytes global -> shared, bypassing L1; src_bytes < 16 zero-fills the rest (0: a zero fill, src not read). */
@@ -254,7 +255,9 @@ template <int K, int NB>
 struct WgLayout {
     static constexpr int x_stage = NB * 128 * WG_BK * 2;  // bytes: NB * 128 tokens x 64 columns of x
     static constexpr int h_stage = K * WG_BK * 4;         // bytes: K paths x 64 columns of h (float32)
-    static constexpr int b_stage = K * WG_BM * 8;         // bytes: K paths x 128 rows x the 2 bit words
+    // bytes: K paths x 128 rows x 4 bit words, the words of this k-block and the next (by TMA: a box's rows are 16
+    // bytes at least; each even k-block's stage holds the pair), or by cp.async the first 2 words of each row's 4
+    static constexpr int b_stage = K * WG_BM * 16;
     // stages of x, h and bits in shared memory: as many as fit (the bits' loads from device memory wait ~1-2 us);
     // 1024: slack to align x
     static constexpr int stages = (227 * 1024 - 1024 - 512) / (x_stage + h_stage + b_stage);
@@ -377,26 +380,30 @@ __device__ __forceinline__ void wgmma_n128(float (&d)[64], const uint32_t (&a)[4
    barrier in the loop). */
 template <typename T, int K, int NB>
 __global__ void __launch_bounds__(WG_THREADS, 1) prefill_wgmma_kernel(const PrefillArgs a,
-                                                                      const __grid_constant__ CUtensorMap tmx) {
+                                                                      const __grid_constant__ CUtensorMap tmx,
+                                                                      const __grid_constant__ CUtensorMap tmh,
+                                                                      const __grid_constant__ CUtensorMap tmb) {
 #ifdef RABIT_DEVICE_WGMMA
     using L = WgLayout<K, NB>;
     constexpr int WG_STAGES = L::stages;
-    // per stage: full (x landed: the TMA's bytes, and the producer's 128 cp.async arrivals for h and bits) and
-    // empty (both consumer warpgroups are done with it)
+    // per stage: full (x landed: the TMAs' bytes, and, where h and bits come by cp.async, the producer's 128
+    // arrivals for them) and empty (both consumer warpgroups are done with it)
     __shared__ __align__(8) uint64_t full[WG_STAGES], empty[WG_STAGES];
     extern __shared__ __align__(16) unsigned char smem_raw[];
     const uint32_t raw_s = smem_u32(smem_raw);
     unsigned char *base = smem_raw + (((raw_s + 1023u) & ~1023u) - raw_s);  // the swizzle needs 1024-byte alignment
     const uint32_t xs_s = smem_u32(base);                                    // [S][NB * 128 tokens][128 bytes]
     const float *hsm = reinterpret_cast<const float *>(base + WG_STAGES * L::x_stage);  // [S][K][WG_BK]
-    const uint2 *bsm = reinterpret_cast<const uint2 *>(base + WG_STAGES * (L::x_stage + L::h_stage));  // [S][K][BM]
+    // [S][K][BM][2 x uint2]: by TMA the even k-block's stage holds row r's words of the k-block pair at 2r, 2r + 1;
+    // by cp.async each stage holds its own k-block's at 2r (one layout for the consumers' reads: bit_base/bit_step)
+    const uint2 *bsm = reinterpret_cast<const uint2 *>(base + WG_STAGES * (L::x_stage + L::h_stage));
 
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, wg = warp >> 2;
     const uint32_t full_s = smem_u32(full), empty_s = smem_u32(empty);
     if (tid == 0) {
 #pragma unroll
         for (int s = 0; s < WG_STAGES; s++) {
-            mbar_init(full_s + 8 * s, 1 + 128);
+            mbar_init(full_s + 8 * s, a.bits_tma ? 1 : 1 + 128);
             mbar_init(empty_s + 8 * s, 2);
         }
         mbar_fence_init();
@@ -413,6 +420,29 @@ __global__ void __launch_bounds__(WG_THREADS, 1) prefill_wgmma_kernel(const Pref
 
     if (wg == 0) {  // ------------------------------------------------------------------------------ producer
         setmaxnreg_dec<WG_PRODUCER_REGS>();
+        // h and the bit words by TMA where their rows allow it: thread 0 issues every copy of a stage; an even
+        // k-block's stage also gets the bit words of the next k-block (a box row is 16 bytes: 4 words, 2 k-blocks).
+        // Before (sixteenth session), 128 threads copied them in 8- and 16-byte pieces: alone, those copies took
+        // 53.6 us at 4096 x 4096, M = 2048, more than the 32 KB a stage of x by TMA (43.9; H100; docs/kernels.md)
+        if (a.bits_tma) {
+            if (tid == 0) {
+                for (int i = 0; i < nloc; i++) {
+                    const int kb = kb_lo + i, st = i % WG_STAGES;
+                    if (i >= WG_STAGES) mbar_wait(empty_s + 8 * st, (i / WG_STAGES - 1) & 1);
+                    const uint32_t bar = full_s + 8 * st;
+                    const bool pair = (i & 1) == 0;  // the first k-block of a pair: its stage takes both's bits
+                    // the whole boxes count, the zero-filled parts past the tensors' edges too
+                    mbar_expect_tx(bar, L::x_stage + L::h_stage + (pair ? L::b_stage : 0));
+                    tma_load_2d(xs_s + st * L::x_stage, &tmx, kb * WG_BK, static_cast<int>(n_base), bar);
+                    tma_load_2d(smem_u32(hsm + st * K * WG_BK), &tmh, kb * WG_BK, 0, bar);
+                    if (pair)
+#pragma unroll
+                        for (int k = 0; k < K; k++)
+                            tma_load_2d(smem_u32(bsm + (st * K + k) * 2 * WG_BM), &tmb, 2 * kb,
+                                        static_cast<int>(k * out + o_base), bar);
+                }
+            }
+        } else {
         // all 128 threads copy (one warp alone was slower than the consumers: measured): thread r takes row r's bit
         // words of every path, the first K x 16 threads one 16-byte piece of h each, thread 0 the TMA of x
         const int r = tid;
@@ -439,7 +469,7 @@ __global__ void __launch_bounds__(WG_THREADS, 1) prefill_wgmma_kernel(const Pref
 #pragma unroll 1
             for (int k = 0; k < K; k++) {
                 const rabit_word_t *src = a.packed + (k * out + o) * nw + w0;
-                const uint32_t dst = smem_u32(bsm + (st * K + k) * WG_BM + r);
+                const uint32_t dst = smem_u32(bsm + (st * K + k) * 2 * WG_BM + 2 * r);
                 if (a.nw_even) {  // the pair is 8-byte aligned, and both words exist
                     cp_async8_s(dst, o < out ? static_cast<const void *>(src) : a.packed, o < out ? 8 : 0);
                 } else {
@@ -449,6 +479,7 @@ __global__ void __launch_bounds__(WG_THREADS, 1) prefill_wgmma_kernel(const Pref
                 }
             }
             cp_async_arrive_noinc(bar);  // arrives when this thread's copies have landed
+        }
         }
         if (a.splits > 1) {  // the consumers' two cluster barriers (below)
             cluster_sync();
@@ -467,6 +498,9 @@ __global__ void __launch_bounds__(WG_THREADS, 1) prefill_wgmma_kernel(const Pref
 #pragma unroll
         for (int k = 0; k < K; k++) gbits[i][k] = row[i] < out ? __float_as_uint(__ldg(a.g + k * out + row[i])) : 0u;
 
+    // where build() finds the bit words of the k-block being built (set by step): row r of path k at
+    // bsm[bit_base + k * 2 * WG_BM + 2 r]
+    int bit_base = 0;
     // What of k-block kb in the m64n128k16 A fragment: for k16 step j, columns 16j + 2t + {0, 1, 8, 9}
     auto build = [&](int st, uint32_t (&A)[4][4]) {
         const float *hk = hsm + st * K * WG_BK + 2 * t;
@@ -475,7 +509,7 @@ __global__ void __launch_bounds__(WG_THREADS, 1) prefill_wgmma_kernel(const Pref
         for (int i = 0; i < 2; i++)
 #pragma unroll
             for (int k = 0; k < K; k++) {
-                const uint2 b = bsm[(st * K + k) * WG_BM + rloc + 8 * i];
+                const uint2 b = bsm[bit_base + k * 2 * WG_BM + 2 * (rloc + 8 * i)];
                 bw[i][k][0] = ~b.x;
                 bw[i][k][1] = ~b.y;
             }
@@ -521,6 +555,9 @@ __global__ void __launch_bounds__(WG_THREADS, 1) prefill_wgmma_kernel(const Pref
     auto step = [&](int i, uint32_t (&A)[4][4]) {  // the block's i-th k-block
         const int st = i % WG_STAGES;
         mbar_wait(full_s + 8 * st, (i / WG_STAGES) & 1);  // x, h and the bits of the k-block have landed
+        // by TMA, an odd k-block's bits came with the previous (even) one's, which are complete and still held: that
+        // stage is released only after this build (the arrival below, one step on)
+        bit_base = a.bits_tma ? ((i - (i & 1)) % WG_STAGES) * K * 2 * WG_BM + (i & 1) : st * K * 2 * WG_BM;
         build(st, A);
 #pragma unroll
         for (int nb = 0; nb < NB; nb++) keep(acc[nb]);
@@ -626,7 +663,7 @@ cudaError_t launch_prefill_k(const PrefillArgs &a, int K, cudaStream_t s) {
 }
 
 template <typename T, int K, int NB>
-cudaError_t launch_wgmma_t(const PrefillArgs &a, const CUtensorMap &tmx, cudaStream_t s) {
+cudaError_t launch_wgmma_t(const PrefillArgs &a, const CUtensorMap *maps, cudaStream_t s) {
     static bool attr_set[64] = {};  // per instantiation and device
     constexpr int smem = WgLayout<K, NB>::smem;
     const cudaError_t e = set_smem_limit_once(prefill_wgmma_kernel<T, K, NB>, smem, attr_set);
@@ -644,12 +681,12 @@ cudaError_t launch_wgmma_t(const PrefillArgs &a, const CUtensorMap &tmx, cudaStr
     attr[0].val.clusterDim.z = static_cast<unsigned>(a.splits);
     cfg.attrs = attr;
     cfg.numAttrs = a.splits > 1 ? 1 : 0;
-    return cudaLaunchKernelEx(&cfg, prefill_wgmma_kernel<T, K, NB>, a, tmx);
+    return cudaLaunchKernelEx(&cfg, prefill_wgmma_kernel<T, K, NB>, a, maps[0], maps[1], maps[2]);
 }
 
 template <typename T, int NB>
-cudaError_t launch_wgmma_k(const PrefillArgs &a, const CUtensorMap &tmx, int K, cudaStream_t s) {
-    return with_paths(K, [&](auto k) { return launch_wgmma_t<T, decltype(k)::value, NB>(a, tmx, s); });
+cudaError_t launch_wgmma_k(const PrefillArgs &a, const CUtensorMap *maps, int K, cudaStream_t s) {
+    return with_paths(K, [&](auto k) { return launch_wgmma_t<T, decltype(k)::value, NB>(a, maps, s); });
 }
 
 /* The driver's tensor-map encoder, through the runtime (null where the driver lacks it). */
@@ -679,6 +716,34 @@ bool encode_x_map(CUtensorMap *map, const PrefillArgs &a, rabit_dtype xdt, int r
     return enc(map, xdt == RABIT_F16 ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2,
                const_cast<void *>(a.x), dims, strides, box, elem, CU_TENSOR_MAP_INTERLEAVE_NONE,
                CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+               CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
+/* h [K][in] float32 as boxes of 64 columns x K paths (no swizzle); outside h, zeros. */
+bool encode_h_map(CUtensorMap *map, const PrefillArgs &a, int K) {
+    const PFN_cuTensorMapEncodeTiled_v12000 enc = tensor_map_encoder();
+    if (!enc) return false;
+    const cuuint64_t dims[2] = {static_cast<cuuint64_t>(a.in), static_cast<cuuint64_t>(K)};
+    const cuuint64_t strides[1] = {static_cast<cuuint64_t>(a.in) * 4};
+    const cuuint32_t box[2] = {static_cast<cuuint32_t>(WG_BK), static_cast<cuuint32_t>(K)};
+    const cuuint32_t elem[2] = {1, 1};
+    return enc(map, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 2, const_cast<float *>(a.h), dims, strides, box, elem,
+               CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_NONE, CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
+               CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
+/* The bit words [K * out][nw] as boxes of 4 words (two k-blocks) x 128 rows; outside them, zeros. A box of the last
+   row block of path k < K - 1 reaches into path k + 1's first rows: those rows are past `out`, and their g is 0 in
+   the consumers (What 0), so their bits do not count. Needs rows of a multiple of 16 bytes (nw % 4 == 0). */
+bool encode_bits_map(CUtensorMap *map, const PrefillArgs &a, int K) {
+    const PFN_cuTensorMapEncodeTiled_v12000 enc = tensor_map_encoder();
+    if (!enc || a.nw % 4 != 0 || reinterpret_cast<uintptr_t>(a.packed) % 16 != 0) return false;
+    const cuuint64_t dims[2] = {static_cast<cuuint64_t>(a.nw), static_cast<cuuint64_t>(K) * a.out};
+    const cuuint64_t strides[1] = {static_cast<cuuint64_t>(a.nw) * 4};
+    const cuuint32_t box[2] = {4, static_cast<cuuint32_t>(WG_BM)};
+    const cuuint32_t elem[2] = {1, 1};
+    return enc(map, CU_TENSOR_MAP_DATA_TYPE_UINT32, 2, const_cast<rabit_word_t *>(a.packed), dims, strides, box, elem,
+               CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_NONE, CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
                CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
@@ -751,13 +816,17 @@ cudaError_t packed_prefill(const void *x, rabit_dtype xdt, int64_t M, const rabi
     a.splits = plan.splits;
     // 256 tokens per block once there are that many; below, 128 (half the idle rows)
     const int nb = M > 128 ? 2 : 1;
-    CUtensorMap tmx;
-    // (a driver without the tensor-map encoder gets the mma.sync kernel: the same values, slower)
-    const bool wgmma = plan.kernel == PREFILL_WGMMA && encode_x_map(&tmx, a, xdt, nb * 128);
+    CUtensorMap maps[3] = {};  // x, h, bits
+    // (a driver without the tensor-map encoder gets the mma.sync kernel: the same values, slower); h and the bits by
+    // TMA where their maps can be made (rows of the bits a multiple of 16 bytes) and there is no k-split, else by
+    // cp.async: the same values. (With the k-split's clusters the TMA path hit an illegal instruction on an H100,
+    // sixteenth session, not understood yet; the k-split serves few output tiles, where the loads matter less.)
+    const bool wgmma = plan.kernel == PREFILL_WGMMA && encode_x_map(&maps[0], a, xdt, nb * 128);
+    a.bits_tma = wgmma && a.splits == 1 && encode_h_map(&maps[1], a, K) && encode_bits_map(&maps[2], a, K);
     if (wgmma) {
         if (nb == 2)
-            return xdt == RABIT_F16 ? launch_wgmma_k<__half, 2>(a, tmx, K, s) : launch_wgmma_k<__nv_bfloat16, 2>(a, tmx, K, s);
-        return xdt == RABIT_F16 ? launch_wgmma_k<__half, 1>(a, tmx, K, s) : launch_wgmma_k<__nv_bfloat16, 1>(a, tmx, K, s);
+            return xdt == RABIT_F16 ? launch_wgmma_k<__half, 2>(a, maps, K, s) : launch_wgmma_k<__nv_bfloat16, 2>(a, maps, K, s);
+        return xdt == RABIT_F16 ? launch_wgmma_k<__half, 1>(a, maps, K, s) : launch_wgmma_k<__nv_bfloat16, 1>(a, maps, K, s);
     }
     return xdt == RABIT_F16 ? launch_prefill_k<__half>(a, K, s) : launch_prefill_k<__nv_bfloat16>(a, K, s);
 }
