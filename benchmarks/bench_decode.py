@@ -237,7 +237,7 @@ def main(argv=None):
     ap.add_argument("--attention", choices=["fused", "unfused"], default="fused",
                     help="decode-step attention: fused (rabit.decode_attention where supported: StaticDecoder's "
                     "default) or unfused (rotary, cache copies, SDPA over the whole cache; fused_attention=False)")
-    ap.add_argument("--cpu-kernel", choices=["auto", "ref", "avx2", "avx512", "gemm"], default="auto",
+    ap.add_argument("--cpu-kernel", choices=rabit.CPU_KERNELS, default="auto",
                     help="CPU packed GEMV/GEMM (rabit.set_cpu_kernel): auto (tables below 32 rows of x, the dequantized "
                     "GEMM from 32: the prefill), or one of them at every M")
     ap.add_argument("--tag", default="", help="suffix of the JSON file name")

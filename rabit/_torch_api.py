@@ -33,6 +33,11 @@ install_lazy_registration()
 CPU_GEMM_MIN_ROWS = _C.CPU_GEMM_MIN_ROWS
 
 
+#: The names :func:`set_cpu_kernel` takes (the C core's table of them; tests hold the two together): ``"auto"``,
+#: the table kernels narrowest first, and the dequantized GEMM.
+CPU_KERNELS = ("auto", "ref", "avx2", "avx512", "gemm")
+
+
 def set_cpu_kernel(name: str) -> None:
     """Choose the torch ops' CPU packed GEMV/GEMM (for the whole process; the NumPy module has its own setting,
     ``rabit._core.set_cpu_kernel``): ``"auto"`` (default: the best table kernel below :data:`CPU_GEMM_MIN_ROWS` rows
@@ -50,6 +55,7 @@ def cpu_kernel() -> str:
 
 __all__ = [
     "CPU_GEMM_MIN_ROWS",
+    "CPU_KERNELS",
     "FORMAT_VERSION",
     "IndependentRaBiTLinear",
     "PackedRaBiTLinear",

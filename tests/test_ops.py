@@ -1,6 +1,7 @@
 """Every rabit op against rabit.reference (the plain-PyTorch spec), plus opcheck, gradcheck and
 input errors. Signs and packed bits must match exactly; float results follow the 2x rule."""
 
+import re
 import subprocess
 import sys
 
@@ -421,6 +422,21 @@ def test_dequantize_avx2_rows_equal_scalar_rows_bit_for_bit():
 def test_set_cpu_kernel_rejects_unknown_name():
     with pytest.raises(ValueError, match="unknown kernel 'sse9'.*'gemm'"):
         rabit.set_cpu_kernel("sse9")
+
+
+def test_cpu_kernels_lists_the_names_the_core_takes():
+    """rabit.CPU_KERNELS (what the benchmarks offer) is the C core's table: each name is known to it (ValueError
+    only for unknown names; RuntimeError where this CPU lacks the instructions), and the error lists them all."""
+    for name in rabit.CPU_KERNELS:
+        try:
+            rabit.set_cpu_kernel(name)
+        except RuntimeError:
+            pass  # known, but not on this CPU
+        finally:
+            rabit.set_cpu_kernel("auto")
+    with pytest.raises(ValueError) as e:
+        rabit.set_cpu_kernel("sse9")
+    assert sorted(re.findall(r"'(\w+)'", str(e.value))[1:]) == sorted(rabit.CPU_KERNELS)
 
 
 # (out, in) for the CPU GEMM path: odd sizes; in = 40000 makes tiles of 26 rows (RABIT_CPU_GEMM_TILE_ELEMS // in), so
