@@ -308,7 +308,7 @@ static PyObject *core_packed_linear(PyObject *self, PyObject *args, PyObject *kw
     } else {
         Py_BEGIN_ALLOW_THREADS
         st = rabit_packed_linear_cpu(PyArray_DATA(x), RABIT_F32, M, (const rabit_word_t *)PyArray_DATA(p),
-                                     (const float *)PyArray_DATA(g), (const float *)PyArray_DATA(h),
+                                     PyArray_DATA(g), RABIT_F32, PyArray_DATA(h), RABIT_F32,
                                      b ? (const float *)PyArray_DATA(b) : NULL, K, out, in,
                                      PyArray_DATA((PyArrayObject *)y));
         Py_END_ALLOW_THREADS

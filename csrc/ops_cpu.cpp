@@ -143,12 +143,15 @@ at::Tensor packed_linear_cpu_impl(const char *op, const at::Tensor &x, const at:
     const auto [K, out, in] = check_packed_linear_args(op, x, packed, g, h, bias);
     at::Tensor bf;
     if (bias.has_value()) bf = bias->to(at::kFloat).contiguous();
-    at::Tensor gf = scales_f32(g), hf = scales_f32(h);
-    if (x.size(0) > 0 && rabit_cpu_use_gemm(x.size(0))) return packed_linear_gemm(op, x, packed, gf, hf, bf, K, out, in);
+    if (x.size(0) > 0 && rabit_cpu_use_gemm(x.size(0)))
+        return packed_linear_gemm(op, x, packed, scales_f32(g), scales_f32(h), bf, K, out, in);
+    // the table kernels read g and h in their own dtype (converted in the C core: no tensors made per call)
+    const at::Tensor gc = g.contiguous(), hc = h.contiguous();
     at::Tensor y = at::empty({x.size(0), out}, x.options());
     check_status(op, rabit_packed_linear_cpu(x.data_ptr(), to_rabit_dtype(x.scalar_type()), x.size(0),
                                              reinterpret_cast<const rabit_word_t *>(packed.data_ptr<int32_t>()),
-                                             gf.data_ptr<float>(), hf.data_ptr<float>(),
+                                             gc.data_ptr(), to_rabit_dtype(gc.scalar_type()), hc.data_ptr(),
+                                             to_rabit_dtype(hc.scalar_type()),
                                              bias.has_value() ? bf.data_ptr<float>() : nullptr, K, out, in,
                                              y.data_ptr()));
     return y;

@@ -118,11 +118,12 @@ rabit_status rabit_unpack_signs_cpu(const rabit_word_t *packed, int64_t rows, in
 
 /*
  * y[m][o] = sum_k g[k][o] * sum_j B_k[o][j] * (h[k][j] * x[m][j])  (+ bias[o])
- * x and y have dtype xdt; bias (nullable) is float32. Float32 accumulation.
+ * x and y have dtype xdt; g [K][out] and h [K][in] dtypes gdt and hdt (read as float32, exactly); bias (nullable) is
+ * float32. Float32 accumulation.
  */
 rabit_status rabit_packed_linear_cpu(const void *x, rabit_dtype xdt, int64_t M, const rabit_word_t *packed,
-                                     const float *g, const float *h, const float *bias, int64_t K, int64_t out,
-                                     int64_t in, void *y);
+                                     const void *g, rabit_dtype gdt, const void *h, rabit_dtype hdt,
+                                     const float *bias, int64_t K, int64_t out, int64_t in, void *y);
 
 /*
  * One decoding step of attention for one new token per row, all rows at cache position pos:

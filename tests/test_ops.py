@@ -419,6 +419,25 @@ def test_dequantize_avx2_rows_equal_scalar_rows_bit_for_bit():
         assert torch.equal(scalar, what) and torch.equal(rabit.dequantize(packed, g, h), what)
 
 
+@pytest.mark.parametrize("sdtype", [torch.float16, torch.bfloat16], ids=dtype_id)
+def test_cpu_packed_linear_reads_half_scales_exactly(sdtype):
+    """The CPU packed linear converts fp16 / bf16 g and h to float32 itself (F16C for fp16 where the CPU has it, 8 a
+    vector and a scalar tail): the outputs equal those of the same scales given as float32, bit for bit, with
+    subnormal, tiny and huge scale values and sizes that leave a tail (K * out, K * in not multiples of 8)."""
+    gen = torch.Generator().manual_seed(11)
+    for out, in_features, k in [(13, 37, 3), (64, 64, 2), (1, 7, 1), (130, 577, 4)]:
+        w = torch.randn(out, in_features, generator=gen)
+        g = torch.rand(k, out, generator=gen) + 0.05
+        h = torch.rand(k, in_features, generator=gen) + 0.5
+        _, packed = rabit.residual_binarize(w, g, h)
+        gs, hs = g.to(sdtype), h.to(sdtype)
+        tiny = 1e-7 if sdtype == torch.float16 else 1e-30  # fp16: a subnormal
+        gs[0, 0], hs[-1, -1], hs[0, :3] = tiny, 3e4, tiny
+        x = torch.randn(3, in_features, generator=gen)
+        y = rabit.packed_linear(x, packed, gs, hs)
+        assert torch.equal(y, rabit.packed_linear(x, packed, gs.float(), hs.float())), (out, in_features, k)
+
+
 def test_set_cpu_kernel_rejects_unknown_name():
     with pytest.raises(ValueError, match="unknown kernel 'sse9'.*'gemm'"):
         rabit.set_cpu_kernel("sse9")

@@ -6,6 +6,7 @@
  * added: no multiplies, ~9 instructions for 32 weights. Compiled with a target attribute, called only
  * when the CPU reports AVX2 (no -march=native in the build).
  */
+#include "../rabit_dtype.h"
 #include "packed_linear.h"
 
 #ifdef RABIT_HAVE_AVX2_KERNEL
@@ -94,5 +95,11 @@ RABIT_AVX2 void rabit_lut8_build_avx2(const float *xh, int64_t n, float *lut) {
         const __m256 t = _mm256_sub_ps(_mm256_add_ps(_mm256_add_ps(s0, s1), s2), _mm256_broadcast_ss(c + 3));
         _mm256_storeu_ps(lut + 8 * j, t);
     }
+}
+__attribute__((target("avx2,f16c"))) void rabit_f16_to_f32_f16c(const uint16_t *src, int64_t n, float *dst) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + i))));
+    for (; i < n; i++) dst[i] = rabit_f16_to_f32(src[i]);
 }
 #endif
