@@ -15,32 +15,24 @@ static int rabit_cpu_has_avx2(void) {
 #endif
 }
 
-static int rabit_cpu_has_f16c(void) {
-#if defined(RABIT_HAVE_AVX2_KERNEL) && (defined(__GNUC__) || defined(__clang__))
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
-#else
-    return 0;
-#endif
-}
-
-/* n scales of dtype dt as float32: fp16 by F16C where the CPU has it (the scalar conversion of SmolLM2's 4,224 scales
-   of a 576 x 1536 layer took ~4 us a call, more than the ATen conversion it replaced), else rabit_load_f32. */
-static void rabit_load_scales_f32(const void *src, rabit_dtype dt, int64_t n, float *dst) {
-#ifdef RABIT_HAVE_AVX2_KERNEL
-    if (dt == RABIT_F16 && rabit_cpu_has_f16c()) {
-        rabit_f16_to_f32_f16c((const uint16_t *)src, n, dst);
-        return;
-    }
-#endif
-    rabit_load_f32(src, dt, 0, n, dst);
-}
-
 static int rabit_cpu_has_avx512(void) {
 #ifdef RABIT_HAVE_AVX512_KERNEL
     return __builtin_cpu_supports("avx512f") && rabit_cpu_has_avx2(); /* its dequantization rows are AVX2 */
 #else
     return 0;
 #endif
+}
+
+/* rabit_load_f32 for the driver's x rows and scales: fp16 by F16C where the CPU has it (the scalar conversion of
+   SmolLM2's 4,224 scales of a 576 x 1536 layer took ~4 us a call, more than the ATen conversion it replaced). */
+static void rabit_driver_load_f32(const void *src, rabit_dtype dt, int64_t off, int64_t n, float *dst) {
+#if defined(RABIT_HAVE_AVX2_KERNEL) && (defined(__GNUC__) || defined(__clang__))
+    if (dt == RABIT_F16 && rabit_cpu_has_avx2() && __builtin_cpu_supports("f16c")) {
+        rabit_f16_to_f32_f16c((const uint16_t *)src + off, n, dst);
+        return;
+    }
+#endif
+    rabit_load_f32(src, dt, off, n, dst);
 }
 
 /* in rabit_cpu_kernel's order */
@@ -145,6 +137,7 @@ rabit_status rabit_packed_linear_cpu(const void *x, rabit_dtype xdt, int64_t M, 
     /* always a table kernel: a binding that takes the GEMM path does not call this */
     const rabit_table_impl impl = rabit_table_impl_of(rabit_cpu_table_kernel());
     float *buf, *xh, *lut, *yf, *row, *gf, *hf;
+    const float *gs, *hs; /* g and h as float32: the caller's, or converted into gf, hf */
     int64_t n_xh, n_lut, n_y, n_row, n_g, m, k, j, blk;
     if (!x || !packed || !g || !h || !y || M < 0 || K < 1 || K > RABIT_MAX_K || out < 1 || in < 1)
         return RABIT_ERR_ARG;
@@ -166,13 +159,16 @@ rabit_status rabit_packed_linear_cpu(const void *x, rabit_dtype xdt, int64_t M, 
     gf = row + n_row;
     hf = gf + n_g;
     memset(xh, 0, (size_t)n_xh * sizeof(float)); /* zero padding past `in` */
-    rabit_load_scales_f32(g, gdt, K * out, gf); /* exact: every fp16 and bf16 value is a float32 */
-    rabit_load_scales_f32(h, hdt, K * in, hf);
+    /* exact: every fp16 and bf16 value is a float32; float32 scales are read in place */
+    if (gdt != RABIT_F32) rabit_driver_load_f32(g, gdt, 0, K * out, gf);
+    if (hdt != RABIT_F32) rabit_driver_load_f32(h, hdt, 0, K * in, hf);
+    gs = gdt == RABIT_F32 ? (const float *)g : gf;
+    hs = hdt == RABIT_F32 ? (const float *)h : hf;
     /* h is applied to x once per call, not once per output row */
     for (m = 0; m < M; m++) {
-        rabit_load_f32(x, xdt, m * in, in, row);
+        rabit_driver_load_f32(x, xdt, m * in, in, row);
         for (k = 0; k < K; k++)
-            for (j = 0; j < in; j++) xh[(m * K + k) * in_pad + j] = hf[k * in + j] * row[j];
+            for (j = 0; j < in; j++) xh[(m * K + k) * in_pad + j] = hs[k * in + j] * row[j];
     }
     /* the nibble tables (packed_linear.h), once per call: 2 floats per column and path (4 for 16 entries) */
     impl.build(xh, M * K * in_pad / 4, lut);
@@ -181,10 +177,10 @@ rabit_status rabit_packed_linear_cpu(const void *x, rabit_dtype xdt, int64_t M, 
         const int64_t o0 = blk * impl.rows;
         const int64_t o1 = o0 + impl.rows < out ? o0 + impl.rows : out;
         if (impl.block)
-            rabit_packed_rows_blocked(impl.block, impl.rows, impl.per_word, lut, M, packed, gf, bias, K, out, in, o0,
+            rabit_packed_rows_blocked(impl.block, impl.rows, impl.per_word, lut, M, packed, gs, bias, K, out, in, o0,
                                       o1, yf);
         else
-            rabit_packed_rows_ref(lut, M, packed, gf, bias, K, out, in, o0, o1, yf);
+            rabit_packed_rows_ref(lut, M, packed, gs, bias, K, out, in, o0, o1, yf);
     }
     rabit_store_f32(y, xdt, 0, M * out, yf);
     free(buf);

@@ -40,7 +40,7 @@ void rabit_lut8_build_scalar(const float *xh, int64_t n, float *lut);
 void rabit_lut_block_avx2(const float *t, const rabit_word_t *const *pw, int64_t nw, float *a);
 void rabit_lut8_build_avx2(const float *xh, int64_t n, float *lut);
 /* n fp16 values into float32 with F16C (8 a vector; exact, as rabit_f16_to_f32, except that a signalling NaN comes
-   out quiet): the driver's conversion of fp16 scales, a scalar loop of branches otherwise (~1 ns a value). */
+   out quiet): the driver's conversion of fp16 x rows and scales, a scalar loop of branches otherwise (~1 ns a value). */
 void rabit_f16_to_f32_f16c(const uint16_t *src, int64_t n, float *dst);
 #if defined(__GNUC__) || defined(__clang__)
 #define RABIT_HAVE_AVX512_KERNEL 1

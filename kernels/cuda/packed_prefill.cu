@@ -395,7 +395,7 @@ __global__ void __launch_bounds__(WG_THREADS, 1) prefill_wgmma_kernel(const Pref
     const uint32_t xs_s = smem_u32(base);                                    // [S][NB * 128 tokens][128 bytes]
     const float *hsm = reinterpret_cast<const float *>(base + WG_STAGES * L::x_stage);  // [S][K][WG_BK]
     // [S][K][BM][2 x uint2]: by TMA the even k-block's stage holds row r's words of the k-block pair at 2r, 2r + 1;
-    // by cp.async each stage holds its own k-block's at 2r (one layout for the consumers' reads: bit_base/bit_step)
+    // by cp.async each stage holds its own k-block's at 2r (one layout for the consumers' reads: bit_base, set by step)
     const uint2 *bsm = reinterpret_cast<const uint2 *>(base + WG_STAGES * (L::x_stage + L::h_stage));
 
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, wg = warp >> 2;
