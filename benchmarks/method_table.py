@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from rabit.data import cached_teacher_data, write_json_atomic
+from rabit.data import bos_token_id, cached_teacher_data, write_json_atomic
 from rabit.evaluate import wikitext2_perplexity
 from rabit.experiment import METHODS, add_config_arguments, config_from_args, run_experiment, training_data
 from rabit.models import load_model
@@ -45,14 +45,14 @@ def main(argv=None):
     base = config_from_args(args, ppl_ctx=tuple(args.ctx))
     teacher, tok = load_model(args.model, device=args.device)
     teacher.eval()
-    bos = int(teacher.config.bos_token_id if teacher.config.bos_token_id is not None else 1)
     t0 = time.perf_counter()
     data = training_data(base, teacher, tok, out, args.device, args.progress)
     data_s = time.perf_counter() - t0
     heldout = None
     if args.heldout_seqs:
-        heldout = cached_teacher_data(out / "heldout.safetensors", teacher, args.heldout_seqs, base.seq_len, base.gen_batch, bos,
-                                      model_name=args.model, seed=base.seed + 1_000_000, device=args.device)
+        heldout = cached_teacher_data(out / "heldout.safetensors", teacher, args.heldout_seqs, base.seq_len,
+                                      base.gen_batch, bos_token_id(teacher), model_name=args.model,
+                                      seed=base.seed + 1_000_000, device=args.device)
     fp_results = {str(c): wikitext2_perplexity(teacher, tok, ctx=c) for c in args.ctx}
     fp = {c: float(r) for c, r in fp_results.items()}
     fp_by_position = {c: r.nll_by_position for c, r in fp_results.items()}

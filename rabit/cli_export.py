@@ -200,15 +200,14 @@ def add_quantize(sub) -> argparse.ArgumentParser:
 
 
 def run_quantize(args: argparse.Namespace) -> dict[str, Any]:
-    from .data import generate_teacher_data
+    from .data import bos_token_id, generate_teacher_data
     from .quantize import RabitConfig, quantize_
 
     out, model, tok = _prepare(args)
     calib = None
     if args.calib_seqs:
-        bos = model.config.bos_token_id if model.config.bos_token_id is not None else 1
-        calib = generate_teacher_data(model, args.calib_seqs, args.seq_len, min(args.calib_seqs, 64), bos, seed=0,
-                                      progress=not args.quiet)
+        calib = generate_teacher_data(model, args.calib_seqs, args.seq_len, min(args.calib_seqs, 64),
+                                      bos_token_id(model), seed=0, progress=not args.quiet)
     cfg = RabitConfig(k=args.k, include=tuple(args.include), exclude=tuple(args.exclude), init_iters=args.init_iters)
     quantize_(model, cfg, calib_input_ids=calib, progress=not args.quiet)
     return _pack_and_save(args, model, tok, out, checkpoint=None, trained=False,

@@ -40,6 +40,12 @@ CACHE_FORMAT = "rabit-teacher-tokens/4"  # 2: counter-based draws (rabit.samplin
 DATA_STARTS = ("bos", "random-token")
 
 
+def bos_token_id(model: Any) -> int:
+    """The token a teacher sequence starts with: the model config's BOS, or 1 (Llama's) where the config has none."""
+    bos = model.config.bos_token_id
+    return int(bos if bos is not None else 1)
+
+
 # --------------------------------------------------------------------------------------------
 # Tokenizer adapter
 # --------------------------------------------------------------------------------------------

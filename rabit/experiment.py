@@ -185,7 +185,7 @@ def training_data(cfg: ExperimentConfig, teacher, tok, cache_dir: str | Path, de
     """The training (and calibration) sequences ``LongTensor[n, seq_len]`` of an experiment: the first
     ``cfg.data_seqs`` rows of ``cfg.text`` when it is set, else ``cfg.data_seqs`` sequences sampled from the teacher
     (cached in ``cache_dir/teacher_data.safetensors``)."""
-    from .data import cached_teacher_data, tokens_from_text_file
+    from .data import bos_token_id, cached_teacher_data, tokens_from_text_file
 
     if cfg.text is not None:
         rows = tokens_from_text_file(cfg.text, tok, cfg.seq_len)
@@ -193,9 +193,8 @@ def training_data(cfg: ExperimentConfig, teacher, tok, cache_dir: str | Path, de
               f"{min(len(rows), cfg.data_seqs)} of them" + (" (--data-seqs)" if len(rows) > cfg.data_seqs else ""),
               flush=True)
         return rows[: cfg.data_seqs]
-    bos = int(teacher.config.bos_token_id if teacher.config.bos_token_id is not None else 1)
     return cached_teacher_data(Path(cache_dir) / "teacher_data.safetensors", teacher, cfg.data_seqs, cfg.seq_len,
-                               cfg.gen_batch, bos, model_name=cfg.model, device=device, progress=progress,
+                               cfg.gen_batch, bos_token_id(teacher), model_name=cfg.model, device=device, progress=progress,
                                **cfg.sampling_kwargs())
 
 

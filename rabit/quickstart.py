@@ -29,7 +29,7 @@ from typing import Any, TextIO
 
 import torch
 
-from .data import cached_teacher_data, generate_teacher_data, write_json_atomic
+from .data import bos_token_id, cached_teacher_data, generate_teacher_data, write_json_atomic
 from .evaluate import compare_to_teacher, tokens_per_second, weight_bytes
 from .train import TrainConfig, train
 
@@ -119,7 +119,7 @@ def run_quickstart(
     t0 = time.perf_counter()
     teacher, tokenizer = load_stories260k()
     teacher = teacher.to(dev).eval()
-    bos = int(teacher.config.bos_token_id)
+    bos = bos_token_id(teacher)
     timed("load_s", t0)
 
     # 2. data: training and held-out evaluation sequences come from different seeds.
