@@ -53,6 +53,9 @@ class ExperimentConfig:
     data_top_k: int | None = None
     data_start: str = "bos"  # or "random-token": LLM-QAT's uniformly drawn first token
     data_greedy: int = 0  # tokens after a random start taken by argmax (LLM-QAT: 3-5)
+    # the precision the teacher samples in (rabit.data.SAMPLING_DTYPES): a half-precision copy samples several times
+    # faster on a GPU; float32 is the teacher's own and what every run of docs/results.md before 2026-11-27 used
+    data_dtype: str = "float32"
     # a UTF-8 text file to train and calibrate on instead of teacher samples: tokenized once, BOS at its start, cut
     # into rows of seq_len tokens, the first data_seqs of them used. Never an evaluation split.
     text: str | None = None
@@ -85,17 +88,22 @@ class ExperimentConfig:
             raise ValueError(f"rabit train: data_temperature must be > 0 (got {self.data_temperature})")
         if self.data_top_k is not None and self.data_top_k < 1:
             raise ValueError(f"rabit train: data_top_k must be >= 1 or None (got {self.data_top_k})")
-        from .data import DATA_STARTS
+        from .data import DATA_STARTS, SAMPLING_DTYPES
 
+        if self.data_dtype not in SAMPLING_DTYPES:
+            raise ValueError(f"rabit train: data_dtype must be one of {SAMPLING_DTYPES} (got {self.data_dtype!r})")
+        if self.gen_batch < 1:
+            raise ValueError(f"rabit train: gen_batch must be >= 1 (got {self.gen_batch})")
         if self.data_start not in DATA_STARTS:
             raise ValueError(f"rabit train: data_start must be one of {DATA_STARTS} (got {self.data_start!r})")
         if self.data_greedy < 0 or (self.data_greedy and self.data_start == "bos"):
             raise ValueError(f"rabit train: data_greedy must be >= 0 and needs data_start='random-token' (greedy "
                              f"tokens after BOS would begin every sequence alike); got {self.data_greedy}")
         if self.text is not None and (self.data_temperature != 1.0 or self.data_top_k is not None
-                                      or self.data_start != "bos" or self.data_greedy):
+                                      or self.data_start != "bos" or self.data_greedy
+                                      or self.data_dtype != "float32"):
             raise ValueError("rabit train: the teacher-sampling options (data_temperature, data_top_k, data_start, "
-                             "data_greedy) do not apply to training on a text file; drop them or the text")
+                             "data_greedy, data_dtype) do not apply to training on a text file; drop them or the text")
         if self.train_seq_len and (self.train_seq_len < 2 or self.seq_len % self.train_seq_len):
             raise ValueError(f"rabit train: train_seq_len must be a divisor >= 2 of seq_len {self.seq_len} "
                              f"(got {self.train_seq_len})")
@@ -105,7 +113,7 @@ class ExperimentConfig:
     def sampling_kwargs(self) -> dict[str, Any]:
         """How the teacher samples the training data: keyword arguments of rabit.data.cached_teacher_data."""
         return dict(temperature=self.data_temperature, top_k=self.data_top_k, start=self.data_start,
-                    greedy_tokens=self.data_greedy, seed=self.seed)
+                    greedy_tokens=self.data_greedy, seed=self.seed, dtype=self.data_dtype)
 
     @property
     def train_len(self) -> int:
@@ -133,7 +141,7 @@ class ExperimentConfig:
 def add_config_arguments(p, d: ExperimentConfig | None = None) -> None:
     """The options of one experiment (``rabit train`` and ``benchmarks/method_table.py`` share them)."""
     from ._cli_args import non_negative_int, positive_int
-    from .data import DATA_STARTS
+    from .data import DATA_STARTS, SAMPLING_DTYPES
 
     d = d or ExperimentConfig()
     p.add_argument("--model", default=d.model, help=f"model name or path (default {d.model})")
@@ -155,6 +163,11 @@ def add_config_arguments(p, d: ExperimentConfig | None = None) -> None:
     p.add_argument("--data-greedy", type=non_negative_int, default=d.data_greedy, metavar="N",
                    help="with --data-start random-token: take the N tokens after it by argmax, then sample "
                         "(LLM-QAT: 3-5; default %(default)s)")
+    p.add_argument("--data-dtype", choices=SAMPLING_DTYPES, default=d.data_dtype,
+                   help="precision the teacher samples its data in: a half-precision copy is several times faster on "
+                        "a GPU (default %(default)s, the teacher's own)")
+    p.add_argument("--gen-batch", type=positive_int, default=d.gen_batch,
+                   help="teacher sequences sampled at once (default %(default)s)")
     p.add_argument("--text", default=d.text, metavar="FILE",
                    help="train and calibrate on this UTF-8 text file instead of teacher-sampled data: rows of "
                         "--seq-len tokens, at most --data-seqs of them (never an evaluation split)")
@@ -175,7 +188,8 @@ def config_from_args(args, **overrides: Any) -> ExperimentConfig:
                             train_seq_len=args.train_seq_len,
                             batch_size=args.batch_size, data_seqs=args.data_seqs,
                             data_temperature=args.data_temperature, data_top_k=args.data_top_k,
-                            data_start=args.data_start, data_greedy=args.data_greedy, text=args.text,
+                            data_start=args.data_start, data_greedy=args.data_greedy,
+                            data_dtype=args.data_dtype, gen_batch=args.gen_batch, text=args.text,
                             lr_latent=args.lr_latent, lr_scales=args.lr_scales, min_lr_ratio=args.min_lr_ratio,
                             gamma=args.gamma, seed=args.seed, curve_points=args.curve, **overrides)
 

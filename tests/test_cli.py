@@ -119,11 +119,13 @@ def test_train_passes_its_options_to_the_experiment(monkeypatch, tmp_path, capsy
     assert main(["train", "--model", "stories260k", "--seq-len", "64", "--batch-size", "8", "--data-temperature",
                  "0.7", "--data-top-k", "40", "--lr-latent", "2e-4", "--lr-scales", "5e-3", "--min-lr-ratio", "0.25",
                  "--gamma", "0.5", "--seed", "3", "--data-start", "random-token", "--data-greedy", "4",
-                 "--device", "cpu", "--out", str(tmp_path), "--quiet"]) == 0
+                 "--data-dtype", "bfloat16", "--gen-batch", "64", "--device", "cpu", "--out", str(tmp_path), "--quiet"]) == 0
     cfg = seen["cfg"]
     assert (cfg.seq_len, cfg.batch_size, cfg.data_temperature, cfg.data_top_k, cfg.lr_latent, cfg.lr_scales,
             cfg.min_lr_ratio, cfg.gamma, cfg.seed) == (64, 8, 0.7, 40, 2e-4, 5e-3, 0.25, 0.5, 3)
-    assert cfg.sampling_kwargs() == dict(temperature=0.7, top_k=40, start="random-token", greedy_tokens=4, seed=3)
+    assert cfg.gen_batch == 64
+    assert cfg.sampling_kwargs() == dict(temperature=0.7, top_k=40, start="random-token", greedy_tokens=4, seed=3,
+                                         dtype="bfloat16")
     text = tmp_path / "mine.txt"
     assert main(["train", "--model", "stories260k", "--text", str(text), "--device", "cpu", "--out", str(tmp_path),
                  "--quiet"]) == 0
@@ -133,6 +135,8 @@ def test_train_passes_its_options_to_the_experiment(monkeypatch, tmp_path, capsy
     assert "do not apply to training on a text file" in capsys.readouterr().err
     assert main(["train", "--curve", "-1", "--out", str(tmp_path)]) == 2
     assert main(["train", "--data-top-k", "0", "--out", str(tmp_path)]) == 2
+    assert main(["train", "--data-dtype", "float64", "--out", str(tmp_path)]) == 2
+    assert main(["train", "--gen-batch", "0", "--out", str(tmp_path)]) == 2
     assert main(["train", "--data-start", "prompt", "--out", str(tmp_path)]) == 2
 
 
@@ -166,6 +170,11 @@ def test_experiment_config_rejects_a_bad_recipe():
         ExperimentConfig(data_start="prompt")
     with pytest.raises(ValueError, match="data_greedy"):
         ExperimentConfig(data_greedy=3)  # greedy tokens after BOS: every sequence would begin alike
-    for sampling in (dict(data_temperature=0.7), dict(data_top_k=5), dict(data_start="random-token")):
+    with pytest.raises(ValueError, match="data_dtype"):
+        ExperimentConfig(data_dtype="float64")
+    with pytest.raises(ValueError, match="gen_batch"):
+        ExperimentConfig(gen_batch=0)
+    for sampling in (dict(data_temperature=0.7), dict(data_top_k=5), dict(data_start="random-token"),
+                     dict(data_dtype="bfloat16")):
         with pytest.raises(ValueError, match="do not apply to training on a text file"):
             ExperimentConfig(text="mine.txt", **sampling)

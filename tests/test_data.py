@@ -83,6 +83,31 @@ def test_generate_rejects_bad_arguments(kw, match):
         D.generate_teacher_data(tiny_llama(), **args)
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", torch.float16])
+def test_half_precision_sampling_uses_a_copy(dtype):
+    """dtype= samples with a converted copy: the teacher keeps its float32 weights, the sample is a valid one, and
+    with top_k=1 it is the half-precision model's own greedy continuation."""
+    m = tiny_llama(5)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    ids = D.generate_teacher_data(m, n_seqs=3, seq_len=10, batch_size=2, bos_id=1, top_k=1, dtype=dtype,
+                                  progress=False)
+    assert all(v.dtype == torch.float32 and torch.equal(v, before[k]) for k, v in m.state_dict().items())
+    half = tiny_llama(5).to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)
+    with torch.no_grad():
+        logits = half(input_ids=ids[:, :-1], use_cache=False).logits
+    assert torch.equal(logits.argmax(-1), ids[:, 1:])
+    same = D.generate_teacher_data(m, n_seqs=3, seq_len=10, batch_size=3, bos_id=1, seed=2, progress=False)
+    assert torch.equal(same, D.generate_teacher_data(m, n_seqs=3, seq_len=10, batch_size=3, bos_id=1, seed=2,
+                                                     dtype="float32", progress=False))
+
+
+@pytest.mark.parametrize("dtype", ["float64", "int8", torch.int32, torch.float64])
+def test_sampling_dtype_rejects_others(dtype):
+    with pytest.raises(ValueError, match="sampling dtype must be"):
+        D.generate_teacher_data(tiny_llama(), n_seqs=1, seq_len=4, batch_size=1, bos_id=1, dtype=dtype,
+                                progress=False)
+
+
 def test_generate_leaves_training_mode_alone():
     m = tiny_llama()
     m.train()
@@ -178,6 +203,32 @@ def test_cache_generates_once_then_reuses(tmp_path, monkeypatch, caplog):
     assert (meta["start"], meta["greedy_tokens"]) == ("random-token", "2")
     D.cached_teacher_data(path, m, seed=1, start="random-token", greedy_tokens=2, **kw2)
     assert len(calls) == 4
+    assert meta["dtype"] == "float32"  # None: the model's own
+    D.cached_teacher_data(path, m, seed=1, start="random-token", greedy_tokens=2, dtype="float32", **kw2)
+    assert len(calls) == 4, "the model's own dtype named explicitly is the same cache"
+    D.cached_teacher_data(path, m, seed=1, start="random-token", greedy_tokens=2, dtype="bfloat16", **kw2)
+    assert len(calls) == 5 and D.read_token_metadata(path)["dtype"] == "bfloat16"
+
+
+def test_cache_of_more_sequences_serves_a_smaller_request(tmp_path, monkeypatch):
+    """Row r's draws depend on (seed, r) alone: the first n rows of a larger cached sample are the n-row sample."""
+    m = tiny_llama(4)
+    path = tmp_path / "big.safetensors"
+    kw = {"seq_len": 8, "batch_size": 2, "bos_id": 1, "model_name": "tiny", "progress": False, "seed": 5}
+    big = D.cached_teacher_data(path, m, n_seqs=6, **kw)
+    fresh = D.generate_teacher_data(m, 4, 8, 2, 1, seed=5, progress=False)
+    assert torch.equal(big[:4], fresh)
+
+    def sampled(*a, **k):
+        raise AssertionError("a prefix of the cache must not be sampled again")
+
+    monkeypatch.setattr(D, "generate_teacher_data", sampled)
+    assert torch.equal(D.cached_teacher_data(path, m, n_seqs=4, **kw), fresh)
+    assert D.read_token_metadata(path)["n_seqs"] == "6"  # the larger cache stays
+    with pytest.raises(AssertionError, match="must not be sampled"):  # more rows, or another seed: a new sample
+        D.cached_teacher_data(path, m, n_seqs=7, **kw)
+    with pytest.raises(AssertionError, match="must not be sampled"):
+        D.cached_teacher_data(path, m, n_seqs=4, **dict(kw, seed=6))
 
 
 def test_cache_written_before_the_start_option_is_a_bos_cache(tmp_path, monkeypatch):
@@ -187,7 +238,7 @@ def test_cache_written_before_the_start_option_is_a_bos_cache(tmp_path, monkeypa
     path = tmp_path / "old.safetensors"
     kw = {"n_seqs": 3, "seq_len": 8, "batch_size": 3, "bos_id": 1, "model_name": "tiny", "progress": False, "seed": 0}
     ids = D.cached_teacher_data(path, m, **kw)
-    meta = {k: v for k, v in D.read_token_metadata(path).items() if k not in ("start", "greedy_tokens")}
+    meta = {k: v for k, v in D.read_token_metadata(path).items() if k not in ("start", "greedy_tokens", "dtype")}
     D.save_tokens(path, ids, metadata=meta)
     class Sampled(Exception):
         pass
@@ -199,6 +250,8 @@ def test_cache_written_before_the_start_option_is_a_bos_cache(tmp_path, monkeypa
     assert torch.equal(D.cached_teacher_data(path, m, **kw), ids)
     with pytest.raises(Sampled):  # a random start is not in the old cache: it samples
         D.cached_teacher_data(path, m, start="random-token", **kw)
+    with pytest.raises(Sampled):  # old caches were sampled in float32
+        D.cached_teacher_data(path, m, dtype="bfloat16", **kw)
 
 
 # ---------------------------------------------------------------------------------------------
