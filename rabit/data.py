@@ -193,17 +193,7 @@ def generate_teacher_data(
             f"rabit: need n_seqs >= 1, seq_len >= 2 (BOS + one sampled token) and batch_size >= 1; "
             f"got n_seqs={n_seqs}, seq_len={seq_len}, batch_size={batch_size}"
         )
-    if temperature <= 0:
-        raise ValueError(f"rabit: temperature must be > 0 (got {temperature}); use top_k=1 for greedy")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"rabit: top_k must be >= 1 or None (got {top_k})")
-    if start not in DATA_STARTS:
-        raise ValueError(f"rabit: start must be one of {DATA_STARTS} (got {start!r})")
-    if greedy_tokens < 0:
-        raise ValueError(f"rabit: greedy_tokens must be >= 0 (got {greedy_tokens})")
-    if greedy_tokens and start == "bos":
-        raise ValueError("rabit: greedy_tokens > 0 with start='bos' would begin every sequence with the same "
-                         "tokens; use start='random-token' (LLM-QAT's recipe)")
+    check_sampling_options(temperature, top_k, start, greedy_tokens, dtype)
     prompt_len = 1 if start == "bos" else 2
     if seq_len <= prompt_len:
         raise ValueError(f"rabit: seq_len={seq_len} leaves no sampled token after the {prompt_len}-token start "
@@ -275,18 +265,36 @@ def generate_teacher_data(
 SAMPLING_DTYPES = ("float32", "bfloat16", "float16")
 
 
+def check_sampling_options(temperature: float, top_k: int | None, start: str, greedy_tokens: int,
+                           dtype: torch.dtype | str | None = None, who: str = "rabit",
+                           names: dict[str, str] | None = None) -> None:
+    """Raise ValueError for the first bad sampling option of :func:`generate_teacher_data`. ``who`` and ``names``
+    (argument name -> the caller's name for it) make the message speak the caller's language
+    (``rabit train: data_top_k must be ...``)."""
+    n = {k: (names or {}).get(k, k) for k in ("temperature", "top_k", "start", "greedy_tokens", "dtype")}
+    if not temperature > 0:
+        raise ValueError(f"{who}: {n['temperature']} must be > 0 (got {temperature}); use {n['top_k']}=1 for greedy")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"{who}: {n['top_k']} must be >= 1 or None (got {top_k})")
+    if start not in DATA_STARTS:
+        raise ValueError(f"{who}: {n['start']} must be one of {DATA_STARTS} (got {start!r})")
+    if greedy_tokens < 0:
+        raise ValueError(f"{who}: {n['greedy_tokens']} must be >= 0 (got {greedy_tokens})")
+    if greedy_tokens and start == "bos":
+        raise ValueError(f"{who}: {n['greedy_tokens']} > 0 with {n['start']}='bos' would begin every sequence with the "
+                         f"same tokens; use {n['start']}='random-token' (LLM-QAT's recipe)")
+    if dtype is not None and not (dtype in SAMPLING_DTYPES if isinstance(dtype, str)
+                                  else dtype in (torch.float32, torch.bfloat16, torch.float16)):
+        raise ValueError(f"{who}: the sampling {n['dtype']} must be one of {SAMPLING_DTYPES} (got {dtype!r})")
+
+
 def sampling_dtype(model: torch.nn.Module, dtype: torch.dtype | str | None) -> torch.dtype:
     """The dtype :func:`generate_teacher_data` samples in: ``dtype`` (a torch dtype or one of
     :data:`SAMPLING_DTYPES`), or the model's own for None."""
     if dtype is None:
         return next(model.parameters()).dtype
-    if isinstance(dtype, str):
-        if dtype not in SAMPLING_DTYPES:
-            raise ValueError(f"rabit: the sampling dtype must be one of {SAMPLING_DTYPES} (got {dtype!r})")
-        return getattr(torch, dtype)
-    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise ValueError(f"rabit: the sampling dtype must be float32, bfloat16 or float16 (got {dtype})")
-    return dtype
+    check_sampling_options(1.0, None, "bos", 0, dtype)
+    return getattr(torch, dtype) if isinstance(dtype, str) else dtype
 
 
 def _static_sampler_applies(model: torch.nn.Module, seq_len: int) -> bool:

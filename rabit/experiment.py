@@ -84,21 +84,14 @@ class ExperimentConfig:
             raise ValueError("rabit train: curve_points must be >= 0")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"rabit train: min_lr_ratio must be in [0, 1] (got {self.min_lr_ratio})")
-        if not self.data_temperature > 0:
-            raise ValueError(f"rabit train: data_temperature must be > 0 (got {self.data_temperature})")
-        if self.data_top_k is not None and self.data_top_k < 1:
-            raise ValueError(f"rabit train: data_top_k must be >= 1 or None (got {self.data_top_k})")
-        from .data import DATA_STARTS, SAMPLING_DTYPES
+        from .data import check_sampling_options
 
-        if self.data_dtype not in SAMPLING_DTYPES:
-            raise ValueError(f"rabit train: data_dtype must be one of {SAMPLING_DTYPES} (got {self.data_dtype!r})")
+        check_sampling_options(self.data_temperature, self.data_top_k, self.data_start, self.data_greedy,
+                               self.data_dtype, who="rabit train",
+                               names=dict(temperature="data_temperature", top_k="data_top_k", start="data_start",
+                                          greedy_tokens="data_greedy", dtype="data_dtype"))
         if self.gen_batch < 1:
             raise ValueError(f"rabit train: gen_batch must be >= 1 (got {self.gen_batch})")
-        if self.data_start not in DATA_STARTS:
-            raise ValueError(f"rabit train: data_start must be one of {DATA_STARTS} (got {self.data_start!r})")
-        if self.data_greedy < 0 or (self.data_greedy and self.data_start == "bos"):
-            raise ValueError(f"rabit train: data_greedy must be >= 0 and needs data_start='random-token' (greedy "
-                             f"tokens after BOS would begin every sequence alike); got {self.data_greedy}")
         if self.text is not None and (self.data_temperature != 1.0 or self.data_top_k is not None
                                       or self.data_start != "bos" or self.data_greedy
                                       or self.data_dtype != "float32"):
