@@ -705,46 +705,40 @@ PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
     return fn;
 }
 
-/* x [M][in] as tiles of 64 columns x `rows` tokens in the 128-byte swizzle wgmma reads; outside x, zeros. */
+/* A row-major 2-D tensor [rows][cols] of `elem_bytes`-byte elements at `base` (rows `cols` elements apart) as boxes
+   of box_cols x box_rows; outside the tensor, zeros. False where the driver has no encoder or refuses the layout. */
+bool encode_2d(CUtensorMap *map, CUtensorMapDataType dtype, int elem_bytes, const void *base, uint64_t cols,
+               uint64_t rows, uint32_t box_cols, uint32_t box_rows, CUtensorMapSwizzle swizzle,
+               CUtensorMapL2promotion promotion) {
+    const PFN_cuTensorMapEncodeTiled_v12000 enc = tensor_map_encoder();
+    if (!enc) return false;
+    const cuuint64_t dims[2] = {cols, rows};
+    const cuuint64_t strides[1] = {cols * elem_bytes};  // bytes between rows
+    const cuuint32_t box[2] = {box_cols, box_rows};
+    const cuuint32_t elem[2] = {1, 1};
+    return enc(map, dtype, 2, const_cast<void *>(base), dims, strides, box, elem, CU_TENSOR_MAP_INTERLEAVE_NONE,
+               swizzle, promotion, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
+/* x [M][in] as tiles of 64 columns x `rows` tokens in the 128-byte swizzle wgmma reads. */
 bool encode_x_map(CUtensorMap *map, const PrefillArgs &a, rabit_dtype xdt, int rows) {
-    const PFN_cuTensorMapEncodeTiled_v12000 enc = tensor_map_encoder();
-    if (!enc) return false;
-    const cuuint64_t dims[2] = {static_cast<cuuint64_t>(a.in), static_cast<cuuint64_t>(a.M)};
-    const cuuint64_t strides[1] = {static_cast<cuuint64_t>(a.in) * 2};  // bytes between tokens
-    const cuuint32_t box[2] = {static_cast<cuuint32_t>(WG_BK), static_cast<cuuint32_t>(rows)};
-    const cuuint32_t elem[2] = {1, 1};
-    return enc(map, xdt == RABIT_F16 ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2,
-               const_cast<void *>(a.x), dims, strides, box, elem, CU_TENSOR_MAP_INTERLEAVE_NONE,
-               CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
-               CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+    return encode_2d(map, xdt == RABIT_F16 ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2,
+                     a.x, a.in, a.M, WG_BK, rows, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B);
 }
 
-/* h [K][in] float32 as boxes of 64 columns x K paths (no swizzle); outside h, zeros. */
+/* h [K][in] float32 as boxes of 64 columns x K paths (no swizzle). */
 bool encode_h_map(CUtensorMap *map, const PrefillArgs &a, int K) {
-    const PFN_cuTensorMapEncodeTiled_v12000 enc = tensor_map_encoder();
-    if (!enc) return false;
-    const cuuint64_t dims[2] = {static_cast<cuuint64_t>(a.in), static_cast<cuuint64_t>(K)};
-    const cuuint64_t strides[1] = {static_cast<cuuint64_t>(a.in) * 4};
-    const cuuint32_t box[2] = {static_cast<cuuint32_t>(WG_BK), static_cast<cuuint32_t>(K)};
-    const cuuint32_t elem[2] = {1, 1};
-    return enc(map, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 2, const_cast<float *>(a.h), dims, strides, box, elem,
-               CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_NONE, CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
-               CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+    return encode_2d(map, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 4, a.h, a.in, K, WG_BK, K, CU_TENSOR_MAP_SWIZZLE_NONE,
+                     CU_TENSOR_MAP_L2_PROMOTION_L2_128B);
 }
 
-/* The bit words [K * out][nw] as boxes of 4 words (two k-blocks) x 128 rows; outside them, zeros. A box of the last
-   row block of path k < K - 1 reaches into path k + 1's first rows: those rows are past `out`, and their g is 0 in
-   the consumers (What 0), so their bits do not count. Needs rows of a multiple of 16 bytes (nw % 4 == 0). */
+/* The bit words [K * out][nw] as boxes of 4 words (two k-blocks) x 128 rows. A box of the last row block of path
+   k < K - 1 reaches into path k + 1's first rows: those rows are past `out`, and their g is 0 in the consumers
+   (What 0), so their bits do not count. Needs rows of a multiple of 16 bytes (nw % 4 == 0). */
 bool encode_bits_map(CUtensorMap *map, const PrefillArgs &a, int K) {
-    const PFN_cuTensorMapEncodeTiled_v12000 enc = tensor_map_encoder();
-    if (!enc || a.nw % 4 != 0 || reinterpret_cast<uintptr_t>(a.packed) % 16 != 0) return false;
-    const cuuint64_t dims[2] = {static_cast<cuuint64_t>(a.nw), static_cast<cuuint64_t>(K) * a.out};
-    const cuuint64_t strides[1] = {static_cast<cuuint64_t>(a.nw) * 4};
-    const cuuint32_t box[2] = {4, static_cast<cuuint32_t>(WG_BM)};
-    const cuuint32_t elem[2] = {1, 1};
-    return enc(map, CU_TENSOR_MAP_DATA_TYPE_UINT32, 2, const_cast<rabit_word_t *>(a.packed), dims, strides, box, elem,
-               CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_NONE, CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
-               CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+    if (a.nw % 4 != 0 || reinterpret_cast<uintptr_t>(a.packed) % 16 != 0) return false;
+    return encode_2d(map, CU_TENSOR_MAP_DATA_TYPE_UINT32, 4, a.packed, a.nw, static_cast<uint64_t>(K) * a.out, 4,
+                     WG_BM, CU_TENSOR_MAP_SWIZZLE_NONE, CU_TENSOR_MAP_L2_PROMOTION_L2_128B);
 }
 
 /* An environment setting as an integer in [lo, hi]; `bad` when set to anything else, `unset` when unset or empty. */
