@@ -101,6 +101,29 @@ def test_half_precision_sampling_uses_a_copy(dtype):
                                                      dtype="float32", progress=False))
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_sampling_on_cuda(monkeypatch, dtype):
+    """On CUDA the half-precision copy samples through StaticDecoder (SDPA, CUDA graph): the teacher stays float32,
+    and greedy tokens are the half model's argmax of a full forward up to its rounding (near-ties may go either way
+    between the cached and the full forward, so the chosen token's logit is within a rounding step of the max)."""
+    m = tiny_llama(7).to("cuda")
+    monkeypatch.setattr(D, "decode_loop", None)  # the static path must not fall back to the HF loop
+    ids = D.generate_teacher_data(m, n_seqs=6, seq_len=24, batch_size=4, bos_id=1, top_k=1, dtype=dtype,
+                                  progress=False)
+    assert all(p.dtype == torch.float32 for p in m.parameters())
+    assert ids.shape == (6, 24) and (ids[:, 0] == 1).all()
+    half = tiny_llama(7).to("cuda", dtype)
+    with torch.no_grad():
+        logits = half(input_ids=ids[:, :-1].cuda()).logits.float()
+    chosen = logits.gather(-1, ids[:, 1:, None].cuda())[..., 0]
+    step = logits.abs().amax(-1) * (2.0 ** -7 if dtype == torch.bfloat16 else 2.0 ** -10)
+    assert (chosen >= logits.amax(-1) - 4 * step).all()
+    sampled = D.generate_teacher_data(m, n_seqs=6, seq_len=24, batch_size=4, bos_id=1, seed=3, dtype=dtype,
+                                      progress=False)
+    assert int(sampled.min()) >= 0 and int(sampled.max()) < VOCAB and len(torch.unique(sampled[:, 1:])) > 10
+
+
 @pytest.mark.parametrize("dtype", ["float64", "int8", torch.int32, torch.float64])
 def test_sampling_dtype_rejects_others(dtype):
     with pytest.raises(ValueError, match="sampling dtype must be"):
