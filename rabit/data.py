@@ -182,7 +182,7 @@ def generate_teacher_data(
     same draws. The model is left in the train/eval mode it was in.
 
     ``dtype`` (None: the model's own) is the precision the teacher samples in. A float16 or bfloat16 copy of a
-    float32 teacher samples 2.1-2.4x faster on an H100/H200 (SmolLM2-135M, batch 512). Its next-token distributions
+    float32 teacher samples 1.8-2.1x faster on an H100/H200 (SmolLM2-135M). Its next-token distributions
     differ from float32's by ~0.25 % total variation in float16 and ~1.9 % in bfloat16
     (``benchmarks/bench_sampling.py --model``). Even so, with the same draws the rows leave the float32 sample's
     within a few tokens: a small shift of the cumulative probability already moves a draw to another token. The

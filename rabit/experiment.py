@@ -157,7 +157,7 @@ def add_config_arguments(p, d: ExperimentConfig | None = None) -> None:
                    help="with --data-start random-token: take the N tokens after it by argmax, then sample "
                         "(LLM-QAT: 3-5; default %(default)s)")
     p.add_argument("--data-dtype", choices=SAMPLING_DTYPES, default=d.data_dtype,
-                   help="precision the teacher samples its data in: a half-precision copy is several times faster on "
+                   help="precision the teacher samples its data in: a half-precision copy is about twice as fast on "
                         "a GPU (default %(default)s, the teacher's own)")
     p.add_argument("--gen-batch", type=positive_int, default=d.gen_batch,
                    help="teacher sequences sampled at once (default %(default)s)")
