@@ -13,6 +13,7 @@ half-written file under the final name.
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
 import json
 import logging
@@ -216,8 +217,6 @@ def generate_teacher_data(
         raise ValueError("rabit: start='random-token' needs model.config.vocab_size")
     dtype = sampling_dtype(model, dtype)
     if dtype != next(model.parameters()).dtype:
-        import copy
-
         model = copy.deepcopy(model).to(dtype)  # the caller's teacher stays as it is
 
     def prompts(first: int, rows: int) -> torch.Tensor:
