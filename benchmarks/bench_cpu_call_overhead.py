@@ -22,8 +22,9 @@ from timing import write_result
 SHAPES = [(64, 64), (172, 64), (576, 576), (1536, 576), (576, 1536)]
 
 
-def median_us(f, n=3000, rounds=5):
-    for _ in range(300):
+def median_us(f, n=3000, rounds=5, warmup=300):
+    """The median over `rounds` of the mean µs per call of `n` calls, after `warmup` calls."""
+    for _ in range(warmup):
         f()
     times = []
     for _ in range(rounds):

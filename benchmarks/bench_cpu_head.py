@@ -3,36 +3,25 @@
     python benchmarks/bench_cpu_head.py [--tag TAG] [--out DIR]
 
 The FP32 lm_head is not packed (embeddings and head stay full precision), and on this project's 2-core VM it is half
-of SmolLM2-135M's packed decode step (docs/kernels.md). For head shapes [vocab, hidden], same run, median of 10 calls
-after 2 warm-up calls: torch F.linear on the row-major weight (what nn.Linear runs), x @ W^T from a [hidden, vocab]
-contiguous copy (the other GEMV layout of the same BLAS), and W.sum() as a plain read of the weight's bytes (the
-bandwidth a GEMV could reach). Also the largest |difference| between the two products, relative to the largest
+of SmolLM2-135M's packed decode step (docs/kernels.md). For head shapes [vocab, hidden], same run, the median of 5
+rounds of 4 calls after 2 warm-up calls: torch F.linear on the row-major weight (what nn.Linear runs), x @ W^T from
+a [hidden, vocab] contiguous copy (the other GEMV layout of the same BLAS), and W.sum() as a plain read of the
+weight's bytes (the bandwidth a GEMV could reach). Run it on an idle machine: both cores are in use. Also the largest |difference| between the two products, relative to the largest
 output. Writes bench_cpu_head_<date>[_TAG].json (into --out, else $OUT, else benchmarks/results/).
 """
 
 import argparse
 import datetime
 import platform
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
+from bench_cpu_call_overhead import median_us
 from timing import write_result
 
+REPS = dict(n=4, rounds=5, warmup=2)  # the median of 5 rounds of 4 calls, after 2 warm-up calls
 SHAPES = [(4096, 576), (16384, 576), (49152, 576), (32000, 2048), (32000, 4096)]  # SmolLM2 is 49,152 x 576
-
-
-def median_ms(f, n=10):
-    f()
-    f()
-    times = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        f()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
 
 
 def main(argv=None):
@@ -49,9 +38,9 @@ def main(argv=None):
             x = torch.randn(1, hidden)
             mb = w.numel() * 4 / 1e6
             row = dict(vocab=vocab, hidden=hidden, megabytes=round(mb, 1),
-                       linear_row_major_ms=round(median_ms(lambda: F.linear(x, w)), 3),
-                       matmul_transposed_copy_ms=round(median_ms(lambda: x @ wt), 3),
-                       read_sum_ms=round(median_ms(lambda: w.sum()), 3))
+                       linear_row_major_ms=round(median_us(lambda: F.linear(x, w), **REPS) / 1e3, 3),
+                       matmul_transposed_copy_ms=round(median_us(lambda: x @ wt, **REPS) / 1e3, 3),
+                       read_sum_ms=round(median_us(lambda: w.sum(), **REPS) / 1e3, 3))
             for k in ("linear_row_major", "matmul_transposed_copy", "read_sum"):
                 row[f"{k}_GBps"] = round(mb / row[f"{k}_ms"], 1)
             ref = F.linear(x, w)
