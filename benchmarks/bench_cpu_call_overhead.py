@@ -9,15 +9,13 @@ Writes bench_cpu_call_overhead_<date>[_TAG].json (into --out, else $OUT, else be
 """
 
 import argparse
-import datetime
-import platform
 import statistics
 import time
 
 import torch
 
 import rabit
-from timing import write_result
+from timing import write_cpu_result
 
 SHAPES = [(64, 64), (172, 64), (576, 576), (1536, 576), (576, 1536)]
 
@@ -57,14 +55,8 @@ def main(argv=None):
         rows.append(row)
         print(f"{out}x{in_features}: packed (fp16 scales) {row['packed_fp16_scales_us']:.2f} us, (fp32 scales) "
               f"{row['packed_fp32_scales_us']:.2f} us, F.linear fp32 {row['torch_fp32_us']:.2f} us", flush=True)
-    doc = dict(benchmark="bench_cpu_call_overhead", device=platform.processor() or "cpu",
-               threads=torch.get_num_threads(), cpu_kernel=rabit.cpu_kernel(),
-               versions=dict(torch=torch.__version__, python=platform.python_version()),
-               date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-               method=__doc__.split("\n\n")[2].strip(), rows=rows)
-    tag = f"_{args.tag}" if args.tag else ""
-    write_result(doc, args.out, f"bench_cpu_call_overhead_{datetime.date.today().isoformat()}{tag}.json")
-
+    write_cpu_result("bench_cpu_call_overhead", __doc__.split("\n\n")[2].strip(), rows, args.out, args.tag,
+                     cpu_kernel=rabit.cpu_kernel())
 
 if __name__ == "__main__":
     main()

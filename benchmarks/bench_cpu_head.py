@@ -11,14 +11,12 @@ output. Writes bench_cpu_head_<date>[_TAG].json (into --out, else $OUT, else ben
 """
 
 import argparse
-import datetime
-import platform
 
 import torch
 import torch.nn.functional as F
 
 from bench_cpu_call_overhead import median_us
-from timing import write_result
+from timing import write_cpu_result
 
 REPS = dict(n=4, rounds=5, warmup=2)  # the median of 5 rounds of 4 calls, after 2 warm-up calls
 SHAPES = [(4096, 576), (16384, 576), (49152, 576), (32000, 2048), (32000, 4096)]  # SmolLM2 is 49,152 x 576
@@ -50,14 +48,8 @@ def main(argv=None):
                   f"({row['linear_row_major_GBps']} GB/s), x @ W^T copy {row['matmul_transposed_copy_ms']} ms "
                   f"({row['matmul_transposed_copy_GBps']} GB/s), read {row['read_sum_ms']} ms "
                   f"({row['read_sum_GBps']} GB/s)", flush=True)
-    doc = dict(benchmark="bench_cpu_head", device=platform.processor() or "cpu", threads=torch.get_num_threads(),
-               versions=dict(torch=torch.__version__, python=platform.python_version()),
-               blas="MKL" if "Math Kernel Library" in torch.__config__.show() else "not MKL (torch.__config__.show())",
-               date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-               method=__doc__.split("\n\n")[2].strip(), rows=rows)
-    tag = f"_{args.tag}" if args.tag else ""
-    write_result(doc, args.out, f"bench_cpu_head_{datetime.date.today().isoformat()}{tag}.json")
-
+    write_cpu_result("bench_cpu_head", __doc__.split("\n\n")[2].strip(), rows, args.out, args.tag,
+                     blas="MKL" if "Math Kernel Library" in torch.__config__.show() else "not MKL (torch.__config__.show())")
 
 if __name__ == "__main__":
     main()

@@ -3,7 +3,9 @@ device's measured copy bandwidth, and where and how a benchmark writes its JSON.
 
 from __future__ import annotations
 
+import datetime
 import os
+import platform
 import statistics
 import time
 from pathlib import Path
@@ -29,6 +31,16 @@ def write_result(doc, out: str | None, filename: str, quiet: bool = False) -> Pa
     if not quiet:
         print(f"wrote {path}", flush=True)
     return path
+
+
+def write_cpu_result(benchmark: str, method: str, rows: list, out: str | None, tag: str = "", **fields) -> Path:
+    """A CPU benchmark's JSON: the processor, torch's threads, the versions, the date (UTC), ``fields``, how it timed
+    (``method``) and its ``rows``, written by :func:`write_result` as ``<benchmark>_<date>[_<tag>].json``."""
+    doc = dict(benchmark=benchmark, device=platform.processor() or "cpu", threads=torch.get_num_threads(), **fields,
+               versions=dict(torch=torch.__version__, python=platform.python_version()),
+               date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), method=method,
+               rows=rows)
+    return write_result(doc, out, f"{benchmark}_{datetime.date.today().isoformat()}{'_' + tag if tag else ''}.json")
 
 
 def capture_graph(fns, min_calls=200):

@@ -282,9 +282,14 @@ def check_sampling_options(temperature: float, top_k: int | None, start: str, gr
     if greedy_tokens and start == "bos":
         raise ValueError(f"{who}: {n['greedy_tokens']} > 0 with {n['start']}='bos' would begin every sequence with the "
                          f"same tokens; use {n['start']}='random-token' (LLM-QAT's recipe)")
-    if dtype is not None and not (dtype in SAMPLING_DTYPES if isinstance(dtype, str)
-                                  else dtype in (torch.float32, torch.bfloat16, torch.float16)):
-        raise ValueError(f"{who}: the sampling {n['dtype']} must be one of {SAMPLING_DTYPES} (got {dtype!r})")
+    if dtype is not None:
+        _check_sampling_dtype(dtype, f"{who}: the sampling {n['dtype']}")
+
+
+def _check_sampling_dtype(dtype: torch.dtype | str, what: str) -> None:
+    if not (dtype in SAMPLING_DTYPES if isinstance(dtype, str) else
+            dtype in (torch.float32, torch.bfloat16, torch.float16)):
+        raise ValueError(f"{what} must be one of {SAMPLING_DTYPES} (got {dtype!r})")
 
 
 def sampling_dtype(model: torch.nn.Module, dtype: torch.dtype | str | None) -> torch.dtype:
@@ -292,7 +297,7 @@ def sampling_dtype(model: torch.nn.Module, dtype: torch.dtype | str | None) -> t
     :data:`SAMPLING_DTYPES`), or the model's own for None."""
     if dtype is None:
         return next(model.parameters()).dtype
-    check_sampling_options(1.0, None, "bos", 0, dtype)
+    _check_sampling_dtype(dtype, "rabit: the sampling dtype")
     return getattr(torch, dtype) if isinstance(dtype, str) else dtype
 
 

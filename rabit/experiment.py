@@ -22,13 +22,16 @@ from __future__ import annotations
 import copy
 import platform
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 METHODS = ("rabit", "rabit-plain", "independent", "path-freeze", "onebit", "ptq")
+# how the teacher samples the training data: rabit.data.generate_teacher_data's argument -> ExperimentConfig's field
+SAMPLING_FIELDS = {"temperature": "data_temperature", "top_k": "data_top_k", "start": "data_start",
+                   "greedy_tokens": "data_greedy", "dtype": "data_dtype"}
 
 
 @dataclass
@@ -53,8 +56,8 @@ class ExperimentConfig:
     data_top_k: int | None = None
     data_start: str = "bos"  # or "random-token": LLM-QAT's uniformly drawn first token
     data_greedy: int = 0  # tokens after a random start taken by argmax (LLM-QAT: 3-5)
-    # the precision the teacher samples in (rabit.data.SAMPLING_DTYPES): a half-precision copy samples several times
-    # faster on a GPU; float32 is the teacher's own and what every run of docs/results.md before 2026-11-27 used
+    # the precision the teacher samples in (rabit.data.SAMPLING_DTYPES): a half-precision copy samples about twice as
+    # fast on a GPU; float32 is the teacher's own and what every run of docs/results.md before 2026-11-27 used
     data_dtype: str = "float32"
     # a UTF-8 text file to train and calibrate on instead of teacher samples: tokenized once, BOS at its start, cut
     # into rows of seq_len tokens, the first data_seqs of them used. Never an evaluation split.
@@ -86,17 +89,15 @@ class ExperimentConfig:
             raise ValueError(f"rabit train: min_lr_ratio must be in [0, 1] (got {self.min_lr_ratio})")
         from .data import check_sampling_options
 
-        check_sampling_options(self.data_temperature, self.data_top_k, self.data_start, self.data_greedy,
-                               self.data_dtype, who="rabit train",
-                               names=dict(temperature="data_temperature", top_k="data_top_k", start="data_start",
-                                          greedy_tokens="data_greedy", dtype="data_dtype"))
+        check_sampling_options(**{arg: getattr(self, f) for arg, f in SAMPLING_FIELDS.items()}, who="rabit train",
+                               names=SAMPLING_FIELDS)
         if self.gen_batch < 1:
             raise ValueError(f"rabit train: gen_batch must be >= 1 (got {self.gen_batch})")
-        if self.text is not None and (self.data_temperature != 1.0 or self.data_top_k is not None
-                                      or self.data_start != "bos" or self.data_greedy
-                                      or self.data_dtype != "float32"):
-            raise ValueError("rabit train: the teacher-sampling options (data_temperature, data_top_k, data_start, "
-                             "data_greedy, data_dtype) do not apply to training on a text file; drop them or the text")
+        defaults = {f.name: f.default for f in fields(self)}
+        chosen = [f for f in SAMPLING_FIELDS.values() if getattr(self, f) != defaults[f]]
+        if self.text is not None and chosen:
+            raise ValueError(f"rabit train: the teacher-sampling options ({', '.join(chosen)}) do not apply to training "
+                             f"on a text file; drop them or the text")
         if self.train_seq_len and (self.train_seq_len < 2 or self.seq_len % self.train_seq_len):
             raise ValueError(f"rabit train: train_seq_len must be a divisor >= 2 of seq_len {self.seq_len} "
                              f"(got {self.train_seq_len})")
@@ -105,8 +106,7 @@ class ExperimentConfig:
 
     def sampling_kwargs(self) -> dict[str, Any]:
         """How the teacher samples the training data: keyword arguments of rabit.data.cached_teacher_data."""
-        return dict(temperature=self.data_temperature, top_k=self.data_top_k, start=self.data_start,
-                    greedy_tokens=self.data_greedy, seed=self.seed, dtype=self.data_dtype)
+        return {arg: getattr(self, f) for arg, f in SAMPLING_FIELDS.items()} | {"seed": self.seed}
 
     @property
     def train_len(self) -> int:
