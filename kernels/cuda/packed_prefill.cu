@@ -430,7 +430,10 @@ __global__ void __launch_bounds__(WG_THREADS, 1) prefill_wgmma_kernel(const Pref
                     const int kb = kb_lo + i, st = i % WG_STAGES;
                     if (i >= WG_STAGES) mbar_wait(empty_s + 8 * st, (i / WG_STAGES - 1) & 1);
                     const uint32_t bar = full_s + 8 * st;
-                    const bool pair = (i & 1) == 0;  // the first k-block of a pair: its stage takes both's bits
+                    // pairs are even global k-blocks (kb, kb + 1), so that a box starts on a 16-byte boundary: the
+                    // even one's stage takes both's bits, and so does the first k-block of a split range that
+                    // starts at an odd one (it loads the pair (kb - 1, kb) and reads its second half)
+                    const bool pair = (kb & 1) == 0 || i == 0;
                     // the whole boxes count, the zero-filled parts past the tensors' edges too
                     mbar_expect_tx(bar, L::x_stage + L::h_stage + (pair ? L::b_stage : 0));
                     tma_load_2d(xs_s + st * L::x_stage, &tmx, kb * WG_BK, static_cast<int>(n_base), bar);
@@ -438,7 +441,7 @@ __global__ void __launch_bounds__(WG_THREADS, 1) prefill_wgmma_kernel(const Pref
                     if (pair)
 #pragma unroll
                         for (int k = 0; k < K; k++)
-                            tma_load_2d(smem_u32(bsm + (st * K + k) * 2 * WG_BM), &tmb, 2 * kb,
+                            tma_load_2d(smem_u32(bsm + (st * K + k) * 2 * WG_BM), &tmb, 2 * (kb & ~1),
                                         static_cast<int>(k * out + o_base), bar);
                 }
             }
@@ -556,8 +559,10 @@ __global__ void __launch_bounds__(WG_THREADS, 1) prefill_wgmma_kernel(const Pref
         const int st = i % WG_STAGES;
         mbar_wait(full_s + 8 * st, (i / WG_STAGES) & 1);  // x, h and the bits of the k-block have landed
         // by TMA, an odd k-block's bits came with the previous (even) one's, which are complete and still held: that
-        // stage is released only after this build (the arrival below, one step on)
-        bit_base = a.bits_tma ? ((i - (i & 1)) % WG_STAGES) * K * 2 * WG_BM + (i & 1) : st * K * 2 * WG_BM;
+        // stage is released only after this build (the arrival below, one step on); the first k-block of a range
+        // that starts at an odd one has its pair's box in its own stage
+        const int kb = kb_lo + i, lead = (kb & 1) && i > 0 ? i - 1 : i;
+        bit_base = a.bits_tma ? (lead % WG_STAGES) * K * 2 * WG_BM + (kb & 1) : st * K * 2 * WG_BM;
         build(st, A);
 #pragma unroll
         for (int nb = 0; nb < NB; nb++) keep(acc[nb]);
@@ -812,11 +817,11 @@ cudaError_t packed_prefill(const void *x, rabit_dtype xdt, int64_t M, const rabi
     const int nb = M > 128 ? 2 : 1;
     CUtensorMap maps[3] = {};  // x, h, bits
     // (a driver without the tensor-map encoder gets the mma.sync kernel: the same values, slower); h and the bits by
-    // TMA where their maps can be made (rows of the bits a multiple of 16 bytes) and there is no k-split, else by
-    // cp.async: the same values. (With the k-split's clusters the TMA path hit an illegal instruction on an H100,
-    // sixteenth session, not understood yet; the k-split serves few output tiles, where the loads matter less.)
+    // TMA where their maps can be made (rows of the bits a multiple of 16 bytes), else by cp.async: the same values.
+    // With the k-split too, since bit boxes start at even global k-blocks (16-byte aligned; a split range starting at
+    // an odd k-block had its boxes 8 bytes off, the illegal instruction of the sixteenth session).
     const bool wgmma = plan.kernel == PREFILL_WGMMA && encode_x_map(&maps[0], a, xdt, nb * 128);
-    a.bits_tma = wgmma && a.splits == 1 && encode_h_map(&maps[1], a, K) && encode_bits_map(&maps[2], a, K);
+    a.bits_tma = wgmma && encode_h_map(&maps[1], a, K) && encode_bits_map(&maps[2], a, K);
     if (wgmma) {
         if (nb == 2)
             return xdt == RABIT_F16 ? launch_wgmma_k<__half, 2>(a, maps, K, s) : launch_wgmma_k<__nv_bfloat16, 2>(a, maps, K, s);
