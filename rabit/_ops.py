@@ -224,7 +224,9 @@ class _QATLinear(torch.autograd.Function):
         dx = dw = dg = dh = db = None
         dy2, x2 = dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1])
         f32 = _dw_is_dwhat(ctx, weight)
-        if need_x and need_wgh and dy.is_cuda and weight.numel() >= OVERLAP_MIN_WEIGHTS:
+        # traced by torch.compile (TrainConfig.compile): the serial schedule, whose ops the compiler can order
+        if (need_x and need_wgh and dy.is_cuda and weight.numel() >= OVERLAP_MIN_WEIGHTS
+                and not torch.compiler.is_compiling()):
             dx, dw, dg, dh = _overlapped_backward(ctx, f32, dy2, x2, weight, g, h, packed)
             dx = dx.reshape(x.shape)
         else:

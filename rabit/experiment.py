@@ -70,6 +70,8 @@ class ExperimentConfig:
     min_lr_ratio: float = 0.0  # cosine floor as a fraction of the peak learning rates (TrainConfig's default too)
     gamma: float = 0.0  # KL only: γ > 0 gave a higher held-out KL in short runs (quickstart sweep)
     optimizer: str = "muon"
+    # torch.compile the decoder layers and the loss while training (TrainConfig.compile)
+    compile: bool = False
     ste: str = "identity"
     ppl_ctx: tuple[int, ...] = (2048, 4096)
     # WikiText-2 PPL (first ppl_ctx) this many times during training: PPL vs tokens. path-freeze evaluates every
@@ -169,6 +171,9 @@ def add_config_arguments(p, d: ExperimentConfig | None = None) -> None:
     p.add_argument("--min-lr-ratio", type=float, default=d.min_lr_ratio,
                    help="cosine floor as a fraction of the peak learning rates (default %(default)s)")
     p.add_argument("--gamma", type=float, default=d.gamma, help="hidden-state MSE weight")
+    p.add_argument("--compile", action="store_true", default=d.compile,
+                   help="torch.compile the decoder layers and the loss while training: faster steps after a one-time "
+                        "compile (TrainConfig.compile)")
     p.add_argument("--seed", type=non_negative_int, default=d.seed, help="seed of the teacher data and training")
     p.add_argument("--curve", type=non_negative_int, default=d.curve_points, metavar="N",
                    help="also evaluate WikiText-2 PPL (ctx 2048; method_table.py: its first --ctx) N times during "
@@ -184,7 +189,8 @@ def config_from_args(args, **overrides: Any) -> ExperimentConfig:
                             data_start=args.data_start, data_greedy=args.data_greedy,
                             data_dtype=args.data_dtype, gen_batch=args.gen_batch, text=args.text,
                             lr_latent=args.lr_latent, lr_scales=args.lr_scales, min_lr_ratio=args.min_lr_ratio,
-                            gamma=args.gamma, seed=args.seed, curve_points=args.curve, **overrides)
+                            gamma=args.gamma, compile=args.compile, seed=args.seed, curve_points=args.curve,
+                            **overrides)
 
 
 def training_data(cfg: ExperimentConfig, teacher, tok, cache_dir: str | Path, device, progress: bool = True
@@ -276,7 +282,7 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, device: str = "cu
             torch.cuda.reset_peak_memory_stats(dev)
         tc = TrainConfig(steps=cfg.steps, batch_size=cfg.batch_size, lr_latent=cfg.lr_latent,
                          lr_scales=cfg.lr_scales, min_lr_ratio=cfg.min_lr_ratio, gamma=cfg.gamma,
-                         optimizer=cfg.optimizer, seed=cfg.seed,
+                         optimizer=cfg.optimizer, compile=cfg.compile, seed=cfg.seed,
                          log_every=max(1, cfg.steps // 50), checkpoint_every=max(1, cfg.steps // 4))
         t0 = time.perf_counter()
         if cfg.method == "path-freeze":

@@ -89,6 +89,10 @@ class TrainConfig:
     grad_clip: float | None = 1.0  # None or 0: no clipping (the norm is still checked for NaN)
     autocast: str = "auto"  # "auto": bf16 on CUDA, none on CPU; "bf16"; "none"
     gradient_checkpointing: bool = False
+    # torch.compile each decoder layer of student and teacher, and the loss: fuses the elementwise work between the
+    # GEMMs (RMSNorm, rotary, SwiGLU, casts, the log-softmaxes). Regional: the layers share one compiled graph, so it
+    # compiles once per run (tens of seconds on a GPU), not once per layer. Same math, other rounding order.
+    compile: bool = False
     # keep the RaBiT layers' own NaN/Inf check on every call (a device sync per layer per step on CUDA); off by
     # default, the loop checks the parameters itself (see _disable_finite_checks)
     layer_finite_checks: bool = False
@@ -517,6 +521,34 @@ def _set_checkpointing(model: torch.nn.Module, on: bool) -> None:
                          f"(activation_checkpointing_enable); {type(model).__name__} has none")
 
 
+def _decoder_layers(*models: torch.nn.Module) -> list[torch.nn.Module]:
+    """The repeated blocks of each model, the unit that ``compile=True`` compiles: Hugging Face names their class in
+    ``_no_split_modules`` (the decoder layers). One compiled graph then serves every layer of the same shapes."""
+    layers = []
+    for model in models:
+        names = set(getattr(model, "_no_split_modules", None) or ())
+        found = [m for m in model.modules() if type(m).__name__ in names]
+        if not found:
+            raise ValueError(f"rabit: compile=True compiles a model's decoder layers, and {type(model).__name__} names "
+                             "none (no _no_split_modules); train it with compile=False")
+        layers += found
+    return layers
+
+
+@contextlib.contextmanager
+def compiled_forwards(modules: Iterable[torch.nn.Module]):
+    """Within the block each module runs a torch.compile'd forward (shapes static); after it, its eager one."""
+    modules = list(modules)
+    try:
+        for m in modules:
+            # an instance attribute shadows the class's forward; deleting it brings the eager one back
+            m.forward = torch.compile(m.forward, dynamic=False)
+        yield
+    finally:
+        for m in modules:
+            m.__dict__.pop("forward", None)
+
+
 def _forward(model, input_ids, hidden: bool):
     return model(input_ids=input_ids, output_hidden_states=hidden, use_cache=False)
 
@@ -615,6 +647,7 @@ def train(
     if bad is not None:
         where = "the student" if start_step == 0 else f"the checkpoint of step {start_step} in {str(out)!r}"
         raise ValueError(f"rabit: {bad} holds NaN or Inf in {where}; training needs finite weights and scales")
+    compiled = _decoder_layers(student, teacher) if config.compile else []
     sampler = BatchSampler(token_ids.shape[0], config.batch_size, config.seed)
     hidden = config.gamma > 0
     tokens_per_step = config.batch_size * token_ids.shape[1]
@@ -646,7 +679,10 @@ def train(
             f"or enable grad_clip, and run again.")
 
     restore_checks = (lambda: None) if config.layer_finite_checks else _disable_finite_checks(student)
+    loss_fn = torch.compile(distillation_loss, dynamic=False) if config.compile else distillation_loss
+    exit_stack = contextlib.ExitStack()
     try:
+        exit_stack.enter_context(compiled_forwards(compiled))
         for step in range(start_step, config.steps):
             x = token_ids[sampler.indices(step)].to(dev, non_blocking=True)
             lrs = _set_lr(optimizers, config.lr_factor(step))
@@ -654,7 +690,7 @@ def train(
                 t_out = _forward(teacher, x, hidden)
             with autocast_context(dev, config.autocast):
                 s_out = _forward(student, x, hidden)
-            loss, kl, mse = distillation_loss(s_out, t_out, config.gamma, config.kl_temperature)
+            loss, kl, mse = loss_fn(s_out, t_out, config.gamma, config.kl_temperature)
             del t_out, s_out
             # One host sync per step: needed for the NaN check and the progress bar anyway.
             loss_v, kl_v = float(loss.detach()), float(kl.detach())
@@ -704,6 +740,7 @@ def train(
                     save_checkpoint(ckpt_path, student, optimizers, done, config, fingerprint)
                     last_saved = done
     finally:
+        exit_stack.close()
         restore_checks()
         bar.close()
         student.train(was_training)

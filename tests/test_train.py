@@ -538,3 +538,106 @@ def test_experiment_trains_and_calibrates_on_a_text_file(tmp_path, monkeypatch, 
     cfg = ExperimentConfig(model="stories260k", seq_len=32, ppl_ctx=(), text=str(tmp_path / "missing.txt"))
     with pytest.raises(FileNotFoundError, match="missing.txt"):
         run_experiment(cfg, tmp_path / "run_missing", device="cpu", progress=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# TrainConfig.compile: the decoder layers and the loss through torch.compile
+# ---------------------------------------------------------------------------------------------
+
+
+# The KL of a student close to its teacher is a small difference of log-probabilities of size ~ln(48) ≈ 4; summed in
+# another order its float32 rounding is a few eps of that, not of the KL itself.
+KL_ROUNDING = 4 * 4 * torch.finfo(torch.float32).eps
+
+
+def _loss_and_grads(student, teacher, ids, compiled: bool, autocast: str = "none"):
+    """The trainer's loss and the student's gradients on one batch, with its layers and loss compiled or eager."""
+    student.zero_grad(set_to_none=True)
+    layers = T._decoder_layers(student, teacher) if compiled else []
+    loss_fn = torch.compile(T.distillation_loss, dynamic=False) if compiled else T.distillation_loss
+    with T.compiled_forwards(layers):
+        with torch.no_grad(), T.autocast_context(ids.device, autocast):
+            t_out = T._forward(teacher, ids, False)
+        with T.autocast_context(ids.device, autocast):
+            s_out = T._forward(student, ids, False)
+        loss = loss_fn(s_out, t_out, 0.0)[0]
+        loss.backward()
+    return float(loss.detach()), {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("student_kind", ["rabit", "independent", "onebit", "fp"])
+def test_compiled_layers_give_the_eager_loss_and_gradients(student_kind):
+    import rabit
+
+    teacher = tiny_llama()
+    if student_kind == "fp":
+        s = noisy_student(teacher, latent=True)
+    else:  # the layers of the method table's methods: coupled K = 2, independent latents, K = 1
+        s = copy.deepcopy(teacher)
+        cfg = {"rabit": {}, "independent": {"latents": "independent"}, "onebit": {"k": 1}}[student_kind]
+        rabit.quantize_(s, rabit.RabitConfig(init_iters=0, **cfg), progress=False)
+    s.train()
+    ids = token_data(4, 16, seed=int(torch.randint(0, 2**31 - 1, ())))
+    loss_e, grads_e = _loss_and_grads(s, teacher, ids, compiled=False)
+    loss_c, grads_c = _loss_and_grads(s, teacher, ids, compiled=True)
+    assert "forward" not in next(iter(T._decoder_layers(s))).__dict__, "the eager forward must come back"
+    assert math.isclose(loss_c, loss_e, rel_tol=1e-5, abs_tol=KL_ROUNDING)
+    assert grads_c.keys() == grads_e.keys() and len(grads_e) > 10
+    for name, g in grads_e.items():
+        # float32 sums in another order (fused RMSNorm, softmax): rounding-level, far under 1e-4 of the norm
+        err = float((grads_c[name] - g).norm() / g.norm())
+        assert err < 1e-4, f"{name}: relative error {err:.2e}"
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+def test_compiled_layers_on_cuda_give_the_eager_gradients_under_bf16_autocast(monkeypatch):
+    """The trainer's CUDA setting (bf16 autocast) with the rabit CUDA kernels; every layer takes the eager two-stream
+    backward (threshold 0), which the compiled graph replaces by the serial one."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import rabit._ops
+
+    monkeypatch.setattr(rabit._ops, "OVERLAP_MIN_WEIGHTS", 0)
+    cfg = LlamaConfig(vocab_size=1000, hidden_size=192, intermediate_size=320, num_hidden_layers=3,
+                      num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True)
+    teacher = LlamaForCausalLM(cfg).cuda().eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    s = _rabit_student(teacher).train()
+    for p in s.get_input_embeddings().parameters():
+        p.requires_grad_(False)
+    ids = torch.randint(0, 1000, (4, 96), device="cuda")
+    loss_e, grads_e = _loss_and_grads(s, teacher, ids, compiled=False, autocast="bf16")
+    loss_c, grads_c = _loss_and_grads(s, teacher, ids, compiled=True, autocast="bf16")
+    assert math.isclose(loss_c, loss_e, rel_tol=1e-2)
+    assert grads_c.keys() == grads_e.keys() and len(grads_e) > 20
+    for name, g in grads_e.items():
+        # bf16 GEMM inputs: the compiled graph rounds its fused intermediates elsewhere than eager does (1e-3 to 1e-2)
+        err = float((grads_c[name].float() - g.float()).norm() / g.float().norm())
+        assert err < 3e-2, f"{name}: relative error {err:.2e}"
+
+
+def test_compiled_training_trains_and_restores_the_eager_layers():
+    teacher = tiny_llama()
+    a, b = _rabit_student(teacher), _rabit_student(teacher)
+    cfg = {"steps": 3, "batch_size": 4, "log_every": 1}
+    ra = train(a, teacher, token_data(), TrainConfig(**cfg), progress=False)
+    rb = train(b, teacher, token_data(), TrainConfig(compile=True, **cfg), progress=False)
+    # step 1 sees the same weights; later steps may part by a sign flip of a near-zero latent
+    assert math.isclose(rb.history[0]["loss"], ra.history[0]["loss"], rel_tol=1e-5, abs_tol=KL_ROUNDING)
+    assert all(math.isfinite(h["loss"]) for h in rb.history)
+    assert not any("forward" in m.__dict__ for m in (*b.modules(), *teacher.modules()))
+    x = token_data(2, 8, seed=3)
+    with torch.no_grad():  # the restored student runs its eager forward and computes the same function
+        ref = copy.deepcopy(b)
+        assert torch.equal(b(input_ids=x).logits, ref(input_ids=x).logits)
+
+
+def test_compile_needs_decoder_layers():
+    teacher = tiny_llama()
+    s = _rabit_student(teacher).eval()
+    s._no_split_modules = None  # a model that does not name its repeated block
+    with pytest.raises(ValueError, match="compile=True compiles a model's decoder layers.*compile=False"):
+        train(s, teacher, token_data(), TrainConfig(steps=1, batch_size=4, compile=True), progress=False)
+    assert not s.training
