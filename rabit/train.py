@@ -91,7 +91,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     # torch.compile each decoder layer of student and teacher, and the loss: fuses the elementwise work between the
     # GEMMs (RMSNorm, rotary, SwiGLU, casts, the log-softmaxes). Regional: the layers share one compiled graph, so it
-    # compiles once per run (tens of seconds on a GPU), not once per layer. Same math, other rounding order.
+    # compiles once per run (7-15 s on an H200), not once per layer. Same math, other rounding order.
     compile: bool = False
     # keep the RaBiT layers' own NaN/Inf check on every call (a device sync per layer per step on CUDA); off by
     # default, the loop checks the parameters itself (see _disable_finite_checks)
@@ -539,14 +539,18 @@ def _decoder_layers(*models: torch.nn.Module) -> list[torch.nn.Module]:
 def compiled_forwards(modules: Iterable[torch.nn.Module]):
     """Within the block each module runs a torch.compile'd forward (shapes static); after it, its eager one."""
     modules = list(modules)
+    own = [m.__dict__.get("forward") for m in modules]  # a forward set on the instance before, to put back
     try:
         for m in modules:
             # an instance attribute shadows the class's forward; deleting it brings the eager one back
             m.forward = torch.compile(m.forward, dynamic=False)
         yield
     finally:
-        for m in modules:
-            m.__dict__.pop("forward", None)
+        for m, f in zip(modules, own):
+            if f is None:
+                m.__dict__.pop("forward", None)
+            else:
+                m.forward = f
 
 
 def _forward(model, input_ids, hidden: bool):

@@ -634,6 +634,18 @@ def test_compiled_training_trains_and_restores_the_eager_layers():
         assert torch.equal(b(input_ids=x).logits, ref(input_ids=x).logits)
 
 
+def test_compiled_forwards_put_back_what_was_there():
+    plain, own = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    mine = own.forward  # a forward set on the instance, as a user's wrapper would be
+    own.forward = mine
+    with T.compiled_forwards([plain, own]):
+        assert "forward" in plain.__dict__ and own.forward is not mine
+    assert "forward" not in plain.__dict__ and own.forward is mine
+    with pytest.raises(RuntimeError, match="inside"), T.compiled_forwards([plain]):
+        raise RuntimeError("inside")
+    assert "forward" not in plain.__dict__
+
+
 def test_compile_needs_decoder_layers():
     teacher = tiny_llama()
     s = _rabit_student(teacher).eval()
