@@ -43,6 +43,7 @@ def main(argv=None):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     base = config_from_args(args, ppl_ctx=tuple(args.ctx))
+    configs = {m: replace(base, method=m) for m in args.methods}  # every method's checks before any work
     teacher, tok = load_model(args.model, device=args.device)
     teacher.eval()
     t0 = time.perf_counter()
@@ -60,7 +61,7 @@ def main(argv=None):
     del teacher
     rows = {}
     for method in args.methods:
-        res = run_experiment(replace(base, method=method), out / method, device=args.device, teacher_data=data,
+        res = run_experiment(configs[method], out / method, device=args.device, teacher_data=data,
                              progress=args.progress,
                              heldout=heldout)
         rows[method] = {k: res[k] for k in ("wikitext2_ppl", "heldout_vs_teacher", "train_tokens", "steps",

@@ -100,7 +100,8 @@ def _run_train(args: argparse.Namespace) -> dict[str, Any]:
         first = (str(e).strip() or "out of memory").splitlines()[0]
         raise CommandError(
             f"rabit train: out of GPU memory at batch {cfg.batch_size} x {cfg.train_len} ({first}). On SmolLM2-135M "
-            "batch 32 needs ~36 GB and batch 16 ~19 GB: pass a smaller --batch-size (or a shorter --seq-len or --train-seq-len)") from e
+            "batch 32 needs ~36 GB (~15 GB with --compile) and batch 16 ~19 GB: pass --compile, a smaller --batch-size "
+            "(or a shorter --seq-len or --train-seq-len)") from e
     if not args.json:
         print(f"{res['method']} on {res['model']}: WikiText-2 PPL "
               + ", ".join(f"ctx {c}: {v['ppl']:.2f}" for c, v in res["wikitext2_ppl"].items())

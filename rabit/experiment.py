@@ -62,9 +62,12 @@ class ExperimentConfig:
     # a UTF-8 text file to train and calibrate on instead of teacher samples: tokenized once, BOS at its start, cut
     # into rows of seq_len tokens, the first data_seqs of them used. Never an evaluation split.
     text: str | None = None
+    # the init (RabitConfig): Gauss-Seidel rounds T, preconditioning exponents, what the latent starts as. rabit-plain
+    # is the plain init (T = 0, no preconditioning) and takes none of the first three
     init_iters: int = 5
     alpha_in: float = 0.5
     alpha_out: float = 0.5
+    latent_init: str = "pretrained"
     lr_latent: float = 1e-3
     lr_scales: float = 1e-3
     min_lr_ratio: float = 0.0  # cosine floor as a fraction of the peak learning rates (TrainConfig's default too)
@@ -103,6 +106,19 @@ class ExperimentConfig:
         if self.train_seq_len and (self.train_seq_len < 2 or self.seq_len % self.train_seq_len):
             raise ValueError(f"rabit train: train_seq_len must be a divisor >= 2 of seq_len {self.seq_len} "
                              f"(got {self.train_seq_len})")
+        set_init = [f for f in ("init_iters", "alpha_in", "alpha_out") if getattr(self, f) != defaults[f]]
+        if self.method == "rabit-plain" and set_init:
+            raise ValueError(f"rabit train: rabit-plain is the plain init (no Gauss-Seidel rounds, no preconditioning); "
+                             f"{', '.join(set_init)} do not apply to it: drop them, or use --method rabit")
+        from .init import LATENT_INITS
+        from .reference import STE_VARIANTS
+
+        if self.latent_init not in LATENT_INITS:
+            raise ValueError(f"rabit train: latent_init must be one of {LATENT_INITS} (got {self.latent_init!r})")
+        if self.ste not in STE_VARIANTS:
+            raise ValueError(f"rabit train: ste must be one of {STE_VARIANTS} (got {self.ste!r})")
+        if self.init_iters < 0:
+            raise ValueError(f"rabit train: init_iters must be >= 0 (got {self.init_iters})")
         if self.method == "path-freeze" and self.steps < 2:
             raise ValueError("rabit train: path-freeze trains two stages; give it tokens for at least 2 steps")
 
@@ -129,6 +145,7 @@ class ExperimentConfig:
             init_iters=0 if plain else self.init_iters,
             alpha_in=0.0 if plain else self.alpha_in,
             alpha_out=0.0 if plain else self.alpha_out,
+            latent_init=self.latent_init,
             ste=self.ste,
         )
 
@@ -137,6 +154,8 @@ def add_config_arguments(p, d: ExperimentConfig | None = None) -> None:
     """The options of one experiment (``rabit train`` and ``benchmarks/method_table.py`` share them)."""
     from ._cli_args import non_negative_int, positive_int
     from .data import DATA_STARTS, SAMPLING_DTYPES
+    from .init import LATENT_INITS
+    from .reference import STE_VARIANTS
 
     d = d or ExperimentConfig()
     p.add_argument("--model", default=d.model, help=f"model name or path (default {d.model})")
@@ -171,6 +190,17 @@ def add_config_arguments(p, d: ExperimentConfig | None = None) -> None:
     p.add_argument("--min-lr-ratio", type=float, default=d.min_lr_ratio,
                    help="cosine floor as a fraction of the peak learning rates (default %(default)s)")
     p.add_argument("--gamma", type=float, default=d.gamma, help="hidden-state MSE weight")
+    p.add_argument("--init-iters", type=non_negative_int, default=d.init_iters, metavar="T",
+                   help="Gauss-Seidel rounds of the residual SVID init (default %(default)s; 0: greedy SVID)")
+    p.add_argument("--alpha-in", type=float, default=d.alpha_in,
+                   help="the init's preconditioning exponent of the input-activation RMS (default %(default)s)")
+    p.add_argument("--alpha-out", type=float, default=d.alpha_out,
+                   help="the init's preconditioning exponent of the output-gradient RMS (default %(default)s)")
+    p.add_argument("--latent-init", choices=LATENT_INITS, default=d.latent_init,
+                   help="what the latent weight starts as: the pretrained W, or the init's reconstruction "
+                        "(default %(default)s)")
+    p.add_argument("--ste", choices=STE_VARIANTS, default=d.ste,
+                   help="straight-through estimator of the binarization's backward (default %(default)s)")
     p.add_argument("--compile", action="store_true", default=d.compile,
                    help="torch.compile the decoder layers and the loss while training: faster steps after a one-time "
                         "compile (TrainConfig.compile)")
@@ -189,7 +219,9 @@ def config_from_args(args, **overrides: Any) -> ExperimentConfig:
                             data_start=args.data_start, data_greedy=args.data_greedy,
                             data_dtype=args.data_dtype, gen_batch=args.gen_batch, text=args.text,
                             lr_latent=args.lr_latent, lr_scales=args.lr_scales, min_lr_ratio=args.min_lr_ratio,
-                            gamma=args.gamma, compile=args.compile, seed=args.seed, curve_points=args.curve,
+                            gamma=args.gamma, init_iters=args.init_iters, alpha_in=args.alpha_in,
+                            alpha_out=args.alpha_out, latent_init=args.latent_init, ste=args.ste,
+                            compile=args.compile, seed=args.seed, curve_points=args.curve,
                             **overrides)
 
 

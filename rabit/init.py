@@ -21,6 +21,7 @@ from torch import Tensor
 from .reference import sign0
 
 INIT_MODES = ("coupled", "independent")
+LATENT_INITS = ("pretrained", "reconstruction")  # what the latent weight starts as
 
 
 def rank1_fit(a: Tensor, iters: int = 12) -> tuple[Tensor, Tensor]:
@@ -119,8 +120,8 @@ def init_rabit_linear(m, s_in: Tensor | None = None, s_out: Tensor | None = None
 
     Returns the relative weighted reconstruction error ‖W' − Ŵ'‖ / ‖W'‖ of the fit.
     """
-    if latent_init not in ("pretrained", "reconstruction"):
-        raise ValueError(f"rabit init: latent_init must be 'pretrained' or 'reconstruction', got {latent_init!r}")
+    if latent_init not in LATENT_INITS:
+        raise ValueError(f"rabit init: latent_init must be one of {LATENT_INITS}, got {latent_init!r}")
     signs, g, h, rel_err = _fit(m.weight, s_in, s_out, alpha_in, alpha_out, m.k, iters, mode)
     m.g.copy_(g)
     m.h.copy_(h)

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .calibrate import collect_calibration_stats
-from .init import INIT_MODES, init_independent_linear, init_rabit_linear
+from .init import INIT_MODES, LATENT_INITS, init_independent_linear, init_rabit_linear
 from .nn import QAT_LAYERS, IndependentRaBiTLinear, PackedRaBiTLinear, RaBiTLinear
 from .reference import STE_VARIANTS
 
@@ -58,8 +58,8 @@ class RabitConfig:
             raise ValueError(f"RabitConfig: init_iters must be >= 0, got {self.init_iters}")
         if self.init_mode not in INIT_MODES:
             raise ValueError(f"RabitConfig: init_mode {self.init_mode!r} is unknown; use one of {INIT_MODES}")
-        if self.latent_init not in ("pretrained", "reconstruction"):
-            raise ValueError(f"RabitConfig: latent_init {self.latent_init!r}; use 'pretrained' or 'reconstruction'")
+        if self.latent_init not in LATENT_INITS:
+            raise ValueError(f"RabitConfig: latent_init {self.latent_init!r} is unknown; use one of {LATENT_INITS}")
         if self.ste not in STE_VARIANTS:
             raise ValueError(f"RabitConfig: ste {self.ste!r} is unknown; use one of {STE_VARIANTS}")
         if self.ste != "identity" and not self.ste_param > 0:

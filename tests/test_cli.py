@@ -119,8 +119,15 @@ def test_train_passes_its_options_to_the_experiment(monkeypatch, tmp_path, capsy
     assert main(["train", "--model", "stories260k", "--seq-len", "64", "--batch-size", "8", "--data-temperature",
                  "0.7", "--data-top-k", "40", "--lr-latent", "2e-4", "--lr-scales", "5e-3", "--min-lr-ratio", "0.25",
                  "--gamma", "0.5", "--seed", "3", "--data-start", "random-token", "--data-greedy", "4",
-                 "--data-dtype", "bfloat16", "--gen-batch", "64", "--device", "cpu", "--out", str(tmp_path), "--quiet"]) == 0
+                 "--data-dtype", "bfloat16", "--gen-batch", "64", "--init-iters", "2", "--alpha-in", "0.25",
+                 "--alpha-out", "1", "--latent-init", "reconstruction", "--ste", "clipped", "--compile",
+                 "--device", "cpu", "--out", str(tmp_path), "--quiet"]) == 0
     cfg = seen["cfg"]
+    assert (cfg.init_iters, cfg.alpha_in, cfg.alpha_out, cfg.latent_init, cfg.ste, cfg.compile) == (
+        2, 0.25, 1.0, "reconstruction", "clipped", True)
+    rc = cfg.rabit_config()
+    assert (rc.init_iters, rc.alpha_in, rc.alpha_out, rc.latent_init, rc.ste) == (2, 0.25, 1.0, "reconstruction",
+                                                                                   "clipped")
     assert (cfg.seq_len, cfg.batch_size, cfg.data_temperature, cfg.data_top_k, cfg.lr_latent, cfg.lr_scales,
             cfg.min_lr_ratio, cfg.gamma, cfg.seed) == (64, 8, 0.7, 40, 2e-4, 5e-3, 0.25, 0.5, 3)
     assert cfg.gen_batch == 64
@@ -138,6 +145,12 @@ def test_train_passes_its_options_to_the_experiment(monkeypatch, tmp_path, capsy
     assert main(["train", "--data-dtype", "float64", "--out", str(tmp_path)]) == 2
     assert main(["train", "--gen-batch", "0", "--out", str(tmp_path)]) == 2
     assert main(["train", "--data-start", "prompt", "--out", str(tmp_path)]) == 2
+    assert main(["train", "--latent-init", "zeros", "--out", str(tmp_path)]) == 2
+    assert main(["train", "--ste", "sigmoid", "--out", str(tmp_path)]) == 2
+    assert main(["train", "--init-iters", "-1", "--out", str(tmp_path)]) == 2
+    # the plain init takes no init options: an error, not options silently dropped
+    assert main(["train", "--method", "rabit-plain", "--alpha-in", "0.3", "--out", str(tmp_path), "--quiet"]) == 1
+    assert "do not apply to it" in capsys.readouterr().err
 
 
 def test_train_out_of_gpu_memory_names_the_fix(monkeypatch, tmp_path, capsys):
@@ -172,6 +185,14 @@ def test_experiment_config_rejects_a_bad_recipe():
         ExperimentConfig(data_greedy=3)  # greedy tokens after BOS: every sequence would begin alike
     with pytest.raises(ValueError, match="data_dtype"):
         ExperimentConfig(data_dtype="float64")
+    with pytest.raises(ValueError, match="latent_init"):
+        ExperimentConfig(latent_init="zeros")
+    with pytest.raises(ValueError, match="ste"):
+        ExperimentConfig(ste="sigmoid")
+    with pytest.raises(ValueError, match="init_iters"):
+        ExperimentConfig(init_iters=-1)
+    with pytest.raises(ValueError, match="init_iters, alpha_out do not apply"):
+        ExperimentConfig(method="rabit-plain", init_iters=3, alpha_out=1.0)
     with pytest.raises(ValueError, match="gen_batch"):
         ExperimentConfig(gen_batch=0)
     for sampling in (dict(data_temperature=0.7), dict(data_top_k=5), dict(data_start="random-token"),
