@@ -565,17 +565,22 @@ def _loss_and_grads(student, teacher, ids, compiled: bool, autocast: str = "none
     return float(loss.detach()), {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("student_kind", ["rabit", "independent", "onebit", "fp"])
-def test_compiled_layers_give_the_eager_loss_and_gradients(student_kind):
+# the layers of the method table's methods: coupled K = 2, independent latents, K = 1
+STUDENT_LAYERS = {"rabit": {}, "independent": {"latents": "independent"}, "onebit": {"k": 1}}
+
+
+def _quantized_student(teacher, kind: str):
     import rabit
 
+    s = copy.deepcopy(teacher)
+    rabit.quantize_(s, rabit.RabitConfig(init_iters=0, **STUDENT_LAYERS[kind]), progress=False)
+    return s
+
+
+@pytest.mark.parametrize("student_kind", [*STUDENT_LAYERS, "fp"])
+def test_compiled_layers_give_the_eager_loss_and_gradients(student_kind):
     teacher = tiny_llama()
-    if student_kind == "fp":
-        s = noisy_student(teacher, latent=True)
-    else:  # the layers of the method table's methods: coupled K = 2, independent latents, K = 1
-        s = copy.deepcopy(teacher)
-        cfg = {"rabit": {}, "independent": {"latents": "independent"}, "onebit": {"k": 1}}[student_kind]
-        rabit.quantize_(s, rabit.RabitConfig(init_iters=0, **cfg), progress=False)
+    s = noisy_student(teacher, latent=True) if student_kind == "fp" else _quantized_student(teacher, student_kind)
     s.train()
     ids = token_data(4, 16, seed=int(torch.randint(0, 2**31 - 1, ())))
     loss_e, grads_e = _loss_and_grads(s, teacher, ids, compiled=False)
@@ -591,9 +596,11 @@ def test_compiled_layers_give_the_eager_loss_and_gradients(student_kind):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
-def test_compiled_layers_on_cuda_give_the_eager_gradients_under_bf16_autocast(monkeypatch):
-    """The trainer's CUDA setting (bf16 autocast) with the rabit CUDA kernels; every layer takes the eager two-stream
-    backward (threshold 0), which the compiled graph replaces by the serial one."""
+@pytest.mark.parametrize("student_kind", list(STUDENT_LAYERS))
+def test_compiled_layers_on_cuda_give_the_eager_gradients_under_bf16_autocast(monkeypatch, student_kind):
+    """The trainer's CUDA setting (bf16 autocast) with the rabit CUDA kernels, for the layers of the method table's
+    methods; every layer takes the eager two-stream backward (threshold 0), which the compiled graph replaces by the
+    serial one."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     import rabit._ops
@@ -604,7 +611,7 @@ def test_compiled_layers_on_cuda_give_the_eager_gradients_under_bf16_autocast(mo
     teacher = LlamaForCausalLM(cfg).cuda().eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
-    s = _rabit_student(teacher).train()
+    s = _quantized_student(teacher, student_kind).train()  # the quantized layers' parameters; the rest stays frozen
     for p in s.get_input_embeddings().parameters():
         p.requires_grad_(False)
     ids = torch.randint(0, 1000, (4, 96), device="cuda")
