@@ -139,8 +139,10 @@ def main(argv=None):
         for base in ("fp", "fp-compiled"):
             if base in res and name != base:
                 r[f"step_time_vs_{base}"] = res[base]["tokens_per_s"] / r["tokens_per_s"]
-        ratios = "  ".join(f"{k[13:]} {v:.2f}x" for k, v in r.items() if k.startswith("step_time_vs_"))
-        print(f"{name:>16}: step time vs {ratios}" if ratios else "", flush=True)
+        ratios = "  ".join(f"{k.removeprefix('step_time_vs_')} {v:.2f}x" for k, v in r.items()
+                           if k.startswith("step_time_vs_"))
+        if ratios:
+            print(f"{name:>16}: step time vs {ratios}", flush=True)
     if args.profile:
         key = f"profile_{args.profile}"
         res[key] = profile(student, teacher, ids, args.batch, compiled=VARIANTS[args.profile][3])

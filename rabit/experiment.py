@@ -110,15 +110,9 @@ class ExperimentConfig:
         if self.method == "rabit-plain" and set_init:
             raise ValueError(f"rabit train: rabit-plain is the plain init (no Gauss-Seidel rounds, no preconditioning); "
                              f"{', '.join(set_init)} do not apply to it: drop them, or use --method rabit")
-        from .init import LATENT_INITS
-        from .reference import STE_VARIANTS
+        from .init import check_init_options
 
-        if self.latent_init not in LATENT_INITS:
-            raise ValueError(f"rabit train: latent_init must be one of {LATENT_INITS} (got {self.latent_init!r})")
-        if self.ste not in STE_VARIANTS:
-            raise ValueError(f"rabit train: ste must be one of {STE_VARIANTS} (got {self.ste!r})")
-        if self.init_iters < 0:
-            raise ValueError(f"rabit train: init_iters must be >= 0 (got {self.init_iters})")
+        check_init_options("rabit train", self.init_iters, self.latent_init, self.ste)
         if self.method == "path-freeze" and self.steps < 2:
             raise ValueError("rabit train: path-freeze trains two stages; give it tokens for at least 2 steps")
 

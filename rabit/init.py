@@ -18,10 +18,21 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .reference import sign0
+from .reference import STE_VARIANTS, sign0
 
 INIT_MODES = ("coupled", "independent")
 LATENT_INITS = ("pretrained", "reconstruction")  # what the latent weight starts as
+
+
+def check_init_options(who: str, init_iters: int, latent_init: str, ste: str) -> None:
+    """The init settings that RabitConfig and rabit train's config both take; torch-only, so that a command line can
+    check them before the compiled extension loads."""
+    if init_iters < 0:
+        raise ValueError(f"{who}: init_iters must be >= 0, got {init_iters}")
+    if latent_init not in LATENT_INITS:
+        raise ValueError(f"{who}: latent_init {latent_init!r} is unknown; use one of {LATENT_INITS}")
+    if ste not in STE_VARIANTS:
+        raise ValueError(f"{who}: ste {ste!r} is unknown; use one of {STE_VARIANTS}")
 
 
 def rank1_fit(a: Tensor, iters: int = 12) -> tuple[Tensor, Tensor]:

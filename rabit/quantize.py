@@ -15,9 +15,8 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .calibrate import collect_calibration_stats
-from .init import INIT_MODES, LATENT_INITS, init_independent_linear, init_rabit_linear
+from .init import INIT_MODES, check_init_options, init_independent_linear, init_rabit_linear
 from .nn import QAT_LAYERS, IndependentRaBiTLinear, PackedRaBiTLinear, RaBiTLinear
-from .reference import STE_VARIANTS
 
 
 @dataclass
@@ -54,14 +53,9 @@ class RabitConfig:
             raise ValueError(f"RabitConfig: k={self.k} is not supported; use k in 1..4 (RaBiT uses 2)")
         if self.latents not in ("coupled", "independent"):
             raise ValueError(f"RabitConfig: latents must be 'coupled' or 'independent', got {self.latents!r}")
-        if self.init_iters < 0:
-            raise ValueError(f"RabitConfig: init_iters must be >= 0, got {self.init_iters}")
+        check_init_options("RabitConfig", self.init_iters, self.latent_init, self.ste)
         if self.init_mode not in INIT_MODES:
             raise ValueError(f"RabitConfig: init_mode {self.init_mode!r} is unknown; use one of {INIT_MODES}")
-        if self.latent_init not in LATENT_INITS:
-            raise ValueError(f"RabitConfig: latent_init {self.latent_init!r} is unknown; use one of {LATENT_INITS}")
-        if self.ste not in STE_VARIANTS:
-            raise ValueError(f"RabitConfig: ste {self.ste!r} is unknown; use one of {STE_VARIANTS}")
         if self.ste != "identity" and not self.ste_param > 0:
             raise ValueError(f"RabitConfig: ste_param must be > 0 for ste={self.ste!r}")
         if self.alpha_in < 0 or self.alpha_out < 0:
