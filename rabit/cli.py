@@ -96,12 +96,14 @@ def _run_train(args: argparse.Namespace) -> dict[str, Any]:
     try:
         res = run_experiment(cfg, args.out, device=args.device, progress=not args.quiet)
     except torch.OutOfMemoryError as e:
-        # the default recipe (batch 32 x 512) peaks at ~36 GB on SmolLM2-135M, more than many cards have
+        # the default recipe (batch 32 x 512) peaks at ~15 GB on SmolLM2-135M compiled (the default on CUDA), ~36 GB
+        # eager: more than many cards have
         first = (str(e).strip() or "out of memory").splitlines()[0]
+        hint = "" if cfg.compile is not False else "drop --no-compile (compiled: ~15 GB), "
         raise CommandError(
             f"rabit train: out of GPU memory at batch {cfg.batch_size} x {cfg.train_len} ({first}). On SmolLM2-135M "
-            "batch 32 needs ~36 GB (~15 GB with --compile) and batch 16 ~19 GB: pass --compile, a smaller --batch-size "
-            "(or a shorter --seq-len or --train-seq-len)") from e
+            "batch 32 needs ~15 GB compiled (the default on CUDA) and ~36 GB with --no-compile: "
+            f"{hint}pass a smaller --batch-size (or a shorter --seq-len or --train-seq-len)") from e
     if not args.json:
         print(f"{res['method']} on {res['model']}: WikiText-2 PPL "
               + ", ".join(f"ctx {c}: {v['ppl']:.2f}" for c, v in res["wikitext2_ppl"].items())

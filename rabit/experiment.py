@@ -19,6 +19,7 @@ the same sequences; the WikiText-2 test split is only ever evaluated.
 
 from __future__ import annotations
 
+import argparse
 import copy
 import platform
 import time
@@ -73,8 +74,8 @@ class ExperimentConfig:
     min_lr_ratio: float = 0.0  # cosine floor as a fraction of the peak learning rates (TrainConfig's default too)
     gamma: float = 0.0  # KL only: γ > 0 gave a higher held-out KL in short runs (quickstart sweep)
     optimizer: str = "muon"
-    # torch.compile the decoder layers and the loss while training (TrainConfig.compile)
-    compile: bool = False
+    # torch.compile the decoder layers and the loss while training (TrainConfig.compile); "auto": on CUDA only
+    compile: bool | str = "auto"
     ste: str = "identity"
     ppl_ctx: tuple[int, ...] = (2048, 4096)
     # WikiText-2 PPL (first ppl_ctx) this many times during training: PPL vs tokens. path-freeze evaluates every
@@ -90,6 +91,8 @@ class ExperimentConfig:
             raise ValueError("rabit train: tokens must be >= 0")
         if self.curve_points < 0:
             raise ValueError("rabit train: curve_points must be >= 0")
+        if not (isinstance(self.compile, bool) or self.compile == "auto"):
+            raise ValueError(f"rabit train: compile must be True, False or 'auto' (got {self.compile!r})")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"rabit train: min_lr_ratio must be in [0, 1] (got {self.min_lr_ratio})")
         from .data import check_sampling_options
@@ -195,9 +198,9 @@ def add_config_arguments(p, d: ExperimentConfig | None = None) -> None:
                         "(default %(default)s)")
     p.add_argument("--ste", choices=STE_VARIANTS, default=d.ste,
                    help="straight-through estimator of the binarization's backward (default %(default)s)")
-    p.add_argument("--compile", action="store_true", default=d.compile,
-                   help="torch.compile the decoder layers and the loss while training: faster steps after a one-time "
-                        "compile (TrainConfig.compile)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=d.compile,
+                   help="torch.compile the decoder layers and the loss while training: faster steps and less memory "
+                        "after a one-time compile (TrainConfig.compile; default: on CUDA, not on the CPU)")
     p.add_argument("--seed", type=non_negative_int, default=d.seed, help="seed of the teacher data and training")
     p.add_argument("--curve", type=non_negative_int, default=d.curve_points, metavar="N",
                    help="also evaluate WikiText-2 PPL (ctx 2048; method_table.py: its first --ctx) N times during "
@@ -364,6 +367,7 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, device: str = "cu
             {"tokens": h["tokens"], **h["eval"]} for h in (train_res.history if train_res else []) if "eval" in h],
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu",
         "kernels": kernels,
+        "compiled": bool(train_res and train_res.compiled),  # compile="auto" resolved
         "versions": {"torch": torch.__version__, "python": platform.python_version()},
         "date": time.strftime("%Y-%m-%d"),
         "note": "SmolLM2-135M-Instruct dequantized from Q4_1 is the FP reference" if "smollm2" in cfg.model else "",

@@ -114,6 +114,10 @@ def test_train_passes_its_options_to_the_experiment(monkeypatch, tmp_path, capsy
                  "--data-seqs", "64", "--device", "cpu", "--out", str(tmp_path), "--quiet"]) == 0
     cfg = seen["cfg"]
     assert (cfg.method, cfg.tokens, cfg.curve_points, cfg.data_seqs) == ("independent", 20000, 5, 64)
+    assert cfg.compile == "auto"  # compiled on CUDA, eager on the CPU (resolved by the trainer)
+    assert main(["train", "--model", "stories260k", "--no-compile", "--device", "cpu", "--out", str(tmp_path),
+                 "--quiet"]) == 0
+    assert seen["cfg"].compile is False
     assert seen["device"] == "cpu" and "ctx 2048: 1.00" in capsys.readouterr().out
     # every recipe option reaches the config
     assert main(["train", "--model", "stories260k", "--seq-len", "64", "--batch-size", "8", "--data-temperature",
@@ -168,6 +172,9 @@ def test_train_out_of_gpu_memory_names_the_fix(monkeypatch, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "out of GPU memory at batch 24 x 512" in err and "--batch-size" in err
     assert "Tried to allocate 3.00 GiB" in err and "more details" not in err
+    assert "drop --no-compile" not in err  # compiled already: the batch size is what is left to lower
+    assert main(["train", "--model", "stories260k", "--no-compile", "--out", str(tmp_path), "--quiet"]) == 1
+    assert "drop --no-compile" in capsys.readouterr().err
 
 
 def test_experiment_config_rejects_a_bad_recipe():

@@ -631,6 +631,7 @@ def test_compiled_training_trains_and_restores_the_eager_layers():
     cfg = {"steps": 3, "batch_size": 4, "log_every": 1}
     ra = train(a, teacher, token_data(), TrainConfig(**cfg), progress=False)
     rb = train(b, teacher, token_data(), TrainConfig(compile=True, **cfg), progress=False)
+    assert rb.compiled and not ra.compiled
     # step 1 sees the same weights; later steps may part by a sign flip of a near-zero latent
     assert math.isclose(rb.history[0]["loss"], ra.history[0]["loss"], rel_tol=1e-5, abs_tol=KL_ROUNDING)
     assert all(math.isfinite(h["loss"]) for h in rb.history)
@@ -651,6 +652,31 @@ def test_compiled_forwards_put_back_what_was_there():
     with pytest.raises(RuntimeError, match="inside"), T.compiled_forwards([plain]):
         raise RuntimeError("inside")
     assert "forward" not in plain.__dict__
+
+
+def test_each_compiled_run_compiles_afresh_past_the_recompile_limit():
+    # A results table trains several methods in one process. Were each run's graphs kept, dynamo would stop compiling
+    # the decoder layer's forward at its recompile limit (8) and run the later methods eagerly, silently.
+    from torch._dynamo.utils import counters
+
+    model = tiny_llama()
+    runs = torch._dynamo.config.recompile_limit + 2
+    compiled = []
+    for n in range(runs):
+        before = counters["stats"]["unique_graphs"]
+        with T.compiled_forwards(T._decoder_layers(model)), torch.no_grad():
+            model(input_ids=token_data(1, 4 + n, seed=n))  # a new length: a graph no earlier run compiled
+        compiled.append(counters["stats"]["unique_graphs"] > before)
+    assert all(compiled), compiled
+
+
+def test_compile_auto_is_eager_on_the_cpu_and_checked():
+    teacher = tiny_llama()
+    r = train(_rabit_student(teacher), teacher, token_data(), TrainConfig(steps=1, batch_size=4), progress=False)
+    assert TrainConfig().compile == "auto" and r.compiled is False  # no gain on the CPU (docs/results.md)
+    for bad in ("yes", 1, None):
+        with pytest.raises(ValueError, match="compile must be True, False or 'auto'"):
+            TrainConfig(compile=bad)
 
 
 def test_compile_needs_decoder_layers():
