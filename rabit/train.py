@@ -813,7 +813,9 @@ def _evaluate(student: torch.nn.Module, eval_fn: Callable[[torch.nn.Module], dic
     was_training = student.training
     student.eval()
     try:
-        with torch.no_grad():
+        # eager even inside a compiled run: an evaluation's modes and window shapes would each compile graphs of their
+        # own (seconds each, for a few calls), and count towards dynamo's recompile limit
+        with torch.no_grad(), torch.compiler.set_stance("force_eager"):
             return dict(eval_fn(student))
     finally:
         student.train(was_training)

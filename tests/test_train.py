@@ -1,6 +1,7 @@
 """Tests of rabit.train: loss, optimizer routing, schedule, checkpoints/resume, NaN handling."""
 
 import copy
+import functools
 import itertools
 import json
 import math
@@ -654,7 +655,14 @@ def test_compiled_forwards_put_back_what_was_there():
     assert "forward" not in plain.__dict__
 
 
-def test_each_compiled_run_compiles_afresh_past_the_recompile_limit():
+@pytest.fixture
+def dynamo_only(monkeypatch):
+    """torch.compile with dynamo's graphs run as they are (backend "eager"): what dynamo caches and recompiles is the
+    same, without minutes of inductor's C++ builds on the CI machine."""
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+
+
+def test_each_compiled_run_compiles_afresh_past_the_recompile_limit(dynamo_only):
     # A results table trains several methods in one process. Were each run's graphs kept, dynamo would stop compiling
     # the decoder layer's forward at its recompile limit (8) and run the later methods eagerly, silently.
     from torch._dynamo.utils import counters
@@ -668,6 +676,20 @@ def test_each_compiled_run_compiles_afresh_past_the_recompile_limit():
             model(input_ids=token_data(1, 4 + n, seed=n))  # a new length: a graph no earlier run compiled
         compiled.append(counters["stats"]["unique_graphs"] > before)
     assert all(compiled), compiled
+
+
+def test_evaluations_in_a_compiled_run_compile_nothing(dynamo_only):
+    from torch._dynamo.utils import counters
+
+    teacher = tiny_llama()
+    cfg = TrainConfig(steps=2, batch_size=4, compile=True)
+    graphs = []
+    for eval_fn in (None, lambda m: {"loss": float(m(input_ids=token_data(1, 11, seed=5)).logits.mean())}):
+        before = counters["stats"]["unique_graphs"]
+        r = train(_rabit_student(teacher), teacher, token_data(), cfg, progress=False, eval_fn=eval_fn, eval_every=1)
+        graphs.append(counters["stats"]["unique_graphs"] - before)
+    assert "eval" in r.history[-1] and math.isfinite(r.history[-1]["eval"]["loss"])
+    assert graphs[1] == graphs[0] > 0  # eval mode and another length would otherwise compile graphs of their own
 
 
 def test_compile_auto_is_eager_on_the_cpu_and_checked():
