@@ -45,8 +45,7 @@ CHECKPOINT_FORMAT = "rabit-train-checkpoint/1"
 
 AUTOCAST_MODES = ("auto", "bf16", "none")
 OPTIMIZERS = ("muon", "adamw")
-# Fields that do not change the trajectory of training and may differ on resume.
-# fields a resumed run may change: they change how often it logs or checks, or (compile) the rounding order only
+# Fields a resumed run may change: they change how often it logs or checks, or (compile) the rounding order only.
 _RESUME_FREE_FIELDS = frozenset({"log_every", "checkpoint_every", "layer_finite_checks", "compile"})
 
 

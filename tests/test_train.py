@@ -5,6 +5,7 @@ import functools
 import itertools
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -208,6 +209,29 @@ def test_resume_refuses_a_different_run(tmp_path):
     r = train(noisy_student(teacher), teacher, ids, TrainConfig(steps=2, batch_size=4, lr_scales=5e-3),
               out_dir=tmp_path, resume=False, progress=False)
     assert r.start_step == 0
+
+
+def test_a_run_killed_eager_resumes_compiled(tmp_path, monkeypatch, dynamo_only):
+    # compile changes only the rounding order, so a resume may switch it (as a GPU row killed mid-run and re-run did)
+    teacher = tiny_llama()
+    ids = token_data()
+    cfg = TrainConfig(steps=4, batch_size=4, checkpoint_every=2, compile=False)
+
+    class Killed(Exception):
+        pass
+
+    real_save = T.save_checkpoint
+
+    def save_then_die(*a, **k):  # the process "dies" right after the step-2 checkpoint
+        real_save(*a, **k)
+        raise Killed
+
+    monkeypatch.setattr(T, "save_checkpoint", save_then_die)
+    with pytest.raises(Killed):
+        train(noisy_student(teacher), teacher, ids, cfg, out_dir=tmp_path, progress=False)
+    monkeypatch.setattr(T, "save_checkpoint", real_save)
+    r = train(noisy_student(teacher), teacher, ids, replace(cfg, compile=True), out_dir=tmp_path, progress=False)
+    assert (r.start_step, r.steps, r.compiled) == (2, 4, True)
 
 
 def test_nan_loss_stops_with_a_message_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
