@@ -714,6 +714,8 @@ def train(
     exit_stack = contextlib.ExitStack()
     try:
         exit_stack.enter_context(compiled_forwards(compiled))
+        if use_compile:  # the first step compiles (seconds to a minute): say so rather than look stuck
+            bar.set_postfix_str("compiling the decoder layers and the loss (first step)")
         for step in range(start_step, config.steps):
             x = token_ids[sampler.indices(step)].to(dev, non_blocking=True)
             lrs = _set_lr(optimizers, config.lr_factor(step))
@@ -757,6 +759,8 @@ def train(
                 history.append(entry)
                 bar.set_postfix(loss=f"{entry['loss']:.4f}", kl=f"{entry['kl']:.4f}", tok_s=f"{tps:,.0f}")
                 t_log, acc, n_acc = now, {"loss": 0.0, "kl": 0.0, "mse": 0.0}, 0
+            elif use_compile and step == start_step:
+                bar.set_postfix_str("compiled")
             bar.update(1)
             at_checkpoint = config.checkpoint_every and done % config.checkpoint_every == 0
             # the parameters are checked where a checkpoint is written, and after the last step in any case
