@@ -158,6 +158,24 @@ def test_training_lowers_the_loss(latent):
     json.dumps(r.to_dict())  # serialisable
 
 
+def train_killed_at_first_checkpoint(monkeypatch, student, teacher, ids, cfg, out_dir):
+    """Train until the process "dies" right after writing its first checkpoint."""
+
+    class Killed(Exception):
+        pass
+
+    real_save = T.save_checkpoint
+
+    def save_then_die(*a, **k):
+        real_save(*a, **k)
+        raise Killed
+
+    monkeypatch.setattr(T, "save_checkpoint", save_then_die)
+    with pytest.raises(Killed):
+        train(student, teacher, ids, cfg, out_dir=out_dir, progress=False)
+    monkeypatch.setattr(T, "save_checkpoint", real_save)
+
+
 def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, monkeypatch):
     teacher = tiny_llama()
     ids = token_data()
@@ -166,19 +184,7 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, monkeyp
     straight = noisy_student(teacher, latent=True)
     ref = train(straight, teacher, ids, cfg, progress=False)
 
-    class Killed(Exception):
-        pass
-
-    real_save = T.save_checkpoint
-
-    def save_then_die(*a, **k):  # the process "dies" right after the step-3 checkpoint
-        real_save(*a, **k)
-        raise Killed
-
-    monkeypatch.setattr(T, "save_checkpoint", save_then_die)
-    with pytest.raises(Killed):
-        train(noisy_student(teacher, latent=True), teacher, ids, cfg, out_dir=tmp_path, progress=False)
-    monkeypatch.setattr(T, "save_checkpoint", real_save)
+    train_killed_at_first_checkpoint(monkeypatch, noisy_student(teacher, latent=True), teacher, ids, cfg, tmp_path)
 
     resumed = noisy_student(teacher, latent=True)  # fresh weights: everything must come from the checkpoint
     r = train(resumed, teacher, ids, cfg, out_dir=tmp_path, progress=False)
@@ -217,19 +223,7 @@ def test_a_run_killed_eager_resumes_compiled(tmp_path, monkeypatch, dynamo_only)
     ids = token_data()
     cfg = TrainConfig(steps=4, batch_size=4, checkpoint_every=2, compile=False)
 
-    class Killed(Exception):
-        pass
-
-    real_save = T.save_checkpoint
-
-    def save_then_die(*a, **k):  # the process "dies" right after the step-2 checkpoint
-        real_save(*a, **k)
-        raise Killed
-
-    monkeypatch.setattr(T, "save_checkpoint", save_then_die)
-    with pytest.raises(Killed):
-        train(noisy_student(teacher), teacher, ids, cfg, out_dir=tmp_path, progress=False)
-    monkeypatch.setattr(T, "save_checkpoint", real_save)
+    train_killed_at_first_checkpoint(monkeypatch, noisy_student(teacher), teacher, ids, cfg, tmp_path)
     r = train(noisy_student(teacher), teacher, ids, replace(cfg, compile=True), out_dir=tmp_path, progress=False)
     assert (r.start_step, r.steps, r.compiled) == (2, 4, True)
 
