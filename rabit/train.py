@@ -570,6 +570,17 @@ def compiled_forwards(modules: Iterable[torch.nn.Module]):
         forget_compiled(*eager)
 
 
+@contextlib.contextmanager
+def _compiled_training(modules: Iterable[torch.nn.Module], loss_fn: Callable):
+    """The modules' forwards compiled (:func:`compiled_forwards`) and ``loss_fn`` compiled, yielded; on exit the eager
+    forwards come back and every graph of the run is dropped."""
+    with compiled_forwards(modules):
+        try:
+            yield torch.compile(loss_fn, dynamic=False)
+        finally:
+            forget_compiled(loss_fn)
+
+
 def _forward(model, input_ids, hidden: bool):
     return model(input_ids=input_ids, output_hidden_states=hidden, use_cache=False)
 
@@ -710,11 +721,11 @@ def train(
             f"or enable grad_clip, and run again.")
 
     restore_checks = (lambda: None) if config.layer_finite_checks else _disable_finite_checks(student)
-    loss_fn = torch.compile(distillation_loss, dynamic=False) if use_compile else distillation_loss
-    exit_stack = contextlib.ExitStack()
+    loss_fn = distillation_loss
+    exit_stack = contextlib.ExitStack()  # the compiled run's context, entered only when compiling
     try:
-        exit_stack.enter_context(compiled_forwards(compiled))
         if use_compile:  # the first step compiles (seconds to a minute): say so rather than look stuck
+            loss_fn = exit_stack.enter_context(_compiled_training(compiled, distillation_loss))
             bar.set_postfix_str("compiling the decoder layers and the loss (first step)")
         for step in range(start_step, config.steps):
             x = token_ids[sampler.indices(step)].to(dev, non_blocking=True)
@@ -776,8 +787,6 @@ def train(
                     last_saved = done
     finally:
         exit_stack.close()
-        if use_compile:
-            forget_compiled(distillation_loss)
         restore_checks()
         bar.close()
         student.train(was_training)
