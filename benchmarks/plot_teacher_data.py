@@ -24,7 +24,9 @@ def main(argv=None) -> None:
     res = json.loads(Path(args.result).read_text())
     rows = res["rows"]
     names = [r["run"] for r in rows]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    many = len(rows) > 8  # taller, with the position legend beside the axes and 20 distinct colours
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13 if many else 11, max(4, 0.32 * len(rows) + 1.5)))
+    colors = plt.get_cmap("tab20" if len(rows) > 10 else "tab10").colors
     ppl = [r["wikitext2_ppl_2048"] for r in rows]
     bars = left.barh(names, ppl, color=["C0" if p == min(ppl) else "C7" for p in ppl])
     if all("heldout_kl" in r for r in rows):
@@ -37,13 +39,16 @@ def main(argv=None) -> None:
     left.invert_yaxis()
     # the FP line named in the label: a legend box would cover some bar's label
     left.set_xlabel(f"WikiText-2 PPL, ctx 2048 (lower is better; dashed: FP {res['fp_wikitext2_ppl_2048']:.2f})")
-    for r in rows:
+    for i, r in enumerate(rows):
         gap = r["nll_gap_to_fp_by_position"]
-        right.plot(range(len(gap)), list(gap.values()), marker="o", label=r["run"])
+        right.plot(range(len(gap)), list(gap.values()), marker="o", label=r["run"], color=colors[i % len(colors)])
     right.set_xticks(range(len(gap)), [k.replace("-", "–") for k in gap])
     right.set_xlabel("positions in the 2,048-token window")
     right.set_ylabel("NLL gap to FP (nats)")
-    right.legend(fontsize=8)
+    if many:
+        right.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    else:
+        right.legend(fontsize=8)
     fig.suptitle(f"RaBiT on SmolLM2-135M, 5 M tokens, seed 0: {args.title} ({res['device']})")
     fig.tight_layout()
     fig.savefig(args.out, dpi=110)

@@ -71,6 +71,13 @@ class ExperimentConfig:
     latent_init: str = "pretrained"
     lr_latent: float = 1e-3
     lr_scales: float = 1e-3
+    # Muon's momentum and the latents' decoupled weight decay (TrainConfig's defaults); exposed for the sweeps of
+    # docs/results.md
+    muon_momentum: float = 0.95
+    weight_decay: float = 0.0
+    kl_temperature: float = 1.0  # the distillation's softmax temperature (the loss is scaled by its square)
+    # train the token embeddings and lm_head (full precision) with the scales; frozen by default (LittleBit practice)
+    train_embeddings: bool = False
     min_lr_ratio: float = 0.0  # cosine floor as a fraction of the peak learning rates (TrainConfig's default too)
     gamma: float = 0.0  # KL only: γ > 0 gave a higher held-out KL in short runs (quickstart sweep)
     optimizer: str = "muon"
@@ -91,10 +98,6 @@ class ExperimentConfig:
             raise ValueError("rabit train: tokens must be >= 0")
         if self.curve_points < 0:
             raise ValueError("rabit train: curve_points must be >= 0")
-        if not (isinstance(self.compile, bool) or self.compile == "auto"):
-            raise ValueError(f"rabit train: compile must be True, False or 'auto' (got {self.compile!r})")
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError(f"rabit train: min_lr_ratio must be in [0, 1] (got {self.min_lr_ratio})")
         from .data import check_sampling_options
 
         check_sampling_options(**{arg: getattr(self, f) for arg, f in SAMPLING_FIELDS.items()}, who="rabit train",
@@ -116,8 +119,25 @@ class ExperimentConfig:
         from .init import check_init_options
 
         check_init_options("rabit train", self.init_iters, self.latent_init, self.ste)
+        try:
+            self.train_config()
+        except ValueError as e:  # the trainer's own check, named for this command
+            raise ValueError(str(e).replace("rabit: TrainConfig:", "rabit train:")) from None
         if self.method == "path-freeze" and self.steps < 2:
             raise ValueError("rabit train: path-freeze trains two stages; give it tokens for at least 2 steps")
+
+    def train_config(self):
+        """The trainer's :class:`rabit.train.TrainConfig` of this experiment (steps >= 1 even for ptq, which does
+        not train: the config is built in ``__post_init__`` too, so that a bad option fails before any work)."""
+        from .train import TrainConfig
+
+        steps = max(1, self.steps)
+        return TrainConfig(steps=steps, batch_size=self.batch_size, lr_latent=self.lr_latent,
+                           lr_scales=self.lr_scales, min_lr_ratio=self.min_lr_ratio, gamma=self.gamma,
+                           muon_momentum=self.muon_momentum, weight_decay=self.weight_decay,
+                           kl_temperature=self.kl_temperature, freeze_embeddings=not self.train_embeddings,
+                           optimizer=self.optimizer, compile=self.compile, seed=self.seed,
+                           log_every=max(1, steps // 50), checkpoint_every=max(1, steps // 4))
 
     def sampling_kwargs(self) -> dict[str, Any]:
         """How the teacher samples the training data: keyword arguments of rabit.data.cached_teacher_data."""
@@ -184,6 +204,14 @@ def add_config_arguments(p, d: ExperimentConfig | None = None) -> None:
                         "--seq-len tokens, at most --data-seqs of them (never an evaluation split)")
     p.add_argument("--lr-latent", type=float, default=d.lr_latent, help="Muon learning rate of the latent weights")
     p.add_argument("--lr-scales", type=float, default=d.lr_scales, help="AdamW learning rate of scales and norms")
+    p.add_argument("--muon-momentum", type=float, default=d.muon_momentum,
+                   help="Muon's momentum for the latent weights (default %(default)g)")
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay,
+                   help="decoupled weight decay of the latent weights; never on scales or norms (default %(default)g)")
+    p.add_argument("--kl-temperature", type=float, default=d.kl_temperature,
+                   help="softmax temperature of the distillation KL, scaled by its square (default %(default)g)")
+    p.add_argument("--train-embeddings", action="store_true", default=d.train_embeddings,
+                   help="also train the full-precision token embeddings and lm_head (AdamW at --lr-scales)")
     p.add_argument("--min-lr-ratio", type=float, default=d.min_lr_ratio,
                    help="cosine floor as a fraction of the peak learning rates (default %(default)s)")
     p.add_argument("--gamma", type=float, default=d.gamma, help="hidden-state MSE weight")
@@ -216,6 +244,8 @@ def config_from_args(args, **overrides: Any) -> ExperimentConfig:
                             data_start=args.data_start, data_greedy=args.data_greedy,
                             data_dtype=args.data_dtype, gen_batch=args.gen_batch, text=args.text,
                             lr_latent=args.lr_latent, lr_scales=args.lr_scales, min_lr_ratio=args.min_lr_ratio,
+                            muon_momentum=args.muon_momentum, weight_decay=args.weight_decay,
+                            kl_temperature=args.kl_temperature, train_embeddings=args.train_embeddings,
                             gamma=args.gamma, init_iters=args.init_iters, alpha_in=args.alpha_in,
                             alpha_out=args.alpha_out, latent_init=args.latent_init, ste=args.ste,
                             compile=args.compile, seed=args.seed, curve_points=args.curve,
@@ -255,7 +285,7 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, device: str = "cu
     from .evaluate import perplexity, wikitext2_ids
     from .models import load_model
     from .quantize import quantize_
-    from .train import TrainConfig, train
+    from .train import train
 
     from ._ops import has_native_kernels, use_reference_kernels
 
@@ -309,10 +339,7 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, device: str = "cu
     if cfg.steps:
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
-        tc = TrainConfig(steps=cfg.steps, batch_size=cfg.batch_size, lr_latent=cfg.lr_latent,
-                         lr_scales=cfg.lr_scales, min_lr_ratio=cfg.min_lr_ratio, gamma=cfg.gamma,
-                         optimizer=cfg.optimizer, compile=cfg.compile, seed=cfg.seed,
-                         log_every=max(1, cfg.steps // 50), checkpoint_every=max(1, cfg.steps // 4))
+        tc = cfg.train_config()
         t0 = time.perf_counter()
         if cfg.method == "path-freeze":
             # half the budget on path 1 alone, then path 2 fitted to the residual and trained alone

@@ -114,7 +114,9 @@ class TrainConfig:
         for name in ("lr_latent", "lr_scales"):
             v = getattr(self, name)
             need(math.isfinite(v) and v >= 0, f"{name} must be a finite number >= 0 (got {v!r})")
-        need(self.weight_decay >= 0, f"weight_decay must be >= 0 (got {self.weight_decay!r})")
+        need(math.isfinite(self.weight_decay) and self.weight_decay >= 0,
+             f"weight_decay must be a finite number >= 0 (got {self.weight_decay!r})")
+        need(0 <= self.muon_momentum < 1, f"muon_momentum must be in [0, 1) (got {self.muon_momentum!r})")
         need(self.warmup_steps is None or self.warmup_steps >= 0,
              f"warmup_steps must be >= 0 or None (got {self.warmup_steps!r})")
         need(0 <= self.warmup_fraction < 1, f"warmup_fraction must be in [0, 1) (got {self.warmup_fraction!r})")

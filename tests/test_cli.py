@@ -122,7 +122,8 @@ def test_train_passes_its_options_to_the_experiment(monkeypatch, tmp_path, capsy
     # every recipe option reaches the config
     assert main(["train", "--model", "stories260k", "--seq-len", "64", "--batch-size", "8", "--data-temperature",
                  "0.7", "--data-top-k", "40", "--lr-latent", "2e-4", "--lr-scales", "5e-3", "--min-lr-ratio", "0.25",
-                 "--gamma", "0.5", "--seed", "3", "--data-start", "random-token", "--data-greedy", "4",
+                 "--muon-momentum", "0.9", "--weight-decay", "0.05", "--kl-temperature", "2",
+                 "--train-embeddings", "--gamma", "0.5", "--seed", "3", "--data-start", "random-token", "--data-greedy", "4",
                  "--data-dtype", "bfloat16", "--gen-batch", "64", "--init-iters", "2", "--alpha-in", "0.25",
                  "--alpha-out", "1", "--latent-init", "reconstruction", "--ste", "clipped", "--compile",
                  "--device", "cpu", "--out", str(tmp_path), "--quiet"]) == 0
@@ -135,6 +136,13 @@ def test_train_passes_its_options_to_the_experiment(monkeypatch, tmp_path, capsy
     assert (cfg.seq_len, cfg.batch_size, cfg.data_temperature, cfg.data_top_k, cfg.lr_latent, cfg.lr_scales,
             cfg.min_lr_ratio, cfg.gamma, cfg.seed) == (64, 8, 0.7, 40, 2e-4, 5e-3, 0.25, 0.5, 3)
     assert cfg.gen_batch == 64
+    tc = cfg.train_config()  # what the trainer gets
+    assert (tc.lr_latent, tc.lr_scales, tc.min_lr_ratio, tc.muon_momentum, tc.weight_decay, tc.gamma, tc.seed) == (
+        2e-4, 5e-3, 0.25, 0.9, 0.05, 0.5, 3)
+    assert (tc.kl_temperature, tc.freeze_embeddings) == (2.0, False)
+    from rabit.experiment import ExperimentConfig
+
+    assert ExperimentConfig().train_config().freeze_embeddings  # frozen unless asked
     assert cfg.sampling_kwargs() == dict(temperature=0.7, top_k=40, start="random-token", greedy_tokens=4, seed=3,
                                          dtype="bfloat16")
     text = tmp_path / "mine.txt"
@@ -202,6 +210,12 @@ def test_experiment_config_rejects_a_bad_recipe():
         ExperimentConfig(method="rabit-plain", init_iters=3, alpha_out=1.0)
     with pytest.raises(ValueError, match="gen_batch"):
         ExperimentConfig(gen_batch=0)
+    # the trainer's options fail here, before any model is loaded or data sampled, named for the command
+    for bad, match in ((dict(muon_momentum=1.0), "muon_momentum"), (dict(weight_decay=-0.1), "weight_decay"),
+                       (dict(weight_decay=float("nan")), "weight_decay"), (dict(lr_latent=float("inf")), "lr_latent"),
+                       (dict(compile="yes"), "compile"), (dict(kl_temperature=0.0), "kl_temperature")):
+        with pytest.raises(ValueError, match=f"^rabit train: {match}"):
+            ExperimentConfig(**bad)
     for sampling in (dict(data_temperature=0.7), dict(data_top_k=5), dict(data_start="random-token"),
                      dict(data_dtype="bfloat16")):
         with pytest.raises(ValueError, match="do not apply to training on a text file"):

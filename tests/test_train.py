@@ -105,6 +105,8 @@ def test_lr_schedule_warmup_then_cosine_to_floor():
     ({"steps": 0}, "steps"), ({"batch_size": 0}, "batch_size"), ({"lr_latent": -1.0}, "lr_latent"),
     ({"optimizer": "sgd"}, "optimizer"), ({"autocast": "fp8"}, "autocast"), ({"gamma": -1.0}, "gamma"),
     ({"warmup_fraction": 1.0}, "warmup_fraction"), ({"kl_temperature": 0.0}, "kl_temperature"),
+    ({"muon_momentum": 1.0}, "muon_momentum"), ({"muon_momentum": -0.1}, "muon_momentum"),
+    ({"weight_decay": float("inf")}, "weight_decay"),
 ])
 def test_config_rejects_bad_values(kw, match):
     with pytest.raises(ValueError, match=match):
@@ -124,6 +126,10 @@ def test_latents_go_to_muon_and_the_rest_to_adamw():
     assert not (adam_ids & muon_ids)
     assert adam_ids | muon_ids == {id(p) for p in s.parameters() if p.requires_grad}
     assert all(g["weight_decay"] == 0.0 for g in adam[0].param_groups)
+    # momentum and weight decay reach the latents' optimizer, never the scales'
+    muon, adam = T.build_optimizers(s, TrainConfig(muon_momentum=0.8, weight_decay=0.1))
+    assert [(g["momentum"], g["weight_decay"]) for g in muon.param_groups] == [(0.8, 0.1)]
+    assert all(g["weight_decay"] == 0.0 for g in adam.param_groups)
 
     opts = T.build_optimizers(s, TrainConfig(optimizer="adamw"))
     assert len(opts) == 1 and isinstance(opts[0], torch.optim.AdamW)
@@ -131,7 +137,7 @@ def test_latents_go_to_muon_and_the_rest_to_adamw():
     assert {id(p) for p in names["latent"]["params"]} == latent_ids
 
 
-def test_embeddings_are_frozen_by_default():
+def test_embeddings_are_frozen_by_default_and_trained_when_asked():
     teacher = tiny_llama()
     s = noisy_student(teacher)
     emb_before = s.get_input_embeddings().weight.detach().clone()
@@ -139,6 +145,12 @@ def test_embeddings_are_frozen_by_default():
     train(s, teacher, token_data(), TrainConfig(steps=2, batch_size=4, lr_scales=1e-2), progress=False)
     assert torch.equal(s.get_input_embeddings().weight, emb_before)
     assert not torch.equal(s.model.norm.weight, norm_before)
+    # and trained, with the scales' AdamW, when asked (rabit train --train-embeddings)
+    s = noisy_student(teacher)
+    emb_before = s.get_input_embeddings().weight.detach().clone()
+    train(s, teacher, token_data(), TrainConfig(steps=2, batch_size=4, lr_scales=1e-2, freeze_embeddings=False),
+          progress=False)
+    assert not torch.equal(s.get_input_embeddings().weight, emb_before)
 
 
 # ---------------------------------------------------------------------------------------------
