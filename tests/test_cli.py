@@ -88,6 +88,8 @@ def test_quickstart_report_is_printed(monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "RaBiT 2-bit" in out and "top-1 agreement" in out and "tokens/s" in out
     assert f"{res['fp']['ppl']:.3f}" in out
+    # the plan's embedding switch reaches the trainer (trained by default in the quickstart, frozen in rabit train)
+    assert TINY.train_embeddings and res["train"]["config"]["freeze_embeddings"] is False
 
 
 def test_bench_and_train_have_help(capsys):
