@@ -25,7 +25,12 @@ import numpy as np
 FP_PPL = 22.23  # SmolLM2-135M (the dequantized Q4_1 reference), WikiText-2 at ctx 2048
 RECIPE = {"batch_size": 32, "min_lr_ratio": 0.0, "gamma": 0.0, "data_temperature": 1.0, "data_top_k": None,
           "data_start": "bos", "data_greedy": 0, "data_dtype": "float32", "text": None, "train_seq_len": 0,
-          "lr_latent": 1e-3, "lr_scales": 1e-3, "seq_len": 512}
+          "lr_latent": 1e-3, "lr_scales": 1e-3, "seq_len": 512, "init_iters": 5, "alpha_in": 0.5, "alpha_out": 0.5,
+          "latent_init": "pretrained", "ste": "identity", "muon_momentum": 0.95, "weight_decay": 0.0,
+          "kl_temperature": 1.0, "train_embeddings": False}
+# fields added to the config after the first runs: a run that lacks one ran with the recipe's value (its day's default)
+LATER_FIELDS = ("data_start", "data_greedy", "data_dtype", "text", "train_seq_len", "init_iters", "alpha_in",
+                "alpha_out", "latent_init", "ste", "muon_momentum", "weight_decay", "kl_temperature", "train_embeddings")
 
 
 def _runs(obj, source: str, out: list) -> None:
@@ -49,9 +54,9 @@ def recipe_runs(results: Path) -> list[dict]:
         cfg = r["config"]
         ppl = (r["wikitext2_ppl"].get("2048") or {}).get("ppl")
         # a missing key is the default of the run's day: the fields that came later default to the recipe's values
-        same = all(cfg.get(k, RECIPE[k] if k in ("data_start", "data_greedy", "data_dtype", "text", "train_seq_len")
-                           else object()) == v for k, v in RECIPE.items())
-        if r["method"] != "rabit" or "smollm2" not in r["model"] or ppl is None or not same:
+        same = all(cfg.get(k, RECIPE[k] if k in LATER_FIELDS else object()) == v for k, v in RECIPE.items())
+        model = r.get("model") or cfg.get("model", "")  # the variant comparisons' results name it in the config only
+        if r["method"] != "rabit" or "smollm2" not in model or ppl is None or not same:
             continue
         key = (r["train_tokens"], cfg["seed"], round(ppl, 3))
         if key not in seen:

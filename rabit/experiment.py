@@ -119,6 +119,10 @@ class ExperimentConfig:
         from .init import check_init_options
 
         check_init_options("rabit train", self.init_iters, self.latent_init, self.ste)
+        # the sizes, before train_config() divides the tokens by batch_size x seq_len
+        for name in ("batch_size", "seq_len", "data_seqs", "calib_seqs"):
+            if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
+                raise ValueError(f"rabit train: {name} must be an int >= 1 (got {getattr(self, name)!r})")
         try:
             self.train_config()
         except ValueError as e:  # the trainer's own check, named for this command

@@ -122,7 +122,8 @@ class TrainConfig:
         need(0 <= self.warmup_fraction < 1, f"warmup_fraction must be in [0, 1) (got {self.warmup_fraction!r})")
         need(0 <= self.min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1] (got {self.min_lr_ratio!r})")
         need(self.gamma >= 0, f"gamma must be >= 0 (got {self.gamma!r})")
-        need(self.kl_temperature > 0, f"kl_temperature must be > 0 (got {self.kl_temperature!r})")
+        need(math.isfinite(self.kl_temperature) and self.kl_temperature > 0,
+             f"kl_temperature must be a finite number > 0 (got {self.kl_temperature!r})")
         need(self.optimizer in OPTIMIZERS, f"optimizer must be one of {OPTIMIZERS} (got {self.optimizer!r})")
         need(isinstance(self.compile, bool) or self.compile == "auto",
              f"compile must be True, False or 'auto' (got {self.compile!r})")
@@ -501,7 +502,8 @@ def _check_resume_compatible(meta: dict, config: TrainConfig, fingerprint: str, 
         problems.append(f"token data: checkpoint {meta['data']} vs now {fingerprint}")
     if problems:
         raise ValueError(f"rabit: cannot resume from {str(path)!r}, the run differs: " + "; ".join(problems)
-                         + ". Use the same config and data, pass resume=False, or use another out_dir.")
+                         + ". Use the same config and data, or start afresh elsewhere: another out_dir (--out on the command "
+                         "line) or resume=False.")
 
 
 # --------------------------------------------------------------------------------------------

@@ -215,7 +215,8 @@ def test_experiment_config_rejects_a_bad_recipe():
     # the trainer's options fail here, before any model is loaded or data sampled, named for the command
     for bad, match in ((dict(muon_momentum=1.0), "muon_momentum"), (dict(weight_decay=-0.1), "weight_decay"),
                        (dict(weight_decay=float("nan")), "weight_decay"), (dict(lr_latent=float("inf")), "lr_latent"),
-                       (dict(compile="yes"), "compile"), (dict(kl_temperature=0.0), "kl_temperature")):
+                       (dict(compile="yes"), "compile"), (dict(kl_temperature=0.0), "kl_temperature"),
+                       (dict(batch_size=0), "batch_size"), (dict(seq_len=0), "seq_len")):
         with pytest.raises(ValueError, match=f"^rabit train: {match}"):
             ExperimentConfig(**bad)
     for sampling in (dict(data_temperature=0.7), dict(data_top_k=5), dict(data_start="random-token"),

@@ -12,7 +12,6 @@ pytest.importorskip("matplotlib")
 import plot_teacher_data as P  # noqa: E402
 
 
-
 def _is_comparison(path: Path) -> bool:
     """A results file in the script's format: rows named by "run", each with the NLL gap by position."""
     data = json.loads(path.read_text())

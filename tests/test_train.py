@@ -106,7 +106,7 @@ def test_lr_schedule_warmup_then_cosine_to_floor():
     ({"optimizer": "sgd"}, "optimizer"), ({"autocast": "fp8"}, "autocast"), ({"gamma": -1.0}, "gamma"),
     ({"warmup_fraction": 1.0}, "warmup_fraction"), ({"kl_temperature": 0.0}, "kl_temperature"),
     ({"muon_momentum": 1.0}, "muon_momentum"), ({"muon_momentum": -0.1}, "muon_momentum"),
-    ({"weight_decay": float("inf")}, "weight_decay"),
+    ({"weight_decay": float("inf")}, "weight_decay"), ({"kl_temperature": float("inf")}, "kl_temperature"),
 ])
 def test_config_rejects_bad_values(kw, match):
     with pytest.raises(ValueError, match=match):
@@ -527,6 +527,32 @@ def test_experiment_trains_on_pieces_of_the_teacher_sequences(tmp_path, monkeypa
                            batch_size=4, data_seqs=16, calib_seqs=4, ppl_ctx=())
     with pytest.raises(ValueError, match="does not divide"):
         run_experiment(cfg, tmp_path / "run3", device="cpu", progress=False, teacher_data=data[:, :12].clone())
+
+
+def test_experiment_hands_its_recipe_to_the_trainer(tmp_path, monkeypatch):
+    """run_experiment trains with ExperimentConfig.train_config(): every recipe option reaches train()."""
+    from rabit.experiment import ExperimentConfig, run_experiment
+
+    seen = {}
+
+    def fake_train(student, teacher, data, tc, **kw):
+        seen["tc"] = tc
+        raise RuntimeError("stop after the config check")
+
+    monkeypatch.setattr("rabit.train.train", fake_train)
+    monkeypatch.setattr("rabit.quantize.quantize_", lambda *a, **k: None)
+    cfg = ExperimentConfig(model="stories260k", method="rabit", tokens=3 * 4 * 32, seq_len=32, batch_size=4,
+                           data_seqs=16, calib_seqs=4, ppl_ctx=(), lr_latent=2e-3, lr_scales=3e-3, muon_momentum=0.9,
+                           weight_decay=0.05, kl_temperature=2.0, train_embeddings=True, min_lr_ratio=0.1, gamma=0.5,
+                           seed=7)
+    data = torch.randint(3, 500, (16, 32), generator=torch.Generator().manual_seed(1))
+    with pytest.raises(RuntimeError, match="after the config check"):
+        run_experiment(cfg, tmp_path / "run", device="cpu", progress=False, teacher_data=data)
+    tc = seen["tc"]
+    assert tc == cfg.train_config()
+    assert (tc.steps, tc.lr_latent, tc.lr_scales, tc.muon_momentum, tc.weight_decay, tc.kl_temperature,
+            tc.freeze_embeddings, tc.min_lr_ratio, tc.gamma, tc.seed) == (3, 2e-3, 3e-3, 0.9, 0.05, 2.0, False, 0.1,
+                                                                          0.5, 7)
 
 
 def test_experiment_trains_and_calibrates_on_a_text_file(tmp_path, monkeypatch, capsys):
