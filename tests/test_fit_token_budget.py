@@ -33,7 +33,16 @@ def test_the_fit_recovers_a_power_law_and_skips_other_recipes(tmp_path):
 
 def test_a_run_from_before_a_config_field_existed_counts_as_its_default(tmp_path):
     old = _result(5e6, 60.0)
-    for k in ("data_start", "data_greedy", "data_dtype", "text", "train_seq_len"):
+    for k in F.LATER_FIELDS:
         del old["config"][k]
     (tmp_path / "old.json").write_text(json.dumps(old))
     assert len(F.recipe_runs(tmp_path)) == 1
+
+
+def test_runs_that_name_the_model_in_their_config_count_and_other_settings_do_not(tmp_path):
+    # the variant comparisons' results (init and recipe sweeps) carry the model in their config only
+    inner = {k: v for k, v in _result(5e6, 61.0, seed=1, model="smollm2-135m").items() if k != "model"}
+    others = [_result(5e6, 50.0, seed=2, train_embeddings=True), _result(5e6, 50.0, seed=3, muon_momentum=0.9),
+              _result(5e6, 50.0, seed=4, latent_init="reconstruction"), _result(5e6, 50.0, seed=5, init_iters=1)]
+    (tmp_path / "sweep.json").write_text(json.dumps({"rows": [], "results": [inner, *others]}))
+    assert [(r["seed"], r["ppl"]) for r in F.recipe_runs(tmp_path)] == [(1, 61.0)]
