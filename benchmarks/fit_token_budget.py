@@ -30,7 +30,8 @@ RECIPE = {"batch_size": 32, "min_lr_ratio": 0.0, "gamma": 0.0, "data_temperature
           "kl_temperature": 1.0, "train_embeddings": False}
 # fields added to the config after the first runs: a run that lacks one ran with the recipe's value (its day's default)
 LATER_FIELDS = ("data_start", "data_greedy", "data_dtype", "text", "train_seq_len", "init_iters", "alpha_in",
-                "alpha_out", "latent_init", "ste", "muon_momentum", "weight_decay", "kl_temperature", "train_embeddings")
+                "alpha_out", "latent_init", "ste", "muon_momentum", "weight_decay", "kl_temperature",
+                "train_embeddings")
 
 
 def _runs(obj, source: str, out: list) -> None:

@@ -211,7 +211,7 @@ def add_config_arguments(p, d: ExperimentConfig | None = None) -> None:
     p.add_argument("--muon-momentum", type=float, default=d.muon_momentum,
                    help="Muon's momentum for the latent weights (default %(default)g)")
     p.add_argument("--weight-decay", type=float, default=d.weight_decay,
-                   help="decoupled weight decay of the latent weights; never on scales or norms (default %(default)g)")
+                   help="decoupled weight decay of the latent weights, never of scales or norms (default %(default)g)")
     p.add_argument("--kl-temperature", type=float, default=d.kl_temperature,
                    help="softmax temperature of the distillation KL, scaled by its square (default %(default)g)")
     p.add_argument("--train-embeddings", action="store_true", default=d.train_embeddings,

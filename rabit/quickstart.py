@@ -66,7 +66,7 @@ class QuickstartPlan:
     gamma: float = 0.0
     # train the full-precision token embeddings / lm_head with the scales (TrainConfig.freeze_embeddings=False):
     # held-out KL 0.2567 / 0.2621 / 0.2711 / 0.2515 against 0.2676 / 0.2686 / 0.2783 / 0.2553 frozen, seeds 0-3
-    # (-2.7 %, lower on every seed; twentieth session). `rabit train` keeps them frozen: on SmolLM2 the KL fell by 6 %
+    # (-2.7 %, lower on every seed; twentieth session). `rabit train` keeps them frozen: on SmolLM2 the KL fell 5-6 %
     # but the WikiText-2 PPL it is judged by moved only within the noise (docs/results.md)
     train_embeddings: bool = True
     bench_new_tokens: int = 128

@@ -502,8 +502,8 @@ def _check_resume_compatible(meta: dict, config: TrainConfig, fingerprint: str, 
         problems.append(f"token data: checkpoint {meta['data']} vs now {fingerprint}")
     if problems:
         raise ValueError(f"rabit: cannot resume from {str(path)!r}, the run differs: " + "; ".join(problems)
-                         + ". Use the same config and data, or start afresh elsewhere: another out_dir (--out on the command "
-                         "line) or resume=False.")
+                         + ". Use the same config and data, or start afresh elsewhere: another out_dir (--out on the "
+                           "command line) or resume=False.")
 
 
 # --------------------------------------------------------------------------------------------

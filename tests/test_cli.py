@@ -124,8 +124,8 @@ def test_train_passes_its_options_to_the_experiment(monkeypatch, tmp_path, capsy
     # every recipe option reaches the config
     assert main(["train", "--model", "stories260k", "--seq-len", "64", "--batch-size", "8", "--data-temperature",
                  "0.7", "--data-top-k", "40", "--lr-latent", "2e-4", "--lr-scales", "5e-3", "--min-lr-ratio", "0.25",
-                 "--muon-momentum", "0.9", "--weight-decay", "0.05", "--kl-temperature", "2",
-                 "--train-embeddings", "--gamma", "0.5", "--seed", "3", "--data-start", "random-token", "--data-greedy", "4",
+                 "--muon-momentum", "0.9", "--weight-decay", "0.05", "--kl-temperature", "2", "--train-embeddings",
+                 "--gamma", "0.5", "--seed", "3", "--data-start", "random-token", "--data-greedy", "4",
                  "--data-dtype", "bfloat16", "--gen-batch", "64", "--init-iters", "2", "--alpha-in", "0.25",
                  "--alpha-out", "1", "--latent-init", "reconstruction", "--ste", "clipped", "--compile",
                  "--device", "cpu", "--out", str(tmp_path), "--quiet"]) == 0

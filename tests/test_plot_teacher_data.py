@@ -25,7 +25,8 @@ COMPARISONS = sorted(p.name for p in (ROOT / "benchmarks" / "results").glob("*.j
 
 def test_the_comparisons_are_found():
     # the init sweep (6 rows) and the recipe sweep (15 rows, the legend beside the axes) at least
-    assert {"init_sweep_smollm2_h200_20261127_5M.json", "recipe_sweep_smollm2_h200_20261127_5M.json"} <= set(COMPARISONS)
+    assert {"init_sweep_smollm2_h200_20261127_5M.json",
+            "recipe_sweep_smollm2_h200_20261127_5M.json"} <= set(COMPARISONS)
 
 
 @pytest.mark.parametrize("name", COMPARISONS)
