@@ -36,6 +36,7 @@ Writes bench_decode_<models>_<device>_<date>[_<tag>].json into --out (else $OUT,
 from __future__ import annotations
 
 import argparse
+import os
 import datetime
 import platform
 import statistics
@@ -316,6 +317,8 @@ def main(argv=None):
            "copy_bandwidth_GBps": round(bw / 1e9, 1), "threads": torch.get_num_threads(),
            "prompt_tokens": args.prompt, "new_tokens": args.new, "glue_compiled": compile_glue,
            "attention": args.attention, "cpu_kernel": args.cpu_kernel,
+           # a decode kernel forced for the whole run (None: the default dispatch, the one users get)
+           "RABIT_CUDA_DECODE": os.environ.get("RABIT_CUDA_DECODE"),
            "fp_dtype": str(dtype), "command": " ".join([Path(sys.argv[0]).name] + (argv or sys.argv[1:])),
            "results": results}
     tag = device_tag(torch.cuda.get_device_name(dev)) if dev.type == "cuda" else "cpu"

@@ -1,7 +1,7 @@
 """Benchmark of the rabit CUDA kernels against cuBLAS fp16 (F.linear) measured in the same run.
 
     python benchmarks/bench_kernels.py [--out DIR] [--quick] [--gemv-only | --prefill-only | --qat-only | --group-only]
-        [--decode-kernels b1,i8,f16] [--prefill-kernels wgmma,mma]
+        [--decode-kernels b1,i8,f16,simt] [--prefill-kernels wgmma,mma] [--shapes llama|narrow]
 
 Writes bench_kernels_<gpu>_<date>.json (into --out, else $OUT, else benchmarks/results/) and prints a table.
 
@@ -35,6 +35,8 @@ from timing import (copy_bandwidth_gbps, device_tag, event_time_us, graph_time_u
 DEV = "cuda"
 POOL_BYTES = 160 << 20  # > 2 x 50 MB of L2
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (12288, 4096), (14336, 4096), (4096, 14336)]  # (out, in)
+# --shapes narrow: SmolLM2-135M's layers (576 wide, MLP 1536, k/v 192) and 2048-wide ones (Llama-3.2-1B's)
+NARROW_SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536), (2048, 2048), (8192, 2048), (2048, 8192)]
 MS = [1, 2, 4, 8, 16, 128, 2048]
 K = 2
 QAT_ROUNDS = 30  # interleaved graph replays of the QAT-step variants (timing.interleaved_graph_times_us)
@@ -54,8 +56,9 @@ def make_packed(out, in_features, n):
 
 
 # the decode kernels RABIT_CUDA_DECODE can force, and the largest M each applies to (b1: M <= 2; int8 and fp16: the
-# whole decode range, M <= 16)
-DECODE_KERNELS = {"b1": 2, "i8": 16, "f16": 16}
+# whole decode range, M <= 16; simt: M <= 4 and in <= SIMT_MAX_IN)
+DECODE_KERNELS = {"b1": 2, "i8": 16, "f16": 16, "simt": 4}
+SIMT_MAX_IN = 2048  # kSimtMaxIn in kernels/cuda/rabit_cuda.cuh
 
 
 # the prefill kernels RABIT_CUDA_PREFILL can force (M > 16): wgmma (sm_90a) and mma.sync (any GPU)
@@ -73,8 +76,10 @@ def kernel_env(name):
         os.environ["RABIT_CUDA_PREFILL" if name in PREFILL_KERNELS else "RABIT_CUDA_DECODE"] = name
 
 
-def kernel_applies(name, m):
-    return m > 16 if name in PREFILL_KERNELS else m <= DECODE_KERNELS[name]
+def kernel_applies(name, m, in_features):
+    if name in PREFILL_KERNELS:
+        return m > 16
+    return m <= DECODE_KERNELS[name] and (name != "simt" or in_features <= SIMT_MAX_IN)
 
 
 def bench_linear(out, in_features, quick, ms, kernels=()):
@@ -112,7 +117,7 @@ def bench_linear(out, in_features, quick, ms, kernels=()):
         t_r, sd_r, rel = time_rabit(None)
         forced = {}
         for kern in kernels:
-            if kernel_applies(kern, m):
+            if kernel_applies(kern, m, in_features):
                 t_k, sd_k, rel_k = time_rabit(kern)
                 forced[kern] = dict(us=round(t_k, 3), sd_us=round(sd_k, 3), rel_err_vs_fp64=rel_k)
         t_c, sd_c = graph_time_us([lambda w=w: F.linear(x, w) for w in dpool], min_calls=calls, reps=reps)
@@ -141,12 +146,14 @@ def bench_linear(out, in_features, quick, ms, kernels=()):
 # layers that read the same x, as a decoder's q/k/v and gate/up (name: [(out, in)] per layer)
 GROUPS = {"llama2-7b qkv": [(4096, 4096)] * 3, "llama2-7b gate/up": [(11008, 4096)] * 2,
           "llama3-8b qkv": [(4096, 4096), (1024, 4096), (1024, 4096)], "llama3-8b gate/up": [(14336, 4096)] * 2}
+NARROW_GROUPS = {"smollm2-135m qkv": [(576, 576), (192, 576), (192, 576)], "smollm2-135m gate/up": [(1536, 576)] * 2}
 GROUP_MS = [1, 2, 4, 8, 16]
 
 
-def bench_group(name, layers, ms):
+def bench_group(name, layers, ms, kernels=()):
     """rabit.packed_linear_group (one launch of the decode kernels for all layers) against packed_linear per layer,
-    and cuBLAS fp16 per layer and on the layers' weights stacked into one matrix, all in the same run."""
+    and cuBLAS fp16 per layer and on the layers' weights stacked into one matrix, all in the same run; the group
+    also with each of `kernels` forced where it applies."""
     in_features = layers[0][1]
     set_bytes = sum(K * o * R.words_per_row(i) * 4 + 2 * K * (o + i) for o, i in layers)
     dense_set = sum(o * i * 2 for o, i in layers)
@@ -169,15 +176,28 @@ def bench_group(name, layers, ms):
                                **calls)
         t_c, _ = graph_time_us([lambda ws=ws: [F.linear(x, w) for w in ws] for ws in dense_pool], **calls)
         t_cs, _ = graph_time_us([lambda w=w: F.linear(x, w) for w in stacked_pool], **calls)
+        forced = {}
+        for kern in kernels:
+            if kern in DECODE_KERNELS and kernel_applies(kern, m, in_features):
+                kernel_env(kern)
+                try:
+                    t_k, _ = graph_time_us([lambda args=args: rabit.packed_linear_group(x, *args)
+                                            for args in group_args], **calls)
+                finally:
+                    kernel_env(None)
+                forced[kern] = round(t_k, 3)
         # *_per_layer_us: one call per layer, the time of all of them together
         row = dict(group=name, layers=[list(lay) for lay in layers], M=m, K=K, rabit_group_us=round(t_g, 3),
                    rabit_per_layer_us=round(t_s, 3), cublas_fp16_per_layer_us=round(t_c, 3),
                    cublas_fp16_stacked_us=round(t_cs, 3), group_gain=round(t_s / t_g, 3),
                    speedup_vs_cublas_per_layer=round(t_c / t_g, 3), speedup_vs_cublas_stacked=round(t_cs / t_g, 3),
                    pool=(len(packed_pool), len(dense_pool)))
+        if forced:
+            row["group_us_kernels_forced"] = forced
         res.append(row)
         print(f"  {name} M={m}: group {t_g:.2f} us, per layer {t_s:.2f} us (x{t_s / t_g:.2f}); cuBLAS fp16 per layer "
-              f"{t_c:.2f} us (x{t_c / t_g:.2f}), stacked {t_cs:.2f} us (x{t_cs / t_g:.2f})", flush=True)
+              f"{t_c:.2f} us (x{t_c / t_g:.2f}), stacked {t_cs:.2f} us (x{t_cs / t_g:.2f})"
+              + "".join(f", {k} {v:.2f} us" for k, v in forced.items()), flush=True)
     del packed_pool, dense_pool, stacked_pool
     torch.cuda.empty_cache()
     return res
@@ -350,6 +370,9 @@ def main():
     ap.add_argument("--decode-kernels", default="",
                     help="comma-separated decode kernels to time as well, each forced where it applies: "
                          + ", ".join(f"{k} (M <= {v})" for k, v in DECODE_KERNELS.items()))
+    ap.add_argument("--shapes", choices=("llama", "narrow"), default="llama",
+                    help="llama: the Llama-2-7B / Llama-3-8B shapes of the targets; narrow: SmolLM2-135M's and "
+                         "2048-wide layers (linears and layer groups)")
     ap.add_argument("--prefill-kernels", default="",
                     help=f"comma-separated prefill kernels to time as well (M > 16): {', '.join(PREFILL_KERNELS)}")
     args = ap.parse_args()
@@ -370,15 +393,18 @@ def main():
                 torch=torch.__version__, cuda=torch.version.cuda,
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 K=K, scales="float16", x="float16", method=__doc__.split("Method: ")[1].strip(),
-                decode_kernel="default dispatch: 1-bit MMA for M = 1 and in > 7680, fp16 MMA for M >= 5, else int8 MMA "
+                decode_kernel="default dispatch: fp16 MMA for M >= 5; below, CUDA-core (simt) for in <= 1536 and out x in <= "
+                              "3 x 2^20, 1-bit MMA for M = 1 and in > 7680, else int8 MMA "
                               "(kernels_forced: each forced with RABIT_CUDA_DECODE where it applies)",
+                shapes=args.shapes,
                 prefill_kernel="default dispatch: wgmma on sm_90a builds and compute capability 9.0, else mma.sync "
                                "(kernels_forced: each forced with RABIT_CUDA_PREFILL for M > 16)")
     print(f"{info['device']}, torch {info['torch']}, CUDA {info['cuda']}", flush=True)
     bw = copy_bandwidth_gbps(DEV)
     info["copy_GBps"] = round(bw, 1)
     print(f"device-to-device copy: {bw:.0f} GB/s (read + write)", flush=True)
-    shapes = SHAPES if not args.quick else SHAPES[:2]
+    shapes = SHAPES if args.shapes == "llama" else NARROW_SHAPES
+    shapes = shapes if not args.quick else shapes[:2]
     linear = []
     ms = MS if not args.quick else [1, 8, 2048]
     if args.gemv_only:
@@ -389,7 +415,8 @@ def main():
     for out, in_features in [] if args.qat_only or args.group_only else shapes:
         linear += bench_linear(out, in_features, args.quick, ms, kernels=kernels + prefill)
     groups = [] if only and not args.group_only else [
-        r for name, layers in GROUPS.items() for r in bench_group(name, layers, [1, 16] if args.quick else GROUP_MS)]
+        r for name, layers in (GROUPS if args.shapes == "llama" else NARROW_GROUPS).items()
+        for r in bench_group(name, layers, [1, 16] if args.quick else GROUP_MS, kernels)]
     for r in linear:
         if r["M"] == 1:
             r["rabit_pct_copy_bw"] = round(100 * r["rabit_GBps"] / bw, 1)

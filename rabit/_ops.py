@@ -411,8 +411,9 @@ def packed_linear_group(x: Tensor, packed: list[Tensor], g: list[Tensor], h: lis
                         bias: list[Tensor | None] | None = None) -> list[Tensor]:
     """``[packed_linear(x, packed[l], g[l], h[l], bias[l]) for each layer l]`` in one call, bit for bit, for layers
     that read the same x (a decoder's q/k/v or gate/up projections). On CUDA, a decode-size x (fp16/bf16, at most
-    16 rows) runs all the layers in one launch of the decode kernels instead of one per layer, when they share K
-    and the dtypes of g, h and bias; every other call runs the layers one by one. ``bias``: None, or one entry
+    16 rows) runs all the layers in one launch of the decode kernels instead of one per layer, when they share K,
+    the dtypes of g, h and bias, and the decode kernel their sizes take; every other call runs the layers one by
+    one. ``bias``: None, or one entry
     per layer (each a tensor or None)."""
     packed, g, h = list(packed), list(g), list(h)
     bias = [] if bias is None else list(bias)

@@ -10,7 +10,8 @@ import torch
 import rabit
 from rabit import reference as R
 
-from helpers import (CUDA_F16_DECODE_MIN_M, FLOAT_DTYPES, SHAPES, assert_float_close, dtype_id, random_layer,
+from helpers import (CUDA_F16_DECODE_MIN_M, CUDA_SIMT_DEFAULT_MAX_IN, CUDA_SIMT_DEFAULT_MAX_WEIGHTS, CUDA_SIMT_MAX_IN,
+                     CUDA_SIMT_MAX_M, FLOAT_DTYPES, SHAPES, assert_float_close, dtype_id, random_layer,
                      shape_id, tanh_ste_dw_bound)
 
 pytestmark = pytest.mark.cuda
@@ -156,8 +157,22 @@ PL_SHAPES = [(1, 1), (3, 33), (7, 31), (13, 95), (31, 127), (64, 129), (33, 257)
 
 
 # the decode kernels of fp16/bf16 x (M <= 16), forced with RABIT_CUDA_DECODE: the default dispatch picks one of
-# these at each M (test_decode_dispatch); b1 gives i8's bits (the bit-for-bit test below)
-HALF_DECODE_KERNELS = ("i8", "f16")
+# these at each M (test_decode_dispatch); b1 gives i8's bits (the bit-for-bit test below); simt runs only where
+# M <= CUDA_SIMT_MAX_M and in <= CUDA_SIMT_MAX_IN (elsewhere forcing it leaves the default, test_simt_forced_...)
+HALF_DECODE_KERNELS = ("i8", "f16", "simt")
+
+
+def _decode_kernel_applies(kernel, m, in_features):
+    return kernel != "simt" or (m <= CUDA_SIMT_MAX_M and in_features <= CUDA_SIMT_MAX_IN)
+
+
+def _default_decode_kernel(m, in_features, out):
+    """The decode kernel packed_linear takes by default for fp16/bf16 x [m, in] (m <= 16) and out rows (b1: i8's
+    bits)."""
+    if m >= CUDA_F16_DECODE_MIN_M:
+        return "f16"
+    narrow = in_features <= CUDA_SIMT_DEFAULT_MAX_IN and out * in_features <= CUDA_SIMT_DEFAULT_MAX_WEIGHTS
+    return "simt" if narrow and _decode_kernel_applies("simt", m, in_features) else "i8"
 
 
 def _wgmma_runs():
@@ -173,7 +188,7 @@ def _prefill_kernels():
 def _half_kernels(m, in_features):
     """(env var, kernel) pairs of the CUDA kernels that may run packed_linear for fp16/bf16 x at this M."""
     if m <= 16:
-        return [("RABIT_CUDA_DECODE", k) for k in HALF_DECODE_KERNELS]
+        return [("RABIT_CUDA_DECODE", k) for k in HALF_DECODE_KERNELS if _decode_kernel_applies(k, m, in_features)]
     # wgmma takes rows of 16-byte-aligned x only (in % 8 == 0)
     return [("RABIT_CUDA_PREFILL", k) for k in _prefill_kernels() if k == "mma" or in_features % 8 == 0]
 
@@ -241,17 +256,18 @@ def _wide_range_layer(m, xdtype, seed=0):
     return x.to(xdtype), packed, g, h
 
 
-# b1 applies to m <= 2 only (m = 4 would run another kernel)
+# b1 applies to m <= 2 only (m = 4 would run another kernel), simt to m <= 4
 @pytest.mark.parametrize("kernel, m", [("b1", 1), ("b1", 2), ("i8", 1), ("i8", 2), ("i8", 4), ("i8", 16),
-                                       ("f16", 1), ("f16", 3), ("f16", 9), ("f16", 16)],
+                                       ("f16", 1), ("f16", 3), ("f16", 9), ("f16", 16),
+                                       ("simt", 1), ("simt", 3), ("simt", 4)],
                          ids=lambda v: f"m{v}" if isinstance(v, int) else v)
 @pytest.mark.parametrize("xdtype", [torch.float16, torch.bfloat16], ids=dtype_id)
 def test_packed_linear_decode_range_and_nonfinite(xdtype, m, kernel, monkeypatch):
     """The decode kernels scale x*h per 512-column group by a power of two of the group's max: the integer ones
     quantize to 2^-31 of it (outliers and tiny values side by side stay float32-accurate), the fp16 one rounds to
-    fp16 at most 2^15 (as rabit.reference.round_activations_f16: no overflow, no underflow of a tiny row). Checked
-    for the whole output and for each row alone. A NaN/Inf input makes its output row NaN and leaves the other rows
-    unchanged."""
+    fp16 at most 2^15 (as rabit.reference.round_activations_f16: no overflow, no underflow of a tiny row); the
+    CUDA-core one (simt) sums float32 products. Checked for the whole output and for each row alone. A NaN/Inf input
+    makes its output row NaN and leaves the other rows unchanged."""
     monkeypatch.setenv("RABIT_CUDA_DECODE", kernel)
     x, packed, g, h = _wide_range_layer(m, xdtype)
     args = (x, packed, g, h, None)
@@ -301,24 +317,74 @@ def test_binary_and_int8_decode_kernels_agree_bit_for_bit(shape, m, xdtype, monk
 @pytest.mark.parametrize("xdtype", [torch.float16, torch.bfloat16], ids=dtype_id)
 def test_decode_dispatch(xdtype, monkeypatch):
     """At every M <= 16 the default dispatch gives, bit for bit, the output of the forced kernel that the tests'
-    CUDA_F16_DECODE_MIN_M says it takes (and that the accuracy tests above hold to its reference): fp16 from that
-    M on, else int8 (or the 1-bit kernel, whose bits are int8's)."""
-    for out, in_features in [(300, 1500), (64, 8200)]:  # 8200: long enough rows for b1 at m = 1
+    CUDA_F16_DECODE_MIN_M and CUDA_SIMT_* say it takes (and that the accuracy tests above hold to its reference):
+    fp16 from that M on, the CUDA-core kernel for small narrow layers below it, else int8 (or the 1-bit kernel, whose
+    bits are int8's)."""
+    # 1536 / 1537: the widest default simt layer and the narrowest it leaves to int8; 2048 / 2049: where forcing it
+    # applies; 2048 x 1536 / 2049 x 1536: the largest default simt layer and one row more; 8200: long enough rows for
+    # b1 at m = 1
+    for out, in_features in [(300, 1500), (40, 1536), (40, 1537), (40, 2048), (40, 2049), (2048, 1536), (2049, 1536),
+                             (64, 8200)]:
         w, g, h = random_layer(out, in_features, 2)
         _, packed = rabit.residual_binarize(w, g, h)
         args = [t.to(DEV) for t in (packed, g.half(), h.half())]
-        forcing_works = False  # the two forced kernels must differ somewhere, or the env var was ignored
+        forcing_works = set()  # each pair of forced kernels must differ somewhere, or the env var was ignored
         for m in range(1, 17):
             x = torch.randn(m, in_features, device=DEV).to(xdtype)
             y = rabit.packed_linear(x, *args)
             forced = {}
             for kernel in HALF_DECODE_KERNELS:
-                monkeypatch.setenv("RABIT_CUDA_DECODE", kernel)
-                forced[kernel] = rabit.packed_linear(x, *args)
+                if _decode_kernel_applies(kernel, m, in_features):
+                    monkeypatch.setenv("RABIT_CUDA_DECODE", kernel)
+                    forced[kernel] = rabit.packed_linear(x, *args)
             monkeypatch.delenv("RABIT_CUDA_DECODE")
-            assert torch.equal(y, forced["f16" if m >= CUDA_F16_DECODE_MIN_M else "i8"]), (out, in_features, m)
-            forcing_works |= not torch.equal(forced["i8"], forced["f16"])
-        assert forcing_works, (out, in_features)
+            expect = _default_decode_kernel(m, in_features, out)
+            assert torch.equal(y, forced[expect]), (out, in_features, m, expect)
+            forcing_works |= {k for k in forced if k != "f16" and not torch.equal(forced[k], forced["f16"])}
+        # i8 and simt are both float32-accurate, so their fp16/bf16 outputs may be equal here: the next test tells
+        # them apart
+        assert forcing_works == ({"i8", "simt"} if in_features <= CUDA_SIMT_MAX_IN else {"i8"}), \
+            (out, in_features, forcing_works)
+
+
+@pytest.mark.parametrize("xdtype", [torch.float16, torch.bfloat16], ids=dtype_id)
+def test_simt_sums_float32_products_where_int8_quantizes(xdtype, monkeypatch):
+    """Two inputs of 8192 whose terms cancel in the rows where their signs differ, beside small inputs below the int8
+    kernel's quantum (2^-31 of the group maximum, here 2^-16): in those rows the int8 kernel's output is exactly 0
+    and the CUDA-core kernel's the sum of the small terms (against float64). So a forced simt runs a kernel of its
+    own, and it does not quantize x*h."""
+    out, in_features = 64, 512
+    torch.manual_seed(5)
+    w, g, h = random_layer(out, in_features, 1)
+    g, h = torch.ones_like(g), torch.ones_like(h)  # y = B x
+    _, packed = rabit.residual_binarize(w, g, h)
+    x = torch.zeros(1, in_features)
+    x[0, 0] = x[0, 2] = 8192.0
+    x[0, 100:] = torch.randn(in_features - 100).clamp(-4, 4) * 2.0**-20
+    x = x.to(xdtype)
+    signs = R.unpack_signs(packed, in_features)[0]
+    rows = signs[:, 0] != signs[:, 2]
+    assert 10 < rows.sum() < out - 10
+    y64 = R.packed_linear(x, packed, g, h, compute_dtype=torch.float64)[0, rows]
+    ys = {}
+    for kernel in ("i8", "simt"):
+        monkeypatch.setenv("RABIT_CUDA_DECODE", kernel)
+        ys[kernel] = rabit.packed_linear(x.to(DEV), packed.to(DEV), g.half().to(DEV), h.half().to(DEV)).cpu()[0, rows]
+    assert torch.equal(ys["i8"], torch.zeros_like(ys["i8"]))
+    assert y64.abs().max() > 2.0**-18  # the small terms do not all vanish
+    assert torch.allclose(ys["simt"].double(), y64, rtol=1e-2, atol=2.0**-24), (ys["simt"], y64)
+
+
+@pytest.mark.parametrize("m, in_features", [(5, 1000), (16, 300), (1, 2049), (4, 4096)])
+def test_simt_forced_where_it_does_not_apply_runs_the_default(m, in_features, monkeypatch):
+    """RABIT_CUDA_DECODE=simt beyond M <= CUDA_SIMT_MAX_M or in <= CUDA_SIMT_MAX_IN runs the default kernel (as b1
+    does beyond M = 2): bit for bit the unforced output."""
+    w, g, h = random_layer(70, in_features, 2)
+    _, packed = rabit.residual_binarize(w, g, h)
+    args = [t.to(DEV) for t in (torch.randn(m, in_features).half(), packed, g.half(), h.half())]
+    y = rabit.packed_linear(*args)
+    monkeypatch.setenv("RABIT_CUDA_DECODE", "simt")
+    assert torch.equal(rabit.packed_linear(*args), y)
 
 
 PREFILL_SHAPES = [(130, 512), (17, 2080), (100, 1000), (257, 64), (300, 136), (64, 4104), (9, 8)]
@@ -476,7 +542,7 @@ def test_packed_linear_large_and_graph_capture():
 
 
 @pytest.mark.parametrize("k", [1, 2, 3, 4])
-@pytest.mark.parametrize("kernel", ["i8", "f16", "b1"])
+@pytest.mark.parametrize("kernel", ["i8", "f16", "b1", "simt"])
 def test_packed_linear_group_kernels_are_packed_linear(k, kernel, monkeypatch):
     """Each decode kernel run over a group of layers (one launch: layer offsets, per-layer pointers and fragment paths)
     gives each layer's packed_linear output bit for bit; also under CUDA-graph capture."""
@@ -488,7 +554,7 @@ def test_packed_linear_group_kernels_are_packed_linear(k, kernel, monkeypatch):
         _, packed = rabit.residual_binarize(w, g, h)
         args.append((packed, g.half(), h.half(), torch.randn(out, device=DEV)))
     lists = [list(t) for t in zip(*args)]
-    for m in ((1, 2) if kernel == "b1" else (1, 2, 3, 5, 9, 16)):
+    for m in {"b1": (1, 2), "simt": (1, 2, 3, 4)}.get(kernel, (1, 2, 3, 5, 9, 16)):
         x = torch.randn(m, 1100, device=DEV).half()
         for bias in (lists[3], None):
             _poison()
@@ -506,6 +572,22 @@ def test_packed_linear_group_kernels_are_packed_linear(k, kernel, monkeypatch):
     graph.replay()
     torch.cuda.synchronize()
     assert all(torch.equal(a, b) for a, b in zip(yg, y0))
+
+
+def test_packed_linear_group_of_layers_taking_different_decode_kernels():
+    """A group whose layers take different default decode kernels (a layer too large for the CUDA-core kernel beside
+    small ones) runs them one by one: still each layer's packed_linear output, bit for bit."""
+    layers = [(2049, 1536), (64, 1536), (300, 1536)]
+    assert [_default_decode_kernel(1, i, o) for o, i in layers] == ["i8", "simt", "simt"]
+    args = []
+    for out, in_features in layers:
+        w, g, h = (t.to(DEV) for t in random_layer(out, in_features, 2))
+        _, packed = rabit.residual_binarize(w, g, h)
+        args.append((packed, g.half(), h.half()))
+    for m in (1, 3):
+        x = torch.randn(m, 1536, device=DEV).half()
+        ys = rabit.packed_linear_group(x, *[list(t) for t in zip(*args)])
+        assert all(torch.equal(y, rabit.packed_linear(x, *a)) for y, a in zip(ys, args))
 
 
 def test_side_stream_and_second_device_guard():

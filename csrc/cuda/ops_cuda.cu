@@ -169,7 +169,7 @@ at::Tensor packed_linear_cuda_impl(const char *op, const at::Tensor &x, const at
     at::Tensor y = at::empty({M, out}, x.options());
     if (M == 0) return y;
     // scratch of the decode kernels (activations in MMA-fragment order, per-group scales), from the caching allocator
-    const size_t ws_bytes = rabit_cuda::packed_linear_workspace_bytes(xdt, M, static_cast<int>(K), in);
+    const size_t ws_bytes = rabit_cuda::packed_linear_workspace_bytes(xdt, M, static_cast<int>(K), in, out);
     at::Tensor ws;
     if (ws_bytes) ws = at::empty({static_cast<int64_t>(ws_bytes)}, x.options().dtype(at::kByte));
     if (prefill) {  // a forced kernel or split that cannot hold is the caller's error, not a CUDA failure
@@ -193,8 +193,9 @@ at::Tensor packed_linear_cuda(const at::Tensor &x, const at::Tensor &packed, con
     return packed_linear_cuda_impl("rabit.packed_linear", x, packed, g, h, bias);
 }
 
-// Layers that take the decode path (fp16/bf16 x, M <= kDecodeMaxM) and share K and the dtypes of g, h and bias run
-// in groups of up to kDecodeMaxLayers as one prologue and one main kernel; any other call runs each layer as
+// Layers that take the decode path (fp16/bf16 x, M <= kDecodeMaxM), share K and the dtypes of g, h and bias, and take
+// the same decode kernel run in groups of up to kDecodeMaxLayers as one launch (of the kernel and, for the MMA
+// kernels, its prologue); any other call runs each layer as
 // packed_linear does. Both give each layer's packed_linear output bit for bit (the kernels compute a row the same way
 // whatever else the launch holds), so the choice changes the speed only.
 std::vector<at::Tensor> packed_linear_group_cuda(const at::Tensor &x, at::TensorList packed, at::TensorList g,
@@ -211,8 +212,11 @@ std::vector<at::Tensor> packed_linear_group_cuda(const at::Tensor &x, at::Tensor
     const rabit_dtype xdt = to_rabit_dtype(x.scalar_type());
     const int64_t M = x.size(0), in = x.size(1);
     bool together = rabit_cuda::packed_linear_path(xdt, M) == 2 && M > 0 && n > 1;
+    // the decode kernel packed_linear would run for each layer: one launch only where they agree
+    const rabit_cuda::DecodeKernel kern = together ? rabit_cuda::decode_kernel(M, in, out[0]) : rabit_cuda::DECODE_I8;
     for (int64_t l = 1; l < n; l++)  // bias is every layer's or none (check_group_lists)
-        together = together && K[l] == K[0] && g[l].scalar_type() == g[0].scalar_type() &&
+        together = together && K[l] == K[0] && rabit_cuda::decode_kernel(M, in, out[l]) == kern &&
+                   g[l].scalar_type() == g[0].scalar_type() &&
                    h[l].scalar_type() == h[0].scalar_type() &&
                    (bias.empty() || bias[l].scalar_type() == bias[0].scalar_type());
     std::vector<at::Tensor> ys;
@@ -224,7 +228,6 @@ std::vector<at::Tensor> packed_linear_group_cuda(const at::Tensor &x, at::Tensor
     }
     const c10::cuda::CUDAGuard guard(x.device());
     const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-    const rabit_cuda::DecodeKernel kern = rabit_cuda::decode_kernel(M, in);
     std::vector<at::Tensor> keep;  // contiguous copies of scales and biases that live until the launch
     for (int64_t l0 = 0; l0 < n; l0 += rabit_cuda::kDecodeMaxLayers) {
         const int nl = static_cast<int>(std::min<int64_t>(n - l0, rabit_cuda::kDecodeMaxLayers));
@@ -239,13 +242,14 @@ std::vector<at::Tensor> packed_linear_group_cuda(const at::Tensor &x, at::Tensor
                          ys.back().data_ptr(), out[l]};
             keep.insert(keep.end(), {gs, hs, bt});
         }
-        const size_t ws_bytes = rabit_cuda::decode_workspace_bytes(nl * static_cast<int>(K[0]), M, in);
-        at::Tensor ws = at::empty({static_cast<int64_t>(ws_bytes)}, x.options().dtype(at::kByte));
+        const size_t ws_bytes = rabit_cuda::decode_workspace_bytes(nl * static_cast<int>(K[0]), M, in, kern);
+        at::Tensor ws;
+        if (ws_bytes) ws = at::empty({static_cast<int64_t>(ws_bytes)}, x.options().dtype(at::kByte));
         check_launch(rabit_cuda::decode_gemv(x.data_ptr(), xdt, M, layers, nl, to_rabit_dtype(g[0].scalar_type()),
                                              to_rabit_dtype(h[0].scalar_type()),
                                              bias.empty() ? RABIT_F32 : to_rabit_dtype(bias[0].scalar_type()),
                                              static_cast<int>(K[0]),
-                                             in, ws.data_ptr(), kern, stream));
+                                             in, ws_bytes ? ws.data_ptr() : nullptr, kern, stream));
     }
     return ys;
 }

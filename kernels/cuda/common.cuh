@@ -78,6 +78,17 @@ inline cudaError_t set_smem_limit_once(Fn *fn, int bytes, bool (&done)[64]) {
     return e;
 }
 
+/* Element l of a per-layer array with l a run-time value, by selects: a dynamic index into a kernel parameter
+   array would copy the array to local memory. */
+template <class T, int N>
+__device__ __forceinline__ T pick(const T (&arr)[N], int l) {
+    T v = arr[0];
+#pragma unroll
+    for (int i = 1; i < N; i++)
+        if (l == i) v = arr[i];
+    return v;
+}
+
 /* Whether p may be read or written in 16-byte units (the kernels' vector paths). */
 inline bool aligned16(const void *p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 

@@ -75,17 +75,6 @@ __device__ __forceinline__ uint32_t digit(int q, int d) {
     return static_cast<uint32_t>(v) & 0xffu;
 }
 
-/* Element l of a per-layer array with l a run-time value, by selects: a dynamic index into a kernel parameter
-   array would copy the array to local memory. */
-template <class T>
-__device__ __forceinline__ T pick(const T (&arr)[kDecodeMaxLayers], int l) {
-    T v = arr[0];
-#pragma unroll
-    for (int i = 1; i < kDecodeMaxLayers; i++)
-        if (l == i) v = arr[i];
-    return v;
-}
-
 struct PrepArgs {
     const void *x;
     int xdt;
@@ -822,7 +811,8 @@ cudaError_t launch_main_k(const GroupArgs &a, DecodeKernel kern, int NT, unsigne
 
 }  // namespace
 
-size_t decode_workspace_bytes(int paths, int64_t M, int64_t in) {
+size_t decode_workspace_bytes(int paths, int64_t M, int64_t in, DecodeKernel kern) {
+    if (kern == DECODE_SIMT) return 0;
     const size_t gk = static_cast<size_t>((in + kGroupCols - 1) / kGroupCols) * paths;
     return gk * (frag_entries(M) * sizeof(uint2) + kScaleSlots * (sizeof(double) + sizeof(float)));
 }
@@ -830,6 +820,7 @@ size_t decode_workspace_bytes(int paths, int64_t M, int64_t in) {
 cudaError_t decode_gemv(const void *x, rabit_dtype xdt, int64_t M, const DecodeLayer *layers, int n,
                         rabit_dtype gdt, rabit_dtype hdt, rabit_dtype bdt, int K, int64_t in, void *workspace,
                         DecodeKernel kern, cudaStream_t s) {
+    if (kern == DECODE_SIMT) return decode_gemv_simt(x, xdt, M, layers, n, gdt, hdt, bdt, K, in, s);
     if (M < 1 || M > kDecodeMaxM || (kern == DECODE_B1 && M > kB1MaxM) || xdt == RABIT_F32 || K < 1 ||
         K > RABIT_MAX_K || n < 1 || n > kDecodeMaxLayers)
         return cudaErrorInvalidValue;

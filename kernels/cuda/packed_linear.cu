@@ -408,22 +408,31 @@ int packed_linear_path(rabit_dtype xdt, int64_t M) {
    digits (4 n-columns per row of x) make it slow: 11.7 against 17.8 us at M = 8 and 17.9 against 38.3 us at
    M = 16 (4096 x 4096), while at M = 4 int8 was as fast or up to 8 % faster at 5 of the 6 7B shapes (and its time
    is the same at M = 3). It rounds x*h to fp16, so from that M on a layer is as accurate as a dense fp16 layer
-   rather than float32-accurate. RABIT_CUDA_DECODE=i8, f16 (any M) or b1 (M <= 2) forces one
-   (benchmarks, tests). */
+   rather than float32-accurate. Small narrow layers take the CUDA-core kernel of one launch (twenty-first session,
+   H200, µs against int8 at M = 1 / 2 / 4; bench_kernels_NVIDIA_H200_2026-11-27_s21-narrow-simt.json): SmolLM2's
+   576 x 576 3.99 / 4.87 / 6.41 against 6.08 / 6.71 / 8.32, 576 x 1536 4.77 / 5.93 / 7.92 against 6.13 / 6.79 / 8.39;
+   but 2048 x 2048 6.47 / 8.68 / 12.31 against 6.52 / 7.17 / 8.71 and 8192 x 2048 13.84 against 9.93 at M = 1
+   (every block builds x*h of all columns, and a thread's additions grow with M). So it runs for M <= kSimtMaxM,
+   in <= kSimtDefaultMaxIn and out * in <= kSimtDefaultMaxWeights. RABIT_CUDA_DECODE=i8, f16 (any M), b1 (M <= 2)
+   or simt (where simt_applies) forces one (benchmarks, tests); elsewhere the default runs. */
 constexpr int64_t kB1MinIn = 15 * 512 + 1;  // at least 16 groups of 512 columns per row
 constexpr int64_t kF16MinM = 5;
+constexpr int64_t kSimtDefaultMaxIn = 1536;
+constexpr int64_t kSimtDefaultMaxWeights = int64_t{3} << 20;
 
-DecodeKernel decode_kernel(int64_t M, int64_t in) {
+DecodeKernel decode_kernel(int64_t M, int64_t in, int64_t out) {
     const char *v = getenv("RABIT_CUDA_DECODE");
     if (v && strcmp(v, "i8") == 0) return DECODE_I8;
     if (v && strcmp(v, "f16") == 0) return DECODE_F16;
     if (v && strcmp(v, "b1") == 0 && M <= kB1MaxM) return DECODE_B1;
+    if (v && strcmp(v, "simt") == 0 && simt_applies(M, in)) return DECODE_SIMT;
+    if (simt_applies(M, in) && in <= kSimtDefaultMaxIn && out * in <= kSimtDefaultMaxWeights) return DECODE_SIMT;
     if (M == 1 && in >= kB1MinIn) return DECODE_B1;
     return M >= kF16MinM ? DECODE_F16 : DECODE_I8;
 }
 
-size_t packed_linear_workspace_bytes(rabit_dtype xdt, int64_t M, int K, int64_t in) {
-    return packed_linear_path(xdt, M) == 2 && M > 0 ? decode_workspace_bytes(K, M, in) : 0;
+size_t packed_linear_workspace_bytes(rabit_dtype xdt, int64_t M, int K, int64_t in, int64_t out) {
+    return packed_linear_path(xdt, M) == 2 && M > 0 ? decode_workspace_bytes(K, M, in, decode_kernel(M, in, out)) : 0;
 }
 
 cudaError_t packed_linear(const void *x, rabit_dtype xdt, int64_t M, const rabit_word_t *packed, const void *g,
@@ -436,7 +445,7 @@ cudaError_t packed_linear(const void *x, rabit_dtype xdt, int64_t M, const rabit
     if (path == 2)
     {
         const DecodeLayer layer{packed, g, h, bias, y, out};
-        return decode_gemv(x, xdt, M, &layer, 1, gdt, hdt, bdt, K, in, workspace, decode_kernel(M, in), s);
+        return decode_gemv(x, xdt, M, &layer, 1, gdt, hdt, bdt, K, in, workspace, decode_kernel(M, in, out), s);
     }
     if (gdt != RABIT_F32 || hdt != RABIT_F32 || (bias && bdt != RABIT_F32)) return cudaErrorInvalidValue;
     return packed_prefill(x, xdt, M, packed, static_cast<const float *>(g), static_cast<const float *>(h),

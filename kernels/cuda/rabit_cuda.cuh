@@ -59,7 +59,7 @@ cudaError_t unpack_signs(const rabit_word_t *packed, int64_t rows, int64_t in, v
 cudaError_t packed_linear(const void *x, rabit_dtype xdt, int64_t M, const rabit_word_t *packed, const void *g,
                           rabit_dtype gdt, const void *h, rabit_dtype hdt, const void *bias, rabit_dtype bdt, int K,
                           int64_t out, int64_t in, void *y, void *workspace, cudaStream_t stream);
-size_t packed_linear_workspace_bytes(rabit_dtype xdt, int64_t M, int K, int64_t in);
+size_t packed_linear_workspace_bytes(rabit_dtype xdt, int64_t M, int K, int64_t in, int64_t out);
 
 /* The prefill path (packed_prefill.cu): g, h, bias float32 [K][out], [K][in], [out] (bias nullable). */
 cudaError_t packed_prefill(const void *x, rabit_dtype xdt, int64_t M, const rabit_word_t *packed, const float *g,
@@ -81,12 +81,18 @@ PrefillPlan prefill_plan(int64_t M, int64_t out, int64_t in, bool x_aligned, boo
    (fp16/bf16 x, M > kDecodeMaxM), 2 = a decode kernel of fp16/bf16 x (M <= kDecodeMaxM). */
 int packed_linear_path(rabit_dtype xdt, int64_t M);
 
-/* The decode kernels of path 2 (packed_decode.cu): the int8 MMA one on exact integer digits of x*h (float32-level
+/* The decode kernels of path 2: in packed_decode.cu the int8 MMA one on exact integer digits of x*h (float32-level
    accuracy), its 1-bit MMA variant (M <= kB1MaxM; bit-identical outputs), and the fp16 MMA one (x*h rounded once
-   to fp16: the accuracy of a dense fp16 layer). decode_kernel() is the choice packed_linear makes. */
-enum DecodeKernel { DECODE_I8 = 0, DECODE_B1 = 1, DECODE_F16 = 2 };
+   to fp16: the accuracy of a dense fp16 layer); in packed_decode_simt.cu the CUDA-core one of one launch for narrow
+   layers (M <= kSimtMaxM, in <= kSimtMaxIn; float32 products and sums: float32-level accuracy, not bit-identical to
+   int8). decode_kernel() is the choice packed_linear makes for a layer of out x in (a layer group runs as one launch
+   when its layers' choices agree). */
+enum DecodeKernel { DECODE_I8 = 0, DECODE_B1 = 1, DECODE_F16 = 2, DECODE_SIMT = 3 };
 constexpr int kB1MaxM = 2;
-DecodeKernel decode_kernel(int64_t M, int64_t in);
+constexpr int kSimtMaxM = 4;
+constexpr int64_t kSimtMaxIn = 2048;
+bool simt_applies(int64_t M, int64_t in);
+DecodeKernel decode_kernel(int64_t M, int64_t in, int64_t out);
 
 /* A decode call runs up to kDecodeMaxLayers layers that read the same x [M, in] (q/k/v, gate/up) as one prologue
    and one main kernel: layer l is packed [K][out][words], g [K][out], h [K][in], bias [out] (nullable), y [M][out].
@@ -100,11 +106,14 @@ struct DecodeLayer {
     void *y;
     int64_t out;
 };
-/* Workspace of a decode call over `paths` = layers * K paths. */
-size_t decode_workspace_bytes(int paths, int64_t M, int64_t in);
+/* Workspace of a decode call over `paths` = layers * K paths with kernel kern (0 for DECODE_SIMT). */
+size_t decode_workspace_bytes(int paths, int64_t M, int64_t in, DecodeKernel kern);
 cudaError_t decode_gemv(const void *x, rabit_dtype xdt, int64_t M, const DecodeLayer *layers, int n,
                         rabit_dtype gdt, rabit_dtype hdt, rabit_dtype bdt, int K, int64_t in, void *workspace,
                         DecodeKernel kern, cudaStream_t stream);
+/* The DECODE_SIMT kernel (decode_gemv's for that kern; no workspace): simt_applies(M, in) must hold. */
+cudaError_t decode_gemv_simt(const void *x, rabit_dtype xdt, int64_t M, const DecodeLayer *layers, int n,
+                             rabit_dtype gdt, rabit_dtype hdt, rabit_dtype bdt, int K, int64_t in, cudaStream_t stream);
 
 /* Decode-step attention (decode_attention.cu; the math of rabit/reference.py's decode_attention): the new token's
    q [B][H][D] and k, v [B][Hkv][D] (element strides per row and head; dense last dimension), caches

@@ -1,0 +1,243 @@
+/*
+ * The CUDA-core decode kernel (DECODE_SIMT): fp16/bf16 x, M <= kSimtMaxM, in <= kSimtMaxIn. One launch, no
+ * prologue, no workspace. Small layers (SmolLM2's 576 x 576 ... 1536 x 576) are latency-bound on the MMA kernels:
+ * their prologue and main launch cost ~5.8 us a linear against ~3.9 us for cuBLAS (docs/kernels.md), while the
+ * arithmetic of a whole layer on the CUDA cores is a fraction of a microsecond. So here every block builds
+ * xh_k = h_k * x (float32) of all columns in shared memory itself, and then
+ *
+ *   y[m][o] = sum_k g_k[o] * sum_j s_k[o][j] * xh_k[m][j],   s = +1 for a set bit, -1 for a clear one
+ *
+ * with one thread per (output row, 32-column word): a block of 16 warps takes R output rows (R = 32, 16 or 8 by
+ * the row length, so that every thread has one word of each path), lane = (word lane / R of the warp's, row
+ * lane % R). The lanes of a row-set read the same xh at the same time (a shared-memory broadcast, 16 bytes at a
+ * time), and a weight costs a shift, one LOP3 (sign flip) and an FADD per row of x. A row's words are added by a
+ * fixed shuffle butterfly within the warp, then warp by warp in order, per path; times g in path order, the bias
+ * and one rounding: deterministic, and a row's result does not depend on the other layers of a group launch (a
+ * group equals its separate calls bit for bit). float32 products and sums: float32-level accuracy like the int8
+ * kernel, not bit-identical to it. A non-finite xh makes that row of x's outputs NaN, as in the MMA kernels.
+ */
+#include <cuda_runtime.h>
+
+#include "common.cuh"
+#include "rabit_cuda.cuh"
+
+namespace rabit_cuda {
+
+namespace {
+
+constexpr int kSimtWarps = 16;
+constexpr int kSimtThreads = 32 * kSimtWarps;
+constexpr int kSimtCols = kSimtMaxIn / kSimtThreads;  // columns of xh a thread builds
+static_assert(kSimtCols * kSimtThreads == kSimtMaxIn, "kSimtMaxIn must be a multiple of the block");
+
+/* Output rows a block (R = rows a warp, the lanes' row index lane % R): every thread gets one word per path
+   (slices = kSimtWarps * 32 / R >= words per row). Depends on `in` only, so a layer's rows are summed the same
+   way alone and in a group. */
+inline int simt_rows(int64_t in) {
+    const int64_t nw = RABIT_WORDS(in);
+    return nw <= kSimtWarps ? 32 : nw <= 2 * kSimtWarps ? 16 : 8;
+}
+static_assert(kSimtMaxIn <= 32 * 4 * kSimtWarps, "simt_rows(kSimtMaxIn) must give every slice one word");
+
+struct SimtArgs {
+    const void *x;
+    int xdt;
+    int64_t in;
+    int nw;     // words per row of bits
+    int pitch;  // floats per (path, row of x) in shared memory: nw * kSimtWordPitch
+    int layers;
+    int gdt, hdt, bdt;
+    int64_t tile0[kDecodeMaxLayers];  // layer l's first tile of R rows
+    const rabit_word_t *packed[kDecodeMaxLayers];
+    const void *g[kDecodeMaxLayers];
+    const void *h[kDecodeMaxLayers];
+    const void *bias[kDecodeMaxLayers];
+    void *y[kDecodeMaxLayers];
+    int64_t out[kDecodeMaxLayers];
+};
+
+/* xh of word w starts at float w * kSimtWordPitch: 4 floats of padding put the words that the lanes of a warp read
+   at once (2 or 4 of them) in different banks. Zeros past `in`. */
+constexpr int kSimtWordPitch = 36;
+
+/* Component e of v (e a compile-time constant after unrolling). */
+__device__ __forceinline__ float comp(const float4 &v, int e) { return e == 0 ? v.x : e == 1 ? v.y : e == 2 ? v.z : v.w; }
+
+/* Thread (warp, lane): row lane % R of the block's R rows, word (slice) warp * (32 / R) + lane / R of every path. */
+template <int K, int M, int R>
+__global__ void __launch_bounds__(kSimtThreads) gemv_simt_kernel(const SimtArgs a) {
+    extern __shared__ __align__(16) float xs[];   // [K][M][pitch] xh (kSimtWordPitch floats a word)
+    __shared__ float red[kSimtWarps][K][M][R];    // the warps' partial sums
+    __shared__ int bad;                           // bit m: a non-finite xh in row m of x
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, r = lane % R;
+    const int w = warp * (32 / R) + lane / R;
+
+    int64_t tile = blockIdx.x;
+    int l = 0;
+#pragma unroll
+    for (int i = 1; i < kDecodeMaxLayers; i++)
+        if (i < a.layers && tile >= a.tile0[i]) l = i;
+    tile -= pick(a.tile0, l);
+    const int64_t out = pick(a.out, l), o = tile * R + r;
+    const bool valid = o < out, word = w < a.nw;
+    const int nw = a.nw, pitch = a.pitch;
+    if (tid == 0) bad = 0;
+    pdl_wait();  // x (and, for all we know, the weights) may come from the kernel before
+
+    // loads first, all in flight together: this thread's word of every path, g and bias of the finishing
+    // threads' rows, x and h of the columns this thread builds
+    const rabit_word_t *packed = pick(a.packed, l);
+    uint32_t bits[K];
+#pragma unroll
+    for (int k = 0; k < K; k++) bits[k] = (valid && word) ? __ldcs(packed + (k * out + o) * nw + w) : 0u;
+    const bool fin = tid < M * R && valid;  // finishes row r of x row tid / R
+    const void *bias = pick(a.bias, l);
+    float gv[K], bv = 0.0f;
+#pragma unroll
+    for (int k = 0; k < K; k++) gv[k] = fin ? ld_any(pick(a.g, l), a.gdt, k * out + o) : 0.0f;
+    if (fin && bias) bv = ld_any(bias, a.bdt, o);
+    const void *h = pick(a.h, l);
+    float xv[kSimtCols][M], hv[kSimtCols][K];
+#pragma unroll
+    for (int c = 0; c < kSimtCols; c++) {
+        const int64_t j = tid + c * kSimtThreads;
+        const bool in_range = j < a.in;
+#pragma unroll
+        for (int m = 0; m < M; m++) xv[c][m] = in_range ? ld_any(a.x, a.xdt, m * a.in + j) : 0.0f;
+#pragma unroll
+        for (int k = 0; k < K; k++) hv[c][k] = in_range ? ld_any(h, a.hdt, k * a.in + j) : 0.0f;
+    }
+    __syncthreads();  // bad = 0 is visible
+
+    // xh_k[m][j] = h_k[j] * x[m][j] for every column (zeros from `in` to the end of the last word)
+    int nf = 0;
+#pragma unroll
+    for (int c = 0; c < kSimtCols; c++) {
+        const int j = tid + c * kSimtThreads;
+        if (j >= nw * 32) break;
+#pragma unroll
+        for (int k = 0; k < K; k++)
+#pragma unroll
+            for (int m = 0; m < M; m++) {
+                const float v = __fmul_rn(hv[c][k], xv[c][m]);
+                if (!is_finite_f(v)) nf |= 1 << m;
+                xs[(k * M + m) * pitch + (j >> 5) * kSimtWordPitch + (j & 31)] = v;
+            }
+    }
+    if (nf) atomicOr(&bad, nf);
+    __syncthreads();
+
+    // this thread's word: two chains per (path, row of x), even and odd columns; then the warp's words of a row
+    // added by a fixed butterfly over the lanes of that row
+#pragma unroll
+    for (int k = 0; k < K; k++) {
+        float acc[M][2];
+#pragma unroll
+        for (int m = 0; m < M; m++) acc[m][0] = acc[m][1] = 0.0f;
+        if (word) {
+            const uint32_t clear = ~bits[k];  // bit b clear: column 32w + b subtracts
+#pragma unroll
+            for (int q = 0; q < 8; q++) {
+                float4 v[M];
+#pragma unroll
+                for (int m = 0; m < M; m++)
+                    v[m] = *reinterpret_cast<const float4 *>(xs + (k * M + m) * pitch + w * kSimtWordPitch + 4 * q);
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    const uint32_t flip = (clear << (31 - (4 * q + e))) & 0x80000000u;
+#pragma unroll
+                    for (int m = 0; m < M; m++)
+                        acc[m][e & 1] =
+                            __fadd_rn(acc[m][e & 1], __uint_as_float(__float_as_uint(comp(v[m], e)) ^ flip));
+                }
+            }
+        }
+#pragma unroll
+        for (int m = 0; m < M; m++) {
+            float p = __fadd_rn(acc[m][0], acc[m][1]);
+#pragma unroll
+            for (int off = R; off < 32; off <<= 1) p = __fadd_rn(p, __shfl_xor_sync(0xffffffffu, p, off));
+            if (lane < R) red[warp][k][m][lane] = p;
+        }
+    }
+    __syncthreads();
+
+    // thread (m, r): the warps in order per path, times g, the paths in order, bias, one rounding
+    if (fin) {
+        const int m = tid / R;
+        float v = 0.0f;
+#pragma unroll
+        for (int k = 0; k < K; k++) {
+            float s = 0.0f;
+#pragma unroll
+            for (int wp = 0; wp < kSimtWarps; wp++) s = __fadd_rn(s, red[wp][k][m][r]);
+            v = __fadd_rn(v, __fmul_rn(gv[k], s));
+        }
+        if (bias) v = __fadd_rn(v, bv);
+        if (bad & (1 << m)) v = __uint_as_float(0x7fc00000u);  // NaN
+        st_any(pick(a.y, l), a.xdt, m * out + o, v);
+    }
+}
+
+template <int K, int M, int R>
+cudaError_t launch_simt_t(const SimtArgs &a, unsigned tiles, int smem, cudaStream_t s) {
+    static bool attr_set[64] = {};  // per instantiation and device
+    // the most dynamic shared memory this instantiation can ask for (in = kSimtMaxIn), within what the device
+    // allows beside the static arrays
+    constexpr int most = K * M * static_cast<int>(kSimtMaxIn / 32) * kSimtWordPitch * 4, fixed = kSimtWarps * K * M * R * 4 + 1024;
+    const int optin = device_info().smem_optin - fixed;
+    const cudaError_t e = set_smem_limit_once(gemv_simt_kernel<K, M, R>, most < optin ? most : optin, attr_set);
+    if (e != cudaSuccess) return e;
+    return launch_pdl(gemv_simt_kernel<K, M, R>, dim3(tiles), kSimtThreads, smem, a, s);
+}
+
+template <int K, int M>
+cudaError_t launch_simt_r(const SimtArgs &a, int R, unsigned tiles, int smem, cudaStream_t s) {
+    switch (R) {
+        case 32: return launch_simt_t<K, M, 32>(a, tiles, smem, s);
+        case 16: return launch_simt_t<K, M, 16>(a, tiles, smem, s);
+        case 8: return launch_simt_t<K, M, 8>(a, tiles, smem, s);
+    }
+    return cudaErrorInvalidValue;
+}
+
+template <int K>
+cudaError_t launch_simt_k(const SimtArgs &a, int M, int R, unsigned tiles, int smem, cudaStream_t s) {
+    switch (M) {
+        case 1: return launch_simt_r<K, 1>(a, R, tiles, smem, s);
+        case 2: return launch_simt_r<K, 2>(a, R, tiles, smem, s);
+        case 3: return launch_simt_r<K, 3>(a, R, tiles, smem, s);
+        case 4: return launch_simt_r<K, 4>(a, R, tiles, smem, s);
+    }
+    return cudaErrorInvalidValue;
+}
+
+}  // namespace
+
+bool simt_applies(int64_t M, int64_t in) { return M >= 1 && M <= kSimtMaxM && in >= 1 && in <= kSimtMaxIn; }
+
+cudaError_t decode_gemv_simt(const void *x, rabit_dtype xdt, int64_t M, const DecodeLayer *layers, int n,
+                             rabit_dtype gdt, rabit_dtype hdt, rabit_dtype bdt, int K, int64_t in, cudaStream_t s) {
+    if (!simt_applies(M, in) || xdt == RABIT_F32 || K < 1 || K > RABIT_MAX_K || n < 1 || n > kDecodeMaxLayers)
+        return cudaErrorInvalidValue;
+    SimtArgs a{};
+    a.x = x; a.xdt = xdt; a.in = in; a.gdt = gdt; a.hdt = hdt; a.bdt = bdt;
+    a.nw = static_cast<int>(RABIT_WORDS(in));
+    a.pitch = a.nw * kSimtWordPitch;
+    a.layers = n;
+    const int R = simt_rows(in);
+    int64_t tiles = 0;
+    for (int l = 0; l < n; l++) {
+        a.tile0[l] = tiles;
+        a.packed[l] = layers[l].packed; a.g[l] = layers[l].g; a.h[l] = layers[l].h; a.bias[l] = layers[l].bias;
+        a.y[l] = layers[l].y; a.out[l] = layers[l].out;
+        tiles += (layers[l].out + R - 1) / R;
+    }
+    if (tiles == 0) return cudaSuccess;
+    const int smem = static_cast<int>(4 * static_cast<int64_t>(K) * M * a.pitch);
+    return with_paths(K, [&](auto k) {
+        return launch_simt_k<decltype(k)::value>(a, static_cast<int>(M), R, static_cast<unsigned>(tiles), smem, s);
+    });
+}
+
+}  // namespace rabit_cuda
