@@ -211,11 +211,14 @@ std::vector<at::Tensor> packed_linear_group_cuda(const at::Tensor &x, at::Tensor
     }
     const rabit_dtype xdt = to_rabit_dtype(x.scalar_type());
     const int64_t M = x.size(0), in = x.size(1);
+    const c10::cuda::CUDAGuard guard(x.device());  // decode_kernel asks the current device
     bool together = rabit_cuda::packed_linear_path(xdt, M) == 2 && M > 0 && n > 1;
     // the decode kernel packed_linear would run for each layer: one launch only where they agree
-    const rabit_cuda::DecodeKernel kern = together ? rabit_cuda::decode_kernel(M, in, out[0]) : rabit_cuda::DECODE_I8;
+    const rabit_cuda::DecodeKernel kern =
+        together ? rabit_cuda::decode_kernel(static_cast<int>(K[0]), M, in, out[0]) : rabit_cuda::DECODE_I8;
     for (int64_t l = 1; l < n; l++)  // bias is every layer's or none (check_group_lists)
-        together = together && K[l] == K[0] && rabit_cuda::decode_kernel(M, in, out[l]) == kern &&
+        together = together && K[l] == K[0] &&
+                   rabit_cuda::decode_kernel(static_cast<int>(K[l]), M, in, out[l]) == kern &&
                    g[l].scalar_type() == g[0].scalar_type() &&
                    h[l].scalar_type() == h[0].scalar_type() &&
                    (bias.empty() || bias[l].scalar_type() == bias[0].scalar_type());
@@ -226,7 +229,6 @@ std::vector<at::Tensor> packed_linear_group_cuda(const at::Tensor &x, at::Tensor
                 packed_linear_cuda_impl(layer_op(op, l).c_str(), x, packed[l], g[l], h[l], layer_bias(bias, l)));
         return ys;
     }
-    const c10::cuda::CUDAGuard guard(x.device());
     const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
     std::vector<at::Tensor> keep;  // contiguous copies of scales and biases that live until the launch
     for (int64_t l0 = 0; l0 < n; l0 += rabit_cuda::kDecodeMaxLayers) {

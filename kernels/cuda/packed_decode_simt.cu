@@ -214,11 +214,17 @@ cudaError_t launch_simt_k(const SimtArgs &a, int M, int R, unsigned tiles, int s
 
 }  // namespace
 
-bool simt_applies(int64_t M, int64_t in) { return M >= 1 && M <= kSimtMaxM && in >= 1 && in <= kSimtMaxIn; }
+bool simt_applies(int K, int64_t M, int64_t in) {
+    if (K < 1 || K > RABIT_MAX_K || M < 1 || M > kSimtMaxM || in < 1 || in > kSimtMaxIn) return false;
+    // shared memory: x*h, the warps' partial sums (R = 32 at most), `bad`; GPUs with less than sm_80's 163 KB per
+    // block (sm_86, sm_89: 99 KB) cannot take the largest K x M at the widest rows
+    const int64_t bytes = 4 * (int64_t{K} * M * RABIT_WORDS(in) * kSimtWordPitch + int64_t{kSimtWarps} * K * M * 32) + 1024;
+    return bytes <= device_info().smem_optin;
+}
 
 cudaError_t decode_gemv_simt(const void *x, rabit_dtype xdt, int64_t M, const DecodeLayer *layers, int n,
                              rabit_dtype gdt, rabit_dtype hdt, rabit_dtype bdt, int K, int64_t in, cudaStream_t s) {
-    if (!simt_applies(M, in) || xdt == RABIT_F32 || K < 1 || K > RABIT_MAX_K || n < 1 || n > kDecodeMaxLayers)
+    if (!simt_applies(K, M, in) || xdt == RABIT_F32 || n < 1 || n > kDecodeMaxLayers)
         return cudaErrorInvalidValue;
     SimtArgs a{};
     a.x = x; a.xdt = xdt; a.in = in; a.gdt = gdt; a.hdt = hdt; a.bdt = bdt;

@@ -414,25 +414,26 @@ int packed_linear_path(rabit_dtype xdt, int64_t M) {
    but 2048 x 2048 6.47 / 8.68 / 12.31 against 6.52 / 7.17 / 8.71 and 8192 x 2048 13.84 against 9.93 at M = 1
    (every block builds x*h of all columns, and a thread's additions grow with M). So it runs for M <= kSimtMaxM,
    in <= kSimtDefaultMaxIn and out * in <= kSimtDefaultMaxWeights. RABIT_CUDA_DECODE=i8, f16 (any M), b1 (M <= 2)
-   or simt (where simt_applies) forces one (benchmarks, tests); elsewhere the default runs. */
+   or simt (where simt_applies) forces one (benchmarks, tests); elsewhere the default runs. simt_applies also asks
+   whether the device's shared memory holds the kernel's (not every GPU does for K = 4 at M = 4). */
 constexpr int64_t kB1MinIn = 15 * 512 + 1;  // at least 16 groups of 512 columns per row
 constexpr int64_t kF16MinM = 5;
 constexpr int64_t kSimtDefaultMaxIn = 1536;
 constexpr int64_t kSimtDefaultMaxWeights = int64_t{3} << 20;
 
-DecodeKernel decode_kernel(int64_t M, int64_t in, int64_t out) {
+DecodeKernel decode_kernel(int K, int64_t M, int64_t in, int64_t out) {
     const char *v = getenv("RABIT_CUDA_DECODE");
     if (v && strcmp(v, "i8") == 0) return DECODE_I8;
     if (v && strcmp(v, "f16") == 0) return DECODE_F16;
     if (v && strcmp(v, "b1") == 0 && M <= kB1MaxM) return DECODE_B1;
-    if (v && strcmp(v, "simt") == 0 && simt_applies(M, in)) return DECODE_SIMT;
-    if (simt_applies(M, in) && in <= kSimtDefaultMaxIn && out * in <= kSimtDefaultMaxWeights) return DECODE_SIMT;
+    if (v && strcmp(v, "simt") == 0 && simt_applies(K, M, in)) return DECODE_SIMT;
+    if (in <= kSimtDefaultMaxIn && out * in <= kSimtDefaultMaxWeights && simt_applies(K, M, in)) return DECODE_SIMT;
     if (M == 1 && in >= kB1MinIn) return DECODE_B1;
     return M >= kF16MinM ? DECODE_F16 : DECODE_I8;
 }
 
 size_t packed_linear_workspace_bytes(rabit_dtype xdt, int64_t M, int K, int64_t in, int64_t out) {
-    return packed_linear_path(xdt, M) == 2 && M > 0 ? decode_workspace_bytes(K, M, in, decode_kernel(M, in, out)) : 0;
+    return packed_linear_path(xdt, M) == 2 && M > 0 ? decode_workspace_bytes(K, M, in, decode_kernel(K, M, in, out)) : 0;
 }
 
 cudaError_t packed_linear(const void *x, rabit_dtype xdt, int64_t M, const rabit_word_t *packed, const void *g,
@@ -445,7 +446,7 @@ cudaError_t packed_linear(const void *x, rabit_dtype xdt, int64_t M, const rabit
     if (path == 2)
     {
         const DecodeLayer layer{packed, g, h, bias, y, out};
-        return decode_gemv(x, xdt, M, &layer, 1, gdt, hdt, bdt, K, in, workspace, decode_kernel(M, in, out), s);
+        return decode_gemv(x, xdt, M, &layer, 1, gdt, hdt, bdt, K, in, workspace, decode_kernel(K, M, in, out), s);
     }
     if (gdt != RABIT_F32 || hdt != RABIT_F32 || (bias && bdt != RABIT_F32)) return cudaErrorInvalidValue;
     return packed_prefill(x, xdt, M, packed, static_cast<const float *>(g), static_cast<const float *>(h),

@@ -85,14 +85,16 @@ int packed_linear_path(rabit_dtype xdt, int64_t M);
    accuracy), its 1-bit MMA variant (M <= kB1MaxM; bit-identical outputs), and the fp16 MMA one (x*h rounded once
    to fp16: the accuracy of a dense fp16 layer); in packed_decode_simt.cu the CUDA-core one of one launch for narrow
    layers (M <= kSimtMaxM, in <= kSimtMaxIn; float32 products and sums: float32-level accuracy, not bit-identical to
-   int8). decode_kernel() is the choice packed_linear makes for a layer of out x in (a layer group runs as one launch
+   int8). decode_kernel() is the choice packed_linear makes for a layer of K paths and out x in on the current device
+   (a layer group runs as one launch
    when its layers' choices agree). */
 enum DecodeKernel { DECODE_I8 = 0, DECODE_B1 = 1, DECODE_F16 = 2, DECODE_SIMT = 3 };
 constexpr int kB1MaxM = 2;
 constexpr int kSimtMaxM = 4;
 constexpr int64_t kSimtMaxIn = 2048;
-bool simt_applies(int64_t M, int64_t in);
-DecodeKernel decode_kernel(int64_t M, int64_t in, int64_t out);
+/* The CUDA-core kernel can run a layer of K paths and `in` columns at this M on the current device. */
+bool simt_applies(int K, int64_t M, int64_t in);
+DecodeKernel decode_kernel(int K, int64_t M, int64_t in, int64_t out);
 
 /* A decode call runs up to kDecodeMaxLayers layers that read the same x [M, in] (q/k/v, gate/up) as one prologue
    and one main kernel: layer l is packed [K][out][words], g [K][out], h [K][in], bias [out] (nullable), y [M][out].
@@ -111,7 +113,7 @@ size_t decode_workspace_bytes(int paths, int64_t M, int64_t in, DecodeKernel ker
 cudaError_t decode_gemv(const void *x, rabit_dtype xdt, int64_t M, const DecodeLayer *layers, int n,
                         rabit_dtype gdt, rabit_dtype hdt, rabit_dtype bdt, int K, int64_t in, void *workspace,
                         DecodeKernel kern, cudaStream_t stream);
-/* The DECODE_SIMT kernel (decode_gemv's for that kern; no workspace): simt_applies(M, in) must hold. */
+/* The DECODE_SIMT kernel (decode_gemv's for that kern; no workspace): simt_applies(K, M, in) must hold. */
 cudaError_t decode_gemv_simt(const void *x, rabit_dtype xdt, int64_t M, const DecodeLayer *layers, int n,
                              rabit_dtype gdt, rabit_dtype hdt, rabit_dtype bdt, int K, int64_t in, cudaStream_t stream);
 
