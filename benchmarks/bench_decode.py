@@ -36,8 +36,8 @@ Writes bench_decode_<models>_<device>_<date>[_<tag>].json into --out (else $OUT,
 from __future__ import annotations
 
 import argparse
-import os
 import datetime
+import os
 import platform
 import statistics
 import sys

@@ -59,7 +59,9 @@ def abs_terms(x, g, h, bias):
 CUDA_F16_DECODE_MIN_M = 5
 # The CUDA-core kernel (float32-accurate) runs for M <= CUDA_SIMT_MAX_M and in <= CUDA_SIMT_MAX_IN when forced
 # (kSimtMaxM, kSimtMaxIn in kernels/cuda/rabit_cuda.cuh), and by default for in <= CUDA_SIMT_DEFAULT_MAX_IN and
-# out * in <= CUDA_SIMT_DEFAULT_MAX_WEIGHTS as well (kSimtDefault* in kernels/cuda/packed_linear.cu)
+# out * in <= CUDA_SIMT_DEFAULT_MAX_WEIGHTS as well (kSimtDefault* in kernels/cuda/packed_linear.cu), on GPUs whose
+# shared memory per block holds the kernel's (every K and M on A100/H100/H200; not K = M = 4 at the widest rows on
+# GPUs with 99 KB, which take another kernel there: these mirrors do not model that)
 CUDA_SIMT_MAX_IN = 2048
 CUDA_SIMT_MAX_M = 4
 CUDA_SIMT_DEFAULT_MAX_IN = 1536

@@ -194,7 +194,7 @@ def _half_kernels(m, in_features):
 
 
 @pytest.mark.parametrize("shape", PL_SHAPES, ids=shape_id)
-@pytest.mark.parametrize("m", [1, 2, 3, 8, 16, 17, 64, 200])
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 8, 16, 17, 64, 200])
 @pytest.mark.parametrize("xdtype", FLOAT_DTYPES, ids=dtype_id)
 def test_packed_linear_vs_reference(shape, m, xdtype, monkeypatch):
     out, in_features = shape
@@ -347,24 +347,43 @@ def test_decode_dispatch(xdtype, monkeypatch):
             (out, in_features, forcing_works)
 
 
-@pytest.mark.parametrize("xdtype", [torch.float16, torch.bfloat16], ids=dtype_id)
-def test_simt_sums_float32_products_where_int8_quantizes(xdtype, monkeypatch):
-    """Two inputs of 8192 whose terms cancel in the rows where their signs differ, beside small inputs below the int8
-    kernel's quantum (2^-31 of the group maximum, here 2^-16): in those rows the int8 kernel's output is exactly 0
-    and the CUDA-core kernel's the sum of the small terms (against float64). So a forced simt runs a kernel of its
-    own, and it does not quantize x*h."""
-    out, in_features = 64, 512
-    torch.manual_seed(5)
-    w, g, h = random_layer(out, in_features, 1)
-    g, h = torch.ones_like(g), torch.ones_like(h)  # y = B x
-    _, packed = rabit.residual_binarize(w, g, h)
+def _probe_x(in_features, m=1):
+    """x [m, in] (in >= 512) that tells the CUDA-core kernel from the int8 one for certain: 8192 at columns 0 and 2,
+    small values (|v| <= 2^-18) at columns 100..511, zeros elsewhere. With _probe_layer's weights (g = h = 1, K = 1)
+    the two 8192s cancel in the rows whose signs at columns 0 and 2 differ; there the int8 kernel, whose quantum is
+    2^-31 of the 512-column group's maximum (2^-16), outputs exactly 0, and the CUDA-core kernel the sum of the small
+    terms."""
     x = torch.zeros(1, in_features)
     x[0, 0] = x[0, 2] = 8192.0
-    x[0, 100:] = torch.randn(in_features - 100).clamp(-4, 4) * 2.0**-20
-    x = x.to(xdtype)
+    x[0, 100:512] = torch.randn(412, generator=torch.Generator().manual_seed(5)).clamp(-4, 4) * 2.0**-20
+    return x.repeat(m, 1)
+
+
+def _probe_layer(out, in_features, seed=5):
+    """packed, g, h of a K = 1 layer with g = h = 1 (y = B x), and the rows where _probe_x's 8192s cancel."""
+    torch.manual_seed(seed)
+    w, g, h = random_layer(out, in_features, 1)
+    g, h = torch.ones_like(g), torch.ones_like(h)
+    _, packed = rabit.residual_binarize(w, g, h)
     signs = R.unpack_signs(packed, in_features)[0]
     rows = signs[:, 0] != signs[:, 2]
-    assert 10 < rows.sum() < out - 10
+    assert rows.any() and not rows.all()
+    return packed, g, h, rows
+
+
+def _runs_simt(y, rows):
+    """Whether packed_linear's output y of _probe_x shows the CUDA-core kernel: a non-zero output in a row where the
+    8192s cancel (the int8 kernel gives exactly 0 in all of them)."""
+    return bool((y.cpu()[:, rows] != 0).any())
+
+
+@pytest.mark.parametrize("xdtype", [torch.float16, torch.bfloat16], ids=dtype_id)
+def test_simt_sums_float32_products_where_int8_quantizes(xdtype, monkeypatch):
+    """In _probe_x's cancelling rows the int8 kernel's output is exactly 0 and the CUDA-core kernel's the sum of the
+    small terms (against float64). So a forced simt runs a kernel of its own, and it does not quantize x*h."""
+    packed, g, h, rows = _probe_layer(64, 512)
+    assert 10 < rows.sum() < 64 - 10
+    x = _probe_x(512).to(xdtype)
     y64 = R.packed_linear(x, packed, g, h, compute_dtype=torch.float64)[0, rows]
     ys = {}
     for kernel in ("i8", "simt"):
@@ -373,6 +392,22 @@ def test_simt_sums_float32_products_where_int8_quantizes(xdtype, monkeypatch):
     assert torch.equal(ys["i8"], torch.zeros_like(ys["i8"]))
     assert y64.abs().max() > 2.0**-18  # the small terms do not all vanish
     assert torch.allclose(ys["simt"].double(), y64, rtol=1e-2, atol=2.0**-24), (ys["simt"], y64)
+
+
+# the bounds of the default (in 1536 / 1537, out x in 3 x 2^20 / one row more) and of forcing it (in 2048 / 2049)
+@pytest.mark.parametrize("shape", [(40, 1536), (40, 1537), (40, 2048), (40, 2049), (2048, 1536), (2049, 1536)],
+                         ids=shape_id)
+@pytest.mark.parametrize("m", [1, 4], ids=lambda m: f"m{m}")
+def test_decode_dispatch_takes_simt_exactly_within_its_bounds(shape, m, monkeypatch):
+    """The default dispatch takes the CUDA-core kernel exactly where _default_decode_kernel says, and
+    RABIT_CUDA_DECODE=simt exactly where _decode_kernel_applies says: told apart from int8 by _probe_x (the accuracy
+    tests compare outputs, in which the two float32-accurate kernels can round alike)."""
+    out, in_features = shape
+    packed, g, h, rows = _probe_layer(out, in_features)
+    args = [t.to(DEV) for t in (_probe_x(in_features, m).half(), packed, g.half(), h.half())]
+    assert _runs_simt(rabit.packed_linear(*args), rows) == (_default_decode_kernel(m, in_features, out) == "simt")
+    monkeypatch.setenv("RABIT_CUDA_DECODE", "simt")
+    assert _runs_simt(rabit.packed_linear(*args), rows) == _decode_kernel_applies("simt", m, in_features)
 
 
 @pytest.mark.parametrize("m, in_features", [(5, 1000), (16, 300), (1, 2049), (4, 4096)])
@@ -575,19 +610,19 @@ def test_packed_linear_group_kernels_are_packed_linear(k, kernel, monkeypatch):
 
 
 def test_packed_linear_group_of_layers_taking_different_decode_kernels():
-    """A group whose layers take different default decode kernels (a layer too large for the CUDA-core kernel beside
-    small ones) runs them one by one: still each layer's packed_linear output, bit for bit."""
-    layers = [(2049, 1536), (64, 1536), (300, 1536)]
-    assert [_default_decode_kernel(1, i, o) for o, i in layers] == ["i8", "simt", "simt"]
-    args = []
-    for out, in_features in layers:
-        w, g, h = (t.to(DEV) for t in random_layer(out, in_features, 2))
-        _, packed = rabit.residual_binarize(w, g, h)
-        args.append((packed, g.half(), h.half()))
+    """A group whose layers take different default decode kernels (a layer too large for the CUDA-core kernel between
+    small ones) runs them one by one: each layer's packed_linear output, bit for bit, from its own kernel (told apart
+    by _probe_x; the first layer takes simt, so one launch for all would run the large one in simt too)."""
+    layers = [(64, 1536), (2049, 1536), (300, 1536)]
+    kernels = [_default_decode_kernel(1, i, o) for o, i in layers]
+    assert kernels == ["simt", "i8", "simt"]
+    probes = [_probe_layer(o, i, seed=l) for l, (o, i) in enumerate(layers)]
+    args = [(packed.to(DEV), g.half().to(DEV), h.half().to(DEV)) for packed, g, h, _ in probes]
     for m in (1, 3):
-        x = torch.randn(m, 1536, device=DEV).half()
+        x = _probe_x(1536, m).half().to(DEV)
         ys = rabit.packed_linear_group(x, *[list(t) for t in zip(*args)])
         assert all(torch.equal(y, rabit.packed_linear(x, *a)) for y, a in zip(ys, args))
+        assert [_runs_simt(y, p[3]) for y, p in zip(ys, probes)] == [k == "simt" for k in kernels]
 
 
 def test_side_stream_and_second_device_guard():

@@ -216,9 +216,10 @@ cudaError_t launch_simt_k(const SimtArgs &a, int M, int R, unsigned tiles, int s
 
 bool simt_applies(int K, int64_t M, int64_t in) {
     if (K < 1 || K > RABIT_MAX_K || M < 1 || M > kSimtMaxM || in < 1 || in > kSimtMaxIn) return false;
-    // shared memory: x*h, the warps' partial sums (R = 32 at most), `bad`; GPUs with less than sm_80's 163 KB per
-    // block (sm_86, sm_89: 99 KB) cannot take the largest K x M at the widest rows
-    const int64_t bytes = 4 * (int64_t{K} * M * RABIT_WORDS(in) * kSimtWordPitch + int64_t{kSimtWarps} * K * M * 32) + 1024;
+    // shared memory: x*h, the warps' partial sums, `bad` (and 1 KB of slack): up to ~155 KB at K = M = 4 and
+    // in = 2048, more than some GPUs give a block (sm_86, sm_89: 99 KB), which then take another kernel
+    const int64_t bytes =
+        4 * (int64_t{K} * M * RABIT_WORDS(in) * kSimtWordPitch + int64_t{kSimtWarps} * K * M * simt_rows(in)) + 1024;
     return bytes <= device_info().smem_optin;
 }
 

@@ -85,9 +85,8 @@ int packed_linear_path(rabit_dtype xdt, int64_t M);
    accuracy), its 1-bit MMA variant (M <= kB1MaxM; bit-identical outputs), and the fp16 MMA one (x*h rounded once
    to fp16: the accuracy of a dense fp16 layer); in packed_decode_simt.cu the CUDA-core one of one launch for narrow
    layers (M <= kSimtMaxM, in <= kSimtMaxIn; float32 products and sums: float32-level accuracy, not bit-identical to
-   int8). decode_kernel() is the choice packed_linear makes for a layer of K paths and out x in on the current device
-   (a layer group runs as one launch
-   when its layers' choices agree). */
+   int8). decode_kernel() is the choice packed_linear makes for a layer of K paths and out x in on the current device (a
+   layer group runs as one launch when its layers' choices agree). */
 enum DecodeKernel { DECODE_I8 = 0, DECODE_B1 = 1, DECODE_F16 = 2, DECODE_SIMT = 3 };
 constexpr int kB1MaxM = 2;
 constexpr int kSimtMaxM = 4;
