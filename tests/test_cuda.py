@@ -410,6 +410,38 @@ def test_decode_dispatch_takes_simt_exactly_within_its_bounds(shape, m, monkeypa
     assert _runs_simt(rabit.packed_linear(*args), rows) == _decode_kernel_applies("simt", m, in_features)
 
 
+# row lengths of each way the CUDA-core kernel lays out a block (32 rows a block up to 512 columns, 16 up to 1024, 8
+# beyond; the first two build x*h per warp, the last per block), with partial last words and a single word
+@pytest.mark.parametrize("in_features", [20, 33, 512, 513, 576, 1000, 1024, 1025, 1536, 2048], ids=lambda n: f"in{n}")
+@pytest.mark.parametrize("m", [1, 3, 4], ids=lambda m: f"m{m}")
+def test_simt_nonfinite_input_makes_its_row_nan_at_every_block_layout(m, in_features, monkeypatch):
+    """A NaN, +Inf or -Inf in x, at the first, a middle or the last column, makes that row of the CUDA-core
+    kernel's output NaN (every row of it, so Inf never comes out as Inf) and leaves the other rows bit for bit.
+    The kernel stores a non-finite x*h as NaN and lets the sums carry it: this checks that every warp's words are
+    covered, whichever warp builds them."""
+    monkeypatch.setenv("RABIT_CUDA_DECODE", "simt")
+    torch.manual_seed(in_features * 10 + m)
+    out = 37  # partial last block at every layout
+    w, g, h = random_layer(out, in_features, 2)
+    _, packed = rabit.residual_binarize(w, g, h)
+    dev = [t.to(DEV) for t in (packed, g.half(), h.half())]
+    x = torch.randn(m, in_features).half()
+    y = rabit.packed_linear(x.to(DEV), *dev).cpu()
+    assert torch.isfinite(y).all()
+    y64 = R.packed_linear(x, packed, g.half(), h.half(), compute_dtype=torch.float64)
+    assert_float_close(y, R.packed_linear(x, packed, g.half(), h.half()), y64, f"simt {m}x{in_features}",
+                       _abs_terms(x, g.half(), h.half(), None), 2 * in_features)
+    bad_row = m - 1
+    others = list(range(bad_row))
+    for col in sorted({0, in_features // 2, in_features - 1}):
+        for bad in (float("nan"), float("inf"), float("-inf")):
+            xb = x.clone()
+            xb[bad_row, col] = bad
+            yb = rabit.packed_linear(xb.to(DEV), *dev).cpu()
+            assert torch.isnan(yb[bad_row]).all(), (col, bad, yb[bad_row])
+            assert torch.equal(yb[others], y[others]), (col, bad)
+
+
 @pytest.mark.parametrize("m, in_features", [(5, 1000), (16, 300), (1, 2049), (4, 4096)])
 def test_simt_forced_where_it_does_not_apply_runs_the_default(m, in_features, monkeypatch):
     """RABIT_CUDA_DECODE=simt beyond M <= CUDA_SIMT_MAX_M or in <= CUDA_SIMT_MAX_IN runs the default kernel (as b1

@@ -3,7 +3,8 @@
  * prologue, no workspace. Small layers (SmolLM2's 576 x 576 ... 1536 x 576) are latency-bound on the MMA kernels:
  * their prologue and main launch cost ~5.8 us a linear against ~3.9 us for cuBLAS (docs/kernels.md), while the
  * arithmetic of a whole layer on the CUDA cores is a fraction of a microsecond. So here every block builds
- * xh_k = h_k * x (float32) of all columns in shared memory itself, and then
+ * xh_k = h_k * x (float32) of all columns in shared memory itself (each warp the words it reads, or for long rows the
+ * whole block all of them: gemv_simt_kernel), and then
  *
  *   y[m][o] = sum_k g_k[o] * sum_j s_k[o][j] * xh_k[m][j],   s = +1 for a set bit, -1 for a clear one
  *
@@ -27,8 +28,6 @@ namespace {
 
 constexpr int kSimtWarps = 16;
 constexpr int kSimtThreads = 32 * kSimtWarps;
-constexpr int kSimtCols = kSimtMaxIn / kSimtThreads;  // columns of xh a thread builds
-static_assert(kSimtCols * kSimtThreads == kSimtMaxIn, "kSimtMaxIn must be a multiple of the block");
 
 /* Output rows a block (R = rows a warp, the lanes' row index lane % R): every thread gets one word per path
    (slices = kSimtWarps * 32 / R >= words per row). Depends on `in` only, so a layer's rows are summed the same
@@ -37,6 +36,7 @@ inline int simt_rows(int64_t in) {
     const int64_t nw = RABIT_WORDS(in);
     return nw <= kSimtWarps ? 32 : nw <= 2 * kSimtWarps ? 16 : 8;
 }
+static_assert(kSimtMaxIn % kSimtThreads == 0, "the block's build: whole columns a thread");
 static_assert(kSimtMaxIn <= 32 * 4 * kSimtWarps, "simt_rows(kSimtMaxIn) must give every slice one word");
 
 struct SimtArgs {
@@ -63,14 +63,23 @@ constexpr int kSimtWordPitch = 36;
 /* Component e of v (e a compile-time constant after unrolling). */
 __device__ __forceinline__ float comp(const float4 &v, int e) { return e == 0 ? v.x : e == 1 ? v.y : e == 2 ? v.z : v.w; }
 
-/* Thread (warp, lane): row lane % R of the block's R rows, word (slice) warp * (32 / R) + lane / R of every path. */
+/* Thread (warp, lane): row lane % R of the block's R rows, word (slice) warp * (32 / R) + lane / R of every path.
+   A non-finite x*h is stored as NaN: every weight is +-1, so it reaches every output row's sum and makes that row
+   of x's outputs NaN (the MMA kernels' contract) with no flag to share between warps. */
 template <int K, int M, int R>
 __global__ void __launch_bounds__(kSimtThreads) gemv_simt_kernel(const SimtArgs a) {
     extern __shared__ __align__(16) float xs[];   // [K][M][pitch] xh (kSimtWordPitch floats a word)
     __shared__ float red[kSimtWarps][K][M][R];    // the warps' partial sums
-    __shared__ int bad;                           // bit m: a non-finite xh in row m of x
+    constexpr int WW = 32 / R;                    // words a warp
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, r = lane % R;
-    const int w = warp * (32 / R) + lane / R;
+    const int w = warp * WW + lane / R;
+    // who builds which columns of xh: the warp its own words' (lane: bit `lane` of each), or the block all of them
+    // (thread: columns tid, tid + 512, ...; then a block barrier). Measured (H200, session 22): the warp's build is
+    // faster for R >= 16 (in <= 1024; 3.41 against 3.48 us at 576 x 576, M = 1; 5.29 against 5.77 at M = 4) and
+    // slower at R = 8 in SmolLM2's down_proj (576 x 1536: 4.68 against 4.25 us), so the block builds there
+    constexpr bool kWarpBuild = R >= 16;
+    constexpr int NC = kWarpBuild ? WW : static_cast<int>(kSimtMaxIn / kSimtThreads);
+    const int col0 = kWarpBuild ? warp * WW * 32 + lane : tid, col_step = kWarpBuild ? 32 : kSimtThreads;
 
     int64_t tile = blockIdx.x;
     int l = 0;
@@ -81,7 +90,6 @@ __global__ void __launch_bounds__(kSimtThreads) gemv_simt_kernel(const SimtArgs 
     const int64_t out = pick(a.out, l), o = tile * R + r;
     const bool valid = o < out, word = w < a.nw;
     const int nw = a.nw, pitch = a.pitch;
-    if (tid == 0) bad = 0;
     pdl_wait();  // x (and, for all we know, the weights) may come from the kernel before
 
     // loads first, all in flight together: this thread's word of every path, g and bias of the finishing
@@ -97,35 +105,38 @@ __global__ void __launch_bounds__(kSimtThreads) gemv_simt_kernel(const SimtArgs 
     for (int k = 0; k < K; k++) gv[k] = fin ? ld_any(pick(a.g, l), a.gdt, k * out + o) : 0.0f;
     if (fin && bias) bv = ld_any(bias, a.bdt, o);
     const void *h = pick(a.h, l);
-    float xv[kSimtCols][M], hv[kSimtCols][K];
+    float xv[NC][M], hv[NC][K];
 #pragma unroll
-    for (int c = 0; c < kSimtCols; c++) {
-        const int64_t j = tid + c * kSimtThreads;
+    for (int c = 0; c < NC; c++) {
+        const int64_t j = col0 + int64_t{c} * col_step;
         const bool in_range = j < a.in;
 #pragma unroll
         for (int m = 0; m < M; m++) xv[c][m] = in_range ? ld_any(a.x, a.xdt, m * a.in + j) : 0.0f;
 #pragma unroll
         for (int k = 0; k < K; k++) hv[c][k] = in_range ? ld_any(h, a.hdt, k * a.in + j) : 0.0f;
     }
-    __syncthreads();  // bad = 0 is visible
+    // every block has issued its loads: the next kernel may be scheduled (it waits for this grid's end before
+    // it reads anything); measured: the attention after a q/k/v group starts sooner, ~20 us a SmolLM2 step
+    pdl_launch_dependents();
 
-    // xh_k[m][j] = h_k[j] * x[m][j] for every column (zeros from `in` to the end of the last word)
-    int nf = 0;
+    // xh_k[m][j] = h_k[j] * x[m][j] (zeros from `in` to the end of the last word)
 #pragma unroll
-    for (int c = 0; c < kSimtCols; c++) {
-        const int j = tid + c * kSimtThreads;
-        if (j >= nw * 32) break;
+    for (int c = 0; c < NC; c++) {
+        const int j = col0 + c * col_step;
+        if ((j >> 5) >= nw) break;
 #pragma unroll
         for (int k = 0; k < K; k++)
 #pragma unroll
             for (int m = 0; m < M; m++) {
                 const float v = __fmul_rn(hv[c][k], xv[c][m]);
-                if (!is_finite_f(v)) nf |= 1 << m;
-                xs[(k * M + m) * pitch + (j >> 5) * kSimtWordPitch + (j & 31)] = v;
+                xs[(k * M + m) * pitch + (j >> 5) * kSimtWordPitch + (j & 31)] =
+                    is_finite_f(v) ? v : __uint_as_float(0x7fc00000u);
             }
     }
-    if (nf) atomicOr(&bad, nf);
-    __syncthreads();
+    if (kWarpBuild)
+        __syncwarp();
+    else
+        __syncthreads();
 
     // this thread's word: two chains per (path, row of x), even and odd columns; then the warp's words of a row
     // added by a fixed butterfly over the lanes of that row
@@ -162,7 +173,8 @@ __global__ void __launch_bounds__(kSimtThreads) gemv_simt_kernel(const SimtArgs 
     }
     __syncthreads();
 
-    // thread (m, r): the warps in order per path, times g, the paths in order, bias, one rounding
+    // thread (m, r): the warps in order per path, times g, the paths in order, bias, one rounding (a NaN sum, from
+    // a non-finite xh, stays NaN through all of it)
     if (fin) {
         const int m = tid / R;
         float v = 0.0f;
@@ -174,7 +186,6 @@ __global__ void __launch_bounds__(kSimtThreads) gemv_simt_kernel(const SimtArgs 
             v = __fadd_rn(v, __fmul_rn(gv[k], s));
         }
         if (bias) v = __fadd_rn(v, bv);
-        if (bad & (1 << m)) v = __uint_as_float(0x7fc00000u);  // NaN
         st_any(pick(a.y, l), a.xdt, m * out + o, v);
     }
 }
@@ -216,7 +227,7 @@ cudaError_t launch_simt_k(const SimtArgs &a, int M, int R, unsigned tiles, int s
 
 bool simt_applies(int K, int64_t M, int64_t in) {
     if (K < 1 || K > RABIT_MAX_K || M < 1 || M > kSimtMaxM || in < 1 || in > kSimtMaxIn) return false;
-    // shared memory: x*h, the warps' partial sums, `bad` (and 1 KB of slack): up to ~155 KB at K = M = 4 and
+    // shared memory: x*h, the warps' partial sums (and 1 KB of slack): up to ~155 KB at K = M = 4 and
     // in = 2048, more than some GPUs give a block (sm_86, sm_89: 99 KB), which then take another kernel
     const int64_t bytes =
         4 * (int64_t{K} * M * RABIT_WORDS(in) * kSimtWordPitch + int64_t{kSimtWarps} * K * M * simt_rows(in)) + 1024;
