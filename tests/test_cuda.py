@@ -413,24 +413,26 @@ def test_decode_dispatch_takes_simt_exactly_within_its_bounds(shape, m, monkeypa
 # row lengths of each way the CUDA-core kernel lays out a block (32 rows a block up to 512 columns, 16 up to 1024, 8
 # beyond; the first two build x*h per warp, the last per block), with partial last words and a single word
 @pytest.mark.parametrize("in_features", [20, 33, 512, 513, 576, 1000, 1024, 1025, 1536, 2048], ids=lambda n: f"in{n}")
-@pytest.mark.parametrize("m", [1, 3, 4], ids=lambda m: f"m{m}")
+@pytest.mark.parametrize("m", [1, 2, 4], ids=lambda m: f"m{m}")
 def test_simt_nonfinite_input_makes_its_row_nan_at_every_block_layout(m, in_features, monkeypatch):
     """A NaN, +Inf or -Inf in x, at the first, a middle or the last column, makes that row of the CUDA-core
-    kernel's output NaN (every row of it, so Inf never comes out as Inf) and leaves the other rows bit for bit.
-    The kernel stores a non-finite x*h as NaN and lets the sums carry it: this checks that every warp's words are
-    covered, whichever warp builds them."""
+    kernel's output NaN (every row of it, so Inf never comes out as Inf; a zero g and the bias do not stop it) and
+    leaves the other rows bit for bit. The kernel stores a non-finite x*h as NaN and lets the sums carry it: this
+    checks that every warp's words are covered, whichever warp builds them."""
+    assert _decode_kernel_applies("simt", m, in_features)  # so forcing it runs it (test_decode_dispatch_takes_...)
     monkeypatch.setenv("RABIT_CUDA_DECODE", "simt")
     torch.manual_seed(in_features * 10 + m)
     out = 37  # partial last block at every layout
     w, g, h = random_layer(out, in_features, 2)
     _, packed = rabit.residual_binarize(w, g, h)
-    dev = [t.to(DEV) for t in (packed, g.half(), h.half())]
-    x = torch.randn(m, in_features).half()
+    g[1, 3] = 0.0  # a zero scale: 0 * NaN is still NaN
+    args = (x := torch.randn(m, in_features).half(), packed, g.half(), h.half(), torch.randn(out).half())
+    dev = [t.to(DEV) for t in args[1:]]
     y = rabit.packed_linear(x.to(DEV), *dev).cpu()
     assert torch.isfinite(y).all()
-    y64 = R.packed_linear(x, packed, g.half(), h.half(), compute_dtype=torch.float64)
-    assert_float_close(y, R.packed_linear(x, packed, g.half(), h.half()), y64, f"simt {m}x{in_features}",
-                       _abs_terms(x, g.half(), h.half(), None), 2 * in_features)
+    y64 = R.packed_linear(*args, compute_dtype=torch.float64)
+    assert_float_close(y, R.packed_linear(*args), y64, f"simt {m}x{in_features}", _abs_terms(*args[:1], *args[2:]),
+                       2 * in_features)
     bad_row = m - 1
     others = list(range(bad_row))
     for col in sorted({0, in_features // 2, in_features - 1}):
