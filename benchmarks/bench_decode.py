@@ -9,7 +9,9 @@ the comparison measures the weights, not Python overhead. The FP side is fp16 on
 float32 on CPU; the rabit side swaps every decoder-layer linear (q,k,v,o,gate,up,down) for PackedRaBiTLinear
 (K=2, fp16 scales); embeddings, norms and lm_head stay as they are on both sides. The packed model runs twice:
 `rabit` as StaticDecoder runs it by default (q/k/v and gate/up each as one packed_linear_group call) and
-`rabit-single` with one call per linear (group_projections=False), for the gain of the grouping (--variants); the FP
+`rabit-single` with one call per linear (group_projections=False), for the gain of the grouping (--variants), and
+`rabit-unfused-glue` with the norms, SwiGLU and residual adds as kernels of their own (fused_glue=False; the default
+runs them inside the packed kernels where those take the model: StaticDecoder's fused_glue); the FP
 model likewise as `fp` (on CUDA q/k/v and gate/up as one GEMM each on weights stacked into one tensor, as serving
 runtimes do) and `fp-single` (one nn.Linear call each). `speedup` compares rabit with fp, `speedup_single`
 rabit-single with fp-single, and `speedup_<variant>_vs_fastest_fp` each rabit variant with the faster FP one.
@@ -155,10 +157,10 @@ def load(name, dev, dtype):
 
 
 # ------------------------------------------------------------------------------------------------ measure
-def measure(model, batch, prompt, new, dev, reps, compile, group=True, fused_attention=None):
+def measure(model, batch, prompt, new, dev, reps, compile, group=True, fused_attention=None, fused_glue=None):
     cfg = model.config
     dec = StaticDecoder(model, batch_size=batch, max_len=prompt + new + 1, compile=compile, group_projections=group,
-                        fused_attention=fused_attention)
+                        fused_attention=fused_attention, fused_glue=fused_glue)
     ids = torch.randint(3, cfg.vocab_size, (batch, prompt), generator=torch.Generator().manual_seed(1))
     t_pre = timed(lambda: dec.prefill(ids), dev, reps=3)
 
@@ -210,7 +212,7 @@ def measure(model, batch, prompt, new, dev, reps, compile, group=True, fused_att
     kv_positions = prompt + (new + 1) / 2 if dec.fused_attention else dec.max_len
     kv_bytes = round(dec.k_cache.numel() * dec.k_cache.element_size() * 2 * kv_positions / dec.max_len)
     return dec, tokens, {
-        "batch": batch, "fused_attention": dec.fused_attention, "prefill_ms": round(t_pre * 1e3, 3),
+        "batch": batch, "fused_attention": dec.fused_attention, "fused_glue": dec.fused_glue, "prefill_ms": round(t_pre * 1e3, 3),
         "decode_ms_per_token": round(step * 1e3, 4),
         "tokens_per_s": round(batch * new / t_dec, 1),
         "generate_tokens_per_s": round(gen_tps, 1),
@@ -234,7 +236,9 @@ def main(argv=None):
     ap.add_argument("--variants", default="fp,fp-single,rabit,rabit-single",
                     help="fp: FP16/FP32 layers, q/k/v and gate/up as one GEMM each on stacked weights (on CUDA); "
                     "rabit: packed, q/k/v and gate/up as one packed_linear_group call each (both what StaticDecoder "
-                    "runs by default); -single: one call per linear (group_projections=False)")
+                    "runs by default, the glue fused into the packed kernels where they take it); -single: one call "
+                    "per linear (group_projections=False); rabit-unfused-glue: the norms, SwiGLU and residual adds as "
+                    "kernels of their own (fused_glue=False)")
     ap.add_argument("--attention", choices=["fused", "unfused"], default="fused",
                     help="decode-step attention: fused (rabit.decode_attention where supported: StaticDecoder's "
                     "default) or unfused (rotary, cache copies, SDPA over the whole cache; fused_attention=False)")
@@ -245,7 +249,7 @@ def main(argv=None):
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     variants = args.variants.split(",")
-    known = ["fp", "fp-single", "rabit", "rabit-single"]
+    known = ["fp", "fp-single", "rabit", "rabit-single", "rabit-unfused-glue"]
     if not set(variants) <= set(known) or not any(v.startswith("fp") for v in variants):
         ap.error(f"--variants: expected an fp variant and others of {known}, got {args.variants!r}")
     variants = [v for v in known if v in variants]  # FP first: the model is packed in place afterwards
@@ -268,15 +272,16 @@ def main(argv=None):
                 if dev.type == "cuda":
                     torch.cuda.empty_cache()
             for b in batches:
+                glue = False if variant == "rabit-unfused-glue" else None
                 dec, tokens, r = measure(model, b, args.prompt, args.new, dev, args.reps, compile_glue,
-                                         group=not variant.endswith("-single"), fused_attention=fused)
+                                         group=not variant.endswith("-single"), fused_attention=fused, fused_glue=glue)
                 nbytes = sum(r["bytes_per_step"].values())
                 r["roofline_fraction"] = round(nbytes / bw / (r["decode_ms_per_token"] / 1e3), 3)
                 if b == batches[0]:
                     # the graph decode equals step-by-step eager decoding (same runtime, no graph)
                     eager = StaticDecoder(model, batch_size=b, max_len=args.prompt + 17, cuda_graph=False,
                                           compile=compile_glue, group_projections=not variant.endswith("-single"),
-                                          fused_attention=fused)
+                                          fused_attention=fused, fused_glue=glue)
                     out = eager.generate(tokens[:, : args.prompt].cpu(), 16)
                     r["graph_equals_eager_16_tokens"] = bool(torch.equal(out, tokens[:, : args.prompt + 16].cpu()))
                 rows[(variant, b)] = r

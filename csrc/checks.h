@@ -204,6 +204,43 @@ inline std::optional<at::Tensor> layer_bias(at::TensorList bias, int64_t l) {
 
 inline std::string layer_op(const char *op, int64_t l) { return std::string(op) + " (layer " + std::to_string(l) + ")"; }
 
+// packed_linear_fused's glue arguments (the layers are checked as packed_linear_group's): norm_weight [in] of a float
+// dtype, eps finite and >= 0, up of x's shape and dtype, residual [M, out] of x's dtype for a single layer; all on
+// x's device and contiguous.
+inline void check_fused_args(const char *op, const at::Tensor &x, int64_t n, int64_t out,
+                             const std::optional<at::Tensor> &norm_weight, double eps,
+                             const std::optional<at::Tensor> &up, const std::optional<at::Tensor> &residual) {
+    TORCH_CHECK_VALUE(std::isfinite(eps) && eps >= 0, op, ": eps must be finite and >= 0, got ", eps);
+    if (norm_weight.has_value()) {
+        const at::Tensor &w = *norm_weight;
+        RABIT_CHECK_FLOAT(op, w);
+        TORCH_CHECK_VALUE(w.dim() == 1 && w.size(0) == x.size(1), op, ": norm_weight must be [in=", x.size(1),
+                          "] (one weight per input column), got ", w.sizes());
+        RABIT_CHECK_SAME_DEVICE(op, w, x);
+        RABIT_CHECK_CONTIGUOUS(op, w);
+    }
+    if (up.has_value()) {
+        const at::Tensor &u = *up;
+        TORCH_CHECK_VALUE(u.sizes() == x.sizes(), op, ": up must have x's shape ", x.sizes(), " (silu(x) * up is the "
+                          "layers' input), got ", u.sizes());
+        TORCH_CHECK_TYPE(u.scalar_type() == x.scalar_type(), op, ": up must have x's dtype ", x.scalar_type(),
+                         ", got ", u.scalar_type());
+        RABIT_CHECK_SAME_DEVICE(op, u, x);
+        RABIT_CHECK_CONTIGUOUS(op, u);
+    }
+    if (residual.has_value()) {
+        const at::Tensor &r = *residual;
+        TORCH_CHECK_VALUE(n == 1, op, ": a residual is added to a single layer's output, got ", n,
+                          " layers; call the op once per layer");
+        TORCH_CHECK_VALUE(r.dim() == 2 && r.size(0) == x.size(0) && r.size(1) == out, op, ": residual must be [M=",
+                          x.size(0), ", out=", out, "] (the layer's output shape), got ", r.sizes());
+        TORCH_CHECK_TYPE(r.scalar_type() == x.scalar_type(), op, ": residual must have x's dtype ", x.scalar_type(),
+                         ", got ", r.scalar_type());
+        RABIT_CHECK_SAME_DEVICE(op, r, x);
+        RABIT_CHECK_CONTIGUOUS(op, r);
+    }
+}
+
 // decode_attention: q [B, H, D], k and v [B, Hkv, D] (any strides with a dense last dimension), caches
 // [B, Hkv, S, D] dense, cos and sin [P >= S, D] dense, all of one float dtype on one device; pos: one int64 on that
 // device. Returns the sizes.

@@ -176,6 +176,37 @@ std::vector<at::Tensor> packed_linear_group_cpu(const at::Tensor &x, at::TensorL
     return ys;
 }
 
+// The composition the fused CUDA kernel computes: float32 input u, the layers on it through the CPU kernel, the
+// norm's per-row scale, bias and residual after the sums, one rounding to x's dtype.
+std::vector<at::Tensor> packed_linear_fused_cpu(const at::Tensor &x, at::TensorList packed, at::TensorList g,
+                                                at::TensorList h, at::TensorList bias,
+                                                const std::optional<at::Tensor> &norm_weight, double eps,
+                                                const std::optional<at::Tensor> &up,
+                                                const std::optional<at::Tensor> &residual) {
+    const char *op = "rabit.packed_linear_fused";
+    const int64_t n = check_group_lists(op, packed, g, h, bias);
+    for (int64_t l = 0; l < n; l++)
+        check_packed_linear_args(layer_op(op, l).c_str(), x, packed[l], g[l], h[l], layer_bias(bias, l));
+    check_fused_args(op, x, n, packed[0].size(1), norm_weight, eps, up, residual);
+    at::Tensor u = x.to(at::kFloat);
+    if (up.has_value()) u = at::silu(u) * up->to(at::kFloat);
+    at::Tensor rs;
+    if (norm_weight.has_value()) {
+        rs = at::rsqrt(u.square().mean(-1, true) + eps);
+        u = u * norm_weight->to(at::kFloat);
+    }
+    u = u.contiguous();
+    std::vector<at::Tensor> ys;
+    for (int64_t l = 0; l < n; l++) {
+        at::Tensor y = packed_linear_cpu_impl(layer_op(op, l).c_str(), u, packed[l], g[l], h[l], std::nullopt);
+        if (norm_weight.has_value()) y = y * rs;
+        if (!bias.empty()) y = y + bias[l].to(at::kFloat);
+        if (residual.has_value()) y = y + residual->to(at::kFloat);
+        ys.push_back(y.to(x.scalar_type()));
+    }
+    return ys;
+}
+
 at::Tensor decode_attention_cpu(const at::Tensor &q, const at::Tensor &k, const at::Tensor &v, at::Tensor &k_cache,
                                 at::Tensor &v_cache, const at::Tensor &cos, const at::Tensor &sin,
                                 const at::Tensor &pos, double scale) {
@@ -202,6 +233,7 @@ TORCH_LIBRARY_IMPL(rabit, CPU, m) {
     m.impl("dequantize", &dequantize_cpu);
     m.impl("packed_linear", &packed_linear_cpu);
     m.impl("packed_linear_group", &packed_linear_group_cpu);
+    m.impl("packed_linear_fused", &packed_linear_fused_cpu);
     m.impl("decode_attention", &decode_attention_cpu);
 }
 

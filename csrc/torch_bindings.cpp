@@ -42,6 +42,14 @@ TORCH_LIBRARY(rabit, m) {
     // bias: one per layer, or empty for none (not Tensor?[]: torch.library's autograd does not reach tensors in a
     // list that holds None, so their gradients would be lost silently).
     m.def("packed_linear_group(Tensor x, Tensor[] packed, Tensor[] g, Tensor[] h, Tensor[] bias) -> Tensor[]");
+    // A decoder's glue fused into packed_linear_group, for decoding (no autograd): the layers read u = silu(x) * up
+    // where up is given (else x), RMS-normalised as HF's RMSNorm where norm_weight is given (u * rsqrt(mean(u^2) +
+    // eps) * norm_weight, in float32, not rounded); output l = packed_linear(u, layer l), plus residual (a single
+    // layer only), rounded once to x's dtype. On CUDA one launch of the CUDA-core decode kernel (fp16/bf16 x,
+    // M <= 4, in <= 2048; an error elsewhere).
+    m.def(
+        "packed_linear_fused(Tensor x, Tensor[] packed, Tensor[] g, Tensor[] h, Tensor[] bias, Tensor? norm_weight, "
+        "float eps, Tensor? up, Tensor? residual) -> Tensor[]");
     // One decoding step of attention (a new token per row, every row at cache position pos): writes rope(k) and v
     // into the caches at pos and returns softmax(scale * rope(q) K^T) V over positions 0..pos, [B, H, D]; grouped-
     // query heads (H a multiple of Hkv); HF's rotate_half rotary with cos/sin rows [P, D]. For inference: no autograd.
@@ -85,6 +93,15 @@ static PyObject *rabit_py_cuda_prefill_plan(PyObject *, PyObject *args) {
     return Py_BuildValue("(si)", p.kernel == rabit_cuda::PREFILL_WGMMA ? "wgmma" : "mma", p.splits);
 }
 
+// Whether the CUDA-core decode kernel (and so rabit.packed_linear_fused) can run a layer of K paths and `in` columns
+// at M rows of fp16/bf16 x on the current device.
+static PyObject *rabit_py_cuda_simt_applies(PyObject *, PyObject *args) {
+    int K = 0;
+    long long M = 0, in = 0;
+    if (!PyArg_ParseTuple(args, "iLL", &K, &M, &in)) return nullptr;
+    return PyBool_FromLong(rabit_cuda::simt_applies(K, M, in));
+}
+
 // Why the CUDA decode_attention kernel cannot run float dtype code dt (0 float32, 1 float16, 2 bfloat16) with G
 // query heads per KV head and head dimension D, or None: what StaticDecoder asks before it fuses its attention.
 static PyObject *rabit_py_cuda_attention_unsupported(PyObject *, PyObject *args) {
@@ -102,6 +119,8 @@ static PyMethodDef rabit_methods[] = {
 #ifdef RABIT_WITH_CUDA
     {"cuda_prefill_plan", rabit_py_cuda_prefill_plan, METH_VARARGS,
      "cuda_prefill_plan(M, out, in) -> (kernel, splits): the prefill GEMM packed_linear runs on the current GPU."},
+    {"cuda_simt_applies", rabit_py_cuda_simt_applies, METH_VARARGS,
+     "cuda_simt_applies(K, M, in) -> whether the CUDA-core decode kernel (packed_linear_fused) takes such a layer."},
     {"cuda_attention_unsupported", rabit_py_cuda_attention_unsupported, METH_VARARGS,
      "cuda_attention_unsupported(dtype_code, G, D) -> why the CUDA decode_attention kernel cannot run, or None."},
 #endif

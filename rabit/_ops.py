@@ -104,6 +104,15 @@ def _packed_linear_group_fake(x, packed, g, h, bias):
     return [_packed_linear_fake(x, packed[i], g[i], h[i], bias[i] if bias else None) for i in range(n)]
 
 
+@torch.library.register_fake("rabit::packed_linear_fused")
+def _packed_linear_fused_fake(x, packed, g, h, bias, norm_weight, eps, up, residual):
+    op = "rabit.packed_linear_fused"
+    torch._check(up is None or up.shape == x.shape, lambda: f"{op}: up must have x's shape {tuple(x.shape)}")
+    torch._check(residual is None or len(packed) == 1,
+                 lambda: f"{op}: a residual is added to a single layer's output, got {len(packed)} layers")
+    return _packed_linear_group_fake(x, packed, g, h, bias)
+
+
 @torch.library.register_fake("rabit::decode_attention")
 def _decode_attention_fake(q, k, v, k_cache, v_cache, cos, sin, pos, scale):
     torch._check(q.dim() == 3, lambda: f"rabit.decode_attention: expected a 3-D q [B, H, D], got {q.dim()}-D")
@@ -428,6 +437,27 @@ def packed_linear_group(x: Tensor, packed: list[Tensor], g: list[Tensor], h: lis
     return [_ops.packed_linear(x, *layer) for layer in zip(packed, g, h, bias, strict=True)]
 
 
+def packed_linear_fused(x: Tensor, packed: list[Tensor], g: list[Tensor], h: list[Tensor],
+                        bias: list[Tensor] | None = None, norm_weight: Tensor | None = None, eps: float = 1e-6,
+                        up: Tensor | None = None, residual: Tensor | None = None) -> list[Tensor]:
+    """A decoder's glue fused into :func:`packed_linear_group` (spec: :func:`rabit.reference.packed_linear_fused`):
+    the layers read ``u = silu(x) * up`` where ``up`` is given (a SwiGLU MLP's down_proj), else ``x``; with
+    ``norm_weight`` they read HF's RMSNorm of it, ``u * rsqrt(mean(u²) + eps) * norm_weight`` (the q/k/v and
+    gate/up projections after a layer's norms); output l is ``packed_linear(u, layer l) + residual`` (residual: a
+    single layer only, o_proj and down_proj), in float32 and rounded once to x's dtype. On CUDA one launch of the
+    CUDA-core decode kernel, which takes fp16/bf16 x with at most 4 rows and 2048 columns (an error elsewhere: run
+    the ops unfused there); on the CPU the same math composed of torch ops and the packed kernel. ``bias``: None or
+    one tensor per layer. For decoding: no backward."""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                       for t in (x, norm_weight, up, residual, *g, *h, *(bias or []))):
+        raise RuntimeError("rabit.packed_linear_fused is for decoding and has no backward; call it under "
+                           "torch.no_grad() or torch.inference_mode()")
+    bias = [] if bias is None else list(bias)
+    if any(b is None for b in bias):
+        raise ValueError("rabit.packed_linear_fused: bias must be None or one tensor per layer")
+    return _ops.packed_linear_fused(x, list(packed), list(g), list(h), bias, norm_weight, float(eps), up, residual)
+
+
 def decode_attention(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, cos: Tensor, sin: Tensor,
                      pos: Tensor, scale: float | None = None) -> Tensor:
     """One decoding step of attention in one call (spec: :func:`rabit.reference.decode_attention`): the rotary
@@ -493,6 +523,8 @@ def use_reference_kernels(device_type: str = "cuda") -> None:
                                                                                 dtype or torch.float32),
         "packed_linear": lambda x, packed, g, h, bias=None: R.packed_linear(x, packed, g, h, bias),
         "packed_linear_group": lambda x, packed, g, h, bias: R.packed_linear_group(x, packed, g, h, bias),
+        "packed_linear_fused": lambda x, packed, g, h, bias, norm_weight, eps, up, residual: R.packed_linear_fused(
+            x, packed, g, h, bias, norm_weight, eps, up, residual),
         "decode_attention": R.decode_attention,
         "dequantize": lambda packed, g, h, dtype=None: R.dequantize(
             R.unpack_signs(packed, h.shape[1], torch.float32), g, h).to(dtype or torch.float32),

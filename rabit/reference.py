@@ -176,6 +176,36 @@ def packed_linear_group(x, packed, g, h, bias=()):
     return [packed_linear(x, p, gl, hl, b) for p, gl, hl, b in zip(packed, g, h, bias, strict=True)]
 
 
+def packed_linear_fused(x, packed, g, h, bias=(), norm_weight=None, eps=1e-6, up=None, residual=None,
+                        compute_dtype=torch.float32):
+    """The glue of a decoder fused into packed_linear_group: the layers read u = silu(x) * up (up given) or x, as
+    HF's RMSNorm u * rsqrt(mean(u²) + eps) * norm_weight where norm_weight is given, neither rounded; output l is
+    Σ_k g_k ⊙ (B_k (h_k ⊙ u)) times the norm's per-row scale, plus bias[l] and residual (a single layer), rounded
+    once to x's dtype (or kept in compute_dtype when that is float64, the tests' oracle)."""
+    if residual is not None and len(packed) != 1:
+        raise ValueError(f"rabit.packed_linear_fused: a residual is added to a single layer's output, got "
+                         f"{len(packed)} layers")
+    u = x.to(compute_dtype)
+    if up is not None:
+        u = torch.nn.functional.silu(u) * up.to(compute_dtype)
+    rs = None
+    if norm_weight is not None:
+        rs = torch.rsqrt(u.square().mean(-1, keepdim=True) + eps)
+        u = u * norm_weight.to(compute_dtype)
+    bias = list(bias) or [None] * len(packed)
+    ys = []
+    for p, gl, hl, b in zip(packed, g, h, bias, strict=True):
+        y = packed_linear(u, p, gl, hl, None, compute_dtype=compute_dtype).to(compute_dtype)
+        if rs is not None:
+            y = y * rs
+        if b is not None:
+            y = y + b.to(compute_dtype)
+        if residual is not None:
+            y = y + residual.to(compute_dtype)
+        ys.append(y if compute_dtype == torch.float64 else y.to(x.dtype))
+    return ys
+
+
 def rope(x, cos, sin):
     """Rotary embedding of x ``[..., D]`` with the rows cos, sin ``[D]`` (HF's rotate_half form), as
     :func:`decode_attention` computes it: float32 without a fused multiply-add, rounded once to x's dtype."""

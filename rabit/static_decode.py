@@ -9,7 +9,10 @@ synchronisation. It is the decode path of ``rabit generate --device cuda`` and o
 and gate/up as another (``group_projections``): packed layers through :func:`rabit.packed_linear_group`, FP
 ``nn.Linear`` layers on CUDA as one GEMM on their stacked weights (:func:`stack_linears`). A decode step's
 attention (rotary embedding, cache write, attention over the positions in use) is one :func:`rabit.decode_attention`
-call per layer (``fused_attention``).
+call per layer (``fused_attention``). Where every linear is packed, a decode step's norms, SwiGLU and residual adds run
+inside the linears' kernel (``fused_glue``, :func:`rabit.packed_linear_fused`): a layer is five launches (q/k/v with
+the input norm, attention, o_proj with the residual add, gate/up with the post-attention norm, down_proj with SwiGLU
+and the residual add), so that the decoder's kernels chain by programmatic dependent launch.
 
     dec = StaticDecoder(model, batch_size=1, max_len=prompt_len + new_tokens)
     tokens = dec.generate(input_ids, max_new_tokens=256)          # [B, prompt + new], greedy
@@ -30,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._ops import decode_attention, has_native_kernels, packed_linear_group
+from ._ops import decode_attention, has_native_kernels, packed_linear_fused, packed_linear_group
 from .nn import PackedRaBiTLinear
 from .sampling import row_keys, sample_next
 
@@ -170,11 +173,20 @@ class StaticDecoder:
             a multiple of 4 up to 128 for float32; the CPU kernel takes any even one); True: always, with an error where it
             cannot; False: never. Fused and unfused attention round differently in the last bits. Steps of one token
             run fused (a one-token prefill too), longer prefills unfused.
+        fused_glue: run a decode step's RMSNorms, SwiGLU and residual adds inside the packed linears' kernel
+            (:func:`rabit.packed_linear_fused`) instead of as separate (compiled) kernels. None (default): where it
+            can run: on CUDA with the fused attention, grouped projections, fp16/bf16, every decoder linear packed
+            (the projections of a group alike in K, scale dtypes and bias presence) and the CUDA-core decode kernel
+            taking every layer's width at this batch size (at most 4 rows and 2048 columns); True: always, with an
+            error naming what stands in the way; False: never. Fused and unfused glue round differently (the fused
+            one keeps the normalised input and the activations in float32 and rounds each output once). Decode steps
+            only; the prefill runs unfused.
     """
 
     def __init__(self, model: nn.Module, batch_size: int = 1, max_len: int = 2048, cuda_graph: bool | None = None,
                  compile: bool = False, temperature: float | None = None, top_k: int | None = None,
-                 greedy_tokens: int = 0, group_projections: bool = True, fused_attention: bool | None = None):
+                 greedy_tokens: int = 0, group_projections: bool = True, fused_attention: bool | None = None,
+                 fused_glue: bool | None = None):
         check_model(model, max_len)
         if batch_size < 1 or max_len < 2:
             raise ValueError(f"StaticDecoder: batch_size must be >= 1 and max_len >= 2, got {batch_size}, {max_len}")
@@ -221,6 +233,7 @@ class StaticDecoder:
         self.cos, self.sin = cos[0], sin[0]  # [max_len, head_dim]
         self.positions = torch.arange(max_len, device=self.device)
         self.fused_attention = self._fusable_attention(fused_attention)
+        self.fused_glue = self._fusable_glue(fused_glue)
         self.cuda_graph = self.device.type == "cuda" if cuda_graph is None else cuda_graph
         if self.cuda_graph and self.device.type != "cuda":
             raise ValueError("StaticDecoder: cuda_graph=True needs the model on a CUDA device")
@@ -266,6 +279,42 @@ class StaticDecoder:
         if why is not None and wanted:
             raise ValueError(f"StaticDecoder: fused_attention=True, but rabit.decode_attention cannot run this model: "
                              f"{why}; pass fused_attention=None (fuse where supported) or False")
+        return why is None
+
+    def _fusable_glue(self, wanted: bool | None) -> bool:
+        """Whether decode steps run forward_fused: `wanted`, or (None) where packed_linear_fused takes this model."""
+        if wanted is False:
+            return False
+        why = None
+        if self.device.type != "cuda" or not has_native_kernels("cuda"):
+            why = "it runs on CUDA with the compiled kernels only"
+        elif not self.fused_attention:
+            why = "the attention is not fused (fused_attention)"
+        elif not self.group_projections:
+            why = "group_projections=False"
+        elif self.dtype not in (torch.float16, torch.bfloat16):
+            why = f"the model's dtype is {self.dtype}, not float16 or bfloat16"
+        else:
+            from ._torch_api import _C
+
+            for layer in self.base.layers:
+                a, m = layer.self_attn, layer.mlp
+                for mods in ((a.q_proj, a.k_proj, a.v_proj), (a.o_proj,), (m.gate_proj, m.up_proj), (m.down_proj,)):
+                    if not all(isinstance(mod, PackedRaBiTLinear) for mod in mods):
+                        why = "not every decoder linear is a PackedRaBiTLinear"
+                    elif len({(mod.packed.shape[0], mod.g.dtype, mod.h.dtype, mod.bias is None,
+                               None if mod.bias is None else mod.bias.dtype) for mod in mods}) != 1:
+                        why = "a q/k/v or gate/up group mixes K, scale dtypes or biases"
+                    elif not _C.cuda_simt_applies(mods[0].packed.shape[0], self.B, mods[0].in_features):
+                        why = (f"the CUDA-core decode kernel does not take {mods[0].in_features} columns at batch size "
+                               f"{self.B} (at most 4 rows and 2048 columns)")
+                    if why:
+                        break
+                if why:
+                    break
+        if why is not None and wanted:
+            raise ValueError(f"StaticDecoder: fused_glue=True, but the glue cannot be fused: {why}; pass "
+                             "fused_glue=None (fuse where possible) or False")
         return why is None
 
     # ------------------------------------------------------------------ the model, over the static cache
@@ -358,6 +407,8 @@ class StaticDecoder:
     def forward(self, tokens: Tensor, pos: Tensor) -> Tensor:
         """Logits of the last position of tokens [B, T] placed at positions pos [T]; fills the cache there."""
         B, T = tokens.shape
+        if T == 1 and self.fused_glue:
+            return self.forward_fused(tokens, pos)
         layers = self.base.layers
         norm_fn, add_norm, rope, swiglu = self._decode_fns if T == 1 else self._eager
         h = self.base.embed_tokens(tokens)
@@ -379,6 +430,30 @@ class StaticDecoder:
             nn_ = layers[i + 1].input_layernorm if i + 1 < len(layers) else self.base.norm
             h, x = add_norm(h, d, nn_.weight, nn_.variance_epsilon)
         return self.model.lm_head(x[:, -1:])[:, 0]
+
+    @staticmethod
+    def _fused(mods: tuple[nn.Module, ...], x: Tensor, norm: nn.Module | None = None, up: Tensor | None = None,
+               residual: Tensor | None = None) -> list[Tensor]:
+        return packed_linear_fused(x, [m.packed for m in mods], [m.g for m in mods], [m.h for m in mods],
+                                   None if mods[0].bias is None else [m.bias for m in mods],
+                                   None if norm is None else norm.weight,
+                                   1e-6 if norm is None else norm.variance_epsilon, up, residual)
+
+    def forward_fused(self, tokens: Tensor, pos: Tensor) -> Tensor:
+        """forward() of one token per row (tokens [B, 1]) with the glue inside the packed linears (fused_glue): per
+        layer q/k/v on the input norm of the residual stream h, the attention, h + o_proj, gate/up on the
+        post-attention norm of h, h + down_proj(silu(gate) * up)."""
+        B = tokens.shape[0]
+        h = self.base.embed_tokens(tokens).view(B, -1)  # the residual stream [B, hidden]
+        for i, layer in enumerate(self.base.layers):
+            a, mlp = layer.self_attn, layer.mlp
+            q, k, v = self._fused((a.q_proj, a.k_proj, a.v_proj), h, norm=layer.input_layernorm)
+            o = self.attend_fused(i, q, k, v, pos).view(B, -1)
+            h = self._fused((a.o_proj,), o, residual=h)[0]
+            gate, up = self._fused((mlp.gate_proj, mlp.up_proj), h, norm=layer.post_attention_layernorm)
+            h = self._fused((mlp.down_proj,), gate, up=up, residual=h)[0]
+        n = self.base.norm
+        return self.model.lm_head(self._decode_fns[0](h, n.weight, n.variance_epsilon))
 
     # ------------------------------------------------------------------ decoding
     def _step(self) -> None:

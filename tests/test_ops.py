@@ -329,6 +329,118 @@ def test_packed_linear_group_errors(device):
         rabit.packed_linear_group(x, [packed.float()], [g], [h])
 
 
+# ---------------------------------------------------------------- packed_linear_fused: the decoder's glue in the kernel
+# (norm, up, residual) per decoder call: q/k/v and gate/up on a norm, down_proj on silu(gate) * up plus the residual,
+# o_proj plus the residual; and the plain group, each glue piece alone, and all three together
+FUSED_MODES = {"norm": (True, False, False), "swiglu+residual": (False, True, True), "residual": (False, False, True),
+               "plain": (False, False, False), "up": (False, True, False), "all": (True, True, True)}
+# (out, in) per layer: odd sizes, partial row tiles, one word a row, and each of the kernel's rows-a-block cases (in
+# <= 512: 32 rows, <= 1024: 16, <= 2048: 8)
+FUSED_LAYERS = [[(17, 45), (40, 45), (5, 45)], [(33, 600)], [(64, 1100), (9, 1100)], [(576, 576)], [(100, 2048)]]
+
+
+def _fused_inputs(layers, mode, m, xdtype, device, bias):
+    norm, up, residual = FUSED_MODES[mode]
+    if residual:
+        layers = layers[:1]
+    args = _group_args(layers, 2, device, bias=bias)
+    in_features = layers[0][1]
+    x = torch.randn(m, in_features, device=device).to(xdtype)
+    kw = {"norm_weight": (torch.rand(in_features, device=device) + 0.5).to(xdtype) if norm else None,
+          "eps": 1e-5,
+          "up": torch.randn(m, in_features, device=device).to(xdtype) if up else None,
+          "residual": torch.randn(m, layers[0][0], device=device).to(xdtype) if residual else None}
+    packed, g, h, b = (list(t) for t in zip(*args))
+    return x, packed, g, h, (b if bias else None), kw
+
+
+def _fused_terms(x, g, h, b, kw):
+    """abs_terms of the layers' float64 input (the norm's scale folded in) plus |residual|: the float32 floor."""
+    u = x.double().cpu()
+    if kw["up"] is not None:
+        u = torch.nn.functional.silu(u) * kw["up"].double().cpu()
+    if kw["norm_weight"] is not None:
+        u = u * torch.rsqrt(u.square().mean(-1, keepdim=True) + kw["eps"]) * kw["norm_weight"].double().cpu()
+    t = abs_terms(u, g.cpu(), h.cpu(), None if b is None else b.cpu())
+    return t + (kw["residual"].abs().double().cpu() if kw["residual"] is not None else 0)
+
+
+@pytest.mark.parametrize("layers", FUSED_LAYERS, ids=lambda ls: f"{len(ls)}x{ls[0][1]}")
+@pytest.mark.parametrize("mode", list(FUSED_MODES))
+@pytest.mark.parametrize("xdtype", [torch.float16, torch.bfloat16], ids=dtype_id)
+@pytest.mark.parametrize("m", [1, 2, 3, 4])
+def test_packed_linear_fused_matches_reference(layers, mode, xdtype, m, device):
+    for bias in (True, False):
+        x, packed, g, h, b, kw = _fused_inputs(layers, mode, m, xdtype, device, bias)
+        ys = rabit.packed_linear_fused(x, packed, g, h, b, **kw)
+        cpu = lambda t: None if t is None else t.cpu()  # noqa: E731
+        args = (x.cpu(), [p.cpu() for p in packed], [t.cpu() for t in g], [t.cpu() for t in h],
+                [t.cpu() for t in b] if b else ())
+        kwc = {k: cpu(v) if k != "eps" else v for k, v in kw.items()}
+        low = R.packed_linear_fused(*args, **kwc)
+        ref = R.packed_linear_fused(*args, **kwc, compute_dtype=torch.float64)
+        assert len(ys) == len(packed)
+        for i, y in enumerate(ys):
+            assert y.dtype == xdtype and y.shape == (m, packed[i].shape[1])
+            terms = _fused_terms(x, g[i], h[i], b[i] if b else None, kw)
+            assert_float_close(y.cpu(), low[i], ref[i], f"{mode} layer {i} bias {bias}", terms,
+                               2 * x.shape[1])
+
+
+def test_packed_linear_fused_group_is_its_layers_and_float32_on_cpu(device):
+    """A layer's output does not depend on the other layers of the call (bit for bit); on the CPU float32 x works."""
+    layers = [(17, 300), (40, 300), (5, 300)]
+    for mode in ("norm", "up", "plain"):
+        x, packed, g, h, b, kw = _fused_inputs(layers, mode, 3, torch.float16, device, True)
+        ys = rabit.packed_linear_fused(x, packed, g, h, b, **kw)
+        for i in range(3):
+            alone = rabit.packed_linear_fused(x, [packed[i]], [g[i]], [h[i]], [b[i]], **kw)[0]
+            assert torch.equal(ys[i], alone), f"{mode} layer {i}"
+    if device == "cpu":
+        x, packed, g, h, b, kw = _fused_inputs(layers[:1], "all", 2, torch.float32, device, True)
+        y = rabit.packed_linear_fused(x, packed, g, h, b, **kw)[0]
+        ref = R.packed_linear_fused(x, packed, g, h, b, **kw, compute_dtype=torch.float64)[0]
+        assert y.dtype == torch.float32 and (y.double() - ref).norm() / ref.norm() < 1e-5
+
+
+def test_packed_linear_fused_nonfinite_input_makes_its_row_nan(device):
+    for mode in ("norm", "swiglu+residual", "plain"):
+        x, packed, g, h, b, kw = _fused_inputs([(40, 600)], mode, 3, torch.float16, device, True)
+        x[1, 77] = float("nan")
+        y = rabit.packed_linear_fused(x, packed, g, h, b, **kw)[0]
+        assert y[1].isnan().all(), mode
+        assert y[[0, 2]].isfinite().all(), mode
+
+
+def test_packed_linear_fused_errors(device):
+    x, packed, g, h, b, kw = _fused_inputs([(5, 40), (7, 40)], "norm", 2, torch.float16, device, False)
+    with pytest.raises(ValueError, match=r"a residual is added to a single layer's output, got 2 layers"):
+        rabit.packed_linear_fused(x, packed, g, h, residual=torch.randn(2, 5, device=device).half())
+    with pytest.raises(ValueError, match=r"norm_weight must be \[in=40\]"):
+        rabit.packed_linear_fused(x, packed, g, h, norm_weight=torch.ones(41, device=device))
+    with pytest.raises(ValueError, match=r"up must have x's shape"):
+        rabit.packed_linear_fused(x, packed, g, h, up=torch.randn(3, 40, device=device).half())
+    with pytest.raises(TypeError, match=r"up must have x's dtype"):
+        rabit.packed_linear_fused(x, packed, g, h, up=torch.randn(2, 40, device=device))
+    with pytest.raises(ValueError, match=r"residual must be \[M=2, out=5\]"):
+        rabit.packed_linear_fused(x, packed[:1], g[:1], h[:1], residual=torch.randn(2, 7, device=device).half())
+    with pytest.raises(ValueError, match=r"eps must be finite and >= 0"):
+        rabit.packed_linear_fused(x, packed, g, h, norm_weight=kw["norm_weight"], eps=-1.0)
+    with pytest.raises(ValueError, match=r"\(layer 1\): h is \[2, 70\] but the layer has in=40"):
+        rabit.packed_linear_fused(x, packed, g, [h[0], torch.rand(2, 70, device=device)])
+    with pytest.raises(RuntimeError, match="no backward"):
+        rabit.packed_linear_fused(x, packed, [g[0].requires_grad_(), g[1]], h)
+    g[0].requires_grad_(False)
+    if device == "cuda":  # outside the CUDA-core kernel: an error, not another kernel
+        with pytest.raises(TypeError, match="float16 or bfloat16 x, got float32"):
+            rabit.packed_linear_fused(x.float(), packed, g, h)
+        with pytest.raises(ValueError, match="takes 1..4 rows of x and at most 2048 columns"):
+            rabit.packed_linear_fused(torch.randn(5, 40, device=device).half(), packed, g, h)
+        (p2, g2, h2, _), = _group_args([(5, 2080)], 2, device, bias=False)
+        with pytest.raises(ValueError, match="at most 2048 columns"):
+            rabit.packed_linear_fused(torch.randn(1, 2080, device=device).half(), [p2], [g2], [h2])
+
+
 def test_round_activations_f16_scales_each_group_by_a_power_of_two():
     """The reference of the CUDA fp16 decode kernel: per row, path and 512-column group, h*x rounded to fp16 after
     a power-of-two scaling, so it is scale-invariant, never overflows or underflows, rounds to 11 significant bits,
@@ -563,6 +675,12 @@ def _opcheck_samples(device):
         (torch.ops.rabit.packed_linear_group.default,
          (x.clone().requires_grad_(), [packed, packed], [g.clone().requires_grad_(), g], [h, h.clone().requires_grad_()],
           [torch.randn(7, device=device), torch.randn(7, device=device).requires_grad_()])),
+        (torch.ops.rabit.packed_linear_fused.default,
+         (x.half(), [packed, packed], [g.half(), g.half()], [h, h], [], torch.rand(45, device=device).half() + 0.5,
+          1e-5, None, None)),
+        (torch.ops.rabit.packed_linear_fused.default,
+         (x.bfloat16(), [packed], [g], [h], [torch.randn(7, device=device)], None, 1e-6, x.bfloat16() * 0.5,
+          torch.randn(4, 7, device=device).bfloat16())),
         (torch.ops.rabit.decode_attention.default,
          (torch.randn(2, 6, 16, device=device).half(), torch.randn(2, 3, 16, device=device).half(),
           torch.randn(2, 3, 16, device=device).half(), torch.randn(2, 3, 140, 16, device=device).half(),

@@ -110,8 +110,9 @@ def test_cuda_graph_equals_eager_and_hf(packed):
     # is bit for bit); FP16, stacked weights in one GEMM that may round otherwise in the last bits (checked below
     # against HF's logits, and here that the modules became views of the stacked tensors)
     single = StaticDecoder(model, batch_size=3, max_len=64, group_projections=False).generate(ids, 40)
-    if packed:
-        assert torch.equal(single, graph)
+    if packed:  # the default fuses the glue into the packed kernels (fused_glue), which rounds otherwise
+        unfused_glue = StaticDecoder(model, batch_size=3, max_len=64, fused_glue=False)
+        assert torch.equal(single, unfused_glue.generate(ids, 40))
     else:
         a, m = model.model.layers[0].self_attn, model.model.layers[0].mlp
         qkv, gu = (a.q_proj.weight, a.k_proj.weight, a.v_proj.weight), (m.gate_proj.weight, m.up_proj.weight)
@@ -291,3 +292,46 @@ def test_cuda_fused_attention_where_supported():
         ours = dec.forward(dec._tok, dec._pos).float()
         ref = model(ids.cuda()).logits[:, -1].float()
     assert (ours - ref).norm() / ref.norm() < 5e-3
+
+
+def _packed_tiny(seed):
+    model = tiny_llama(seed)
+    rabit.quantize_(model, rabit.RabitConfig(init_iters=1), progress=False)
+    rabit.convert_(model)
+    return model
+
+
+def test_fused_glue_needs_cuda():
+    model = _packed_tiny(3)
+    assert not StaticDecoder(model, max_len=16).fused_glue
+    with pytest.raises(ValueError, match="fused_glue=True, but the glue cannot be fused: it runs on CUDA"):
+        StaticDecoder(model, max_len=16, fused_glue=True)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("batch", [1, 4])
+def test_cuda_fused_glue_matches_unfused(batch):
+    """A packed model's decode steps run the norms, SwiGLU and residual adds inside packed_linear_fused by default
+    (fused_glue=None on CUDA): within rounding the unfused step's logits, the graph equals eager decoding, and where
+    the kernel cannot run (5 rows) None falls back to the unfused glue and True says why."""
+    model = _packed_tiny(4).to("cuda", torch.float16)
+    ids = torch.randint(3, 48, (batch, 6))
+    fused = StaticDecoder(model, batch_size=batch, max_len=40)
+    unfused = StaticDecoder(model, batch_size=batch, max_len=40, fused_glue=False)
+    assert fused.fused_glue and not unfused.fused_glue
+    for dec in (fused, unfused):
+        dec.prefill(ids)
+    with torch.no_grad():
+        a = fused.forward(fused._tok, fused._pos).float()
+        b = unfused.forward(unfused._tok, unfused._pos).float()
+        ref = model(ids.cuda()).logits[:, -1].float()
+    assert (a - b).norm() / b.norm() < 5e-3
+    assert (a - ref).norm() / ref.norm() < 5e-3
+    graph = fused.generate(ids, 20)
+    eager = StaticDecoder(model, batch_size=batch, max_len=40, cuda_graph=False).generate(ids, 20)
+    assert torch.equal(graph, eager)
+    assert not StaticDecoder(model, batch_size=5, max_len=40).fused_glue
+    with pytest.raises(ValueError, match="does not take 32 columns at batch size 5"):
+        StaticDecoder(model, batch_size=5, max_len=40, fused_glue=True)
+    with pytest.raises(ValueError, match="the attention is not fused"):
+        StaticDecoder(model, batch_size=1, max_len=40, fused_attention=False, fused_glue=True)

@@ -256,6 +256,65 @@ std::vector<at::Tensor> packed_linear_group_cuda(const at::Tensor &x, at::Tensor
     return ys;
 }
 
+// One launch of the CUDA-core decode kernel with the glue fused in; no other kernel runs it, so a call outside that
+// kernel's bounds is an error (the unfused ops are the way there), not a silent detour.
+std::vector<at::Tensor> packed_linear_fused_cuda(const at::Tensor &x, at::TensorList packed, at::TensorList g,
+                                                 at::TensorList h, at::TensorList bias,
+                                                 const std::optional<at::Tensor> &norm_weight, double eps,
+                                                 const std::optional<at::Tensor> &up,
+                                                 const std::optional<at::Tensor> &residual) {
+    const char *op = "rabit.packed_linear_fused";
+    const int64_t n = check_group_lists(op, packed, g, h, bias);
+    std::vector<int64_t> out(n);
+    int64_t K = 0;
+    for (int64_t l = 0; l < n; l++) {
+        const auto dims =
+            check_packed_linear_args(layer_op(op, l).c_str(), x, packed[l], g[l], h[l], layer_bias(bias, l));
+        TORCH_CHECK_VALUE(l == 0 || dims.K == K, op, ": the layers must share K, got ", K, " and ", dims.K,
+                          " (layer ", l, ")");
+        TORCH_CHECK_TYPE(g[l].scalar_type() == g[0].scalar_type() && h[l].scalar_type() == h[0].scalar_type() &&
+                             (bias.empty() || bias[l].scalar_type() == bias[0].scalar_type()),
+                         op, ": the layers' g, h and bias must share their dtypes (layer ", l, " differs from layer 0)");
+        K = dims.K;
+        out[l] = dims.out;
+    }
+    check_fused_args(op, x, n, out[0], norm_weight, eps, up, residual);
+    const int64_t M = x.size(0), in = x.size(1);
+    TORCH_CHECK_TYPE(x.scalar_type() != at::kFloat, op, ": the CUDA kernel takes float16 or bfloat16 x, got float32; "
+                     "run the unfused ops (StaticDecoder(fused_glue=False))");
+    TORCH_CHECK_VALUE(n <= rabit_cuda::kDecodeMaxLayers, op, ": at most ", rabit_cuda::kDecodeMaxLayers,
+                      " layers a call, got ", n);
+    const c10::cuda::CUDAGuard guard(x.device());  // simt_applies asks the current device
+    TORCH_CHECK_VALUE(M >= 1 && rabit_cuda::simt_applies(static_cast<int>(K), M, in), op,
+                      ": the CUDA-core decode kernel takes 1..", rabit_cuda::kSimtMaxM, " rows of x and at most ",
+                      rabit_cuda::kSimtMaxIn, " columns (within the GPU's shared memory), got x ", x.sizes(),
+                      " with K=", K, "; run the unfused ops (StaticDecoder(fused_glue=False))");
+    const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+    std::vector<at::Tensor> ys, keep;  // keep: contiguous copies that live until the launch
+    rabit_cuda::DecodeLayer layers[rabit_cuda::kDecodeMaxLayers];
+    for (int64_t l = 0; l < n; l++) {
+        at::Tensor gs = g[l].contiguous(), hs = h[l].contiguous();
+        at::Tensor bt = bias.empty() ? at::Tensor() : bias[l].contiguous();
+        ys.push_back(at::empty({M, out[l]}, x.options()));
+        layers[l] = {words(packed[l]), gs.data_ptr(), hs.data_ptr(), bias.empty() ? nullptr : bt.data_ptr(),
+                     ys.back().data_ptr(), out[l]};
+        keep.insert(keep.end(), {gs, hs, bt});
+    }
+    rabit_cuda::SimtFusion f{};
+    if (norm_weight.has_value()) {
+        f.norm_weight = norm_weight->data_ptr();
+        f.norm_dt = to_rabit_dtype(norm_weight->scalar_type());
+    }
+    f.eps = static_cast<float>(eps);
+    f.up = up.has_value() ? up->data_ptr() : nullptr;
+    f.residual = residual.has_value() ? residual->data_ptr() : nullptr;
+    check_launch(rabit_cuda::decode_gemv_simt(
+        x.data_ptr(), to_rabit_dtype(x.scalar_type()), M, layers, static_cast<int>(n),
+        to_rabit_dtype(g[0].scalar_type()), to_rabit_dtype(h[0].scalar_type()),
+        bias.empty() ? RABIT_F32 : to_rabit_dtype(bias[0].scalar_type()), static_cast<int>(K), in, stream, &f));
+    return ys;
+}
+
 at::Tensor decode_attention_cuda(const at::Tensor &q, const at::Tensor &k, const at::Tensor &v, at::Tensor &k_cache,
                                  at::Tensor &v_cache, const at::Tensor &cos, const at::Tensor &sin,
                                  const at::Tensor &pos, double scale) {
@@ -305,6 +364,7 @@ TORCH_LIBRARY_IMPL(rabit, CUDA, m) {
     m.impl("dequantize", &dequantize_cuda);
     m.impl("packed_linear", &packed_linear_cuda);
     m.impl("packed_linear_group", &packed_linear_group_cuda);
+    m.impl("packed_linear_fused", &packed_linear_fused_cuda);
 }
 
 }  // namespace rabit

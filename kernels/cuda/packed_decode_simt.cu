@@ -54,22 +54,31 @@ struct SimtArgs {
     const void *bias[kDecodeMaxLayers];
     void *y[kDecodeMaxLayers];
     int64_t out[kDecodeMaxLayers];
+    SimtFusion f;  // read by the fused instantiations only (F = true)
 };
 
 /* xh of word w starts at float w * kSimtWordPitch: 4 floats of padding put the words that the lanes of a warp read
    at once (2 or 4 of them) in different banks. Zeros past `in`. */
 constexpr int kSimtWordPitch = 36;
 
+/* silu(v) = v / (1 + e^-v) in float32 (a large negative v gives -0) */
+__device__ __forceinline__ float silu_f(float v) { return __fdiv_rn(v, __fadd_rn(1.0f, expf(-v))); }
+
 /* Component e of v (e a compile-time constant after unrolling). */
 __device__ __forceinline__ float comp(const float4 &v, int e) { return e == 0 ? v.x : e == 1 ? v.y : e == 2 ? v.z : v.w; }
 
 /* Thread (warp, lane): row lane % R of the block's R rows, word (slice) warp * (32 / R) + lane / R of every path.
    A non-finite x*h is stored as NaN: every weight is +-1, so it reaches every output row's sum and makes that row
-   of x's outputs NaN (the MMA kernels' contract) with no flag to share between warps. */
-template <int K, int M, int R>
+   of x's outputs NaN (the MMA kernels' contract) with no flag to share between warps.
+   F: the decoder's glue fused in (SimtFusion): the input built as silu(x) * up, an RMSNorm of it (its weight folded
+   into the build, its per-row scale 1 / rms applied to the sums: the norm is linear in x once the scale is known, so
+   the normalised x is never stored), a residual added in the epilogue. A separate instantiation, so that the plain
+   kernel's registers and schedule stay those measured. */
+template <int K, int M, int R, bool F>
 __global__ void __launch_bounds__(kSimtThreads) gemv_simt_kernel(const SimtArgs a) {
     extern __shared__ __align__(16) float xs[];   // [K][M][pitch] xh (kSimtWordPitch floats a word)
     __shared__ float red[kSimtWarps][K][M][R];    // the warps' partial sums
+    __shared__ float sq[F ? kSimtWarps : 1][M];   // F with a norm: the warps' sums of squares of the input
     constexpr int WW = 32 / R;                    // words a warp
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, r = lane % R;
     const int w = warp * WW + lane / R;
@@ -106,6 +115,8 @@ __global__ void __launch_bounds__(kSimtThreads) gemv_simt_kernel(const SimtArgs 
     if (fin && bias) bv = ld_any(bias, a.bdt, o);
     const void *h = pick(a.h, l);
     float xv[NC][M], hv[NC][K];
+    float uv[F ? NC : 1][M], nv[F ? NC : 1];  // F: up and the norm's weight of the thread's columns
+    float rv = 0.0f;                          // F: the residual of the finishing thread's output
 #pragma unroll
     for (int c = 0; c < NC; c++) {
         const int64_t j = col0 + int64_t{c} * col_step;
@@ -114,16 +125,36 @@ __global__ void __launch_bounds__(kSimtThreads) gemv_simt_kernel(const SimtArgs 
         for (int m = 0; m < M; m++) xv[c][m] = in_range ? ld_any(a.x, a.xdt, m * a.in + j) : 0.0f;
 #pragma unroll
         for (int k = 0; k < K; k++) hv[c][k] = in_range ? ld_any(h, a.hdt, k * a.in + j) : 0.0f;
+        if constexpr (F) {
+#pragma unroll
+            for (int m = 0; m < M; m++) uv[c][m] = in_range && a.f.up ? ld_any(a.f.up, a.xdt, m * a.in + j) : 0.0f;
+            nv[c] = in_range && a.f.norm_weight ? ld_any(a.f.norm_weight, a.f.norm_dt, j) : 1.0f;
+        }
     }
+    if constexpr (F)
+        if (fin && a.f.residual) rv = ld_any(a.f.residual, a.xdt, (tid / R) * out + o);
     // every block has issued its loads: the next kernel may be scheduled (it waits for this grid's end before
     // it reads anything); measured: the attention after a q/k/v group starts sooner, ~20 us a SmolLM2 step
     pdl_launch_dependents();
 
-    // xh_k[m][j] = h_k[j] * x[m][j] (zeros from `in` to the end of the last word)
+    // xh_k[m][j] = h_k[j] * x[m][j] (zeros from `in` to the end of the last word); F: x[m][j] is first replaced by
+    // silu(x) * up (with up), its square summed for the norm, and it is multiplied by the norm's weight (1 without)
+    float ss[M];
+#pragma unroll
+    for (int m = 0; m < M; m++) ss[m] = 0.0f;
 #pragma unroll
     for (int c = 0; c < NC; c++) {
         const int j = col0 + c * col_step;
         if ((j >> 5) >= nw) break;
+        if constexpr (F) {
+#pragma unroll
+            for (int m = 0; m < M; m++) {
+                float e = xv[c][m];
+                if (a.f.up) e = __fmul_rn(silu_f(e), uv[c][m]);
+                ss[m] = __fadd_rn(ss[m], __fmul_rn(e, e));
+                xv[c][m] = __fmul_rn(e, nv[c]);
+            }
+        }
 #pragma unroll
         for (int k = 0; k < K; k++)
 #pragma unroll
@@ -132,6 +163,17 @@ __global__ void __launch_bounds__(kSimtThreads) gemv_simt_kernel(const SimtArgs 
                 xs[(k * M + m) * pitch + (j >> 5) * kSimtWordPitch + (j & 31)] =
                     is_finite_f(v) ? v : __uint_as_float(0x7fc00000u);
             }
+    }
+    if constexpr (F) {
+        if (a.f.norm_weight) {  // the warp's sum of squares per row of x (every column is some thread's, once)
+#pragma unroll
+            for (int m = 0; m < M; m++) {
+                float p = ss[m];
+#pragma unroll
+                for (int off = 16; off > 0; off >>= 1) p = __fadd_rn(p, __shfl_xor_sync(0xffffffffu, p, off));
+                if (lane == 0) sq[warp][m] = p;
+            }
+        }
     }
     if (kWarpBuild)
         __syncwarp();
@@ -185,40 +227,50 @@ __global__ void __launch_bounds__(kSimtThreads) gemv_simt_kernel(const SimtArgs 
             for (int wp = 0; wp < kSimtWarps; wp++) s = __fadd_rn(s, red[wp][k][m][r]);
             v = __fadd_rn(v, __fmul_rn(gv[k], s));
         }
+        if constexpr (F) {
+            if (a.f.norm_weight) {  // HF's RMSNorm: x * rsqrt(mean(x^2) + eps), the warps' sums in order
+                float s = 0.0f;
+#pragma unroll
+                for (int wp = 0; wp < kSimtWarps; wp++) s = __fadd_rn(s, sq[wp][m]);
+                v = __fmul_rn(v, rsqrtf(__fadd_rn(__fdiv_rn(s, static_cast<float>(a.in)), a.f.eps)));
+            }
+        }
         if (bias) v = __fadd_rn(v, bv);
+        if constexpr (F)
+            if (a.f.residual) v = __fadd_rn(v, rv);
         st_any(pick(a.y, l), a.xdt, m * out + o, v);
     }
 }
 
-template <int K, int M, int R>
+template <int K, int M, int R, bool F>
 cudaError_t launch_simt_t(const SimtArgs &a, unsigned tiles, int smem, cudaStream_t s) {
     static bool attr_set[64] = {};  // per instantiation and device
     // the most dynamic shared memory this instantiation can ask for (in = kSimtMaxIn), within what the device
     // allows beside the static arrays
-    constexpr int most = K * M * static_cast<int>(kSimtMaxIn / 32) * kSimtWordPitch * 4, fixed = kSimtWarps * K * M * R * 4 + 1024;
+    constexpr int most = K * M * static_cast<int>(kSimtMaxIn / 32) * kSimtWordPitch * 4, fixed = kSimtWarps * (K * R + 1) * M * 4 + 1024;
     const int optin = device_info().smem_optin - fixed;
-    const cudaError_t e = set_smem_limit_once(gemv_simt_kernel<K, M, R>, most < optin ? most : optin, attr_set);
+    const cudaError_t e = set_smem_limit_once(gemv_simt_kernel<K, M, R, F>, most < optin ? most : optin, attr_set);
     if (e != cudaSuccess) return e;
-    return launch_pdl(gemv_simt_kernel<K, M, R>, dim3(tiles), kSimtThreads, smem, a, s);
+    return launch_pdl(gemv_simt_kernel<K, M, R, F>, dim3(tiles), kSimtThreads, smem, a, s);
 }
 
-template <int K, int M>
+template <int K, int M, bool F>
 cudaError_t launch_simt_r(const SimtArgs &a, int R, unsigned tiles, int smem, cudaStream_t s) {
     switch (R) {
-        case 32: return launch_simt_t<K, M, 32>(a, tiles, smem, s);
-        case 16: return launch_simt_t<K, M, 16>(a, tiles, smem, s);
-        case 8: return launch_simt_t<K, M, 8>(a, tiles, smem, s);
+        case 32: return launch_simt_t<K, M, 32, F>(a, tiles, smem, s);
+        case 16: return launch_simt_t<K, M, 16, F>(a, tiles, smem, s);
+        case 8: return launch_simt_t<K, M, 8, F>(a, tiles, smem, s);
     }
     return cudaErrorInvalidValue;
 }
 
-template <int K>
+template <int K, bool F>
 cudaError_t launch_simt_k(const SimtArgs &a, int M, int R, unsigned tiles, int smem, cudaStream_t s) {
     switch (M) {
-        case 1: return launch_simt_r<K, 1>(a, R, tiles, smem, s);
-        case 2: return launch_simt_r<K, 2>(a, R, tiles, smem, s);
-        case 3: return launch_simt_r<K, 3>(a, R, tiles, smem, s);
-        case 4: return launch_simt_r<K, 4>(a, R, tiles, smem, s);
+        case 1: return launch_simt_r<K, 1, F>(a, R, tiles, smem, s);
+        case 2: return launch_simt_r<K, 2, F>(a, R, tiles, smem, s);
+        case 3: return launch_simt_r<K, 3, F>(a, R, tiles, smem, s);
+        case 4: return launch_simt_r<K, 4, F>(a, R, tiles, smem, s);
     }
     return cudaErrorInvalidValue;
 }
@@ -230,13 +282,15 @@ bool simt_applies(int K, int64_t M, int64_t in) {
     // shared memory: x*h, the warps' partial sums (and 1 KB of slack): up to ~155 KB at K = M = 4 and
     // in = 2048, more than some GPUs give a block (sm_86, sm_89: 99 KB), which then take another kernel
     const int64_t bytes =
-        4 * (int64_t{K} * M * RABIT_WORDS(in) * kSimtWordPitch + int64_t{kSimtWarps} * K * M * simt_rows(in)) + 1024;
+        4 * (int64_t{K} * M * RABIT_WORDS(in) * kSimtWordPitch + int64_t{kSimtWarps} * (K * simt_rows(in) + 1) * M) + 1024;
     return bytes <= device_info().smem_optin;
 }
 
 cudaError_t decode_gemv_simt(const void *x, rabit_dtype xdt, int64_t M, const DecodeLayer *layers, int n,
-                             rabit_dtype gdt, rabit_dtype hdt, rabit_dtype bdt, int K, int64_t in, cudaStream_t s) {
-    if (!simt_applies(K, M, in) || xdt == RABIT_F32 || n < 1 || n > kDecodeMaxLayers)
+                             rabit_dtype gdt, rabit_dtype hdt, rabit_dtype bdt, int K, int64_t in, cudaStream_t s,
+                             const SimtFusion *fusion) {
+    if (!simt_applies(K, M, in) || xdt == RABIT_F32 || n < 1 || n > kDecodeMaxLayers ||
+        (fusion && fusion->residual && n != 1))
         return cudaErrorInvalidValue;
     SimtArgs a{};
     a.x = x; a.xdt = xdt; a.in = in; a.gdt = gdt; a.hdt = hdt; a.bdt = bdt;
@@ -253,8 +307,12 @@ cudaError_t decode_gemv_simt(const void *x, rabit_dtype xdt, int64_t M, const De
     }
     if (tiles == 0) return cudaSuccess;
     const int smem = static_cast<int>(4 * static_cast<int64_t>(K) * M * a.pitch);
+    if (fusion) a.f = *fusion;
     return with_paths(K, [&](auto k) {
-        return launch_simt_k<decltype(k)::value>(a, static_cast<int>(M), R, static_cast<unsigned>(tiles), smem, s);
+        return fusion ? launch_simt_k<decltype(k)::value, true>(a, static_cast<int>(M), R, static_cast<unsigned>(tiles),
+                                                                smem, s)
+                      : launch_simt_k<decltype(k)::value, false>(a, static_cast<int>(M), R,
+                                                                 static_cast<unsigned>(tiles), smem, s);
     });
 }
 

@@ -112,9 +112,22 @@ size_t decode_workspace_bytes(int paths, int64_t M, int64_t in, DecodeKernel ker
 cudaError_t decode_gemv(const void *x, rabit_dtype xdt, int64_t M, const DecodeLayer *layers, int n,
                         rabit_dtype gdt, rabit_dtype hdt, rabit_dtype bdt, int K, int64_t in, void *workspace,
                         DecodeKernel kern, cudaStream_t stream);
-/* The DECODE_SIMT kernel (decode_gemv's for that kern; no workspace): simt_applies(K, M, in) must hold. */
+/* The decoder's glue that the DECODE_SIMT kernel can take in (rabit.packed_linear_fused): every layer reads
+   u = silu(x) * up where up [M][in] (x's dtype) is given, else u = x; with norm_weight [in] (dtype norm_dt) the
+   RMSNorm u * rsqrt(mean(u^2) + eps) * norm_weight instead of u; with residual [M][out] (x's dtype; one layer only)
+   y = residual + the layer's output, rounded once. Null members are off. */
+struct SimtFusion {
+    const void *norm_weight;
+    rabit_dtype norm_dt;
+    float eps;
+    const void *up;
+    const void *residual;
+};
+/* The DECODE_SIMT kernel (decode_gemv's for that kern; no workspace): simt_applies(K, M, in) must hold. fusion:
+   null for the plain layer (its own instantiation: the fused one costs registers). */
 cudaError_t decode_gemv_simt(const void *x, rabit_dtype xdt, int64_t M, const DecodeLayer *layers, int n,
-                             rabit_dtype gdt, rabit_dtype hdt, rabit_dtype bdt, int K, int64_t in, cudaStream_t stream);
+                             rabit_dtype gdt, rabit_dtype hdt, rabit_dtype bdt, int K, int64_t in, cudaStream_t stream,
+                             const SimtFusion *fusion = nullptr);
 
 /* Decode-step attention (decode_attention.cu; the math of rabit/reference.py's decode_attention): the new token's
    q [B][H][D] and k, v [B][Hkv][D] (element strides per row and head; dense last dimension), caches
