@@ -182,7 +182,8 @@ std::vector<at::Tensor> packed_linear_fused_cpu(const at::Tensor &x, at::TensorL
                                                 at::TensorList h, at::TensorList bias,
                                                 const std::optional<at::Tensor> &norm_weight, double eps,
                                                 const std::optional<at::Tensor> &up,
-                                                const std::optional<at::Tensor> &residual) {
+                                                const std::optional<at::Tensor> &residual,
+                                                bool /*prefetch_weights: the CPU op has no early start*/) {
     const char *op = "rabit.packed_linear_fused";
     const int64_t n = check_group_lists(op, packed, g, h, bias);
     for (int64_t l = 0; l < n; l++)

@@ -46,10 +46,12 @@ TORCH_LIBRARY(rabit, m) {
     // where up is given (else x), RMS-normalised as HF's RMSNorm where norm_weight is given (u * rsqrt(mean(u^2) +
     // eps) * norm_weight, in float32, not rounded); output l = packed_linear(u, layer l), plus residual (a single
     // layer only), rounded once to x's dtype. On CUDA one launch of the CUDA-core decode kernel (fp16/bf16 x,
-    // M <= 4, in <= 2048; an error elsewhere).
+    // M <= 4, in <= 2048; an error elsewhere). prefetch_weights: on CUDA the layers' parameters (packed, g, h, bias,
+    // norm_weight) are read before the kernel before this one in the stream has finished (programmatic dependent
+    // launch): only for parameters that kernel does not write, such as a decoder's weights.
     m.def(
         "packed_linear_fused(Tensor x, Tensor[] packed, Tensor[] g, Tensor[] h, Tensor[] bias, Tensor? norm_weight, "
-        "float eps, Tensor? up, Tensor? residual) -> Tensor[]");
+        "float eps, Tensor? up, Tensor? residual, bool prefetch_weights=False) -> Tensor[]");
     // One decoding step of attention (a new token per row, every row at cache position pos): writes rope(k) and v
     // into the caches at pos and returns softmax(scale * rope(q) K^T) V over positions 0..pos, [B, H, D]; grouped-
     // query heads (H a multiple of Hkv); HF's rotate_half rotary with cos/sin rows [P, D]. For inference: no autograd.

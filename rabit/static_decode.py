@@ -437,7 +437,8 @@ class StaticDecoder:
         return packed_linear_fused(x, [m.packed for m in mods], [m.g for m in mods], [m.h for m in mods],
                                    None if mods[0].bias is None else [m.bias for m in mods],
                                    None if norm is None else norm.weight,
-                                   1e-6 if norm is None else norm.variance_epsilon, up, residual)
+                                   1e-6 if norm is None else norm.variance_epsilon, up, residual,
+                                   prefetch_weights=True)  # a decoder's weights: no kernel of the step writes them
 
     def forward_fused(self, tokens: Tensor, pos: Tensor) -> Tensor:
         """forward() of one token per row (tokens [B, 1]) with the glue inside the packed linears (fused_glue): per

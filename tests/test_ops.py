@@ -345,11 +345,12 @@ def _fused_inputs(layers, mode, m, xdtype, device, bias):
         layers = layers[:1]
     args = _group_args(layers, 2, device, bias=bias)
     in_features = layers[0][1]
+    # the parameters first, the activations last: with prefetch_weights the CUDA kernel may read the parameters
+    # before the kernel just before it has finished, so that kernel must not be the one that wrote them
+    kw = {"norm_weight": (torch.rand(in_features, device=device) + 0.5).to(xdtype) if norm else None, "eps": 1e-5}
     x = torch.randn(m, in_features, device=device).to(xdtype)
-    kw = {"norm_weight": (torch.rand(in_features, device=device) + 0.5).to(xdtype) if norm else None,
-          "eps": 1e-5,
-          "up": torch.randn(m, in_features, device=device).to(xdtype) if up else None,
-          "residual": torch.randn(m, layers[0][0], device=device).to(xdtype) if residual else None}
+    kw["up"] = torch.randn(m, in_features, device=device).to(xdtype) if up else None
+    kw["residual"] = torch.randn(m, layers[0][0], device=device).to(xdtype) if residual else None
     packed, g, h, b = (list(t) for t in zip(*args))
     return x, packed, g, h, (b if bias else None), kw
 
@@ -370,9 +371,9 @@ def _fused_terms(x, g, h, b, kw):
 @pytest.mark.parametrize("xdtype", [torch.float16, torch.bfloat16], ids=dtype_id)
 @pytest.mark.parametrize("m", [1, 2, 3, 4])
 def test_packed_linear_fused_matches_reference(layers, mode, xdtype, m, device):
-    for bias in (True, False):
+    for bias, prefetch in ((True, False), (False, False), (True, True)):
         x, packed, g, h, b, kw = _fused_inputs(layers, mode, m, xdtype, device, bias)
-        ys = rabit.packed_linear_fused(x, packed, g, h, b, **kw)
+        ys = rabit.packed_linear_fused(x, packed, g, h, b, **kw, prefetch_weights=prefetch)
         cpu = lambda t: None if t is None else t.cpu()  # noqa: E731
         args = (x.cpu(), [p.cpu() for p in packed], [t.cpu() for t in g], [t.cpu() for t in h],
                 [t.cpu() for t in b] if b else ())
@@ -383,8 +384,8 @@ def test_packed_linear_fused_matches_reference(layers, mode, xdtype, m, device):
         for i, y in enumerate(ys):
             assert y.dtype == xdtype and y.shape == (m, packed[i].shape[1])
             terms = _fused_terms(x, g[i], h[i], b[i] if b else None, kw)
-            assert_float_close(y.cpu(), low[i], ref[i], f"{mode} layer {i} bias {bias}", terms,
-                               2 * x.shape[1])
+            assert_float_close(y.cpu(), low[i], ref[i], f"{mode} layer {i} bias {bias} prefetch {prefetch}",
+                               terms, 2 * x.shape[1])
 
 
 def test_packed_linear_fused_group_is_its_layers_and_float32_on_cpu(device):
@@ -396,6 +397,9 @@ def test_packed_linear_fused_group_is_its_layers_and_float32_on_cpu(device):
         for i in range(3):
             alone = rabit.packed_linear_fused(x, [packed[i]], [g[i]], [h[i]], [b[i]], **kw)[0]
             assert torch.equal(ys[i], alone), f"{mode} layer {i}"
+            # the early parameter loads change when they happen, not what is computed
+            early = rabit.packed_linear_fused(x, [packed[i]], [g[i]], [h[i]], [b[i]], **kw, prefetch_weights=True)[0]
+            assert torch.equal(ys[i], early), f"{mode} layer {i} prefetch"
     if device == "cpu":
         x, packed, g, h, b, kw = _fused_inputs(layers[:1], "all", 2, torch.float32, device, True)
         y = rabit.packed_linear_fused(x, packed, g, h, b, **kw)[0]
@@ -680,7 +684,7 @@ def _opcheck_samples(device):
           1e-5, None, None)),
         (torch.ops.rabit.packed_linear_fused.default,
          (x.bfloat16(), [packed], [g], [h], [torch.randn(7, device=device)], None, 1e-6, x.bfloat16() * 0.5,
-          torch.randn(4, 7, device=device).bfloat16())),
+          torch.randn(4, 7, device=device).bfloat16(), True)),
         (torch.ops.rabit.decode_attention.default,
          (torch.randn(2, 6, 16, device=device).half(), torch.randn(2, 3, 16, device=device).half(),
           torch.randn(2, 3, 16, device=device).half(), torch.randn(2, 3, 140, 16, device=device).half(),

@@ -262,7 +262,8 @@ std::vector<at::Tensor> packed_linear_fused_cuda(const at::Tensor &x, at::Tensor
                                                  at::TensorList h, at::TensorList bias,
                                                  const std::optional<at::Tensor> &norm_weight, double eps,
                                                  const std::optional<at::Tensor> &up,
-                                                 const std::optional<at::Tensor> &residual) {
+                                                 const std::optional<at::Tensor> &residual,
+                                                 bool prefetch_weights) {
     const char *op = "rabit.packed_linear_fused";
     const int64_t n = check_group_lists(op, packed, g, h, bias);
     std::vector<int64_t> out(n);
@@ -308,6 +309,7 @@ std::vector<at::Tensor> packed_linear_fused_cuda(const at::Tensor &x, at::Tensor
     f.eps = static_cast<float>(eps);
     f.up = up.has_value() ? up->data_ptr() : nullptr;
     f.residual = residual.has_value() ? residual->data_ptr() : nullptr;
+    f.prefetch_weights = prefetch_weights;
     check_launch(rabit_cuda::decode_gemv_simt(
         x.data_ptr(), to_rabit_dtype(x.scalar_type()), M, layers, static_cast<int>(n),
         to_rabit_dtype(g[0].scalar_type()), to_rabit_dtype(h[0].scalar_type()),

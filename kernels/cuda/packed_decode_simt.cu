@@ -99,7 +99,10 @@ __global__ void __launch_bounds__(kSimtThreads) gemv_simt_kernel(const SimtArgs 
     const int64_t out = pick(a.out, l), o = tile * R + r;
     const bool valid = o < out, word = w < a.nw;
     const int nw = a.nw, pitch = a.pitch;
-    pdl_wait();  // x (and, for all we know, the weights) may come from the kernel before
+    // the layer's parameters are loaded before the wait where the caller says that the kernel before does not write
+    // them (SimtFusion::prefetch_weights: a decoder's weights); x and what else comes from that kernel after it
+    const bool early = F && a.f.prefetch_weights;
+    if (!early) pdl_wait();
 
     // loads first, all in flight together: this thread's word of every path, g and bias of the finishing
     // threads' rows, x and h of the columns this thread builds
@@ -122,13 +125,19 @@ __global__ void __launch_bounds__(kSimtThreads) gemv_simt_kernel(const SimtArgs 
         const int64_t j = col0 + int64_t{c} * col_step;
         const bool in_range = j < a.in;
 #pragma unroll
-        for (int m = 0; m < M; m++) xv[c][m] = in_range ? ld_any(a.x, a.xdt, m * a.in + j) : 0.0f;
-#pragma unroll
         for (int k = 0; k < K; k++) hv[c][k] = in_range ? ld_any(h, a.hdt, k * a.in + j) : 0.0f;
+        if constexpr (F) nv[c] = in_range && a.f.norm_weight ? ld_any(a.f.norm_weight, a.f.norm_dt, j) : 1.0f;
+    }
+    if (early) pdl_wait();  // x (and up, residual) may come from the kernel before
+#pragma unroll
+    for (int c = 0; c < NC; c++) {
+        const int64_t j = col0 + int64_t{c} * col_step;
+        const bool in_range = j < a.in;
+#pragma unroll
+        for (int m = 0; m < M; m++) xv[c][m] = in_range ? ld_any(a.x, a.xdt, m * a.in + j) : 0.0f;
         if constexpr (F) {
 #pragma unroll
             for (int m = 0; m < M; m++) uv[c][m] = in_range && a.f.up ? ld_any(a.f.up, a.xdt, m * a.in + j) : 0.0f;
-            nv[c] = in_range && a.f.norm_weight ? ld_any(a.f.norm_weight, a.f.norm_dt, j) : 1.0f;
         }
     }
     if constexpr (F)

@@ -115,13 +115,16 @@ cudaError_t decode_gemv(const void *x, rabit_dtype xdt, int64_t M, const DecodeL
 /* The decoder's glue that the DECODE_SIMT kernel can take in (rabit.packed_linear_fused): every layer reads
    u = silu(x) * up where up [M][in] (x's dtype) is given, else u = x; with norm_weight [in] (dtype norm_dt) the
    RMSNorm u * rsqrt(mean(u^2) + eps) * norm_weight instead of u; with residual [M][out] (x's dtype; one layer only)
-   y = residual + the layer's output, rounded once. Null members are off. */
+   y = residual + the layer's output, rounded once. Null members are off. prefetch_weights: the layers' parameters
+   (bits, g, h, bias, norm_weight) are loaded before the kernel waits for the one before it in the stream
+   (programmatic dependent launch), which is right only where that kernel does not write them. */
 struct SimtFusion {
     const void *norm_weight;
     rabit_dtype norm_dt;
     float eps;
     const void *up;
     const void *residual;
+    bool prefetch_weights;
 };
 /* The DECODE_SIMT kernel (decode_gemv's for that kern; no workspace): simt_applies(K, M, in) must hold. fusion:
    null for the plain layer (its own instantiation: the fused one costs registers). */
