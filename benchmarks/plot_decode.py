@@ -21,7 +21,8 @@ def main(out: str, paths: list[str]) -> None:
     xs = range(len(rows))
     kinds = sorted({f"{d['fp_dtype'].removeprefix('torch.')} {d['device_type'].upper()}" for d in docs})  # e.g. float16 CUDA
     labels = {"fp": f"FP ({' / '.join(kinds)})", "fp_single": "FP, one GEMM per linear",
-              "rabit": "rabit packed (K=2)", "rabit_single": "rabit, one launch per linear"}
+              "rabit": "rabit packed (K=2)", "rabit_single": "rabit, one launch per linear",
+              "rabit_unfused_glue": "rabit, norms / SwiGLU / residual unfused"}
     # one bar per variant the results have (bench_decode --variants); grouped q/k/v and gate/up where a -single
     # variant is beside it
     variants = [v for v in labels if any(v in r for _, r in rows)]

@@ -211,13 +211,20 @@ inline void check_fused_args(const char *op, const at::Tensor &x, int64_t n, int
                              const std::optional<at::Tensor> &norm_weight, double eps,
                              const std::optional<at::Tensor> &up, const std::optional<at::Tensor> &residual) {
     TORCH_CHECK_VALUE(std::isfinite(eps) && eps >= 0, op, ": eps must be finite and >= 0, got ", eps);
+    // device and layout, named by the argument (the RABIT_CHECK_* macros would name a local variable)
+    auto on_x = [&](const at::Tensor &t, const char *name) {
+        TORCH_CHECK_VALUE(t.device() == x.device(), op, ": ", name, " is on ", t.device(), " but x is on ", x.device(),
+                          "; move both to one device");
+        TORCH_CHECK_VALUE(t.is_contiguous(), op, ": expected ", name, " to be contiguous; call .contiguous() on it");
+    };
     if (norm_weight.has_value()) {
         const at::Tensor &w = *norm_weight;
-        RABIT_CHECK_FLOAT(op, w);
+        TORCH_CHECK_TYPE(w.scalar_type() == at::kFloat || w.scalar_type() == at::kHalf ||
+                             w.scalar_type() == at::kBFloat16,
+                         op, ": expected norm_weight to be float32, float16 or bfloat16, got ", w.scalar_type());
         TORCH_CHECK_VALUE(w.dim() == 1 && w.size(0) == x.size(1), op, ": norm_weight must be [in=", x.size(1),
                           "] (one weight per input column), got ", w.sizes());
-        RABIT_CHECK_SAME_DEVICE(op, w, x);
-        RABIT_CHECK_CONTIGUOUS(op, w);
+        on_x(w, "norm_weight");
     }
     if (up.has_value()) {
         const at::Tensor &u = *up;
@@ -225,8 +232,7 @@ inline void check_fused_args(const char *op, const at::Tensor &x, int64_t n, int
                           "layers' input), got ", u.sizes());
         TORCH_CHECK_TYPE(u.scalar_type() == x.scalar_type(), op, ": up must have x's dtype ", x.scalar_type(),
                          ", got ", u.scalar_type());
-        RABIT_CHECK_SAME_DEVICE(op, u, x);
-        RABIT_CHECK_CONTIGUOUS(op, u);
+        on_x(u, "up");
     }
     if (residual.has_value()) {
         const at::Tensor &r = *residual;
@@ -236,8 +242,7 @@ inline void check_fused_args(const char *op, const at::Tensor &x, int64_t n, int
                           x.size(0), ", out=", out, "] (the layer's output shape), got ", r.sizes());
         TORCH_CHECK_TYPE(r.scalar_type() == x.scalar_type(), op, ": residual must have x's dtype ", x.scalar_type(),
                          ", got ", r.scalar_type());
-        RABIT_CHECK_SAME_DEVICE(op, r, x);
-        RABIT_CHECK_CONTIGUOUS(op, r);
+        on_x(r, "residual");
     }
 }
 

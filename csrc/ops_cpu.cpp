@@ -148,6 +148,7 @@ at::Tensor packed_linear_cpu_impl(const char *op, const at::Tensor &x, const at:
     // the table kernels read g and h in their own dtype (converted in the C core: no tensors made per call)
     const at::Tensor gc = g.contiguous(), hc = h.contiguous();
     at::Tensor y = at::empty({x.size(0), out}, x.options());
+    if (x.size(0) == 0) return y;  // no rows: nothing to compute (the C kernel takes M >= 1), as on CUDA
     check_status(op, rabit_packed_linear_cpu(x.data_ptr(), to_rabit_dtype(x.scalar_type()), x.size(0),
                                              reinterpret_cast<const rabit_word_t *>(packed.data_ptr<int32_t>()),
                                              gc.data_ptr(), to_rabit_dtype(gc.scalar_type()), hc.data_ptr(),

@@ -160,7 +160,9 @@ class StaticDecoder:
             and only the later ones sampled (LLM-QAT's teacher data, :func:`rabit.data.generate_teacher_data`).
         group_projections: run a layer's q/k/v projections as one call, and gate/up as one. Packed layers:
             :func:`rabit.packed_linear_group` (on CUDA one launch of the decode kernels instead of three or two;
-            the outputs are the same bit for bit). Plain ``nn.Linear`` layers on CUDA: one GEMM on their weights
+            the outputs are the same bit for bit; where ``fused_glue`` holds, the grouped calls are
+            :func:`rabit.packed_linear_fused`, and False also turns the fused glue off, which rounds otherwise). Plain
+            ``nn.Linear`` layers on CUDA: one GEMM on their weights
             stacked into one tensor, as serving runtimes do (:func:`stack_linears`: the modules keep their
             Parameters, whose data become views of that tensor; same values, no extra memory). A stacked GEMM may round
             differently from separate ones in the last bits (cuBLAS picks its kernel by shape), so on the CPU,
@@ -179,8 +181,8 @@ class StaticDecoder:
             (the projections of a group alike in K, scale dtypes and bias presence) and the CUDA-core decode kernel
             taking every layer's width at this batch size (at most 4 rows and 2048 columns); True: always, with an
             error naming what stands in the way; False: never. Fused and unfused glue round differently (the fused
-            one keeps the normalised input and the activations in float32 and rounds each output once). Decode steps
-            only; the prefill runs unfused.
+            one keeps the normalised input and the activations in float32 and rounds each output once). Steps of one
+            token run fused (a one-token prefill too), longer prefills unfused.
     """
 
     def __init__(self, model: nn.Module, batch_size: int = 1, max_len: int = 2048, cuda_graph: bool | None = None,
@@ -299,15 +301,18 @@ class StaticDecoder:
 
             for layer in self.base.layers:
                 a, m = layer.self_attn, layer.mlp
+                if layer.input_layernorm.weight is None or layer.post_attention_layernorm.weight is None:
+                    why = "an RMSNorm has no weight"
+                    break
                 for mods in ((a.q_proj, a.k_proj, a.v_proj), (a.o_proj,), (m.gate_proj, m.up_proj), (m.down_proj,)):
                     if not all(isinstance(mod, PackedRaBiTLinear) for mod in mods):
                         why = "not every decoder linear is a PackedRaBiTLinear"
                     elif len({(mod.packed.shape[0], mod.g.dtype, mod.h.dtype, mod.bias is None,
                                None if mod.bias is None else mod.bias.dtype) for mod in mods}) != 1:
                         why = "a q/k/v or gate/up group mixes K, scale dtypes or biases"
-                    elif not _C.cuda_simt_applies(mods[0].packed.shape[0], self.B, mods[0].in_features):
+                    elif not self._simt_applies(_C, mods[0]):
                         why = (f"the CUDA-core decode kernel does not take {mods[0].in_features} columns at batch size "
-                               f"{self.B} (at most 4 rows and 2048 columns)")
+                               f"{self.B} (at most 4 rows and 2048 columns, within the GPU's shared memory)")
                     if why:
                         break
                 if why:
@@ -316,6 +321,10 @@ class StaticDecoder:
             raise ValueError(f"StaticDecoder: fused_glue=True, but the glue cannot be fused: {why}; pass "
                              "fused_glue=None (fuse where possible) or False")
         return why is None
+
+    def _simt_applies(self, _C, mod: PackedRaBiTLinear) -> bool:
+        with torch.cuda.device(self.device):  # the kernel's bounds depend on the GPU's shared memory
+            return bool(_C.cuda_simt_applies(mod.packed.shape[0], self.B, mod.in_features))
 
     # ------------------------------------------------------------------ the model, over the static cache
     def layer_linears(self) -> list[nn.Module]:
@@ -440,6 +449,7 @@ class StaticDecoder:
                                    1e-6 if norm is None else norm.variance_epsilon, up, residual,
                                    prefetch_weights=True)  # a decoder's weights: no kernel of the step writes them
 
+    @torch.no_grad()  # packed_linear_fused has no backward
     def forward_fused(self, tokens: Tensor, pos: Tensor) -> Tensor:
         """forward() of one token per row (tokens [B, 1]) with the glue inside the packed linears (fused_glue): per
         layer q/k/v on the input norm of the residual stream h, the attention, h + o_proj, gate/up on the

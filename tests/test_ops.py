@@ -339,15 +339,17 @@ FUSED_MODES = {"norm": (True, False, False), "swiglu+residual": (False, True, Tr
 FUSED_LAYERS = [[(17, 45), (40, 45), (5, 45)], [(33, 600)], [(64, 1100), (9, 1100)], [(576, 576)], [(100, 2048)]]
 
 
-def _fused_inputs(layers, mode, m, xdtype, device, bias):
+def _fused_inputs(layers, mode, m, xdtype, device, bias, k=2):
     norm, up, residual = FUSED_MODES[mode]
     if residual:
         layers = layers[:1]
-    args = _group_args(layers, 2, device, bias=bias)
+    args = _group_args(layers, k, device, bias=bias)
     in_features = layers[0][1]
     # the parameters first, the activations last: with prefetch_weights the CUDA kernel may read the parameters
-    # before the kernel just before it has finished, so that kernel must not be the one that wrote them
-    kw = {"norm_weight": (torch.rand(in_features, device=device) + 0.5).to(xdtype) if norm else None, "eps": 1e-5}
+    # before the kernel just before it has finished, so that kernel must not be the one that wrote them. The norm's
+    # weight in x's dtype for fp16 x, in float32 for bf16 x (the kernel reads either)
+    wdtype = xdtype if xdtype != torch.bfloat16 else torch.float32
+    kw = {"norm_weight": (torch.rand(in_features, device=device) + 0.5).to(wdtype) if norm else None, "eps": 1e-5}
     x = torch.randn(m, in_features, device=device).to(xdtype)
     kw["up"] = torch.randn(m, in_features, device=device).to(xdtype) if up else None
     kw["residual"] = torch.randn(m, layers[0][0], device=device).to(xdtype) if residual else None
@@ -372,7 +374,7 @@ def _fused_terms(x, g, h, b, kw):
 @pytest.mark.parametrize("m", [1, 2, 3, 4])
 def test_packed_linear_fused_matches_reference(layers, mode, xdtype, m, device):
     for bias, prefetch in ((True, False), (False, False), (True, True)):
-        x, packed, g, h, b, kw = _fused_inputs(layers, mode, m, xdtype, device, bias)
+        x, packed, g, h, b, kw = _fused_inputs(layers, mode, m, xdtype, device, bias, k=1 + m % 3)
         ys = rabit.packed_linear_fused(x, packed, g, h, b, **kw, prefetch_weights=prefetch)
         cpu = lambda t: None if t is None else t.cpu()  # noqa: E731
         args = (x.cpu(), [p.cpu() for p in packed], [t.cpu() for t in g], [t.cpu() for t in h],
@@ -407,6 +409,36 @@ def test_packed_linear_fused_group_is_its_layers_and_float32_on_cpu(device):
         assert y.dtype == torch.float32 and (y.double() - ref).norm() / ref.norm() < 1e-5
 
 
+def test_packed_linear_fused_chain_reads_its_input_after_the_kernel_ahead(device):
+    """Two calls back to back, the second reading the first's output as x and up (a decoder's chain), with early
+    parameter loads and no synchronisation, equal the same calls with a synchronisation between them: x, up and the
+    residual are read only after the kernel ahead has finished."""
+    (pa, ga, ha, ba), = _group_args([(300, 600)], 2, device)
+    (pb, gb, hb, bb), = _group_args([(200, 300)], 2, device)
+    nw = torch.rand(600, device=device).half() + 0.5
+    x = torch.randn(3, 600, device=device).half()
+    res = torch.randn(3, 200, device=device).half()
+
+    def chain(prefetch, sync):
+        y = rabit.packed_linear_fused(x, [pa], [ga], [ha], [ba], norm_weight=nw, prefetch_weights=prefetch)[0]
+        if sync and device == "cuda":
+            torch.cuda.synchronize()
+        return rabit.packed_linear_fused(y, [pb], [gb], [hb], [bb], up=y.flip(0).contiguous(), residual=res,
+                                         prefetch_weights=prefetch)[0]
+
+    want = chain(False, True)
+    for _ in range(20):
+        assert torch.equal(chain(True, False), want)
+
+
+def test_packed_linear_ops_take_an_empty_x(device):
+    x, packed, g, h, b, kw = _fused_inputs([(5, 40), (7, 40)], "norm", 2, torch.float16, device, True)
+    ys = rabit.packed_linear_fused(x[:0], packed, g, h, b, norm_weight=kw["norm_weight"])
+    assert [tuple(y.shape) for y in ys] == [(0, 5), (0, 7)]
+    for xdtype in FLOAT_DTYPES:
+        assert rabit.packed_linear(x[:0].to(xdtype), packed[0], g[0], h[0], b[0]).shape == (0, 5)
+
+
 def test_packed_linear_fused_nonfinite_input_makes_its_row_nan(device):
     for mode in ("norm", "swiglu+residual", "plain"):
         x, packed, g, h, b, kw = _fused_inputs([(40, 600)], mode, 3, torch.float16, device, True)
@@ -430,6 +462,16 @@ def test_packed_linear_fused_errors(device):
         rabit.packed_linear_fused(x, packed[:1], g[:1], h[:1], residual=torch.randn(2, 7, device=device).half())
     with pytest.raises(ValueError, match=r"eps must be finite and >= 0"):
         rabit.packed_linear_fused(x, packed, g, h, norm_weight=kw["norm_weight"], eps=-1.0)
+    with pytest.raises(ValueError, match=r"eps must be finite and >= 0"):
+        rabit.packed_linear_fused(x, packed, g, h, norm_weight=kw["norm_weight"], eps=float("nan"))
+    with pytest.raises(TypeError, match=r"expected norm_weight to be float32, float16 or bfloat16, got Int"):
+        rabit.packed_linear_fused(x, packed, g, h, norm_weight=torch.ones(40, device=device, dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"expected norm_weight to be contiguous"):
+        rabit.packed_linear_fused(x, packed, g, h, norm_weight=torch.ones(80, device=device)[::2])
+    with pytest.raises(ValueError, match=r"expected up to be contiguous"):
+        rabit.packed_linear_fused(x, packed, g, h, up=torch.randn(40, 2, device=device).half().T)
+    with pytest.raises(TypeError, match=r"residual must have x's dtype"):
+        rabit.packed_linear_fused(x, packed[:1], g[:1], h[:1], residual=torch.randn(2, 5, device=device))
     with pytest.raises(ValueError, match=r"\(layer 1\): h is \[2, 70\] but the layer has in=40"):
         rabit.packed_linear_fused(x, packed, g, [h[0], torch.rand(2, 70, device=device)])
     with pytest.raises(RuntimeError, match="no backward"):
@@ -443,6 +485,13 @@ def test_packed_linear_fused_errors(device):
         (p2, g2, h2, _), = _group_args([(5, 2080)], 2, device, bias=False)
         with pytest.raises(ValueError, match="at most 2048 columns"):
             rabit.packed_linear_fused(torch.randn(1, 2080, device=device).half(), [p2], [g2], [h2])
+        (p3, g3, h3, _), = _group_args([(6, 40)], 3, device, bias=False)
+        with pytest.raises(ValueError, match="the layers must share K, got 2 and 3"):
+            rabit.packed_linear_fused(x, [packed[0], p3], [g[0], g3], [h[0], h3])
+        with pytest.raises(TypeError, match="must share their dtypes .* layer 1 has Float"):
+            rabit.packed_linear_fused(x, packed, [g[0], g[1].float()], h)
+        with pytest.raises(ValueError, match="x is on cuda"):
+            rabit.packed_linear_fused(x, packed, g, h, up=x.cpu())
 
 
 def test_round_activations_f16_scales_each_group_by_a_power_of_two():

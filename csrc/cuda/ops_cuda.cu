@@ -275,25 +275,37 @@ std::vector<at::Tensor> packed_linear_fused_cuda(const at::Tensor &x, at::Tensor
                           " (layer ", l, ")");
         TORCH_CHECK_TYPE(g[l].scalar_type() == g[0].scalar_type() && h[l].scalar_type() == h[0].scalar_type() &&
                              (bias.empty() || bias[l].scalar_type() == bias[0].scalar_type()),
-                         op, ": the layers' g, h and bias must share their dtypes (layer ", l, " differs from layer 0)");
+                         op, ": the layers' g, h and bias must share their dtypes (one launch reads them all), but "
+                         "layer ", l, " has ", g[l].scalar_type(), ", ", h[l].scalar_type(), " where layer 0 has ",
+                         g[0].scalar_type(), ", ", h[0].scalar_type(), " (bias: compare them too); convert them to one "
+                         "dtype, or call the op once per layer");
         K = dims.K;
         out[l] = dims.out;
     }
     check_fused_args(op, x, n, out[0], norm_weight, eps, up, residual);
     const int64_t M = x.size(0), in = x.size(1);
+    if (M == 0) {  // nothing to compute: empty outputs, as on the CPU
+        std::vector<at::Tensor> empty;
+        for (int64_t l = 0; l < n; l++) empty.push_back(at::empty({0, out[l]}, x.options()));
+        return empty;
+    }
     TORCH_CHECK_TYPE(x.scalar_type() != at::kFloat, op, ": the CUDA kernel takes float16 or bfloat16 x, got float32; "
                      "run the unfused ops (StaticDecoder(fused_glue=False))");
     TORCH_CHECK_VALUE(n <= rabit_cuda::kDecodeMaxLayers, op, ": at most ", rabit_cuda::kDecodeMaxLayers,
                       " layers a call, got ", n);
     const c10::cuda::CUDAGuard guard(x.device());  // simt_applies asks the current device
-    TORCH_CHECK_VALUE(M >= 1 && rabit_cuda::simt_applies(static_cast<int>(K), M, in), op,
+    TORCH_CHECK_VALUE(rabit_cuda::simt_applies(static_cast<int>(K), M, in), op,
                       ": the CUDA-core decode kernel takes 1..", rabit_cuda::kSimtMaxM, " rows of x and at most ",
                       rabit_cuda::kSimtMaxIn, " columns (within the GPU's shared memory), got x ", x.sizes(),
                       " with K=", K, "; run the unfused ops (StaticDecoder(fused_glue=False))");
     const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
     std::vector<at::Tensor> ys, keep;  // keep: contiguous copies that live until the launch
     rabit_cuda::DecodeLayer layers[rabit_cuda::kDecodeMaxLayers];
+    // a copy made here is written by the kernel just ahead of the launch: its parameters must then be read after the
+    // wait, whatever the caller asked (prefetch_weights changes when they are read, not the result)
+    bool copied = false;
     for (int64_t l = 0; l < n; l++) {
+        copied = copied || !g[l].is_contiguous() || !h[l].is_contiguous() || (!bias.empty() && !bias[l].is_contiguous());
         at::Tensor gs = g[l].contiguous(), hs = h[l].contiguous();
         at::Tensor bt = bias.empty() ? at::Tensor() : bias[l].contiguous();
         ys.push_back(at::empty({M, out[l]}, x.options()));
@@ -309,7 +321,7 @@ std::vector<at::Tensor> packed_linear_fused_cuda(const at::Tensor &x, at::Tensor
     f.eps = static_cast<float>(eps);
     f.up = up.has_value() ? up->data_ptr() : nullptr;
     f.residual = residual.has_value() ? residual->data_ptr() : nullptr;
-    f.prefetch_weights = prefetch_weights;
+    f.prefetch_weights = prefetch_weights && !copied;
     check_launch(rabit_cuda::decode_gemv_simt(
         x.data_ptr(), to_rabit_dtype(x.scalar_type()), M, layers, static_cast<int>(n),
         to_rabit_dtype(g[0].scalar_type()), to_rabit_dtype(h[0].scalar_type()),

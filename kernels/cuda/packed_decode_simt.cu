@@ -16,6 +16,10 @@
  * and one rounding: deterministic, and a row's result does not depend on the other layers of a group launch (a
  * group equals its separate calls bit for bit). float32 products and sums: float32-level accuracy like the int8
  * kernel, not bit-identical to it. A non-finite xh makes that row of x's outputs NaN, as in the MMA kernels.
+ *
+ * The fused instantiation (F, rabit.packed_linear_fused) also takes a decoder's glue: silu(x) * up as the input, an
+ * RMSNorm of it, a residual added to the output; with SimtFusion::prefetch_weights it loads the layer's parameters
+ * before it waits for the kernel ahead (docs/kernels.md, "Fused decoder glue").
  */
 #include <cuda_runtime.h>
 
