@@ -335,3 +335,45 @@ def test_cuda_fused_glue_matches_unfused(batch):
         StaticDecoder(model, batch_size=5, max_len=40, fused_glue=True)
     with pytest.raises(ValueError, match="the attention is not fused"):
         StaticDecoder(model, batch_size=1, max_len=40, fused_attention=False, fused_glue=True)
+
+
+def _packed_qwen2(seed):
+    """A 2-layer Qwen2 (biases on q/k/v, grouped KV heads), packed."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = Qwen2Config(vocab_size=48, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=64)
+    model = Qwen2ForCausalLM(cfg).eval()
+    rabit.quantize_(model, rabit.RabitConfig(init_iters=1), progress=False)
+    rabit.convert_(model)
+    assert model.model.layers[0].self_attn.q_proj.bias is not None
+    return model
+
+
+# float32: the fused step computes forward's function up to float32 rounding (measured on the CPU: 1.9e-7); fp16 and
+# bf16: up to the roundings the unfused glue adds (8e-4 and 5e-3 on the CPU)
+FUSED_STEP_TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+@pytest.mark.parametrize("dtype", list(FUSED_STEP_TOL), ids=str)
+def test_forward_fused_is_forward(device, dtype):
+    """forward_fused (the glue inside rabit.packed_linear_fused: norms, SwiGLU, residual adds; on the CPU its composed
+    op) gives forward's logits on a Qwen2 model with q/k/v biases and grouped KV heads, and HF's forward's; on CUDA
+    (fp16/bf16, where the kernel runs) it is what the decoder runs by default."""
+    if device == "cuda" and dtype == torch.float32:
+        pytest.skip("the CUDA kernel takes fp16/bf16 x")
+    model = _packed_qwen2(6).to(device, dtype)
+    ids = torch.randint(3, 48, (2, 6))
+    dec = StaticDecoder(model, batch_size=2, max_len=40, cuda_graph=False, fused_glue=False)
+    dec.prefill(ids)
+    with torch.no_grad():
+        b = dec.forward(dec._tok, dec._pos).float()
+        a = dec.forward_fused(dec._tok, dec._pos).float()
+        ref = model(ids.to(device)).logits[:, -1].float()
+    tol = FUSED_STEP_TOL[dtype]
+    assert (a - b).norm() / b.norm() < tol
+    assert (a - ref).norm() / ref.norm() < tol
+    if device == "cuda":
+        assert StaticDecoder(model, batch_size=2, max_len=40).fused_glue
