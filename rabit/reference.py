@@ -195,7 +195,7 @@ def packed_linear_fused(x, packed, g, h, bias=(), norm_weight=None, eps=1e-6, up
     bias = list(bias) or [None] * len(packed)
     ys = []
     for p, gl, hl, b in zip(packed, g, h, bias, strict=True):
-        y = packed_linear(u, p, gl, hl, None, compute_dtype=compute_dtype).to(compute_dtype)
+        y = packed_linear(u, p, gl, hl, None, compute_dtype=compute_dtype)  # in compute_dtype, u's dtype
         if rs is not None:
             y = y * rs
         if b is not None:

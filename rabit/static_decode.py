@@ -94,6 +94,12 @@ def _swiglu(gate: Tensor, up: Tensor) -> Tensor:
     return F.silu(gate) * up
 
 
+def _layer_calls(layer: nn.Module) -> tuple[tuple[nn.Module, ...], ...]:
+    """A decoder layer's linears as a step calls them: (q, k, v), (o,), (gate, up), (down,)."""
+    a, m = layer.self_attn, layer.mlp
+    return (a.q_proj, a.k_proj, a.v_proj), (a.o_proj,), (m.gate_proj, m.up_proj), (m.down_proj,)
+
+
 def _adjacent(ts: list[Tensor]) -> Tensor | None:
     """The one tensor that contiguous ts are consecutive row blocks of (one storage, each starting where the last
     ends), or None."""
@@ -287,40 +293,37 @@ class StaticDecoder:
         """Whether decode steps run forward_fused: `wanted`, or (None) where packed_linear_fused takes this model."""
         if wanted is False:
             return False
-        why = None
-        if self.device.type != "cuda" or not has_native_kernels("cuda"):
-            why = "it runs on CUDA with the compiled kernels only"
-        elif not self.fused_attention:
-            why = "the attention is not fused (fused_attention)"
-        elif not self.group_projections:
-            why = "group_projections=False"
-        elif self.dtype not in (torch.float16, torch.bfloat16):
-            why = f"the model's dtype is {self.dtype}, not float16 or bfloat16"
-        else:
-            from ._torch_api import _C
-
-            for layer in self.base.layers:
-                a, m = layer.self_attn, layer.mlp
-                if layer.input_layernorm.weight is None or layer.post_attention_layernorm.weight is None:
-                    why = "an RMSNorm has no weight"
-                    break
-                for mods in ((a.q_proj, a.k_proj, a.v_proj), (a.o_proj,), (m.gate_proj, m.up_proj), (m.down_proj,)):
-                    if not all(isinstance(mod, PackedRaBiTLinear) for mod in mods):
-                        why = "not every decoder linear is a PackedRaBiTLinear"
-                    elif len({(mod.packed.shape[0], mod.g.dtype, mod.h.dtype, mod.bias is None,
-                               None if mod.bias is None else mod.bias.dtype) for mod in mods}) != 1:
-                        why = "a q/k/v or gate/up group mixes K, scale dtypes or biases"
-                    elif not self._simt_applies(_C, mods[0]):
-                        why = (f"the CUDA-core decode kernel does not take {mods[0].in_features} columns at batch size "
-                               f"{self.B} (at most 4 rows and 2048 columns, within the GPU's shared memory)")
-                    if why:
-                        break
-                if why:
-                    break
+        why = self._glue_obstacle()
         if why is not None and wanted:
             raise ValueError(f"StaticDecoder: fused_glue=True, but the glue cannot be fused: {why}; pass "
                              "fused_glue=None (fuse where possible) or False")
         return why is None
+
+    def _glue_obstacle(self) -> str | None:
+        """Why packed_linear_fused cannot run this model's decode steps, or None."""
+        if self.device.type != "cuda" or not has_native_kernels("cuda"):
+            return "it runs on CUDA with the compiled kernels only"
+        if not self.fused_attention:
+            return "the attention is not fused (fused_attention)"
+        if not self.group_projections:
+            return "group_projections=False"
+        if self.dtype not in (torch.float16, torch.bfloat16):
+            return f"the model's dtype is {self.dtype}, not float16 or bfloat16"
+        from ._torch_api import _C
+
+        for layer in self.base.layers:
+            if layer.input_layernorm.weight is None or layer.post_attention_layernorm.weight is None:
+                return "an RMSNorm has no weight"
+            for mods in _layer_calls(layer):
+                if not all(isinstance(mod, PackedRaBiTLinear) for mod in mods):
+                    return "not every decoder linear is a PackedRaBiTLinear"
+                if len({(mod.packed.shape[0], mod.g.dtype, mod.h.dtype, mod.bias is None,
+                         None if mod.bias is None else mod.bias.dtype) for mod in mods}) != 1:
+                    return "a q/k/v or gate/up group mixes K, scale dtypes or biases"
+                if not self._simt_applies(_C, mods[0]):
+                    return (f"the CUDA-core decode kernel does not take {mods[0].in_features} columns at batch size "
+                            f"{self.B} (at most 4 rows and 2048 columns, within the GPU's shared memory)")
+        return None
 
     def _simt_applies(self, _C, mod: PackedRaBiTLinear) -> bool:
         with torch.cuda.device(self.device):  # the kernel's bounds depend on the GPU's shared memory
@@ -340,8 +343,7 @@ class StaticDecoder:
         (down,) where _grouped() holds, else one linear a call."""
         calls = []
         for layer in self.base.layers:
-            a, m = layer.self_attn, layer.mlp
-            for mods in ((a.q_proj, a.k_proj, a.v_proj), (a.o_proj,), (m.gate_proj, m.up_proj), (m.down_proj,)):
+            for mods in _layer_calls(layer):
                 calls += [mods] if self._grouped(mods) else [(lin,) for lin in mods]
         return calls
 
