@@ -45,10 +45,10 @@ TORCH_LIBRARY(rabit, m) {
     // A decoder's glue fused into packed_linear_group, for decoding (no autograd): the layers read u = silu(x) * up
     // where up is given (else x), RMS-normalised as HF's RMSNorm where norm_weight is given (u * rsqrt(mean(u^2) +
     // eps) * norm_weight, in float32, not rounded); output l = packed_linear(u, layer l), plus residual (a single
-    // layer only), rounded once to x's dtype. On CUDA one launch of the CUDA-core decode kernel (fp16/bf16 x,
-    // M <= 4, in <= 2048; an error elsewhere). prefetch_weights: on CUDA the layers' parameters (packed, g, h, bias,
-    // norm_weight) are read before the kernel before this one in the stream has finished (programmatic dependent
-    // launch): only for parameters that kernel does not write, such as a decoder's weights.
+    // layer only), rounded once to x's dtype. On CUDA the decode kernel packed_linear runs at that shape, with the
+    // glue inside (fp16/bf16 x, M <= 4; an error elsewhere). prefetch_weights: on CUDA the CUDA-core kernel reads the
+    // layers' parameters (packed, g, h, bias, norm_weight) before the kernel before it in the stream has finished
+    // (programmatic dependent launch): only for parameters that kernel does not write, such as a decoder's weights.
     m.def(
         "packed_linear_fused(Tensor x, Tensor[] packed, Tensor[] g, Tensor[] h, Tensor[] bias, Tensor? norm_weight, "
         "float eps, Tensor? up, Tensor? residual, bool prefetch_weights=False) -> Tensor[]");
@@ -95,13 +95,10 @@ static PyObject *rabit_py_cuda_prefill_plan(PyObject *, PyObject *args) {
     return Py_BuildValue("(si)", p.kernel == rabit_cuda::PREFILL_WGMMA ? "wgmma" : "mma", p.splits);
 }
 
-// Whether the CUDA-core decode kernel (and so rabit.packed_linear_fused) can run a layer of K paths and `in` columns
-// at M rows of fp16/bf16 x on the current device.
-static PyObject *rabit_py_cuda_simt_applies(PyObject *, PyObject *args) {
-    int K = 0;
-    long long M = 0, in = 0;
-    if (!PyArg_ParseTuple(args, "iLL", &K, &M, &in)) return nullptr;
-    return PyBool_FromLong(rabit_cuda::simt_applies(K, M, in));
+// The bounds of rabit.packed_linear_fused on CUDA, (most rows of x, most columns with a norm): what StaticDecoder asks
+// before it fuses its glue.
+static PyObject *rabit_py_cuda_fused_bounds(PyObject *, PyObject *) {
+    return Py_BuildValue("(iL)", rabit_cuda::kFusedMaxM, static_cast<long long>(rabit_cuda::kFusedNormMaxIn));
 }
 
 // Why the CUDA decode_attention kernel cannot run float dtype code dt (0 float32, 1 float16, 2 bfloat16) with G
@@ -121,8 +118,8 @@ static PyMethodDef rabit_methods[] = {
 #ifdef RABIT_WITH_CUDA
     {"cuda_prefill_plan", rabit_py_cuda_prefill_plan, METH_VARARGS,
      "cuda_prefill_plan(M, out, in) -> (kernel, splits): the prefill GEMM packed_linear runs on the current GPU."},
-    {"cuda_simt_applies", rabit_py_cuda_simt_applies, METH_VARARGS,
-     "cuda_simt_applies(K, M, in) -> whether the CUDA-core decode kernel (packed_linear_fused) takes such a layer."},
+    {"cuda_fused_bounds", rabit_py_cuda_fused_bounds, METH_NOARGS,
+     "cuda_fused_bounds() -> (most rows of x, most columns with a norm) that packed_linear_fused takes on CUDA."},
     {"cuda_attention_unsupported", rabit_py_cuda_attention_unsupported, METH_VARARGS,
      "cuda_attention_unsupported(dtype_code, G, D) -> why the CUDA decode_attention kernel cannot run, or None."},
 #endif

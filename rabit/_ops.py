@@ -445,16 +445,17 @@ def packed_linear_fused(x: Tensor, packed: list[Tensor], g: list[Tensor], h: lis
     the layers read ``u = silu(x) * up`` where ``up`` is given (a SwiGLU MLP's down_proj), else ``x``; with
     ``norm_weight`` they read HF's RMSNorm of it, ``u * rsqrt(mean(u²) + eps) * norm_weight`` (the q/k/v and
     gate/up projections after a layer's norms); output l is ``packed_linear(u, layer l) + residual`` (residual: a
-    single layer only, o_proj and down_proj), in float32 and rounded once to x's dtype. On CUDA one launch of the
-    CUDA-core decode kernel, which takes fp16/bf16 x with at most 4 rows and 2048 columns (an error elsewhere: run
-    the ops unfused there); on the CPU the same math composed of torch ops and the packed kernel. ``bias``: None or
-    one tensor per layer. For decoding: no backward.
+    single layer only, o_proj and down_proj), in float32 and rounded once to x's dtype. On CUDA the decode kernel
+    that :func:`packed_linear` runs at that shape, with the glue inside: fp16/bf16 x with at most 4 rows, and with a
+    norm at most 32768 columns (an error elsewhere: run the ops unfused there); on the CPU the same math composed of
+    torch ops and the packed kernel. ``bias``: None or one tensor per layer. For decoding: no backward.
 
-    ``prefetch_weights=True`` lets the CUDA kernel load the layers' parameters (packed, g, h, bias, norm_weight)
-    before the kernel ahead of it in the stream has finished (it is launched with programmatic dependent launch;
+    ``prefetch_weights=True`` lets the CUDA-core kernel (narrow layers) load the layers' parameters (packed, g, h,
+    bias, norm_weight) before the kernel ahead of it in the stream has finished (it is launched with programmatic dependent launch;
     x, up and residual are still read after that kernel ends). Pass it only where that kernel does not write those
     parameters, as in a decoder, whose weights never change: :class:`rabit.static_decode.StaticDecoder` does. It
-    saves about a sixth of a SmolLM2-shape decode step (docs/kernels.md)."""
+    saves about a sixth of a SmolLM2-shape decode step (docs/kernels.md). The MMA kernels of wider layers load their
+    weights before they wait for their own prologue in any case, and take no early loads besides."""
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad
                                        for t in (x, norm_weight, up, residual, *g, *h, *(bias or []))):
         raise RuntimeError("rabit.packed_linear_fused is for decoding and has no backward; call it under "

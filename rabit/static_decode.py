@@ -184,8 +184,8 @@ class StaticDecoder:
         fused_glue: run a decode step's RMSNorms, SwiGLU and residual adds inside the packed linears' kernel
             (:func:`rabit.packed_linear_fused`) instead of as separate (compiled) kernels. None (default): where it
             can run: on CUDA with the fused attention, grouped projections, fp16/bf16, every decoder linear packed
-            (the projections of a group alike in K, scale dtypes and bias presence) and the CUDA-core decode kernel
-            taking every layer's width at this batch size (at most 4 rows and 2048 columns); True: always, with an
+            (the projections of a group alike in K, scale dtypes and bias presence) and a batch size of at most 4
+            (:func:`rabit.packed_linear_fused`'s bound on CUDA); True: always, with an
             error naming what stands in the way; False: never. Fused and unfused glue round differently (the fused
             one keeps the normalised input and the activations in float32 and rounds each output once). Steps of one
             token run fused (a one-token prefill too), longer prefills unfused.
@@ -311,6 +311,9 @@ class StaticDecoder:
             return f"the model's dtype is {self.dtype}, not float16 or bfloat16"
         from ._torch_api import _C
 
+        max_rows, norm_max_in = _C.cuda_fused_bounds()
+        if self.B > max_rows:
+            return f"the batch size {self.B} is above the fused kernels' {max_rows} rows"
         for layer in self.base.layers:
             if layer.input_layernorm.weight is None or layer.post_attention_layernorm.weight is None:
                 return "an RMSNorm has no weight"
@@ -320,14 +323,9 @@ class StaticDecoder:
                 if len({(mod.packed.shape[0], mod.g.dtype, mod.h.dtype, mod.bias is None,
                          None if mod.bias is None else mod.bias.dtype) for mod in mods}) != 1:
                     return "a q/k/v or gate/up group mixes K, scale dtypes or biases"
-                if not self._simt_applies(_C, mods[0]):
-                    return (f"the CUDA-core decode kernel does not take {mods[0].in_features} columns at batch size "
-                            f"{self.B} (at most 4 rows and 2048 columns, within the GPU's shared memory)")
+            if layer.input_layernorm.weight.numel() > norm_max_in:
+                return f"the hidden size is above the fused RMSNorm's {norm_max_in} columns"
         return None
-
-    def _simt_applies(self, _C, mod: PackedRaBiTLinear) -> bool:
-        with torch.cuda.device(self.device):  # the kernel's bounds depend on the GPU's shared memory
-            return bool(_C.cuda_simt_applies(mod.packed.shape[0], self.B, mod.in_features))
 
     # ------------------------------------------------------------------ the model, over the static cache
     def layer_linears(self) -> list[nn.Module]:

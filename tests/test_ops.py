@@ -1,6 +1,7 @@
 """Every rabit op against rabit.reference (the plain-PyTorch spec), plus opcheck, gradcheck and
 input errors. Signs and packed bits must match exactly; float results follow the 2x rule."""
 
+import itertools
 import re
 import subprocess
 import sys
@@ -334,9 +335,11 @@ def test_packed_linear_group_errors(device):
 # o_proj plus the residual; and the plain group, each glue piece alone, and all three together
 FUSED_MODES = {"norm": (True, False, False), "swiglu+residual": (False, True, True), "residual": (False, False, True),
                "plain": (False, False, False), "up": (False, True, False), "all": (True, True, True)}
-# (out, in) per layer: odd sizes, partial row tiles, one word a row, and each of the kernel's rows-a-block cases (in
-# <= 512: 32 rows, <= 1024: 16, <= 2048: 8)
-FUSED_LAYERS = [[(17, 45), (40, 45), (5, 45)], [(33, 600)], [(64, 1100), (9, 1100)], [(576, 576)], [(100, 2048)]]
+# (out, in) per layer: odd sizes, partial row tiles, one word a row, each of the CUDA-core kernel's rows-a-block cases
+# (in <= 512: 32 rows, <= 1024: 16, <= 1536: 8), and the MMA kernels packed_linear takes on CUDA for wider rows: int8
+# (in = 2048, 4100: a partial group of 512 columns; two layers of different heights) and at M = 1 the 1-bit one (8000)
+FUSED_LAYERS = [[(17, 45), (40, 45), (5, 45)], [(33, 600)], [(64, 1100), (9, 1100)], [(576, 576)], [(100, 2048)],
+                [(300, 4100), (33, 4100)], [(40, 8000)]]
 
 
 def _fused_inputs(layers, mode, m, xdtype, device, bias, k=2):
@@ -392,8 +395,8 @@ def test_packed_linear_fused_matches_reference(layers, mode, xdtype, m, device):
 
 def test_packed_linear_fused_group_is_its_layers_and_float32_on_cpu(device):
     """A layer's output does not depend on the other layers of the call (bit for bit); on the CPU float32 x works."""
-    layers = [(17, 300), (40, 300), (5, 300)]
-    for mode in ("norm", "up", "plain"):
+    for layers, mode in itertools.product(([(17, 300), (40, 300), (5, 300)], [(17, 2100), (40, 2100), (5, 2100)]),
+                                          ("norm", "up", "plain")):
         x, packed, g, h, b, kw = _fused_inputs(layers, mode, 3, torch.float16, device, True)
         ys = rabit.packed_linear_fused(x, packed, g, h, b, **kw)
         for i in range(3):
@@ -440,12 +443,12 @@ def test_packed_linear_ops_take_an_empty_x(device):
 
 
 def test_packed_linear_fused_nonfinite_input_makes_its_row_nan(device):
-    for mode in ("norm", "swiglu+residual", "plain"):
-        x, packed, g, h, b, kw = _fused_inputs([(40, 600)], mode, 3, torch.float16, device, True)
+    for in_features, mode in itertools.product((600, 4100), ("norm", "swiglu+residual", "plain")):
+        x, packed, g, h, b, kw = _fused_inputs([(40, in_features)], mode, 3, torch.float16, device, True)
         x[1, 77] = float("nan")
         y = rabit.packed_linear_fused(x, packed, g, h, b, **kw)[0]
-        assert y[1].isnan().all(), mode
-        assert y[[0, 2]].isfinite().all(), mode
+        assert y[1].isnan().all(), (in_features, mode)
+        assert y[[0, 2]].isfinite().all(), (in_features, mode)
 
 
 def test_packed_linear_fused_errors(device):
@@ -477,14 +480,16 @@ def test_packed_linear_fused_errors(device):
     with pytest.raises(RuntimeError, match="no backward"):
         rabit.packed_linear_fused(x, packed, [g[0].requires_grad_(), g[1]], h)
     g[0].requires_grad_(False)
-    if device == "cuda":  # outside the CUDA-core kernel: an error, not another kernel
+    if device == "cuda":  # outside the fused kernels: an error, not another kernel
         with pytest.raises(TypeError, match="float16 or bfloat16 x, got float32"):
             rabit.packed_linear_fused(x.float(), packed, g, h)
-        with pytest.raises(ValueError, match="takes 1..4 rows of x and at most 2048 columns"):
+        with pytest.raises(ValueError, match="take 1..4 rows of x, got x \\[5, 40\\]"):
             rabit.packed_linear_fused(torch.randn(5, 40, device=device).half(), packed, g, h)
-        (p2, g2, h2, _), = _group_args([(5, 2080)], 2, device, bias=False)
-        with pytest.raises(ValueError, match="at most 2048 columns"):
-            rabit.packed_linear_fused(torch.randn(1, 2080, device=device).half(), [p2], [g2], [h2])
+        (p2, g2, h2, _), = _group_args([(5, 32769)], 1, device, bias=False)
+        x2 = torch.randn(1, 32769, device=device).half()
+        with pytest.raises(ValueError, match="the fused RMSNorm takes at most 32768 columns"):
+            rabit.packed_linear_fused(x2, [p2], [g2], [h2], norm_weight=torch.ones(32769, device=device))
+        assert rabit.packed_linear_fused(x2, [p2], [g2], [h2], up=x2)[0].isfinite().all()  # no norm: no bound
         (p3, g3, h3, _), = _group_args([(6, 40)], 3, device, bias=False)
         with pytest.raises(ValueError, match="the layers must share K, got 2 and 3"):
             rabit.packed_linear_fused(x, [packed[0], p3], [g[0], g3], [h[0], h3])

@@ -308,16 +308,11 @@ def test_fused_glue_needs_cuda():
         StaticDecoder(model, max_len=16, fused_glue=True)
 
 
-@pytest.mark.cuda
-@pytest.mark.parametrize("batch", [1, 4])
-def test_cuda_fused_glue_matches_unfused(batch):
-    """A packed model's decode steps run the norms, SwiGLU and residual adds inside packed_linear_fused by default
-    (fused_glue=None on CUDA): within rounding the unfused step's logits, the graph equals eager decoding, and where
-    the kernel cannot run (5 rows) None falls back to the unfused glue and True says why."""
-    model = _packed_tiny(4).to("cuda", torch.float16)
-    ids = torch.randint(3, 48, (batch, 6))
-    fused = StaticDecoder(model, batch_size=batch, max_len=40)
-    unfused = StaticDecoder(model, batch_size=batch, max_len=40, fused_glue=False)
+def _fused_step_matches_unfused(model, ids, cuda_graph):
+    """A decode step of the default decoder (glue fused) after a prefill of ids gives, within rounding, the unfused
+    step's logits and HF's; returns the fused decoder."""
+    fused = StaticDecoder(model, batch_size=ids.shape[0], max_len=40, cuda_graph=cuda_graph)
+    unfused = StaticDecoder(model, batch_size=ids.shape[0], max_len=40, cuda_graph=cuda_graph, fused_glue=False)
     assert fused.fused_glue and not unfused.fused_glue
     for dec in (fused, unfused):
         dec.prefill(ids)
@@ -327,14 +322,43 @@ def test_cuda_fused_glue_matches_unfused(batch):
         ref = model(ids.cuda()).logits[:, -1].float()
     assert (a - b).norm() / b.norm() < 5e-3
     assert (a - ref).norm() / ref.norm() < 5e-3
+    return fused
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("batch", [1, 4])
+def test_cuda_fused_glue_matches_unfused(batch):
+    """A packed model's decode steps run the norms, SwiGLU and residual adds inside packed_linear_fused by default
+    (fused_glue=None on CUDA): within rounding the unfused step's logits, the graph equals eager decoding, and where
+    the kernel cannot run (5 rows) None falls back to the unfused glue and True says why."""
+    model = _packed_tiny(4).to("cuda", torch.float16)
+    ids = torch.randint(3, 48, (batch, 6))
+    fused = _fused_step_matches_unfused(model, ids, cuda_graph=None)
     graph = fused.generate(ids, 20)
     eager = StaticDecoder(model, batch_size=batch, max_len=40, cuda_graph=False).generate(ids, 20)
     assert torch.equal(graph, eager)
     assert not StaticDecoder(model, batch_size=5, max_len=40).fused_glue
-    with pytest.raises(ValueError, match="does not take 32 columns at batch size 5"):
+    with pytest.raises(ValueError, match="the batch size 5 is above the fused kernels' 4 rows"):
         StaticDecoder(model, batch_size=5, max_len=40, fused_glue=True)
     with pytest.raises(ValueError, match="the attention is not fused"):
         StaticDecoder(model, batch_size=1, max_len=40, fused_attention=False, fused_glue=True)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("batch", [1, 3])
+def test_cuda_fused_glue_on_wide_layers(batch):
+    """Layers wider than the CUDA-core kernel's take the glue inside the MMA decode kernels (int8; down_proj at batch 1
+    the 1-bit one): the fused step gives the unfused step's and HF's logits within rounding."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(7)
+    cfg = LlamaConfig(vocab_size=48, hidden_size=1600, intermediate_size=7800, num_hidden_layers=1,
+                      num_attention_heads=25, num_key_value_heads=5, max_position_embeddings=64)
+    model = LlamaForCausalLM(cfg).eval().cuda()
+    rabit.quantize_(model, rabit.RabitConfig(init_iters=1), progress=False)
+    rabit.convert_(model)
+    model.half()
+    _fused_step_matches_unfused(model, torch.randint(3, 48, (batch, 6)), cuda_graph=False)
 
 
 def _packed_qwen2(seed):

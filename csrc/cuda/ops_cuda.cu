@@ -193,6 +193,47 @@ at::Tensor packed_linear_cuda(const at::Tensor &x, const at::Tensor &packed, con
     return packed_linear_cuda_impl("rabit.packed_linear", x, packed, g, h, bias);
 }
 
+namespace {
+
+// Layers [l0, l0 + nl) of a call (nl <= kDecodeMaxLayers; alike in K and in the dtypes of g, h and bias) as one
+// decode_gemv launch of kernel kern, with the decoder's glue where fusion is given; appends their outputs to ys.
+void launch_decode_layers(const at::Tensor &x, at::TensorList packed, at::TensorList g, at::TensorList h,
+                          at::TensorList bias, int64_t l0, int nl, int K, const std::vector<int64_t> &out,
+                          rabit_cuda::DecodeKernel kern, const rabit_cuda::DecodeFusion *fusion,
+                          std::vector<at::Tensor> &ys) {
+    const int64_t M = x.size(0), in = x.size(1);
+    std::vector<at::Tensor> keep;  // contiguous copies of scales and biases that live until the launch
+    rabit_cuda::DecodeLayer layers[rabit_cuda::kDecodeMaxLayers];
+    bool copied = false;
+    for (int i = 0; i < nl; i++) {
+        const int64_t l = l0 + i;
+        copied = copied || !g[l].is_contiguous() || !h[l].is_contiguous() || (!bias.empty() && !bias[l].is_contiguous());
+        at::Tensor gs = g[l].contiguous(), hs = h[l].contiguous();
+        at::Tensor bt = bias.empty() ? at::Tensor() : bias[l].contiguous();
+        ys.push_back(at::empty({M, out[l]}, x.options()));
+        layers[i] = {words(packed[l]), gs.data_ptr(), hs.data_ptr(), bias.empty() ? nullptr : bt.data_ptr(),
+                     ys.back().data_ptr(), out[l]};
+        keep.insert(keep.end(), {gs, hs, bt});
+    }
+    // a copy made here is written by the kernel just ahead of the launch: its parameters must then be read after the
+    // wait, whatever the caller asked (prefetch_weights changes when they are read, not the result)
+    rabit_cuda::DecodeFusion f{};
+    if (fusion) {
+        f = *fusion;
+        f.prefetch_weights = f.prefetch_weights && !copied;
+    }
+    const size_t ws_bytes = rabit_cuda::decode_workspace_bytes(nl * K, M, in, kern);
+    at::Tensor ws;
+    if (ws_bytes) ws = at::empty({static_cast<int64_t>(ws_bytes)}, x.options().dtype(at::kByte));
+    check_launch(rabit_cuda::decode_gemv(x.data_ptr(), to_rabit_dtype(x.scalar_type()), M, layers, nl,
+                                         to_rabit_dtype(g[l0].scalar_type()), to_rabit_dtype(h[l0].scalar_type()),
+                                         bias.empty() ? RABIT_F32 : to_rabit_dtype(bias[l0].scalar_type()), K, in,
+                                         ws_bytes ? ws.data_ptr() : nullptr, kern,
+                                         at::cuda::getCurrentCUDAStream(), fusion ? &f : nullptr));
+}
+
+}  // namespace
+
 // Layers that take the decode path (fp16/bf16 x, M <= kDecodeMaxM), share K and the dtypes of g, h and bias, and take
 // the same decode kernel run in groups of up to kDecodeMaxLayers as one launch (of the kernel and, for the MMA
 // kernels, its prologue); any other call runs each layer as
@@ -229,35 +270,16 @@ std::vector<at::Tensor> packed_linear_group_cuda(const at::Tensor &x, at::Tensor
                 packed_linear_cuda_impl(layer_op(op, l).c_str(), x, packed[l], g[l], h[l], layer_bias(bias, l)));
         return ys;
     }
-    const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-    std::vector<at::Tensor> keep;  // contiguous copies of scales and biases that live until the launch
-    for (int64_t l0 = 0; l0 < n; l0 += rabit_cuda::kDecodeMaxLayers) {
-        const int nl = static_cast<int>(std::min<int64_t>(n - l0, rabit_cuda::kDecodeMaxLayers));
-        rabit_cuda::DecodeLayer layers[rabit_cuda::kDecodeMaxLayers];
-        for (int i = 0; i < nl; i++) {
-            const int64_t l = l0 + i;
-            at::Tensor gs = g[l].contiguous(), hs = h[l].contiguous();
-            const std::optional<at::Tensor> b = layer_bias(bias, l);
-            at::Tensor bt = b.has_value() ? b->contiguous() : at::Tensor();
-            ys.push_back(at::empty({M, out[l]}, x.options()));
-            layers[i] = {words(packed[l]), gs.data_ptr(), hs.data_ptr(), b.has_value() ? bt.data_ptr() : nullptr,
-                         ys.back().data_ptr(), out[l]};
-            keep.insert(keep.end(), {gs, hs, bt});
-        }
-        const size_t ws_bytes = rabit_cuda::decode_workspace_bytes(nl * static_cast<int>(K[0]), M, in, kern);
-        at::Tensor ws;
-        if (ws_bytes) ws = at::empty({static_cast<int64_t>(ws_bytes)}, x.options().dtype(at::kByte));
-        check_launch(rabit_cuda::decode_gemv(x.data_ptr(), xdt, M, layers, nl, to_rabit_dtype(g[0].scalar_type()),
-                                             to_rabit_dtype(h[0].scalar_type()),
-                                             bias.empty() ? RABIT_F32 : to_rabit_dtype(bias[0].scalar_type()),
-                                             static_cast<int>(K[0]),
-                                             in, ws_bytes ? ws.data_ptr() : nullptr, kern, stream));
-    }
+    for (int64_t l0 = 0; l0 < n; l0 += rabit_cuda::kDecodeMaxLayers)
+        launch_decode_layers(x, packed, g, h, bias, l0,
+                             static_cast<int>(std::min<int64_t>(n - l0, rabit_cuda::kDecodeMaxLayers)),
+                             static_cast<int>(K[0]), out, kern, nullptr, ys);
     return ys;
 }
 
-// One launch of the CUDA-core decode kernel with the glue fused in; no other kernel runs it, so a call outside that
-// kernel's bounds is an error (the unfused ops are the way there), not a silent detour.
+// The decode kernel packed_linear runs at this shape, with the glue fused in: one launch where the layers take the same
+// kernel, else one a layer (each its own norm). Outside the fused kernels' bounds an error (the unfused ops are the
+// way there), not a silent detour.
 std::vector<at::Tensor> packed_linear_fused_cuda(const at::Tensor &x, at::TensorList packed, at::TensorList g,
                                                  at::TensorList h, at::TensorList bias,
                                                  const std::optional<at::Tensor> &norm_weight, double eps,
@@ -289,31 +311,17 @@ std::vector<at::Tensor> packed_linear_fused_cuda(const at::Tensor &x, at::Tensor
         for (int64_t l = 0; l < n; l++) empty.push_back(at::empty({0, out[l]}, x.options()));
         return empty;
     }
-    TORCH_CHECK_TYPE(x.scalar_type() != at::kFloat, op, ": the CUDA kernel takes float16 or bfloat16 x, got float32; "
+    TORCH_CHECK_TYPE(x.scalar_type() != at::kFloat, op, ": the CUDA kernels take float16 or bfloat16 x, got float32; "
                      "run the unfused ops (StaticDecoder(fused_glue=False))");
     TORCH_CHECK_VALUE(n <= rabit_cuda::kDecodeMaxLayers, op, ": at most ", rabit_cuda::kDecodeMaxLayers,
                       " layers a call, got ", n);
-    const c10::cuda::CUDAGuard guard(x.device());  // simt_applies asks the current device
-    TORCH_CHECK_VALUE(rabit_cuda::simt_applies(static_cast<int>(K), M, in), op,
-                      ": the CUDA-core decode kernel takes 1..", rabit_cuda::kSimtMaxM, " rows of x and at most ",
-                      rabit_cuda::kSimtMaxIn, " columns (within the GPU's shared memory), got x ", x.sizes(),
-                      " with K=", K, "; run the unfused ops (StaticDecoder(fused_glue=False))");
-    const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-    std::vector<at::Tensor> ys, keep;  // keep: contiguous copies that live until the launch
-    rabit_cuda::DecodeLayer layers[rabit_cuda::kDecodeMaxLayers];
-    // a copy made here is written by the kernel just ahead of the launch: its parameters must then be read after the
-    // wait, whatever the caller asked (prefetch_weights changes when they are read, not the result)
-    bool copied = false;
-    for (int64_t l = 0; l < n; l++) {
-        copied = copied || !g[l].is_contiguous() || !h[l].is_contiguous() || (!bias.empty() && !bias[l].is_contiguous());
-        at::Tensor gs = g[l].contiguous(), hs = h[l].contiguous();
-        at::Tensor bt = bias.empty() ? at::Tensor() : bias[l].contiguous();
-        ys.push_back(at::empty({M, out[l]}, x.options()));
-        layers[l] = {words(packed[l]), gs.data_ptr(), hs.data_ptr(), bias.empty() ? nullptr : bt.data_ptr(),
-                     ys.back().data_ptr(), out[l]};
-        keep.insert(keep.end(), {gs, hs, bt});
-    }
-    rabit_cuda::SimtFusion f{};
+    TORCH_CHECK_VALUE(M <= rabit_cuda::kFusedMaxM, op, ": the fused decode kernels take 1..", rabit_cuda::kFusedMaxM,
+                      " rows of x, got x ", x.sizes(), "; run the unfused ops (StaticDecoder(fused_glue=False))");
+    TORCH_CHECK_VALUE(!norm_weight.has_value() || in <= rabit_cuda::kFusedNormMaxIn, op, ": the fused RMSNorm takes at "
+                      "most ", rabit_cuda::kFusedNormMaxIn, " columns, got x ", x.sizes(), "; run the unfused ops "
+                      "(StaticDecoder(fused_glue=False))");
+    const c10::cuda::CUDAGuard guard(x.device());  // decode_kernel asks the current device
+    rabit_cuda::DecodeFusion f{};
     if (norm_weight.has_value()) {
         f.norm_weight = norm_weight->data_ptr();
         f.norm_dt = to_rabit_dtype(norm_weight->scalar_type());
@@ -321,11 +329,21 @@ std::vector<at::Tensor> packed_linear_fused_cuda(const at::Tensor &x, at::Tensor
     f.eps = static_cast<float>(eps);
     f.up = up.has_value() ? up->data_ptr() : nullptr;
     f.residual = residual.has_value() ? residual->data_ptr() : nullptr;
-    f.prefetch_weights = prefetch_weights && !copied;
-    check_launch(rabit_cuda::decode_gemv_simt(
-        x.data_ptr(), to_rabit_dtype(x.scalar_type()), M, layers, static_cast<int>(n),
-        to_rabit_dtype(g[0].scalar_type()), to_rabit_dtype(h[0].scalar_type()),
-        bias.empty() ? RABIT_F32 : to_rabit_dtype(bias[0].scalar_type()), static_cast<int>(K), in, stream, &f));
+    f.prefetch_weights = prefetch_weights;
+    std::vector<rabit_cuda::DecodeKernel> kern(n);
+    bool together = true;
+    for (int64_t l = 0; l < n; l++) {
+        kern[l] = rabit_cuda::decode_kernel(static_cast<int>(K), M, in, out[l]);
+        // the fp16 kernel (M <= 4 only where RABIT_CUDA_DECODE forces it) has no fused epilogue: the int8 one instead
+        if (kern[l] == rabit_cuda::DECODE_F16) kern[l] = rabit_cuda::DECODE_I8;
+        together = together && kern[l] == kern[0];
+    }
+    std::vector<at::Tensor> ys;
+    if (together)
+        launch_decode_layers(x, packed, g, h, bias, 0, static_cast<int>(n), static_cast<int>(K), out, kern[0], &f, ys);
+    else
+        for (int64_t l = 0; l < n; l++)
+            launch_decode_layers(x, packed, g, h, bias, l, 1, static_cast<int>(K), out, kern[l], &f, ys);
     return ys;
 }
 

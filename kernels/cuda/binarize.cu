@@ -380,22 +380,6 @@ int64_t bwd_groups_max(int K, int64_t out, int64_t in) {
     return max64(1, min64((nbat + kBwdWarps - 1) / kBwdWarps, (kBwdMaxBlocks + nch - 1) / nch));
 }
 
-__device__ __forceinline__ uint32_t smem_addr(const void *p) {
-    return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-/* global -> shared copies; src_bytes < the size zero-fills the rest (0: a zero fill, src not read) */
-__device__ __forceinline__ void cp_async16(uint32_t dst, const void *src, int src_bytes) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes) : "memory");
-}
-__device__ __forceinline__ void cp_async4(uint32_t dst, const void *src, int src_bytes) {
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes) : "memory");
-}
-__device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void cp_wait() {
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
-
 /* 8 raw elements (16-bit: 4 words; float32: 8 words) -> float32, exact */
 template <typename T>
 __device__ __forceinline__ void decode8(const uint32_t *w, float (&v)[8]) {
@@ -491,7 +475,7 @@ __global__ void __launch_bounds__(kBwdThreads, VEC && K <= 3 ? 2 : 1)
     constexpr int GB = VEC ? 2 * kBwdCols * static_cast<int>(sizeof(GT)) : 0;
     const int WB = VEC ? 2 * kBwdCols * wsz : 0;
     const int SGO = GB + WB, GO = SGO + 32 * K, STG = GO + (K <= 2 ? 16 : 32);  // G, W, signs [2][K][4], g [2][K]
-    const uint32_t ring = smem_addr(bsm) + warp * S * STG;
+    const uint32_t ring = smem_u32(bsm) + warp * S * STG;
     const unsigned char *ringp = bsm + warp * S * STG;
     const int64_t nbat = (out + B - 1) / B;
     const int64_t nt = p < nbat ? (nbat - p + P - 1) / P : 0;  // this warp's batches: p, p + P, ...

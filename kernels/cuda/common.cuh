@@ -128,6 +128,19 @@ __device__ __forceinline__ void pdl_wait() {
 #endif
 }
 
+/* global -> shared copies; src_bytes < the size zero-fills the rest (0: a zero fill, src not read) */
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void *src, int src_bytes) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes) : "memory");
+}
+__device__ __forceinline__ void cp_async4(uint32_t dst, const void *src, int src_bytes) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes) : "memory");
+}
+__device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
 /* Thread-block clusters (sm_90): a barrier of all the cluster's threads (release / acquire: shared-memory writes
    before it are visible to the other blocks' reads after it); this block's rank; another block's address of this
    block's shared-memory address `saddr` (smem_u32: the .shared address of a generic pointer into shared memory),
@@ -190,6 +203,9 @@ cudaError_t launch_pdl(void (*kernel)(Args), dim3 grid, int threads, size_t smem
 }
 
 __device__ __forceinline__ bool is_finite_f(float x) { return (__float_as_uint(x) & 0x7f800000u) != 0x7f800000u; }
+
+/* silu(v) = v / (1 + e^-v) in float32 (a large negative v gives -0): the decode kernels' SwiGLU */
+__device__ __forceinline__ float silu_f(float v) { return __fdiv_rn(v, __fadd_rn(1.0f, expf(-v))); }
 
 /* Element i of an array of dtype dt, as float32 (exact for all three dtypes). */
 __device__ __forceinline__ float ld_any(const void *p, int dt, int64_t i) {

@@ -32,6 +32,11 @@
  * fragment paths l*K .. l*K + K-1 (layer_args). Each output row is computed exactly as by a call for its layer
  * alone, so a group's outputs equal the separate calls' bit for bit; it saves the launches and the tails of
  * the small grids.
+ *
+ * The decoder's glue (DecodeFusion, rabit.packed_linear_fused; M <= kFusedMaxM, int8 and 1-bit kernels): the
+ * prologue builds x*h from silu(x) * up and the norm's weight and writes each group's sum of u^2; the main kernels'
+ * F instantiations scale their row sums by the norm's rsqrt(mean(u^2) + eps) and add the residual before the one
+ * rounding (docs/kernels.md, "The glue in the MMA decode kernels").
  */
 #include <cuda_runtime.h>
 
@@ -88,6 +93,13 @@ struct PrepArgs {
                     // 1-bit [s(2)][4M][lane], fp16 [step(32)][NT][lane]
     float *scale;   // [group][L*K][kScaleSlots]: int8 uses 2*NT of them, 1-bit kB1MaxM, fp16 all (one per row of x)
     double *qsum;   // same layout; the fp16 kernel does not read it (its prologue writes zeros)
+    // the decoder's glue (DecodeFusion, rabit.packed_linear_fused): the input u = silu(x) * up where up is given,
+    // else x; with norm_weight, xh = h * (u * norm_weight), and the group's sum of u^2 per row goes to
+    // sumsq[group][row] (the main kernels scale their sums by the norm's rsqrt(mean(u^2) + eps): norm_scales)
+    const void *up;
+    const void *norm_weight;
+    int ndt;
+    float *sumsq;
 };
 
 /* Blocks (group, path, part): each computes xh of the group (one column per thread), its max |.| per row and
@@ -103,12 +115,23 @@ struct PrepRows {
     int bad[kMaxNT * 2];                // a non-finite xh in the group
     unsigned long long qs[kMaxNT * 2];  // sum(Q), two's complement int64
     float inv[kMaxNT * 2];              // 1 / S
+    float nss[kPrepThreads / 32][kFusedMaxM];  // the fused RMSNorm: the warps' sums of u^2 per row
 };
+
+/* The layers' input u of row m, column j < in: x, or silu(x) * up (the fused SwiGLU). */
+__device__ __forceinline__ float prep_input(const PrepArgs &a, int m, int64_t j) {
+    const int64_t i = static_cast<int64_t>(m) * a.in + j;
+    const float v = ld_any(a.x, a.xdt, i);
+    return a.up ? __fmul_rn(silu_f(v), ld_any(a.up, a.xdt, i)) : v;
+}
 
 /* The common front of the prologues, for this thread's column j of group gr and path k: xh = h * x per row m
    of x, the group's max |xh| per row (bad: a non-finite xh) and inv = 1/S with S = 2^(e - top), 2^e > max, so
    that Q = xh * inv is exact in float32 and |Q| < 2^top (top = 30 for the integer kernels, 15 for the fp16
-   one); e >= -96 keeps 1/S finite (groups below 2^-96 keep 2^-126 absolute resolution). Ends with a barrier. */
+   one); e >= -96 keeps 1/S finite (groups below 2^-96 keep 2^-126 absolute resolution). Ends with a barrier.
+   With the fused glue, xh = h * u (u: prep_input), times the norm's weight where it is given; the group's sum of u^2
+   per row (warps by a butterfly, then in order) then goes to sumsq from one block per group (path 0, part 0). The norm
+   is linear in u once its row scale is known, so that scale is applied to the main kernels' sums (norm_scales). */
 
 __device__ __forceinline__ void prep_front(const PrepArgs &a, int k, int64_t j, int tid, float (&xh)[kMaxNT * 2],
                                            PrepRows &sh, int top) {
@@ -124,10 +147,26 @@ __device__ __forceinline__ void prep_front(const PrepArgs &a, int k, int64_t j, 
     }
     const int l = k / a.K;  // k: the path over all layers
     const float hj = j < a.in ? ld_any(pick(a.h, l), a.hdt, (k - l * a.K) * a.in + j) : 0.0f;
+    const bool norm = a.norm_weight != nullptr;
+    const float nw = norm && j < a.in ? ld_any(a.norm_weight, a.ndt, j) : 1.0f;
+    float u2[kFusedMaxM];  // the norm's u^2 of this column per row
 #pragma unroll
-    for (int m = 0; m < kMaxNT * 2; m++)
-        xh[m] = (m < a.M && j < a.in) ? __fmul_rn(hj, ld_any(a.x, a.xdt, m * a.in + j)) : 0.0f;
+    for (int m = 0; m < kMaxNT * 2; m++) {
+        const float u = (m < a.M && j < a.in) ? prep_input(a, m, j) : 0.0f;
+        if (m < kFusedMaxM) u2[m] = __fmul_rn(u, u);
+        xh[m] = (m < a.M && j < a.in) ? __fmul_rn(hj, norm ? __fmul_rn(u, nw) : u) : 0.0f;
+    }
     __syncthreads();
+    if (norm) {
+#pragma unroll
+        for (int m = 0; m < kFusedMaxM; m++) {
+            if (m >= a.M) break;
+            float v = u2[m];
+#pragma unroll
+            for (int o = 16; o > 0; o >>= 1) v = __fadd_rn(v, __shfl_xor_sync(0xffffffffu, v, o));
+            if ((tid & 31) == 0) sh.nss[tid >> 5][m] = v;
+        }
+    }
 #pragma unroll
     for (int m = 0; m < kMaxNT * 2; m++) {
         if (m >= a.M) break;
@@ -146,6 +185,12 @@ __device__ __forceinline__ void prep_front(const PrepArgs &a, int k, int64_t j, 
         int e;
         frexpf(__uint_as_float(amax[tid]), &e);
         inv[tid] = amax[tid] ? ldexpf(1.0f, top - max(e, -96)) : 1.0f;
+        if (norm && blockIdx.y == 0 && blockIdx.z == 0) {
+            float v = 0.0f;
+#pragma unroll
+            for (int w = 0; w < kPrepThreads / 32; w++) v = __fadd_rn(v, sh.nss[w][tid]);
+            a.sumsq[static_cast<int64_t>(blockIdx.x) * kFusedMaxM + tid] = v;
+        }
     }
     __syncthreads();
 }
@@ -220,7 +265,35 @@ struct MainArgs {
     int vec;  // rows of words allow 16-byte loads
     int KL;   // fragment paths of all layers (layers * K)
     int kb;   // this layer's first fragment path (l * K)
+    // the fused glue: residual [M][out] in y's dtype (one layer only), added before the rounding; sumsq: the prologue's
+    // per-group sums of u^2 of the norm (null without one), whose row scale rsqrt(sum / in + eps) scales the sums
+    const void *residual;
+    const float *sumsq;
+    int64_t in;
+    float eps;
 };
+
+/* The fused norm's partial sums, copied to shared memory (cp.async, no registers) by warp 0 after the wait for the
+   prologue, while the warps' first loads are in flight (fused_loads); the epilogue waits for them (fused_ready)
+   before its barrier. */
+struct FusedEpilogue {
+    float4 part[kFusedMaxGroups];  // the prologue's sums of u^2 per group, rows 0..3 of x
+};
+
+/* Issues the copies of the norm's partial sums and returns this thread's residual (thread idx < 16 M: row idx % 16 of
+   the tile, row idx / 16 of x; 0 elsewhere), which the F kernels keep in a register until the epilogue. */
+__device__ __forceinline__ float fused_loads(const MainArgs &a, int64_t row0, int tid, FusedEpilogue &fe) {
+    if (a.sumsq && tid < 32) {
+        for (int64_t gr = tid; gr < a.ngroups; gr += 32) cp_async16(smem_u32(&fe.part[gr]), a.sumsq + gr * kFusedMaxM, 16);
+        cp_commit();
+    }
+    const int64_t o = row0 + (tid & 15);
+    return a.residual && tid < 16 * a.M && o < a.out
+               ? ld_any(a.residual, a.ydt, static_cast<int64_t>(tid >> 4) * a.out + o)
+               : 0.0f;
+}
+
+__device__ __forceinline__ void fused_ready() { cp_wait<0>(); }
 
 /* The layers of one launch: MainArgs holds what they share (and layer 0's own fields); tile0[l] is layer l's
    first 16-row tile. */
@@ -317,9 +390,10 @@ __device__ __forceinline__ void load_row_scales(const MainArgs &a, int64_t row0,
    the MMAs that use them, so that the loads (bits from DRAM, fragments from L2) overlap the tensor-core work.
    load_chunk(grp, c, Chunk &) reads chunk c of a group; body(gr, c, chunk, bits) does chunk c's MMAs (and the
    flush after a path's last chunk). Fully unrolled over the NCHUNK chunks of a group, so c is a constant in body. */
-template <int K, int MT, int NCHUNK, class Chunk, class LoadChunk, class Body>
+template <int K, int MT, int NCHUNK, bool F, class Chunk, class LoadChunk, class Body>
 __device__ __forceinline__ void for_each_chunk(const MainArgs &a, int64_t row0, int g, int t, int warp,
-                                               LoadChunk &&load_chunk, Body &&body) {
+                                               FusedEpilogue &fe, float &res, LoadChunk &&load_chunk,
+                                               Body &&body) {
     static_assert(NCHUNK % 2 == 0, "the next group's first chunk must land in buffer 0");
     Bits<K, MT> cur, nxt;
     int64_t gr = warp;
@@ -331,6 +405,7 @@ __device__ __forceinline__ void for_each_chunk(const MainArgs &a, int64_t row0, 
     pdl_launch_dependents();
     Chunk ch[2];
     if (gr < a.ngroups) load_chunk(gr, 0, ch[0]);
+    if constexpr (F) res = fused_loads(a, row0, warp * 32 + g * 4 + t, fe);
     for (; gr < a.ngroups; gr += kWarps) {
         const bool more = gr + kWarps < a.ngroups;
         if (more) load_bits(a, row0, g, t, gr + kWarps, nxt);
@@ -347,10 +422,10 @@ __device__ __forceinline__ void for_each_chunk(const MainArgs &a, int64_t row0, 
 }
 
 /* Epilogue of the three main kernels: the warps' partial sums red[warp][row][m] added in warp order (deterministic), the
-   bias, one rounding to y's dtype. */
-template <int ROWS, int MD>
+   fused norm's row scale, the bias, the fused residual, one rounding to y's dtype. */
+template <bool F, int ROWS, int MD>
 __device__ __forceinline__ void store_rows(const MainArgs &a, const float (&red)[kWarps][ROWS][MD], int64_t row0,
-                                           int tid) {
+                                           int tid, const FusedEpilogue &fe, float res) {
     for (int idx = tid; idx < ROWS * a.M; idx += kWarps * 32) {
         const int m = idx / ROWS, rl = idx - m * ROWS;
         const int64_t o = row0 + rl;
@@ -358,16 +433,31 @@ __device__ __forceinline__ void store_rows(const MainArgs &a, const float (&red)
         float s = 0.0f;
 #pragma unroll
         for (int w = 0; w < kWarps; w++) s = __fadd_rn(s, red[w][rl][m]);
+        if constexpr (F) {
+            if (a.sumsq) {  // the norm's row scale: the groups' sums of u^2 in order
+                float ss = 0.0f;
+                for (int64_t gr = 0; gr < a.ngroups; gr++) {
+                    const float4 &p = fe.part[gr];
+                    ss = __fadd_rn(ss, m == 0 ? p.x : m == 1 ? p.y : m == 2 ? p.z : p.w);
+                }
+                s = __fmul_rn(s, rsqrtf(__fadd_rn(__fdiv_rn(ss, static_cast<float>(a.in)), a.eps)));
+            }
+        }
         if (a.bias) s = __fadd_rn(s, ld_any(a.bias, a.bdt, o));
+        if constexpr (F)
+            if (a.residual) s = __fadd_rn(s, res);  // this thread's: idx = tid (ROWS * M <= 64 threads)
         st_any(a.y, a.ydt, static_cast<int64_t>(m) * a.out + o, s);
     }
 }
 
-template <int K, int NT, int MT, bool GROUPED>
+/* F: the fused glue's epilogue (MainArgs::residual, sumsq; FusedEpilogue), a separate instantiation (M <= 4) so that
+   the plain kernels' registers stay as measured. */
+template <int K, int NT, int MT, bool GROUPED, bool F>
 __global__ void __launch_bounds__(kWarps * 32, ((K <= 2 && NT <= 2) || (K == 3 && NT == 1)) ? 2 : 1)
     gemv_i8_kernel(const GroupArgs ga) {
     static_assert(MT == 1, "layer groups number 16-row tiles");
     __shared__ float red[kWarps][MT * 16][2 * NT];
+    __shared__ FusedEpilogue fe;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int g = lane >> 2, t = lane & 3;
     int64_t tile = blockIdx.x;
@@ -408,7 +498,8 @@ __global__ void __launch_bounds__(kWarps * 32, ((K <= 2 && NT <= 2) || (K == 3 &
 
     double sck[NT], qsk[NT];
     int acc[MT][NT][4];
-    for_each_chunk<K, MT, NCHUNK, Chunk>(a, row0, g, t, warp, load_chunk,
+    float res = 0.0f;
+    for_each_chunk<K, MT, NCHUNK, F, Chunk>(a, row0, g, t, warp, fe, res, load_chunk,
                                          [&](int64_t gr, int c, const Chunk &cc, const Bits<K, MT> &cur) {
             const int k = c / NCH, sp0 = (c % NCH) * CH;
             if (c % NCH == 0) {
@@ -464,8 +555,9 @@ __global__ void __launch_bounds__(kWarps * 32, ((K <= 2 && NT <= 2) || (K == 3 &
 #pragma unroll
             for (int nt = 0; nt < NT; nt++)
                 if ((t & 1) == 0) red[warp][mt * 16 + g + 8 * r][2 * nt + (t >> 1)] = fa[mt][nt][r];
+    if constexpr (F) fused_ready();
     __syncthreads();
-    store_rows(a, red, row0, tid);
+    store_rows<F>(a, red, row0, tid, fe, res);
 }
 
 /* ---------------------------------------------------------------------------------------------------------
@@ -523,10 +615,11 @@ __global__ void __launch_bounds__(kPrepThreads) gemv_b1_prep_kernel(const PrepAr
    n-tiles of BMMA, then the planes recombine in float64 and the 4 lanes of a quad (t) add their planes. The B
    fragments of the next (group, path) are loaded before the MMAs of this one. */
 // two blocks per SM where the registers allow it without spills (K = 4 at M = 1 would spill at 128 registers)
-template <int K, int M, bool GROUPED>
+template <int K, int M, bool GROUPED, bool F>
 __global__ void __launch_bounds__(kWarps * 32, (M == 1 && K <= 3) ? 2 : 1) gemv_b1_kernel(const GroupArgs ga) {
     constexpr int NTB = 4 * M;
     __shared__ float red[kWarps][16][M];
+    __shared__ FusedEpilogue fe;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int g = lane >> 2, t = lane & 3;
     int64_t tile = blockIdx.x;
@@ -566,6 +659,8 @@ __global__ void __launch_bounds__(kWarps * 32, (M == 1 && K <= 3) ? 2 : 1) gemv_
     pdl_wait();  // the bits and g are in flight; the prologue's fragments and scales are complete past here
     Frag fr[2];
     if (gr < a.ngroups) load_frag(gr, 0, fr[0]);
+    float res = 0.0f;
+    if constexpr (F) res = fused_loads(a, row0, tid, fe);
     for (; gr < a.ngroups; gr += kWarps) {
         const bool more = gr + kWarps < a.ngroups;
         if (more) load(gr + kWarps, nxt);
@@ -623,8 +718,9 @@ __global__ void __launch_bounds__(kWarps * 32, (M == 1 && K <= 3) ? 2 : 1) gemv_
 #pragma unroll
             for (int r = 0; r < 2; r++) red[warp][g + 8 * r][m] = fa[m][r];
     }
+    if constexpr (F) fused_ready();
     __syncthreads();
-    store_rows(a, red, row0, tid);
+    store_rows<F>(a, red, row0, tid, fe, res);
 }
 
 /* ---------------------------------------------------------------------------------------------------------
@@ -696,6 +792,7 @@ __global__ void __launch_bounds__(kPrepThreads) gemv_f16_prep_kernel(const PrepA
 template <int K, int NT, bool GROUPED>
 __global__ void __launch_bounds__(kWarps * 32, K <= 2 ? 2 : 1) gemv_f16_kernel(const GroupArgs ga) {
     __shared__ float red[kWarps][16][8 * NT];
+    __shared__ FusedEpilogue fe;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int g = lane >> 2, t = lane & 3;
     int64_t tile = blockIdx.x;
@@ -723,7 +820,8 @@ __global__ void __launch_bounds__(kWarps * 32, K <= 2 ? 2 : 1) gemv_f16_kernel(c
     };
 
     float acc[NT][4], sck[NT][2];
-    for_each_chunk<K, 1, NCHUNK, Chunk>(a, row0, g, t, warp, load_chunk,
+    float res = 0.0f;
+    for_each_chunk<K, 1, NCHUNK, false, Chunk>(a, row0, g, t, warp, fe, res, load_chunk,
                                         [&](int64_t gr, int c, const Chunk &cc, const Bits<K, 1> &cur) {
             const int k = c / NCH, st0 = (c % NCH) * CH;
             if (c % NCH == 0) {
@@ -760,7 +858,7 @@ __global__ void __launch_bounds__(kWarps * 32, K <= 2 ? 2 : 1) gemv_f16_kernel(c
 #pragma unroll
         for (int i = 0; i < 4; i++) red[warp][g + 8 * (i >> 1)][nt * 8 + 2 * t + (i & 1)] = fa[nt][i];
     __syncthreads();
-    store_rows(a, red, row0, tid);
+    store_rows<false>(a, red, row0, tid, fe, res);
 }
 
 int gemv_nt(int64_t M) { return M <= 2 ? 1 : M <= 4 ? 2 : M <= 8 ? 4 : 8; }
@@ -773,17 +871,27 @@ size_t frag_entries(int64_t M) {
 }
 
 /* The launchers take the layers' total of 16-row tiles as the grid (one tile per block). */
+/* A fused call's epilogue (residual or norm) runs the F instantiations; they exist for M <= kFusedMaxM (NT <= 2). */
+inline bool fused_epilogue(const GroupArgs &a) { return a.a.residual || a.a.sumsq; }
+
 template <int K, int NT, bool GR>
 cudaError_t launch_main_nt(const GroupArgs &a, unsigned tiles, cudaStream_t s) {
     // one 16-row tile per warp (MT = 2 would halve the fragment reads but, with the fragment prefetch, needs
     // more registers than two blocks per SM allow)
-    return launch_pdl(gemv_i8_kernel<K, NT, 1, GR>, dim3(tiles), kWarps * 32, 0, a, s);
+    if constexpr (NT <= 2)
+        if (fused_epilogue(a)) return launch_pdl(gemv_i8_kernel<K, NT, 1, GR, true>, dim3(tiles), kWarps * 32, 0, a, s);
+    return launch_pdl(gemv_i8_kernel<K, NT, 1, GR, false>, dim3(tiles), kWarps * 32, 0, a, s);
+}
+
+template <int K, bool GR, bool F>
+cudaError_t launch_b1_kf(const GroupArgs &a, unsigned tiles, cudaStream_t s) {
+    return a.a.M == 1 ? launch_pdl(gemv_b1_kernel<K, 1, GR, F>, dim3(tiles), kWarps * 32, 0, a, s)
+                      : launch_pdl(gemv_b1_kernel<K, 2, GR, F>, dim3(tiles), kWarps * 32, 0, a, s);
 }
 
 template <int K, bool GR>
 cudaError_t launch_b1_k(const GroupArgs &a, unsigned tiles, cudaStream_t s) {
-    return a.a.M == 1 ? launch_pdl(gemv_b1_kernel<K, 1, GR>, dim3(tiles), kWarps * 32, 0, a, s)
-                      : launch_pdl(gemv_b1_kernel<K, 2, GR>, dim3(tiles), kWarps * 32, 0, a, s);
+    return fused_epilogue(a) ? launch_b1_kf<K, GR, true>(a, tiles, s) : launch_b1_kf<K, GR, false>(a, tiles, s);
 }
 
 /* NT: f16_nt(M), the n-tiles the prologue wrote. */
@@ -817,29 +925,42 @@ cudaError_t launch_main_k(const GroupArgs &a, DecodeKernel kern, int NT, unsigne
 
 size_t decode_workspace_bytes(int paths, int64_t M, int64_t in, DecodeKernel kern) {
     if (kern == DECODE_SIMT) return 0;
-    const size_t gk = static_cast<size_t>((in + kGroupCols - 1) / kGroupCols) * paths;
-    return gk * (frag_entries(M) * sizeof(uint2) + kScaleSlots * (sizeof(double) + sizeof(float)));
+    const size_t ng = static_cast<size_t>((in + kGroupCols - 1) / kGroupCols), gk = ng * paths;
+    // fragments, sum(Q) and scales per (group, path); the fused norm's sums of squares per group
+    return gk * (frag_entries(M) * sizeof(uint2) + kScaleSlots * (sizeof(double) + sizeof(float))) +
+           ng * kFusedMaxM * sizeof(float);
 }
 
 cudaError_t decode_gemv(const void *x, rabit_dtype xdt, int64_t M, const DecodeLayer *layers, int n,
                         rabit_dtype gdt, rabit_dtype hdt, rabit_dtype bdt, int K, int64_t in, void *workspace,
-                        DecodeKernel kern, cudaStream_t s) {
-    if (kern == DECODE_SIMT) return decode_gemv_simt(x, xdt, M, layers, n, gdt, hdt, bdt, K, in, s);
-    if (M < 1 || M > kDecodeMaxM || (kern == DECODE_B1 && M > kB1MaxM) || xdt == RABIT_F32 || K < 1 ||
-        K > RABIT_MAX_K || n < 1 || n > kDecodeMaxLayers)
-        return cudaErrorInvalidValue;
+                        DecodeKernel kern, cudaStream_t s, const DecodeFusion *fusion) {
+    if (kern == DECODE_SIMT) return decode_gemv_simt(x, xdt, M, layers, n, gdt, hdt, bdt, K, in, s, fusion);
     const int64_t ng = (in + kGroupCols - 1) / kGroupCols;
+    // the glue: M <= kFusedMaxM, a residual for one layer, a norm over <= kFusedMaxGroups groups, not the fp16 kernel
+    // (it has no fused epilogue)
+    if (M < 1 || M > kDecodeMaxM || (kern == DECODE_B1 && M > kB1MaxM) || xdt == RABIT_F32 || K < 1 ||
+        K > RABIT_MAX_K || n < 1 || n > kDecodeMaxLayers ||
+        (fusion && (M > kFusedMaxM || kern == DECODE_F16 || (fusion->residual && n != 1) ||
+                    (fusion->norm_weight && ng > kFusedMaxGroups))))
+        return cudaErrorInvalidValue;
     const int NT = kern == DECODE_F16 ? f16_nt(M) : gemv_nt(M);
     const int KL = n * K;
     uint2 *frag = static_cast<uint2 *>(workspace);
     const size_t gk = static_cast<size_t>(ng) * KL;
     double *qsum = reinterpret_cast<double *>(frag + gk * frag_entries(M));  // 8-byte aligned after uint2s
     float *scale = reinterpret_cast<float *>(qsum + gk * kScaleSlots);
+    float *sumsq = scale + gk * kScaleSlots;  // [group][kFusedMaxM]
 
     PrepArgs p{};
     p.x = x; p.xdt = xdt; p.M = static_cast<int>(M); p.K = K; p.hdt = hdt; p.in = in; p.NT = NT;
     p.frag = frag; p.scale = scale; p.qsum = qsum;
     for (int l = 0; l < n; l++) p.h[l] = layers[l].h;
+    if (fusion) {
+        p.up = fusion->up;
+        p.norm_weight = fusion->norm_weight;
+        p.ndt = fusion->norm_dt;
+        p.sumsq = sumsq;
+    }
     const dim3 pg(static_cast<unsigned>(ng), static_cast<unsigned>(KL));
     if (kern == DECODE_B1)
         gemv_b1_prep_kernel<<<pg, kPrepThreads, 0, s>>>(p);
@@ -855,6 +976,10 @@ cudaError_t decode_gemv(const void *x, rabit_dtype xdt, int64_t M, const DecodeL
     a.gdt = gdt; a.bdt = bdt; a.ydt = xdt;
     a.M = static_cast<int>(M); a.nw = RABIT_WORDS(in); a.ngroups = ng;
     a.frag = frag; a.scale = scale; a.qsum = qsum; a.KL = KL; a.kb = 0;
+    a.residual = fusion ? fusion->residual : nullptr;
+    a.sumsq = fusion && fusion->norm_weight ? sumsq : nullptr;
+    a.in = in;
+    a.eps = fusion ? fusion->eps : 0.0f;
     ga.layers = n;
     int64_t tiles = 0;
     for (int l = 0; l < n; l++) {

@@ -18,7 +18,7 @@
  * kernel, not bit-identical to it. A non-finite xh makes that row of x's outputs NaN, as in the MMA kernels.
  *
  * The fused instantiation (F, rabit.packed_linear_fused) also takes a decoder's glue: silu(x) * up as the input, an
- * RMSNorm of it, a residual added to the output; with SimtFusion::prefetch_weights it loads the layer's parameters
+ * RMSNorm of it, a residual added to the output; with DecodeFusion::prefetch_weights it loads the layer's parameters
  * before it waits for the kernel ahead (docs/kernels.md, "Fused decoder glue").
  */
 #include <cuda_runtime.h>
@@ -58,15 +58,12 @@ struct SimtArgs {
     const void *bias[kDecodeMaxLayers];
     void *y[kDecodeMaxLayers];
     int64_t out[kDecodeMaxLayers];
-    SimtFusion f;  // read by the fused instantiations only (F = true)
+    DecodeFusion f;  // read by the fused instantiations only (F = true)
 };
 
 /* xh of word w starts at float w * kSimtWordPitch: 4 floats of padding put the words that the lanes of a warp read
    at once (2 or 4 of them) in different banks. Zeros past `in`. */
 constexpr int kSimtWordPitch = 36;
-
-/* silu(v) = v / (1 + e^-v) in float32 (a large negative v gives -0) */
-__device__ __forceinline__ float silu_f(float v) { return __fdiv_rn(v, __fadd_rn(1.0f, expf(-v))); }
 
 /* Component e of v (e a compile-time constant after unrolling). */
 __device__ __forceinline__ float comp(const float4 &v, int e) { return e == 0 ? v.x : e == 1 ? v.y : e == 2 ? v.z : v.w; }
@@ -74,7 +71,7 @@ __device__ __forceinline__ float comp(const float4 &v, int e) { return e == 0 ? 
 /* Thread (warp, lane): row lane % R of the block's R rows, word (slice) warp * (32 / R) + lane / R of every path.
    A non-finite x*h is stored as NaN: every weight is +-1, so it reaches every output row's sum and makes that row
    of x's outputs NaN (the MMA kernels' contract) with no flag to share between warps.
-   F: the decoder's glue fused in (SimtFusion): the input built as silu(x) * up, an RMSNorm of it (its weight folded
+   F: the decoder's glue fused in (DecodeFusion): the input built as silu(x) * up, an RMSNorm of it (its weight folded
    into the build, its per-row scale 1 / rms applied to the sums: the norm is linear in x once the scale is known, so
    the normalised x is never stored), a residual added in the epilogue. A separate instantiation, so that the plain
    kernel's registers and schedule stay those measured. */
@@ -104,7 +101,7 @@ __global__ void __launch_bounds__(kSimtThreads) gemv_simt_kernel(const SimtArgs 
     const bool valid = o < out, word = w < a.nw;
     const int nw = a.nw, pitch = a.pitch;
     // the layer's parameters are loaded before the wait where the caller says that the kernel before does not write
-    // them (SimtFusion::prefetch_weights: a decoder's weights); x and what else comes from that kernel after it
+    // them (DecodeFusion::prefetch_weights: a decoder's weights); x and what else comes from that kernel after it
     const bool early = F && a.f.prefetch_weights;
     if (!early) pdl_wait();
 
@@ -301,7 +298,7 @@ bool simt_applies(int K, int64_t M, int64_t in) {
 
 cudaError_t decode_gemv_simt(const void *x, rabit_dtype xdt, int64_t M, const DecodeLayer *layers, int n,
                              rabit_dtype gdt, rabit_dtype hdt, rabit_dtype bdt, int K, int64_t in, cudaStream_t s,
-                             const SimtFusion *fusion) {
+                             const DecodeFusion *fusion) {
     if (!simt_applies(K, M, in) || xdt == RABIT_F32 || n < 1 || n > kDecodeMaxLayers ||
         (fusion && fusion->residual && n != 1))
         return cudaErrorInvalidValue;

@@ -89,6 +89,13 @@ int packed_linear_path(rabit_dtype xdt, int64_t M);
    layer group runs as one launch when its layers' choices agree). */
 enum DecodeKernel { DECODE_I8 = 0, DECODE_B1 = 1, DECODE_F16 = 2, DECODE_SIMT = 3 };
 constexpr int kB1MaxM = 2;
+/* rabit.packed_linear_fused runs the decode kernel of its shape with the glue (DecodeFusion) up to this M: where that
+   kernel is float32-level (CUDA-core, int8, 1-bit; the fp16 one takes M >= 5). */
+constexpr int kFusedMaxM = 4;
+/* ... and with a norm (norm_weight) rows of at most kFusedMaxGroups x 512 columns (the MMA kernels' epilogue holds one
+   partial sum of squares a group in shared memory). */
+constexpr int kFusedMaxGroups = 64;
+constexpr int64_t kFusedNormMaxIn = int64_t{kFusedMaxGroups} * 512;
 constexpr int kSimtMaxM = 4;
 constexpr int64_t kSimtMaxIn = 2048;
 /* The CUDA-core kernel can run a layer of K paths and `in` columns at this M on the current device. */
@@ -107,18 +114,14 @@ struct DecodeLayer {
     void *y;
     int64_t out;
 };
-/* Workspace of a decode call over `paths` = layers * K paths with kernel kern (0 for DECODE_SIMT). */
-size_t decode_workspace_bytes(int paths, int64_t M, int64_t in, DecodeKernel kern);
-cudaError_t decode_gemv(const void *x, rabit_dtype xdt, int64_t M, const DecodeLayer *layers, int n,
-                        rabit_dtype gdt, rabit_dtype hdt, rabit_dtype bdt, int K, int64_t in, void *workspace,
-                        DecodeKernel kern, cudaStream_t stream);
-/* The decoder's glue that the DECODE_SIMT kernel can take in (rabit.packed_linear_fused): every layer reads
+/* The decoder's glue that the decode kernels can take in (rabit.packed_linear_fused): every layer reads
    u = silu(x) * up where up [M][in] (x's dtype) is given, else u = x; with norm_weight [in] (dtype norm_dt) the
    RMSNorm u * rsqrt(mean(u^2) + eps) * norm_weight instead of u; with residual [M][out] (x's dtype; one layer only)
-   y = residual + the layer's output, rounded once. Null members are off. prefetch_weights: the layers' parameters
-   (bits, g, h, bias, norm_weight) are loaded before the kernel waits for the one before it in the stream
-   (programmatic dependent launch), which is right only where that kernel does not write them. */
-struct SimtFusion {
+   y = residual + the layer's output, rounded once. Null members are off. prefetch_weights (the DECODE_SIMT kernel;
+   the MMA kernels' prologue reads nothing before the kernel ahead ends): the layers' parameters (bits, g, h, bias,
+   norm_weight) are loaded before the kernel waits for the one before it in the stream (programmatic dependent
+   launch), which is right only where that kernel does not write them. */
+struct DecodeFusion {
     const void *norm_weight;
     rabit_dtype norm_dt;
     float eps;
@@ -126,11 +129,17 @@ struct SimtFusion {
     const void *residual;
     bool prefetch_weights;
 };
-/* The DECODE_SIMT kernel (decode_gemv's for that kern; no workspace): simt_applies(K, M, in) must hold. fusion:
-   null for the plain layer (its own instantiation: the fused one costs registers). */
+/* Workspace of a decode call over `paths` = layers * K paths with kernel kern (0 for DECODE_SIMT). */
+size_t decode_workspace_bytes(int paths, int64_t M, int64_t in, DecodeKernel kern);
+/* fusion: null for the plain layers (the CUDA-core kernel has a separate instantiation for the glue: it costs
+   registers); a residual needs n == 1. */
+cudaError_t decode_gemv(const void *x, rabit_dtype xdt, int64_t M, const DecodeLayer *layers, int n,
+                        rabit_dtype gdt, rabit_dtype hdt, rabit_dtype bdt, int K, int64_t in, void *workspace,
+                        DecodeKernel kern, cudaStream_t stream, const DecodeFusion *fusion = nullptr);
+/* The DECODE_SIMT kernel (decode_gemv's for that kern; no workspace): simt_applies(K, M, in) must hold. */
 cudaError_t decode_gemv_simt(const void *x, rabit_dtype xdt, int64_t M, const DecodeLayer *layers, int n,
                              rabit_dtype gdt, rabit_dtype hdt, rabit_dtype bdt, int K, int64_t in, cudaStream_t stream,
-                             const SimtFusion *fusion = nullptr);
+                             const DecodeFusion *fusion = nullptr);
 
 /* Decode-step attention (decode_attention.cu; the math of rabit/reference.py's decode_attention): the new token's
    q [B][H][D] and k, v [B][Hkv][D] (element strides per row and head; dense last dimension), caches
