@@ -337,9 +337,11 @@ FUSED_MODES = {"norm": (True, False, False), "swiglu+residual": (False, True, Tr
                "plain": (False, False, False), "up": (False, True, False), "all": (True, True, True)}
 # (out, in) per layer: odd sizes, partial row tiles, one word a row, each of the CUDA-core kernel's rows-a-block cases
 # (in <= 512: 32 rows, <= 1024: 16, <= 1536: 8), and the MMA kernels packed_linear takes on CUDA for wider rows: int8
-# (in = 2048, 4100: a partial group of 512 columns; two layers of different heights) and at M = 1 the 1-bit one (8000)
+# (in = 2048, 4100: a partial group of 512 columns; two layers of different heights), at M = 1 the 1-bit one (8000;
+# 20000: more than 32 groups of 512, the norm's second pass over them; 32768: the norm's most, 64 groups), and a call
+# whose layers take different kernels (1536 columns: 100 rows the CUDA-core one, 2100 rows int8), one launch each
 FUSED_LAYERS = [[(17, 45), (40, 45), (5, 45)], [(33, 600)], [(64, 1100), (9, 1100)], [(576, 576)], [(100, 2048)],
-                [(300, 4100), (33, 4100)], [(40, 8000)]]
+                [(300, 4100), (33, 4100)], [(40, 8000)], [(24, 20000)], [(9, 32768)], [(100, 1536), (2100, 1536)]]
 
 
 def _fused_inputs(layers, mode, m, xdtype, device, bias, k=2):
@@ -376,21 +378,27 @@ def _fused_terms(x, g, h, b, kw):
 @pytest.mark.parametrize("xdtype", [torch.float16, torch.bfloat16], ids=dtype_id)
 @pytest.mark.parametrize("m", [1, 2, 3, 4])
 def test_packed_linear_fused_matches_reference(layers, mode, xdtype, m, device):
+    # K = 1..4 over the (m, layers) cases, every K at every m somewhere
+    k = 1 + (m + FUSED_LAYERS.index(layers)) % 4
     for bias, prefetch in ((True, False), (False, False), (True, True)):
-        x, packed, g, h, b, kw = _fused_inputs(layers, mode, m, xdtype, device, bias, k=1 + m % 3)
+        x, packed, g, h, b, kw = _fused_inputs(layers, mode, m, xdtype, device, bias, k=k)
         ys = rabit.packed_linear_fused(x, packed, g, h, b, **kw, prefetch_weights=prefetch)
-        cpu = lambda t: None if t is None else t.cpu()  # noqa: E731
-        args = (x.cpu(), [p.cpu() for p in packed], [t.cpu() for t in g], [t.cpu() for t in h],
-                [t.cpu() for t in b] if b else ())
-        kwc = {k: cpu(v) if k != "eps" else v for k, v in kw.items()}
-        low = R.packed_linear_fused(*args, **kwc)
-        ref = R.packed_linear_fused(*args, **kwc, compute_dtype=torch.float64)
-        assert len(ys) == len(packed)
-        for i, y in enumerate(ys):
-            assert y.dtype == xdtype and y.shape == (m, packed[i].shape[1])
-            terms = _fused_terms(x, g[i], h[i], b[i] if b else None, kw)
-            assert_float_close(y.cpu(), low[i], ref[i], f"{mode} layer {i} bias {bias} prefetch {prefetch}",
-                               terms, 2 * x.shape[1])
+        _assert_fused_close(ys, x, packed, g, h, b, kw, f"{mode} K={k} bias {bias} prefetch {prefetch}")
+
+
+def _assert_fused_close(ys, x, packed, g, h, b, kw, what):
+    """ys against rabit.reference.packed_linear_fused by the 2x rule (float64 oracle, float32 floor)."""
+    cpu = lambda t: None if t is None else t.cpu()  # noqa: E731
+    args = (x.cpu(), [p.cpu() for p in packed], [t.cpu() for t in g], [t.cpu() for t in h],
+            [t.cpu() for t in b] if b else ())
+    kwc = {k: cpu(v) if k != "eps" else v for k, v in kw.items()}
+    low = R.packed_linear_fused(*args, **kwc)
+    ref = R.packed_linear_fused(*args, **kwc, compute_dtype=torch.float64)
+    assert len(ys) == len(packed)
+    for i, y in enumerate(ys):
+        assert y.dtype == x.dtype and y.shape == (x.shape[0], packed[i].shape[1])
+        terms = _fused_terms(x, g[i], h[i], b[i] if b else None, kw)
+        assert_float_close(y.cpu(), low[i], ref[i], f"{what} layer {i}", terms, 2 * x.shape[1])
 
 
 def test_packed_linear_fused_group_is_its_layers_and_float32_on_cpu(device):
@@ -489,7 +497,9 @@ def test_packed_linear_fused_errors(device):
         x2 = torch.randn(1, 32769, device=device).half()
         with pytest.raises(ValueError, match="the fused RMSNorm takes at most 32768 columns"):
             rabit.packed_linear_fused(x2, [p2], [g2], [h2], norm_weight=torch.ones(32769, device=device))
-        assert rabit.packed_linear_fused(x2, [p2], [g2], [h2], up=x2)[0].isfinite().all()  # no norm: no bound
+        kw2 = {"norm_weight": None, "eps": 1e-6, "up": x2.flip(1).contiguous(), "residual": None}
+        y2 = rabit.packed_linear_fused(x2, [p2], [g2], [h2], **kw2)  # no norm: no bound
+        _assert_fused_close(y2, x2, [p2], [g2], [h2], None, kw2, "32769 columns, up only")
         (p3, g3, h3, _), = _group_args([(6, 40)], 3, device, bias=False)
         with pytest.raises(ValueError, match="the layers must share K, got 2 and 3"):
             rabit.packed_linear_fused(x, [packed[0], p3], [g[0], g3], [h[0], h3])

@@ -426,6 +426,7 @@ __device__ __forceinline__ void for_each_chunk(const MainArgs &a, int64_t row0, 
 template <bool F, int ROWS, int MD>
 __device__ __forceinline__ void store_rows(const MainArgs &a, const float (&red)[kWarps][ROWS][MD], int64_t row0,
                                            int tid, const FusedEpilogue &fe, float res) {
+    static_assert(!F || ROWS * kFusedMaxM <= kWarps * 32, "the F epilogue: one output (and its residual) a thread");
     for (int idx = tid; idx < ROWS * a.M; idx += kWarps * 32) {
         const int m = idx / ROWS, rl = idx - m * ROWS;
         const int64_t o = row0 + rl;
