@@ -10,9 +10,10 @@ and gate/up as another (``group_projections``): packed layers through :func:`rab
 ``nn.Linear`` layers on CUDA as one GEMM on their stacked weights (:func:`stack_linears`). A decode step's
 attention (rotary embedding, cache write, attention over the positions in use) is one :func:`rabit.decode_attention`
 call per layer (``fused_attention``). Where every linear is packed, a decode step's norms, SwiGLU and residual adds run
-inside the linears' kernel (``fused_glue``, :func:`rabit.packed_linear_fused`): a layer is five launches (q/k/v with
+inside the linears' kernels (``fused_glue``, :func:`rabit.packed_linear_fused`): a layer is five calls (q/k/v with
 the input norm, attention, o_proj with the residual add, gate/up with the post-attention norm, down_proj with SwiGLU
-and the residual add), so that the decoder's kernels chain by programmatic dependent launch.
+and the residual add; on CUDA one launch each for narrow layers, a prologue and a main kernel each for the MMA kernels
+of wider ones), so that the decoder's kernels chain by programmatic dependent launch.
 
     dec = StaticDecoder(model, batch_size=1, max_len=prompt_len + new_tokens)
     tokens = dec.generate(input_ids, max_new_tokens=256)          # [B, prompt + new], greedy
