@@ -451,11 +451,11 @@ def packed_linear_fused(x: Tensor, packed: list[Tensor], g: list[Tensor], h: lis
     torch ops and the packed kernel. ``bias``: None or one tensor per layer. For decoding: no backward.
 
     ``prefetch_weights=True`` lets the CUDA-core kernel (narrow layers) load the layers' parameters (packed, g, h,
-    bias, norm_weight) before the kernel ahead of it in the stream has finished (it is launched with programmatic dependent launch;
-    x, up and residual are still read after that kernel ends). Pass it only where that kernel does not write those
-    parameters, as in a decoder, whose weights never change: :class:`rabit.static_decode.StaticDecoder` does. It
-    saves about a sixth of a SmolLM2-shape decode step (docs/kernels.md). The MMA kernels of wider layers load their
-    weights before they wait for their own prologue in any case, and take no early loads besides."""
+    bias, norm_weight) before the kernel ahead of it in the stream has finished (it is launched with programmatic
+    dependent launch; x, up and residual are still read after that kernel ends). Pass it only where that kernel does
+    not write those parameters, as in a decoder, whose weights never change: :class:`rabit.static_decode.StaticDecoder`
+    does. It saves about a sixth of a SmolLM2-shape decode step (docs/kernels.md). The MMA kernels of wider layers
+    load their weights before they wait for their own prologue in any case, and take no early loads besides."""
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad
                                        for t in (x, norm_weight, up, residual, *g, *h, *(bias or []))):
         raise RuntimeError("rabit.packed_linear_fused is for decoding and has no backward; call it under "
