@@ -314,6 +314,91 @@ def test_binary_and_int8_decode_kernels_agree_bit_for_bit(shape, m, xdtype, monk
         assert torch.equal(y_b1, y_i8), (k, (y_b1.float() - y_i8.float()).abs().max().item())
 
 
+# the streamed 1-bit kernel (RABIT_CUDA_DECODE=ring, M = 1, sm_90) runs rows of whole 16-byte units (in % 128 == 0):
+# one word group of 128 columns, a partial 512-column group (384, 4224), a partial chunk of 8 groups (5120: 10 groups,
+# 11008: 21.5), many tiles a block (5000 rows: 313 tiles, more than the SMs twice: both buffers of its epilogue),
+# partial row tiles; elsewhere (1000 x 4099) it runs the 1-bit kernel
+RING_SHAPES = [(1, 128), (33, 384), (300, 1536), (1000, 4224), (257, 5120), (40, 11008), (5000, 1024), (4096, 4096),
+               (1000, 4099)]
+
+
+@pytest.mark.parametrize("shape", RING_SHAPES, ids=shape_id)
+@pytest.mark.parametrize("xdtype", [torch.float16, torch.bfloat16], ids=dtype_id)
+def test_streamed_decode_kernel_gives_the_binary_kernels_bits(shape, xdtype, monkeypatch):
+    """RABIT_CUDA_DECODE=ring (the 1-bit kernel's MMAs and order of additions, the bits streamed through shared
+    memory by the copy engine) gives the 1-bit kernel's output bit for bit, K = 1..4, with and without a bias."""
+    out, in_features = shape
+    for k in (1, 2, 3, 4):
+        w, g, h = random_layer(out, in_features, k)
+        _, packed = rabit.residual_binarize(w, g, h)
+        x = torch.randn(1, in_features)
+        x[:, ::97] *= 3e3
+        bias = torch.randn(out, device=DEV) if k % 2 else None
+        args = (x.to(xdtype).to(DEV), packed.to(DEV), g.to(DEV), h.to(DEV), bias)
+        ys = {}
+        for kernel in ("b1", "ring"):
+            monkeypatch.setenv("RABIT_CUDA_DECODE", kernel)
+            _poison()
+            ys[kernel] = rabit.packed_linear(*args)
+        assert torch.equal(ys["ring"], ys["b1"]), (k, (ys["ring"].float() - ys["b1"].float()).abs().max().item())
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 4])
+def test_streamed_decode_kernel_on_layer_groups(k, monkeypatch):
+    """A group of layers through the streamed kernel (tiles of all layers over the persistent blocks, each layer's
+    fragment paths) gives each layer's packed_linear output and the 1-bit kernel's, bit for bit; also under CUDA-graph
+    capture. A NaN in x makes the whole output NaN."""
+    layers = [(48, 1152), (17, 1152), (3000, 1152), (5, 1152)]  # 9 groups: two chunks, the second of one group
+    args = []
+    for out, in_features in layers:
+        w, g, h = (t.to(DEV) for t in random_layer(out, in_features, k))
+        _, packed = rabit.residual_binarize(w, g, h)
+        args.append((packed, g.half(), h.half(), torch.randn(out, device=DEV)))
+    lists = [list(t) for t in zip(*args)]
+    x = torch.randn(1, 1152, device=DEV).half()
+    monkeypatch.setenv("RABIT_CUDA_DECODE", "b1")
+    y_b1 = rabit.packed_linear_group(x, *lists)
+    monkeypatch.setenv("RABIT_CUDA_DECODE", "ring")
+    for bias in (lists[3], None):
+        _poison()
+        ys = rabit.packed_linear_group(x, *lists[:3], bias)
+        for i, (y, a) in enumerate(zip(ys, args)):
+            assert torch.equal(y, rabit.packed_linear(x, *a[:3], a[3] if bias else None)), f"layer {i}"
+            if bias:
+                assert torch.equal(y, y_b1[i]), f"layer {i} against b1"
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            yg = rabit.packed_linear_group(x, *lists)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert all(torch.equal(a, b) for a, b in zip(yg, y_b1))
+    xb = x.clone()
+    xb[0, 700] = float("nan")
+    assert all(torch.isnan(y).all() for y in rabit.packed_linear_group(xb, *lists))
+
+
+# in = 16384: 32 groups, the fragments of K = 2 (128 KB) and two stages fit; 32768 at K = 2 does not (the 1-bit kernel)
+@pytest.mark.parametrize("layers", [[(300, 4096), (33, 4096)], [(40, 11008)], [(24, 16384)], [(9, 32768)]],
+                         ids=lambda ls: f"{len(ls)}x{ls[0][1]}")
+@pytest.mark.parametrize("mode", ["norm", "up", "residual", "all"])
+def test_streamed_decode_kernel_with_the_fused_glue(layers, mode, monkeypatch):
+    """rabit.packed_linear_fused through the streamed kernel: the 1-bit kernel's output bit for bit (the same epilogue),
+    and the reference's by the 2x rule."""
+    from test_ops import _assert_fused_close, _fused_inputs
+    for k, xdtype in ((2, torch.float16), (3, torch.bfloat16)):
+        x, packed, g, h, b, kw = _fused_inputs(layers, mode, 1, xdtype, DEV, True, k=k)
+        ys = {}
+        for kernel in ("b1", "ring"):
+            monkeypatch.setenv("RABIT_CUDA_DECODE", kernel)
+            _poison()
+            ys[kernel] = rabit.packed_linear_fused(x, packed, g, h, b, **kw)
+        assert all(torch.equal(a, c) for a, c in zip(ys["ring"], ys["b1"])), (mode, k)
+        _assert_fused_close(ys["ring"], x, packed, g, h, b, kw, f"ring {mode} K={k}")
+
+
 @pytest.mark.parametrize("xdtype", [torch.float16, torch.bfloat16], ids=dtype_id)
 def test_decode_dispatch(xdtype, monkeypatch):
     """At every M <= 16 the default dispatch gives, bit for bit, the output of the forced kernel that the tests'
