@@ -42,7 +42,6 @@
 
 #include "common.cuh"
 #include "rabit_cuda.cuh"
-#include "tensor_map.cuh"
 
 namespace rabit_cuda {
 
@@ -281,18 +280,13 @@ struct FusedEpilogue {
     float4 part[kFusedMaxGroups];  // the prologue's sums of u^2 per group, rows 0..3 of x
 };
 
-/* Warp 0 (lane: its lane) issues the copies of the norm's partial sums into fe. */
-__device__ __forceinline__ void fused_sums_async(const MainArgs &a, int lane, FusedEpilogue &fe) {
-    if (a.sumsq) {
-        for (int64_t gr = lane; gr < a.ngroups; gr += 32) cp_async16(smem_u32(&fe.part[gr]), a.sumsq + gr * kFusedMaxM, 16);
-        cp_commit();
-    }
-}
-
 /* Issues the copies of the norm's partial sums and returns this thread's residual (thread idx < 16 M: row idx % 16 of
    the tile, row idx / 16 of x; 0 elsewhere), which the F kernels keep in a register until the epilogue. */
 __device__ __forceinline__ float fused_loads(const MainArgs &a, int64_t row0, int tid, FusedEpilogue &fe) {
-    if (tid < 32) fused_sums_async(a, tid, fe);
+    if (a.sumsq && tid < 32) {
+        for (int64_t gr = tid; gr < a.ngroups; gr += 32) cp_async16(smem_u32(&fe.part[gr]), a.sumsq + gr * kFusedMaxM, 16);
+        cp_commit();
+    }
     const int64_t o = row0 + (tid & 15);
     return a.residual && tid < 16 * a.M && o < a.out
                ? ld_any(a.residual, a.ydt, static_cast<int64_t>(tid >> 4) * a.out + o)
@@ -431,7 +425,7 @@ __device__ __forceinline__ void for_each_chunk(const MainArgs &a, int64_t row0, 
    fused norm's row scale, the bias, the fused residual, one rounding to y's dtype. */
 template <bool F, int ROWS, int MD>
 __device__ __forceinline__ void store_rows(const MainArgs &a, const float (&red)[kWarps][ROWS][MD], int64_t row0,
-                                           int tid, const FusedEpilogue &fe, float res, const float *bias_v = nullptr) {
+                                           int tid, const FusedEpilogue &fe, float res) {
     static_assert(!F || ROWS * kFusedMaxM <= kWarps * 32, "the F epilogue: one output (and its residual) a thread");
     for (int idx = tid; idx < ROWS * a.M; idx += kWarps * 32) {
         const int m = idx / ROWS, rl = idx - m * ROWS;
@@ -450,8 +444,7 @@ __device__ __forceinline__ void store_rows(const MainArgs &a, const float (&red)
                 s = __fmul_rn(s, rsqrtf(__fadd_rn(__fdiv_rn(ss, static_cast<float>(a.in)), a.eps)));
             }
         }
-        // bias_v: this thread's bias, loaded ahead by the caller (idx = tid: ROWS * M <= 256)
-        if (a.bias) s = __fadd_rn(s, bias_v ? *bias_v : ld_any(a.bias, a.bdt, o));
+        if (a.bias) s = __fadd_rn(s, ld_any(a.bias, a.bdt, o));
         if constexpr (F)
             if (a.residual) s = __fadd_rn(s, res);  // this thread's: idx = tid (ROWS * M <= 64 threads)
         st_any(a.y, a.ydt, static_cast<int64_t>(m) * a.out + o, s);
@@ -589,50 +582,6 @@ __device__ __forceinline__ void mma_b1(int (&d)[4], uint32_t a0, uint32_t a1, ui
         : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
-/* Plane weights of lane-quad t's accumulator columns: n-tile ntl (of a row m) holds planes 8 ntl + 2t, +1. */
-__device__ __forceinline__ void b1_plane_weights(int t, double (&pw)[4][2]) {
-#pragma unroll
-    for (int ntl = 0; ntl < 4; ntl++)
-#pragma unroll
-        for (int c = 0; c < 2; c++) {
-            const int pl = 8 * ntl + 2 * t + c;
-            pw[ntl][c] = pl == 31 ? -2147483648.0 : static_cast<double>(1u << pl);
-        }
-}
-
-/* One (group, path) of the 1-bit kernels: lane (g, t)'s words wg (row g), wh (row g + 8), the group's B fragments
-   b[s][nt] of this path, its scales sck and sums qsk per row of x; the planes' popcounts recombine exactly in float64,
-   the 4 lanes of a quad add their planes, and fa[m][r] += g * S * (2 sum b Q - sum Q) (gkr: g of rows g, g + 8). */
-template <int M>
-__device__ __forceinline__ void b1_path_sum(const uint4 &wg, const uint4 &wh, const uint2 (&b)[2][4 * M],
-                                            const double (&pw)[4][2], const double (&sck)[M], const double (&qsk)[M],
-                                            const float (&gkr)[2], float (&fa)[M][2]) {
-    constexpr int NTB = 4 * M;
-    int acc[NTB][4];
-#pragma unroll
-    for (int nt = 0; nt < NTB; nt++) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0;
-#pragma unroll
-    for (int s = 0; s < 2; s++)
-#pragma unroll
-        for (int nt = 0; nt < NTB; nt++)
-            mma_b1(acc[nt], s ? wg.z : wg.x, s ? wh.z : wh.x, s ? wg.w : wg.y, s ? wh.w : wh.y, b[s][nt].x, b[s][nt].y);
-#pragma unroll
-    for (int m = 0; m < M; m++)
-#pragma unroll
-        for (int r = 0; r < 2; r++) {
-            double v = 0.0;
-#pragma unroll
-            for (int ntl = 0; ntl < 4; ntl++) {
-                v = fma(static_cast<double>(acc[4 * m + ntl][2 * r]), pw[ntl][0], v);
-                v = fma(static_cast<double>(acc[4 * m + ntl][2 * r + 1]), pw[ntl][1], v);
-            }
-            v += __shfl_xor_sync(0xffffffffu, v, 1);  // exact: integers below 2^53
-            v += __shfl_xor_sync(0xffffffffu, v, 2);
-            const float val = static_cast<float>(sck[m] * (2.0 * v - qsk[m]));
-            fa[m][r] = __fmaf_rn(gkr[r], val, fa[m][r]);
-        }
-}
-
 /* Blocks (group, path) of 512 threads, one column each. Warp w's ballot of bit p of Q over its 32 columns is
    word w of plane p; lane p keeps it and stores it where the main kernel's lane (g, t) reads it as b0/b1 of
    step s: fragment [group][K][s][nt][lane] (uint2), n = 32 m + p = 8 nt + g, w = 4t + 2s + hh. */
@@ -692,8 +641,15 @@ __global__ void __launch_bounds__(kWarps * 32, (M == 1 && K <= 3) ? 2 : 1) gemv_
 
     float gk[K][1][2];
     load_row_scales(a, row0, g, gk);
+    // plane weights of this lane's accumulator columns: n-tile ntl (of a row m) holds planes 8 ntl + 2t, +1
     double pw[4][2];
-    b1_plane_weights(t, pw);
+#pragma unroll
+    for (int ntl = 0; ntl < 4; ntl++)
+#pragma unroll
+        for (int c = 0; c < 2; c++) {
+            const int pl = 8 * ntl + 2 * t + c;
+            pw[ntl][c] = pl == 31 ? -2147483648.0 : static_cast<double>(1u << pl);
+        }
     float fa[M][2];
 #pragma unroll
     for (int m = 0; m < M; m++) fa[m][0] = fa[m][1] = 0.0f;
@@ -723,7 +679,31 @@ __global__ void __launch_bounds__(kWarps * 32, (M == 1 && K <= 3) ? 2 : 1) gemv_
                 sck[m] = __ldg(a.scale + so + m);
                 qsk[m] = __ldg(a.qsum + so + m);
             }
-            b1_path_sum<M>(cur.w[k][0][0], cur.w[k][0][1], f.b, pw, sck, qsk, gk[k][0], fa);
+            int acc[NTB][4];
+#pragma unroll
+            for (int nt = 0; nt < NTB; nt++) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0;
+            const uint4 &wg = cur.w[k][0][0], &wh = cur.w[k][0][1];
+#pragma unroll
+            for (int s = 0; s < 2; s++)
+#pragma unroll
+                for (int nt = 0; nt < NTB; nt++)
+                    mma_b1(acc[nt], s ? wg.z : wg.x, s ? wh.z : wh.x, s ? wg.w : wg.y, s ? wh.w : wh.y,
+                           f.b[s][nt].x, f.b[s][nt].y);
+#pragma unroll
+            for (int m = 0; m < M; m++)
+#pragma unroll
+                for (int r = 0; r < 2; r++) {
+                    double v = 0.0;
+#pragma unroll
+                    for (int ntl = 0; ntl < 4; ntl++) {
+                        v = fma(static_cast<double>(acc[4 * m + ntl][2 * r]), pw[ntl][0], v);
+                        v = fma(static_cast<double>(acc[4 * m + ntl][2 * r + 1]), pw[ntl][1], v);
+                    }
+                    v += __shfl_xor_sync(0xffffffffu, v, 1);  // exact: integers below 2^53
+                    v += __shfl_xor_sync(0xffffffffu, v, 2);
+                    const float val = static_cast<float>(sck[m] * (2.0 * v - qsk[m]));
+                    fa[m][r] = __fmaf_rn(gk[k][0][r], val, fa[m][r]);
+                }
         }
         if constexpr (K % 2 == 1) {
             // odd K: the next group's path 0 went to buffer K & 1 = 1; move it to buffer 0
@@ -742,225 +722,6 @@ __global__ void __launch_bounds__(kWarps * 32, (M == 1 && K <= 3) ? 2 : 1) gemv_
     if constexpr (F) fused_ready();
     __syncthreads();
     store_rows<F>(a, red, row0, tid, fe, res);
-}
-
-/* ---------------------------------------------------------------------------------------------------------
- * Streamed 1-bit kernel (M = 1, sm_90; DECODE_RING): the 1-bit kernel's MMAs, flush and order of additions, so its
- * outputs are that kernel's bit for bit, with the memory traffic reorganised. The 1-bit and int8 kernels are latency
- * bound (docs/kernels.md, "What bounds the decode kernels"): each warp's chain of bits from DRAM, fragments from L2
- * and MMAs leaves the memory system idle most of the time. Here:
- * - A persistent grid, one block per SM; the blocks take the 16-row tiles b, b + grid, ... (over all the launch's
- *   layers). A tile's bits come in chunks of 8 groups (4096 columns) x K paths.
- * - Warp 8, the producer, walks the block's (tile, chunk) items from the kernel's start and issues one tiled copy
- *   (cp.async.bulk.tensor, the copy engine) of 128 words x 16 rows per path into a ring of up to kRingMaxStages
- *   stages, against full / empty mbarriers. The bits do not depend on the prologue, so the weight stream starts while
- *   the prologue runs (PDL) and keeps tens of KB in flight per SM. (One 1-D bulk copy per path and row, 512 bytes
- *   each, was tried first: the copies were too small, 1.1 TB/s at 4096 x 14336 on an H200.)
- * - Warps 0-7 consume: warp w takes group w of each chunk (groups w, w + 8, ... of the tile, as warp w of the 1-bit
- *   kernel), copies its words into registers, releases the stage, and does the 1-bit kernel's (group, path) work.
- * - The B fragments of all the launch's groups and paths are the same for every tile: one bulk copy per block puts
- *   them in shared memory after the wait for the prologue (the 1-bit kernel reads them from L2 for every tile: twice
- *   the bytes of the bits).
- * - Per tile the consumers' partial sums meet in shared memory (double-buffered, one barrier of the 8 consumer warps
- *   a tile) and warp 0 writes the rows (store_rows: the 1-bit kernel's epilogue, the fused glue's too).
- * Needs rows of whole 16-byte units (in % 128 == 0), 16-byte aligned bits and shared memory for the fragments and
- * two stages (ring_stages); elsewhere decode_gemv runs the 1-bit kernel, whose outputs are the same.
- * ------------------------------------------------------------------------------------------------------- */
-constexpr int kRingWarps = kWarps + 1;                   // 8 consumers and the producer
-constexpr int kRingChunkWords = kWarps * kGroupWords;    // a stage holds 16 rows x 8 groups (128 words) x K paths
-constexpr int kRingPitch = kRingChunkWords * 4;          // bytes per (path, row) in a stage: the tensor map's box
-constexpr int kRingMaxStages = 8;
-constexpr int kRingBarBytes = 256;                       // the mbarriers ahead of the fragments: 2 x 8 + 1 of 8 bytes
-constexpr int kB1FragBytes = 2 * 4 * 32 * sizeof(uint2);  // fragments of one (group, path) at M = 1
-constexpr int kRingMaxPaths = 128;   // (group, path) pairs: their fragments (2 KB each) must fit the shared memory
-constexpr int kRingStaticBytes = 6144;                   // red, fe and the reserve, kept out of the dynamic budget
-
-/* g of lane (g, t)'s rows g, g + 8 of a tile, and thread tid's bias (tid < 16: row tid), both 0 past the tiles and
-   rows: loaded a tile ahead by the streamed kernel's consumers. */
-template <int K, bool GROUPED>
-__device__ __forceinline__ void tile_params(const GroupArgs &ga, int64_t tile, int64_t tiles, int g, int tid,
-                                            float (&gk)[K][1][2], float &bias) {
-    bias = 0.0f;
-    if (tile >= tiles) {
-#pragma unroll
-        for (int k = 0; k < K; k++) gk[k][0][0] = gk[k][0][1] = 0.0f;
-        return;
-    }
-    const MainArgs a = layer_args<K, GROUPED>(ga, tile);
-    load_row_scales(a, tile * 16, g, gk);
-    if (a.bias && tid < 16 && tile * 16 + tid < a.out) bias = ld_any(a.bias, a.bdt, tile * 16 + tid);
-}
-
-/* Thread tid's residual of a tile (tid < 16: row tid; 0 elsewhere), after the wait for the kernels ahead. */
-template <int K, bool GROUPED>
-__device__ __forceinline__ float tile_residual(const GroupArgs &ga, int64_t tile, int64_t tiles, int tid) {
-    if (tile >= tiles) return 0.0f;
-    const MainArgs a = layer_args<K, GROUPED>(ga, tile);
-    return a.residual && tid < 16 && tile * 16 + tid < a.out ? ld_any(a.residual, a.ydt, tile * 16 + tid) : 0.0f;
-}
-
-/* tiles: the 16-row tiles of all layers; stages: ring_stages(); bits[l]: layer l's words [K * out][nw] as boxes of
-   128 words x 16 rows (encode_ring_maps). */
-struct RingArgs {
-    CUtensorMap bits[kDecodeMaxLayers];
-    GroupArgs ga;
-    int64_t tiles;
-    int stages;
-};
-
-template <int K, bool GROUPED, bool F>
-__global__ void __launch_bounds__(kRingWarps * 32, 1) gemv_ring_kernel(const __grid_constant__ RingArgs ra) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    const GroupArgs &ga = ra.ga;
-    const int64_t tiles = ra.tiles;
-    const int stages = ra.stages;
-    extern __shared__ __align__(128) unsigned char smem[];
-    __shared__ float red[2][kWarps][16][1];
-    __shared__ FusedEpilogue fe;
-    __shared__ double qs_s[kRingMaxPaths];
-    __shared__ float sc_s[kRingMaxPaths];
-    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    const int64_t nchunks = (ga.a.ngroups + kWarps - 1) / kWarps;
-    const uint32_t full0 = smem_u32(smem), empty0 = full0 + 8 * kRingMaxStages, fbar = empty0 + 8 * kRingMaxStages;
-    const uint32_t frag_bytes = static_cast<uint32_t>(ga.a.ngroups * ga.a.KL) * kB1FragBytes;
-    const unsigned char *fragsm = smem + kRingBarBytes;
-    const uint32_t ring = smem_u32(smem) + kRingBarBytes + frag_bytes, stage_bytes = K * 16 * kRingPitch;
-    if (tid == 0) {
-        for (int i = 0; i < stages; i++) {
-            mbar_init(full0 + 8 * i, 1);
-            mbar_init(empty0 + 8 * i, kWarps);
-        }
-        mbar_init(fbar, 1);
-        mbar_fence_init();
-    }
-    __syncthreads();
-
-    if (warp == kWarps) {  // the producer: no wait for the prologue, the bits are the layers' own
-        int slot = 0;
-        uint32_t phase = 0;
-        bool wrapped = false;
-        for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
-            int64_t lt = tile;
-            const MainArgs a = layer_args<K, GROUPED>(ga, lt);
-            int l = 0;  // the tile's layer: its tensor map, by address (a copy would leave the parameter space)
-#pragma unroll
-            for (int i = 1; i < kDecodeMaxLayers; i++)
-                if (GROUPED && i < ga.layers && tile >= ga.tile0[i]) l = i;
-            const CUtensorMap *map = &ra.bits[0] + l;
-            const int row0 = static_cast<int>(lt * 16);
-            for (int64_t c = 0; c < nchunks; c++) {
-                if (wrapped) mbar_wait(empty0 + 8 * slot, phase ^ 1);  // the consumers have released the slot
-                // a box's bytes count in full, also where it reaches past the rows or words (zeros) or into the next
-                // path's first rows (rows past `out`, whose outputs are not written)
-                if (lane == 0) mbar_expect_tx(full0 + 8 * slot, stage_bytes);
-                __syncwarp();
-                if (lane < K)
-                    tma_load_2d(ring + slot * stage_bytes + lane * 16 * kRingPitch, map,
-                                static_cast<int>(c * kRingChunkWords), static_cast<int>(lane * a.out) + row0,
-                                full0 + 8 * slot);
-                if (++slot == stages) {
-                    slot = 0;
-                    phase ^= 1;
-                    wrapped = true;
-                }
-            }
-        }
-        return;
-    }
-
-    const int g = lane >> 2, t = lane & 3;
-    // the first tile's g and bias: the layers' own, read before the wait for the prologue
-    float gk_n[K][1][2], bias_n;
-    tile_params<K, GROUPED>(ga, blockIdx.x, tiles, g, tid, gk_n, bias_n);
-    pdl_wait();  // the prologue's fragments, scales and sums (and the residual) are complete past here
-    pdl_launch_dependents();
-    if (warp == 0) {
-        if (lane == 0) {
-            mbar_expect_tx(fbar, frag_bytes);
-            for (uint32_t o = 0; o < frag_bytes; o += 32768)
-                bulk_g2s(smem_u32(fragsm) + o, reinterpret_cast<const unsigned char *>(ga.a.frag) + o,
-                         frag_bytes - o < 32768 ? frag_bytes - o : 32768, fbar);
-        }
-        if constexpr (F) {
-            fused_sums_async(ga.a, lane, fe);
-            cp_wait<0>();
-            __syncwarp();  // every lane's copies are in before lanes 0..15 read them (store_rows)
-        }
-    }
-    // the scales and sums of every (group, path), one entry each (they are read at every tile)
-    for (int i = tid; i < ga.a.ngroups * ga.a.KL; i += kWarps * 32) {
-        qs_s[i] = ga.a.qsum[i * kB1MaxM];
-        sc_s[i] = ga.a.scale[i * kB1MaxM];
-    }
-    double pw[4][2];
-    b1_plane_weights(t, pw);
-    mbar_wait(fbar, 0);
-    asm volatile("bar.sync 1, %0;\n" ::"n"(kWarps * 32) : "memory");  // the consumers' barrier: qs_s, sc_s
-    const uint2 *frag = reinterpret_cast<const uint2 *>(fragsm);
-
-    int slot = 0, buf = 0;
-    uint32_t phase = 0;
-    float res_n = 0.0f;  // the next tile's residual (F)
-    if constexpr (F) res_n = tile_residual<K, GROUPED>(ga, blockIdx.x, tiles, tid);
-    for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
-        int64_t lt = tile;
-        const MainArgs a = layer_args<K, GROUPED>(ga, lt);
-        const int64_t row0 = lt * 16;
-        float gk[K][1][2], bias_v = bias_n, res = res_n;
-#pragma unroll
-        for (int k = 0; k < K; k++) gk[k][0][0] = gk_n[k][0][0], gk[k][0][1] = gk_n[k][0][1];
-        tile_params<K, GROUPED>(ga, tile + gridDim.x, tiles, g, tid, gk_n, bias_n);  // the next tile's, ahead of their use
-        if constexpr (F) res_n = tile_residual<K, GROUPED>(ga, tile + gridDim.x, tiles, tid);
-        float fa[1][2] = {{0.0f, 0.0f}};
-        for (int64_t c = 0; c < nchunks; c++) {
-            const int64_t gr = c * kWarps + warp;
-            const bool mine = gr < a.ngroups;
-            Bits<K, 1> cur;
-            mbar_wait(full0 + 8 * slot, phase);
-            if (mine) {
-                const uint32_t base = ring + slot * stage_bytes + warp * (kGroupWords * 4) + t * 16;
-#pragma unroll
-                for (int k = 0; k < K; k++)
-#pragma unroll
-                    for (int r = 0; r < 2; r++) {
-                        const uint32_t ad = base + (k * 16 + g + 8 * r) * kRingPitch;
-                        uint4 v;
-                        asm volatile("ld.shared.v4.u32 {%0,%1,%2,%3}, [%4];\n"
-                                     : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-                                     : "r"(ad));
-                        cur.w[k][0][r] = v;
-                    }
-            }
-            __syncwarp();
-            if (lane == 0) mbar_arrive(empty0 + 8 * slot);  // this warp is done with the stage
-            if (++slot == stages) {
-                slot = 0;
-                phase ^= 1;
-            }
-            if (!mine) continue;
-#pragma unroll
-            for (int k = 0; k < K; k++) {
-                const size_t fpath = frag_path<K, GROUPED>(a, gr, k);
-                uint2 b[2][4];
-#pragma unroll
-                for (int s = 0; s < 2; s++)
-#pragma unroll
-                    for (int nt = 0; nt < 4; nt++) b[s][nt] = frag[(fpath * 8 + s * 4 + nt) * 32 + lane];
-                const double sck[1] = {sc_s[fpath]}, qsk[1] = {qs_s[fpath]};
-                b1_path_sum<1>(cur.w[k][0][0], cur.w[k][0][1], b, pw, sck, qsk, gk[k][0], fa);
-            }
-        }
-        // the 1-bit kernel's epilogue: the warps' sums in warp order, bias, the glue, one rounding
-        if (t == 0) {
-            red[buf][warp][g][0] = fa[0][0];
-            red[buf][warp][g + 8][0] = fa[0][1];
-        }
-        // the 8 consumer warps' barrier: red[buf] is complete; the writes of the next tile go to the other buffer
-        asm volatile("bar.sync 1, %0;\n" ::"n"(kWarps * 32) : "memory");
-        if (warp == 0) store_rows<F>(a, red[buf], row0, tid, fe, res, &bias_v);
-        buf ^= 1;
-    }
-#endif
 }
 
 /* ---------------------------------------------------------------------------------------------------------
@@ -1134,49 +895,6 @@ cudaError_t launch_b1_k(const GroupArgs &a, unsigned tiles, cudaStream_t s) {
     return fused_epilogue(a) ? launch_b1_kf<K, GR, true>(a, tiles, s) : launch_b1_kf<K, GR, false>(a, tiles, s);
 }
 
-/* Stages of the streamed kernel's ring for this launch, or 0 where it cannot run (decode_gemv then runs the 1-bit
-   kernel): M = 1, sm_90 code, rows of whole 16-byte units at 16-byte aligned addresses, and shared memory for the
-   fragments of all (group, path) pairs and at least two stages. */
-template <int K>
-int ring_stages(const GroupArgs &ga) {
-    const DevInfo &dev = device_info();
-    if (ga.a.M != 1 || !dev.sm90_code || ga.a.nw % 4 != 0 || !aligned16(ga.a.frag) ||
-        ga.a.ngroups * ga.a.KL > kRingMaxPaths)
-        return 0;
-    for (int l = 0; l < ga.layers; l++)
-        if (!ga.vec[l]) return 0;
-    const int64_t budget = dev.smem_optin - kRingStaticBytes - kRingBarBytes - ga.a.ngroups * ga.a.KL * kB1FragBytes;
-    const int64_t stages = budget / (K * 16 * kRingPitch);
-    return stages < 2 ? 0 : static_cast<int>(min64(stages, kRingMaxStages));
-}
-
-/* The layers' bits as tensor maps of the streamed kernel's boxes; false where the driver cannot encode them. */
-bool encode_ring_maps(RingArgs &ra, int K) {
-    for (int l = 0; l < ra.ga.layers; l++)
-        if (!encode_2d(&ra.bits[l], CU_TENSOR_MAP_DATA_TYPE_UINT32, 4, ra.ga.packed[l], ra.ga.a.nw,
-                       static_cast<uint64_t>(K) * ra.ga.out[l], kRingChunkWords, 16, CU_TENSOR_MAP_SWIZZLE_NONE,
-                       CU_TENSOR_MAP_L2_PROMOTION_L2_256B))
-            return false;
-    return true;
-}
-
-template <int K, bool GR, bool F>
-cudaError_t launch_ring_kgf(const RingArgs &ra, cudaStream_t s) {
-    static bool attr_set[64] = {};  // per instantiation and device: the largest budget ring_stages may fill
-    const DevInfo &dev = device_info();
-    const cudaError_t e = set_smem_limit_once(gemv_ring_kernel<K, GR, F>, dev.smem_optin - kRingStaticBytes, attr_set);
-    if (e != cudaSuccess) return e;
-    const size_t smem = kRingBarBytes + static_cast<size_t>(ra.ga.a.ngroups * ra.ga.a.KL) * kB1FragBytes +
-                        static_cast<size_t>(ra.stages) * K * 16 * kRingPitch;
-    const unsigned grid = static_cast<unsigned>(min64(ra.tiles, dev.sms));  // one block per SM (its shared memory)
-    return launch_pdl(gemv_ring_kernel<K, GR, F>, dim3(grid), kRingWarps * 32, smem, ra, s);
-}
-
-template <int K, bool GR>
-cudaError_t launch_ring_k(const RingArgs &ra, cudaStream_t s) {
-    return fused_epilogue(ra.ga) ? launch_ring_kgf<K, GR, true>(ra, s) : launch_ring_kgf<K, GR, false>(ra, s);
-}
-
 /* NT: f16_nt(M), the n-tiles the prologue wrote. */
 template <int K, bool GR>
 cudaError_t launch_f16_k(const GroupArgs &a, int NT, unsigned tiles, cudaStream_t s) {
@@ -1187,14 +905,6 @@ cudaError_t launch_f16_k(const GroupArgs &a, int NT, unsigned tiles, cudaStream_
 /* NT: the n-tiles of the prologue's fragments (decode_gemv), for the int8 and fp16 kernels. */
 template <int K, bool GR>
 cudaError_t launch_main_kg(const GroupArgs &a, DecodeKernel kern, int NT, unsigned tiles, cudaStream_t s) {
-    if (kern == DECODE_RING) {
-        RingArgs ra{};
-        ra.ga = a;
-        ra.tiles = tiles;
-        ra.stages = ring_stages<K>(a);
-        if (ra.stages > 0 && encode_ring_maps(ra, K)) return launch_ring_k<K, GR>(ra, s);
-        kern = DECODE_B1;  // the same prologue, the same outputs
-    }
     if (kern == DECODE_B1) return launch_b1_k<K, GR>(a, tiles, s);
     if (kern == DECODE_F16) return launch_f16_k<K, GR>(a, NT, tiles, s);
     switch (NT) {
@@ -1229,7 +939,7 @@ cudaError_t decode_gemv(const void *x, rabit_dtype xdt, int64_t M, const DecodeL
     const int64_t ng = (in + kGroupCols - 1) / kGroupCols;
     // the glue: M <= kFusedMaxM, a residual for one layer, a norm over <= kFusedMaxGroups groups, not the fp16 kernel
     // (it has no fused epilogue)
-    if (M < 1 || M > kDecodeMaxM || (kern == DECODE_B1 && M > kB1MaxM) || (kern == DECODE_RING && M != 1) || xdt == RABIT_F32 || K < 1 ||
+    if (M < 1 || M > kDecodeMaxM || (kern == DECODE_B1 && M > kB1MaxM) || xdt == RABIT_F32 || K < 1 ||
         K > RABIT_MAX_K || n < 1 || n > kDecodeMaxLayers ||
         (fusion && (M > kFusedMaxM || kern == DECODE_F16 || (fusion->residual && n != 1) ||
                     (fusion->norm_weight && ng > kFusedMaxGroups))))
@@ -1253,7 +963,7 @@ cudaError_t decode_gemv(const void *x, rabit_dtype xdt, int64_t M, const DecodeL
         p.sumsq = sumsq;
     }
     const dim3 pg(static_cast<unsigned>(ng), static_cast<unsigned>(KL));
-    if (kern == DECODE_B1 || kern == DECODE_RING)
+    if (kern == DECODE_B1)
         gemv_b1_prep_kernel<<<pg, kPrepThreads, 0, s>>>(p);
     else if (kern == DECODE_F16)
         gemv_f16_prep_kernel<<<pg, kPrepThreads, 0, s>>>(p);

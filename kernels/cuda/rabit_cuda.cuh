@@ -87,9 +87,7 @@ int packed_linear_path(rabit_dtype xdt, int64_t M);
    layers (M <= kSimtMaxM, in <= kSimtMaxIn; float32 products and sums: float32-level accuracy, not bit-identical to
    int8). decode_kernel() is the choice packed_linear makes for a layer of K paths and out x in on the current device (a
    layer group runs as one launch when its layers' choices agree). */
-/* DECODE_RING: the 1-bit kernel's arithmetic (bit-identical outputs) with the weight bits streamed into shared memory
-   by the copy engine, on a persistent grid (M = 1, sm_90; where it cannot run, decode_gemv runs DECODE_B1). */
-enum DecodeKernel { DECODE_I8 = 0, DECODE_B1 = 1, DECODE_F16 = 2, DECODE_SIMT = 3, DECODE_RING = 4 };
+enum DecodeKernel { DECODE_I8 = 0, DECODE_B1 = 1, DECODE_F16 = 2, DECODE_SIMT = 3 };
 constexpr int kB1MaxM = 2;
 /* rabit.packed_linear_fused runs the decode kernel of its shape with the glue (DecodeFusion) up to this M: where that
    kernel is float32-level (CUDA-core, int8, 1-bit; the fp16 one takes M >= 5). */
