@@ -7,9 +7,12 @@ MSE; the optimizers are the trainer's (Muon for the latents, AdamW for the scale
 times LR_SCALE), cosine to zero within the layer. Prints one JSON line: the held-out KL / PPL / top-1 against the FP
 model and each layer's MSE before and after.
 
+With INPUTS = teacher, every layer's inputs are the teacher's instead (its own layers' outputs on the same sequences:
+each layer learns the FP layer's map alone, with no error carried from the student's earlier layers).
+
 An experiment, not a rabit option: it wraps rabit.quickstart's call of train for this process.
 
-    python benchmarks/block_recon_sweep.py STEPS SEED [LR_SCALE]
+    python benchmarks/block_recon_sweep.py STEPS SEED [LR_SCALE [INPUTS]]   (INPUTS: student (default) or teacher)
 """
 import dataclasses
 import json
@@ -57,7 +60,7 @@ def _run(layer, h, kw):
     return out[0] if isinstance(out, tuple) else out
 
 
-def reconstruct_blocks(student, teacher, token_ids, config, steps, lr_scale):
+def reconstruct_blocks(student, teacher, token_ids, config, steps, lr_scale, inputs="student"):
     s_layers, t_layers = T._decoder_layers(student), T._decoder_layers(teacher)
     t_in = _layer_inputs(teacher, t_layers[0], token_ids)
     s_in = [h.clone() for h, _ in t_in]  # the embeddings are the same full-precision ones
@@ -86,25 +89,28 @@ def reconstruct_blocks(student, teacher, token_ids, config, steps, lr_scale):
             outs = [_run(sl, h, kw) for h, kw in zip(s_in, kws)]
             after = sum(F.mse_loss(o, y).item() for o, y in zip(outs, targets)) / len(targets)
         report.append({"layer": i, "mse_before": before, "mse_after": after})
-        s_in, t_in = outs, [(y, kw) for y, kw in zip(targets, kws)]
+        s_in, t_in = (outs if inputs == "student" else targets), [(y, kw) for y, kw in zip(targets, kws)]
     return report
 
 
 steps, seed = int(sys.argv[1]), int(sys.argv[2])
 lr_scale = float(sys.argv[3]) if len(sys.argv) > 3 else 1.0
+inputs = sys.argv[4] if len(sys.argv) > 4 else "student"
+if inputs not in ("student", "teacher"):
+    sys.exit(f"block_recon_sweep: INPUTS must be student or teacher, got {inputs!r}")
 real_train, blocks = T.train, {}
 
 
 def train_after_blocks(student, teacher, token_ids, config, **kw):
     if steps > 0:
         t0 = time.perf_counter()
-        blocks["layers"] = reconstruct_blocks(student, teacher, token_ids[:CALIB_SEQS], config, steps, lr_scale)
+        blocks["layers"] = reconstruct_blocks(student, teacher, token_ids[:CALIB_SEQS], config, steps, lr_scale, inputs)
         blocks["seconds"] = round(time.perf_counter() - t0, 1)
     return real_train(student, teacher, token_ids, config, **kw)
 
 
 Q.train = train_after_blocks
 r = Q.run_quickstart(steps=400, seed=seed, progress=False, report=False)
-print(json.dumps({"block_steps": steps, "lr_scale": lr_scale, "seed": seed, "kl": r["rabit_2bit"]["kl_to_fp"],
+print(json.dumps({"block_steps": steps, "lr_scale": lr_scale, "inputs": inputs, "seed": seed, "kl": r["rabit_2bit"]["kl_to_fp"],
                   "ppl": r["rabit_2bit"]["ppl"], "fp_ppl": r["fp"]["ppl"], "top1": r["rabit_2bit"]["top1_agreement"],
                   "final_train_kl": r["train"]["final_kl"], "train_s": r["timings"]["train_s"], "blocks": blocks}))
