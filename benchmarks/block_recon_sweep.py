@@ -111,6 +111,7 @@ def train_after_blocks(student, teacher, token_ids, config, **kw):
 
 Q.train = train_after_blocks
 r = Q.run_quickstart(steps=400, seed=seed, progress=False, report=False)
-print(json.dumps({"block_steps": steps, "lr_scale": lr_scale, "inputs": inputs, "seed": seed, "kl": r["rabit_2bit"]["kl_to_fp"],
-                  "ppl": r["rabit_2bit"]["ppl"], "fp_ppl": r["fp"]["ppl"], "top1": r["rabit_2bit"]["top1_agreement"],
+print(json.dumps({"block_steps": steps, "lr_scale": lr_scale, "inputs": inputs, "seed": seed,
+                  "kl": r["rabit_2bit"]["kl_to_fp"], "ppl": r["rabit_2bit"]["ppl"], "fp_ppl": r["fp"]["ppl"],
+                  "top1": r["rabit_2bit"]["top1_agreement"],
                   "final_train_kl": r["train"]["final_kl"], "train_s": r["timings"]["train_s"], "blocks": blocks}))

@@ -84,7 +84,7 @@ __global__ void rowthread(const char *p, int rows, int rowbytes, int slice_bytes
 struct RingArgs {
     CUtensorMap map;  // the words [K * out][nw] as boxes of 128 words x 16 rows
     int tiles, chunks, out, stages;
-    int *counter;   // dynamic order: tiles from atomicAdd(counter, 1) - base
+    unsigned long long *counter;  // atomic order: items from atomicAdd(counter, 1) - base
     long long base;  // the counter's value at this launch's start (each launch adds tiles * chunks + gridDim.x)
     uint32_t *sink;
 };
@@ -120,7 +120,7 @@ __global__ void __launch_bounds__(288) ring(const __grid_constant__ RingArgs a) 
         for (;;) {
             long long it = next;
             if (DYNAMIC) {
-                if (lane == 0) it = atomicAdd(reinterpret_cast<unsigned long long *>(a.counter), 1ull) - a.base;
+                if (lane == 0) it = static_cast<long long>(atomicAdd(a.counter, 1ull)) - a.base;
                 it = __shfl_sync(0xffffffffu, it, 0);
             } else {
                 next += gridDim.x;
@@ -189,6 +189,11 @@ int main(int argc, char **argv) {
     if (cublasCreate(&cublas) != CUBLAS_STATUS_SUCCESS) return 1;
     uint32_t *sink;
     CHECK(cudaMalloc(&sink, 4));
+    const PFN_cuTensorMapEncodeTiled_v12000 enc = tensor_map_encoder();  // for the ring pattern
+    if (!enc) {
+        fprintf(stderr, "no tensor-map encoder in this driver\n");
+        return 1;
+    }
     const int shapes[6][2] = {{4096, 4096}, {11008, 4096}, {4096, 11008}, {12288, 4096}, {14336, 4096}, {4096, 14336}};
     const size_t pool_bytes = 160u << 20;  // > 2 x the L2 (50 MB on the H100, 60 MB on the H200)
     cudaEvent_t e0, e1;
@@ -225,13 +230,8 @@ int main(int argc, char **argv) {
             rowthread<<<dim3((out + 255) / 256, (in + 1023) / 1024), 256>>>(bits + layer * i, out, rowbytes, 128, sink);
         }, P);
         CHECK(cudaGetLastError());
-        // ring: C blocks per SM (1, 2, 4), S stages (2, 4, 8), fixed or atomic tile order; "n/a" where C blocks of S
+        // ring: C blocks per SM (1, 2, 4), S stages (2, 4, 8), fixed or atomic tile order; -1 where C blocks of S
         // stages do not fit an SM
-        const PFN_cuTensorMapEncodeTiled_v12000 enc = tensor_map_encoder();
-        if (!enc) {
-            fprintf(stderr, "no tensor-map encoder in this driver\n");
-            return 1;
-        }
         std::vector<RingArgs> maps(P);
         const int nw = rowbytes / 4;
         for (int i = 0; i < P; i++) {
@@ -250,8 +250,8 @@ int main(int argc, char **argv) {
             r.out = out;
             r.sink = sink;
         }
-        int *counter;
-        CHECK(cudaMalloc(&counter, 8));
+        unsigned long long *counter;
+        CHECK(cudaMalloc(&counter, sizeof *counter));
         std::string ring_json;
         for (int dyn = 0; dyn < 2; dyn++)
             for (int C : {1, 2, 4})
@@ -267,7 +267,7 @@ int main(int argc, char **argv) {
                     if (fit >= C) {
                         const int grid = C * prop.multiProcessorCount;
                         long long base = 0;
-                        CHECK(cudaMemset(counter, 0, 8));
+                        CHECK(cudaMemset(counter, 0, sizeof *counter));
                         t = timeit([&](int i) {
                             RingArgs r = maps[i];
                             r.stages = S;
@@ -330,8 +330,8 @@ int main(int argc, char **argv) {
             "{\"benchmark\": \"read_floor\", \"device\": \"%s\", \"sms\": %d, \"cuda_runtime\": %d, \"date\": \"%s\",\n"
             " \"method\": \"per-layer time of one kernel that only loads the K=2 packed bits (XOR into a register), "
             "layers cycled through a 160 MB pool, launches queued back to back, CUDA events; cuBLAS fp16 GemmEx at "
-            "M=1 the same way; ceiling_vs_cublas = cuBLAS / contiguous read; ring_us: the streamed pattern (fixed or atomic tile "
-            "order, C blocks a SM, S stages; -1: does not fit)\",\n \"rows\": [\n%s\n]}\n",
+            "M=1 the same way; ceiling_vs_cublas = cuBLAS / contiguous read; ring_us: the streamed pattern (fixed "
+            "or atomic tile order, C blocks a SM, S stages; -1: does not fit)\",\n \"rows\": [\n%s\n]}\n",
             prop.name, prop.multiProcessorCount, rt, date, rows_json.c_str());
     fclose(f);
     printf("wrote %s\n", path);
