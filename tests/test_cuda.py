@@ -659,6 +659,32 @@ def test_packed_linear_group_of_layers_taking_different_decode_kernels():
         assert [_runs_simt(y, p[3]) for y, p in zip(ys, probes)] == [k == "simt" for k in kernels]
 
 
+@pytest.mark.parametrize("m", [1, 2, 4])
+def test_packed_linear_fused_runs_the_int8_kernel_where_the_fp16_one_is_forced(m, monkeypatch):
+    """The fp16 decode kernel has no epilogue for the glue: with RABIT_CUDA_DECODE=f16 the fused op runs the int8
+    kernel (decode_kernel(..., fused=True)), so its outputs equal those under RABIT_CUDA_DECODE=i8 bit for bit, for a
+    group launched together and for each layer alone."""
+    layers = [(48, 1100), (17, 1100), (64, 1100)]
+    args = []
+    for out, in_features in layers:
+        w, g, h = (t.to(DEV) for t in random_layer(out, in_features, 2))
+        _, packed = rabit.residual_binarize(w, g, h)
+        args.append((packed, g.half(), h.half(), torch.randn(out, device=DEV).half()))
+    lists = [list(t) for t in zip(*args)]
+    x = torch.randn(m, 1100, device=DEV).half()
+    kw = dict(norm_weight=torch.rand(1100, device=DEV).half() + 0.5, eps=1e-5)
+    runs = {}
+    for kernel in ("f16", "i8"):
+        monkeypatch.setenv("RABIT_CUDA_DECODE", kernel)
+        _poison()
+        runs[kernel] = (rabit.packed_linear_fused(x, *lists, **kw),
+                        [rabit.packed_linear_fused(x, [p], [g], [h], [b], **kw)[0] for p, g, h, b in args])
+    (group_f16, alone_f16), (group_i8, alone_i8) = runs["f16"], runs["i8"]
+    assert all(torch.equal(a, b) for a, b in zip(group_f16, group_i8))
+    assert all(torch.equal(a, b) for a, b in zip(alone_f16, alone_i8))
+    assert all(torch.equal(a, b) for a, b in zip(group_f16, alone_f16))
+
+
 def test_side_stream_and_second_device_guard():
     w, g, h = (t.to(DEV) for t in random_layer(50, 300, 2))
     ref = rabit.residual_binarize(w, g, h)

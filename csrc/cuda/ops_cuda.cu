@@ -232,6 +232,19 @@ void launch_decode_layers(const at::Tensor &x, at::TensorList packed, at::Tensor
                                          at::cuda::getCurrentCUDAStream(), fusion ? &f : nullptr));
 }
 
+// The decode kernel packed_linear (fused: packed_linear_fused) runs for each layer, in kern; true where the layers
+// agree on it and on K, so that one launch can run them all.
+bool layer_decode_kernels(const std::vector<int64_t> &K, int64_t M, int64_t in, const std::vector<int64_t> &out,
+                          bool fused, std::vector<rabit_cuda::DecodeKernel> &kern) {
+    kern.resize(out.size());
+    bool same = true;
+    for (size_t l = 0; l < out.size(); l++) {
+        kern[l] = rabit_cuda::decode_kernel(static_cast<int>(K[l]), M, in, out[l], fused);
+        same = same && K[l] == K[0] && kern[l] == kern[0];
+    }
+    return same;
+}
+
 }  // namespace
 
 // Layers that take the decode path (fp16/bf16 x, M <= kDecodeMaxM), share K and the dtypes of g, h and bias, and take
@@ -253,14 +266,12 @@ std::vector<at::Tensor> packed_linear_group_cuda(const at::Tensor &x, at::Tensor
     const rabit_dtype xdt = to_rabit_dtype(x.scalar_type());
     const int64_t M = x.size(0), in = x.size(1);
     const c10::cuda::CUDAGuard guard(x.device());  // decode_kernel asks the current device
-    bool together = rabit_cuda::packed_linear_path(xdt, M) == 2 && M > 0 && n > 1;
     // the decode kernel packed_linear would run for each layer: one launch only where they agree
-    const rabit_cuda::DecodeKernel kern =
-        together ? rabit_cuda::decode_kernel(static_cast<int>(K[0]), M, in, out[0]) : rabit_cuda::DECODE_I8;
+    std::vector<rabit_cuda::DecodeKernel> kern;
+    bool together = rabit_cuda::packed_linear_path(xdt, M) == 2 && M > 0 && n > 1 &&
+                    layer_decode_kernels(K, M, in, out, false, kern);
     for (int64_t l = 1; l < n; l++)  // bias is every layer's or none (check_group_lists)
-        together = together && K[l] == K[0] &&
-                   rabit_cuda::decode_kernel(static_cast<int>(K[l]), M, in, out[l]) == kern &&
-                   g[l].scalar_type() == g[0].scalar_type() &&
+        together = together && g[l].scalar_type() == g[0].scalar_type() &&
                    h[l].scalar_type() == h[0].scalar_type() &&
                    (bias.empty() || bias[l].scalar_type() == bias[0].scalar_type());
     std::vector<at::Tensor> ys;
@@ -273,7 +284,7 @@ std::vector<at::Tensor> packed_linear_group_cuda(const at::Tensor &x, at::Tensor
     for (int64_t l0 = 0; l0 < n; l0 += rabit_cuda::kDecodeMaxLayers)
         launch_decode_layers(x, packed, g, h, bias, l0,
                              static_cast<int>(std::min<int64_t>(n - l0, rabit_cuda::kDecodeMaxLayers)),
-                             static_cast<int>(K[0]), out, kern, nullptr, ys);
+                             static_cast<int>(K[0]), out, kern[0], nullptr, ys);
     return ys;
 }
 
@@ -330,14 +341,8 @@ std::vector<at::Tensor> packed_linear_fused_cuda(const at::Tensor &x, at::Tensor
     f.up = up.has_value() ? up->data_ptr() : nullptr;
     f.residual = residual.has_value() ? residual->data_ptr() : nullptr;
     f.prefetch_weights = prefetch_weights;
-    std::vector<rabit_cuda::DecodeKernel> kern(n);
-    bool together = true;
-    for (int64_t l = 0; l < n; l++) {
-        kern[l] = rabit_cuda::decode_kernel(static_cast<int>(K), M, in, out[l]);
-        // the fp16 kernel (M <= 4 only where RABIT_CUDA_DECODE forces it) has no fused epilogue: the int8 one instead
-        if (kern[l] == rabit_cuda::DECODE_F16) kern[l] = rabit_cuda::DECODE_I8;
-        together = together && kern[l] == kern[0];
-    }
+    std::vector<rabit_cuda::DecodeKernel> kern;
+    const bool together = layer_decode_kernels(std::vector<int64_t>(n, K), M, in, out, true, kern);
     std::vector<at::Tensor> ys;
     if (together)
         launch_decode_layers(x, packed, g, h, bias, 0, static_cast<int>(n), static_cast<int>(K), out, kern[0], &f, ys);

@@ -421,7 +421,9 @@ constexpr int64_t kF16MinM = 5;
 constexpr int64_t kSimtDefaultMaxIn = 1536;
 constexpr int64_t kSimtDefaultMaxWeights = int64_t{3} << 20;
 
-DecodeKernel decode_kernel(int K, int64_t M, int64_t in, int64_t out) {
+namespace {
+
+DecodeKernel unfused_decode_kernel(int K, int64_t M, int64_t in, int64_t out) {
     const char *v = getenv("RABIT_CUDA_DECODE");
     if (v && strcmp(v, "i8") == 0) return DECODE_I8;
     if (v && strcmp(v, "f16") == 0) return DECODE_F16;
@@ -430,6 +432,13 @@ DecodeKernel decode_kernel(int K, int64_t M, int64_t in, int64_t out) {
     if (in <= kSimtDefaultMaxIn && out * in <= kSimtDefaultMaxWeights && simt_applies(K, M, in)) return DECODE_SIMT;
     if (M == 1 && in >= kB1MinIn) return DECODE_B1;
     return M >= kF16MinM ? DECODE_F16 : DECODE_I8;
+}
+
+}  // namespace
+
+DecodeKernel decode_kernel(int K, int64_t M, int64_t in, int64_t out, bool fused) {
+    const DecodeKernel k = unfused_decode_kernel(K, M, in, out);
+    return fused && k == DECODE_F16 ? DECODE_I8 : k;
 }
 
 size_t packed_linear_workspace_bytes(rabit_dtype xdt, int64_t M, int K, int64_t in, int64_t out) {

@@ -86,7 +86,9 @@ int packed_linear_path(rabit_dtype xdt, int64_t M);
    to fp16: the accuracy of a dense fp16 layer); in packed_decode_simt.cu the CUDA-core one of one launch for narrow
    layers (M <= kSimtMaxM, in <= kSimtMaxIn; float32 products and sums: float32-level accuracy, not bit-identical to
    int8). decode_kernel() is the choice packed_linear makes for a layer of K paths and out x in on the current device (a
-   layer group runs as one launch when its layers' choices agree). */
+   layer group runs as one launch when its layers' choices agree); with fused, packed_linear_fused's: the fp16 kernel
+   has no epilogue for the glue, so where it would run (M <= kFusedMaxM only when RABIT_CUDA_DECODE forces it) the
+   int8 one does. */
 enum DecodeKernel { DECODE_I8 = 0, DECODE_B1 = 1, DECODE_F16 = 2, DECODE_SIMT = 3 };
 constexpr int kB1MaxM = 2;
 /* rabit.packed_linear_fused runs the decode kernel of its shape with the glue (DecodeFusion) up to this M: where that
@@ -100,7 +102,7 @@ constexpr int kSimtMaxM = 4;
 constexpr int64_t kSimtMaxIn = 2048;
 /* The CUDA-core kernel can run a layer of K paths and `in` columns at this M on the current device. */
 bool simt_applies(int K, int64_t M, int64_t in);
-DecodeKernel decode_kernel(int K, int64_t M, int64_t in, int64_t out);
+DecodeKernel decode_kernel(int K, int64_t M, int64_t in, int64_t out, bool fused = false);
 
 /* A decode call runs up to kDecodeMaxLayers layers that read the same x [M, in] (q/k/v, gate/up) as one prologue
    and one main kernel: layer l is packed [K][out][words], g [K][out], h [K][in], bias [out] (nullable), y [M][out].
