@@ -128,8 +128,10 @@ def test_train_passes_its_options_to_the_experiment(monkeypatch, tmp_path, capsy
                  "--gamma", "0.5", "--seed", "3", "--data-start", "random-token", "--data-greedy", "4",
                  "--data-dtype", "bfloat16", "--gen-batch", "64", "--init-iters", "2", "--alpha-in", "0.25",
                  "--alpha-out", "1", "--latent-init", "reconstruction", "--ste", "clipped", "--compile",
+                 "--block-steps", "7", "--block-inputs", "student",
                  "--device", "cpu", "--out", str(tmp_path), "--quiet"]) == 0
     cfg = seen["cfg"]
+    assert (cfg.block_steps, cfg.block_inputs) == (7, "student")
     assert (cfg.init_iters, cfg.alpha_in, cfg.alpha_out, cfg.latent_init, cfg.ste, cfg.compile) == (
         2, 0.25, 1.0, "reconstruction", "clipped", True)
     rc = cfg.rabit_config()
@@ -212,6 +214,13 @@ def test_experiment_config_rejects_a_bad_recipe():
         ExperimentConfig(method="rabit-plain", init_iters=3, alpha_out=1.0)
     with pytest.raises(ValueError, match="gen_batch"):
         ExperimentConfig(gen_batch=0)
+    with pytest.raises(ValueError, match="block_steps"):
+        ExperimentConfig(block_steps=-1)
+    with pytest.raises(ValueError, match="block_inputs"):
+        ExperimentConfig(block_inputs="fp")
+    for method in ("ptq", "path-freeze"):
+        with pytest.raises(ValueError, match=f"{method} does not"):
+            ExperimentConfig(method=method, block_steps=10)
     # the trainer's options fail here, before any model is loaded or data sampled, named for the command
     for bad, match in ((dict(muon_momentum=1.0), "muon_momentum"), (dict(weight_decay=-0.1), "weight_decay"),
                        (dict(weight_decay=float("nan")), "weight_decay"), (dict(lr_latent=float("inf")), "lr_latent"),

@@ -478,7 +478,8 @@ def test_experiment_records_the_ppl_curve(tmp_path, monkeypatch):
     wiki.parent.mkdir(parents=True)
     wiki.write_text("\n".join(f" Once upon a time there was a cat number {i} ." for i in range(40)) + "\n")
     monkeypatch.setenv(E.SHARED_ENV, str(tmp_path / "shared"))
-    cfg = ExperimentConfig(model="stories260k", method="rabit", tokens=4 * 4 * 32, seq_len=32, batch_size=4,
+    cfg = ExperimentConfig(model="stories260k", method="rabit", block_steps=0,
+                           tokens=4 * 4 * 32, seq_len=32, batch_size=4,
                            data_seqs=16, calib_seqs=4, gen_batch=16, ppl_ctx=(64,), curve_points=2)
     res = run_experiment(cfg, tmp_path / "run", device="cpu", progress=False)
     curve = res["ppl_curve"]
@@ -506,7 +507,8 @@ def test_experiment_trains_on_pieces_of_the_teacher_sequences(tmp_path, monkeypa
     data = torch.randint(3, 500, (16, 32), generator=torch.Generator().manual_seed(1))
     monkeypatch.setattr("rabit.train.train", fake_train)
     monkeypatch.setattr("rabit.quantize.quantize_", fake_quantize)
-    cfg = ExperimentConfig(model="stories260k", method="rabit", tokens=3 * 4 * 8, seq_len=32, train_seq_len=8,
+    cfg = ExperimentConfig(model="stories260k", method="rabit", block_steps=0,
+                           tokens=3 * 4 * 8, seq_len=32, train_seq_len=8,
                            batch_size=4, data_seqs=16, calib_seqs=4, ppl_ctx=())
     assert (cfg.train_len, cfg.steps) == (8, 3)
     with pytest.raises(RuntimeError, match="after the data check"):
@@ -518,12 +520,13 @@ def test_experiment_trains_on_pieces_of_the_teacher_sequences(tmp_path, monkeypa
         X.ExperimentConfig(seq_len=32, train_seq_len=12)
     # data given as is, without train_seq_len, is trained on as given (never glued into seq_len rows)
     short = data[:, :16].clone()
-    cfg = ExperimentConfig(model="stories260k", method="rabit", tokens=3 * 4 * 32, seq_len=32, batch_size=4,
-                           data_seqs=16, calib_seqs=4, ppl_ctx=())
+    cfg = ExperimentConfig(model="stories260k", method="rabit", block_steps=0,
+                           tokens=3 * 4 * 32, seq_len=32, batch_size=4, data_seqs=16, calib_seqs=4, ppl_ctx=())
     with pytest.raises(RuntimeError, match="after the data check"):
         run_experiment(cfg, tmp_path / "run2", device="cpu", progress=False, teacher_data=short)
     assert torch.equal(seen["data"], short)
-    cfg = ExperimentConfig(model="stories260k", method="rabit", tokens=3 * 4 * 8, seq_len=32, train_seq_len=8,
+    cfg = ExperimentConfig(model="stories260k", method="rabit", block_steps=0,
+                           tokens=3 * 4 * 8, seq_len=32, train_seq_len=8,
                            batch_size=4, data_seqs=16, calib_seqs=4, ppl_ctx=())
     with pytest.raises(ValueError, match="does not divide"):
         run_experiment(cfg, tmp_path / "run3", device="cpu", progress=False, teacher_data=data[:, :12].clone())
@@ -541,7 +544,8 @@ def test_experiment_hands_its_recipe_to_the_trainer(tmp_path, monkeypatch):
 
     monkeypatch.setattr("rabit.train.train", fake_train)
     monkeypatch.setattr("rabit.quantize.quantize_", lambda *a, **k: None)
-    cfg = ExperimentConfig(model="stories260k", method="rabit", tokens=3 * 4 * 32, seq_len=32, batch_size=4,
+    cfg = ExperimentConfig(model="stories260k", method="rabit", block_steps=0,
+                           tokens=3 * 4 * 32, seq_len=32, batch_size=4,
                            data_seqs=16, calib_seqs=4, ppl_ctx=(), lr_latent=2e-3, lr_scales=3e-3, muon_momentum=0.9,
                            weight_decay=0.05, kl_temperature=2.0, train_embeddings=True, min_lr_ratio=0.1, gamma=0.5,
                            seed=7)
@@ -583,7 +587,8 @@ def test_experiment_trains_and_calibrates_on_a_text_file(tmp_path, monkeypatch, 
     _, tok = load_model("stories260k", device="cpu")
     ids = encode_text(tok, text, bos=True)
     for data_seqs in (1000, 5):
-        cfg = ExperimentConfig(model="stories260k", method="rabit", tokens=4 * 4 * 32, seq_len=32, batch_size=4,
+        cfg = ExperimentConfig(model="stories260k", method="rabit", block_steps=0,
+                               tokens=4 * 4 * 32, seq_len=32, batch_size=4,
                                data_seqs=data_seqs, calib_seqs=3, ppl_ctx=(), text=str(path))
         with pytest.raises(RuntimeError, match="stop after the data check"):
             run_experiment(cfg, tmp_path / f"run{data_seqs}", device="cpu", progress=False)
