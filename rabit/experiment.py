@@ -33,9 +33,9 @@ from typing import Any
 import torch
 
 METHODS = ("rabit", "rabit-plain", "independent", "path-freeze", "onebit", "ptq")
-# how the teacher samples the training data: rabit.data.generate_teacher_data's argument -> ExperimentConfig's field
 # block-reconstruction steps per decoder layer where ExperimentConfig.block_steps is None (a method that trains)
 DEFAULT_BLOCK_STEPS = 200
+# how the teacher samples the training data: rabit.data.generate_teacher_data's argument -> ExperimentConfig's field
 SAMPLING_FIELDS = {"temperature": "data_temperature", "top_k": "data_top_k", "start": "data_start",
                    "greedy_tokens": "data_greedy", "dtype": "data_dtype"}
 
@@ -327,7 +327,7 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, device: str = "cu
     from .evaluate import perplexity, wikitext2_ids
     from .models import load_model
     from .quantize import quantize_
-    from .train import train
+    from .train import CHECKPOINT_NAME, train
 
     from ._ops import has_native_kernels, use_reference_kernels
 
@@ -366,8 +366,6 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, device: str = "cu
     quantize_(student, cfg.rabit_config(), calib_input_ids=calib, progress=progress)
     init_s = time.perf_counter() - t0
     blocks, blocks_s = [], 0.0
-    from .train import CHECKPOINT_NAME
-
     # a run resumed from its checkpoint loads the trained layers there: the block stage would be thrown away
     resuming = cfg.method != "path-freeze" and (out / "train" / CHECKPOINT_NAME).is_file()
     if resuming and cfg.block_steps_run:
