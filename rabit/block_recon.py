@@ -117,11 +117,12 @@ def reconstruct_blocks(student: torch.nn.Module, teacher: torch.nn.Module, token
             for opt in optimizers:
                 opt.zero_grad(set_to_none=True)
             sl.eval()
-            with torch.no_grad():
-                after = sum(mse(b).item() for b in range(len(targets))) / len(targets)
-                if inputs == "student":
-                    with autocast_context(dev, config.autocast):
-                        s_in = [_layer_out(sl, h, kw).to(h.dtype) for h, kw in zip(s_in, kws)]
+            # one forward of the trained layer gives both its MSE and, with the student's inputs, the next layer's
+            with torch.no_grad(), autocast_context(dev, config.autocast):
+                outs = [_layer_out(sl, h, kw).float() for h, kw in zip(x_in, kws)]
+            after = sum(F.mse_loss(o, y).item() for o, y in zip(outs, targets)) / len(targets)
+            if inputs == "student":
+                s_in = [o.to(h.dtype) for o, h in zip(outs, s_in)]
             report.append({"layer": i, "mse_before": before, "mse_after": after})
             bar.set_postfix_str(f"layer {i}: MSE {before:.3g} -> {after:.3g}")
             t_in = [y.to(h.dtype) for y, h in zip(targets, t_in)]
