@@ -82,6 +82,10 @@ class ExperimentConfig:
     # (PPL 58.7), at 16-69 s on an H200
     block_steps: int | None = None
     block_inputs: str = "teacher"
+    # the sequences the block stage fits each layer on: the first block_seqs rows of the training data (None: the
+    # calib_seqs calibration rows). More rows fit the layer map on more of the data at the same steps, rather than
+    # cycling over the 64 calibration rows
+    block_seqs: int | None = None
     lr_latent: float = 1e-3
     lr_scales: float = 1e-3
     # Muon's momentum and the latents' decoupled weight decay (TrainConfig's defaults); exposed for the sweeps of
@@ -136,6 +140,11 @@ class ExperimentConfig:
             raise ValueError(f"rabit train: block_steps must be an int >= 0 or None (got {self.block_steps!r})")
         if self.block_inputs not in BLOCK_INPUTS:
             raise ValueError(f"rabit train: block_inputs must be one of {BLOCK_INPUTS} (got {self.block_inputs!r})")
+        if not (self.block_seqs is None or isinstance(self.block_seqs, int) and 1 <= self.block_seqs):
+            raise ValueError(f"rabit train: block_seqs must be an int >= 1 or None (got {self.block_seqs!r})")
+        if self.block_seqs is not None and self.block_seqs > self.data_seqs:
+            raise ValueError(f"rabit train: block_seqs {self.block_seqs} is more than the {self.data_seqs} training "
+                             f"sequences (data_seqs); lower it or raise data_seqs")
         if self.block_steps and self.method in ("ptq", "path-freeze"):
             raise ValueError(f"rabit train: --block-steps trains each layer after the init; {self.method} does not "
                              f"(ptq is the init alone, path-freeze trains its paths in two stages): drop it")
@@ -175,6 +184,11 @@ class ExperimentConfig:
         if self.block_steps is not None:
             return self.block_steps
         return 0 if self.method in ("ptq", "path-freeze") else DEFAULT_BLOCK_STEPS
+
+    @property
+    def block_rows(self) -> int:
+        """How many rows of the training data the block stage fits each layer on (block_seqs resolved)."""
+        return self.calib_seqs if self.block_seqs is None else self.block_seqs
 
     @property
     def train_len(self) -> int:
@@ -262,6 +276,9 @@ def add_config_arguments(p, d: ExperimentConfig | None = None) -> None:
                    help="after the init, train each decoder layer alone for N steps to reproduce its FP layer on the "
                         f"calibration sequences (block-wise reconstruction; default {DEFAULT_BLOCK_STEPS}, 0 for ptq "
                         "and path-freeze, which take no other value)")
+    p.add_argument("--block-seqs", type=positive_int, default=d.block_seqs, metavar="N",
+                   help="with --block-steps: fit each layer on the first N training sequences (default: the "
+                        f"{d.calib_seqs} calibration sequences)")
     p.add_argument("--block-inputs", choices=BLOCK_INPUTS, default=d.block_inputs,
                    help="with --block-steps: each layer learns from the teacher's inputs to it, or from the "
                         "student's earlier layers' outputs (default %(default)s)")
@@ -290,6 +307,7 @@ def config_from_args(args, **overrides: Any) -> ExperimentConfig:
                             gamma=args.gamma, init_iters=args.init_iters, alpha_in=args.alpha_in,
                             alpha_out=args.alpha_out, latent_init=args.latent_init, ste=args.ste,
                             block_steps=args.block_steps, block_inputs=args.block_inputs,
+                            block_seqs=args.block_seqs,
                             compile=args.compile, seed=args.seed, curve_points=args.curve,
                             **overrides)
 
@@ -357,6 +375,10 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, device: str = "cu
         torch.cuda.reset_peak_memory_stats(dev)
     t0 = time.perf_counter()
     calib_rows = teacher_data[: cfg.calib_seqs].to(dev)  # whole sequences, before any train_seq_len cut
+    if cfg.block_steps_run and cfg.block_rows > len(teacher_data):
+        raise ValueError(f"rabit train: the block stage wants {cfg.block_rows} sequences (block_seqs) but the training "
+                         f"data has {len(teacher_data)}; lower block_seqs")
+    block_rows = teacher_data[: cfg.block_rows]  # whole sequences too; moved to the device by the block stage
     calib = calib_rows if cfg.method != "rabit-plain" else None
     if cfg.train_seq_len and cfg.train_seq_len != teacher_data.shape[1]:  # after the calibration rows: whole sequences
         if teacher_data.shape[1] % cfg.train_seq_len:
@@ -375,8 +397,8 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, device: str = "cu
         from .block_recon import reconstruct_blocks
 
         t0 = time.perf_counter()
-        # the init's calibration sequences (rabit-plain's init takes none; it gets the same rows here)
-        blocks = reconstruct_blocks(student, teacher, calib_rows, cfg.train_config(),
+        # by default the init's calibration sequences (rabit-plain's init takes none; it gets the same rows here)
+        blocks = reconstruct_blocks(student, teacher, block_rows, cfg.train_config(),
                                     cfg.block_steps_run, cfg.block_inputs, progress=progress)
         blocks_s = time.perf_counter() - t0
 
@@ -444,6 +466,7 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, device: str = "cu
         "heldout_vs_teacher": agreement,
         "train_peak_memory_bytes": train_peak,
         "block_steps": cfg.block_steps_run,
+        "block_seqs": cfg.block_rows if cfg.block_steps_run else 0,
         "block_reconstruction": blocks,
         "time_s": {"data": round(data_s, 1), "init": round(init_s, 1), "blocks": round(blocks_s, 1),
                    "train": round(train_s, 1),

@@ -147,6 +147,19 @@ def test_rabit_train_runs_the_block_stage_on_the_calibration_rows(tmp_path, monk
     assert (seen["steps"], seen["inputs"], seen["config"]) == (9, "student", cfg.train_config())
     assert seen["trained_after_blocks"]
 
+    # block_seqs: the first rows of the training data instead of the calibration rows, whole sequences too
+    seen.clear()
+    cfg = ExperimentConfig(model="stories260k", method="rabit", tokens=3 * 4 * 8, seq_len=32, train_seq_len=8,
+                           batch_size=4, data_seqs=16, calib_seqs=4, ppl_ctx=(), block_steps=9, block_seqs=12)
+    with pytest.raises(RuntimeError, match="after the block stage"):
+        run_experiment(cfg, tmp_path / "run2", device="cpu", progress=False, teacher_data=data)
+    assert torch.equal(seen["ids"], data[:12])
+    # more rows than the data holds (a text file shorter than data_seqs): refused before the stage runs
+    seen.clear()
+    with pytest.raises(ValueError, match="block stage wants 12 sequences .* has 8"):
+        run_experiment(cfg, tmp_path / "run3", device="cpu", progress=False, teacher_data=data[:8])
+    assert "ids" not in seen
+
 
 def test_rabit_train_records_the_block_stage(tmp_path):
     from rabit.experiment import ExperimentConfig, run_experiment
@@ -157,6 +170,7 @@ def test_rabit_train_records_the_block_stage(tmp_path):
     res = run_experiment(cfg, tmp_path / "run", device="cpu", progress=False, heldout=heldout)
     assert [r["layer"] for r in res["block_reconstruction"]] == list(range(5))  # stories260K: 5 layers
     assert res["time_s"]["blocks"] > 0 and res["config"]["block_steps"] == 3 and res["block_steps"] == 3
+    assert res["block_seqs"] == 4  # the calibration rows by default
     # run again in the same folder: it resumes from the finished run's checkpoint, whose layers replace whatever the
     # block stage would give, so the stage is skipped and the result is the first run's
     again = run_experiment(cfg, tmp_path / "run", device="cpu", progress=False, heldout=heldout)

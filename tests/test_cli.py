@@ -128,10 +128,10 @@ def test_train_passes_its_options_to_the_experiment(monkeypatch, tmp_path, capsy
                  "--gamma", "0.5", "--seed", "3", "--data-start", "random-token", "--data-greedy", "4",
                  "--data-dtype", "bfloat16", "--gen-batch", "64", "--init-iters", "2", "--alpha-in", "0.25",
                  "--alpha-out", "1", "--latent-init", "reconstruction", "--ste", "clipped", "--compile",
-                 "--block-steps", "7", "--block-inputs", "student",
+                 "--block-steps", "7", "--block-inputs", "student", "--block-seqs", "96",
                  "--device", "cpu", "--out", str(tmp_path), "--quiet"]) == 0
     cfg = seen["cfg"]
-    assert (cfg.block_steps, cfg.block_inputs) == (7, "student")
+    assert (cfg.block_steps, cfg.block_inputs, cfg.block_seqs, cfg.block_rows) == (7, "student", 96, 96)
     assert (cfg.init_iters, cfg.alpha_in, cfg.alpha_out, cfg.latent_init, cfg.ste, cfg.compile) == (
         2, 0.25, 1.0, "reconstruction", "clipped", True)
     rc = cfg.rabit_config()
@@ -218,6 +218,11 @@ def test_experiment_config_rejects_a_bad_recipe():
         ExperimentConfig(block_steps=-1)
     with pytest.raises(ValueError, match="block_inputs"):
         ExperimentConfig(block_inputs="fp")
+    with pytest.raises(ValueError, match="block_seqs must be"):
+        ExperimentConfig(block_seqs=0)
+    with pytest.raises(ValueError, match="block_seqs 9000 is more than the 8192 training sequences"):
+        ExperimentConfig(block_seqs=9000)
+    assert ExperimentConfig().block_rows == ExperimentConfig().calib_seqs
     for method in ("ptq", "path-freeze"):
         with pytest.raises(ValueError, match=f"{method} does not"):
             ExperimentConfig(method=method, block_steps=10)
