@@ -14,6 +14,30 @@
 // Layers cycle through a pool larger than the L2, launches are queued back to back (the launch gap counts, as
 // it does for a kernel in a decode step), CUDA events around them.
 //
+// The parts ladder (ring_parts_us). ring's pattern takes 7.0 us at 14336x4096 on an H200, c94e460's streamed kernel
+// in its copies-only build 15.1 us; these rungs rebuild that kernel from ring one difference at a time (cumulative
+// from prologue to regs; 1 block / SM, fixed order, 4 stages until smem) to find the one that doubles the time:
+//   base            ring<false>, 4 stages, re-timed here            base_graph      the same, as a CUDA graph
+//   prologue_only   c94e460's 1-bit prologue alone (groups x K blocks of 512 threads; it writes x*h's fragments)
+//   prologue        the prologue before each ring launch, plain stream order; the consumers read its sums
+//                   (griddepcontrol.wait first, a no-op without PDL)                  prologue_graph: as a graph
+//   pdl             the ring launched with PDL (cudaLaunchKernelEx): the prologue lets it start at once, its producer
+//                   copies from the start, its consumers wait for the prologue's end
+//   pdl_graph       pdl's calls captured in one CUDA graph and replayed (how bench_kernels timed c94e460)
+//   params          + c94e460's parameters: 4 tensor maps and its GroupArgs (~1 KB, __grid_constant__)
+//   smem            + its shared memory: 164-221 KB (mbarriers, a fragment region, ring_stages()' 6-8 stages), its
+//                   static arrays and the consumers' copy of the prologue's scales and sums
+//   order           + its tile order (a block's tiles b, b + grid, ..., every chunk of each), loop and tile barrier
+//   regs            + its 128 registers (ring: 30): c94e460's copies-only build, as far as c94e460 tells
+//   regs_events     regs launched on the stream instead of a graph
+//   order_alone, regs_alone   order and regs without the prologue (graph): do the registers cost by themselves, or by
+//                   keeping the prologue's blocks off the ring's SMs?      regs_few   regs with fewer held values
+//   order_pdl_prologue, regs_pdl_prologue   order and regs with the prologue launched with PDL too (it waits for the
+//                   previous ring with griddepcontrol.wait before it reads x): its launch overlaps the ring's tail
+// Each rung makes calls = P x max(10, ceil(200 / P)) calls over the pool (as bench_kernels: >= 200) behind a 10 ms
+// hold kernel (the queue is full when the events start: GPU time, not the host's launch rate), the rungs in turn for
+// 9 rounds, median.
+//
 //   nvcc -O3 -arch=sm_90 -o /tmp/read_floor benchmarks/read_floor.cu -lcublas && /tmp/read_floor OUT.json
 #include <cublas_v2.h>
 #include <cuda.h>
@@ -21,11 +45,14 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstdio>
+#include <cstring>
 #include <ctime>
 #include <functional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #define CHECK(x)                                                                            \
@@ -169,6 +196,398 @@ __global__ void __launch_bounds__(288) ring(const __grid_constant__ RingArgs a) 
     if (acc == 0x9e3779b9u) a.sink[0] = acc;
 }
 
+/* ---- The parts ladder: c94e460's streamed kernel rebuilt from `ring` one difference at a time ----
+   PDL (sm_90): a kernel launched with programmatic stream serialization may start once every block of the kernel
+   before it has run launch_dependents (or exited); griddepcontrol.wait then waits for that kernel's end. */
+__device__ __forceinline__ void pdl_launch_dependents() {
+    asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+}
+__device__ __forceinline__ void pdl_wait() { asm volatile("griddepcontrol.wait;\n" ::: "memory"); }
+
+/* Holds the stream for `ns` so that the launches queued behind it are all in the queue when the timing starts: the
+   ladder's event-timed rungs then measure the GPU, not the host's launch rate (two launches a call). */
+__global__ void hold(unsigned long long ns) {
+    unsigned long long t0, t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t0));
+    do {
+        asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    } while (t - t0 < ns);
+}
+
+/* The prologue: c94e460's gemv_b1_prep_kernel (1-bit fragments of Q = x*h / S per 512-column group and path) with
+   its glue's fields and loops kept, so that its registers and shared memory (40, 640 B there) match: whether a ring
+   block and a prologue block fit one SM together depends on them. One block of 512 threads per (group, path). */
+constexpr int kPrepThreads = 512, kMaxNT = 8, kFusedMaxM = 4, kB1MaxM = 2, kMaxLayers = 4;
+enum : int { kF32 = 0, kF16 = 1, kBF16 = 2 };  // rabit_dtype
+
+struct PrepArgs {
+    const void *x;
+    int xdt;
+    int M;
+    const void *h[kMaxLayers];
+    int K;
+    int hdt;
+    int64_t in;
+    int NT;
+    uint2 *frag;
+    float *scale;
+    double *qsum;
+    const void *up;
+    const void *norm_weight;
+    int ndt;
+    float *sumsq;
+};
+
+struct PrepRows {
+    unsigned int amax[kMaxNT * 2];
+    int bad[kMaxNT * 2];
+    unsigned long long qs[kMaxNT * 2];
+    float inv[kMaxNT * 2];
+    float nss[kPrepThreads / 32][kFusedMaxM];
+};
+
+__device__ __forceinline__ float ld_any(const void *p, int dt, int64_t i) {
+    if (dt == kF32) return __ldg(reinterpret_cast<const float *>(p) + i);
+    const unsigned short u = __ldg(reinterpret_cast<const unsigned short *>(p) + i);
+    if (dt == kBF16) return __uint_as_float(static_cast<uint32_t>(u) << 16);
+    return __half2float(__ushort_as_half(u));
+}
+
+template <class T, int N>
+__device__ __forceinline__ T pick(const T (&arr)[N], int l) {
+    T v = arr[0];
+#pragma unroll
+    for (int i = 1; i < N; i++)
+        if (l == i) v = arr[i];
+    return v;
+}
+
+__device__ __forceinline__ float prep_input(const PrepArgs &a, int m, int64_t j) {
+    const int64_t i = static_cast<int64_t>(m) * a.in + j;
+    const float v = ld_any(a.x, a.xdt, i);
+    return a.up ? __fmul_rn(__fdiv_rn(v, __fadd_rn(1.0f, expf(-v))), ld_any(a.up, a.xdt, i)) : v;
+}
+
+__device__ __forceinline__ void prep_front(const PrepArgs &a, int k, int64_t j, int tid, float (&xh)[kMaxNT * 2],
+                                           PrepRows &sh, int top) {
+    pdl_launch_dependents();  // as c94e460: the ring may start now (its producer does not wait for this grid)
+    if (tid < 2 * kMaxNT) {
+        sh.amax[tid] = 0u;
+        sh.bad[tid] = 0;
+        sh.qs[tid] = 0ull;
+    }
+    const int l = k / a.K;
+    const float hj = j < a.in ? ld_any(pick(a.h, l), a.hdt, (k - l * a.K) * a.in + j) : 0.0f;
+    const bool norm = a.norm_weight != nullptr;
+    const float nw = norm && j < a.in ? ld_any(a.norm_weight, a.ndt, j) : 1.0f;
+    pdl_wait();  // pro_pdl: launched with PDL, x and the workspace are the previous kernel's (a no-op otherwise)
+    float u2[kFusedMaxM];
+#pragma unroll
+    for (int m = 0; m < kMaxNT * 2; m++) {
+        const float u = (m < a.M && j < a.in) ? prep_input(a, m, j) : 0.0f;
+        if (m < kFusedMaxM) u2[m] = __fmul_rn(u, u);
+        xh[m] = (m < a.M && j < a.in) ? __fmul_rn(hj, norm ? __fmul_rn(u, nw) : u) : 0.0f;
+    }
+    __syncthreads();
+    if (norm) {
+#pragma unroll
+        for (int m = 0; m < kFusedMaxM; m++) {
+            if (m >= a.M) break;
+            float v = u2[m];
+#pragma unroll
+            for (int o = 16; o > 0; o >>= 1) v = __fadd_rn(v, __shfl_xor_sync(0xffffffffu, v, o));
+            if ((tid & 31) == 0) sh.nss[tid >> 5][m] = v;
+        }
+    }
+#pragma unroll
+    for (int m = 0; m < kMaxNT * 2; m++) {
+        if (m >= a.M) break;
+        unsigned int mu = __float_as_uint(fabsf(xh[m]));
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) mu = max(mu, __shfl_xor_sync(0xffffffffu, mu, o));
+        const int nf = __any_sync(0xffffffffu, (__float_as_uint(xh[m]) & 0x7f800000u) == 0x7f800000u);
+        if ((tid & 31) == 0) {
+            atomicMax(&sh.amax[m], mu);
+            if (nf) atomicOr(&sh.bad[m], 1);
+        }
+    }
+    __syncthreads();
+    if (tid < a.M) {
+        int e;
+        frexpf(__uint_as_float(sh.amax[tid]), &e);
+        sh.inv[tid] = sh.amax[tid] ? ldexpf(1.0f, top - max(e, -96)) : 1.0f;
+        if (norm && blockIdx.y == 0 && blockIdx.z == 0) {
+            float v = 0.0f;
+#pragma unroll
+            for (int w = 0; w < kPrepThreads / 32; w++) v = __fadd_rn(v, sh.nss[w][tid]);
+            a.sumsq[static_cast<int64_t>(blockIdx.x) * kFusedMaxM + tid] = v;
+        }
+    }
+    __syncthreads();
+}
+
+__global__ void __launch_bounds__(kPrepThreads) prologue(const PrepArgs a) {
+    __shared__ PrepRows sh;
+    const int gr = blockIdx.x, k = blockIdx.y, K = gridDim.y, tid = threadIdx.x, lane = tid & 31, w = tid >> 5;
+    const int64_t j = static_cast<int64_t>(gr) * kPrepThreads + tid;
+    const int NTB = 4 * a.M;
+    float xh[kMaxNT * 2];
+    prep_front(a, k, j, tid, xh, sh, 30);
+    uint32_t *dst = reinterpret_cast<uint32_t *>(a.frag + (static_cast<size_t>(gr) * K + k) * 2 * NTB * 32);
+    const int t = w >> 2, s = (w >> 1) & 1, hh = w & 1;
+#pragma unroll
+    for (int m = 0; m < kB1MaxM; m++) {
+        if (m >= a.M) break;
+        const int q = __float2int_rn(xh[m] * sh.inv[m]);
+        long long sq = q;
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) sq += __shfl_xor_sync(0xffffffffu, sq, o);
+        if (lane == 0) atomicAdd(&sh.qs[m], static_cast<unsigned long long>(sq));
+        uint32_t mine = 0u;
+#pragma unroll
+        for (int p = 0; p < 32; p++) {
+            const uint32_t word = __ballot_sync(0xffffffffu, (static_cast<uint32_t>(q) >> p) & 1u);
+            if (lane == p) mine = word;
+        }
+        const int n = 32 * m + lane, nt = n >> 3, g = n & 7;
+        dst[((s * NTB + nt) * 32 + g * 4 + t) * 2 + hh] = mine;
+    }
+    __syncthreads();
+    if (tid < kB1MaxM) {
+        const size_t o = (static_cast<size_t>(gr) * K + k) * kB1MaxM;
+        float sc = 0.0f;
+        if (tid < a.M) sc = sh.bad[tid] ? __int_as_float(0x7fffffff) : 1.0f / sh.inv[tid];
+        a.scale[o + tid] = sc;
+        a.qsum[o + tid] = static_cast<double>(static_cast<long long>(sh.qs[tid]));
+    }
+}
+
+/* The ladder's ring, in two parameter layouts. ProArgs: read_floor's RingArgs plus the prologue's output (qsum, one
+   entry a (group, path); paths of them). C94Args: c94e460's RingArgs as it was (one tensor map per layer of a group,
+   kMaxLayers of them, then the GroupArgs; sink is y of layer 0), about 1 KB of __grid_constant__ parameters. */
+struct ProArgs {
+    CUtensorMap map;
+    int tiles, chunks, out, stages, paths;
+    const float *scale;
+    const double *qsum;
+    uint32_t *sink;
+};
+struct C94Main {
+    const uint32_t *packed;
+    const void *g;
+    int gdt;
+    const void *bias;
+    int bdt;
+    void *y;
+    int ydt;
+    int M;
+    int64_t out, nw, ngroups;
+    const uint2 *frag;
+    const float *scale;
+    const double *qsum;
+    int vec, KL, kb;
+    const void *residual;
+    const float *sumsq;
+    int64_t in;
+    float eps;
+};
+struct C94Group {
+    C94Main a;
+    int layers;
+    int64_t tile0[kMaxLayers];
+    const uint32_t *packed[kMaxLayers];
+    const void *g[kMaxLayers];
+    const void *bias[kMaxLayers];
+    void *y[kMaxLayers];
+    int64_t out[kMaxLayers];
+    int vec[kMaxLayers];
+};
+struct C94Args {
+    CUtensorMap bits[kMaxLayers];
+    C94Group ga;
+    int64_t tiles;
+    int stages;
+};
+
+/* c94e460's single-layer launch (GROUPED = false) takes bits[0] by address and out, groups from ga.a. */
+__device__ __forceinline__ const CUtensorMap *lp_map(const ProArgs &a) { return &a.map; }
+__device__ __forceinline__ const CUtensorMap *lp_map(const C94Args &a) { return &a.bits[0]; }
+__device__ __forceinline__ int64_t lp_tiles(const ProArgs &a) { return a.tiles; }
+__device__ __forceinline__ int64_t lp_tiles(const C94Args &a) { return a.tiles; }
+__device__ __forceinline__ int64_t lp_chunks(const ProArgs &a) { return a.chunks; }
+__device__ __forceinline__ int64_t lp_chunks(const C94Args &a) { return (a.ga.a.ngroups + 7) / 8; }
+__device__ __forceinline__ int lp_out(const ProArgs &a) { return a.out; }
+__device__ __forceinline__ int lp_out(const C94Args &a) { return static_cast<int>(a.ga.a.out); }
+__device__ __forceinline__ int lp_paths(const ProArgs &a) { return a.paths; }
+__device__ __forceinline__ int lp_paths(const C94Args &a) { return static_cast<int>(a.ga.a.ngroups * a.ga.a.KL); }
+__device__ __forceinline__ const float *lp_scale(const ProArgs &a) { return a.scale; }
+__device__ __forceinline__ const float *lp_scale(const C94Args &a) { return a.ga.a.scale; }
+__device__ __forceinline__ const double *lp_qsum(const ProArgs &a) { return a.qsum; }
+__device__ __forceinline__ const double *lp_qsum(const C94Args &a) { return a.ga.a.qsum; }
+__device__ __forceinline__ uint32_t *lp_sink(const ProArgs &a) { return a.sink; }
+__device__ __forceinline__ uint32_t *lp_sink(const C94Args &a) { return static_cast<uint32_t *>(a.ga.a.y); }
+
+/* The ladder's parts, added in this order (each F holds the ones before it):
+   kPartSmem   c94e460's shared memory: the mbarriers at the start of the dynamic region, then a (here unused) region
+               for the B fragments of every (group, path) (2 KB each), then the ring of ring_stages() stages (8 at
+               in = 4096 and 11008, 6 at 14336, 164-221 KB in all); its static arrays (red, qs_s, sc_s: 2.5 KB) and
+               the consumers' copy of the prologue's scales and sums into qs_s / sc_s, then a barrier of the 8 warps
+   kPartOrder  its tile order and loop: block b takes tiles b, b + grid, ... and every chunk of each in turn (ring:
+               items b, b + grid, ... of the (tile, chunk) list); both sides count the items (no end marker), the
+               producer returns after its last copy; the consumers meet at a barrier after each tile (the epilogue's)
+   kPartRegs   its registers: 128 (K = 2, one layer), here filled by values held across the loop; ring has 30, so
+               with 128 a ring block and a prologue block (40 x 512) take 56 K of the SM's 64 K registers */
+enum : int { kPartSmem = 1, kPartOrder = 2, kPartRegs = 4 };
+constexpr int kRingMaxStages = 8, kRingBarBytes = 256, kB1FragBytes = 2048, kRingMaxPaths = 128;
+constexpr int kPadRegs = 96;  // the held values of kPartRegs: ptxas then reports 128 registers (c94e460: 128)
+constexpr int kPadRegsFew = 32;  // regs_few: the same with fewer held values (its registers are printed)
+
+template <class A, int F, int PAD = kPadRegs>
+__global__ void __launch_bounds__(288, 1) ring_ladder(const __grid_constant__ A a) {
+    constexpr bool SMEM = F & kPartSmem, ORDER = F & kPartOrder, REGS = F & kPartRegs;
+    static_assert(!REGS || SMEM, "the held values come from the fragment region");
+    extern __shared__ __align__(128) unsigned char smem[];
+    __shared__ __align__(8) uint64_t bars[SMEM ? 1 : 2 * kRingMaxStages];
+    __shared__ int item_of[kRingMaxStages];
+    __shared__ float red[SMEM ? 2 * 8 * 16 : 1];
+    __shared__ double qs_s[SMEM ? kRingMaxPaths : 1];
+    __shared__ float sc_s[SMEM ? kRingMaxPaths : 1];
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, S = a.stages, out = lp_out(a);
+    const int64_t tiles = lp_tiles(a), chunks = lp_chunks(a);
+    const uint32_t frag_bytes = SMEM ? lp_paths(a) * kB1FragBytes : 0;
+    const uint32_t full0 = static_cast<uint32_t>(__cvta_generic_to_shared(SMEM ? static_cast<void *>(smem) : bars));
+    const uint32_t empty0 = full0 + 8 * kRingMaxStages;
+    const uint32_t ring0 =
+        static_cast<uint32_t>(__cvta_generic_to_shared(smem)) + (SMEM ? kRingBarBytes + frag_bytes : 0);
+    if (tid == 0) {
+        for (int i = 0; i < S; i++) {
+            asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\n" ::"r"(full0 + 8 * i) : "memory");
+            asm volatile("mbarrier.init.shared::cta.b64 [%0], 8;\n" ::"r"(empty0 + 8 * i) : "memory");
+        }
+        if (SMEM)  // c94e460's fragment barrier
+            asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\n" ::"r"(empty0 + 8 * kRingMaxStages) : "memory");
+        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    }
+    __syncthreads();
+    int slot = 0;
+    uint32_t phase = 0;
+    auto copy = [&](int64_t tile, int64_t chunk) {  // one stage: K boxes of 16 rows x 128 words
+        if (lane == 0)
+            asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(full0 + 8 * slot),
+                         "r"(K * kRingBox) : "memory");
+        __syncwarp();
+        if (lane < K)
+            asm volatile(
+                "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, "
+                "%3}], [%4];\n" ::"r"(ring0 + (slot * K + lane) * kRingBox),
+                "l"(reinterpret_cast<uint64_t>(lp_map(a))), "r"(static_cast<int>(chunk * 128)),
+                "r"(lane * out + static_cast<int>(tile * 16)), "r"(full0 + 8 * slot)
+                : "memory");
+    };
+    auto advance = [&] {
+        if (++slot == S) {
+            slot = 0;
+            phase ^= 1;
+        }
+    };
+    if (warp == 8) {  // the producer: no wait for the prologue (the bits are the layers' own)
+        bool wrapped = false;
+        if constexpr (ORDER) {
+            for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x)
+                for (int64_t c = 0; c < chunks; c++) {
+                    if (wrapped) mbar_wait(empty0 + 8 * slot, phase ^ 1);
+                    copy(tile, c);
+                    wrapped |= slot == S - 1;
+                    advance();
+                }
+        } else {
+            for (long long it = blockIdx.x;; it += gridDim.x) {
+                if (wrapped) mbar_wait(empty0 + 8 * slot, phase ^ 1);
+                if (it >= tiles * chunks) {  // no more: tell the consumers (an arrival without bytes)
+                    if (lane == 0) {
+                        item_of[slot] = -1;
+                        asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(full0 + 8 * slot) : "memory");
+                    }
+                    break;
+                }
+                if (lane == 0) item_of[slot] = static_cast<int>(it);
+                copy(it / chunks, it % chunks);
+                wrapped |= slot == S - 1;
+                advance();
+            }
+        }
+        return;
+    }
+    pdl_wait();  // the consumers: the prologue's output is complete past here
+    pdl_launch_dependents();
+    uint32_t acc;
+    if constexpr (SMEM) {  // c94e460: the scales and sums of every (group, path) into shared memory
+        for (int i = tid; i < lp_paths(a); i += 256) {
+            qs_s[i] = lp_qsum(a)[i * kB1MaxM];
+            sc_s[i] = lp_scale(a)[i * kB1MaxM];
+        }
+        asm volatile("bar.sync 1, 256;\n" ::: "memory");
+        acc = static_cast<uint32_t>(static_cast<long long>(qs_s[warp])) ^ __float_as_uint(sc_s[warp]);
+    } else {
+        acc = static_cast<uint32_t>(static_cast<long long>(lp_qsum(a)[(tid % lp_paths(a)) * kB1MaxM]));
+    }
+    uint32_t pad[REGS ? PAD : 1];
+    if constexpr (REGS)  // values from the (unused) fragment region, held until after the loop
+#pragma unroll
+        for (int i = 0; i < PAD; i++)
+            asm volatile("ld.volatile.shared.u32 %0, [%1];\n"
+                         : "=r"(pad[i])
+                         : "r"(full0 + kRingBarBytes + ((i * 32 + lane) * 4) % frag_bytes));
+    auto consume = [&] {  // after the wait for the stage
+        uint32_t v;
+        asm volatile("ld.shared.u32 %0, [%1];\n" : "=r"(v) : "r"(ring0 + slot * K * kRingBox + tid * 4));
+        acc ^= v;
+        __syncwarp();
+        if (lane == 0) asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(empty0 + 8 * slot) : "memory");
+        advance();
+    };
+    if constexpr (ORDER) {
+        int buf = 0;
+        for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+            for (int64_t c = 0; c < chunks; c++) {
+                mbar_wait(full0 + 8 * slot, phase);
+                consume();
+            }
+            if (SMEM && lane < 16) red[buf * 128 + warp * 16 + lane] = __uint_as_float(acc);
+            asm volatile("bar.sync 1, 256;\n" ::: "memory");  // c94e460's barrier of the 8 consumers a tile
+            buf ^= 1;
+        }
+    } else {
+        for (;;) {
+            mbar_wait(full0 + 8 * slot, phase);
+            if (item_of[slot] < 0) break;
+            consume();
+        }
+    }
+    if constexpr (REGS)
+#pragma unroll
+        for (int i = 0; i < PAD; i++) acc = acc * 33u ^ pad[i];  // not foldable ahead of the loop
+    if constexpr (SMEM) acc ^= __float_as_uint(red[tid & 255]);
+    if (acc == 0x9e3779b9u) lp_sink(a)[0] = acc;
+}
+
+/* A ring launch through cudaLaunchKernelEx, with or without PDL (c94e460's launch_pdl). */
+template <class A>
+cudaError_t launch_ring(void (*kern)(A), dim3 grid, size_t smem, const A &a, cudaStream_t s, bool pdl,
+                        int threads = 288) {
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = grid;
+    cfg.blockDim = dim3(threads);
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = s;
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = pdl ? 1 : 0;
+    return cudaLaunchKernelEx(&cfg, kern, a);
+}
+
 /* The driver's tensor-map encoder through the runtime (as kernels/cuda/packed_prefill.cu). */
 PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
     void *p = nullptr;
@@ -199,6 +618,45 @@ int main(int argc, char **argv) {
     cudaEvent_t e0, e1;
     cudaEventCreate(&e0);
     cudaEventCreate(&e1);
+    // the parts ladder: its own stream (graph capture needs one), c94e460's shared-memory limit for its kernels
+    cudaStream_t st;
+    CHECK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
+    const int ring_limit = prop.sharedMemPerBlockOptin - 6144;  // c94e460: smem_optin - kRingStaticBytes
+    CHECK(cudaFuncSetAttribute(ring<false>, cudaFuncAttributeMaxDynamicSharedMemorySize, 8 * K * kRingBox));
+    CHECK(cudaFuncSetAttribute(ring_ladder<ProArgs, 0>, cudaFuncAttributeMaxDynamicSharedMemorySize, ring_limit));
+    CHECK(cudaFuncSetAttribute(ring_ladder<C94Args, 0>, cudaFuncAttributeMaxDynamicSharedMemorySize, ring_limit));
+    CHECK(cudaFuncSetAttribute(ring_ladder<C94Args, kPartSmem>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                               ring_limit));
+    CHECK(cudaFuncSetAttribute(ring_ladder<C94Args, kPartSmem | kPartOrder>,
+                               cudaFuncAttributeMaxDynamicSharedMemorySize, ring_limit));
+    CHECK(cudaFuncSetAttribute(ring_ladder<C94Args, kPartSmem | kPartOrder | kPartRegs>,
+                               cudaFuncAttributeMaxDynamicSharedMemorySize, ring_limit));
+    CHECK(cudaFuncSetAttribute(ring_ladder<C94Args, kPartSmem | kPartOrder | kPartRegs, kPadRegsFew>,
+                               cudaFuncAttributeMaxDynamicSharedMemorySize, ring_limit));
+    // registers and static shared memory of the ladder's kernels (c94e460, K = 2, one layer: ring 128 and 2560 B,
+    // prologue 40 and 640 B)
+    std::string kern_json;
+    {
+        const std::pair<const char *, const void *> kerns[] = {
+            {"ring", reinterpret_cast<const void *>(ring<false>)},
+            {"prologue", reinterpret_cast<const void *>(prologue)},
+            {"pdl", reinterpret_cast<const void *>(ring_ladder<ProArgs, 0>)},
+            {"smem", reinterpret_cast<const void *>(ring_ladder<C94Args, kPartSmem>)},
+            {"regs", reinterpret_cast<const void *>(ring_ladder<C94Args, kPartSmem | kPartOrder | kPartRegs>)},
+            {"regs_few",
+             reinterpret_cast<const void *>(ring_ladder<C94Args, kPartSmem | kPartOrder | kPartRegs, kPadRegsFew>)}};
+        printf("ring parts kernels (registers, static smem):");
+        for (auto &k : kerns) {
+            cudaFuncAttributes fa;
+            CHECK(cudaFuncGetAttributes(&fa, k.second));
+            char b[96];
+            snprintf(b, sizeof b, "%s\"%s\": [%d, %zu]", kern_json.empty() ? "" : ", ", k.first, fa.numRegs,
+                     fa.sharedSizeBytes);
+            kern_json += b;
+            printf("  %s %d, %zu B", k.first, fa.numRegs, fa.sharedSizeBytes);
+        }
+        printf("\n");
+    }
     std::string rows_json;
     for (auto &sh : shapes) {
         const int out = sh[0], in = sh[1], rowbytes = in / 8;  // all shapes: in % 128 == 0
@@ -283,6 +741,176 @@ int main(int argc, char **argv) {
                     ring_json += b;
                     if (t > 0) printf("    ring %-14s %7.2f us (%5.0f GB/s)\n", key, t, layer / t / 1e3);
                 }
+        // the parts ladder (top of the file): the prologue's inputs and output (one workspace, as a graph of
+        // packed_linear calls reuses one), the rungs' arguments per layer of the pool
+        const int ng = (in + 511) / 512, paths = ng * K, sms = prop.multiProcessorCount;
+        const int grid = std::min(static_cast<int>((out + 15) / 16), sms);  // c94e460: min(tiles, SMs)
+        const int budget = prop.sharedMemPerBlockOptin - 6144 - 256 - paths * 2048;  // c94e460's ring_stages()
+        const int stages_c94 = std::min(budget / (K * kRingBox), 8);
+        const size_t smem4 = 4 * K * kRingBox, smem_c94 = 256 + paths * 2048 + stages_c94 * K * kRingBox;
+        __half *xp, *hp;
+        CHECK(cudaMalloc(&xp, in * 2));
+        CHECK(cudaMalloc(&hp, static_cast<size_t>(P) * K * in * 2));
+        CHECK(cudaMemset(xp, 0x3c, in * 2));  // 1.06 in fp16: finite, nonzero scales
+        CHECK(cudaMemset(hp, 0x3c, static_cast<size_t>(P) * K * in * 2));
+        uint2 *frag;  // c94e460's workspace layout: fragments (1024 entries a path), then sums, then scales
+        CHECK(cudaMalloc(&frag, static_cast<size_t>(paths) * (1024 * sizeof(uint2) + 16 * (8 + 4))));
+        double *qsum = reinterpret_cast<double *>(frag + static_cast<size_t>(paths) * 1024);
+        float *scale = reinterpret_cast<float *>(qsum + paths * 16);
+        std::vector<PrepArgs> pargs(P);
+        std::vector<ProArgs> pro_args(P);
+        std::vector<C94Args> c94_args(P);
+        for (int i = 0; i < P; i++) {
+            PrepArgs &p = pargs[i];
+            p = PrepArgs{};
+            p.x = xp;
+            p.xdt = kF16;
+            p.M = 1;
+            p.h[0] = hp + static_cast<size_t>(i) * K * in;
+            p.K = K;
+            p.hdt = kF16;
+            p.in = in;
+            p.NT = 1;
+            p.frag = frag;
+            p.scale = scale;
+            p.qsum = qsum;
+            ProArgs &q = pro_args[i];
+            q.map = maps[i].map;
+            q.tiles = maps[i].tiles;
+            q.chunks = maps[i].chunks;
+            q.out = out;
+            q.stages = 4;
+            q.paths = paths;
+            q.scale = scale;
+            q.qsum = qsum;
+            q.sink = sink;
+            C94Args &c = c94_args[i];
+            memset(&c, 0, sizeof c);
+            c.bits[0] = maps[i].map;
+            C94Main &m = c.ga.a;
+            m.packed = reinterpret_cast<const uint32_t *>(bits + layer * i);
+            m.y = sink;
+            m.gdt = m.bdt = m.ydt = kF16;
+            m.M = 1;
+            m.out = out;
+            m.nw = nw;
+            m.ngroups = ng;
+            m.frag = frag;
+            m.scale = scale;
+            m.qsum = qsum;
+            m.vec = 1;
+            m.KL = K;
+            m.in = in;
+            c.ga.layers = 1;
+            c.ga.packed[0] = m.packed;
+            c.ga.y[0] = sink;
+            c.ga.out[0] = out;
+            c.ga.vec[0] = 1;
+            c.tiles = (out + 15) / 16;
+        }
+        auto pro = [&](int i) {
+            prologue<<<dim3(ng, K), kPrepThreads, 0, st>>>(pargs[i]);
+            return cudaGetLastError();
+        };
+        auto base = [&](int i) {
+            RingArgs r = maps[i];
+            r.stages = 4;
+            ring<false><<<sms, 288, smem4, st>>>(r);
+            return cudaGetLastError();
+        };
+        auto pro_ring = [&](bool pdl) {
+            return [&, pdl](int i) {
+                const cudaError_t e = pro(i);
+                return e != cudaSuccess ? e : launch_ring(ring_ladder<ProArgs, 0>, grid, smem4, pro_args[i], st, pdl);
+            };
+        };
+        auto pro_pdl = [&](int i) { return launch_ring(prologue, dim3(ng, K), 0, pargs[i], st, true, kPrepThreads); };
+        auto c94 = [&](void (*kern)(C94Args), int S, size_t smem, bool with_prologue = true, bool pdl_pro = false) {
+            return [&, kern, S, smem, with_prologue, pdl_pro](int i) {
+                const cudaError_t e = !with_prologue ? cudaSuccess : pdl_pro ? pro_pdl(i) : pro(i);
+                if (e != cudaSuccess) return e;
+                C94Args c = c94_args[i];
+                c.stages = S;
+                return launch_ring(kern, grid, smem, c, st, true);
+            };
+        };
+        struct Rung {
+            const char *name;
+            bool graph;
+            std::function<cudaError_t(int)> launch;
+        };
+        const Rung rungs[] = {
+            {"base", false, base},
+            {"base_graph", true, base},
+            {"prologue_only", false, pro},
+            {"prologue", false, pro_ring(false)},
+            {"prologue_graph", true, pro_ring(false)},
+            {"pdl", false, pro_ring(true)},
+            {"pdl_graph", true, pro_ring(true)},
+            {"params", true, c94(ring_ladder<C94Args, 0>, 4, smem4)},
+            {"smem", true, c94(ring_ladder<C94Args, kPartSmem>, stages_c94, smem_c94)},
+            {"order", true, c94(ring_ladder<C94Args, kPartSmem | kPartOrder>, stages_c94, smem_c94)},
+            {"regs", true, c94(ring_ladder<C94Args, kPartSmem | kPartOrder | kPartRegs>, stages_c94, smem_c94)},
+            {"regs_events", false,
+             c94(ring_ladder<C94Args, kPartSmem | kPartOrder | kPartRegs>, stages_c94, smem_c94)},
+            // off the ladder: is it the registers themselves, or the prologue's blocks they keep off the SMs?
+            {"order_alone", true, c94(ring_ladder<C94Args, kPartSmem | kPartOrder>, stages_c94, smem_c94, false)},
+            {"regs_alone", true,
+             c94(ring_ladder<C94Args, kPartSmem | kPartOrder | kPartRegs>, stages_c94, smem_c94, false)},
+            {"regs_few", true,
+             c94(ring_ladder<C94Args, kPartSmem | kPartOrder | kPartRegs, kPadRegsFew>, stages_c94, smem_c94)},
+            {"order_pdl_prologue", true,
+             c94(ring_ladder<C94Args, kPartSmem | kPartOrder>, stages_c94, smem_c94, true, true)},
+            {"regs_pdl_prologue", true,
+             c94(ring_ladder<C94Args, kPartSmem | kPartOrder | kPartRegs>, stages_c94, smem_c94, true, true)}};
+        constexpr int kRungs = sizeof rungs / sizeof rungs[0], kRounds = 9;
+        constexpr unsigned long long kHoldNs = 10000000;  // > the host's time to queue 2 x 390 launches
+        const int calls = P * std::max(10, (200 + P - 1) / P);  // bench_kernels' graphs: >= 200 calls
+        cudaGraphExec_t exec[kRungs] = {};
+        for (int r = 0; r < kRungs; r++) {
+            for (int i = 0; i < P; i++) CHECK(rungs[r].launch(i));  // a warm pass outside any capture
+            if (!rungs[r].graph) continue;
+            cudaGraph_t g;
+            CHECK(cudaStreamBeginCapture(st, cudaStreamCaptureModeThreadLocal));
+            for (int c = 0; c < calls; c++) CHECK(rungs[r].launch(c % P));
+            CHECK(cudaStreamEndCapture(st, &g));
+            CHECK(cudaGraphInstantiate(&exec[r], g, 0));
+            CHECK(cudaGraphDestroy(g));
+            CHECK(cudaGraphLaunch(exec[r], st));  // upload, one untimed replay
+        }
+        CHECK(cudaStreamSynchronize(st));
+        // the rungs in turn, round after round (clock drift hits them alike); µs per call, median over the rounds
+        std::vector<double> times[kRungs];
+        for (int round = 0; round < kRounds; round++)
+            for (int r = 0; r < kRungs; r++) {
+                hold<<<1, 32, 0, st>>>(kHoldNs);
+                CHECK(cudaGetLastError());
+                CHECK(cudaEventRecord(e0, st));
+                if (exec[r])
+                    CHECK(cudaGraphLaunch(exec[r], st));
+                else
+                    for (int c = 0; c < calls; c++) CHECK(rungs[r].launch(c % P));
+                CHECK(cudaEventRecord(e1, st));
+                CHECK(cudaEventSynchronize(e1));
+                float ms = 0;
+                CHECK(cudaEventElapsedTime(&ms, e0, e1));
+                times[r].push_back(1000.0 * ms / calls);
+            }
+        std::string parts_json;
+        printf("    ring parts (us):");
+        for (int r = 0; r < kRungs; r++) {
+            std::sort(times[r].begin(), times[r].end());
+            const double t = times[r][kRounds / 2];
+            char b[64];
+            snprintf(b, sizeof b, "%s\"%s\": %.3f", r ? ", " : "", rungs[r].name, t);
+            parts_json += b;
+            printf(" %s %.2f", rungs[r].name, t);
+            if (exec[r]) CHECK(cudaGraphExecDestroy(exec[r]));
+        }
+        printf("  (c94e460 smem %zu B, %d stages)\n", smem_c94, stages_c94);
+        CHECK(cudaFree(frag));
+        CHECK(cudaFree(hp));
+        CHECK(cudaFree(xp));
         cudaFree(counter);
         CHECK(cudaFree(bits));
         // cuBLAS fp16, M = 1: y[1][out] = x[1][in] W^T with W [out][in] row-major (column-major W^T)
@@ -304,13 +932,15 @@ int main(int argc, char **argv) {
         cudaFree(w);
         cudaFree(x);
         cudaFree(y);
-        char buf[2048];
+        char buf[4096];
         snprintf(buf, sizeof buf,
                  "%s  {\"out\": %d, \"in\": %d, \"K\": %d, \"bits_MB\": %.3f, \"pool\": %d, \"cublas_fp16_m1_us\": %.3f, "
                  "\"contiguous_us\": %.3f, \"rows16_us\": %.3f, \"rowthread_us\": %.3f, \"contiguous_GBps\": %.1f, "
-                 "\"ceiling_vs_cublas\": %.3f, \"ring_us\": {%s}}",
+                 "\"ceiling_vs_cublas\": %.3f, \"ring_us\": {%s}, \"ring_parts_us\": {%s}, \"ring_parts_calls\": %d, "
+                 "\"ring_parts_c94_smem\": %zu, \"ring_parts_c94_stages\": %d}",
                  rows_json.empty() ? "" : ",\n", out, in, K, layer / 1e6, P, t_cublas, t_contig, t_rows16, t_rowthread,
-                 layer / t_contig / 1e3, t_cublas / t_contig, ring_json.c_str());
+                 layer / t_contig / 1e3, t_cublas / t_contig, ring_json.c_str(), parts_json.c_str(), calls, smem_c94,
+                 stages_c94);
         rows_json += buf;
         printf("%5d x %-5d  %6.2f MB  cuBLAS %6.2f us  read: contiguous %6.2f us (%5.0f GB/s, ceiling x%.2f)  rows16 "
                "%6.2f  rowthread %6.2f\n",
@@ -331,8 +961,14 @@ int main(int argc, char **argv) {
             " \"method\": \"per-layer time of one kernel that only loads the K=2 packed bits (XOR into a register), "
             "layers cycled through a 160 MB pool, launches queued back to back, CUDA events; cuBLAS fp16 GemmEx at "
             "M=1 the same way; ceiling_vs_cublas = cuBLAS / contiguous read; ring_us: the streamed pattern (fixed "
-            "or atomic tile order, C blocks a SM, S stages; -1: does not fit)\",\n \"rows\": [\n%s\n]}\n",
-            prop.name, prop.multiProcessorCount, rt, date, rows_json.c_str());
+            "or atomic tile order, C blocks a SM, S stages; -1: does not fit)\",\n"
+            " \"ring_parts_method\": \"ring_parts_us: the parts ladder (comment at the top of read_floor.cu): "
+            "ring with c94e460's differences added one at a time, median of 9 rounds, each ring_parts_calls calls "
+            "behind a 10 ms hold; _graph: the calls replayed as one CUDA graph, else launched on the stream; "
+            "ring_parts_kernels: [registers, static smem bytes]; ring_parts_c94_smem, _stages: the dynamic smem and "
+            "stages from the smem rung on\",\n"
+            " \"ring_parts_kernels\": {%s},\n \"rows\": [\n%s\n]}\n",
+            prop.name, prop.multiProcessorCount, rt, date, kern_json.c_str(), rows_json.c_str());
     fclose(f);
     printf("wrote %s\n", path);
     cublasDestroy(cublas);
