@@ -934,7 +934,8 @@ int main(int argc, char **argv) {
         cudaFree(y);
         char buf[4096];
         snprintf(buf, sizeof buf,
-                 "%s  {\"out\": %d, \"in\": %d, \"K\": %d, \"bits_MB\": %.3f, \"pool\": %d, \"cublas_fp16_m1_us\": %.3f, "
+                 "%s  {\"out\": %d, \"in\": %d, \"K\": %d, \"bits_MB\": %.3f, \"pool\": %d, "
+                 "\"cublas_fp16_m1_us\": %.3f, "
                  "\"contiguous_us\": %.3f, \"rows16_us\": %.3f, \"rowthread_us\": %.3f, \"contiguous_GBps\": %.1f, "
                  "\"ceiling_vs_cublas\": %.3f, \"ring_us\": {%s}, \"ring_parts_us\": {%s}, \"ring_parts_calls\": %d, "
                  "\"ring_parts_c94_smem\": %zu, \"ring_parts_c94_stages\": %d}",
