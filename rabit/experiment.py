@@ -142,9 +142,6 @@ class ExperimentConfig:
             raise ValueError(f"rabit train: block_inputs must be one of {BLOCK_INPUTS} (got {self.block_inputs!r})")
         if not (self.block_seqs is None or isinstance(self.block_seqs, int) and 1 <= self.block_seqs):
             raise ValueError(f"rabit train: block_seqs must be an int >= 1 or None (got {self.block_seqs!r})")
-        if self.block_seqs is not None and self.block_seqs > self.data_seqs:
-            raise ValueError(f"rabit train: block_seqs {self.block_seqs} is more than the {self.data_seqs} training "
-                             f"sequences (data_seqs); lower it or raise data_seqs")
         if self.block_steps and self.method in ("ptq", "path-freeze"):
             raise ValueError(f"rabit train: --block-steps trains each layer after the init; {self.method} does not "
                              f"(ptq is the init alone, path-freeze trains its paths in two stages): drop it")
@@ -154,6 +151,9 @@ class ExperimentConfig:
         for name in ("batch_size", "seq_len", "data_seqs", "calib_seqs"):
             if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
                 raise ValueError(f"rabit train: {name} must be an int >= 1 (got {getattr(self, name)!r})")
+        if self.block_seqs is not None and self.block_seqs > self.data_seqs:
+            raise ValueError(f"rabit train: block_seqs {self.block_seqs} is more than the {self.data_seqs} training "
+                             f"sequences (data_seqs); lower it or raise data_seqs")
         try:
             self.train_config()
         except ValueError as e:  # the trainer's own check, named for this command
