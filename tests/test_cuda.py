@@ -314,6 +314,124 @@ def test_binary_and_int8_decode_kernels_agree_bit_for_bit(shape, m, xdtype, monk
         assert torch.equal(y_b1, y_i8), (k, (y_b1.float() - y_i8.float()).abs().max().item())
 
 
+# the streamed kernel (RABIT_CUDA_DECODE=stream, M = 1, sm_90; no prologue) runs rows of whole 16-byte units
+# (in % 128 == 0): one word group of 128 columns, a partial 512-column group (384, 4224), a partial chunk of 8 groups
+# (5120: 10 groups, 11008: 21.5), many tiles a block (5000 rows: 313 tiles, more than the SMs twice: both buffers of its
+# epilogue), partial row tiles; elsewhere (1000 x 4099; 40 x 32768 at K >= 2: the fragments do not fit the shared
+# memory) it runs the int8 kernel with its prologue
+STREAM_SHAPES = [(1, 128), (33, 384), (300, 1536), (1000, 4224), (257, 5120), (40, 11008), (5000, 1024),
+                 (4096, 4096), (1000, 4099), (40, 32768)]
+
+
+def _stream_applies(k, in_features, layers=1):
+    """Whether the streamed kernel runs (stream_stages in kernels/cuda/packed_decode.cu): sm_90, in % 128 == 0, at most
+    96 (group, path) pairs, and shared memory for their fragments (2 KB each) and two stages of K x 8 KB."""
+    major, _ = torch.cuda.get_device_capability()
+    pairs = -(-in_features // 512) * k * layers
+    optin = torch.cuda.get_device_properties(DEV).shared_memory_per_block_optin
+    return major >= 9 and in_features % 128 == 0 and pairs <= 96 and optin - 4096 - 128 - 2048 * pairs >= 2 * k * 8192
+
+
+def _kernel_names(fn):
+    """The names of the CUDA kernels fn() launches (torch.profiler), and fn()'s result."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        result = fn()
+        torch.cuda.synchronize()
+    return {e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA}, result
+
+
+@pytest.mark.parametrize("shape", STREAM_SHAPES, ids=shape_id)
+@pytest.mark.parametrize("xdtype", [torch.float16, torch.bfloat16], ids=dtype_id)
+def test_streamed_decode_kernel_gives_the_int8_kernels_bits(shape, xdtype, monkeypatch):
+    """RABIT_CUDA_DECODE=stream (the int8 kernel's MMAs and order of additions, its prologue's fragments built inside the
+    kernel, the bits streamed through shared memory by the copy engine) gives the int8 and 1-bit kernels' output bit for
+    bit, K = 1..4, with and without a bias; x with large and tiny entries (the digits of every magnitude)."""
+    out, in_features = shape
+    for k in (1, 2, 3, 4):
+        w, g, h = random_layer(out, in_features, k)
+        _, packed = rabit.residual_binarize(w, g, h)
+        x = torch.randn(1, in_features)
+        x[:, ::97] *= 3e3
+        x[:, 5::89] *= 1e-4
+        bias = torch.randn(out, device=DEV) if k % 2 else None
+        args = (x.to(xdtype).to(DEV), packed.to(DEV), g.to(DEV), h.to(DEV), bias)
+        ys = {}
+        for kernel in ("i8", "b1"):
+            monkeypatch.setenv("RABIT_CUDA_DECODE", kernel)
+            _poison()
+            ys[kernel] = rabit.packed_linear(*args)
+        monkeypatch.setenv("RABIT_CUDA_DECODE", "stream")
+        _poison()
+        names, ys["stream"] = _kernel_names(lambda: rabit.packed_linear(*args))
+        ran = any("gemv_stream_kernel" in n for n in names)
+        assert ran == _stream_applies(k, in_features), (k, sorted(names))
+        assert torch.equal(ys["i8"], ys["b1"]), k
+        assert torch.equal(ys["stream"], ys["i8"]), (k, (ys["stream"].float() - ys["i8"].float()).abs().max().item())
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 4])
+def test_streamed_decode_kernel_on_layer_groups(k, monkeypatch):
+    """A group of layers through the streamed kernel (tiles of all layers over the persistent blocks, each layer's
+    fragment paths) gives each layer's packed_linear output and the int8 kernel's, bit for bit; also under CUDA-graph
+    capture. A NaN in x makes the whole output NaN."""
+    layers = [(48, 1152), (17, 1152), (3000, 1152), (5, 1152)]  # 9 groups: two chunks, the second of one group
+    args = []
+    for out, in_features in layers:
+        w, g, h = (t.to(DEV) for t in random_layer(out, in_features, k))
+        _, packed = rabit.residual_binarize(w, g, h)
+        args.append((packed, g.half(), h.half(), torch.randn(out, device=DEV)))
+    lists = [list(t) for t in zip(*args)]
+    x = torch.randn(1, 1152, device=DEV).half()
+    monkeypatch.setenv("RABIT_CUDA_DECODE", "i8")
+    y_i8 = rabit.packed_linear_group(x, *lists)
+    monkeypatch.setenv("RABIT_CUDA_DECODE", "stream")
+    names, _ = _kernel_names(lambda: rabit.packed_linear_group(x, *lists))
+    assert any("gemv_stream_kernel" in n for n in names) == _stream_applies(k, 1152, len(layers)), sorted(names)
+    for bias in (lists[3], None):
+        _poison()
+        ys = rabit.packed_linear_group(x, *lists[:3], bias)
+        for i, (y, a) in enumerate(zip(ys, args)):
+            assert torch.equal(y, rabit.packed_linear(x, *a[:3], a[3] if bias else None)), f"layer {i}"
+            if bias:
+                assert torch.equal(y, y_i8[i]), f"layer {i} against i8"
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            yg = rabit.packed_linear_group(x, *lists)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert all(torch.equal(a, b) for a, b in zip(yg, y_i8))
+    xb = x.clone()
+    xb[0, 700] = float("nan")
+    assert all(torch.isnan(y).all() for y in rabit.packed_linear_group(xb, *lists))
+
+
+# in = 16384: 32 groups, the fragments of K = 2 (128 KB) and two stages fit; 32768 at K = 2 does not (the int8 kernel)
+@pytest.mark.parametrize("layers", [[(300, 4096), (33, 4096)], [(40, 11008)], [(24, 16384)], [(9, 32768)]],
+                         ids=lambda ls: f"{len(ls)}x{ls[0][1]}")
+@pytest.mark.parametrize("mode", ["norm", "up", "residual", "all"])
+def test_streamed_decode_kernel_with_the_fused_glue(layers, mode, monkeypatch):
+    """rabit.packed_linear_fused through the streamed kernel (its in-kernel prologue builds the SwiGLU input, the norm's
+    weight and its sums of squares in the prologue's order): the int8 kernel's output bit for bit, and the reference's
+    by the 2x rule."""
+    from test_ops import _assert_fused_close, _fused_inputs
+    for k, xdtype in ((2, torch.float16), (3, torch.bfloat16)):
+        x, packed, g, h, b, kw = _fused_inputs(layers, mode, 1, xdtype, DEV, True, k=k)
+        ys = {}
+        monkeypatch.setenv("RABIT_CUDA_DECODE", "i8")
+        _poison()
+        ys["i8"] = rabit.packed_linear_fused(x, packed, g, h, b, **kw)
+        monkeypatch.setenv("RABIT_CUDA_DECODE", "stream")
+        _poison()
+        names, ys["stream"] = _kernel_names(lambda: rabit.packed_linear_fused(x, packed, g, h, b, **kw))
+        ran = any("gemv_stream_kernel" in n for n in names)
+        assert ran == _stream_applies(k, layers[0][1], len(layers)), (mode, k, sorted(names))
+        assert all(torch.equal(a, c) for a, c in zip(ys["stream"], ys["i8"])), (mode, k)
+        _assert_fused_close(ys["stream"], x, packed, g, h, b, kw, f"stream {mode} K={k}")
+
+
 @pytest.mark.parametrize("xdtype", [torch.float16, torch.bfloat16], ids=dtype_id)
 def test_decode_dispatch(xdtype, monkeypatch):
     """At every M <= 16 the default dispatch gives, bit for bit, the output of the forced kernel that the tests'
