@@ -55,9 +55,9 @@ def make_packed(out, in_features, n):
     return layers
 
 
-# the decode kernels RABIT_CUDA_DECODE can force, and the largest M each applies to (stream: M = 1; b1: M <= 2; int8
-# and fp16: the whole decode range, M <= 16; simt: M <= 4 and in <= SIMT_MAX_IN)
-DECODE_KERNELS = {"stream": 1, "b1": 2, "i8": 16, "f16": 16, "simt": 4}
+# the decode kernels RABIT_CUDA_DECODE can force, and the largest M each applies to (b1: M <= 2; int8 and fp16: the
+# whole decode range, M <= 16; simt: M <= 4 and in <= SIMT_MAX_IN)
+DECODE_KERNELS = {"b1": 2, "i8": 16, "f16": 16, "simt": 4}
 SIMT_MAX_IN = 2048  # kSimtMaxIn in kernels/cuda/rabit_cuda.cuh
 
 

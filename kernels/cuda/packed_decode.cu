@@ -42,7 +42,6 @@
 
 #include "common.cuh"
 #include "rabit_cuda.cuh"
-#include "tensor_map.cuh"
 
 namespace rabit_cuda {
 
@@ -286,18 +285,13 @@ struct FusedEpilogue {
     float4 part[kFusedMaxGroups];  // the prologue's sums of u^2 per group, rows 0..3 of x
 };
 
-/* Warp 0 (lane: its lane) issues the copies of the norm's partial sums into fe. */
-__device__ __forceinline__ void fused_sums_async(const MainArgs &a, int lane, FusedEpilogue &fe) {
-    if (a.sumsq) {
-        for (int64_t gr = lane; gr < a.ngroups; gr += 32) cp_async16(smem_u32(&fe.part[gr]), a.sumsq + gr * kFusedMaxM, 16);
-        cp_commit();
-    }
-}
-
 /* Issues the copies of the norm's partial sums and returns this thread's residual (thread idx < 16 M: row idx % 16 of
    the tile, row idx / 16 of x; 0 elsewhere), which the F kernels keep in a register until the epilogue. */
 __device__ __forceinline__ float fused_loads(const MainArgs &a, int64_t row0, int tid, FusedEpilogue &fe) {
-    if (tid < 32) fused_sums_async(a, tid, fe);
+    if (a.sumsq && tid < 32) {
+        for (int64_t gr = tid; gr < a.ngroups; gr += 32) cp_async16(smem_u32(&fe.part[gr]), a.sumsq + gr * kFusedMaxM, 16);
+        cp_commit();
+    }
     const int64_t o = row0 + (tid & 15);
     return a.residual && tid < 16 * a.M && o < a.out
                ? ld_any(a.residual, a.ydt, static_cast<int64_t>(tid >> 4) * a.out + o)
@@ -436,7 +430,7 @@ __device__ __forceinline__ void for_each_chunk(const MainArgs &a, int64_t row0, 
    fused norm's row scale, the bias, the fused residual, one rounding to y's dtype. */
 template <bool F, int ROWS, int MD>
 __device__ __forceinline__ void store_rows(const MainArgs &a, const float (&red)[kWarps][ROWS][MD], int64_t row0,
-                                           int tid, const FusedEpilogue &fe, float res, const float *bias_v = nullptr) {
+                                           int tid, const FusedEpilogue &fe, float res) {
     static_assert(!F || ROWS * kFusedMaxM <= kWarps * 32, "the F epilogue: one output (and its residual) a thread");
     for (int idx = tid; idx < ROWS * a.M; idx += kWarps * 32) {
         const int m = idx / ROWS, rl = idx - m * ROWS;
@@ -455,8 +449,7 @@ __device__ __forceinline__ void store_rows(const MainArgs &a, const float (&red)
                 s = __fmul_rn(s, rsqrtf(__fadd_rn(__fdiv_rn(ss, static_cast<float>(a.in)), a.eps)));
             }
         }
-        // bias_v: this thread's bias, loaded ahead by the caller (idx = tid: ROWS * M <= 256)
-        if (a.bias) s = __fadd_rn(s, bias_v ? *bias_v : ld_any(a.bias, a.bdt, o));
+        if (a.bias) s = __fadd_rn(s, ld_any(a.bias, a.bdt, o));
         if constexpr (F)
             if (a.residual) s = __fadd_rn(s, res);  // this thread's: idx = tid (ROWS * M <= 64 threads)
         st_any(a.y, a.ydt, static_cast<int64_t>(m) * a.out + o, s);
@@ -594,50 +587,6 @@ __device__ __forceinline__ void mma_b1(int (&d)[4], uint32_t a0, uint32_t a1, ui
         : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
-/* Plane weights of lane-quad t's accumulator columns: n-tile ntl (of a row m) holds planes 8 ntl + 2t, +1. */
-__device__ __forceinline__ void b1_plane_weights(int t, double (&pw)[4][2]) {
-#pragma unroll
-    for (int ntl = 0; ntl < 4; ntl++)
-#pragma unroll
-        for (int c = 0; c < 2; c++) {
-            const int pl = 8 * ntl + 2 * t + c;
-            pw[ntl][c] = pl == 31 ? -2147483648.0 : static_cast<double>(1u << pl);
-        }
-}
-
-/* One (group, path) of the 1-bit kernels: lane (g, t)'s words wg (row g), wh (row g + 8), the group's B fragments
-   b[s][nt] of this path, its scales sck and sums qsk per row of x; the planes' popcounts recombine exactly in float64,
-   the 4 lanes of a quad add their planes, and fa[m][r] += g * S * (2 sum b Q - sum Q) (gkr: g of rows g, g + 8). */
-template <int M>
-__device__ __forceinline__ void b1_path_sum(const uint4 &wg, const uint4 &wh, const uint2 (&b)[2][4 * M],
-                                            const double (&pw)[4][2], const double (&sck)[M], const double (&qsk)[M],
-                                            const float (&gkr)[2], float (&fa)[M][2]) {
-    constexpr int NTB = 4 * M;
-    int acc[NTB][4];
-#pragma unroll
-    for (int nt = 0; nt < NTB; nt++) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0;
-#pragma unroll
-    for (int s = 0; s < 2; s++)
-#pragma unroll
-        for (int nt = 0; nt < NTB; nt++)
-            mma_b1(acc[nt], s ? wg.z : wg.x, s ? wh.z : wh.x, s ? wg.w : wg.y, s ? wh.w : wh.y, b[s][nt].x, b[s][nt].y);
-#pragma unroll
-    for (int m = 0; m < M; m++)
-#pragma unroll
-        for (int r = 0; r < 2; r++) {
-            double v = 0.0;
-#pragma unroll
-            for (int ntl = 0; ntl < 4; ntl++) {
-                v = fma(static_cast<double>(acc[4 * m + ntl][2 * r]), pw[ntl][0], v);
-                v = fma(static_cast<double>(acc[4 * m + ntl][2 * r + 1]), pw[ntl][1], v);
-            }
-            v += __shfl_xor_sync(0xffffffffu, v, 1);  // exact: integers below 2^53
-            v += __shfl_xor_sync(0xffffffffu, v, 2);
-            const float val = static_cast<float>(sck[m] * (2.0 * v - qsk[m]));
-            fa[m][r] = __fmaf_rn(gkr[r], val, fa[m][r]);
-        }
-}
-
 /* Blocks (group, path) of 512 threads, one column each. Warp w's ballot of bit p of Q over its 32 columns is
    word w of plane p; lane p keeps it and stores it where the main kernel's lane (g, t) reads it as b0/b1 of
    step s: fragment [group][K][s][nt][lane] (uint2), n = 32 m + p = 8 nt + g, w = 4t + 2s + hh. */
@@ -697,8 +646,15 @@ __global__ void __launch_bounds__(kWarps * 32, (M == 1 && K <= 3) ? 2 : 1) gemv_
 
     float gk[K][1][2];
     load_row_scales(a, row0, g, gk);
+    // plane weights of this lane's accumulator columns: n-tile ntl (of a row m) holds planes 8 ntl + 2t, +1
     double pw[4][2];
-    b1_plane_weights(t, pw);
+#pragma unroll
+    for (int ntl = 0; ntl < 4; ntl++)
+#pragma unroll
+        for (int c = 0; c < 2; c++) {
+            const int pl = 8 * ntl + 2 * t + c;
+            pw[ntl][c] = pl == 31 ? -2147483648.0 : static_cast<double>(1u << pl);
+        }
     float fa[M][2];
 #pragma unroll
     for (int m = 0; m < M; m++) fa[m][0] = fa[m][1] = 0.0f;
@@ -728,7 +684,31 @@ __global__ void __launch_bounds__(kWarps * 32, (M == 1 && K <= 3) ? 2 : 1) gemv_
                 sck[m] = __ldg(a.scale + so + m);
                 qsk[m] = __ldg(a.qsum + so + m);
             }
-            b1_path_sum<M>(cur.w[k][0][0], cur.w[k][0][1], f.b, pw, sck, qsk, gk[k][0], fa);
+            int acc[NTB][4];
+#pragma unroll
+            for (int nt = 0; nt < NTB; nt++) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0;
+            const uint4 &wg = cur.w[k][0][0], &wh = cur.w[k][0][1];
+#pragma unroll
+            for (int s = 0; s < 2; s++)
+#pragma unroll
+                for (int nt = 0; nt < NTB; nt++)
+                    mma_b1(acc[nt], s ? wg.z : wg.x, s ? wh.z : wh.x, s ? wg.w : wg.y, s ? wh.w : wh.y,
+                           f.b[s][nt].x, f.b[s][nt].y);
+#pragma unroll
+            for (int m = 0; m < M; m++)
+#pragma unroll
+                for (int r = 0; r < 2; r++) {
+                    double v = 0.0;
+#pragma unroll
+                    for (int ntl = 0; ntl < 4; ntl++) {
+                        v = fma(static_cast<double>(acc[4 * m + ntl][2 * r]), pw[ntl][0], v);
+                        v = fma(static_cast<double>(acc[4 * m + ntl][2 * r + 1]), pw[ntl][1], v);
+                    }
+                    v += __shfl_xor_sync(0xffffffffu, v, 1);  // exact: integers below 2^53
+                    v += __shfl_xor_sync(0xffffffffu, v, 2);
+                    const float val = static_cast<float>(sck[m] * (2.0 * v - qsk[m]));
+                    fa[m][r] = __fmaf_rn(gk[k][0][r], val, fa[m][r]);
+                }
         }
         if constexpr (K % 2 == 1) {
             // odd K: the next group's path 0 went to buffer K & 1 = 1; move it to buffer 0
@@ -747,400 +727,6 @@ __global__ void __launch_bounds__(kWarps * 32, (M == 1 && K <= 3) ? 2 : 1) gemv_
     if constexpr (F) fused_ready();
     __syncthreads();
     store_rows<F>(a, red, row0, tid, fe, res);
-}
-
-/* ---------------------------------------------------------------------------------------------------------
- * Streamed int8 kernel without a prologue (M = 1, sm_90; DECODE_STREAM): the int8 kernel's MMAs, flush and order of
- * additions, so its outputs are that kernel's (and the 1-bit kernel's) bit for bit, in ONE launch. The twenty-seventh
- * session's parts ladder (docs/kernels.md) found what made c94e460's streamed kernel slow: the separate prologue launch
- * (3.3-4.4 us a layer) and 128 registers; the copy pattern alone, chained by PDL, streams at up to 3.5 TB/s. So:
- * - A persistent grid, one block per SM; the blocks take the 16-row tiles b, b + grid, ... (over all the launch's
- *   layers). A tile's bits come in chunks of 8 groups (4096 columns) x K paths.
- * - Warp 8, the producer, walks the block's (tile, chunk) items from the kernel's start and issues one tiled copy
- *   (cp.async.bulk.tensor, the copy engine) of 128 words x 16 rows per path into a ring of up to kStreamMaxStages
- *   stages, against full / empty mbarriers. The bits are the layers' own, so the stream starts before the wait for the
- *   kernel ahead (PDL).
- * - The consumers (warps 0-7) build the prologue's work themselves after that wait, every block all of it (a few
- *   thousand values; stream_prologue): x*h, the group's scale, Q and its base-256 digits, as the int8 kernel's
- *   fragments of row 0 (2 KB per (group, path)) in shared memory, and the scales and sums. That replaces a launch,
- *   a workspace round trip through L2 and the wait for a whole prologue grid by ~1-2 us of arithmetic that overlaps
- *   the copies already in flight.
- * - Then warp w takes group w of each chunk (groups w, w + 8, ... of the tile, as warp w of the int8 kernel), copies
- *   its words into registers, releases the stage, and does the int8 kernel's 16 MMAs and flush per path.
- * - Per tile the consumers' partial sums meet in shared memory (double-buffered, one barrier of the 8 consumer warps
- *   a tile) and warp 0 writes the rows (store_rows: the int8 kernel's epilogue, the fused glue's too).
- * Needs rows of whole 16-byte units (in % 128 == 0), 16-byte aligned bits and shared memory for the fragments and
- * two stages (stream_stages); elsewhere decode_gemv runs the int8 kernel with its prologue, whose outputs are the same.
- * ------------------------------------------------------------------------------------------------------- */
-constexpr int kStreamWarps = kWarps + 1;                   // 8 consumers and the producer
-constexpr int kStreamChunkWords = kWarps * kGroupWords;    // a stage holds 16 rows x 8 groups (128 words) x K paths
-constexpr int kStreamPitch = kStreamChunkWords * 4;        // bytes per (path, row) in a stage: the tensor map's box
-// 4 stages streamed as fast as 8 in read_floor.cu's ring pattern (twenty-sixth session); fewer bytes of shared memory
-// a block leave room for the next kernel's blocks beside it (PDL)
-constexpr int kStreamMaxStages = 4;
-constexpr int kStreamBarBytes = 128;                       // the mbarriers ahead of the fragments: 2 x 4 of 8 bytes
-constexpr int kStreamFragBytes = kGroupWords * 16 * 8;     // one (group, path): 16 steps x 16 lanes x uint2 (row 0)
-constexpr int kStreamMaxPaths = 96;                        // (group, path) pairs; their fragments must fit besides
-constexpr int kStreamStaticBytes = 4096;                   // red, fe, the scales: kept out of the dynamic budget
-
-/* g of lane (g, t)'s rows g, g + 8 of a tile, and thread tid's bias (tid < 16: row tid), both 0 past the tiles and
-   rows: loaded a tile ahead by the streamed kernel's consumers. */
-template <int K, bool GROUPED>
-__device__ __forceinline__ void tile_params(const GroupArgs &ga, int64_t tile, int64_t tiles, int g, int tid,
-                                            float (&gk)[K][1][2], float &bias) {
-    bias = 0.0f;
-    if (tile >= tiles) {
-#pragma unroll
-        for (int k = 0; k < K; k++) gk[k][0][0] = gk[k][0][1] = 0.0f;
-        return;
-    }
-    const MainArgs a = layer_args<K, GROUPED>(ga, tile);
-    load_row_scales(a, tile * 16, g, gk);
-    if (a.bias && tid < 16 && tile * 16 + tid < a.out) bias = ld_any(a.bias, a.bdt, tile * 16 + tid);
-}
-
-/* Thread tid's residual of a tile (tid < 16: row tid; 0 elsewhere), after the wait for the kernels ahead. */
-template <int K, bool GROUPED>
-__device__ __forceinline__ float tile_residual(const GroupArgs &ga, int64_t tile, int64_t tiles, int tid) {
-    if (tile >= tiles) return 0.0f;
-    const MainArgs a = layer_args<K, GROUPED>(ga, tile);
-    return a.residual && tid < 16 && tile * 16 + tid < a.out ? ld_any(a.residual, a.ydt, tile * 16 + tid) : 0.0f;
-}
-
-/* The 4 x 4 byte transpose of the digits: out[d] byte i = digit d of value i, where dg[i] holds the 4 balanced
-   base-256 digits of value i (byte 3 = digit 0, the most significant: digit()'s numbering). */
-__device__ __forceinline__ void digit_transpose(const uint32_t (&dg)[4], uint32_t (&out)[4]) {
-    const uint32_t lo01 = __byte_perm(dg[0], dg[1], 0x5140), hi01 = __byte_perm(dg[0], dg[1], 0x7362);
-    const uint32_t lo23 = __byte_perm(dg[2], dg[3], 0x5140), hi23 = __byte_perm(dg[2], dg[3], 0x7362);
-    out[3] = __byte_perm(lo01, lo23, 0x5410);  // bytes 0 of the four: digit 3
-    out[2] = __byte_perm(lo01, lo23, 0x7632);
-    out[1] = __byte_perm(hi01, hi23, 0x5410);
-    out[0] = __byte_perm(hi01, hi23, 0x7632);
-}
-
-/* Four consecutive elements i .. i+3 of an array of dtype dt as float32 (ld_any's values), in one load: i % 4 == 0 and
-   the array 16-byte aligned (stream_stages checks it). The raw bits (Raw4) are loaded first so that a lane's loads are
-   all in flight before the first is used. */
-struct Raw4 {
-    uint4 v;  // float32: all four words; 16-bit: words 0, 1
-};
-__device__ __forceinline__ Raw4 ld4_raw(const void *p, int dt, int64_t i) {
-    Raw4 r;
-    if (dt == RABIT_F32) {
-        r.v = __ldg(reinterpret_cast<const uint4 *>(reinterpret_cast<const float *>(p) + i));
-    } else {
-        const uint2 h = __ldg(reinterpret_cast<const uint2 *>(reinterpret_cast<const unsigned short *>(p) + i));
-        r.v = make_uint4(h.x, h.y, 0u, 0u);
-    }
-    return r;
-}
-__device__ __forceinline__ float raw4_at(const Raw4 &r, int dt, int e) {
-    if (dt == RABIT_F32) return __uint_as_float(e == 0 ? r.v.x : e == 1 ? r.v.y : e == 2 ? r.v.z : r.v.w);
-    const uint32_t w = (e >> 1) ? r.v.y : r.v.x;
-    const unsigned short u = static_cast<unsigned short>((e & 1) ? w >> 16 : w & 0xffffu);
-    if (dt == RABIT_BF16) return __uint_as_float(static_cast<uint32_t>(u) << 16);
-    return __half2float(__ushort_as_half(u));
-}
-
-/* The prologue's work inside the streamed kernel (M = 1), exactly as gemv_i8_prep_kernel does it: consumer warp `warp`
-   takes the groups warp, warp + 8, ... and, per group, every path of the launch (pair i = group * KL + path:
-   frag_path's numbering). Lane (w, hf) = (lane / 2, lane % 2) owns columns 32 w + 8 i4 + 4 hf + p4 (i4, p4 < 4) of the
-   group: byte i4 of bit p = 4 hf + p4 of word w, which is what the int8 kernel's fragment registers hold, so each lane
-   writes whole registers; its inputs are four runs of four columns, one vector load each. The group's input (x, the
-   glue's u and the norm's weight) is loaded once; the next path's h is loaded while this path's fragments are built.
-   Digits: (q + 0x80808080) ^ 0x80808080 puts the balanced base-256 digits of |q| <= 2^30 into the four bytes
-   (digit()'s). The scale goes to sc_s, sum(Q) to qs_s; with the fused norm the group's sum of u^2 goes to
-   fe.part[group].x, added in prep_front's order: the 32 columns of a word by its butterfly, then the words in order. */
-__device__ __forceinline__ void stream_prologue(const PrepArgs &p, int64_t ngroups, int KL, int warp, int lane,
-                                                uint32_t frag_sm, float *sc_s, double *qs_s, FusedEpilogue &fe) {
-    const int w = lane >> 1, hf = lane & 1;
-    const int tq = w >> 2, s = (w >> 1) & 1, hh = w & 1;  // word w in the fragments: lane quad tq, step s, half hh
-    const bool norm = p.norm_weight != nullptr;
-    auto h_runs = [&](int64_t j0, int k, Raw4 (&hr)[4]) {  // path k's h at this lane's four runs (zeros past in)
-        const int l = k / p.K;
-        const void *hp = pick(p.h, l);
-        const int64_t hoff = static_cast<int64_t>(k - l * p.K) * p.in;
-#pragma unroll
-        for (int i4 = 0; i4 < 4; i4++)
-            hr[i4] = j0 + 8 * i4 < p.in ? ld4_raw(hp, p.hdt, hoff + j0 + 8 * i4) : Raw4{make_uint4(0u, 0u, 0u, 0u)};
-    };
-    // the group's input runs (x, the glue's up and the norm's weight), zeros past in (in % 128 == 0: a run is in or out
-    // as a whole)
-    auto group_runs = [&](int64_t j0, Raw4 (&xr)[4], Raw4 (&ur)[4], Raw4 (&nr)[4]) {
-#pragma unroll
-        for (int i4 = 0; i4 < 4; i4++) {
-            const bool in = j0 + 8 * i4 < p.in;
-            const Raw4 z{make_uint4(0u, 0u, 0u, 0u)};
-            xr[i4] = in ? ld4_raw(p.x, p.xdt, j0 + 8 * i4) : z;
-            ur[i4] = in && p.up ? ld4_raw(p.up, p.xdt, j0 + 8 * i4) : z;
-            nr[i4] = in && norm ? ld4_raw(p.norm_weight, p.ndt, j0 + 8 * i4) : z;
-        }
-    };
-    const int64_t jl = 32 * w + 4 * hf;  // this lane's first column in a group
-    // the next group's input and path 0's h are loaded while the last path of this group is built
-    Raw4 xr[4], ur[4], nr[4], hn[4];  // hn: the next path's h
-    if (warp < ngroups) {
-        group_runs(warp * kGroupCols + jl, xr, ur, nr);
-        h_runs(warp * kGroupCols + jl, 0, hn);
-    }
-    for (int64_t gr = warp; gr < ngroups; gr += kWarps) {
-        const int64_t j0 = gr * kGroupCols + jl;
-        // the input of the group's columns, times the norm's weight (prep_front's u * nw), and the butterfly's first
-        // two levels of u^2 per p4: columns c = 8 i4 + 4 hf + p4 pair c ^ 16, c ^ 8 in this lane
-        float un[4][4], b[4];
-#pragma unroll
-        for (int p4 = 0; p4 < 4; p4++) {
-            float u2[4];
-#pragma unroll
-            for (int i4 = 0; i4 < 4; i4++) {
-                const float v = raw4_at(xr[i4], p.xdt, p4);
-                const float u = p.up ? __fmul_rn(silu_f(v), raw4_at(ur[i4], p.xdt, p4)) : v;  // 0 past in
-                u2[i4] = __fmul_rn(u, u);
-                un[i4][p4] = norm ? __fmul_rn(u, raw4_at(nr[i4], p.ndt, p4)) : u;
-            }
-            b[p4] = __fadd_rn(__fadd_rn(u2[0], u2[2]), __fadd_rn(u2[1], u2[3]));
-        }
-        if (norm) {
-            // then c ^ 4 (the other half: lane ^ 1), c ^ 2, c ^ 1, and the words in order, as the prologue's warps
-#pragma unroll
-            for (int p4 = 0; p4 < 4; p4++) b[p4] = __fadd_rn(b[p4], __shfl_xor_sync(0xffffffffu, b[p4], 1));
-            const float word_sum = __fadd_rn(__fadd_rn(b[0], b[2]), __fadd_rn(b[1], b[3]));
-            float sum = 0.0f;
-#pragma unroll
-            for (int ww = 0; ww < kGroupWords; ww++) sum = __fadd_rn(sum, __shfl_sync(0xffffffffu, word_sum, 2 * ww));
-            if (lane == 0) fe.part[gr].x = sum;
-        }
-        for (int k = 0; k < KL; k++) {
-            Raw4 hk[4];
-#pragma unroll
-            for (int i4 = 0; i4 < 4; i4++) hk[i4] = hn[i4];
-            if (k + 1 < KL) {
-                h_runs(j0, k + 1, hn);  // in flight while this path's fragments are built
-            } else if (gr + kWarps < ngroups) {
-                group_runs(j0 + kWarps * kGroupCols, xr, ur, nr);  // xr, ur, nr are spent (un holds the input)
-                h_runs(j0 + kWarps * kGroupCols, 0, hn);
-            }
-            float xh[4][4];
-            unsigned int mu = 0u;
-            bool bad = false;
-#pragma unroll
-            for (int i4 = 0; i4 < 4; i4++)
-#pragma unroll
-                for (int p4 = 0; p4 < 4; p4++) {
-                    // past in: h = 0 and u = 0, so xh = 0 (prep_front's zero)
-                    xh[i4][p4] = __fmul_rn(raw4_at(hk[i4], p.hdt, p4), un[i4][p4]);
-                    mu = max(mu, __float_as_uint(fabsf(xh[i4][p4])));
-                    bad |= !is_finite_f(xh[i4][p4]);
-                }
-#pragma unroll
-            for (int o = 16; o > 0; o >>= 1) mu = max(mu, __shfl_xor_sync(0xffffffffu, mu, o));
-            bad = __any_sync(0xffffffffu, bad);
-            int e;
-            frexpf(__uint_as_float(mu), &e);
-            const float inv = mu ? ldexpf(1.0f, 30 - max(e, -96)) : 1.0f;
-            long long qs = 0;
-            const int64_t i = gr * KL + k;
-            const uint32_t dst = frag_sm + static_cast<uint32_t>(i) * kStreamFragBytes;
-#pragma unroll
-            for (int p4 = 0; p4 < 4; p4++) {
-                uint32_t dg[4], out[4];
-#pragma unroll
-                for (int i4 = 0; i4 < 4; i4++) {
-                    const int q = __float2int_rn(xh[i4][p4] * inv);
-                    qs += q;
-                    dg[i4] = (static_cast<uint32_t>(q) + 0x80808080u) ^ 0x80808080u;
-                }
-                digit_transpose(dg, out);
-                const int sp = s * 8 + 4 * hf + p4;  // step (s, p) of the int8 kernel
-#pragma unroll
-                for (int d = 0; d < 4; d++)  // entry (sp, lane n * 4 + tq) with n = d, register hh
-                    asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(dst + ((sp * 16 + d * 4 + tq) * 2 + hh) * 4),
-                                 "r"(out[d])
-                                 : "memory");
-            }
-#pragma unroll
-            for (int o = 16; o > 0; o >>= 1) qs += __shfl_xor_sync(0xffffffffu, qs, o);
-            if (lane == 0) {
-                sc_s[i] = bad ? __int_as_float(0x7fffffff) : 1.0f / inv;
-                qs_s[i] = static_cast<double>(qs);
-            }
-        }
-    }
-}
-
-/* tiles: the 16-row tiles of all layers; stages: stream_stages(); bits[l]: layer l's words [K * out][nw] as boxes of
-   128 words x 16 rows (encode_stream_maps); p: the prologue's inputs (x, h, the glue's up and norm weight). */
-struct StreamArgs {
-    CUtensorMap bits[kDecodeMaxLayers];
-    GroupArgs ga;
-    PrepArgs p;
-    int64_t tiles;
-    int stages;
-    int probe;  // TEMPORARY (session 28 timing probe): 1 skips the in-kernel prologue (outputs are garbage)
-};
-
-template <int K, bool GROUPED, bool F>
-__global__ void __launch_bounds__(kStreamWarps * 32, 1) gemv_stream_kernel(const __grid_constant__ StreamArgs sa) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    const GroupArgs &ga = sa.ga;
-    const int64_t tiles = sa.tiles;
-    const int stages = sa.stages;
-    extern __shared__ __align__(128) unsigned char smem[];
-    __shared__ float red[2][kWarps][16][1];
-    __shared__ FusedEpilogue fe;
-    __shared__ double qs_s[kStreamMaxPaths];
-    __shared__ float sc_s[kStreamMaxPaths];
-    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    const int64_t nchunks = (ga.a.ngroups + kWarps - 1) / kWarps;
-    const uint32_t full0 = smem_u32(smem), empty0 = full0 + 8 * kStreamMaxStages;
-    const uint32_t frag_sm = smem_u32(smem) + kStreamBarBytes;
-    const uint32_t ring = frag_sm + static_cast<uint32_t>(ga.a.ngroups * ga.a.KL) * kStreamFragBytes;
-    const uint32_t stage_bytes = K * 16 * kStreamPitch;
-    if (tid == 0) {
-        for (int i = 0; i < stages; i++) {
-            mbar_init(full0 + 8 * i, 1);
-            mbar_init(empty0 + 8 * i, kWarps);
-        }
-        mbar_fence_init();
-    }
-    __syncthreads();
-
-    if (warp == kWarps) {  // the producer: no wait for the kernels ahead, the bits are the layers' own
-        int slot = 0;
-        uint32_t phase = 0;
-        bool wrapped = false;
-        for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
-            int64_t lt = tile;
-            const MainArgs a = layer_args<K, GROUPED>(ga, lt);
-            int l = 0;  // the tile's layer: its tensor map, by address (a copy would leave the parameter space)
-#pragma unroll
-            for (int i = 1; i < kDecodeMaxLayers; i++)
-                if (GROUPED && i < ga.layers && tile >= ga.tile0[i]) l = i;
-            const CUtensorMap *map = &sa.bits[0] + l;
-            const int row0 = static_cast<int>(lt * 16);
-            for (int64_t c = 0; c < nchunks; c++) {
-                if (wrapped) mbar_wait(empty0 + 8 * slot, phase ^ 1);  // the consumers have released the slot
-                // a box's bytes count in full, also where it reaches past the rows or words (zeros) or into the next
-                // path's first rows (rows past `out`, whose outputs are not written)
-                if (lane == 0) mbar_expect_tx(full0 + 8 * slot, stage_bytes);
-                __syncwarp();
-                if (lane < K)
-                    tma_load_2d(ring + slot * stage_bytes + lane * 16 * kStreamPitch, map,
-                                static_cast<int>(c * kStreamChunkWords), static_cast<int>(lane * a.out) + row0,
-                                full0 + 8 * slot);
-                if (++slot == stages) {
-                    slot = 0;
-                    phase ^= 1;
-                    wrapped = true;
-                }
-            }
-        }
-        return;
-    }
-
-    const int g = lane >> 2, t = lane & 3;
-    // the first tile's g and bias: the layers' own, read before the wait
-    float gk_n[K][1][2], bias_n;
-    tile_params<K, GROUPED>(ga, blockIdx.x, tiles, g, tid, gk_n, bias_n);
-    pdl_wait();  // x (and the glue's inputs, the residual) are complete past here
-    pdl_launch_dependents();
-    if (!sa.probe) stream_prologue(sa.p, ga.a.ngroups, ga.a.KL, warp, lane, frag_sm, sc_s, qs_s, fe);
-    asm volatile("bar.sync 1, %0;\n" ::"n"(kWarps * 32) : "memory");  // the consumers' barrier: fragments, scales
-    const uint2 *fragp = reinterpret_cast<const uint2 *>(smem + kStreamBarBytes);  // the fragments, as the loop reads them
-    // digit weights of this lane's two accumulator columns n = 2t, 2t+1 (digit = n % 4; lanes t >= 2: row 1, zero)
-    const double dw0 = (t & 1) ? 256.0 : 16777216.0, dw1 = (t & 1) ? 1.0 : 65536.0;
-
-    int slot = 0, buf = 0;
-    uint32_t phase = 0;
-    float res_n = 0.0f;  // the next tile's residual (F)
-    if constexpr (F) res_n = tile_residual<K, GROUPED>(ga, blockIdx.x, tiles, tid);
-    for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
-        int64_t lt = tile;
-        const MainArgs a = layer_args<K, GROUPED>(ga, lt);
-        const int64_t row0 = lt * 16;
-        float gk[K][1][2], bias_v = bias_n, res = res_n;
-#pragma unroll
-        for (int k = 0; k < K; k++) gk[k][0][0] = gk_n[k][0][0], gk[k][0][1] = gk_n[k][0][1];
-        tile_params<K, GROUPED>(ga, tile + gridDim.x, tiles, g, tid, gk_n, bias_n);  // the next tile's, ahead of use
-        if constexpr (F) res_n = tile_residual<K, GROUPED>(ga, tile + gridDim.x, tiles, tid);
-        float fa[2] = {0.0f, 0.0f};
-        for (int64_t c = 0; c < nchunks; c++) {
-            const int64_t gr = c * kWarps + warp;
-            const bool mine = gr < a.ngroups;
-            Bits<K, 1> cur;
-            mbar_wait(full0 + 8 * slot, phase);
-            if (mine) {
-                const uint32_t base = ring + slot * stage_bytes + warp * (kGroupWords * 4) + t * 16;
-#pragma unroll
-                for (int k = 0; k < K; k++)
-#pragma unroll
-                    for (int r = 0; r < 2; r++) {
-                        const uint32_t ad = base + (k * 16 + g + 8 * r) * kStreamPitch;
-                        uint4 v;
-                        asm volatile("ld.shared.v4.u32 {%0,%1,%2,%3}, [%4];\n"
-                                     : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-                                     : "r"(ad));
-                        cur.w[k][0][r] = v;
-                    }
-            }
-            __syncwarp();
-            if (lane == 0) mbar_arrive(empty0 + 8 * slot);  // this warp is done with the stage
-            if (++slot == stages) {
-                slot = 0;
-                phase ^= 1;
-            }
-            if (!mine) continue;
-            // the int8 kernel's 16 MMAs per path, as 2K independent chains (path k, step half s) interleaved: one
-            // accumulator chain of 16 left the tensor pipe idle between dependent MMAs. Integer sums: exact, so the
-            // chains' sum is the int8 kernel's accumulator
-            int acc[K][2][4];
-            const uint2 *fb[K];
-#pragma unroll
-            for (int k = 0; k < K; k++) {
-                fb[k] = fragp + frag_path<K, GROUPED>(a, gr, k) * (kStreamFragBytes / 8) + lane;
-#pragma unroll
-                for (int s = 0; s < 2; s++) acc[k][s][0] = acc[k][s][1] = acc[k][s][2] = acc[k][s][3] = 0;
-            }
-#pragma unroll
-            for (int p = 0; p < 8; p++)
-#pragma unroll
-                for (int s = 0; s < 2; s++)
-#pragma unroll
-                    for (int k = 0; k < K; k++) {
-                        const uint4 &wg = cur.w[k][0][0], &wh = cur.w[k][0][1];
-                        constexpr uint32_t m1 = 0x01010101u;
-                        const uint32_t a0 = ((s ? wg.z : wg.x) >> p) & m1, a2 = ((s ? wg.w : wg.y) >> p) & m1;
-                        const uint32_t a1 = ((s ? wh.z : wh.x) >> p) & m1, a3 = ((s ? wh.w : wh.y) >> p) & m1;
-                        // lanes >= 16: the digits of row 1, zero at M = 1
-                        const uint2 bb = lane < 16 ? fb[k][(s * 8 + p) * 16] : make_uint2(0u, 0u);
-                        mma_s8(acc[k][s], a0, a1, a2, a3, bb.x, bb.y);
-                    }
-#pragma unroll
-            for (int k = 0; k < K; k++) {
-                // the int8 kernel's flush (NT = 1): the digits recombine exactly, scale, times g, add in float32
-                const size_t fi = frag_path<K, GROUPED>(a, gr, k);
-                const double sck = t < 2 ? static_cast<double>(sc_s[fi]) : 0.0, qsk = t < 2 ? qs_s[fi] : 0.0;
-#pragma unroll
-                for (int r = 0; r < 2; r++) {
-                    const int c0 = acc[k][0][2 * r] + acc[k][1][2 * r], c1 = acc[k][0][2 * r + 1] + acc[k][1][2 * r + 1];
-                    double v = static_cast<double>(c0) * dw0 + static_cast<double>(c1) * dw1;
-                    v += __shfl_xor_sync(0xffffffffu, v, 1);
-                    const float val = static_cast<float>(sck * (2.0 * v - qsk));
-                    fa[r] = __fmaf_rn(gk[k][0][r], val, fa[r]);
-                }
-            }
-        }
-        // the int8 kernel's epilogue: the warps' sums in warp order, bias, the glue, one rounding
-        if (t == 0) {
-            red[buf][warp][g][0] = fa[0];
-            red[buf][warp][g + 8][0] = fa[1];
-        }
-        // the 8 consumer warps' barrier: red[buf] is complete; the writes of the next tile go to the other buffer
-        asm volatile("bar.sync 1, %0;\n" ::"n"(kWarps * 32) : "memory");
-        if (warp == 0) store_rows<F>(a, red[buf], row0, tid, fe, res, &bias_v);
-        buf ^= 1;
-    }
-#endif
 }
 
 /* ---------------------------------------------------------------------------------------------------------
@@ -1314,65 +900,6 @@ cudaError_t launch_b1_k(const GroupArgs &a, unsigned tiles, cudaStream_t s) {
     return fused_epilogue(a) ? launch_b1_kf<K, GR, true>(a, tiles, s) : launch_b1_kf<K, GR, false>(a, tiles, s);
 }
 
-/* Stages of the streamed kernel's ring for this launch, or 0 where it cannot run (decode_gemv then runs the int8
-   kernel with its prologue): M = 1, sm_90 code, rows of whole 16-byte units at 16-byte aligned addresses, and shared
-   memory for the fragments of all (group, path) pairs and at least two stages; x, h and the glue's inputs 16-byte
-   aligned (the prologue's vector loads). */
-int stream_stages(const GroupArgs &ga, const PrepArgs &p, int K) {
-    const DevInfo &dev = device_info();
-    if (ga.a.M != 1 || !dev.sm90_code || ga.a.nw % 4 != 0 || ga.a.ngroups * ga.a.KL > kStreamMaxPaths ||
-        !aligned16(p.x) || (p.up && !aligned16(p.up)) || (p.norm_weight && !aligned16(p.norm_weight)))
-        return 0;
-    for (int l = 0; l < ga.layers; l++)
-        if (!ga.vec[l] || !aligned16(p.h[l])) return 0;
-    const int64_t budget =
-        dev.smem_optin - kStreamStaticBytes - kStreamBarBytes - ga.a.ngroups * ga.a.KL * kStreamFragBytes;
-    const int64_t stages = budget / (K * 16 * kStreamPitch);
-    return stages < 2 ? 0 : static_cast<int>(min64(stages, kStreamMaxStages));
-}
-
-/* The layers' bits as tensor maps of the streamed kernel's boxes; false where the driver cannot encode them. */
-bool encode_stream_maps(StreamArgs &sa, int K) {
-    for (int l = 0; l < sa.ga.layers; l++)
-        if (!encode_2d(&sa.bits[l], CU_TENSOR_MAP_DATA_TYPE_UINT32, 4, sa.ga.packed[l], sa.ga.a.nw,
-                       static_cast<uint64_t>(K) * sa.ga.out[l], kStreamChunkWords, 16, CU_TENSOR_MAP_SWIZZLE_NONE,
-                       CU_TENSOR_MAP_L2_PROMOTION_L2_256B))
-            return false;
-    return true;
-}
-
-template <int K, bool GR, bool F>
-cudaError_t launch_stream_kgf(const StreamArgs &sa, cudaStream_t s) {
-    static bool attr_set[64] = {};  // per instantiation and device: the largest budget stream_stages may fill
-    const DevInfo &dev = device_info();
-    const cudaError_t e =
-        set_smem_limit_once(gemv_stream_kernel<K, GR, F>, dev.smem_optin - kStreamStaticBytes, attr_set);
-    if (e != cudaSuccess) return e;
-    const size_t smem = kStreamBarBytes + static_cast<size_t>(sa.ga.a.ngroups * sa.ga.a.KL) * kStreamFragBytes +
-                        static_cast<size_t>(sa.stages) * K * 16 * kStreamPitch;
-    const unsigned grid = static_cast<unsigned>(min64(sa.tiles, dev.sms));  // one block per SM (its shared memory)
-    return launch_pdl(gemv_stream_kernel<K, GR, F>, dim3(grid), kStreamWarps * 32, smem, sa, s);
-}
-
-/* The streamed kernel for this launch if it can run it (true; *err: the launch's status), else false. */
-template <int K>
-bool try_stream(const GroupArgs &ga, const PrepArgs &p, int64_t tiles, cudaStream_t s, cudaError_t *err) {
-    StreamArgs sa{};
-    sa.ga = ga;
-    sa.p = p;
-    sa.tiles = tiles;
-    sa.stages = stream_stages(ga, p, K);
-    const char *probe = getenv("RABIT_CUDA_STREAM_PROBE");  // TEMPORARY (session 28)
-    sa.probe = probe && probe[0] == '1';
-    if (sa.stages == 0 || !encode_stream_maps(sa, K)) return false;
-    const bool F = fused_epilogue(ga);
-    if (ga.layers == 1)
-        *err = F ? launch_stream_kgf<K, false, true>(sa, s) : launch_stream_kgf<K, false, false>(sa, s);
-    else
-        *err = F ? launch_stream_kgf<K, true, true>(sa, s) : launch_stream_kgf<K, true, false>(sa, s);
-    return true;
-}
-
 /* NT: f16_nt(M), the n-tiles the prologue wrote. */
 template <int K, bool GR>
 cudaError_t launch_f16_k(const GroupArgs &a, int NT, unsigned tiles, cudaStream_t s) {
@@ -1417,8 +944,7 @@ cudaError_t decode_gemv(const void *x, rabit_dtype xdt, int64_t M, const DecodeL
     const int64_t ng = (in + kGroupCols - 1) / kGroupCols;
     // the glue: M <= kFusedMaxM, a residual for one layer, a norm over <= kFusedMaxGroups groups, not the fp16 kernel
     // (it has no fused epilogue)
-    if (M < 1 || M > kDecodeMaxM || (kern == DECODE_B1 && M > kB1MaxM) || (kern == DECODE_STREAM && M != 1) ||
-        xdt == RABIT_F32 || K < 1 ||
+    if (M < 1 || M > kDecodeMaxM || (kern == DECODE_B1 && M > kB1MaxM) || xdt == RABIT_F32 || K < 1 ||
         K > RABIT_MAX_K || n < 1 || n > kDecodeMaxLayers ||
         (fusion && (M > kFusedMaxM || kern == DECODE_F16 || (fusion->residual && n != 1) ||
                     (fusion->norm_weight && ng > kFusedMaxGroups))))
@@ -1441,6 +967,16 @@ cudaError_t decode_gemv(const void *x, rabit_dtype xdt, int64_t M, const DecodeL
         p.ndt = fusion->norm_dt;
         p.sumsq = sumsq;
     }
+    const dim3 pg(static_cast<unsigned>(ng), static_cast<unsigned>(KL));
+    // the prologue too is launched with PDL: its launch overlaps the previous kernel's tail (it waits for that
+    // kernel in prep_front before it reads x or writes the workspace). H200, same run: 7B decode at batch 1 373.8
+    // tok/s against 359.9 with a plain launch, M = 1 GEMV 2-4 % faster at the six 7B shapes (docs/kernels.md)
+    const cudaError_t e =
+        kern == DECODE_B1    ? launch_pdl(gemv_b1_prep_kernel, pg, kPrepThreads, 0, p, s)
+        : kern == DECODE_F16 ? launch_pdl(gemv_f16_prep_kernel, pg, kPrepThreads, 0, p, s)
+                             : launch_pdl(gemv_i8_prep_kernel, dim3(pg.x, pg.y, kPrepParts), kPrepThreads, 0, p, s);
+    if (e != cudaSuccess) return e;
+
     GroupArgs ga{};
     MainArgs &a = ga.a;
     a.gdt = gdt; a.bdt = bdt; a.ydt = xdt;
@@ -1461,24 +997,6 @@ cudaError_t decode_gemv(const void *x, rabit_dtype xdt, int64_t M, const DecodeL
     }
     a.packed = ga.packed[0]; a.g = ga.g[0]; a.bias = ga.bias[0]; a.y = ga.y[0]; a.out = ga.out[0]; a.vec = ga.vec[0];
     if (tiles == 0) return cudaSuccess;
-    if (kern == DECODE_STREAM) {
-        cudaError_t e = cudaSuccess;
-        const bool ran = with_paths(K, [&](auto k) {
-            return try_stream<decltype(k)::value>(ga, p, tiles, s, &e) ? cudaSuccess : cudaErrorNotSupported;
-        }) == cudaSuccess;
-        if (ran) return e;
-        kern = DECODE_I8;  // the prologue and the int8 kernel: the same outputs
-    }
-    const dim3 pg(static_cast<unsigned>(ng), static_cast<unsigned>(KL));
-    // the prologue too is launched with PDL: its launch overlaps the previous kernel's tail (it waits for that
-    // kernel in prep_front before it reads x or writes the workspace). H200, same run: 7B decode at batch 1 373.8
-    // tok/s against 359.9 with a plain launch, M = 1 GEMV 2-4 % faster at the six 7B shapes (docs/kernels.md)
-    const cudaError_t e =
-        kern == DECODE_B1    ? launch_pdl(gemv_b1_prep_kernel, pg, kPrepThreads, 0, p, s)
-        : kern == DECODE_F16 ? launch_pdl(gemv_f16_prep_kernel, pg, kPrepThreads, 0, p, s)
-                             : launch_pdl(gemv_i8_prep_kernel, dim3(pg.x, pg.y, kPrepParts), kPrepThreads, 0, p, s);
-    if (e != cudaSuccess) return e;
-
     return with_paths(K, [&](auto k) {
         return launch_main_k<decltype(k)::value>(ga, kern, NT, static_cast<unsigned>(tiles), s);
     });

@@ -428,7 +428,6 @@ DecodeKernel unfused_decode_kernel(int K, int64_t M, int64_t in, int64_t out) {
     if (v && strcmp(v, "i8") == 0) return DECODE_I8;
     if (v && strcmp(v, "f16") == 0) return DECODE_F16;
     if (v && strcmp(v, "b1") == 0 && M <= kB1MaxM) return DECODE_B1;
-    if (v && strcmp(v, "stream") == 0 && M == 1) return DECODE_STREAM;
     if (v && strcmp(v, "simt") == 0 && simt_applies(K, M, in)) return DECODE_SIMT;
     if (in <= kSimtDefaultMaxIn && out * in <= kSimtDefaultMaxWeights && simt_applies(K, M, in)) return DECODE_SIMT;
     if (M == 1 && in >= kB1MinIn) return DECODE_B1;

@@ -18,6 +18,8 @@
  * RABIT_CUDA_PREFILL=mma or wgmma forces one, RABIT_CUDA_PREFILL_SPLITS=n the k-split (tests, benchmarks); wgmma
  * where it cannot run is an error. docs/kernels.md has the measurements.
  */
+#include <cuda.h>
+#include <cudaTypedefs.h>  // PFN_cuTensorMapEncodeTiled (the driver call comes through the runtime: no -lcuda)
 #include <cuda_runtime.h>
 
 #include <cstdlib>
@@ -25,7 +27,6 @@
 
 #include "common.cuh"
 #include "rabit_cuda.cuh"
-#include "tensor_map.cuh"
 
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define RABIT_DEVICE_WGMMA 1
@@ -274,6 +275,9 @@ __device__ __forceinline__ void cp_async8_s(uint32_t dst, const void *src, int s
 __device__ __forceinline__ void cp_async_arrive_noinc(uint32_t bar) {
     asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory");
 }
+__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
 constexpr int WG_PRODUCER_REGS = 24, WG_CONSUMER_REGS = 240;
 /* Register budgets of the producer and consumer warpgroups (setmaxnreg: 24 + 2 x 240 <= 3 x 168, the entry cap). */
 template <int N>
@@ -284,9 +288,30 @@ template <int N>
 __device__ __forceinline__ void setmaxnreg_inc() {
     asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(N));
 }
-/* The x tiles come by the tensor memory accelerator (TMA), each stage's arrival counted in bytes on an mbarrier
-   (common.cuh). (Loaded by cp.async from all threads they held the loop to ~1,000 cycles per k-block on an H100, as
-   long as the tensor cores' work: measured with the build and the MMAs left out.) */
+/* The x tiles come by the tensor memory accelerator (TMA), each stage's arrival counted in bytes on an mbarrier.
+   (Loaded by cp.async from all threads they held the loop to ~1,000 cycles per k-block on an H100, as long as the
+   tensor cores' work: measured with the build and the MMAs left out.) */
+__device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_fence_init() { asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory"); }
+__device__ __forceinline__ void mbar_expect_tx(uint32_t bar, uint32_t bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
+    asm volatile(
+        "{\n.reg .pred P1;\nWAIT:\n"
+        "mbarrier.try_wait.parity.shared::cta.b64 P1, [%0], %1;\n"
+        "@P1 bra DONE;\nbra WAIT;\nDONE:\n}\n" ::"r"(bar),
+        "r"(parity)
+        : "memory");
+}
+__device__ __forceinline__ void tma_load_2d(uint32_t dst, const CUtensorMap *map, int c0, int c1, uint32_t bar) {
+    asm volatile(
+        "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n"
+        ::"r"(dst), "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(bar)
+        : "memory");
+}
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
 template <int N>
@@ -667,6 +692,37 @@ cudaError_t launch_wgmma_t(const PrefillArgs &a, const CUtensorMap *maps, cudaSt
 template <typename T, int NB>
 cudaError_t launch_wgmma_k(const PrefillArgs &a, const CUtensorMap *maps, int K, cudaStream_t s) {
     return with_paths(K, [&](auto k) { return launch_wgmma_t<T, decltype(k)::value, NB>(a, maps, s); });
+}
+
+/* The driver's tensor-map encoder, through the runtime (null where the driver lacks it). */
+PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
+    static const PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
+        void *p = nullptr;
+        cudaDriverEntryPointQueryResult q = cudaDriverEntryPointSymbolNotFound;
+#if CUDART_VERSION >= 12050
+        const cudaError_t e = cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &p, 12000, cudaEnableDefault, &q);
+#else
+        const cudaError_t e = cudaGetDriverEntryPoint("cuTensorMapEncodeTiled", &p, cudaEnableDefault, &q);
+#endif
+        return e == cudaSuccess && q == cudaDriverEntryPointSuccess ? reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(p)
+                                                                    : nullptr;
+    }();
+    return fn;
+}
+
+/* A row-major 2-D tensor [rows][cols] of `elem_bytes`-byte elements at `base` (rows `cols` elements apart) as boxes
+   of box_cols x box_rows; outside the tensor, zeros. False where the driver has no encoder or refuses the layout. */
+bool encode_2d(CUtensorMap *map, CUtensorMapDataType dtype, int elem_bytes, const void *base, uint64_t cols,
+               uint64_t rows, uint32_t box_cols, uint32_t box_rows, CUtensorMapSwizzle swizzle,
+               CUtensorMapL2promotion promotion) {
+    const PFN_cuTensorMapEncodeTiled_v12000 enc = tensor_map_encoder();
+    if (!enc) return false;
+    const cuuint64_t dims[2] = {cols, rows};
+    const cuuint64_t strides[1] = {cols * elem_bytes};  // bytes between rows
+    const cuuint32_t box[2] = {box_cols, box_rows};
+    const cuuint32_t elem[2] = {1, 1};
+    return enc(map, dtype, 2, const_cast<void *>(base), dims, strides, box, elem, CU_TENSOR_MAP_INTERLEAVE_NONE,
+               swizzle, promotion, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
 /* x [M][in] as tiles of 64 columns x `rows` tokens in the 128-byte swizzle wgmma reads. */

@@ -89,10 +89,7 @@ int packed_linear_path(rabit_dtype xdt, int64_t M);
    layer group runs as one launch when its layers' choices agree); with fused, packed_linear_fused's: the fp16 kernel
    has no epilogue for the glue, so where it would run (M <= kFusedMaxM only when RABIT_CUDA_DECODE forces it) the
    int8 one does. */
-/* DECODE_STREAM: the int8 kernel's arithmetic (bit-identical outputs) in one launch without a prologue, the weight bits
-   streamed into shared memory by the copy engine, on a persistent grid (M = 1, sm_90; where it cannot run, decode_gemv
-   runs DECODE_I8). */
-enum DecodeKernel { DECODE_I8 = 0, DECODE_B1 = 1, DECODE_F16 = 2, DECODE_SIMT = 3, DECODE_STREAM = 4 };
+enum DecodeKernel { DECODE_I8 = 0, DECODE_B1 = 1, DECODE_F16 = 2, DECODE_SIMT = 3 };
 constexpr int kB1MaxM = 2;
 /* rabit.packed_linear_fused runs the decode kernel of its shape with the glue (DecodeFusion) up to this M: where that
    kernel is float32-level (CUDA-core, int8, 1-bit; the fp16 one takes M >= 5). */
