@@ -34,6 +34,11 @@
 //                   keeping the prologue's blocks off the ring's SMs?      regs_few   regs with fewer held values
 //   order_pdl_prologue, regs_pdl_prologue   order and regs with the prologue launched with PDL too (it waits for the
 //                   previous ring with griddepcontrol.wait before it reads x): its launch overlaps the ring's tail
+//   tile_alone, math_alone, epi_alone   order_alone + one per-tile part of the streamed int8 kernel of commit 5fbee68
+//                   (kPartTile, kPartMath, kPartEpi below: the next tile's g and bias, the MMAs and flush, the
+//                   epilogue)
+//   full_alone      all three (c94e460's stages), full_alone_s4 with the streamed kernel's 4 stages: where its ~2.3 us
+//                   per tile a block beyond the copies goes
 // Each rung makes calls = P x max(10, ceil(200 / P)) calls over the pool (as bench_kernels: >= 200) behind a 10 ms
 // hold kernel (the queue is full when the events start: GPU time, not the host's launch rate), the rungs in turn for
 // 9 rounds, median.
@@ -436,8 +441,25 @@ __device__ __forceinline__ uint32_t *lp_sink(const C94Args &a) { return static_c
                items b, b + grid, ... of the (tile, chunk) list); both sides count the items (no end marker), the
                producer returns after its last copy; the consumers meet at a barrier after each tile (the epilogue's)
    kPartRegs   its registers: 128 (K = 2, one layer), here filled by values held across the loop; ring has 30, so
-               with 128 a ring block and a prologue block (40 x 512) take 56 K of the SM's 64 K registers */
-enum : int { kPartSmem = 1, kPartOrder = 2, kPartRegs = 4 };
+               with 128 a ring block and a prologue block (40 x 512) take 56 K of the SM's 64 K registers
+ Three more parts (twenty-eighth session), each alone on top of smem + order without the prologue (order_alone): the
+ streamed int8 kernel of commit 5fbee68 took ~2.3 us more per 16-row tile a block than these copies (docs/kernels.md,
+ "A streamed int8 kernel without a prologue"); which of its per-tile parts costs that?
+   kPartTile   the next tile's g (K x 2 values a lane) and bias (16 threads) loaded from global memory a tile ahead
+   kPartMath   the consumers copy their words (K paths x rows g, g + 8, words 4t .. 4t+3 of group `warp`) out of the
+               stage before releasing it, then run the int8 kernel's 16 MMAs per path (B fragments from the fragment
+               region: stale values, only the time counts) and its float64 flush into two float32 sums
+   kPartEpi    the epilogue: the warps' sums into shared memory, the tile barrier, warp 0 adds them in warp order, the
+               bias and stores 16 fp16 outputs */
+enum : int { kPartSmem = 1, kPartOrder = 2, kPartRegs = 4, kPartTile = 8, kPartMath = 16, kPartEpi = 32 };
+
+__device__ __forceinline__ void mma_s8(int (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
+                                       uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+        : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
 constexpr int kRingMaxStages = 8, kRingBarBytes = 256, kB1FragBytes = 2048, kRingMaxPaths = 128;
 constexpr int kPadRegs = 96;  // the held values of kPartRegs: ptxas then reports 128 registers (c94e460: 128)
 constexpr int kPadRegsFew = 32;  // regs_few: the same with fewer held values (its registers are printed)
@@ -445,7 +467,9 @@ constexpr int kPadRegsFew = 32;  // regs_few: the same with fewer held values (i
 template <class A, int F, int PAD = kPadRegs>
 __global__ void __launch_bounds__(288, 1) ring_ladder(const __grid_constant__ A a) {
     constexpr bool SMEM = F & kPartSmem, ORDER = F & kPartOrder, REGS = F & kPartRegs;
+    constexpr bool TILE = F & kPartTile, MATH = F & kPartMath, EPI = F & kPartEpi;
     static_assert(!REGS || SMEM, "the held values come from the fragment region");
+    static_assert(!(TILE || MATH || EPI) || (SMEM && ORDER), "the per-tile parts sit on smem + order");
     extern __shared__ __align__(128) unsigned char smem[];
     __shared__ __align__(8) uint64_t bars[SMEM ? 1 : 2 * kRingMaxStages];
     __shared__ int item_of[kRingMaxStages];
@@ -548,13 +572,95 @@ __global__ void __launch_bounds__(288, 1) ring_ladder(const __grid_constant__ A 
     };
     if constexpr (ORDER) {
         int buf = 0;
+        const int g = lane >> 2, t = lane & 3;
+        float gk_n[K][2], bias_n = 0.0f;
+        auto tile_params = [&](int64_t tile) {  // kPartTile: the stream kernel's tile_params (fp16 g and bias)
+            const C94Main &m = a.ga.a;
+#pragma unroll
+            for (int r = 0; r < 2; r++) {
+                const int64_t o = tile * 16 + g + 8 * r;
+#pragma unroll
+                for (int k = 0; k < K; k++)
+                    gk_n[k][r] = tile < tiles && o < out ? __half2float(static_cast<const __half *>(m.g)[k * out + o])
+                                                         : 0.0f;
+            }
+            bias_n = tile < tiles && tid < 16 && tile * 16 + tid < out
+                         ? __half2float(static_cast<const __half *>(m.bias)[tile * 16 + tid])
+                         : 0.0f;
+        };
+        if constexpr (TILE) tile_params(blockIdx.x);
+        const double dw0 = (t & 1) ? 256.0 : 16777216.0, dw1 = (t & 1) ? 1.0 : 65536.0;
+        const uint2 *fragp = reinterpret_cast<const uint2 *>(smem + kRingBarBytes);
         for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+            float gk[K][2], bias_v = bias_n, fa[2] = {0.0f, 0.0f};
+#pragma unroll
+            for (int k = 0; k < K; k++) gk[k][0] = TILE ? gk_n[k][0] : 1.0f, gk[k][1] = TILE ? gk_n[k][1] : 1.0f;
+            if constexpr (TILE) tile_params(tile + gridDim.x);
             for (int64_t c = 0; c < chunks; c++) {
                 mbar_wait(full0 + 8 * slot, phase);
-                consume();
+                if constexpr (MATH) {
+                    const int64_t gr = c * 8 + warp;
+                    const bool mine = gr < lp_paths(a) / K;
+                    uint4 w[K][2];
+                    const uint32_t base = ring0 + slot * K * kRingBox + warp * 64 + t * 16;
+#pragma unroll
+                    for (int k = 0; k < K; k++)
+#pragma unroll
+                        for (int r = 0; r < 2; r++) {
+                            w[k][r] = make_uint4(0u, 0u, 0u, 0u);
+                            if (mine)
+                                asm volatile("ld.shared.v4.u32 {%0,%1,%2,%3}, [%4];\n"
+                                             : "=r"(w[k][r].x), "=r"(w[k][r].y), "=r"(w[k][r].z), "=r"(w[k][r].w)
+                                             : "r"(base + k * kRingBox + (g + 8 * r) * 512));
+                        }
+                    __syncwarp();
+                    if (lane == 0)
+                        asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(empty0 + 8 * slot) : "memory");
+                    advance();
+                    if (!mine) continue;
+#pragma unroll
+                    for (int k = 0; k < K; k++) {
+                        const int64_t fi = gr * K + k;
+                        int acc4[4] = {0, 0, 0, 0};
+#pragma unroll
+                        for (int sp = 0; sp < 16; sp++) {
+                            const int s2 = sp >> 3, p = sp & 7;
+                            constexpr uint32_t m1 = 0x01010101u;
+                            const uint4 &wg = w[k][0], &wh = w[k][1];
+                            const uint32_t a0 = ((s2 ? wg.z : wg.x) >> p) & m1, a2 = ((s2 ? wg.w : wg.y) >> p) & m1;
+                            const uint32_t a1 = ((s2 ? wh.z : wh.x) >> p) & m1, a3 = ((s2 ? wh.w : wh.y) >> p) & m1;
+                            const uint2 bb = lane < 16 ? fragp[fi * 256 + sp * 16 + lane] : make_uint2(0u, 0u);
+                            mma_s8(acc4, a0, a1, a2, a3, bb.x, bb.y);
+                        }
+                        const double sck = t < 2 ? static_cast<double>(sc_s[fi]) : 0.0, qsk = t < 2 ? qs_s[fi] : 0.0;
+#pragma unroll
+                        for (int r = 0; r < 2; r++) {
+                            double v = static_cast<double>(acc4[2 * r]) * dw0 +
+                                       static_cast<double>(acc4[2 * r + 1]) * dw1;
+                            v += __shfl_xor_sync(0xffffffffu, v, 1);
+                            fa[r] = __fmaf_rn(gk[k][r], static_cast<float>(sck * (2.0 * v - qsk)), fa[r]);
+                        }
+                    }
+                } else {
+                    consume();
+                }
             }
-            if (SMEM && lane < 16) red[buf * 128 + warp * 16 + lane] = __uint_as_float(acc);
+            if constexpr (EPI) {
+                if (t == 0) {
+                    red[buf * 128 + warp * 16 + g] = fa[0];
+                    red[buf * 128 + warp * 16 + g + 8] = fa[1];
+                }
+            } else if (SMEM && lane < 16) {
+                red[buf * 128 + warp * 16 + lane] = __uint_as_float(acc) + (TILE || MATH ? fa[0] + bias_v : 0.0f);
+            }
             asm volatile("bar.sync 1, 256;\n" ::: "memory");  // c94e460's barrier of the 8 consumers a tile
+            if constexpr (EPI)
+                if (tid < 16 && tile * 16 + tid < out) {
+                    float v = 0.0f;
+#pragma unroll
+                    for (int ww = 0; ww < 8; ww++) v += red[buf * 128 + ww * 16 + tid];
+                    static_cast<__half *>(a.ga.a.y)[tile * 16 + tid] = __float2half_rn(v + bias_v);
+                }
             buf ^= 1;
         }
     } else {
@@ -633,6 +739,14 @@ int main(int argc, char **argv) {
                                cudaFuncAttributeMaxDynamicSharedMemorySize, ring_limit));
     CHECK(cudaFuncSetAttribute(ring_ladder<C94Args, kPartSmem | kPartOrder | kPartRegs, kPadRegsFew>,
                                cudaFuncAttributeMaxDynamicSharedMemorySize, ring_limit));
+    constexpr int kSO = kPartSmem | kPartOrder, kFull = kSO | kPartTile | kPartMath | kPartEpi;
+    CHECK(cudaFuncSetAttribute(ring_ladder<C94Args, kSO | kPartTile>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                               ring_limit));
+    CHECK(cudaFuncSetAttribute(ring_ladder<C94Args, kSO | kPartMath>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                               ring_limit));
+    CHECK(cudaFuncSetAttribute(ring_ladder<C94Args, kSO | kPartEpi>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                               ring_limit));
+    CHECK(cudaFuncSetAttribute(ring_ladder<C94Args, kFull>, cudaFuncAttributeMaxDynamicSharedMemorySize, ring_limit));
     // registers and static shared memory of the ladder's kernels (c94e460, K = 2, one layer: ring 128 and 2560 B,
     // prologue 40 and 640 B)
     std::string kern_json;
@@ -644,7 +758,9 @@ int main(int argc, char **argv) {
             {"smem", reinterpret_cast<const void *>(ring_ladder<C94Args, kPartSmem>)},
             {"regs", reinterpret_cast<const void *>(ring_ladder<C94Args, kPartSmem | kPartOrder | kPartRegs>)},
             {"regs_few",
-             reinterpret_cast<const void *>(ring_ladder<C94Args, kPartSmem | kPartOrder | kPartRegs, kPadRegsFew>)}};
+             reinterpret_cast<const void *>(ring_ladder<C94Args, kPartSmem | kPartOrder | kPartRegs, kPadRegsFew>)},
+            {"math", reinterpret_cast<const void *>(ring_ladder<C94Args, kSO | kPartMath>)},
+            {"full", reinterpret_cast<const void *>(ring_ladder<C94Args, kFull>)}};
         printf("ring parts kernels (registers, static smem):");
         for (auto &k : kerns) {
             cudaFuncAttributes fa;
@@ -748,6 +864,7 @@ int main(int argc, char **argv) {
         const int budget = prop.sharedMemPerBlockOptin - 6144 - 256 - paths * 2048;  // c94e460's ring_stages()
         const int stages_c94 = std::min(budget / (K * kRingBox), 8);
         const size_t smem4 = 4 * K * kRingBox, smem_c94 = 256 + paths * 2048 + stages_c94 * K * kRingBox;
+        const size_t smem_s4 = 256 + paths * 2048 + 4 * K * kRingBox;  // the stream kernel's 4 stages
         __half *xp, *hp;
         CHECK(cudaMalloc(&xp, in * 2));
         CHECK(cudaMalloc(&hp, static_cast<size_t>(P) * K * in * 2));
@@ -757,6 +874,12 @@ int main(int argc, char **argv) {
         CHECK(cudaMalloc(&frag, static_cast<size_t>(paths) * (1024 * sizeof(uint2) + 16 * (8 + 4))));
         double *qsum = reinterpret_cast<double *>(frag + static_cast<size_t>(paths) * 1024);
         float *scale = reinterpret_cast<float *>(qsum + paths * 16);
+        __half *gp, *bp, *yb;  // the per-tile parts: g [K][out] and bias [out] per layer of the pool, one output
+        CHECK(cudaMalloc(&gp, static_cast<size_t>(P) * K * out * 2));
+        CHECK(cudaMalloc(&bp, static_cast<size_t>(P) * out * 2));
+        CHECK(cudaMalloc(&yb, out * 2));
+        CHECK(cudaMemset(gp, 0x3c, static_cast<size_t>(P) * K * out * 2));
+        CHECK(cudaMemset(bp, 0x3c, static_cast<size_t>(P) * out * 2));
         std::vector<PrepArgs> pargs(P);
         std::vector<ProArgs> pro_args(P);
         std::vector<C94Args> c94_args(P);
@@ -789,7 +912,9 @@ int main(int argc, char **argv) {
             c.bits[0] = maps[i].map;
             C94Main &m = c.ga.a;
             m.packed = reinterpret_cast<const uint32_t *>(bits + layer * i);
-            m.y = sink;
+            m.y = yb;
+            m.g = gp + static_cast<size_t>(i) * K * out;
+            m.bias = bp + static_cast<size_t>(i) * out;
             m.gdt = m.bdt = m.ydt = kF16;
             m.M = 1;
             m.out = out;
@@ -803,7 +928,7 @@ int main(int argc, char **argv) {
             m.in = in;
             c.ga.layers = 1;
             c.ga.packed[0] = m.packed;
-            c.ga.y[0] = sink;
+            c.ga.y[0] = yb;
             c.ga.out[0] = out;
             c.ga.vec[0] = 1;
             c.tiles = (out + 15) / 16;
@@ -862,7 +987,14 @@ int main(int argc, char **argv) {
             {"order_pdl_prologue", true,
              c94(ring_ladder<C94Args, kPartSmem | kPartOrder>, stages_c94, smem_c94, true, true)},
             {"regs_pdl_prologue", true,
-             c94(ring_ladder<C94Args, kPartSmem | kPartOrder | kPartRegs>, stages_c94, smem_c94, true, true)}};
+             c94(ring_ladder<C94Args, kPartSmem | kPartOrder | kPartRegs>, stages_c94, smem_c94, true, true)},
+            // the streamed int8 kernel's per-tile parts, each alone on order_alone, then all three (also with its 4
+            // stages)
+            {"tile_alone", true, c94(ring_ladder<C94Args, kSO | kPartTile>, stages_c94, smem_c94, false)},
+            {"math_alone", true, c94(ring_ladder<C94Args, kSO | kPartMath>, stages_c94, smem_c94, false)},
+            {"epi_alone", true, c94(ring_ladder<C94Args, kSO | kPartEpi>, stages_c94, smem_c94, false)},
+            {"full_alone", true, c94(ring_ladder<C94Args, kFull>, stages_c94, smem_c94, false)},
+            {"full_alone_s4", true, c94(ring_ladder<C94Args, kFull>, 4, smem_s4, false)}};
         constexpr int kRungs = sizeof rungs / sizeof rungs[0], kRounds = 9;
         constexpr unsigned long long kHoldNs = 10000000;  // > the host's time to queue 2 x 390 launches
         const int calls = P * std::max(10, (200 + P - 1) / P);  // bench_kernels' graphs: >= 200 calls
@@ -909,6 +1041,9 @@ int main(int argc, char **argv) {
         }
         printf("  (c94e460 smem %zu B, %d stages)\n", smem_c94, stages_c94);
         CHECK(cudaFree(frag));
+        CHECK(cudaFree(gp));
+        CHECK(cudaFree(bp));
+        CHECK(cudaFree(yb));
         CHECK(cudaFree(hp));
         CHECK(cudaFree(xp));
         cudaFree(counter);
