@@ -23,6 +23,17 @@ def non_negative_int(text: str) -> int:
     return _int_at_least(text, 0, "non-negative")
 
 
+def token_count(text: str) -> int:
+    """A count of tokens, written as an integer or a float (2.5e6): finite, >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of tokens (such as 2.5e6), got {text!r}") from None
+    if not (value >= 0 and value != float("inf")):  # also NaN
+        raise argparse.ArgumentTypeError(f"expected a finite number of tokens >= 0, got {text!r}")
+    return int(value)
+
+
 def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true",
                    help="print the result as JSON on stdout (the human-readable report is not printed)")

@@ -170,6 +170,22 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     return (CommandError, TrainingDivergedError, ValueError, FileNotFoundError, FileExistsError, ImportError)
 
 
+def _check_device(args: argparse.Namespace) -> None:
+    """A --device torch does not know, or CUDA where torch sees no GPU: said before any work (the numpy runtime takes
+    no device)."""
+    device = getattr(args, "device", None)
+    if device is None or getattr(args, "runtime", "torch") == "numpy":
+        return
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise CommandError(f"rabit: --device {device!r} is not a torch device; pass cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise CommandError(f"rabit: --device {device}, but torch sees no CUDA GPU; pass --device cpu")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``rabit`` console script; returns the exit status."""
     parser = build_parser()
@@ -182,6 +198,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         logging.getLogger("rabit").setLevel(logging.ERROR)
     try:
+        _check_device(args)
         result = args._run(args)
     except KeyboardInterrupt:
         print("rabit: interrupted", file=sys.stderr)

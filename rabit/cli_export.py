@@ -52,9 +52,12 @@ def _is_export_dir(path: str) -> bool:
     if not (p.is_dir() and (p / "config.json").is_file()):
         return False
     try:
-        qc = json.loads((p / "config.json").read_text(encoding="utf-8")).get("quantization_config")
+        cfg = json.loads((p / "config.json").read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError):
         return True  # let the loader report the corrupted file
+    if not isinstance(cfg, dict):
+        return True  # the loader says: config.json must hold a JSON object
+    qc = cfg.get("quantization_config")
     return isinstance(qc, dict) and qc.get("quant_method") == "rabit"
 
 

@@ -154,6 +154,11 @@ class ExperimentConfig:
         if self.block_seqs is not None and self.block_seqs > self.data_seqs:
             raise ValueError(f"rabit train: block_seqs {self.block_seqs} is more than the {self.data_seqs} training "
                              f"sequences (data_seqs); lower it or raise data_seqs")
+        if self.block_steps_run and self.block_seqs is None and self.text is None and self.calib_seqs > self.data_seqs:
+            # caught here, before the teacher data are sampled (a text file's row count is checked when it is read)
+            raise ValueError(f"rabit train: the block stage fits each layer on {self.calib_seqs} sequences (the "
+                             f"calibration rows) but data_seqs is {self.data_seqs}; raise data_seqs, or pass "
+                             f"--block-seqs N (N <= data_seqs) or --block-steps 0")
         try:
             self.train_config()
         except ValueError as e:  # the trainer's own check, named for this command
@@ -216,7 +221,7 @@ class ExperimentConfig:
 
 def add_config_arguments(p, d: ExperimentConfig | None = None) -> None:
     """The options of one experiment (``rabit train`` and ``benchmarks/method_table.py`` share them)."""
-    from ._cli_args import non_negative_int, positive_int
+    from ._cli_args import non_negative_int, positive_int, token_count
     from .block_recon import BLOCK_INPUTS
     from .data import DATA_STARTS, SAMPLING_DTYPES
     from .init import LATENT_INITS
@@ -224,7 +229,7 @@ def add_config_arguments(p, d: ExperimentConfig | None = None) -> None:
 
     d = d or ExperimentConfig()
     p.add_argument("--model", default=d.model, help=f"model name or path (default {d.model})")
-    p.add_argument("--tokens", type=float, default=d.tokens, help="training tokens (default %(default).3g)")
+    p.add_argument("--tokens", type=token_count, default=d.tokens, help="training tokens (default %(default).3g)")
     p.add_argument("--seq-len", type=positive_int, default=d.seq_len, help="length of the teacher-sampled sequences")
     p.add_argument("--train-seq-len", type=non_negative_int, default=d.train_seq_len,
                    help="train on the sequences cut into pieces of this length, a divisor of --seq-len "
@@ -363,6 +368,8 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, device: str = "cu
     teacher.eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
+    # tokenized once (the curve and the final numbers), and first: a missing WikiText file is said before the work
+    wiki_ids = wikitext2_ids(tok) if cfg.ppl_ctx else None
     t0 = time.perf_counter()
     if teacher_data is None:
         teacher_data = training_data(cfg, teacher, tok, out, dev, progress)
@@ -402,7 +409,6 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, device: str = "cu
                                     cfg.block_steps_run, cfg.block_inputs, progress=progress)
         blocks_s = time.perf_counter() - t0
 
-    wiki_ids = wikitext2_ids(tok) if cfg.ppl_ctx else None  # tokenized once: the curve and the final numbers
     eval_fn, eval_every = None, 0
     if cfg.curve_points and cfg.ppl_ctx and cfg.steps:
         def eval_fn(model, ctx=cfg.ppl_ctx[0]):

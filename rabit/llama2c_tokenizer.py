@@ -27,6 +27,16 @@ def _read_file(path: Path, what: str) -> bytes:
 # Tokenizer
 
 
+class Encoding(dict):
+    """A tokenizer's output: a dict whose keys read as attributes too (``enc.input_ids``), as Hugging Face's."""
+
+    def __getattr__(self, name):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(f"rabit: the encoding has no {name!r}; it holds {sorted(self)}") from None
+
+
 class Llama2cTokenizer:
     """The llama2.c tokenizer (``tok*.bin``: int32 max_token_length, then per entry float32 score,
     int32 length, bytes), encoding and decoding exactly as ``run.c`` does.
@@ -150,7 +160,8 @@ class Llama2cTokenizer:
         return [self.decode(ids) for ids in batch]
 
     def __call__(self, text, return_tensors: str | None = None, bos: bool = True, eos: bool = False):
-        """``{"input_ids", "attention_mask"}`` for a string (or a list of equal-length encodings)."""
+        """``{"input_ids", "attention_mask"}`` for a string (or a list of equal-length encodings), readable as
+        ``enc["input_ids"]`` or ``enc.input_ids`` like a Hugging Face tokenizer's output."""
         batch = [text] if isinstance(text, str) else list(text)
         ids = [self.encode(t, bos=bos, eos=eos) for t in batch]
         if return_tensors == "pt":
@@ -160,13 +171,13 @@ class Llama2cTokenizer:
             import torch  # only for return_tensors='pt'
 
             t = torch.tensor(ids, dtype=torch.long)
-            return {"input_ids": t, "attention_mask": torch.ones_like(t)}
+            return Encoding(input_ids=t, attention_mask=torch.ones_like(t))
         if return_tensors is not None:
             raise ValueError(f"rabit: Llama2cTokenizer supports return_tensors='pt' or None, "
                              f"not {return_tensors!r}")
         if isinstance(text, str):
-            return {"input_ids": ids[0], "attention_mask": [1] * len(ids[0])}
-        return {"input_ids": ids, "attention_mask": [[1] * len(x) for x in ids]}
+            return Encoding(input_ids=ids[0], attention_mask=[1] * len(ids[0]))
+        return Encoding(input_ids=ids, attention_mask=[[1] * len(x) for x in ids])
 
 
 # ----------------------------------------------------------------------------------------------

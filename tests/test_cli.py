@@ -52,6 +52,54 @@ def test_cuda_without_a_gpu_is_a_clear_error(capsys):
     assert "cuda" in err and "--device cpu" in err
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU error path")
+@pytest.mark.parametrize("argv", [["train", "--model", "stories260k", "--out", "OUT", "--device", "cuda"],
+                                  ["eval", "OUT", "--ppl", "--device", "cuda"]])
+def test_every_command_says_cuda_is_missing_before_any_work(tmp_path, capsys, argv):
+    argv = [str(tmp_path / "o") if a == "OUT" else a for a in argv]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "torch sees no CUDA GPU" in err and "--device cpu" in err
+    assert not (tmp_path / "o").exists()  # nothing was started
+
+
+@pytest.mark.parametrize("device", ["bogus", "cuda:x"])
+def test_an_unknown_device_is_named(tmp_path, capsys, device):
+    assert main(["train", "--model", "stories260k", "--out", str(tmp_path / "o"), "--device", device]) == 1
+    err = capsys.readouterr().err
+    assert f"--device {device!r} is not a torch device" in err
+
+
+@pytest.mark.parametrize("tokens", ["inf", "nan", "-5", "lots"])
+def test_train_rejects_a_token_count_that_is_not_a_finite_number(capsys, tokens):
+    assert main(["train", "--model", "stories260k", "--out", "x", "--tokens", tokens]) == 2
+    assert "--tokens" in capsys.readouterr().err
+
+
+def test_train_says_the_block_stage_needs_more_sequences_before_sampling(tmp_path, capsys):
+    assert main(["train", "--model", "stories260k", "--out", str(tmp_path / "o"), "--device", "cpu",
+                 "--data-seqs", "8", "--tokens", "2048"]) == 1
+    err = capsys.readouterr().err
+    assert "data_seqs is 8" in err and "--block-steps 0" in err
+    assert not (tmp_path / "o").exists()  # rejected with the config, before the teacher data are sampled
+
+
+def test_train_says_wikitext_is_missing_before_sampling(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("RABIT_SHARED", str(tmp_path / "no_shared"))
+    monkeypatch.delenv("RABIT_WIKITEXT", raising=False)
+    assert main(["train", "--model", "stories260k", "--out", str(tmp_path / "o"), "--device", "cpu",
+                 "--data-seqs", "8", "--block-steps", "0", "--tokens", "2048"]) == 1
+    assert "WikiText-2" in capsys.readouterr().err
+    assert not (tmp_path / "o" / "teacher_data.safetensors").exists()
+
+
+@pytest.mark.parametrize("content", ["[1, 2]", '"llama"'])
+def test_generate_on_a_config_that_is_not_an_object_names_it(tmp_path, capsys, content):
+    (tmp_path / "config.json").write_text(content)
+    assert main(["generate", str(tmp_path), "--prompt", "hi"]) == 1
+    assert "must hold a JSON object" in capsys.readouterr().err
+
+
 def test_python_dash_m_rabit_help():
     r = subprocess.run([sys.executable, "-m", "rabit", "quickstart", "--help"], capture_output=True, text=True,
                        check=False, timeout=120)

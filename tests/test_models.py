@@ -167,6 +167,10 @@ def test_tokenizer_details(tok):
     assert tok.encode("日", bos=False)[-3:] == [b + 3 for b in "日".encode()]
     batch = tok("Once upon a time", return_tensors="pt")
     assert batch["input_ids"].shape == batch["attention_mask"].shape == (1, 5)
+    # read as attributes too, as a Hugging Face tokenizer's output (the README's example does)
+    assert batch.input_ids is batch["input_ids"] and tok("Once").input_ids == tok.encode("Once")
+    with pytest.raises(AttributeError, match="no 'token_type_ids'"):
+        batch.token_type_ids
     assert tok.decode(torch.tensor([[1, 403, 407, 261, 378, 2]])) == "Once upon a time"
 
 
