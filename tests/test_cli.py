@@ -140,6 +140,12 @@ def test_quickstart_report_is_printed(monkeypatch, capsys):
     assert TINY.train_embeddings and res["train"]["config"]["freeze_embeddings"] is False
 
 
+@pytest.mark.parametrize("argv", [["--threads", "0"], ["--reps", "0"], ["--m", "0"], ["--m", "-1"]])
+def test_bench_rejects_counts_below_one(capsys, argv):
+    assert main(["bench", *argv]) == 2
+    assert argv[0] in capsys.readouterr().err
+
+
 def test_bench_and_train_have_help(capsys):
     from rabit.cli import main
 
