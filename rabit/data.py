@@ -402,6 +402,20 @@ def save_tokens(path: str | os.PathLike, ids: torch.Tensor, metadata: dict[str, 
         raise ValueError(f"rabit: unsupported token file suffix {path.suffix!r}; use .safetensors or .npy")
 
 
+@contextlib.contextmanager
+def readable_safetensors(path: str | os.PathLike, what: str, fix: str):
+    """Inside it, safetensors' error for a truncated or corrupt file is a ValueError naming the file and ``fix``."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except SafetensorError as e:
+        raise ValueError(f"rabit: {what} {str(path)!r} is not a readable safetensors file ({e}); {fix}") from None
+
+
+_TOKEN_FILE_FIX = "it is truncated or corrupt: delete it (a cached teacher-data file is sampled again) or re-copy it"
+
+
 def load_tokens(path: str | os.PathLike) -> torch.Tensor:
     """Load token ids written by :func:`save_tokens` as a LongTensor (no pickle is ever loaded)."""
     path = Path(path)
@@ -410,7 +424,8 @@ def load_tokens(path: str | os.PathLike) -> torch.Tensor:
     if path.suffix == ".safetensors":
         from safetensors.numpy import load_file
 
-        tensors = load_file(str(path))
+        with readable_safetensors(path, "token file", _TOKEN_FILE_FIX):
+            tensors = load_file(str(path))
         if "input_ids" not in tensors:
             raise ValueError(f"rabit: {str(path)!r} has no 'input_ids' tensor; was it written by save_tokens?")
         arr = tensors["input_ids"]
@@ -428,7 +443,7 @@ def read_token_metadata(path: str | os.PathLike) -> dict[str, str]:
         return {}
     from safetensors import safe_open
 
-    with safe_open(str(path), framework="numpy") as f:
+    with readable_safetensors(path, "token file", _TOKEN_FILE_FIX), safe_open(str(path), framework="numpy") as f:
         return dict(f.metadata() or {})
 
 
@@ -525,7 +540,11 @@ def tokens_from_text_file(path: str | os.PathLike, tokenizer: Any, seq_len: int)
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"rabit: text file {str(path)!r} does not exist (or is not a file)")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"rabit: text file {str(path)!r} is not UTF-8 text ({e.reason} at byte {e.start}); pass a "
+                         f"plain-text file") from None
     if not text.strip():
         raise ValueError(f"rabit: text file {str(path)!r} is empty; it needs at least {seq_len} tokens of text")
     ids = encode_text(tokenizer, text, bos=True)

@@ -471,7 +471,10 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, 
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    with safe_open(str(path), framework="pt") as f:
+    from .data import readable_safetensors
+
+    fix = "it is truncated or corrupt: delete it to train from the start, or restore a good copy"
+    with readable_safetensors(path, "checkpoint", fix), safe_open(str(path), framework="pt") as f:
         raw = (f.metadata() or {}).get("rabit")
     if raw is None:
         raise ValueError(f"rabit: {str(path)!r} is not a rabit training checkpoint (no 'rabit' metadata)")
@@ -479,7 +482,8 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, 
     if meta.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"rabit: {str(path)!r} has checkpoint format {meta.get('format')!r}; "
                          f"this version reads {CHECKPOINT_FORMAT!r}")
-    return meta, load_file(str(path))
+    with readable_safetensors(path, "checkpoint", fix):
+        return meta, load_file(str(path))
 
 
 def load_student_weights(student: torch.nn.Module, meta: dict, tensors: dict[str, torch.Tensor]) -> None:

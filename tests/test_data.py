@@ -188,6 +188,24 @@ def test_load_missing_file_names_it(tmp_path):
         D.load_tokens(tmp_path / "nope.safetensors")
 
 
+@pytest.mark.parametrize("content", [b"", b"\x00" * 7, b"\xff" * 40])
+def test_a_truncated_or_corrupt_token_file_is_named(tmp_path, content):
+    path = tmp_path / "teacher_data.safetensors"
+    path.write_bytes(content)
+    for read in (D.load_tokens, D.read_token_metadata):
+        with pytest.raises(ValueError, match="teacher_data.safetensors' is not a readable safetensors file.*delete it"):
+            read(path)
+
+
+def test_a_truncated_checkpoint_is_named(tmp_path):
+    from rabit.train import read_checkpoint
+
+    path = tmp_path / "checkpoint.safetensors"
+    path.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{")  # a header cut short
+    with pytest.raises(ValueError, match="checkpoint .*checkpoint.safetensors' is not a readable.*train from the start"):
+        read_checkpoint(path)
+
+
 # ---------------------------------------------------------------------------------------------
 # cache
 # ---------------------------------------------------------------------------------------------
@@ -293,6 +311,10 @@ def test_tokens_from_text_file(tmp_path):
 
 def test_tokens_from_text_file_errors(tmp_path):
     tok = CharTokenizer()
+    binary = tmp_path / "model.bin"
+    binary.write_bytes(b"ok\xb1\xff" * 10)
+    with pytest.raises(ValueError, match="model.bin' is not UTF-8 text .*byte 2"):
+        D.tokens_from_text_file(binary, tok, 8)
     with pytest.raises(FileNotFoundError, match="missing.txt"):
         D.tokens_from_text_file(tmp_path / "missing.txt", tok, 8)
     empty = tmp_path / "empty.txt"
