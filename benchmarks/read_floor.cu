@@ -39,6 +39,10 @@
 //                   epilogue)
 //   full_alone      all three (c94e460's stages), full_alone_s4 with the streamed kernel's 4 stages: where its ~2.3 us
 //                   per tile a block beyond the copies goes
+//   math_nomma, math_noflush, math_inter, math_words   math_alone without its MMAs, without its float64 flush, with
+//                   the K MMA chains interleaved, with neither MMAs nor flush (kMathNoMma, ... below)
+//   tile2_alone     tile_alone with g and bias two tiles ahead; full_inter_tile2   full_alone with both changes
+//   math_2b, full_2b   math_alone and full_alone with 4 stages and twice the blocks (two an SM where they fit)
 // Each rung makes calls = P x max(10, ceil(200 / P)) calls over the pool (as bench_kernels: >= 200) behind a 10 ms
 // hold kernel (the queue is full when the events start: GPU time, not the host's launch rate), the rungs in turn for
 // 9 rounds, median.
@@ -450,8 +454,15 @@ __device__ __forceinline__ uint32_t *lp_sink(const C94Args &a) { return static_c
                stage before releasing it, then run the int8 kernel's 16 MMAs per path (B fragments from the fragment
                region: stale values, only the time counts) and its float64 flush into two float32 sums
    kPartEpi    the epilogue: the warps' sums into shared memory, the tile barrier, warp 0 adds them in warp order, the
-               bias and stores 16 fp16 outputs */
-enum : int { kPartSmem = 1, kPartOrder = 2, kPartRegs = 4, kPartTile = 8, kPartMath = 16, kPartEpi = 32 };
+               bias and stores 16 fp16 outputs
+ Splits of math and tile (thirtieth session: math cost 2.1-6.3 us, tile 0.5-2.9, epi 0.2-0.3 on an H200):
+   kMathNoMma     math without its MMAs (the words go straight to the flush)
+   kMathNoFlush   math with an fp32 sum of the MMA results instead of the float64 flush
+   kMathInter     the K paths' MMA chains interleaved (sp outer, k inner): the asm volatile MMAs issue in source order,
+                  so path 1's chain otherwise waits for path 0's 16 dependent MMAs
+   kTile2         g and bias loaded two tiles ahead instead of one */
+enum : int { kPartSmem = 1, kPartOrder = 2, kPartRegs = 4, kPartTile = 8, kPartMath = 16, kPartEpi = 32,
+             kMathNoMma = 64, kMathNoFlush = 128, kMathInter = 256, kTile2 = 512 };
 
 __device__ __forceinline__ void mma_s8(int (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
                                        uint32_t b1) {
@@ -468,6 +479,7 @@ template <class A, int F, int PAD = kPadRegs>
 __global__ void __launch_bounds__(288, 1) ring_ladder(const __grid_constant__ A a) {
     constexpr bool SMEM = F & kPartSmem, ORDER = F & kPartOrder, REGS = F & kPartRegs;
     constexpr bool TILE = F & kPartTile, MATH = F & kPartMath, EPI = F & kPartEpi;
+    constexpr bool NOMMA = F & kMathNoMma, NOFLUSH = F & kMathNoFlush, INTER = F & kMathInter, TILE2 = F & kTile2;
     static_assert(!REGS || SMEM, "the held values come from the fragment region");
     static_assert(!(TILE || MATH || EPI) || (SMEM && ORDER), "the per-tile parts sit on smem + order");
     extern __shared__ __align__(128) unsigned char smem[];
@@ -573,29 +585,38 @@ __global__ void __launch_bounds__(288, 1) ring_ladder(const __grid_constant__ A 
     if constexpr (ORDER) {
         int buf = 0;
         const int g = lane >> 2, t = lane & 3;
-        float gk_n[K][2], bias_n = 0.0f;
-        auto tile_params = [&](int64_t tile) {  // kPartTile: the stream kernel's tile_params (fp16 g and bias)
+        float gk_n[K][2], bias_n = 0.0f, gk_nn[K][2], bias_nn = 0.0f;
+        // kPartTile: the stream kernel's tile_params (fp16 g and bias)
+        auto tile_params = [&](int64_t tile, float (&gkd)[K][2], float &bd) {
             const C94Main &m = a.ga.a;
 #pragma unroll
             for (int r = 0; r < 2; r++) {
                 const int64_t o = tile * 16 + g + 8 * r;
 #pragma unroll
                 for (int k = 0; k < K; k++)
-                    gk_n[k][r] = tile < tiles && o < out ? __half2float(static_cast<const __half *>(m.g)[k * out + o])
-                                                         : 0.0f;
+                    gkd[k][r] = tile < tiles && o < out ? __half2float(static_cast<const __half *>(m.g)[k * out + o])
+                                                        : 0.0f;
             }
-            bias_n = tile < tiles && tid < 16 && tile * 16 + tid < out
-                         ? __half2float(static_cast<const __half *>(m.bias)[tile * 16 + tid])
-                         : 0.0f;
+            bd = tile < tiles && tid < 16 && tile * 16 + tid < out
+                     ? __half2float(static_cast<const __half *>(m.bias)[tile * 16 + tid])
+                     : 0.0f;
         };
-        if constexpr (TILE) tile_params(blockIdx.x);
+        if constexpr (TILE) tile_params(blockIdx.x, gk_n, bias_n);
+        if constexpr (TILE2) tile_params(blockIdx.x + gridDim.x, gk_nn, bias_nn);
         const double dw0 = (t & 1) ? 256.0 : 16777216.0, dw1 = (t & 1) ? 1.0 : 65536.0;
         const uint2 *fragp = reinterpret_cast<const uint2 *>(smem + kRingBarBytes);
         for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
             float gk[K][2], bias_v = bias_n, fa[2] = {0.0f, 0.0f};
 #pragma unroll
             for (int k = 0; k < K; k++) gk[k][0] = TILE ? gk_n[k][0] : 1.0f, gk[k][1] = TILE ? gk_n[k][1] : 1.0f;
-            if constexpr (TILE) tile_params(tile + gridDim.x);
+            if constexpr (TILE2) {
+#pragma unroll
+                for (int k = 0; k < K; k++) gk_n[k][0] = gk_nn[k][0], gk_n[k][1] = gk_nn[k][1];
+                bias_n = bias_nn;
+                tile_params(tile + 2 * gridDim.x, gk_nn, bias_nn);
+            } else if constexpr (TILE) {
+                tile_params(tile + gridDim.x, gk_n, bias_n);
+            }
             for (int64_t c = 0; c < chunks; c++) {
                 mbar_wait(full0 + 8 * slot, phase);
                 if constexpr (MATH) {
@@ -618,25 +639,49 @@ __global__ void __launch_bounds__(288, 1) ring_ladder(const __grid_constant__ A 
                         asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(empty0 + 8 * slot) : "memory");
                     advance();
                     if (!mine) continue;
+                    int acc4[K][4];
+                    auto mma_step = [&](int k, int sp) {
+                        const int s2 = sp >> 3, p = sp & 7;
+                        constexpr uint32_t m1 = 0x01010101u;
+                        const uint4 &wg = w[k][0], &wh = w[k][1];
+                        const uint32_t a0 = ((s2 ? wg.z : wg.x) >> p) & m1, a2 = ((s2 ? wg.w : wg.y) >> p) & m1;
+                        const uint32_t a1 = ((s2 ? wh.z : wh.x) >> p) & m1, a3 = ((s2 ? wh.w : wh.y) >> p) & m1;
+                        const uint2 bb = lane < 16 ? fragp[(gr * K + k) * 256 + sp * 16 + lane] : make_uint2(0u, 0u);
+                        mma_s8(acc4[k], a0, a1, a2, a3, bb.x, bb.y);
+                    };
+#pragma unroll
+                    for (int k = 0; k < K; k++)
+                        if constexpr (NOMMA)  // the words stand in for the MMA results (they stay live)
+                            acc4[k][0] = w[k][0].x, acc4[k][1] = w[k][0].y, acc4[k][2] = w[k][1].x,
+                            acc4[k][3] = w[k][1].y;
+                        else
+                            acc4[k][0] = acc4[k][1] = acc4[k][2] = acc4[k][3] = 0;
+                    if constexpr (!NOMMA && INTER) {
+#pragma unroll
+                        for (int sp = 0; sp < 16; sp++)
+#pragma unroll
+                            for (int k = 0; k < K; k++) mma_step(k, sp);
+                    } else if constexpr (!NOMMA) {
+#pragma unroll
+                        for (int k = 0; k < K; k++)
+#pragma unroll
+                            for (int sp = 0; sp < 16; sp++) mma_step(k, sp);
+                    }
 #pragma unroll
                     for (int k = 0; k < K; k++) {
                         const int64_t fi = gr * K + k;
-                        int acc4[4] = {0, 0, 0, 0};
+                        if constexpr (NOFLUSH) {
 #pragma unroll
-                        for (int sp = 0; sp < 16; sp++) {
-                            const int s2 = sp >> 3, p = sp & 7;
-                            constexpr uint32_t m1 = 0x01010101u;
-                            const uint4 &wg = w[k][0], &wh = w[k][1];
-                            const uint32_t a0 = ((s2 ? wg.z : wg.x) >> p) & m1, a2 = ((s2 ? wg.w : wg.y) >> p) & m1;
-                            const uint32_t a1 = ((s2 ? wh.z : wh.x) >> p) & m1, a3 = ((s2 ? wh.w : wh.y) >> p) & m1;
-                            const uint2 bb = lane < 16 ? fragp[fi * 256 + sp * 16 + lane] : make_uint2(0u, 0u);
-                            mma_s8(acc4, a0, a1, a2, a3, bb.x, bb.y);
+                            for (int r = 0; r < 2; r++)
+                                fa[r] = __fmaf_rn(gk[k][r], static_cast<float>(acc4[k][2 * r] + acc4[k][2 * r + 1]),
+                                                  fa[r]);
+                            continue;
                         }
                         const double sck = t < 2 ? static_cast<double>(sc_s[fi]) : 0.0, qsk = t < 2 ? qs_s[fi] : 0.0;
 #pragma unroll
                         for (int r = 0; r < 2; r++) {
-                            double v = static_cast<double>(acc4[2 * r]) * dw0 +
-                                       static_cast<double>(acc4[2 * r + 1]) * dw1;
+                            double v = static_cast<double>(acc4[k][2 * r]) * dw0 +
+                                       static_cast<double>(acc4[k][2 * r + 1]) * dw1;
                             v += __shfl_xor_sync(0xffffffffu, v, 1);
                             fa[r] = __fmaf_rn(gk[k][r], static_cast<float>(sck * (2.0 * v - qsk)), fa[r]);
                         }
@@ -747,6 +792,14 @@ int main(int argc, char **argv) {
     CHECK(cudaFuncSetAttribute(ring_ladder<C94Args, kSO | kPartEpi>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                ring_limit));
     CHECK(cudaFuncSetAttribute(ring_ladder<C94Args, kFull>, cudaFuncAttributeMaxDynamicSharedMemorySize, ring_limit));
+    constexpr int kMath = kSO | kPartMath;
+    for (const void *kern : {reinterpret_cast<const void *>(ring_ladder<C94Args, kMath | kMathNoMma>),
+                             reinterpret_cast<const void *>(ring_ladder<C94Args, kMath | kMathNoFlush>),
+                             reinterpret_cast<const void *>(ring_ladder<C94Args, kMath | kMathInter>),
+                             reinterpret_cast<const void *>(ring_ladder<C94Args, kMath | kMathNoMma | kMathNoFlush>),
+                             reinterpret_cast<const void *>(ring_ladder<C94Args, kSO | kPartTile | kTile2>),
+                             reinterpret_cast<const void *>(ring_ladder<C94Args, kFull | kMathInter | kTile2>)})
+        CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, ring_limit));
     // registers and static shared memory of the ladder's kernels (c94e460, K = 2, one layer: ring 128 and 2560 B,
     // prologue 40 and 640 B)
     std::string kern_json;
@@ -760,7 +813,10 @@ int main(int argc, char **argv) {
             {"regs_few",
              reinterpret_cast<const void *>(ring_ladder<C94Args, kPartSmem | kPartOrder | kPartRegs, kPadRegsFew>)},
             {"math", reinterpret_cast<const void *>(ring_ladder<C94Args, kSO | kPartMath>)},
-            {"full", reinterpret_cast<const void *>(ring_ladder<C94Args, kFull>)}};
+            {"full", reinterpret_cast<const void *>(ring_ladder<C94Args, kFull>)},
+            {"math_inter", reinterpret_cast<const void *>(ring_ladder<C94Args, kSO | kPartMath | kMathInter>)},
+            {"full_inter_tile2",
+             reinterpret_cast<const void *>(ring_ladder<C94Args, kFull | kMathInter | kTile2>)}};
         printf("ring parts kernels (registers, static smem):");
         for (auto &k : kerns) {
             cudaFuncAttributes fa;
@@ -950,13 +1006,15 @@ int main(int argc, char **argv) {
             };
         };
         auto pro_pdl = [&](int i) { return launch_ring(prologue, dim3(ng, K), 0, pargs[i], st, true, kPrepThreads); };
-        auto c94 = [&](void (*kern)(C94Args), int S, size_t smem, bool with_prologue = true, bool pdl_pro = false) {
-            return [&, kern, S, smem, with_prologue, pdl_pro](int i) {
+        auto c94 = [&](void (*kern)(C94Args), int S, size_t smem, bool with_prologue = true, bool pdl_pro = false,
+                       int per_sm = 1) {
+            const int g_blocks = std::min(static_cast<int>((out + 15) / 16), per_sm * sms);
+            return [&, kern, S, smem, with_prologue, pdl_pro, g_blocks](int i) {
                 const cudaError_t e = !with_prologue ? cudaSuccess : pdl_pro ? pro_pdl(i) : pro(i);
                 if (e != cudaSuccess) return e;
                 C94Args c = c94_args[i];
                 c.stages = S;
-                return launch_ring(kern, grid, smem, c, st, true);
+                return launch_ring(kern, dim3(g_blocks), smem, c, st, true);
             };
         };
         struct Rung {
@@ -994,7 +1052,19 @@ int main(int argc, char **argv) {
             {"math_alone", true, c94(ring_ladder<C94Args, kSO | kPartMath>, stages_c94, smem_c94, false)},
             {"epi_alone", true, c94(ring_ladder<C94Args, kSO | kPartEpi>, stages_c94, smem_c94, false)},
             {"full_alone", true, c94(ring_ladder<C94Args, kFull>, stages_c94, smem_c94, false)},
-            {"full_alone_s4", true, c94(ring_ladder<C94Args, kFull>, 4, smem_s4, false)}};
+            {"full_alone_s4", true, c94(ring_ladder<C94Args, kFull>, 4, smem_s4, false)},
+            // thirtieth session: what in math and tile costs
+            {"math_nomma", true, c94(ring_ladder<C94Args, kMath | kMathNoMma>, stages_c94, smem_c94, false)},
+            {"math_noflush", true, c94(ring_ladder<C94Args, kMath | kMathNoFlush>, stages_c94, smem_c94, false)},
+            {"math_inter", true, c94(ring_ladder<C94Args, kMath | kMathInter>, stages_c94, smem_c94, false)},
+            {"math_words", true,
+             c94(ring_ladder<C94Args, kMath | kMathNoMma | kMathNoFlush>, stages_c94, smem_c94, false)},
+            {"tile2_alone", true, c94(ring_ladder<C94Args, kSO | kPartTile | kTile2>, stages_c94, smem_c94, false)},
+            {"full_inter_tile2", true,
+             c94(ring_ladder<C94Args, kFull | kMathInter | kTile2>, stages_c94, smem_c94, false)},
+            // twice the blocks (4 stages each): twice the consumer warps an SM where two blocks fit (in = 4096)
+            {"math_2b", true, c94(ring_ladder<C94Args, kMath>, 4, smem_s4, false, false, 2)},
+            {"full_2b", true, c94(ring_ladder<C94Args, kFull>, 4, smem_s4, false, false, 2)}};
         constexpr int kRungs = sizeof rungs / sizeof rungs[0], kRounds = 9;
         constexpr unsigned long long kHoldNs = 10000000;  // > the host's time to queue 2 x 390 launches
         const int calls = P * std::max(10, (200 + P - 1) / P);  // bench_kernels' graphs: >= 200 calls
@@ -1039,7 +1109,10 @@ int main(int argc, char **argv) {
             printf(" %s %.2f", rungs[r].name, t);
             if (exec[r]) CHECK(cudaGraphExecDestroy(exec[r]));
         }
-        printf("  (c94e460 smem %zu B, %d stages)\n", smem_c94, stages_c94);
+        int per_sm_2b = 0;
+        CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm_2b, ring_ladder<C94Args, kFull>, 288, smem_s4));
+        printf("  (c94e460 smem %zu B, %d stages; _2b: %d blocks of %zu B an SM)\n", smem_c94, stages_c94, per_sm_2b,
+               smem_s4);
         CHECK(cudaFree(frag));
         CHECK(cudaFree(gp));
         CHECK(cudaFree(bp));
@@ -1073,10 +1146,10 @@ int main(int argc, char **argv) {
                  "\"cublas_fp16_m1_us\": %.3f, "
                  "\"contiguous_us\": %.3f, \"rows16_us\": %.3f, \"rowthread_us\": %.3f, \"contiguous_GBps\": %.1f, "
                  "\"ceiling_vs_cublas\": %.3f, \"ring_us\": {%s}, \"ring_parts_us\": {%s}, \"ring_parts_calls\": %d, "
-                 "\"ring_parts_c94_smem\": %zu, \"ring_parts_c94_stages\": %d}",
+                 "\"ring_parts_c94_smem\": %zu, \"ring_parts_c94_stages\": %d, \"ring_parts_2b_blocks_per_sm\": %d}",
                  rows_json.empty() ? "" : ",\n", out, in, K, layer / 1e6, P, t_cublas, t_contig, t_rows16, t_rowthread,
                  layer / t_contig / 1e3, t_cublas / t_contig, ring_json.c_str(), parts_json.c_str(), calls, smem_c94,
-                 stages_c94);
+                 stages_c94, per_sm_2b);
         rows_json += buf;
         printf("%5d x %-5d  %6.2f MB  cuBLAS %6.2f us  read: contiguous %6.2f us (%5.0f GB/s, ceiling x%.2f)  rows16 "
                "%6.2f  rowthread %6.2f\n",
