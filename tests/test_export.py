@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 
 import rabit
 from rabit import export
-from rabit.cli_export import main as cli_main
+from rabit.cli import main as cli_main
 from rabit.models import load_stories260k
 from rabit.nn import PackedRaBiTLinear
 from rabit.runtime import LlamaRuntime
@@ -513,30 +513,21 @@ def test_cli_export_from_qat_checkpoint_and_generate(qat, tmp_path, capsys):
     assert "--overwrite" in capsys.readouterr().err
 
 
-def test_cli_module_entry_point():
-    r = subprocess.run([sys.executable, "-m", "rabit.cli_export", "--help"], capture_output=True, text=True,
-                       timeout=120)
-    assert r.returncode == 0 and "export" in r.stdout and "generate" in r.stdout
-
-
-def test_commands_plug_into_rabit_cli(monkeypatch, exported, capsys):
-    """The wiring rabit/cli.py needs is `COMMANDS.update(rabit.cli_export.COMMANDS)`; check it works there."""
-    import rabit.cli as cli
-    from rabit.cli_export import COMMANDS
-
-    monkeypatch.setattr(cli, "COMMANDS", {**cli.COMMANDS, **COMMANDS})
+def test_export_commands_share_rabit_cli_conventions(exported, capsys):
+    """export, eval, generate and quantize run through rabit.cli.main, the one entry point: its errors, its exit
+    codes, its --device check."""
     argv = ["generate", str(exported), "--prompt", PROMPT, "--max-new-tokens", "3", "--runtime", "numpy", "--json"]
-    assert cli.main(argv) == 0
+    assert cli_main(argv) == 0
     assert json.loads(capsys.readouterr().out)["new_tokens"] == 3
-    assert cli.main(["eval", str(exported)]) == 1
+    assert cli_main(["eval", str(exported)]) == 1
     assert "nothing to evaluate" in capsys.readouterr().err
-    assert cli.main(["quantize", "--out", str(exported)]) == 1  # exists and is not empty
+    assert cli_main(["quantize", "--out", str(exported)]) == 1  # exists and is not empty
     assert "--overwrite" in capsys.readouterr().err
+    r = subprocess.run([sys.executable, "-m", "rabit", "--help"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and all(c in r.stdout for c in ("export", "eval", "generate", "quantize"))
 
 
 def test_cli_quantize_writes_a_loadable_packed_model(tmp_path):
-    from rabit.cli import main as cli_main
-
     out = tmp_path / "ptq"
     assert cli_main(["quantize", "--out", str(out), "--calib-seqs", "4", "--seq-len", "32", "--quiet", "--json"]) == 0
     model = export.from_pretrained(out)
