@@ -158,18 +158,26 @@ def run_export(args: argparse.Namespace) -> dict[str, Any]:
     from .train import load_student_weights, read_checkpoint
 
     ckpt = _checkpoint_file(args.checkpoint)
+    meta, tensors = read_checkpoint(ckpt)
+    # every quantized layer's row scale g is (k, out): a --k that differs is named before the model is loaded
+    ks = sorted({int(t.shape[0]) for name, t in tensors.items() if name.endswith(".g") and t.ndim == 2})
+    if len(ks) == 1 and ks[0] != args.k:
+        raise CommandError(f"rabit: QAT checkpoint {str(ckpt)!r} has k={ks[0]} binary paths per layer, not --k "
+                           f"{args.k}; pass --k {ks[0]}")
     out, model, tok = _prepare(args)
     # the skeleton only: the checkpoint overwrites latents and scales, so no init rounds are needed
     cfg = RabitConfig(k=args.k, include=tuple(args.include), exclude=tuple(args.exclude), init_iters=0)
     quantize_(model, cfg, progress=not args.quiet)
-    meta, tensors = read_checkpoint(ckpt)
     try:
         load_student_weights(model, meta, tensors)
-    except (ValueError, RuntimeError) as e:  # RuntimeError: load_state_dict's size mismatch
-        first = str(e).strip().splitlines()[0][:300]
+    except (ValueError, RuntimeError) as e:  # RuntimeError: load_state_dict's report, whose first line says nothing
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        detail = next((ln for ln in lines if ln.startswith(("size mismatch", "Missing key", "Unexpected key"))),
+                      lines[0] if lines else type(e).__name__)
+        detail = detail.removeprefix("rabit: ")[:400]
         raise CommandError(f"rabit: QAT checkpoint {str(ckpt)!r} does not fit --model {args.model!r} with --k "
-                       f"{args.k} --include {args.include} --exclude {args.exclude}: {first}; pass the "
-                       "options the student was quantized with") from None
+                           f"{args.k} --include {args.include} --exclude {args.exclude} ({detail}); pass the "
+                           "options the student was quantized with") from None
     return _pack_and_save(args, model, tok, out, checkpoint=str(ckpt), trained=True)
 
 

@@ -24,6 +24,8 @@ from rabit.nn import PackedRaBiTLinear
 from rabit.runtime import LlamaRuntime
 from rabit.runtime.format import ExportFormatError, quantized_layer_bytes
 
+from helpers import tiny_hf_dir  # noqa: E402
+
 PROMPT = "Once upon a time"
 
 
@@ -505,9 +507,21 @@ def test_cli_export_from_qat_checkpoint_and_generate(qat, tmp_path, capsys):
     # --compile (torch.compile of the decoder's elementwise glue) gives the same greedy text
     assert cli_main(["generate", str(out), "--prompt", PROMPT, "--max-new-tokens", "8", "--compile", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["text"] == texts["torch"]
-    # a checkpoint from another configuration is refused with the reason
+    # a checkpoint from another configuration is refused with the reason and the fix
     assert cli_main(["export", "--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "k3"), "--k", "3"]) == 1
-    assert "does not fit" in capsys.readouterr().err
+    assert "has k=2 binary paths per layer, not --k 3; pass --k 2" in capsys.readouterr().err
+    assert cli_main(["export", "--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "ex"),
+                     "--exclude", "mlp"]) == 1  # replaces the default exclusion of lm_head
+    err = capsys.readouterr().err
+    assert "does not fit" in err and "missing ['lm_head.g', 'lm_head.h']" in err and "rabit: rabit" not in err
+    assert cli_main(["export", "--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "k1"), "--model",
+                     str(out)]) == 1  # an exported model is not a base model
+    assert "already an exported" in capsys.readouterr().err
+    other = tiny_hf_dir(tmp_path / "other")  # 32 wide, stories260K 64
+    assert cli_main(["export", "--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "o"), "--model",
+                     str(other), "--quiet"]) == 1
+    err = capsys.readouterr().err  # load_state_dict's report, whose first line names no tensor
+    assert "does not fit" in err and "size mismatch for model.embed_tokens.weight" in err
     # existing output
     assert cli_main(["export", "--checkpoint", str(tmp_path / "run"), "--out", str(out)]) == 1
     assert "--overwrite" in capsys.readouterr().err
