@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import shutil
 import struct
 import subprocess
@@ -305,6 +306,17 @@ def test_save_refuses_to_clobber_then_overwrites(packed, tmp_path):
     assert (d / "keep.txt").is_file()
     export.save_pretrained(packed, d, overwrite=True)
     assert not (d / "keep.txt").exists() and (d / "model.safetensors").is_file()
+
+
+def test_exported_files_get_the_umask_permissions(packed, qat, tmp_path):
+    """Every exported file is readable as a plain open() would leave it (safetensors writes its file 0600)."""
+    old = os.umask(0o022)
+    try:
+        export.save_pretrained(packed, tmp_path / "out", tokenizer=qat[1])
+    finally:
+        os.umask(old)
+    modes = {f.name: f.stat().st_mode & 0o777 for f in (tmp_path / "out").iterdir()}
+    assert "model.safetensors" in modes and set(modes.values()) == {0o644}, modes
 
 
 def test_crash_mid_write_leaves_nothing_half_written(packed, tmp_path, monkeypatch):
