@@ -343,6 +343,11 @@ def run_generate(args: argparse.Namespace) -> dict[str, Any]:
         if args.device.startswith("cuda") and model.dtype not in (torch.float16, torch.bfloat16):
             model = model.half()  # 16-bit activations on the GPU (a bf16 model stays bf16)
         prompt_ids = encode_text(tok, args.prompt, bos=True)
+        # HF and the static decoder would go on past the trained positions; the numpy runtime refuses, so does this
+        limit = getattr(model.config, "max_position_embeddings", None)
+        if limit and len(prompt_ids) + args.max_new_tokens > limit:
+            raise CommandError(f"rabit: {len(prompt_ids)} prompt + {args.max_new_tokens} new tokens exceed the "
+                               f"model's max_position_embeddings {limit}; shorten --prompt or --max-new-tokens")
         x = torch.tensor([prompt_ids])
         eos = getattr(tok, "eos_token_id", None)
         if model.config.model_type in SUPPORTED:  # static KV cache (+ CUDA graph on GPU)

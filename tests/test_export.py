@@ -6,6 +6,7 @@ import copy
 import json
 import math
 import os
+import re
 import shutil
 import struct
 import subprocess
@@ -446,6 +447,18 @@ def test_cli_bad_arguments(argv, code, needle, capsys, tmp_path):
     argv = [str(tmp_path / "o") if a == "OUT" else a for a in argv]
     assert cli_main(argv) == code
     assert needle in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("runtime", ["torch", "numpy"])
+def test_cli_generate_refuses_to_run_past_the_trained_positions(exported, capsys, runtime):
+    """stories260K has 512 positions: both runtimes refuse to go past them (HF would extrapolate RoPE silently)."""
+    argv = ["generate", str(exported), "--prompt", PROMPT, "--runtime", runtime, "--max-new-tokens"]
+    assert cli_main(argv + ["600"]) == 1
+    err = capsys.readouterr().err
+    assert "exceed the model's max_position_embeddings 512" in err and "max_new_tokens" in err.replace("-", "_")
+    n_prompt = int(re.search(r"(\d+) prompt \+ 600 new tokens", err).group(1))
+    assert cli_main(argv + [str(512 - n_prompt), "--json"]) == 0  # exactly the positions there are
+    assert json.loads(capsys.readouterr().out)["prompt_tokens"] == n_prompt
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without a GPU")
