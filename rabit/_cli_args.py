@@ -1,8 +1,12 @@
-"""argparse types and options shared by every rabit command (rabit.cli, rabit.cli_export)."""
+"""argparse types, options and the error class shared by every rabit command (rabit.cli, rabit.cli_export)."""
 
 from __future__ import annotations
 
 import argparse
+
+
+class CommandError(Exception):
+    """A failure the user can fix; ``rabit.cli.main`` prints it as ``rabit: error: <message>``, exit status 1."""
 
 
 def _int_at_least(text: str, low: int, what: str) -> int:

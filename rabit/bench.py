@@ -14,7 +14,6 @@ import os
 import platform
 import statistics
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +21,7 @@ import torch.nn.functional as F
 import rabit
 
 from ._cli_args import positive_int
+from .data import make_output_dir
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]
 TABLE_KERNELS = tuple(k for k in rabit.CPU_KERNELS if k not in ("auto", "gemm"))  # narrowest first
@@ -95,12 +95,11 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
 def run(args) -> dict:
     torch.set_num_threads(args.threads)
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+    out = make_output_dir(args.out)  # before the minutes of timing
     rows = [bench_shape(o, i, m, args.reps, 256 << 20) for (o, i) in SHAPES for m in args.m]
     meta = {"device": cpu_name(), "threads": args.threads, "cpu_kernel": rabit.cpu_kernel(),
             "torch": torch.__version__, "rabit": rabit.__version__, "date": time.strftime("%Y-%m-%d %H:%M"),
             "baseline": "torch F.linear fp32 / bf16, same run, same weights pool", "k": 2}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     path = out / f"bench_cpu_gemv_{platform.node() or 'host'}_{time.strftime('%Y%m%d')}.json"
     path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     if getattr(args, "json", False):

@@ -15,15 +15,10 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-
-from ._cli_args import add_common as _add_common  # noqa: E402
-from ._cli_args import non_negative_int as _non_negative_int  # noqa: E402
-from ._cli_args import positive_int as _positive_int  # noqa: E402
-
-
-class CommandError(Exception):
-    """A failure the user can fix; printed as ``rabit: error: <message>`` with exit status 1."""
-
+from ._cli_args import CommandError
+from ._cli_args import add_common as _add_common
+from ._cli_args import non_negative_int as _non_negative_int
+from ._cli_args import positive_int as _positive_int
 
 # --------------------------------------------------------------------------------------------
 # quickstart

@@ -5,31 +5,24 @@ Wiring into ``rabit/cli.py`` (same shape as its ``COMMANDS``: name -> (add parse
     from .cli_export import COMMANDS as _EXPORT_COMMANDS
     COMMANDS.update(_EXPORT_COMMANDS)
 
-or call :func:`add_subcommands` on the subparsers object. Each handler takes the parsed
+Each handler takes the parsed
 ``argparse.Namespace`` and returns a JSON-serialisable dict; without ``--json`` it also prints a short
-human-readable report on stdout. Errors the user can fix raise :class:`CliError` (a ValueError) or
-FileNotFoundError, which ``rabit.cli.main`` turns into exit status 1. Standalone:
-``python -m rabit.cli_export <command> ...``.
+human-readable report on stdout. Errors the user can fix raise :class:`rabit._cli_args.CommandError` (or
+ValueError, FileNotFoundError), which ``rabit.cli.main``, the one entry point, turns into exit status 1.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
-
-from ._cli_args import add_common as _add_common  # noqa: E402
-from ._cli_args import non_negative_int as _non_negative_int  # noqa: E402
-from ._cli_args import positive_int as _positive_int  # noqa: E402
-
-
-class CliError(ValueError):
-    """A failure the user can fix (bad file, bad combination of options)."""
-
+from ._cli_args import CommandError
+from ._cli_args import add_common as _add_common
+from ._cli_args import non_negative_int as _non_negative_int
+from ._cli_args import positive_int as _positive_int
 
 # ----------------------------------------------------------------------------------------------
 # argument types
@@ -135,10 +128,10 @@ def _prepare(args: argparse.Namespace):
     """Output checks, then (model, tokenizer) for --model; shared by export and quantize."""
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
-        raise CliError(f"rabit: output {str(out)!r} exists and is not an empty directory; pass --overwrite or "
+        raise CommandError(f"rabit: output {str(out)!r} exists and is not an empty directory; pass --overwrite or "
                        "choose another --out")
     if _is_export_dir(args.model):
-        raise CliError(f"rabit: {args.model!r} is already an exported (packed) model; pass the base model")
+        raise CommandError(f"rabit: {args.model!r} is already an exported (packed) model; pass the base model")
     model, tok, _ = _load_any(args.model)
     return out, model, tok
 
@@ -165,18 +158,26 @@ def run_export(args: argparse.Namespace) -> dict[str, Any]:
     from .train import load_student_weights, read_checkpoint
 
     ckpt = _checkpoint_file(args.checkpoint)
+    meta, tensors = read_checkpoint(ckpt)
+    # every quantized layer's row scale g is (k, out): a --k that differs is named before the model is loaded
+    ks = sorted({int(t.shape[0]) for name, t in tensors.items() if name.endswith(".g") and t.ndim == 2})
+    if len(ks) == 1 and ks[0] != args.k:
+        raise CommandError(f"rabit: QAT checkpoint {str(ckpt)!r} has k={ks[0]} binary paths per layer, not --k "
+                           f"{args.k}; pass --k {ks[0]}")
     out, model, tok = _prepare(args)
     # the skeleton only: the checkpoint overwrites latents and scales, so no init rounds are needed
     cfg = RabitConfig(k=args.k, include=tuple(args.include), exclude=tuple(args.exclude), init_iters=0)
     quantize_(model, cfg, progress=not args.quiet)
-    meta, tensors = read_checkpoint(ckpt)
     try:
         load_student_weights(model, meta, tensors)
-    except (ValueError, RuntimeError) as e:  # RuntimeError: load_state_dict's size mismatch
-        first = str(e).strip().splitlines()[0][:300]
-        raise CliError(f"rabit: QAT checkpoint {str(ckpt)!r} does not fit --model {args.model!r} with --k "
-                       f"{args.k} --include {args.include} --exclude {args.exclude}: {first}; pass the "
-                       "options the student was quantized with") from None
+    except (ValueError, RuntimeError) as e:  # RuntimeError: load_state_dict's report, whose first line says nothing
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        detail = next((ln for ln in lines if ln.startswith(("size mismatch", "Missing key", "Unexpected key"))),
+                      lines[0] if lines else type(e).__name__)
+        detail = detail.removeprefix("rabit: ")[:400]
+        raise CommandError(f"rabit: QAT checkpoint {str(ckpt)!r} does not fit --model {args.model!r} with --k "
+                           f"{args.k} --include {args.include} --exclude {args.exclude} ({detail}); pass the "
+                           "options the student was quantized with") from None
     return _pack_and_save(args, model, tok, out, checkpoint=str(ckpt), trained=True)
 
 
@@ -246,12 +247,12 @@ def add_eval(sub) -> argparse.ArgumentParser:
 
 def run_eval(args: argparse.Namespace) -> dict[str, Any]:
     if not args.ppl and not args.tasks:
-        raise CliError("rabit: nothing to evaluate; pass --ppl and/or --tasks")
+        raise CommandError("rabit: nothing to evaluate; pass --ppl and/or --tasks")
     if args.wikitext is not None and not Path(args.wikitext).is_file():
         raise FileNotFoundError(f"rabit: --wikitext file {args.wikitext!r} not found")
     model, tok, kind = _load_any(args.model, device=args.device)
     if tok is None:
-        raise CliError(f"rabit: {args.model!r} has no tokenizer; re-export it with its tokenizer")
+        raise CommandError(f"rabit: {args.model!r} has no tokenizer; re-export it with its tokenizer")
     result: dict[str, Any] = {"model": args.model, "kind": kind}
     lines = [f"{args.model} ({kind})"]
     if args.ppl:
@@ -308,20 +309,20 @@ def run_generate(args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.perf_counter()
     sampled = args.temperature is not None
     if args.top_k is not None and not sampled:
-        raise CliError("rabit: --top-k needs --temperature (without it, generate decodes greedily)")
+        raise CommandError("rabit: --top-k needs --temperature (without it, generate decodes greedily)")
     if sampled and not args.temperature > 0:
-        raise CliError(f"rabit: --temperature must be > 0, got {args.temperature}")
+        raise CommandError(f"rabit: --temperature must be > 0, got {args.temperature}")
     if args.runtime == "numpy":
         if sampled:
-            raise CliError("rabit: --runtime numpy decodes greedily; drop --temperature or use --runtime torch")
+            raise CommandError("rabit: --runtime numpy decodes greedily; drop --temperature or use --runtime torch")
         if not _is_export_dir(args.model):
-            raise CliError(f"rabit: --runtime numpy needs an exported rabit directory, got {args.model!r}; "
+            raise CommandError(f"rabit: --runtime numpy needs an exported rabit directory, got {args.model!r}; "
                            "export it first with `rabit export`")
         from . import runtime
 
         model, tok = runtime.load(args.model)
         if tok is None:
-            raise CliError(f"rabit: {args.model!r} was exported without a tokenizer")
+            raise CommandError(f"rabit: {args.model!r} was exported without a tokenizer")
         prompt_ids = tok.encode(args.prompt)
         t1 = time.perf_counter()
         ids = model.generate(prompt_ids, args.max_new_tokens, eos_token_id=getattr(tok, "eos_token_id", None))
@@ -330,21 +331,23 @@ def run_generate(args: argparse.Namespace) -> dict[str, Any]:
         import torch
 
         from .data import encode_text
-
         from .static_decode import SUPPORTED, StaticDecoder
 
-        if args.device.startswith("cuda") and not torch.cuda.is_available():
-            raise CliError("rabit: --device cuda, but torch sees no CUDA GPU")
         model, tok, _ = _load_any(args.model, device=args.device)
         for flag, given in (("--compile", args.compile), ("--temperature", sampled)):
             if given and model.config.model_type not in SUPPORTED:
-                raise CliError(f"rabit: {flag} applies to the static decoder of {', '.join(sorted(SUPPORTED))} "
+                raise CommandError(f"rabit: {flag} applies to the static decoder of {', '.join(sorted(SUPPORTED))} "
                                f"models; {model.config.model_type!r} runs HF generate: drop {flag}")
         if tok is None:
-            raise CliError(f"rabit: {args.model!r} has no tokenizer; re-export it with its tokenizer")
+            raise CommandError(f"rabit: {args.model!r} has no tokenizer; re-export it with its tokenizer")
         if args.device.startswith("cuda") and model.dtype not in (torch.float16, torch.bfloat16):
             model = model.half()  # 16-bit activations on the GPU (a bf16 model stays bf16)
         prompt_ids = encode_text(tok, args.prompt, bos=True)
+        # HF and the static decoder would go on past the trained positions; the numpy runtime refuses, so does this
+        limit = getattr(model.config, "max_position_embeddings", None)
+        if limit and len(prompt_ids) + args.max_new_tokens > limit:
+            raise CommandError(f"rabit: {len(prompt_ids)} prompt + {args.max_new_tokens} new tokens exceed the "
+                               f"model's max_position_embeddings {limit}; shorten --prompt or --max-new-tokens")
         x = torch.tensor([prompt_ids])
         eos = getattr(tok, "eos_token_id", None)
         if model.config.model_type in SUPPORTED:  # static KV cache (+ CUDA graph on GPU)
@@ -383,38 +386,3 @@ COMMANDS: dict[str, tuple[Callable, Callable[[argparse.Namespace], dict[str, Any
     "eval": (add_eval, run_eval),
     "generate": (add_generate, run_generate),
 }
-
-
-def add_subcommands(subparsers) -> None:
-    """Add ``quantize``, ``export``, ``eval`` and ``generate`` to an argparse subparsers object (``_run`` = handler)."""
-    for _name, (add, run) in COMMANDS.items():
-        add(subparsers).set_defaults(_run=run)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rabit", description="rabit export / eval / generate")
-    add_subcommands(parser.add_subparsers(dest="command", metavar="COMMAND", required=True))
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Standalone entry point with rabit.cli's conventions: 0 ok, 1 known error, 2 bad arguments."""
-    parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as e:
-        return int(e.code) if isinstance(e.code, int) else 2
-    try:
-        result = args._run(args)
-    except (ValueError, TypeError, FileNotFoundError, FileExistsError, ImportError) as e:
-        msg = str(e)
-        print(msg if msg.startswith("rabit") else f"rabit: error: {msg}", file=sys.stderr)
-        return 1
-    if args.json:
-        json.dump(result, sys.stdout, indent=2)
-        sys.stdout.write("\n")
-    return 0
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

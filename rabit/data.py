@@ -330,6 +330,17 @@ def _progress_bar(total: int, desc: str, unit: str, enable: bool):
 # --------------------------------------------------------------------------------------------
 
 
+def make_output_dir(path: str | os.PathLike) -> Path:
+    """Create the output directory ``path`` with its parents; a file in its way is named at once, before any work."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):  # path, or one of its parents, is a file
+        raise FileExistsError(f"rabit: output {str(path)!r} is a file or lies under one; pass a directory "
+                              "(new or existing) as the output") from None
+    return path
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     """Call ``write(tmp_path)`` on a temporary file beside ``path`` and then ``os.replace`` it.
 

@@ -346,7 +346,7 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, device: str = "cu
     ``heldout`` ([N, T] sequences sampled from the teacher with another seed) adds KL, top-1 agreement
     and perplexity against the teacher: the measure for models WikiText does not fit (stories260K);
     pass ``cfg.ppl_ctx=()`` to skip WikiText."""
-    from .data import write_json_atomic
+    from .data import make_output_dir, write_json_atomic
     from .evaluate import perplexity, wikitext2_ids
     from .models import load_model
     from .quantize import quantize_
@@ -354,8 +354,7 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, device: str = "cu
 
     from ._ops import has_native_kernels, use_reference_kernels
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = make_output_dir(out_dir)
     dev = torch.device(device)
     kernels = "native"
     if not has_native_kernels(dev.type):

@@ -177,6 +177,8 @@ def _atomic_directory(final: Path, overwrite: bool) -> Iterator[Path]:
         yield tmp
         for f in tmp.rglob("*"):
             if f.is_file():
+                # safetensors writes its file 0600; give every file what a plain open() would
+                os.chmod(f, 0o666 & ~_umask())
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
         os.chmod(tmp, 0o777 & ~_umask())

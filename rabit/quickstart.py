@@ -29,7 +29,7 @@ from typing import Any, TextIO
 
 import torch
 
-from .data import bos_token_id, cached_teacher_data, generate_teacher_data, write_json_atomic
+from .data import bos_token_id, cached_teacher_data, generate_teacher_data, make_output_dir, write_json_atomic
 from .evaluate import compare_to_teacher, tokens_per_second, weight_bytes
 from .train import TrainConfig, train
 
@@ -113,7 +113,7 @@ def run_quickstart(
     if steps < 1:
         raise ValueError(f"rabit: steps must be >= 1 (got {steps})")
     dev = _resolve_device(device)
-    out = Path(out_dir) if out_dir is not None else None
+    out = make_output_dir(out_dir) if out_dir is not None else None
     timings: dict[str, float] = {}
     t_all = time.perf_counter()
 

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .data import atomic_write, model_device, write_json_atomic
+from .data import atomic_write, make_output_dir, model_device, write_json_atomic
 from .muon import GroupedMuon
 
 logger = logging.getLogger(__name__)
@@ -664,7 +664,7 @@ def train(
     ckpt_path = out / CHECKPOINT_NAME if out else None
     start_step, history = 0, []
     if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
+        make_output_dir(out)
         if resume and ckpt_path.is_file():
             meta, tensors = read_checkpoint(ckpt_path)
             _check_resume_compatible(meta, config, fingerprint, ckpt_path)

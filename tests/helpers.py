@@ -94,6 +94,20 @@ def tiny_llama(seed: int = 0):
     return LlamaForCausalLM(cfg).eval()
 
 
+def tiny_hf_dir(d, tokenizer: bool = True):
+    """tiny_llama saved as a Hugging Face model directory, with a word-level tokenizer of its vocabulary unless
+    told not to; returns d."""
+    tiny_llama().save_pretrained(d)
+    if tokenizer:
+        from tokenizers import Tokenizer, models
+        from transformers import PreTrainedTokenizerFast
+
+        vocab = {"<unk>": 0, **{f"w{i}": i for i in range(1, TINY_VOCAB)}}
+        PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="<unk>")),
+                                unk_token="<unk>").save_pretrained(d)
+    return d
+
+
 def tanh_ste_dw_bound(grad, dw_ref):
     """How far a kernel's dW with the tanh STE may lie from dw_ref: libm tanhf and PyTorch's vectorised tanh (or
     CUDA's) may differ in the last bit; the factor 1 - t^2 lies in [0, 1], so its error is a few float32 eps absolute,

@@ -93,6 +93,24 @@ def test_train_says_wikitext_is_missing_before_sampling(tmp_path, capsys, monkey
     assert not (tmp_path / "o" / "teacher_data.safetensors").exists()
 
 
+@pytest.mark.parametrize("argv", [["quickstart", "--out", "FILE"], ["quickstart", "--out", "FILE/sub"],
+                                  ["train", "--model", "stories260k", "--out", "FILE", "--block-steps", "0"],
+                                  ["bench", "--out", "FILE", "--reps", "1"]])
+def test_an_output_that_is_a_file_is_named_before_any_work(tmp_path, capsys, monkeypatch, argv):
+    def no_work(*a, **k):
+        raise AssertionError("work started before the output was checked")
+
+    monkeypatch.setattr("rabit.models.load_stories260k", no_work)
+    monkeypatch.setattr("rabit.models.load_model", no_work)
+    monkeypatch.setattr("rabit.bench.bench_shape", no_work)
+    f = tmp_path / "a_file"
+    f.write_text("keep me")
+    assert main([str(f) + a[4:] if a.startswith("FILE") else a for a in argv] + ["--device", "cpu"] * (
+        argv[0] != "bench")) == 1
+    assert "is a file or lies under one; pass a directory" in capsys.readouterr().err
+    assert f.read_text() == "keep me"
+
+
 @pytest.mark.parametrize("content", ["[1, 2]", '"llama"'])
 def test_generate_on_a_config_that_is_not_an_object_names_it(tmp_path, capsys, content):
     (tmp_path / "config.json").write_text(content)

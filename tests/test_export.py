@@ -5,6 +5,8 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
+import re
 import shutil
 import struct
 import subprocess
@@ -18,11 +20,13 @@ from safetensors.torch import load_file, save_file
 
 import rabit
 from rabit import export
-from rabit.cli_export import main as cli_main
+from rabit.cli import main as cli_main
 from rabit.models import load_stories260k
 from rabit.nn import PackedRaBiTLinear
 from rabit.runtime import LlamaRuntime
 from rabit.runtime.format import ExportFormatError, quantized_layer_bytes
+
+from helpers import tiny_hf_dir  # noqa: E402
 
 PROMPT = "Once upon a time"
 
@@ -305,6 +309,17 @@ def test_save_refuses_to_clobber_then_overwrites(packed, tmp_path):
     assert not (d / "keep.txt").exists() and (d / "model.safetensors").is_file()
 
 
+def test_exported_files_get_the_umask_permissions(packed, qat, tmp_path):
+    """Every exported file is readable as a plain open() would leave it (safetensors writes its file 0600)."""
+    old = os.umask(0o022)
+    try:
+        export.save_pretrained(packed, tmp_path / "out", tokenizer=qat[1])
+    finally:
+        os.umask(old)
+    modes = {f.name: f.stat().st_mode & 0o777 for f in (tmp_path / "out").iterdir()}
+    assert "model.safetensors" in modes and set(modes.values()) == {0o644}, modes
+
+
 def test_crash_mid_write_leaves_nothing_half_written(packed, tmp_path, monkeypatch):
     import safetensors.torch as st
 
@@ -434,6 +449,18 @@ def test_cli_bad_arguments(argv, code, needle, capsys, tmp_path):
     assert needle in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("runtime", ["torch", "numpy"])
+def test_cli_generate_refuses_to_run_past_the_trained_positions(exported, capsys, runtime):
+    """stories260K has 512 positions: both runtimes refuse to go past them (HF would extrapolate RoPE silently)."""
+    argv = ["generate", str(exported), "--prompt", PROMPT, "--runtime", runtime, "--max-new-tokens"]
+    assert cli_main(argv + ["600"]) == 1
+    err = capsys.readouterr().err
+    assert "exceed the model's max_position_embeddings 512" in err and "max_new_tokens" in err.replace("-", "_")
+    n_prompt = int(re.search(r"(\d+) prompt \+ 600 new tokens", err).group(1))
+    assert cli_main(argv + [str(512 - n_prompt), "--json"]) == 0  # exactly the positions there are
+    assert json.loads(capsys.readouterr().out)["prompt_tokens"] == n_prompt
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without a GPU")
 def test_cli_generate_cuda_without_gpu(capsys):
     assert cli_main(["generate", "stories260k", "--prompt", "a", "--device", "cuda"]) == 1
@@ -505,38 +532,41 @@ def test_cli_export_from_qat_checkpoint_and_generate(qat, tmp_path, capsys):
     # --compile (torch.compile of the decoder's elementwise glue) gives the same greedy text
     assert cli_main(["generate", str(out), "--prompt", PROMPT, "--max-new-tokens", "8", "--compile", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["text"] == texts["torch"]
-    # a checkpoint from another configuration is refused with the reason
+    # a checkpoint from another configuration is refused with the reason and the fix
     assert cli_main(["export", "--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "k3"), "--k", "3"]) == 1
-    assert "does not fit" in capsys.readouterr().err
+    assert "has k=2 binary paths per layer, not --k 3; pass --k 2" in capsys.readouterr().err
+    assert cli_main(["export", "--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "ex"),
+                     "--exclude", "mlp"]) == 1  # replaces the default exclusion of lm_head
+    err = capsys.readouterr().err
+    assert "does not fit" in err and "missing ['lm_head.g', 'lm_head.h']" in err and "rabit: rabit" not in err
+    assert cli_main(["export", "--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "k1"), "--model",
+                     str(out)]) == 1  # an exported model is not a base model
+    assert "already an exported" in capsys.readouterr().err
+    other = tiny_hf_dir(tmp_path / "other")  # 32 wide, stories260K 64
+    assert cli_main(["export", "--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "o"), "--model",
+                     str(other), "--quiet"]) == 1
+    err = capsys.readouterr().err  # load_state_dict's report, whose first line names no tensor
+    assert "does not fit" in err and "size mismatch for model.embed_tokens.weight" in err
     # existing output
     assert cli_main(["export", "--checkpoint", str(tmp_path / "run"), "--out", str(out)]) == 1
     assert "--overwrite" in capsys.readouterr().err
 
 
-def test_cli_module_entry_point():
-    r = subprocess.run([sys.executable, "-m", "rabit.cli_export", "--help"], capture_output=True, text=True,
-                       timeout=120)
-    assert r.returncode == 0 and "export" in r.stdout and "generate" in r.stdout
-
-
-def test_commands_plug_into_rabit_cli(monkeypatch, exported, capsys):
-    """The wiring rabit/cli.py needs is `COMMANDS.update(rabit.cli_export.COMMANDS)`; check it works there."""
-    import rabit.cli as cli
-    from rabit.cli_export import COMMANDS
-
-    monkeypatch.setattr(cli, "COMMANDS", {**cli.COMMANDS, **COMMANDS})
+def test_export_commands_share_rabit_cli_conventions(exported, capsys):
+    """export, eval, generate and quantize run through rabit.cli.main, the one entry point: its errors, its exit
+    codes, its --device check."""
     argv = ["generate", str(exported), "--prompt", PROMPT, "--max-new-tokens", "3", "--runtime", "numpy", "--json"]
-    assert cli.main(argv) == 0
+    assert cli_main(argv) == 0
     assert json.loads(capsys.readouterr().out)["new_tokens"] == 3
-    assert cli.main(["eval", str(exported)]) == 1
+    assert cli_main(["eval", str(exported)]) == 1
     assert "nothing to evaluate" in capsys.readouterr().err
-    assert cli.main(["quantize", "--out", str(exported)]) == 1  # exists and is not empty
+    assert cli_main(["quantize", "--out", str(exported)]) == 1  # exists and is not empty
     assert "--overwrite" in capsys.readouterr().err
+    r = subprocess.run([sys.executable, "-m", "rabit", "--help"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and all(c in r.stdout for c in ("export", "eval", "generate", "quantize"))
 
 
 def test_cli_quantize_writes_a_loadable_packed_model(tmp_path):
-    from rabit.cli import main as cli_main
-
     out = tmp_path / "ptq"
     assert cli_main(["quantize", "--out", str(out), "--calib-seqs", "4", "--seq-len", "32", "--quiet", "--json"]) == 0
     model = export.from_pretrained(out)

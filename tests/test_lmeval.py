@@ -16,7 +16,7 @@ import yaml  # noqa: E402
 
 import rabit  # noqa: E402
 from rabit import export  # noqa: E402
-from rabit.cli_export import main as cli_main  # noqa: E402
+from rabit.cli import main as cli_main  # noqa: E402
 from rabit.lm_eval_tasks import TASKS, hellaswag_items, prepare_task_dir, task_data_dir  # noqa: E402
 from rabit.lmeval import as_hf_tokenizer, evaluate  # noqa: E402
 from rabit.models import load_stories260k  # noqa: E402

@@ -12,6 +12,8 @@ from rabit.models import (DEFAULT_MODEL, Llama2cTokenizer, load_model, load_smol
                           load_stories260k)
 from rabit.models.llama2c import STORIES260K_BIN, TOK512_BIN, read_llama2c_header
 
+from helpers import tiny_hf_dir  # noqa: E402
+
 GOLDEN = ("Once upon a time, there was a little girl named Lily. She loved to play outside in the "
           "park. One day, she saw a big, red ball.")
 STORIES_BYTES = 1056540
@@ -78,6 +80,15 @@ def test_dtype_and_load_model(stories):
 def test_load_model_unknown_name():
     with pytest.raises(ValueError, match="stories260k.*smollm2-135m"):
         load_model("gpt-5")
+
+
+def test_load_model_hf_dir_without_tokenizer(tmp_path):
+    """A Hugging Face directory without tokenizer files is named as such (transformers' own message blames a
+    missing sentencepiece); with the files it loads."""
+    with pytest.raises(FileNotFoundError, match="has no tokenizer files.*save_pretrained"):
+        load_model(tiny_hf_dir(tmp_path / "bare", tokenizer=False))
+    model, tok = load_model(tiny_hf_dir(tmp_path / "full"))
+    assert model.config.hidden_size == 32 and tok.convert_tokens_to_ids("w7") == 7
 
 
 def test_truncated_checkpoint(tmp_path):

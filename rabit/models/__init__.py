@@ -21,6 +21,21 @@ __all__ = ["DEFAULT_MODEL", "MODEL_NAMES", "Llama2cTokenizer", "load_llama2c", "
            "load_smollm2", "load_stories260k"]
 
 
+# What a Hugging Face tokenizer is saved as; a directory with none of these has no tokenizer.
+_TOKENIZER_FILES = ("tokenizer*", "*.model", "vocab*", "merges.txt")
+
+
+def _hf_tokenizer(d: Path):
+    from transformers import AutoTokenizer
+
+    if not any(f.is_file() for pattern in _TOKENIZER_FILES for f in d.glob(pattern)):
+        # transformers would go on to say that sentencepiece or tiktoken is missing, which is not the problem
+        raise FileNotFoundError(f"rabit: the model directory {str(d)!r} has no tokenizer files (tokenizer.json, "
+                                "tokenizer_config.json, tokenizer.model, ...); save the base model's tokenizer "
+                                "into it (tokenizer.save_pretrained(dir))")
+    return AutoTokenizer.from_pretrained(d, local_files_only=True)
+
+
 def load_model(name_or_path: str | Path = DEFAULT_MODEL, dtype: torch.dtype = torch.float32,
                device="cpu"):
     """``(model, tokenizer)`` for a known name or a local path.
@@ -36,10 +51,10 @@ def load_model(name_or_path: str | Path = DEFAULT_MODEL, dtype: torch.dtype = to
     else:
         p = Path(name_or_path).expanduser()
         if p.is_dir() and (p / "config.json").is_file():
-            from transformers import AutoModelForCausalLM, AutoTokenizer
+            from transformers import AutoModelForCausalLM
 
+            tok = _hf_tokenizer(p)  # before the weights: a missing tokenizer is said at once
             model = AutoModelForCausalLM.from_pretrained(p, dtype=dtype, local_files_only=True)
-            tok = AutoTokenizer.from_pretrained(p, local_files_only=True)
             model.eval()
         elif p.suffix == ".bin" and p.is_file():
             model, tok = load_llama2c(p, dtype=dtype)
