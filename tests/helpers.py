@@ -94,17 +94,22 @@ def tiny_llama(seed: int = 0):
     return LlamaForCausalLM(cfg).eval()
 
 
+def save_word_tokenizer(d, vocab_size: int = TINY_VOCAB):
+    """A word-level tokenizer ("<unk>", "w1", "w2", ...) saved into the Hugging Face model directory d."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, **{f"w{i}": i for i in range(1, vocab_size)}}
+    PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="<unk>")),
+                            unk_token="<unk>").save_pretrained(d)
+
+
 def tiny_hf_dir(d, tokenizer: bool = True):
     """tiny_llama saved as a Hugging Face model directory, with a word-level tokenizer of its vocabulary unless
     told not to; returns d."""
     tiny_llama().save_pretrained(d)
     if tokenizer:
-        from tokenizers import Tokenizer, models
-        from transformers import PreTrainedTokenizerFast
-
-        vocab = {"<unk>": 0, **{f"w{i}": i for i in range(1, TINY_VOCAB)}}
-        PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="<unk>")),
-                                unk_token="<unk>").save_pretrained(d)
+        save_word_tokenizer(d)
     return d
 
 

@@ -26,7 +26,7 @@ from rabit.nn import PackedRaBiTLinear
 from rabit.runtime import LlamaRuntime
 from rabit.runtime.format import ExportFormatError, quantized_layer_bytes
 
-from helpers import tiny_hf_dir  # noqa: E402
+from helpers import save_word_tokenizer, tiny_hf_dir  # noqa: E402
 
 PROMPT = "Once upon a time"
 
@@ -499,7 +499,8 @@ def test_cli_generate_compile_needs_the_static_decoder(tmp_path, capsys):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=64, n_positions=32)).save_pretrained(tmp_path)
-    assert cli_main(["generate", str(tmp_path), "--prompt", "a", "--compile"]) == 1
+    save_word_tokenizer(tmp_path, 64)
+    assert cli_main(["generate", str(tmp_path), "--prompt", "w1 w2", "--compile"]) == 1
     assert "--compile applies to the static decoder" in capsys.readouterr().err
 
 
