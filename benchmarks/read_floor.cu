@@ -455,7 +455,7 @@ __device__ __forceinline__ uint32_t *lp_sink(const C94Args &a) { return static_c
                region: stale values, only the time counts) and its float64 flush into two float32 sums
    kPartEpi    the epilogue: the warps' sums into shared memory, the tile barrier, warp 0 adds them in warp order, the
                bias and stores 16 fp16 outputs
- Splits of math and tile (thirtieth session: math cost 2.1-6.3 us, tile 0.5-2.9, epi 0.2-0.3 on an H200):
+ Splits of math and tile (twenty-ninth session: math cost 2.1-6.3 us, tile 0.4-2.9, epi 0.1-0.3 on an H200):
    kMathNoMma     math without its MMAs (the words go straight to the flush)
    kMathNoFlush   math with an fp32 sum of the MMA results instead of the float64 flush
    kMathInter     the K paths' MMA chains interleaved (sp outer, k inner): the asm volatile MMAs issue in source order,
@@ -1053,7 +1053,7 @@ int main(int argc, char **argv) {
             {"epi_alone", true, c94(ring_ladder<C94Args, kSO | kPartEpi>, stages_c94, smem_c94, false)},
             {"full_alone", true, c94(ring_ladder<C94Args, kFull>, stages_c94, smem_c94, false)},
             {"full_alone_s4", true, c94(ring_ladder<C94Args, kFull>, 4, smem_s4, false)},
-            // thirtieth session: what in math and tile costs
+            // twenty-ninth session: what in math and tile costs
             {"math_nomma", true, c94(ring_ladder<C94Args, kMath | kMathNoMma>, stages_c94, smem_c94, false)},
             {"math_noflush", true, c94(ring_ladder<C94Args, kMath | kMathNoFlush>, stages_c94, smem_c94, false)},
             {"math_inter", true, c94(ring_ladder<C94Args, kMath | kMathInter>, stages_c94, smem_c94, false)},
