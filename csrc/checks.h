@@ -157,9 +157,12 @@ inline LayerDims check_dequantize_args(const char *op, const at::Tensor &packed,
                                        const at::Tensor &h) {
     RABIT_CHECK_DIM(op, packed, 3);
     RABIT_CHECK_DIM(op, h, 2);
-    const int64_t K = packed.size(0), out = packed.size(1), in = h.size(1);
+    const int64_t out = packed.size(1), in = h.size(1);
     TORCH_CHECK_VALUE(in >= 1, op, ": h has no input features (shape ", h.sizes(), ")");
     check_scales(op, g, h, out, in, packed);  // `in` comes from h
+    // K from the scales, so that packed's K is checked against it (from packed it checked nothing, and a packed
+    // with more paths than g and h made the kernels read past them)
+    const int64_t K = g.size(0);
     check_packed(op, packed, K, out, in);
     return {K, out, in};
 }
@@ -171,9 +174,10 @@ inline LayerDims check_packed_linear_args(const char *op, const at::Tensor &x, c
     RABIT_CHECK_FLOAT(op, x);
     RABIT_CHECK_CONTIGUOUS(op, x);
     RABIT_CHECK_DIM(op, packed, 3);
-    const int64_t K = packed.size(0), out = packed.size(1), in = x.size(1);
+    const int64_t out = packed.size(1), in = x.size(1);
     TORCH_CHECK_VALUE(in >= 1, op, ": x has no input features (shape ", x.sizes(), ")");
     check_scales(op, g, h, out, in, packed);  // `in` comes from x: a mismatch names h and x's width
+    const int64_t K = g.size(0);              // as in check_dequantize_args: packed's K is checked against it
     check_packed(op, packed, K, out, in);
     RABIT_CHECK_SAME_DEVICE(op, x, packed);
     if (bias.has_value()) {

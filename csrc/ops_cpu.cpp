@@ -80,6 +80,7 @@ at::Tensor pack_signs_cpu(const at::Tensor &signs) {
     std::vector<int64_t> shape(signs.sizes().begin(), signs.sizes().end());
     shape.back() = words_per_row(in);
     at::Tensor packed = at::empty(shape, signs.options().dtype(at::kInt));
+    if (rows == 0) return packed;  // no rows: nothing to pack (the kernel takes no null data pointer)
     check_status(op, rabit_pack_signs_cpu(s.data_ptr<float>(), rows, in,
                                           reinterpret_cast<rabit_word_t *>(packed.data_ptr<int32_t>())));
     return packed;
@@ -94,6 +95,7 @@ at::Tensor unpack_signs_cpu(const at::Tensor &packed, int64_t in_features, std::
     shape.back() = in_features;
     at::Tensor out = at::empty(shape, packed.options().dtype(dt));
     const int64_t rows = packed.numel() / packed.size(-1);
+    if (rows == 0) return out;
     check_status(op, rabit_unpack_signs_cpu(reinterpret_cast<const rabit_word_t *>(packed.data_ptr<int32_t>()), rows,
                                             in_features, out.data_ptr(), rdt));
     return out;

@@ -7,6 +7,8 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ._checks import check_positive_int, check_token_ids
+
 
 def collect_calibration_stats(model: nn.Module, input_ids: Tensor, names: list[str], batch_size: int = 8,
                               progress: bool = True) -> dict[str, tuple[Tensor, Tensor]]:
@@ -16,11 +18,16 @@ def collect_calibration_stats(model: nn.Module, input_ids: Tensor, names: list[s
     the distillation loss itself has zero gradient at the teacher (student == teacher), so it
     cannot rank output channels.
     """
-    if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"rabit calibration: expected integer token ids [N, T], got {input_ids.dtype} "
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype not in (torch.int64,
+                                                                                                  torch.int32):
+        raise ValueError(f"rabit calibration: expected integer token ids [N, T], got "
+                         f"{getattr(input_ids, 'dtype', type(input_ids).__name__)} "
+                         f"{tuple(getattr(input_ids, 'shape', ()))}")
+    if input_ids.shape[0] < 1 or input_ids.shape[1] < 2:
+        raise ValueError(f"rabit calibration: expected at least one sequence of at least 2 tokens, got "
                          f"{tuple(input_ids.shape)}")
-    if input_ids.shape[1] < 2:
-        raise ValueError("rabit calibration: sequences need at least 2 tokens")
+    check_positive_int(batch_size, "calib_batch_size", "rabit calibration")
+    check_token_ids(input_ids, model.get_input_embeddings().num_embeddings, "rabit calibration")
     device = next(model.parameters()).device
     sq_in, sq_out, count = {}, {}, {}
     handles = []

@@ -441,9 +441,16 @@ def load_tokens(path: str | os.PathLike) -> torch.Tensor:
             raise ValueError(f"rabit: {str(path)!r} has no 'input_ids' tensor; was it written by save_tokens?")
         arr = tensors["input_ids"]
     elif path.suffix == ".npy":
-        arr = np.load(path, allow_pickle=False)
+        try:
+            arr = np.load(path, allow_pickle=False)
+        except (ValueError, OSError, EOFError) as e:
+            # numpy calls any unreadable header "pickled data" and suggests allow_pickle, which is never the fix here
+            raise ValueError(f"rabit: token file {str(path)!r} is not a readable .npy array ({type(e).__name__}); "
+                             f"{_TOKEN_FILE_FIX}") from None
     else:
         raise ValueError(f"rabit: unsupported token file suffix {path.suffix!r}; use .safetensors or .npy")
+    if not np.issubdtype(arr.dtype, np.integer):  # float ids would be truncated silently
+        raise ValueError(f"rabit: token file {str(path)!r} holds {arr.dtype} values, not integer token ids")
     return torch.from_numpy(arr.astype(np.int64))
 
 

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ._checks import check_positive_int, check_token_ids
 from .data import decode_loop, encode_text, greedy, model_device
 from .train import autocast_context
 
@@ -97,6 +98,10 @@ def perplexity(
     dropped. Returns a :class:`PerplexityResult` (``float(r)`` is the perplexity).
     """
     wins = _windows(token_ids, ctx)
+    check_positive_int(batch_size, "batch_size", "rabit.perplexity")  # range(0, W, -1) would score nothing: ppl 1.0
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if emb is not None:  # a Hugging Face model: ids outside the vocabulary fail deep in the embedding otherwise
+        check_token_ids(wins, emb.num_embeddings, "rabit.perplexity")
     from tqdm.auto import tqdm
 
     was_training = model.training

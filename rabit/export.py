@@ -354,7 +354,7 @@ def expected_tensors(model: nn.Module, k: int) -> dict[str, tuple[tuple[str, ...
     return want
 
 
-def _validate_weights_file(path: Path, want: dict) -> None:
+def validate_weights_file(path: Path, want: dict) -> None:
     found = read_safetensors_header(path)
     for name, (tags, shape) in want.items():
         check_tensor(name, found, shape, tags, str(path))
@@ -400,7 +400,7 @@ def from_pretrained(model_directory: str | os.PathLike, device="cpu", dtype: tor
     qc = config["quantization_config"]
     weights = d / WEIGHTS_NAME
     model = build_skeleton(config, dtype)
-    _validate_weights_file(weights, expected_tensors(model, qc["k"]))
+    validate_weights_file(weights, expected_tensors(model, qc["k"]))
     tensors = _load_tensors(weights)
     check_finite_scales(tensors, str(weights))
     missing, unexpected = model.load_state_dict(tensors, strict=False)

@@ -101,9 +101,23 @@ def _build_classes() -> dict[str, type]:
                 raise ValueError("rabit: disk offload is not supported for packed RaBiT layers")
 
         def _process_model_before_weight_loading(self, model, **kwargs):
-            from .export import replace_linears
+            from pathlib import Path
+
+            from .export import WEIGHTS_NAME, expected_tensors, replace_linears, validate_weights_file
 
             replace_linears(model, self.quantization_config.quantized_modules, self.quantization_config.k)
+            # transformers only warns about missing or unexpected tensors (a layer left out of quantized_modules
+            # would come up as a randomly initialised nn.Linear): a local export's file is checked as
+            # rabit.export.from_pretrained checks it, against the skeleton's names, shapes and dtypes
+            weights = Path(getattr(model.config, "_name_or_path", "") or "") / WEIGHTS_NAME
+            if weights.is_file():
+                want = expected_tensors(model, self.quantization_config.k)
+                out_emb = model.get_output_embeddings()
+                if getattr(model.config, "tie_word_embeddings", False) and out_emb is not None:
+                    # not tied yet on this skeleton: the file stores the shared matrix once, as the input embedding
+                    names = {id(m): n for n, m in model.named_modules()}
+                    want.pop(f"{names[id(out_emb)]}.weight", None)
+                validate_weights_file(weights, want)
             return model
 
         def _process_model_after_weight_loading(self, model, **kwargs):

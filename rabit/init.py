@@ -27,8 +27,8 @@ LATENT_INITS = ("pretrained", "reconstruction")  # what the latent weight starts
 def check_init_options(who: str, init_iters: int, latent_init: str, ste: str) -> None:
     """The init settings that RabitConfig and rabit train's config both take; torch-only, so that a command line can
     check them before the compiled extension loads."""
-    if init_iters < 0:
-        raise ValueError(f"{who}: init_iters must be >= 0, got {init_iters}")
+    if not (isinstance(init_iters, int) and not isinstance(init_iters, bool) and init_iters >= 0):
+        raise ValueError(f"{who}: init_iters must be an integer >= 0, got {init_iters!r}")
     if latent_init not in LATENT_INITS:
         raise ValueError(f"{who}: latent_init {latent_init!r} is unknown; use one of {LATENT_INITS}")
     if ste not in STE_VARIANTS:

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import fnmatch
+import math
 from dataclasses import dataclass
 
 import torch
@@ -49,8 +50,16 @@ class RabitConfig:
     ste_param: float = 1.0
 
     def __post_init__(self):
-        if not 1 <= self.k <= 4:
-            raise ValueError(f"RabitConfig: k={self.k} is not supported; use k in 1..4 (RaBiT uses 2)")
+        if not (isinstance(self.k, int) and not isinstance(self.k, bool) and 1 <= self.k <= 4):
+            raise ValueError(f"RabitConfig: k={self.k!r} is not supported; use an integer k in 1..4 (RaBiT uses 2)")
+        for field in ("include", "exclude"):
+            patterns = getattr(self, field)
+            # tuple("lm_head") would be ('l', 'm', ...): a lone string is refused, not split into characters
+            if isinstance(patterns, str):
+                raise TypeError(f"RabitConfig: {field} must be a tuple of glob patterns, got the string "
+                                f"{patterns!r}; write {field}=({patterns!r},) for one pattern")
+            if not all(isinstance(p, str) for p in patterns):
+                raise TypeError(f"RabitConfig: {field} must be a tuple of glob patterns (strings), got {patterns!r}")
         if self.latents not in ("coupled", "independent"):
             raise ValueError(f"RabitConfig: latents must be 'coupled' or 'independent', got {self.latents!r}")
         check_init_options("RabitConfig", self.init_iters, self.latent_init, self.ste)
@@ -58,8 +67,9 @@ class RabitConfig:
             raise ValueError(f"RabitConfig: init_mode {self.init_mode!r} is unknown; use one of {INIT_MODES}")
         if self.ste != "identity" and not self.ste_param > 0:
             raise ValueError(f"RabitConfig: ste_param must be > 0 for ste={self.ste!r}")
-        if self.alpha_in < 0 or self.alpha_out < 0:
-            raise ValueError("RabitConfig: alpha_in and alpha_out must be >= 0")
+        if not (self.alpha_in >= 0 and self.alpha_out >= 0 and math.isfinite(self.alpha_in + self.alpha_out)):
+            raise ValueError(f"RabitConfig: alpha_in and alpha_out must be finite and >= 0, got {self.alpha_in} "
+                             f"and {self.alpha_out}")
         self.include, self.exclude = tuple(self.include), tuple(self.exclude)
 
     def selects(self, name: str) -> bool:

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ._checks import check_token_ids
 from .data import atomic_write, make_output_dir, model_device, write_json_atomic
 from .muon import GroupedMuon
 
@@ -45,6 +46,7 @@ CHECKPOINT_FORMAT = "rabit-train-checkpoint/1"
 
 AUTOCAST_MODES = ("auto", "bf16", "none")
 OPTIMIZERS = ("muon", "adamw")
+MUON_ADJUST_LR = ("match_rms_adamw", "original")  # what torch.optim.Muon takes as adjust_lr_fn
 # Fields a resumed run may change: they change how often it logs or checks, or (compile) the rounding order only.
 _RESUME_FREE_FIELDS = frozenset({"log_every", "checkpoint_every", "layer_finite_checks", "compile"})
 
@@ -108,8 +110,11 @@ class TrainConfig:
             if not cond:
                 raise ValueError(f"rabit: TrainConfig: {msg}")
 
-        need(isinstance(self.steps, int) and self.steps >= 1, f"steps must be an int >= 1 (got {self.steps!r})")
-        need(isinstance(self.batch_size, int) and self.batch_size >= 1,
+        def is_int(v) -> bool:  # True is an int to Python, not a step count
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        need(is_int(self.steps) and self.steps >= 1, f"steps must be an int >= 1 (got {self.steps!r})")
+        need(is_int(self.batch_size) and self.batch_size >= 1,
              f"batch_size must be an int >= 1 (got {self.batch_size!r})")
         for name in ("lr_latent", "lr_scales"):
             v = getattr(self, name)
@@ -117,11 +122,17 @@ class TrainConfig:
         need(math.isfinite(self.weight_decay) and self.weight_decay >= 0,
              f"weight_decay must be a finite number >= 0 (got {self.weight_decay!r})")
         need(0 <= self.muon_momentum < 1, f"muon_momentum must be in [0, 1) (got {self.muon_momentum!r})")
-        need(self.warmup_steps is None or self.warmup_steps >= 0,
-             f"warmup_steps must be >= 0 or None (got {self.warmup_steps!r})")
+        need(self.warmup_steps is None or is_int(self.warmup_steps) and self.warmup_steps >= 0,
+             f"warmup_steps must be an int >= 0 or None (got {self.warmup_steps!r})")
         need(0 <= self.warmup_fraction < 1, f"warmup_fraction must be in [0, 1) (got {self.warmup_fraction!r})")
         need(0 <= self.min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1] (got {self.min_lr_ratio!r})")
-        need(self.gamma >= 0, f"gamma must be >= 0 (got {self.gamma!r})")
+        need(math.isfinite(self.gamma) and self.gamma >= 0, f"gamma must be a finite number >= 0 (got {self.gamma!r})")
+        need(self.muon_adjust_lr in MUON_ADJUST_LR,
+             f"muon_adjust_lr must be one of {MUON_ADJUST_LR} (got {self.muon_adjust_lr!r})")
+        betas = self.adam_betas
+        need(not isinstance(betas, str) and len(betas) == 2 and all(
+            isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in betas),
+             f"adam_betas must be two numbers in [0, 1) (got {betas!r})")
         need(math.isfinite(self.kl_temperature) and self.kl_temperature > 0,
              f"kl_temperature must be a finite number > 0 (got {self.kl_temperature!r})")
         need(self.optimizer in OPTIMIZERS, f"optimizer must be one of {OPTIMIZERS} (got {self.optimizer!r})")
@@ -129,8 +140,10 @@ class TrainConfig:
              f"compile must be True, False or 'auto' (got {self.compile!r})")
         need(self.autocast in AUTOCAST_MODES, f"autocast must be one of {AUTOCAST_MODES} (got {self.autocast!r})")
         need(self.grad_clip is None or self.grad_clip >= 0, f"grad_clip must be >= 0 or None (got {self.grad_clip!r})")
-        need(self.log_every >= 1, f"log_every must be >= 1 (got {self.log_every!r})")
-        need(self.checkpoint_every >= 0, f"checkpoint_every must be >= 0 (got {self.checkpoint_every!r})")
+        need(is_int(self.log_every) and self.log_every >= 1, f"log_every must be an int >= 1 (got {self.log_every!r})")
+        need(is_int(self.checkpoint_every) and self.checkpoint_every >= 0,
+             f"checkpoint_every must be an int >= 0 (got {self.checkpoint_every!r})")
+        need(is_int(self.seed), f"seed must be an int (got {self.seed!r})")
         self.adam_betas = tuple(self.adam_betas)  # type: ignore[assignment]  # JSON gives lists
 
     @property
@@ -227,10 +240,7 @@ def validate_token_ids(token_ids: torch.Tensor, vocab_size: int, batch_size: int
                          "use more data or a smaller batch_size")
     if max_positions is not None and t > max_positions:
         raise ValueError(f"rabit: seq_len={t} exceeds the model's max_position_embeddings={max_positions}")
-    lo, hi = int(token_ids.min()), int(token_ids.max())
-    if lo < 0 or hi >= vocab_size:
-        raise ValueError(f"rabit: token ids span [{lo}, {hi}] but the model's vocabulary is [0, {vocab_size}); "
-                         "were the tokens made with another tokenizer?")
+    check_token_ids(token_ids, vocab_size)
     return token_ids.long()
 
 

@@ -197,6 +197,22 @@ def test_a_truncated_or_corrupt_token_file_is_named(tmp_path, content):
             read(path)
 
 
+@pytest.mark.parametrize("content", [b"garbage", b"\x93NUMPY\x01\x00", b""])
+def test_a_corrupt_npy_token_file_is_named_without_pickle_advice(tmp_path, content):
+    path = tmp_path / "ids.npy"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=r"ids.npy' is not a readable .npy array.*delete it") as e:
+        D.load_tokens(path)
+    assert "pickle" not in str(e.value)
+
+
+def test_an_npy_token_file_of_floats_is_refused(tmp_path):
+    path = tmp_path / "ids.npy"
+    np.save(path, np.array([[1.7, 2.2]]))
+    with pytest.raises(ValueError, match="holds float64 values, not integer token ids"):
+        D.load_tokens(path)
+
+
 def test_a_truncated_checkpoint_is_named(tmp_path):
     from rabit.train import read_checkpoint
 

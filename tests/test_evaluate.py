@@ -117,6 +117,21 @@ def test_perplexity_rejects_bad_input(ids, ctx, err):
         E.perplexity(BigramLM(VOCAB), ids, ctx=ctx, progress=False)
 
 
+def test_perplexity_rejects_a_batch_size_below_one_and_ids_outside_the_vocabulary():
+    """batch_size=-1 scored no window and returned a perfect 1.0; ids outside the vocabulary failed in the embedding."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    m = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                     num_attention_heads=2, num_key_value_heads=2)).eval()
+    ids = torch.randint(0, VOCAB, (4, 9))
+    ids[0, 0] = 0
+    for bs in (0, -1, 1.5):
+        with pytest.raises(ValueError, match=f"batch_size must be an integer >= 1, got {bs}"):
+            E.perplexity(m, ids, batch_size=bs, progress=False)
+    with pytest.raises(ValueError, match=rf"token ids span \[0, {VOCAB + 3}\] but the model's vocabulary"):
+        E.perplexity(m, torch.cat([ids, torch.full((1, 9), VOCAB + 3)]), progress=False)
+
+
 def test_wikitext_text_joins_rows_and_finds_the_shared_folder(tmp_path, monkeypatch):
     f = tmp_path / "data" / "wikitext-2-raw" / "wiki.test.raw"
     f.parent.mkdir(parents=True)

@@ -169,6 +169,30 @@ def test_transformers_auto_model_loads_export(exported, packed, ids):
     assert torch.equal(logits(m, ids), logits(packed, ids))
 
 
+@pytest.mark.parametrize("damage", ["module_left_out_of_config", "scale_missing_from_file"])
+def test_transformers_auto_model_refuses_a_damaged_export(exported, tmp_path, damage):
+    """transformers only warns about missing tensors: a layer left out of quantized_modules came up as a randomly
+    initialised nn.Linear, and a missing scale was reported as NaN. Both are now named as rabit's loader names them."""
+    from transformers import AutoModelForCausalLM
+
+    d = tmp_path / "damaged"
+    shutil.copytree(exported, d)
+    if damage == "module_left_out_of_config":
+        cfg = json.loads((d / "config.json").read_text())
+        gone = cfg["quantization_config"]["quantized_modules"].pop()
+        (d / "config.json").write_text(json.dumps(cfg))
+        want = rf"tensor '{gone}.weight' is missing"
+    else:
+        tensors = load_file(str(d / "model.safetensors"))
+        del tensors["model.layers.0.self_attn.q_proj.g"]
+        save_file(tensors, str(d / "model.safetensors"))
+        want = r"tensor 'model.layers.0.self_attn.q_proj.g' is missing"
+    with pytest.raises(export.ExportFormatError, match=want):
+        export.from_pretrained(d)
+    with pytest.raises(export.ExportFormatError, match=want):
+        AutoModelForCausalLM.from_pretrained(str(d))
+
+
 def test_registration_is_lazy_and_works_in_a_fresh_process(exported):
     """`import rabit.export` must not import transformers (slow), yet AutoModel must then load exports."""
     script = (

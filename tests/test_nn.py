@@ -181,6 +181,32 @@ def test_quantize_errors():
         rabit.convert_(tiny_llama())
 
 
+@pytest.mark.parametrize("kw, err, match", [
+    ({"include": "*q_proj"}, TypeError, r"got the string '\*q_proj'; write include=\('\*q_proj',\)"),
+    ({"exclude": "lm_head"}, TypeError, r"write exclude=\('lm_head',\)"),
+    ({"include": ("a", 3)}, TypeError, "glob patterns"),
+    ({"k": 2.5}, ValueError, "integer k in 1..4"), ({"k": True}, ValueError, "integer k"),
+    ({"init_iters": 1.5}, ValueError, "init_iters must be an integer >= 0"),
+    ({"alpha_in": float("nan")}, ValueError, "finite and >= 0"), ({"alpha_out": float("inf")}, ValueError, "finite"),
+])
+def test_config_rejects_what_would_go_wrong_later(kw, err, match):
+    """A lone string was split into characters ('*' then matched every layer, lm_head included); k=2.5 and
+    init_iters=1.5 failed deep in torch; alpha=nan surfaced as NaN scales."""
+    with pytest.raises(err, match=match):
+        rabit.RabitConfig(**kw)
+
+
+@pytest.mark.parametrize("ids, bs, match", [
+    (torch.full((2, 8), 600), 8, r"token ids span \[600, 600\] but the model's vocabulary is \[0, \d+\)"),
+    (torch.zeros(0, 8, dtype=torch.long), 8, "at least one sequence"),
+    (torch.zeros(2, 8, dtype=torch.long), 0, "calib_batch_size must be an integer >= 1, got 0"),
+    (torch.zeros(2, 8, dtype=torch.long), -1, "calib_batch_size must be an integer >= 1, got -1"),
+])
+def test_calibration_input_errors(ids, bs, match):
+    with pytest.raises(ValueError, match=match):
+        rabit.quantize_(tiny_llama(), calib_input_ids=ids, calib_batch_size=bs, progress=False)
+
+
 def test_another_architecture_with_biases_round_trips_through_convert():
     model = tiny_qwen2()
     ids = torch.randint(0, 128, (2, 11))

@@ -838,6 +838,37 @@ def test_dequantize_errors(device):
         rabit.dequantize(packed, torch.rand(3, 5, device=device), h)
 
 
+@pytest.mark.parametrize("more", ["packed", "scales"])
+def test_packed_ops_check_packed_against_the_scales_k(more, device):
+    """packed's K is checked against g and h's: with K taken from packed, a packed of 2 paths and scales of 1 made the
+    kernels read past g and h (garbage or out-of-bounds), and the other way round ignored g[1], h[1]."""
+    w, g, h = random_layer(8, 40, 2, torch.float32, device)
+    _, packed = rabit.residual_binarize(w, g, h)
+    if more == "packed":  # packed K=2, scales K=1
+        p, gs, hs, want = packed, g[:1].contiguous(), h[:1].contiguous(), r"packed is \[2, 8, 2\] but K=1"
+    else:  # packed K=1, scales K=2
+        p, gs, hs, want = packed[:1].contiguous(), g, h, r"packed is \[1, 8, 2\] but K=2"
+    x = torch.randn(3, 40, device=device)
+    with pytest.raises(ValueError, match=want):
+        rabit.packed_linear(x, p, gs, hs)
+    with pytest.raises(ValueError, match=want):
+        rabit.dequantize(p, gs, hs)
+    with pytest.raises(ValueError, match=r"\(layer 0\): " + want):
+        rabit.packed_linear_group(x, [p], [gs], [hs])
+    with pytest.raises(ValueError, match=want):
+        rabit.packed_linear_fused(x, [p], [gs], [hs])
+
+
+@pytest.mark.parametrize("lead", [(0,), (0, 3), (2, 0)])
+def test_pack_and_unpack_take_no_rows(lead, device):
+    """Zero rows give empty results of the reference's shape (the kernels refused the null data pointer)."""
+    signs = torch.randn(*lead, 37, device=device)
+    packed = rabit.pack_signs(signs)
+    assert packed.shape == R.pack_signs(signs.cpu()).shape == (*lead, 2) and packed.dtype == torch.int32
+    back = rabit.unpack_signs(packed, 37)
+    assert back.shape == signs.shape and back.device == signs.device
+
+
 # Each native op's shape check, raised in a fresh process so that a crash fails one test instead of killing the run.
 # A build that linked a private static copy of libstdc++ into rabit._C (a compiler with only libstdc++.a, on the
 # GPU machine) crashed with SIGSEGV on exactly these: the first message that formats an integer (setup.py links the

@@ -137,6 +137,14 @@ def test_generate_stops_at_eos_and_checks_limits(stories_export):
         rt.generate([1] * 10, max_new_tokens=510)
     with pytest.raises(ValueError, match=r"token ids must be in \[0, 512\)"):
         rt.forward([1, 512])
+    # a batch was read as one sequence of B*T tokens, and 1.9 as token 1
+    for call in (rt.forward, lambda ids: rt.generate(ids, 2)):
+        with pytest.raises(ValueError, match=r"one sequence, \[T\]; got shape \(2, 3\)"):
+            call([[1, 2, 3], [4, 5, 6]])
+        with pytest.raises(TypeError, match="token ids must be integers, got float64"):
+            call([1.9, 5.2])
+    with pytest.raises(ValueError, match="max_new_tokens must be an integer >= 0, got 2.5"):
+        rt.generate([1, 2], 2.5)
 
 
 # -- architectures: biases, untied / quantized lm_head, padded rows, dense layers, GQA ------------

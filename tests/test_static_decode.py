@@ -80,8 +80,15 @@ def test_errors(stories):
         dec.generate(torch.ones(1, 3, dtype=torch.long), 2)
     with pytest.raises(ValueError, match="must have 1 .. max_len-1"):
         dec.generate(torch.ones(2, 8, dtype=torch.long), 2)
-    with pytest.raises(ValueError, match="would pass max_len"):
-        dec.generate(torch.ones(2, 4, dtype=torch.long), 10)
+    with pytest.raises(ValueError, match=r"4 prompt \+ 5 new tokens exceed max_len=8"):  # before any decoding
+        dec.generate(torch.ones(2, 4, dtype=torch.long), 5)
+    assert dec.generate(torch.ones(2, 4, dtype=torch.long), 4).shape == (2, 8)  # exactly max_len
+    with pytest.raises(ValueError, match=r"expected input_ids of shape \[2, T\], got \(3,\)"):
+        dec.generate(torch.ones(3, dtype=torch.long), 2)  # 1-D: an IndexError before
+    with pytest.raises(ValueError, match="max_new_tokens must be an integer >= 0, got -1"):
+        dec.generate(torch.ones(2, 4, dtype=torch.long), -1)  # returned the prompt silently
+    with pytest.raises(ValueError, match=r"token ids span \[1, 600\] but the model's vocabulary is \[0, 512\)"):
+        dec.generate(torch.tensor([[1, 600], [1, 2]]), 2)
     model.config.model_type = "gpt2"
     try:
         with pytest.raises(TypeError, match="model type 'gpt2' is not supported"):

@@ -107,6 +107,12 @@ def test_lr_schedule_warmup_then_cosine_to_floor():
     ({"warmup_fraction": 1.0}, "warmup_fraction"), ({"kl_temperature": 0.0}, "kl_temperature"),
     ({"muon_momentum": 1.0}, "muon_momentum"), ({"muon_momentum": -0.1}, "muon_momentum"),
     ({"weight_decay": float("inf")}, "weight_decay"), ({"kl_temperature": float("inf")}, "kl_temperature"),
+    # these reached torch's optimizers or the loop before they failed
+    ({"adam_betas": (1.5, 0.9)}, "adam_betas"), ({"adam_betas": "ab"}, "adam_betas"),
+    ({"adam_betas": (0.9,)}, "adam_betas"), ({"muon_adjust_lr": "foo"}, "muon_adjust_lr"),
+    ({"warmup_steps": 2.5}, "warmup_steps"), ({"checkpoint_every": 2.5}, "checkpoint_every"),
+    ({"gamma": float("inf")}, "gamma"), ({"steps": True}, "steps"), ({"log_every": 0.5}, "log_every"),
+    ({"seed": 1.5}, "seed"),
 ])
 def test_config_rejects_bad_values(kw, match):
     with pytest.raises(ValueError, match=match):

@@ -117,6 +117,7 @@ at::Tensor pack_signs_cuda(const at::Tensor &signs) {
     std::vector<int64_t> shape(signs.sizes().begin(), signs.sizes().end());
     shape.back() = words_per_row(in);
     at::Tensor packed = at::empty(shape, signs.options().dtype(at::kInt));
+    if (rows == 0) return packed;  // no rows: nothing to pack (the kernel takes no null data pointer)
     check_launch(rabit_cuda::pack_signs(s.data_ptr<float>(), rows, in, words_mut(packed), stream));
     return packed;
 }
@@ -132,6 +133,7 @@ at::Tensor unpack_signs_cuda(const at::Tensor &packed, int64_t in_features, std:
     shape.back() = in_features;
     at::Tensor out = at::empty(shape, packed.options().dtype(dt));
     const int64_t rows = packed.size(-1) ? packed.numel() / packed.size(-1) : 0;
+    if (rows == 0) return out;
     check_launch(rabit_cuda::unpack_signs(words(packed), rows, in_features, out.data_ptr(), rdt, stream));
     return out;
 }

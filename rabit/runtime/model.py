@@ -108,6 +108,17 @@ def _get(cfg: dict, *names, default=None):
     return default
 
 
+
+def _one_sequence(ids) -> np.ndarray:
+    """``ids`` as int64 ``[T]``: a [B, T] batch would be read as one sequence of B*T tokens, and 1.9 as token 1."""
+    raw = np.asarray(ids)
+    if raw.ndim > 1:
+        raise ValueError(f"rabit.runtime: expected the ids of one sequence, [T]; got shape {raw.shape} (batches are "
+                         "not supported: one call per sequence)")
+    if raw.size and not np.issubdtype(raw.dtype, np.integer):
+        raise TypeError(f"rabit.runtime: token ids must be integers, got {raw.dtype}")
+    return raw.astype(np.int64).reshape(-1)
+
 class LlamaRuntime:
     """Greedy-decoding Llama over an exported directory, in NumPy. Build with :meth:`load`."""
 
@@ -309,7 +320,7 @@ class LlamaRuntime:
 
     def forward(self, ids, cache: KVCache | None = None) -> np.ndarray:
         """Logits ``[T, vocab]`` float32 of token ids ``[T]`` continuing ``cache`` (updated in place)."""
-        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        ids = _one_sequence(ids)
         if ids.size == 0:
             raise ValueError("rabit.runtime: forward needs at least one token id")
         if ids.min() < 0 or ids.max() >= self.vocab:
@@ -327,9 +338,10 @@ class LlamaRuntime:
 
     def generate(self, ids, max_new_tokens: int = 32, eos_token_id: int | None = None) -> list[int]:
         """Greedy continuation of ``ids``: returns prompt + new token ids (stops after ``eos_token_id``)."""
-        if max_new_tokens < 0:
-            raise ValueError(f"rabit.runtime: max_new_tokens must be >= 0, got {max_new_tokens}")
-        out = [int(i) for i in np.asarray(ids).reshape(-1)]
+        if not (isinstance(max_new_tokens, (int, np.integer)) and not isinstance(max_new_tokens, bool)
+                and max_new_tokens >= 0):
+            raise ValueError(f"rabit.runtime: max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+        out = [int(i) for i in _one_sequence(ids)]
         if self.max_positions and len(out) + max_new_tokens > self.max_positions:
             raise ValueError(f"rabit.runtime: {len(out)} prompt + {max_new_tokens} new tokens exceed the model's "
                              f"max_position_embeddings {self.max_positions}; shorten the prompt or max_new_tokens")

@@ -1,0 +1,25 @@
+"""Input checks shared by the modules that take token ids (training, calibration, evaluation, decoding): one
+message for one mistake, wherever it is made."""
+
+from __future__ import annotations
+
+import torch
+
+
+def check_token_ids(token_ids: torch.Tensor, vocab_size: int, who: str = "rabit") -> None:
+    """Integer ids inside ``[0, vocab_size)``: an id outside would fail deep in the embedding with an IndexError."""
+    if not isinstance(token_ids, torch.Tensor):
+        raise TypeError(f"{who}: token ids must be a torch.Tensor, got {type(token_ids).__name__}")
+    if token_ids.dtype.is_floating_point or token_ids.dtype.is_complex or token_ids.dtype == torch.bool:
+        raise TypeError(f"{who}: token ids must be an integer tensor, got {token_ids.dtype}")
+    if token_ids.numel() == 0:
+        return
+    lo, hi = int(token_ids.min()), int(token_ids.max())
+    if lo < 0 or hi >= vocab_size:
+        raise ValueError(f"{who}: token ids span [{lo}, {hi}] but the model's vocabulary is [0, {vocab_size}); "
+                         "were the tokens made with another tokenizer?")
+
+
+def check_positive_int(value, name: str, who: str = "rabit") -> None:
+    if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+        raise ValueError(f"{who}: {name} must be an integer >= 1, got {value!r}")
