@@ -251,6 +251,10 @@ def save_pretrained(model: nn.Module, save_directory: str | os.PathLike, tokeniz
     if config is None or not hasattr(config, "to_json_string"):
         raise TypeError("rabit.export.save_pretrained: the model has no Hugging Face config; export needs a "
                         "transformers PreTrainedModel (e.g. LlamaForCausalLM)")
+    if unquantized_dtype not in (None, torch.float16, torch.bfloat16, torch.float32):
+        # float64 would reach the packed layers as float64 activations, which they do not take
+        raise TypeError(f"rabit.export.save_pretrained: unquantized_dtype must be None, torch.float16, "
+                        f"torch.bfloat16 or torch.float32, got {unquantized_dtype}")
     tensors = export_state_dict(model, unquantized_dtype)
     final = Path(save_directory)
     with _atomic_directory(final, overwrite) as tmp:

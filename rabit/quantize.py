@@ -78,6 +78,14 @@ class RabitConfig:
         return not self.include or any(fnmatch.fnmatchcase(name, p) for p in self.include)
 
 
+def _check_not_meta(model: nn.Module, who: str) -> None:
+    """The init and the packing read the weights' values: a meta model has none (torch would fail in .item())."""
+    meta = next((n for n, p in model.named_parameters() if p.device.type == "meta"), None)
+    if meta is not None:
+        raise ValueError(f"{who}: the model's weights are on the meta device ({meta!r} first), so there are no values "
+                         "to quantize; load the weights first (e.g. from_pretrained without device_map='meta')")
+
+
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
@@ -114,6 +122,7 @@ def quantize_(model: nn.Module, config: RabitConfig | None = None, calib_input_i
         raise TypeError(f"rabit.quantize_: expected a torch.nn.Module, got {type(model).__name__}")
     if any(isinstance(m, (*QAT_LAYERS, PackedRaBiTLinear)) for m in model.modules()):
         raise ValueError("rabit.quantize_: the model already has RaBiT layers; quantize the original FP model")
+    _check_not_meta(model, "rabit.quantize_")
     targets = target_linears(model, config)
     if not targets:
         raise ValueError(f"rabit.quantize_: no nn.Linear matched include={config.include} exclude={config.exclude}")
@@ -135,12 +144,19 @@ def quantize_(model: nn.Module, config: RabitConfig | None = None, calib_input_i
     return model
 
 
+SCALE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
 @torch.no_grad()
 def convert_(model: nn.Module, scale_dtype: torch.dtype = torch.float16) -> nn.Module:
     """Replace every RaBiTLinear by a PackedRaBiTLinear (frozen signs, packed bits, scales in scale_dtype)."""
+    if scale_dtype not in SCALE_DTYPES:  # what the packed ops take; an int8 g would be all zeros
+        raise TypeError(f"rabit.convert_: scale_dtype must be one of {', '.join(map(str, SCALE_DTYPES))}, "
+                        f"got {scale_dtype}")
     names = [n for n, m in model.named_modules() if isinstance(m, QAT_LAYERS)]
     if not names:
         raise ValueError("rabit.convert_: the model has no RaBiTLinear layers; call rabit.quantize_ first")
+    _check_not_meta(model, "rabit.convert_")
     for name in names:
         _set_submodule(model, name, PackedRaBiTLinear.from_rabit_linear(model.get_submodule(name), scale_dtype))
     return model

@@ -315,6 +315,17 @@ def test_save_rejects_unpacked_or_plain_models(qat, tmp_path):
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
+@pytest.mark.parametrize("dtype", [torch.int8, torch.float64])
+def test_dtypes_the_packed_layers_cannot_run_are_refused_at_export(packed, qat, tmp_path, dtype):
+    """int8 scales were all zeros and float64 activations reach the packed ops, which take neither: refused at
+    convert_ / save_pretrained instead of at the first forward after loading."""
+    with pytest.raises(TypeError, match=f"unquantized_dtype must be None, .* got {dtype}"):
+        export.save_pretrained(packed, tmp_path / "x", unquantized_dtype=dtype)
+    assert not (tmp_path / "x").exists()
+    with pytest.raises(TypeError, match=f"scale_dtype must be one of .* got {dtype}"):
+        rabit.convert_(copy.deepcopy(qat[0]), dtype)
+
+
 def test_save_rejects_nonfinite_scales(packed, tmp_path):
     p = copy.deepcopy(packed)
     p.model.layers[1].mlp.gate_proj.h[0, 3] = float("nan")

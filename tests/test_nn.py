@@ -181,6 +181,15 @@ def test_quantize_errors():
         rabit.convert_(tiny_llama())
 
 
+def test_a_model_on_the_meta_device_is_named():
+    m = tiny_llama().to("meta")
+    with pytest.raises(ValueError, match="rabit.quantize_: the model's weights are on the meta device"):
+        rabit.quantize_(m, progress=False)
+    q = rabit.quantize_(tiny_llama(), rabit.RabitConfig(init_iters=0), progress=False).to("meta")
+    with pytest.raises(ValueError, match="rabit.convert_: the model's weights are on the meta device"):
+        rabit.convert_(q)
+
+
 @pytest.mark.parametrize("kw, err, match", [
     ({"include": "*q_proj"}, TypeError, r"got the string '\*q_proj'; write include=\('\*q_proj',\)"),
     ({"exclude": "lm_head"}, TypeError, r"write exclude=\('lm_head',\)"),
