@@ -171,7 +171,9 @@ def _atomic_directory(final: Path, overwrite: bool) -> Iterator[Path]:
         if any(final.iterdir()) and not overwrite:
             raise FileExistsError(f"rabit.export: {str(final)!r} exists and is not empty; pass overwrite=True "
                                   "(CLI: --overwrite) or choose another output directory")
-    final.parent.mkdir(parents=True, exist_ok=True)
+    from .data import make_output_dir
+
+    make_output_dir(final.parent)  # a file in the way is named (mkdir's bare "[Errno 17] File exists" was not)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:
         yield tmp

@@ -344,6 +344,13 @@ def test_save_refuses_to_clobber_then_overwrites(packed, tmp_path):
     assert not (d / "keep.txt").exists() and (d / "model.safetensors").is_file()
 
 
+def test_save_under_a_file_is_named(packed, tmp_path):
+    (tmp_path / "a_file").write_text("keep me")
+    with pytest.raises(FileExistsError, match="a_file' is a file or lies under one; pass a directory"):
+        export.save_pretrained(packed, tmp_path / "a_file" / "sub")
+    assert (tmp_path / "a_file").read_text() == "keep me"
+
+
 def test_exported_files_get_the_umask_permissions(packed, qat, tmp_path):
     """Every exported file is readable as a plain open() would leave it (safetensors writes its file 0600)."""
     old = os.umask(0o022)

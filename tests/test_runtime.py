@@ -200,6 +200,10 @@ def _edit_config(d, fn):
     (lambda c: c.update(model_type="mistral"), "model_type 'mistral' is not supported"),
     (lambda c: c.update(rope_parameters={"rope_type": "llama3", "rope_theta": 1e4}), "rope_type 'llama3'"),
     (lambda c: c.update(hidden_act="gelu"), "hidden_act 'gelu'"),
+    # a damaged config: KeyError and ZeroDivisionError before
+    (lambda c: c.pop("num_attention_heads"), "num_attention_heads must be a positive integer, got None"),
+    (lambda c: c.update(num_key_value_heads=0), r"num_key_value_heads \(0\) and head_dim .* must be positive"),
+    (lambda c: c.update(vocab_size="512"), "vocab_size must be a positive integer, got '512'"),
 ])
 def test_unsupported_architectures_are_refused(stories_export, tmp_path, edit, pattern):
     import shutil

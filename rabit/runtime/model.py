@@ -176,10 +176,18 @@ class LlamaRuntime:
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type != "default":
             raise ExportFormatError(f"rabit.runtime: rope_type {rope_type!r} is not supported (only 'default')")
+        for key in ("num_attention_heads", "hidden_size", "num_hidden_layers", "vocab_size", "intermediate_size"):
+            v = cfg.get(key)
+            if not (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
+                raise ExportFormatError(f"rabit.runtime: config.json's {key} must be a positive integer, got {v!r}; "
+                                        "the export's config.json is damaged, re-export it")
         n_heads = cfg["num_attention_heads"]
         hidden = cfg["hidden_size"]
         head_dim = _get(cfg, "head_dim", default=hidden // n_heads)
         n_kv = _get(cfg, "num_key_value_heads", default=n_heads)
+        if not (isinstance(n_kv, int) and n_kv >= 1 and isinstance(head_dim, int) and head_dim >= 1):
+            raise ExportFormatError(f"rabit.runtime: config.json's num_key_value_heads ({n_kv!r}) and head_dim "
+                                    f"({head_dim!r}) must be positive integers; re-export the model")
         if n_heads % n_kv:
             raise ExportFormatError(f"rabit.runtime: num_attention_heads {n_heads} is not a multiple of "
                                     f"num_key_value_heads {n_kv}")
