@@ -5,6 +5,14 @@ from __future__ import annotations
 
 import torch
 
+#: The activation and scale dtypes the packed ops take (their C checks say the same).
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def is_int(value) -> bool:
+    """An int, and not a bool (True is an int to Python, not a count)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
 
 def check_token_ids(token_ids: torch.Tensor, vocab_size: int, who: str = "rabit") -> None:
     """Integer ids inside ``[0, vocab_size)``: an id outside would fail deep in the embedding with an IndexError."""
@@ -21,5 +29,5 @@ def check_token_ids(token_ids: torch.Tensor, vocab_size: int, who: str = "rabit"
 
 
 def check_positive_int(value, name: str, who: str = "rabit") -> None:
-    if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+    if not (is_int(value) and value >= 1):
         raise ValueError(f"{who}: {name} must be an integer >= 1, got {value!r}")

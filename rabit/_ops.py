@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ._checks import FLOAT_DTYPES
 from .reference import STE_VARIANTS, words_per_row
 
 _ops = torch.ops.rabit
@@ -330,7 +331,7 @@ def _overlapped_backward(ctx, f32, dy2, x2, weight, g, h, packed):
 
 def _check_qat_linear(x, weight, bias):
     op = "rabit.qat_linear"  # residual_binarize checks weight, g, h, ste
-    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+    if x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{op}: expected x to be float32, float16 or bfloat16, got {x.dtype}")
     if weight.dim() == 2 and (x.dim() == 0 or x.shape[-1] != weight.shape[1]):
         raise ValueError(f"{op}: x has {x.shape[-1] if x.dim() else 0} features in its last dimension but the "

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from . import hf_quantizer
+from ._checks import FLOAT_DTYPES
 from .nn import PackedRaBiTLinear, RaBiTLinear
 from .runtime.format import (
     BITS_ORDER,
@@ -253,7 +254,7 @@ def save_pretrained(model: nn.Module, save_directory: str | os.PathLike, tokeniz
     if config is None or not hasattr(config, "to_json_string"):
         raise TypeError("rabit.export.save_pretrained: the model has no Hugging Face config; export needs a "
                         "transformers PreTrainedModel (e.g. LlamaForCausalLM)")
-    if unquantized_dtype not in (None, torch.float16, torch.bfloat16, torch.float32):
+    if unquantized_dtype is not None and unquantized_dtype not in FLOAT_DTYPES:
         # float64 would reach the packed layers as float64 activations, which they do not take
         raise TypeError(f"rabit.export.save_pretrained: unquantized_dtype must be None, torch.float16, "
                         f"torch.bfloat16 or torch.float32, got {unquantized_dtype}")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ._checks import is_int
 from .reference import STE_VARIANTS, sign0
 
 INIT_MODES = ("coupled", "independent")
@@ -27,7 +28,7 @@ LATENT_INITS = ("pretrained", "reconstruction")  # what the latent weight starts
 def check_init_options(who: str, init_iters: int, latent_init: str, ste: str) -> None:
     """The init settings that RabitConfig and rabit train's config both take; torch-only, so that a command line can
     check them before the compiled extension loads."""
-    if not (isinstance(init_iters, int) and not isinstance(init_iters, bool) and init_iters >= 0):
+    if not (is_int(init_iters) and init_iters >= 0):
         raise ValueError(f"{who}: init_iters must be an integer >= 0, got {init_iters!r}")
     if latent_init not in LATENT_INITS:
         raise ValueError(f"{who}: latent_init {latent_init!r} is unknown; use one of {LATENT_INITS}")

@@ -15,8 +15,14 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ._checks import FLOAT_DTYPES, is_int
 from .calibrate import collect_calibration_stats
-from .init import INIT_MODES, check_init_options, init_independent_linear, init_rabit_linear
+from .init import (
+    INIT_MODES,
+    check_init_options,
+    init_independent_linear,
+    init_rabit_linear,
+)
 from .nn import QAT_LAYERS, IndependentRaBiTLinear, PackedRaBiTLinear, RaBiTLinear
 
 
@@ -50,7 +56,7 @@ class RabitConfig:
     ste_param: float = 1.0
 
     def __post_init__(self):
-        if not (isinstance(self.k, int) and not isinstance(self.k, bool) and 1 <= self.k <= 4):
+        if not (is_int(self.k) and 1 <= self.k <= 4):
             raise ValueError(f"RabitConfig: k={self.k!r} is not supported; use an integer k in 1..4 (RaBiT uses 2)")
         for field in ("include", "exclude"):
             patterns = getattr(self, field)
@@ -144,14 +150,11 @@ def quantize_(model: nn.Module, config: RabitConfig | None = None, calib_input_i
     return model
 
 
-SCALE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
 @torch.no_grad()
 def convert_(model: nn.Module, scale_dtype: torch.dtype = torch.float16) -> nn.Module:
     """Replace every RaBiTLinear by a PackedRaBiTLinear (frozen signs, packed bits, scales in scale_dtype)."""
-    if scale_dtype not in SCALE_DTYPES:  # what the packed ops take; an int8 g would be all zeros
-        raise TypeError(f"rabit.convert_: scale_dtype must be one of {', '.join(map(str, SCALE_DTYPES))}, "
+    if scale_dtype not in FLOAT_DTYPES:  # what the packed ops take; an int8 g would be all zeros
+        raise TypeError(f"rabit.convert_: scale_dtype must be one of {', '.join(map(str, FLOAT_DTYPES))}, "
                         f"got {scale_dtype}")
     names = [n for n, m in model.named_modules() if isinstance(m, QAT_LAYERS)]
     if not names:

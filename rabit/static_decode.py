@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._checks import check_token_ids
+from ._checks import check_token_ids, is_int
 from ._ops import decode_attention, has_native_kernels, packed_linear_fused, packed_linear_group
 from .nn import PackedRaBiTLinear
 from .sampling import row_keys, sample_next
@@ -522,9 +522,8 @@ class StaticDecoder:
         self._warm = True
         return self
 
-    @torch.no_grad()
-    def prefill(self, input_ids: Tensor) -> None:
-        """Fill the cache with the prompt input_ids [B, T] and set up the first decode step."""
+    def _check_prompt(self, input_ids: Tensor) -> int:
+        """The prompt's length T, once its shape, ids and length are checked."""
         if not isinstance(input_ids, Tensor) or input_ids.dim() != 2 or input_ids.shape[0] != self.B:
             raise ValueError(f"StaticDecoder: expected input_ids of shape [{self.B}, T], got "
                              f"{tuple(getattr(input_ids, 'shape', ())) or type(input_ids).__name__}")
@@ -533,6 +532,14 @@ class StaticDecoder:
         if not 1 <= T < self.max_len:
             raise ValueError(f"StaticDecoder: the prompt has {T} tokens; it must have 1 .. max_len-1 = "
                              f"{self.max_len - 1}")
+        return T
+
+    def prefill(self, input_ids: Tensor) -> None:
+        """Fill the cache with the prompt input_ids [B, T] and set up the first decode step."""
+        self._prefill(input_ids, self._check_prompt(input_ids))
+
+    @torch.no_grad()
+    def _prefill(self, input_ids: Tensor, T: int) -> None:
         ids = input_ids.to(self.device)
         self.k_cache.zero_()
         self.v_cache.zero_()
@@ -575,15 +582,15 @@ class StaticDecoder:
         from (seed, first_row + r, position) (rabit.sampling.row_keys), so a set sampled in batches gets the same
         draws whatever the batch size. The model's generation_config processors (repetition penalty, suppressed
         tokens, ...) are not applied."""
-        if not (isinstance(max_new_tokens, int) and not isinstance(max_new_tokens, bool) and max_new_tokens >= 0):
+        if not (is_int(max_new_tokens) and max_new_tokens >= 0):
             raise ValueError(f"StaticDecoder: max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
-        self.prefill(input_ids)  # checks the prompt's shape and ids first
-        T = input_ids.shape[1]
-        if T + max_new_tokens > self.max_len:  # said before any decoding, not after the chunks that fit
+        T = self._check_prompt(input_ids)
+        if T + max_new_tokens > self.max_len:  # said before any work, not after the chunks that fit
             raise ValueError(f"StaticDecoder: {T} prompt + {max_new_tokens} new tokens exceed max_len={self.max_len}; "
                              "build the decoder with a larger max_len or ask for fewer tokens")
         if self.temperature is not None:
             self._keys.copy_(row_keys(seed, torch.arange(first_row, first_row + self.B, device=self.device)))
+        self._prefill(input_ids, T)
         done, chunk = 0, 16
         while done < max_new_tokens:
             n = min(chunk, max_new_tokens - done)

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ._checks import check_token_ids
+from ._checks import check_token_ids, is_int
 from .data import atomic_write, make_output_dir, model_device, write_json_atomic
 from .muon import GroupedMuon
 
@@ -109,9 +109,6 @@ class TrainConfig:
         def need(cond: bool, msg: str) -> None:
             if not cond:
                 raise ValueError(f"rabit: TrainConfig: {msg}")
-
-        def is_int(v) -> bool:  # True is an int to Python, not a step count
-            return isinstance(v, int) and not isinstance(v, bool)
 
         need(is_int(self.steps) and self.steps >= 1, f"steps must be an int >= 1 (got {self.steps!r})")
         need(is_int(self.batch_size) and self.batch_size >= 1,

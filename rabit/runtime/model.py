@@ -108,7 +108,6 @@ def _get(cfg: dict, *names, default=None):
     return default
 
 
-
 def _one_sequence(ids) -> np.ndarray:
     """``ids`` as int64 ``[T]``: a [B, T] batch would be read as one sequence of B*T tokens, and 1.9 as token 1."""
     raw = np.asarray(ids)
@@ -118,6 +117,7 @@ def _one_sequence(ids) -> np.ndarray:
     if raw.size and not np.issubdtype(raw.dtype, np.integer):
         raise TypeError(f"rabit.runtime: token ids must be integers, got {raw.dtype}")
     return raw.astype(np.int64).reshape(-1)
+
 
 class LlamaRuntime:
     """Greedy-decoding Llama over an exported directory, in NumPy. Build with :meth:`load`."""
