@@ -1,7 +1,7 @@
 """Benchmark of the rabit CUDA kernels against cuBLAS fp16 (F.linear) measured in the same run.
 
     python benchmarks/bench_kernels.py [--out DIR] [--quick] [--gemv-only | --prefill-only | --qat-only | --group-only]
-        [--decode-kernels b1,i8,f16,simt] [--prefill-kernels wgmma,mma] [--shapes llama|narrow]
+        [--decode-kernels b1,b1p,i8,f16,simt] [--prefill-kernels wgmma,mma] [--shapes llama|narrow]
 
 Writes bench_kernels_<gpu>_<date>.json (into --out, else $OUT, else benchmarks/results/) and prints a table.
 
@@ -55,9 +55,10 @@ def make_packed(out, in_features, n):
     return layers
 
 
-# the decode kernels RABIT_CUDA_DECODE can force, and the largest M each applies to (b1: M <= 2; int8 and fp16: the
-# whole decode range, M <= 16; simt: M <= 4 and in <= SIMT_MAX_IN)
-DECODE_KERNELS = {"b1": 2, "i8": 16, "f16": 16, "simt": 4}
+# the decode kernels RABIT_CUDA_DECODE can force, and the largest M each applies to (b1: M <= 2; b1p: M = 1, where its
+# fragments fit in shared memory, else b1; int8 and fp16: the whole decode range, M <= 16; simt: M <= 4 and
+# in <= SIMT_MAX_IN)
+DECODE_KERNELS = {"b1": 2, "b1p": 1, "i8": 16, "f16": 16, "simt": 4}
 SIMT_MAX_IN = 2048  # kSimtMaxIn in kernels/cuda/rabit_cuda.cuh
 
 
@@ -394,7 +395,8 @@ def main():
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 K=K, scales="float16", x="float16", method=__doc__.split("Method: ")[1].strip(),
                 decode_kernel="default dispatch: fp16 MMA for M >= 5; below, CUDA-core (simt) for in <= 1536 and out x in <= "
-                              "3 x 2^20, 1-bit MMA for M = 1 and in > 7680, else int8 MMA "
+                              "3 x 2^20, at M = 1 the persistent 1-bit MMA kernel for launches of at least 5 x SMs 16-row tiles whose "
+                              "fragments fit two blocks an SM (K <= 3), else 1-bit MMA for in > 7680, else int8 MMA "
                               "(kernels_forced: each forced with RABIT_CUDA_DECODE where it applies)",
                 shapes=args.shapes,
                 prefill_kernel="default dispatch: wgmma on sm_90a builds and compute capability 9.0, else mma.sync "

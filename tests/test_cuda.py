@@ -295,8 +295,9 @@ def test_packed_linear_decode_range_and_nonfinite(xdtype, m, kernel, monkeypatch
 @pytest.mark.parametrize("m", [1, 2], ids=lambda m: f"m{m}")
 @pytest.mark.parametrize("xdtype", [torch.float16, torch.bfloat16], ids=dtype_id)
 def test_binary_and_int8_decode_kernels_agree_bit_for_bit(shape, m, xdtype, monkeypatch):
-    """RABIT_CUDA_DECODE=b1 / i8 forces the 1-bit MMA kernel / the int8 one (M <= 2). Both sum the same exact
-    integers and recombine them the same way, so their outputs must be identical, bit for bit."""
+    """RABIT_CUDA_DECODE=b1 / b1p / i8 forces the 1-bit MMA kernel / its persistent schedule (M = 1; the 1-bit kernel
+    at M = 2) / the int8 one (M <= 2). All sum the same exact integers and recombine them the same way, so their outputs
+    must be identical, bit for bit."""
     out, in_features = shape
     for k in (1, 2, 3, 4):
         w, g, h = random_layer(out, in_features, k)
@@ -305,13 +306,13 @@ def test_binary_and_int8_decode_kernels_agree_bit_for_bit(shape, m, xdtype, monk
         x[:, ::97] *= 3e3
         bias = torch.randn(out, device=DEV) if k % 2 else None
         args = (x.to(xdtype).to(DEV), packed.to(DEV), g.to(DEV), h.to(DEV), bias)
-        monkeypatch.setenv("RABIT_CUDA_DECODE", "b1")
-        _poison()
-        y_b1 = rabit.packed_linear(*args)
-        monkeypatch.setenv("RABIT_CUDA_DECODE", "i8")
-        _poison()
-        y_i8 = rabit.packed_linear(*args)
-        assert torch.equal(y_b1, y_i8), (k, (y_b1.float() - y_i8.float()).abs().max().item())
+        ys = {}
+        for kernel in ("b1", "b1p", "i8"):
+            monkeypatch.setenv("RABIT_CUDA_DECODE", kernel)
+            _poison()
+            ys[kernel] = rabit.packed_linear(*args)
+        for kernel in ("b1", "b1p"):
+            assert torch.equal(ys[kernel], ys["i8"]), (kernel, k, (ys[kernel].float() - ys["i8"].float()).abs().max())
 
 
 @pytest.mark.parametrize("xdtype", [torch.float16, torch.bfloat16], ids=dtype_id)
@@ -611,7 +612,7 @@ def test_packed_linear_large_and_graph_capture():
 
 
 @pytest.mark.parametrize("k", [1, 2, 3, 4])
-@pytest.mark.parametrize("kernel", ["i8", "f16", "b1", "simt"])
+@pytest.mark.parametrize("kernel", ["i8", "f16", "b1", "b1p", "simt"])
 def test_packed_linear_group_kernels_are_packed_linear(k, kernel, monkeypatch):
     """Each decode kernel run over a group of layers (one launch: layer offsets, per-layer pointers and fragment paths)
     gives each layer's packed_linear output bit for bit; also under CUDA-graph capture."""
@@ -623,7 +624,7 @@ def test_packed_linear_group_kernels_are_packed_linear(k, kernel, monkeypatch):
         _, packed = rabit.residual_binarize(w, g, h)
         args.append((packed, g.half(), h.half(), torch.randn(out, device=DEV)))
     lists = [list(t) for t in zip(*args)]
-    for m in {"b1": (1, 2), "simt": (1, 2, 3, 4)}.get(kernel, (1, 2, 3, 5, 9, 16)):
+    for m in {"b1": (1, 2), "b1p": (1, 2), "simt": (1, 2, 3, 4)}.get(kernel, (1, 2, 3, 5, 9, 16)):
         x = torch.randn(m, 1100, device=DEV).half()
         for bias in (lists[3], None):
             _poison()
@@ -683,6 +684,82 @@ def test_packed_linear_fused_runs_the_int8_kernel_where_the_fp16_one_is_forced(m
     assert all(torch.equal(a, b) for a, b in zip(group_f16, group_i8))
     assert all(torch.equal(a, b) for a, b in zip(alone_f16, alone_i8))
     assert all(torch.equal(a, b) for a, b in zip(group_f16, alone_f16))
+
+
+def _cuda_kernels_run(fn):
+    """The names of the CUDA kernels that fn() launches (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return " ".join(e.key for e in prof.key_averages())
+
+
+# (out, in, K, m, layers) and whether the persistent 1-bit kernel applies: M = 1 and the fragments of every (512-column
+# group, path of all layers), 2 KB each, in one block's shared memory (small here, 512 KB at 32768 x K = 4: beyond any
+# GPU's, so the 1-bit kernel runs)
+B1P_CASES = [((300, 1500, 2, 1, 1), True), ((33, 4099, 3, 1, 3), True), ((4096, 4096, 2, 1, 1), True),
+             ((300, 1500, 2, 2, 1), False), ((64, 32768, 4, 1, 1), False)]
+
+
+@pytest.mark.parametrize("case, applies", B1P_CASES, ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else
+                         ("applies" if v else "falls-back"))
+@pytest.mark.parametrize("fused", [False, True], ids=["plain", "fused"])
+def test_persistent_binary_kernel_runs_where_it_applies(case, applies, fused, monkeypatch):
+    """RABIT_CUDA_DECODE=b1p runs gemv_b1p_kernel exactly where it applies (the profiler's kernel names) and the 1-bit
+    kernel elsewhere; either way the outputs equal the int8 kernel's bit for bit, with the fused glue too (norm and
+    SwiGLU input on a group, plus the residual on one layer): gemv_b1p_kernel's epilogue is store_rows' arithmetic."""
+    out, in_features, k, m, n = case
+    args = []
+    for i in range(n):
+        w, g, h = (t.to(DEV) for t in random_layer(out + i, in_features, k))
+        _, packed = rabit.residual_binarize(w, g, h)
+        args.append((packed, g.half(), h.half(), torch.randn(out + i, device=DEV).half()))
+    lists = [list(t) for t in zip(*args)]
+    x = torch.randn(m, in_features, device=DEV).half()
+    x[:, ::97] *= 3e3
+    kw = {}
+    if fused:
+        kw = dict(norm_weight=torch.rand(in_features, device=DEV).half() + 0.5, eps=1e-5,
+                  up=torch.randn(m, in_features, device=DEV).half())
+        if n == 1:
+            kw["residual"] = torch.randn(m, out, device=DEV).half()
+
+    def call():
+        return rabit.packed_linear_fused(x, *lists, **kw) if fused else rabit.packed_linear_group(x, *lists)
+
+    ys = {}
+    for kernel in ("b1p", "i8"):
+        monkeypatch.setenv("RABIT_CUDA_DECODE", kernel)
+        _poison()
+        ys[kernel] = call()
+    monkeypatch.setenv("RABIT_CUDA_DECODE", "b1p")
+    names = _cuda_kernels_run(call)
+    assert ("gemv_b1p_kernel" in names) == applies, names
+    assert ("gemv_b1_kernel" in names) == (not applies), names
+    for i, (a, b) in enumerate(zip(ys["b1p"], ys["i8"])):
+        assert torch.equal(a, b), (i, (a.float() - b.float()).abs().max().item())
+
+
+@pytest.mark.parametrize("k", [2, 4])
+def test_persistent_binary_kernel_is_the_default_for_enough_tiles(k):
+    """By default M = 1 takes the persistent 1-bit kernel where two of its blocks fit an SM (K <= 3) and the launch has
+    at least 2.5 16-row tiles for each (decode_b1p_default), alone or as a layer group, and the int8 kernel just
+    below that (in = 1024: neither the CUDA-core nor the 1-bit kernel's default)."""
+    need = 5 * torch.cuda.get_device_properties(DEV).multi_processor_count * 16  # rows: 2.5 tiles x 2 blocks x SMs
+    x = torch.randn(1, 1024, device=DEV).half()
+    for rows, split in ((need, False), (need, True), (need - 16, False), (need - 16, True)):
+        outs = [rows // 2, rows - rows // 2] if split else [rows]
+        layers = []
+        for out in outs:
+            w, g, h = (t.to(DEV) for t in random_layer(out, 1024, k))
+            layers.append((rabit.residual_binarize(w, g, h)[1], g.half(), h.half()))
+        lists = [list(t) for t in zip(*layers)]
+        names = _cuda_kernels_run(lambda: rabit.packed_linear_group(x, *lists))
+        persistent = k <= 3 and rows >= need
+        assert ("gemv_b1p_kernel" in names) == persistent, (rows, split, names)
+        assert ("gemv_i8_kernel" in names) == (not persistent), (rows, split, names)
 
 
 def test_side_stream_and_second_device_guard():

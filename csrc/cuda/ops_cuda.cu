@@ -235,13 +235,16 @@ void launch_decode_layers(const at::Tensor &x, at::TensorList packed, at::Tensor
 }
 
 // The decode kernel packed_linear (fused: packed_linear_fused) runs for each layer, in kern; true where the layers
-// agree on it and on K, so that one launch can run them all.
+// agree on it and on K, so that one launch can run them all. Each layer's choice knows the rows of the whole call
+// (launch_out: the persistent 1-bit kernel pays where the launch has enough tiles, not each layer alone).
 bool layer_decode_kernels(const std::vector<int64_t> &K, int64_t M, int64_t in, const std::vector<int64_t> &out,
                           bool fused, std::vector<rabit_cuda::DecodeKernel> &kern) {
     kern.resize(out.size());
     bool same = true;
+    int64_t rows = 0;
+    for (size_t l = 0; l < out.size() && l < static_cast<size_t>(rabit_cuda::kDecodeMaxLayers); l++) rows += out[l];
     for (size_t l = 0; l < out.size(); l++) {
-        kern[l] = rabit_cuda::decode_kernel(static_cast<int>(K[l]), M, in, out[l], fused);
+        kern[l] = rabit_cuda::decode_kernel(static_cast<int>(K[l]), M, in, out[l], fused, rows);
         same = same && K[l] == K[0] && kern[l] == kern[0];
     }
     return same;

@@ -29,7 +29,7 @@ __global__ void sm90_probe_kernel() {}
    on an H100 through the JIT) must neither launch with PDL (its kernels would not wait: pdl_wait is compiled out)
    nor take a cluster path. */
 struct DevInfo {
-    int sms = 0, major = 0, minor = 0, smem_optin = 0;
+    int sms = 0, major = 0, minor = 0, smem_optin = 0, smem_per_sm = 0;
     bool sm90_code = false;
 };
 inline const DevInfo &device_info() {
@@ -42,6 +42,7 @@ inline const DevInfo &device_info() {
         cudaDeviceGetAttribute(&d.major, cudaDevAttrComputeCapabilityMajor, dev);
         cudaDeviceGetAttribute(&d.minor, cudaDevAttrComputeCapabilityMinor, dev);
         cudaDeviceGetAttribute(&d.smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+        cudaDeviceGetAttribute(&d.smem_per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev);
         cudaDeviceGetAttribute(&d.sms, cudaDevAttrMultiProcessorCount, dev);
         cudaFuncAttributes fa = {};
         if (cudaFuncGetAttributes(&fa, sm90_probe_kernel<0>) == cudaSuccess)

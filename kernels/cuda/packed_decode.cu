@@ -1,8 +1,8 @@
 /*
- * Packed GEMV / small GEMM for fp16/bf16 activations (M <= 16): the decode kernels of packed_linear. Three of
- * them share the prologue front, the main-loop pipeline and the epilogue (the dispatch is decode_kernel() in
- * packed_linear.cu): the int8 kernel described here and its 1-bit variant (float32-level, bit-identical), and
- * the fp16 kernel (x*h rounded once to fp16; its section below). See docs/kernels.md ("int8 decode kernel",
+ * Packed GEMV / small GEMM for fp16/bf16 activations (M <= 16): the decode kernels of packed_linear. They share
+ * the prologue front, the main-loop pipeline and the epilogue (the dispatch is decode_kernel() in
+ * packed_linear.cu): the int8 kernel described here, its 1-bit variant and that variant's persistent schedule
+ * (float32-level, all three bit-identical), and the fp16 kernel (x*h rounded once to fp16; its section below). See docs/kernels.md ("int8 decode kernel",
  * "1-bit variant", "fp16 decode kernel") for the designs and the measured numbers.
  *
  * The int8 kernel:
@@ -39,6 +39,8 @@
  * rounding (docs/kernels.md, "The glue in the MMA decode kernels").
  */
 #include <cuda_runtime.h>
+
+#include <algorithm>
 
 #include "common.cuh"
 #include "rabit_cuda.cuh"
@@ -306,6 +308,8 @@ struct GroupArgs {
     MainArgs a;
     int layers;
     int64_t tile0[kDecodeMaxLayers];
+    int64_t tiles;  // of all layers (the others take one tile a block)
+    int blk0[kDecodeMaxLayers + 1];  // the persistent kernel: layer l's blocks are blk0[l] .. blk0[l + 1] - 1
     const rabit_word_t *packed[kDecodeMaxLayers];
     const void *g[kDecodeMaxLayers];
     const void *bias[kDecodeMaxLayers];
@@ -730,6 +734,180 @@ __global__ void __launch_bounds__(kWarps * 32, (M == 1 && K <= 3) ? 2 : 1) gemv_
 }
 
 /* ---------------------------------------------------------------------------------------------------------
+ * Persistent 1-bit kernel (M = 1; RABIT_CUDA_DECODE=b1p, and by default where decode_b1p_default): the 1-bit
+ * kernel's arithmetic, bit for bit, with a schedule that keeps each block busy. The kernels above run one 16-row
+ * tile per block: load the bits, wait, 16-32 MMAs, reduce, store; at 7B shapes a block lives a few microseconds,
+ * mostly waiting, and every tile re-reads its groups' fragments from L2 (twice the bytes of the bits). Here a grid of
+ * as many blocks as fit on the SMs at once takes the tiles:
+ *   - each layer of a group gets a share of the blocks in proportion to its tiles (blk0), and block b of layer l
+ *     takes that layer's tiles b, b + nb, ...: a block needs the fragments of its own layer's K paths only;
+ *   - warp w takes groups w, w + 8, ... of every tile. After the PDL wait it copies the prologue's fragments of
+ *     those groups and K paths (2 KB each at M = 1) into shared memory once, and its MMAs read their B registers
+ *     from there for every tile; the warp waits for its own copies only;
+ *   - the bits and row scales of the warp's next (tile, group) are loaded while the MMAs of the current one run;
+ *   - the warps' partial sums go through a double-buffered shared array, one block barrier per tile, and warp 0's
+ *     lanes 0..15 run the epilogue (the warps' sums in warp order, the norm's scale, bias, residual: store_rows'
+ *     order); they load the next tile's bias and residual right after.
+ * Where the fragments do not fit in shared memory (decode_b1p_applies), or at M = 2, the 1-bit kernel runs.
+ * ------------------------------------------------------------------------------------------------------- */
+constexpr int kB1PFragEntries = 2 * 4 * 32;  // uint2 per (group, path) at M = 1: 2 steps x 4 n-tiles x 32 lanes
+constexpr size_t kB1PStaticSmem = sizeof(float) * 2 * kWarps * 16 + sizeof(FusedEpilogue);
+
+size_t b1p_smem_bytes(int64_t ngroups, int K) {
+    return static_cast<size_t>(ngroups) * K * kB1PFragEntries * sizeof(uint2);
+}
+
+/* Blocks of the persistent kernel an SM's shared memory holds (1 KB a block reserved by the system on sm_80/sm_90). */
+int64_t b1p_blocks_per_sm(size_t smem) {
+    return device_info().smem_per_sm / static_cast<int64_t>(smem + kB1PStaticSmem + 1024);
+}
+
+template <int K>
+struct B1Item {  // a warp's share of one (tile, group): the bits and the tile's row scales
+    Bits<K, 1> b;
+    float gk[K][1][2];
+};
+
+template <int K, bool GROUPED, bool F>
+__global__ void __launch_bounds__(kWarps * 32, K <= 3 ? 2 : 1) gemv_b1p_kernel(const GroupArgs ga) {
+    extern __shared__ __align__(16) uint2 sfrag[];  // [group][path of the block's layer][s][nt][lane]
+    __shared__ float red[2][kWarps][16];
+    __shared__ FusedEpilogue fe;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int g = lane >> 2, t = lane & 3;
+    // the block's layer l (blocks blk0[l] .. blk0[l + 1] - 1), its tiles bl, bl + nb, ... of that layer's ltiles
+    int l = 0;
+    if constexpr (GROUPED) {
+#pragma unroll
+        for (int i = 1; i < kDecodeMaxLayers; i++)
+            if (i < ga.layers && static_cast<int>(blockIdx.x) >= ga.blk0[i]) l = i;
+    }
+    int64_t first = pick(ga.tile0, l);
+    const MainArgs a = layer_args<K, GROUPED>(ga, first);  // first = 0: layer-local tile numbers from here
+    const int bl = static_cast<int>(blockIdx.x) - pick(ga.blk0, l), nb = pick(ga.blk0, l + 1) - pick(ga.blk0, l);
+    const int64_t ltiles = (a.out + 15) / 16;
+    const int64_t ntile = ltiles > bl ? (ltiles - 1 - bl) / nb + 1 : 0;
+    const int64_t ngroups = a.ngroups;
+    const int ngw = warp < ngroups ? static_cast<int>((ngroups - 1 - warp) / kWarps) + 1 : 0;  // groups a tile
+
+    // a warp's item (i, gi): the block's tile i, the warp's group gi (group warp + 8 gi)
+    auto load_item = [&](int64_t i, int gi, B1Item<K> &dst) {
+        const int64_t row0 = (bl + i * nb) * 16;
+        load_bits(a, row0, g, t, warp + kWarps * gi, dst.b);
+        load_row_scales(a, row0, g, dst.gk);
+    };
+    B1Item<K> cur, nxt;
+    if (ntile > 0 && ngw > 0) load_item(0, 0, cur);
+    pdl_wait();  // the first bits are in flight; the prologue's fragments and scales are complete past here
+    pdl_launch_dependents();
+    // this warp's groups' fragments of the layer's K paths: 2 KB a (group, path), 4 16-byte copies a lane
+    for (int gi = 0; gi < ngw; gi++) {
+        const int64_t gr = warp + kWarps * gi;
+#pragma unroll
+        for (int k = 0; k < K; k++) {
+            const uint4 *src = reinterpret_cast<const uint4 *>(a.frag + frag_path<K, GROUPED>(a, gr, k) * kB1PFragEntries);
+            uint2 *dst = sfrag + (gr * K + k) * kB1PFragEntries;
+#pragma unroll
+            for (int j = 0; j < kB1PFragEntries / 64; j++)
+                cp_async16(smem_u32(dst + 2 * (j * 32 + lane)), src + j * 32 + lane, 16);
+        }
+    }
+    if (F && a.sumsq && warp == 0)
+        for (int64_t gr = lane; gr < ngroups; gr += 32) cp_async16(smem_u32(&fe.part[gr]), a.sumsq + gr * kFusedMaxM, 16);
+    cp_commit();
+    cp_wait<0>();
+    __syncwarp();  // the warp's copies, issued by its lanes, are visible to all of them
+
+    // this lane's accumulator columns of n-tile ntl are planes 8 ntl + 2t and 8 ntl + 2t + 1, weights 2^plane, except
+    // plane 31 (ntl = 3, t = 3, the second column): -2^31. So a row's sum is 2^(2t) sum_ntl 2^(8 ntl) (c0 + w1 c1),
+    // w1 = 2 or -2: exact in int64, the same integer as the 1-bit kernel's float64 sum, in fewer registers
+    const long long w1_top = t == 3 ? -2 : 2;
+
+    // the epilogue's operands (threads 0..15, row tid of the tile): the norm's row scale, computed once as
+    // store_rows computes it, and the bias and residual of the block's next tile
+    float nscale = 1.0f, eb = 0.0f, er = 0.0f;
+    auto load_epi = [&](int64_t i) {
+        const int64_t o = (bl + i * nb) * 16 + tid;
+        if (o < a.out) {
+            if (a.bias) eb = ld_any(a.bias, a.bdt, o);
+            if (F && a.residual) er = ld_any(a.residual, a.ydt, o);
+        }
+    };
+    if (tid < 16) {
+        if constexpr (F) {
+            if (a.sumsq) {
+                float ss = 0.0f;
+                for (int64_t gr = 0; gr < ngroups; gr++) ss = __fadd_rn(ss, fe.part[gr].x);
+                nscale = rsqrtf(__fadd_rn(__fdiv_rn(ss, static_cast<float>(a.in)), a.eps));
+            }
+        }
+        if (ntile > 0) load_epi(0);
+    }
+
+    for (int64_t i = 0; i < ntile; i++) {
+        float fa[2] = {0.0f, 0.0f};
+        for (int gi = 0; gi < ngw; gi++) {
+            if (gi + 1 < ngw)
+                load_item(i, gi + 1, nxt);
+            else if (i + 1 < ntile)
+                load_item(i + 1, 0, nxt);
+            const int64_t gr = warp + kWarps * gi;
+#pragma unroll
+            for (int k = 0; k < K; k++) {
+                const size_t so = frag_path<K, GROUPED>(a, gr, k) * kB1MaxM;
+                const double sck = __ldg(a.scale + so), qsk = __ldg(a.qsum + so);
+                const uint2 *sf = sfrag + (gr * K + k) * kB1PFragEntries + lane;
+                int acc[4][4];
+#pragma unroll
+                for (int nt = 0; nt < 4; nt++) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0;
+                const uint4 &wk = cur.b.w[k][0][0], &wh = cur.b.w[k][0][1];
+#pragma unroll
+                for (int s = 0; s < 2; s++)
+#pragma unroll
+                    for (int nt = 0; nt < 4; nt++) {
+                        const uint2 b = sf[(s * 4 + nt) * 32];
+                        mma_b1(acc[nt], s ? wk.z : wk.x, s ? wh.z : wh.x, s ? wk.w : wk.y, s ? wh.w : wh.y, b.x, b.y);
+                    }
+#pragma unroll
+                for (int r = 0; r < 2; r++) {
+                    long long q = 0;
+#pragma unroll
+                    for (int ntl = 0; ntl < 4; ntl++)
+                        q += (acc[ntl][2 * r] + (ntl == 3 ? w1_top : 2) * acc[ntl][2 * r + 1]) * (1ll << (8 * ntl));
+                    double v = static_cast<double>(q * (1ll << (2 * t)));  // exact: |v| < 2^42
+                    v += __shfl_xor_sync(0xffffffffu, v, 1);  // exact: integers below 2^53
+                    v += __shfl_xor_sync(0xffffffffu, v, 2);
+                    const float val = static_cast<float>(sck * (2.0 * v - qsk));
+                    fa[r] = __fmaf_rn(cur.gk[k][0][r], val, fa[r]);
+                }
+            }
+            cur = nxt;
+        }
+        const int buf = static_cast<int>(i & 1);
+        if (t == 0) {
+            red[buf][warp][g] = fa[0];
+            red[buf][warp][g + 8] = fa[1];
+        }
+        __syncthreads();
+        if (tid < 16) {
+            const int64_t o = (bl + i * nb) * 16 + tid;
+            if (o < a.out) {
+                float s = 0.0f;
+#pragma unroll
+                for (int w = 0; w < kWarps; w++) s = __fadd_rn(s, red[buf][w][tid]);
+                if constexpr (F)
+                    if (a.sumsq) s = __fmul_rn(s, nscale);
+                if (a.bias) s = __fadd_rn(s, eb);
+                if constexpr (F)
+                    if (a.residual) s = __fadd_rn(s, er);
+                st_any(a.y, a.ydt, o, s);
+            }
+            if (i + 1 < ntile) load_epi(i + 1);
+        }
+    }
+}
+
+/* ---------------------------------------------------------------------------------------------------------
  * fp16 variant (the batched decode kernel, M >= kF16MinM): one rounding of the activations instead of exact
  * integers. Per 512-column group, path and row m the prologue writes Q = fp16(xh * 2^(15 - e)), 2^e > max |xh|
  * of the group (|Q| <= 2^15 after rounding: no overflow; 11 significant bits for every value down to 2^-14 of the maximum), and
@@ -900,6 +1078,38 @@ cudaError_t launch_b1_k(const GroupArgs &a, unsigned tiles, cudaStream_t s) {
     return fused_epilogue(a) ? launch_b1_kf<K, GR, true>(a, tiles, s) : launch_b1_kf<K, GR, false>(a, tiles, s);
 }
 
+/* The persistent 1-bit kernel: as many blocks as fit on the SMs at once (registers and the fragments' shared memory),
+   at most one per tile, shared among the layers in proportion to their tiles (at least one each). */
+template <int K, bool GR, bool F>
+cudaError_t launch_b1p_kf(GroupArgs a, cudaStream_t s) {
+    auto *kern = gemv_b1p_kernel<K, GR, F>;
+    static bool smem_set[64];
+    static std::atomic<int> bps_cache[64];
+    const DevInfo &di = device_info();
+    const size_t smem = b1p_smem_bytes(a.a.ngroups, K);
+    const cudaError_t e = set_smem_limit_once(kern, di.smem_optin - static_cast<int>(kB1PStaticSmem), smem_set);
+    if (e != cudaSuccess) return e;
+    const int64_t bps = std::min<int64_t>(resident_blocks_once(kern, kWarps * 32, 0, bps_cache), b1p_blocks_per_sm(smem));
+    const int64_t grid = std::max<int64_t>(a.layers, std::min<int64_t>(a.tiles, std::max<int64_t>(1, bps) * di.sms));
+    // layer l's share of the blocks: its part of the tiles (at least one block; the last layer takes the rest)
+    int64_t b = 0;
+    for (int l = 0; l < a.layers; l++) {
+        a.blk0[l] = static_cast<int>(b);
+        const int64_t lt = (a.out[l] + 15) / 16;
+        b += l + 1 < a.layers ? std::max<int64_t>(1, std::min<int64_t>(lt, grid * lt / a.tiles)) : 0;
+    }
+    const int64_t total = std::max<int64_t>(b + 1, grid);
+    for (int l = a.layers; l <= kDecodeMaxLayers; l++) a.blk0[l] = static_cast<int>(total);
+    return launch_pdl(kern, dim3(static_cast<unsigned>(total)), kWarps * 32, smem, a, s);
+}
+
+template <int K, bool GR>
+cudaError_t launch_b1p_k(const GroupArgs &a, unsigned tiles, cudaStream_t s) {
+    // elsewhere the 1-bit kernel (same outputs): M = 2, or fragments larger than the shared memory
+    if (!decode_b1p_applies(a.a.M, a.a.ngroups, K)) return launch_b1_k<K, GR>(a, tiles, s);
+    return fused_epilogue(a) ? launch_b1p_kf<K, GR, true>(a, s) : launch_b1p_kf<K, GR, false>(a, s);
+}
+
 /* NT: f16_nt(M), the n-tiles the prologue wrote. */
 template <int K, bool GR>
 cudaError_t launch_f16_k(const GroupArgs &a, int NT, unsigned tiles, cudaStream_t s) {
@@ -911,6 +1121,7 @@ cudaError_t launch_f16_k(const GroupArgs &a, int NT, unsigned tiles, cudaStream_
 template <int K, bool GR>
 cudaError_t launch_main_kg(const GroupArgs &a, DecodeKernel kern, int NT, unsigned tiles, cudaStream_t s) {
     if (kern == DECODE_B1) return launch_b1_k<K, GR>(a, tiles, s);
+    if (kern == DECODE_B1P) return launch_b1p_k<K, GR>(a, tiles, s);
     if (kern == DECODE_F16) return launch_f16_k<K, GR>(a, NT, tiles, s);
     switch (NT) {
         case 1: return launch_main_nt<K, 1, GR>(a, tiles, s);
@@ -929,6 +1140,17 @@ cudaError_t launch_main_k(const GroupArgs &a, DecodeKernel kern, int NT, unsigne
 
 }  // namespace
 
+bool decode_b1p_applies(int64_t M, int64_t ngroups, int K) {
+    return M == 1 && b1p_smem_bytes(ngroups, K) + kB1PStaticSmem <= static_cast<size_t>(device_info().smem_optin);
+}
+
+bool decode_b1p_default(int K, int64_t in, int64_t launch_out) {
+    const int64_t ngroups = (in + kGroupCols - 1) / kGroupCols;
+    const int64_t tiles = (launch_out + 15) / 16;
+    return K <= 3 && b1p_blocks_per_sm(b1p_smem_bytes(ngroups, K)) >= 2 &&
+           2 * tiles >= 5 * (2 * static_cast<int64_t>(device_info().sms));
+}
+
 size_t decode_workspace_bytes(int paths, int64_t M, int64_t in, DecodeKernel kern) {
     if (kern == DECODE_SIMT) return 0;
     const size_t ng = static_cast<size_t>((in + kGroupCols - 1) / kGroupCols), gk = ng * paths;
@@ -944,7 +1166,7 @@ cudaError_t decode_gemv(const void *x, rabit_dtype xdt, int64_t M, const DecodeL
     const int64_t ng = (in + kGroupCols - 1) / kGroupCols;
     // the glue: M <= kFusedMaxM, a residual for one layer, a norm over <= kFusedMaxGroups groups, not the fp16 kernel
     // (it has no fused epilogue)
-    if (M < 1 || M > kDecodeMaxM || (kern == DECODE_B1 && M > kB1MaxM) || xdt == RABIT_F32 || K < 1 ||
+    if (M < 1 || M > kDecodeMaxM || ((kern == DECODE_B1 || kern == DECODE_B1P) && M > kB1MaxM) || xdt == RABIT_F32 || K < 1 ||
         K > RABIT_MAX_K || n < 1 || n > kDecodeMaxLayers ||
         (fusion && (M > kFusedMaxM || kern == DECODE_F16 || (fusion->residual && n != 1) ||
                     (fusion->norm_weight && ng > kFusedMaxGroups))))
@@ -972,7 +1194,7 @@ cudaError_t decode_gemv(const void *x, rabit_dtype xdt, int64_t M, const DecodeL
     // kernel in prep_front before it reads x or writes the workspace). H200, same run: 7B decode at batch 1 373.8
     // tok/s against 359.9 with a plain launch, M = 1 GEMV 2-4 % faster at the six 7B shapes (docs/kernels.md)
     const cudaError_t e =
-        kern == DECODE_B1    ? launch_pdl(gemv_b1_prep_kernel, pg, kPrepThreads, 0, p, s)
+        kern == DECODE_B1 || kern == DECODE_B1P ? launch_pdl(gemv_b1_prep_kernel, pg, kPrepThreads, 0, p, s)
         : kern == DECODE_F16 ? launch_pdl(gemv_f16_prep_kernel, pg, kPrepThreads, 0, p, s)
                              : launch_pdl(gemv_i8_prep_kernel, dim3(pg.x, pg.y, kPrepParts), kPrepThreads, 0, p, s);
     if (e != cudaSuccess) return e;
@@ -995,6 +1217,7 @@ cudaError_t decode_gemv(const void *x, rabit_dtype xdt, int64_t M, const DecodeL
         ga.vec[l] = (a.nw % 4 == 0) && (reinterpret_cast<uintptr_t>(L.packed) % 16 == 0);
         tiles += (L.out + 15) / 16;
     }
+    ga.tiles = tiles;
     a.packed = ga.packed[0]; a.g = ga.g[0]; a.bias = ga.bias[0]; a.y = ga.y[0]; a.out = ga.out[0]; a.vec = ga.vec[0];
     if (tiles == 0) return cudaSuccess;
     return with_paths(K, [&](auto k) {

@@ -413,9 +413,13 @@ int packed_linear_path(rabit_dtype xdt, int64_t M) {
    576 x 576 3.99 / 4.87 / 6.41 against 6.08 / 6.71 / 8.32, 576 x 1536 4.77 / 5.93 / 7.92 against 6.13 / 6.79 / 8.39;
    but 2048 x 2048 6.47 / 8.68 / 12.31 against 6.52 / 7.17 / 8.71 and 8192 x 2048 13.84 against 9.93 at M = 1
    (every block builds x*h of all columns, and a thread's additions grow with M). So it runs for M <= kSimtMaxM,
-   in <= kSimtDefaultMaxIn and out * in <= kSimtDefaultMaxWeights. RABIT_CUDA_DECODE=i8, f16 (any M), b1 (M <= 2)
+   in <= kSimtDefaultMaxIn and out * in <= kSimtDefaultMaxWeights. RABIT_CUDA_DECODE=i8, f16 (any M), b1, b1p (M <= 2)
    or simt (where simt_applies) forces one (benchmarks, tests); elsewhere the default runs. simt_applies also asks
-   whether the device's shared memory holds the kernel's (not every GPU does for K = 4 at M = 4). */
+   whether the device's shared memory holds the kernel's (not every GPU does for K = 4 at M = 4). At M = 1 a launch
+   with enough 16-row tiles (all its layers together: launch_out) takes the persistent 1-bit kernel first
+   (decode_b1p_default, thirtieth session: 12.6-14.6 against 15.4-17.7 us at the 7B shapes with 11008-14336 rows,
+   q/k/v 15.2 against 16.9, gate/up 19.8 against 24.9). RABIT_CUDA_DECODE=b1p forces it (M <= 2; at M = 2, and
+   where its fragments do not fit in shared memory, the 1-bit kernel runs). */
 constexpr int64_t kB1MinIn = 15 * 512 + 1;  // at least 16 groups of 512 columns per row
 constexpr int64_t kF16MinM = 5;
 constexpr int64_t kSimtDefaultMaxIn = 1536;
@@ -423,21 +427,23 @@ constexpr int64_t kSimtDefaultMaxWeights = int64_t{3} << 20;
 
 namespace {
 
-DecodeKernel unfused_decode_kernel(int K, int64_t M, int64_t in, int64_t out) {
+DecodeKernel unfused_decode_kernel(int K, int64_t M, int64_t in, int64_t out, int64_t launch_out) {
     const char *v = getenv("RABIT_CUDA_DECODE");
     if (v && strcmp(v, "i8") == 0) return DECODE_I8;
     if (v && strcmp(v, "f16") == 0) return DECODE_F16;
     if (v && strcmp(v, "b1") == 0 && M <= kB1MaxM) return DECODE_B1;
+    if (v && strcmp(v, "b1p") == 0 && M <= kB1MaxM) return DECODE_B1P;
     if (v && strcmp(v, "simt") == 0 && simt_applies(K, M, in)) return DECODE_SIMT;
     if (in <= kSimtDefaultMaxIn && out * in <= kSimtDefaultMaxWeights && simt_applies(K, M, in)) return DECODE_SIMT;
+    if (M == 1 && decode_b1p_default(K, in, launch_out)) return DECODE_B1P;
     if (M == 1 && in >= kB1MinIn) return DECODE_B1;
     return M >= kF16MinM ? DECODE_F16 : DECODE_I8;
 }
 
 }  // namespace
 
-DecodeKernel decode_kernel(int K, int64_t M, int64_t in, int64_t out, bool fused) {
-    const DecodeKernel k = unfused_decode_kernel(K, M, in, out);
+DecodeKernel decode_kernel(int K, int64_t M, int64_t in, int64_t out, bool fused, int64_t launch_out) {
+    const DecodeKernel k = unfused_decode_kernel(K, M, in, out, launch_out > 0 ? launch_out : out);
     return fused && k == DECODE_F16 ? DECODE_I8 : k;
 }
 

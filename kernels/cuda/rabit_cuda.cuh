@@ -89,7 +89,16 @@ int packed_linear_path(rabit_dtype xdt, int64_t M);
    layer group runs as one launch when its layers' choices agree); with fused, packed_linear_fused's: the fp16 kernel
    has no epilogue for the glue, so where it would run (M <= kFusedMaxM only when RABIT_CUDA_DECODE forces it) the
    int8 one does. */
-enum DecodeKernel { DECODE_I8 = 0, DECODE_B1 = 1, DECODE_F16 = 2, DECODE_SIMT = 3 };
+enum DecodeKernel { DECODE_I8 = 0, DECODE_B1 = 1, DECODE_F16 = 2, DECODE_SIMT = 3, DECODE_B1P = 4 };
+/* The persistent 1-bit kernel (DECODE_B1P) runs a call of M rows of x, `ngroups` 512-column groups and K paths a layer
+   where this holds (M = 1, and a layer's fragments fit in one block's shared memory); elsewhere a DECODE_B1P call runs
+   the 1-bit kernel, whose outputs are the same bit for bit. decode_b1p_default: whether packed_linear takes it by
+   default at M = 1 for a launch of launch_out rows in all (docs/kernels.md, "Persistent 1-bit kernel"): two blocks an
+   SM fit (K <= 3, the fragments in half the SM's shared memory) and the launch has at least 2.5 tiles of 16 rows for
+   each of them, the fewest that measured faster than the int8 and 1-bit kernels on an H200 (11008 x 4096); with fewer,
+   copying the fragments into every block costs more than re-reading them per tile. */
+bool decode_b1p_applies(int64_t M, int64_t ngroups, int K);
+bool decode_b1p_default(int K, int64_t in, int64_t launch_out);
 constexpr int kB1MaxM = 2;
 /* rabit.packed_linear_fused runs the decode kernel of its shape with the glue (DecodeFusion) up to this M: where that
    kernel is float32-level (CUDA-core, int8, 1-bit; the fp16 one takes M >= 5). */
@@ -102,7 +111,7 @@ constexpr int kSimtMaxM = 4;
 constexpr int64_t kSimtMaxIn = 2048;
 /* The CUDA-core kernel can run a layer of K paths and `in` columns at this M on the current device. */
 bool simt_applies(int K, int64_t M, int64_t in);
-DecodeKernel decode_kernel(int K, int64_t M, int64_t in, int64_t out, bool fused = false);
+DecodeKernel decode_kernel(int K, int64_t M, int64_t in, int64_t out, bool fused = false, int64_t launch_out = 0);
 
 /* A decode call runs up to kDecodeMaxLayers layers that read the same x [M, in] (q/k/v, gate/up) as one prologue
    and one main kernel: layer l is packed [K][out][words], g [K][out], h [K][in], bias [out] (nullable), y [M][out].
