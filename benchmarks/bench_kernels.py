@@ -37,6 +37,9 @@ POOL_BYTES = 160 << 20  # > 2 x 50 MB of L2
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (12288, 4096), (14336, 4096), (4096, 14336)]  # (out, in)
 # --shapes narrow: SmolLM2-135M's layers (576 wide, MLP 1536, k/v 192) and 2048-wide ones (Llama-3.2-1B's)
 NARROW_SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536), (2048, 2048), (8192, 2048), (2048, 8192)]
+# --shapes tall: 4096-wide layers from 4096 to 11008 rows (256 to 688 tiles of 16 rows), where the default decode kernel at
+# M = 1 changes to the persistent 1-bit one (decode_b1p_default), and layer groups around that point
+TALL_SHAPES = [(o, 4096) for o in (4096, 5120, 6144, 7168, 8192, 9216, 10240, 11008)]
 MS = [1, 2, 4, 8, 16, 128, 2048]
 K = 2
 QAT_ROUNDS = 30  # interleaved graph replays of the QAT-step variants (timing.interleaved_graph_times_us)
@@ -148,6 +151,8 @@ def bench_linear(out, in_features, quick, ms, kernels=()):
 GROUPS = {"llama2-7b qkv": [(4096, 4096)] * 3, "llama2-7b gate/up": [(11008, 4096)] * 2,
           "llama3-8b qkv": [(4096, 4096), (1024, 4096), (1024, 4096)], "llama3-8b gate/up": [(14336, 4096)] * 2}
 NARROW_GROUPS = {"smollm2-135m qkv": [(576, 576), (192, 576), (192, 576)], "smollm2-135m gate/up": [(1536, 576)] * 2}
+TALL_GROUPS = {"2 x 2560x4096": [(2560, 4096)] * 2, "2 x 4096x4096": [(4096, 4096)] * 2,
+               "2 x 5120x4096": [(5120, 4096)] * 2}
 GROUP_MS = [1, 2, 4, 8, 16]
 
 
@@ -371,9 +376,10 @@ def main():
     ap.add_argument("--decode-kernels", default="",
                     help="comma-separated decode kernels to time as well, each forced where it applies: "
                          + ", ".join(f"{k} (M <= {v})" for k, v in DECODE_KERNELS.items()))
-    ap.add_argument("--shapes", choices=("llama", "narrow"), default="llama",
+    ap.add_argument("--shapes", choices=("llama", "narrow", "tall"), default="llama",
                     help="llama: the Llama-2-7B / Llama-3-8B shapes of the targets; narrow: SmolLM2-135M's and "
-                         "2048-wide layers (linears and layer groups)")
+                         "2048-wide layers (linears and layer groups); tall: 4096-wide layers of 4096-11008 rows, "
+                         "where the M = 1 default changes to the persistent 1-bit kernel")
     ap.add_argument("--prefill-kernels", default="",
                     help=f"comma-separated prefill kernels to time as well (M > 16): {', '.join(PREFILL_KERNELS)}")
     args = ap.parse_args()
@@ -395,7 +401,7 @@ def main():
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 K=K, scales="float16", x="float16", method=__doc__.split("Method: ")[1].strip(),
                 decode_kernel="default dispatch: fp16 MMA for M >= 5; below, CUDA-core (simt) for in <= 1536 and out x in <= "
-                              "3 x 2^20, at M = 1 the persistent 1-bit MMA kernel for launches of at least 5 x SMs 16-row tiles whose "
+                              "3 x 2^20, at M = 1 the persistent 1-bit MMA kernel for launches of at least 2.4 x SMs 16-row tiles whose "
                               "fragments fit two blocks an SM (K <= 3), else 1-bit MMA for in > 7680, else int8 MMA "
                               "(kernels_forced: each forced with RABIT_CUDA_DECODE where it applies)",
                 shapes=args.shapes,
@@ -405,7 +411,7 @@ def main():
     bw = copy_bandwidth_gbps(DEV)
     info["copy_GBps"] = round(bw, 1)
     print(f"device-to-device copy: {bw:.0f} GB/s (read + write)", flush=True)
-    shapes = SHAPES if args.shapes == "llama" else NARROW_SHAPES
+    shapes = {"llama": SHAPES, "narrow": NARROW_SHAPES, "tall": TALL_SHAPES}[args.shapes]
     shapes = shapes if not args.quick else shapes[:2]
     linear = []
     ms = MS if not args.quick else [1, 8, 2048]
@@ -417,7 +423,7 @@ def main():
     for out, in_features in [] if args.qat_only or args.group_only else shapes:
         linear += bench_linear(out, in_features, args.quick, ms, kernels=kernels + prefill)
     groups = [] if only and not args.group_only else [
-        r for name, layers in (GROUPS if args.shapes == "llama" else NARROW_GROUPS).items()
+        r for name, layers in {"llama": GROUPS, "narrow": NARROW_GROUPS, "tall": TALL_GROUPS}[args.shapes].items()
         for r in bench_group(name, layers, [1, 16] if args.quick else GROUP_MS, kernels)]
     for r in linear:
         if r["M"] == 1:

@@ -176,7 +176,10 @@ inline LayerDims check_packed_linear_args(const char *op, const at::Tensor &x, c
     RABIT_CHECK_DIM(op, packed, 3);
     const int64_t out = packed.size(1), in = x.size(1);
     TORCH_CHECK_VALUE(in >= 1, op, ": x has no input features (shape ", x.sizes(), ")");
-    check_scales(op, g, h, out, in, packed);  // `in` comes from x: a mismatch names h and x's width
+    // `in` comes from x (the packed words round it up to 32), so a width mismatch is named as x against h
+    TORCH_CHECK_VALUE(h.dim() != 2 || h.size(1) == in, op, ": x is ", x.sizes(), " but h is ", h.sizes(),
+                      "; x must be [M, in] with the layer's in=", h.size(1), " (h is [K, in])");
+    check_scales(op, g, h, out, in, packed);
     const int64_t K = g.size(0);              // as in check_dequantize_args: packed's K is checked against it
     check_packed(op, packed, K, out, in);
     RABIT_CHECK_SAME_DEVICE(op, x, packed);

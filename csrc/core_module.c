@@ -283,6 +283,13 @@ static PyObject *core_packed_linear(PyObject *self, PyObject *args, PyObject *kw
         PyErr_Format(PyExc_ValueError, "%s: x has no input features", op);
         goto fail;
     }
+    /* `in` comes from x (the packed words round it up to 32), so a width mismatch is named as x against h */
+    if (PyArray_DIM(h, 1) != in) {
+        PyErr_Format(PyExc_ValueError, "%s: x has %zd columns but h is [%zd, %zd]; x must be [M, in] or [in] with the "
+                     "layer's in=%zd (h is [K, in])", op, (Py_ssize_t)in, (Py_ssize_t)PyArray_DIM(h, 0),
+                     (Py_ssize_t)PyArray_DIM(h, 1), (Py_ssize_t)PyArray_DIM(h, 1));
+        goto fail;
+    }
     if (rabit_check_scales(op, g, h, out, in)) goto fail;
     if (PyArray_DIM(g, 0) != K || PyArray_DIM(p, 2) != RABIT_WORDS(in)) {
         PyErr_Format(PyExc_ValueError, "%s: packed is [%zd, %zd, %zd] but K=%zd and in=%zd need [%zd, %zd, %zd]", op,

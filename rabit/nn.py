@@ -16,6 +16,16 @@ def _check_linear(op: str, linear) -> None:
                         "nn.Linear modules (exclude this one or convert it to nn.Linear first)")
 
 
+def _gemm_dtype(x: Tensor) -> torch.dtype:
+    """The dtype of the layer's GEMM for input x: autocast's where it is on for x's device, else x's own. A device
+    autocast does not know (meta: shape inference) has no autocast state; torch raises when asked for it."""
+    try:
+        on = torch.is_autocast_enabled(x.device.type)
+    except RuntimeError:
+        return x.dtype
+    return torch.get_autocast_dtype(x.device.type) if on else x.dtype
+
+
 class RaBiTLinear(nn.Module):
     """QAT form of a RaBiT layer: ``y = x Ŵᵀ + b`` with Ŵ from the coupled residual chain.
 
@@ -67,9 +77,7 @@ class RaBiTLinear(nn.Module):
         return what
 
     def forward(self, x: Tensor) -> Tensor:
-        dtype = x.dtype
-        if torch.is_autocast_enabled(x.device.type):
-            dtype = torch.get_autocast_dtype(x.device.type)  # build Ŵ directly in the GEMM's dtype
+        dtype = _gemm_dtype(x)  # under autocast, Ŵ is built directly in the GEMM's dtype
         bias = self.bias.to(dtype) if self.bias is not None else None
         # one op: Ŵ is built in the GEMM's dtype and not kept for the backward (rabit.qat_linear)
         return qat_linear(x.to(dtype), self.weight.contiguous(), self.g, self.h, bias, self.ste, self.ste_param,
@@ -134,9 +142,7 @@ class IndependentRaBiTLinear(nn.Module):
         return sum(what for what, _ in self._paths(dtype))
 
     def forward(self, x: Tensor) -> Tensor:
-        dtype = x.dtype
-        if torch.is_autocast_enabled(x.device.type):
-            dtype = torch.get_autocast_dtype(x.device.type)
+        dtype = _gemm_dtype(x)
         bias = self.bias.to(dtype) if self.bias is not None else None
         return F.linear(x.to(dtype), self.dequantize(dtype), bias)
 

@@ -83,6 +83,10 @@ def test_core_rejects_wrong_dtype_and_shape():
         _core.packed_linear(np.ones(10, np.float32), packed.astype(np.int64), g, h)
     with pytest.raises(ValueError, match="bias has 3 elements"):
         _core.packed_linear(np.ones(10, np.float32), packed, g, h, np.ones(3, np.float32))
+    # x's width against h's: named as x (the packed words fit any width of 1..32 columns a word)
+    with pytest.raises(ValueError, match=r"x has 12 columns but h is \[2, 10\]; x must be \[M, in\] or \[in\] with "
+                                         r"the layer's in=10"):
+        _core.packed_linear(np.ones((3, 12), np.float32), packed, g, h)
     with pytest.raises(ValueError, match="in_features=40 needs 2"):
         _core.unpack_signs(packed, 40)
     with pytest.raises(ValueError, match=r"packed is \[2, 4, 1\] but g, h need \[2, 4, 2\]"):

@@ -745,15 +745,16 @@ def test_persistent_binary_kernel_runs_where_it_applies(case, applies, fused, mo
 @pytest.mark.parametrize("k", [2, 4])
 def test_persistent_binary_kernel_is_the_default_for_enough_tiles(k):
     """By default M = 1 takes the persistent 1-bit kernel where two of its blocks fit an SM (K <= 3) and the launch has
-    at least 2.5 16-row tiles for each (decode_b1p_default), alone or as a layer group, and the int8 kernel just
-    below that (in = 1024: neither the CUDA-core nor the 1-bit kernel's default)."""
-    need = 5 * torch.cuda.get_device_properties(DEV).multi_processor_count * 16  # rows: 2.5 tiles x 2 blocks x SMs
-    x = torch.randn(1, 1024, device=DEV).half()
+    at least 1.2 16-row tiles for each (decode_b1p_default), alone or as a layer group, and the int8 kernel just
+    below that (in = 2048: neither the CUDA-core kernel's default, in <= 1536, nor the 1-bit one's, in > 7680)."""
+    sms = torch.cuda.get_device_properties(DEV).multi_processor_count
+    need = -(-12 * sms // 5) * 16  # rows: ceil(1.2 tiles x 2 blocks x SMs) tiles of 16
+    x = torch.randn(1, 2048, device=DEV).half()
     for rows, split in ((need, False), (need, True), (need - 16, False), (need - 16, True)):
         outs = [rows // 2, rows - rows // 2] if split else [rows]
         layers = []
         for out in outs:
-            w, g, h = (t.to(DEV) for t in random_layer(out, 1024, k))
+            w, g, h = (t.to(DEV) for t in random_layer(out, 2048, k))
             layers.append((rabit.residual_binarize(w, g, h)[1], g.half(), h.half()))
         lists = [list(t) for t in zip(*layers)]
         names = _cuda_kernels_run(lambda: rabit.packed_linear_group(x, *lists))

@@ -181,6 +181,20 @@ def test_quantize_errors():
         rabit.convert_(tiny_llama())
 
 
+def test_qat_layers_infer_shapes_on_the_meta_device():
+    """A QAT layer on the meta device (shape inference, empty-weight loading) runs its forward there, with or without
+    autocast on: autocast has no state for meta, and asking torch for it raised (RuntimeError from
+    torch.is_autocast_enabled)."""
+    from rabit.nn import IndependentRaBiTLinear, RaBiTLinear
+    for cls in (RaBiTLinear, IndependentRaBiTLinear):
+        layer = cls(40, 24, k=2).to("meta")
+        x = torch.empty(3, 40, device="meta")
+        y = layer(x)
+        assert y.device.type == "meta" and y.shape == (3, 24) and y.dtype == torch.float32, cls
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert layer(x).shape == (3, 24), cls
+
+
 def test_a_model_on_the_meta_device_is_named():
     m = tiny_llama().to("meta")
     with pytest.raises(ValueError, match="rabit.quantize_: the model's weights are on the meta device"):

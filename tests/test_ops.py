@@ -323,8 +323,8 @@ def test_packed_linear_group_errors(device):
         torch.ops.rabit.packed_linear_group(x, [packed, packed], [g, g], [h, h], [torch.randn(5, device=device)])
     with pytest.raises(ValueError, match="bias lists 1 layers but packed lists 2"):
         rabit.packed_linear_group(x, [packed, packed], [g, g], [h, h], [None])
-    with pytest.raises(ValueError, match=r"rabit.packed_linear_group \(layer 1\): h is \[2, 70\] but the layer has "
-                       "in=40"):
+    with pytest.raises(ValueError, match=r"rabit.packed_linear_group \(layer 1\): x is \[2, 40\] but h is \[2, 70\]; x "
+                       r"must be \[M, in\] with the layer's in=70"):
         rabit.packed_linear_group(x, [packed, packed], [g, g], [h, torch.rand(2, 70, device=device)])
     with pytest.raises(TypeError, match=r"\(layer 0\): expected packed to hold int32 words"):
         rabit.packed_linear_group(x, [packed.float()], [g], [h])
@@ -483,7 +483,8 @@ def test_packed_linear_fused_errors(device):
         rabit.packed_linear_fused(x, packed, g, h, up=torch.randn(40, 2, device=device).half().T)
     with pytest.raises(TypeError, match=r"residual must have x's dtype"):
         rabit.packed_linear_fused(x, packed[:1], g[:1], h[:1], residual=torch.randn(2, 5, device=device))
-    with pytest.raises(ValueError, match=r"\(layer 1\): h is \[2, 70\] but the layer has in=40"):
+    with pytest.raises(ValueError,
+                       match=r"\(layer 1\): x is \[\d+, 40\] but h is \[2, 70\]; x must be \[M, in\] with the layer's in=70"):
         rabit.packed_linear_fused(x, packed, g, [h[0], torch.rand(2, 70, device=device)])
     with pytest.raises(RuntimeError, match="no backward"):
         rabit.packed_linear_fused(x, packed, [g[0].requires_grad_(), g[1]], h)
@@ -882,7 +883,8 @@ SHAPE_ERROR_CALLS = {
     "dequantize": ("rabit.dequantize(packed, g, h70)", "70"),
     "residual_binarize": ("rabit.residual_binarize(w, torch.rand(3, 5, device=D), h)", "g has 3 paths but h has 2"),
     "packed_linear_group": ("rabit.packed_linear_group(torch.randn(1, 40, device=D).half(), [packed, packed], [g, g], "
-                            "[h, h70])", " (layer 1): h is [2, 70] but the layer has in=40"),
+                            "[h, h70])",
+                            " (layer 1): x is [1, 40] but h is [2, 70]; x must be [M, in] with the layer's in=70"),
 }
 
 
@@ -1043,7 +1045,7 @@ def test_errors_name_the_problem():
         rabit.packed_linear(torch.randn(1, 10), packed.float(), g, h)
     with pytest.raises(ValueError, match="expected a 2-D x"):
         rabit.packed_linear(torch.randn(10), packed, g, h)
-    with pytest.raises(ValueError, match="h is .* but the layer has in=12"):
+    with pytest.raises(ValueError, match=r"x is \[1, 12\] but h is \[2, 10\]; x must be \[M, in\] with the layer's in=10"):
         rabit.packed_linear(torch.randn(1, 12), packed, g, h)
     with pytest.raises(ValueError, match="bias has 3 elements but out=4"):
         rabit.packed_linear(torch.randn(1, 10), packed, g, h, torch.zeros(3))

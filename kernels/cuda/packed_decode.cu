@@ -1148,7 +1148,7 @@ bool decode_b1p_default(int K, int64_t in, int64_t launch_out) {
     const int64_t ngroups = (in + kGroupCols - 1) / kGroupCols;
     const int64_t tiles = (launch_out + 15) / 16;
     return K <= 3 && b1p_blocks_per_sm(b1p_smem_bytes(ngroups, K)) >= 2 &&
-           2 * tiles >= 5 * (2 * static_cast<int64_t>(device_info().sms));
+           5 * tiles >= 6 * (2 * static_cast<int64_t>(device_info().sms));  // 1.2 tiles a block
 }
 
 size_t decode_workspace_bytes(int paths, int64_t M, int64_t in, DecodeKernel kern) {

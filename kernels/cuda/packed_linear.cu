@@ -416,7 +416,8 @@ int packed_linear_path(rabit_dtype xdt, int64_t M) {
    in <= kSimtDefaultMaxIn and out * in <= kSimtDefaultMaxWeights. RABIT_CUDA_DECODE=i8, f16 (any M), b1, b1p (M <= 2)
    or simt (where simt_applies) forces one (benchmarks, tests); elsewhere the default runs. simt_applies also asks
    whether the device's shared memory holds the kernel's (not every GPU does for K = 4 at M = 4). At M = 1 a launch
-   with enough 16-row tiles (all its layers together: launch_out) takes the persistent 1-bit kernel first
+   with enough 16-row tiles (all its layers together: launch_out; 1.2 a resident block) takes the persistent 1-bit
+   kernel first
    (decode_b1p_default, thirtieth session: 12.6-14.6 against 15.4-17.7 us at the 7B shapes with 11008-14336 rows,
    q/k/v 15.2 against 16.9, gate/up 19.8 against 24.9). RABIT_CUDA_DECODE=b1p forces it (M <= 2; at M = 2, and
    where its fragments do not fit in shared memory, the 1-bit kernel runs). */

@@ -94,9 +94,10 @@ enum DecodeKernel { DECODE_I8 = 0, DECODE_B1 = 1, DECODE_F16 = 2, DECODE_SIMT = 
    where this holds (M = 1, and a layer's fragments fit in one block's shared memory); elsewhere a DECODE_B1P call runs
    the 1-bit kernel, whose outputs are the same bit for bit. decode_b1p_default: whether packed_linear takes it by
    default at M = 1 for a launch of launch_out rows in all (docs/kernels.md, "Persistent 1-bit kernel"): two blocks an
-   SM fit (K <= 3, the fragments in half the SM's shared memory) and the launch has at least 2.5 tiles of 16 rows for
-   each of them, the fewest that measured faster than the int8 and 1-bit kernels on an H200 (11008 x 4096); with fewer,
-   copying the fragments into every block costs more than re-reading them per tile. */
+   SM fit (K <= 3, the fragments in half the SM's shared memory) and the launch has at least 1.2 tiles of 16 rows for
+   each of them: on an H200 it was faster than the int8 and 1-bit kernels from 320 tiles (5120 x 4096, 1.21 a block)
+   on, and slower at 256 (4096 x 4096, one tile a block), where copying the fragments into every block costs more
+   than re-reading them per tile. */
 bool decode_b1p_applies(int64_t M, int64_t ngroups, int K);
 bool decode_b1p_default(int K, int64_t in, int64_t launch_out);
 constexpr int kB1MaxM = 2;
