@@ -136,6 +136,31 @@ from .cli_export import COMMANDS as _EXPORT_COMMANDS
 COMMANDS.update(_EXPORT_COMMANDS)
 
 
+def _torch_missing(e: ImportError) -> bool:
+    return e.name == "torch" or (e.name or "").startswith("torch.")
+
+
+def _needs_torch(name: str) -> tuple[Callable, Callable[[argparse.Namespace], dict[str, Any]]]:
+    """(add parser, run) of a command whose parser could not be built because torch is not installed: it still
+    shows in --help, and running it says what to install, whatever its arguments."""
+
+    def add(sub) -> argparse.ArgumentParser:
+        # no option prefix: every argument, --options too, lands in `rest` instead of failing to parse
+        p = sub.add_parser(name, help="(needs PyTorch, which is not installed)", add_help=False, prefix_chars="\0")
+        p.add_argument("rest", nargs="*")
+        return p
+
+    def run(args: argparse.Namespace) -> dict[str, Any]:
+        raise CommandError(_torch_message(name))
+
+    return add, run
+
+
+def _torch_message(command: str) -> str:
+    return (f"rabit: `rabit {command}` needs PyTorch, which is not installed: pip install torch==2.13.0 (without it, "
+            "`rabit generate DIR --prompt TEXT --runtime numpy` runs an exported model)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rabit",
@@ -143,8 +168,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name, (add, _run) in COMMANDS.items():
-        add(sub).set_defaults(_run=COMMANDS[name][1])
+    for name, (add, run) in COMMANDS.items():
+        try:  # each add_* imports what it needs before it creates its parser
+            p = add(sub)
+        except ImportError as e:  # torch-free install: the torch-free runtime still has its command
+            if not _torch_missing(e):
+                raise
+            add, run = _needs_torch(name)
+            p = add(sub)
+        p.set_defaults(_run=run)
     return parser
 
 
@@ -158,11 +190,16 @@ def _version() -> str:
 
 
 def _known_errors() -> tuple[type[BaseException], ...]:
-    from .train import TrainingDivergedError
-
     # ImportError: the compiled extension is missing or stale; its message says how to rebuild.
     # Anything else is a bug and keeps its traceback.
-    return (CommandError, TrainingDivergedError, ValueError, FileNotFoundError, FileExistsError, ImportError)
+    known = (CommandError, ValueError, FileNotFoundError, FileExistsError, ImportError)
+    try:
+        from .train import TrainingDivergedError
+    except ImportError as e:  # no torch: no training either
+        if not _torch_missing(e):
+            raise
+        return known
+    return known + (TrainingDivergedError,)
 
 
 def _check_device(args: argparse.Namespace) -> None:
@@ -198,6 +235,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("rabit: interrupted", file=sys.stderr)
         return 130
+    except ImportError as e:  # a command whose parser needs no torch, run without it (quantize, eval, ...)
+        if not _torch_missing(e):
+            print(str(e) if str(e).startswith("rabit:") else f"rabit: error: {e}", file=sys.stderr)
+            return 1
+        print(_torch_message(args.command), file=sys.stderr)
+        return 1
     except _known_errors() as e:
         msg = str(e)
         print(msg if msg.startswith("rabit:") else f"rabit: error: {msg}", file=sys.stderr)

@@ -272,6 +272,50 @@ def test_runs_in_a_process_where_torch_cannot_be_imported(stories_export):
     assert out["text"] == want
 
 
+def test_cli_runs_the_numpy_runtime_where_torch_cannot_be_imported(stories_export):
+    """Without torch the `rabit` command still builds its parser: `generate --runtime numpy` decodes (the same text as
+    the NumPy runtime called directly), --help lists every command, and a command that needs torch says what to
+    install (exit status 1) whatever its arguments. The blocked import raises what a missing module raises
+    (ModuleNotFoundError, name 'torch')."""
+    want = runtime.generate_text(stories_export, PROMPT, max_new_tokens=8)
+    script = textwrap.dedent(f"""
+        import contextlib, importlib.abc, io, json, sys
+
+        class Block(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name == "torch" or name.startswith("torch."):
+                    raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
+                return None
+
+        sys.meta_path.insert(0, Block())
+        from rabit.cli import main
+        out = {{}}
+        for key, argv in [("generate", ["generate", {str(stories_export)!r}, "--prompt", {PROMPT!r}, "--runtime",
+                                        "numpy", "--max-new-tokens", "8", "--json"]),
+                          ("help", ["--help"]), ("train", ["train", "--steps", "3", "--out", "x"]),
+                          ("quantize", ["quantize", "--out", "y"])]:
+            so, se = io.StringIO(), io.StringIO()
+            with contextlib.redirect_stdout(so), contextlib.redirect_stderr(se):
+                rc = main(argv)
+            out[key] = {{"rc": rc, "stdout": so.getvalue(), "stderr": se.getvalue()}}
+        out["torch_loaded"] = any(m == "torch" or m.startswith("torch.") for m in sys.modules)
+        print(json.dumps(out))
+    """)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # see _one_thread
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert not out["torch_loaded"]
+    gen = out["generate"]
+    assert gen["rc"] == 0, gen["stderr"]
+    assert json.loads(gen["stdout"])["text"] == want
+    assert out["help"]["rc"] == 0
+    for name in ("quickstart", "train", "bench", "quantize", "export", "eval", "generate"):
+        assert name in out["help"]["stdout"], name
+    for name in ("train", "quantize"):
+        assert out[name]["rc"] == 1 and f"`rabit {name}` needs PyTorch" in out[name]["stderr"], out[name]
+
+
 # -- SmolLM2-135M (when installed) ---------------------------------------------------------------
 
 
