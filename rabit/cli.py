@@ -235,14 +235,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("rabit: interrupted", file=sys.stderr)
         return 130
-    except ImportError as e:  # a command whose parser needs no torch, run without it (quantize, eval, ...)
-        if not _torch_missing(e):
-            print(str(e) if str(e).startswith("rabit:") else f"rabit: error: {e}", file=sys.stderr)
-            return 1
-        print(_torch_message(args.command), file=sys.stderr)
-        return 1
     except _known_errors() as e:
-        msg = str(e)
+        # torch missing at run time: a command whose parser needs no torch (quantize, eval, ...)
+        msg = _torch_message(args.command) if isinstance(e, ImportError) and _torch_missing(e) else str(e)
         print(msg if msg.startswith("rabit:") else f"rabit: error: {msg}", file=sys.stderr)
         return 1
     if getattr(args, "json", False):
