@@ -70,15 +70,13 @@ CUDA_SIMT_DEFAULT_MAX_WEIGHTS = 3 << 20
 
 def cuda_rounds_xh_to_fp16(device, xdtype, m):
     """Whether packed_linear on this device, dtype and batch runs the fp16 decode kernel (RABIT_CUDA_DECODE, when
-    set, forces a decode kernel at every M <= 16: f16 or f16w, or i8 / i8w / b1 / b1p / simt, whose results are
-    float32-level; b1, b1p and simt only where they apply, the default elsewhere, which is fp16 from
-    CUDA_F16_DECODE_MIN_M on)."""
+    set, forces a decode kernel at every M <= 16: f16, or i8 / b1 / simt, whose results are float32-level; b1 and
+    simt only where they apply, the default elsewhere, which is fp16 from CUDA_F16_DECODE_MIN_M on)."""
     if not str(device).startswith("cuda") or xdtype == torch.float32 or m > 16:
         return False
     forced = os.environ.get("RABIT_CUDA_DECODE")
-    # b1 and b1p apply to M <= 2 only, i8w to M <= 4 (i8 beyond: the same results)
-    if forced in ("i8", "f16", "i8w", "f16w") or (forced in ("b1", "b1p") and m <= 2):
-        return forced in ("f16", "f16w")
+    if forced in ("i8", "f16") or (forced in ("b1", "b1p") and m <= 2):  # b1 and b1p apply to M <= 2 only
+        return forced == "f16"
     return m >= CUDA_F16_DECODE_MIN_M
 
 

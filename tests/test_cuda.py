@@ -315,85 +315,6 @@ def test_binary_and_int8_decode_kernels_agree_bit_for_bit(shape, m, xdtype, monk
             assert torch.equal(ys[kernel], ys["i8"]), (kernel, k, (ys[kernel].float() - ys["i8"].float()).abs().max())
 
 
-# 32-row-tile variants: i8w (M <= 4) and f16w, and the 16-row kernels whose outputs they must give; odd rows (a partial
-# second tile, one row past a tile pair), several groups a warp
-WIDE_KERNELS = {"i8w": ("i8", (1, 2, 3, 4)), "f16w": ("f16", (1, 3, 5, 8, 9, 16))}
-
-
-@pytest.mark.parametrize("shape", PL_SHAPES + [(17, 600), (33, 1500), (300, 4099), (1000, 5000), (4096, 4096)],
-                         ids=shape_id)
-@pytest.mark.parametrize("wide", sorted(WIDE_KERNELS))
-@pytest.mark.parametrize("xdtype", [torch.float16, torch.bfloat16], ids=dtype_id)
-def test_wide_tile_kernels_are_the_16_row_kernels_bit_for_bit(shape, wide, xdtype, monkeypatch):
-    """RABIT_CUDA_DECODE=i8w / f16w runs the int8 / fp16 kernel with two 16-row tiles a block (each warp's fragment
-    reads feed both). A row's arithmetic is the same, so the outputs must equal the 16-row kernel's bit for bit, with
-    and without a bias, at every M each applies to."""
-    base, ms = WIDE_KERNELS[wide]
-    out, in_features = shape
-    for k in (1, 2, 3, 4):
-        w, g, h = random_layer(out, in_features, k)
-        _, packed = rabit.residual_binarize(w, g, h)
-        bias = torch.randn(out, device=DEV) if k % 2 else None
-        for m in ms:
-            x = torch.randn(m, in_features)
-            x[:, ::97] *= 3e3
-            args = (x.to(xdtype).to(DEV), packed.to(DEV), g.to(DEV), h.to(DEV), bias)
-            ys = {}
-            for kernel in (wide, base):
-                monkeypatch.setenv("RABIT_CUDA_DECODE", kernel)
-                _poison()
-                ys[kernel] = rabit.packed_linear(*args)
-            assert torch.equal(ys[wide], ys[base]), (k, m, (ys[wide].float() - ys[base].float()).abs().max())
-
-
-def _mt_of(names, kernel):
-    """The MT template arguments (16-row tiles a block) of the gemv_<kernel>_kernel instances in profiler names."""
-    import re
-    return {int(t) for t in re.findall(rf"gemv_{kernel}_kernel<\d+, \d+, (\d+)", names)}
-
-
-@pytest.mark.parametrize("m", [1, 3, 4])
-@pytest.mark.parametrize("n", [1, 3])
-def test_wide_int8_kernel_with_the_fused_glue(m, n, monkeypatch):
-    """The fused glue (norm, SwiGLU input; residual on one layer) in the int8 kernel with 32-row tiles: its epilogue
-    holds a residual per output of 32 rows, not 16. Equal to the int8 kernel's bit for bit, alone and as a group, and
-    the profiler shows the 32-row instance running (and the 16-row one under i8)."""
-    in_features = 1100
-    args = []
-    for i in range(n):
-        out = 47 + 30 * i  # partial tiles of 32 rows
-        w, g, h = (t.to(DEV) for t in random_layer(out, in_features, 2))
-        _, packed = rabit.residual_binarize(w, g, h)
-        args.append((packed, g.half(), h.half(), torch.randn(out, device=DEV).half()))
-    lists = [list(t) for t in zip(*args)]
-    x = torch.randn(m, in_features, device=DEV).half()
-    kw = dict(norm_weight=torch.rand(in_features, device=DEV).half() + 0.5, eps=1e-5,
-              up=torch.randn(m, in_features, device=DEV).half())
-    if n == 1:
-        kw["residual"] = torch.randn(m, args[0][0].shape[1], device=DEV).half()
-    ys = {}
-    for kernel, mt in (("i8w", 2), ("i8", 1)):
-        monkeypatch.setenv("RABIT_CUDA_DECODE", kernel)
-        _poison()
-        ys[kernel] = rabit.packed_linear_fused(x, *lists, **kw)
-        assert _mt_of(_cuda_kernels_run(lambda: rabit.packed_linear_fused(x, *lists, **kw)), "i8") == {mt}
-    for i, (a, b) in enumerate(zip(ys["i8w"], ys["i8"])):
-        assert torch.equal(a, b), (i, (a.float() - b.float()).abs().max().item())
-
-
-def test_wide_kernels_run_where_forced(monkeypatch):
-    """i8w runs the 32-row int8 instance up to M = 4 and the 16-row one beyond (same outputs); f16w the 32-row fp16
-    instance at any M."""
-    w, g, h = (t.to(DEV) for t in random_layer(100, 1000, 2))
-    _, packed = rabit.residual_binarize(w, g, h)
-    for kernel, m, name, mt in (("i8w", 4, "i8", 2), ("i8w", 5, "i8", 1), ("f16w", 2, "f16", 2),
-                                ("f16w", 16, "f16", 2), ("f16", 16, "f16", 1)):
-        monkeypatch.setenv("RABIT_CUDA_DECODE", kernel)
-        x = torch.randn(m, 1000, device=DEV).half()
-        names = _cuda_kernels_run(lambda: rabit.packed_linear(x, packed, g.half(), h.half()))
-        assert _mt_of(names, name) == {mt}, (kernel, m, names)
-
-
 @pytest.mark.parametrize("xdtype", [torch.float16, torch.bfloat16], ids=dtype_id)
 def test_decode_dispatch(xdtype, monkeypatch):
     """At every M <= 16 the default dispatch gives, bit for bit, the output of the forced kernel that the tests'
@@ -691,7 +612,7 @@ def test_packed_linear_large_and_graph_capture():
 
 
 @pytest.mark.parametrize("k", [1, 2, 3, 4])
-@pytest.mark.parametrize("kernel", ["i8", "i8w", "f16", "f16w", "b1", "b1p", "simt"])
+@pytest.mark.parametrize("kernel", ["i8", "f16", "b1", "b1p", "simt"])
 def test_packed_linear_group_kernels_are_packed_linear(k, kernel, monkeypatch):
     """Each decode kernel run over a group of layers (one launch: layer offsets, per-layer pointers and fragment paths)
     gives each layer's packed_linear output bit for bit; also under CUDA-graph capture."""
@@ -703,7 +624,7 @@ def test_packed_linear_group_kernels_are_packed_linear(k, kernel, monkeypatch):
         _, packed = rabit.residual_binarize(w, g, h)
         args.append((packed, g.half(), h.half(), torch.randn(out, device=DEV)))
     lists = [list(t) for t in zip(*args)]
-    for m in {"b1": (1, 2), "b1p": (1, 2), "simt": (1, 2, 3, 4), "i8w": (1, 2, 3, 4)}.get(kernel, (1, 2, 3, 5, 9, 16)):
+    for m in {"b1": (1, 2), "b1p": (1, 2), "simt": (1, 2, 3, 4)}.get(kernel, (1, 2, 3, 5, 9, 16)):
         x = torch.randn(m, 1100, device=DEV).half()
         for bias in (lists[3], None):
             _poison()

@@ -287,18 +287,16 @@ struct FusedEpilogue {
     float4 part[kFusedMaxGroups];  // the prologue's sums of u^2 per group, rows 0..3 of x
 };
 
-/* Issues the copies of the norm's partial sums and returns this thread's residual (thread idx < ROWS M: row
-   idx % ROWS of the block's rows, row idx / ROWS of x; 0 elsewhere), which the F kernels keep in a register until the
-   epilogue (store_rows: output idx is thread idx's). */
-template <int ROWS>
+/* Issues the copies of the norm's partial sums and returns this thread's residual (thread idx < 16 M: row idx % 16 of
+   the tile, row idx / 16 of x; 0 elsewhere), which the F kernels keep in a register until the epilogue. */
 __device__ __forceinline__ float fused_loads(const MainArgs &a, int64_t row0, int tid, FusedEpilogue &fe) {
     if (a.sumsq && tid < 32) {
         for (int64_t gr = tid; gr < a.ngroups; gr += 32) cp_async16(smem_u32(&fe.part[gr]), a.sumsq + gr * kFusedMaxM, 16);
         cp_commit();
     }
-    const int64_t o = row0 + tid % ROWS;
-    return a.residual && tid < ROWS * a.M && o < a.out
-               ? ld_any(a.residual, a.ydt, static_cast<int64_t>(tid / ROWS) * a.out + o)
+    const int64_t o = row0 + (tid & 15);
+    return a.residual && tid < 16 * a.M && o < a.out
+               ? ld_any(a.residual, a.ydt, static_cast<int64_t>(tid >> 4) * a.out + o)
                : 0.0f;
 }
 
@@ -416,7 +414,7 @@ __device__ __forceinline__ void for_each_chunk(const MainArgs &a, int64_t row0, 
     pdl_launch_dependents();
     Chunk ch[2];
     if (gr < a.ngroups) load_chunk(gr, 0, ch[0]);
-    if constexpr (F) res = fused_loads<MT * 16>(a, row0, warp * 32 + g * 4 + t, fe);
+    if constexpr (F) res = fused_loads(a, row0, warp * 32 + g * 4 + t, fe);
     for (; gr < a.ngroups; gr += kWarps) {
         const bool more = gr + kWarps < a.ngroups;
         if (more) load_bits(a, row0, g, t, gr + kWarps, nxt);
@@ -457,7 +455,7 @@ __device__ __forceinline__ void store_rows(const MainArgs &a, const float (&red)
         }
         if (a.bias) s = __fadd_rn(s, ld_any(a.bias, a.bdt, o));
         if constexpr (F)
-            if (a.residual) s = __fadd_rn(s, res);  // this thread's: idx = tid (ROWS * M <= 128 threads)
+            if (a.residual) s = __fadd_rn(s, res);  // this thread's: idx = tid (ROWS * M <= 64 threads)
         st_any(a.y, a.ydt, static_cast<int64_t>(m) * a.out + o, s);
     }
 }
@@ -465,8 +463,9 @@ __device__ __forceinline__ void store_rows(const MainArgs &a, const float (&red)
 /* F: the fused glue's epilogue (MainArgs::residual, sumsq; FusedEpilogue), a separate instantiation (M <= 4) so that
    the plain kernels' registers stay as measured. */
 template <int K, int NT, int MT, bool GROUPED, bool F>
-__global__ void __launch_bounds__(kWarps * 32, MT == 1 && ((K <= 2 && NT <= 2) || (K == 3 && NT == 1)) ? 2 : 1)
+__global__ void __launch_bounds__(kWarps * 32, ((K <= 2 && NT <= 2) || (K == 3 && NT == 1)) ? 2 : 1)
     gemv_i8_kernel(const GroupArgs ga) {
+    static_assert(MT == 1, "layer groups number 16-row tiles");
     __shared__ float red[kWarps][MT * 16][2 * NT];
     __shared__ FusedEpilogue fe;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -671,7 +670,7 @@ __global__ void __launch_bounds__(kWarps * 32, (M == 1 && K <= 3) ? 2 : 1) gemv_
     Frag fr[2];
     if (gr < a.ngroups) load_frag(gr, 0, fr[0]);
     float res = 0.0f;
-    if constexpr (F) res = fused_loads<16>(a, row0, tid, fe);
+    if constexpr (F) res = fused_loads(a, row0, tid, fe);
     for (; gr < a.ngroups; gr += kWarps) {
         const bool more = gr + kWarps < a.ngroups;
         if (more) load(gr + kWarps, nxt);
@@ -971,28 +970,24 @@ __global__ void __launch_bounds__(kPrepThreads) gemv_f16_prep_kernel(const PrepA
     write_scales(a, (static_cast<size_t>(gr) * K + k) * kScaleSlots, tid, kScaleSlots, sh);
 }
 
-/* MT 16-row tiles per block (1, or 2 for DECODE_F16W), 8 warps over the groups (as the int8 kernel). Per (group,
-   path): 32 steps of NT MMAs per m-tile into a fresh float32 accumulator, then times S and g into the running sums.
-   The B fragments arrive in chunks of CH steps (8 uint2), one chunk ahead of the MMAs that use them; with MT = 2 each
-   chunk feeds both m-tiles, so the fragments are read from L2 once per 32 rows instead of per 16. A row's arithmetic
-   does not depend on MT: both give the same outputs bit for bit. */
-template <int K, int NT, int MT, bool GROUPED>
-__global__ void __launch_bounds__(kWarps * 32, (K <= 2 && MT == 1) ? 2 : 1) gemv_f16_kernel(const GroupArgs ga) {
-    __shared__ float red[kWarps][MT * 16][8 * NT];
+/* One 16-row tile per block, 8 warps over the groups (as the int8 kernel). Per (group, path): 32 steps of NT
+   MMAs into a fresh float32 accumulator, then times S and g into the running sums. The B fragments arrive in
+   chunks of CH steps (8 uint2), one chunk ahead of the MMAs that use them. */
+template <int K, int NT, bool GROUPED>
+__global__ void __launch_bounds__(kWarps * 32, K <= 2 ? 2 : 1) gemv_f16_kernel(const GroupArgs ga) {
+    __shared__ float red[kWarps][16][8 * NT];
     __shared__ FusedEpilogue fe;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int g = lane >> 2, t = lane & 3;
     int64_t tile = blockIdx.x;
     const MainArgs a = layer_args<K, GROUPED>(ga, tile);
-    const int64_t row0 = tile * MT * 16;
+    const int64_t row0 = tile * 16;
 
-    float gk[K][MT][2];
+    float gk[K][1][2];
     load_row_scales(a, row0, g, gk);
-    float fa[MT][NT][4];
+    float fa[NT][4];
 #pragma unroll
-    for (int mt = 0; mt < MT; mt++)
-#pragma unroll
-        for (int nt = 0; nt < NT; nt++) fa[mt][nt][0] = fa[mt][nt][1] = fa[mt][nt][2] = fa[mt][nt][3] = 0.0f;
+    for (int nt = 0; nt < NT; nt++) fa[nt][0] = fa[nt][1] = fa[nt][2] = fa[nt][3] = 0.0f;
 
     constexpr int CH = 8 / NT, NCH = kF16Steps / CH, NCHUNK = K * NCH;
     struct Chunk {
@@ -1008,10 +1003,10 @@ __global__ void __launch_bounds__(kWarps * 32, (K <= 2 && MT == 1) ? 2 : 1) gemv
                 dst.b[j][nt] = nt * 8 + g < a.M ? __ldg(fp + ((st0 + j) * NT + nt) * 32) : make_uint2(0u, 0u);
     };
 
-    float acc[MT][NT][4], sck[NT][2];
+    float acc[NT][4], sck[NT][2];
     float res = 0.0f;
-    for_each_chunk<K, MT, NCHUNK, false, Chunk>(a, row0, g, t, warp, fe, res, load_chunk,
-                                         [&](int64_t gr, int c, const Chunk &cc, const Bits<K, MT> &cur) {
+    for_each_chunk<K, 1, NCHUNK, false, Chunk>(a, row0, g, t, warp, fe, res, load_chunk,
+                                        [&](int64_t gr, int c, const Chunk &cc, const Bits<K, 1> &cur) {
             const int k = c / NCH, st0 = (c % NCH) * CH;
             if (c % NCH == 0) {
                 const size_t so = frag_path<K, GROUPED>(a, gr, k) * kScaleSlots;
@@ -1019,45 +1014,33 @@ __global__ void __launch_bounds__(kWarps * 32, (K <= 2 && MT == 1) ? 2 : 1) gemv
                 for (int nt = 0; nt < NT; nt++) {
                     sck[nt][0] = __ldg(a.scale + so + nt * 8 + 2 * t);
                     sck[nt][1] = __ldg(a.scale + so + nt * 8 + 2 * t + 1);
-#pragma unroll
-                    for (int mt = 0; mt < MT; mt++)
-                        acc[mt][nt][0] = acc[mt][nt][1] = acc[mt][nt][2] = acc[mt][nt][3] = 0.0f;
+                    acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.0f;
                 }
             }
+            const uint4 &wg = cur.w[k][0][0], &wh = cur.w[k][0][1];
 #pragma unroll
             for (int j = 0; j < CH; j++) {
                 const int st = st0 + j, q = st >> 4, s = st & 15;
+                const uint32_t a0 = pm1_f16(q ? wg.z : wg.x, s), a2 = pm1_f16(q ? wg.w : wg.y, s);
+                const uint32_t a1 = pm1_f16(q ? wh.z : wh.x, s), a3 = pm1_f16(q ? wh.w : wh.y, s);
 #pragma unroll
-                for (int mt = 0; mt < MT; mt++) {
-                    const uint4 &wg = cur.w[k][mt][0], &wh = cur.w[k][mt][1];
-                    const uint32_t a0 = pm1_f16(q ? wg.z : wg.x, s), a2 = pm1_f16(q ? wg.w : wg.y, s);
-                    const uint32_t a1 = pm1_f16(q ? wh.z : wh.x, s), a3 = pm1_f16(q ? wh.w : wh.y, s);
-#pragma unroll
-                    for (int nt = 0; nt < NT; nt++)
-                        mma_f16(acc[mt][nt], a0, a1, a2, a3, cc.b[j][nt].x, cc.b[j][nt].y);
-                }
+                for (int nt = 0; nt < NT; nt++) mma_f16(acc[nt], a0, a1, a2, a3, cc.b[j][nt].x, cc.b[j][nt].y);
             }
             if (c % NCH == NCH - 1) {
                 // flush path k of the group: S is a power of two (exact), then times g in float32
 #pragma unroll
-                for (int mt = 0; mt < MT; mt++)
+                for (int nt = 0; nt < NT; nt++)
 #pragma unroll
-                    for (int nt = 0; nt < NT; nt++)
-#pragma unroll
-                        for (int i = 0; i < 4; i++)
-                            fa[mt][nt][i] =
-                                __fmaf_rn(gk[k][mt][i >> 1], acc[mt][nt][i] * sck[nt][i & 1], fa[mt][nt][i]);
+                    for (int i = 0; i < 4; i++)
+                        fa[nt][i] = __fmaf_rn(gk[k][0][i >> 1], acc[nt][i] * sck[nt][i & 1], fa[nt][i]);
             }
         });
 
     // epilogue as in the int8 kernel; accumulator i of n-tile nt is row g + 8 (i / 2), column m = 8 nt + 2t + i % 2
 #pragma unroll
-    for (int mt = 0; mt < MT; mt++)
+    for (int nt = 0; nt < NT; nt++)
 #pragma unroll
-        for (int nt = 0; nt < NT; nt++)
-#pragma unroll
-            for (int i = 0; i < 4; i++)
-                red[warp][mt * 16 + g + 8 * (i >> 1)][nt * 8 + 2 * t + (i & 1)] = fa[mt][nt][i];
+        for (int i = 0; i < 4; i++) red[warp][g + 8 * (i >> 1)][nt * 8 + 2 * t + (i & 1)] = fa[nt][i];
     __syncthreads();
     store_rows<false>(a, red, row0, tid, fe, res);
 }
@@ -1075,13 +1058,13 @@ size_t frag_entries(int64_t M) {
 /* A fused call's epilogue (residual or norm) runs the F instantiations; they exist for M <= kFusedMaxM (NT <= 2). */
 inline bool fused_epilogue(const GroupArgs &a) { return a.a.residual || a.a.sumsq; }
 
-/* MT: 16-row tiles a block, 1 (two blocks an SM) or 2 (DECODE_I8W, NT <= 2: half the fragment reads from L2, one
-   block an SM for the registers). */
-template <int K, int NT, int MT, bool GR>
+template <int K, int NT, bool GR>
 cudaError_t launch_main_nt(const GroupArgs &a, unsigned tiles, cudaStream_t s) {
+    // one 16-row tile per warp (MT = 2 would halve the fragment reads but, with the fragment prefetch, needs
+    // more registers than two blocks per SM allow)
     if constexpr (NT <= 2)
-        if (fused_epilogue(a)) return launch_pdl(gemv_i8_kernel<K, NT, MT, GR, true>, dim3(tiles), kWarps * 32, 0, a, s);
-    return launch_pdl(gemv_i8_kernel<K, NT, MT, GR, false>, dim3(tiles), kWarps * 32, 0, a, s);
+        if (fused_epilogue(a)) return launch_pdl(gemv_i8_kernel<K, NT, 1, GR, true>, dim3(tiles), kWarps * 32, 0, a, s);
+    return launch_pdl(gemv_i8_kernel<K, NT, 1, GR, false>, dim3(tiles), kWarps * 32, 0, a, s);
 }
 
 template <int K, bool GR, bool F>
@@ -1127,31 +1110,24 @@ cudaError_t launch_b1p_k(const GroupArgs &a, unsigned tiles, cudaStream_t s) {
     return fused_epilogue(a) ? launch_b1p_kf<K, GR, true>(a, s) : launch_b1p_kf<K, GR, false>(a, s);
 }
 
-/* NT: f16_nt(M), the n-tiles the prologue wrote; MT: 16-row tiles a block. */
-template <int K, int MT, bool GR>
+/* NT: f16_nt(M), the n-tiles the prologue wrote. */
+template <int K, bool GR>
 cudaError_t launch_f16_k(const GroupArgs &a, int NT, unsigned tiles, cudaStream_t s) {
-    return NT == 1 ? launch_pdl(gemv_f16_kernel<K, 1, MT, GR>, dim3(tiles), kWarps * 32, 0, a, s)
-                   : launch_pdl(gemv_f16_kernel<K, 2, MT, GR>, dim3(tiles), kWarps * 32, 0, a, s);
+    return NT == 1 ? launch_pdl(gemv_f16_kernel<K, 1, GR>, dim3(tiles), kWarps * 32, 0, a, s)
+                   : launch_pdl(gemv_f16_kernel<K, 2, GR>, dim3(tiles), kWarps * 32, 0, a, s);
 }
 
-/* NT: the n-tiles of the prologue's fragments (decode_gemv), for the int8 and fp16 kernels; tiles: the blocks of
-   the launch (tiles of decode_tile_rows(kern) rows). */
+/* NT: the n-tiles of the prologue's fragments (decode_gemv), for the int8 and fp16 kernels. */
 template <int K, bool GR>
 cudaError_t launch_main_kg(const GroupArgs &a, DecodeKernel kern, int NT, unsigned tiles, cudaStream_t s) {
     if (kern == DECODE_B1) return launch_b1_k<K, GR>(a, tiles, s);
     if (kern == DECODE_B1P) return launch_b1p_k<K, GR>(a, tiles, s);
-    if (kern == DECODE_F16) return launch_f16_k<K, 1, GR>(a, NT, tiles, s);
-    if (kern == DECODE_F16W) return launch_f16_k<K, 2, GR>(a, NT, tiles, s);
-    if (kern == DECODE_I8W) {
-        if (NT == 1) return launch_main_nt<K, 1, 2, GR>(a, tiles, s);
-        if (NT == 2) return launch_main_nt<K, 2, 2, GR>(a, tiles, s);
-        return cudaErrorInvalidValue;
-    }
+    if (kern == DECODE_F16) return launch_f16_k<K, GR>(a, NT, tiles, s);
     switch (NT) {
-        case 1: return launch_main_nt<K, 1, 1, GR>(a, tiles, s);
-        case 2: return launch_main_nt<K, 2, 1, GR>(a, tiles, s);
-        case 4: return launch_main_nt<K, 4, 1, GR>(a, tiles, s);
-        case 8: return launch_main_nt<K, 8, 1, GR>(a, tiles, s);
+        case 1: return launch_main_nt<K, 1, GR>(a, tiles, s);
+        case 2: return launch_main_nt<K, 2, GR>(a, tiles, s);
+        case 4: return launch_main_nt<K, 4, GR>(a, tiles, s);
+        case 8: return launch_main_nt<K, 8, GR>(a, tiles, s);
     }
     return cudaErrorInvalidValue;
 }
@@ -1175,8 +1151,6 @@ bool decode_b1p_default(int K, int64_t in, int64_t launch_out) {
            5 * tiles >= 6 * (2 * static_cast<int64_t>(device_info().sms));  // 1.2 tiles a block
 }
 
-static int64_t decode_tile_rows(DecodeKernel kern) { return kern == DECODE_I8W || kern == DECODE_F16W ? 32 : 16; }
-
 size_t decode_workspace_bytes(int paths, int64_t M, int64_t in, DecodeKernel kern) {
     if (kern == DECODE_SIMT) return 0;
     const size_t ng = static_cast<size_t>((in + kGroupCols - 1) / kGroupCols), gk = ng * paths;
@@ -1192,14 +1166,12 @@ cudaError_t decode_gemv(const void *x, rabit_dtype xdt, int64_t M, const DecodeL
     const int64_t ng = (in + kGroupCols - 1) / kGroupCols;
     // the glue: M <= kFusedMaxM, a residual for one layer, a norm over <= kFusedMaxGroups groups, not the fp16 kernel
     // (it has no fused epilogue)
-    const bool f16 = kern == DECODE_F16 || kern == DECODE_F16W;
-    if (M < 1 || M > kDecodeMaxM || ((kern == DECODE_B1 || kern == DECODE_B1P) && M > kB1MaxM) ||
-        (kern == DECODE_I8W && M > kI8WMaxM) || xdt == RABIT_F32 || K < 1 || K > RABIT_MAX_K || n < 1 ||
-        n > kDecodeMaxLayers ||
-        (fusion && (M > kFusedMaxM || f16 || (fusion->residual && n != 1) ||
+    if (M < 1 || M > kDecodeMaxM || ((kern == DECODE_B1 || kern == DECODE_B1P) && M > kB1MaxM) || xdt == RABIT_F32 || K < 1 ||
+        K > RABIT_MAX_K || n < 1 || n > kDecodeMaxLayers ||
+        (fusion && (M > kFusedMaxM || kern == DECODE_F16 || (fusion->residual && n != 1) ||
                     (fusion->norm_weight && ng > kFusedMaxGroups))))
         return cudaErrorInvalidValue;
-    const int NT = f16 ? f16_nt(M) : gemv_nt(M);
+    const int NT = kern == DECODE_F16 ? f16_nt(M) : gemv_nt(M);
     const int KL = n * K;
     uint2 *frag = static_cast<uint2 *>(workspace);
     const size_t gk = static_cast<size_t>(ng) * KL;
@@ -1223,7 +1195,7 @@ cudaError_t decode_gemv(const void *x, rabit_dtype xdt, int64_t M, const DecodeL
     // tok/s against 359.9 with a plain launch, M = 1 GEMV 2-4 % faster at the six 7B shapes (docs/kernels.md)
     const cudaError_t e =
         kern == DECODE_B1 || kern == DECODE_B1P ? launch_pdl(gemv_b1_prep_kernel, pg, kPrepThreads, 0, p, s)
-        : f16 ? launch_pdl(gemv_f16_prep_kernel, pg, kPrepThreads, 0, p, s)
+        : kern == DECODE_F16 ? launch_pdl(gemv_f16_prep_kernel, pg, kPrepThreads, 0, p, s)
                              : launch_pdl(gemv_i8_prep_kernel, dim3(pg.x, pg.y, kPrepParts), kPrepThreads, 0, p, s);
     if (e != cudaSuccess) return e;
 
@@ -1237,14 +1209,13 @@ cudaError_t decode_gemv(const void *x, rabit_dtype xdt, int64_t M, const DecodeL
     a.in = in;
     a.eps = fusion ? fusion->eps : 0.0f;
     ga.layers = n;
-    const int64_t rows = decode_tile_rows(kern);  // a block's tile (the persistent kernel: the unit of its shares)
     int64_t tiles = 0;
     for (int l = 0; l < n; l++) {
         const DecodeLayer &L = layers[l];
         ga.tile0[l] = tiles;
         ga.packed[l] = L.packed; ga.g[l] = L.g; ga.bias[l] = L.bias; ga.y[l] = L.y; ga.out[l] = L.out;
         ga.vec[l] = (a.nw % 4 == 0) && (reinterpret_cast<uintptr_t>(L.packed) % 16 == 0);
-        tiles += (L.out + rows - 1) / rows;
+        tiles += (L.out + 15) / 16;
     }
     ga.tiles = tiles;
     a.packed = ga.packed[0]; a.g = ga.g[0]; a.bias = ga.bias[0]; a.y = ga.y[0]; a.out = ga.out[0]; a.vec = ga.vec[0];
