@@ -61,7 +61,7 @@ def make_packed(out, in_features, n):
 # the decode kernels RABIT_CUDA_DECODE can force, and the largest M each applies to (b1: M <= 2; b1p: M = 1, where its
 # fragments fit in shared memory, else b1; int8 and fp16: the whole decode range, M <= 16; simt: M <= 4 and
 # in <= SIMT_MAX_IN)
-DECODE_KERNELS = {"b1": 2, "b1p": 1, "i8": 16, "i8r": 16, "f16": 16, "f16r": 16, "simt": 4}
+DECODE_KERNELS = {"b1": 2, "b1p": 1, "i8": 16, "f16": 16, "simt": 4}
 SIMT_MAX_IN = 2048  # kSimtMaxIn in kernels/cuda/rabit_cuda.cuh
 
 

@@ -75,9 +75,8 @@ def cuda_rounds_xh_to_fp16(device, xdtype, m):
     if not str(device).startswith("cuda") or xdtype == torch.float32 or m > 16:
         return False
     forced = os.environ.get("RABIT_CUDA_DECODE")
-    # b1 and b1p apply to M <= 2 only; i8r / f16r are i8 / f16 with the fragments streamed through shared memory
-    if forced in ("i8", "f16", "i8r", "f16r") or (forced in ("b1", "b1p") and m <= 2):
-        return forced in ("f16", "f16r")
+    if forced in ("i8", "f16") or (forced in ("b1", "b1p") and m <= 2):  # b1 and b1p apply to M <= 2 only
+        return forced == "f16"
     return m >= CUDA_F16_DECODE_MIN_M
 
 

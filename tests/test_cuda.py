@@ -315,73 +315,6 @@ def test_binary_and_int8_decode_kernels_agree_bit_for_bit(shape, m, xdtype, monk
             assert torch.equal(ys[kernel], ys["i8"]), (kernel, k, (ys[kernel].float() - ys["i8"].float()).abs().max())
 
 
-# the ring variants (fragments streamed through shared memory) and the kernels whose outputs they must give
-RING_KERNELS = {"i8r": ("i8", (1, 2, 3, 4, 5, 8, 16)), "f16r": ("f16", (1, 3, 5, 8, 9, 16))}
-
-
-@pytest.mark.parametrize("shape", PL_SHAPES + [(17, 600), (33, 1500), (300, 4099), (1000, 5000), (4096, 4096)],
-                         ids=shape_id)
-@pytest.mark.parametrize("ring", sorted(RING_KERNELS))
-@pytest.mark.parametrize("xdtype", [torch.float16, torch.bfloat16], ids=dtype_id)
-def test_ring_kernels_are_their_register_kernels_bit_for_bit(shape, ring, xdtype, monkeypatch):
-    """RABIT_CUDA_DECODE=i8r / f16r runs the int8 / fp16 kernel with its B fragments streamed through a ring in shared
-    memory (cp.async, several chunks ahead) instead of registers (one chunk ahead). Same MMAs, same order: the outputs
-    must equal the register kernel's bit for bit, with and without a bias, at every M."""
-    base, ms = RING_KERNELS[ring]
-    out, in_features = shape
-    for k in (1, 2, 3, 4):
-        w, g, h = random_layer(out, in_features, k)
-        _, packed = rabit.residual_binarize(w, g, h)
-        bias = torch.randn(out, device=DEV) if k % 2 else None
-        for m in ms:
-            x = torch.randn(m, in_features)
-            x[:, ::97] *= 3e3
-            args = (x.to(xdtype).to(DEV), packed.to(DEV), g.to(DEV), h.to(DEV), bias)
-            ys = {}
-            for kernel in (ring, base):
-                monkeypatch.setenv("RABIT_CUDA_DECODE", kernel)
-                _poison()
-                ys[kernel] = rabit.packed_linear(*args)
-            assert torch.equal(ys[ring], ys[base]), (k, m, (ys[ring].float() - ys[base].float()).abs().max())
-
-
-def _stages_of(names, kernel):
-    """The last template argument (ST: ring stages, 0 = the register pipeline) of the gemv_<kernel>_kernel instances
-    in profiler names."""
-    import re
-    return {int(t) for t in re.findall(rf"gemv_{kernel}_kernel<[^>]*?(\d+)>", names)}
-
-
-@pytest.mark.parametrize("m", [1, 3, 4])
-@pytest.mark.parametrize("n", [1, 3])
-def test_ring_int8_kernel_with_the_fused_glue(m, n, monkeypatch):
-    """The fused glue (norm, SwiGLU input; residual on one layer) in the int8 ring kernel, whose warp 0 commits the
-    norm's partial sums among its ring copies: equal to the int8 kernel's bit for bit, alone and as a group, and the
-    profiler shows the ring instance running (and the register one under i8)."""
-    in_features = 1100
-    args = []
-    for i in range(n):
-        out = 47 + 30 * i
-        w, g, h = (t.to(DEV) for t in random_layer(out, in_features, 2))
-        _, packed = rabit.residual_binarize(w, g, h)
-        args.append((packed, g.half(), h.half(), torch.randn(out, device=DEV).half()))
-    lists = [list(t) for t in zip(*args)]
-    x = torch.randn(m, in_features, device=DEV).half()
-    kw = dict(norm_weight=torch.rand(in_features, device=DEV).half() + 0.5, eps=1e-5,
-              up=torch.randn(m, in_features, device=DEV).half())
-    if n == 1:
-        kw["residual"] = torch.randn(m, args[0][0].shape[1], device=DEV).half()
-    ys = {}
-    for kernel, ring in (("i8r", True), ("i8", False)):
-        monkeypatch.setenv("RABIT_CUDA_DECODE", kernel)
-        _poison()
-        ys[kernel] = rabit.packed_linear_fused(x, *lists, **kw)
-        stages = _stages_of(_cuda_kernels_run(lambda: rabit.packed_linear_fused(x, *lists, **kw)), "i8")
-        assert (stages != {0}) == ring and len(stages) == 1, (kernel, stages)
-    for i, (a, b) in enumerate(zip(ys["i8r"], ys["i8"])):
-        assert torch.equal(a, b), (i, (a.float() - b.float()).abs().max().item())
-
-
 @pytest.mark.parametrize("xdtype", [torch.float16, torch.bfloat16], ids=dtype_id)
 def test_decode_dispatch(xdtype, monkeypatch):
     """At every M <= 16 the default dispatch gives, bit for bit, the output of the forced kernel that the tests'
@@ -679,7 +612,7 @@ def test_packed_linear_large_and_graph_capture():
 
 
 @pytest.mark.parametrize("k", [1, 2, 3, 4])
-@pytest.mark.parametrize("kernel", ["i8", "i8r", "f16", "f16r", "b1", "b1p", "simt"])
+@pytest.mark.parametrize("kernel", ["i8", "f16", "b1", "b1p", "simt"])
 def test_packed_linear_group_kernels_are_packed_linear(k, kernel, monkeypatch):
     """Each decode kernel run over a group of layers (one launch: layer offsets, per-layer pointers and fragment paths)
     gives each layer's packed_linear output bit for bit; also under CUDA-graph capture."""

@@ -430,56 +430,6 @@ __device__ __forceinline__ void for_each_chunk(const MainArgs &a, int64_t row0, 
     }
 }
 
-/* kFragChunk uint2 = 2 KB: one chunk of B fragments for a warp (CH steps x NT n-tiles x 32 lanes, CH * NT = 8),
-   contiguous in the prologue's buffer. */
-constexpr int kFragChunk = 8 * 32;
-
-/* for_each_chunk with the B fragments streamed through shared memory (EXPERIMENT, RABIT_CUDA_DECODE=i8r / f16r): each
-   warp copies its chunks by cp.async into its own ring of ST slots, ST - 1 chunks ahead of the MMAs that use them
-   (the register pipeline above keeps one chunk in flight, so at NT = 2 a warp's 16 chunks a group each wait for an L2
-   round trip). chunk_src(grp, c): the chunk's first entry in the prologue's buffer; read_chunk(p, Chunk &): the
-   lane's entries from p (its slot in shared memory, plus the lane). Same body, same order of operations: the outputs
-   are for_each_chunk's bit for bit. */
-template <int K, int MT, int NCHUNK, int ST, bool F, class Chunk, class ChunkSrc, class ReadChunk, class Body>
-__device__ __forceinline__ void for_each_chunk_ring(const MainArgs &a, int64_t row0, int g, int t, int warp,
-                                                    FusedEpilogue &fe, float &res, uint2 *ring, ChunkSrc &&chunk_src,
-                                                    ReadChunk &&read_chunk, Body &&body) {
-    const int lane = g * 4 + t;
-    Bits<K, MT> cur, nxt;
-    int64_t gr = warp;
-    if (gr < a.ngroups) load_bits(a, row0, g, t, gr, cur);
-    pdl_wait();  // the bits and g are in flight; the prologue's fragments and scales are complete past here
-    pdl_launch_dependents();
-    const int total = gr < a.ngroups ? static_cast<int>((a.ngroups - 1 - warp) / kWarps + 1) * NCHUNK : 0;
-    auto issue = [&](int q) {  // chunk q of this warp (group warp + 8 (q / NCHUNK)) into slot q % ST
-        if (q < total) {
-            const uint2 *src = chunk_src(warp + kWarps * static_cast<int64_t>(q / NCHUNK), q % NCHUNK);
-            uint2 *dst = ring + (q % ST) * kFragChunk;
-#pragma unroll
-            for (int r = 0; r < kFragChunk / 64; r++) cp_async16(smem_u32(dst + 2 * (lane + 32 * r)), src + 2 * (lane + 32 * r), 16);
-        }
-        cp_commit();  // an empty group past the end keeps wait_group's count
-    };
-#pragma unroll
-    for (int q = 0; q < ST - 1; q++) issue(q);
-    if constexpr (F) res = fused_loads(a, row0, warp * 32 + lane, fe);
-    int q = 0;
-    for (; gr < a.ngroups; gr += kWarps) {
-        const bool more = gr + kWarps < a.ngroups;
-        if (more) load_bits(a, row0, g, t, gr + kWarps, nxt);
-#pragma unroll
-        for (int c = 0; c < NCHUNK; c++, q++) {
-            cp_wait<ST - 2>();  // this lane's copies of chunk q have landed
-            __syncwarp();       // ... and every lane's; every lane is past chunk q - 1, whose slot is refilled next
-            issue(q + ST - 1);
-            Chunk ch;
-            read_chunk(ring + (q % ST) * kFragChunk + lane, ch);
-            body(gr, c, ch, cur);
-        }
-        if (more) cur = nxt;
-    }
-}
-
 /* Epilogue of the three main kernels: the warps' partial sums red[warp][row][m] added in warp order (deterministic), the
    fused norm's row scale, the bias, the fused residual, one rounding to y's dtype. */
 template <bool F, int ROWS, int MD>
@@ -512,7 +462,7 @@ __device__ __forceinline__ void store_rows(const MainArgs &a, const float (&red)
 
 /* F: the fused glue's epilogue (MainArgs::residual, sumsq; FusedEpilogue), a separate instantiation (M <= 4) so that
    the plain kernels' registers stay as measured. */
-template <int K, int NT, int MT, bool GROUPED, bool F, int ST>
+template <int K, int NT, int MT, bool GROUPED, bool F>
 __global__ void __launch_bounds__(kWarps * 32, ((K <= 2 && NT <= 2) || (K == 3 && NT == 1)) ? 2 : 1)
     gemv_i8_kernel(const GroupArgs ga) {
     static_assert(MT == 1, "layer groups number 16-row tiles");
@@ -546,24 +496,21 @@ __global__ void __launch_bounds__(kWarps * 32, ((K <= 2 && NT <= 2) || (K == 3 &
     struct Chunk {
         uint2 b[CH][NT];
     };
-    auto chunk_src = [&](int64_t grp, int c) {
+    auto load_chunk = [&](int64_t grp, int c, Chunk &dst) {
         const int k = c / NCH, sp0 = (c % NCH) * CH;
-        return a.frag + frag_path<K, GROUPED>(a, grp, k) * (16 * NT * 32) + sp0 * NT * 32;
-    };
-    auto read_chunk = [&](const uint2 *fp, Chunk &dst) {
+        const uint2 *fp = a.frag + frag_path<K, GROUPED>(a, grp, k) * (16 * NT * 32) + lane;
 #pragma unroll
         for (int j = 0; j < CH; j++)
 #pragma unroll
             for (int nt = 0; nt < NT; nt++)  // B columns of rows m >= M are zero: not read
-                dst.b[j][nt] = 2 * nt + (g >> 2) < a.M ? (ST ? fp[(j * NT + nt) * 32] : __ldg(fp + (j * NT + nt) * 32))
-                                                       : make_uint2(0u, 0u);
+                dst.b[j][nt] = 2 * nt + (g >> 2) < a.M ? __ldg(fp + ((sp0 + j) * NT + nt) * 32) : make_uint2(0u, 0u);
     };
-    auto load_chunk = [&](int64_t grp, int c, Chunk &dst) { read_chunk(chunk_src(grp, c) + lane, dst); };
 
     double sck[NT], qsk[NT];
     int acc[MT][NT][4];
     float res = 0.0f;
-    auto body = [&](int64_t gr, int c, const Chunk &cc, const Bits<K, MT> &cur) {
+    for_each_chunk<K, MT, NCHUNK, F, Chunk>(a, row0, g, t, warp, fe, res, load_chunk,
+                                         [&](int64_t gr, int c, const Chunk &cc, const Bits<K, MT> &cur) {
             const int k = c / NCH, sp0 = (c % NCH) * CH;
             if (c % NCH == 0) {
                 const size_t so = frag_path<K, GROUPED>(a, gr, k) * Mp;
@@ -608,14 +555,7 @@ __global__ void __launch_bounds__(kWarps * 32, ((K <= 2 && NT <= 2) || (K == 3 &
                             fa[mt][nt][r] = __fmaf_rn(gk[k][mt][r], val, fa[mt][nt][r]);
                         }
             }
-        };
-    if constexpr (ST > 0) {
-        extern __shared__ __align__(16) uint2 ring[];  // [warp][ST][kFragChunk]
-        for_each_chunk_ring<K, MT, NCHUNK, ST, F, Chunk>(a, row0, g, t, warp, fe, res, ring + warp * ST * kFragChunk,
-                                                        chunk_src, read_chunk, body);
-    } else {
-        for_each_chunk<K, MT, NCHUNK, F, Chunk>(a, row0, g, t, warp, fe, res, load_chunk, body);
-    }
+        });
 
     // epilogue: the warps' partial sums in warp order through shared memory, bias, one rounding
 #pragma unroll
@@ -1033,7 +973,7 @@ __global__ void __launch_bounds__(kPrepThreads) gemv_f16_prep_kernel(const PrepA
 /* One 16-row tile per block, 8 warps over the groups (as the int8 kernel). Per (group, path): 32 steps of NT
    MMAs into a fresh float32 accumulator, then times S and g into the running sums. The B fragments arrive in
    chunks of CH steps (8 uint2), one chunk ahead of the MMAs that use them. */
-template <int K, int NT, bool GROUPED, int ST>
+template <int K, int NT, bool GROUPED>
 __global__ void __launch_bounds__(kWarps * 32, K <= 2 ? 2 : 1) gemv_f16_kernel(const GroupArgs ga) {
     __shared__ float red[kWarps][16][8 * NT];
     __shared__ FusedEpilogue fe;
@@ -1053,23 +993,20 @@ __global__ void __launch_bounds__(kWarps * 32, K <= 2 ? 2 : 1) gemv_f16_kernel(c
     struct Chunk {
         uint2 b[CH][NT];
     };
-    auto chunk_src = [&](int64_t grp, int c) {
+    auto load_chunk = [&](int64_t grp, int c, Chunk &dst) {
         const int k = c / NCH, st0 = (c % NCH) * CH;
-        return a.frag + frag_path<K, GROUPED>(a, grp, k) * (kF16Steps * NT * 32) + st0 * NT * 32;
-    };
-    auto read_chunk = [&](const uint2 *fp, Chunk &dst) {
+        const uint2 *fp = a.frag + frag_path<K, GROUPED>(a, grp, k) * (kF16Steps * NT * 32) + lane;
 #pragma unroll
         for (int j = 0; j < CH; j++)
 #pragma unroll
             for (int nt = 0; nt < NT; nt++)  // B columns of rows m >= M are zero: not read
-                dst.b[j][nt] = nt * 8 + g < a.M ? (ST ? fp[(j * NT + nt) * 32] : __ldg(fp + (j * NT + nt) * 32))
-                                                : make_uint2(0u, 0u);
+                dst.b[j][nt] = nt * 8 + g < a.M ? __ldg(fp + ((st0 + j) * NT + nt) * 32) : make_uint2(0u, 0u);
     };
-    auto load_chunk = [&](int64_t grp, int c, Chunk &dst) { read_chunk(chunk_src(grp, c) + lane, dst); };
 
     float acc[NT][4], sck[NT][2];
     float res = 0.0f;
-    auto body = [&](int64_t gr, int c, const Chunk &cc, const Bits<K, 1> &cur) {
+    for_each_chunk<K, 1, NCHUNK, false, Chunk>(a, row0, g, t, warp, fe, res, load_chunk,
+                                        [&](int64_t gr, int c, const Chunk &cc, const Bits<K, 1> &cur) {
             const int k = c / NCH, st0 = (c % NCH) * CH;
             if (c % NCH == 0) {
                 const size_t so = frag_path<K, GROUPED>(a, gr, k) * kScaleSlots;
@@ -1097,14 +1034,7 @@ __global__ void __launch_bounds__(kWarps * 32, K <= 2 ? 2 : 1) gemv_f16_kernel(c
                     for (int i = 0; i < 4; i++)
                         fa[nt][i] = __fmaf_rn(gk[k][0][i >> 1], acc[nt][i] * sck[nt][i & 1], fa[nt][i]);
             }
-        };
-    if constexpr (ST > 0) {
-        extern __shared__ __align__(16) uint2 ring[];  // [warp][ST][kFragChunk]
-        for_each_chunk_ring<K, 1, NCHUNK, ST, false, Chunk>(a, row0, g, t, warp, fe, res, ring + warp * ST * kFragChunk,
-                                                           chunk_src, read_chunk, body);
-    } else {
-        for_each_chunk<K, 1, NCHUNK, false, Chunk>(a, row0, g, t, warp, fe, res, load_chunk, body);
-    }
+        });
 
     // epilogue as in the int8 kernel; accumulator i of n-tile nt is row g + 8 (i / 2), column m = 8 nt + 2t + i % 2
 #pragma unroll
@@ -1128,27 +1058,13 @@ size_t frag_entries(int64_t M) {
 /* A fused call's epilogue (residual or norm) runs the F instantiations; they exist for M <= kFusedMaxM (NT <= 2). */
 inline bool fused_epilogue(const GroupArgs &a) { return a.a.residual || a.a.sumsq; }
 
-/* The ring variants (ST = kRingStages): kRingSmem bytes of dynamic shared memory a block, above the 48 KB default. */
-constexpr int kRingStages = 4;
-constexpr size_t kRingSmem = size_t{kWarps} * kRingStages * kFragChunk * sizeof(uint2);
-
-template <int ST, class Fn>
-cudaError_t launch_chunked(Fn *kern, bool (&smem_set)[64], const GroupArgs &a, unsigned tiles, cudaStream_t s) {
-    if constexpr (ST > 0) {
-        const cudaError_t e = set_smem_limit_once(kern, static_cast<int>(kRingSmem), smem_set);
-        if (e != cudaSuccess) return e;
-    }
-    return launch_pdl(kern, dim3(tiles), kWarps * 32, ST > 0 ? kRingSmem : 0, a, s);
-}
-
-template <int K, int NT, bool GR, int ST>
+template <int K, int NT, bool GR>
 cudaError_t launch_main_nt(const GroupArgs &a, unsigned tiles, cudaStream_t s) {
     // one 16-row tile per warp (MT = 2 would halve the fragment reads but, with the fragment prefetch, needs
     // more registers than two blocks per SM allow)
-    static bool set_f[64], set_p[64];
     if constexpr (NT <= 2)
-        if (fused_epilogue(a)) return launch_chunked<ST>(gemv_i8_kernel<K, NT, 1, GR, true, ST>, set_f, a, tiles, s);
-    return launch_chunked<ST>(gemv_i8_kernel<K, NT, 1, GR, false, ST>, set_p, a, tiles, s);
+        if (fused_epilogue(a)) return launch_pdl(gemv_i8_kernel<K, NT, 1, GR, true>, dim3(tiles), kWarps * 32, 0, a, s);
+    return launch_pdl(gemv_i8_kernel<K, NT, 1, GR, false>, dim3(tiles), kWarps * 32, 0, a, s);
 }
 
 template <int K, bool GR, bool F>
@@ -1195,11 +1111,10 @@ cudaError_t launch_b1p_k(const GroupArgs &a, unsigned tiles, cudaStream_t s) {
 }
 
 /* NT: f16_nt(M), the n-tiles the prologue wrote. */
-template <int K, bool GR, int ST>
+template <int K, bool GR>
 cudaError_t launch_f16_k(const GroupArgs &a, int NT, unsigned tiles, cudaStream_t s) {
-    static bool set1[64], set2[64];
-    return NT == 1 ? launch_chunked<ST>(gemv_f16_kernel<K, 1, GR, ST>, set1, a, tiles, s)
-                   : launch_chunked<ST>(gemv_f16_kernel<K, 2, GR, ST>, set2, a, tiles, s);
+    return NT == 1 ? launch_pdl(gemv_f16_kernel<K, 1, GR>, dim3(tiles), kWarps * 32, 0, a, s)
+                   : launch_pdl(gemv_f16_kernel<K, 2, GR>, dim3(tiles), kWarps * 32, 0, a, s);
 }
 
 /* NT: the n-tiles of the prologue's fragments (decode_gemv), for the int8 and fp16 kernels. */
@@ -1207,22 +1122,12 @@ template <int K, bool GR>
 cudaError_t launch_main_kg(const GroupArgs &a, DecodeKernel kern, int NT, unsigned tiles, cudaStream_t s) {
     if (kern == DECODE_B1) return launch_b1_k<K, GR>(a, tiles, s);
     if (kern == DECODE_B1P) return launch_b1p_k<K, GR>(a, tiles, s);
-    if (kern == DECODE_F16) return launch_f16_k<K, GR, 0>(a, NT, tiles, s);
-    if (kern == DECODE_F16R) return launch_f16_k<K, GR, kRingStages>(a, NT, tiles, s);
-    if (kern == DECODE_I8R) {
-        switch (NT) {
-            case 1: return launch_main_nt<K, 1, GR, kRingStages>(a, tiles, s);
-            case 2: return launch_main_nt<K, 2, GR, kRingStages>(a, tiles, s);
-            case 4: return launch_main_nt<K, 4, GR, kRingStages>(a, tiles, s);
-            case 8: return launch_main_nt<K, 8, GR, kRingStages>(a, tiles, s);
-        }
-        return cudaErrorInvalidValue;
-    }
+    if (kern == DECODE_F16) return launch_f16_k<K, GR>(a, NT, tiles, s);
     switch (NT) {
-        case 1: return launch_main_nt<K, 1, GR, 0>(a, tiles, s);
-        case 2: return launch_main_nt<K, 2, GR, 0>(a, tiles, s);
-        case 4: return launch_main_nt<K, 4, GR, 0>(a, tiles, s);
-        case 8: return launch_main_nt<K, 8, GR, 0>(a, tiles, s);
+        case 1: return launch_main_nt<K, 1, GR>(a, tiles, s);
+        case 2: return launch_main_nt<K, 2, GR>(a, tiles, s);
+        case 4: return launch_main_nt<K, 4, GR>(a, tiles, s);
+        case 8: return launch_main_nt<K, 8, GR>(a, tiles, s);
     }
     return cudaErrorInvalidValue;
 }
@@ -1261,13 +1166,12 @@ cudaError_t decode_gemv(const void *x, rabit_dtype xdt, int64_t M, const DecodeL
     const int64_t ng = (in + kGroupCols - 1) / kGroupCols;
     // the glue: M <= kFusedMaxM, a residual for one layer, a norm over <= kFusedMaxGroups groups, not the fp16 kernel
     // (it has no fused epilogue)
-    const bool f16 = kern == DECODE_F16 || kern == DECODE_F16R;
     if (M < 1 || M > kDecodeMaxM || ((kern == DECODE_B1 || kern == DECODE_B1P) && M > kB1MaxM) || xdt == RABIT_F32 || K < 1 ||
         K > RABIT_MAX_K || n < 1 || n > kDecodeMaxLayers ||
-        (fusion && (M > kFusedMaxM || f16 || (fusion->residual && n != 1) ||
+        (fusion && (M > kFusedMaxM || kern == DECODE_F16 || (fusion->residual && n != 1) ||
                     (fusion->norm_weight && ng > kFusedMaxGroups))))
         return cudaErrorInvalidValue;
-    const int NT = f16 ? f16_nt(M) : gemv_nt(M);
+    const int NT = kern == DECODE_F16 ? f16_nt(M) : gemv_nt(M);
     const int KL = n * K;
     uint2 *frag = static_cast<uint2 *>(workspace);
     const size_t gk = static_cast<size_t>(ng) * KL;
@@ -1291,7 +1195,7 @@ cudaError_t decode_gemv(const void *x, rabit_dtype xdt, int64_t M, const DecodeL
     // tok/s against 359.9 with a plain launch, M = 1 GEMV 2-4 % faster at the six 7B shapes (docs/kernels.md)
     const cudaError_t e =
         kern == DECODE_B1 || kern == DECODE_B1P ? launch_pdl(gemv_b1_prep_kernel, pg, kPrepThreads, 0, p, s)
-        : f16 ? launch_pdl(gemv_f16_prep_kernel, pg, kPrepThreads, 0, p, s)
+        : kern == DECODE_F16 ? launch_pdl(gemv_f16_prep_kernel, pg, kPrepThreads, 0, p, s)
                              : launch_pdl(gemv_i8_prep_kernel, dim3(pg.x, pg.y, kPrepParts), kPrepThreads, 0, p, s);
     if (e != cudaSuccess) return e;
 

@@ -432,8 +432,6 @@ DecodeKernel unfused_decode_kernel(int K, int64_t M, int64_t in, int64_t out, in
     const char *v = getenv("RABIT_CUDA_DECODE");
     if (v && strcmp(v, "i8") == 0) return DECODE_I8;
     if (v && strcmp(v, "f16") == 0) return DECODE_F16;
-    if (v && strcmp(v, "i8r") == 0) return DECODE_I8R;
-    if (v && strcmp(v, "f16r") == 0) return DECODE_F16R;
     if (v && strcmp(v, "b1") == 0 && M <= kB1MaxM) return DECODE_B1;
     if (v && strcmp(v, "b1p") == 0 && M <= kB1MaxM) return DECODE_B1P;
     if (v && strcmp(v, "simt") == 0 && simt_applies(K, M, in)) return DECODE_SIMT;
@@ -447,7 +445,7 @@ DecodeKernel unfused_decode_kernel(int K, int64_t M, int64_t in, int64_t out, in
 
 DecodeKernel decode_kernel(int K, int64_t M, int64_t in, int64_t out, bool fused, int64_t launch_out) {
     const DecodeKernel k = unfused_decode_kernel(K, M, in, out, launch_out > 0 ? launch_out : out);
-    return fused && (k == DECODE_F16 || k == DECODE_F16R) ? DECODE_I8 : k;
+    return fused && k == DECODE_F16 ? DECODE_I8 : k;
 }
 
 size_t packed_linear_workspace_bytes(rabit_dtype xdt, int64_t M, int K, int64_t in, int64_t out) {

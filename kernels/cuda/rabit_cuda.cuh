@@ -89,8 +89,7 @@ int packed_linear_path(rabit_dtype xdt, int64_t M);
    layer group runs as one launch when its layers' choices agree); with fused, packed_linear_fused's: the fp16 kernel
    has no epilogue for the glue, so where it would run (M <= kFusedMaxM only when RABIT_CUDA_DECODE forces it) the
    int8 one does. */
-enum DecodeKernel { DECODE_I8 = 0, DECODE_B1 = 1, DECODE_F16 = 2, DECODE_SIMT = 3, DECODE_B1P = 4, DECODE_I8R = 5,
-                    DECODE_F16R = 6 };
+enum DecodeKernel { DECODE_I8 = 0, DECODE_B1 = 1, DECODE_F16 = 2, DECODE_SIMT = 3, DECODE_B1P = 4 };
 /* The persistent 1-bit kernel (DECODE_B1P) runs a call of M rows of x, `ngroups` 512-column groups and K paths a layer
    where this holds (M = 1, and a layer's fragments fit in one block's shared memory); elsewhere a DECODE_B1P call runs
    the 1-bit kernel, whose outputs are the same bit for bit. decode_b1p_default: whether packed_linear takes it by
