@@ -135,8 +135,10 @@ __device__ __forceinline__ float prep_input(const PrepArgs &a, int m, int64_t j)
    per row (warps by a butterfly, then in order) then goes to sumsq from one block per group (path 0, part 0). The norm
    is linear in u once its row scale is known, so that scale is applied to the main kernels' sums (norm_scales). */
 
+template <int MR>
 __device__ __forceinline__ void prep_front(const PrepArgs &a, int k, int64_t j, int tid, float (&xh)[kMaxNT * 2],
                                            PrepRows &sh, int top) {
+    static_assert(MR >= 1 && MR <= kMaxNT * 2, "MR: the rows of x a prologue is built for");
     unsigned int *amax = sh.amax;
     int *bad = sh.bad;
     unsigned long long *qs = sh.qs;
@@ -158,7 +160,7 @@ __device__ __forceinline__ void prep_front(const PrepArgs &a, int k, int64_t j, 
     pdl_wait();
     float u2[kFusedMaxM];  // the norm's u^2 of this column per row
 #pragma unroll
-    for (int m = 0; m < kMaxNT * 2; m++) {
+    for (int m = 0; m < MR; m++) {
         const float u = (m < a.M && j < a.in) ? prep_input(a, m, j) : 0.0f;
         if (m < kFusedMaxM) u2[m] = __fmul_rn(u, u);
         xh[m] = (m < a.M && j < a.in) ? __fmul_rn(hj, norm ? __fmul_rn(u, nw) : u) : 0.0f;
@@ -175,8 +177,7 @@ __device__ __forceinline__ void prep_front(const PrepArgs &a, int k, int64_t j, 
         }
     }
 #pragma unroll
-    for (int m = 0; m < kMaxNT * 2; m++) {
-        if (m >= a.M) break;
+    for (int m = 0; m < MR; m++) {  // rows M .. MR - 1 are zeros: max 0, S = 1, never read
         // |v| as float bits orders like the values (non-negative), so an integer max is exact
         unsigned int mu = __float_as_uint(fabsf(xh[m]));
 #pragma unroll
@@ -220,6 +221,7 @@ __device__ __forceinline__ void write_scales(const PrepArgs &a, size_t o, int ti
     }
 }
 
+template <int MR>
 __global__ void __launch_bounds__(kPrepThreads) gemv_i8_prep_kernel(const PrepArgs a) {
     __shared__ int qv[kMaxNT * 2][kGroupCols];
     __shared__ PrepRows sh;
@@ -227,10 +229,9 @@ __global__ void __launch_bounds__(kPrepThreads) gemv_i8_prep_kernel(const PrepAr
     const int64_t j = static_cast<int64_t>(gr) * kGroupCols + tid;  // this thread's column
     const int Mp = 2 * a.NT;
     float xh[kMaxNT * 2];
-    prep_front(a, k, j, tid, xh, sh, 30);
+    prep_front<MR>(a, k, j, tid, xh, sh, 30);
 #pragma unroll
-    for (int m = 0; m < kMaxNT * 2; m++) {
-        if (m >= a.M) break;
+    for (int m = 0; m < MR; m++) {  // Q = 0 in rows M .. MR - 1 (not read)
         const int q = __float2int_rn(xh[m] * sh.inv[m]);
         qv[m][tid] = q;
         if (part == 0) add_qsum(q, tid, &sh.qs[m]);
@@ -594,18 +595,19 @@ __device__ __forceinline__ void mma_b1(int (&d)[4], uint32_t a0, uint32_t a1, ui
 /* Blocks (group, path) of 512 threads, one column each. Warp w's ballot of bit p of Q over its 32 columns is
    word w of plane p; lane p keeps it and stores it where the main kernel's lane (g, t) reads it as b0/b1 of
    step s: fragment [group][K][s][nt][lane] (uint2), n = 32 m + p = 8 nt + g, w = 4t + 2s + hh. */
+template <int MR>
 __global__ void __launch_bounds__(kPrepThreads) gemv_b1_prep_kernel(const PrepArgs a) {
+    static_assert(MR <= kB1MaxM, "the 1-bit kernels take M <= kB1MaxM");
     __shared__ PrepRows sh;
     const int gr = blockIdx.x, k = blockIdx.y, K = gridDim.y, tid = threadIdx.x, lane = tid & 31, w = tid >> 5;
     const int64_t j = static_cast<int64_t>(gr) * kGroupCols + tid;
     const int NTB = 4 * a.M;
     float xh[kMaxNT * 2];
-    prep_front(a, k, j, tid, xh, sh, 30);
+    prep_front<MR>(a, k, j, tid, xh, sh, 30);
     uint32_t *dst = reinterpret_cast<uint32_t *>(a.frag + (static_cast<size_t>(gr) * K + k) * 2 * NTB * 32);
     const int t = w >> 2, s = (w >> 1) & 1, hh = w & 1;
 #pragma unroll
-    for (int m = 0; m < kB1MaxM; m++) {
-        if (m >= a.M) break;
+    for (int m = 0; m < MR; m++) {  // MR = M here (1 or 2): every row's planes are read
         const int q = __float2int_rn(xh[m] * sh.inv[m]);  // 0 past `in` (xh = 0 there)
         add_qsum(q, tid, &sh.qs[m]);
         uint32_t mine = 0u;
@@ -939,16 +941,16 @@ __device__ __forceinline__ uint32_t pack_half2(float lo, float hi) {
 
 /* Blocks (group, path) of 512 threads, one column each: xh, the scale, xh / S in shared memory (padded: a
    warp's fragment reads hit at most 2 lanes per bank), then the fragments [group][K][step][NT][lane]. */
+template <int MR>
 __global__ void __launch_bounds__(kPrepThreads) gemv_f16_prep_kernel(const PrepArgs a) {
     __shared__ float qv[kMaxNT * 2][kF16Pitch];
     __shared__ PrepRows sh;
     const int gr = blockIdx.x, k = blockIdx.y, K = gridDim.y, tid = threadIdx.x;
     const int64_t j = static_cast<int64_t>(gr) * kGroupCols + tid;
     float xh[kMaxNT * 2];
-    prep_front(a, k, j, tid, xh, sh, 15);
+    prep_front<MR>(a, k, j, tid, xh, sh, 15);
 #pragma unroll
-    for (int m = 0; m < kMaxNT * 2; m++) {
-        if (m >= a.M) break;
+    for (int m = 0; m < MR; m++) {
         qv[m][tid + (tid >> 5)] = xh[m] * sh.inv[m];  // exact (a power of two); rounded to fp16 below
     }
     __syncthreads();
@@ -1151,6 +1153,31 @@ bool decode_b1p_default(int K, int64_t in, int64_t launch_out) {
            5 * tiles >= 6 * (2 * static_cast<int64_t>(device_info().sms));  // 1.2 tiles a block
 }
 
+namespace {
+/* The prologue of kernel kern for M rows of x, instantiated for MR rows, the power of two >= M: its per-row loops
+   (loads, max reductions, Q and sum(Q)) are unrolled to MR with no exit at M, so the rows' load and shuffle chains
+   interleave; rows M .. MR - 1 are zeros and are not read. Bounded at M at run time instead (up to 16 rows, each
+   with its exit), they took 1.2-1.7 us more a linear at M = 1 (H200, 7B shapes: 4096^2 8.24 against 6.53 us; same
+   outputs bit for bit; docs/kernels.md, "The prologue per row bucket"). */
+template <int MR>
+cudaError_t launch_prep_mr(DecodeKernel kern, dim3 pg, const PrepArgs &p, cudaStream_t s) {
+    if (kern == DECODE_B1 || kern == DECODE_B1P) {
+        if constexpr (MR <= kB1MaxM) return launch_pdl(gemv_b1_prep_kernel<MR>, pg, kPrepThreads, 0, p, s);
+        return cudaErrorInvalidValue;  // decode_gemv refuses M > kB1MaxM for these kernels before
+    }
+    if (kern == DECODE_F16) return launch_pdl(gemv_f16_prep_kernel<MR>, pg, kPrepThreads, 0, p, s);
+    return launch_pdl(gemv_i8_prep_kernel<MR>, dim3(pg.x, pg.y, kPrepParts), kPrepThreads, 0, p, s);
+}
+
+cudaError_t launch_prep(DecodeKernel kern, int64_t M, dim3 pg, const PrepArgs &p, cudaStream_t s) {
+    if (M <= 1) return launch_prep_mr<1>(kern, pg, p, s);
+    if (M <= 2) return launch_prep_mr<2>(kern, pg, p, s);
+    if (M <= 4) return launch_prep_mr<4>(kern, pg, p, s);
+    if (M <= 8) return launch_prep_mr<8>(kern, pg, p, s);
+    return launch_prep_mr<16>(kern, pg, p, s);
+}
+}  // namespace
+
 size_t decode_workspace_bytes(int paths, int64_t M, int64_t in, DecodeKernel kern) {
     if (kern == DECODE_SIMT) return 0;
     const size_t ng = static_cast<size_t>((in + kGroupCols - 1) / kGroupCols), gk = ng * paths;
@@ -1193,10 +1220,7 @@ cudaError_t decode_gemv(const void *x, rabit_dtype xdt, int64_t M, const DecodeL
     // the prologue too is launched with PDL: its launch overlaps the previous kernel's tail (it waits for that
     // kernel in prep_front before it reads x or writes the workspace). H200, same run: 7B decode at batch 1 373.8
     // tok/s against 359.9 with a plain launch, M = 1 GEMV 2-4 % faster at the six 7B shapes (docs/kernels.md)
-    const cudaError_t e =
-        kern == DECODE_B1 || kern == DECODE_B1P ? launch_pdl(gemv_b1_prep_kernel, pg, kPrepThreads, 0, p, s)
-        : kern == DECODE_F16 ? launch_pdl(gemv_f16_prep_kernel, pg, kPrepThreads, 0, p, s)
-                             : launch_pdl(gemv_i8_prep_kernel, dim3(pg.x, pg.y, kPrepParts), kPrepThreads, 0, p, s);
+    const cudaError_t e = launch_prep(kern, M, pg, p, s);
     if (e != cudaSuccess) return e;
 
     GroupArgs ga{};
