@@ -555,10 +555,11 @@ def _cpu_runs(kernel: str) -> bool:
 @pytest.mark.parametrize("m", [1, 3, 16])
 def test_simd_kernel_equals_scalar_kernel_bit_for_bit(kernel, m):
     # every table kernel uses the same tables' values and summation order (kernels/cpu/packed_linear.h); the shapes
-    # cover partial row blocks (16 rows for AVX2, 64 for AVX-512), partial 16-word chunks and one-word rows
+    # cover partial row blocks (32 rows for AVX2, 64 for AVX-512), partial 8-word (AVX2) and 16-word (AVX-512) chunks
+    # and one-word rows
     if not _cpu_runs(kernel):
         pytest.skip(f"CPU without {kernel}")
-    for out, in_features in [(1, 1), (5, 33), (31, 100), (67, 257), (130, 4096), (64, 513), (129, 1000)]:
+    for out, in_features in [(1, 1), (5, 33), (31, 100), (67, 257), (130, 4096), (64, 513), (129, 1000), (33, 480)]:
         w, g, h = random_layer(out, in_features, 2)
         _, packed = rabit.residual_binarize(w, g, h)
         x = torch.randn(m, in_features)
@@ -568,16 +569,14 @@ def test_simd_kernel_equals_scalar_kernel_bit_for_bit(kernel, m):
             y_ref = rabit.packed_linear(x, packed, g, h, bias)
             rabit.set_cpu_kernel(kernel)
             y_simd = rabit.packed_linear(x, packed, g, h, bias)
-            y_np = None
-            if kernel == "avx512":  # the NumPy module's copy of the C core takes the same kernel
-                _core.set_cpu_kernel(kernel)
-                y_np = _core.packed_linear(x.numpy(), packed.numpy().view("uint32"), g.numpy(), h.numpy(), bias.numpy())
+            # the NumPy module's copy of the C core takes the same kernel
+            _core.set_cpu_kernel(kernel)
+            y_np = _core.packed_linear(x.numpy(), packed.numpy().view("uint32"), g.numpy(), h.numpy(), bias.numpy())
         finally:
             rabit.set_cpu_kernel("auto")
             _core.set_cpu_kernel("auto")
         assert torch.equal(y_ref, y_simd)
-        if y_np is not None:
-            assert torch.equal(torch.from_numpy(y_np), y_ref)
+        assert torch.equal(torch.from_numpy(y_np), y_ref)
 
 
 def test_cpu_auto_takes_the_widest_table_kernel():
