@@ -20,7 +20,7 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -163,6 +163,7 @@ def generate_teacher_data(
     start: str = "bos",
     greedy_tokens: int = 0,
     dtype: torch.dtype | str | None = None,
+    prefix: Sequence[int] = (),
 ) -> torch.Tensor:
     """Sample ``n_seqs`` sequences of ``seq_len`` tokens from the teacher: ``LongTensor[n, seq_len]``.
 
@@ -174,6 +175,10 @@ def generate_teacher_data(
     included, as in LLM-QAT), and ``greedy_tokens=n`` takes the n tokens after the start by argmax before
     sampling the rest (LLM-QAT: 3-5). From BOS alone greedy tokens would make every row begin alike, so
     ``greedy_tokens`` needs the random start.
+
+    ``prefix`` (token ids; with ``start="bos"`` only) follows BOS in every row before the sampling starts: a
+    prompt that steers the teacher toward a kind of text (a chat request for encyclopedia articles, say). Its
+    tokens stay in the rows, so the student is trained on them too.
 
     Draws are counter-based (:mod:`rabit.sampling`): row r's random numbers depend only on (seed, r), not
     on the batch size or the device; the tokens can still differ between them where float rounding moves
@@ -195,7 +200,10 @@ def generate_teacher_data(
             f"got n_seqs={n_seqs}, seq_len={seq_len}, batch_size={batch_size}"
         )
     check_sampling_options(temperature, top_k, start, greedy_tokens, dtype)
-    prompt_len = 1 if start == "bos" else 2
+    prefix = [int(t) for t in prefix]
+    if prefix and start != "bos":
+        raise ValueError(f"rabit: a prefix follows BOS; it does not combine with start={start!r}")
+    prompt_len = (1 if start == "bos" else 2) + len(prefix)
     if seq_len <= prompt_len:
         raise ValueError(f"rabit: seq_len={seq_len} leaves no sampled token after the {prompt_len}-token start "
                          f"{start!r}")
@@ -215,6 +223,8 @@ def generate_teacher_data(
         raise ValueError(f"rabit: bos_id={bos_id} is outside the vocabulary [0, {vocab})")
     if start == "random-token" and not vocab:
         raise ValueError("rabit: start='random-token' needs model.config.vocab_size")
+    if vocab is not None and any(not 0 <= t < vocab for t in prefix):
+        raise ValueError(f"rabit: prefix token ids must lie in the vocabulary [0, {vocab}) (got {prefix})")
     dtype = sampling_dtype(model, dtype)
     if dtype != next(model.parameters()).dtype:
         model = copy.deepcopy(model).to(dtype)  # the caller's teacher stays as it is
@@ -223,7 +233,7 @@ def generate_teacher_data(
         """[rows, prompt_len] starts of rows first .. first + rows - 1 (their own draws: (seed, row))."""
         bos = torch.full((rows, 1), bos_id, dtype=torch.long, device=dev)
         if start == "bos":
-            return bos
+            return torch.cat([bos, torch.tensor([prefix], dtype=torch.long, device=dev).expand(rows, -1)], 1)
         # position 1 holds the start token, so its draw is not used by the sampler
         u = uniforms(row_keys(seed, torch.arange(first, first + rows, device=dev)), 1)
         return torch.cat([bos, (u * vocab).long().clamp_(max=vocab - 1)[:, None]], 1)
@@ -492,11 +502,12 @@ def cached_teacher_data(
     start: str = "bos",
     greedy_tokens: int = 0,
     dtype: torch.dtype | str | None = None,
+    prefix: Sequence[int] = (),
 ) -> torch.Tensor:
     """:func:`generate_teacher_data` once, then reuse the ``.safetensors`` file at ``cache_path``.
 
     The cache's metadata records the model name, n_seqs, seq_len, seed, temperature, top_k, bos_id,
-    start, greedy_tokens and the sampling dtype. A cache of more sequences than asked for, the same otherwise, serves
+    start, greedy_tokens, the prefix and the sampling dtype. A cache of more sequences than asked for, the same otherwise, serves
     its first ``n_seqs`` (row r's draws depend only on (seed, r), so they are the smaller sample). If anything else
     differs from this call, the cache is regenerated (and overwritten) with a warning that names the differing
     fields. ``model_name`` defaults to the model config's
@@ -517,10 +528,13 @@ def cached_teacher_data(
         "start": start,
         "greedy_tokens": str(greedy_tokens),
         "dtype": str(sampling_dtype(model, dtype)).removeprefix("torch."),
+        "prefix": " ".join(str(int(t)) for t in prefix),
     }
     if cache_path.is_file():
         # caches written before start / greedy_tokens / dtype existed hold BOS-started samples of a float32 teacher
-        have = {"start": "bos", "greedy_tokens": "0", "dtype": "float32", **read_token_metadata(cache_path)}
+        # (and, before the prefix existed, no prefix)
+        have = {"start": "bos", "greedy_tokens": "0", "dtype": "float32", "prefix": "",
+                **read_token_metadata(cache_path)}
         diff = {k: (have.get(k), v) for k, v in want.items() if have.get(k) != v}
         # row r's draws depend on (seed, r) alone, so the first n rows of a larger sample are the n-row sample
         larger = set(diff) == {"n_seqs"} and have["n_seqs"].isdigit() and int(have["n_seqs"]) > n_seqs
@@ -536,7 +550,7 @@ def cached_teacher_data(
                        cache_path, detail)
     ids = generate_teacher_data(model, n_seqs, seq_len, batch_size, bos_id, temperature=temperature,
                                 top_k=top_k, seed=seed, device=device, progress=progress, start=start,
-                                greedy_tokens=greedy_tokens, dtype=dtype)
+                                greedy_tokens=greedy_tokens, dtype=dtype, prefix=prefix)
     save_tokens(cache_path, ids, metadata=want)
     return ids
 

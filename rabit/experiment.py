@@ -65,6 +65,9 @@ class ExperimentConfig:
     # the precision the teacher samples in (rabit.data.SAMPLING_DTYPES): a half-precision copy samples about twice as
     # fast on a GPU; float32 is the teacher's own and what every run of docs/results.md before 2026-11-27 used
     data_dtype: str = "float32"
+    # text that follows BOS in every teacher sequence before the sampling starts (rabit.data.generate_teacher_data's
+    # prefix, tokenized without BOS): a prompt that steers the teacher toward a kind of text; None: BOS alone
+    data_prefix: str | None = None
     # a UTF-8 text file to train and calibrate on instead of teacher samples: tokenized once, BOS at its start, cut
     # into rows of seq_len tokens, the first data_seqs of them used. Never an evaluation split.
     text: str | None = None
@@ -122,7 +125,10 @@ class ExperimentConfig:
         if self.gen_batch < 1:
             raise ValueError(f"rabit train: gen_batch must be >= 1 (got {self.gen_batch})")
         defaults = {f.name: f.default for f in fields(self)}
-        chosen = [f for f in SAMPLING_FIELDS.values() if getattr(self, f) != defaults[f]]
+        chosen = [f for f in (*SAMPLING_FIELDS.values(), "data_prefix") if getattr(self, f) != defaults[f]]
+        if self.data_prefix is not None and (not self.data_prefix or self.data_start != "bos"):
+            raise ValueError("rabit train: data_prefix must be non-empty text and follows BOS: it does not combine "
+                             f"with data_start={self.data_start!r}")
         if self.text is not None and chosen:
             raise ValueError(f"rabit train: the teacher-sampling options ({', '.join(chosen)}) do not apply to training "
                              f"on a text file; drop them or the text")
@@ -250,6 +256,9 @@ def add_config_arguments(p, d: ExperimentConfig | None = None) -> None:
     p.add_argument("--data-dtype", choices=SAMPLING_DTYPES, default=d.data_dtype,
                    help="precision the teacher samples its data in: a half-precision copy is about twice as fast on "
                         "a GPU (default %(default)s, the teacher's own)")
+    p.add_argument("--data-prefix", default=d.data_prefix, metavar="TEXT",
+                   help="begin every teacher sequence with this text after BOS (a prompt that steers the teacher, "
+                        "e.g. a chat request; its tokens stay in the training rows; default: BOS alone)")
     p.add_argument("--gen-batch", type=positive_int, default=d.gen_batch,
                    help="teacher sequences sampled at once (default %(default)s)")
     p.add_argument("--text", default=d.text, metavar="FILE",
@@ -305,7 +314,8 @@ def config_from_args(args, **overrides: Any) -> ExperimentConfig:
                             batch_size=args.batch_size, data_seqs=args.data_seqs,
                             data_temperature=args.data_temperature, data_top_k=args.data_top_k,
                             data_start=args.data_start, data_greedy=args.data_greedy,
-                            data_dtype=args.data_dtype, gen_batch=args.gen_batch, text=args.text,
+                            data_dtype=args.data_dtype, data_prefix=args.data_prefix, gen_batch=args.gen_batch,
+                            text=args.text,
                             lr_latent=args.lr_latent, lr_scales=args.lr_scales, min_lr_ratio=args.min_lr_ratio,
                             muon_momentum=args.muon_momentum, weight_decay=args.weight_decay,
                             kl_temperature=args.kl_temperature, train_embeddings=args.train_embeddings,
@@ -322,7 +332,7 @@ def training_data(cfg: ExperimentConfig, teacher, tok, cache_dir: str | Path, de
     """The training (and calibration) sequences ``LongTensor[n, seq_len]`` of an experiment: the first
     ``cfg.data_seqs`` rows of ``cfg.text`` when it is set, else ``cfg.data_seqs`` sequences sampled from the teacher
     (cached in ``cache_dir/teacher_data.safetensors``)."""
-    from .data import bos_token_id, cached_teacher_data, tokens_from_text_file
+    from .data import bos_token_id, cached_teacher_data, encode_text, tokens_from_text_file
 
     if cfg.text is not None:
         rows = tokens_from_text_file(cfg.text, tok, cfg.seq_len)
@@ -330,9 +340,13 @@ def training_data(cfg: ExperimentConfig, teacher, tok, cache_dir: str | Path, de
               f"{min(len(rows), cfg.data_seqs)} of them" + (" (--data-seqs)" if len(rows) > cfg.data_seqs else ""),
               flush=True)
         return rows[: cfg.data_seqs]
+    prefix = encode_text(tok, cfg.data_prefix, bos=False) if cfg.data_prefix else []
+    if cfg.data_prefix:
+        print(f"rabit train: every teacher sequence begins with BOS and the {len(prefix)} tokens of {cfg.data_prefix!r}",
+              flush=True)
     return cached_teacher_data(Path(cache_dir) / "teacher_data.safetensors", teacher, cfg.data_seqs, cfg.seq_len,
                                cfg.gen_batch, bos_token_id(teacher), model_name=cfg.model, device=device, progress=progress,
-                               **cfg.sampling_kwargs())
+                               prefix=prefix, **cfg.sampling_kwargs())
 
 
 def _peak_memory(dev: torch.device) -> int | None:

@@ -222,6 +222,23 @@ def test_a_truncated_checkpoint_is_named(tmp_path):
         read_checkpoint(path)
 
 
+def test_generate_with_a_prefix_starts_every_row_with_it():
+    m = tiny_llama()
+    prefix = [7, 9, 11]
+    a = D.generate_teacher_data(m, n_seqs=4, seq_len=12, batch_size=3, bos_id=1, seed=3, progress=False, prefix=prefix)
+    plain = D.generate_teacher_data(m, n_seqs=4, seq_len=12, batch_size=3, bos_id=1, seed=3, progress=False)
+    assert a.shape == (4, 12)
+    assert (a[:, :4] == torch.tensor([1, *prefix])).all()
+    assert not torch.equal(a[:, 4:], plain[:, 4:])  # the teacher samples given the prefix
+    assert len(torch.unique(a[:, 4:])) > 5
+    with pytest.raises(ValueError, match="does not combine with start='random-token'"):
+        D.generate_teacher_data(m, 2, 12, 2, 1, start="random-token", prefix=prefix, progress=False)
+    with pytest.raises(ValueError, match="vocabulary"):
+        D.generate_teacher_data(m, 2, 12, 2, 1, prefix=[VOCAB], progress=False)
+    with pytest.raises(ValueError, match="leaves no sampled token"):
+        D.generate_teacher_data(m, 2, 4, 2, 1, prefix=prefix, progress=False)
+
+
 # ---------------------------------------------------------------------------------------------
 # cache
 # ---------------------------------------------------------------------------------------------
@@ -265,6 +282,11 @@ def test_cache_generates_once_then_reuses(tmp_path, monkeypatch, caplog):
     assert len(calls) == 4, "the model's own dtype named explicitly is the same cache"
     D.cached_teacher_data(path, m, seed=1, start="random-token", greedy_tokens=2, dtype="bfloat16", **kw2)
     assert len(calls) == 5 and D.read_token_metadata(path)["dtype"] == "bfloat16"
+    D.cached_teacher_data(path, m, seed=1, dtype="bfloat16", prefix=[5, 6], **kw2)
+    assert len(calls) == 6, "a prefix must invalidate the cache"
+    assert D.read_token_metadata(path)["prefix"] == "5 6"
+    D.cached_teacher_data(path, m, seed=1, dtype="bfloat16", prefix=(5, 6), **kw2)
+    assert len(calls) == 6
 
 
 def test_cache_of_more_sequences_serves_a_smaller_request(tmp_path, monkeypatch):
@@ -295,7 +317,8 @@ def test_cache_written_before_the_start_option_is_a_bos_cache(tmp_path, monkeypa
     path = tmp_path / "old.safetensors"
     kw = {"n_seqs": 3, "seq_len": 8, "batch_size": 3, "bos_id": 1, "model_name": "tiny", "progress": False, "seed": 0}
     ids = D.cached_teacher_data(path, m, **kw)
-    meta = {k: v for k, v in D.read_token_metadata(path).items() if k not in ("start", "greedy_tokens", "dtype")}
+    meta = {k: v for k, v in D.read_token_metadata(path).items()
+            if k not in ("start", "greedy_tokens", "dtype", "prefix")}
     D.save_tokens(path, ids, metadata=meta)
     class Sampled(Exception):
         pass

@@ -775,3 +775,36 @@ def test_compile_needs_decoder_layers():
     with pytest.raises(ValueError, match="compile=True compiles a model's decoder layers.*compile=False"):
         train(s, teacher, token_data(), TrainConfig(steps=1, batch_size=4, compile=True), progress=False)
     assert not s.training
+
+
+def test_training_data_begins_teacher_rows_with_the_prefix(tmp_path):
+    """--data-prefix: every teacher row is BOS, the prefix's tokens (no second BOS), then the teacher's samples."""
+    from rabit.data import encode_text
+    from rabit.experiment import ExperimentConfig, training_data
+    from rabit.models import load_model
+
+    model, tok = load_model("stories260k")
+    text = "Tom had a red ball."  # not how stories260K's samples from BOS begin ("Once upon a time")
+    pre = encode_text(tok, text, bos=False)
+    cfg = ExperimentConfig(model="stories260k", seq_len=24, data_seqs=3, calib_seqs=3, gen_batch=3,
+                           block_steps=0, data_prefix=text)
+    ids = training_data(cfg, model, tok, tmp_path, "cpu", progress=False)
+    assert ids.shape == (3, 24) and len(pre) >= 3
+    assert (ids[:, 1 : 1 + len(pre)] == torch.tensor(pre)).all()
+    assert (ids[:, 0] != ids[:, 1]).all()
+    plain = training_data(ExperimentConfig(model="stories260k", seq_len=24, data_seqs=3, calib_seqs=3, gen_batch=3,
+                                           block_steps=0), model, tok,
+                          tmp_path / "plain", "cpu", progress=False)
+    assert not torch.equal(ids[:, 1 + len(pre):], plain[:, 1 + len(pre):])  # the samples follow the prefix
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"data_prefix": "x", "text": "f.txt"}, "do not apply to training on a text file"),
+    ({"data_prefix": "x", "data_start": "random-token"}, "does not combine"),
+    ({"data_prefix": ""}, "non-empty"),
+])
+def test_experiment_config_rejects_a_bad_prefix(kw, match):
+    from rabit.experiment import ExperimentConfig
+
+    with pytest.raises(ValueError, match=match):
+        ExperimentConfig(**kw)
