@@ -1157,7 +1157,7 @@ namespace {
 /* The prologue of kernel kern for M rows of x, instantiated for MR rows, the power of two >= M: its per-row loops
    (loads, max reductions, Q and sum(Q)) are unrolled to MR with no exit at M, so the rows' load and shuffle chains
    interleave; rows M .. MR - 1 are zeros and are not read. Bounded at M at run time instead (up to 16 rows, each
-   with its exit), they took 1.2-1.7 us more a linear at M = 1 (H200, 7B shapes: 4096^2 8.24 against 6.53 us; same
+   with its exit), they took 0.65-1.7 us more a linear at M = 1 (H200, 7B shapes: 4096^2 8.24 against 6.53 us; same
    outputs bit for bit; docs/kernels.md, "The prologue per row bucket"). */
 template <int MR>
 cudaError_t launch_prep_mr(DecodeKernel kern, dim3 pg, const PrepArgs &p, cudaStream_t s) {
