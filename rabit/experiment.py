@@ -126,9 +126,11 @@ class ExperimentConfig:
             raise ValueError(f"rabit train: gen_batch must be >= 1 (got {self.gen_batch})")
         defaults = {f.name: f.default for f in fields(self)}
         chosen = [f for f in (*SAMPLING_FIELDS.values(), "data_prefix") if getattr(self, f) != defaults[f]]
-        if self.data_prefix is not None and (not self.data_prefix or self.data_start != "bos"):
-            raise ValueError("rabit train: data_prefix must be non-empty text and follows BOS: it does not combine "
-                             f"with data_start={self.data_start!r}")
+        if self.data_prefix == "":
+            raise ValueError("rabit train: data_prefix must be non-empty text (None: BOS alone)")
+        if self.data_prefix is not None and self.data_start != "bos":
+            raise ValueError(f"rabit train: data_prefix follows BOS; it does not combine with "
+                             f"data_start={self.data_start!r}")
         if self.text is not None and chosen:
             raise ValueError(f"rabit train: the teacher-sampling options ({', '.join(chosen)}) do not apply to training "
                              f"on a text file; drop them or the text")
