@@ -229,11 +229,13 @@ def generate_teacher_data(
     if dtype != next(model.parameters()).dtype:
         model = copy.deepcopy(model).to(dtype)  # the caller's teacher stays as it is
 
+    prefix_row = torch.tensor([prefix], dtype=torch.long, device=dev)  # [1, len(prefix)], once for every batch
+
     def prompts(first: int, rows: int) -> torch.Tensor:
         """[rows, prompt_len] starts of rows first .. first + rows - 1 (their own draws: (seed, row))."""
         bos = torch.full((rows, 1), bos_id, dtype=torch.long, device=dev)
         if start == "bos":
-            return torch.cat([bos, torch.tensor([prefix], dtype=torch.long, device=dev).expand(rows, -1)], 1)
+            return torch.cat([bos, prefix_row.expand(rows, -1)], 1)
         # position 1 holds the start token, so its draw is not used by the sampler
         u = uniforms(row_keys(seed, torch.arange(first, first + rows, device=dev)), 1)
         return torch.cat([bos, (u * vocab).long().clamp_(max=vocab - 1)[:, None]], 1)

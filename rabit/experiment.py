@@ -342,8 +342,9 @@ def training_data(cfg: ExperimentConfig, teacher, tok, cache_dir: str | Path, de
               f"{min(len(rows), cfg.data_seqs)} of them" + (" (--data-seqs)" if len(rows) > cfg.data_seqs else ""),
               flush=True)
         return rows[: cfg.data_seqs]
-    prefix = encode_text(tok, cfg.data_prefix, bos=False) if cfg.data_prefix else []
+    prefix = []
     if cfg.data_prefix:
+        prefix = encode_text(tok, cfg.data_prefix, bos=False)
         print(f"rabit train: every teacher sequence begins with BOS and the {len(prefix)} tokens of {cfg.data_prefix!r}",
               flush=True)
     return cached_teacher_data(Path(cache_dir) / "teacher_data.safetensors", teacher, cfg.data_seqs, cfg.seq_len,
