@@ -228,11 +228,7 @@ at::Tensor decode_attention_cpu(const at::Tensor &q, const at::Tensor &k, const 
     return out;
 }
 
-// A CPU has no L2 to ask ahead: the op does nothing there, so that one decoder runs on either device.
-void prefetch_l2_cpu(at::TensorList /*tensors*/) {}
-
 TORCH_LIBRARY_IMPL(rabit, CPU, m) {
-    m.impl("prefetch_l2", &prefetch_l2_cpu);
     m.impl("residual_binarize", &residual_binarize_cpu);
     m.impl("residual_binarize_backward", &residual_binarize_backward_cpu);
     m.impl("scale_grads", &scale_grads_cpu);

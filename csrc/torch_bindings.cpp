@@ -58,9 +58,6 @@ TORCH_LIBRARY(rabit, m) {
     m.def(
         "decode_attention(Tensor q, Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor cos, "
         "Tensor sin, Tensor pos, float scale) -> Tensor");
-    // Ask the GPU's L2 cache to fetch the tensors' bytes from memory now, for a later kernel of the stream (a
-    // decoder's next layer weights). Returns nothing and changes nothing; on the CPU it does nothing.
-    m.def("prefetch_l2(Tensor[] tensors) -> ()");
 }
 
 static PyObject *rabit_py_set_cpu_kernel(PyObject *, PyObject *arg) {

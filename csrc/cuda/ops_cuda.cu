@@ -396,26 +396,7 @@ at::Tensor decode_attention_cuda(const at::Tensor &q, const at::Tensor &k, const
     return out;
 }
 
-void prefetch_l2_cuda(at::TensorList tensors) {
-    TORCH_CHECK_VALUE(tensors.size() <= static_cast<size_t>(rabit_cuda::kPrefetchMaxTensors), "rabit.prefetch_l2: at most ",
-                      rabit_cuda::kPrefetchMaxTensors, " tensors a call, got ", tensors.size(), "; split the list");
-    std::vector<const void *> ptrs;
-    std::vector<int64_t> bytes;
-    for (const at::Tensor &t : tensors) {
-        TORCH_CHECK_VALUE(t.is_cuda() && t.device() == tensors[0].device(), "rabit.prefetch_l2: every tensor must be "
-                          "on the same CUDA device, got ", t.device(), " and ", tensors[0].device());
-        TORCH_CHECK_VALUE(t.is_contiguous(), "rabit.prefetch_l2: expected contiguous tensors; pass .contiguous() ones");
-        ptrs.push_back(t.data_ptr());
-        bytes.push_back(static_cast<int64_t>(t.numel()) * t.element_size());
-    }
-    if (tensors.empty()) return;
-    const c10::cuda::CUDAGuard guard(tensors[0].device());
-    check_launch(rabit_cuda::prefetch_l2(ptrs.data(), bytes.data(), static_cast<int>(ptrs.size()),
-                                         at::cuda::getCurrentCUDAStream()));
-}
-
 TORCH_LIBRARY_IMPL(rabit, CUDA, m) {
-    m.impl("prefetch_l2", &prefetch_l2_cuda);
     m.impl("residual_binarize", &residual_binarize_cuda);
     m.impl("residual_binarize_backward", &residual_binarize_backward_cuda);
     m.impl("scale_grads", &scale_grads_cuda);

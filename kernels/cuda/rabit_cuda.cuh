@@ -183,12 +183,6 @@ AttnSplit decode_attention_split(int64_t S, int64_t rows_heads);
 cudaError_t decode_attention(const AttnTensors &t, rabit_dtype dt, int B, int H, int Hkv, int D, int S, float scale,
                              const AttnSplit &sp, float *part, int *count, cudaStream_t stream);
 
-/* Ask the L2 to fetch n device buffers (at most kPrefetchMaxTensors) from HBM ahead of a later kernel's reads
-   (prefetch_l2.cu): a hint that changes no result. One launch that takes part in programmatic dependent launch like
-   the decode kernels, so it adds little to the stream and keeps its order. */
-constexpr int kPrefetchMaxTensors = 16;
-cudaError_t prefetch_l2(const void *const *ptrs, const int64_t *bytes, int n, cudaStream_t stream);
-
 }  // namespace rabit_cuda
 
 #endif /* RABIT_CUDA_CUH */
