@@ -308,3 +308,63 @@ def test_cuda_graph_replays_at_the_current_position(B, H, Hkv, combine, monkeypa
             ref = R.decode_attention(q, k, v, kc_ref, vc_ref, cos, sin, pos, D ** -0.5)
             assert torch.equal(kc, kc_ref) and torch.equal(vc, vc_ref), f"pos={p}"
             assert_float_close(out, ref, oracle64(q, kc_ref, vc_ref, cos, sin, p, D ** -0.5), f"pos={p}")
+
+
+@pytest.mark.parametrize("case", [(1, 9, 3, 64, 300, 299), (2, 8, 2, 32, 260, 128), (1, 8, 2, 64, 2048, 1999)],
+                         ids=case_id)
+def test_prefetch_cache_changes_nothing(case, device):
+    # prefetch_cache moves the CUDA kernel's reads of pos and the older cache rows before its wait for the kernel
+    # before; the CPU ignores it. Either way the outputs and caches are those of the call without it, bit for bit.
+    B, H, Hkv, D, S, pos = case
+    q, k, v, kc, vc, cos, sin = make_case(B, H, Hkv, D, S, torch.float16, device)
+    kc2, vc2 = kc.clone(), vc.clone()
+    p = torch.tensor([pos], device=device)
+    with torch.no_grad():
+        out = rabit.decode_attention(q, k, v, kc, vc, cos, sin, p)
+        out2 = rabit.decode_attention(q, k, v, kc2, vc2, cos, sin, p, prefetch_cache=True)
+    assert torch.equal(out, out2) and torch.equal(kc, kc2) and torch.equal(vc, vc2)
+
+
+@cuda
+@pytest.mark.parametrize("combine", COMBINE)
+def test_cuda_prefetch_cache_in_a_decode_graph(combine, monkeypatch):
+    # As a decoder runs it: each step a projection kernel makes q, k, v from the step's input, then the attention
+    # reads the rows the previous replays wrote, with prefetch_cache, in one CUDA graph replayed at positions 0..S-1.
+    # Every step must equal the same chain without the flag (its own graph), bit for bit, caches included.
+    monkeypatch.setenv("RABIT_CUDA_ATTENTION_COMBINE", combine)
+    B, H, Hkv, D, S = 1, 8, 2, 64, 200
+    torch.manual_seed(5)
+    w = torch.randn((H + 2 * Hkv) * D, 96, device="cuda").half() * 0.1
+    x = torch.randn(B, 96, device="cuda").half()
+    cos, sin = rotary_tables(S, D, torch.float16, "cuda")
+
+    def chain(prefetch):
+        kc = torch.zeros(B, Hkv, S, D, device="cuda").half()
+        vc = torch.zeros_like(kc)
+        pos = torch.zeros(1, dtype=torch.long, device="cuda")
+
+        def step():
+            qkv = torch.nn.functional.linear(x * (1 + pos.half()[0] * 0.01), w)
+            q, k, v = qkv.split([H * D, Hkv * D, Hkv * D], -1)
+            return rabit.decode_attention(q.view(B, H, D), k.view(B, Hkv, D), v.view(B, Hkv, D), kc, vc, cos, sin,
+                                          pos, prefetch_cache=prefetch)
+
+        with torch.no_grad():
+            s = torch.cuda.Stream()
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s):
+                step()  # warm-up (cuBLAS handles); writes row 0, which the first replay rewrites
+            torch.cuda.current_stream().wait_stream(s)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = step()
+            outs = []
+            for p in range(S):
+                pos.fill_(p)
+                graph.replay()
+                outs.append(out.clone())
+        return torch.stack(outs), kc, vc
+
+    a, b = chain(False), chain(True)
+    for got, want, name in zip(b, a, ("outputs", "k cache", "v cache")):
+        assert torch.equal(got, want), f"{combine}: {name} differ with prefetch_cache"
