@@ -213,8 +213,7 @@ std::vector<at::Tensor> packed_linear_fused_cpu(const at::Tensor &x, at::TensorL
 
 at::Tensor decode_attention_cpu(const at::Tensor &q, const at::Tensor &k, const at::Tensor &v, at::Tensor &k_cache,
                                 at::Tensor &v_cache, const at::Tensor &cos, const at::Tensor &sin,
-                                const at::Tensor &pos, double scale,
-                                bool /*prefetch_cache: the CPU op has no early start*/) {
+                                const at::Tensor &pos, double scale) {
     const char *op = "rabit.decode_attention";
     const auto d = check_decode_attention_args(op, q, k, v, k_cache, v_cache, cos, sin, pos, scale);
     const int64_t p = pos.item<int64_t>();

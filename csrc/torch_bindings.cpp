@@ -55,12 +55,9 @@ TORCH_LIBRARY(rabit, m) {
     // One decoding step of attention (a new token per row, every row at cache position pos): writes rope(k) and v
     // into the caches at pos and returns softmax(scale * rope(q) K^T) V over positions 0..pos, [B, H, D]; grouped-
     // query heads (H a multiple of Hkv); HF's rotate_half rotary with cos/sin rows [P, D]. For inference: no autograd.
-    // prefetch_cache: on CUDA the kernel reads pos and the cache rows before pos before the kernel before it in the
-    // stream has finished (programmatic dependent launch): only where that kernel writes neither, as in a decoder, where
-    // the kernel before is the layer's q/k/v projection.
     m.def(
         "decode_attention(Tensor q, Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor cos, "
-        "Tensor sin, Tensor pos, float scale, bool prefetch_cache=False) -> Tensor");
+        "Tensor sin, Tensor pos, float scale) -> Tensor");
 }
 
 static PyObject *rabit_py_set_cpu_kernel(PyObject *, PyObject *arg) {

@@ -115,7 +115,7 @@ def _packed_linear_fused_fake(x, packed, g, h, bias, norm_weight, eps, up, resid
 
 
 @torch.library.register_fake("rabit::decode_attention")
-def _decode_attention_fake(q, k, v, k_cache, v_cache, cos, sin, pos, scale, prefetch_cache=False):
+def _decode_attention_fake(q, k, v, k_cache, v_cache, cos, sin, pos, scale):
     torch._check(q.dim() == 3, lambda: f"rabit.decode_attention: expected a 3-D q [B, H, D], got {q.dim()}-D")
     return q.new_empty(q.shape)
 
@@ -469,24 +469,19 @@ def packed_linear_fused(x: Tensor, packed: list[Tensor], g: list[Tensor], h: lis
 
 
 def decode_attention(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, cos: Tensor, sin: Tensor,
-                     pos: Tensor, scale: float | None = None, prefetch_cache: bool = False) -> Tensor:
+                     pos: Tensor, scale: float | None = None) -> Tensor:
     """One decoding step of attention in one call (spec: :func:`rabit.reference.decode_attention`): the rotary
     embedding of the new token's q ``[B, H, D]`` and k ``[B, Hkv, D]``, k and v written into the caches
     ``[B, Hkv, S, D]`` at position ``pos`` (a 1-element int64 tensor on the same device, so that a CUDA graph
     replays it at the current position), and softmax attention over positions 0 .. pos; returns ``[B, H, D]``.
     ``scale`` defaults to ``D ** -0.5``. On CUDA one launch reads only the positions in use, split over blocks
     (split-KV); a pos outside the cache gives NaN outputs there (no device read in the call), an error on the CPU.
-    Inference only: it has no backward.
-
-    ``prefetch_cache=True`` lets the CUDA kernel read ``pos`` and the cache rows before pos before the kernel before
-    it in the stream has finished (programmatic dependent launch), so that their memory latency overlaps that kernel;
-    only correct where that kernel writes neither (in a decoder it is the layer's q/k/v projection, and
-    :class:`rabit.StaticDecoder` passes it). It changes when they are read, not the result; the CPU ignores it."""
+    Inference only: it has no backward."""
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, cos, sin)):
         raise RuntimeError("rabit.decode_attention is for decoding and has no backward; call it under "
                            "torch.no_grad() or torch.inference_mode()")
     return _ops.decode_attention(q, k, v, k_cache, v_cache, cos, sin, pos, q.shape[-1] ** -0.5 if scale is None
-                                 else float(scale), bool(prefetch_cache))
+                                 else float(scale))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -540,8 +535,7 @@ def use_reference_kernels(device_type: str = "cuda") -> None:
         "packed_linear_group": lambda x, packed, g, h, bias: R.packed_linear_group(x, packed, g, h, bias),
         "packed_linear_fused": lambda x, packed, g, h, bias, norm_weight, eps, up, residual, prefetch_weights=False:
             R.packed_linear_fused(x, packed, g, h, bias, norm_weight, eps, up, residual),
-        "decode_attention": lambda q, k, v, k_cache, v_cache, cos, sin, pos, scale, prefetch_cache=False:
-            R.decode_attention(q, k, v, k_cache, v_cache, cos, sin, pos, scale),
+        "decode_attention": R.decode_attention,
         "dequantize": lambda packed, g, h, dtype=None: R.dequantize(
             R.unpack_signs(packed, h.shape[1], torch.float32), g, h).to(dtype or torch.float32),
     }

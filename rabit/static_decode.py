@@ -393,10 +393,8 @@ class StaticDecoder:
         """Layer i's attention for one new token per row, the projections q [B, 1, H * D], k, v [B, 1, Hkv * D] at
         position pos [1]: one rabit.decode_attention call (rotary embedding, cache write, attention); [B, 1, H * D]."""
         B, H, Hkv, D = q.shape[0], self.n_heads, self.n_kv, self.head_dim
-        # prefetch_cache: the kernel before is the q/k/v projection, which writes neither pos nor this cache
         return decode_attention(q.view(B, H, D), k.view(B, Hkv, D), v.view(B, Hkv, D), self.k_cache[i],
-                                self.v_cache[i], self.cos, self.sin, pos, D ** -0.5,
-                                prefetch_cache=True).view(B, 1, H * D)
+                                self.v_cache[i], self.cos, self.sin, pos, D ** -0.5).view(B, 1, H * D)
 
     def unfused_inputs(self, pos: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(cos, sin [1, 1, T, D], mask) for attend_unfused at positions pos [T], the same for every layer."""

@@ -754,11 +754,6 @@ def _opcheck_samples(device):
           torch.randn(2, 3, 16, device=device).half(), torch.randn(2, 3, 140, 16, device=device).half(),
           torch.randn(2, 3, 140, 16, device=device).half(), torch.randn(140, 16, device=device).half(),
           torch.randn(140, 16, device=device).half(), torch.tensor([133], device=device), 0.25)),
-        (torch.ops.rabit.decode_attention.default,
-         (torch.randn(1, 4, 8, device=device).bfloat16(), torch.randn(1, 2, 8, device=device).bfloat16(),
-          torch.randn(1, 2, 8, device=device).bfloat16(), torch.randn(1, 2, 70, 8, device=device).bfloat16(),
-          torch.randn(1, 2, 70, 8, device=device).bfloat16(), torch.randn(70, 8, device=device).bfloat16(),
-          torch.randn(70, 8, device=device).bfloat16(), torch.tensor([69], device=device), 0.3, True)),
     ]
 
 

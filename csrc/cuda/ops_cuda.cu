@@ -359,7 +359,7 @@ std::vector<at::Tensor> packed_linear_fused_cuda(const at::Tensor &x, at::Tensor
 
 at::Tensor decode_attention_cuda(const at::Tensor &q, const at::Tensor &k, const at::Tensor &v, at::Tensor &k_cache,
                                  at::Tensor &v_cache, const at::Tensor &cos, const at::Tensor &sin,
-                                 const at::Tensor &pos, double scale, bool prefetch_cache) {
+                                 const at::Tensor &pos, double scale) {
     const char *op = "rabit.decode_attention";
     const auto d = check_decode_attention_args(op, q, k, v, k_cache, v_cache, cos, sin, pos, scale);
     const rabit_dtype dt = to_rabit_dtype(q.scalar_type());
@@ -392,7 +392,7 @@ at::Tensor decode_attention_cuda(const at::Tensor &q, const at::Tensor &k, const
     check_launch(rabit_cuda::decode_attention(t, dt, static_cast<int>(d.B), static_cast<int>(d.H),
                                               static_cast<int>(d.Hkv), static_cast<int>(d.D), static_cast<int>(d.S),
                                               static_cast<float>(scale), sp, part.data_ptr<float>(),
-                                              count.data_ptr<int>(), prefetch_cache, stream));
+                                              count.data_ptr<int>(), stream));
     return out;
 }
 

@@ -42,7 +42,6 @@ struct AttnArgs {
     int *count;     // [B * Hkv] chunks done, zero on entry
     int dt, H, Hkv, G, D, S, splits, cpb;  // splits: blocks per (row, KV head); cpb: chunks per block
     float scale;
-    bool early;  // prefetch_cache: pos and the cache rows before pos are read before the wait for the kernel before
 };
 
 __device__ __forceinline__ float round_dt(float v, int dt) {
@@ -106,17 +105,11 @@ __global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(const At
     __shared__ float mx[GM], sm[GM], fac[GM];
     __shared__ int last;
 
-    // q, k, v come from the kernel before. With a.early the wait comes after this block's first cache rows are
-    // requested, which no kernel of a decode step writes: their memory latency then overlaps the kernel before.
-    // Every path that writes waits first (the output may reuse memory an earlier kernel still reads); the trigger
-    // comes after the wait in both orders, so that a kernel started early by it knows the kernels before this one are done.
-    if (!a.early) {
-        pdl_wait();
-        // the next kernel (o_proj) may be scheduled now: it waits for this grid's end before it reads anything, and
-        // its launch is hidden behind this one (measured on the SmolLM2-shape step, H200: 936 -> 908 us fused glue,
-        // 1120 -> 1072 us unfused; docs/kernels.md)
-        pdl_launch_dependents();
-    }
+    pdl_wait();  // q, k, v come from the kernel before
+    // the next kernel (o_proj) may be scheduled now: it waits for this grid's end before it reads anything, and its
+    // launch is hidden behind this one (measured on the SmolLM2-shape step, H200: 936 -> 908 us fused glue, 1120 ->
+    // 1072 us unfused; docs/kernels.md)
+    pdl_launch_dependents();
     const int64_t pos = *a.pos;
     const bool ok = pos >= 0 && pos < a.S;
     const int64_t len = ok ? pos + 1 : 1;
@@ -127,7 +120,6 @@ __global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(const At
         return;
     }
     if (!ok) {  // no device-side error: the outputs of this row and KV head are NaN, the caches stay untouched
-        if (a.early) pdl_wait();
         for (int i = tid; i < G * D; i += kAttnThreads)
             st_any(a.out, a.dt, (static_cast<int64_t>(b) * a.H + kh * G) * D + i, __int_as_float(0x7fffffff));
         return;
@@ -152,10 +144,6 @@ __global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(const At
         }
     };
     request(ch0 * kAttnChunk);
-    if (a.early) {
-        pdl_wait();
-        pdl_launch_dependents();
-    }
     for (int i = tid; i < G * D; i += kAttnThreads) {
         const int g = i / D, d = i - g * D;
         qs[i] = rope_elem(a.q, b * a.q_b + static_cast<int64_t>(kh * G + g) * a.q_h, d, D, a, pos);
@@ -429,7 +417,7 @@ AttnSplit decode_attention_split(int64_t S, int64_t rows_heads) {
 }
 
 cudaError_t decode_attention(const AttnTensors &t, rabit_dtype dt, int B, int H, int Hkv, int D, int S, float scale,
-                             const AttnSplit &sp, float *part, int *count, bool prefetch_cache, cudaStream_t stream) {
+                             const AttnSplit &sp, float *part, int *count, cudaStream_t stream) {
     if (sp.error || sp.splits < 1 || sp.chunks_per_block < 1) return cudaErrorInvalidValue;
     AttnArgs a;
     a.q = t.q, a.k = t.k, a.v = t.v;
@@ -438,7 +426,6 @@ cudaError_t decode_attention(const AttnTensors &t, rabit_dtype dt, int B, int H,
     a.part = part, a.count = count;
     a.dt = dt, a.H = H, a.Hkv = Hkv, a.G = H / Hkv, a.D = D, a.S = S, a.splits = sp.splits, a.cpb = sp.chunks_per_block;
     a.scale = scale;
-    a.early = prefetch_cache;
     const dim3 grid(a.splits, Hkv, B);
     const size_t smem = attention_smem_bytes(a.G, D);
     return sp.cluster && sp.splits > 1 ? launch_group<true>(a, grid, smem, stream)

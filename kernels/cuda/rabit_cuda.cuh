@@ -179,11 +179,9 @@ struct AttnSplit {
     const char *error;  // a RABIT_CUDA_ATTENTION_COMBINE setting that cannot hold (decode_attention then fails)
 };
 AttnSplit decode_attention_split(int64_t S, int64_t rows_heads);
-/* sp: decode_attention_split(S, B * Hkv), the one the workspace was sized by. prefetch_cache: the caller vouches that the
-   kernel before this one in the stream writes neither pos nor the caches' rows before pos (only q, k, v come from it),
-   so the kernel reads them before it waits for that kernel (programmatic dependent launch). */
+/* sp: decode_attention_split(S, B * Hkv), the one the workspace was sized by. */
 cudaError_t decode_attention(const AttnTensors &t, rabit_dtype dt, int B, int H, int Hkv, int D, int S, float scale,
-                             const AttnSplit &sp, float *part, int *count, bool prefetch_cache, cudaStream_t stream);
+                             const AttnSplit &sp, float *part, int *count, cudaStream_t stream);
 
 }  // namespace rabit_cuda
 
