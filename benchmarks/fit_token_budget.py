@@ -27,11 +27,11 @@ RECIPE = {"batch_size": 32, "min_lr_ratio": 0.0, "gamma": 0.0, "data_temperature
           "data_start": "bos", "data_greedy": 0, "data_dtype": "float32", "text": None, "train_seq_len": 0,
           "lr_latent": 1e-3, "lr_scales": 1e-3, "seq_len": 512, "init_iters": 5, "alpha_in": 0.5, "alpha_out": 0.5,
           "latent_init": "pretrained", "ste": "identity", "muon_momentum": 0.95, "weight_decay": 0.0,
-          "kl_temperature": 1.0, "train_embeddings": False, "data_prefix": None, "input_noise": 0.0}
+          "kl_temperature": 1.0, "train_embeddings": False, "data_prefix": None}
 # fields added to the config after the first runs: a run that lacks one ran with the recipe's value (its day's default)
 LATER_FIELDS = ("data_start", "data_greedy", "data_dtype", "text", "train_seq_len", "init_iters", "alpha_in",
                 "alpha_out", "latent_init", "ste", "muon_momentum", "weight_decay", "kl_temperature",
-                "train_embeddings", "data_prefix", "input_noise")
+                "train_embeddings", "data_prefix")
 
 
 def _runs(obj, source: str, out: list) -> None:

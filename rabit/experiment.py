@@ -96,7 +96,6 @@ class ExperimentConfig:
     muon_momentum: float = 0.95
     weight_decay: float = 0.0
     kl_temperature: float = 1.0  # the distillation's softmax temperature (the loss is scaled by its square)
-    input_noise: float = 0.0  # TrainConfig.input_noise: a fraction of each batch's tokens replaced at random
     # train the token embeddings and lm_head (full precision) with the scales; frozen by default (LittleBit practice)
     train_embeddings: bool = False
     min_lr_ratio: float = 0.0  # cosine floor as a fraction of the peak learning rates (TrainConfig's default too)
@@ -184,8 +183,7 @@ class ExperimentConfig:
         return TrainConfig(steps=steps, batch_size=self.batch_size, lr_latent=self.lr_latent,
                            lr_scales=self.lr_scales, min_lr_ratio=self.min_lr_ratio, gamma=self.gamma,
                            muon_momentum=self.muon_momentum, weight_decay=self.weight_decay,
-                           kl_temperature=self.kl_temperature, input_noise=self.input_noise,
-                           freeze_embeddings=not self.train_embeddings,
+                           kl_temperature=self.kl_temperature, freeze_embeddings=not self.train_embeddings,
                            optimizer=self.optimizer, compile=self.compile, seed=self.seed,
                            log_every=max(1, steps // 50), checkpoint_every=max(1, steps // 4))
 
@@ -276,9 +274,6 @@ def add_config_arguments(p, d: ExperimentConfig | None = None) -> None:
                    help="decoupled weight decay of the latent weights, never of scales or norms (default %(default)g)")
     p.add_argument("--kl-temperature", type=float, default=d.kl_temperature,
                    help="softmax temperature of the distillation KL, scaled by its square (default %(default)g)")
-    p.add_argument("--input-noise", type=float, default=d.input_noise, metavar="P",
-                   help="replace this fraction of each training batch's tokens (not BOS) by random tokens before the "
-                        "teacher and the student see it, fresh every step (default %(default)g: off)")
     p.add_argument("--train-embeddings", action="store_true", default=d.train_embeddings,
                    help="also train the full-precision token embeddings and lm_head (AdamW at --lr-scales)")
     p.add_argument("--min-lr-ratio", type=float, default=d.min_lr_ratio,
@@ -325,8 +320,7 @@ def config_from_args(args, **overrides: Any) -> ExperimentConfig:
                             text=args.text,
                             lr_latent=args.lr_latent, lr_scales=args.lr_scales, min_lr_ratio=args.min_lr_ratio,
                             muon_momentum=args.muon_momentum, weight_decay=args.weight_decay,
-                            kl_temperature=args.kl_temperature, input_noise=args.input_noise,
-                            train_embeddings=args.train_embeddings,
+                            kl_temperature=args.kl_temperature, train_embeddings=args.train_embeddings,
                             gamma=args.gamma, init_iters=args.init_iters, alpha_in=args.alpha_in,
                             alpha_out=args.alpha_out, latent_init=args.latent_init, ste=args.ste,
                             block_steps=args.block_steps, block_inputs=args.block_inputs,

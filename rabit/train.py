@@ -84,10 +84,6 @@ class TrainConfig:
     # than KL alone (stories260K: 0.1-100; SmolLM2: 0.003, 0.03, 1; docs/results.md), as in `rabit train`
     gamma: float = 0.0
     kl_temperature: float = 1.0
-    # fraction of each batch's tokens (never the first, BOS) replaced by tokens drawn uniformly from the vocabulary
-    # before both the teacher and the student see the batch, a fresh draw every step (seed, step): the student then
-    # matches the teacher on contexts beyond the teacher's own samples. 0: off (the default)
-    input_noise: float = 0.0
     optimizer: str = "muon"  # for the latents: "muon" | "adamw"
     muon_momentum: float = 0.95
     muon_adjust_lr: str = "match_rms_adamw"
@@ -134,8 +130,6 @@ class TrainConfig:
         need(not isinstance(betas, str) and len(betas) == 2 and all(
             isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in betas),
              f"adam_betas must be two numbers in [0, 1) (got {betas!r})")
-        need(isinstance(self.input_noise, (int, float)) and not isinstance(self.input_noise, bool)
-             and 0 <= self.input_noise < 1, f"input_noise must be a number in [0, 1) (got {self.input_noise!r})")
         need(math.isfinite(self.kl_temperature) and self.kl_temperature > 0,
              f"kl_temperature must be a finite number > 0 (got {self.kl_temperature!r})")
         need(self.optimizer in OPTIMIZERS, f"optimizer must be one of {OPTIMIZERS} (got {self.optimizer!r})")
@@ -602,19 +596,6 @@ def _compiled_training(modules: Iterable[torch.nn.Module], loss_fn: Callable):
             forget_compiled(loss_fn)
 
 
-def corrupt_tokens(x: torch.Tensor, fraction: float, vocab: int, seed: int, step: int) -> torch.Tensor:
-    """``x [B, T]`` with each token but the first of a row replaced, with probability ``fraction``, by one drawn
-    uniformly from ``range(vocab)`` (TrainConfig.input_noise). The draws depend on (seed, step) only, so a resumed
-    run sees the batches an uninterrupted one saw."""
-    if fraction <= 0:
-        return x
-    gen = torch.Generator(device=x.device).manual_seed((seed * 1_000_003 + step) % 2**63)
-    replace = torch.rand(x.shape, generator=gen, device=x.device) < fraction
-    replace[:, 0] = False
-    noise = torch.randint(vocab, x.shape, generator=gen, device=x.device, dtype=x.dtype)
-    return torch.where(replace, noise, x)
-
-
 def _forward(model, input_ids, hidden: bool):
     return model(input_ids=input_ids, output_hidden_states=hidden, use_cache=False)
 
@@ -763,7 +744,6 @@ def train(
             bar.set_postfix_str("compiling the decoder layers and the loss (first step)")
         for step in range(start_step, config.steps):
             x = token_ids[sampler.indices(step)].to(dev, non_blocking=True)
-            x = corrupt_tokens(x, config.input_noise, vocab, config.seed, step)
             lrs = _set_lr(optimizers, config.lr_factor(step))
             with torch.no_grad(), autocast_context(dev, config.autocast):
                 t_out = _forward(teacher, x, hidden)

@@ -112,42 +112,11 @@ def test_lr_schedule_warmup_then_cosine_to_floor():
     ({"adam_betas": (0.9,)}, "adam_betas"), ({"muon_adjust_lr": "foo"}, "muon_adjust_lr"),
     ({"warmup_steps": 2.5}, "warmup_steps"), ({"checkpoint_every": 2.5}, "checkpoint_every"),
     ({"gamma": float("inf")}, "gamma"), ({"steps": True}, "steps"), ({"log_every": 0.5}, "log_every"),
-    ({"seed": 1.5}, "seed"), ({"input_noise": 1.0}, "input_noise"), ({"input_noise": -0.1}, "input_noise"),
-    ({"input_noise": True}, "input_noise"), ({"input_noise": float("nan")}, "input_noise"),
+    ({"seed": 1.5}, "seed"),
 ])
 def test_config_rejects_bad_values(kw, match):
     with pytest.raises(ValueError, match=match):
         TrainConfig(**kw)
-
-
-def test_corrupt_tokens_replaces_a_fraction_but_never_the_first_token():
-    x = torch.randint(3, VOCAB, (64, 200), generator=torch.Generator().manual_seed(3))
-    x[:, 0] = 1
-    assert T.corrupt_tokens(x, 0.0, VOCAB, seed=0, step=5) is x
-    y = T.corrupt_tokens(x, 0.25, VOCAB, seed=0, step=5)
-    assert y.shape == x.shape and y.dtype == x.dtype
-    assert torch.equal(y[:, 0], x[:, 0])
-    assert int(y.min()) >= 0 and int(y.max()) < VOCAB
-    # a replaced token may draw its old value (1 in VOCAB), so the changed share is a little under the fraction
-    changed = (y != x)[:, 1:].float().mean().item()
-    assert 0.25 * (1 - 1 / VOCAB) - 0.02 < changed < 0.25 + 0.02
-    assert torch.equal(y, T.corrupt_tokens(x, 0.25, VOCAB, seed=0, step=5)), "the same (seed, step) draws the same"
-    assert not torch.equal(y, T.corrupt_tokens(x, 0.25, VOCAB, seed=0, step=6))
-    assert not torch.equal(y, T.corrupt_tokens(x, 0.25, VOCAB, seed=1, step=5))
-
-
-def test_input_noise_changes_what_both_models_see():
-    # the teacher and the student read the same corrupted batch: with a student equal to the teacher the KL stays 0
-    teacher = tiny_llama()
-    ids = token_data()
-    cfg = TrainConfig(steps=3, batch_size=4, lr_latent=0.0, lr_scales=0.0, log_every=1, input_noise=0.3)
-    r = train(copy.deepcopy(teacher), teacher, ids, cfg, progress=False)
-    assert all(abs(h["kl"]) < 1e-6 for h in r.history)
-    # and the noise reaches the loss: a quantized student's KL differs from the noise-free run's
-    base = replace(cfg, input_noise=0.0)
-    kl_noisy = [h["kl"] for h in train(noisy_student(teacher), teacher, ids, cfg, progress=False).history]
-    kl_clean = [h["kl"] for h in train(noisy_student(teacher), teacher, ids, base, progress=False).history]
-    assert kl_noisy != kl_clean
 
 
 def test_latents_go_to_muon_and_the_rest_to_adamw():
@@ -225,13 +194,11 @@ def train_killed_at_first_checkpoint(monkeypatch, student, teacher, ids, cfg, ou
     monkeypatch.setattr(T, "save_checkpoint", real_save)
 
 
-@pytest.mark.parametrize("input_noise", [0.0, 0.2])
-def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, monkeypatch, input_noise):
-    # with input noise too: its draws depend on (seed, step), so the resumed steps see the same corrupted batches
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, monkeypatch):
     teacher = tiny_llama()
     ids = token_data()
     cfg = TrainConfig(steps=6, batch_size=4, lr_latent=1e-2, lr_scales=3e-3, gamma=1.0, checkpoint_every=3,
-                      log_every=1, input_noise=input_noise)
+                      log_every=1)
     straight = noisy_student(teacher, latent=True)
     ref = train(straight, teacher, ids, cfg, progress=False)
 
@@ -587,15 +554,15 @@ def test_experiment_hands_its_recipe_to_the_trainer(tmp_path, monkeypatch):
                            tokens=3 * 4 * 32, seq_len=32, batch_size=4,
                            data_seqs=16, calib_seqs=4, ppl_ctx=(), lr_latent=2e-3, lr_scales=3e-3, muon_momentum=0.9,
                            weight_decay=0.05, kl_temperature=2.0, train_embeddings=True, min_lr_ratio=0.1, gamma=0.5,
-                           input_noise=0.1, seed=7)
+                           seed=7)
     data = torch.randint(3, 500, (16, 32), generator=torch.Generator().manual_seed(1))
     with pytest.raises(RuntimeError, match="after the config check"):
         run_experiment(cfg, tmp_path / "run", device="cpu", progress=False, teacher_data=data)
     tc = seen["tc"]
     assert tc == cfg.train_config()
     assert (tc.steps, tc.lr_latent, tc.lr_scales, tc.muon_momentum, tc.weight_decay, tc.kl_temperature,
-            tc.freeze_embeddings, tc.min_lr_ratio, tc.gamma, tc.input_noise, tc.seed) == (3, 2e-3, 3e-3, 0.9, 0.05, 2.0,
-                                                                                          False, 0.1, 0.5, 0.1, 7)
+            tc.freeze_embeddings, tc.min_lr_ratio, tc.gamma, tc.seed) == (3, 2e-3, 3e-3, 0.9, 0.05, 2.0, False, 0.1,
+                                                                          0.5, 7)
 
 
 def test_experiment_trains_and_calibrates_on_a_text_file(tmp_path, monkeypatch, capsys):
