@@ -91,7 +91,8 @@ def add_export(sub) -> argparse.ArgumentParser:
                    help="base model: 'stories260k', 'smollm2-135m', a HF model dir, a llama2.c .bin or a .gguf "
                         "(default stories260k)")
     p.add_argument("--checkpoint", metavar="PATH", required=True,
-                   help="QAT checkpoint: a training output directory or its checkpoint.safetensors")
+                   help="QAT checkpoint: the folder of `rabit train --out DIR`, the trainer's output folder (DIR/train), or "
+                        "its checkpoint.safetensors")
     p.add_argument("--out", metavar="DIR", required=True, help="output directory (must not exist or be empty)")
     _add_layer_selection(p)
     _add_pack_options(p)
@@ -114,14 +115,26 @@ def _add_pack_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out directory")
 
 
+# Where a checkpoint sits below a folder: the trainer's own output folder, then the layout of `rabit train --out DIR`
+# (benchmarks/method_table.py writes the same per method), whose trainer writes to DIR/train (path freezing: its
+# second stage, DIR/train_path2, holds the final model)
+CHECKPOINT_PLACES = ("", "train", "train_path2")
+
+
 def _checkpoint_file(path: str) -> Path:
     p = Path(path)
-    if p.is_dir():
-        p = p / "checkpoint.safetensors"
-    if not p.is_file():
+    if not p.is_dir():
+        if p.is_file():
+            return p
         raise FileNotFoundError(f"rabit: QAT checkpoint {str(p)!r} not found; pass the training output directory "
                                 "or its checkpoint.safetensors")
-    return p
+    tried = [p / sub / "checkpoint.safetensors" for sub in CHECKPOINT_PLACES]
+    for f in tried:
+        if f.is_file():
+            return f
+    raise FileNotFoundError(f"rabit: no QAT checkpoint in {str(p)!r} (looked for "
+                            f"{', '.join(repr(str(f)) for f in tried)}); pass the training output directory "
+                            "(rabit train --out DIR) or its checkpoint.safetensors")
 
 
 def _prepare(args: argparse.Namespace):

@@ -559,6 +559,18 @@ def test_cli_export_from_qat_checkpoint_and_generate(qat, tmp_path, capsys):
     out = tmp_path / "packed"
     assert cli_main(["export", "--checkpoint", str(tmp_path / "run"), "--out", str(out), "--quiet", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
+    # `rabit train --out DIR` keeps the trainer's output in DIR/train: DIR itself is taken too
+    (tmp_path / "experiment").mkdir()
+    (tmp_path / "run").rename(tmp_path / "experiment" / "train")
+    assert cli_main(["export", "--checkpoint", str(tmp_path / "experiment"), "--out", str(tmp_path / "packed2"),
+                     "--quiet", "--json"]) == 0
+    capsys.readouterr()
+    assert torch.equal(load_file(out / "model.safetensors")["model.layers.0.mlp.up_proj.packed"],
+                       load_file(tmp_path / "packed2" / "model.safetensors")["model.layers.0.mlp.up_proj.packed"])
+    (tmp_path / "experiment" / "train").rename(tmp_path / "run")
+    assert cli_main(["export", "--checkpoint", str(tmp_path / "experiment"), "--out", str(tmp_path / "p3")]) == 1
+    err = capsys.readouterr().err
+    assert "no QAT checkpoint in" in err and "train" in err and "rabit train --out DIR" in err
     assert info["trained"] and info["quantized_modules"] == 35 and info["k"] == 2
     x = torch.tensor([tok.encode(PROMPT)])
     want = logits(rabit.convert_(copy.deepcopy(student)), x)

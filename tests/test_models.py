@@ -77,9 +77,15 @@ def test_dtype_and_load_model(stories):
     assert m2.config.num_hidden_layers == 5
 
 
-def test_load_model_unknown_name():
-    with pytest.raises(ValueError, match="stories260k.*smollm2-135m"):
+def test_load_model_unknown_name(tmp_path):
+    with pytest.raises(ValueError, match=r"\(not an existing path\).*stories260k.*smollm2-135m"):
         load_model("gpt-5")
+    # what the path is, so that an export that was never written is told from an unsupported file
+    with pytest.raises(ValueError, match=r"\(a directory without config.json\)"):
+        load_model(tmp_path)
+    (tmp_path / "weights.pt").write_bytes(b"x")
+    with pytest.raises(ValueError, match=r"\(a file that is neither a llama2.c .bin nor a .gguf\)"):
+        load_model(tmp_path / "weights.pt")
 
 
 def test_load_model_hf_dir_without_tokenizer(tmp_path):

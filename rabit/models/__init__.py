@@ -61,7 +61,10 @@ def load_model(name_or_path: str | Path = DEFAULT_MODEL, dtype: torch.dtype = to
         elif p.suffix == ".gguf" and p.is_file():
             return load_gguf(p, dtype=dtype, device=device)
         else:
-            raise ValueError(f"rabit: unknown model {str(name_or_path)!r}; use one of "
+            # say what the path is, so that a typo or a half-written export is told from an unsupported file
+            what = ("a directory without config.json" if p.is_dir() else
+                    "a file that is neither a llama2.c .bin nor a .gguf" if p.exists() else "not an existing path")
+            raise ValueError(f"rabit: unknown model {str(name_or_path)!r} ({what}); use one of "
                              f"{', '.join(repr(n) for n in MODEL_NAMES)}, a Hugging Face model "
                              "directory containing config.json, a llama2.c .bin checkpoint, or a "
                              ".gguf file")
