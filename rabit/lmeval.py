@@ -13,9 +13,11 @@ encodes exactly as the wrapped tokenizer does, because lm-eval's HFLM accepts on
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -200,8 +202,11 @@ def evaluate(model, tokenizer, tasks, limit: int | float | None = None, batch_si
         device = str(next(model.parameters()).device)
     lm = HFLM(pretrained=model, tokenizer=hf_tok, batch_size=batch_size, max_length=max_length, device=device)
     tm = TaskManager(include_path=str(include), include_defaults=False)
-    out = simple_evaluate(model=lm, tasks=names, num_fewshot=num_fewshot, limit=limit, task_manager=tm,
-                          bootstrap_iters=bootstrap_iters, log_samples=log_samples, batch_size=batch_size)
+    # lm-eval prints progress to stdout (e.g. "bootstrapping for stddev: perplexity" for LAMBADA); send it to stderr,
+    # so that stdout carries only what the caller prints (`rabit eval --json` must stay valid JSON)
+    with contextlib.redirect_stdout(sys.stderr):
+        out = simple_evaluate(model=lm, tasks=names, num_fewshot=num_fewshot, limit=limit, task_manager=tm,
+                              bootstrap_iters=bootstrap_iters, log_samples=log_samples, batch_size=batch_size)
     if out is None:
         raise RuntimeError("rabit.lmeval: lm_eval.simple_evaluate returned no results")
     res = {"results": _clean(out["results"]),

@@ -272,12 +272,13 @@ def test_errors_are_clear(tmp_path, stories):
 def test_cli_eval_tasks_and_ppl(packed_export, tmp_path, capsys):
     wiki = tmp_path / "wiki.test.raw"
     wiki.write_text("Once upon a time there was a little girl.\nShe liked to play in the park with her dog.\n" * 20)
-    argv = ["eval", str(packed_export), "--tasks", "piqa,winogrande", "--limit", "2", "--ppl", "--ctx", "64",
-            "--wikitext", str(wiki), "--quiet", "--json"]
+    # lambada_openai: lm-eval prints while it bootstraps the perplexity's stderr; --json's stdout must stay JSON
+    argv = ["eval", str(packed_export), "--tasks", "piqa,winogrande,lambada_openai", "--limit", "2", "--ppl", "--ctx",
+            "64", "--wikitext", str(wiki), "--quiet", "--json"]
     assert cli_main(argv) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["kind"] == "rabit-export"
-    assert set(out["lm_eval"]["results"]) == {"piqa", "winogrande"}
+    assert set(out["lm_eval"]["results"]) == {"piqa", "winogrande", "lambada_openai"}
     assert out["wikitext2"]["ppl"] > 1 and out["wikitext2"]["ctx"] == 64
     assert cli_main(["eval", str(packed_export), "--ppl", "--wikitext", str(tmp_path / "missing.raw")]) == 1
     assert "missing.raw" in capsys.readouterr().err
