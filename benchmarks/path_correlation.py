@@ -14,9 +14,9 @@ import torch
 import rabit
 from rabit.data import load_tokens
 from rabit.diagnostics import path_correlations, plot_path_correlations
-from rabit.experiment import ExperimentConfig
+from rabit.experiment import TRAIN_SUBDIR, ExperimentConfig
 from rabit.models import load_model
-from rabit.train import load_student_weights, read_checkpoint
+from rabit.train import CHECKPOINT_NAME, load_student_weights, read_checkpoint
 
 
 def main(argv=None):
@@ -37,7 +37,7 @@ def main(argv=None):
     for method in args.methods:
         student = copy.deepcopy(teacher)
         rabit.quantize_(student, ExperimentConfig(method=method).rabit_config(), progress=False)
-        meta, tensors = read_checkpoint(table / method / "train" / "checkpoint.safetensors")
+        meta, tensors = read_checkpoint(table / method / TRAIN_SUBDIR / CHECKPOINT_NAME)
         load_student_weights(student, meta, tensors)
         results[method] = path_correlations(student, teacher, ids)
         mean = {k: sum(r[k] for r in results[method]) / len(results[method]) for k in ("corr_r1_y2", "corr_y1_y2")}

@@ -115,20 +115,19 @@ def _add_pack_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out directory")
 
 
-# Where a checkpoint sits below a folder: the trainer's own output folder, then the layout of `rabit train --out DIR`
-# (benchmarks/method_table.py writes the same per method), whose trainer writes to DIR/train (path freezing: its
-# second stage, DIR/train_path2, holds the final model)
-CHECKPOINT_PLACES = ("", "train", "train_path2")
-
-
 def _checkpoint_file(path: str) -> Path:
+    from .experiment import PATH_FREEZE_SUBDIRS, TRAIN_SUBDIR
+    from .train import CHECKPOINT_NAME
+
     p = Path(path)
     if not p.is_dir():
         if p.is_file():
             return p
         raise FileNotFoundError(f"rabit: QAT checkpoint {str(p)!r} not found; pass the training output directory "
                                 "or its checkpoint.safetensors")
-    tried = [p / sub / "checkpoint.safetensors" for sub in CHECKPOINT_PLACES]
+    # the trainer's own output folder, then the layout of `rabit train --out DIR` (benchmarks/method_table.py writes
+    # the same per method): its trainer writes to DIR/train, path freezing's final stage to DIR/train_path2
+    tried = [p / sub / CHECKPOINT_NAME for sub in ("", TRAIN_SUBDIR, PATH_FREEZE_SUBDIRS[-1])]
     for f in tried:
         if f.is_file():
             return f

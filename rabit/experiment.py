@@ -35,6 +35,10 @@ import torch
 METHODS = ("rabit", "rabit-plain", "independent", "path-freeze", "onebit", "ptq")
 # block-reconstruction steps per decoder layer where ExperimentConfig.block_steps is None (a method that trains)
 DEFAULT_BLOCK_STEPS = 200
+# where run_experiment's trainer writes (checkpoint, history) below the run folder; path freezing trains two stages,
+# the second holding the final model. `rabit export --checkpoint` and benchmarks/path_correlation.py look there too.
+TRAIN_SUBDIR = "train"
+PATH_FREEZE_SUBDIRS = ("train_path1", "train_path2")
 # how the teacher samples the training data: rabit.data.generate_teacher_data's argument -> ExperimentConfig's field
 SAMPLING_FIELDS = {"temperature": "data_temperature", "top_k": "data_top_k", "start": "data_start",
                    "greedy_tokens": "data_greedy", "dtype": "data_dtype"}
@@ -412,9 +416,9 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, device: str = "cu
     init_s = time.perf_counter() - t0
     blocks, blocks_s = [], 0.0
     # a run resumed from its checkpoint loads the trained layers there: the block stage would be thrown away
-    resuming = cfg.method != "path-freeze" and (out / "train" / CHECKPOINT_NAME).is_file()
+    resuming = cfg.method != "path-freeze" and (out / TRAIN_SUBDIR / CHECKPOINT_NAME).is_file()
     if resuming and cfg.block_steps_run:
-        print(f"rabit train: resuming from {out / 'train' / CHECKPOINT_NAME}; skipping the block reconstruction",
+        print(f"rabit train: resuming from {out / TRAIN_SUBDIR / CHECKPOINT_NAME}; skipping the block reconstruction",
               flush=True)
     if cfg.block_steps_run and not resuming:
         from .block_recon import reconstruct_blocks
@@ -448,12 +452,12 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, device: str = "cu
 
             half = cfg.steps // 2
             first = train(student, teacher, teacher_data, replace(tc, steps=half,
-                          checkpoint_every=max(1, half // 2)), out_dir=out / "train_path1", progress=progress,
+                          checkpoint_every=max(1, half // 2)), out_dir=out / PATH_FREEZE_SUBDIRS[0], progress=progress,
                           eval_fn=eval_fn, eval_every=eval_every)
             add_residual_path_(student, teacher)
             rest = cfg.steps - half
             train_res = train(student, teacher, teacher_data, replace(tc, steps=rest, seed=cfg.seed + 1,
-                              checkpoint_every=max(1, rest // 2)), out_dir=out / "train_path2", progress=progress,
+                              checkpoint_every=max(1, rest // 2)), out_dir=out / PATH_FREEZE_SUBDIRS[1], progress=progress,
                               eval_fn=eval_fn, eval_every=eval_every)
             for h in train_res.history:
                 h["step"] += half
@@ -461,7 +465,7 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, device: str = "cu
             train_res.history = first.history + train_res.history
             eval_total = sum(r.eval_s for r in (first, train_res))
         else:
-            train_res = train(student, teacher, teacher_data, tc, out_dir=out / "train", progress=progress,
+            train_res = train(student, teacher, teacher_data, tc, out_dir=out / TRAIN_SUBDIR, progress=progress,
                               eval_fn=eval_fn, eval_every=eval_every)
             eval_total = train_res.eval_s
         # training time without the curve's evaluations (checkpoint writes stay in)
