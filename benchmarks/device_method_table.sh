@@ -7,9 +7,8 @@
 #   usage: [TABLE_DIR=/root/table] bash benchmarks/device_method_table.sh TOKENS METHOD... [-- METHOD_TABLE_ARGS...]
 # TABLE_DIR keeps each method's checkpoint: a later call with another --seed or other data needs another TABLE_DIR
 # (the trainer refuses to resume a checkpoint of a different run, and says so).
-# EVAL_TASKS=all (or a comma list): afterwards also export the rabit, rabit-plain and onebit models and run lm-eval's zero-shot tasks
-# on them and on the FP model (`rabit eval --tasks`), into $OUT/tasks_<method>.json and $OUT/tasks_fp.json; needs the
-# lm-eval wheels in .whl/ and the task files in .gguf/shared/data/tasks (docs/results.md, "zero-shot tasks").
+# The zero-shot tasks of the trained models run in a later call on the same warm machine:
+# benchmarks/device_tasks.sh (training and the tasks of the FP and a 2-bit model do not fit one 10-minute call).
 set -euo pipefail
 tokens=$1; shift
 methods=(); while [ $# -gt 0 ] && [ "$1" != "--" ]; do methods+=("$1"); shift; done
@@ -34,21 +33,6 @@ python3 benchmarks/method_table.py --model smollm2-135m --tokens "$tokens" --met
 mkdir -p "$OUT/table"
 cp $table/table.json "$OUT/table/"
 for m in "${methods[@]}"; do cp $table/$m/result.json "$OUT/table/result_$m.json"; done
-if [ -n "${EVAL_TASKS:-}" ]; then
-  python3 -m rabit eval smollm2-135m --tasks "$EVAL_TASKS" --batch-size 64 --device cuda --quiet --json \
-    > "$OUT/tasks_fp.json" 2>> "$OUT/log.txt" || echo "lm-eval of the FP model failed (log.txt)"
-  for m in "${methods[@]}"; do
-    case $m in rabit|rabit-plain|onebit) ;;  # the coupled layers that `rabit export` rebuilds from a QAT checkpoint
-      *) echo "tasks: $m is not exported by rabit export (ptq: no checkpoint; independent, path-freeze: other layers); skipped"
-         continue ;;
-    esac
-    k=2; [ "$m" = onebit ] && k=1
-    python3 -m rabit export --model smollm2-135m --checkpoint "$table/$m" --k $k --out "$table/export_$m" \
-      --overwrite --quiet 2>&1 | tail -2 || echo "export of $m failed"
-    python3 -m rabit eval "$table/export_$m" --tasks "$EVAL_TASKS" --batch-size 64 --device cuda --quiet --json \
-      > "$OUT/tasks_$m.json" 2>> "$OUT/log.txt" || echo "lm-eval of $m failed (log.txt)"
-  done
-fi
 if [[ " ${methods[*]} " == *" rabit "* && " ${methods[*]} " == *" independent "* ]]; then
   python3 benchmarks/path_correlation.py --model smollm2-135m --table $table --methods rabit independent \
     --plot "$OUT/path_correlation_smollm2.png" --json "$OUT/path_correlation_smollm2.json" 2>&1 | tee -a "$OUT/log.txt"
