@@ -144,6 +144,14 @@ inline void check_pack_args(const char *op, const at::Tensor &signs) {
                      op, ": expected a float or signed integer tensor of signs, got ", signs.scalar_type());
 }
 
+// The signs as float32 for the packing kernels (bit = value >= 0). Every accepted dtype but float64 converts with
+// its sign kept; a float64 value below float32's range rounds to -0.0, whose bit would be 1, so float64 is compared
+// in its own dtype.
+inline at::Tensor signs_as_f32(const at::Tensor &signs) {
+    if (signs.scalar_type() == at::kDouble) return at::where(signs >= 0, 1.0, -1.0).to(at::kFloat).contiguous();
+    return signs.to(at::kFloat).contiguous();
+}
+
 inline void check_unpack_args(const char *op, const at::Tensor &packed, int64_t in_features) {
     RABIT_CHECK_PACKED_DTYPE(op, packed);
     RABIT_CHECK_CONTIGUOUS(op, packed);

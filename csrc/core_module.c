@@ -67,6 +67,19 @@ static int rabit_check_scales(const char *op, PyArrayObject *g, PyArrayObject *h
     return 0;
 }
 
+/* NaN or Inf in a float32 array: named, as the torch ops do, instead of filling the result with NaN. */
+static int rabit_check_finite(const char *op, const char *name, PyArrayObject *a) {
+    const float *p = (const float *)PyArray_DATA(a);
+    npy_intp i, n = PyArray_SIZE(a);
+    for (i = 0; i < n; i++) {
+        if (!isfinite(p[i])) {
+            PyErr_Format(PyExc_ValueError, "%s: %s contains NaN or Inf", op, name);
+            return 1;
+        }
+    }
+    return 0;
+}
+
 static PyObject *core_pack_signs(PyObject *self, PyObject *args) {
     const char *op = "rabit._core.pack_signs";
     PyObject *obj, *res = NULL;
@@ -139,6 +152,7 @@ static PyObject *core_residual_binarize(PyObject *self, PyObject *args) {
         goto fail;
     }
     if (rabit_check_scales(op, g, h, out, in)) goto fail;
+    if (rabit_check_finite(op, "g", g) || rabit_check_finite(op, "h", h)) goto fail;
     K = PyArray_DIM(g, 0);
     pdims[0] = K;
     pdims[1] = out;
@@ -443,8 +457,12 @@ static PyObject *core_decode_attention(PyObject *self, PyObject *args, PyObject 
                          Py_TYPE(oscale)->tp_name);
             goto fail;
         }
-        if (!isfinite((float)scale)) {
-            PyErr_Format(PyExc_ValueError, "%s: scale must be finite in float32, got %g", op, scale);
+        if (!isfinite((float)scale) || !(scale > 0)) {
+            /* PyErr_Format has no %g: format the number with PyOS_double_to_string */
+            char *txt = PyOS_double_to_string(scale, 'g', 6, 0, NULL);
+            PyErr_Format(PyExc_ValueError, "%s: scale must be finite in float32 and > 0, got %s", op,
+                         txt ? txt : "?");
+            PyMem_Free(txt);
             goto fail;
         }
     }

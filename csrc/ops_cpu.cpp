@@ -74,8 +74,7 @@ std::tuple<at::Tensor, at::Tensor> scale_grads_cpu(const at::Tensor &grad, const
 at::Tensor pack_signs_cpu(const at::Tensor &signs) {
     const char *op = "rabit.pack_signs";
     check_pack_args(op, signs);
-    // Converting to float32 preserves every sign, so the bits do not depend on the input dtype.
-    at::Tensor s = signs.to(at::kFloat).contiguous();
+    at::Tensor s = signs_as_f32(signs);
     const int64_t in = s.size(-1), rows = s.numel() / in;
     std::vector<int64_t> shape(signs.sizes().begin(), signs.sizes().end());
     shape.back() = words_per_row(in);

@@ -3,6 +3,9 @@ message for one mistake, wherever it is made."""
 
 from __future__ import annotations
 
+import dataclasses
+import numbers
+
 import torch
 
 #: The activation and scale dtypes the packed ops take (their C checks say the same).
@@ -12,6 +15,17 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 def is_int(value) -> bool:
     """An int, and not a bool (True is an int to Python, not a count)."""
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_number_fields(config, who: str) -> None:
+    """A dataclass's fields whose default is a float take a real number (an int too), not a string or a bool: a
+    string would otherwise fail later, in a comparison, with an error that does not name the field."""
+    for f in dataclasses.fields(config):
+        v = getattr(config, f.name)
+        if v is None and "None" in str(f.type):  # an optional number (e.g. grad_clip=None: no clipping)
+            continue
+        if isinstance(f.default, float) and (isinstance(v, bool) or not isinstance(v, numbers.Real)):
+            raise TypeError(f"{who}: {f.name} must be a number, got {v!r} ({type(v).__name__})")
 
 
 def check_token_ids(token_ids: torch.Tensor, vocab_size: int, who: str = "rabit") -> None:

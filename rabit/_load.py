@@ -23,7 +23,7 @@ def load_extension(name: str):
     except ImportError as e:
         raise ImportError(
             f"rabit: the compiled extension rabit.{name} is missing or does not load ({e}). Rebuild it with: {REBUILD}"
-        ) from e
+        ) from None  # the message carries the cause; its chained traceback would bury the fix
     if (CHECKOUT / "kernels").is_dir() and (CHECKOUT / "csrc").is_dir():
         here = source_hash(CHECKOUT)
         if ext.SOURCE_HASH != here:

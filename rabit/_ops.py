@@ -62,11 +62,15 @@ def _scale_grads_fake(grad, g, h, packed):
 
 @torch.library.register_fake("rabit::pack_signs")
 def _pack_signs_fake(signs):
+    torch._check(signs.dim() >= 1 and signs.shape[-1] >= 1,
+                 lambda: f"rabit.pack_signs: expected signs with a non-empty last dimension (the in-features), got "
+                 f"shape {tuple(signs.shape)}")
     return signs.new_empty((*signs.shape[:-1], words_per_row(signs.shape[-1])), dtype=torch.int32)
 
 
 @torch.library.register_fake("rabit::unpack_signs")
 def _unpack_signs_fake(packed, in_features, dtype=None):
+    torch._check(packed.dim() >= 1, lambda: "rabit.unpack_signs: expected packed words with at least 1 dimension")
     torch._check(packed.shape[-1] == words_per_row(in_features),
                  lambda: f"rabit.unpack_signs: packed rows hold {packed.shape[-1]} words but in_features="
                  f"{in_features} needs {words_per_row(in_features)}")
@@ -90,7 +94,15 @@ def _packed_linear_fake(x, packed, g, h, bias=None):
     op = "rabit.packed_linear"
     torch._check(x.dim() == 2, lambda: f"{op}: expected a 2-D x [M, in], got {x.dim()}-D")
     torch._check(packed.dim() == 3, lambda: f"{op}: expected 3-D packed [K, out, words], got {packed.dim()}-D")
+    # the checks of the real kernels that do not need values, so that shape inference (torch.compile, meta)
+    # refuses what a run would refuse
+    torch._check(x.dtype in FLOAT_DTYPES, lambda: f"{op}: expected x to be float32, float16 or bfloat16, got {x.dtype}")
+    torch._check(packed.dtype == torch.int32, lambda: f"{op}: expected packed to be int32, got {packed.dtype}")
+    torch._check(x.device == packed.device, lambda: f"{op}: x is on {x.device} but packed on {packed.device}")
     _check_scales(op, g, h, packed.shape[1], x.shape[1])
+    torch._check(packed.shape[2] == words_per_row(x.shape[1]),
+                 lambda: f"{op}: packed rows hold {packed.shape[2]} words but x has in={x.shape[1]}, which needs "
+                 f"{words_per_row(x.shape[1])}")
     return x.new_empty((x.shape[0], packed.shape[1]))
 
 
@@ -109,6 +121,9 @@ def _packed_linear_group_fake(x, packed, g, h, bias):
 def _packed_linear_fused_fake(x, packed, g, h, bias, norm_weight, eps, up, residual, prefetch_weights=False):
     op = "rabit.packed_linear_fused"
     torch._check(up is None or up.shape == x.shape, lambda: f"{op}: up must have x's shape {tuple(x.shape)}")
+    torch._check(up is None or up.dtype == x.dtype, lambda: f"{op}: up must have x's dtype {x.dtype}")
+    torch._check(norm_weight is None or tuple(norm_weight.shape) == (x.shape[1],),
+                 lambda: f"{op}: norm_weight must be [{x.shape[1]}] (x's width)")
     torch._check(residual is None or len(packed) == 1,
                  lambda: f"{op}: a residual is added to a single layer's output, got {len(packed)} layers")
     return _packed_linear_group_fake(x, packed, g, h, bias)

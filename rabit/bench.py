@@ -86,7 +86,7 @@ def bench_shape(out: int, in_features: int, m: int, reps: int, pool_bytes: int) 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--threads", type=positive_int, default=os.cpu_count(), help="CPU threads (default: all)")
-    ap.add_argument("--reps", type=positive_int, default=30, help="timed calls per case (median reported)")
+    ap.add_argument("--reps", type=positive_int, default=30, help="timed calls per case (median reported; default %(default)s)")
     ap.add_argument("--m", type=positive_int, nargs="+", default=[1, 4, 128],
                     help="rows of x, M (default 1 4 128: decoding, a small batch, a prefill)")
     ap.add_argument("--out", default="benchmarks/results", help="folder for the JSON (default benchmarks/results)")

@@ -18,16 +18,16 @@ def collect_calibration_stats(model: nn.Module, input_ids: Tensor, names: list[s
     the distillation loss itself has zero gradient at the teacher (student == teacher), so it
     cannot rank output channels.
     """
-    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype not in (torch.int64,
-                                                                                                  torch.int32):
-        raise ValueError(f"rabit calibration: expected integer token ids [N, T], got "
-                         f"{getattr(input_ids, 'dtype', type(input_ids).__name__)} "
-                         f"{tuple(getattr(input_ids, 'shape', ()))}")
-    if input_ids.shape[0] < 1 or input_ids.shape[1] < 2:
-        raise ValueError(f"rabit calibration: expected at least one sequence of at least 2 tokens, got "
-                         f"{tuple(input_ids.shape)}")
+    check_token_ids(input_ids, model.get_input_embeddings().num_embeddings, "rabit calibration")  # type, dtype, range
+    if input_ids.dim() != 2 or input_ids.shape[0] < 1 or input_ids.shape[1] < 2:
+        raise ValueError(f"rabit calibration: expected token ids [N, T] with at least one sequence of at least 2 "
+                         f"tokens, got shape {tuple(input_ids.shape)}")
+    max_pos = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if max_pos is not None and input_ids.shape[1] > max_pos:  # the model's positions end there (training says so too)
+        raise ValueError(f"rabit calibration: sequences of {input_ids.shape[1]} tokens exceed the model's "
+                         f"max_position_embeddings={max_pos}; use shorter calibration sequences")
     check_positive_int(batch_size, "calib_batch_size", "rabit calibration")
-    check_token_ids(input_ids, model.get_input_embeddings().num_embeddings, "rabit calibration")
+    input_ids = input_ids.long()  # any integer dtype, as training takes
     device = next(model.parameters()).device
     sq_in, sq_out, count = {}, {}, {}
     handles = []

@@ -70,7 +70,8 @@ def _add_train(sub) -> argparse.ArgumentParser:
                     "OUT/result.json.")
     p.add_argument("--method", choices=METHODS, default=d.method, help="rabit (default) or a baseline")
     add_config_arguments(p, d)
-    p.add_argument("--device", default="cuda" if _cuda_available() else "cpu")
+    p.add_argument("--device", default="cuda" if _cuda_available() else "cpu",
+                   help="torch device (default %(default)s: cuda where a GPU is found)")
     p.add_argument("--out", required=True, metavar="DIR")
     _add_common(p)
     return p

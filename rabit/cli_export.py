@@ -167,7 +167,7 @@ def _pack_and_save(args: argparse.Namespace, model, tok, out: Path, **info_extra
 
 def run_export(args: argparse.Namespace) -> dict[str, Any]:
     from .quantize import RabitConfig, quantize_
-    from .train import load_student_weights, read_checkpoint
+    from .train import CheckpointMismatchError, load_student_weights, read_checkpoint
 
     ckpt = _checkpoint_file(args.checkpoint)
     meta, tensors = read_checkpoint(ckpt)
@@ -182,13 +182,9 @@ def run_export(args: argparse.Namespace) -> dict[str, Any]:
     quantize_(model, cfg, progress=not args.quiet)
     try:
         load_student_weights(model, meta, tensors)
-    except (ValueError, RuntimeError) as e:  # RuntimeError: load_state_dict's report, whose first line says nothing
-        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-        detail = next((ln for ln in lines if ln.startswith(("size mismatch", "Missing key", "Unexpected key"))),
-                      lines[0] if lines else type(e).__name__)
-        detail = detail.removeprefix("rabit: ")[:400]
+    except CheckpointMismatchError as e:
         raise CommandError(f"rabit: QAT checkpoint {str(ckpt)!r} does not fit --model {args.model!r} with --k "
-                           f"{args.k} --include {args.include} --exclude {args.exclude} ({detail}); pass the "
+                           f"{args.k} --include {args.include} --exclude {args.exclude} ({e.detail}); pass the "
                            "options the student was quantized with") from None
     return _pack_and_save(args, model, tok, out, checkpoint=str(ckpt), trained=True)
 
@@ -327,6 +323,9 @@ def run_generate(args: argparse.Namespace) -> dict[str, Any]:
     if args.runtime == "numpy":
         if sampled:
             raise CommandError("rabit: --runtime numpy decodes greedily; drop --temperature or use --runtime torch")
+        if args.compile:
+            raise CommandError("rabit: --runtime numpy has no --compile (it runs the NumPy kernels); drop it or use "
+                               "--runtime torch")
         if not _is_export_dir(args.model):
             raise CommandError(f"rabit: --runtime numpy needs an exported rabit directory, got {args.model!r}; "
                            "export it first with `rabit export`")

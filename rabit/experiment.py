@@ -242,11 +242,12 @@ def add_config_arguments(p, d: ExperimentConfig | None = None) -> None:
     d = d or ExperimentConfig()
     p.add_argument("--model", default=d.model, help=f"model name or path (default {d.model})")
     p.add_argument("--tokens", type=token_count, default=d.tokens, help="training tokens (default %(default).3g)")
-    p.add_argument("--seq-len", type=positive_int, default=d.seq_len, help="length of the teacher-sampled sequences")
+    p.add_argument("--seq-len", type=positive_int, default=d.seq_len, help="length of the teacher-sampled sequences (default %(default)s)")
     p.add_argument("--train-seq-len", type=non_negative_int, default=d.train_seq_len,
                    help="train on the sequences cut into pieces of this length, a divisor of --seq-len "
                         "(default 0: whole sequences)")
-    p.add_argument("--batch-size", type=positive_int, default=d.batch_size)
+    p.add_argument("--batch-size", type=positive_int, default=d.batch_size,
+                   help="sequences per training step (default %(default)s)")
     p.add_argument("--data-seqs", type=positive_int, default=d.data_seqs,
                    help="teacher-sampled sequences, reused over epochs (default %(default)s)")
     p.add_argument("--data-temperature", type=float, default=d.data_temperature,
@@ -270,8 +271,8 @@ def add_config_arguments(p, d: ExperimentConfig | None = None) -> None:
     p.add_argument("--text", default=d.text, metavar="FILE",
                    help="train and calibrate on this UTF-8 text file instead of teacher-sampled data: rows of "
                         "--seq-len tokens, at most --data-seqs of them (never an evaluation split)")
-    p.add_argument("--lr-latent", type=float, default=d.lr_latent, help="Muon learning rate of the latent weights")
-    p.add_argument("--lr-scales", type=float, default=d.lr_scales, help="AdamW learning rate of scales and norms")
+    p.add_argument("--lr-latent", type=float, default=d.lr_latent, help="Muon learning rate of the latent weights (default %(default)g)")
+    p.add_argument("--lr-scales", type=float, default=d.lr_scales, help="AdamW learning rate of scales and norms (default %(default)g)")
     p.add_argument("--muon-momentum", type=float, default=d.muon_momentum,
                    help="Muon's momentum for the latent weights (default %(default)g)")
     p.add_argument("--weight-decay", type=float, default=d.weight_decay,
@@ -282,7 +283,7 @@ def add_config_arguments(p, d: ExperimentConfig | None = None) -> None:
                    help="also train the full-precision token embeddings and lm_head (AdamW at --lr-scales)")
     p.add_argument("--min-lr-ratio", type=float, default=d.min_lr_ratio,
                    help="cosine floor as a fraction of the peak learning rates (default %(default)s)")
-    p.add_argument("--gamma", type=float, default=d.gamma, help="hidden-state MSE weight")
+    p.add_argument("--gamma", type=float, default=d.gamma, help="hidden-state MSE weight (default %(default)g)")
     p.add_argument("--init-iters", type=non_negative_int, default=d.init_iters, metavar="T",
                    help="Gauss-Seidel rounds of the residual SVID init (default %(default)s; 0: greedy SVID)")
     p.add_argument("--alpha-in", type=float, default=d.alpha_in,
@@ -307,7 +308,7 @@ def add_config_arguments(p, d: ExperimentConfig | None = None) -> None:
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=d.compile,
                    help="torch.compile the decoder layers and the loss while training: faster steps and less memory "
                         "after a one-time compile (TrainConfig.compile; default: on CUDA, not on the CPU)")
-    p.add_argument("--seed", type=non_negative_int, default=d.seed, help="seed of the teacher data and training")
+    p.add_argument("--seed", type=non_negative_int, default=d.seed, help="seed of the teacher data and training (default %(default)s)")
     p.add_argument("--curve", type=non_negative_int, default=d.curve_points, metavar="N",
                    help="also evaluate WikiText-2 PPL (ctx 2048; method_table.py: its first --ctx) N times during "
                         "training: the PPL-vs-tokens curve in result.json (default 0: only at the end)")

@@ -313,6 +313,9 @@ def build_skeleton(config_dict: dict[str, Any], dtype: torch.dtype | None = None
         raise ExportFormatError(f"rabit: config.json: unknown model_type {model_type!r} for this transformers "
                                 f"({e}); upgrade transformers") from None
     dtype = dtype or _torch_dtype(cfg_dict.get("dtype") or cfg_dict.get("torch_dtype")) or torch.float32
+    if dtype not in FLOAT_DTYPES:  # float64 activations would reach the packed layers, which do not take them
+        raise TypeError(f"rabit: the unquantized tensors of a rabit model load as float32, float16 or bfloat16, not "
+                        f"{dtype}; pass dtype=torch.float32 (or fix the dtype in config.json)")
     with no_init_weights():  # dense weights are allocated but never touched: they are replaced or loaded
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     replace_linears(model, qc["quantized_modules"], qc["k"], dtype)

@@ -145,6 +145,9 @@ class Llama2cTokenizer:
         prev = -1
         for t in ids:
             t = int(t)
+            if not 0 <= t < len(self.pieces):  # a negative id would silently index from the end
+                raise ValueError(f"rabit: token id {t} is outside this tokenizer's vocabulary "
+                                 f"(0..{len(self.pieces) - 1}); were the ids made with another tokenizer?")
             if t in (self.bos_id, self.eos_id):
                 prev = t
                 continue

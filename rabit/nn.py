@@ -6,8 +6,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._checks import is_int
 from ._ops import packed_linear, qat_linear, residual_binarize
 from .reference import STE_VARIANTS, words_per_row
+
+
+def _check_dims(who: str, in_features, out_features, k) -> None:
+    for name, v in (("in_features", in_features), ("out_features", out_features)):
+        if not is_int(v) or v < 1:
+            raise ValueError(f"{who}: {name} must be an integer >= 1, got {v!r}")
+    if not is_int(k) or not 1 <= k <= 4:
+        raise ValueError(f"{who}: k={k!r} paths is not supported; use an integer in 1..4")
 
 
 def _check_linear(op: str, linear) -> None:
@@ -44,8 +53,7 @@ class RaBiTLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, k: int = 2, bias: bool = True,
                  ste: str = "identity", ste_param: float = 1.0, device=None, dtype=None):
         super().__init__()
-        if not 1 <= k <= 4:
-            raise ValueError(f"RaBiTLinear: k={k} paths is not supported; use 1..4")
+        _check_dims("RaBiTLinear", in_features, out_features, k)
         if ste not in STE_VARIANTS:
             raise ValueError(f"RaBiTLinear: unknown ste {ste!r}; use one of {STE_VARIANTS}")
         self.in_features, self.out_features, self.k = in_features, out_features, k
@@ -108,8 +116,7 @@ class IndependentRaBiTLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, k: int = 2, bias: bool = True,
                  ste: str = "identity", ste_param: float = 1.0, device=None, dtype=None):
         super().__init__()
-        if not 1 <= k <= 4:
-            raise ValueError(f"IndependentRaBiTLinear: k={k} paths is not supported; use 1..4")
+        _check_dims("IndependentRaBiTLinear", in_features, out_features, k)
         self.in_features, self.out_features, self.k = in_features, out_features, k
         self.ste, self.ste_param = ste, float(ste_param)
         self.latents = nn.ParameterList(
@@ -155,6 +162,36 @@ class IndependentRaBiTLinear(nn.Module):
                 f"bias={self.bias is not None}, independent latents")
 
 
+def _fits(src: Tensor, dst: Tensor) -> bool:
+    """Whether ``dst`` (``src`` [K, n] cast) is finite and no path's vector lies wholly below the normal range (its
+    largest value a subnormal or 0, as if the path were cut). Single small values may flush: their products are
+    negligible beside the path's largest."""
+    peak = src.abs().amax(1)
+    return bool(torch.isfinite(dst).all()) and not bool(((peak != 0) & (peak < torch.finfo(dst.dtype).tiny)).any())
+
+
+def _scales_in(g: Tensor, h: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """g [K, out] and h [K, in] cast to ``dtype``. A layer computes g_k ⊙ B_k ⊙ h_k, so where a scale vector does not
+    fit ``dtype`` (float16: a value above 65504, or the whole vector below 6.1e-5) a power of two per path moves from
+    one vector to the other, which keeps every product g_k[o]·h_k[i] exact; an error if that cannot fit them either.
+    Scales that fit are cast unchanged."""
+    gd, hd = g.to(dtype), h.to(dtype)
+    if _fits(g, gd) and _fits(h, hd):
+        return gd, hd
+    g32, h32 = g.float(), h.float()
+    tiny = torch.finfo(torch.float32).tiny
+    gmax = g32.abs().amax(1, keepdim=True).clamp_min(tiny)
+    hmax = h32.abs().amax(1, keepdim=True).clamp_min(tiny)
+    c = torch.exp2(torch.round(0.5 * torch.log2(hmax / gmax)))  # both maxima near sqrt(gmax·hmax)
+    g32, h32 = g32 * c, h32 / c
+    gd, hd = g32.to(dtype), h32.to(dtype)
+    if _fits(g32, gd) and _fits(h32, hd):
+        return gd, hd
+    raise ValueError(f"PackedRaBiTLinear.from_rabit_linear: the scales span more than {dtype} can hold (|g| from "
+                     f"{g.abs().min().item():.3g} to {g.abs().max().item():.3g}, |h| from {h.abs().min().item():.3g} to "
+                     f"{h.abs().max().item():.3g}); the layer's training likely diverged")
+
+
 class PackedRaBiTLinear(nn.Module):
     """Inference form: packed sign planes + scales, no latent weight; ``y = Σ_k g_k ⊙ (B_k (h_k ⊙ x)) + b``.
 
@@ -165,6 +202,7 @@ class PackedRaBiTLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, k: int = 2, bias: bool = True,
                  scale_dtype: torch.dtype = torch.float16, bias_dtype: torch.dtype = torch.float32, device=None):
         super().__init__()
+        _check_dims("PackedRaBiTLinear", in_features, out_features, k)
         self.in_features, self.out_features, self.k = in_features, out_features, k
         self.register_buffer("packed", torch.zeros(k, out_features, words_per_row(in_features), dtype=torch.int32,
                                                    device=device))
@@ -182,10 +220,11 @@ class PackedRaBiTLinear(nn.Module):
                 bias_dtype=m.bias.dtype if m.bias is not None else torch.float32, device=m.g.device)
         p.packed.copy_(m.packed_signs())
         for name in ("g", "h"):
-            src = getattr(m, name).detach()
-            if not torch.isfinite(src).all():
+            if not torch.isfinite(getattr(m, name)).all():
                 raise ValueError(f"PackedRaBiTLinear.from_rabit_linear: {name} contains NaN or Inf")
-            getattr(p, name).copy_(src.to(scale_dtype))
+        g, h = _scales_in(m.g.detach(), m.h.detach(), scale_dtype)
+        p.g.copy_(g)
+        p.h.copy_(h)
         if m.bias is not None:
             p.bias.copy_(m.bias)
         return p

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ._checks import FLOAT_DTYPES, is_int
+from ._checks import FLOAT_DTYPES, check_number_fields, is_int
 from .calibrate import collect_calibration_stats
 from .init import (
     INIT_MODES,
@@ -56,6 +56,7 @@ class RabitConfig:
     ste_param: float = 1.0
 
     def __post_init__(self):
+        check_number_fields(self, "RabitConfig")
         if not (is_int(self.k) and 1 <= self.k <= 4):
             raise ValueError(f"RabitConfig: k={self.k!r} is not supported; use an integer k in 1..4 (RaBiT uses 2)")
         for field in ("include", "exclude"):
@@ -132,6 +133,10 @@ def quantize_(model: nn.Module, config: RabitConfig | None = None, calib_input_i
     targets = target_linears(model, config)
     if not targets:
         raise ValueError(f"rabit.quantize_: no nn.Linear matched include={config.include} exclude={config.exclude}")
+    for name, lin in targets:
+        if lin.weight.dtype not in FLOAT_DTYPES:  # the RaBiT ops take these; float64 would fail at the first forward
+            raise TypeError(f"rabit.quantize_: {name} has {lin.weight.dtype} weights; the RaBiT layers take float32, "
+                            "float16 or bfloat16: convert the model first (model.float())")
     stats = {}
     if calib_input_ids is not None:
         stats = collect_calibration_stats(model, calib_input_ids, [n for n, _ in targets], calib_batch_size, progress)
@@ -160,6 +165,12 @@ def convert_(model: nn.Module, scale_dtype: torch.dtype = torch.float16) -> nn.M
     if not names:
         raise ValueError("rabit.convert_: the model has no RaBiTLinear layers; call rabit.quantize_ first")
     _check_not_meta(model, "rabit.convert_")
-    for name in names:
-        _set_submodule(model, name, PackedRaBiTLinear.from_rabit_linear(model.get_submodule(name), scale_dtype))
+    packed = {}
+    for name in names:  # every layer is built before any is swapped, so a failure leaves the model as it was
+        try:
+            packed[name] = PackedRaBiTLinear.from_rabit_linear(model.get_submodule(name), scale_dtype)
+        except ValueError as e:
+            raise ValueError(f"rabit.convert_: layer {name}: {e}") from None
+    for name, layer in packed.items():
+        _set_submodule(model, name, layer)
     return model

@@ -33,9 +33,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ._checks import check_token_ids, is_int
+from ._checks import check_number_fields, check_token_ids, is_int
 from .data import atomic_write, make_output_dir, model_device, write_json_atomic
 from .muon import GroupedMuon
+from .nn import PackedRaBiTLinear
 
 logger = logging.getLogger(__name__)
 
@@ -106,6 +107,8 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        check_number_fields(self, "rabit: TrainConfig")
+
         def need(cond: bool, msg: str) -> None:
             if not cond:
                 raise ValueError(f"rabit: TrainConfig: {msg}")
@@ -485,7 +488,12 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, 
         raw = (f.metadata() or {}).get("rabit")
     if raw is None:
         raise ValueError(f"rabit: {str(path)!r} is not a rabit training checkpoint (no 'rabit' metadata)")
-    meta = json.loads(raw)
+    try:
+        meta = json.loads(raw)
+    except json.JSONDecodeError:
+        meta = None
+    if not isinstance(meta, dict):
+        raise ValueError(f"rabit: {str(path)!r} has unreadable 'rabit' metadata; {fix}")
     if meta.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"rabit: {str(path)!r} has checkpoint format {meta.get('format')!r}; "
                          f"this version reads {CHECKPOINT_FORMAT!r}")
@@ -493,15 +501,28 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, 
         return meta, load_file(str(path))
 
 
+class CheckpointMismatchError(ValueError):
+    """A checkpoint's tensors do not fit the student; ``detail`` names the first tensor that does not."""
+
+    def __init__(self, detail: str):
+        self.detail = detail
+        super().__init__(f"rabit: checkpoint does not fit this student ({detail}); was the student quantized with the "
+                         "same settings?")
+
+
 def load_student_weights(student: torch.nn.Module, meta: dict, tensors: dict[str, torch.Tensor]) -> None:
     """Copy the checkpoint's student weights into ``student`` (strict: every key must match)."""
     sd = {k[len("student."):]: v for k, v in tensors.items() if k.startswith("student.")}
     for alias, target in meta["aliases"].items():
         sd[alias] = sd[target]
-    missing, unexpected = student.load_state_dict(sd, strict=False)
+    try:
+        missing, unexpected = student.load_state_dict(sd, strict=False)
+    except RuntimeError as e:  # torch's report ("size mismatch for ..."), whose first line names no tensor
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        detail = next((ln for ln in lines if ln.startswith("size mismatch")), lines[-1] if lines else "")
+        raise CheckpointMismatchError(detail[:400]) from None
     if missing or unexpected:
-        raise ValueError(f"rabit: checkpoint does not fit this student (missing {missing[:5]}, unexpected "
-                         f"{unexpected[:5]}); was the student quantized with the same settings?")
+        raise CheckpointMismatchError(f"missing {missing[:5]}, unexpected {unexpected[:5]}")
 
 
 def _check_resume_compatible(meta: dict, config: TrainConfig, fingerprint: str, path: Path) -> None:
@@ -647,6 +668,10 @@ def train(
     config = config or TrainConfig()
     if eval_every < 0:
         raise ValueError(f"rabit: eval_every must be >= 0 (got {eval_every})")
+    packed = [n for n, m in student.named_modules() if isinstance(m, PackedRaBiTLinear)]
+    if packed:  # frozen bits, no latent: only norms and biases would train
+        raise ValueError(f"rabit: the student has packed layers ({packed[0]}, ... {len(packed)} in all), which do "
+                         "not train; train the model before rabit.convert_, or quantize the FP model again")
     dev = model_device(student)
     if model_device(teacher) != dev:
         raise ValueError(f"rabit: student is on {dev} but teacher on {model_device(teacher)}; "
@@ -852,5 +877,10 @@ def _read_history(path: Path, upto_step: int) -> list[dict[str, Any]]:
     """History entries up to the checkpoint's step (later ones are redone after a resume)."""
     if not path.is_file():
         return []
-    with open(path, encoding="utf-8") as f:
-        return [e for e in json.load(f) if e["step"] <= upto_step]
+    try:
+        with open(path, encoding="utf-8") as f:
+            entries = json.load(f)
+        return [e for e in entries if e["step"] <= upto_step]
+    except (json.JSONDecodeError, UnicodeDecodeError, TypeError, KeyError):
+        raise ValueError(f"rabit: {str(path)!r} is not a training history (a JSON list of steps); it is corrupt: "
+                         "delete it (the history restarts at the checkpoint) or restore a good copy") from None

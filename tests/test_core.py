@@ -75,6 +75,9 @@ def test_core_rejects_wrong_dtype_and_shape():
         _core.residual_binarize(w[0], g, h)
     with pytest.raises(ValueError, match="the layer needs g"):
         _core.residual_binarize(w, g[:, :3], h)
+    for name, bad in (("g", (g * np.float32("nan"), h)), ("h", (g, h * np.float32("inf")))):
+        with pytest.raises(ValueError, match=f"residual_binarize: {name} contains NaN or Inf"):
+            _core.residual_binarize(w, *bad)  # as the torch op does, instead of an all-NaN result
     w[1, 1] = np.nan
     with pytest.raises(ValueError, match="NaN or Inf"):
         _core.residual_binarize(w, g, h)
@@ -187,8 +190,11 @@ def test_core_decode_attention_rejects_bad_input():
         _core.decode_attention(kc[0, 0, :4].reshape(1, 4, 8), k, v, kc, vc, cos, sin, 0)  # q a view of k_cache
     with pytest.raises(TypeError, match="scale must be a number or None"):
         _core.decode_attention(q, k, v, kc, vc, cos, sin, 0, "0.3")
-    with pytest.raises(ValueError, match="scale must be finite"):
+    with pytest.raises(ValueError, match="scale must be finite in float32 and > 0, got 1e[+]300"):
         _core.decode_attention(q, k, v, kc, vc, cos, sin, 0, 1e300)
+    for bad in (0.0, -0.5):  # as the torch op, which rejects them
+        with pytest.raises(ValueError, match="scale must be finite in float32 and > 0"):
+            _core.decode_attention(q, k, v, kc, vc, cos, sin, 0, bad)
     with pytest.raises(ValueError, match="not a multiple of k's 3 KV heads"):
         _core.decode_attention(q, np.zeros((1, 3, 8), np.float32), np.zeros((1, 3, 8), np.float32),
                                np.zeros((1, 3, 6, 8), np.float32), np.zeros((1, 3, 6, 8), np.float32), cos, sin, 0)

@@ -441,6 +441,16 @@ CASES = {
                   ExportFormatError, rf"scale '{Q}\.h'"),
     "extra tensor": (lambda d: _edit_tensors(d, lambda t: t.update(stray=torch.zeros(3))), ExportFormatError,
                      "unexpected tensors"),
+    "bool k": (lambda d: _edit_config(d, lambda c: c["quantization_config"].update(k=True)), ExportFormatError,
+               "k=True; expected an integer"),
+    # the tokenizer is read from the model directory only, never from a path a config names
+    "tokenizer path": (lambda d: _edit_config(d, lambda c: c["quantization_config"].update(
+        tokenizer={"format": "llama2c", "file": "../config.json"})), ExportFormatError,
+                       r"tokenizer file '\.\./config\.json'; expected the name of a file in the model directory"),
+    "tokenizer file not a name": (lambda d: _edit_config(d, lambda c: c["quantization_config"].update(
+        tokenizer={"format": "llama2c", "file": 5})), ExportFormatError, "tokenizer file 5"),
+    "tokenizer file missing": (lambda d: _edit_config(d, lambda c: c["quantization_config"].update(
+        tokenizer={"format": "llama2c"})), ExportFormatError, "tokenizer file None"),
 }
 
 
@@ -451,6 +461,16 @@ def test_load_errors_name_the_problem(broken, case, loader):
     breakit(broken)
     with pytest.raises(exc, match=pattern):
         LOADERS[loader](broken)
+
+
+def test_load_refuses_float64(broken):
+    # float64 activations would reach the packed layers, which take float32, float16 and bfloat16
+    with pytest.raises(TypeError, match="load as float32, float16 or bfloat16, not torch.float64"):
+        export.from_pretrained(broken, dtype=torch.float64)
+    _edit_config(broken, lambda c: c.update(dtype="float64"))
+    with pytest.raises(TypeError, match="not torch.float64; pass dtype=torch.float32"):
+        export.from_pretrained(broken)
+    assert export.from_pretrained(broken, dtype=torch.float32) is not None
 
 
 def test_transformers_loader_rejects_wrong_version(broken):
@@ -529,6 +549,7 @@ def test_cli_generate_sampling(capsys):
     (["--top-k", "5"], "--top-k needs --temperature"),
     (["--temperature", "0"], "--temperature must be > 0"),
     (["--temperature", "1", "--runtime", "numpy"], "decodes greedily"),
+    (["--compile", "--runtime", "numpy"], "--runtime numpy has no --compile"),
 ])
 def test_cli_generate_sampling_errors(argv, needle, capsys):
     assert cli_main(["generate", "stories260k", "--prompt", "a", *argv]) == 1

@@ -191,6 +191,13 @@ def test_tokenizer_details(tok):
     assert tok.decode(torch.tensor([[1, 403, 407, 261, 378, 2]])) == "Once upon a time"
 
 
+@pytest.mark.parametrize("bad", [-1, 512])
+def test_decode_rejects_ids_outside_the_vocabulary(tok, bad):
+    # -1 would otherwise decode silently as the last piece (Python's negative index)
+    with pytest.raises(ValueError, match=rf"token id {bad} is outside this tokenizer's vocabulary \(0..511\)"):
+        tok.decode([1, 403, bad])
+
+
 def test_truncated_tokenizer(tmp_path):
     bad = tmp_path / "tok512.bin"
     bad.write_bytes(TOK512_BIN.read_bytes()[:-3])

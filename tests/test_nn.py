@@ -64,6 +64,30 @@ def test_packed_layer_freezes_the_qat_signs_and_scales_exactly():
     assert torch.equal(p.h, m.h.detach().half())
 
 
+@pytest.mark.parametrize("factor", [1e6, 1e-6])
+def test_packed_layer_moves_a_power_of_two_between_scales_that_float16_cannot_hold(factor):
+    # g beyond float16's range (Inf above 65504; all of it subnormal or 0 below 6.1e-5): a power of two per path
+    # moves between g and h, so every product g_k[o]·h_k[i] stays what it was, instead of an Inf or a cut path
+    m = rabit_layer()
+    with torch.no_grad():
+        m.g.mul_(factor)
+    p = rabit.PackedRaBiTLinear.from_rabit_linear(m)
+    assert torch.isfinite(p.g).all() and torch.isfinite(p.h).all() and (p.g.abs() >= 2 ** -14).all()
+    prod = m.g.detach()[:, :, None].double() * m.h.detach()[:, None, :].double()
+    prod16 = p.g[:, :, None].double() * p.h[:, None, :].double()
+    assert rel_err(prod16, prod) < 2e-3  # float16 rounding of both, as without the move
+    x = torch.randn(3, 40)
+    assert rel_err(p(x), m(x).detach()) < 2e-3
+
+
+def test_packed_layer_rejects_scales_no_power_of_two_can_fit():
+    m = rabit_layer()
+    with torch.no_grad():
+        m.g[0, 0] = 1e30  # the rest of g near 1: a spread of 1e30 in one vector, beyond float16's ~1e12
+    with pytest.raises(ValueError, match="the scales span more than torch.float16 can hold"):
+        rabit.PackedRaBiTLinear.from_rabit_linear(m)
+
+
 @pytest.mark.parametrize("bias", [True, False])
 def test_packed_output_equals_rabit_linear_output(bias):
     m = rabit_layer(bias=bias)
@@ -83,6 +107,17 @@ def test_packed_layer_rejects_wrong_width():
     p = rabit.PackedRaBiTLinear.from_rabit_linear(rabit_layer())
     with pytest.raises(ValueError, match="input has 41 features but the layer expects 40"):
         p(torch.randn(2, 41))
+
+
+@pytest.mark.parametrize("cls", ["RaBiTLinear", "IndependentRaBiTLinear", "PackedRaBiTLinear"])
+@pytest.mark.parametrize("kw, match", [({"k": 2.5}, "k=2.5 paths is not supported; use an integer in 1..4"),
+                                       ({"k": True}, "k=True"), ({"k": 5}, "k=5"),
+                                       ({"in_features": 0}, "in_features must be an integer >= 1, got 0"),
+                                       ({"out_features": 8.0}, "out_features must be an integer >= 1, got 8.0")])
+def test_layers_reject_bad_sizes(cls, kw, match):
+    args = {"in_features": 40, "out_features": 8, **kw}
+    with pytest.raises(ValueError, match=rf"{cls}: {match}"):
+        getattr(rabit, cls)(**args)
 
 
 def test_from_linear_rejects_other_modules():
@@ -209,6 +244,8 @@ def test_a_model_on_the_meta_device_is_named():
     ({"exclude": "lm_head"}, TypeError, r"write exclude=\('lm_head',\)"),
     ({"include": ("a", 3)}, TypeError, "glob patterns"),
     ({"k": 2.5}, ValueError, "integer k in 1..4"), ({"k": True}, ValueError, "integer k"),
+    ({"alpha_in": "0.5"}, TypeError, r"alpha_in must be a number, got '0.5' \(str\)"),
+    ({"ste_param": "1"}, TypeError, "ste_param must be a number"),
     ({"init_iters": 1.5}, ValueError, "init_iters must be an integer >= 0"),
     ({"alpha_in": float("nan")}, ValueError, "finite and >= 0"), ({"alpha_out": float("inf")}, ValueError, "finite"),
 ])
@@ -228,6 +265,38 @@ def test_config_rejects_what_would_go_wrong_later(kw, err, match):
 def test_calibration_input_errors(ids, bs, match):
     with pytest.raises(ValueError, match=match):
         rabit.quantize_(tiny_llama(), calib_input_ids=ids, calib_batch_size=bs, progress=False)
+
+
+def test_calibration_takes_the_token_ids_training_takes():
+    model = tiny_llama()
+    ids = torch.randint(0, 128, (2, 9))
+    with pytest.raises(TypeError, match="token ids must be an integer tensor, got torch.float32"):
+        rabit.quantize_(tiny_llama(), calib_input_ids=ids.float(), progress=False)
+    too_long = torch.zeros(1, model.config.max_position_embeddings + 1, dtype=torch.long)
+    with pytest.raises(ValueError, match="exceed the model's max_position_embeddings"):
+        rabit.quantize_(tiny_llama(), calib_input_ids=too_long, progress=False)
+    # any integer dtype, as in training: int16 gives the same init as int64
+    a, b = tiny_llama(), tiny_llama()
+    b.load_state_dict(a.state_dict())
+    rabit.quantize_(a, rabit.RabitConfig(init_iters=1), calib_input_ids=ids, progress=False)
+    rabit.quantize_(b, rabit.RabitConfig(init_iters=1), calib_input_ids=ids.short(), progress=False)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_quantize_refuses_float64_models():
+    with pytest.raises(TypeError, match=r"has torch.float64 weights; .* convert the model first \(model.float\(\)\)"):
+        rabit.quantize_(tiny_llama().double(), progress=False)
+
+
+def test_convert_names_the_layer_and_leaves_the_model_as_it_was():
+    model = tiny_llama()
+    rabit.quantize_(model, rabit.RabitConfig(init_iters=1), progress=False)
+    bad = "model.layers.1.mlp.down_proj"
+    with torch.no_grad():
+        model.get_submodule(bad).g[0, 0] = float("inf")
+    with pytest.raises(ValueError, match=f"rabit.convert_: layer {bad}: .*g contains NaN or Inf"):
+        rabit.convert_(model)
+    assert not any(isinstance(m, rabit.PackedRaBiTLinear) for m in model.modules())
 
 
 def test_another_architecture_with_biases_round_trips_through_convert():

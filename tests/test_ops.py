@@ -216,6 +216,13 @@ def test_unpack_ignores_padding_bits():
     assert torch.equal(rabit.unpack_signs(packed, 5), torch.ones(1, 5))
 
 
+def test_pack_float64_signs_in_their_own_dtype():
+    # -1e-300 rounds to -0.0 in float32, whose bit is 1; the sign of the float64 value is what counts
+    signs = torch.tensor([[-1e-300, -1e-46, 1e-300, 0.0, -0.0, float("nan"), 2.0]], dtype=torch.float64)
+    assert torch.equal(rabit.pack_signs(signs), R.pack_signs(signs))
+    assert rabit.unpack_signs(rabit.pack_signs(signs), 7).tolist() == [[-1.0, -1.0, 1.0, 1.0, 1.0, -1.0, 1.0]]
+
+
 def test_pack_accepts_integer_signs():
     signs = torch.tensor([[1, -1, 0, -3]], dtype=torch.int8)
     assert rabit.unpack_signs(rabit.pack_signs(signs), 4).tolist() == [[1.0, -1.0, 1.0, -1.0]]
@@ -1067,3 +1074,30 @@ def test_residual_binarize_without_finite_check_computes_like_the_reference(what
     torch.testing.assert_close(what_k.cpu(), what_r, rtol=0, atol=0, equal_nan=True)
     with pytest.raises(ValueError, match="NaN or Inf"):
         rabit.residual_binarize(w.to(device), g.to(device), h.to(device))
+
+
+# ---------------------------------------------------------------- shape inference (meta tensors, torch.compile)
+def _meta(*shape, dtype=torch.float32):
+    return torch.empty(*shape, dtype=dtype, device="meta")
+
+
+@pytest.mark.parametrize("case, call, match", [
+    ("int x", lambda: rabit.packed_linear(_meta(2, 40, dtype=torch.int32), _meta(2, 8, 2, dtype=torch.int32),
+                                          _meta(2, 8), _meta(2, 40)), "expected x to be float32, float16 or bfloat16"),
+    ("word count", lambda: rabit.packed_linear(_meta(2, 40), _meta(2, 8, 3, dtype=torch.int32), _meta(2, 8),
+                                               _meta(2, 40)), "packed rows hold 3 words but x has in=40, which needs 2"),
+    ("packed dtype", lambda: rabit.packed_linear(_meta(2, 40), _meta(2, 8, 2, dtype=torch.int64), _meta(2, 8),
+                                                 _meta(2, 40)), "expected packed to be int32"),
+    ("x on another device", lambda: rabit.packed_linear(_meta(2, 40), torch.zeros(2, 8, 2, dtype=torch.int32),
+                                                        torch.ones(2, 8), torch.ones(2, 40)), "x is on meta but packed on cpu"),
+    ("norm_weight", lambda: rabit.packed_linear_fused(_meta(2, 40), [_meta(2, 8, 2, dtype=torch.int32)], [_meta(2, 8)],
+                                                      [_meta(2, 40)], norm_weight=_meta(41)), r"norm_weight must be \[40\]"),
+    ("up dtype", lambda: rabit.packed_linear_fused(_meta(2, 40), [_meta(2, 8, 2, dtype=torch.int32)], [_meta(2, 8)],
+                                                   [_meta(2, 40)], up=_meta(2, 40, dtype=torch.float16)),
+     "up must have x's dtype"),
+    ("0-d signs", lambda: rabit.pack_signs(torch.empty((), device="meta")), "expected signs with a non-empty last"),
+])
+def test_meta_shape_inference_refuses_what_the_kernels_refuse(case, call, match):
+    # on the meta device only the fake kernels run: they must not pass what a real call would refuse
+    with pytest.raises((RuntimeError, ValueError, TypeError), match=match):
+        call()

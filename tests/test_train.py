@@ -119,6 +119,14 @@ def test_config_rejects_bad_values(kw, match):
         TrainConfig(**kw)
 
 
+@pytest.mark.parametrize("kw", [{"lr_latent": "1e-3"}, {"grad_clip": "1"}, {"muon_momentum": "0.9"},
+                                {"gamma": True}])
+def test_config_names_a_number_field_given_another_type(kw):
+    (name, value), = kw.items()
+    with pytest.raises(TypeError, match=rf"TrainConfig: {name} must be a number, got {value!r} \({type(value).__name__}\)"):
+        TrainConfig(**kw)
+
+
 def test_latents_go_to_muon_and_the_rest_to_adamw():
     s = noisy_student(tiny_llama(), latent=True)
     opts = T.build_optimizers(s, TrainConfig())
@@ -233,6 +241,42 @@ def test_resume_refuses_a_different_run(tmp_path):
     r = train(noisy_student(teacher), teacher, ids, TrainConfig(steps=2, batch_size=4, lr_scales=5e-3),
               out_dir=tmp_path, resume=False, progress=False)
     assert r.start_step == 0
+
+
+def test_resume_names_a_corrupt_file_and_a_student_that_does_not_fit(tmp_path):
+    from rabit.quantize import RabitConfig, quantize_
+
+    teacher = tiny_llama()
+    ids = token_data()
+    cfg = TrainConfig(steps=2, batch_size=4, checkpoint_every=1)
+
+    def student(k):
+        s = copy.deepcopy(teacher)
+        quantize_(s, RabitConfig(k=k, init_iters=1), progress=False)
+        return s
+
+    train(student(2), teacher, ids, cfg, out_dir=tmp_path, progress=False)
+    hist = tmp_path / "history.json"
+    good = hist.read_text()
+    for text in ('[{"step": 1', '{"step": 1}', '["x"]'):  # cut off, an object, not a list of steps
+        hist.write_text(text)
+        with pytest.raises(ValueError, match=r"history.json' is not a training history .* delete it"):
+            train(student(2), teacher, ids, cfg, out_dir=tmp_path, progress=False)
+    hist.write_text(good)
+    # the same layers with another number of paths: torch's size mismatch, named as the student not fitting
+    with pytest.raises(ValueError, match=r"checkpoint does not fit this student \(.*size mismatch.*same settings"):
+        train(student(1), teacher, ids, cfg, out_dir=tmp_path, progress=False)
+
+
+def test_train_refuses_a_packed_student():
+    from rabit.quantize import RabitConfig, convert_, quantize_
+
+    teacher = tiny_llama()
+    s = copy.deepcopy(teacher)
+    convert_(quantize_(s, RabitConfig(init_iters=1), progress=False))
+    with pytest.raises(ValueError, match=r"packed layers \(model.layers.0.self_attn.q_proj, .*train the model before "
+                                         r"rabit.convert_"):
+        train(s, teacher, token_data(), TrainConfig(steps=1, batch_size=4), progress=False)
 
 
 def test_a_run_killed_eager_resumes_compiled(tmp_path, monkeypatch, dynamo_only):

@@ -112,7 +112,7 @@ at::Tensor pack_signs_cuda(const at::Tensor &signs) {
     check_pack_args(op, signs);
     const c10::cuda::CUDAGuard guard(signs.device());
     const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-    at::Tensor s = signs.to(at::kFloat).contiguous();
+    at::Tensor s = signs_as_f32(signs);
     const int64_t in = s.size(-1), rows = s.numel() / in;
     std::vector<int64_t> shape(signs.sizes().begin(), signs.sizes().end());
     shape.back() = words_per_row(in);

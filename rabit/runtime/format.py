@@ -124,7 +124,7 @@ def validate_quantization_config(qc: Any, where: str = "config.json") -> dict[st
         raise ExportFormatError(f"rabit: {where}: format_version {version!r} is not supported; this rabit "
                                 f"reads format_version {FORMAT_VERSION} (upgrade rabit or re-export the model)")
     k = qc.get("k")
-    if not isinstance(k, int) or not 1 <= k <= MAX_K:
+    if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= MAX_K:
         raise ExportFormatError(f"rabit: {where}: k={k!r}; expected an integer in 1..{MAX_K}")
     mods = qc.get("quantized_modules")
     if not isinstance(mods, list) or not mods or not all(isinstance(m, str) and m for m in mods):
@@ -140,6 +140,12 @@ def validate_quantization_config(qc: Any, where: str = "config.json") -> dict[st
     if tok is not None and (not isinstance(tok, dict) or tok.get("format") not in ("huggingface", "llama2c")):
         raise ExportFormatError(f"rabit: {where}: tokenizer={tok!r}; expected null, "
                                 "{'format': 'huggingface'} or {'format': 'llama2c', 'file': NAME}")
+    if tok is not None and tok["format"] == "llama2c":
+        name = tok.get("file")
+        # a bare file name: the tokenizer is read from the model directory and nowhere else
+        if not isinstance(name, str) or not name or name != os.path.basename(name) or name in (".", ".."):
+            raise ExportFormatError(f"rabit: {where}: tokenizer file {name!r}; expected the name of a file in the "
+                                    "model directory (no path)")
     return qc
 
 
