@@ -45,3 +45,23 @@ def check_token_ids(token_ids: torch.Tensor, vocab_size: int, who: str = "rabit"
 def check_positive_int(value, name: str, who: str = "rabit") -> None:
     if not (is_int(value) and value >= 1):
         raise ValueError(f"{who}: {name} must be an integer >= 1, got {value!r}")
+
+
+def validate_token_ids(token_ids: torch.Tensor, vocab_size: int, batch_size: int | None = None,
+                       max_positions: int | None = None, who: str = "rabit") -> torch.Tensor:
+    """Training or calibration token ids: ``[N, T]`` integers in ``[0, vocab_size)``, T >= 2, at most
+    ``max_positions`` per sequence and at least ``batch_size`` sequences; returns them as int64."""
+    check_token_ids(token_ids, vocab_size, who)
+    if token_ids.dim() != 2:
+        raise ValueError(f"{who}: token ids must be 2-D [n_seqs, seq_len], got shape {tuple(token_ids.shape)}")
+    n, t = token_ids.shape
+    if t < 2:
+        raise ValueError(f"{who}: sequences must have at least 2 tokens to predict anything (seq_len={t})")
+    if n < 1:
+        raise ValueError(f"{who}: token ids have no sequences; expected at least one sequence")
+    if batch_size is not None and batch_size > n:
+        raise ValueError(f"{who}: batch_size={batch_size} is larger than the number of sequences ({n}); "
+                         "use more data or a smaller batch_size")
+    if max_positions is not None and t > max_positions:
+        raise ValueError(f"{who}: sequences of {t} tokens exceed the model's max_position_embeddings={max_positions}")
+    return token_ids.long()

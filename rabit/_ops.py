@@ -9,6 +9,7 @@ from torch import Tensor
 
 from ._checks import FLOAT_DTYPES
 from .reference import STE_VARIANTS, words_per_row
+from .runtime.format import MAX_K
 
 _ops = torch.ops.rabit
 
@@ -21,7 +22,7 @@ def _check_ste(op: str, ste: str, ste_param: float) -> None:
 def _check_scales(op: str, g: Tensor, h: Tensor, out: int, in_features: int) -> None:
     torch._check(g.dim() == 2 and h.dim() == 2, lambda: f"{op}: expected 2-D g [K, out] and h [K, in], got "
                  f"{g.dim()}-D and {h.dim()}-D")
-    torch._check(1 <= g.shape[0] <= 4, lambda: f"{op}: g has K={g.shape[0]} paths; rabit supports K=1..4")
+    torch._check(1 <= g.shape[0] <= MAX_K, lambda: f"{op}: g has K={g.shape[0]} paths; rabit supports K=1..{MAX_K}")
     torch._check(tuple(g.shape) == (g.shape[0], out) and tuple(h.shape) == (g.shape[0], in_features),
                  lambda: f"{op}: g is {tuple(g.shape)} and h is {tuple(h.shape)} but the layer needs "
                  f"[K, {out}] and [K, {in_features}]")

@@ -7,7 +7,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ._checks import check_positive_int, check_token_ids
+from ._checks import check_positive_int, validate_token_ids
 
 
 def collect_calibration_stats(model: nn.Module, input_ids: Tensor, names: list[str], batch_size: int = 8,
@@ -18,16 +18,10 @@ def collect_calibration_stats(model: nn.Module, input_ids: Tensor, names: list[s
     the distillation loss itself has zero gradient at the teacher (student == teacher), so it
     cannot rank output channels.
     """
-    check_token_ids(input_ids, model.get_input_embeddings().num_embeddings, "rabit calibration")  # type, dtype, range
-    if input_ids.dim() != 2 or input_ids.shape[0] < 1 or input_ids.shape[1] < 2:
-        raise ValueError(f"rabit calibration: expected token ids [N, T] with at least one sequence of at least 2 "
-                         f"tokens, got shape {tuple(input_ids.shape)}")
     max_pos = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    if max_pos is not None and input_ids.shape[1] > max_pos:  # the model's positions end there (training says so too)
-        raise ValueError(f"rabit calibration: sequences of {input_ids.shape[1]} tokens exceed the model's "
-                         f"max_position_embeddings={max_pos}; use shorter calibration sequences")
+    input_ids = validate_token_ids(input_ids, model.get_input_embeddings().num_embeddings, None, max_pos,
+                                   "rabit calibration")
     check_positive_int(batch_size, "calib_batch_size", "rabit calibration")
-    input_ids = input_ids.long()  # any integer dtype, as training takes
     device = next(model.parameters()).device
     sq_in, sq_out, count = {}, {}, {}
     handles = []

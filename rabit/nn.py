@@ -9,14 +9,15 @@ from torch import Tensor, nn
 from ._checks import is_int
 from ._ops import packed_linear, qat_linear, residual_binarize
 from .reference import STE_VARIANTS, words_per_row
+from .runtime.format import MAX_K
 
 
 def _check_dims(who: str, in_features, out_features, k) -> None:
     for name, v in (("in_features", in_features), ("out_features", out_features)):
         if not is_int(v) or v < 1:
             raise ValueError(f"{who}: {name} must be an integer >= 1, got {v!r}")
-    if not is_int(k) or not 1 <= k <= 4:
-        raise ValueError(f"{who}: k={k!r} paths is not supported; use an integer in 1..4")
+    if not is_int(k) or not 1 <= k <= MAX_K:
+        raise ValueError(f"{who}: k={k!r} paths is not supported; use an integer in 1..{MAX_K}")
 
 
 def _check_linear(op: str, linear) -> None:

@@ -24,6 +24,7 @@ from .init import (
     init_rabit_linear,
 )
 from .nn import QAT_LAYERS, IndependentRaBiTLinear, PackedRaBiTLinear, RaBiTLinear
+from .runtime.format import MAX_K
 
 
 @dataclass
@@ -57,8 +58,8 @@ class RabitConfig:
 
     def __post_init__(self):
         check_number_fields(self, "RabitConfig")
-        if not (is_int(self.k) and 1 <= self.k <= 4):
-            raise ValueError(f"RabitConfig: k={self.k!r} is not supported; use an integer k in 1..4 (RaBiT uses 2)")
+        if not (is_int(self.k) and 1 <= self.k <= MAX_K):
+            raise ValueError(f"RabitConfig: k={self.k!r} is not supported; use an integer k in 1..{MAX_K} (RaBiT uses 2)")
         for field in ("include", "exclude"):
             patterns = getattr(self, field)
             # tuple("lm_head") would be ('l', 'm', ...): a lone string is refused, not split into characters

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ._checks import check_number_fields, check_token_ids, is_int
+from ._checks import check_number_fields, is_int, validate_token_ids
 from .data import atomic_write, make_output_dir, model_device, write_json_atomic
 from .muon import GroupedMuon
 from .nn import PackedRaBiTLinear
@@ -219,29 +219,6 @@ def _vocab_size(model: torch.nn.Module) -> int:
     if v is None:
         raise ValueError("rabit: cannot find the model's vocabulary size (no get_input_embeddings / config.vocab_size)")
     return int(v)
-
-
-def validate_token_ids(token_ids: torch.Tensor, vocab_size: int, batch_size: int | None = None,
-                       max_positions: int | None = None) -> torch.Tensor:
-    """Check ``token_ids`` is ``[N, T]`` integer with ids in ``[0, vocab_size)``; returns it as int64."""
-    if not isinstance(token_ids, torch.Tensor):
-        raise TypeError(f"rabit: token_ids must be a torch.Tensor [N, T], got {type(token_ids).__name__}")
-    if token_ids.dtype.is_floating_point or token_ids.dtype == torch.bool:
-        raise TypeError(f"rabit: token_ids must be an integer tensor, got {token_ids.dtype}")
-    if token_ids.dim() != 2:
-        raise ValueError(f"rabit: token_ids must be 2-D [n_seqs, seq_len], got shape {tuple(token_ids.shape)}")
-    n, t = token_ids.shape
-    if t < 2:
-        raise ValueError(f"rabit: sequences must have at least 2 tokens to predict anything (seq_len={t})")
-    if n < 1:
-        raise ValueError("rabit: token_ids has no sequences")
-    if batch_size is not None and batch_size > n:
-        raise ValueError(f"rabit: batch_size={batch_size} is larger than the number of sequences ({n}); "
-                         "use more data or a smaller batch_size")
-    if max_positions is not None and t > max_positions:
-        raise ValueError(f"rabit: seq_len={t} exceeds the model's max_position_embeddings={max_positions}")
-    check_token_ids(token_ids, vocab_size)
-    return token_ids.long()
 
 
 def data_fingerprint(token_ids: torch.Tensor) -> str:
