@@ -177,48 +177,6 @@ __device__ __forceinline__ float ld_cluster_f32(uint32_t remote) {
     return v;
 }
 
-/* mbarriers (sm_90 for the transaction counts and bulk copies; the bodies are empty below, where nothing calls them):
-   init with an arrival count, arrive, arrive with an expected byte count, wait for the phase of the given parity, and
-   a bulk copy of `bytes` (a multiple of 16, both addresses 16-byte aligned) from global into this block's shared
-   memory whose completion counts against the mbarrier's expected bytes. */
-__device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
-#endif
-}
-__device__ __forceinline__ void mbar_fence_init() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
-#endif
-}
-__device__ __forceinline__ void mbar_expect_tx(uint32_t bar, uint32_t bytes) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
-#endif
-}
-__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile(
-        "{\n.reg .pred P1;\nWAIT:\n"
-        "mbarrier.try_wait.parity.shared::cta.b64 P1, [%0], %1;\n"
-        "@P1 bra DONE;\nbra WAIT;\nDONE:\n}\n" ::"r"(bar),
-        "r"(parity)
-        : "memory");
-#endif
-}
-__device__ __forceinline__ void bulk_copy_g2s(uint32_t dst, const void *src, uint32_t bytes, uint32_t bar) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n"
-                 ::"r"(dst), "l"(src), "r"(bytes), "r"(bar)
-                 : "memory");
-#endif
-}
-
 /* cluster_x > 1: the grid's blocks also form thread-block clusters of cluster_x x 1 x 1 (sm_90). */
 template <typename Args>
 cudaError_t launch_pdl(void (*kernel)(Args), dim3 grid, int threads, size_t smem, const Args &a, cudaStream_t s,

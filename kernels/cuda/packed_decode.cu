@@ -41,8 +41,6 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
-#include <cstdlib>
-#include <cstring>
 
 #include "common.cuh"
 #include "rabit_cuda.cuh"
@@ -319,10 +317,6 @@ struct GroupArgs {
     void *y[kDecodeMaxLayers];
     int64_t out[kDecodeMaxLayers];
     int vec[kDecodeMaxLayers];
-    // the fp16 kernel of row blocks (gemv_f16w_kernel): the blocks that split a row block's groups (a cluster), the
-    // fragment stages in shared memory, the most groups a split has, and layer l's first row block (rb0[layers]: all)
-    int splits, stages, gps;
-    int64_t rb0[kDecodeMaxLayers + 1];
 };
 
 /* The arguments of the layer that owns 16-row tile `tile` (of all layers), and the tile's index in that layer.
@@ -938,13 +932,7 @@ constexpr int kF16Pitch = 545;  // shared row pitch: 1 mod 32, room for one pad 
 __host__ __device__ __forceinline__ int f16_col(int t, int q, int hh, int bit) { return 32 * (4 * t + 2 * q + hh) + bit; }
 
 /* Two fp16 +-1.0 from bits 15 - s and 31 - s of w: set bit = +1. */
-__device__ __forceinline__ uint32_t pm1_f16(uint32_t w, int s) {
-    // one shift and one LOP3 ((a & b) ^ c: immLut 0x6a); written out because nvcc 13 built it from three or four
-    // instructions (ncu, 2026-11-29: 3.4 per register)
-    uint32_t r;
-    asm("lop3.b32 %0, %1, 0x80008000, 0xBC00BC00, 0x6a;\n" : "=r"(r) : "r"(w << s));
-    return r;
-}
+__device__ __forceinline__ uint32_t pm1_f16(uint32_t w, int s) { return ((w << s) & 0x80008000u) ^ 0xBC00BC00u; }
 
 __device__ __forceinline__ uint32_t pack_half2(float lo, float hi) {
     return static_cast<uint32_t>(__half_as_ushort(__float2half_rn(lo))) |
@@ -1059,179 +1047,6 @@ __global__ void __launch_bounds__(kWarps * 32, K <= 2 ? 2 : 1) gemv_f16_kernel(c
     store_rows<false>(a, red, row0, tid, fe, res);
 }
 
-/* ---------------------------------------------------------------------------------------------------------
- * fp16 kernel of row blocks (sm_90; thirty-fifth session). The same prologue, fragments and arithmetic per (group,
- * path) as gemv_f16_kernel, but a block takes 128 rows (8 warps x 16 rows) instead of one 16-row tile, so that the
- * 8 warps share each group's B fragments from shared memory: at M = 16 the 16-row-tile kernel read every group's
- * fragments (16 KB a path) from the L2 once per 16 rows, 16x the bytes of the bits (180 MB at 4096 x 11008). The
- * row block's groups are split among `splits` blocks of a cluster; fragments arrive by bulk copies (one per group:
- * the K paths of a layer are adjacent) into a ring of `stages` stages on full/empty mbarriers; the bits of the
- * warp's 16 rows come from DRAM one group ahead, as in the tile kernel.
- * Sums: per group the paths add into p = fmaf(g_k, acc_k * S_k, p) from 0; the block keeps each group's p in shared
- * memory, and the output is sum over ALL groups of p in group order from 0, read across the cluster (DSMEM). So
- * the result does not depend on the split (nor on the SM count or the other layers of a group launch): a layer
- * group equals its layers' separate calls bit for bit, as for the other kernels.
- * ------------------------------------------------------------------------------------------------------- */
-constexpr int kF16wRows = kWarps * 16;
-constexpr int kF16wMaxSplits = 8;  // the portable cluster size
-constexpr int kF16wMaxStages = 4;
-
-template <int K, int NT>
-__host__ __device__ constexpr uint32_t f16w_stage_bytes() { return static_cast<uint32_t>(K) * NT * kF16Steps * 32 * sizeof(uint2); }
-
-template <int K, int NT>
-__global__ void __launch_bounds__(kWarps * 32, K <= 2 ? 2 : 1) gemv_f16w_kernel(const GroupArgs ga) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    extern __shared__ __align__(128) unsigned char f16w_smem[];
-    __shared__ __align__(8) uint64_t full[kF16wMaxStages], empty[kF16wMaxStages];
-    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    const int g = lane >> 2, t = lane & 3;
-    const int S = ga.splits, R = ga.stages;
-    const int split = static_cast<int>(blockIdx.x % S);  // the block's rank in its cluster
-    int64_t rb = blockIdx.x / S;
-    int l = 0;
-#pragma unroll
-    for (int i = 1; i < kDecodeMaxLayers; i++)
-        if (i < ga.layers && rb >= ga.rb0[i]) l = i;
-    MainArgs a = ga.a;
-    a.packed = pick(ga.packed, l);
-    a.g = pick(ga.g, l);
-    a.bias = pick(ga.bias, l);
-    a.y = pick(ga.y, l);
-    a.out = pick(ga.out, l);
-    a.vec = pick(ga.vec, l);
-    a.kb = l * K;
-    rb -= pick(ga.rb0, l);
-    const int64_t row0 = rb * kF16wRows + warp * 16;
-    const int64_t ng = a.ngroups, gbeg = split * ng / S, n = (split + 1) * ng / S - gbeg;
-
-    constexpr uint32_t stage_bytes = f16w_stage_bytes<K, NT>();
-    constexpr int stage_entries = stage_bytes / sizeof(uint2);
-    const uint2 *frag_s = reinterpret_cast<const uint2 *>(f16w_smem);
-    float *part = reinterpret_cast<float *>(f16w_smem + static_cast<size_t>(R) * stage_bytes);  // [group][m][row]
-    const uint32_t frag_u32 = smem_u32(f16w_smem);
-    auto issue = [&](int64_t i, int st) {  // group gbeg + i into stage st: the layer's K paths are adjacent
-        const uint32_t bar = smem_u32(&full[st]);
-        mbar_expect_tx(bar, stage_bytes);
-        bulk_copy_g2s(frag_u32 + st * stage_bytes,
-                      a.frag + frag_path<K, true>(a, gbeg + i, 0) * (kF16Steps * NT * 32), stage_bytes, bar);
-    };
-
-    if (tid == 0) {
-        for (int i = 0; i < R; i++) {
-            mbar_init(smem_u32(&full[i]), 1);
-            mbar_init(smem_u32(&empty[i]), kWarps);
-        }
-        mbar_fence_init();
-    }
-    float gk[K][1][2];
-    load_row_scales(a, row0, g, gk);
-    Bits<K, 1> cur, nxt;
-    if (n > 0) load_bits(a, row0, g, t, gbeg, cur);
-    __syncthreads();  // the barriers are initialised
-    pdl_wait();       // the bits and g are in flight; the prologue's fragments and scales are complete past here
-    pdl_launch_dependents();
-    if (tid == 0)
-        for (int i = 0; i < n && i < R; i++) issue(i, i);
-
-    int st = 0;        // the stage of group gbeg + i, and the parity of its use (i / R)
-    uint32_t ph = 0;
-    for (int64_t i = 0; i < n; i++) {
-        const int64_t gr = gbeg + i;
-        const bool more = i + 1 < n;
-        if (more) load_bits(a, row0, g, t, gr + 1, nxt);
-        float sck[K][NT][2];
-#pragma unroll
-        for (int k = 0; k < K; k++)
-#pragma unroll
-            for (int nt = 0; nt < NT; nt++) {
-                const float *sp = a.scale + frag_path<K, true>(a, gr, k) * kScaleSlots + nt * 8 + 2 * t;
-                sck[k][nt][0] = __ldg(sp);
-                sck[k][nt][1] = __ldg(sp + 1);
-            }
-        mbar_wait(smem_u32(&full[st]), ph);
-        const uint2 *fs = frag_s + st * stage_entries + lane;
-        float p[NT][4];
-#pragma unroll
-        for (int nt = 0; nt < NT; nt++) p[nt][0] = p[nt][1] = p[nt][2] = p[nt][3] = 0.0f;
-#pragma unroll
-        for (int k = 0; k < K; k++) {
-            float acc[NT][4];
-#pragma unroll
-            for (int nt = 0; nt < NT; nt++) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.0f;
-            const uint4 &wg = cur.w[k][0][0], &wh = cur.w[k][0][1];
-#pragma unroll
-            for (int s16 = 0; s16 < kF16Steps; s16++) {
-                const int q = s16 >> 4, s = s16 & 15;
-                const uint32_t a0 = pm1_f16(q ? wg.z : wg.x, s), a2 = pm1_f16(q ? wg.w : wg.y, s);
-                const uint32_t a1 = pm1_f16(q ? wh.z : wh.x, s), a3 = pm1_f16(q ? wh.w : wh.y, s);
-#pragma unroll
-                for (int nt = 0; nt < NT; nt++) {
-                    const uint2 b = fs[((k * kF16Steps + s16) * NT + nt) * 32];
-                    mma_f16(acc[nt], a0, a1, a2, a3, b.x, b.y);
-                }
-            }
-#pragma unroll
-            for (int nt = 0; nt < NT; nt++)
-#pragma unroll
-                for (int e = 0; e < 4; e++)
-                    p[nt][e] = __fmaf_rn(gk[k][0][e >> 1], acc[nt][e] * sck[k][nt][e & 1], p[nt][e]);
-        }
-        __syncwarp();
-        if (lane == 0) mbar_arrive(smem_u32(&empty[st]));  // this warp is done with the stage
-        // accumulator e of n-tile nt: row g + 8 (e / 2) of the warp's tile, column m = 8 nt + 2t + e % 2
-        float *pp = part + i * (NT * 8 * kF16wRows) + warp * 16 + g;
-#pragma unroll
-        for (int nt = 0; nt < NT; nt++)
-#pragma unroll
-            for (int e = 0; e < 4; e++) pp[(nt * 8 + 2 * t + (e & 1)) * kF16wRows + 8 * (e >> 1)] = p[nt][e];
-        if (tid == 0 && i + R < n) {  // refill the stage once all 8 warps have released it
-            mbar_wait(smem_u32(&empty[st]), ph);
-            issue(i + R, st);
-        }
-        __syncwarp();
-        if (more) cur = nxt;
-        if (++st == R) {
-            st = 0;
-            ph ^= 1u;
-        }
-    }
-
-    // the outputs of this block's share of the 128 rows: all groups' p in group order, from the cluster's blocks
-    // (32-bit index math: a 64-bit division is a long subroutine, and this runs per output and group)
-    __shared__ int qbeg[kF16wMaxSplits + 1];  // split q has groups qbeg[q] .. qbeg[q + 1] - 1
-    if (tid <= S) qbeg[tid] = static_cast<int>(tid * ng / S);
-    if (S > 1)
-        cluster_sync();
-    else
-        __syncthreads();
-    const int r0 = split * kF16wRows / S, nr = (split + 1) * kF16wRows / S - r0;
-    constexpr int gstride = NT * 8 * kF16wRows;  // floats between two groups' partial sums
-    for (int idx = tid; idx < nr * a.M; idx += kWarps * 32) {
-        const int m = idx / nr, rl = r0 + idx - m * nr;
-        const int64_t o = rb * kF16wRows + rl;
-        if (o >= a.out) continue;
-        float *mine = part + m * kF16wRows + rl;
-        float v = 0.0f;
-        for (int q = 0; q < S; q++) {
-            const float *src = S > 1 ? static_cast<const float *>(__cluster_map_shared_rank(mine, q)) : mine;
-            const int nq = qbeg[q + 1] - qbeg[q];
-            for (int i0 = 0; i0 < nq; i0 += 4) {  // four reads in flight before their sums
-                float vals[4];
-#pragma unroll
-                for (int j = 0; j < 4; j++) vals[j] = i0 + j < nq ? src[(i0 + j) * gstride] : 0.0f;
-#pragma unroll
-                for (int j = 0; j < 4; j++)
-                    if (i0 + j < nq) v = __fadd_rn(v, vals[j]);
-            }
-        }
-        if (a.bias) v = __fadd_rn(v, ld_any(a.bias, a.bdt, o));
-        st_any(a.y, a.ydt, static_cast<int64_t>(m) * a.out + o, v);
-    }
-    if (S > 1) cluster_sync();  // the other blocks' shared memory outlives the reads
-#endif
-}
-
 int gemv_nt(int64_t M) { return M <= 2 ? 1 : M <= 4 ? 2 : M <= 8 ? 4 : 8; }
 int f16_nt(int64_t M) { return M <= 8 ? 1 : 2; }
 
@@ -1297,61 +1112,11 @@ cudaError_t launch_b1p_k(const GroupArgs &a, unsigned tiles, cudaStream_t s) {
     return fused_epilogue(a) ? launch_b1p_kf<K, GR, true>(a, s) : launch_b1p_kf<K, GR, false>(a, s);
 }
 
-/* The row-block fp16 kernel's launch (gemv_f16w_kernel): row blocks per layer (rb0), the split of a row block's
-   groups, the fragment stages and the dynamic shared memory; false where it does not run (below sm_90, or a layer's
-   fragments and partial sums do not fit even one block an SM: that depends on in, K and M only, so the layers of a
-   group launch and their separate calls take the same kernel). The split aims at `bps` blocks an SM (two where
-   their shared memory fits); it changes the speed, not the result. */
-template <int K, int NT>
-bool f16w_plan(GroupArgs &a, size_t &smem) {
-    const DevInfo &di = device_info();
-    const char *v = getenv("RABIT_CUDA_F16");
-    if (!di.sm90_code || (v && strcmp(v, "tile") == 0)) return false;
-    int64_t rbs = 0;
-    for (int l = 0; l < a.layers; l++) {
-        a.rb0[l] = rbs;
-        rbs += (a.out[l] + kF16wRows - 1) / kF16wRows;
-    }
-    for (int l = a.layers; l <= kDecodeMaxLayers; l++) a.rb0[l] = rbs;
-    const int64_t ng = a.a.ngroups, smax = std::min<int64_t>(kF16wMaxSplits, ng);
-    const char *fs = getenv("RABIT_F16W_SPLITS");  // experiment: force the split
-    const int64_t force = fs ? atoi(fs) : 0;
-    const int64_t stage = f16w_stage_bytes<K, NT>(), part = int64_t{NT} * 8 * kF16wRows * sizeof(float);
-    for (int bps = K <= 2 ? 2 : 1; bps >= 1; bps--) {  // K >= 3: one block an SM (its registers)
-        const int64_t budget = bps == 2 ? (di.smem_per_sm - 2048) / 2 - 256 : di.smem_optin - 256;
-        for (int64_t S = force ? force : std::max<int64_t>(1, std::min<int64_t>(smax, bps * di.sms / std::max<int64_t>(1, rbs)));
-             S <= smax; S++) {
-            const int64_t gps = (ng + S - 1) / S;
-            const int64_t R = std::min<int64_t>({gps, kF16wMaxStages, (budget - gps * part) / stage});
-            if (R < std::min<int64_t>(gps, 2)) continue;
-            a.splits = static_cast<int>(S);
-            a.stages = static_cast<int>(R);
-            a.gps = static_cast<int>(gps);
-            smem = static_cast<size_t>(R * stage + gps * part);
-            return true;
-        }
-    }
-    return false;
-}
-
-template <int K, int NT, bool GR>
-cudaError_t launch_f16_nt(GroupArgs a, unsigned tiles, cudaStream_t s) {
-    size_t smem = 0;
-    if (f16w_plan<K, NT>(a, smem)) {
-        static bool smem_set[64];
-        const cudaError_t e = set_smem_limit_once(gemv_f16w_kernel<K, NT>, device_info().smem_optin - 256, smem_set);
-        if (e != cudaSuccess) return e;
-        const unsigned blocks = static_cast<unsigned>(a.rb0[kDecodeMaxLayers] * a.splits);
-        return launch_pdl(gemv_f16w_kernel<K, NT>, dim3(blocks), kWarps * 32, smem, a, s,
-                          static_cast<unsigned>(a.splits));
-    }
-    return launch_pdl(gemv_f16_kernel<K, NT, GR>, dim3(tiles), kWarps * 32, 0, a, s);
-}
-
 /* NT: f16_nt(M), the n-tiles the prologue wrote. */
 template <int K, bool GR>
 cudaError_t launch_f16_k(const GroupArgs &a, int NT, unsigned tiles, cudaStream_t s) {
-    return NT == 1 ? launch_f16_nt<K, 1, GR>(a, tiles, s) : launch_f16_nt<K, 2, GR>(a, tiles, s);
+    return NT == 1 ? launch_pdl(gemv_f16_kernel<K, 1, GR>, dim3(tiles), kWarps * 32, 0, a, s)
+                   : launch_pdl(gemv_f16_kernel<K, 2, GR>, dim3(tiles), kWarps * 32, 0, a, s);
 }
 
 /* NT: the n-tiles of the prologue's fragments (decode_gemv), for the int8 and fp16 kernels. */

@@ -275,6 +275,9 @@ __device__ __forceinline__ void cp_async8_s(uint32_t dst, const void *src, int s
 __device__ __forceinline__ void cp_async_arrive_noinc(uint32_t bar) {
     asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory");
 }
+__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
 constexpr int WG_PRODUCER_REGS = 24, WG_CONSUMER_REGS = 240;
 /* Register budgets of the producer and consumer warpgroups (setmaxnreg: 24 + 2 x 240 <= 3 x 168, the entry cap). */
 template <int N>
@@ -285,9 +288,24 @@ template <int N>
 __device__ __forceinline__ void setmaxnreg_inc() {
     asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(N));
 }
-/* The x tiles come by the tensor memory accelerator (TMA), each stage's arrival counted in bytes on an mbarrier
-   (mbar_* in common.cuh). (Loaded by cp.async from all threads they held the loop to ~1,000 cycles per k-block on an
-   H100, as long as the tensor cores' work: measured with the build and the MMAs left out.) */
+/* The x tiles come by the tensor memory accelerator (TMA), each stage's arrival counted in bytes on an mbarrier.
+   (Loaded by cp.async from all threads they held the loop to ~1,000 cycles per k-block on an H100, as long as the
+   tensor cores' work: measured with the build and the MMAs left out.) */
+__device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_fence_init() { asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory"); }
+__device__ __forceinline__ void mbar_expect_tx(uint32_t bar, uint32_t bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
+    asm volatile(
+        "{\n.reg .pred P1;\nWAIT:\n"
+        "mbarrier.try_wait.parity.shared::cta.b64 P1, [%0], %1;\n"
+        "@P1 bra DONE;\nbra WAIT;\nDONE:\n}\n" ::"r"(bar),
+        "r"(parity)
+        : "memory");
+}
 __device__ __forceinline__ void tma_load_2d(uint32_t dst, const CUtensorMap *map, int c0, int c1, uint32_t bar) {
     asm volatile(
         "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n"
