@@ -932,7 +932,13 @@ constexpr int kF16Pitch = 545;  // shared row pitch: 1 mod 32, room for one pad 
 __host__ __device__ __forceinline__ int f16_col(int t, int q, int hh, int bit) { return 32 * (4 * t + 2 * q + hh) + bit; }
 
 /* Two fp16 +-1.0 from bits 15 - s and 31 - s of w: set bit = +1. */
-__device__ __forceinline__ uint32_t pm1_f16(uint32_t w, int s) { return ((w << s) & 0x80008000u) ^ 0xBC00BC00u; }
+__device__ __forceinline__ uint32_t pm1_f16(uint32_t w, int s) {
+    // one shift and one LOP3 ((a & b) ^ c, immLut 0x6a), written out: from the expression above nvcc 13 built the
+    // register with ~3.4 instructions (ncu, H200, thirty-fifth session); this made the kernel 5-13 % faster
+    uint32_t r;
+    asm("lop3.b32 %0, %1, 0x80008000, 0xBC00BC00, 0x6a;\n" : "=r"(r) : "r"(w << s));
+    return r;
+}
 
 __device__ __forceinline__ uint32_t pack_half2(float lo, float hi) {
     return static_cast<uint32_t>(__half_as_ushort(__float2half_rn(lo))) |
