@@ -1004,11 +1004,13 @@ __global__ void __launch_bounds__(kWarps * 32, K <= 2 ? 2 : 1) gemv_f16_kernel(c
     auto load_chunk = [&](int64_t grp, int c, Chunk &dst) {
         const int k = c / NCH, st0 = (c % NCH) * CH;
         const uint2 *fp = a.frag + frag_path<K, GROUPED>(a, grp, k) * (kF16Steps * NT * 32) + lane;
+        // read unconditionally: the prologue wrote zeros for rows m >= M. A select per load (a zeroing, a compare)
+        // also held registers, so nvcc re-read parameters and rebuilt 64-bit addresses in the loop: the K = 2,
+        // NT = 2 instance had 2,256 SASS instructions for 128 MMAs, now 1,712 (nvcc 13)
 #pragma unroll
         for (int j = 0; j < CH; j++)
 #pragma unroll
-            for (int nt = 0; nt < NT; nt++)  // B columns of rows m >= M are zero: not read
-                dst.b[j][nt] = nt * 8 + g < a.M ? __ldg(fp + ((st0 + j) * NT + nt) * 32) : make_uint2(0u, 0u);
+            for (int nt = 0; nt < NT; nt++) dst.b[j][nt] = __ldg(fp + ((st0 + j) * NT + nt) * 32);
     };
 
     float acc[NT][4], sck[NT][2];
