@@ -457,6 +457,24 @@ def test_packed_linear_ops_take_an_empty_x(device):
         assert rabit.packed_linear(x[:0].to(xdtype), packed[0], g[0], h[0], b[0]).shape == (0, 5)
 
 
+@pytest.mark.parametrize("m", [1, 3, 17, 40])
+def test_packed_linear_nonfinite_input_poisons_only_its_row(m, device):
+    """An Inf or NaN in a row of x makes every output of that row non-finite and leaves the other rows finite, on every
+    kernel path (CPU lookup tables below 32 rows and the dense GEMM from 32; CUDA decode kernels up to 16 rows and the
+    prefill above). Which non-finite value comes out is not pinned: summing the paths first (the GEMM on Ŵ) turns one
+    Inf into ±Inf where adding the paths' ±Inf afterwards (the reference, the tables) gives NaN."""
+    torch.manual_seed(m)
+    w, g, h = random_layer(37, 300, 2, device=device)
+    _, packed = rabit.residual_binarize(w, g, h)
+    for bad, dtype in itertools.product((float("inf"), float("-inf"), float("nan")), FLOAT_DTYPES):
+        x = torch.randn(m, 300, device=device).to(dtype)
+        r = m // 2
+        x[r, 123] = bad
+        y = rabit.packed_linear(x, packed, g, h)
+        assert not y[r].isfinite().any(), (bad, dtype)
+        assert y[torch.arange(m, device=device) != r].isfinite().all(), (bad, dtype)
+
+
 def test_packed_linear_fused_nonfinite_input_makes_its_row_nan(device):
     for in_features, mode in itertools.product((600, 4100), ("norm", "swiglu+residual", "plain")):
         x, packed, g, h, b, kw = _fused_inputs([(40, in_features)], mode, 3, torch.float16, device, True)
