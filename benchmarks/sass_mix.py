@@ -1,0 +1,74 @@
+"""Static SASS instruction mix of rabit's CUDA kernels, without a GPU.
+
+Compiles one kernel source to a cubin (nvcc), disassembles it (cuobjdump -sass) and prints, for each kernel whose
+mangled name matches a regular expression, its instruction count, its tensor-core instructions (HMMA / IMMA / BMMA),
+instructions per MMA, local-memory spills (STL / LDL) and the most frequent opcodes. The counts are static (each
+unrolled instruction once), so they compare versions of one kernel, not times; the thirty-fifth session found with
+them that nvcc re-read parameters and rebuilt addresses in the fp16 decode loop (docs/kernels.md).
+
+    python benchmarks/sass_mix.py 'gemv_f16_kernelILi2ELi2ELb0'            # kernels/cuda/packed_decode.cu, sm_90a
+    python benchmarks/sass_mix.py prefill_wgmma --cu kernels/cuda/packed_prefill.cu
+    python benchmarks/sass_mix.py gemv_i8 --cubin /tmp/decode.cubin          # an existing cubin
+
+Needs nvcc and cuobjdump on PATH. This machine's CUDA toolkit has no cuobjdump; PyPI has it:
+`pip download --no-deps nvidia-cuda-cuobjdump` and take nvidia/cu13/bin/cuobjdump from the wheel (a zip).
+"""
+import argparse
+import collections
+import pathlib
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+MMA = ("HMMA", "IMMA", "BMMA", "HGMMA", "IGMMA")
+INSTR = re.compile(r"\s*/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)")
+
+
+def sass_of(cubin):
+    return subprocess.run(["cuobjdump", "-sass", str(cubin)], check=True, capture_output=True, text=True).stdout
+
+
+def mixes(sass, pattern):
+    """(kernel name, Counter of opcodes) for every function whose name matches pattern."""
+    for block in re.split(r"\n\s*Function : ", sass)[1:]:
+        name = block.split("\n", 1)[0].strip()
+        if re.search(pattern, name):
+            yield name, collections.Counter(m.group(1) for m in map(INSTR.match, block.split("\n")) if m)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("pattern", help="regular expression matched against the mangled kernel names")
+    ap.add_argument("--cu", default="kernels/cuda/packed_decode.cu", help="source to compile (default: %(default)s)")
+    ap.add_argument("--arch", default="sm_90a", help="nvcc -arch (default: %(default)s)")
+    ap.add_argument("--cubin", help="disassemble this cubin instead of compiling --cu")
+    ap.add_argument("--top", type=int, default=12, help="opcodes listed per kernel (default: %(default)s)")
+    args = ap.parse_args()
+    missing = [t for t in (["cuobjdump"] if args.cubin else ["nvcc", "cuobjdump"]) if shutil.which(t) is None]
+    if missing:
+        sys.exit(f"sass_mix: {' and '.join(missing)} not on PATH (see this script's docstring for cuobjdump)")
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = pathlib.Path(args.cubin) if args.cubin else pathlib.Path(tmp) / "k.cubin"
+        if not args.cubin:
+            src = (ROOT / args.cu).resolve()
+            if not src.is_file():
+                sys.exit(f"sass_mix: no source {src}")
+            print(f"compiling {src.relative_to(ROOT)} for {args.arch} (a minute or two) ...", flush=True)
+            subprocess.run(["nvcc", "-std=c++17", "-O3", f"-arch={args.arch}", "-cubin", str(src), "-o", str(cubin)],
+                           check=True, cwd=src.parent)
+        found = False
+        for name, ops in mixes(sass_of(cubin), args.pattern):
+            found = True
+            total, mma = sum(ops.values()), sum(ops[o] for o in MMA)
+            per = f"{total / mma:.1f} per MMA" if mma else "no MMA"
+            print(f"{name}\n  {total} instructions, {mma} MMA ({per}), spills: STL {ops['STL']} LDL {ops['LDL']}")
+            print("  " + "  ".join(f"{op} {n}" for op, n in ops.most_common(args.top)))
+        if not found:
+            sys.exit(f"sass_mix: no kernel matches {args.pattern!r}")
+
+
+if __name__ == "__main__":
+    main()

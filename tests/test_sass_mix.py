@@ -1,0 +1,34 @@
+"""benchmarks/sass_mix.py: the opcode counts per kernel, on a canned cuobjdump listing (no nvcc or GPU needed)."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+import sass_mix as S  # noqa: E402
+
+LISTING = """
+\tcode for sm_90a
+\t\tFunction : _Z3fooILi2EEvv
+        /*0000*/                   LDC R1, c[0x0][0x28] ;                 /* 0x00000a00ff017b82 */
+                                                                          /* 0x000e300000000800 */
+        /*0010*/                   IMAD.SHL.U32 R67, R40, 0x200, RZ ;     /* 0x0000020028437824 */
+        /*0020*/                   LOP3.LUT R68, R67, 0x80008000, R104, 0x6a, !PT ;
+        /*0030*/              @!P0 LDG.E.64.CONSTANT R26, desc[UR10][R80.64+0x5b00] ;
+        /*0040*/                   HMMA.16816.F32 R96, R68.reuse, R26, R96 ;
+        /*0050*/                   HMMA.16816.F32 R76, R68, R66, R76 ;
+        /*0060*/                   STL [R1+0x1c], R46 ;
+        /*0070*/                   EXIT ;
+\t\tFunction : _Z3barv
+        /*0000*/                   IMMA.16832.S8.S8 R4, R8, R12, R4 ;
+        /*0010*/                   EXIT ;
+"""
+
+
+def test_mixes_counts_opcodes_per_matching_kernel():
+    got = dict(S.mixes(LISTING, r"foo"))
+    assert list(got) == ["_Z3fooILi2EEvv"]
+    ops = got["_Z3fooILi2EEvv"]
+    # predicated instructions count under their opcode; encoding-only lines and suffixes are not instructions
+    assert ops == {"LDC": 1, "IMAD": 1, "LOP3": 1, "LDG": 1, "HMMA": 2, "STL": 1, "EXIT": 1}
+    assert dict(S.mixes(LISTING, r"bar"))["_Z3barv"]["IMMA"] == 1
+    assert list(S.mixes(LISTING, r"nothing")) == []
