@@ -157,10 +157,11 @@ def load(name, dev, dtype):
 
 
 # ------------------------------------------------------------------------------------------------ measure
-def measure(model, batch, prompt, new, dev, reps, compile, group=True, fused_attention=None, fused_glue=None):
+def measure(model, batch, prompt, new, dev, reps, compile, group=True, fused_attention=None, fused_glue=None,
+            head_dtype=None):
     cfg = model.config
     dec = StaticDecoder(model, batch_size=batch, max_len=prompt + new + 1, compile=compile, group_projections=group,
-                        fused_attention=fused_attention, fused_glue=fused_glue)
+                        fused_attention=fused_attention, fused_glue=fused_glue, head_dtype=head_dtype)
     ids = torch.randint(3, cfg.vocab_size, (batch, prompt), generator=torch.Generator().manual_seed(1))
     t_pre = timed(lambda: dec.prefill(ids), dev, reps=3)
 
@@ -201,10 +202,12 @@ def measure(model, batch, prompt, new, dev, reps, compile, group=True, fused_att
         att = [lambda i=i: dec.attend_unfused(i, q, k, v, pos, cos, sin, mask, rope)
                for i in range(len(model.model.layers))]
     t_att = graph_time(att, dev)
-    t_head = graph_time([lambda: model.lm_head(x1)], dev)
+    t_head = graph_time([lambda: dec._head(x1)], dev)  # the logits as the step computes them (head_dtype)
     step = t_dec / new
     lin_bytes = sum(tensor_bytes(m) for m in dec.layer_linears())
-    other_bytes = tensor_bytes(model.lm_head) + sum(
+    head_bytes = tensor_bytes(model.lm_head) if head_dtype is None else \
+        tensor_bytes(model.lm_head) * head_dtype.itemsize // model.lm_head.weight.element_size()
+    other_bytes = head_bytes + sum(
         tensor_bytes(mod) for layer in model.model.layers
         for mod in (layer.input_layernorm, layer.post_attention_layernorm)) + tensor_bytes(model.model.norm)
     # KV bytes read per step: the fused attention reads the positions in use (on average prompt + (new + 1) / 2 of
@@ -245,6 +248,9 @@ def main(argv=None):
     ap.add_argument("--cpu-kernel", choices=rabit.CPU_KERNELS, default="auto",
                     help="CPU packed GEMV/GEMM (rabit.set_cpu_kernel): auto (tables below 32 rows of x, the dequantized "
                     "GEMM from 32: the prefill), or one of them at every M")
+    ap.add_argument("--head-dtype", choices=["float16", "bfloat16"], default=None,
+                    help="logits from a float16 / bfloat16 copy of lm_head (StaticDecoder's head_dtype; float32 "
+                    "models, so the CPU), for every variant alike (default: lm_head as it is)")
     ap.add_argument("--tag", default="", help="suffix of the JSON file name")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
@@ -257,6 +263,9 @@ def main(argv=None):
     fused = None if args.attention == "fused" else False
     dev = torch.device(args.device)
     dtype = torch.float16 if dev.type == "cuda" else torch.float32
+    head_dtype = getattr(torch, args.head_dtype) if args.head_dtype else None
+    if head_dtype is not None and dtype != torch.float32:
+        ap.error(f"--head-dtype: the models run in {dtype} on {dev.type}; a separate head dtype is for float32 (CPU)")
     batches = [int(b) for b in args.batch.split(",")]
     compile_glue = dev.type == "cuda" and not args.no_compile
     bw = copy_bandwidth_gbps(dev) * 1e9
@@ -274,14 +283,15 @@ def main(argv=None):
             for b in batches:
                 glue = False if variant == "rabit-unfused-glue" else None
                 dec, tokens, r = measure(model, b, args.prompt, args.new, dev, args.reps, compile_glue,
-                                         group=not variant.endswith("-single"), fused_attention=fused, fused_glue=glue)
+                                         group=not variant.endswith("-single"), fused_attention=fused, fused_glue=glue,
+                                         head_dtype=head_dtype)
                 nbytes = sum(r["bytes_per_step"].values())
                 r["roofline_fraction"] = round(nbytes / bw / (r["decode_ms_per_token"] / 1e3), 3)
                 if b == batches[0]:
                     # the graph decode equals step-by-step eager decoding (same runtime, no graph)
                     eager = StaticDecoder(model, batch_size=b, max_len=args.prompt + 17, cuda_graph=False,
                                           compile=compile_glue, group_projections=not variant.endswith("-single"),
-                                          fused_attention=fused, fused_glue=glue)
+                                          fused_attention=fused, fused_glue=glue, head_dtype=head_dtype)
                     out = eager.generate(tokens[:, : args.prompt].cpu(), 16)
                     r["graph_equals_eager_16_tokens"] = bool(torch.equal(out, tokens[:, : args.prompt + 16].cpu()))
                 rows[(variant, b)] = r
@@ -321,7 +331,7 @@ def main(argv=None):
                         "rabit": getattr(rabit, "__version__", None), "python": platform.python_version()},
            "copy_bandwidth_GBps": round(bw / 1e9, 1), "threads": torch.get_num_threads(),
            "prompt_tokens": args.prompt, "new_tokens": args.new, "glue_compiled": compile_glue,
-           "attention": args.attention, "cpu_kernel": args.cpu_kernel,
+           "attention": args.attention, "cpu_kernel": args.cpu_kernel, "head_dtype": args.head_dtype,
            # a decode kernel forced for the whole run (None: the default dispatch, the one users get)
            "RABIT_CUDA_DECODE": os.environ.get("RABIT_CUDA_DECODE"),
            "fp_dtype": str(dtype), "command": " ".join([Path(sys.argv[0]).name] + (argv or sys.argv[1:])),

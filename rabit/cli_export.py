@@ -309,6 +309,10 @@ def add_generate(sub) -> argparse.ArgumentParser:
                    help="fuse the elementwise glue with torch.compile, as benchmarks/bench_decode.py does on "
                         "CUDA (a one-time compilation of tens of seconds, counted in load_s with the CUDA-graph "
                         "capture: generate_s and tokens_per_s cover the prompt's prefill and the decoding)")
+    p.add_argument("--head-dtype", choices=("float16", "bfloat16"), default=None,
+                   help="compute the logits from a float16 / bfloat16 copy of lm_head (CPU, Llama-family models: "
+                        "half the bytes of the largest matrix per token; the logits round as an fp16/bf16 head's, so "
+                        "a near-tie can decode otherwise; default: lm_head in float32)")
     _add_common(p)
     return p
 
@@ -323,9 +327,10 @@ def run_generate(args: argparse.Namespace) -> dict[str, Any]:
     if args.runtime == "numpy":
         if sampled:
             raise CommandError("rabit: --runtime numpy decodes greedily; drop --temperature or use --runtime torch")
-        if args.compile:
-            raise CommandError("rabit: --runtime numpy has no --compile (it runs the NumPy kernels); drop it or use "
-                               "--runtime torch")
+        for flag, given in (("--compile", args.compile), ("--head-dtype", args.head_dtype)):
+            if given:
+                raise CommandError(f"rabit: --runtime numpy has no {flag} (it runs the NumPy kernels); drop it or use "
+                                   "--runtime torch")
         if not _is_export_dir(args.model):
             raise CommandError(f"rabit: --runtime numpy needs an exported rabit directory, got {args.model!r}; "
                            "export it first with `rabit export`")
@@ -345,7 +350,9 @@ def run_generate(args: argparse.Namespace) -> dict[str, Any]:
         from .static_decode import SUPPORTED, StaticDecoder
 
         model, tok, _ = _load_any(args.model, device=args.device)
-        for flag, given in (("--compile", args.compile), ("--temperature", sampled)):
+        if args.head_dtype and args.device.startswith("cuda"):
+            raise CommandError("rabit: --head-dtype is for the CPU (on cuda the whole model runs in fp16); drop it")
+        for flag, given in (("--compile", args.compile), ("--temperature", sampled), ("--head-dtype", args.head_dtype)):
             if given and model.config.model_type not in SUPPORTED:
                 raise CommandError(f"rabit: {flag} applies to the static decoder of {', '.join(sorted(SUPPORTED))} "
                                f"models; {model.config.model_type!r} runs HF generate: drop {flag}")
@@ -362,9 +369,10 @@ def run_generate(args: argparse.Namespace) -> dict[str, Any]:
         x = torch.tensor([prompt_ids])
         eos = getattr(tok, "eos_token_id", None)
         if model.config.model_type in SUPPORTED:  # static KV cache (+ CUDA graph on GPU)
+            head = getattr(torch, args.head_dtype) if args.head_dtype else None
             dec = StaticDecoder(model, batch_size=1, max_len=len(prompt_ids) + args.max_new_tokens + 1,
-                                compile=args.compile, temperature=args.temperature,
-                                top_k=args.top_k).warm_up()  # one-time capture/compile: load time
+                                compile=args.compile, temperature=args.temperature, top_k=args.top_k,
+                                head_dtype=head).warm_up()  # one-time capture/compile: load time
             t1 = time.perf_counter()
             out = dec.generate(x, args.max_new_tokens, eos_token_id=eos, seed=args.seed)
         else:
@@ -381,7 +389,8 @@ def run_generate(args: argparse.Namespace) -> dict[str, Any]:
     new = len(ids) - len(prompt_ids)
     result = {"model": args.model, "runtime": args.runtime, "prompt": args.prompt, "text": text,
               "sampling": {"temperature": args.temperature, "top_k": args.top_k, "seed": args.seed} if sampled else None,
-              "prompt_tokens": len(prompt_ids), "new_tokens": new, "load_s": round(t1 - t0, 4),
+              "head_dtype": args.head_dtype, "prompt_tokens": len(prompt_ids), "new_tokens": new,
+              "load_s": round(t1 - t0, 4),
               "generate_s": round(t2 - t1, 4), "tokens_per_s": round(new / (t2 - t1), 2) if t2 > t1 else None}
     _emit(args, [text])
     return result

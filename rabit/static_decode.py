@@ -191,12 +191,17 @@ class StaticDecoder:
             error naming what stands in the way; False: never. Fused and unfused glue round differently (the fused
             one keeps the normalised input and the activations in float32 and rounds each output once). Steps of one
             token run fused (a one-token prefill too), longer prefills unfused.
+        head_dtype: None (default): the logits come from ``model.lm_head`` as it is. torch.float16 or torch.bfloat16
+            for a float32 model: the decoder keeps a copy of lm_head's weight (and bias) in that dtype, rounds the
+            final normalised hidden state to it and returns the logits in float32. That halves the bytes of the
+            largest matrix a small model reads per token (SmolLM2-135M: 49152 x 576); the logits then carry the
+            rounding of an fp16/bf16 head, as on a GPU, so a near-tie can decode otherwise than the float32 head.
     """
 
     def __init__(self, model: nn.Module, batch_size: int = 1, max_len: int = 2048, cuda_graph: bool | None = None,
                  compile: bool = False, temperature: float | None = None, top_k: int | None = None,
                  greedy_tokens: int = 0, group_projections: bool = True, fused_attention: bool | None = None,
-                 fused_glue: bool | None = None):
+                 fused_glue: bool | None = None, head_dtype: torch.dtype | None = None):
         check_model(model, max_len)
         if batch_size < 1 or max_len < 2:
             raise ValueError(f"StaticDecoder: batch_size must be >= 1 and max_len >= 2, got {batch_size}, {max_len}")
@@ -210,6 +215,7 @@ class StaticDecoder:
                              f"takes every token by argmax), got greedy_tokens={greedy_tokens}, "
                              f"temperature={temperature}")
         self.temperature, self.top_k, self.greedy_tokens = temperature, top_k, greedy_tokens
+        self._head = self._head_fn(model.lm_head, head_dtype)
         self.group_projections = group_projections
         base, cfg = model.model, model.config
         self.model, self.base = model, base
@@ -268,6 +274,26 @@ class StaticDecoder:
                     stacked = stack_linears(mods)
                     if stacked is not None:
                         self._stacked[id(mods[0])] = stacked
+
+    @staticmethod
+    def _head_fn(lm_head: nn.Module, head_dtype: torch.dtype | None):
+        """The logits function: lm_head itself, or (head_dtype) a linear on a copy of its weight in that dtype."""
+        if head_dtype is None:
+            return lm_head
+        if head_dtype not in (torch.float16, torch.bfloat16):
+            raise ValueError(f"StaticDecoder: head_dtype must be None, torch.float16 or torch.bfloat16, got {head_dtype!r}")
+        weight = getattr(lm_head, "weight", None)
+        if not isinstance(lm_head, nn.Linear) or weight is None or weight.dtype != torch.float32:
+            what = f"a {weight.dtype} weight" if isinstance(lm_head, nn.Linear) else f"a {type(lm_head).__name__}"
+            raise ValueError(f"StaticDecoder: head_dtype={head_dtype} needs a float32 nn.Linear lm_head, got {what}; "
+                             "pass head_dtype=None")
+        w = weight.detach().to(head_dtype)
+        b = None if lm_head.bias is None else lm_head.bias.detach().to(head_dtype)
+
+        def head(x: Tensor) -> Tensor:
+            return F.linear(x.to(head_dtype), w, b).float()
+
+        return head
 
     def _fusable_attention(self, wanted: bool | None) -> bool:
         """Whether decode steps run rabit.decode_attention: `wanted`, or (None) where its kernel takes this model."""
@@ -440,7 +466,7 @@ class StaticDecoder:
             d = mlp.down_proj(swiglu(*self.project((mlp.gate_proj, mlp.up_proj), x)))
             nn_ = layers[i + 1].input_layernorm if i + 1 < len(layers) else self.base.norm
             h, x = add_norm(h, d, nn_.weight, nn_.variance_epsilon)
-        return self.model.lm_head(x[:, -1:])[:, 0]
+        return self._head(x[:, -1:])[:, 0]
 
     @staticmethod
     def _fused(mods: tuple[nn.Module, ...], x: Tensor, norm: nn.Module | None = None, up: Tensor | None = None,
@@ -466,7 +492,7 @@ class StaticDecoder:
             gate, up = self._fused((mlp.gate_proj, mlp.up_proj), h, norm=layer.post_attention_layernorm)
             h = self._fused((mlp.down_proj,), gate, up=up, residual=h)[0]
         n = self.base.norm
-        return self.model.lm_head(self._decode_fns[0](h, n.weight, n.variance_epsilon))
+        return self._head(self._decode_fns[0](h, n.weight, n.variance_epsilon))
 
     # ------------------------------------------------------------------ decoding
     def _step(self) -> None:

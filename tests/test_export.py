@@ -550,10 +550,23 @@ def test_cli_generate_sampling(capsys):
     (["--temperature", "0"], "--temperature must be > 0"),
     (["--temperature", "1", "--runtime", "numpy"], "decodes greedily"),
     (["--compile", "--runtime", "numpy"], "--runtime numpy has no --compile"),
+    (["--head-dtype", "float16", "--runtime", "numpy"], "--runtime numpy has no --head-dtype"),
 ])
 def test_cli_generate_sampling_errors(argv, needle, capsys):
     assert cli_main(["generate", "stories260k", "--prompt", "a", *argv]) == 1
     assert needle in capsys.readouterr().err
+
+
+def test_cli_generate_head_dtype(capsys):
+    """--head-dtype float16 runs the static decoder with a float16 copy of lm_head: the same number of tokens, the
+    logits rounded as an fp16 head's (the text may differ from float32's only at near-ties)."""
+    def run(*extra):
+        assert cli_main(["generate", "stories260k", "--prompt", PROMPT, "--max-new-tokens", "16", "--json", *extra]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    f32, f16 = run(), run("--head-dtype", "float16")
+    assert f16["new_tokens"] == f32["new_tokens"] == 16 and f16["text"].startswith(PROMPT[:10])
+    assert (f32["head_dtype"], f16["head_dtype"]) == (None, "float16")
 
 
 def test_cli_generate_compile_needs_the_static_decoder(tmp_path, capsys):

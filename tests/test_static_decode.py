@@ -408,3 +408,36 @@ def test_forward_fused_is_forward(device, dtype):
     assert (a - ref).norm() / ref.norm() < tol
     if device == "cuda":
         assert StaticDecoder(model, batch_size=2, max_len=40).fused_glue
+
+
+@pytest.mark.parametrize("head_dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_head_dtype_computes_the_logits_from_a_rounded_copy(stories, head_dtype):
+    """head_dtype: the logits are F.linear on the final normalised state and lm_head's weight, both rounded to
+    head_dtype, returned in float32; the model's own lm_head is untouched, and decoding still runs (the tokens may
+    differ from the float32 head's only at near-ties)."""
+    model, tok = stories
+    w0 = model.lm_head.weight.detach().clone()
+    dec = StaticDecoder(model, batch_size=1, max_len=24, head_dtype=head_dtype)
+    x = torch.randn(2, 1, model.config.hidden_size)
+    ref = torch.nn.functional.linear(x.to(head_dtype), w0.to(head_dtype)).float()
+    assert dec._head(x).dtype == torch.float32 and torch.equal(dec._head(x), ref)
+    assert torch.equal(model.lm_head.weight, w0) and model.lm_head.weight.dtype == torch.float32
+    ids = _prompts(tok, 1)
+    full = StaticDecoder(model, batch_size=1, max_len=24)
+    pos = torch.arange(ids.shape[1])
+    with torch.no_grad():
+        logits, logits32 = dec.forward(ids, pos), full.forward(ids, pos)
+    assert logits.dtype == torch.float32
+    tol = {torch.float16: 1e-3, torch.bfloat16: 1e-2}[head_dtype]  # ~2 units of the dtype's rounding
+    assert (logits - logits32).abs().max() <= tol * logits32.abs().max()
+    out = dec.generate(ids, 8)
+    assert out.shape == (1, ids.shape[1] + 8) and torch.equal(out[:, : ids.shape[1]], ids)
+
+
+def test_head_dtype_errors(stories):
+    model, _ = stories
+    with pytest.raises(ValueError, match=r"head_dtype must be None, torch.float16 or torch.bfloat16, got torch.float64"):
+        StaticDecoder(model, max_len=8, head_dtype=torch.float64)
+    half = StaticDecoder.__new__(StaticDecoder)  # only _head_fn's check: an fp16 lm_head has nothing to gain
+    with pytest.raises(ValueError, match=r"needs a float32 nn.Linear lm_head, got a torch.float16 weight"):
+        half._head_fn(torch.nn.Linear(4, 3).half(), torch.float16)
