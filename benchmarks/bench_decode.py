@@ -206,7 +206,7 @@ def measure(model, batch, prompt, new, dev, reps, compile, group=True, fused_att
     step = t_dec / new
     lin_bytes = sum(tensor_bytes(m) for m in dec.layer_linears())
     head_bytes = tensor_bytes(model.lm_head) if head_dtype is None else \
-        tensor_bytes(model.lm_head) * head_dtype.itemsize // model.lm_head.weight.element_size()
+        tensor_bytes(model.lm_head) // 2  # a 16-bit copy of the float32 head
     other_bytes = head_bytes + sum(
         tensor_bytes(mod) for layer in model.model.layers
         for mod in (layer.input_layernorm, layer.post_attention_layernorm)) + tensor_bytes(model.model.norm)
@@ -263,7 +263,7 @@ def main(argv=None):
     fused = None if args.attention == "fused" else False
     dev = torch.device(args.device)
     dtype = torch.float16 if dev.type == "cuda" else torch.float32
-    head_dtype = getattr(torch, args.head_dtype) if args.head_dtype else None
+    head_dtype = args.head_dtype  # StaticDecoder takes the name
     if head_dtype is not None and dtype != torch.float32:
         ap.error(f"--head-dtype: the models run in {dtype} on {dev.type}; a separate head dtype is for float32 (CPU)")
     batches = [int(b) for b in args.batch.split(",")]

@@ -35,7 +35,7 @@ def main(argv=None):
     ids = torch.randint(3, model.config.vocab_size, (1, args.prompt), generator=torch.Generator().manual_seed(1))
     n = args.prompt + args.new + 1
     decs = {"float32": StaticDecoder(model, max_len=n),
-            args.head_dtype: StaticDecoder(model, max_len=n, head_dtype=getattr(torch, args.head_dtype))}
+            args.head_dtype: StaticDecoder(model, max_len=n, head_dtype=args.head_dtype)}
     ms = {k: [] for k in decs}
     for _ in range(args.rounds):
         for k, dec in decs.items():

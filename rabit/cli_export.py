@@ -369,10 +369,9 @@ def run_generate(args: argparse.Namespace) -> dict[str, Any]:
         x = torch.tensor([prompt_ids])
         eos = getattr(tok, "eos_token_id", None)
         if model.config.model_type in SUPPORTED:  # static KV cache (+ CUDA graph on GPU)
-            head = getattr(torch, args.head_dtype) if args.head_dtype else None
             dec = StaticDecoder(model, batch_size=1, max_len=len(prompt_ids) + args.max_new_tokens + 1,
                                 compile=args.compile, temperature=args.temperature, top_k=args.top_k,
-                                head_dtype=head).warm_up()  # one-time capture/compile: load time
+                                head_dtype=args.head_dtype).warm_up()  # one-time capture/compile: load time
             t1 = time.perf_counter()
             out = dec.generate(x, args.max_new_tokens, eos_token_id=eos, seed=args.seed)
         else:

@@ -192,7 +192,7 @@ class StaticDecoder:
             one keeps the normalised input and the activations in float32 and rounds each output once). Steps of one
             token run fused (a one-token prefill too), longer prefills unfused.
         head_dtype: None (default): the logits come from ``model.lm_head`` as it is. torch.float16 or torch.bfloat16
-            for a float32 model: the decoder keeps a copy of lm_head's weight (and bias) in that dtype, rounds the
+            (or "float16", "bfloat16") for a float32 model: the decoder keeps a copy of lm_head's weight (and bias) in that dtype, rounds the
             final normalised hidden state to it and returns the logits in float32. That halves the bytes of the
             largest matrix a small model reads per token (SmolLM2-135M: 49152 x 576); the logits then carry the
             rounding of an fp16/bf16 head, as on a GPU, so a near-tie can decode otherwise than the float32 head.
@@ -201,7 +201,7 @@ class StaticDecoder:
     def __init__(self, model: nn.Module, batch_size: int = 1, max_len: int = 2048, cuda_graph: bool | None = None,
                  compile: bool = False, temperature: float | None = None, top_k: int | None = None,
                  greedy_tokens: int = 0, group_projections: bool = True, fused_attention: bool | None = None,
-                 fused_glue: bool | None = None, head_dtype: torch.dtype | None = None):
+                 fused_glue: bool | None = None, head_dtype: torch.dtype | str | None = None):
         check_model(model, max_len)
         if batch_size < 1 or max_len < 2:
             raise ValueError(f"StaticDecoder: batch_size must be >= 1 and max_len >= 2, got {batch_size}, {max_len}")
@@ -276,10 +276,12 @@ class StaticDecoder:
                         self._stacked[id(mods[0])] = stacked
 
     @staticmethod
-    def _head_fn(lm_head: nn.Module, head_dtype: torch.dtype | None):
-        """The logits function: lm_head itself, or (head_dtype) a linear on a copy of its weight in that dtype."""
+    def _head_fn(lm_head: nn.Module, head_dtype: torch.dtype | str | None):
+        """The logits function: lm_head itself, or (head_dtype, a dtype or its name as the CLIs take it) a linear on a
+        copy of its weight in that dtype."""
         if head_dtype is None:
             return lm_head
+        head_dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(head_dtype, head_dtype)
         if head_dtype not in (torch.float16, torch.bfloat16):
             raise ValueError(f"StaticDecoder: head_dtype must be None, torch.float16 or torch.bfloat16, got {head_dtype!r}")
         weight = getattr(lm_head, "weight", None)
