@@ -353,8 +353,25 @@ struct Bits {
     uint4 w[K][MT][2];  // [path][m-tile][row g / g+8]: words 4t .. 4t+3 of the group
 };
 
+/* Words w0 .. w0 + 3 of a row of bits at p (zeros past the row's nw words, and where the row is past the matrix:
+   !row_ok), streamed (__ldcs: each word is read once). */
+__device__ __forceinline__ uint4 load_word4(const MainArgs &a, const rabit_word_t *p, bool row_ok, int64_t w0) {
+    uint4 v = make_uint4(0u, 0u, 0u, 0u);
+    if (row_ok) {
+        if (a.vec) {
+            if (w0 < a.nw) v = __ldcs(reinterpret_cast<const uint4 *>(p));
+        } else {
+            if (w0 < a.nw) v.x = __ldcs(p);
+            if (w0 + 1 < a.nw) v.y = __ldcs(p + 1);
+            if (w0 + 2 < a.nw) v.z = __ldcs(p + 2);
+            if (w0 + 3 < a.nw) v.w = __ldcs(p + 3);
+        }
+    }
+    return v;
+}
+
 /* Lane (g, t)'s bits of group gr: words 4t .. 4t+3 of rows g and g+8 of each m-tile, per path (zeros past the
-   matrix), streamed (__ldcs: each word is read once). */
+   matrix). */
 template <int K, int MT>
 __device__ __forceinline__ void load_bits(const MainArgs &a, int64_t row0, int g, int t, int64_t gr,
                                           Bits<K, MT> &dst) {
@@ -366,44 +383,47 @@ __device__ __forceinline__ void load_bits(const MainArgs &a, int64_t row0, int g
 #pragma unroll
             for (int r = 0; r < 2; r++) {
                 const int64_t o = row0 + mt * 16 + g + 8 * r;
-                const rabit_word_t *p = a.packed + (k * out + o) * nw + w0;
-                uint4 v = make_uint4(0u, 0u, 0u, 0u);
-                if (o < out) {
-                    if (a.vec) {
-                        if (w0 < nw) v = __ldcs(reinterpret_cast<const uint4 *>(p));
-                    } else {
-                        if (w0 < nw) v.x = __ldcs(p);
-                        if (w0 + 1 < nw) v.y = __ldcs(p + 1);
-                        if (w0 + 2 < nw) v.z = __ldcs(p + 2);
-                        if (w0 + 3 < nw) v.w = __ldcs(p + 3);
-                    }
-                }
-                dst.w[k][mt][r] = v;
+                dst.w[k][mt][r] = load_word4(a, a.packed + (k * out + o) * nw + w0, o < out, w0);
             }
 }
 
-/* g of lane (g, t)'s rows g and g + 8 of each of the block's MT 16-row tiles, per path (0 past the matrix). */
+/* g of lane (g, t)'s rows g and g + 8 of each of the block's MT 16-row tiles, per path (0 past the matrix), as
+   stored (ld_raw). The kernels convert them (row_scales_f32) once their first bits are in flight: converted at the
+   load (ld_any), each load was waited for right after it, so a lane's 2K loads ran one after another before the
+   first bits were even requested (SASS, nvcc 13; thirty-sixth session). */
 template <int K, int MT>
-__device__ __forceinline__ void load_row_scales(const MainArgs &a, int64_t row0, int g, float (&gk)[K][MT][2]) {
+__device__ __forceinline__ void load_row_scales(const MainArgs &a, int64_t row0, int g, uint32_t (&graw)[K][MT][2]) {
 #pragma unroll
     for (int mt = 0; mt < MT; mt++)
 #pragma unroll
         for (int r = 0; r < 2; r++) {
             const int64_t o = row0 + mt * 16 + g + 8 * r;
 #pragma unroll
-            for (int k = 0; k < K; k++) gk[k][mt][r] = o < a.out ? ld_any(a.g, a.gdt, k * a.out + o) : 0.0f;
+            for (int k = 0; k < K; k++) graw[k][mt][r] = o < a.out ? ld_raw(a.g, a.gdt, k * a.out + o) : 0u;
         }
+}
+
+template <int K, int MT>
+__device__ __forceinline__ void row_scales_f32(const MainArgs &a, const uint32_t (&graw)[K][MT][2],
+                                               float (&gk)[K][MT][2]) {
+#pragma unroll
+    for (int k = 0; k < K; k++)
+#pragma unroll
+        for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+            for (int r = 0; r < 2; r++) gk[k][mt][r] = raw_to_f32(graw[k][mt][r], a.gdt);
 }
 
 /* The main loop of the int8 and fp16 kernels: warp w takes groups w, w + 8, ...; the bits of its next group and the
    next chunk of B fragments (of this group, else the first of the warp's next group) are loaded one step ahead of
    the MMAs that use them, so that the loads (bits from DRAM, fragments from L2) overlap the tensor-core work.
    load_chunk(grp, c, Chunk &) reads chunk c of a group; body(gr, c, chunk, bits) does chunk c's MMAs (and the
-   flush after a path's last chunk). Fully unrolled over the NCHUNK chunks of a group, so c is a constant in body. */
-template <int K, int MT, int NCHUNK, bool F, class Chunk, class LoadChunk, class Body>
+   flush after a path's last chunk). Fully unrolled over the NCHUNK chunks of a group, so c is a constant in body.
+   ready() runs once the first loads are issued, before the first body (the kernels convert their row scales there). */
+template <int K, int MT, int NCHUNK, bool F, class Chunk, class LoadChunk, class Ready, class Body>
 __device__ __forceinline__ void for_each_chunk(const MainArgs &a, int64_t row0, int g, int t, int warp,
                                                FusedEpilogue &fe, float &res, LoadChunk &&load_chunk,
-                                               Body &&body) {
+                                               Ready &&ready, Body &&body) {
     static_assert(NCHUNK % 2 == 0, "the next group's first chunk must land in buffer 0");
     Bits<K, MT> cur, nxt;
     int64_t gr = warp;
@@ -416,6 +436,7 @@ __device__ __forceinline__ void for_each_chunk(const MainArgs &a, int64_t row0, 
     Chunk ch[2];
     if (gr < a.ngroups) load_chunk(gr, 0, ch[0]);
     if constexpr (F) res = fused_loads(a, row0, warp * 32 + g * 4 + t, fe);
+    ready();
     for (; gr < a.ngroups; gr += kWarps) {
         const bool more = gr + kWarps < a.ngroups;
         if (more) load_bits(a, row0, g, t, gr + kWarps, nxt);
@@ -477,8 +498,9 @@ __global__ void __launch_bounds__(kWarps * 32, ((K <= 2 && NT <= 2) || (K == 3 &
     constexpr int Mp = 2 * NT;
 
     // g of this lane's rows (g, g+8 of each m-tile), folded into every group's flush
+    uint32_t graw[K][MT][2];
+    load_row_scales(a, row0, g, graw);
     float gk[K][MT][2];
-    load_row_scales(a, row0, g, gk);
     float fa[MT][NT][2];
 #pragma unroll
     for (int mt = 0; mt < MT; mt++)
@@ -499,18 +521,24 @@ __global__ void __launch_bounds__(kWarps * 32, ((K <= 2 && NT <= 2) || (K == 3 &
     };
     auto load_chunk = [&](int64_t grp, int c, Chunk &dst) {
         const int k = c / NCH, sp0 = (c % NCH) * CH;
-        const uint2 *fp = a.frag + frag_path<K, GROUPED>(a, grp, k) * (16 * NT * 32) + lane;
+        const uint2 *fp = a.frag + frag_path<K, GROUPED>(a, grp, k) * (16 * NT * 32);
+        // The sums of rows m >= M are never stored, so the lanes of such a row (2 nt + 1 = M, lanes 16..31) read
+        // row 2 nt's entry (lane & 15, the same 128-byte line: no added traffic) instead of a select per load (a
+        // zeroing and a compare each, and registers that made nvcc re-read parameters and rebuild addresses in the
+        // loop): M = 1-4 took 4-12 % less time (H200, thirty-sixth session)
 #pragma unroll
-        for (int j = 0; j < CH; j++)
+        for (int nt = 0; nt < NT; nt++) {
+            const int ln = 2 * nt + (g >> 2) < a.M ? lane : (lane & 15);
 #pragma unroll
-            for (int nt = 0; nt < NT; nt++)  // B columns of rows m >= M are zero: not read
-                dst.b[j][nt] = 2 * nt + (g >> 2) < a.M ? __ldg(fp + ((sp0 + j) * NT + nt) * 32) : make_uint2(0u, 0u);
+            for (int j = 0; j < CH; j++) dst.b[j][nt] = __ldg(fp + ((sp0 + j) * NT + nt) * 32 + ln);
+        }
     };
 
     double sck[NT], qsk[NT];
     int acc[MT][NT][4];
     float res = 0.0f;
     for_each_chunk<K, MT, NCHUNK, F, Chunk>(a, row0, g, t, warp, fe, res, load_chunk,
+                                         [&] { row_scales_f32(a, graw, gk); },
                                          [&](int64_t gr, int c, const Chunk &cc, const Bits<K, MT> &cur) {
             const int k = c / NCH, sp0 = (c % NCH) * CH;
             if (c % NCH == 0) {
@@ -650,8 +678,8 @@ __global__ void __launch_bounds__(kWarps * 32, (M == 1 && K <= 3) ? 2 : 1) gemv_
             for (int nt = 0; nt < NTB; nt++) dst.b[s][nt] = __ldg(fp + (s * NTB + nt) * 32);
     };
 
-    float gk[K][1][2];
-    load_row_scales(a, row0, g, gk);
+    uint32_t graw[K][1][2];
+    load_row_scales(a, row0, g, graw);
     // plane weights of this lane's accumulator columns: n-tile ntl (of a row m) holds planes 8 ntl + 2t, +1
     double pw[4][2];
 #pragma unroll
@@ -673,6 +701,8 @@ __global__ void __launch_bounds__(kWarps * 32, (M == 1 && K <= 3) ? 2 : 1) gemv_
     if (gr < a.ngroups) load_frag(gr, 0, fr[0]);
     float res = 0.0f;
     if constexpr (F) res = fused_loads(a, row0, tid, fe);
+    float gk[K][1][2];
+    row_scales_f32(a, graw, gk);
     for (; gr < a.ngroups; gr += kWarps) {
         const bool more = gr + kWarps < a.ngroups;
         if (more) load(gr + kWarps, nxt);
@@ -765,9 +795,9 @@ int64_t b1p_blocks_per_sm(size_t smem) {
 }
 
 template <int K>
-struct B1Item {  // a warp's share of one (tile, group): the bits and the tile's row scales
+struct B1Item {  // a warp's share of one (tile, group): the bits and the tile's row scales as stored (ld_raw)
     Bits<K, 1> b;
-    float gk[K][1][2];
+    uint32_t graw[K][2];
 };
 
 template <int K, bool GROUPED, bool F>
@@ -792,14 +822,37 @@ __global__ void __launch_bounds__(kWarps * 32, K <= 3 ? 2 : 1) gemv_b1p_kernel(c
     const int64_t ngroups = a.ngroups;
     const int ngw = warp < ngroups ? static_cast<int>((ngroups - 1 - warp) / kWarps) + 1 : 0;  // groups a tile
 
-    // a warp's item (i, gi): the block's tile i, the warp's group gi (group warp + 8 gi)
+    // a warp's item (i, gi): the block's tile i, the warp's group gi (group warp + 8 gi). Its addresses are offsets
+    // from the warp's first row (tile steps of nb * 16 rows, path and half-tile steps), not products per item: the
+    // 64-bit index math was ~1/3 of the loop's instructions (ncu, H200, thirty-sixth session)
+    const int64_t nw = a.nw, path_words = a.out * nw, half_words = 8 * nw, tile_words = nb * 16 * nw;
+    const rabit_word_t *bits0 = a.packed + (static_cast<int64_t>(bl) * 16 + g) * nw + 4 * t;
     auto load_item = [&](int64_t i, int gi, B1Item<K> &dst) {
-        const int64_t row0 = (bl + i * nb) * 16;
-        load_bits(a, row0, g, t, warp + kWarps * gi, dst.b);
-        load_row_scales(a, row0, g, dst.gk);
+        const int64_t o = (bl + i * nb) * 16 + g, gw = static_cast<int64_t>(warp + kWarps * gi) * kGroupWords;
+        const rabit_word_t *p = bits0 + i * tile_words + gw;
+#pragma unroll
+        for (int r = 0; r < 2; r++)
+#pragma unroll
+            for (int k = 0; k < K; k++) {
+                const bool ok = o + 8 * r < a.out;
+                dst.b.w[k][0][r] = load_word4(a, p + k * path_words + r * half_words, ok, gw + 4 * t);
+                dst.graw[k][r] = ok ? ld_raw(a.g, a.gdt, k * a.out + o + 8 * r) : 0u;
+            }
+    };
+    // the next item to load: (ni, ngi), one call site for both "next group" and "next tile"
+    int64_t ni = 0;
+    int ngi = 0;
+    auto advance = [&]() {
+        if (++ngi == ngw) {
+            ngi = 0;
+            ni++;
+        }
     };
     B1Item<K> cur, nxt;
-    if (ntile > 0 && ngw > 0) load_item(0, 0, cur);
+    if (ntile > 0 && ngw > 0) {
+        load_item(0, 0, cur);
+        advance();
+    }
     pdl_wait();  // the first bits are in flight; the prologue's fragments and scales are complete past here
     pdl_launch_dependents();
     // this warp's groups' fragments of the layer's K paths: 2 KB a (group, path), 4 16-byte copies a lane
@@ -822,8 +875,8 @@ __global__ void __launch_bounds__(kWarps * 32, K <= 3 ? 2 : 1) gemv_b1p_kernel(c
 
     // this lane's accumulator columns of n-tile ntl are planes 8 ntl + 2t and 8 ntl + 2t + 1, weights 2^plane, except
     // plane 31 (ntl = 3, t = 3, the second column): -2^31. So a row's sum is 2^(2t) sum_ntl 2^(8 ntl) (c0 + w1 c1),
-    // w1 = 2 or -2: exact in int64, the same integer as the 1-bit kernel's float64 sum, in fewer registers
-    const long long w1_top = t == 3 ? -2 : 2;
+    // w1 = 2 or -2: exact (below), the same integer as the 1-bit kernel's float64 sum, in fewer registers
+    const int w1_top = t == 3 ? -2 : 2;
 
     // the epilogue's operands (threads 0..15, row tid of the tile): the norm's row scale, computed once as
     // store_rows computes it, and the bias and residual of the block's next tile
@@ -849,10 +902,10 @@ __global__ void __launch_bounds__(kWarps * 32, K <= 3 ? 2 : 1) gemv_b1p_kernel(c
     for (int64_t i = 0; i < ntile; i++) {
         float fa[2] = {0.0f, 0.0f};
         for (int gi = 0; gi < ngw; gi++) {
-            if (gi + 1 < ngw)
-                load_item(i, gi + 1, nxt);
-            else if (i + 1 < ntile)
-                load_item(i + 1, 0, nxt);
+            if (ni < ntile) {
+                load_item(ni, ngi, nxt);
+                advance();
+            }
             const int64_t gr = warp + kWarps * gi;
 #pragma unroll
             for (int k = 0; k < K; k++) {
@@ -872,15 +925,18 @@ __global__ void __launch_bounds__(kWarps * 32, K <= 3 ? 2 : 1) gemv_b1p_kernel(c
                     }
 #pragma unroll
                 for (int r = 0; r < 2; r++) {
-                    long long q = 0;
+                    // the same integer in two int32 halves (popcounts <= 512: |e| <= 1536, |half| < 2^19) joined in
+                    // float64 (exact below 2^53); int64 arithmetic cost ~20 instructions a row here (SASS, nvcc 13)
+                    int e[4];
 #pragma unroll
-                    for (int ntl = 0; ntl < 4; ntl++)
-                        q += (acc[ntl][2 * r] + (ntl == 3 ? w1_top : 2) * acc[ntl][2 * r + 1]) * (1ll << (8 * ntl));
-                    double v = static_cast<double>(q * (1ll << (2 * t)));  // exact: |v| < 2^42
+                    for (int ntl = 0; ntl < 4; ntl++) e[ntl] = acc[ntl][2 * r] + (ntl == 3 ? w1_top : 2) * acc[ntl][2 * r + 1];
+                    const int lo = e[0] + e[1] * 256, hi = e[2] + e[3] * 256;
+                    double v = __fma_rn(static_cast<double>(hi), 65536.0, static_cast<double>(lo)) *
+                               static_cast<double>(1 << (2 * t));  // exact: |v| < 2^42
                     v += __shfl_xor_sync(0xffffffffu, v, 1);  // exact: integers below 2^53
                     v += __shfl_xor_sync(0xffffffffu, v, 2);
                     const float val = static_cast<float>(sck * (2.0 * v - qsk));
-                    fa[r] = __fmaf_rn(cur.gk[k][0][r], val, fa[r]);
+                    fa[r] = __fmaf_rn(raw_to_f32(cur.graw[k][r], a.gdt), val, fa[r]);
                 }
             }
             cur = nxt;
@@ -991,8 +1047,12 @@ __global__ void __launch_bounds__(kWarps * 32, K <= 2 ? 2 : 1) gemv_f16_kernel(c
     const MainArgs a = layer_args<K, GROUPED>(ga, tile);
     const int64_t row0 = tile * 16;
 
+    // converted at once, unlike the int8 and 1-bit kernels: converted after the first loads (as they do), three of
+    // the four batch-8 layer groups took 2-4 % longer (H200, thirty-sixth session)
+    uint32_t graw[K][1][2];
+    load_row_scales(a, row0, g, graw);
     float gk[K][1][2];
-    load_row_scales(a, row0, g, gk);
+    row_scales_f32(a, graw, gk);
     float fa[NT][4];
 #pragma unroll
     for (int nt = 0; nt < NT; nt++) fa[nt][0] = fa[nt][1] = fa[nt][2] = fa[nt][3] = 0.0f;
@@ -1015,7 +1075,7 @@ __global__ void __launch_bounds__(kWarps * 32, K <= 2 ? 2 : 1) gemv_f16_kernel(c
 
     float acc[NT][4], sck[NT][2];
     float res = 0.0f;
-    for_each_chunk<K, 1, NCHUNK, false, Chunk>(a, row0, g, t, warp, fe, res, load_chunk,
+    for_each_chunk<K, 1, NCHUNK, false, Chunk>(a, row0, g, t, warp, fe, res, load_chunk, [] {},
                                         [&](int64_t gr, int c, const Chunk &cc, const Bits<K, 1> &cur) {
             const int k = c / NCH, st0 = (c % NCH) * CH;
             if (c % NCH == 0) {
