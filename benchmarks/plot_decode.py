@@ -49,7 +49,7 @@ def main(out: str, paths: list[str]) -> None:
     ax.set_ylim(bottom=10 ** math.floor(math.log10(min(values))))
     ax.set_ylabel("tokens/s (greedy decode)")
     ax.legend(fontsize=8)
-    ax.set_title("End-to-end decoding, same static-cache runtime for both (bench_decode.py)", fontsize=9)
+    ax.set_title("End-to-end decoding, the same static-cache runtime\nfor both (bench_decode.py)", fontsize=9)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
 
