@@ -822,37 +822,51 @@ __global__ void __launch_bounds__(kWarps * 32, K <= 3 ? 2 : 1) gemv_b1p_kernel(c
     const int64_t ngroups = a.ngroups;
     const int ngw = warp < ngroups ? static_cast<int>((ngroups - 1 - warp) / kWarps) + 1 : 0;  // groups a tile
 
-    // a warp's item (i, gi): the block's tile i, the warp's group gi (group warp + 8 gi). Its addresses are offsets
-    // from the warp's first row (tile steps of nb * 16 rows, path and half-tile steps), not products per item: the
-    // 64-bit index math was ~1/3 of the loop's instructions (ncu, H200, thirty-sixth session)
+    // a warp's item (i, gi): the block's tile i, the warp's group gi (group warp + 8 gi), loaded in that order
+    // (load_next). The next item's bits pointer pt (the warp's rows of tile ni, group 0) and row ot advance a tile at
+    // a time instead of being rebuilt from products per item: the 64-bit index math and the bounds branches were
+    // most of the loop's instructions (ncu, H200, thirty-sixth session)
     const int64_t nw = a.nw, path_words = a.out * nw, half_words = 8 * nw, tile_words = nb * 16 * nw;
-    const rabit_word_t *bits0 = a.packed + (static_cast<int64_t>(bl) * 16 + g) * nw + 4 * t;
-    auto load_item = [&](int64_t i, int gi, B1Item<K> &dst) {
-        const int64_t o = (bl + i * nb) * 16 + g, gw = static_cast<int64_t>(warp + kWarps * gi) * kGroupWords;
-        const rabit_word_t *p = bits0 + i * tile_words + gw;
-#pragma unroll
-        for (int r = 0; r < 2; r++)
+    int64_t ni = 0, ot = static_cast<int64_t>(bl) * 16 + g;
+    int ngi = 0;
+    const rabit_word_t *pt = a.packed + ot * nw + 4 * t;
+    const bool g16 = a.gdt != RABIT_F32;
+    auto load_next = [&](B1Item<K> &dst) {
+        const int64_t gw = static_cast<int64_t>(warp + kWarps * ngi) * kGroupWords;
+        const rabit_word_t *p = pt + gw;
+        int64_t dr0 = 0, dr1 = 8;  // the rows read: ot + dr0 and ot + dr1
+        if (a.vec && ot + 8 < a.out && gw + 4 * t + 4 <= nw) {  // both rows inside, 16-byte words inside the row
 #pragma unroll
             for (int k = 0; k < K; k++) {
-                const bool ok = o + 8 * r < a.out;
-                dst.b.w[k][0][r] = load_word4(a, p + k * path_words + r * half_words, ok, gw + 4 * t);
-                dst.graw[k][r] = ok ? ld_raw(a.g, a.gdt, k * a.out + o + 8 * r) : 0u;
+                dst.b.w[k][0][0] = __ldcs(reinterpret_cast<const uint4 *>(p + k * path_words));
+                dst.b.w[k][0][1] = __ldcs(reinterpret_cast<const uint4 *>(p + k * path_words + half_words));
             }
-    };
-    // the next item to load: (ni, ngi), one call site for both "next group" and "next tile"
-    int64_t ni = 0;
-    int ngi = 0;
-    auto advance = [&]() {
+        } else {  // rows past the matrix read row out - 1: their sums are never stored
+            dr0 = min(int64_t{0}, a.out - 1 - ot);
+            dr1 = min(int64_t{8}, a.out - 1 - ot);
+#pragma unroll
+            for (int k = 0; k < K; k++) {
+                dst.b.w[k][0][0] = load_word4(a, p + k * path_words + dr0 * nw, true, gw + 4 * t);
+                dst.b.w[k][0][1] = load_word4(a, p + k * path_words + dr1 * nw, true, gw + 4 * t);
+            }
+        }
+#pragma unroll
+        for (int k = 0; k < K; k++)
+#pragma unroll
+            for (int r = 0; r < 2; r++) {
+                const int64_t e = k * a.out + ot + (r ? dr1 : dr0);
+                dst.graw[k][r] = g16 ? __ldg(reinterpret_cast<const unsigned short *>(a.g) + e)
+                                     : __ldg(reinterpret_cast<const uint32_t *>(a.g) + e);
+            }
         if (++ngi == ngw) {
             ngi = 0;
             ni++;
+            pt += tile_words;
+            ot += nb * 16;
         }
     };
     B1Item<K> cur, nxt;
-    if (ntile > 0 && ngw > 0) {
-        load_item(0, 0, cur);
-        advance();
-    }
+    if (ntile > 0 && ngw > 0) load_next(cur);
     pdl_wait();  // the first bits are in flight; the prologue's fragments and scales are complete past here
     pdl_launch_dependents();
     // this warp's groups' fragments of the layer's K paths: 2 KB a (group, path), 4 16-byte copies a lane
@@ -902,10 +916,7 @@ __global__ void __launch_bounds__(kWarps * 32, K <= 3 ? 2 : 1) gemv_b1p_kernel(c
     for (int64_t i = 0; i < ntile; i++) {
         float fa[2] = {0.0f, 0.0f};
         for (int gi = 0; gi < ngw; gi++) {
-            if (ni < ntile) {
-                load_item(ni, ngi, nxt);
-                advance();
-            }
+            if (ni < ntile) load_next(nxt);
             const int64_t gr = warp + kWarps * gi;
 #pragma unroll
             for (int k = 0; k < K; k++) {
