@@ -388,9 +388,9 @@ __device__ __forceinline__ void load_bits(const MainArgs &a, int64_t row0, int g
 }
 
 /* g of lane (g, t)'s rows g and g + 8 of each of the block's MT 16-row tiles, per path (0 past the matrix), as
-   stored (ld_raw). The kernels convert them (row_scales_f32) once their first bits are in flight: converted at the
-   load (ld_any), each load was waited for right after it, so a lane's 2K loads ran one after another before the
-   first bits were even requested (SASS, nvcc 13; thirty-sixth session). */
+   stored (ld_raw). The int8 and 1-bit kernels convert them (row_scales_f32) once their first bits are in flight:
+   converted at the load (ld_any), each load was waited for right after it, so a lane's 2K loads ran one after another
+   before the first bits were even requested (SASS, nvcc 13; thirty-sixth session). */
 template <int K, int MT>
 __device__ __forceinline__ void load_row_scales(const MainArgs &a, int64_t row0, int g, uint32_t (&graw)[K][MT][2]) {
 #pragma unroll
@@ -830,7 +830,6 @@ __global__ void __launch_bounds__(kWarps * 32, K <= 3 ? 2 : 1) gemv_b1p_kernel(c
     int64_t ni = 0, ot = static_cast<int64_t>(bl) * 16 + g;
     int ngi = 0;
     const rabit_word_t *pt = a.packed + ot * nw + 4 * t;
-    const bool g16 = a.gdt != RABIT_F32;
     auto load_next = [&](B1Item<K> &dst) {
         const int64_t gw = static_cast<int64_t>(warp + kWarps * ngi) * kGroupWords;
         const rabit_word_t *p = pt + gw;
@@ -854,9 +853,7 @@ __global__ void __launch_bounds__(kWarps * 32, K <= 3 ? 2 : 1) gemv_b1p_kernel(c
         for (int k = 0; k < K; k++)
 #pragma unroll
             for (int r = 0; r < 2; r++) {
-                const int64_t e = k * a.out + ot + (r ? dr1 : dr0);
-                dst.graw[k][r] = g16 ? __ldg(reinterpret_cast<const unsigned short *>(a.g) + e)
-                                     : __ldg(reinterpret_cast<const uint32_t *>(a.g) + e);
+                dst.graw[k][r] = ld_raw(a.g, a.gdt, k * a.out + ot + (r ? dr1 : dr0));
             }
         if (++ngi == ngw) {
             ngi = 0;
