@@ -2,7 +2,9 @@
 
 Compiles one kernel source to a cubin (nvcc), disassembles it (cuobjdump -sass) and prints, for each kernel whose
 mangled name matches a regular expression, its instruction count, its tensor-core instructions (HMMA / IMMA / BMMA),
-instructions per MMA, local-memory spills (STL / LDL) and the most frequent opcodes. The counts are static (each
+instructions per MMA, local-memory spills (STL / LDL), the global loads that are read before the next one issues
+(waited for one at a time: a latency chain; the thirty-sixth session found such chains in the row-scale, prologue,
+CUDA-core and attention loads) and the most frequent opcodes. The counts are static (each
 unrolled instruction once), so they compare versions of one kernel, not times; the thirty-fifth session found with
 them that nvcc re-read parameters and rebuilt addresses in the fp16 decode loop (docs/kernels.md).
 
@@ -31,12 +33,48 @@ def sass_of(cubin):
     return subprocess.run(["cuobjdump", "-sass", str(cubin)], check=True, capture_output=True, text=True).stdout
 
 
-def mixes(sass, pattern):
-    """(kernel name, Counter of opcodes) for every function whose name matches pattern."""
+def functions(sass, pattern):
+    """(kernel name, its listing) for every function whose name matches pattern."""
     for block in re.split(r"\n\s*Function : ", sass)[1:]:
         name = block.split("\n", 1)[0].strip()
         if re.search(pattern, name):
-            yield name, collections.Counter(m.group(1) for m in map(INSTR.match, block.split("\n")) if m)
+            yield name, block
+
+
+def mixes(sass, pattern):
+    """(kernel name, Counter of opcodes) for every function whose name matches pattern."""
+    for name, block in functions(sass, pattern):
+        yield name, collections.Counter(m.group(1) for m in map(INSTR.match, block.split("\n")) if m)
+
+
+GLOBAL_LOAD = re.compile(r"\s*/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?LDG(\S*)\s+R(\d+)")
+REG = re.compile(r"\bR(\d+)\b")
+
+
+def waited_loads(block):
+    """(waited, total): the global loads (LDG) of one function whose first reader comes before the next LDG is
+    issued, i.e. loads that a warp waits for one at a time, and all LDGs. Program order, blind to control flow and
+    to the scheduler's latencies: a count to compare versions of one kernel. nvcc puts a dtype conversion right
+    after its load (rabit's ld_any), so such loads ran one after another (thirty-sixth session)."""
+    loads, first_read, pending = [], {}, {}  # load line numbers; load -> line of its first reader; register -> load
+    lines = [line.split(";")[0] for line in block.split("\n") if INSTR.match(line)]
+    for i, text in enumerate(lines):
+        op = INSTR.match(text).group(1)
+        operands = text[INSTR.match(text).end():]
+        # the registers an instruction reads: after its first operand (the destination), or all of a store's
+        reads = operands if op.startswith("ST") else operands.partition(",")[2]
+        for r in REG.findall(reads):
+            k = pending.pop(int(r), None)
+            if k is not None and k not in first_read:
+                first_read[k] = i
+        m = GLOBAL_LOAD.match(text)
+        if m:
+            width = 4 if ".128" in m.group(1) else 2 if ".64" in m.group(1) else 1
+            loads.append(i)
+            for r in range(int(m.group(2)), int(m.group(2)) + width):
+                pending[r] = len(loads) - 1
+    nxt = loads[1:] + [len(lines)]
+    return sum(1 for k, line in enumerate(nxt) if first_read.get(k, line) < line), len(loads)
 
 
 def main():
@@ -60,11 +98,14 @@ def main():
             subprocess.run(["nvcc", "-std=c++17", "-O3", f"-arch={args.arch}", "-cubin", str(src), "-o", str(cubin)],
                            check=True, cwd=src.parent)
         found = False
-        for name, ops in mixes(sass_of(cubin), args.pattern):
+        sass = sass_of(cubin)
+        for (name, ops), (_, block) in zip(mixes(sass, args.pattern), functions(sass, args.pattern)):
             found = True
             total, mma = sum(ops.values()), sum(ops[o] for o in MMA)
             per = f"{total / mma:.1f} per MMA" if mma else "no MMA"
-            print(f"{name}\n  {total} instructions, {mma} MMA ({per}), spills: STL {ops['STL']} LDL {ops['LDL']}")
+            waited, ldg = waited_loads(block)
+            print(f"{name}\n  {total} instructions, {mma} MMA ({per}), spills: STL {ops['STL']} LDL {ops['LDL']}, "
+                  f"global loads waited for one at a time: {waited} of {ldg}")
             print("  " + "  ".join(f"{op} {n}" for op, n in ops.most_common(args.top)))
         if not found:
             sys.exit(f"sass_mix: no kernel matches {args.pattern!r}")

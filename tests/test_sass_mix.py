@@ -32,3 +32,26 @@ def test_mixes_counts_opcodes_per_matching_kernel():
     assert ops == {"LDC": 1, "IMAD": 1, "LOP3": 1, "LDG": 1, "HMMA": 2, "STL": 1, "EXIT": 1}
     assert dict(S.mixes(LISTING, r"bar"))["_Z3barv"]["IMMA"] == 1
     assert list(S.mixes(LISTING, r"nothing")) == []
+
+
+WAITS = """
+\t\tFunction : _Z4waitv
+        /*0000*/                   LDG.E.U16.CONSTANT R18, desc[UR14][R2.64] ;
+        /*0010*/               @P1 HADD2.F32 R17, -RZ, R18.H0_H0 ;
+        /*0020*/                   LDG.E.U16.CONSTANT R18, desc[UR14][R4.64] ;
+        /*0030*/               @P1 HADD2.F32 R20, -RZ, R18.H0_H0 ;
+        /*0040*/                   LDG.E.128 R24, desc[UR14][R6.64] ;
+        /*0050*/                   LDG.E.64 R30, desc[UR14][R8.64] ;
+        /*0060*/                   IADD3 R10, R27, R31, RZ ;
+        /*0070*/                   STG.E desc[UR14][R12.64], R10 ;
+        /*0080*/                   LDG.E R40, desc[UR14][R14.64] ;
+        /*0090*/                   EXIT ;
+"""
+
+
+def test_waited_loads_counts_loads_read_before_the_next_load():
+    # the two 16-bit loads are each read (converted) before the next load: waited one at a time; the 128-bit load is
+    # still in flight when the 64-bit one issues (its registers R24..R27 are read only after); the 64-bit one is read
+    # before the last load issues; the last load is never read
+    (name, block), = S.functions(WAITS, r"wait")
+    assert S.waited_loads(block) == (3, 5)
