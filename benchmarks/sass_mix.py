@@ -53,20 +53,26 @@ REG = re.compile(r"\bR(\d+)\b")
 
 def waited_loads(block):
     """(waited, total): the global loads (LDG) of one function whose first reader comes before the next LDG is
-    issued, i.e. loads that a warp waits for one at a time, and all LDGs. Program order, blind to control flow and
-    to the scheduler's latencies: a count to compare versions of one kernel. nvcc puts a dtype conversion right
-    after its load (rabit's ld_any), so such loads ran one after another (thirty-sixth session)."""
+    issued, i.e. loads that a warp waits for one at a time, as (load, first reader) SASS lines, and the number of
+    LDGs. Program order, with two cues of control flow (an unconditional jump ends a path; a register written before
+    it is read was another path's), blind to the scheduler's latencies: a count to compare versions of one kernel.
+    nvcc puts a dtype conversion right after its load (rabit's ld_any), so such loads ran one after another
+    (thirty-sixth session)."""
     loads, first_read, pending = [], {}, {}  # load line numbers; load -> line of its first reader; register -> load
     lines = [line.split(";")[0] for line in block.split("\n") if INSTR.match(line)]
     for i, text in enumerate(lines):
         op = INSTR.match(text).group(1)
         operands = text[INSTR.match(text).end():]
         # the registers an instruction reads: after its first operand (the destination), or all of a store's
-        reads = operands if op.startswith("ST") else operands.partition(",")[2]
+        dest, _, reads = ("", "", operands) if op.startswith("ST") else operands.partition(",")
         for r in REG.findall(reads):
             k = pending.pop(int(r), None)
             if k is not None and k not in first_read:
                 first_read[k] = i
+        for r in REG.findall(dest):  # overwritten unread (another path's use of the register)
+            pending.pop(int(r), None)
+        if op in ("BRA", "EXIT") and not re.match(r"\s*/\*[0-9a-f]{4,}\*/\s+@", text):
+            pending.clear()  # the next lines are another path: the loads are read after the jump, not there
         m = GLOBAL_LOAD.match(text)
         if m:
             width = 4 if ".128" in m.group(1) else 2 if ".64" in m.group(1) else 1
@@ -74,7 +80,9 @@ def waited_loads(block):
             for r in range(int(m.group(2)), int(m.group(2)) + width):
                 pending[r] = len(loads) - 1
     nxt = loads[1:] + [len(lines)]
-    return sum(1 for k, line in enumerate(nxt) if first_read.get(k, line) < line), len(loads)
+    waited = [(lines[loads[k]].strip(), lines[first_read[k]].strip()) for k, line in enumerate(nxt)
+              if first_read.get(k, line) < line]
+    return waited, len(loads)
 
 
 def main():
@@ -84,6 +92,7 @@ def main():
     ap.add_argument("--arch", default="sm_90a", help="nvcc -arch (default: %(default)s)")
     ap.add_argument("--cubin", help="disassemble this cubin instead of compiling --cu")
     ap.add_argument("--top", type=int, default=12, help="opcodes listed per kernel (default: %(default)s)")
+    ap.add_argument("--waits", action="store_true", help="list each load waited for one at a time and its reader")
     args = ap.parse_args()
     missing = [t for t in (["cuobjdump"] if args.cubin else ["nvcc", "cuobjdump"]) if shutil.which(t) is None]
     if missing:
@@ -105,8 +114,11 @@ def main():
             per = f"{total / mma:.1f} per MMA" if mma else "no MMA"
             waited, ldg = waited_loads(block)
             print(f"{name}\n  {total} instructions, {mma} MMA ({per}), spills: STL {ops['STL']} LDL {ops['LDL']}, "
-                  f"global loads waited for one at a time: {waited} of {ldg}")
+                  f"global loads waited for one at a time: {len(waited)} of {ldg}")
             print("  " + "  ".join(f"{op} {n}" for op, n in ops.most_common(args.top)))
+            if args.waits:
+                for load, reader in waited:
+                    print(f"    {load}\n      read by {reader}")
         if not found:
             sys.exit(f"sass_mix: no kernel matches {args.pattern!r}")
 

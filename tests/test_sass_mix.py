@@ -46,6 +46,14 @@ WAITS = """
         /*0070*/                   STG.E desc[UR14][R12.64], R10 ;
         /*0080*/                   LDG.E R40, desc[UR14][R14.64] ;
         /*0090*/                   EXIT ;
+		Function : _Z5pathsv
+        /*0000*/               @P0 LDG.E.128 R24, desc[UR14][R6.64] ;
+        /*0010*/               @P0 BRA 0x60 ;
+        /*0020*/                   BRA 0x60 ;
+        /*0030*/                   ISETP.GE.U32.AND P5, PT, R25, R20, PT ;
+        /*0040*/                   IMAD.MOV.U32 R26, RZ, RZ, R4 ;
+        /*0050*/                   LDG.E R40, desc[UR14][R14.64] ;
+        /*0060*/                   EXIT ;
 """
 
 
@@ -54,4 +62,14 @@ def test_waited_loads_counts_loads_read_before_the_next_load():
     # still in flight when the 64-bit one issues (its registers R24..R27 are read only after); the 64-bit one is read
     # before the last load issues; the last load is never read
     (name, block), = S.functions(WAITS, r"wait")
-    assert S.waited_loads(block) == (3, 5)
+    waited, total = S.waited_loads(block)
+    assert total == 5 and len(waited) == 3
+    assert waited[0] == ("/*0000*/                   LDG.E.U16.CONSTANT R18, desc[UR14][R2.64]",
+                         "/*0010*/               @P1 HADD2.F32 R17, -RZ, R18.H0_H0")
+    assert waited[2][0].endswith("LDG.E.64 R30, desc[UR14][R8.64]") and "IADD3" in waited[2][1]
+
+
+def test_waited_loads_ends_a_path_at_an_unconditional_jump():
+    # the ISETP after the unconditional BRA is another path's code: its R25 is not the load's, so nothing is waited
+    (name, block), = S.functions(WAITS, r"paths")
+    assert S.waited_loads(block) == ([], 2)
