@@ -41,10 +41,15 @@ def functions(sass, pattern):
             yield name, block
 
 
+def mix(block):
+    """Counter of the opcodes of one function's listing."""
+    return collections.Counter(m.group(1) for m in map(INSTR.match, block.split("\n")) if m)
+
+
 def mixes(sass, pattern):
     """(kernel name, Counter of opcodes) for every function whose name matches pattern."""
     for name, block in functions(sass, pattern):
-        yield name, collections.Counter(m.group(1) for m in map(INSTR.match, block.split("\n")) if m)
+        yield name, mix(block)
 
 
 GLOBAL_LOAD = re.compile(r"\s*/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?LDG(\S*)\s+R(\d+)")
@@ -61,8 +66,8 @@ def waited_loads(block):
     loads, first_read, pending = [], {}, {}  # load line numbers; load -> line of its first reader; register -> load
     lines = [line.split(";")[0] for line in block.split("\n") if INSTR.match(line)]
     for i, text in enumerate(lines):
-        op = INSTR.match(text).group(1)
-        operands = text[INSTR.match(text).end():]
+        ins = INSTR.match(text)
+        op, operands = ins.group(1), text[ins.end():]
         # the registers an instruction reads: after its first operand (the destination), or all of a store's
         dest, _, reads = ("", "", operands) if op.startswith("ST") else operands.partition(",")
         for r in REG.findall(reads):
@@ -107,9 +112,9 @@ def main():
             subprocess.run(["nvcc", "-std=c++17", "-O3", f"-arch={args.arch}", "-cubin", str(src), "-o", str(cubin)],
                            check=True, cwd=src.parent)
         found = False
-        sass = sass_of(cubin)
-        for (name, ops), (_, block) in zip(mixes(sass, args.pattern), functions(sass, args.pattern)):
+        for name, block in functions(sass_of(cubin), args.pattern):
             found = True
+            ops = mix(block)
             total, mma = sum(ops.values()), sum(ops[o] for o in MMA)
             per = f"{total / mma:.1f} per MMA" if mma else "no MMA"
             waited, ldg = waited_loads(block)
