@@ -208,17 +208,10 @@ __device__ __forceinline__ bool is_finite_f(float x) { return (__float_as_uint(x
 /* silu(v) = v / (1 + e^-v) in float32 (a large negative v gives -0): the decode kernels' SwiGLU */
 __device__ __forceinline__ float silu_f(float v) { return __fdiv_rn(v, __fadd_rn(1.0f, expf(-v))); }
 
-/* Element i of an array of dtype dt, as float32 (exact for all three dtypes). */
-__device__ __forceinline__ float ld_any(const void *p, int dt, int64_t i) {
-    if (dt == RABIT_F32) return __ldg(reinterpret_cast<const float *>(p) + i);
-    const unsigned short u = __ldg(reinterpret_cast<const unsigned short *>(p) + i);
-    if (dt == RABIT_BF16) return __uint_as_float(static_cast<uint32_t>(u) << 16);
-    return __half2float(__ushort_as_half(u));
-}
-
-/* ld_any in two halves, for a value loaded well ahead of its use: the element as stored (float32 bits, or the 16
-   bits zero-extended), and its conversion. ld_any converts inside its dtype branch, so its caller waits for the
-   load right there (the persistent 1-bit kernel's prefetched row scales did: 13 % of its stall samples, ncu, H200). */
+/* Element i of an array of dtype dt as stored (float32 bits, or the 16 bits zero-extended), and its conversion to
+   float32 (exact for all three dtypes): two halves, so that a value loaded well ahead of its use is converted where
+   it is used. Converted at the load, the caller waits for the load right there (the persistent 1-bit kernel's
+   prefetched row scales did: 13 % of its stall samples, ncu, H200, thirty-sixth session). */
 __device__ __forceinline__ uint32_t ld_raw(const void *p, int dt, int64_t i) {
     return dt == RABIT_F32 ? __ldg(reinterpret_cast<const uint32_t *>(p) + i)
                            : static_cast<uint32_t>(__ldg(reinterpret_cast<const unsigned short *>(p) + i));
@@ -229,6 +222,9 @@ __device__ __forceinline__ float raw_to_f32(uint32_t u, int dt) {
     if (dt == RABIT_BF16) return __uint_as_float(u << 16);
     return __half2float(__ushort_as_half(static_cast<unsigned short>(u)));
 }
+
+/* Element i of an array of dtype dt, as float32, converted at once. */
+__device__ __forceinline__ float ld_any(const void *p, int dt, int64_t i) { return raw_to_f32(ld_raw(p, dt, i), dt); }
 
 /* float32 -> dtype bits, round to nearest even (PyTorch's casts). */
 __device__ __forceinline__ unsigned short f32_to_16(float v, int dt) {

@@ -50,12 +50,16 @@ __device__ __forceinline__ float round_dt(float v, int dt) {
     return dt == RABIT_BF16 ? __uint_as_float(static_cast<uint32_t>(u) << 16) : __half2float(__ushort_as_half(u));
 }
 
-/* rope of element d of the D values at x (dtype dt) with the tables' row at pos, rounded to dt. */
+/* rope of element d of the D values at x (dtype dt) with the tables' row at pos, rounded to dt. The four loads are
+   issued before any conversion: converted one at a time (ld_any), each waited for its load, four L2 round trips in
+   a row at the head of every block (SASS, nvcc 13; thirty-sixth session). */
 __device__ __forceinline__ float rope_elem(const void *x, int64_t off, int d, int D, const AttnArgs &a, int64_t pos) {
     const int half = D / 2;
-    const float xv = ld_any(x, a.dt, off + d);
-    const float rot = d < half ? -ld_any(x, a.dt, off + d + half) : ld_any(x, a.dt, off + d - half);
-    const float c = ld_any(a.cos, a.dt, pos * D + d), s = ld_any(a.sin, a.dt, pos * D + d);
+    const int64_t ir = d < half ? off + d + half : off + d - half;
+    const uint32_t ux = ld_raw(x, a.dt, off + d), ur = ld_raw(x, a.dt, ir);
+    const uint32_t uc = ld_raw(a.cos, a.dt, pos * D + d), us = ld_raw(a.sin, a.dt, pos * D + d);
+    const float xv = raw_to_f32(ux, a.dt), rot = d < half ? -raw_to_f32(ur, a.dt) : raw_to_f32(ur, a.dt);
+    const float c = raw_to_f32(uc, a.dt), s = raw_to_f32(us, a.dt);
     return round_dt(__fadd_rn(__fmul_rn(xv, c), __fmul_rn(rot, s)), a.dt);
 }
 

@@ -120,18 +120,32 @@ struct PrepRows {
     float nss[kPrepThreads / 32][kFusedMaxM];  // the fused RMSNorm: the warps' sums of u^2 per row
 };
 
-/* The layers' input u of row m, column j < in: x, or silu(x) * up (the fused SwiGLU). */
-__device__ __forceinline__ float prep_input(const PrepArgs &a, int m, int64_t j) {
-    const int64_t i = static_cast<int64_t>(m) * a.in + j;
-    const float v = ld_any(a.x, a.xdt, i);
-    return a.up ? __fmul_rn(silu_f(v), ld_any(a.up, a.xdt, i)) : v;
+/* The layers' input u of rows m < MR, column j: x, or silu(x) * up (the fused SwiGLU); 0 for rows m >= M and past
+   `in`. Every row's loads are issued before any conversion: converted one at a time (ld_any), each waited for its
+   load, so the MR rows' loads ran one after another after the PDL wait (SASS, nvcc 13: 16 in a row at MR = 16, 32
+   with the SwiGLU; thirty-sixth session). */
+template <int MR>
+__device__ __forceinline__ void prep_inputs(const PrepArgs &a, int64_t j, float (&u)[kMaxNT * 2]) {
+    uint32_t rx[MR], ru[MR];
+#pragma unroll
+    for (int m = 0; m < MR; m++) {
+        const int64_t i = static_cast<int64_t>(m) * a.in + j;
+        const bool in = m < a.M && j < a.in;
+        rx[m] = in ? ld_raw(a.x, a.xdt, i) : 0u;  // 0: 0.0 in every dtype
+        ru[m] = in && a.up ? ld_raw(a.up, a.xdt, i) : 0u;
+    }
+#pragma unroll
+    for (int m = 0; m < MR; m++) {
+        const float v = raw_to_f32(rx[m], a.xdt);
+        u[m] = a.up ? __fmul_rn(silu_f(v), raw_to_f32(ru[m], a.xdt)) : v;
+    }
 }
 
 /* The common front of the prologues, for this thread's column j of group gr and path k: xh = h * x per row m
    of x, the group's max |xh| per row (bad: a non-finite xh) and inv = 1/S with S = 2^(e - top), 2^e > max, so
    that Q = xh * inv is exact in float32 and |Q| < 2^top (top = 30 for the integer kernels, 15 for the fp16
    one); e >= -96 keeps 1/S finite (groups below 2^-96 keep 2^-126 absolute resolution). Ends with a barrier.
-   With the fused glue, xh = h * u (u: prep_input), times the norm's weight where it is given; the group's sum of u^2
+   With the fused glue, xh = h * u (u: prep_inputs), times the norm's weight where it is given; the group's sum of u^2
    per row (warps by a butterfly, then in order) then goes to sumsq from one block per group (path 0, part 0). The norm
    is linear in u once its row scale is known, so that scale is applied to the main kernels' sums (norm_scales). */
 
@@ -159,9 +173,11 @@ __device__ __forceinline__ void prep_front(const PrepArgs &a, int k, int64_t j, 
     // them, and any other kernel lets this one start only at its end
     pdl_wait();
     float u2[kFusedMaxM];  // the norm's u^2 of this column per row
+    float uv[kMaxNT * 2];
+    prep_inputs<MR>(a, j, uv);
 #pragma unroll
     for (int m = 0; m < MR; m++) {
-        const float u = (m < a.M && j < a.in) ? prep_input(a, m, j) : 0.0f;
+        const float u = uv[m];
         if (m < kFusedMaxM) u2[m] = __fmul_rn(u, u);
         xh[m] = (m < a.M && j < a.in) ? __fmul_rn(hj, norm ? __fmul_rn(u, nw) : u) : 0.0f;
     }
@@ -651,6 +667,18 @@ __global__ void __launch_bounds__(kPrepThreads) gemv_b1_prep_kernel(const PrepAr
     write_scales(a, (static_cast<size_t>(gr) * K + k) * kB1MaxM, tid, kB1MaxM, sh);
 }
 
+/* Lane (g, t)'s part of row g + 8r's sum from the four n-tiles of BMMA accumulators of one row of x: planes 8 ntl + 2t
+   and 8 ntl + 2t + 1 with weights 2^plane, plane 31 -2^31, i.e. 2^(2t) sum_ntl 2^(8 ntl) (c0 + w1 c1), w1 = 2 (-2 for
+   ntl = 3 at t = 3). The same integer in two int32 halves (popcounts <= 512: |c0 + w1 c1| <= 1536, |half| <
+   2^19) joined in float64: exact (|v| < 2^42). In int64 it cost ~20 instructions a row, in eight float64 FMAs more. */
+__device__ __forceinline__ double b1_recombine(const int (&a0)[4], const int (&a1)[4], const int (&a2)[4],
+                                               const int (&a3)[4], int r, int t) {
+    const int e0 = a0[2 * r] + 2 * a0[2 * r + 1], e1 = a1[2 * r] + 2 * a1[2 * r + 1];
+    const int e2 = a2[2 * r] + 2 * a2[2 * r + 1], e3 = a3[2 * r] + (t == 3 ? -2 : 2) * a3[2 * r + 1];
+    const int lo = e0 + e1 * 256, hi = e2 + e3 * 256;
+    return __fma_rn(static_cast<double>(hi), 65536.0, static_cast<double>(lo)) * static_cast<double>(1 << (2 * t));
+}
+
 /* One 16-row tile per block, 8 warps over the groups (as the int8 kernel). Per (group, path): 2 steps x 4M
    n-tiles of BMMA, then the planes recombine in float64 and the 4 lanes of a quad (t) add their planes. The B
    fragments of the next (group, path) are loaded before the MMAs of this one. */
@@ -680,15 +708,6 @@ __global__ void __launch_bounds__(kWarps * 32, (M == 1 && K <= 3) ? 2 : 1) gemv_
 
     uint32_t graw[K][1][2];
     load_row_scales(a, row0, g, graw);
-    // plane weights of this lane's accumulator columns: n-tile ntl (of a row m) holds planes 8 ntl + 2t, +1
-    double pw[4][2];
-#pragma unroll
-    for (int ntl = 0; ntl < 4; ntl++)
-#pragma unroll
-        for (int c = 0; c < 2; c++) {
-            const int pl = 8 * ntl + 2 * t + c;
-            pw[ntl][c] = pl == 31 ? -2147483648.0 : static_cast<double>(1u << pl);
-        }
     float fa[M][2];
 #pragma unroll
     for (int m = 0; m < M; m++) fa[m][0] = fa[m][1] = 0.0f;
@@ -734,12 +753,7 @@ __global__ void __launch_bounds__(kWarps * 32, (M == 1 && K <= 3) ? 2 : 1) gemv_
             for (int m = 0; m < M; m++)
 #pragma unroll
                 for (int r = 0; r < 2; r++) {
-                    double v = 0.0;
-#pragma unroll
-                    for (int ntl = 0; ntl < 4; ntl++) {
-                        v = fma(static_cast<double>(acc[4 * m + ntl][2 * r]), pw[ntl][0], v);
-                        v = fma(static_cast<double>(acc[4 * m + ntl][2 * r + 1]), pw[ntl][1], v);
-                    }
+                    double v = b1_recombine(acc[4 * m], acc[4 * m + 1], acc[4 * m + 2], acc[4 * m + 3], r, t);
                     v += __shfl_xor_sync(0xffffffffu, v, 1);  // exact: integers below 2^53
                     v += __shfl_xor_sync(0xffffffffu, v, 2);
                     const float val = static_cast<float>(sck[m] * (2.0 * v - qsk[m]));
@@ -884,11 +898,6 @@ __global__ void __launch_bounds__(kWarps * 32, K <= 3 ? 2 : 1) gemv_b1p_kernel(c
     cp_wait<0>();
     __syncwarp();  // the warp's copies, issued by its lanes, are visible to all of them
 
-    // this lane's accumulator columns of n-tile ntl are planes 8 ntl + 2t and 8 ntl + 2t + 1, weights 2^plane, except
-    // plane 31 (ntl = 3, t = 3, the second column): -2^31. So a row's sum is 2^(2t) sum_ntl 2^(8 ntl) (c0 + w1 c1),
-    // w1 = 2 or -2: exact (below), the same integer as the 1-bit kernel's float64 sum, in fewer registers
-    const int w1_top = t == 3 ? -2 : 2;
-
     // the epilogue's operands (threads 0..15, row tid of the tile): the norm's row scale, computed once as
     // store_rows computes it, and the bias and residual of the block's next tile
     float nscale = 1.0f, eb = 0.0f, er = 0.0f;
@@ -933,14 +942,7 @@ __global__ void __launch_bounds__(kWarps * 32, K <= 3 ? 2 : 1) gemv_b1p_kernel(c
                     }
 #pragma unroll
                 for (int r = 0; r < 2; r++) {
-                    // the same integer in two int32 halves (popcounts <= 512: |e| <= 1536, |half| < 2^19) joined in
-                    // float64 (exact below 2^53); int64 arithmetic cost ~20 instructions a row here (SASS, nvcc 13)
-                    int e[4];
-#pragma unroll
-                    for (int ntl = 0; ntl < 4; ntl++) e[ntl] = acc[ntl][2 * r] + (ntl == 3 ? w1_top : 2) * acc[ntl][2 * r + 1];
-                    const int lo = e[0] + e[1] * 256, hi = e[2] + e[3] * 256;
-                    double v = __fma_rn(static_cast<double>(hi), 65536.0, static_cast<double>(lo)) *
-                               static_cast<double>(1 << (2 * t));  // exact: |v| < 2^42
+                    double v = b1_recombine(acc[0], acc[1], acc[2], acc[3], r, t);
                     v += __shfl_xor_sync(0xffffffffu, v, 1);  // exact: integers below 2^53
                     v += __shfl_xor_sync(0xffffffffu, v, 2);
                     const float val = static_cast<float>(sck * (2.0 * v - qsk));

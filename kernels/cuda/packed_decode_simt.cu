@@ -111,23 +111,27 @@ __global__ void __launch_bounds__(kSimtThreads) gemv_simt_kernel(const SimtArgs 
     uint32_t bits[K];
 #pragma unroll
     for (int k = 0; k < K; k++) bits[k] = (valid && word) ? __ldcs(packed + (k * out + o) * nw + w) : 0u;
+    // The values are loaded as stored (ld_raw) and converted below, once all are requested: converted at each load
+    // (ld_any), each was waited for right after it, so the loads ran one after another (SASS, nvcc 13; thirty-sixth
+    // session). A raw 0 is 0.0 in every dtype; the norm's weight defaults to 1 at the conversion.
     const bool fin = tid < M * R && valid;  // finishes row r of x row tid / R
     const void *bias = pick(a.bias, l);
-    float gv[K], bv = 0.0f;
+    uint32_t gq[K], bq = 0u;
 #pragma unroll
-    for (int k = 0; k < K; k++) gv[k] = fin ? ld_any(pick(a.g, l), a.gdt, k * out + o) : 0.0f;
-    if (fin && bias) bv = ld_any(bias, a.bdt, o);
+    for (int k = 0; k < K; k++) gq[k] = fin ? ld_raw(pick(a.g, l), a.gdt, k * out + o) : 0u;
+    if (fin && bias) bq = ld_raw(bias, a.bdt, o);
     const void *h = pick(a.h, l);
-    float xv[NC][M], hv[NC][K];
-    float uv[F ? NC : 1][M], nv[F ? NC : 1];  // F: up and the norm's weight of the thread's columns
-    float rv = 0.0f;                          // F: the residual of the finishing thread's output
+    uint32_t xq[NC][M], hq[NC][K];
+    uint32_t uq[F ? NC : 1][M], nq[F ? NC : 1];  // F: up and the norm's weight of the thread's columns
+    uint32_t rq = 0u;                            // F: the residual of the finishing thread's output
+    const bool has_nw = F && a.f.norm_weight;
 #pragma unroll
     for (int c = 0; c < NC; c++) {
         const int64_t j = col0 + int64_t{c} * col_step;
         const bool in_range = j < a.in;
 #pragma unroll
-        for (int k = 0; k < K; k++) hv[c][k] = in_range ? ld_any(h, a.hdt, k * a.in + j) : 0.0f;
-        if constexpr (F) nv[c] = in_range && a.f.norm_weight ? ld_any(a.f.norm_weight, a.f.norm_dt, j) : 1.0f;
+        for (int k = 0; k < K; k++) hq[c][k] = in_range ? ld_raw(h, a.hdt, k * a.in + j) : 0u;
+        if constexpr (F) nq[c] = in_range && has_nw ? ld_raw(a.f.norm_weight, a.f.norm_dt, j) : 0u;
     }
     if (early) pdl_wait();  // x (and up, residual) may come from the kernel before
 #pragma unroll
@@ -135,17 +139,36 @@ __global__ void __launch_bounds__(kSimtThreads) gemv_simt_kernel(const SimtArgs 
         const int64_t j = col0 + int64_t{c} * col_step;
         const bool in_range = j < a.in;
 #pragma unroll
-        for (int m = 0; m < M; m++) xv[c][m] = in_range ? ld_any(a.x, a.xdt, m * a.in + j) : 0.0f;
+        for (int m = 0; m < M; m++) xq[c][m] = in_range ? ld_raw(a.x, a.xdt, m * a.in + j) : 0u;
         if constexpr (F) {
 #pragma unroll
-            for (int m = 0; m < M; m++) uv[c][m] = in_range && a.f.up ? ld_any(a.f.up, a.xdt, m * a.in + j) : 0.0f;
+            for (int m = 0; m < M; m++) uq[c][m] = in_range && a.f.up ? ld_raw(a.f.up, a.xdt, m * a.in + j) : 0u;
         }
     }
     if constexpr (F)
-        if (fin && a.f.residual) rv = ld_any(a.f.residual, a.xdt, (tid / R) * out + o);
+        if (fin && a.f.residual) rq = ld_raw(a.f.residual, a.xdt, (tid / R) * out + o);
     // every block has issued its loads: the next kernel may be scheduled (it waits for this grid's end before
     // it reads anything); measured: the attention after a q/k/v group starts sooner, ~20 us a SmolLM2 step
     pdl_launch_dependents();
+    float gv[K], bv = raw_to_f32(bq, a.bdt);
+#pragma unroll
+    for (int k = 0; k < K; k++) gv[k] = raw_to_f32(gq[k], a.gdt);
+    float xv[NC][M], hv[NC][K];
+    float uv[F ? NC : 1][M], nv[F ? NC : 1];
+    const float rv = F ? raw_to_f32(rq, a.xdt) : 0.0f;
+#pragma unroll
+    for (int c = 0; c < NC; c++) {
+        const bool in_range = col0 + int64_t{c} * col_step < a.in;
+#pragma unroll
+        for (int k = 0; k < K; k++) hv[c][k] = raw_to_f32(hq[c][k], a.hdt);
+#pragma unroll
+        for (int m = 0; m < M; m++) xv[c][m] = raw_to_f32(xq[c][m], a.xdt);
+        if constexpr (F) {
+            nv[c] = in_range && has_nw ? raw_to_f32(nq[c], a.f.norm_dt) : 1.0f;
+#pragma unroll
+            for (int m = 0; m < M; m++) uv[c][m] = raw_to_f32(uq[c][m], a.xdt);
+        }
+    }
 
     // xh_k[m][j] = h_k[j] * x[m][j] (zeros from `in` to the end of the last word); F: x[m][j] is first replaced by
     // silu(x) * up (with up), its square summed for the norm, and it is multiplied by the norm's weight (1 without)
