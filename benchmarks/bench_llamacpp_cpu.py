@@ -8,8 +8,11 @@ llama-cpp-python`), the SmolLM2 GGUF (Q4_1, rabit.models.smollm2.find_smollm2_gg
 llama_model_quantize to each --types entry (allow_requantize: from Q4_1's values, speed only). llama.cpp's k-quants
 need rows of a multiple of 256 columns; SmolLM2's 576-column matrices then fall back to another type (llama.cpp's
 choice, printed by its quantizer and recorded as the file's size in bits per weight), so "Q2_K" is a mixed model.
-Decoding: greedy, `prompt` random token ids (the same for every runner), then `new` tokens one by one through
-Llama.eval; tokens/s of the decode part only (the prompt's eval is timed apart), median of --reps.
+Decoding: greedy, `prompt` random token ids, then `new` tokens one by one through
+Llama.eval; tokens/s of the decode part only (the prompt's eval is timed apart), median of --reps. The Python
+wrapper's per-token cost (Llama.eval, the logits read through its private context handle) counts against llama.cpp,
+so its figures are a lower bound of what llama.cpp itself does. The prompt ids come from the same seeded generator as
+bench_decode.measure's, so every runner sees the same prompt.
 rabit and FP32 torch: bench_decode.measure (StaticDecoder, the same prompt length and new tokens; pretrained FP
 weights, random packed bits for rabit: speed only), with lm_head as it is and as a float16 copy.
 Threads: torch.get_num_threads() for every runner. Writes bench_llamacpp_cpu_<date>[_<tag>].json (--out, else $OUT,
