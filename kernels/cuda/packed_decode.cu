@@ -120,17 +120,17 @@ struct PrepRows {
     float nss[kPrepThreads / 32][kFusedMaxM];  // the fused RMSNorm: the warps' sums of u^2 per row
 };
 
-/* The layers' input u of rows m < MR, column j: x, or silu(x) * up (the fused SwiGLU); 0 for rows m >= M and past
-   `in`. Every row's loads are issued before any conversion: converted one at a time (ld_any), each waited for its
+/* The layers' input u of rows m0 + m (m < MR), column j: x, or silu(x) * up (the fused SwiGLU); 0 for rows from M
+   on and past `in`. Every row's loads are issued before any conversion: converted one at a time (ld_any), each waited for its
    load, so the MR rows' loads ran one after another after the PDL wait (SASS, nvcc 13: 16 in a row at MR = 16, 32
    with the SwiGLU; thirty-sixth session). */
 template <int MR>
-__device__ __forceinline__ void prep_inputs(const PrepArgs &a, int64_t j, float (&u)[kMaxNT * 2]) {
+__device__ __forceinline__ void prep_inputs(const PrepArgs &a, int m0, int64_t j, float (&u)[kMaxNT * 2]) {
     uint32_t rx[MR], ru[MR];
 #pragma unroll
     for (int m = 0; m < MR; m++) {
-        const int64_t i = static_cast<int64_t>(m) * a.in + j;
-        const bool in = m < a.M && j < a.in;
+        const int64_t i = static_cast<int64_t>(m0 + m) * a.in + j;
+        const bool in = m0 + m < a.M && j < a.in;
         rx[m] = in ? ld_raw(a.x, a.xdt, i) : 0u;  // 0: 0.0 in every dtype
         ru[m] = in && a.up ? ld_raw(a.up, a.xdt, i) : 0u;
     }
@@ -147,11 +147,13 @@ __device__ __forceinline__ void prep_inputs(const PrepArgs &a, int64_t j, float 
    one); e >= -96 keeps 1/S finite (groups below 2^-96 keep 2^-126 absolute resolution). Ends with a barrier.
    With the fused glue, xh = h * u (u: prep_inputs), times the norm's weight where it is given; the group's sum of u^2
    per row (warps by a butterfly, then in order) then goes to sumsq from one block per group (path 0, part 0). The norm
-   is linear in u once its row scale is known, so that scale is applied to the main kernels' sums (norm_scales). */
+   is linear in u once its row scale is known, so that scale is applied to the main kernels' sums (norm_scales).
+   The block's rows of x are m0 .. m0 + MR - 1 (xh, amax, bad, qs and inv indexed from m0); m0 = 0 wherever the glue
+   is fused (the fp16 prologue, which splits the rows over blocks, takes no glue). */
 
 template <int MR>
 __device__ __forceinline__ void prep_front(const PrepArgs &a, int k, int64_t j, int tid, float (&xh)[kMaxNT * 2],
-                                           PrepRows &sh, int top) {
+                                           PrepRows &sh, int top, int m0 = 0) {
     static_assert(MR >= 1 && MR <= kMaxNT * 2, "MR: the rows of x a prologue is built for");
     unsigned int *amax = sh.amax;
     int *bad = sh.bad;
@@ -174,12 +176,12 @@ __device__ __forceinline__ void prep_front(const PrepArgs &a, int k, int64_t j, 
     pdl_wait();
     float u2[kFusedMaxM];  // the norm's u^2 of this column per row
     float uv[kMaxNT * 2];
-    prep_inputs<MR>(a, j, uv);
+    prep_inputs<MR>(a, m0, j, uv);
 #pragma unroll
     for (int m = 0; m < MR; m++) {
         const float u = uv[m];
         if (m < kFusedMaxM) u2[m] = __fmul_rn(u, u);
-        xh[m] = (m < a.M && j < a.in) ? __fmul_rn(hj, norm ? __fmul_rn(u, nw) : u) : 0.0f;
+        xh[m] = (m0 + m < a.M && j < a.in) ? __fmul_rn(hj, norm ? __fmul_rn(u, nw) : u) : 0.0f;
     }
     __syncthreads();
     if (norm) {
@@ -193,7 +195,7 @@ __device__ __forceinline__ void prep_front(const PrepArgs &a, int k, int64_t j, 
         }
     }
 #pragma unroll
-    for (int m = 0; m < MR; m++) {  // rows M .. MR - 1 are zeros: max 0, S = 1, never read
+    for (int m = 0; m < MR; m++) {  // rows from M on are zeros: max 0, S = 1, never read
         // |v| as float bits orders like the values (non-negative), so an integer max is exact
         unsigned int mu = __float_as_uint(fabsf(xh[m]));
 #pragma unroll
@@ -205,7 +207,7 @@ __device__ __forceinline__ void prep_front(const PrepArgs &a, int k, int64_t j, 
         }
     }
     __syncthreads();
-    if (tid < a.M) {
+    if (tid < MR && m0 + tid < a.M) {
         int e;
         frexpf(__uint_as_float(amax[tid]), &e);
         inv[tid] = amax[tid] ? ldexpf(1.0f, top - max(e, -96)) : 1.0f;
@@ -1011,37 +1013,59 @@ __device__ __forceinline__ uint32_t pack_half2(float lo, float hi) {
            (static_cast<uint32_t>(__half_as_ushort(__float2half_rn(hi))) << 16);
 }
 
-/* Blocks (group, path) of 512 threads, one column each: xh, the scale, xh / S in shared memory (padded: a
-   warp's fragment reads hit at most 2 lanes per bank), then the fragments [group][K][step][NT][lane]. */
-template <int MR>
+/* Rows of x a block of the fp16 prologue takes (blockIdx.z: the block's row of the n-tiles' 8 NT rows; a divisor
+   of 8, so that a block's rows are lanes of one n-tile). One block for all rows ran every row's reductions and
+   fragments in one block per (group, path): at M = 16 the prologue took 9.4 us at 576 x 576 (ncu, alone), bound by
+   its own 1,414 instructions a warp on 4 SMs (thirty-seventh session). H200, one call (thirty-eighth session,
+   bench_kernels_NVIDIA_H200_2026-11-29_s38-rb{1,2,8}*.json and ..._s38-tree*.json for 4), µs at 576 x 576 M = 8 /
+   16 and 4096 x 4096 M = 8 / 16, 1 / 2 / 4 / 8 rows a block: 4.03 / 4.33 / 4.86 / 6.15, 5.47 / 5.72 / 6.26 / 7.52,
+   6.32 / 7.19 / 8.59 / 10.10, 9.03 / 9.50 / 10.70 / 12.23 (one block for all rows: 6.45, 10.59, 10.49, 14.58); one
+   row was the fastest at 25 of the 28 shapes and batches, 2 rows by up to 10 % at three layers of 8192+ columns at
+   M = 16. */
+constexpr int kF16PrepRows = 1;
+
+/* Blocks (group, path, rows) of 512 threads, one column each: xh of rows m0 .. m0 + RB - 1, their scales, xh / S
+   in shared memory (padded: a warp's fragment reads hit at most 2 lanes per bank), then their fragment entries of
+   [group][K][step][NT][lane] (lanes 4 (m % 8) .. 4 (m % 8) + 3 of n-tile m / 8 hold row m) and scale slots; the last
+   block also the slots past the n-tiles' rows. Rows from M on: zero entries. */
+template <int RB>
 __global__ void __launch_bounds__(kPrepThreads) gemv_f16_prep_kernel(const PrepArgs a) {
-    __shared__ float qv[kMaxNT * 2][kF16Pitch];
+    static_assert(8 % RB == 0, "a block's rows lie in one n-tile");
+    __shared__ float qv[RB][kF16Pitch];
     __shared__ PrepRows sh;
-    const int gr = blockIdx.x, k = blockIdx.y, K = gridDim.y, tid = threadIdx.x;
+    const int gr = blockIdx.x, k = blockIdx.y, K = gridDim.y, tid = threadIdx.x, m0 = blockIdx.z * RB;
     const int64_t j = static_cast<int64_t>(gr) * kGroupCols + tid;
     float xh[kMaxNT * 2];
-    prep_front<MR>(a, k, j, tid, xh, sh, 15);
+    prep_front<RB>(a, k, j, tid, xh, sh, 15, m0);
 #pragma unroll
-    for (int m = 0; m < MR; m++) {
+    for (int m = 0; m < RB; m++) {
         qv[m][tid + (tid >> 5)] = xh[m] * sh.inv[m];  // exact (a power of two); rounded to fp16 below
     }
     __syncthreads();
-    const int entries = kF16Steps * a.NT * 32;
-    uint2 *dst = a.frag + (static_cast<size_t>(gr) * K + k) * entries;
-    for (int e = tid; e < entries; e += kPrepThreads) {
-        const int lane = e & 31, nt = (e >> 5) % a.NT, st = e / (32 * a.NT);
-        const int q = st >> 4, s = st & 15, t = lane & 3, m = nt * 8 + (lane >> 2);
+    uint2 *dst = a.frag + (static_cast<size_t>(gr) * K + k) * (kF16Steps * a.NT * 32);
+    for (int e = tid; e < kF16Steps * RB * 4; e += kPrepThreads) {
+        const int t = e & 3, r = (e >> 2) % RB, st = e / (4 * RB);
+        const int m = m0 + r, q = st >> 4, s = st & 15;
         uint32_t b[2] = {0u, 0u};
         if (m < a.M) {
 #pragma unroll
             for (int hh = 0; hh < 2; hh++) {
                 const int c0 = f16_col(t, q, hh, 15 - s), c1 = f16_col(t, q, hh, 31 - s);
-                b[hh] = pack_half2(qv[m][c0 + (c0 >> 5)], qv[m][c1 + (c1 >> 5)]);
+                b[hh] = pack_half2(qv[r][c0 + (c0 >> 5)], qv[r][c1 + (c1 >> 5)]);
             }
         }
-        dst[e] = make_uint2(b[0], b[1]);
+        dst[(st * a.NT + (m >> 3)) * 32 + ((m & 7) << 2 | t)] = make_uint2(b[0], b[1]);
     }
-    write_scales(a, (static_cast<size_t>(gr) * K + k) * kScaleSlots, tid, kScaleSlots, sh);
+    const size_t o = (static_cast<size_t>(gr) * K + k) * kScaleSlots;
+    if (tid < RB) {  // the fp16 kernel reads no sum(Q): zeros
+        a.scale[o + m0 + tid] = m0 + tid < a.M ? (sh.bad[tid] ? __int_as_float(0x7fffffff) : 1.0f / sh.inv[tid]) : 0.0f;
+        a.qsum[o + m0 + tid] = 0.0;
+    }
+    const int tail = a.NT * 8;  // the slots past the n-tiles' rows, from the last block
+    if (blockIdx.z == gridDim.z - 1 && tid < kScaleSlots - tail) {
+        a.scale[o + tail + tid] = 0.0f;
+        a.qsum[o + tail + tid] = 0.0;
+    }
 }
 
 /* One 16-row tile per block, 8 warps over the groups (as the int8 kernel). Per (group, path): 32 steps of NT
@@ -1243,7 +1267,9 @@ cudaError_t launch_prep_mr(DecodeKernel kern, dim3 pg, const PrepArgs &p, cudaSt
         if constexpr (MR <= kB1MaxM) return launch_pdl(gemv_b1_prep_kernel<MR>, pg, kPrepThreads, 0, p, s);
         return cudaErrorInvalidValue;  // decode_gemv refuses M > kB1MaxM for these kernels before
     }
-    if (kern == DECODE_F16) return launch_pdl(gemv_f16_prep_kernel<MR>, pg, kPrepThreads, 0, p, s);
+    if (kern == DECODE_F16)  // blocks of kF16PrepRows rows over the n-tiles' 8 NT rows
+        return launch_pdl(gemv_f16_prep_kernel<kF16PrepRows>, dim3(pg.x, pg.y, p.NT * 8 / kF16PrepRows), kPrepThreads,
+                          0, p, s);
     return launch_pdl(gemv_i8_prep_kernel<MR>, dim3(pg.x, pg.y, kPrepParts), kPrepThreads, 0, p, s);
 }
 
