@@ -185,9 +185,11 @@ class StaticDecoder:
             run fused (a one-token prefill too), longer prefills unfused.
         fused_glue: run a decode step's RMSNorms, SwiGLU and residual adds inside the packed linears' kernel
             (:func:`rabit.packed_linear_fused`) instead of as separate (compiled) kernels. None (default): where it
-            can run: on CUDA with the fused attention, grouped projections, fp16/bf16, every decoder linear packed
-            (the projections of a group alike in K, scale dtypes and bias presence) and a batch size of at most 4
-            (:func:`rabit.packed_linear_fused`'s bound on CUDA); True: always, with an
+            can run: with the compiled kernels of the device, the fused attention, grouped projections and every
+            decoder linear packed (the projections of a group alike in K, scale dtypes and bias presence); on CUDA
+            also fp16/bf16 and a batch size of at most 4 (:func:`rabit.packed_linear_fused`'s bounds there); on the
+            CPU any dtype and batch size (there the op is the same math in one C++ call: five calls a layer instead
+            of the glue's torch ops); True: always, with an
             error naming what stands in the way; False: never. Fused and unfused glue round differently (the fused
             one keeps the normalised input and the activations in float32 and rounds each output once). Steps of one
             token run fused (a one-token prefill too), longer prefills unfused.
@@ -331,19 +333,21 @@ class StaticDecoder:
 
     def _glue_obstacle(self) -> str | None:
         """Why packed_linear_fused cannot run this model's decode steps, or None."""
-        if self.device.type != "cuda" or not has_native_kernels("cuda"):
-            return "it runs on CUDA with the compiled kernels only"
+        if self.device.type not in ("cuda", "cpu") or not has_native_kernels(self.device.type):
+            return f"it runs on CUDA or the CPU with the compiled kernels only (device {self.device.type})"
         if not self.fused_attention:
             return "the attention is not fused (fused_attention)"
         if not self.group_projections:
             return "group_projections=False"
-        if self.dtype not in (torch.float16, torch.bfloat16):
-            return f"the model's dtype is {self.dtype}, not float16 or bfloat16"
-        from ._torch_api import _C
+        norm_max_in = None  # the CPU op takes any batch and width
+        if self.device.type == "cuda":
+            if self.dtype not in (torch.float16, torch.bfloat16):
+                return f"the model's dtype is {self.dtype}, not float16 or bfloat16"
+            from ._torch_api import _C
 
-        max_rows, norm_max_in = _C.cuda_fused_bounds()
-        if self.B > max_rows:
-            return f"the batch size {self.B} is above the fused kernels' {max_rows} rows"
+            max_rows, norm_max_in = _C.cuda_fused_bounds()
+            if self.B > max_rows:
+                return f"the batch size {self.B} is above the fused kernels' {max_rows} rows"
         for layer in self.base.layers:
             if layer.input_layernorm.weight is None or layer.post_attention_layernorm.weight is None:
                 return "an RMSNorm has no weight"
@@ -353,7 +357,7 @@ class StaticDecoder:
                 if len({(mod.packed.shape[0], mod.g.dtype, mod.h.dtype, mod.bias is None,
                          None if mod.bias is None else mod.bias.dtype) for mod in mods}) != 1:
                     return "a q/k/v or gate/up group mixes K, scale dtypes or biases"
-            if layer.input_layernorm.weight.numel() > norm_max_in:
+            if norm_max_in is not None and layer.input_layernorm.weight.numel() > norm_max_in:
                 return f"the hidden size is above the fused RMSNorm's {norm_max_in} columns"
         return None
 

@@ -308,11 +308,27 @@ def _packed_tiny(seed):
     return model
 
 
-def test_fused_glue_needs_cuda():
+@pytest.mark.parametrize("batch", [1, 5])
+def test_cpu_fused_glue_matches_unfused(batch):
+    """On the CPU a packed model's decode steps run the glue inside packed_linear_fused by default (any batch size:
+    the CPU op has no row bound): the unfused step's logits within float32 rounding, the same greedy tokens, and
+    True says why where it cannot run."""
     model = _packed_tiny(3)
-    assert not StaticDecoder(model, max_len=16).fused_glue
-    with pytest.raises(ValueError, match="fused_glue=True, but the glue cannot be fused: it runs on CUDA"):
-        StaticDecoder(model, max_len=16, fused_glue=True)
+    ids = torch.randint(3, 48, (batch, 6), generator=torch.Generator().manual_seed(batch))
+    fused = StaticDecoder(model, batch_size=batch, max_len=40)
+    unfused = StaticDecoder(model, batch_size=batch, max_len=40, fused_glue=False)
+    assert fused.fused_glue and not unfused.fused_glue
+    for dec in (fused, unfused):
+        dec.prefill(ids)
+    with torch.no_grad():
+        a = fused.forward(fused._tok, fused._pos)
+        b = unfused.forward(unfused._tok, unfused._pos)
+    assert (a - b).norm() / b.norm() < 1e-5
+    assert torch.equal(StaticDecoder(model, batch_size=batch, max_len=40).generate(ids, 12),
+                       StaticDecoder(model, batch_size=batch, max_len=40, fused_glue=False).generate(ids, 12))
+    with pytest.raises(ValueError, match="fused_glue=True, but the glue cannot be fused: the attention is not fused"):
+        StaticDecoder(model, batch_size=batch, max_len=40, fused_attention=False, fused_glue=True)
+    assert not StaticDecoder(tiny_llama(3), max_len=16).fused_glue  # not packed
 
 
 def _fused_step_matches_unfused(model, ids, cuda_graph):

@@ -1,0 +1,81 @@
+"""A/B of two StaticDecoder settings on the CPU, the two decoders alternated in one process so that a noisy machine
+affects both alike: `--compare head-dtype`, lm_head in float32 against a float16 (or bfloat16, --head-dtype) copy of
+it; `--compare fused-glue`, the glue (norms, SwiGLU, residual adds) as torch ops (fused_glue=False) against inside
+rabit.packed_linear_fused (the default), both with the float32 head.
+
+    python benchmarks/decode_ab_cpu.py [--compare head-dtype|fused-glue] [--model smollm2-135m] [--rounds 5]
+                                       [--new 64] [--out DIR]
+
+The model's linears are packed with random bits (bench_decode.py's pack_random_: speed, not accuracy); the prompt
+is 128 random tokens. Writes <compare>_ab_<model>_cpu_<date>.json (head_dtype_ab_..., fused_glue_ab_...): ms per
+decoded token per round, the medians, and the paired rounds the second setting won. Both decoders must give the
+same greedy tokens (checked: a setting that changed them would not be a speed-only choice).
+"""
+import argparse
+import datetime
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+import bench_decode as B
+from rabit.static_decode import StaticDecoder
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--compare", choices=["head-dtype", "fused-glue"], default="head-dtype")
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--head-dtype", choices=["float16", "bfloat16"], default="float16")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--prompt", type=int, default=128)
+    ap.add_argument("--new", type=int, default=64)
+    ap.add_argument("--out", default="benchmarks/results")
+    args = ap.parse_args(argv)
+    dev = torch.device("cpu")
+    model, weights = B.load(args.model, dev, torch.float32)
+    model = B.pack_random_(model)
+    ids = torch.randint(3, model.config.vocab_size, (1, args.prompt), generator=torch.Generator().manual_seed(1))
+    n = args.prompt + args.new + 1
+    if args.compare == "head-dtype":
+        decs = {"float32": StaticDecoder(model, max_len=n),
+                args.head_dtype: StaticDecoder(model, max_len=n, head_dtype=args.head_dtype)}
+    else:
+        decs = {"unfused": StaticDecoder(model, max_len=n, fused_glue=False), "fused": StaticDecoder(model, max_len=n)}
+        if not decs["fused"].fused_glue:
+            raise SystemExit(f"decode_ab_cpu: the glue cannot be fused for {args.model}: "
+                             f"{decs['fused']._glue_obstacle()}")
+    (a, b), ms, tokens = decs, {k: [] for k in decs}, {}
+    for _ in range(args.rounds):
+        for k, dec in decs.items():
+            dec.prefill(ids)
+            dec.decode(2)  # warm-up
+            dec.prefill(ids)
+            t = time.perf_counter()
+            dec.decode(args.new)
+            ms[k].append(round((time.perf_counter() - t) / args.new * 1e3, 3))
+            tokens[k] = dec._out.clone()  # prompt and decoded tokens
+    if not torch.equal(tokens[a], tokens[b]):
+        raise SystemExit(f"decode_ab_cpu: {a} and {b} decoded different tokens")
+    med = {k: statistics.median(v) for k, v in ms.items()}
+    for k in decs:
+        print(f"{args.compare} {k:9s}: {med[k]:7.2f} ms/token ({1e3 / med[k]:.1f} tok/s); rounds {ms[k]}")
+    doc = {"benchmark": f"{args.compare.replace('-', '_')}_ab", "compare": args.compare, "model": args.model, "weights": weights + " (packed linears)",
+           "device": f"{platform.processor() or 'cpu'} x{torch.get_num_threads()} threads", "device_type": "cpu",
+           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+           "versions": {"torch": torch.__version__, "python": platform.python_version()},
+           "prompt_tokens": args.prompt, "new_tokens": args.new, "rounds": args.rounds,
+           "ms_per_token": ms, "median_ms_per_token": med, "speedup": round(med[a] / med[b], 3),
+           "rounds_won_by_" + b: sum(x < y for x, y in zip(ms[b], ms[a]))}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{doc['benchmark']}_{args.model}_cpu_{datetime.date.today().isoformat()}.json"
+    path.write_text(json.dumps(doc, indent=1))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
