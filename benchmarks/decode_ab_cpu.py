@@ -8,8 +8,8 @@ rabit.packed_linear_fused (the default), both with the float32 head.
 
 The model's linears are packed with random bits (bench_decode.py's pack_random_: speed, not accuracy); the prompt
 is 128 random tokens. Writes <compare>_ab_<model>_cpu_<date>.json (head_dtype_ab_..., fused_glue_ab_...): ms per
-decoded token per round, the medians, and the paired rounds the second setting won. Both decoders must give the
-same greedy tokens (checked: a setting that changed them would not be a speed-only choice).
+decoded token per round, the medians, the paired rounds the second setting won, and whether the two decoded the
+same greedy tokens (both settings round otherwise in the last bits, so a near-tie may go either way).
 """
 import argparse
 import datetime
@@ -44,10 +44,9 @@ def main(argv=None):
         decs = {"float32": StaticDecoder(model, max_len=n),
                 args.head_dtype: StaticDecoder(model, max_len=n, head_dtype=args.head_dtype)}
     else:
-        decs = {"unfused": StaticDecoder(model, max_len=n, fused_glue=False), "fused": StaticDecoder(model, max_len=n)}
-        if not decs["fused"].fused_glue:
-            raise SystemExit(f"decode_ab_cpu: the glue cannot be fused for {args.model}: "
-                             f"{decs['fused']._glue_obstacle()}")
+        # fused_glue=True: an error that names what stands in the way where the glue cannot be fused
+        decs = {"unfused": StaticDecoder(model, max_len=n, fused_glue=False),
+                "fused": StaticDecoder(model, max_len=n, fused_glue=True)}
     (a, b), ms, tokens = decs, {k: [] for k in decs}, {}
     for _ in range(args.rounds):
         for k, dec in decs.items():
@@ -58,8 +57,9 @@ def main(argv=None):
             dec.decode(args.new)
             ms[k].append(round((time.perf_counter() - t) / args.new * 1e3, 3))
             tokens[k] = dec._out.clone()  # prompt and decoded tokens
-    if not torch.equal(tokens[a], tokens[b]):
-        raise SystemExit(f"decode_ab_cpu: {a} and {b} decoded different tokens")
+    same = torch.equal(tokens[a], tokens[b])
+    if not same:  # both round otherwise in the last bits: a near-tie between two tokens can go either way
+        print(f"note: {a} and {b} decoded different tokens")
     med = {k: statistics.median(v) for k, v in ms.items()}
     for k in decs:
         print(f"{args.compare} {k:9s}: {med[k]:7.2f} ms/token ({1e3 / med[k]:.1f} tok/s); rounds {ms[k]}")
@@ -69,7 +69,7 @@ def main(argv=None):
            "versions": {"torch": torch.__version__, "python": platform.python_version()},
            "prompt_tokens": args.prompt, "new_tokens": args.new, "rounds": args.rounds,
            "ms_per_token": ms, "median_ms_per_token": med, "speedup": round(med[a] / med[b], 3),
-           "rounds_won_by_" + b: sum(x < y for x, y in zip(ms[b], ms[a]))}
+           "rounds_won_by_" + b: sum(x < y for x, y in zip(ms[b], ms[a])), "same_tokens": same}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{doc['benchmark']}_{args.model}_cpu_{datetime.date.today().isoformat()}.json"
