@@ -13,16 +13,15 @@ same greedy tokens (both settings round otherwise in the last bits, so a near-ti
 """
 import argparse
 import datetime
-import json
 import platform
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
 import bench_decode as B
 from rabit.static_decode import StaticDecoder
+from timing import write_result
 
 
 def main(argv=None):
@@ -33,7 +32,7 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--new", type=int, default=64)
-    ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--out", default=None, help="folder for the JSON (default: $OUT, else benchmarks/results/)")
     args = ap.parse_args(argv)
     dev = torch.device("cpu")
     model, weights = B.load(args.model, dev, torch.float32)
@@ -70,11 +69,7 @@ def main(argv=None):
            "prompt_tokens": args.prompt, "new_tokens": args.new, "rounds": args.rounds,
            "ms_per_token": ms, "median_ms_per_token": med, "speedup": round(med[a] / med[b], 3),
            "rounds_won_by_" + b: sum(x < y for x, y in zip(ms[b], ms[a])), "same_tokens": same}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{doc['benchmark']}_{args.model}_cpu_{datetime.date.today().isoformat()}.json"
-    path.write_text(json.dumps(doc, indent=1))
-    print(f"wrote {path}")
+    write_result(doc, args.out, f"{doc['benchmark']}_{args.model}_cpu_{datetime.date.today().isoformat()}.json")
 
 
 if __name__ == "__main__":

@@ -8,10 +8,10 @@
 
 #include "../rabit_dtype.h"
 #include "../rabit_kernels.h"
+#include "packed_linear.h" /* RABIT_HAVE_AVX2_KERNEL, rabit_cpu_has_avx2 */
 
-#if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
+#ifdef RABIT_HAVE_AVX2_KERNEL
 #include <immintrin.h>
-#define RABIT_ATTN_AVX2 1
 #endif
 
 /* rope of the D values at src (dtype dt) with the tables' row at pos, rounded to dt, into dst (float32). */
@@ -58,7 +58,7 @@ static void axpy_f64(double *acc, float e, const float *x, int64_t D) {
     for (d = 0; d < D; d++) acc[d] += (double)e * x[d];
 }
 
-#ifdef RABIT_ATTN_AVX2
+#ifdef RABIT_HAVE_AVX2_KERNEL
 /* The same two loops with AVX2: lanes 0..3 and 4..7 of dot_f64's partial sums in two vectors, products and sums in
    the same order (no FMA: the build has -ffp-contract=off and the intrinsics are separate), so the results are the
    scalar loops' bit for bit; the portable build vectorizes them only 2-wide (SSE2). */
@@ -162,8 +162,8 @@ rabit_status rabit_decode_attention_cpu(const void *q, const int64_t qs[2], cons
     int64_t pair;
     dot_fn dot = dot_f64;
     axpy_fn axpy = axpy_f64;
-#ifdef RABIT_ATTN_AVX2
-    if (__builtin_cpu_supports("avx2")) dot = dot_f64_avx2, axpy = axpy_f64_avx2;
+#ifdef RABIT_HAVE_AVX2_KERNEL
+    if (rabit_cpu_has_avx2()) dot = dot_f64_avx2, axpy = axpy_f64_avx2;
 #endif
     if (!q || !k || !v || !k_cache || !v_cache || !cos || !sin || !out || !qs || !ks || !vs) return RABIT_ERR_ARG;
     if (B < 1 || Hkv < 1 || H < Hkv || H % Hkv || D < 2 || D % 2 || S < 1 || pos < 0 || pos >= S)

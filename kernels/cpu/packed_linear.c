@@ -7,7 +7,7 @@
 
 static rabit_cpu_kernel rabit_forced_kernel = RABIT_CPU_AUTO;
 
-static int rabit_cpu_has_avx2(void) {
+int rabit_cpu_has_avx2(void) {
 #if defined(RABIT_HAVE_AVX2_KERNEL) && (defined(__GNUC__) || defined(__clang__))
     return __builtin_cpu_supports("avx2");
 #else

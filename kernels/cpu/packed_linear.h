@@ -51,6 +51,10 @@ void rabit_lut16_build_avx512(const float *xh, int64_t n, float *lut);
 #endif
 #endif
 
+/* Whether this build has AVX2 code (RABIT_HAVE_AVX2_KERNEL) and the CPU runs it: the table kernels' choice, and the
+   decode attention's (kernels/cpu/decode_attention.c). */
+int rabit_cpu_has_avx2(void);
+
 /* The table kernel in use: REF, AVX2 or AVX512 as forced, else the best this build and CPU run (also under a forced
    GEMM: the table kernels and the dequantization rows follow it). */
 rabit_cpu_kernel rabit_cpu_table_kernel(void);
