@@ -400,8 +400,8 @@ def main():
                 torch=torch.__version__, cuda=torch.version.cuda,
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 K=K, scales="float16", x="float16", method=__doc__.split("Method: ")[1].strip(),
-                decode_kernel="default dispatch: fp16 MMA for M >= 5; below, CUDA-core (simt) for in <= 1536 and out x in <= "
-                              "3 x 2^20, at M = 1 the persistent 1-bit MMA kernel for launches of at least 2.4 x SMs 16-row tiles whose "
+                decode_kernel="default dispatch: CUDA-core (simt) for M <= 2, in <= 1536 and out x in <= 3 x 2^20; "
+                              "elsewhere fp16 MMA for M >= 2; at M = 1 the persistent 1-bit MMA kernel for launches of at least 2.4 x SMs 16-row tiles whose "
                               "fragments fit two blocks an SM (K <= 3), else 1-bit MMA for in > 7680, else int8 MMA "
                               "(kernels_forced: each forced with RABIT_CUDA_DECODE where it applies)",
                 shapes=args.shapes,

@@ -517,8 +517,8 @@ def use_reference_kernels(device_type: str = "cuda") -> None:
     """Register rabit.reference (plain PyTorch) as the implementation of every rabit op on
     ``device_type``, for a build without compiled kernels there (e.g. a CPU-only build used on a
     GPU). Opt-in, never automatic: the reference computes the same signs bit for bit and the same
-    float results up to summation order (except where the CUDA decode kernel for fp16/bf16 x at 5 <= M <= 16
-    rounds x*h to fp16, which the reference does not), but is slower and uses more memory."""
+    float results up to summation order (except where the CUDA fp16 decode kernel (fp16/bf16 x, 2 <= M <= 16, layers
+    wider than the CUDA-core kernel's) rounds x*h to fp16, which the reference does not), but is slower and uses more memory."""
     from . import reference as R
 
     key = device_type.upper()

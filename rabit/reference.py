@@ -177,11 +177,13 @@ def packed_linear_group(x, packed, g, h, bias=()):
 
 
 def packed_linear_fused(x, packed, g, h, bias=(), norm_weight=None, eps=1e-6, up=None, residual=None,
-                        compute_dtype=torch.float32):
+                        compute_dtype=torch.float32, xh_fp16=False):
     """The glue of a decoder fused into packed_linear_group: the layers read u = silu(x) * up (up given) or x, as
     HF's RMSNorm u * rsqrt(mean(u²) + eps) * norm_weight where norm_weight is given, neither rounded; output l is
     Σ_k g_k ⊙ (B_k (h_k ⊙ u)) times the norm's per-row scale, plus bias[l] and residual (a single layer), rounded
-    once to x's dtype (or kept in compute_dtype when that is float64, the tests' oracle)."""
+    once to x's dtype (or kept in compute_dtype when that is float64, the tests' oracle). ``xh_fp16``: h_k ⊙ u
+    rounded as the fp16 decode kernel rounds it (u with the norm's weight, before its row scale), that kernel's
+    reference."""
     if residual is not None and len(packed) != 1:
         raise ValueError(f"rabit.packed_linear_fused: a residual is added to a single layer's output, got "
                          f"{len(packed)} layers")
@@ -195,7 +197,7 @@ def packed_linear_fused(x, packed, g, h, bias=(), norm_weight=None, eps=1e-6, up
     bias = list(bias) or [None] * len(packed)
     ys = []
     for p, gl, hl, b in zip(packed, g, h, bias, strict=True):
-        y = packed_linear(u, p, gl, hl, None, compute_dtype=compute_dtype)  # in compute_dtype, u's dtype
+        y = packed_linear(u, p, gl, hl, None, compute_dtype=compute_dtype, xh_fp16=xh_fp16)  # in compute_dtype
         if rs is not None:
             y = y * rs
         if b is not None:

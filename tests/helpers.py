@@ -55,15 +55,18 @@ def abs_terms(x, g, h, bias):
 
 
 # From this many rows of fp16/bf16 x on (up to 16) the CUDA decode dispatch takes the fp16 kernel, which rounds x*h
-# once to fp16 (kF16MinM in kernels/cuda/packed_linear.cu; tests/test_cuda.py checks the dispatch against it)
-CUDA_F16_DECODE_MIN_M = 5
+# once to fp16, for every layer the CUDA-core kernel does not take (kF16MinM in kernels/cuda/packed_linear.cu;
+# tests/test_cuda.py checks the dispatch against it)
+CUDA_F16_DECODE_MIN_M = 2
 # The CUDA-core kernel (float32-accurate) runs for M <= CUDA_SIMT_MAX_M and in <= CUDA_SIMT_MAX_IN when forced
-# (kSimtMaxM, kSimtMaxIn in kernels/cuda/rabit_cuda.cuh), and by default for in <= CUDA_SIMT_DEFAULT_MAX_IN and
-# out * in <= CUDA_SIMT_DEFAULT_MAX_WEIGHTS as well (kSimtDefault* in kernels/cuda/packed_linear.cu), on GPUs whose
-# shared memory per block holds the kernel's (every K and M on A100/H100/H200; not K = M = 4 at the widest rows on
-# GPUs with 99 KB, which take another kernel there: these mirrors do not model that)
+# (kSimtMaxM, kSimtMaxIn in kernels/cuda/rabit_cuda.cuh), and by default for M <= CUDA_SIMT_DEFAULT_MAX_M,
+# in <= CUDA_SIMT_DEFAULT_MAX_IN and out * in <= CUDA_SIMT_DEFAULT_MAX_WEIGHTS as well (kSimtDefault* in
+# kernels/cuda/packed_linear.cu), on GPUs whose shared memory per block holds the kernel's (every K and M on
+# A100/H100/H200; not K = M = 4 at the widest rows on GPUs with 99 KB, which take another kernel there: these mirrors
+# do not model that)
 CUDA_SIMT_MAX_IN = 2048
 CUDA_SIMT_MAX_M = 4
+CUDA_SIMT_DEFAULT_MAX_M = 2
 CUDA_SIMT_DEFAULT_MAX_IN = 1536
 CUDA_SIMT_DEFAULT_MAX_WEIGHTS = 3 << 20
 
@@ -71,7 +74,10 @@ CUDA_SIMT_DEFAULT_MAX_WEIGHTS = 3 << 20
 def cuda_rounds_xh_to_fp16(device, xdtype, m):
     """Whether packed_linear on this device, dtype and batch runs the fp16 decode kernel (RABIT_CUDA_DECODE, when
     set, forces a decode kernel at every M <= 16: f16, or i8 / b1 / simt, whose results are float32-level; b1 and
-    simt only where they apply, the default elsewhere, which is fp16 from CUDA_F16_DECODE_MIN_M on)."""
+    simt only where they apply, the default elsewhere, which is fp16 from CUDA_F16_DECODE_MIN_M on). It does not model
+    the CUDA-core kernel that small narrow layers take at M <= CUDA_SIMT_DEFAULT_MAX_M by default: True there too
+    (from CUDA_F16_DECODE_MIN_M), which holds that kernel (float32-accurate) to the looser bound of the fp16
+    reference."""
     if not str(device).startswith("cuda") or xdtype == torch.float32 or m > 16:
         return False
     forced = os.environ.get("RABIT_CUDA_DECODE")

@@ -10,9 +10,9 @@ import torch
 import rabit
 from rabit import reference as R
 
-from helpers import (CUDA_F16_DECODE_MIN_M, CUDA_SIMT_DEFAULT_MAX_IN, CUDA_SIMT_DEFAULT_MAX_WEIGHTS, CUDA_SIMT_MAX_IN,
-                     CUDA_SIMT_MAX_M, FLOAT_DTYPES, SHAPES, assert_float_close, dtype_id, random_layer,
-                     shape_id, tanh_ste_dw_bound)
+from helpers import (CUDA_F16_DECODE_MIN_M, CUDA_SIMT_DEFAULT_MAX_IN, CUDA_SIMT_DEFAULT_MAX_M,
+                     CUDA_SIMT_DEFAULT_MAX_WEIGHTS, CUDA_SIMT_MAX_IN, CUDA_SIMT_MAX_M, FLOAT_DTYPES, SHAPES,
+                     assert_float_close, dtype_id, random_layer, shape_id, tanh_ste_dw_bound)
 
 pytestmark = pytest.mark.cuda
 
@@ -169,10 +169,10 @@ def _decode_kernel_applies(kernel, m, in_features):
 def _default_decode_kernel(m, in_features, out):
     """The decode kernel packed_linear takes by default for fp16/bf16 x [m, in] (m <= 16) and out rows (b1: i8's
     bits)."""
-    if m >= CUDA_F16_DECODE_MIN_M:
-        return "f16"
     narrow = in_features <= CUDA_SIMT_DEFAULT_MAX_IN and out * in_features <= CUDA_SIMT_DEFAULT_MAX_WEIGHTS
-    return "simt" if narrow and _decode_kernel_applies("simt", m, in_features) else "i8"
+    if narrow and m <= CUDA_SIMT_DEFAULT_MAX_M and _decode_kernel_applies("simt", m, in_features):
+        return "simt"
+    return "f16" if m >= CUDA_F16_DECODE_MIN_M else "i8"
 
 
 def _wgmma_runs():
@@ -402,13 +402,24 @@ def test_simt_sums_float32_products_where_int8_quantizes(xdtype, monkeypatch):
 def test_decode_dispatch_takes_simt_exactly_within_its_bounds(shape, m, monkeypatch):
     """The default dispatch takes the CUDA-core kernel exactly where _default_decode_kernel says, and
     RABIT_CUDA_DECODE=simt exactly where _decode_kernel_applies says: told apart from int8 by _probe_x (the accuracy
-    tests compare outputs, in which the two float32-accurate kernels can round alike)."""
+    tests compare outputs, in which the two float32-accurate kernels can round alike). The probe does not tell the
+    fp16 kernel from the CUDA-core one (its fp16 subnormals keep the small terms): where the default is fp16, its
+    output is the forced fp16 kernel's, bit for bit."""
     out, in_features = shape
     packed, g, h, rows = _probe_layer(out, in_features)
     args = [t.to(DEV) for t in (_probe_x(in_features, m).half(), packed, g.half(), h.half())]
-    assert _runs_simt(rabit.packed_linear(*args), rows) == (_default_decode_kernel(m, in_features, out) == "simt")
+    expect = _default_decode_kernel(m, in_features, out)
+    y = rabit.packed_linear(*args)
+    if expect == "f16":
+        monkeypatch.setenv("RABIT_CUDA_DECODE", "f16")
+        assert torch.equal(y, rabit.packed_linear(*args))
+    else:
+        assert _runs_simt(y, rows) == (expect == "simt")
     monkeypatch.setenv("RABIT_CUDA_DECODE", "simt")
-    assert _runs_simt(rabit.packed_linear(*args), rows) == _decode_kernel_applies("simt", m, in_features)
+    if _decode_kernel_applies("simt", m, in_features):
+        assert _runs_simt(rabit.packed_linear(*args), rows)
+    else:  # the default kernel runs (fp16 at m = 4: the probe cannot tell it from simt)
+        assert torch.equal(rabit.packed_linear(*args), y)
 
 
 # row lengths of each way the CUDA-core kernel lays out a block (32 rows a block up to 512 columns, 16 up to 1024, 8
@@ -649,41 +660,60 @@ def test_packed_linear_group_of_layers_taking_different_decode_kernels():
     small ones) runs them one by one: each layer's packed_linear output, bit for bit, from its own kernel (told apart
     by _probe_x; the first layer takes simt, so one launch for all would run the large one in simt too)."""
     layers = [(64, 1536), (2049, 1536), (300, 1536)]
-    kernels = [_default_decode_kernel(1, i, o) for o, i in layers]
-    assert kernels == ["simt", "i8", "simt"]
     probes = [_probe_layer(o, i, seed=l) for l, (o, i) in enumerate(layers)]
     args = [(packed.to(DEV), g.half().to(DEV), h.half().to(DEV)) for packed, g, h, _ in probes]
-    for m in (1, 3):
+    for m, middle in ((1, "i8"), (2, "f16")):  # the CUDA-core kernel by default up to CUDA_SIMT_DEFAULT_MAX_M
+        kernels = [_default_decode_kernel(m, i, o) for o, i in layers]
+        assert kernels == ["simt", middle, "simt"]
         x = _probe_x(1536, m).half().to(DEV)
         ys = rabit.packed_linear_group(x, *[list(t) for t in zip(*args)])
         assert all(torch.equal(y, rabit.packed_linear(x, *a)) for y, a in zip(ys, args))
-        assert [_runs_simt(y, p[3]) for y, p in zip(ys, probes)] == [k == "simt" for k in kernels]
+        # the probe tells simt from int8, not from fp16 (test_decode_dispatch_takes_simt_exactly_within_its_bounds)
+        assert [_runs_simt(y, p[3]) for y, p, k in zip(ys, probes, kernels) if k != "f16"] == \
+            [k == "simt" for k in kernels if k != "f16"]
 
 
-@pytest.mark.parametrize("m", [1, 2, 4])
-def test_packed_linear_fused_runs_the_int8_kernel_where_the_fp16_one_is_forced(m, monkeypatch):
-    """The fp16 decode kernel has no epilogue for the glue: with RABIT_CUDA_DECODE=f16 the fused op runs the int8
-    kernel (decode_kernel(..., fused=True)), so its outputs equal those under RABIT_CUDA_DECODE=i8 bit for bit, for a
-    group launched together and for each layer alone."""
-    layers = [(48, 1100), (17, 1100), (64, 1100)]
+@pytest.mark.parametrize("m", [1, 2, 3, 4])
+@pytest.mark.parametrize("xdtype", [torch.float16, torch.bfloat16], ids=dtype_id)
+def test_packed_linear_fused_runs_the_fp16_kernel_with_the_glue(m, xdtype, monkeypatch):
+    """The fp16 decode kernel takes the glue (RABIT_CUDA_DECODE=f16, any M <= 4; by default from M = 2 on wide
+    layers): the norm (its sums of u^2 written by one prologue block per row), the SwiGLU input and the residual, for
+    a group launched together and for each layer alone (bit for bit), within the bound of
+    rabit.reference.packed_linear_fused with h * u rounded to fp16; and not the int8 kernel's output (the variable
+    was not ignored)."""
+    torch.manual_seed(m)
+    in_features = 1100  # 3 groups of 512, the last partial
+    layers = [(48, in_features), (17, in_features), (64, in_features)]
     args = []
-    for out, in_features in layers:
+    for out, _ in layers:
         w, g, h = (t.to(DEV) for t in random_layer(out, in_features, 2))
         _, packed = rabit.residual_binarize(w, g, h)
         args.append((packed, g.half(), h.half(), torch.randn(out, device=DEV).half()))
-    lists = [list(t) for t in zip(*args)]
-    x = torch.randn(m, 1100, device=DEV).half()
-    kw = dict(norm_weight=torch.rand(1100, device=DEV).half() + 0.5, eps=1e-5)
-    runs = {}
-    for kernel in ("f16", "i8"):
-        monkeypatch.setenv("RABIT_CUDA_DECODE", kernel)
-        _poison()
-        runs[kernel] = (rabit.packed_linear_fused(x, *lists, **kw),
-                        [rabit.packed_linear_fused(x, [p], [g], [h], [b], **kw)[0] for p, g, h, b in args])
-    (group_f16, alone_f16), (group_i8, alone_i8) = runs["f16"], runs["i8"]
-    assert all(torch.equal(a, b) for a, b in zip(group_f16, group_i8))
-    assert all(torch.equal(a, b) for a, b in zip(alone_f16, alone_i8))
-    assert all(torch.equal(a, b) for a, b in zip(group_f16, alone_f16))
+    x = torch.randn(m, in_features, device=DEV).to(xdtype)
+    up = torch.randn(m, in_features, device=DEV).to(xdtype)
+    cases = {"norm": (args, dict(norm_weight=(torch.rand(in_features, device=DEV) + 0.5).to(xdtype), eps=1e-5)),
+             "swiglu+residual": (args[:1], dict(up=up, residual=torch.randn(m, 48, device=DEV).to(xdtype))),
+             "all": (args[:1], dict(norm_weight=(torch.rand(in_features, device=DEV) + 0.5).to(xdtype), eps=1e-5,
+                                    up=up, residual=torch.randn(m, 48, device=DEV).to(xdtype)))}
+    for name, (la, kw) in cases.items():
+        lists = [list(t) for t in zip(*la)]
+        runs = {}
+        for kernel in ("f16", "i8"):
+            monkeypatch.setenv("RABIT_CUDA_DECODE", kernel)
+            _poison()
+            runs[kernel] = (rabit.packed_linear_fused(x, *lists, **kw),
+                            [rabit.packed_linear_fused(x, [p], [g], [h], [b], **kw)[0] for p, g, h, b in la])
+        (group, alone), (group_i8, _) = runs["f16"], runs["i8"]
+        assert all(torch.equal(a, b) for a, b in zip(group, alone)), name
+        assert any(not torch.equal(a, b) for a, b in zip(group, group_i8)), name
+        cpu = {k: v.cpu() if torch.is_tensor(v) else v for k, v in kw.items()}
+        ref_args = (x.cpu(), [t.cpu() for t in lists[0]], [t.cpu() for t in lists[1]], [t.cpu() for t in lists[2]],
+                    [t.cpu() for t in lists[3]])
+        low = R.packed_linear_fused(*ref_args, **cpu, xh_fp16=True)
+        ref = R.packed_linear_fused(*ref_args, **cpu, compute_dtype=torch.float64)
+        for i, y in enumerate(group):
+            assert y.dtype == xdtype and y.shape == (m, la[i][0].shape[1])
+            assert_float_close(y.cpu(), low[i], ref[i], f"fused f16 {name} m={m} layer {i}", None, 1)
 
 
 def _cuda_kernels_run(fn):

@@ -370,8 +370,8 @@ def test_cuda_fused_glue_matches_unfused(batch):
 @pytest.mark.cuda
 @pytest.mark.parametrize("batch", [1, 3])
 def test_cuda_fused_glue_on_wide_layers(batch):
-    """Layers wider than the CUDA-core kernel's take the glue inside the MMA decode kernels (int8; down_proj at batch 1
-    the 1-bit one): the fused step gives the unfused step's and HF's logits within rounding."""
+    """Layers wider than the CUDA-core kernel's take the glue inside the MMA decode kernels (int8 at batch 1, down_proj
+    the 1-bit one; fp16 at batch 3): the fused step gives the unfused step's and HF's logits within rounding."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(7)

@@ -238,13 +238,13 @@ void launch_decode_layers(const at::Tensor &x, at::TensorList packed, at::Tensor
 // agree on it and on K, so that one launch can run them all. Each layer's choice knows the rows of the whole call
 // (launch_out: the persistent 1-bit kernel pays where the launch has enough tiles, not each layer alone).
 bool layer_decode_kernels(const std::vector<int64_t> &K, int64_t M, int64_t in, const std::vector<int64_t> &out,
-                          bool fused, std::vector<rabit_cuda::DecodeKernel> &kern) {
+                          std::vector<rabit_cuda::DecodeKernel> &kern) {
     kern.resize(out.size());
     bool same = true;
     int64_t rows = 0;
     for (size_t l = 0; l < out.size() && l < static_cast<size_t>(rabit_cuda::kDecodeMaxLayers); l++) rows += out[l];
     for (size_t l = 0; l < out.size(); l++) {
-        kern[l] = rabit_cuda::decode_kernel(static_cast<int>(K[l]), M, in, out[l], fused, rows);
+        kern[l] = rabit_cuda::decode_kernel(static_cast<int>(K[l]), M, in, out[l], rows);
         same = same && K[l] == K[0] && kern[l] == kern[0];
     }
     return same;
@@ -274,7 +274,7 @@ std::vector<at::Tensor> packed_linear_group_cuda(const at::Tensor &x, at::Tensor
     // the decode kernel packed_linear would run for each layer: one launch only where they agree
     std::vector<rabit_cuda::DecodeKernel> kern;
     bool together = rabit_cuda::packed_linear_path(xdt, M) == 2 && M > 0 && n > 1 &&
-                    layer_decode_kernels(K, M, in, out, false, kern);
+                    layer_decode_kernels(K, M, in, out, kern);
     for (int64_t l = 1; l < n; l++)  // bias is every layer's or none (check_group_lists)
         together = together && g[l].scalar_type() == g[0].scalar_type() &&
                    h[l].scalar_type() == h[0].scalar_type() &&
@@ -347,7 +347,7 @@ std::vector<at::Tensor> packed_linear_fused_cuda(const at::Tensor &x, at::Tensor
     f.residual = residual.has_value() ? residual->data_ptr() : nullptr;
     f.prefetch_weights = prefetch_weights;
     std::vector<rabit_cuda::DecodeKernel> kern;
-    const bool together = layer_decode_kernels(std::vector<int64_t>(n, K), M, in, out, true, kern);
+    const bool together = layer_decode_kernels(std::vector<int64_t>(n, K), M, in, out, kern);
     std::vector<at::Tensor> ys;
     if (together)
         launch_decode_layers(x, packed, g, h, bias, 0, static_cast<int>(n), static_cast<int>(K), out, kern[0], &f, ys);

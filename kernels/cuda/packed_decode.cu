@@ -148,12 +148,13 @@ __device__ __forceinline__ void prep_inputs(const PrepArgs &a, int m0, int64_t j
    With the fused glue, xh = h * u (u: prep_inputs), times the norm's weight where it is given; the group's sum of u^2
    per row (warps by a butterfly, then in order) then goes to sumsq from one block per group (path 0, part 0). The norm
    is linear in u once its row scale is known, so that scale is applied to the main kernels' sums (norm_scales).
-   The block's rows of x are m0 .. m0 + MR - 1 (xh, amax, bad, qs and inv indexed from m0); m0 = 0 wherever the glue
-   is fused (the fp16 prologue, which splits the rows over blocks, takes no glue). */
+   The block's rows of x are m0 .. m0 + MR - 1 (xh, amax, bad, qs, inv and the norm's sums indexed from m0; the fp16
+   prologue splits the rows over blocks, the others take m0 = 0). norm_sums: whether this block (of path 0) writes its
+   rows' sums of u^2 (the int8 prologue's first part; every fp16 block, one per row). */
 
 template <int MR>
 __device__ __forceinline__ void prep_front(const PrepArgs &a, int k, int64_t j, int tid, float (&xh)[kMaxNT * 2],
-                                           PrepRows &sh, int top, int m0 = 0) {
+                                           PrepRows &sh, int top, int m0 = 0, bool norm_sums = true) {
     static_assert(MR >= 1 && MR <= kMaxNT * 2, "MR: the rows of x a prologue is built for");
     unsigned int *amax = sh.amax;
     int *bad = sh.bad;
@@ -186,8 +187,8 @@ __device__ __forceinline__ void prep_front(const PrepArgs &a, int k, int64_t j, 
     __syncthreads();
     if (norm) {
 #pragma unroll
-        for (int m = 0; m < kFusedMaxM; m++) {
-            if (m >= a.M) break;
+        for (int m = 0; m < (MR < kFusedMaxM ? MR : kFusedMaxM); m++) {
+            if (m0 + m >= a.M) break;
             float v = u2[m];
 #pragma unroll
             for (int o = 16; o > 0; o >>= 1) v = __fadd_rn(v, __shfl_xor_sync(0xffffffffu, v, o));
@@ -211,11 +212,11 @@ __device__ __forceinline__ void prep_front(const PrepArgs &a, int k, int64_t j, 
         int e;
         frexpf(__uint_as_float(amax[tid]), &e);
         inv[tid] = amax[tid] ? ldexpf(1.0f, top - max(e, -96)) : 1.0f;
-        if (norm && blockIdx.y == 0 && blockIdx.z == 0) {
+        if (norm && blockIdx.y == 0 && norm_sums) {  // m0 + tid < M <= kFusedMaxM with the glue
             float v = 0.0f;
 #pragma unroll
             for (int w = 0; w < kPrepThreads / 32; w++) v = __fadd_rn(v, sh.nss[w][tid]);
-            a.sumsq[static_cast<int64_t>(blockIdx.x) * kFusedMaxM + tid] = v;
+            a.sumsq[static_cast<int64_t>(blockIdx.x) * kFusedMaxM + m0 + tid] = v;
         }
     }
     __syncthreads();
@@ -247,7 +248,7 @@ __global__ void __launch_bounds__(kPrepThreads) gemv_i8_prep_kernel(const PrepAr
     const int64_t j = static_cast<int64_t>(gr) * kGroupCols + tid;  // this thread's column
     const int Mp = 2 * a.NT;
     float xh[kMaxNT * 2];
-    prep_front<MR>(a, k, j, tid, xh, sh, 30);
+    prep_front<MR>(a, k, j, tid, xh, sh, 30, 0, part == 0);
 #pragma unroll
     for (int m = 0; m < MR; m++) {  // Q = 0 in rows M .. MR - 1 (not read)
         const int q = __float2int_rn(xh[m] * sh.inv[m]);
@@ -389,13 +390,13 @@ __device__ __forceinline__ uint4 load_word4(const MainArgs &a, const rabit_word_
 }
 
 /* Lane (g, t)'s bits of group gr: words 4t .. 4t+3 of rows g and g+8 of each m-tile, per path (zeros past the
-   matrix). */
-template <int K, int MT>
+   matrix); with KP >= 0 path KP's only (the others are left unset: a warp of for_each_chunk<KP> reads no other). */
+template <int K, int MT, int KP = -1>
 __device__ __forceinline__ void load_bits(const MainArgs &a, int64_t row0, int g, int t, int64_t gr,
                                           Bits<K, MT> &dst) {
     const int64_t w0 = gr * kGroupWords + 4 * t, nw = a.nw, out = a.out;
 #pragma unroll
-    for (int k = 0; k < K; k++)
+    for (int k = KP < 0 ? 0 : KP; k < (KP < 0 ? K : KP + 1); k++)
 #pragma unroll
         for (int mt = 0; mt < MT; mt++)
 #pragma unroll
@@ -437,34 +438,40 @@ __device__ __forceinline__ void row_scales_f32(const MainArgs &a, const uint32_t
    the MMAs that use them, so that the loads (bits from DRAM, fragments from L2) overlap the tensor-core work.
    load_chunk(grp, c, Chunk &) reads chunk c of a group; body(gr, c, chunk, bits) does chunk c's MMAs (and the
    flush after a path's last chunk). Fully unrolled over the NCHUNK chunks of a group, so c is a constant in body.
-   ready() runs once the first loads are issued, before the first body (the kernels convert their row scales there). */
-template <int K, int MT, int NCHUNK, bool F, class Chunk, class LoadChunk, class Ready, class Body>
+   ready() runs once the first loads are issued, before the first body (the kernels convert their row scales there).
+   KP >= 0 (K divides kWarps, and the caller passes KP = warp % K): the warp takes path KP only, of groups warp / K,
+   warp / K + kWarps / K, ... (the chunks of that path: KP * NCHUNK / K ..), so that a layer of fewer groups than
+   warps keeps K times as many warps busy (a 576-column layer: 2 groups, 2 of 8 warps without it). */
+template <int K, int MT, int NCHUNK, bool F, class Chunk, int KP = -1, class LoadChunk, class Ready, class Body>
 __device__ __forceinline__ void for_each_chunk(const MainArgs &a, int64_t row0, int g, int t, int warp,
                                                FusedEpilogue &fe, float &res, LoadChunk &&load_chunk,
                                                Ready &&ready, Body &&body) {
-    static_assert(NCHUNK % 2 == 0, "the next group's first chunk must land in buffer 0");
+    static_assert(KP < 0 || kWarps % K == 0, "a path per warp: K divides the warps");
+    constexpr int NC = KP < 0 ? NCHUNK : NCHUNK / K, C0 = KP < 0 ? 0 : KP * NC;  // this warp's chunks of a group
+    constexpr int STEP = KP < 0 ? kWarps : kWarps / K;                             // and its next group
+    static_assert(NC % 2 == 0, "the next group's first chunk must land in buffer 0");
     Bits<K, MT> cur, nxt;
-    int64_t gr = warp;
-    if (gr < a.ngroups) load_bits(a, row0, g, t, gr, cur);
+    int64_t gr = KP < 0 ? warp : warp / K;
+    if (gr < a.ngroups) load_bits<K, MT, KP>(a, row0, g, t, gr, cur);
     pdl_wait();  // the bits and g are in flight; the prologue's fragments and scales are complete past here
     // the kernel after (the attention after a q/k/v group) may be scheduled now; it waits for this grid's end.
     // Measured (H200, 7B shapes, batch 1): 2810.8 against 2823.4 us a step, idle time 106 against 137 us. Not in
     // the 1-bit kernel: it runs long rows (down_proj), followed by compiled glue, which is not launched with PDL
     pdl_launch_dependents();
     Chunk ch[2];
-    if (gr < a.ngroups) load_chunk(gr, 0, ch[0]);
+    if (gr < a.ngroups) load_chunk(gr, C0, ch[0]);
     if constexpr (F) res = fused_loads(a, row0, warp * 32 + g * 4 + t, fe);
     ready();
-    for (; gr < a.ngroups; gr += kWarps) {
-        const bool more = gr + kWarps < a.ngroups;
-        if (more) load_bits(a, row0, g, t, gr + kWarps, nxt);
+    for (; gr < a.ngroups; gr += STEP) {
+        const bool more = gr + STEP < a.ngroups;
+        if (more) load_bits<K, MT, KP>(a, row0, g, t, gr + STEP, nxt);
 #pragma unroll
-        for (int c = 0; c < NCHUNK; c++) {
-            if (c + 1 < NCHUNK)
-                load_chunk(gr, c + 1, ch[(c + 1) & 1]);
+        for (int i = 0; i < NC; i++) {
+            if (i + 1 < NC)
+                load_chunk(gr, C0 + i + 1, ch[(i + 1) & 1]);
             else if (more)
-                load_chunk(gr + kWarps, 0, ch[(c + 1) & 1]);
-            body(gr, c, ch[c & 1], cur);
+                load_chunk(gr + STEP, C0, ch[(i + 1) & 1]);
+            body(gr, C0 + i, ch[i & 1], cur);
         }
         if (more) cur = nxt;
     }
@@ -1036,10 +1043,15 @@ __global__ void __launch_bounds__(kPrepThreads) gemv_f16_prep_kernel(const PrepA
     const int gr = blockIdx.x, k = blockIdx.y, K = gridDim.y, tid = threadIdx.x, m0 = blockIdx.z * RB;
     const int64_t j = static_cast<int64_t>(gr) * kGroupCols + tid;
     float xh[kMaxNT * 2];
-    prep_front<RB>(a, k, j, tid, xh, sh, 15, m0);
+    if (m0 < a.M) {
+        prep_front<RB>(a, k, j, tid, xh, sh, 15, m0);
 #pragma unroll
-    for (int m = 0; m < RB; m++) {
-        qv[m][tid + (tid >> 5)] = xh[m] * sh.inv[m];  // exact (a power of two); rounded to fp16 below
+        for (int m = 0; m < RB; m++) {
+            qv[m][tid + (tid >> 5)] = xh[m] * sh.inv[m];  // exact (a power of two); rounded to fp16 below
+        }
+    } else {  // rows from M on only (z spans the n-tiles' 8 NT rows): zero entries and slots, no loads or reductions
+        pdl_launch_dependents();
+        pdl_wait();  // the previous kernel may still read the workspace
     }
     __syncthreads();
     uint2 *dst = a.frag + (static_cast<size_t>(gr) * K + k) * (kF16Steps * a.NT * 32);
@@ -1070,9 +1082,14 @@ __global__ void __launch_bounds__(kPrepThreads) gemv_f16_prep_kernel(const PrepA
 
 /* One 16-row tile per block, 8 warps over the groups (as the int8 kernel). Per (group, path): 32 steps of NT
    MMAs into a fresh float32 accumulator, then times S and g into the running sums. The B fragments arrive in
-   chunks of CH steps (8 uint2), one chunk ahead of the MMAs that use them. */
-template <int K, int NT, bool GROUPED>
+   chunks of CH steps (8 uint2), one chunk ahead of the MMAs that use them. F: the fused glue's epilogue (M <=
+   kFusedMaxM, so NT = 1), a separate instantiation as in the int8 kernel. PS (K = 2 or 4, layers of few groups):
+   warp w takes path w % K of its groups (for_each_chunk's KP), the warps' partial sums added in warp order as
+   always. */
+template <int K, int NT, bool GROUPED, bool F, bool PS>
 __global__ void __launch_bounds__(kWarps * 32, K <= 2 ? 2 : 1) gemv_f16_kernel(const GroupArgs ga) {
+    static_assert(!F || NT == 1, "the fused glue takes M <= kFusedMaxM rows of x: one n-tile");
+    static_assert(!PS || K == 2 || K == 4, "a path per warp: K divides the 8 warps (and K = 1 has one path)");
     __shared__ float red[kWarps][16][8 * NT];
     __shared__ FusedEpilogue fe;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -1109,8 +1126,7 @@ __global__ void __launch_bounds__(kWarps * 32, K <= 2 ? 2 : 1) gemv_f16_kernel(c
 
     float acc[NT][4], sck[NT][2];
     float res = 0.0f;
-    for_each_chunk<K, 1, NCHUNK, false, Chunk>(a, row0, g, t, warp, fe, res, load_chunk, [] {},
-                                        [&](int64_t gr, int c, const Chunk &cc, const Bits<K, 1> &cur) {
+    auto body = [&](int64_t gr, int c, const Chunk &cc, const Bits<K, 1> &cur) {
             const int k = c / NCH, st0 = (c % NCH) * CH;
             if (c % NCH == 0) {
                 const size_t so = frag_path<K, GROUPED>(a, gr, k) * kScaleSlots;
@@ -1138,15 +1154,28 @@ __global__ void __launch_bounds__(kWarps * 32, K <= 2 ? 2 : 1) gemv_f16_kernel(c
                     for (int i = 0; i < 4; i++)
                         fa[nt][i] = __fmaf_rn(gk[k][0][i >> 1], acc[nt][i] * sck[nt][i & 1], fa[nt][i]);
             }
-        });
+        };
+    auto ready = [] {};
+    if constexpr (!PS) {
+        for_each_chunk<K, 1, NCHUNK, F, Chunk>(a, row0, g, t, warp, fe, res, load_chunk, ready, body);
+    } else {  // the path a compile-time constant in each copy of the loop (it indexes the bits and g in registers)
+        const int kp = warp % K;
+        if (kp == 0) for_each_chunk<K, 1, NCHUNK, F, Chunk, 0>(a, row0, g, t, warp, fe, res, load_chunk, ready, body);
+        else if (kp == 1) for_each_chunk<K, 1, NCHUNK, F, Chunk, 1>(a, row0, g, t, warp, fe, res, load_chunk, ready, body);
+        if constexpr (K == 4) {
+            if (kp == 2) for_each_chunk<K, 1, NCHUNK, F, Chunk, 2>(a, row0, g, t, warp, fe, res, load_chunk, ready, body);
+            else if (kp == 3) for_each_chunk<K, 1, NCHUNK, F, Chunk, 3>(a, row0, g, t, warp, fe, res, load_chunk, ready, body);
+        }
+    }
 
     // epilogue as in the int8 kernel; accumulator i of n-tile nt is row g + 8 (i / 2), column m = 8 nt + 2t + i % 2
 #pragma unroll
     for (int nt = 0; nt < NT; nt++)
 #pragma unroll
         for (int i = 0; i < 4; i++) red[warp][g + 8 * (i >> 1)][nt * 8 + 2 * t + (i & 1)] = fa[nt][i];
+    if constexpr (F) fused_ready();
     __syncthreads();
-    store_rows<false>(a, red, row0, tid, fe, res);
+    store_rows<F>(a, red, row0, tid, fe, res);
 }
 
 int gemv_nt(int64_t M) { return M <= 2 ? 1 : M <= 4 ? 2 : M <= 8 ? 4 : 8; }
@@ -1214,11 +1243,22 @@ cudaError_t launch_b1p_k(const GroupArgs &a, unsigned tiles, cudaStream_t s) {
     return fused_epilogue(a) ? launch_b1p_kf<K, GR, true>(a, s) : launch_b1p_kf<K, GR, false>(a, s);
 }
 
-/* NT: f16_nt(M), the n-tiles the prologue wrote. */
+/* NT: f16_nt(M), the n-tiles the prologue wrote (1 wherever the glue is fused: M <= kFusedMaxM). */
 template <int K, bool GR>
 cudaError_t launch_f16_k(const GroupArgs &a, int NT, unsigned tiles, cudaStream_t s) {
-    return NT == 1 ? launch_pdl(gemv_f16_kernel<K, 1, GR>, dim3(tiles), kWarps * 32, 0, a, s)
-                   : launch_pdl(gemv_f16_kernel<K, 2, GR>, dim3(tiles), kWarps * 32, 0, a, s);
+    // a path per warp where the layers' (group, path) pairs fit the warps at once (in <= 2048 at K = 2, <= 1024 at
+    // K = 4): a warp per group left 6 of 8 warps idle at SmolLM2's 576 columns
+    constexpr bool kCanSplit = K == 2 || K == 4;
+    const bool ps = kCanSplit && a.a.ngroups * K <= kWarps;
+    if (NT == 1) {
+        if (fused_epilogue(a))
+            return ps ? launch_pdl(gemv_f16_kernel<K, 1, GR, true, kCanSplit>, dim3(tiles), kWarps * 32, 0, a, s)
+                      : launch_pdl(gemv_f16_kernel<K, 1, GR, true, false>, dim3(tiles), kWarps * 32, 0, a, s);
+        return ps ? launch_pdl(gemv_f16_kernel<K, 1, GR, false, kCanSplit>, dim3(tiles), kWarps * 32, 0, a, s)
+                  : launch_pdl(gemv_f16_kernel<K, 1, GR, false, false>, dim3(tiles), kWarps * 32, 0, a, s);
+    }
+    return ps ? launch_pdl(gemv_f16_kernel<K, 2, GR, false, kCanSplit>, dim3(tiles), kWarps * 32, 0, a, s)
+              : launch_pdl(gemv_f16_kernel<K, 2, GR, false, false>, dim3(tiles), kWarps * 32, 0, a, s);
 }
 
 /* NT: the n-tiles of the prologue's fragments (decode_gemv), for the int8 and fp16 kernels. */
@@ -1295,11 +1335,10 @@ cudaError_t decode_gemv(const void *x, rabit_dtype xdt, int64_t M, const DecodeL
                         DecodeKernel kern, cudaStream_t s, const DecodeFusion *fusion) {
     if (kern == DECODE_SIMT) return decode_gemv_simt(x, xdt, M, layers, n, gdt, hdt, bdt, K, in, s, fusion);
     const int64_t ng = (in + kGroupCols - 1) / kGroupCols;
-    // the glue: M <= kFusedMaxM, a residual for one layer, a norm over <= kFusedMaxGroups groups, not the fp16 kernel
-    // (it has no fused epilogue)
+    // the glue: M <= kFusedMaxM, a residual for one layer, a norm over <= kFusedMaxGroups groups
     if (M < 1 || M > kDecodeMaxM || ((kern == DECODE_B1 || kern == DECODE_B1P) && M > kB1MaxM) || xdt == RABIT_F32 || K < 1 ||
         K > RABIT_MAX_K || n < 1 || n > kDecodeMaxLayers ||
-        (fusion && (M > kFusedMaxM || kern == DECODE_F16 || (fusion->residual && n != 1) ||
+        (fusion && (M > kFusedMaxM || (fusion->residual && n != 1) ||
                     (fusion->norm_weight && ng > kFusedMaxGroups))))
         return cudaErrorInvalidValue;
     const int NT = kern == DECODE_F16 ? f16_nt(M) : gemv_nt(M);

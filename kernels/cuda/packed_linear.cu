@@ -405,15 +405,20 @@ int packed_linear_path(rabit_dtype xdt, int64_t M) {
    against 15.7 us) and slower for 8 groups per row (in = 4096: 8.2 against 7.6 us at 4096 x 4096) and at M = 2
    (two blocks per SM do not fit its registers), so it runs for M = 1 and in > 7680 (at least 16 groups of 512
    columns); the two give bit-identical outputs. The fp16 kernel runs from M = kF16MinM on, where the int8 kernel's
-   digits (4 n-columns per row of x) make it slow: 11.7 against 17.8 us at M = 8 and 17.9 against 38.3 us at
-   M = 16 (4096 x 4096), while at M = 4 int8 was as fast or up to 8 % faster at 5 of the 6 7B shapes (and its time
-   is the same at M = 3). It rounds x*h to fp16, so from that M on a layer is as accurate as a dense fp16 layer
-   rather than float32-accurate. Small narrow layers take the CUDA-core kernel of one launch (twenty-first session,
+   digits (4 n-columns per row of x) make it slow: since its prologue runs one block per row of x (thirty-eighth
+   session, H200, bench_kernels_NVIDIA_H200_2026-11-29_s38-land.json, forced column) its time hardly grows with M up
+   to 8: 4096 x 4096 at M = 2 / 4 6.21 / 6.27 against int8's 8.62 / 12.18 us; at M = 4 it was 1.3-1.9x faster at all
+   nine 7B and 2048-wide shapes, at M = 2 faster at six and 1-2 % slower at three (in = 4096 with 11008-14336 rows,
+   4096 x 14336). It rounds x*h to fp16, so from that M on a layer is as accurate as a dense fp16 layer rather than
+   float32-accurate (relative error against float64 3.0e-4 against int8's 2.05e-4 there). Small narrow layers take the CUDA-core kernel of one launch (twenty-first session,
    H200, µs against int8 at M = 1 / 2 / 4; bench_kernels_NVIDIA_H200_2026-11-27_s21-narrow-simt.json): SmolLM2's
    576 x 576 3.99 / 4.87 / 6.41 against 6.08 / 6.71 / 8.32, 576 x 1536 4.77 / 5.93 / 7.92 against 6.13 / 6.79 / 8.39;
    but 2048 x 2048 6.47 / 8.68 / 12.31 against 6.52 / 7.17 / 8.71 and 8192 x 2048 13.84 against 9.93 at M = 1
-   (every block builds x*h of all columns, and a thread's additions grow with M). So it runs for M <= kSimtMaxM,
-   in <= kSimtDefaultMaxIn and out * in <= kSimtDefaultMaxWeights. RABIT_CUDA_DECODE=i8, f16 (any M), b1, b1p (M <= 2)
+   (every block builds x*h of all columns, and a thread's additions grow with M). So it runs for M <= kSimtDefaultMaxM,
+   in <= kSimtDefaultMaxIn and out * in <= kSimtDefaultMaxWeights. kSimtDefaultMaxM is 2 since the fp16 kernel
+   (a path per warp on these layers) took M = 2-4 (thirty-ninth session, H200, µs, forced simt against f16;
+   bench_kernels_NVIDIA_H200_2026-11-29_s39-ps-narrow-forced.json): M = 2 576 x 576 3.00 / 3.32, 1536 x 576 3.11 /
+   3.40, 576 x 1536 3.66 / 3.56; M = 4 3.52 / 3.31, 3.65 / 3.45, 4.72 / 3.49 (the four SmolLM2 shapes). RABIT_CUDA_DECODE=i8, f16 (any M), b1, b1p (M <= 2)
    or simt (where simt_applies) forces one (benchmarks, tests); elsewhere the default runs. simt_applies also asks
    whether the device's shared memory holds the kernel's (not every GPU does for K = 4 at M = 4). At M = 1 a launch
    with enough 16-row tiles (all its layers together: launch_out; 1.2 a resident block) takes the persistent 1-bit
@@ -422,30 +427,25 @@ int packed_linear_path(rabit_dtype xdt, int64_t M) {
    q/k/v 15.2 against 16.9, gate/up 19.8 against 24.9). RABIT_CUDA_DECODE=b1p forces it (M <= 2; at M = 2, and
    where its fragments do not fit in shared memory, the 1-bit kernel runs). */
 constexpr int64_t kB1MinIn = 15 * 512 + 1;  // at least 16 groups of 512 columns per row
-constexpr int64_t kF16MinM = 5;
+constexpr int64_t kF16MinM = 2;
+constexpr int64_t kSimtDefaultMaxM = 2;
 constexpr int64_t kSimtDefaultMaxIn = 1536;
 constexpr int64_t kSimtDefaultMaxWeights = int64_t{3} << 20;
 
-namespace {
-
-DecodeKernel unfused_decode_kernel(int K, int64_t M, int64_t in, int64_t out, int64_t launch_out) {
+DecodeKernel decode_kernel(int K, int64_t M, int64_t in, int64_t out, int64_t launch_out) {
+    if (launch_out <= 0) launch_out = out;
     const char *v = getenv("RABIT_CUDA_DECODE");
     if (v && strcmp(v, "i8") == 0) return DECODE_I8;
     if (v && strcmp(v, "f16") == 0) return DECODE_F16;
     if (v && strcmp(v, "b1") == 0 && M <= kB1MaxM) return DECODE_B1;
     if (v && strcmp(v, "b1p") == 0 && M <= kB1MaxM) return DECODE_B1P;
     if (v && strcmp(v, "simt") == 0 && simt_applies(K, M, in)) return DECODE_SIMT;
-    if (in <= kSimtDefaultMaxIn && out * in <= kSimtDefaultMaxWeights && simt_applies(K, M, in)) return DECODE_SIMT;
+    if (M <= kSimtDefaultMaxM && in <= kSimtDefaultMaxIn && out * in <= kSimtDefaultMaxWeights &&
+        simt_applies(K, M, in))
+        return DECODE_SIMT;
     if (M == 1 && decode_b1p_default(K, in, launch_out)) return DECODE_B1P;
     if (M == 1 && in >= kB1MinIn) return DECODE_B1;
     return M >= kF16MinM ? DECODE_F16 : DECODE_I8;
-}
-
-}  // namespace
-
-DecodeKernel decode_kernel(int K, int64_t M, int64_t in, int64_t out, bool fused, int64_t launch_out) {
-    const DecodeKernel k = unfused_decode_kernel(K, M, in, out, launch_out > 0 ? launch_out : out);
-    return fused && k == DECODE_F16 ? DECODE_I8 : k;
 }
 
 size_t packed_linear_workspace_bytes(rabit_dtype xdt, int64_t M, int K, int64_t in, int64_t out) {

@@ -86,9 +86,8 @@ int packed_linear_path(rabit_dtype xdt, int64_t M);
    to fp16: the accuracy of a dense fp16 layer); in packed_decode_simt.cu the CUDA-core one of one launch for narrow
    layers (M <= kSimtMaxM, in <= kSimtMaxIn; float32 products and sums: float32-level accuracy, not bit-identical to
    int8). decode_kernel() is the choice packed_linear makes for a layer of K paths and out x in on the current device (a
-   layer group runs as one launch when its layers' choices agree); with fused, packed_linear_fused's: the fp16 kernel
-   has no epilogue for the glue, so where it would run (M <= kFusedMaxM only when RABIT_CUDA_DECODE forces it) the
-   int8 one does. */
+   layer group runs as one launch when its layers' choices agree), and packed_linear_fused's: every kernel has the
+   glue's epilogue. */
 enum DecodeKernel { DECODE_I8 = 0, DECODE_B1 = 1, DECODE_F16 = 2, DECODE_SIMT = 3, DECODE_B1P = 4 };
 /* The persistent 1-bit kernel (DECODE_B1P) runs a call of M rows of x, `ngroups` 512-column groups and K paths a layer
    where this holds (M = 1, and a layer's fragments fit in one block's shared memory); elsewhere a DECODE_B1P call runs
@@ -101,8 +100,7 @@ enum DecodeKernel { DECODE_I8 = 0, DECODE_B1 = 1, DECODE_F16 = 2, DECODE_SIMT = 
 bool decode_b1p_applies(int64_t M, int64_t ngroups, int K);
 bool decode_b1p_default(int K, int64_t in, int64_t launch_out);
 constexpr int kB1MaxM = 2;
-/* rabit.packed_linear_fused runs the decode kernel of its shape with the glue (DecodeFusion) up to this M: where that
-   kernel is float32-level (CUDA-core, int8, 1-bit; the fp16 one takes M >= 5). */
+/* rabit.packed_linear_fused runs the decode kernel of its shape with the glue (DecodeFusion) up to this M. */
 constexpr int kFusedMaxM = 4;
 /* ... and with a norm (norm_weight) rows of at most kFusedMaxGroups x 512 columns (the MMA kernels' epilogue holds one
    partial sum of squares a group in shared memory). */
@@ -112,7 +110,7 @@ constexpr int kSimtMaxM = 4;
 constexpr int64_t kSimtMaxIn = 2048;
 /* The CUDA-core kernel can run a layer of K paths and `in` columns at this M on the current device. */
 bool simt_applies(int K, int64_t M, int64_t in);
-DecodeKernel decode_kernel(int K, int64_t M, int64_t in, int64_t out, bool fused = false, int64_t launch_out = 0);
+DecodeKernel decode_kernel(int K, int64_t M, int64_t in, int64_t out, int64_t launch_out = 0);
 
 /* A decode call runs up to kDecodeMaxLayers layers that read the same x [M, in] (q/k/v, gate/up) as one prologue
    and one main kernel: layer l is packed [K][out][words], g [K][out], h [K][in], bias [out] (nullable), y [M][out].
