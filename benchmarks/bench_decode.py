@@ -158,10 +158,11 @@ def load(name, dev, dtype):
 
 # ------------------------------------------------------------------------------------------------ measure
 def measure(model, batch, prompt, new, dev, reps, compile, group=True, fused_attention=None, fused_glue=None,
-            head_dtype=None):
+            head_dtype=None, int8_activations=False):
     cfg = model.config
     dec = StaticDecoder(model, batch_size=batch, max_len=prompt + new + 1, compile=compile, group_projections=group,
-                        fused_attention=fused_attention, fused_glue=fused_glue, head_dtype=head_dtype)
+                        fused_attention=fused_attention, fused_glue=fused_glue, head_dtype=head_dtype,
+                        int8_activations=int8_activations)
     ids = torch.randint(3, cfg.vocab_size, (batch, prompt), generator=torch.Generator().manual_seed(1))
     t_pre = timed(lambda: dec.prefill(ids), dev, reps=3)
 

@@ -14,7 +14,8 @@ wrapper's per-token cost (Llama.eval, the logits read through its private contex
 so its figures are a lower bound of what llama.cpp itself does. The prompt ids come from the same seeded generator as
 bench_decode.measure's, so every runner sees the same prompt.
 rabit and FP32 torch: bench_decode.measure (StaticDecoder, the same prompt length and new tokens; pretrained FP
-weights, random packed bits for rabit: speed only), with lm_head as it is and as a float16 copy.
+weights, random packed bits for rabit: speed only), with lm_head as it is and as a float16 copy, and rabit also with
+int8 activation tables (StaticDecoder int8_activations, with the float16 head).
 Threads: torch.get_num_threads() for every runner. Writes bench_llamacpp_cpu_<date>[_<tag>].json (--out, else $OUT,
 else benchmarks/results/).
 """
@@ -116,14 +117,16 @@ def main(argv=None):
     for variant in ("fp", "rabit"):
         if variant == "rabit":
             model = pack_random_(model)
-        for head in (None, "float16"):
-            _, _, r = measure(model, 1, args.prompt, args.new, torch.device("cpu"), args.reps, False, head_dtype=head)
+        # rabit also with int8 activation tables (StaticDecoder int8_activations: llama.cpp's activation class)
+        for head, i8 in ((None, False), ("float16", False)) + (((("float16", True),) if variant == "rabit" else ())):
+            _, _, r = measure(model, 1, args.prompt, args.new, torch.device("cpu"), args.reps, False, head_dtype=head,
+                              int8_activations=i8)
             row = dict(runner="torch FP32" if variant == "fp" else "rabit packed (K=2)", type=variant,
-                       head_dtype=head or "float32", tokens_per_s=r["tokens_per_s"],
+                       head_dtype=head or "float32", int8_activations=i8, tokens_per_s=r["tokens_per_s"],
                        decode_ms_per_token=r["decode_ms_per_token"], prefill_ms=r["prefill_ms"], split_ms=r["split_ms"])
             rows.append(row)
-            print(f"{row['runner']:22s} head {row['head_dtype']:8s}: {row['tokens_per_s']:7.1f} tok/s, "
-                  f"{row['decode_ms_per_token']:7.2f} ms/token", flush=True)
+            print(f"{row['runner']:22s} head {row['head_dtype']:8s}{' int8 act.' if i8 else '':10s}: "
+                  f"{row['tokens_per_s']:7.1f} tok/s, {row['decode_ms_per_token']:7.2f} ms/token", flush=True)
     write_cpu_result("bench_llamacpp_cpu", "greedy decode of --new tokens after a --prompt-token prompt, decode part "
                      "only, median of --reps (llama.cpp: Llama.eval per token; rabit and FP32: StaticDecoder)", rows,
                      args.out, args.tag, model="smollm2-135m", gguf=src.name, weights=weights,

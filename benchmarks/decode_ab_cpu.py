@@ -1,13 +1,15 @@
 """A/B of two StaticDecoder settings on the CPU, the two decoders alternated in one process so that a noisy machine
 affects both alike: `--compare head-dtype`, lm_head in float32 against a float16 (or bfloat16, --head-dtype) copy of
 it; `--compare fused-glue`, the glue (norms, SwiGLU, residual adds) as torch ops (fused_glue=False) against inside
-rabit.packed_linear_fused (the default), both with the float32 head.
+rabit.packed_linear_fused (the default), both with the float32 head; `--compare int8`, the fused glue's packed
+linears on float32 tables (the default) against int8 activation tables (int8_activations=True,
+rabit.packed_linear_fused_i8), both with the --head-dtype head (float16 by default; float32: lm_head as it is).
 
-    python benchmarks/decode_ab_cpu.py [--compare head-dtype|fused-glue] [--model smollm2-135m] [--rounds 5]
+    python benchmarks/decode_ab_cpu.py [--compare head-dtype|fused-glue|int8] [--model smollm2-135m] [--rounds 5]
                                        [--new 64] [--out DIR]
 
 The model's linears are packed with random bits (bench_decode.py's pack_random_: speed, not accuracy); the prompt
-is 128 random tokens. Writes <compare>_ab_<model>_cpu_<date>.json (head_dtype_ab_..., fused_glue_ab_...): ms per
+is 128 random tokens. Writes <compare>_ab_<model>_cpu_<date>.json (head_dtype_ab_..., fused_glue_ab_..., int8_ab_...): ms per
 decoded token per round, the medians, the paired rounds the second setting won, and whether the two decoded the
 same greedy tokens (both settings round otherwise in the last bits, so a near-tie may go either way).
 """
@@ -26,9 +28,9 @@ from timing import write_result
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--compare", choices=["head-dtype", "fused-glue"], default="head-dtype")
+    ap.add_argument("--compare", choices=["head-dtype", "fused-glue", "int8"], default="head-dtype")
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--head-dtype", choices=["float16", "bfloat16"], default="float16")
+    ap.add_argument("--head-dtype", choices=["float16", "bfloat16", "float32"], default="float16")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--new", type=int, default=64)
@@ -39,9 +41,15 @@ def main(argv=None):
     model = B.pack_random_(model)
     ids = torch.randint(3, model.config.vocab_size, (1, args.prompt), generator=torch.Generator().manual_seed(1))
     n = args.prompt + args.new + 1
+    if args.compare == "head-dtype" and args.head_dtype == "float32":
+        ap.error("--compare head-dtype compares float32 with --head-dtype float16 or bfloat16")
     if args.compare == "head-dtype":
         decs = {"float32": StaticDecoder(model, max_len=n),
                 args.head_dtype: StaticDecoder(model, max_len=n, head_dtype=args.head_dtype)}
+    elif args.compare == "int8":
+        head = None if args.head_dtype == "float32" else args.head_dtype
+        decs = {"float32": StaticDecoder(model, max_len=n, head_dtype=head),
+                "int8": StaticDecoder(model, max_len=n, head_dtype=head, int8_activations=True)}
     else:
         # fused_glue=True: an error that names what stands in the way where the glue cannot be fused
         decs = {"unfused": StaticDecoder(model, max_len=n, fused_glue=False),
@@ -62,7 +70,9 @@ def main(argv=None):
     med = {k: statistics.median(v) for k, v in ms.items()}
     for k in decs:
         print(f"{args.compare} {k:9s}: {med[k]:7.2f} ms/token ({1e3 / med[k]:.1f} tok/s); rounds {ms[k]}")
-    doc = {"benchmark": f"{args.compare.replace('-', '_')}_ab", "compare": args.compare, "model": args.model, "weights": weights + " (packed linears)",
+    doc = {"benchmark": f"{args.compare.replace('-', '_')}_ab", "compare": args.compare, "model": args.model,
+           "head_dtype": {"head-dtype": f"float32 vs {args.head_dtype}", "fused-glue": "float32"}.get(args.compare,
+                                                                                                     args.head_dtype), "weights": weights + " (packed linears)",
            "device": f"{platform.processor() or 'cpu'} x{torch.get_num_threads()} threads", "device_type": "cpu",
            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "versions": {"torch": torch.__version__, "python": platform.python_version()},

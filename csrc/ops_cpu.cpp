@@ -166,6 +166,103 @@ at::Tensor packed_linear_cpu(const at::Tensor &x, const at::Tensor &packed, cons
     return packed_linear_cpu_impl("rabit.packed_linear", x, packed, g, h, bias);
 }
 
+at::Tensor i8_layout_cpu(const at::Tensor &packed, int64_t in_features) {
+    const char *op = "rabit.i8_layout";
+    RABIT_CHECK_DIM(op, packed, 3);
+    TORCH_CHECK_VALUE(in_features >= 1, op, ": in_features must be positive, got ", in_features);
+    const int64_t K = packed.size(0), out = packed.size(1);
+    TORCH_CHECK_VALUE(K >= 1 && K <= RABIT_MAX_K && out >= 1, op, ": expected packed [K, out, words] with 1 <= K <= ",
+                      RABIT_MAX_K, " and out >= 1, got ", packed.sizes());
+    check_packed(op, packed, K, out, in_features);
+    const int64_t nbytes = rabit_i8_layout_bytes(K, out, in_features);
+    at::Tensor layout = at::empty({nbytes}, packed.options().dtype(at::kByte));
+    check_status(op, rabit_i8_layout_cpu(reinterpret_cast<const rabit_word_t *>(packed.data_ptr<int32_t>()), K, out,
+                                         in_features, layout.data_ptr<uint8_t>()));
+    return layout;
+}
+
+namespace {
+
+// packed_linear_i8's checks (its own: a layout instead of packed words; the layer's K, out, in from g and h)
+LayerDims check_packed_linear_i8_args(const char *op, const at::Tensor &x, const at::Tensor &layout,
+                                      const at::Tensor &g, const at::Tensor &h, const std::optional<at::Tensor> &bias) {
+    RABIT_CHECK_DIM(op, x, 2);
+    RABIT_CHECK_FLOAT(op, x);
+    RABIT_CHECK_CONTIGUOUS(op, x);
+    RABIT_CHECK_DIM(op, g, 2);
+    RABIT_CHECK_DIM(op, h, 2);
+    RABIT_CHECK_FLOAT(op, g);
+    RABIT_CHECK_FLOAT(op, h);
+    const int64_t K = g.size(0), out = g.size(1), in = h.size(1);
+    TORCH_CHECK_VALUE(K >= 1 && K <= RABIT_MAX_K && h.size(0) == K && out >= 1 && in >= 1, op,
+                      ": expected g [K, out] and h [K, in] with the same 1 <= K <= ", RABIT_MAX_K, ", got g ",
+                      g.sizes(), " and h ", h.sizes());
+    TORCH_CHECK_VALUE(x.size(1) == in, op, ": x is ", x.sizes(), " but h is ", h.sizes(),
+                      "; x must be [M, in] with the layer's in=", in);
+    TORCH_CHECK_VALUE(layout.dim() == 1 && layout.scalar_type() == at::kByte && layout.is_contiguous() &&
+                          layout.size(0) == rabit_i8_layout_bytes(K, out, in),
+                      op, ": expected layout to be a contiguous uint8 vector of ", rabit_i8_layout_bytes(K, out, in),
+                      " bytes (rabit.i8_layout(packed, ", in, ") of this layer), got ", layout.scalar_type(), " ",
+                      layout.sizes());
+    RABIT_CHECK_SAME_DEVICE(op, x, layout);
+    if (bias.has_value()) {
+        RABIT_CHECK_DIM(op, (*bias), 1);
+        RABIT_CHECK_FLOAT(op, (*bias));
+        TORCH_CHECK_VALUE(bias->size(0) == out, op, ": bias has ", bias->size(0), " elements but out=", out);
+    }
+    return {K, out, in};
+}
+
+at::Tensor packed_linear_i8_impl(const char *op, const at::Tensor &x, const at::Tensor &layout, const at::Tensor &g,
+                                 const at::Tensor &h, const std::optional<at::Tensor> &bias) {
+    const auto [K, out, in] = check_packed_linear_i8_args(op, x, layout, g, h, bias);
+    at::Tensor bf;
+    if (bias.has_value()) bf = bias->to(at::kFloat).contiguous();
+    const at::Tensor gc = g.contiguous(), hc = h.contiguous();
+    at::Tensor y = at::empty({x.size(0), out}, x.options());
+    if (x.size(0) == 0) return y;
+    check_status(op, rabit_packed_linear_i8_cpu(x.data_ptr(), to_rabit_dtype(x.scalar_type()), x.size(0),
+                                                layout.data_ptr<uint8_t>(), gc.data_ptr(),
+                                                to_rabit_dtype(gc.scalar_type()), hc.data_ptr(),
+                                                to_rabit_dtype(hc.scalar_type()),
+                                                bias.has_value() ? bf.data_ptr<float>() : nullptr, K, out, in,
+                                                y.data_ptr()));
+    return y;
+}
+
+// The fused glue around n layers that read u (packed_linear_fused's spec): u = silu(x) * up or x, normed, then
+// per layer linear(l, u) (float32 in, float32 out), times the norm's row scale, + bias, + residual, rounded once.
+template <class Linear>
+std::vector<at::Tensor> fused_glue(const at::Tensor &x, int64_t n, at::TensorList bias,
+                                   const std::optional<at::Tensor> &norm_weight, double eps,
+                                   const std::optional<at::Tensor> &up, const std::optional<at::Tensor> &residual,
+                                   Linear &&linear) {
+    at::Tensor u = x.to(at::kFloat);
+    if (up.has_value()) u = at::silu(u) * up->to(at::kFloat);
+    at::Tensor rs;
+    if (norm_weight.has_value()) {
+        rs = at::rsqrt(u.square().mean(-1, true) + eps);
+        u = u * norm_weight->to(at::kFloat);
+    }
+    u = u.contiguous();
+    std::vector<at::Tensor> ys;
+    for (int64_t l = 0; l < n; l++) {
+        at::Tensor y = linear(l, u);
+        if (norm_weight.has_value()) y = y * rs;
+        if (!bias.empty()) y = y + bias[l].to(at::kFloat);
+        if (residual.has_value()) y = y + residual->to(at::kFloat);
+        ys.push_back(y.to(x.scalar_type()));
+    }
+    return ys;
+}
+
+}  // namespace
+
+at::Tensor packed_linear_i8_cpu(const at::Tensor &x, const at::Tensor &layout, const at::Tensor &g,
+                                const at::Tensor &h, const std::optional<at::Tensor> &bias) {
+    return packed_linear_i8_impl("rabit.packed_linear_i8", x, layout, g, h, bias);
+}
+
 // One call per layer: on the CPU a launch costs nothing worth saving (the CUDA glue runs decode groups as one).
 std::vector<at::Tensor> packed_linear_group_cpu(const at::Tensor &x, at::TensorList packed, at::TensorList g,
                                                 at::TensorList h, at::TensorList bias) {
@@ -191,23 +288,25 @@ std::vector<at::Tensor> packed_linear_fused_cpu(const at::Tensor &x, at::TensorL
     for (int64_t l = 0; l < n; l++)
         check_packed_linear_args(layer_op(op, l).c_str(), x, packed[l], g[l], h[l], layer_bias(bias, l));
     check_fused_args(op, x, n, packed[0].size(1), norm_weight, eps, up, residual);
-    at::Tensor u = x.to(at::kFloat);
-    if (up.has_value()) u = at::silu(u) * up->to(at::kFloat);
-    at::Tensor rs;
-    if (norm_weight.has_value()) {
-        rs = at::rsqrt(u.square().mean(-1, true) + eps);
-        u = u * norm_weight->to(at::kFloat);
-    }
-    u = u.contiguous();
-    std::vector<at::Tensor> ys;
-    for (int64_t l = 0; l < n; l++) {
-        at::Tensor y = packed_linear_cpu_impl(layer_op(op, l).c_str(), u, packed[l], g[l], h[l], std::nullopt);
-        if (norm_weight.has_value()) y = y * rs;
-        if (!bias.empty()) y = y + bias[l].to(at::kFloat);
-        if (residual.has_value()) y = y + residual->to(at::kFloat);
-        ys.push_back(y.to(x.scalar_type()));
-    }
-    return ys;
+    return fused_glue(x, n, bias, norm_weight, eps, up, residual, [&](int64_t l, const at::Tensor &u) {
+        return packed_linear_cpu_impl(layer_op(op, l).c_str(), u, packed[l], g[l], h[l], std::nullopt);
+    });
+}
+
+// packed_linear_fused with packed_linear_i8 as the layers' product (CPU only)
+std::vector<at::Tensor> packed_linear_fused_i8_cpu(const at::Tensor &x, at::TensorList layout, at::TensorList g,
+                                                   at::TensorList h, at::TensorList bias,
+                                                   const std::optional<at::Tensor> &norm_weight, double eps,
+                                                   const std::optional<at::Tensor> &up,
+                                                   const std::optional<at::Tensor> &residual) {
+    const char *op = "rabit.packed_linear_fused_i8";
+    const int64_t n = check_group_lists(op, layout, g, h, bias);
+    for (int64_t l = 0; l < n; l++)
+        check_packed_linear_i8_args(layer_op(op, l).c_str(), x, layout[l], g[l], h[l], layer_bias(bias, l));
+    check_fused_args(op, x, n, g[0].size(1), norm_weight, eps, up, residual);
+    return fused_glue(x, n, bias, norm_weight, eps, up, residual, [&](int64_t l, const at::Tensor &u) {
+        return packed_linear_i8_impl(layer_op(op, l).c_str(), u, layout[l], g[l], h[l], std::nullopt);
+    });
 }
 
 at::Tensor decode_attention_cpu(const at::Tensor &q, const at::Tensor &k, const at::Tensor &v, at::Tensor &k_cache,
@@ -237,6 +336,9 @@ TORCH_LIBRARY_IMPL(rabit, CPU, m) {
     m.impl("packed_linear", &packed_linear_cpu);
     m.impl("packed_linear_group", &packed_linear_group_cpu);
     m.impl("packed_linear_fused", &packed_linear_fused_cpu);
+    m.impl("i8_layout", &i8_layout_cpu);
+    m.impl("packed_linear_i8", &packed_linear_i8_cpu);
+    m.impl("packed_linear_fused_i8", &packed_linear_fused_i8_cpu);
     m.impl("decode_attention", &decode_attention_cpu);
 }
 

@@ -42,6 +42,13 @@ TORCH_LIBRARY(rabit, m) {
     // bias: one per layer, or empty for none (not Tensor?[]: torch.library's autograd does not reach tensors in a
     // list that holds None, so their gradients would be lost silently).
     m.def("packed_linear_group(Tensor x, Tensor[] packed, Tensor[] g, Tensor[] h, Tensor[] bias) -> Tensor[]");
+    // packed_linear on int8 activations (CPU only; an opt-in accuracy class, kernels/cpu/packed_linear_i8.c): x*h
+    // as int8 tables per 128 columns, read against `layout`, the packed words rearranged once by i8_layout
+    m.def("i8_layout(Tensor packed, int in_features) -> Tensor");
+    m.def("packed_linear_i8(Tensor x, Tensor layout, Tensor g, Tensor h, Tensor? bias=None) -> Tensor");
+    m.def(
+        "packed_linear_fused_i8(Tensor x, Tensor[] layout, Tensor[] g, Tensor[] h, Tensor[] bias, Tensor? norm_weight, "
+        "float eps, Tensor? up, Tensor? residual) -> Tensor[]");
     // A decoder's glue fused into packed_linear_group, for decoding (no autograd): the layers read u = silu(x) * up
     // where up is given (else x), RMS-normalised as HF's RMSNorm where norm_weight is given (u * rsqrt(mean(u^2) +
     // eps) * norm_weight, in float32, not rounded); output l = packed_linear(u, layer l), plus residual (a single

@@ -126,6 +126,18 @@ rabit_status rabit_packed_linear_cpu(const void *x, rabit_dtype xdt, int64_t M, 
                                      const float *bias, int64_t K, int64_t out, int64_t in, void *y);
 
 /*
+ * rabit_packed_linear_cpu on int8 activations (kernels/cpu/packed_linear_i8.c): the same y, with x*h turned into int8
+ * tables per 128 columns (a relative error of ~1e-2, the class of llama.cpp's int8 activations), from `layout`, the
+ * packed words rearranged once by rabit_i8_layout_cpu (rabit_i8_layout_bytes(K, out, in) bytes). x and y dtype xdt;
+ * g, h as in rabit_packed_linear_cpu; bias (nullable) float32.
+ */
+int64_t rabit_i8_layout_bytes(int64_t K, int64_t out, int64_t in);
+rabit_status rabit_i8_layout_cpu(const rabit_word_t *packed, int64_t K, int64_t out, int64_t in, uint8_t *layout);
+rabit_status rabit_packed_linear_i8_cpu(const void *x, rabit_dtype xdt, int64_t M, const uint8_t *layout,
+                                        const void *g, rabit_dtype gdt, const void *h, rabit_dtype hdt,
+                                        const float *bias, int64_t K, int64_t out, int64_t in, void *y);
+
+/*
  * One decoding step of attention for one new token per row, all rows at cache position pos:
  *   k_cache[b][kh][pos] = rope(k[b][kh]),  v_cache[b][kh][pos] = v[b][kh]
  *   out[b][hd] = softmax_p(scale * rope(q[b][hd]) . k_cache[b][kh][p], p <= pos) v_cache[b][kh][p]

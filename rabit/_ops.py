@@ -107,6 +107,32 @@ def _packed_linear_fake(x, packed, g, h, bias=None):
     return x.new_empty((x.shape[0], packed.shape[1]))
 
 
+def i8_layout_bytes(K: int, out: int, in_features: int) -> int:
+    """Bytes of ``i8_layout``'s output (kernels/cpu/packed_linear_i8.c): blocks of 16 rows, 128 columns."""
+    return K * (-(-out // 16)) * (-(-in_features // 128) * 8) * 32
+
+
+@torch.library.register_fake("rabit::i8_layout")
+def _i8_layout_fake(packed, in_features):
+    op = "rabit.i8_layout"
+    torch._check(packed.dim() == 3, lambda: f"{op}: expected 3-D packed [K, out, words], got {packed.dim()}-D")
+    torch._check(packed.dtype == torch.int32, lambda: f"{op}: expected packed to be int32, got {packed.dtype}")
+    return packed.new_empty((i8_layout_bytes(packed.shape[0], packed.shape[1], in_features),), dtype=torch.uint8)
+
+
+@torch.library.register_fake("rabit::packed_linear_i8")
+def _packed_linear_i8_fake(x, layout, g, h, bias=None):
+    op = "rabit.packed_linear_i8"
+    torch._check(x.dim() == 2, lambda: f"{op}: expected a 2-D x [M, in], got {x.dim()}-D")
+    torch._check(x.dtype in FLOAT_DTYPES, lambda: f"{op}: expected x to be float32, float16 or bfloat16, got {x.dtype}")
+    _check_scales(op, g, h, g.shape[1], x.shape[1])
+    n = i8_layout_bytes(g.shape[0], g.shape[1], x.shape[1])
+    torch._check(layout.dim() == 1 and layout.dtype == torch.uint8 and layout.shape[0] == n,
+                 lambda: f"{op}: expected layout to be a uint8 vector of {n} bytes, got {layout.dtype} "
+                 f"{tuple(layout.shape)}")
+    return x.new_empty((x.shape[0], g.shape[1]))
+
+
 @torch.library.register_fake("rabit::packed_linear_group")
 def _packed_linear_group_fake(x, packed, g, h, bias):
     op = "rabit.packed_linear_group"
@@ -128,6 +154,16 @@ def _packed_linear_fused_fake(x, packed, g, h, bias, norm_weight, eps, up, resid
     torch._check(residual is None or len(packed) == 1,
                  lambda: f"{op}: a residual is added to a single layer's output, got {len(packed)} layers")
     return _packed_linear_group_fake(x, packed, g, h, bias)
+
+
+@torch.library.register_fake("rabit::packed_linear_fused_i8")
+def _packed_linear_fused_i8_fake(x, layout, g, h, bias, norm_weight, eps, up, residual):
+    op = "rabit.packed_linear_fused_i8"
+    torch._check(len(layout) >= 1 and len(g) == len(layout) and len(h) == len(layout),
+                 lambda: f"{op}: layout, g and h must list the same layers")
+    torch._check(residual is None or len(layout) == 1,
+                 lambda: f"{op}: a residual is added to a single layer's output, got {len(layout)} layers")
+    return [_packed_linear_i8_fake(x, lay, gl, hl) for lay, gl, hl in zip(layout, g, h)]
 
 
 @torch.library.register_fake("rabit::decode_attention")
@@ -433,6 +469,28 @@ def packed_linear(x: Tensor, packed: Tensor, g: Tensor, h: Tensor, bias: Tensor 
     return _ops.packed_linear(x, packed, g, h, bias)
 
 
+def _cpu_only(op: str, *tensors: Tensor) -> None:
+    for t in tensors:
+        if t is not None and t.device.type != "cpu":
+            raise ValueError(f"{op}: runs on the CPU only (int8 tables, vpshufb), got a tensor on {t.device}; "
+                             "on CUDA use rabit.packed_linear")
+
+
+def i8_layout(packed: Tensor, in_features: int) -> Tensor:
+    """The packed words of a layer (``[K, out, words]``) rearranged for ``packed_linear_i8`` (uint8, as many bits)."""
+    _cpu_only("rabit.i8_layout", packed)
+    return _ops.i8_layout(packed, in_features)
+
+
+def packed_linear_i8(x: Tensor, layout: Tensor, g: Tensor, h: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``packed_linear`` on int8 activations (CPU, inference): ``h_k ⊙ x`` becomes int8 lookup tables with a scale per
+    128 columns, looked up 32 at a time. Its relative error is ~1e-2 of the output (the class of llama.cpp's int8
+    activations), not packed_linear's float32 level; ``rabit.reference.packed_linear_i8`` gives its exact bits.
+    ``layout`` is ``i8_layout(packed, in_features)``."""
+    _cpu_only("rabit.packed_linear_i8", x, layout, g, h, bias)
+    return _ops.packed_linear_i8(x, layout, g, h, bias)
+
+
 def packed_linear_group(x: Tensor, packed: list[Tensor], g: list[Tensor], h: list[Tensor],
                         bias: list[Tensor | None] | None = None) -> list[Tensor]:
     """``[packed_linear(x, packed[l], g[l], h[l], bias[l]) for each layer l]`` in one call, bit for bit, for layers
@@ -454,6 +512,18 @@ def packed_linear_group(x: Tensor, packed: list[Tensor], g: list[Tensor], h: lis
     return [_ops.packed_linear(x, *layer) for layer in zip(packed, g, h, bias, strict=True)]
 
 
+def _fused_bias_list(op, x, g, h, bias, norm_weight, up, residual) -> list[Tensor]:
+    """The fused ops' common checks (decoding only: no backward; bias None or one per layer); bias as the op's list."""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                       for t in (x, norm_weight, up, residual, *g, *h, *(bias or []))):
+        raise RuntimeError(f"{op} is for decoding and has no backward; call it under torch.no_grad() or "
+                           "torch.inference_mode()")
+    bias = [] if bias is None else list(bias)
+    if any(b is None for b in bias):
+        raise ValueError(f"{op}: bias must be None or one tensor per layer")
+    return bias
+
+
 def packed_linear_fused(x: Tensor, packed: list[Tensor], g: list[Tensor], h: list[Tensor],
                         bias: list[Tensor] | None = None, norm_weight: Tensor | None = None, eps: float = 1e-6,
                         up: Tensor | None = None, residual: Tensor | None = None,
@@ -473,15 +543,20 @@ def packed_linear_fused(x: Tensor, packed: list[Tensor], g: list[Tensor], h: lis
     not write those parameters, as in a decoder, whose weights never change: :class:`rabit.static_decode.StaticDecoder`
     does. It saves about a sixth of a SmolLM2-shape decode step (docs/kernels.md). The MMA kernels of wider layers
     load their weights before they wait for their own prologue in any case, and take no early loads besides."""
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad
-                                       for t in (x, norm_weight, up, residual, *g, *h, *(bias or []))):
-        raise RuntimeError("rabit.packed_linear_fused is for decoding and has no backward; call it under "
-                           "torch.no_grad() or torch.inference_mode()")
-    bias = [] if bias is None else list(bias)
-    if any(b is None for b in bias):
-        raise ValueError("rabit.packed_linear_fused: bias must be None or one tensor per layer")
+    bias = _fused_bias_list("rabit.packed_linear_fused", x, g, h, bias, norm_weight, up, residual)
     return _ops.packed_linear_fused(x, list(packed), list(g), list(h), bias, norm_weight, float(eps), up, residual,
                                     bool(prefetch_weights))
+
+
+def packed_linear_fused_i8(x: Tensor, layout: list[Tensor], g: list[Tensor], h: list[Tensor],
+                           bias: list[Tensor] | None = None, norm_weight: Tensor | None = None, eps: float = 1e-6,
+                           up: Tensor | None = None, residual: Tensor | None = None) -> list[Tensor]:
+    """:func:`packed_linear_fused` with :func:`packed_linear_i8` as the layers' product (CPU, int8 activations; spec:
+    :func:`rabit.reference.packed_linear_fused` with ``int8_tables=True``): ``layout[l]`` is ``i8_layout`` of layer
+    l. For decoding: no backward."""
+    _cpu_only("rabit.packed_linear_fused_i8", x, *layout)
+    bias = _fused_bias_list("rabit.packed_linear_fused_i8", x, g, h, bias, norm_weight, up, residual)
+    return _ops.packed_linear_fused_i8(x, list(layout), list(g), list(h), bias, norm_weight, float(eps), up, residual)
 
 
 def decode_attention(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, cos: Tensor, sin: Tensor,

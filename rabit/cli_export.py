@@ -313,6 +313,10 @@ def add_generate(sub) -> argparse.ArgumentParser:
                    help="compute the logits from a float16 / bfloat16 copy of lm_head (CPU, Llama-family models: "
                         "half the bytes of the largest matrix per token; the logits round as an fp16/bf16 head's, so "
                         "a near-tie can decode otherwise; default: lm_head in float32)")
+    p.add_argument("--int8-activations", action="store_true",
+                   help="CPU, packed Llama-family models: decode steps run the packed linears on int8 activation "
+                        "tables (rabit.packed_linear_fused_i8, the class of llama.cpp's int8 activations): faster, "
+                        "at ~1e-2 relative error per layer, so the tokens can differ from the default's")
     _add_common(p)
     return p
 
@@ -327,7 +331,8 @@ def run_generate(args: argparse.Namespace) -> dict[str, Any]:
     if args.runtime == "numpy":
         if sampled:
             raise CommandError("rabit: --runtime numpy decodes greedily; drop --temperature or use --runtime torch")
-        for flag, given in (("--compile", args.compile), ("--head-dtype", args.head_dtype)):
+        for flag, given in (("--compile", args.compile), ("--head-dtype", args.head_dtype),
+                            ("--int8-activations", args.int8_activations)):
             if given:
                 raise CommandError(f"rabit: --runtime numpy has no {flag} (it runs the NumPy kernels); drop it or use "
                                    "--runtime torch")
@@ -352,7 +357,11 @@ def run_generate(args: argparse.Namespace) -> dict[str, Any]:
         model, tok, _ = _load_any(args.model, device=args.device)
         if args.head_dtype and args.device.startswith("cuda"):
             raise CommandError("rabit: --head-dtype is for the CPU (on cuda the whole model runs in fp16); drop it")
-        for flag, given in (("--compile", args.compile), ("--temperature", sampled), ("--head-dtype", args.head_dtype)):
+        if args.int8_activations and args.device != "cpu":
+            raise CommandError("rabit: --int8-activations is for the CPU (the CUDA kernels take fp16 activations); "
+                               "drop it")
+        for flag, given in (("--compile", args.compile), ("--temperature", sampled), ("--head-dtype", args.head_dtype),
+                            ("--int8-activations", args.int8_activations)):
             if given and model.config.model_type not in SUPPORTED:
                 raise CommandError(f"rabit: {flag} applies to the static decoder of {', '.join(sorted(SUPPORTED))} "
                                f"models; {model.config.model_type!r} runs HF generate: drop {flag}")
@@ -371,7 +380,8 @@ def run_generate(args: argparse.Namespace) -> dict[str, Any]:
         if model.config.model_type in SUPPORTED:  # static KV cache (+ CUDA graph on GPU)
             dec = StaticDecoder(model, batch_size=1, max_len=len(prompt_ids) + args.max_new_tokens + 1,
                                 compile=args.compile, temperature=args.temperature, top_k=args.top_k,
-                                head_dtype=args.head_dtype).warm_up()  # one-time capture/compile: load time
+                                head_dtype=args.head_dtype,
+                                int8_activations=args.int8_activations).warm_up()  # one-time capture/compile: load time
             t1 = time.perf_counter()
             out = dec.generate(x, args.max_new_tokens, eos_token_id=eos, seed=args.seed)
         else:
@@ -388,7 +398,8 @@ def run_generate(args: argparse.Namespace) -> dict[str, Any]:
     new = len(ids) - len(prompt_ids)
     result = {"model": args.model, "runtime": args.runtime, "prompt": args.prompt, "text": text,
               "sampling": {"temperature": args.temperature, "top_k": args.top_k, "seed": args.seed} if sampled else None,
-              "head_dtype": args.head_dtype, "prompt_tokens": len(prompt_ids), "new_tokens": new,
+              "head_dtype": args.head_dtype, "int8_activations": args.int8_activations,
+              "prompt_tokens": len(prompt_ids), "new_tokens": new,
               "load_s": round(t1 - t0, 4),
               "generate_s": round(t2 - t1, 4), "tokens_per_s": round(new / (t2 - t1), 2) if t2 > t1 else None}
     _emit(args, [text])

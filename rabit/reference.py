@@ -170,6 +170,54 @@ def packed_linear(x, packed, g, h, bias=None, compute_dtype=torch.float32, xh_fp
     return y if compute_dtype == torch.float64 else y.to(x.dtype)
 
 
+def int8_tables(x, h, block=128):
+    """The int8 lookup tables of ``packed_linear_i8`` (``kernels/cpu/packed_linear_i8.c``) for x ``[M, in]``: per path,
+    row of x and group of 4 columns c = 4t .. 4t+3 (zero past ``in``, padded to whole blocks of ``block`` columns) the
+    16 float32 sums e[n] of ±h⊙x (bit j of n set: +), e[n] = ((s0 + s1) + s2) - c3 for n < 8 and -e[~n & 7] above;
+    per block mx = max |e|, scale mx / 127 (NaN where the block holds a NaN or Inf) and entries round(e * (127 / mx))
+    (half to even; 0 where mx = 0). Returns (q ``[K, M, in_pad / 4, 16]`` of integer values, scales ``[K, M,
+    in_pad / block]``), float32."""
+    xh = x.float()[None, :, :] * h.float()[:, None, :]
+    n = xh.shape[-1]
+    c = torch.nn.functional.pad(xh, (0, (-n) % block)).unflatten(-1, (-1, 4))  # [K, M, G, 4]
+    i = torch.arange(8, device=x.device)
+    sgn = [torch.where((i >> j) & 1 == 1, 1.0, -1.0) for j in range(3)]  # exact sign flips
+    e = ((c[..., 0:1] * sgn[0] + c[..., 1:2] * sgn[1]) + c[..., 2:3] * sgn[2]) - c[..., 3:4]  # [K, M, G, 8]
+    e16 = torch.cat([e, -e.flip(-1)], -1)  # n = 8 + i: ~n & 7 = 7 - i
+    eb = e.unflatten(2, (-1, block // 4))  # [K, M, nb, groups a block, 8]
+    mx = eb.abs().amax((-2, -1))  # NaN or Inf propagate
+    finite = torch.isfinite(mx)
+    c127 = torch.full_like(mx, 127.0)  # tensor / tensor: a float32 division (a Python scalar's can round otherwise)
+    scale = torch.where(finite, mx / c127, torch.nan)
+    inv = torch.where(finite & (mx > 0), c127 / torch.where(mx > 0, mx, 1.0), 0.0)
+    q = torch.round(e16 * inv.repeat_interleave(block // 4, -1)[..., None])
+    return torch.where(finite.repeat_interleave(block // 4, -1)[..., None], q, 0.0), scale
+
+
+def packed_linear_i8(x, packed, g, h, bias=None, block=128):
+    """``rabit.packed_linear_i8``'s output, bit for bit: a row's block sum is the integer sum of its groups' entries of
+    :func:`int8_tables` (nibble n of a row: bit j = column 4t + j's sign bit), rs = Σ_b scale_b · sum_b in float32 in
+    block order, y = ((0 + g_0 · rs_0) + g_1 · rs_1) + ... + bias, rounded once to x's dtype."""
+    q, scale = int8_tables(x, h, block)  # [K, M, G, 16], [K, M, nb]
+    K, out, in_features = packed.shape[0], packed.shape[1], h.shape[1]
+    bits = (unpack_signs(packed, in_features) > 0).long()
+    bits = torch.nn.functional.pad(bits, (0, q.shape[2] * 4 - in_features)).unflatten(-1, (-1, 4))  # [K, out, G, 4]
+    nib = (bits * (1 << torch.arange(4, device=x.device))).sum(-1)  # [K, out, G]
+    y = torch.zeros(x.shape[0], out, dtype=torch.float32, device=x.device)
+    for k in range(K):
+        # picked[m, o, t] = q[k, m, t, nib[k, o, t]]
+        picked = q[k][:, None, :, :].expand(-1, out, -1, -1).gather(-1, nib[k][None, :, :, None].expand(
+            x.shape[0], -1, -1, 1))[..., 0]
+        sums = picked.unflatten(-1, (-1, block // 4)).sum(-1)  # [M, out, nb]: exact integers
+        rs = torch.zeros(x.shape[0], out, dtype=torch.float32, device=x.device)
+        for b in range(sums.shape[-1]):
+            rs = rs + scale[k, :, b][:, None] * sums[..., b]
+        y = y + g[k].float()[None, :] * rs
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
+
+
 def packed_linear_group(x, packed, g, h, bias=()):
     """packed_linear of each layer (lists of one entry per layer; bias empty or one per layer) on the same x."""
     bias = list(bias) or [None] * len(packed)
@@ -177,13 +225,14 @@ def packed_linear_group(x, packed, g, h, bias=()):
 
 
 def packed_linear_fused(x, packed, g, h, bias=(), norm_weight=None, eps=1e-6, up=None, residual=None,
-                        compute_dtype=torch.float32, xh_fp16=False):
+                        compute_dtype=torch.float32, xh_fp16=False, int8_tables=False):
     """The glue of a decoder fused into packed_linear_group: the layers read u = silu(x) * up (up given) or x, as
     HF's RMSNorm u * rsqrt(mean(u²) + eps) * norm_weight where norm_weight is given, neither rounded; output l is
     Σ_k g_k ⊙ (B_k (h_k ⊙ u)) times the norm's per-row scale, plus bias[l] and residual (a single layer), rounded
     once to x's dtype (or kept in compute_dtype when that is float64, the tests' oracle). ``xh_fp16``: h_k ⊙ u
     rounded as the fp16 decode kernel rounds it (u with the norm's weight, before its row scale), that kernel's
-    reference."""
+    reference. ``int8_tables``: the layers' product is :func:`packed_linear_i8` (float32 u), the reference of
+    ``rabit.packed_linear_fused_i8`` (compute_dtype float32)."""
     if residual is not None and len(packed) != 1:
         raise ValueError(f"rabit.packed_linear_fused: a residual is added to a single layer's output, got "
                          f"{len(packed)} layers")
@@ -197,7 +246,10 @@ def packed_linear_fused(x, packed, g, h, bias=(), norm_weight=None, eps=1e-6, up
     bias = list(bias) or [None] * len(packed)
     ys = []
     for p, gl, hl, b in zip(packed, g, h, bias, strict=True):
-        y = packed_linear(u, p, gl, hl, None, compute_dtype=compute_dtype, xh_fp16=xh_fp16)  # in compute_dtype
+        if int8_tables:
+            y = packed_linear_i8(u.float(), p, gl, hl).to(compute_dtype)
+        else:
+            y = packed_linear(u, p, gl, hl, None, compute_dtype=compute_dtype, xh_fp16=xh_fp16)  # in compute_dtype
         if rs is not None:
             y = y * rs
         if b is not None:

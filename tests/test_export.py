@@ -551,6 +551,9 @@ def test_cli_generate_sampling(capsys):
     (["--temperature", "1", "--runtime", "numpy"], "decodes greedily"),
     (["--compile", "--runtime", "numpy"], "--runtime numpy has no --compile"),
     (["--head-dtype", "float16", "--runtime", "numpy"], "--runtime numpy has no --head-dtype"),
+    (["--int8-activations", "--runtime", "numpy"], "--runtime numpy has no --int8-activations"),
+    (["--int8-activations"], "int8_activations=True needs the fused glue, which cannot run here: not every decoder "
+                             "linear is a PackedRaBiTLinear"),
 ])
 def test_cli_generate_sampling_errors(argv, needle, capsys):
     assert cli_main(["generate", "stories260k", "--prompt", "a", *argv]) == 1
@@ -567,6 +570,19 @@ def test_cli_generate_head_dtype(capsys):
     f32, f16 = run(), run("--head-dtype", "float16")
     assert f16["new_tokens"] == f32["new_tokens"] == 16 and f16["text"].startswith(PROMPT[:10])
     assert (f32["head_dtype"], f16["head_dtype"]) == (None, "float16")
+
+
+def test_cli_generate_int8_activations(exported, capsys):
+    """--int8-activations decodes an exported (packed) model with int8 activation tables: as many tokens, and the
+    result says so."""
+    def run(*extra):
+        assert cli_main(["generate", str(exported), "--prompt", PROMPT, "--max-new-tokens", "12", "--json",
+                         *extra]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    f32, i8 = run(), run("--int8-activations")
+    assert i8["new_tokens"] == f32["new_tokens"] == 12 and i8["text"].startswith(PROMPT[:10])
+    assert (f32["int8_activations"], i8["int8_activations"]) == (False, True)
 
 
 def test_cli_generate_compile_needs_the_static_decoder(tmp_path, capsys):

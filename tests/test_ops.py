@@ -751,7 +751,18 @@ def _opcheck_samples(device):
     grad = torch.randn_like(w)
     x = torch.randn(4, 45, device=device)
     rb = torch.ops.rabit.residual_binarize.default
-    return [
+    # the int8-table ops run on the CPU only
+    i8 = [] if torch.device(device).type != "cpu" else [
+        (torch.ops.rabit.i8_layout.default, (packed, 45)),
+        (torch.ops.rabit.packed_linear_i8.default,
+         (x.half(), rabit.i8_layout(packed, 45), g, h.half(), torch.randn(7, device=device))),
+        (torch.ops.rabit.packed_linear_fused_i8.default,
+         (x.bfloat16(), [rabit.i8_layout(packed, 45)] * 2, [g, g], [h, h], [], torch.rand(45) + 0.5, 1e-5, None,
+          None)),
+        (torch.ops.rabit.packed_linear_fused_i8.default,
+         (x, [rabit.i8_layout(packed, 45)], [g], [h], [torch.randn(7)], None, 1e-6, x * 0.5, torch.randn(4, 7))),
+    ]
+    return i8 + [
         (rb, (w, g, h, None, "identity", 1.0)),
         (rb, (w.requires_grad_(), g.clone().requires_grad_(), h.clone().requires_grad_(), None, "clipped", 2.0)),
         (rb, (w2, g2, h2, torch.float16, "tanh", 0.5)),

@@ -331,6 +331,29 @@ def test_cpu_fused_glue_matches_unfused(batch):
     assert not StaticDecoder(tiny_llama(3), max_len=16).fused_glue  # not packed
 
 
+def test_cpu_int8_activations_decode_within_the_int8_class():
+    """int8_activations=True: decode steps run rabit.packed_linear_fused_i8 (int8 activation tables) on the CPU: the
+    step's logits within a few 1e-2 of the default decoder's and not equal to them (the option takes effect), the
+    prefill unchanged (float32 kernels), decoding runs; errors where it cannot run."""
+    model = _packed_tiny(4)
+    ids = torch.randint(3, 48, (2, 6), generator=torch.Generator().manual_seed(4))
+    base = StaticDecoder(model, batch_size=2, max_len=40)
+    i8 = StaticDecoder(model, batch_size=2, max_len=40, int8_activations=True)
+    for dec in (base, i8):
+        dec.prefill(ids)
+    assert torch.equal(base._tok, i8._tok)  # the prompt's next token: float32 kernels in both
+    with torch.no_grad():
+        a = base.forward(base._tok, base._pos)
+        b = i8.forward(i8._tok, i8._pos)
+    err = ((a - b).norm() / a.norm()).item()
+    assert 1e-4 < err < 5e-2, err
+    out = i8.generate(ids, 8)
+    assert out.shape == (2, 14) and torch.equal(out[:, :6], ids)
+    with pytest.raises(ValueError, match="int8_activations=True needs the fused glue, which cannot run here: "
+                                         "fused_glue=False"):
+        StaticDecoder(model, max_len=16, fused_glue=False, int8_activations=True)
+
+
 def _fused_step_matches_unfused(model, ids, cuda_graph):
     """A decode step of the default decoder (glue fused) after a prefill of ids gives, within rounding, the unfused
     step's logits and HF's; returns the fused decoder."""

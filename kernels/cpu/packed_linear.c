@@ -23,9 +23,9 @@ static int rabit_cpu_has_avx512(void) {
 #endif
 }
 
-/* rabit_load_f32 for the driver's x rows and scales: fp16 by F16C where the CPU has it (the scalar conversion of
+/* rabit_load_f32 for the drivers' x rows and scales (packed_linear.h): fp16 by F16C where the CPU has it (the scalar conversion of
    SmolLM2's 4,224 scales of a 576 x 1536 layer took ~4 us a call, more than the ATen conversion it replaced). */
-static void rabit_driver_load_f32(const void *src, rabit_dtype dt, int64_t off, int64_t n, float *dst) {
+void rabit_cpu_load_f32(const void *src, rabit_dtype dt, int64_t off, int64_t n, float *dst) {
 #if defined(RABIT_HAVE_AVX2_KERNEL) && (defined(__GNUC__) || defined(__clang__))
     if (dt == RABIT_F16 && rabit_cpu_has_avx2() && __builtin_cpu_supports("f16c")) {
         rabit_f16_to_f32_f16c((const uint16_t *)src + off, n, dst);
@@ -160,13 +160,13 @@ rabit_status rabit_packed_linear_cpu(const void *x, rabit_dtype xdt, int64_t M, 
     hf = gf + n_g;
     memset(xh, 0, (size_t)n_xh * sizeof(float)); /* zero padding past `in` */
     /* exact: every fp16 and bf16 value is a float32; float32 scales are read in place */
-    if (gdt != RABIT_F32) rabit_driver_load_f32(g, gdt, 0, K * out, gf);
-    if (hdt != RABIT_F32) rabit_driver_load_f32(h, hdt, 0, K * in, hf);
+    if (gdt != RABIT_F32) rabit_cpu_load_f32(g, gdt, 0, K * out, gf);
+    if (hdt != RABIT_F32) rabit_cpu_load_f32(h, hdt, 0, K * in, hf);
     gs = gdt == RABIT_F32 ? (const float *)g : gf;
     hs = hdt == RABIT_F32 ? (const float *)h : hf;
     /* h is applied to x once per call, not once per output row */
     for (m = 0; m < M; m++) {
-        rabit_driver_load_f32(x, xdt, m * in, in, row);
+        rabit_cpu_load_f32(x, xdt, m * in, in, row);
         for (k = 0; k < K; k++)
             for (j = 0; j < in; j++) xh[(m * K + k) * in_pad + j] = hs[k * in + j] * row[j];
     }

@@ -51,6 +51,10 @@ void rabit_lut16_build_avx512(const float *xh, int64_t n, float *lut);
 #endif
 #endif
 
+/* rabit_load_f32 (n values from element off of src, dtype dt, into float32), with F16C for fp16 where the CPU has it:
+   the drivers' conversion of x rows and scales. */
+void rabit_cpu_load_f32(const void *src, rabit_dtype dt, int64_t off, int64_t n, float *dst);
+
 /* Whether this build has AVX2 code (RABIT_HAVE_AVX2_KERNEL) and the CPU runs it: the table kernels' choice, and the
    decode attention's (kernels/cpu/decode_attention.c). */
 int rabit_cpu_has_avx2(void);

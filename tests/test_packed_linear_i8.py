@@ -1,0 +1,110 @@
+"""rabit.packed_linear_i8 (CPU, int8 tables) against rabit.reference.packed_linear_i8 bit for bit, its scalar and AVX2
+kernels against each other, its accuracy class against a float64 oracle, and its errors."""
+import pytest
+import torch
+
+import rabit
+from rabit import reference as R
+
+from helpers import FLOAT_DTYPES, dtype_id, random_layer
+
+# partial 16-row blocks, partial 128-column blocks, in not a multiple of 4 or 32, one column, K = 1..4
+I8_SHAPES = [(1, 1, 2), (3, 5, 1), (16, 128, 2), (17, 129, 2), (33, 100, 3), (40, 257, 4), (64, 576, 2),
+             (31, 1000, 2), (130, 513, 1), (48, 1536, 2)]
+
+
+def _layer(out, in_features, k, seed):
+    torch.manual_seed(seed)
+    w, g, h = random_layer(out, in_features, k)
+    _, packed = rabit.residual_binarize(w, g, h)
+    return packed, g.half(), h.half()
+
+
+def _kernels():
+    names = ["ref"]
+    try:
+        rabit.set_cpu_kernel("avx2")
+        names.append("avx2")
+    except RuntimeError:
+        pass
+    finally:
+        rabit.set_cpu_kernel("auto")
+    return names
+
+
+@pytest.mark.parametrize("m", [1, 2, 5])
+@pytest.mark.parametrize("xdtype", FLOAT_DTYPES, ids=dtype_id)
+def test_packed_linear_i8_equals_reference_bit_for_bit(m, xdtype):
+    seed = torch.randint(0, 2**31 - 1, ()).item()  # fresh each run; printed on failure
+    for i, (out, in_features, k) in enumerate(I8_SHAPES):
+        packed, g, h = _layer(out, in_features, k, seed + i)
+        layout = rabit.i8_layout(packed, in_features)
+        assert layout.dtype == torch.uint8 and layout.numel() == rabit._ops.i8_layout_bytes(k, out, in_features)
+        x = (torch.randn(m, in_features) * 3).to(xdtype)
+        bias = torch.randn(out) if i % 2 else None
+        want = R.packed_linear_i8(x, packed, g, h, bias)
+        for kernel in _kernels():
+            try:
+                rabit.set_cpu_kernel(kernel)
+                y = rabit.packed_linear_i8(x, layout, g, h, bias)
+            finally:
+                rabit.set_cpu_kernel("auto")
+            assert y.dtype == xdtype and y.shape == (m, out)
+            assert torch.equal(y, want), (seed, kernel, out, in_features, k, (y.float() - want.float()).abs().max())
+
+
+def test_packed_linear_i8_scales_of_float32_and_bf16():
+    packed, g, h = _layer(70, 300, 2, 1)
+    layout = rabit.i8_layout(packed, 300)
+    x = torch.randn(2, 300)
+    for gd, hd in [(torch.float32, torch.float32), (torch.bfloat16, torch.float16)]:
+        assert torch.equal(rabit.packed_linear_i8(x, layout, g.to(gd), h.to(hd)),
+                           R.packed_linear_i8(x, packed, g.to(gd), h.to(hd)))
+
+
+def test_packed_linear_i8_accuracy_is_the_int8_class():
+    """Relative error of the whole output against float64: ~1e-2 at 576-4096 columns (int8 tables, a scale per 128
+    columns), far above packed_linear's float32 level; a broken lookup or scale gives O(1)."""
+    torch.manual_seed(0)
+    for out, in_features in [(256, 576), (128, 1536), (64, 4096)]:
+        packed, g, h = _layer(out, in_features, 2, in_features)
+        x = torch.randn(4, in_features)
+        y = rabit.packed_linear_i8(x, rabit.i8_layout(packed, in_features), g, h)
+        oracle = R.packed_linear(x.double(), packed, g, h, compute_dtype=torch.float64)
+        err = ((y.double() - oracle).norm() / oracle.norm()).item()
+        f32 = rabit.packed_linear(x, packed, g, h)
+        err32 = ((f32.double() - oracle).norm() / oracle.norm()).item()
+        assert 1e-3 < err < 2e-2, (out, in_features, err)
+        assert err32 < 1e-5
+
+
+def test_packed_linear_i8_zero_and_non_finite_rows():
+    packed, g, h = _layer(40, 300, 2, 3)
+    layout = rabit.i8_layout(packed, 300)
+    x = torch.randn(3, 300)
+    x[0] = 0
+    x[1, 7] = float("nan")
+    x[2, 299] = float("inf")
+    y = rabit.packed_linear_i8(x, layout, g, h, torch.ones(40))
+    assert torch.equal(y[0], torch.ones(40))  # zero activations: the bias alone
+    assert y[1].isnan().all() and y[2].isnan().all()  # the reference's too (NaN scales)
+    assert R.packed_linear_i8(x, packed, g, h, torch.ones(40))[1:].isnan().all()
+
+
+def test_packed_linear_i8_errors():
+    packed, g, h = _layer(20, 100, 2, 4)
+    layout = rabit.i8_layout(packed, 100)
+    x = torch.randn(2, 100)
+    with pytest.raises(ValueError, match="layout to be a contiguous uint8 vector of"):
+        rabit.packed_linear_i8(x, layout[:-1], g, h)
+    with pytest.raises(ValueError, match=r"x must be \[M, in\] with the layer's in=100"):
+        rabit.packed_linear_i8(torch.randn(2, 99), layout, g, h)
+    with pytest.raises(ValueError, match="expected a 2-D x"):
+        rabit.packed_linear_i8(torch.randn(100), layout, g, h)
+    with pytest.raises(ValueError, match="bias has 3 elements but out=20"):
+        rabit.packed_linear_i8(x, layout, g, h, torch.randn(3))
+    with pytest.raises(ValueError, match=r"packed is \[2, 20, 4\] but K=2, out=20, in=200"):
+        rabit.i8_layout(packed, 200)
+    if torch.cuda.is_available():
+        with pytest.raises(ValueError, match="runs on the CPU only"):
+            rabit.packed_linear_i8(x.cuda(), layout, g, h)
