@@ -230,28 +230,39 @@ at::Tensor packed_linear_i8_impl(const char *op, const at::Tensor &x, const at::
     return y;
 }
 
-// The fused glue around n layers that read u (packed_linear_fused's spec): u = silu(x) * up or x, normed, then
-// per layer linear(l, u) (float32 in, float32 out), times the norm's row scale, + bias, + residual, rounded once.
+// The fused glue around n layers that read u (packed_linear_fused's spec), in the C core (kernels/cpu/fused_glue.c):
+// u = silu(x) * up or x, normed; per layer linear(l, u) (float32 [M, out]), times the norm's row scale, + bias,
+// + residual, rounded once to x's dtype. The arguments were checked (check_fused_args: contiguous, x's device).
 template <class Linear>
-std::vector<at::Tensor> fused_glue(const at::Tensor &x, int64_t n, at::TensorList bias,
+std::vector<at::Tensor> fused_glue(const char *op, const at::Tensor &x, int64_t n, at::TensorList bias,
                                    const std::optional<at::Tensor> &norm_weight, double eps,
                                    const std::optional<at::Tensor> &up, const std::optional<at::Tensor> &residual,
                                    Linear &&linear) {
-    at::Tensor u = x.to(at::kFloat);
-    if (up.has_value()) u = at::silu(u) * up->to(at::kFloat);
-    at::Tensor rs;
-    if (norm_weight.has_value()) {
-        rs = at::rsqrt(u.square().mean(-1, true) + eps);
-        u = u * norm_weight->to(at::kFloat);
-    }
-    u = u.contiguous();
+    const int64_t M = x.size(0), in = x.size(1);
+    const rabit_dtype dt = to_rabit_dtype(x.scalar_type());
+    at::Tensor u = at::empty({M, in}, x.options().dtype(at::kFloat)), rs;
+    if (norm_weight.has_value()) rs = at::empty({M}, u.options());
     std::vector<at::Tensor> ys;
+    if (M == 0) {  // no rows: empty outputs (the layers' shapes)
+        for (int64_t l = 0; l < n; l++) ys.push_back(linear(l, u).to(x.scalar_type()));
+        return ys;
+    }
+    check_status(op, rabit_glue_input_cpu(x.data_ptr(), up.has_value() ? up->data_ptr() : nullptr, dt, M, in,
+                                          norm_weight.has_value() ? norm_weight->data_ptr() : nullptr,
+                                          norm_weight.has_value() ? to_rabit_dtype(norm_weight->scalar_type()) : dt,
+                                          static_cast<float>(eps), u.data_ptr<float>(),
+                                          rs.defined() ? rs.data_ptr<float>() : nullptr));
     for (int64_t l = 0; l < n; l++) {
-        at::Tensor y = linear(l, u);
-        if (norm_weight.has_value()) y = y * rs;
-        if (!bias.empty()) y = y + bias[l].to(at::kFloat);
-        if (residual.has_value()) y = y + residual->to(at::kFloat);
-        ys.push_back(y.to(x.scalar_type()));
+        const at::Tensor yl = linear(l, u);
+        const at::Tensor b = bias.empty() ? at::Tensor() : bias[l].contiguous();
+        at::Tensor y = at::empty({M, yl.size(1)}, x.options());
+        check_status(op, rabit_glue_output_cpu(yl.data_ptr<float>(), M, yl.size(1),
+                                               rs.defined() ? rs.data_ptr<float>() : nullptr,
+                                               b.defined() ? b.data_ptr() : nullptr,
+                                               b.defined() ? to_rabit_dtype(b.scalar_type()) : dt,
+                                               residual.has_value() ? residual->data_ptr() : nullptr, dt,
+                                               y.data_ptr()));
+        ys.push_back(y);
     }
     return ys;
 }
@@ -288,7 +299,7 @@ std::vector<at::Tensor> packed_linear_fused_cpu(const at::Tensor &x, at::TensorL
     for (int64_t l = 0; l < n; l++)
         check_packed_linear_args(layer_op(op, l).c_str(), x, packed[l], g[l], h[l], layer_bias(bias, l));
     check_fused_args(op, x, n, packed[0].size(1), norm_weight, eps, up, residual);
-    return fused_glue(x, n, bias, norm_weight, eps, up, residual, [&](int64_t l, const at::Tensor &u) {
+    return fused_glue(op, x, n, bias, norm_weight, eps, up, residual, [&](int64_t l, const at::Tensor &u) {
         return packed_linear_cpu_impl(layer_op(op, l).c_str(), u, packed[l], g[l], h[l], std::nullopt);
     });
 }
@@ -304,7 +315,7 @@ std::vector<at::Tensor> packed_linear_fused_i8_cpu(const at::Tensor &x, at::Tens
     for (int64_t l = 0; l < n; l++)
         check_packed_linear_i8_args(layer_op(op, l).c_str(), x, layout[l], g[l], h[l], layer_bias(bias, l));
     check_fused_args(op, x, n, g[0].size(1), norm_weight, eps, up, residual);
-    return fused_glue(x, n, bias, norm_weight, eps, up, residual, [&](int64_t l, const at::Tensor &u) {
+    return fused_glue(op, x, n, bias, norm_weight, eps, up, residual, [&](int64_t l, const at::Tensor &u) {
         return packed_linear_i8_impl(layer_op(op, l).c_str(), u, layout[l], g[l], h[l], std::nullopt);
     });
 }

@@ -138,6 +138,17 @@ rabit_status rabit_packed_linear_i8_cpu(const void *x, rabit_dtype xdt, int64_t 
                                         const float *bias, int64_t K, int64_t out, int64_t in, void *y);
 
 /*
+ * The CPU fused ops' glue (kernels/cpu/fused_glue.c), float32 inside. Input: u[m] = silu(x[m]) * up[m] (up nullable,
+ * x's dtype dt) or x[m]; with norm_weight (nullable, dtype nwdt) rs[m] = 1 / sqrt(mean(u[m]^2) + eps) and u[m] *=
+ * norm_weight. Output: y[m] = yl[m] * rs[m] (rs nullable) + bias (nullable, dtype bdt) + residual[m] (nullable, dtype
+ * dt), rounded once to dt.
+ */
+rabit_status rabit_glue_input_cpu(const void *x, const void *up, rabit_dtype dt, int64_t M, int64_t in,
+                                  const void *norm_weight, rabit_dtype nwdt, float eps, float *u, float *rs);
+rabit_status rabit_glue_output_cpu(const float *yl, int64_t M, int64_t out, const float *rs, const void *bias,
+                                   rabit_dtype bdt, const void *residual, rabit_dtype dt, void *y);
+
+/*
  * One decoding step of attention for one new token per row, all rows at cache position pos:
  *   k_cache[b][kh][pos] = rope(k[b][kh]),  v_cache[b][kh][pos] = v[b][kh]
  *   out[b][hd] = softmax_p(scale * rope(q[b][hd]) . k_cache[b][kh][p], p <= pos) v_cache[b][kh][p]
