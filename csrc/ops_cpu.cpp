@@ -205,10 +205,13 @@ LayerDims check_packed_linear_i8_args(const char *op, const at::Tensor &x, const
                       " bytes (rabit.i8_layout(packed, ", in, ") of this layer), got ", layout.scalar_type(), " ",
                       layout.sizes());
     RABIT_CHECK_SAME_DEVICE(op, x, layout);
+    RABIT_CHECK_SAME_DEVICE(op, g, layout);
+    RABIT_CHECK_SAME_DEVICE(op, h, layout);
     if (bias.has_value()) {
         RABIT_CHECK_DIM(op, (*bias), 1);
         RABIT_CHECK_FLOAT(op, (*bias));
         TORCH_CHECK_VALUE(bias->size(0) == out, op, ": bias has ", bias->size(0), " elements but out=", out);
+        RABIT_CHECK_SAME_DEVICE(op, (*bias), layout);
     }
     return {K, out, in};
 }

@@ -477,7 +477,8 @@ def _cpu_only(op: str, *tensors: Tensor) -> None:
 
 
 def i8_layout(packed: Tensor, in_features: int) -> Tensor:
-    """The packed words of a layer (``[K, out, words]``) rearranged for ``packed_linear_i8`` (uint8, as many bits)."""
+    """The packed words of a layer (``[K, out, words]``) rearranged for ``packed_linear_i8``: uint8, one bit a weight
+    padded to multiples of 16 rows and 128 columns."""
     _cpu_only("rabit.i8_layout", packed)
     return _ops.i8_layout(packed, in_features)
 
@@ -534,8 +535,8 @@ def packed_linear_fused(x: Tensor, packed: list[Tensor], g: list[Tensor], h: lis
     gate/up projections after a layer's norms); output l is ``packed_linear(u, layer l) + residual`` (residual: a
     single layer only, o_proj and down_proj), in float32 and rounded once to x's dtype. On CUDA the decode kernel
     that :func:`packed_linear` runs at that shape, with the glue inside: fp16/bf16 x with at most 4 rows, and with a
-    norm at most 32768 columns (an error elsewhere: run the ops unfused there); on the CPU the same math composed of
-    torch ops and the packed kernel. ``bias``: None or one tensor per layer. For decoding: no backward.
+    norm at most 32768 columns (an error elsewhere: run the ops unfused there); on the CPU the packed kernel with the
+    glue as plain float32 loops around it (``kernels/cpu/fused_glue.c``). ``bias``: None or one tensor per layer. For decoding: no backward.
 
     ``prefetch_weights=True`` lets the CUDA-core kernel (narrow layers) load the layers' parameters (packed, g, h,
     bias, norm_weight) before the kernel ahead of it in the stream has finished (it is launched with programmatic
@@ -554,7 +555,7 @@ def packed_linear_fused_i8(x: Tensor, layout: list[Tensor], g: list[Tensor], h: 
     """:func:`packed_linear_fused` with :func:`packed_linear_i8` as the layers' product (CPU, int8 activations; spec:
     :func:`rabit.reference.packed_linear_fused` with ``int8_tables=True``): ``layout[l]`` is ``i8_layout`` of layer
     l. For decoding: no backward."""
-    _cpu_only("rabit.packed_linear_fused_i8", x, *layout)
+    _cpu_only("rabit.packed_linear_fused_i8", x, *layout, *g, *h, *(bias or []), norm_weight, up, residual)
     bias = _fused_bias_list("rabit.packed_linear_fused_i8", x, g, h, bias, norm_weight, up, residual)
     return _ops.packed_linear_fused_i8(x, list(layout), list(g), list(h), bias, norm_weight, float(eps), up, residual)
 

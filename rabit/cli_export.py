@@ -357,7 +357,7 @@ def run_generate(args: argparse.Namespace) -> dict[str, Any]:
         model, tok, _ = _load_any(args.model, device=args.device)
         if args.head_dtype and args.device.startswith("cuda"):
             raise CommandError("rabit: --head-dtype is for the CPU (on cuda the whole model runs in fp16); drop it")
-        if args.int8_activations and args.device != "cpu":
+        if args.int8_activations and torch.device(args.device).type != "cpu":
             raise CommandError("rabit: --int8-activations is for the CPU (the CUDA kernels take fp16 activations); "
                                "drop it")
         for flag, given in (("--compile", args.compile), ("--temperature", sampled), ("--head-dtype", args.head_dtype),

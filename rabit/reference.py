@@ -174,8 +174,8 @@ def int8_tables(x, h, block=128):
     """The int8 lookup tables of ``packed_linear_i8`` (``kernels/cpu/packed_linear_i8.c``) for x ``[M, in]``: per path,
     row of x and group of 4 columns c = 4t .. 4t+3 (zero past ``in``, padded to whole blocks of ``block`` columns) the
     16 float32 sums e[n] of ±h⊙x (bit j of n set: +), e[n] = ((s0 + s1) + s2) - c3 for n < 8 and -e[~n & 7] above;
-    per block mx = max |e|, scale mx / 127 (NaN where the block holds a NaN or Inf) and entries round(e * (127 / mx))
-    (half to even; 0 where mx = 0). Returns (q ``[K, M, in_pad / 4, 16]`` of integer values, scales ``[K, M,
+    per block mx = max |e| (taken as 0 below 2^-120, where 127 / mx overflows), scale mx / 127 (NaN where the block
+    holds a NaN or Inf) and entries round(e * (127 / mx)) (half to even; 0 where mx = 0). Returns (q ``[K, M, in_pad / 4, 16]`` of integer values, scales ``[K, M,
     in_pad / block]``), float32."""
     xh = x.float()[None, :, :] * h.float()[:, None, :]
     n = xh.shape[-1]
@@ -187,6 +187,7 @@ def int8_tables(x, h, block=128):
     eb = e.unflatten(2, (-1, block // 4))  # [K, M, nb, groups a block, 8]
     mx = eb.abs().amax((-2, -1))  # NaN or Inf propagate
     finite = torch.isfinite(mx)
+    mx = torch.where(mx < 2.0**-120, 0.0, mx)  # 127 / mx would overflow: such a block counts as zero, as the kernel
     c127 = torch.full_like(mx, 127.0)  # tensor / tensor: a float32 division (a Python scalar's can round otherwise)
     scale = torch.where(finite, mx / c127, torch.nan)
     inv = torch.where(finite & (mx > 0), c127 / torch.where(mx > 0, mx, 1.0), 0.0)

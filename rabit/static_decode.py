@@ -202,8 +202,9 @@ class StaticDecoder:
             (:func:`rabit.packed_linear_fused_i8`: x·h as int8 lookup tables with a scale per 128 columns, looked up
             32 at a time), the CPU counterpart of llama.cpp's int8 activations: faster, at a relative error of ~1e-2
             per layer output instead of float32 rounding, so the logits and at times the greedy tokens differ from
-            the default's. Keeps a second copy of the packed bits (rearranged; as many bytes). Default False;
-            prefills run the float32 kernels either way.
+            the default's. Keeps a second copy of the packed bits (rearranged, padded to 16 rows and 128 columns),
+            made when the decoder is built: like the fused calls' argument lists, it is a snapshot of the weights
+            then (build a new decoder after changing them). Default False; prefills run the float32 kernels.
     """
 
     def __init__(self, model: nn.Module, batch_size: int = 1, max_len: int = 2048, cuda_graph: bool | None = None,
@@ -490,7 +491,8 @@ class StaticDecoder:
                              f"{self.device}; pass int8_activations=False")
         if not self.fused_glue:
             raise ValueError(f"StaticDecoder: int8_activations=True needs the fused glue, which cannot run here: "
-                             f"{self._glue_obstacle() or 'fused_glue=False'}")
+                             f"{self._glue_obstacle() or 'fused_glue=False'}; pass fused_glue=None, or "
+                             "int8_activations=False")
         layouts = {}
         for layer in self.base.layers:
             a, mlp = layer.self_attn, layer.mlp

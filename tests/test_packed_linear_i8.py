@@ -91,6 +91,48 @@ def test_packed_linear_i8_zero_and_non_finite_rows():
     assert R.packed_linear_i8(x, packed, g, h, torch.ones(40))[1:].isnan().all()
 
 
+def test_packed_linear_i8_tiny_blocks_count_as_zero():
+    """A block whose largest table entry is below 2^-120 (127 / mx would overflow float32) is taken as zero, in the
+    kernels and the reference alike (before: the kernels' int8 casts of Inf and NaN disagreed with each other)."""
+    packed, g, h = _layer(20, 300, 2, 6)
+    layout = rabit.i8_layout(packed, 300)
+    x = torch.randn(3, 300)
+    x[0] = 1e-38
+    x[1, :128] = 1e-38  # the first block tiny, the others normal
+    bias = torch.randn(20)
+    want = R.packed_linear_i8(x, packed, g, h, bias)
+    assert torch.equal(want[0], bias) and want.isfinite().all()
+    for kernel in _kernels():
+        try:
+            rabit.set_cpu_kernel(kernel)
+            assert torch.equal(rabit.packed_linear_i8(x, layout, g, h, bias), want), kernel
+        finally:
+            rabit.set_cpu_kernel("auto")
+
+
+def test_packed_linear_fused_i8_is_the_fused_glue_around_packed_linear_i8():
+    """Without glue (float32 x, no norm, up or residual) the fused op is packed_linear_i8 bit for bit; with the glue
+    it is reference.packed_linear_fused(int8_tables=True) within a few table steps (the glue's C loops and the
+    reference's torch ops can round u apart in the last bit, which may move an int8 entry by one), far inside the int8
+    error itself (~1e-2)."""
+    layers = [_layer(out, 300, 2, 7 + out) for out in (48, 17)]
+    layouts = [rabit.i8_layout(p, 300) for p, _, _ in layers]
+    packed, g, h = ([layer[i] for layer in layers] for i in range(3))
+    x = torch.randn(3, 300)
+    with torch.inference_mode():
+        ys = rabit.packed_linear_fused_i8(x, layouts, g, h)
+        assert all(torch.equal(y, rabit.packed_linear_i8(x, lay, gl, hl)) for y, lay, gl, hl in zip(ys, layouts, g, h))
+        xb = x.bfloat16()
+        kw = dict(norm_weight=torch.rand(300) + 0.5, eps=1e-5)
+        for case in (kw, dict(up=torch.randn(3, 300).bfloat16())):
+            n = 1 if "up" in case else 2
+            res = dict(residual=torch.randn(3, 48).bfloat16()) if n == 1 else {}
+            ys = rabit.packed_linear_fused_i8(xb, layouts[:n], g[:n], h[:n], **case, **res)
+            want = R.packed_linear_fused(xb, packed[:n], g[:n], h[:n], **case, **res, int8_tables=True)
+            for y, w in zip(ys, want):
+                assert ((y.float() - w.float()).norm() / w.float().norm()).item() < 3e-3, case.keys()
+
+
 def test_packed_linear_i8_errors():
     packed, g, h = _layer(20, 100, 2, 4)
     layout = rabit.i8_layout(packed, 100)

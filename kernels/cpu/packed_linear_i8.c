@@ -6,7 +6,8 @@
  * Tables, per row of x, path k and group of 4 columns (c = 4t .. 4t+3): the 8 float32 entries of packed_linear.h,
  * e[i] = ((s0 + s1) + s2) - xh3 (s_j = ±xh_j by bit j of i), and e[n] = -e[~n & 7] for n = 8..15 (bit j of n set:
  * +xh_j). Per block of 128 columns (32 groups) mx = the largest |e| (the largest sum of |xh| of a group, as
- * computed), scale s = mx / 127, and entry q[n] = rint(e[n] * (127 / mx)), in [-127, 127] (0 where mx = 0). A row's
+ * computed), scale s = mx / 127, and entry q[n] = rint(e[n] * (127 / mx)), in [-127, 127] (0 where mx < 2^-120,
+ * taken as 0). A row's
  * block sum is the exact integer sum of its 32 groups' entries; y = Σ_k g_k Σ_blocks s_b * sum_b, in float32, in
  * this order: rs = 0; rs = rs + s_b * (float)sum_b for b = 0, 1, ...; y = ((0 + g_0*rs_0) + g_1*rs_1) + ... + bias.
  * The scalar and AVX2 kernels give the same bits (integer sums are exact); rabit.reference.packed_linear_i8 is the
@@ -18,7 +19,8 @@
  * Layout (rabit_i8_layout_cpu, built once from the packed words): per path k, block of 16 rows and chunk of 16
  * columns (groups G0..G3), 32 bytes: byte 2r = nibble(row r, G0) | nibble(row r, G2) << 4, byte 2r + 1 =
  * nibble(row r, G1) | nibble(row r, G3) << 4; rows past `out` and columns past `in` are zero bits (their x is 0).
- * A nibble's bit j is column 4t + j's sign bit (set: +1), as in the packed words. Same size as the packed bits.
+ * A nibble's bit j is column 4t + j's sign bit (set: +1), as in the packed words. One bit a weight, as the packed
+ * words, but padded to multiples of 16 rows and 128 columns (+11 % at SmolLM2's 576 columns).
  */
 #include <math.h>
 #include <stdlib.h>
@@ -31,6 +33,9 @@
 #define I8_CHUNK 16   /* columns of a layout vector */
 #define I8_BLOCK 128  /* columns per table scale (8 chunks): a block's integer sum fits int16 (32 x 127) */
 #define I8_CHUNKS_PER_BLOCK (I8_BLOCK / I8_CHUNK)
+/* A block whose mx is below this is taken as zero (entries 0, scale 0): 127 / mx would overflow float32 near 3.7e-37,
+   and its outputs are below float32's normal range anyway. rabit.reference.int8_tables uses the same bound. */
+#define I8_MIN_MX 0x1p-120f
 
 static int64_t i8_in_pad(int64_t in) { return (in + I8_BLOCK - 1) / I8_BLOCK * I8_BLOCK; }
 static int64_t i8_row_blocks(int64_t out) { return (out + I8_ROWS - 1) / I8_ROWS; }
@@ -91,6 +96,7 @@ static void i8_tables_scalar(const float *xh, int64_t in_pad, int8_t *q, float *
             memset(q + b * I8_BLOCK / 4 * 16, 0, I8_BLOCK / 4 * 16);
             continue;
         }
+        if (mx < I8_MIN_MX) mx = 0.0f;
         s[b] = mx / 127.0f;
         {
             const float inv = mx > 0.0f ? 127.0f / mx : 0.0f;
@@ -194,6 +200,7 @@ __attribute__((target("avx2"))) static void i8_tables_avx2(const float *xh, int6
         }
         _mm256_storeu_ps(m8, mx);
         for (i = 0; i < 8; i++) mxs = m8[i] > mxs ? m8[i] : mxs;
+        if (mxs < I8_MIN_MX) mxs = 0.0f;
         s[b] = mxs / 127.0f;
         {
             const __m256 inv = _mm256_set1_ps(mxs > 0.0f ? 127.0f / mxs : 0.0f);
