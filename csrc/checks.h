@@ -175,6 +175,17 @@ inline LayerDims check_dequantize_args(const char *op, const at::Tensor &packed,
     return {K, out, in};
 }
 
+// A layer's optional bias: 1-D float of `out` elements on ref's device (ref_name: how the message names ref).
+inline void check_bias(const char *op, const std::optional<at::Tensor> &bias, int64_t out, const at::Tensor &ref,
+                       const char *ref_name) {
+    if (!bias.has_value()) return;
+    RABIT_CHECK_DIM(op, (*bias), 1);
+    RABIT_CHECK_FLOAT(op, (*bias));
+    TORCH_CHECK_VALUE(bias->size(0) == out, op, ": bias has ", bias->size(0), " elements but out=", out);
+    TORCH_CHECK_VALUE(bias->device() == ref.device(), op, ": (*bias) is on ", bias->device(), " but ", ref_name,
+                      " is on ", ref.device(), "; move both to one device");
+}
+
 inline LayerDims check_packed_linear_args(const char *op, const at::Tensor &x, const at::Tensor &packed,
                                           const at::Tensor &g, const at::Tensor &h,
                                           const std::optional<at::Tensor> &bias) {
@@ -191,12 +202,7 @@ inline LayerDims check_packed_linear_args(const char *op, const at::Tensor &x, c
     const int64_t K = g.size(0);              // as in check_dequantize_args: packed's K is checked against it
     check_packed(op, packed, K, out, in);
     RABIT_CHECK_SAME_DEVICE(op, x, packed);
-    if (bias.has_value()) {
-        RABIT_CHECK_DIM(op, (*bias), 1);
-        RABIT_CHECK_FLOAT(op, (*bias));
-        TORCH_CHECK_VALUE(bias->size(0) == out, op, ": bias has ", bias->size(0), " elements but out=", out);
-        RABIT_CHECK_SAME_DEVICE(op, (*bias), packed);
-    }
+    check_bias(op, bias, out, packed, "packed");
     return {K, out, in};
 }
 

@@ -207,12 +207,7 @@ LayerDims check_packed_linear_i8_args(const char *op, const at::Tensor &x, const
     RABIT_CHECK_SAME_DEVICE(op, x, layout);
     RABIT_CHECK_SAME_DEVICE(op, g, layout);
     RABIT_CHECK_SAME_DEVICE(op, h, layout);
-    if (bias.has_value()) {
-        RABIT_CHECK_DIM(op, (*bias), 1);
-        RABIT_CHECK_FLOAT(op, (*bias));
-        TORCH_CHECK_VALUE(bias->size(0) == out, op, ": bias has ", bias->size(0), " elements but out=", out);
-        RABIT_CHECK_SAME_DEVICE(op, (*bias), layout);
-    }
+    check_bias(op, bias, out, layout, "layout");
     return {K, out, in};
 }
 
