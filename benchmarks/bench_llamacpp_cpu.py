@@ -15,7 +15,8 @@ so its figures are a lower bound of what llama.cpp itself does. The prompt ids c
 bench_decode.measure's, so every runner sees the same prompt.
 rabit and FP32 torch: bench_decode.measure (StaticDecoder, the same prompt length and new tokens; pretrained FP
 weights, random packed bits for rabit: speed only), with lm_head as it is and as a float16 copy, and rabit also with
-int8 activation tables (StaticDecoder int8_activations, with the float16 head).
+int8 activation tables (StaticDecoder int8_activations) with the float16 head and with the int8 head (head_dtype
+"int8", llama.cpp's Q8_0 kind: the source GGUF stores SmolLM2's embeddings, the tied head, as Q8_0).
 Threads: torch.get_num_threads() for every runner. Writes bench_llamacpp_cpu_<date>[_<tag>].json (--out, else $OUT,
 else benchmarks/results/).
 """
@@ -117,8 +118,10 @@ def main(argv=None):
     for variant in ("fp", "rabit"):
         if variant == "rabit":
             model = pack_random_(model)
-        # rabit also with int8 activation tables (StaticDecoder int8_activations: llama.cpp's activation class)
-        for head, i8 in ((None, False), ("float16", False)) + (((("float16", True),) if variant == "rabit" else ())):
+        # rabit also with int8 activation tables (StaticDecoder int8_activations: llama.cpp's activation class), with
+        # the float16 head and with the int8 head (head_dtype="int8": llama.cpp's Q8_0 kind, as its SmolLM2 files')
+        extra = (("float16", True), ("int8", True)) if variant == "rabit" else ()
+        for head, i8 in ((None, False), ("float16", False)) + extra:
             _, _, r = measure(model, 1, args.prompt, args.new, torch.device("cpu"), args.reps, False, head_dtype=head,
                               int8_activations=i8)
             row = dict(runner="torch FP32" if variant == "fp" else "rabit packed (K=2)", type=variant,

@@ -1,12 +1,13 @@
 """A/B of two StaticDecoder settings on the CPU, the two decoders alternated in one process so that a noisy machine
-affects both alike: `--compare head-dtype`, lm_head in float32 against a float16 (or bfloat16, --head-dtype) copy of
-it; `--compare fused-glue`, the glue (norms, SwiGLU, residual adds) as torch ops (fused_glue=False) against inside
+affects both alike: `--compare head-dtype`, lm_head in float32 (or the --base-head copy) against a float16 (or
+bfloat16, or int8 blocks: --head-dtype) copy of it, with float32 or (--int8-activations) int8 activation tables in
+both; `--compare fused-glue`, the glue (norms, SwiGLU, residual adds) as torch ops (fused_glue=False) against inside
 rabit.packed_linear_fused (the default), both with the float32 head; `--compare int8`, the fused glue's packed
 linears on float32 tables (the default) against int8 activation tables (int8_activations=True,
 rabit.packed_linear_fused_i8), both with the --head-dtype head (float16 by default; float32: lm_head as it is).
 
     python benchmarks/decode_ab_cpu.py [--compare head-dtype|fused-glue|int8] [--model smollm2-135m] [--rounds 5]
-                                       [--new 64] [--out DIR]
+                                       [--new 64] [--head-dtype H] [--base-head H] [--int8-activations] [--out DIR]
 
 The model's linears are packed with random bits (bench_decode.py's pack_random_: speed, not accuracy); the prompt
 is 128 random tokens. Writes <compare>_ab_<model>_cpu_<date>.json (head_dtype_ab_..., fused_glue_ab_..., int8_ab_...): ms per
@@ -30,7 +31,11 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--compare", choices=["head-dtype", "fused-glue", "int8"], default="head-dtype")
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--head-dtype", choices=["float16", "bfloat16", "float32"], default="float16")
+    ap.add_argument("--head-dtype", choices=["float16", "bfloat16", "int8", "float32"], default="float16")
+    ap.add_argument("--base-head", choices=["float16", "bfloat16", "int8", "float32"], default="float32",
+                    help="--compare head-dtype: the head --head-dtype is compared with (default float32)")
+    ap.add_argument("--int8-activations", action="store_true",
+                    help="--compare head-dtype: both decoders on int8 activation tables")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--new", type=int, default=64)
@@ -41,15 +46,22 @@ def main(argv=None):
     model = B.pack_random_(model)
     ids = torch.randint(3, model.config.vocab_size, (1, args.prompt), generator=torch.Generator().manual_seed(1))
     n = args.prompt + args.new + 1
-    if args.compare == "head-dtype" and args.head_dtype == "float32":
-        ap.error("--compare head-dtype compares float32 with --head-dtype float16 or bfloat16")
+    if args.compare == "head-dtype" and args.head_dtype == args.base_head:
+        ap.error(f"--compare head-dtype compares --base-head {args.base_head} with another --head-dtype")
+    if args.compare != "head-dtype" and (args.base_head != "float32" or args.int8_activations):
+        ap.error("--base-head and --int8-activations are for --compare head-dtype")
+    if args.head_dtype == "int8" and args.compare != "head-dtype":
+        ap.error("--head-dtype int8 is for --compare head-dtype")
+
+    def head(name):
+        return None if name == "float32" else name
+
     if args.compare == "head-dtype":
-        decs = {"float32": StaticDecoder(model, max_len=n),
-                args.head_dtype: StaticDecoder(model, max_len=n, head_dtype=args.head_dtype)}
+        decs = {name: StaticDecoder(model, max_len=n, head_dtype=head(name), int8_activations=args.int8_activations)
+                for name in (args.base_head, args.head_dtype)}
     elif args.compare == "int8":
-        head = None if args.head_dtype == "float32" else args.head_dtype
-        decs = {"float32": StaticDecoder(model, max_len=n, head_dtype=head),
-                "int8": StaticDecoder(model, max_len=n, head_dtype=head, int8_activations=True)}
+        decs = {"float32": StaticDecoder(model, max_len=n, head_dtype=head(args.head_dtype)),
+                "int8": StaticDecoder(model, max_len=n, head_dtype=head(args.head_dtype), int8_activations=True)}
     else:
         # fused_glue=True: an error that names what stands in the way where the glue cannot be fused
         decs = {"unfused": StaticDecoder(model, max_len=n, fused_glue=False),
@@ -71,8 +83,10 @@ def main(argv=None):
     for k in decs:
         print(f"{args.compare} {k:9s}: {med[k]:7.2f} ms/token ({1e3 / med[k]:.1f} tok/s); rounds {ms[k]}")
     doc = {"benchmark": f"{args.compare.replace('-', '_')}_ab", "compare": args.compare, "model": args.model,
-           "head_dtype": {"head-dtype": f"float32 vs {args.head_dtype}", "fused-glue": "float32"}.get(args.compare,
-                                                                                                     args.head_dtype), "weights": weights + " (packed linears)",
+           "head_dtype": {"head-dtype": f"{args.base_head} vs {args.head_dtype}", "fused-glue": "float32"}.get(
+               args.compare, args.head_dtype),
+           "int8_activations": args.int8_activations if args.compare == "head-dtype" else args.compare == "int8",
+           "weights": weights + " (packed linears)",
            "device": f"{platform.processor() or 'cpu'} x{torch.get_num_threads()} threads", "device_type": "cpu",
            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "versions": {"torch": torch.__version__, "python": platform.python_version()},

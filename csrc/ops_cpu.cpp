@@ -318,6 +318,56 @@ std::vector<at::Tensor> packed_linear_fused_i8_cpu(const at::Tensor &x, at::Tens
     });
 }
 
+// int8 weights (a scale per row and 32 columns) for the dense LM head of a packed model (kernels/cpu/int8_linear.c)
+std::tuple<at::Tensor, at::Tensor> int8_weight_cpu(const at::Tensor &weight) {
+    const char *op = "rabit.int8_weight";
+    RABIT_CHECK_DIM(op, weight, 2);
+    RABIT_CHECK_FLOAT(op, weight);
+    const int64_t out = weight.size(0), in = weight.size(1);
+    TORCH_CHECK_VALUE(out >= 1 && in >= 1, op, ": expected a non-empty weight [out, in], got ", weight.sizes());
+    const at::Tensor w = weight.contiguous();
+    const int64_t nb = rabit_int8_in_pad(in) / 32, groups = (out + 7) / 8;
+    at::Tensor q = at::empty({groups, nb, 8, 32}, w.options().dtype(at::kChar));
+    at::Tensor d = at::empty({groups, nb, 8}, w.options().dtype(at::kFloat));
+    const rabit_status st = rabit_int8_weight_cpu(w.data_ptr(), to_rabit_dtype(w.scalar_type()), out, in,
+                                                  q.data_ptr<int8_t>(), d.data_ptr<float>());
+    TORCH_CHECK_VALUE(st != RABIT_ERR_NONFINITE, op, ": the weight contains NaN or Inf; only finite weights can be "
+                      "quantized");
+    check_status(op, st);
+    return {q, d};
+}
+
+at::Tensor int8_linear_cpu(const at::Tensor &x, const at::Tensor &qweight, const at::Tensor &scales,
+                           int64_t out_features, const std::optional<at::Tensor> &bias) {
+    const char *op = "rabit.int8_linear";
+    RABIT_CHECK_DIM(op, x, 2);
+    RABIT_CHECK_FLOAT(op, x);
+    RABIT_CHECK_CONTIGUOUS(op, x);
+    const int64_t in = x.size(1), nb = rabit_int8_in_pad(in) / 32, out = out_features;
+    TORCH_CHECK_VALUE(out >= 1, op, ": out_features must be >= 1, got ", out);
+    const int64_t groups = (out + 7) / 8;
+    TORCH_CHECK_VALUE(qweight.scalar_type() == at::kChar && qweight.is_contiguous() &&
+                          qweight.sizes() == at::IntArrayRef({groups, nb, 8, 32}),
+                      op, ": expected qweight to be a contiguous int8 [", groups, ", ", nb,
+                      ", 8, 32] (rabit.int8_weight of an [", out, ", ", in, "] weight), got ", qweight.scalar_type(),
+                      " ", qweight.sizes(), "; x is ", x.sizes());
+    TORCH_CHECK_VALUE(scales.scalar_type() == at::kFloat && scales.is_contiguous() &&
+                          scales.sizes() == at::IntArrayRef({groups, nb, 8}),
+                      op, ": expected scales to be a contiguous float32 [", groups, ", ", nb,
+                      ", 8] (rabit.int8_weight's second output), got ", scales.scalar_type(), " ", scales.sizes());
+    RABIT_CHECK_SAME_DEVICE(op, x, qweight);
+    RABIT_CHECK_SAME_DEVICE(op, scales, qweight);
+    check_bias(op, bias, out, qweight, "qweight");
+    at::Tensor bf;
+    if (bias.has_value()) bf = bias->to(at::kFloat).contiguous();
+    at::Tensor y = at::empty({x.size(0), out}, x.options());
+    if (x.size(0) == 0) return y;
+    check_status(op, rabit_int8_linear_cpu(x.data_ptr(), to_rabit_dtype(x.scalar_type()), x.size(0), in,
+                                           qweight.data_ptr<int8_t>(), scales.data_ptr<float>(),
+                                           bias.has_value() ? bf.data_ptr<float>() : nullptr, out, y.data_ptr()));
+    return y;
+}
+
 at::Tensor decode_attention_cpu(const at::Tensor &q, const at::Tensor &k, const at::Tensor &v, at::Tensor &k_cache,
                                 at::Tensor &v_cache, const at::Tensor &cos, const at::Tensor &sin,
                                 const at::Tensor &pos, double scale) {
@@ -335,6 +385,69 @@ at::Tensor decode_attention_cpu(const at::Tensor &q, const at::Tensor &k, const 
     return out;
 }
 
+// A decode step's decoder layers in one call (CPU; StaticDecoder's fused-glue step): per layer exactly the calls the
+// decoder makes one by one otherwise (packed_linear_fused(_i8) of q/k/v on the input norm, decode_attention, o_proj
+// plus the residual, gate/up on the post-attention norm, down_proj of silu(gate) * up plus the residual), so the
+// result is theirs bit for bit; what it saves is the ~150 Python calls and dispatches of a 30-layer step.
+// weights: per layer kLayerWeights tensors: input norm, post-attention norm, then (packed or int8 layout, g, h) of
+// q, k, v, o, gate, up, down; bias: empty, or per layer the 7 linears' biases (an empty tensor for none); eps: the
+// two norms' epsilons per layer; caches [layers, B, Hkv, S, D].
+constexpr int64_t kLayerWeights = 2 + 7 * 3;
+
+at::Tensor decode_layers_cpu(const at::Tensor &x, at::TensorList weights, at::TensorList bias, at::ArrayRef<double> eps,
+                             at::Tensor &k_cache, at::Tensor &v_cache, const at::Tensor &cos, const at::Tensor &sin,
+                             const at::Tensor &pos, int64_t n_heads, double scale, bool int8) {
+    const char *op = "rabit.decode_layers";
+    RABIT_CHECK_DIM(op, x, 2);
+    RABIT_CHECK_DIM(op, k_cache, 5);
+    const int64_t L = k_cache.size(0), B = x.size(0), Hkv = k_cache.size(2), D = k_cache.size(4);
+    TORCH_CHECK_VALUE(static_cast<int64_t>(weights.size()) == L * kLayerWeights, op, ": expected ", kLayerWeights,
+                      " weights per layer for the cache's ", L, " layers (", L * kLayerWeights, "), got ",
+                      weights.size());
+    TORCH_CHECK_VALUE(bias.empty() || static_cast<int64_t>(bias.size()) == L * 7, op, ": expected bias to be empty or "
+                      "7 per layer (", L * 7, "), got ", bias.size());
+    TORCH_CHECK_VALUE(static_cast<int64_t>(eps.size()) == 2 * L, op, ": expected 2 epsilons per layer (", 2 * L,
+                      "), got ", eps.size());
+    TORCH_CHECK_VALUE(k_cache.sizes() == v_cache.sizes() && k_cache.size(1) == B && n_heads >= 1 && n_heads % Hkv == 0,
+                      op, ": expected caches [layers, B=", B, ", Hkv, S, D] alike and n_heads a multiple of Hkv, got ",
+                      k_cache.sizes(), ", ", v_cache.sizes(), " and n_heads=", n_heads);
+    // the biases of linears j0 .. j1 - 1 of layer i: empty (the fused ops' "no biases") where the layers have none
+    auto group_bias = [&](int64_t i, int64_t j0, int64_t j1) {
+        std::vector<at::Tensor> b;
+        if (bias.empty()) return b;
+        for (int64_t j = j0; j < j1; j++)
+            if (bias[i * 7 + j].numel() > 0) b.push_back(bias[i * 7 + j]);
+        TORCH_CHECK_VALUE(b.empty() || static_cast<int64_t>(b.size()) == j1 - j0, op, ": layer ", i,
+                          ": a q/k/v or gate/up group mixes linears with and without a bias");
+        return b;
+    };
+    auto fused = [&](int64_t i, int64_t j0, int64_t j1, const at::Tensor &in, const std::optional<at::Tensor> &norm,
+                     double e, const std::optional<at::Tensor> &up, const std::optional<at::Tensor> &residual) {
+        const at::Tensor *w = weights.data() + i * kLayerWeights + 2;
+        std::vector<at::Tensor> packed, g, h;
+        for (int64_t j = j0; j < j1; j++) {
+            packed.push_back(w[3 * j]);
+            g.push_back(w[3 * j + 1]);
+            h.push_back(w[3 * j + 2]);
+        }
+        const std::vector<at::Tensor> b = group_bias(i, j0, j1);
+        return int8 ? packed_linear_fused_i8_cpu(in, packed, g, h, b, norm, e, up, residual)
+                    : packed_linear_fused_cpu(in, packed, g, h, b, norm, e, up, residual, false);
+    };
+    at::Tensor hs = x;
+    for (int64_t i = 0; i < L; i++) {
+        const at::Tensor &in_norm = weights[i * kLayerWeights], &post_norm = weights[i * kLayerWeights + 1];
+        const std::vector<at::Tensor> qkv = fused(i, 0, 3, hs, in_norm, eps[2 * i], std::nullopt, std::nullopt);
+        at::Tensor kc = k_cache.select(0, i), vc = v_cache.select(0, i);
+        const at::Tensor o = decode_attention_cpu(qkv[0].view({B, n_heads, D}), qkv[1].view({B, Hkv, D}),
+                                                  qkv[2].view({B, Hkv, D}), kc, vc, cos, sin, pos, scale);
+        hs = fused(i, 3, 4, o.view({B, n_heads * D}), std::nullopt, 1e-6, std::nullopt, hs)[0];
+        const std::vector<at::Tensor> gu = fused(i, 4, 6, hs, post_norm, eps[2 * i + 1], std::nullopt, std::nullopt);
+        hs = fused(i, 6, 7, gu[0], std::nullopt, 1e-6, gu[1], hs)[0];
+    }
+    return hs;
+}
+
 TORCH_LIBRARY_IMPL(rabit, CPU, m) {
     m.impl("residual_binarize", &residual_binarize_cpu);
     m.impl("residual_binarize_backward", &residual_binarize_backward_cpu);
@@ -348,7 +461,10 @@ TORCH_LIBRARY_IMPL(rabit, CPU, m) {
     m.impl("i8_layout", &i8_layout_cpu);
     m.impl("packed_linear_i8", &packed_linear_i8_cpu);
     m.impl("packed_linear_fused_i8", &packed_linear_fused_i8_cpu);
+    m.impl("int8_weight", &int8_weight_cpu);
+    m.impl("int8_linear", &int8_linear_cpu);
     m.impl("decode_attention", &decode_attention_cpu);
+    m.impl("decode_layers", &decode_layers_cpu);
 }
 
 }  // namespace rabit

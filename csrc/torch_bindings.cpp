@@ -49,6 +49,13 @@ TORCH_LIBRARY(rabit, m) {
     m.def(
         "packed_linear_fused_i8(Tensor x, Tensor[] layout, Tensor[] g, Tensor[] h, Tensor[] bias, Tensor? norm_weight, "
         "float eps, Tensor? up, Tensor? residual) -> Tensor[]");
+    // A dense linear on int8 weights and int8 activations (CPU only, kernels/cpu/int8_linear.c): llama.cpp's Q8_0
+    // kind, a scale per row and 32 columns, for a packed model's dense LM head. int8_weight quantizes a weight
+    // [out, in] once into (qweight int8 [groups, nb, 8, 32], scales float32 [groups, nb, 8]): groups of 8 rows,
+    // nb blocks of 32 columns; int8_linear quantizes x the same way per row and computes y = x W^T (+ bias) from the
+    // blocks' exact integer dots, in x's dtype.
+    m.def("int8_weight(Tensor weight) -> (Tensor, Tensor)");
+    m.def("int8_linear(Tensor x, Tensor qweight, Tensor scales, int out_features, Tensor? bias=None) -> Tensor");
     // A decoder's glue fused into packed_linear_group, for decoding (no autograd): the layers read u = silu(x) * up
     // where up is given (else x), RMS-normalised as HF's RMSNorm where norm_weight is given (u * rsqrt(mean(u^2) +
     // eps) * norm_weight, in float32, not rounded); output l = packed_linear(u, layer l), plus residual (a single
@@ -65,6 +72,15 @@ TORCH_LIBRARY(rabit, m) {
     m.def(
         "decode_attention(Tensor q, Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor cos, "
         "Tensor sin, Tensor pos, float scale) -> Tensor");
+    // A decode step's decoder layers in one call (CPU only; StaticDecoder's fused-glue step): per layer the calls the
+    // decoder otherwise makes one by one (packed_linear_fused or, int8, packed_linear_fused_i8 of q/k/v on the input
+    // norm, decode_attention, o_proj + residual, gate/up on the post-attention norm, down_proj of silu(gate) * up +
+    // residual), bit for bit theirs; returns the residual stream after the last layer. weights: per layer the input
+    // and post-attention norms' weights, then (packed or i8 layout, g, h) of q, k, v, o, gate, up, down; bias: empty
+    // or 7 per layer (an empty tensor for none); eps: 2 per layer; caches [layers, B, Hkv, S, D], written at pos.
+    m.def(
+        "decode_layers(Tensor x, Tensor[] weights, Tensor[] bias, float[] eps, Tensor(a!) k_cache, Tensor(b!) v_cache, "
+        "Tensor cos, Tensor sin, Tensor pos, int n_heads, float scale, bool int8) -> Tensor");
 }
 
 static PyObject *rabit_py_set_cpu_kernel(PyObject *, PyObject *arg) {

@@ -138,6 +138,20 @@ rabit_status rabit_packed_linear_i8_cpu(const void *x, rabit_dtype xdt, int64_t 
                                         const float *bias, int64_t K, int64_t out, int64_t in, void *y);
 
 /*
+ * A dense linear on int8 weights and int8 activations (kernels/cpu/int8_linear.c; llama.cpp's Q8_0 kind): for a
+ * packed model's dense LM head. rabit_int8_weight_cpu quantizes w [out][in] (dtype dt) once into q [G][nb][8][32]
+ * int8 and d [G][nb][8] float32 (groups of 8 rows, G = ceil(out / 8), zero rows past out; nb = rabit_int8_in_pad(in)
+ * / 32 blocks of 32 columns, zero past in);
+ * RABIT_ERR_NONFINITE for NaN or Inf in w. rabit_int8_linear_cpu: y [M][out] (dtype xdt) from x [M][in] (dtype xdt),
+ * x quantized per row and 32 columns the same way, float32 sums of the blocks' exact integer dots; bias (nullable)
+ * float32. A relative error of ~1e-2 (int8 activations), not float32's.
+ */
+int64_t rabit_int8_in_pad(int64_t in);
+rabit_status rabit_int8_weight_cpu(const void *w, rabit_dtype dt, int64_t out, int64_t in, int8_t *q, float *d);
+rabit_status rabit_int8_linear_cpu(const void *x, rabit_dtype xdt, int64_t M, int64_t in, const int8_t *q,
+                                   const float *d, const float *bias, int64_t out, void *y);
+
+/*
  * The CPU fused ops' glue (kernels/cpu/fused_glue.c), float32 inside. Input: u[m] = silu(x[m]) * up[m] (up nullable,
  * x's dtype dt) or x[m]; with norm_weight (nullable, dtype nwdt) rs[m] = 1 / sqrt(mean(u[m]^2) + eps) and u[m] *=
  * norm_weight. Output: y[m] = yl[m] * rs[m] (rs nullable) + bias (nullable, dtype bdt) + residual[m] (nullable, dtype
@@ -154,7 +168,7 @@ rabit_status rabit_glue_output_cpu(const float *yl, int64_t M, int64_t out, cons
  *   out[b][hd] = softmax_p(scale * rope(q[b][hd]) . k_cache[b][kh][p], p <= pos) v_cache[b][kh][p]
  * with kh = hd / (H / Hkv) (grouped-query attention). rope(x) = x * cos[pos] + rotate_half(x) * sin[pos] (HF's
  * rotate_half form: rotate_half(x) = (-x[D/2:], x[:D/2])), float32 without FMA, rounded once to dtype dt; the
- * scores and the sums over positions are accumulated in double, the output is rounded once to dt.
+ * scores and the weighted sums in float32 (the sum of weights in double), the output rounded once to dt.
  * q [B][H][D], k and v [B][Hkv][D] with element strides (batch, head) given in qs, ks, vs (the last dimension
  * is dense); caches [B][Hkv][S][D] dense; cos, sin [>= S][D]; every array of dtype dt. Needs D even and
  * 0 <= pos < S.

@@ -133,6 +133,35 @@ def _packed_linear_i8_fake(x, layout, g, h, bias=None):
     return x.new_empty((x.shape[0], g.shape[1]))
 
 
+def int8_shapes(out: int, in_features: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Shapes of ``int8_weight``'s outputs for an ``[out, in]`` weight: groups of 8 rows, blocks of 32 columns."""
+    groups, nb = -(-out // 8), -(-in_features // 32)
+    return (groups, nb, 8, 32), (groups, nb, 8)
+
+
+@torch.library.register_fake("rabit::int8_weight")
+def _int8_weight_fake(weight):
+    op = "rabit.int8_weight"
+    torch._check(weight.dim() == 2, lambda: f"{op}: expected a 2-D weight [out, in], got {weight.dim()}-D")
+    torch._check(weight.dtype in FLOAT_DTYPES,
+                 lambda: f"{op}: expected weight to be float32, float16 or bfloat16, got {weight.dtype}")
+    qs, ss = int8_shapes(*weight.shape)
+    return weight.new_empty(qs, dtype=torch.int8), weight.new_empty(ss, dtype=torch.float32)
+
+
+@torch.library.register_fake("rabit::int8_linear")
+def _int8_linear_fake(x, qweight, scales, out_features, bias=None):
+    op = "rabit.int8_linear"
+    torch._check(x.dim() == 2, lambda: f"{op}: expected a 2-D x [M, in], got {x.dim()}-D")
+    torch._check(x.dtype in FLOAT_DTYPES, lambda: f"{op}: expected x to be float32, float16 or bfloat16, got {x.dtype}")
+    qs, ss = int8_shapes(out_features, x.shape[1])
+    torch._check(qweight.dtype == torch.int8 and tuple(qweight.shape) == qs,
+                 lambda: f"{op}: expected qweight to be int8 {list(qs)}, got {qweight.dtype} {tuple(qweight.shape)}")
+    torch._check(scales.dtype == torch.float32 and tuple(scales.shape) == ss,
+                 lambda: f"{op}: expected scales to be float32 {list(ss)}, got {scales.dtype} {tuple(scales.shape)}")
+    return x.new_empty((x.shape[0], out_features))
+
+
 @torch.library.register_fake("rabit::packed_linear_group")
 def _packed_linear_group_fake(x, packed, g, h, bias):
     op = "rabit.packed_linear_group"
@@ -170,6 +199,12 @@ def _packed_linear_fused_i8_fake(x, layout, g, h, bias, norm_weight, eps, up, re
 def _decode_attention_fake(q, k, v, k_cache, v_cache, cos, sin, pos, scale):
     torch._check(q.dim() == 3, lambda: f"rabit.decode_attention: expected a 3-D q [B, H, D], got {q.dim()}-D")
     return q.new_empty(q.shape)
+
+
+@torch.library.register_fake("rabit::decode_layers")
+def _decode_layers_fake(x, weights, bias, eps, k_cache, v_cache, cos, sin, pos, n_heads, scale, int8):
+    torch._check(x.dim() == 2, lambda: f"rabit.decode_layers: expected a 2-D x [B, hidden], got {x.dim()}-D")
+    return x.new_empty(x.shape)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -469,11 +504,10 @@ def packed_linear(x: Tensor, packed: Tensor, g: Tensor, h: Tensor, bias: Tensor 
     return _ops.packed_linear(x, packed, g, h, bias)
 
 
-def _cpu_only(op: str, *tensors: Tensor) -> None:
+def _cpu_only(op: str, *tensors: Tensor, fix: str = "on CUDA use rabit.packed_linear") -> None:
     for t in tensors:
         if t is not None and t.device.type != "cpu":
-            raise ValueError(f"{op}: runs on the CPU only (int8 tables, vpshufb), got a tensor on {t.device}; "
-                             "on CUDA use rabit.packed_linear")
+            raise ValueError(f"{op}: runs on the CPU only (int8 AVX2 kernels), got a tensor on {t.device}; {fix}")
 
 
 def i8_layout(packed: Tensor, in_features: int) -> Tensor:
@@ -490,6 +524,27 @@ def packed_linear_i8(x: Tensor, layout: Tensor, g: Tensor, h: Tensor, bias: Tens
     ``layout`` is ``i8_layout(packed, in_features)``."""
     _cpu_only("rabit.packed_linear_i8", x, layout, g, h, bias)
     return _ops.packed_linear_i8(x, layout, g, h, bias)
+
+
+def int8_weight(weight: Tensor) -> tuple[Tensor, Tensor]:
+    """A dense weight ``[out, in]`` (float32, float16 or bfloat16, finite) quantized for :func:`int8_linear`, llama.cpp's
+    Q8_0 kind: a scale ``amax / 127`` per row and block of 32 columns, values ``round(w * 127 / amax)``. Returns
+    ``(qweight int8 [groups, nb, 8, 32], scales float32 [groups, nb, 8])``: groups of 8 rows (zero rows past ``out``),
+    ``nb`` blocks of 32 columns (zeros past ``in``), so that the kernel reads each as one stream. A weight that came
+    from a Q8_0 file (SmolLM2's embeddings) is kept exactly. CPU only."""
+    _cpu_only("rabit.int8_weight", weight, fix="on CUDA use a float16 weight and F.linear")
+    return _ops.int8_weight(weight)
+
+
+def int8_linear(x: Tensor, qweight: Tensor, scales: Tensor, out_features: int, bias: Tensor | None = None) -> Tensor:
+    """``y = x Wᵀ + bias`` (``[M, out_features]``, out_features: W's rows, which the padded groups of 8 do not tell
+    apart) for ``x [M, in]`` on :func:`int8_weight`'s output, with x quantized to int8 the same way
+    (per row and 32 columns) and the blocks' integer dot products summed in float32 (CPU, inference; no autograd):
+    a relative error of ~1e-2 against float32, the class of llama.cpp's Q8_0 x Q8_0 products. Built for a packed
+    model's dense LM head (``StaticDecoder(head_dtype="int8")``); ``rabit.reference.int8_linear`` gives its exact bits.
+    """
+    _cpu_only("rabit.int8_linear", x, qweight, scales, bias, fix="on CUDA use a float16 weight and F.linear")
+    return _ops.int8_linear(x, qweight, scales, out_features, bias)
 
 
 def packed_linear_group(x: Tensor, packed: list[Tensor], g: list[Tensor], h: list[Tensor],

@@ -309,10 +309,12 @@ def add_generate(sub) -> argparse.ArgumentParser:
                    help="fuse the elementwise glue with torch.compile, as benchmarks/bench_decode.py does on "
                         "CUDA (a one-time compilation of tens of seconds, counted in load_s with the CUDA-graph "
                         "capture: generate_s and tokens_per_s cover the prompt's prefill and the decoding)")
-    p.add_argument("--head-dtype", choices=("float16", "bfloat16"), default=None,
-                   help="compute the logits from a float16 / bfloat16 copy of lm_head (CPU, Llama-family models: "
-                        "half the bytes of the largest matrix per token; the logits round as an fp16/bf16 head's, so "
-                        "a near-tie can decode otherwise; default: lm_head in float32)")
+    p.add_argument("--head-dtype", choices=("float16", "bfloat16", "int8"), default=None,
+                   help="compute the logits from a float16 / bfloat16 copy of lm_head, or from int8 blocks of it "
+                        "(llama.cpp's Q8_0 kind, rabit.int8_linear: a quarter of the bytes, ~1e-2 relative error) "
+                        "(CPU, Llama-family models: the largest matrix a small model reads per token; the logits "
+                        "round otherwise than float32's, so a near-tie can decode otherwise; default: lm_head in "
+                        "float32)")
     p.add_argument("--int8-activations", action="store_true",
                    help="CPU, packed Llama-family models: decode steps run the packed linears on int8 activation "
                         "tables (rabit.packed_linear_fused_i8, the class of llama.cpp's int8 activations): faster, "

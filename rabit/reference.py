@@ -219,6 +219,49 @@ def packed_linear_i8(x, packed, g, h, bias=None, block=128):
     return y.to(x.dtype)
 
 
+def int8_blocks(v, block=32):
+    """llama.cpp's Q8_0 quantization of the rows of v ``[R, n]`` as ``rabit.int8_weight`` and ``rabit.int8_linear`` do it
+    (``kernels/cpu/int8_linear.c``): zero-padded to whole blocks of ``block`` columns, per block amax = max |v| (taken as
+    0 below 2^-120), scale amax / 127 (NaN where the block holds a NaN or Inf) and q = round(v * (127 / amax)) (half to
+    even; 0 where amax = 0 or the block is not finite). Returns (q ``[R, nb, block]`` of integer values, float32; scales
+    ``[R, nb]``)."""
+    vb = torch.nn.functional.pad(v.float(), (0, (-v.shape[-1]) % block)).unflatten(-1, (-1, block))
+    amax = vb.abs().amax(-1)
+    finite = torch.isfinite(amax)
+    amax = torch.where(finite & (amax < 2.0**-120), 0.0, amax)
+    c127 = torch.full_like(amax, 127.0)  # tensor / tensor: a float32 division
+    scale = torch.where(finite, amax / c127, torch.nan)
+    inv = torch.where(finite & (amax > 0), c127 / torch.where(finite & (amax > 0), amax, 1.0), 0.0)
+    q = torch.round(torch.where(finite[..., None], vb, 0.0) * inv[..., None]).clamp(-127, 127)
+    return q, scale
+
+
+def int8_weight(weight):
+    """``rabit.int8_weight``'s output: :func:`int8_blocks` of the rows in groups of 8 (zero rows past ``out``), qweight
+    int8 ``[groups, nb, 8, 32]`` and scales float32 ``[groups, nb, 8]``."""
+    q, scale = int8_blocks(weight)  # [out, nb, 32], [out, nb]
+    pad = (-weight.shape[0]) % 8
+    q = torch.nn.functional.pad(q, (0, 0, 0, 0, 0, pad)).unflatten(0, (-1, 8)).transpose(1, 2)
+    scale = torch.nn.functional.pad(scale, (0, 0, 0, pad)).unflatten(0, (-1, 8)).transpose(1, 2)
+    return q.to(torch.int8).contiguous(), scale.contiguous()
+
+
+def int8_linear(x, qweight, scales, out_features, bias=None):
+    """``rabit.int8_linear``'s output, bit for bit: x's rows quantized by :func:`int8_blocks`, per block b the exact
+    integer dot of the int8 values, y = Σ_b (scale_w[b] · scale_x[b]) · dot_b in float32 in block order from 0, + bias,
+    rounded once to x's dtype."""
+    qx, sx = int8_blocks(x)  # [M, nb, 32], [M, nb]
+    qw = qweight.double().transpose(1, 2).flatten(0, 1)[:out_features]  # [out, nb, 32]
+    sw = scales.transpose(1, 2).flatten(0, 1)[:out_features]  # [out, nb]
+    dots = torch.einsum("mbj,obj->mob", qx.double(), qw).float()  # exact: |dot| <= 32 * 127^2 < 2^24
+    y = torch.zeros(x.shape[0], out_features, dtype=torch.float32, device=x.device)
+    for b in range(qw.shape[1]):
+        y = y + (sw[:, b][None, :] * sx[:, b][:, None]) * dots[..., b]
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
+
+
 def packed_linear_group(x, packed, g, h, bias=()):
     """packed_linear of each layer (lists of one entry per layer; bias empty or one per layer) on the same x."""
     bias = list(bias) or [None] * len(packed)

@@ -583,6 +583,8 @@ def test_cli_generate_int8_activations(exported, capsys):
     f32, i8 = run(), run("--int8-activations")
     assert i8["new_tokens"] == f32["new_tokens"] == 12 and i8["text"].startswith(PROMPT[:10])
     assert (f32["int8_activations"], i8["int8_activations"]) == (False, True)
+    fast = run("--int8-activations", "--head-dtype", "int8")  # the fastest CPU setting: int8 layers and head
+    assert fast["new_tokens"] == 12 and (fast["int8_activations"], fast["head_dtype"]) == (True, "int8")
 
 
 def test_cli_generate_compile_needs_the_static_decoder(tmp_path, capsys):

@@ -743,6 +743,28 @@ def test_cpu_auto_takes_tables_below_32_rows_and_the_gemm_from_32():
 
 
 # ---------------------------------------------------------------- opcheck / gradcheck
+def _decode_layers_samples():
+    """rabit.decode_layers on one layer (hidden 32, 4 heads of 8, 2 KV heads, MLP 40, batch 2) with float32 tables and
+    with int8 layouts (and q/k/v biases)."""
+    hidden, H, Hkv, D, inter, S = 32, 4, 2, 8, 40, 10
+    shapes = [(H * D, hidden), (Hkv * D, hidden), (Hkv * D, hidden), (hidden, H * D), (inter, hidden),
+              (inter, hidden), (hidden, inter)]
+    weights, layouts = [torch.rand(hidden) + 0.5, torch.rand(hidden) + 0.5], []
+    for out, inn in shapes:
+        w, g, h = random_layer(out, inn, 2)
+        packed = rabit.residual_binarize(w, g, h)[1]
+        weights += [packed, g, h.half()]
+        layouts.append(rabit.i8_layout(packed, inn))
+    i8 = list(weights)
+    for j, lay in enumerate(layouts):
+        i8[2 + 3 * j] = lay
+    bias = [torch.randn(out) for out, _ in shapes[:3]] + [torch.empty(0)] * 4
+    args = (torch.randn(1, 2, Hkv, S, D), torch.randn(1, 2, Hkv, S, D), torch.randn(S, D), torch.randn(S, D),
+            torch.tensor([4]), H, D ** -0.5)
+    return [(torch.ops.rabit.decode_layers.default, (torch.randn(2, hidden), weights, [], [1e-6, 1e-5], *args, False)),
+            (torch.ops.rabit.decode_layers.default, (torch.randn(2, hidden), i8, bias, [1e-5, 1e-6], *args, True))]
+
+
 def _opcheck_samples(device):
     w, g, h = random_layer(7, 45, 2, torch.float32, device)
     w2, g2, h2 = random_layer(3, 64, 3, torch.bfloat16, device)
@@ -761,6 +783,10 @@ def _opcheck_samples(device):
           None)),
         (torch.ops.rabit.packed_linear_fused_i8.default,
          (x, [rabit.i8_layout(packed, 45)], [g], [h], [torch.randn(7)], None, 1e-6, x * 0.5, torch.randn(4, 7))),
+        *_decode_layers_samples(),
+        (torch.ops.rabit.int8_weight.default, (w.detach().bfloat16(),)),
+        (torch.ops.rabit.int8_linear.default, (x.half(), *rabit.int8_weight(w.detach()), 7, torch.randn(7))),
+        (torch.ops.rabit.int8_linear.default, (x, *rabit.int8_weight(w.detach()), 7, None)),
     ]
     return i8 + [
         (rb, (w, g, h, None, "identity", 1.0)),

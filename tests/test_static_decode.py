@@ -354,6 +354,53 @@ def test_cpu_int8_activations_decode_within_the_int8_class():
         StaticDecoder(model, max_len=16, fused_glue=False, int8_activations=True)
 
 
+@pytest.mark.parametrize("int8", [False, True], ids=["f32-tables", "int8"])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_cpu_decode_layers_one_call_equals_the_calls_one_by_one(int8, batch):
+    """On the CPU a fused step's layers run as one rabit.decode_layers call: the residual stream and both caches equal
+    those of the per-group calls bit for bit (the same ops in the same order), float32 or int8 tables, a model with
+    q/k/v biases too; the op names what is wrong with its arguments."""
+    for model in (_packed_tiny(6), _packed_tiny_qkv_bias(7)):
+        dec = StaticDecoder(model, batch_size=batch, max_len=32, int8_activations=int8)
+        ids = torch.randint(3, 48, (batch, 9), generator=torch.Generator().manual_seed(batch))
+        dec.prefill(ids)
+        h = torch.randn(batch, model.config.hidden_size)
+        pos = torch.tensor([8])
+        caches = dec.k_cache.clone(), dec.v_cache.clone()
+        with torch.no_grad():
+            one = dec.layers_fused(h, pos)
+            after_one = dec.k_cache.clone(), dec.v_cache.clone()
+            dec.k_cache.copy_(caches[0])
+            dec.v_cache.copy_(caches[1])
+            calls = dec.layers_fused(h, pos, one_call=False)
+        assert torch.equal(one, calls)
+        assert torch.equal(after_one[0], dec.k_cache) and torch.equal(after_one[1], dec.v_cache)
+        assert not torch.equal(after_one[0], caches[0])  # position 8 was written
+    weights, bias, eps = dec._decode_layers_args()
+    with pytest.raises(ValueError, match=r"rabit.decode_layers: expected 23 weights per layer for the cache's 2 "
+                                         r"layers \(46\), got 45"):
+        torch.ops.rabit.decode_layers(h, weights[:-1], bias, eps, dec.k_cache, dec.v_cache, dec.cos, dec.sin, pos,
+                                      dec.n_heads, 0.125, int8)
+    with pytest.raises(ValueError, match=r"expected 2 epsilons per layer \(4\), got 3"):
+        torch.ops.rabit.decode_layers(h, weights, bias, eps[:3], dec.k_cache, dec.v_cache, dec.cos, dec.sin, pos,
+                                      dec.n_heads, 0.125, int8)
+
+
+def _packed_tiny_qkv_bias(seed):
+    """_packed_tiny with q/k/v biases (Qwen2's layout): the other linears have none."""
+    model = tiny_llama(seed)
+    for layer in model.model.layers:
+        for name in ("q_proj", "k_proj", "v_proj"):
+            old = getattr(layer.self_attn, name)
+            new = torch.nn.Linear(old.in_features, old.out_features, bias=True)
+            new.weight.data.copy_(old.weight.data)
+            torch.nn.init.normal_(new.bias, std=0.1)
+            setattr(layer.self_attn, name, new)
+    rabit.quantize_(model, rabit.RabitConfig(init_iters=1), progress=False)
+    rabit.convert_(model)
+    return model
+
+
 def _fused_step_matches_unfused(model, ids, cuda_graph):
     """A decode step of the default decoder (glue fused) after a prefill of ids gives, within rounding, the unfused
     step's logits and HF's; returns the fused decoder."""
@@ -473,9 +520,35 @@ def test_head_dtype_computes_the_logits_from_a_rounded_copy(stories, head_dtype)
     assert out.shape == (1, ids.shape[1] + 8) and torch.equal(out[:, : ids.shape[1]], ids)
 
 
+def test_int8_head_computes_the_logits_with_int8_linear(stories):
+    """head_dtype="int8" (CPU): the logits are rabit.int8_linear on the final normalised state and lm_head's int8 blocks,
+    returned in float32, within the int8 class of the float32 head's; the model's lm_head is untouched; decoding runs,
+    also with int8 activations in the layers (the fastest CPU setting)."""
+    model, tok = stories
+    w0 = model.lm_head.weight.detach().clone()
+    dec = StaticDecoder(model, batch_size=1, max_len=24, head_dtype="int8")
+    x = torch.randn(2, 1, model.config.hidden_size)
+    want = rabit.int8_linear(x[:, 0], *rabit.int8_weight(w0), w0.shape[0])
+    assert dec._head(x).dtype == torch.float32 and torch.equal(dec._head(x)[:, 0], want)
+    assert torch.equal(model.lm_head.weight, w0)
+    ids = _prompts(tok, 1)
+    full = StaticDecoder(model, batch_size=1, max_len=24)
+    pos = torch.arange(ids.shape[1])
+    with torch.no_grad():
+        logits, logits32 = dec.forward(ids, pos), full.forward(ids, pos)
+    err = ((logits - logits32).norm() / logits32.norm()).item()
+    assert 1e-4 < err < 2e-2, err
+    out = dec.generate(ids, 8)
+    assert out.shape == (1, ids.shape[1] + 8) and torch.equal(out[:, : ids.shape[1]], ids)
+    packed = _packed_tiny(5)
+    fast = StaticDecoder(packed, batch_size=2, max_len=24, head_dtype="int8", int8_activations=True)
+    assert fast.generate(torch.randint(3, 48, (2, 5), generator=torch.Generator().manual_seed(5)), 6).shape == (2, 11)
+
+
 def test_head_dtype_errors(stories):
     model, _ = stories
-    with pytest.raises(ValueError, match=r"head_dtype must be None, torch.float16 or torch.bfloat16, got torch.float64"):
+    with pytest.raises(ValueError, match=r"head_dtype must be None, torch.float16, torch.bfloat16 or 'int8', got "
+                                         r"torch.float64"):
         StaticDecoder(model, max_len=8, head_dtype=torch.float64)
     half = StaticDecoder.__new__(StaticDecoder)  # only _head_fn's check: an fp16 lm_head has nothing to gain
     with pytest.raises(ValueError, match=r"needs a float32 nn.Linear lm_head, got a torch.float16 weight"):

@@ -1,8 +1,11 @@
 /* Decode-step attention on the CPU (rabit_kernels.h): rotary embedding of the new key and query, the cache
    write, and softmax attention over positions 0 .. pos, in one pass per (row, KV head). The rotary embedding is
-   that of rabit/reference.py's decode_attention (float32, no FMA: -ffp-contract=off, rounded once to the dtype);
-   the dot products and sums are accumulated in double (AVX2 where the CPU has it: the same operations, the same
-   bits; 1.15-1.4x faster at SmolLM2's heads, benchmarks/cpu_attention_ab.c). */
+   that of rabit/reference.py's decode_attention (float32, no FMA: -ffp-contract=off, rounded once to the dtype).
+   Scores and the weighted sums of values in float32 (16 partial sums per dot product; the values summed in chunks of
+   64 positions), the softmax's sum of weights in double; AVX2 where the CPU has it: the same operations, the same
+   bits. The sums were in double until 2026-11-29; float32 with the cache rows read in place was 1.7-1.8x faster at
+   SmolLM2's heads (9 heads, 3 KV heads, 64 wide; positions 130-1500; one thread; benchmarks/cpu_attention_ab.c)
+   and stays within the tests' 2x rule against the float32 reference. */
 #include <math.h>
 #include <stdlib.h>
 
@@ -39,88 +42,110 @@ static void rope_row(const void *src, int64_t off, rabit_dtype dt, const float *
     }
 }
 
-/* q . x over D values, in double: eight partial sums (lane d % 8), added pairwise at the end. Independent chains
-   let the compiler vectorize and keep several additions in flight; one chain of D dependent double adds was what
-   bounded the kernel. The order is fixed, so the result does not depend on threads or the machine. */
-static double dot_f64(const float *a, const float *x, int64_t D) {
-    double part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+/* a . x over D float32 values: sixteen partial sums of products (lane d % 16, no FMA), reduced by halves (lanes j and
+   j + 8, then j + 4, j + 2, j + 1). Independent chains keep several additions in flight; the order is fixed, so the
+   result does not depend on threads or the machine. */
+static float dot_f32(const float *a, const float *x, int64_t D) {
+    float part[16] = {0};
     int64_t d = 0;
-    int j;
-    for (; d + 8 <= D; d += 8)
-        for (j = 0; j < 8; j++) part[j] += (double)a[d + j] * x[d + j];
-    for (j = 0; d < D; d++, j++) part[j] += (double)a[d] * x[d];
-    return ((part[0] + part[4]) + (part[1] + part[5])) + ((part[2] + part[6]) + (part[3] + part[7]));
+    int j, n;
+    for (; d + 16 <= D; d += 16)
+        for (j = 0; j < 16; j++) part[j] = part[j] + a[d + j] * x[d + j];
+    for (j = 0; d < D; d++, j++) part[j] = part[j] + a[d] * x[d];
+    for (n = 8; n >= 1; n /= 2)
+        for (j = 0; j < n; j++) part[j] = part[j] + part[j + n];
+    return part[0];
 }
 
-/* acc[d] += (double)e * x[d] for d < D. */
-static void axpy_f64(double *acc, float e, const float *x, int64_t D) {
+/* acc[d] = acc[d] + e * x[d] for d < D (no FMA). */
+static void axpy_f32(float *acc, float e, const float *x, int64_t D) {
     int64_t d;
-    for (d = 0; d < D; d++) acc[d] += (double)e * x[d];
+    for (d = 0; d < D; d++) acc[d] = acc[d] + e * x[d];
 }
 
 #ifdef RABIT_HAVE_AVX2_KERNEL
-/* The same two loops with AVX2: lanes 0..3 and 4..7 of dot_f64's partial sums in two vectors, products and sums in
-   the same order (no FMA: the build has -ffp-contract=off and the intrinsics are separate), so the results are the
-   scalar loops' bit for bit; the portable build vectorizes them only 2-wide (SSE2). */
-__attribute__((target("avx2"))) static double dot_f64_avx2(const float *a, const float *x, int64_t D) {
-    __m256d p0 = _mm256_setzero_pd(), p1 = _mm256_setzero_pd();
-    double part[8];
+/* The same loops with AVX2: lanes 0..7 and 8..15 of dot_f32's partial sums in two vectors, the same products, sums
+   and reduction order (no FMA: the build has -ffp-contract=off and the intrinsics are separate), so the results are
+   the scalar loops' bit for bit. */
+__attribute__((target("avx2"))) static float dot_f32_avx2(const float *a, const float *x, int64_t D) {
+    __m256 p0 = _mm256_setzero_ps(), p1 = _mm256_setzero_ps();
     int64_t d = 0;
-    int j;
-    for (; d + 8 <= D; d += 8) {
-        const __m256 va = _mm256_loadu_ps(a + d), vx = _mm256_loadu_ps(x + d);
-        p0 = _mm256_add_pd(p0, _mm256_mul_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(va)),
-                                             _mm256_cvtps_pd(_mm256_castps256_ps128(vx))));
-        p1 = _mm256_add_pd(p1, _mm256_mul_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(va, 1)),
-                                             _mm256_cvtps_pd(_mm256_extractf128_ps(vx, 1))));
+    for (; d + 16 <= D; d += 16) {
+        p0 = _mm256_add_ps(p0, _mm256_mul_ps(_mm256_loadu_ps(a + d), _mm256_loadu_ps(x + d)));
+        p1 = _mm256_add_ps(p1, _mm256_mul_ps(_mm256_loadu_ps(a + d + 8), _mm256_loadu_ps(x + d + 8)));
     }
-    _mm256_storeu_pd(part, p0);
-    _mm256_storeu_pd(part + 4, p1);
-    for (j = 0; d < D; d++, j++) part[j] += (double)a[d] * x[d];
-    return ((part[0] + part[4]) + (part[1] + part[5])) + ((part[2] + part[6]) + (part[3] + part[7]));
+    if (d < D) { /* the tail in scalar lanes 0.., as dot_f32 */
+        float part[16];
+        int j;
+        _mm256_storeu_ps(part, p0);
+        _mm256_storeu_ps(part + 8, p1);
+        for (j = 0; d < D; d++, j++) part[j] = part[j] + a[d] * x[d];
+        p0 = _mm256_loadu_ps(part);
+        p1 = _mm256_loadu_ps(part + 8);
+    }
+    {
+        const __m256 s8 = _mm256_add_ps(p0, p1);
+        const __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));
+        const __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+        return _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1)));
+    }
 }
 
-__attribute__((target("avx2"))) static void axpy_f64_avx2(double *acc, float e, const float *x, int64_t D) {
-    const __m256d ve = _mm256_set1_pd((double)e);
+__attribute__((target("avx2"))) static void axpy_f32_avx2(float *acc, float e, const float *x, int64_t D) {
+    const __m256 ve = _mm256_set1_ps(e);
     int64_t d = 0;
-    for (; d + 4 <= D; d += 4)
-        _mm256_storeu_pd(acc + d, _mm256_add_pd(_mm256_loadu_pd(acc + d),
-                                                _mm256_mul_pd(ve, _mm256_cvtps_pd(_mm_loadu_ps(x + d)))));
-    for (; d < D; d++) acc[d] += (double)e * x[d];
+    for (; d + 8 <= D; d += 8)
+        _mm256_storeu_ps(acc + d, _mm256_add_ps(_mm256_loadu_ps(acc + d), _mm256_mul_ps(ve, _mm256_loadu_ps(x + d))));
+    for (; d < D; d++) acc[d] = acc[d] + e * x[d];
 }
 #endif
 
-typedef double (*dot_fn)(const float *, const float *, int64_t);
-typedef void (*axpy_fn)(double *, float, const float *, int64_t);
+typedef float (*dot_fn)(const float *, const float *, int64_t);
+typedef void (*axpy_fn)(float *, float, const float *, int64_t);
+typedef struct {
+    dot_fn dot;
+    axpy_fn axpy;
+} attn_fns;
+
+/* Positions per partial sum of the weighted values: each chunk is summed on its own and then added to the total, so
+   that float32 rounding grows with sqrt(chunk) + sqrt(positions / chunk), not sqrt(positions). */
+#define ATTN_CHUNK 64
 
 /* Thread-local scratch of one (row, KV head) pair: cos, sin rows; x; rotated row; output row; the G query heads'
-   rotated rows and scores; their maxima, sums and accumulators (double: a thread sums up to S positions in order,
-   where float32 would lose ~sqrt(S) ulps). */
+   rotated rows and scores; their maxima, running and chunk accumulators; their sums of weights (double). */
 typedef struct {
-    float *c, *s, *x, *r, *o, *qr, *sc, *mx;
-    double *acc, *l;
+    float *c, *s, *x, *r, *o, *qr, *sc, *mx, *acc, *part;
+    double *l;
 } attn_scratch;
 
 static int scratch_alloc(attn_scratch *w, int64_t G, int64_t D, int64_t L) {
-    w->c = (float *)malloc(sizeof(float) * (size_t)(5 * D + G * (D + L + 1)));
-    w->acc = (double *)malloc(sizeof(double) * (size_t)(G * (D + 1)));
-    if (!w->c || !w->acc) return 0;
+    w->c = (float *)malloc(sizeof(float) * (size_t)(5 * D + G * (3 * D + L + 1)));
+    w->l = (double *)malloc(sizeof(double) * (size_t)G);
+    if (!w->c || !w->l) return 0;
     w->s = w->c + D, w->x = w->s + D, w->r = w->x + D, w->o = w->r + D, w->qr = w->o + D, w->sc = w->qr + G * D;
     w->mx = w->sc + G * L;
-    w->l = w->acc + G * D;
+    w->acc = w->mx + G;
+    w->part = w->acc + G * D;
     return 1;
+}
+
+/* Cache row p (dtype dt) as float32: the cache itself for float32 (no copy), else converted into x. */
+static const float *cache_row(const void *cache, rabit_dtype dt, int64_t row, int64_t D, float *x) {
+    if (dt == RABIT_F32) return (const float *)cache + row * D;
+    rabit_load_f32(cache, dt, row * D, D, x);
+    return x;
 }
 
 /* One (row b, KV head kh) pair: rotary embedding and cache write of its new key and value, then its G query heads
    through the cache rows together, so each K and V row is read once, not G times. */
-static void attend_pair(const attn_scratch *w, dot_fn dot, axpy_fn axpy, int64_t b, int64_t kh, const void *q,
+static void attend_pair(const attn_scratch *w, const attn_fns *f, int64_t b, int64_t kh, const void *q,
                         const int64_t qs[2], const void *k, const int64_t ks[2], const void *v, const int64_t vs[2],
                         rabit_dtype dt, int64_t H, int64_t Hkv, int64_t D, void *k_cache, void *v_cache, int64_t S,
                         int64_t pos, float scale, void *out) {
     const int64_t G = H / Hkv, L = pos + 1, row0 = (b * Hkv + kh) * S; /* cache row of position 0 */
-    float *x = w->x, *sc = w->sc, *mx = w->mx;
-    double *acc = w->acc, *l = w->l;
-    int64_t g, p, d;
+    float *x = w->x, *sc = w->sc, *mx = w->mx, *acc = w->acc, *part = w->part;
+    double *l = w->l;
+    int64_t g, p, p0, d;
     rope_row(k, b * ks[0] + kh * ks[1], dt, w->c, w->s, D, x, w->r);
     rabit_store_f32(k_cache, dt, (row0 + pos) * D, D, w->r);
     rabit_load_f32(v, dt, b * vs[0] + kh * vs[1], D, x);
@@ -131,25 +156,30 @@ static void attend_pair(const attn_scratch *w, dot_fn dot, axpy_fn axpy, int64_t
         l[g] = 0.0;
     }
     for (p = 0; p < L; p++) {
-        rabit_load_f32(k_cache, dt, (row0 + p) * D, D, x);
+        const float *kr = cache_row(k_cache, dt, row0 + p, D, x);
         for (g = 0; g < G; g++) {
-            const float e = (float)dot(w->qr + g * D, x, D) * scale;
+            const float e = f->dot(w->qr + g * D, kr, D) * scale;
             sc[g * L + p] = e;
             if (e > mx[g]) mx[g] = e;
         }
     }
-    for (d = 0; d < G * D; d++) acc[d] = 0.0;
-    for (p = 0; p < L; p++) {
-        rabit_load_f32(v_cache, dt, (row0 + p) * D, D, x);
-        for (g = 0; g < G; g++) {
-            /* a NaN score leaves the weights NaN: the row's output is NaN, never a finite guess */
-            const float e = expf(sc[g * L + p] - mx[g]);
-            l[g] += e;
-            axpy(acc + g * D, e, x, D);
+    for (d = 0; d < G * D; d++) acc[d] = 0.0f;
+    for (p0 = 0; p0 < L; p0 += ATTN_CHUNK) {
+        const int64_t p1 = p0 + ATTN_CHUNK < L ? p0 + ATTN_CHUNK : L;
+        for (d = 0; d < G * D; d++) part[d] = 0.0f;
+        for (p = p0; p < p1; p++) {
+            const float *vr = cache_row(v_cache, dt, row0 + p, D, x);
+            for (g = 0; g < G; g++) {
+                /* a NaN score leaves the weights NaN: the row's output is NaN, never a finite guess */
+                const float e = expf(sc[g * L + p] - mx[g]);
+                l[g] += e;
+                f->axpy(part + g * D, e, vr, D);
+            }
         }
+        for (d = 0; d < G * D; d++) acc[d] = acc[d] + part[d];
     }
     for (g = 0; g < G; g++) {
-        for (d = 0; d < D; d++) w->o[d] = (float)(acc[g * D + d] / l[g]);
+        for (d = 0; d < D; d++) w->o[d] = (float)((double)acc[g * D + d] / l[g]);
         rabit_store_f32(out, dt, (b * H + kh * G + g) * D, D, w->o);
     }
 }
@@ -160,10 +190,9 @@ rabit_status rabit_decode_attention_cpu(const void *q, const int64_t qs[2], cons
                                         const void *cos, const void *sin, int64_t pos, float scale, void *out) {
     int nomem = 0;
     int64_t pair;
-    dot_fn dot = dot_f64;
-    axpy_fn axpy = axpy_f64;
+    attn_fns f = {dot_f32, axpy_f32};
 #ifdef RABIT_HAVE_AVX2_KERNEL
-    if (rabit_cpu_has_avx2()) dot = dot_f64_avx2, axpy = axpy_f64_avx2;
+    if (rabit_cpu_has_avx2()) f.dot = dot_f32_avx2, f.axpy = axpy_f32_avx2;
 #endif
     if (!q || !k || !v || !k_cache || !v_cache || !cos || !sin || !out || !qs || !ks || !vs) return RABIT_ERR_ARG;
     if (B < 1 || Hkv < 1 || H < Hkv || H % Hkv || D < 2 || D % 2 || S < 1 || pos < 0 || pos >= S)
@@ -193,10 +222,10 @@ rabit_status rabit_decode_attention_cpu(const void *q, const int64_t qs[2], cons
 #pragma omp for schedule(static)
         for (pair = 0; pair < B * Hkv; pair++)
             if (all_ok)
-                attend_pair(&w, dot, axpy, pair / Hkv, pair % Hkv, q, qs, k, ks, v, vs, dt, H, Hkv, D, k_cache,
+                attend_pair(&w, &f, pair / Hkv, pair % Hkv, q, qs, k, ks, v, vs, dt, H, Hkv, D, k_cache,
                             v_cache, S, pos, scale, out);
         free(w.c);
-        free(w.acc);
+        free(w.l);
     }
     return nomem ? RABIT_ERR_NOMEM : RABIT_OK;
 }
