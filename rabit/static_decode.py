@@ -565,7 +565,9 @@ class StaticDecoder:
                 mods = (a.q_proj, a.k_proj, a.v_proj, a.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
                 weights += [layer.input_layernorm.weight, layer.post_attention_layernorm.weight]
                 for m in mods:
-                    weights += [self._i8_layouts[m] if self._i8_layouts is not None else m.packed, m.g, m.h]
+                    # float32 scales: the CPU kernels read them in place instead of converting fp16 ones every call
+                    weights += [self._i8_layouts[m] if self._i8_layouts is not None else m.packed, m.g.float(),
+                                m.h.float()]
                     bias.append(m.bias if m.bias is not None else m.g.new_empty(0))
                 eps += [float(layer.input_layernorm.variance_epsilon), float(layer.post_attention_layernorm.variance_epsilon)]
             if all(b.numel() == 0 for b in bias):

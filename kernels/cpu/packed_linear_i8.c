@@ -150,6 +150,9 @@ __attribute__((target("avx2"))) static void i8_rows_avx2(const uint8_t *lay, con
     for (c0 = 0; c0 < nch; c0 += I8_CHUNKS_PER_BLOCK) {
         __m256i acc = _mm256_setzero_si256();
         int c;
+        /* the layout 1 KB ahead (this path's next row block follows its last chunk): 9-15 % faster on weights cycled
+           through more than the L3, as in a decode step (a C A/B on the 2-core AVX2 VM, 512 / 1024 / 2048 bytes) */
+        for (c = 0; c < I8_CHUNKS_PER_BLOCK * 32; c += 64) _mm_prefetch((const char *)(lay + c0 * 32 + 1024 + c), _MM_HINT_T0);
         for (c = 0; c < I8_CHUNKS_PER_BLOCK; c++) {
             const __m256i v = _mm256_loadu_si256((const __m256i *)(lay + (c0 + c) * 32));
             const int8_t *t = q + (c0 + c) * 64;
@@ -227,9 +230,10 @@ rabit_status rabit_packed_linear_i8_cpu(const void *x, rabit_dtype xdt, int64_t 
     const int64_t nq = K * (in_pad / 4) * 16, ns = K * (in_pad / I8_BLOCK);
     i8_rows_fn rows = i8_rows_scalar;
     i8_tables_fn tables = i8_tables_scalar;
-    float *buf, *xh, *row, *gf, *hf, *s, *yf;
+    float *buf, *xh, *row, *gc, *hc, *s, *yf;
+    const float *gf, *hf;
     int8_t *q;
-    int64_t m, k, j, rb;
+    int64_t m;
     if (!x || !layout || !g || !h || !y || M < 0 || K < 1 || K > RABIT_MAX_K || out < 1 || in < 1)
         return RABIT_ERR_ARG;
     if (!rabit_dtype_valid(xdt) || !rabit_dtype_valid(gdt) || !rabit_dtype_valid(hdt)) return RABIT_ERR_UNSUPPORTED;
@@ -246,33 +250,44 @@ rabit_status rabit_packed_linear_i8_cpu(const void *x, rabit_dtype xdt, int64_t 
     if (!buf) return RABIT_ERR_NOMEM;
     xh = buf;
     row = xh + K * in_pad;
-    gf = row + in;
-    hf = gf + K * out;
-    s = hf + K * in;
+    gc = row + in;
+    hc = gc + K * out;
+    s = hc + K * in;
     yf = s + ns;
     q = (int8_t *)(yf + M * out);
-    rabit_cpu_load_f32(g, gdt, 0, K * out, gf);
-    rabit_cpu_load_f32(h, hdt, 0, K * in, hf);
+    /* float32 scales are read in place (a decoder keeps float32 copies: ~0.4 ms of conversions a SmolLM2 step) */
+    if (gdt == RABIT_F32) gf = (const float *)g;
+    else rabit_cpu_load_f32(g, gdt, 0, K * out, gc), gf = gc;
+    if (hdt == RABIT_F32) hf = (const float *)h;
+    else rabit_cpu_load_f32(h, hdt, 0, K * in, hc), hf = hc;
     memset(xh, 0, (size_t)(K * in_pad) * sizeof(float)); /* zero past `in` */
     for (m = 0; m < M; m++) {
         rabit_cpu_load_f32(x, xdt, m * in, in, row);
-        for (k = 0; k < K; k++) {
-            for (j = 0; j < in; j++) xh[k * in_pad + j] = hf[k * in + j] * row[j];
-            tables(xh + k * in_pad, in_pad, q + k * (in_pad / 4) * 16, s + k * (in_pad / I8_BLOCK));
-        }
-#pragma omp parallel for schedule(static) if (out * RABIT_WORDS(in) * K >= RABIT_PARALLEL_MIN_WORDS)
-        for (rb = 0; rb < nrb; rb++) {
-            float yo[I8_ROWS] = {0}, rs[I8_ROWS];
-            const int64_t o0 = rb * I8_ROWS;
-            const int n = out - o0 < I8_ROWS ? (int)(out - o0) : I8_ROWS;
-            int64_t kk;
-            int r;
-            for (kk = 0; kk < K; kk++) {
-                rows(layout + (kk * nrb + rb) * nch * 32, q + kk * (in_pad / 4) * 16, s + kk * (in_pad / I8_BLOCK),
-                     nch, rs);
-                for (r = 0; r < n; r++) yo[r] = yo[r] + gf[kk * out + o0 + r] * rs[r];
+        /* one team for the row: the paths' tables split over the threads (the next loop waits for them at the
+           implicit barrier), then the row blocks; each table and output is computed whole by one thread */
+#pragma omp parallel if (out * RABIT_WORDS(in) * K >= RABIT_PARALLEL_MIN_WORDS)
+        {
+            int64_t kt, rb;
+#pragma omp for schedule(static)
+            for (kt = 0; kt < K; kt++) {
+                int64_t jj;
+                for (jj = 0; jj < in; jj++) xh[kt * in_pad + jj] = hf[kt * in + jj] * row[jj];
+                tables(xh + kt * in_pad, in_pad, q + kt * (in_pad / 4) * 16, s + kt * (in_pad / I8_BLOCK));
             }
-            for (r = 0; r < n; r++) yf[m * out + o0 + r] = bias ? yo[r] + bias[o0 + r] : yo[r];
+#pragma omp for schedule(static)
+            for (rb = 0; rb < nrb; rb++) {
+                float yo[I8_ROWS] = {0}, rs[I8_ROWS];
+                const int64_t o0 = rb * I8_ROWS;
+                const int n = out - o0 < I8_ROWS ? (int)(out - o0) : I8_ROWS;
+                int64_t kk;
+                int r;
+                for (kk = 0; kk < K; kk++) {
+                    rows(layout + (kk * nrb + rb) * nch * 32, q + kk * (in_pad / 4) * 16,
+                         s + kk * (in_pad / I8_BLOCK), nch, rs);
+                    for (r = 0; r < n; r++) yo[r] = yo[r] + gf[kk * out + o0 + r] * rs[r];
+                }
+                for (r = 0; r < n; r++) yf[m * out + o0 + r] = bias ? yo[r] + bias[o0 + r] : yo[r];
+            }
         }
     }
     rabit_store_f32(y, xdt, 0, M * out, yf);
