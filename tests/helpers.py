@@ -129,3 +129,20 @@ def tanh_ste_dw_bound(grad, dw_ref):
     ulp = torch.clamp(fi.eps * dw_ref.float().abs(), min=fi.smallest_normal * fi.eps)
     return 4 * torch.finfo(torch.float32).eps * grad.cpu().float().abs() + ulp
 
+
+def outputs_by_cpu_kernel(fn):
+    """{kernel: fn()} with the CPU kernel forced to "ref" (scalar) and, where this CPU runs it, "avx2", then back to
+    "auto": what the int8 kernels' bit-for-bit tests compare."""
+    import rabit
+
+    out = {}
+    for name in ("ref", "avx2"):
+        try:
+            rabit.set_cpu_kernel(name)
+        except RuntimeError:  # this CPU cannot run it
+            continue
+        try:
+            out[name] = fn()
+        finally:
+            rabit.set_cpu_kernel("auto")
+    return out

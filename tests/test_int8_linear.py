@@ -7,22 +7,10 @@ import torch
 import rabit
 from rabit import reference as R
 
-from helpers import FLOAT_DTYPES, dtype_id
+from helpers import FLOAT_DTYPES, dtype_id, outputs_by_cpu_kernel
 
 # rows not a multiple of 8, columns not a multiple of 32, one row / column, SmolLM2's head width
 SHAPES = [(1, 1), (3, 5), (8, 32), (9, 33), (17, 100), (40, 257), (64, 576), (131, 1000), (250, 64)]
-
-
-def _kernels():
-    names = ["ref"]
-    try:
-        rabit.set_cpu_kernel("avx2")
-        names.append("avx2")
-    except RuntimeError:
-        pass
-    finally:
-        rabit.set_cpu_kernel("auto")
-    return names
 
 
 @pytest.mark.parametrize("m", [1, 2, 5])
@@ -38,12 +26,7 @@ def test_int8_linear_equals_reference_bit_for_bit(m, xdtype):
         x = (torch.randn(m, in_features) * 3).to(xdtype)
         bias = torch.randn(out) if i % 2 else None
         want = R.int8_linear(x, q, s, out, bias)
-        for kernel in _kernels():
-            try:
-                rabit.set_cpu_kernel(kernel)
-                y = rabit.int8_linear(x, q, s, out, bias)
-            finally:
-                rabit.set_cpu_kernel("auto")
+        for kernel, y in outputs_by_cpu_kernel(lambda: rabit.int8_linear(x, q, s, out, bias)).items():
             assert y.dtype == xdtype and y.shape == (m, out)
             assert torch.equal(y, want), (seed, kernel, out, in_features, (y.float() - want.float()).abs().max())
 
@@ -93,12 +76,7 @@ def test_int8_linear_non_finite_and_tiny_x():
     x[0, 5] = float("nan")
     x[2, 40] = float("inf")
     x[1, :32] = 1e-38
-    for kernel in _kernels():
-        try:
-            rabit.set_cpu_kernel(kernel)
-            y = rabit.int8_linear(x, q, s, 20)
-        finally:
-            rabit.set_cpu_kernel("auto")
+    for y in outputs_by_cpu_kernel(lambda: rabit.int8_linear(x, q, s, 20)).values():
         assert y[0].isnan().all() and y[2].isnan().all() and y[1].isfinite().all()
         assert torch.equal(y[1], R.int8_linear(x, q, s, 20)[1])
         zeroed = x[1:2].clone()

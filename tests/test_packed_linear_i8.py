@@ -6,7 +6,7 @@ import torch
 import rabit
 from rabit import reference as R
 
-from helpers import FLOAT_DTYPES, dtype_id, random_layer
+from helpers import FLOAT_DTYPES, dtype_id, outputs_by_cpu_kernel, random_layer
 
 # partial 16-row blocks, partial 128-column blocks, in not a multiple of 4 or 32, one column, K = 1..4
 I8_SHAPES = [(1, 1, 2), (3, 5, 1), (16, 128, 2), (17, 129, 2), (33, 100, 3), (40, 257, 4), (64, 576, 2),
@@ -20,18 +20,6 @@ def _layer(out, in_features, k, seed):
     return packed, g.half(), h.half()
 
 
-def _kernels():
-    names = ["ref"]
-    try:
-        rabit.set_cpu_kernel("avx2")
-        names.append("avx2")
-    except RuntimeError:
-        pass
-    finally:
-        rabit.set_cpu_kernel("auto")
-    return names
-
-
 @pytest.mark.parametrize("m", [1, 2, 5])
 @pytest.mark.parametrize("xdtype", FLOAT_DTYPES, ids=dtype_id)
 def test_packed_linear_i8_equals_reference_bit_for_bit(m, xdtype):
@@ -43,12 +31,7 @@ def test_packed_linear_i8_equals_reference_bit_for_bit(m, xdtype):
         x = (torch.randn(m, in_features) * 3).to(xdtype)
         bias = torch.randn(out) if i % 2 else None
         want = R.packed_linear_i8(x, packed, g, h, bias)
-        for kernel in _kernels():
-            try:
-                rabit.set_cpu_kernel(kernel)
-                y = rabit.packed_linear_i8(x, layout, g, h, bias)
-            finally:
-                rabit.set_cpu_kernel("auto")
+        for kernel, y in outputs_by_cpu_kernel(lambda: rabit.packed_linear_i8(x, layout, g, h, bias)).items():
             assert y.dtype == xdtype and y.shape == (m, out)
             assert torch.equal(y, want), (seed, kernel, out, in_features, k, (y.float() - want.float()).abs().max())
 
@@ -102,12 +85,8 @@ def test_packed_linear_i8_tiny_blocks_count_as_zero():
     bias = torch.randn(20)
     want = R.packed_linear_i8(x, packed, g, h, bias)
     assert torch.equal(want[0], bias) and want.isfinite().all()
-    for kernel in _kernels():
-        try:
-            rabit.set_cpu_kernel(kernel)
-            assert torch.equal(rabit.packed_linear_i8(x, layout, g, h, bias), want), kernel
-        finally:
-            rabit.set_cpu_kernel("auto")
+    for kernel, y in outputs_by_cpu_kernel(lambda: rabit.packed_linear_i8(x, layout, g, h, bias)).items():
+        assert torch.equal(y, want), kernel
 
 
 def test_packed_linear_fused_i8_is_the_fused_glue_around_packed_linear_i8():
