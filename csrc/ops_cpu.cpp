@@ -345,6 +345,7 @@ at::Tensor int8_linear_cpu(const at::Tensor &x, const at::Tensor &qweight, const
     RABIT_CHECK_CONTIGUOUS(op, x);
     const int64_t in = x.size(1), nb = rabit_int8_in_pad(in) / 32, out = out_features;
     TORCH_CHECK_VALUE(out >= 1, op, ": out_features must be >= 1, got ", out);
+    TORCH_CHECK_VALUE(in >= 1, op, ": expected x [M, in] with in >= 1, got ", x.sizes());
     const int64_t groups = (out + 7) / 8;
     TORCH_CHECK_VALUE(qweight.scalar_type() == at::kChar && qweight.is_contiguous() &&
                           qweight.sizes() == at::IntArrayRef({groups, nb, 8, 32}),
@@ -401,6 +402,8 @@ at::Tensor decode_layers_cpu(const at::Tensor &x, at::TensorList weights, at::Te
     RABIT_CHECK_DIM(op, x, 2);
     RABIT_CHECK_DIM(op, k_cache, 5);
     const int64_t L = k_cache.size(0), B = x.size(0), Hkv = k_cache.size(2), D = k_cache.size(4);
+    TORCH_CHECK_VALUE(L >= 1 && Hkv >= 1 && D >= 2, op, ": expected caches [layers >= 1, B, Hkv >= 1, S, D >= 2], got ",
+                      k_cache.sizes());
     TORCH_CHECK_VALUE(static_cast<int64_t>(weights.size()) == L * kLayerWeights, op, ": expected ", kLayerWeights,
                       " weights per layer for the cache's ", L, " layers (", L * kLayerWeights, "), got ",
                       weights.size());

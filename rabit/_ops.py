@@ -507,7 +507,7 @@ def packed_linear(x: Tensor, packed: Tensor, g: Tensor, h: Tensor, bias: Tensor 
 def _cpu_only(op: str, *tensors: Tensor, fix: str = "on CUDA use rabit.packed_linear") -> None:
     for t in tensors:
         if t is not None and t.device.type != "cpu":
-            raise ValueError(f"{op}: runs on the CPU only (int8 AVX2 kernels), got a tensor on {t.device}; {fix}")
+            raise ValueError(f"{op}: runs on the CPU only (CPU int8 kernels), got a tensor on {t.device}; {fix}")
 
 
 def i8_layout(packed: Tensor, in_features: int) -> Tensor:

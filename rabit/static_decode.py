@@ -327,7 +327,7 @@ class StaticDecoder:
         if head_dtype == "int8":
             if weight.device.type != "cpu":
                 raise ValueError(f"StaticDecoder: head_dtype='int8' runs on the CPU only, lm_head is on {weight.device}; "
-                                 "pass head_dtype=torch.float16 there")
+                                 "use head_dtype float16 there")
             q, scales = int8_weight(weight.detach())
             n_out = weight.shape[0]
             bias = None if lm_head.bias is None else lm_head.bias.detach().float().contiguous()
@@ -556,8 +556,9 @@ class StaticDecoder:
         return torch.ops.rabit.packed_linear_fused(x, *args, nw, eps, up, residual, True)
 
     def _decode_layers_args(self) -> tuple:
-        """rabit.decode_layers' argument lists (weights, bias, eps), built once: like _fused's, a snapshot of the
-        weights (and of the int8 layouts) when first used."""
+        """rabit.decode_layers' argument lists (weights, bias, eps), built on first use. Like _fused's lists they refer
+        to the modules' tensors, except the int8 layouts (made when the decoder is built) and float32 copies of
+        float16/bfloat16 scales (made here): after changing the weights, build a new decoder."""
         if self._layers_args is None:
             weights, bias, eps = [], [], []
             for layer in self.base.layers:
@@ -593,6 +594,9 @@ class StaticDecoder:
         nothing at replay)."""
         if one_call is None:
             one_call = self.device.type == "cpu"
+        if one_call and self.device.type != "cpu":
+            raise ValueError(f"StaticDecoder.layers_fused: one_call=True runs on the CPU only (rabit.decode_layers), "
+                             f"the model is on {self.device}; pass one_call=None or False")
         if one_call:
             return torch.ops.rabit.decode_layers(h, *self._decode_layers_args(), self.k_cache, self.v_cache, self.cos,
                                                  self.sin, pos, self.n_heads, self.head_dim ** -0.5,

@@ -308,3 +308,23 @@ def test_cuda_graph_replays_at_the_current_position(B, H, Hkv, combine, monkeypa
             ref = R.decode_attention(q, k, v, kc_ref, vc_ref, cos, sin, pos, D ** -0.5)
             assert torch.equal(kc, kc_ref) and torch.equal(vc, vc_ref), f"pos={p}"
             assert_float_close(out, ref, oracle64(q, kc_ref, vc_ref, cos, sin, p, D ** -0.5), f"pos={p}")
+
+
+def test_decode_attention_cpu_scalar_and_avx2_give_the_same_bits():
+    """The CPU kernel's scalar loops (forced "ref") and its AVX2 ones: the same float32 operations in the same order,
+    so the same outputs and caches bit for bit (head widths with and without a tail of 16, positions across chunks of
+    64, every dtype)."""
+    from helpers import outputs_by_cpu_kernel
+
+    for (B, H, Hkv, D, S, pos), dtype in zip([(1, 9, 3, 64, 300, 200), (2, 6, 2, 34, 90, 70), (1, 4, 4, 10, 20, 5)],
+                                             FLOAT_DTYPES):
+        q, k, v, kc, vc, cos, sin = make_case(B, H, Hkv, D, S, dtype, "cpu")
+
+        def run():
+            kc2, vc2 = kc.clone(), vc.clone()
+            out = rabit.decode_attention(q, k, v, kc2, vc2, cos, sin, torch.tensor([pos]))
+            return out, kc2, vc2
+
+        runs = list(outputs_by_cpu_kernel(run).values())
+        for other in runs[1:]:
+            assert all(torch.equal(a, b) for a, b in zip(runs[0], other)), (B, H, Hkv, D, S, pos, dtype)

@@ -192,7 +192,7 @@ rabit_status rabit_decode_attention_cpu(const void *q, const int64_t qs[2], cons
     int64_t pair;
     attn_fns f = {dot_f32, axpy_f32};
 #ifdef RABIT_HAVE_AVX2_KERNEL
-    if (rabit_cpu_has_avx2()) f.dot = dot_f32_avx2, f.axpy = axpy_f32_avx2;
+    if (rabit_cpu_table_kernel() != RABIT_CPU_REF && rabit_cpu_has_avx2()) f.dot = dot_f32_avx2, f.axpy = axpy_f32_avx2;
 #endif
     if (!q || !k || !v || !k_cache || !v_cache || !cos || !sin || !out || !qs || !ks || !vs) return RABIT_ERR_ARG;
     if (B < 1 || Hkv < 1 || H < Hkv || H % Hkv || D < 2 || D % 2 || S < 1 || pos < 0 || pos >= S)
