@@ -1,5 +1,5 @@
 /* Decode-step attention on the CPU (rabit_kernels.h): rotary embedding of the new key and query, the cache
-   write, and softmax attention over positions 0 .. pos, in one pass per (row, KV head). The rotary embedding is
+   write, and softmax attention over positions 0 .. pos, one pass per (row, query head). The rotary embedding is
    that of rabit/reference.py's decode_attention (float32, no FMA: -ffp-contract=off, rounded once to the dtype).
    Scores and the weighted sums of values in float32 (16 partial sums per dot product; the values summed in chunks of
    64 positions), the softmax's sum of weights in double; AVX2 where the CPU has it: the same operations, the same
@@ -111,21 +111,17 @@ typedef struct {
    that float32 rounding grows with sqrt(chunk) + sqrt(positions / chunk), not sqrt(positions). */
 #define ATTN_CHUNK 64
 
-/* Thread-local scratch of one (row, KV head) pair: cos, sin rows; x; rotated row; output row; the G query heads'
-   rotated rows and scores; their maxima, running and chunk accumulators; their sums of weights (double). */
+/* Thread-local scratch: cos, sin rows; x; rotated key; output row; rotated query; its scores; the running and chunk
+   accumulators of the weighted values. */
 typedef struct {
-    float *c, *s, *x, *r, *o, *qr, *sc, *mx, *acc, *part;
-    double *l;
+    float *c, *s, *x, *r, *o, *qr, *sc, *acc, *part;
 } attn_scratch;
 
-static int scratch_alloc(attn_scratch *w, int64_t G, int64_t D, int64_t L) {
-    w->c = (float *)malloc(sizeof(float) * (size_t)(5 * D + G * (3 * D + L + 1)));
-    w->l = (double *)malloc(sizeof(double) * (size_t)G);
-    if (!w->c || !w->l) return 0;
-    w->s = w->c + D, w->x = w->s + D, w->r = w->x + D, w->o = w->r + D, w->qr = w->o + D, w->sc = w->qr + G * D;
-    w->mx = w->sc + G * L;
-    w->acc = w->mx + G;
-    w->part = w->acc + G * D;
+static int scratch_alloc(attn_scratch *w, int64_t D, int64_t L) {
+    w->c = (float *)malloc(sizeof(float) * (size_t)(8 * D + L));
+    if (!w->c) return 0;
+    w->s = w->c + D, w->x = w->s + D, w->r = w->x + D, w->o = w->r + D, w->qr = w->o + D, w->acc = w->qr + D;
+    w->part = w->acc + D, w->sc = w->part + D;
     return 1;
 }
 
@@ -138,50 +134,46 @@ static const float *cache_row(const void *cache, rabit_dtype dt, int64_t row, in
 
 /* One (row b, KV head kh) pair: rotary embedding and cache write of its new key and value, then its G query heads
    through the cache rows together, so each K and V row is read once, not G times. */
-static void attend_pair(const attn_scratch *w, const attn_fns *f, int64_t b, int64_t kh, const void *q,
-                        const int64_t qs[2], const void *k, const int64_t ks[2], const void *v, const int64_t vs[2],
-                        rabit_dtype dt, int64_t H, int64_t Hkv, int64_t D, void *k_cache, void *v_cache, int64_t S,
-                        int64_t pos, float scale, void *out) {
-    const int64_t G = H / Hkv, L = pos + 1, row0 = (b * Hkv + kh) * S; /* cache row of position 0 */
-    float *x = w->x, *sc = w->sc, *mx = w->mx, *acc = w->acc, *part = w->part;
-    double *l = w->l;
-    int64_t g, p, p0, d;
-    rope_row(k, b * ks[0] + kh * ks[1], dt, w->c, w->s, D, x, w->r);
-    rabit_store_f32(k_cache, dt, (row0 + pos) * D, D, w->r);
-    rabit_load_f32(v, dt, b * vs[0] + kh * vs[1], D, x);
-    rabit_store_f32(v_cache, dt, (row0 + pos) * D, D, x);
-    for (g = 0; g < G; g++) {
-        rope_row(q, b * qs[0] + (kh * G + g) * qs[1], dt, w->c, w->s, D, x, w->qr + g * D);
-        mx[g] = -INFINITY;
-        l[g] = 0.0;
-    }
+/* Row b's new key (rotated) and value into the caches of KV head kh at pos. */
+static void write_kv(const attn_scratch *w, int64_t b, int64_t kh, const void *k, const int64_t ks[2], const void *v,
+                     const int64_t vs[2], rabit_dtype dt, int64_t Hkv, int64_t D, void *k_cache, void *v_cache,
+                     int64_t S, int64_t pos) {
+    const int64_t row = (b * Hkv + kh) * S + pos;
+    rope_row(k, b * ks[0] + kh * ks[1], dt, w->c, w->s, D, w->x, w->r);
+    rabit_store_f32(k_cache, dt, row * D, D, w->r);
+    rabit_load_f32(v, dt, b * vs[0] + kh * vs[1], D, w->x);
+    rabit_store_f32(v_cache, dt, row * D, D, w->x);
+}
+
+/* Query head hd of row b over its KV head's cache rows 0 .. pos: scores, their maximum, the weights' sum (double) and
+   the weighted values (float32, in chunks of ATTN_CHUNK positions), one rounding to dt. */
+static void attend_head(const attn_scratch *w, const attn_fns *f, int64_t b, int64_t hd, const void *q,
+                        const int64_t qs[2], rabit_dtype dt, int64_t H, int64_t Hkv, int64_t D, const void *k_cache,
+                        const void *v_cache, int64_t S, int64_t pos, float scale, void *out) {
+    const int64_t L = pos + 1, row0 = (b * Hkv + hd / (H / Hkv)) * S; /* cache row of position 0 */
+    float *x = w->x, *sc = w->sc, *acc = w->acc, *part = w->part, mx = -INFINITY;
+    double l = 0.0;
+    int64_t p, p0, d;
+    rope_row(q, b * qs[0] + hd * qs[1], dt, w->c, w->s, D, x, w->qr);
     for (p = 0; p < L; p++) {
-        const float *kr = cache_row(k_cache, dt, row0 + p, D, x);
-        for (g = 0; g < G; g++) {
-            const float e = f->dot(w->qr + g * D, kr, D) * scale;
-            sc[g * L + p] = e;
-            if (e > mx[g]) mx[g] = e;
-        }
+        const float e = f->dot(w->qr, cache_row(k_cache, dt, row0 + p, D, x), D) * scale;
+        sc[p] = e;
+        if (e > mx) mx = e;
     }
-    for (d = 0; d < G * D; d++) acc[d] = 0.0f;
+    for (d = 0; d < D; d++) acc[d] = 0.0f;
     for (p0 = 0; p0 < L; p0 += ATTN_CHUNK) {
         const int64_t p1 = p0 + ATTN_CHUNK < L ? p0 + ATTN_CHUNK : L;
-        for (d = 0; d < G * D; d++) part[d] = 0.0f;
+        for (d = 0; d < D; d++) part[d] = 0.0f;
         for (p = p0; p < p1; p++) {
-            const float *vr = cache_row(v_cache, dt, row0 + p, D, x);
-            for (g = 0; g < G; g++) {
-                /* a NaN score leaves the weights NaN: the row's output is NaN, never a finite guess */
-                const float e = expf(sc[g * L + p] - mx[g]);
-                l[g] += e;
-                f->axpy(part + g * D, e, vr, D);
-            }
+            /* a NaN score leaves the weights NaN: the row's output is NaN, never a finite guess */
+            const float e = expf(sc[p] - mx);
+            l += e;
+            f->axpy(part, e, cache_row(v_cache, dt, row0 + p, D, x), D);
         }
-        for (d = 0; d < G * D; d++) acc[d] = acc[d] + part[d];
+        for (d = 0; d < D; d++) acc[d] = acc[d] + part[d];
     }
-    for (g = 0; g < G; g++) {
-        for (d = 0; d < D; d++) w->o[d] = (float)((double)acc[g * D + d] / l[g]);
-        rabit_store_f32(out, dt, (b * H + kh * G + g) * D, D, w->o);
-    }
+    for (d = 0; d < D; d++) w->o[d] = (float)((double)acc[d] / l);
+    rabit_store_f32(out, dt, (b * H + hd) * D, D, w->o);
 }
 
 rabit_status rabit_decode_attention_cpu(const void *q, const int64_t qs[2], const void *k, const int64_t ks[2],
@@ -189,7 +181,6 @@ rabit_status rabit_decode_attention_cpu(const void *q, const int64_t qs[2], cons
                                         int64_t Hkv, int64_t D, void *k_cache, void *v_cache, int64_t S,
                                         const void *cos, const void *sin, int64_t pos, float scale, void *out) {
     int nomem = 0;
-    int64_t pair;
     attn_fns f = {dot_f32, axpy_f32};
 #ifdef RABIT_HAVE_AVX2_KERNEL
     if (rabit_cpu_table_kernel() != RABIT_CPU_REF && rabit_cpu_has_avx2()) f.dot = dot_f32_avx2, f.axpy = axpy_f32_avx2;
@@ -198,14 +189,16 @@ rabit_status rabit_decode_attention_cpu(const void *q, const int64_t qs[2], cons
     if (B < 1 || Hkv < 1 || H < Hkv || H % Hkv || D < 2 || D % 2 || S < 1 || pos < 0 || pos >= S)
         return RABIT_ERR_ARG;
     if (!rabit_dtype_valid(dt)) return RABIT_ERR_UNSUPPORTED;
-    /* the (row, KV head) pairs are independent (their own cache rows and outputs), so threads split them; each
-       pair is computed whole by one thread, so the results do not depend on the thread count. Worth it from ~64 K
-       multiply-adds (SmolLM2's 9 heads of 64 from position ~113 on: ~15 us on one thread, against a few us to start
-       the threads). */
-#pragma omp parallel if (B * Hkv > 1 && B * H * (pos + 1) * D >= 65536)
+    /* First every (row, KV head) pair's new key and value into the caches, then every (row, query head): each head's
+       scores and sums are its own, computed whole by one thread, so the results do not depend on the thread count
+       (nor on how heads are grouped: a head's arithmetic is the same alone). Splitting by query head instead of by KV
+       head keeps SmolLM2's 9 heads (3 KV heads) balanced on 2 threads (5 + 4, not 2 + 1 KV heads); each K and V row
+       is read G times, from the cache. Worth threads from ~64 K multiply-adds (SmolLM2 from position ~113 on). */
+#pragma omp parallel if (B * H > 1 && B * H * (pos + 1) * D >= 65536)
     {
         attn_scratch w = {0};
-        const int ok = scratch_alloc(&w, H / Hkv, D, pos + 1);
+        int64_t item;
+        const int ok = scratch_alloc(&w, D, pos + 1);
         if (!ok) {
 #pragma omp atomic write
             nomem = 1;
@@ -213,19 +206,21 @@ rabit_status rabit_decode_attention_cpu(const void *q, const int64_t qs[2], cons
             rabit_load_f32(cos, dt, pos * D, D, w.c);
             rabit_load_f32(sin, dt, pos * D, D, w.s);
         }
-        /* every thread's allocation is settled before any pair runs: out of memory writes no cache at all */
+        /* every thread's allocation is settled before any work: out of memory writes no cache at all */
 #pragma omp barrier
         int all_ok;
 #pragma omp atomic read
         all_ok = nomem;
         all_ok = !all_ok;
 #pragma omp for schedule(static)
-        for (pair = 0; pair < B * Hkv; pair++)
+        for (item = 0; item < B * Hkv; item++)
+            if (all_ok) write_kv(&w, item / Hkv, item % Hkv, k, ks, v, vs, dt, Hkv, D, k_cache, v_cache, S, pos);
+        /* (the implicit barrier: every new key and value is in the caches before any head reads them) */
+#pragma omp for schedule(static)
+        for (item = 0; item < B * H; item++)
             if (all_ok)
-                attend_pair(&w, &f, pair / Hkv, pair % Hkv, q, qs, k, ks, v, vs, dt, H, Hkv, D, k_cache,
-                            v_cache, S, pos, scale, out);
+                attend_head(&w, &f, item / H, item % H, q, qs, dt, H, Hkv, D, k_cache, v_cache, S, pos, scale, out);
         free(w.c);
-        free(w.l);
     }
     return nomem ? RABIT_ERR_NOMEM : RABIT_OK;
 }
