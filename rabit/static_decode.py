@@ -100,9 +100,9 @@ def _swiglu(gate: Tensor, up: Tensor) -> Tensor:
 @contextlib.contextmanager
 def _gc_paused():
     """Python's cyclic garbage collector off for the block (back on after, if it was on). A CPU decode step makes a few
-    hundred short-lived tensors, so a generation-0 collection runs every few steps and walks the model's objects:
-    ~6 % of a SmolLM2-135M step on a 2-core VM (interleaved A/B, 8 rounds: 20.3 -> 19.1 ms). The step's objects are
-    freed by reference counting; nothing it makes is cyclic."""
+    hundred short-lived tensors, so a collection runs every few steps, and the older generations' walk the model's
+    objects: ~6 % of a SmolLM2-135M step on a 2-core VM (interleaved A/B, 8 rounds: 20.3 -> 19.1 ms). The step's
+    objects are freed by reference counting; nothing it makes is cyclic."""
     was = gc.isenabled()
     gc.disable()
     try:
