@@ -170,6 +170,18 @@ def packed_linear(x, packed, g, h, bias=None, compute_dtype=torch.float32, xh_fp
     return y if compute_dtype == torch.float64 else y.to(x.dtype)
 
 
+def _int8_scale(amax):
+    """(finite, scale, inv) of the int8 quantizers' blocks from their largest magnitudes amax (float32): scale =
+    amax / 127 (NaN where the block holds a NaN or Inf), inv = 127 / amax (0 where amax is 0 or not finite); amax below
+    2^-120 counts as 0 (127 / amax would overflow), as the kernels' RABIT_I8_MIN_AMAX."""
+    finite = torch.isfinite(amax)
+    amax = torch.where(finite & (amax < 2.0**-120), 0.0, amax)
+    c127 = torch.full_like(amax, 127.0)  # tensor / tensor: a float32 division (a Python scalar's can round otherwise)
+    scale = torch.where(finite, amax / c127, torch.nan)
+    inv = torch.where(finite & (amax > 0), c127 / torch.where(finite & (amax > 0), amax, 1.0), 0.0)
+    return finite, scale, inv
+
+
 def int8_tables(x, h, block=128):
     """The int8 lookup tables of ``packed_linear_i8`` (``kernels/cpu/packed_linear_i8.c``) for x ``[M, in]``: per path,
     row of x and group of 4 columns c = 4t .. 4t+3 (zero past ``in``, padded to whole blocks of ``block`` columns) the
@@ -185,12 +197,7 @@ def int8_tables(x, h, block=128):
     e = ((c[..., 0:1] * sgn[0] + c[..., 1:2] * sgn[1]) + c[..., 2:3] * sgn[2]) - c[..., 3:4]  # [K, M, G, 8]
     e16 = torch.cat([e, -e.flip(-1)], -1)  # n = 8 + i: ~n & 7 = 7 - i
     eb = e.unflatten(2, (-1, block // 4))  # [K, M, nb, groups a block, 8]
-    mx = eb.abs().amax((-2, -1))  # NaN or Inf propagate
-    finite = torch.isfinite(mx)
-    mx = torch.where(mx < 2.0**-120, 0.0, mx)  # 127 / mx would overflow: such a block counts as zero, as the kernel
-    c127 = torch.full_like(mx, 127.0)  # tensor / tensor: a float32 division (a Python scalar's can round otherwise)
-    scale = torch.where(finite, mx / c127, torch.nan)
-    inv = torch.where(finite & (mx > 0), c127 / torch.where(mx > 0, mx, 1.0), 0.0)
+    finite, scale, inv = _int8_scale(eb.abs().amax((-2, -1)))  # NaN or Inf propagate
     q = torch.round(e16 * inv.repeat_interleave(block // 4, -1)[..., None])
     return torch.where(finite.repeat_interleave(block // 4, -1)[..., None], q, 0.0), scale
 
@@ -226,12 +233,7 @@ def int8_blocks(v, block=32):
     even; 0 where amax = 0 or the block is not finite). Returns (q ``[R, nb, block]`` of integer values, float32; scales
     ``[R, nb]``)."""
     vb = torch.nn.functional.pad(v.float(), (0, (-v.shape[-1]) % block)).unflatten(-1, (-1, block))
-    amax = vb.abs().amax(-1)
-    finite = torch.isfinite(amax)
-    amax = torch.where(finite & (amax < 2.0**-120), 0.0, amax)
-    c127 = torch.full_like(amax, 127.0)  # tensor / tensor: a float32 division
-    scale = torch.where(finite, amax / c127, torch.nan)
-    inv = torch.where(finite & (amax > 0), c127 / torch.where(finite & (amax > 0), amax, 1.0), 0.0)
+    finite, scale, inv = _int8_scale(vb.abs().amax(-1))
     q = torch.round(torch.where(finite[..., None], vb, 0.0) * inv[..., None]).clamp(-127, 127)
     return q, scale
 

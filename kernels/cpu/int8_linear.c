@@ -25,7 +25,6 @@
 #include "packed_linear.h"
 
 #define Q8_BLOCK 32
-#define Q8_MIN_AMAX 0x1p-120f
 
 int64_t rabit_int8_in_pad(int64_t in) { return (in + Q8_BLOCK - 1) / Q8_BLOCK * Q8_BLOCK; }
 
@@ -50,7 +49,7 @@ static int q8_row(const float *v, int64_t in_pad, int8_t *q, int64_t qstride, fl
             memset(qb, 0, Q8_BLOCK);
             continue;
         }
-        if (amax < Q8_MIN_AMAX) amax = 0.0f;
+        if (amax < RABIT_I8_MIN_AMAX) amax = 0.0f;
         d[b * dstride] = amax / 127.0f;
         {
             const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;

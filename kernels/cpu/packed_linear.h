@@ -51,6 +51,11 @@ void rabit_lut16_build_avx512(const float *xh, int64_t n, float *lut);
 #endif
 #endif
 
+/* The int8 quantizers (packed_linear_i8.c's tables, int8_linear.c's blocks) take a block whose largest magnitude is
+   below this as zero: 127 / amax would overflow float32 near 3.7e-37, and such outputs are below float32's normal
+   range anyway. rabit.reference uses the same bound. */
+#define RABIT_I8_MIN_AMAX 0x1p-120f
+
 /* rabit_load_f32 (n values from element off of src, dtype dt, into float32), with F16C for fp16 where the CPU has it:
    the drivers' conversion of x rows and scales. */
 void rabit_cpu_load_f32(const void *src, rabit_dtype dt, int64_t off, int64_t n, float *dst);

@@ -33,9 +33,6 @@
 #define I8_CHUNK 16   /* columns of a layout vector */
 #define I8_BLOCK 128  /* columns per table scale (8 chunks): a block's integer sum fits int16 (32 x 127) */
 #define I8_CHUNKS_PER_BLOCK (I8_BLOCK / I8_CHUNK)
-/* A block whose mx is below this is taken as zero (entries 0, scale 0): 127 / mx would overflow float32 near 3.7e-37,
-   and its outputs are below float32's normal range anyway. rabit.reference.int8_tables uses the same bound. */
-#define I8_MIN_MX 0x1p-120f
 
 static int64_t i8_in_pad(int64_t in) { return (in + I8_BLOCK - 1) / I8_BLOCK * I8_BLOCK; }
 static int64_t i8_row_blocks(int64_t out) { return (out + I8_ROWS - 1) / I8_ROWS; }
@@ -96,7 +93,7 @@ static void i8_tables_scalar(const float *xh, int64_t in_pad, int8_t *q, float *
             memset(q + b * I8_BLOCK / 4 * 16, 0, I8_BLOCK / 4 * 16);
             continue;
         }
-        if (mx < I8_MIN_MX) mx = 0.0f;
+        if (mx < RABIT_I8_MIN_AMAX) mx = 0.0f;
         s[b] = mx / 127.0f;
         {
             const float inv = mx > 0.0f ? 127.0f / mx : 0.0f;
@@ -203,7 +200,7 @@ __attribute__((target("avx2"))) static void i8_tables_avx2(const float *xh, int6
         }
         _mm256_storeu_ps(m8, mx);
         for (i = 0; i < 8; i++) mxs = m8[i] > mxs ? m8[i] : mxs;
-        if (mxs < I8_MIN_MX) mxs = 0.0f;
+        if (mxs < RABIT_I8_MIN_AMAX) mxs = 0.0f;
         s[b] = mxs / 127.0f;
         {
             const __m256 inv = _mm256_set1_ps(mxs > 0.0f ? 127.0f / mxs : 0.0f);
