@@ -486,6 +486,229 @@ fail:
     return NULL;
 }
 
+/* --- int8 classes (opt-in, a relative error of ~1e-2): the packed layers on int8 activation tables, and a dense
+   linear (the LM head) on int8 weights and activations; the torch ops rabit.i8_layout, rabit.packed_linear_i8,
+   rabit.int8_weight and rabit.int8_linear, with the same checks and bit-identical outputs. --- */
+
+static PyObject *core_i8_layout(PyObject *self, PyObject *args) {
+    const char *op = "rabit._core.i8_layout";
+    PyObject *op_, *layout = NULL;
+    PyArrayObject *p = NULL;
+    Py_ssize_t in;
+    npy_intp K, out, nbytes;
+    rabit_status st;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "On", &op_, &in)) return NULL;
+    if (in < 1) {
+        PyErr_Format(PyExc_ValueError, "%s: in_features must be positive, got %zd", op, in);
+        return NULL;
+    }
+    if (!(p = rabit_array(op, "packed", op_, NPY_UINT32, 3, 3))) return NULL;
+    K = PyArray_DIM(p, 0);
+    out = PyArray_DIM(p, 1);
+    if (K < 1 || K > RABIT_MAX_K || out < 1 || PyArray_DIM(p, 2) != RABIT_WORDS(in)) {
+        PyErr_Format(PyExc_ValueError, "%s: expected packed [K, out, %zd] (in=%zd) with 1 <= K <= %d and out >= 1, got "
+                     "[%zd, %zd, %zd]", op, (Py_ssize_t)RABIT_WORDS(in), in, RABIT_MAX_K, (Py_ssize_t)K,
+                     (Py_ssize_t)out, (Py_ssize_t)PyArray_DIM(p, 2));
+        goto fail;
+    }
+    nbytes = (npy_intp)rabit_i8_layout_bytes(K, out, in);
+    if (!(layout = PyArray_SimpleNew(1, &nbytes, NPY_UINT8))) goto fail;
+    Py_BEGIN_ALLOW_THREADS
+    st = rabit_i8_layout_cpu((const rabit_word_t *)PyArray_DATA(p), K, out, in,
+                             (uint8_t *)PyArray_DATA((PyArrayObject *)layout));
+    Py_END_ALLOW_THREADS
+    if (rabit_fail(op, st)) goto fail;
+    Py_DECREF(p);
+    return layout;
+fail:
+    Py_XDECREF(p);
+    Py_XDECREF(layout);
+    return NULL;
+}
+
+/* x float32 [M, in] or [in]: its rows M, its width in and whether it was a vector; the y of [M, out] (or [out]). */
+static PyObject *rabit_new_y(PyArrayObject *x, npy_intp out) {
+    npy_intp dims[2];
+    dims[0] = PyArray_NDIM(x) == 1 ? 1 : PyArray_DIM(x, 0);
+    dims[1] = out;
+    return PyArray_NDIM(x) == 1 ? PyArray_SimpleNew(1, &dims[1], NPY_FLOAT32) : PyArray_SimpleNew(2, dims, NPY_FLOAT32);
+}
+
+/* bias (None or float32 [out]): a new reference in *b (NULL for None); 1 + exception on error. */
+static int rabit_bias(const char *op, PyObject *ob, npy_intp out, PyArrayObject **b) {
+    *b = NULL;
+    if (ob == Py_None) return 0;
+    if (!(*b = rabit_array(op, "bias", ob, NPY_FLOAT32, 1, 1))) return 1;
+    if (PyArray_DIM(*b, 0) != out) {
+        PyErr_Format(PyExc_ValueError, "%s: bias has %zd elements but out=%zd", op, (Py_ssize_t)PyArray_DIM(*b, 0),
+                     (Py_ssize_t)out);
+        Py_CLEAR(*b);
+        return 1;
+    }
+    return 0;
+}
+
+static PyObject *core_packed_linear_i8(PyObject *self, PyObject *args, PyObject *kwargs) {
+    static char *kwlist[] = {"x", "layout", "g", "h", "bias", NULL};
+    const char *op = "rabit._core.packed_linear_i8";
+    PyObject *ox, *ol, *og, *oh, *ob = Py_None, *y = NULL;
+    PyArrayObject *x = NULL, *l = NULL, *g = NULL, *h = NULL, *b = NULL;
+    npy_intp M, in, K, out, want;
+    rabit_status st = RABIT_OK;
+    (void)self;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOO|O", kwlist, &ox, &ol, &og, &oh, &ob)) return NULL;
+    if (!(x = rabit_array(op, "x", ox, NPY_FLOAT32, 1, 2))) goto fail;
+    if (!(l = rabit_array(op, "layout", ol, NPY_UINT8, 1, 1))) goto fail;
+    if (!(g = rabit_array(op, "g", og, NPY_FLOAT32, 2, 2))) goto fail;
+    if (!(h = rabit_array(op, "h", oh, NPY_FLOAT32, 2, 2))) goto fail;
+    M = PyArray_NDIM(x) == 1 ? 1 : PyArray_DIM(x, 0);
+    in = PyArray_DIM(h, 1);
+    out = PyArray_DIM(g, 1);
+    K = PyArray_DIM(g, 0);
+    if (in < 1 || out < 1) {
+        PyErr_Format(PyExc_ValueError, "%s: expected g [K, out] and h [K, in] with out, in >= 1, got g [%zd, %zd] and "
+                     "h [%zd, %zd]", op, (Py_ssize_t)K, (Py_ssize_t)out, (Py_ssize_t)PyArray_DIM(h, 0), (Py_ssize_t)in);
+        goto fail;
+    }
+    if (rabit_check_scales(op, g, h, out, in)) goto fail;
+    if (PyArray_DIM(x, PyArray_NDIM(x) - 1) != in) {
+        PyErr_Format(PyExc_ValueError, "%s: x has %zd columns but h is [%zd, %zd]; x must be [M, in] or [in] with the "
+                     "layer's in=%zd", op, (Py_ssize_t)PyArray_DIM(x, PyArray_NDIM(x) - 1), (Py_ssize_t)K,
+                     (Py_ssize_t)in, (Py_ssize_t)in);
+        goto fail;
+    }
+    want = (npy_intp)rabit_i8_layout_bytes(K, out, in);
+    if (PyArray_DIM(l, 0) != want) {
+        PyErr_Format(PyExc_ValueError, "%s: expected layout to be %zd bytes (rabit._core.i8_layout(packed, %zd) of this "
+                     "layer), got %zd", op, (Py_ssize_t)want, (Py_ssize_t)in, (Py_ssize_t)PyArray_DIM(l, 0));
+        goto fail;
+    }
+    if (rabit_bias(op, ob, out, &b)) goto fail;
+    if (!(y = rabit_new_y(x, out))) goto fail;
+    if (M > 0) {
+        Py_BEGIN_ALLOW_THREADS
+        st = rabit_packed_linear_i8_cpu(PyArray_DATA(x), RABIT_F32, M, (const uint8_t *)PyArray_DATA(l),
+                                        PyArray_DATA(g), RABIT_F32, PyArray_DATA(h), RABIT_F32,
+                                        b ? (const float *)PyArray_DATA(b) : NULL, K, out, in,
+                                        PyArray_DATA((PyArrayObject *)y));
+        Py_END_ALLOW_THREADS
+    }
+    if (rabit_fail(op, st)) goto fail;
+    Py_DECREF(x);
+    Py_DECREF(l);
+    Py_DECREF(g);
+    Py_DECREF(h);
+    Py_XDECREF(b);
+    return y;
+fail:
+    Py_XDECREF(x);
+    Py_XDECREF(l);
+    Py_XDECREF(g);
+    Py_XDECREF(h);
+    Py_XDECREF(b);
+    Py_XDECREF(y);
+    return NULL;
+}
+
+static PyObject *core_int8_weight(PyObject *self, PyObject *args) {
+    const char *op = "rabit._core.int8_weight";
+    PyObject *ow, *q = NULL, *d = NULL;
+    PyArrayObject *w = NULL;
+    npy_intp out, in, qd[4], dd[3];
+    rabit_status st;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "O", &ow)) return NULL;
+    if (!(w = rabit_array(op, "weight", ow, NPY_FLOAT32, 2, 2))) return NULL;
+    out = PyArray_DIM(w, 0);
+    in = PyArray_DIM(w, 1);
+    if (out < 1 || in < 1) {
+        PyErr_Format(PyExc_ValueError, "%s: expected a non-empty weight [out, in], got [%zd, %zd]", op, (Py_ssize_t)out,
+                     (Py_ssize_t)in);
+        goto fail;
+    }
+    qd[0] = dd[0] = (out + 7) / 8;
+    qd[1] = dd[1] = (npy_intp)(rabit_int8_in_pad(in) / 32);
+    qd[2] = dd[2] = 8;
+    qd[3] = 32;
+    if (!(q = PyArray_SimpleNew(4, qd, NPY_INT8)) || !(d = PyArray_SimpleNew(3, dd, NPY_FLOAT32))) goto fail;
+    Py_BEGIN_ALLOW_THREADS
+    st = rabit_int8_weight_cpu(PyArray_DATA(w), RABIT_F32, out, in, (int8_t *)PyArray_DATA((PyArrayObject *)q),
+                               (float *)PyArray_DATA((PyArrayObject *)d));
+    Py_END_ALLOW_THREADS
+    if (st == RABIT_ERR_NONFINITE) {
+        PyErr_Format(PyExc_ValueError, "%s: the weight contains NaN or Inf; only finite weights can be quantized", op);
+        goto fail;
+    }
+    if (rabit_fail(op, st)) goto fail;
+    Py_DECREF(w);
+    return Py_BuildValue("(NN)", q, d);
+fail:
+    Py_XDECREF(w);
+    Py_XDECREF(q);
+    Py_XDECREF(d);
+    return NULL;
+}
+
+static PyObject *core_int8_linear(PyObject *self, PyObject *args, PyObject *kwargs) {
+    static char *kwlist[] = {"x", "qweight", "scales", "out_features", "bias", NULL};
+    const char *op = "rabit._core.int8_linear";
+    PyObject *ox, *oq, *os, *ob = Py_None, *y = NULL;
+    PyArrayObject *x = NULL, *q = NULL, *s = NULL, *b = NULL;
+    Py_ssize_t out;
+    npy_intp M, in, groups, nb;
+    rabit_status st = RABIT_OK;
+    (void)self;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOn|O", kwlist, &ox, &oq, &os, &out, &ob)) return NULL;
+    if (out < 1) {
+        PyErr_Format(PyExc_ValueError, "%s: out_features must be >= 1, got %zd", op, out);
+        return NULL;
+    }
+    if (!(x = rabit_array(op, "x", ox, NPY_FLOAT32, 1, 2))) goto fail;
+    if (!(q = rabit_array(op, "qweight", oq, NPY_INT8, 4, 4))) goto fail;
+    if (!(s = rabit_array(op, "scales", os, NPY_FLOAT32, 3, 3))) goto fail;
+    M = PyArray_NDIM(x) == 1 ? 1 : PyArray_DIM(x, 0);
+    in = PyArray_DIM(x, PyArray_NDIM(x) - 1);
+    if (in < 1) {
+        PyErr_Format(PyExc_ValueError, "%s: x has no input features", op);
+        goto fail;
+    }
+    groups = (out + 7) / 8;
+    nb = (npy_intp)(rabit_int8_in_pad(in) / 32);
+    if (PyArray_DIM(q, 0) != groups || PyArray_DIM(q, 1) != nb || PyArray_DIM(q, 2) != 8 || PyArray_DIM(q, 3) != 32 ||
+        PyArray_DIM(s, 0) != groups || PyArray_DIM(s, 1) != nb || PyArray_DIM(s, 2) != 8) {
+        PyErr_Format(PyExc_ValueError, "%s: expected qweight int8 [%zd, %zd, 8, 32] and scales float32 [%zd, %zd, 8] "
+                     "(rabit._core.int8_weight of an [%zd, %zd] weight), got qweight [%zd, %zd, %zd, %zd] and scales "
+                     "[%zd, %zd, %zd]", op, (Py_ssize_t)groups, (Py_ssize_t)nb, (Py_ssize_t)groups, (Py_ssize_t)nb,
+                     out, (Py_ssize_t)in, (Py_ssize_t)PyArray_DIM(q, 0), (Py_ssize_t)PyArray_DIM(q, 1),
+                     (Py_ssize_t)PyArray_DIM(q, 2), (Py_ssize_t)PyArray_DIM(q, 3), (Py_ssize_t)PyArray_DIM(s, 0),
+                     (Py_ssize_t)PyArray_DIM(s, 1), (Py_ssize_t)PyArray_DIM(s, 2));
+        goto fail;
+    }
+    if (rabit_bias(op, ob, out, &b)) goto fail;
+    if (!(y = rabit_new_y(x, out))) goto fail;
+    if (M > 0) {
+        Py_BEGIN_ALLOW_THREADS
+        st = rabit_int8_linear_cpu(PyArray_DATA(x), RABIT_F32, M, in, (const int8_t *)PyArray_DATA(q),
+                                   (const float *)PyArray_DATA(s), b ? (const float *)PyArray_DATA(b) : NULL, out,
+                                   PyArray_DATA((PyArrayObject *)y));
+        Py_END_ALLOW_THREADS
+    }
+    if (rabit_fail(op, st)) goto fail;
+    Py_DECREF(x);
+    Py_DECREF(q);
+    Py_DECREF(s);
+    Py_XDECREF(b);
+    return y;
+fail:
+    Py_XDECREF(x);
+    Py_XDECREF(q);
+    Py_XDECREF(s);
+    Py_XDECREF(b);
+    Py_XDECREF(y);
+    return NULL;
+}
+
 static PyObject *core_set_cpu_kernel(PyObject *self, PyObject *arg) {
     const char *name = PyUnicode_AsUTF8(arg);
     rabit_cpu_kernel k;
@@ -522,6 +745,18 @@ static PyMethodDef core_methods[] = {
      "decode_attention(q f32[B,H,D], k, v f32[B,Hkv,D], k_cache, v_cache f32[B,Hkv,S,D], cos, sin f32[P>=S,D], pos, "
      "scale=None) -> f32[B,H,D]: rotary embedding of q and k, k and v written into the caches at pos (in place), "
      "softmax attention over positions 0..pos (rabit.decode_attention's CPU kernel)"},
+    {"i8_layout", core_i8_layout, METH_VARARGS,
+     "i8_layout(packed uint32[K,out,words], in_features) -> uint8[bytes]: the packed words rearranged for "
+     "packed_linear_i8 (rabit.i8_layout's CPU layout)"},
+    {"packed_linear_i8", (PyCFunction)(void (*)(void))core_packed_linear_i8, METH_VARARGS | METH_KEYWORDS,
+     "packed_linear_i8(x f32[M,in] or [in], layout, g f32[K,out], h f32[K,in], bias=None) -> f32[M,out]: "
+     "packed_linear on int8 activation tables (a relative error of ~1e-2; rabit.packed_linear_i8's kernel)"},
+    {"int8_weight", core_int8_weight, METH_VARARGS,
+     "int8_weight(weight f32[out,in]) -> (qweight int8[ceil(out/8),nb,8,32], scales f32[ceil(out/8),nb,8]): "
+     "a scale per row and 32 columns (rabit.int8_weight)"},
+    {"int8_linear", (PyCFunction)(void (*)(void))core_int8_linear, METH_VARARGS | METH_KEYWORDS,
+     "int8_linear(x f32[M,in] or [in], qweight, scales, out_features, bias=None) -> f32[M,out]: int8 weights and "
+     "activations, float32 sums (rabit.int8_linear's kernel; a relative error of ~1e-2)"},
     {"set_cpu_kernel", core_set_cpu_kernel, METH_O, "Force the CPU packed-GEMV kernel: " RABIT_CPU_KERNEL_NAMES "."},
     {"cpu_kernel", core_cpu_kernel, METH_NOARGS, "The CPU packed-GEMV kernel in use."},
     {NULL, NULL, 0, NULL}};

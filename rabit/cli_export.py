@@ -314,11 +314,12 @@ def add_generate(sub) -> argparse.ArgumentParser:
                         "(llama.cpp's Q8_0 kind, rabit.int8_linear: a quarter of the bytes, ~1e-2 relative error) "
                         "(CPU, Llama-family models: the largest matrix a small model reads per token; the logits "
                         "round otherwise than float32's, so a near-tie can decode otherwise; default: lm_head in "
-                        "float32)")
+                        "float32; --runtime numpy takes int8 only)")
     p.add_argument("--int8-activations", action="store_true",
                    help="CPU, packed Llama-family models: decode steps run the packed linears on int8 activation "
                         "tables (rabit.packed_linear_fused_i8, the class of llama.cpp's int8 activations): faster, "
-                        "at ~1e-2 relative error per layer, so the tokens can differ from the default's")
+                        "at ~1e-2 relative error per layer, so the tokens can differ from the default's (--runtime "
+                        "numpy: rabit._core.packed_linear_i8, the same kernel)")
     _add_common(p)
     return p
 
@@ -333,17 +334,18 @@ def run_generate(args: argparse.Namespace) -> dict[str, Any]:
     if args.runtime == "numpy":
         if sampled:
             raise CommandError("rabit: --runtime numpy decodes greedily; drop --temperature or use --runtime torch")
-        for flag, given in (("--compile", args.compile), ("--head-dtype", args.head_dtype),
-                            ("--int8-activations", args.int8_activations)):
-            if given:
-                raise CommandError(f"rabit: --runtime numpy has no {flag} (it runs the NumPy kernels); drop it or use "
-                                   "--runtime torch")
+        if args.compile:
+            raise CommandError("rabit: --runtime numpy has no --compile (it runs the NumPy kernels); drop it or use "
+                               "--runtime torch")
+        if args.head_dtype not in (None, "int8"):
+            raise CommandError(f"rabit: --runtime numpy takes --head-dtype int8 only (NumPy has no fast "
+                               f"{args.head_dtype} matmul); drop it or use --runtime torch")
         if not _is_export_dir(args.model):
             raise CommandError(f"rabit: --runtime numpy needs an exported rabit directory, got {args.model!r}; "
                            "export it first with `rabit export`")
         from . import runtime
 
-        model, tok = runtime.load(args.model)
+        model, tok = runtime.load(args.model, int8_activations=args.int8_activations, head_dtype=args.head_dtype)
         if tok is None:
             raise CommandError(f"rabit: {args.model!r} was exported without a tokenizer")
         prompt_ids = tok.encode(args.prompt)

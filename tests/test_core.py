@@ -229,3 +229,76 @@ def test_core_decode_attention_does_not_depend_on_the_thread_count(tmp_path):
         assert r.returncode == 0, r.stderr
         digests.append(r.stdout.strip())
     assert digests[0] == digests[1] and len(digests[0]) == 64
+
+
+# the int8 classes (opt-in): the NumPy entry points run the torch ops' kernels, so their outputs are the same bits
+I8_SHAPES = [(1, 1), (7, 31), (16, 64), (13, 95), (33, 257), (40, 300), (96, 576)]
+
+
+@pytest.mark.parametrize("shape", I8_SHAPES, ids=shape_id)
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_core_int8_entry_points_match_torch_ops(shape, k):
+    torch.manual_seed(hash((shape, k)) % 2**31)
+    out, in_ = shape
+    w, g, h = random_layer(out, in_, k)
+    _, packed = rabit.residual_binarize(w, g, h)
+    layout_t = rabit.i8_layout(packed, in_)
+    layout_n = _core.i8_layout(packed.numpy().view(np.uint32), in_)
+    assert layout_n.dtype == np.uint8 and np.array_equal(layout_n, layout_t.numpy())
+    for m in (1, 2, 5):
+        x = torch.randn(m, in_)
+        bias = torch.randn(out)
+        y_t = rabit.packed_linear_i8(x, layout_t, g, h, bias)
+        y_n = _core.packed_linear_i8(x.numpy(), layout_n, g.numpy(), h.numpy(), bias.numpy())
+        assert np.array_equal(y_n, y_t.numpy())
+    y1 = _core.packed_linear_i8(x[0].numpy(), layout_n, g.numpy(), h.numpy())
+    assert y1.shape == (out,) and np.array_equal(y1, rabit.packed_linear_i8(x[:1], layout_t, g, h)[0].numpy())
+    # the int8 head on the same shape (a dense weight)
+    q_t, s_t = rabit.int8_weight(w)
+    q_n, s_n = _core.int8_weight(w.numpy())
+    assert q_n.dtype == np.int8 and s_n.dtype == np.float32
+    assert np.array_equal(q_n, q_t.numpy()) and np.array_equal(s_n, s_t.numpy())
+    for m in (1, 3):
+        x = torch.randn(m, in_)
+        y_t = rabit.int8_linear(x, q_t, s_t, out, bias)
+        y_n = _core.int8_linear(x.numpy(), q_n, s_n, out, bias.numpy())
+        assert np.array_equal(y_n, y_t.numpy())
+    y1 = _core.int8_linear(x[0].numpy(), q_n, s_n, out)
+    assert y1.shape == (out,) and np.array_equal(y1, rabit.int8_linear(x[:1], q_t, s_t, out)[0].numpy())
+
+
+def test_core_int8_entry_points_reject_bad_input():
+    w, g, h = random_layer(20, 70, 2)
+    _, packed = rabit.residual_binarize(w, g, h)
+    p, gn, hn = packed.numpy().view(np.uint32), g.numpy(), h.numpy()
+    layout = _core.i8_layout(p, 70)
+    x = np.random.randn(2, 70).astype(np.float32)
+    with pytest.raises(ValueError, match="in_features must be positive"):
+        _core.i8_layout(p, 0)
+    with pytest.raises(ValueError, match=r"expected packed \[K, out, 7\] \(in=200\).*got \[2, 20, 3\]"):
+        _core.i8_layout(p, 200)
+    with pytest.raises(TypeError, match="packed to have dtype u4"):
+        _core.i8_layout(p.astype(np.int64), 70)
+    with pytest.raises(ValueError, match="expected layout to be"):
+        _core.packed_linear_i8(x, layout[:-1], gn, hn)
+    with pytest.raises(TypeError, match="layout to have dtype u1"):
+        _core.packed_linear_i8(x, layout.view(np.int8), gn, hn)
+    with pytest.raises(ValueError, match="x has 69 columns"):
+        _core.packed_linear_i8(x[:, :69], layout, gn, hn)
+    with pytest.raises(ValueError, match="bias has 19 elements but out=20"):
+        _core.packed_linear_i8(x, layout, gn, hn, np.zeros(19, np.float32))
+    with pytest.raises(TypeError, match="x to have dtype f4"):
+        _core.packed_linear_i8(x.astype(np.float64), layout, gn, hn)
+    q, s = _core.int8_weight(w.numpy())
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        _core.int8_weight(np.full((3, 5), np.nan, np.float32))
+    with pytest.raises(ValueError, match="non-empty weight"):
+        _core.int8_weight(np.zeros((0, 5), np.float32))
+    with pytest.raises(ValueError, match="out_features must be >= 1"):
+        _core.int8_linear(x, q, s, 0)
+    with pytest.raises(ValueError, match=r"expected qweight int8 \[2, 3, 8, 32\]"):
+        _core.int8_linear(x, q, s, 9)  # 9 rows are 2 groups of 8; q holds 3
+    with pytest.raises(ValueError, match=r"expected qweight int8 \[3, 2, 8, 32\]"):
+        _core.int8_linear(x[:, :40], q, s, 20)  # 40 columns are 2 blocks of 32; q holds 3
+    with pytest.raises(TypeError, match="scales to have dtype f4"):
+        _core.int8_linear(x, q, s.astype(np.float64), 20)

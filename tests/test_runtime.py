@@ -348,3 +348,73 @@ def test_smollm2_runtime_matches_torch(tmp_path):
     assert rtok.encode("The capital of France is") == ids
     tm = export.from_pretrained(d, dtype=torch.float32)
     assert_close(rt.forward(ids), torch_logits(tm, ids))
+
+
+def test_int8_classes_run_the_int8_kernels_on_decoding_steps(stories_export, monkeypatch):
+    """int8_activations=True: the prompt's logits are the float32 runtime's exactly (it stays float32), each decoding
+    step runs rabit._core.packed_linear_i8 once per packed layer, and its logits stay within the int8 class of the
+    float32 ones (~1e-2 relative; any real mistake moves them by O(1)). head_dtype="int8": the LM head is
+    rabit._core.int8_linear of the final hidden state, the torch op's bits."""
+    rt, tok = runtime.load(stories_export)
+    ids = list(np.random.default_rng(2).integers(3, 512, 40))
+    calls = []
+    real = runtime.model._core().packed_linear_i8
+
+    def spy(*args):
+        calls.append(args[0].shape)
+        return real(*args)
+
+    monkeypatch.setattr(runtime.model.PackedLinear, "__init__", _spy_init(spy))
+    r8, _ = runtime.load(stories_export, int8_activations=True)
+    n_packed = sum(isinstance(v, runtime.model.PackedLinear) for layer in r8.layers for v in layer.values())
+    assert n_packed == 7 * r8.n_layers
+
+    def steps(r):
+        cache = r.new_cache()
+        return np.concatenate([r.forward(ids[:6], cache)] + [r.forward([t], cache) for t in ids[6:]])
+
+    a, b = steps(rt), steps(r8)
+    assert np.array_equal(a[:6], b[:6])  # the prompt: float32 kernels only
+    assert len(calls) == n_packed * (len(ids) - 6) and all(s == (1, s[1]) for s in calls)
+    err = np.abs(a[6:] - b[6:]).max() / np.abs(a[6:]).max()
+    assert 0 < err < 0.1, err  # int8 really ran, and within its class
+    rh, _ = runtime.load(stories_export, head_dtype="int8")
+    assert isinstance(rh.lm_head, runtime.model.Int8Linear)  # stories260K ties lm_head to the embedding
+    x = np.random.default_rng(3).standard_normal((2, rh.hidden)).astype(np.float32)
+    q, s = rabit.int8_weight(torch.from_numpy(rh.embed))
+    want = rabit.int8_linear(torch.from_numpy(x), q, s, rh.vocab).numpy()
+    assert np.array_equal(rh.lm_head(x), want)
+    err = np.abs(rh.forward(ids) - rt.forward(ids)).max() / np.abs(rt.forward(ids)).max()
+    assert 0 < err < 0.1, err
+
+
+def _spy_init(spy):
+    """PackedLinear.__init__ whose int8 kernel is `spy` (the layers keep their kernels from load time)."""
+    init = runtime.model.PackedLinear.__init__
+
+    def wrapped(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        self._kernel_i8 = spy
+
+    return wrapped
+
+
+def test_int8_classes_bad_options_are_refused(stories_export):
+    with pytest.raises(ValueError, match="head_dtype must be None, 'float32' or 'int8', got 'float16'"):
+        runtime.load(stories_export, head_dtype="float16")
+    from rabit.cli import main
+
+    assert main(["generate", str(stories_export), "--prompt", PROMPT, "--runtime", "numpy", "--head-dtype",
+                 "float16", "--max-new-tokens", "2"]) == 1
+
+
+def test_cli_generate_numpy_runtime_with_int8_classes(stories_export, capsys):
+    from rabit.cli import main
+
+    want = runtime.load(stories_export, int8_activations=True, head_dtype="int8")[0].generate(
+        runtime.load_tokenizer(stories_export).encode(PROMPT), 8)
+    assert main(["generate", str(stories_export), "--prompt", PROMPT, "--runtime", "numpy", "--int8-activations",
+                 "--head-dtype", "int8", "--max-new-tokens", "8", "--json", "--quiet"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["runtime"] == "numpy" and out["int8_activations"] is True and out["head_dtype"] == "int8"
+    assert out["text"] == runtime.load_tokenizer(stories_export).decode(want)

@@ -21,10 +21,12 @@ __all__ = ["FORMAT_VERSION", "QUANT_METHOD", "ExportFormatError", "HFTokenizer",
            "LlamaRuntime", "generate_text", "load", "load_tokenizer", "read_config", "read_safetensors_header"]
 
 
-def load(model_dir: str | os.PathLike, tokenizer: bool = True):
+def load(model_dir: str | os.PathLike, tokenizer: bool = True, int8_activations: bool = False,
+         head_dtype: str | None = None):
     """``(LlamaRuntime, tokenizer)`` of an exported directory; the tokenizer is None if none was exported
-    (or when ``tokenizer=False``)."""
-    model = LlamaRuntime.load(model_dir)
+    (or when ``tokenizer=False``). ``int8_activations`` / ``head_dtype="int8"``: the opt-in int8 classes of
+    :meth:`LlamaRuntime.load`."""
+    model = LlamaRuntime.load(model_dir, int8_activations=int8_activations, head_dtype=head_dtype)
     tok = None
     if tokenizer and model.config["quantization_config"].get("tokenizer") is not None:
         tok = load_tokenizer(model_dir, model.config)
