@@ -8,6 +8,11 @@ bench_decode.py), exported with `rabit.export.save_pretrained` and loaded back b
 --new tokens greedily after a --prompt-token prompt of random ids; ms/token counts the decoding steps only.
 
     python benchmarks/bench_runtime.py [--models stories260k,smollm2-135m] [--prompt 128] [--new 128] [--rounds 3]
+        [--compare attention|int8]
+
+--compare int8: the runtime's defaults (float32 tables and head) against its opt-in int8 classes
+(`int8_activations=True, head_dtype="int8"`, what `rabit generate --runtime numpy --int8-activations --head-dtype int8`
+runs), both with the fused attention, two runtimes loaded from the same export, alternated in each round.
 """
 
 from __future__ import annotations
@@ -51,7 +56,12 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--tag", default="", help="suffix of the JSON file name")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--compare", choices=("attention", "int8"), default="attention",
+                    help="attention: the fused decode attention against NumPy's (default); int8: float32 against the "
+                         "int8 classes")
     args = ap.parse_args(argv)
+    if args.compare == "int8":
+        return compare_int8(args)
     rows = []
     for name in args.models.split(","):
         model, _ = load_model(name, dtype=torch.float32, device="cpu")
@@ -89,6 +99,47 @@ def main(argv=None):
            "variants alternating in one process on one loaded runtime", "rows": rows}
     tag = f"_{args.tag}" if args.tag else ""
     write_result(doc, args.out, f"bench_runtime_cpu_{time.strftime('%Y-%m-%d')}{tag}.json")
+
+
+def compare_int8(args):
+    rows = []
+    for name in args.models.split(","):
+        model, _ = load_model(name, dtype=torch.float32, device="cpu")
+        pack_random_(model.eval())
+        with tempfile.TemporaryDirectory() as d:
+            export.save_pretrained(model, os.path.join(d, "m"))
+            rts = {"float32": runtime.LlamaRuntime.load(os.path.join(d, "m")),
+                   "int8": runtime.LlamaRuntime.load(os.path.join(d, "m"), int8_activations=True, head_dtype="int8")}
+        del model
+        prompt = np.random.default_rng(0).integers(3, rts["float32"].vocab, args.prompt).tolist()
+        times = {k: [] for k in rts}
+        tokens = {}
+        for _ in range(args.rounds):
+            for k, rt in rts.items():
+                decode_s, tokens[k] = decode(rt, prompt, args.new)
+                times[k].append(decode_s / args.new * 1e3)
+        ms = {k: statistics.median(v) for k, v in times.items()}
+        wins = sum(i < f for i, f in zip(times["int8"], times["float32"]))
+        row = {"model": name, "weights": "pretrained FP weights; random packed bits",
+               "float32_ms_per_token": round(ms["float32"], 3), "int8_ms_per_token": round(ms["int8"], 3),
+               "float32_tokens_per_s": round(1e3 / ms["float32"], 1), "int8_tokens_per_s": round(1e3 / ms["int8"], 1),
+               "speedup": round(ms["float32"] / ms["int8"], 3), "int8_faster_rounds": f"{wins}/{args.rounds}",
+               "float32_ms_all_rounds": [round(t, 3) for t in times["float32"]],
+               "int8_ms_all_rounds": [round(t, 3) for t in times["int8"]],
+               # int8 rounds otherwise (~1e-2 a layer): random bits make near-ties common, so tokens may differ
+               "same_tokens": tokens["float32"] == tokens["int8"]}
+        rows.append(row)
+        print(f"{name:14s} decode {row['float32_tokens_per_s']:8.1f} tok/s float32, {row['int8_tokens_per_s']:8.1f} "
+              f"int8 activations + head ({row['speedup']:.2f}x, int8 faster in {row['int8_faster_rounds']} rounds)",
+              flush=True)
+    doc = {"benchmark": "bench_runtime", "compare": "int8", "device": f"{platform.processor() or 'cpu'}, "
+           f"{os.cpu_count()} cores", "versions": {"python": sys.version.split()[0], "numpy": np.__version__,
+                                                   "torch": torch.__version__, "rabit": rabit.__version__},
+           "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "prompt": args.prompt, "new": args.new,
+           "rounds": args.rounds, "method": "median over rounds of the decoding steps' wall time per token, the two "
+           "runtimes (float32; int8_activations=True, head_dtype='int8') alternating in one process", "rows": rows}
+    tag = f"_{args.tag}" if args.tag else ""
+    write_result(doc, args.out, f"bench_runtime_int8_cpu_{time.strftime('%Y-%m-%d')}{tag}.json")
 
 
 if __name__ == "__main__":
