@@ -36,6 +36,16 @@ from rabit import export, runtime
 from rabit.models import load_model
 
 
+def load_runtimes(name, variants):
+    """{key: LlamaRuntime.load(export, **options)} of one export of model `name` whose decoder linears hold random
+    packed bits (speed only)."""
+    model, _ = load_model(name, dtype=torch.float32, device="cpu")
+    pack_random_(model.eval())
+    with tempfile.TemporaryDirectory() as d:
+        export.save_pretrained(model, os.path.join(d, "m"))
+        return {k: runtime.LlamaRuntime.load(os.path.join(d, "m"), **options) for k, options in variants.items()}
+
+
 def decode(rt, prompt, new):
     """(seconds of the new-token steps, tokens) of one greedy decode; the prompt's forward is not timed."""
     cache = rt.new_cache()
@@ -64,12 +74,7 @@ def main(argv=None):
         return compare_int8(args)
     rows = []
     for name in args.models.split(","):
-        model, _ = load_model(name, dtype=torch.float32, device="cpu")
-        pack_random_(model.eval())
-        with tempfile.TemporaryDirectory() as d:
-            export.save_pretrained(model, os.path.join(d, "m"))
-            rt = runtime.LlamaRuntime.load(os.path.join(d, "m"))
-        del model
+        rt = load_runtimes(name, {"default": {}})["default"]
         prompt = np.random.default_rng(0).integers(3, rt.vocab, args.prompt).tolist()
         times = {True: [], False: []}
         tokens = {}
@@ -104,13 +109,7 @@ def main(argv=None):
 def compare_int8(args):
     rows = []
     for name in args.models.split(","):
-        model, _ = load_model(name, dtype=torch.float32, device="cpu")
-        pack_random_(model.eval())
-        with tempfile.TemporaryDirectory() as d:
-            export.save_pretrained(model, os.path.join(d, "m"))
-            rts = {"float32": runtime.LlamaRuntime.load(os.path.join(d, "m")),
-                   "int8": runtime.LlamaRuntime.load(os.path.join(d, "m"), int8_activations=True, head_dtype="int8")}
-        del model
+        rts = load_runtimes(name, {"float32": {}, "int8": {"int8_activations": True, "head_dtype": "int8"}})
         prompt = np.random.default_rng(0).integers(3, rts["float32"].vocab, args.prompt).tolist()
         times = {k: [] for k in rts}
         tokens = {}
