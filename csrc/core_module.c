@@ -499,7 +499,7 @@ static PyObject *core_i8_layout(PyObject *self, PyObject *args) {
     rabit_status st;
     (void)self;
     if (!PyArg_ParseTuple(args, "On", &op_, &in)) return NULL;
-    if (in < 1) {
+    if (in < 1 || in > PY_SSIZE_T_MAX / 2) {  /* (the bound keeps the word count's arithmetic in range) */
         PyErr_Format(PyExc_ValueError, "%s: in_features must be positive, got %zd", op, in);
         return NULL;
     }
@@ -660,7 +660,7 @@ static PyObject *core_int8_linear(PyObject *self, PyObject *args, PyObject *kwar
     rabit_status st = RABIT_OK;
     (void)self;
     if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOn|O", kwlist, &ox, &oq, &os, &out, &ob)) return NULL;
-    if (out < 1) {
+    if (out < 1 || out > PY_SSIZE_T_MAX / 2) {  /* (the bound keeps the group count's arithmetic in range) */
         PyErr_Format(PyExc_ValueError, "%s: out_features must be >= 1, got %zd", op, out);
         return NULL;
     }

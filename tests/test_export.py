@@ -550,8 +550,10 @@ def test_cli_generate_sampling(capsys):
     (["--temperature", "0"], "--temperature must be > 0"),
     (["--temperature", "1", "--runtime", "numpy"], "decodes greedily"),
     (["--compile", "--runtime", "numpy"], "--runtime numpy has no --compile"),
-    (["--head-dtype", "float16", "--runtime", "numpy"], "--runtime numpy has no --head-dtype"),
-    (["--int8-activations", "--runtime", "numpy"], "--runtime numpy has no --int8-activations"),
+    (["--head-dtype", "float16", "--runtime", "numpy"], "--runtime numpy takes --head-dtype int8 only"),
+    (["--head-dtype", "bfloat16", "--runtime", "numpy"], "NumPy has no fast bfloat16 matmul"),
+    # the int8 classes run on the NumPy runtime too (tests/test_runtime.py), from an exported directory
+    (["--int8-activations", "--runtime", "numpy"], "--runtime numpy needs an exported rabit directory"),
     (["--int8-activations"], "int8_activations=True needs the fused glue, which cannot run here: not every decoder "
                              "linear is a PackedRaBiTLinear"),
 ])

@@ -400,8 +400,20 @@ def _spy_init(spy):
 
 
 def test_int8_classes_bad_options_are_refused(stories_export):
-    with pytest.raises(ValueError, match="head_dtype must be None, 'float32' or 'int8', got 'float16'"):
-        runtime.load(stories_export, head_dtype="float16")
+    for bad in ("float16", "bfloat16", "INT8"):
+        with pytest.raises(ValueError, match=f"head_dtype must be None, 'float32' or 'int8', got '{bad}'"):
+            runtime.load(stories_export, head_dtype=bad)
+    rt, _ = runtime.load(stories_export)
+    cfg = json.loads(json.dumps(rt.config))
+    packed_head = json.loads(json.dumps(cfg))
+    packed_head["quantization_config"]["quantized_modules"].append("lm_head")
+    with pytest.raises(ValueError, match="head_dtype='int8' needs a dense lm_head, but this export packs it"):
+        runtime.LlamaRuntime(packed_head, {}, head_dtype="int8")  # refused before any tensor is read
+    dense = json.loads(json.dumps(cfg))
+    dense["quantization_config"]["quantized_modules"] = []
+    with pytest.raises(ValueError, match="int8_activations=True runs the packed decoder layers on int8 tables, but "
+                                         "this export has none"):
+        runtime.LlamaRuntime(dense, {}, int8_activations=True)
     from rabit.cli import main
 
     assert main(["generate", str(stories_export), "--prompt", PROMPT, "--runtime", "numpy", "--head-dtype",

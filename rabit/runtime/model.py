@@ -18,7 +18,8 @@ any linear the export kept dense (e.g. an untied ``lm_head``) is a NumPy matmul.
 
 Opt-in int8 classes (``LlamaRuntime.load(..., int8_activations=True, head_dtype="int8")``), the torch decoder's
 ``StaticDecoder(int8_activations=True, head_dtype="int8")`` with the same kernels: decoding steps run the packed
-layers on int8 activation tables (``rabit._core.packed_linear_i8``; the prompt stays float32), and the dense
+layers on int8 activation tables (``rabit._core.packed_linear_i8``; so does a one-token prompt, as in the torch
+decoder; longer prompts stay float32), and the dense
 ``lm_head`` runs on int8 blocks (``rabit._core.int8_linear``, llama.cpp's Q8_0 kind). Faster on the CPU, with a
 relative error of ~1e-2 per layer instead of float32's.
 """
@@ -84,8 +85,8 @@ class Int8Linear:
         self._kernel = _core().int8_linear
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        return self._kernel(np.ascontiguousarray(x, dtype=np.float32), self.qweight, self.scales,
-                                   self.out_features, self.bias)
+        return self._kernel(np.ascontiguousarray(x, dtype=np.float32), self.qweight, self.scales, self.out_features,
+                            self.bias)
 
 
 class DenseLinear:
@@ -147,6 +148,12 @@ def _one_sequence(ids) -> np.ndarray:
     return raw.astype(np.int64).reshape(-1)
 
 
+def _check_head_dtype(head_dtype) -> None:
+    if head_dtype not in (None, "float32", "int8"):
+        raise ValueError(f"rabit.runtime: head_dtype must be None, 'float32' or 'int8', got {head_dtype!r} (NumPy has "
+                         "no fast half-precision matmul; the torch runtime takes float16 and bfloat16)")
+
+
 class LlamaRuntime:
     """Greedy-decoding Llama over an exported directory, in NumPy. Build with :meth:`load`."""
 
@@ -155,9 +162,7 @@ class LlamaRuntime:
 
     def __init__(self, config: dict[str, Any], tensors: dict[str, np.ndarray], path: str = "",
                  int8_activations: bool = False, head_dtype: str | None = None):
-        if head_dtype not in (None, "float32", "int8"):
-            raise ValueError(f"rabit.runtime: head_dtype must be None, 'float32' or 'int8', got {head_dtype!r} (NumPy "
-                             "has no fast float16 matmul; the torch runtime takes float16 and bfloat16)")
+        _check_head_dtype(head_dtype)
         self.config = config
         self.path = path
         self.int8_activations = bool(int8_activations)
@@ -165,6 +170,13 @@ class LlamaRuntime:
         qc = config["quantization_config"]
         self.k = qc["k"]
         self.quantized = set(qc["quantized_modules"])
+        # the int8 classes' refusals before any layer is built
+        if self.head_dtype == "int8" and "lm_head" in self.quantized:
+            raise ValueError(f"rabit.runtime: head_dtype='int8' needs a dense lm_head, but {path or 'this export'} "
+                             "packs it; load without head_dtype")
+        if self.int8_activations and not any(m != "lm_head" for m in self.quantized):
+            raise ValueError(f"rabit.runtime: int8_activations=True runs the packed decoder layers on int8 tables, "
+                             f"but {path or 'this export'} has none; load without int8_activations")
         c = self._arch(config)
         self.__dict__.update(c)
         self._tensors = tensors
@@ -181,9 +193,6 @@ class LlamaRuntime:
                     ("down", "mlp.down_proj"))},
             })
         self.norm = self._f32("model.norm.weight")
-        if self.head_dtype == "int8" and "lm_head" in self.quantized:
-            raise ValueError(f"rabit.runtime: head_dtype='int8' needs a dense lm_head, but {path or 'this export'} "
-                             "packs it; load without head_dtype")
         if "lm_head" in self.quantized or "lm_head.weight" in tensors:
             self.lm_head = self._linear("lm_head", head=True)
         elif self.tied:
@@ -292,6 +301,7 @@ class LlamaRuntime:
              head_dtype: str | None = None) -> "LlamaRuntime":
         """Validate and load an exported directory (config.json + model.safetensors). ``int8_activations`` and
         ``head_dtype="int8"``: the opt-in int8 classes (module docstring)."""
+        _check_head_dtype(head_dtype)  # before the weights are read
         d = Path(model_dir)
         config = read_config(d)
         path = d / WEIGHTS_NAME
