@@ -500,7 +500,7 @@ static PyObject *core_i8_layout(PyObject *self, PyObject *args) {
     (void)self;
     if (!PyArg_ParseTuple(args, "On", &op_, &in)) return NULL;
     if (in < 1 || in > PY_SSIZE_T_MAX / 2) {  /* (the bound keeps the word count's arithmetic in range) */
-        PyErr_Format(PyExc_ValueError, "%s: in_features must be positive, got %zd", op, in);
+        PyErr_Format(PyExc_ValueError, "%s: in_features must be in [1, %zd], got %zd", op, PY_SSIZE_T_MAX / 2, in);
         return NULL;
     }
     if (!(p = rabit_array(op, "packed", op_, NPY_UINT32, 3, 3))) return NULL;
@@ -661,7 +661,7 @@ static PyObject *core_int8_linear(PyObject *self, PyObject *args, PyObject *kwar
     (void)self;
     if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOn|O", kwlist, &ox, &oq, &os, &out, &ob)) return NULL;
     if (out < 1 || out > PY_SSIZE_T_MAX / 2) {  /* (the bound keeps the group count's arithmetic in range) */
-        PyErr_Format(PyExc_ValueError, "%s: out_features must be >= 1, got %zd", op, out);
+        PyErr_Format(PyExc_ValueError, "%s: out_features must be in [1, %zd], got %zd", op, PY_SSIZE_T_MAX / 2, out);
         return NULL;
     }
     if (!(x = rabit_array(op, "x", ox, NPY_FLOAT32, 1, 2))) goto fail;

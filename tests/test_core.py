@@ -273,8 +273,10 @@ def test_core_int8_entry_points_reject_bad_input():
     p, gn, hn = packed.numpy().view(np.uint32), g.numpy(), h.numpy()
     layout = _core.i8_layout(p, 70)
     x = np.random.randn(2, 70).astype(np.float32)
-    with pytest.raises(ValueError, match="in_features must be positive"):
+    with pytest.raises(ValueError, match=r"in_features must be in \[1, \d+\], got 0"):
         _core.i8_layout(p, 0)
+    with pytest.raises(ValueError, match=r"in_features must be in \[1, \d+\], got 9223372036854775807"):
+        _core.i8_layout(p, sys.maxsize)  # refused before the word count's arithmetic could overflow
     with pytest.raises(ValueError, match=r"expected packed \[K, out, 7\] \(in=200\).*got \[2, 20, 3\]"):
         _core.i8_layout(p, 200)
     with pytest.raises(TypeError, match="packed to have dtype u4"):
@@ -294,8 +296,10 @@ def test_core_int8_entry_points_reject_bad_input():
         _core.int8_weight(np.full((3, 5), np.nan, np.float32))
     with pytest.raises(ValueError, match="non-empty weight"):
         _core.int8_weight(np.zeros((0, 5), np.float32))
-    with pytest.raises(ValueError, match="out_features must be >= 1"):
+    with pytest.raises(ValueError, match=r"out_features must be in \[1, \d+\], got 0"):
         _core.int8_linear(x, q, s, 0)
+    with pytest.raises(ValueError, match=r"out_features must be in \[1, \d+\], got 9223372036854775807"):
+        _core.int8_linear(x, q, s, sys.maxsize)
     with pytest.raises(ValueError, match=r"expected qweight int8 \[2, 3, 8, 32\]"):
         _core.int8_linear(x, q, s, 9)  # 9 rows are 2 groups of 8; q holds 3
     with pytest.raises(ValueError, match=r"expected qweight int8 \[3, 2, 8, 32\]"):
