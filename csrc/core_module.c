@@ -274,22 +274,42 @@ fail:
     return -1;
 }
 
+/* The float32 y [M, out] of an x [M, in], or [out] of an x [in]. */
+static PyObject *rabit_new_y(PyArrayObject *x, npy_intp out) {
+    npy_intp dims[2];
+    dims[0] = PyArray_NDIM(x) == 1 ? 1 : PyArray_DIM(x, 0);
+    dims[1] = out;
+    return PyArray_NDIM(x) == 1 ? PyArray_SimpleNew(1, &dims[1], NPY_FLOAT32) : PyArray_SimpleNew(2, dims, NPY_FLOAT32);
+}
+
+/* bias (None or float32 [out]): a new reference in *b (NULL for None); 1 + exception on error. */
+static int rabit_bias(const char *op, PyObject *ob, npy_intp out, PyArrayObject **b) {
+    *b = NULL;
+    if (ob == Py_None) return 0;
+    if (!(*b = rabit_array(op, "bias", ob, NPY_FLOAT32, 1, 1))) return 1;
+    if (PyArray_DIM(*b, 0) != out) {
+        PyErr_Format(PyExc_ValueError, "%s: bias has %zd elements but out=%zd", op, (Py_ssize_t)PyArray_DIM(*b, 0),
+                     (Py_ssize_t)out);
+        Py_CLEAR(*b);
+        return 1;
+    }
+    return 0;
+}
+
 static PyObject *core_packed_linear(PyObject *self, PyObject *args, PyObject *kwargs) {
     static char *kwlist[] = {"x", "packed", "g", "h", "bias", NULL};
     const char *op = "rabit._core.packed_linear";
     PyObject *ox, *op_, *og, *oh, *ob = Py_None, *y = NULL;
     PyArrayObject *x = NULL, *p = NULL, *g = NULL, *h = NULL, *b = NULL;
-    npy_intp M, in, K, out, ydims[2];
+    npy_intp M, in, K, out;
     rabit_status st;
-    int vec;
     (void)self;
     if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOO|O", kwlist, &ox, &op_, &og, &oh, &ob)) return NULL;
     if (!(x = rabit_array(op, "x", ox, NPY_FLOAT32, 1, 2))) goto fail;
     if (!(p = rabit_array(op, "packed", op_, NPY_UINT32, 3, 3))) goto fail;
     if (!(g = rabit_array(op, "g", og, NPY_FLOAT32, 2, 2))) goto fail;
     if (!(h = rabit_array(op, "h", oh, NPY_FLOAT32, 2, 2))) goto fail;
-    vec = PyArray_NDIM(x) == 1;
-    M = vec ? 1 : PyArray_DIM(x, 0);
+    M = PyArray_NDIM(x) == 1 ? 1 : PyArray_DIM(x, 0);
     in = PyArray_DIM(x, PyArray_NDIM(x) - 1);
     K = PyArray_DIM(p, 0);
     out = PyArray_DIM(p, 1);
@@ -311,18 +331,8 @@ static PyObject *core_packed_linear(PyObject *self, PyObject *args, PyObject *kw
                      (Py_ssize_t)in, (Py_ssize_t)PyArray_DIM(g, 0), (Py_ssize_t)out, (Py_ssize_t)RABIT_WORDS(in));
         goto fail;
     }
-    if (ob != Py_None) {
-        if (!(b = rabit_array(op, "bias", ob, NPY_FLOAT32, 1, 1))) goto fail;
-        if (PyArray_DIM(b, 0) != out) {
-            PyErr_Format(PyExc_ValueError, "%s: bias has %zd elements but out=%zd", op, (Py_ssize_t)PyArray_DIM(b, 0),
-                         (Py_ssize_t)out);
-            goto fail;
-        }
-    }
-    ydims[0] = M;
-    ydims[1] = out;
-    y = vec ? PyArray_SimpleNew(1, &ydims[1], NPY_FLOAT32) : PyArray_SimpleNew(2, ydims, NPY_FLOAT32);
-    if (!y) goto fail;
+    if (rabit_bias(op, ob, out, &b)) goto fail;
+    if (!(y = rabit_new_y(x, out))) goto fail;
     if (M > 0 && rabit_cpu_use_gemm(M)) {
         if (packed_linear_gemm(op, x, p, g, h, b, K, out, in, M, (PyArrayObject *)y)) goto fail;
         st = RABIT_OK;
@@ -525,28 +535,6 @@ fail:
     Py_XDECREF(p);
     Py_XDECREF(layout);
     return NULL;
-}
-
-/* x float32 [M, in] or [in]: its rows M, its width in and whether it was a vector; the y of [M, out] (or [out]). */
-static PyObject *rabit_new_y(PyArrayObject *x, npy_intp out) {
-    npy_intp dims[2];
-    dims[0] = PyArray_NDIM(x) == 1 ? 1 : PyArray_DIM(x, 0);
-    dims[1] = out;
-    return PyArray_NDIM(x) == 1 ? PyArray_SimpleNew(1, &dims[1], NPY_FLOAT32) : PyArray_SimpleNew(2, dims, NPY_FLOAT32);
-}
-
-/* bias (None or float32 [out]): a new reference in *b (NULL for None); 1 + exception on error. */
-static int rabit_bias(const char *op, PyObject *ob, npy_intp out, PyArrayObject **b) {
-    *b = NULL;
-    if (ob == Py_None) return 0;
-    if (!(*b = rabit_array(op, "bias", ob, NPY_FLOAT32, 1, 1))) return 1;
-    if (PyArray_DIM(*b, 0) != out) {
-        PyErr_Format(PyExc_ValueError, "%s: bias has %zd elements but out=%zd", op, (Py_ssize_t)PyArray_DIM(*b, 0),
-                     (Py_ssize_t)out);
-        Py_CLEAR(*b);
-        return 1;
-    }
-    return 0;
 }
 
 static PyObject *core_packed_linear_i8(PyObject *self, PyObject *args, PyObject *kwargs) {
