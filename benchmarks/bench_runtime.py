@@ -58,6 +58,29 @@ def decode(rt, prompt, new):
     return time.perf_counter() - t0, out
 
 
+def alternate(variants, prompt, args):
+    """({key: [ms per token, one per round]}, {key: tokens}) of greedy decodes of the variants {key: (runtime,
+    fused_attention)}, run in turn in each round."""
+    times = {k: [] for k in variants}
+    tokens = {}
+    for _ in range(args.rounds):
+        for k, (rt, fused) in variants.items():
+            rt.fused_attention = fused
+            decode_s, tokens[k] = decode(rt, prompt, args.new)
+            times[k].append(decode_s / args.new * 1e3)
+    return times, tokens
+
+
+def write_doc(args, rows, method, stem, **fields):
+    doc = {"benchmark": "bench_runtime", **fields, "device": f"{platform.processor() or 'cpu'}, {os.cpu_count()} cores",
+           "versions": {"python": sys.version.split()[0], "numpy": np.__version__, "torch": torch.__version__,
+                        "rabit": rabit.__version__},
+           "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "prompt": args.prompt, "new": args.new,
+           "rounds": args.rounds, "method": method, "rows": rows}
+    tag = f"_{args.tag}" if args.tag else ""
+    write_result(doc, args.out, f"{stem}_{time.strftime('%Y-%m-%d')}{tag}.json")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", default="stories260k,smollm2-135m")
@@ -76,13 +99,7 @@ def main(argv=None):
     for name in args.models.split(","):
         rt = load_runtimes(name, {"default": {}})["default"]
         prompt = np.random.default_rng(0).integers(3, rt.vocab, args.prompt).tolist()
-        times = {True: [], False: []}
-        tokens = {}
-        for _ in range(args.rounds):
-            for fused in (True, False):
-                rt.fused_attention = fused
-                decode_s, tokens[fused] = decode(rt, prompt, args.new)
-                times[fused].append(decode_s / args.new * 1e3)
+        times, tokens = alternate({True: (rt, True), False: (rt, False)}, prompt, args)
         ms = {k: statistics.median(v) for k, v in times.items()}
         row = {"model": name, "weights": "pretrained FP weights; random packed bits",
                "fused_ms_per_token": round(ms[True], 3), "numpy_ms_per_token": round(ms[False], 3),
@@ -96,14 +113,8 @@ def main(argv=None):
         print(f"{name:14s} decode {row['fused_tokens_per_s']:8.1f} tok/s fused attention, "
               f"{row['numpy_tokens_per_s']:8.1f} NumPy attention ({row['speedup']:.2f}x); same tokens: "
               f"{row['same_tokens']}", flush=True)
-    doc = {"benchmark": "bench_runtime", "device": f"{platform.processor() or 'cpu'}, {os.cpu_count()} cores",
-           "versions": {"python": sys.version.split()[0], "numpy": np.__version__, "torch": torch.__version__,
-                        "rabit": rabit.__version__},
-           "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "prompt": args.prompt, "new": args.new,
-           "rounds": args.rounds, "method": "median over rounds of the decoding steps' wall time per token, both "
-           "variants alternating in one process on one loaded runtime", "rows": rows}
-    tag = f"_{args.tag}" if args.tag else ""
-    write_result(doc, args.out, f"bench_runtime_cpu_{time.strftime('%Y-%m-%d')}{tag}.json")
+    write_doc(args, rows, "median over rounds of the decoding steps' wall time per token, both variants alternating "
+              "in one process on one loaded runtime", "bench_runtime_cpu")
 
 
 def compare_int8(args):
@@ -111,12 +122,7 @@ def compare_int8(args):
     for name in args.models.split(","):
         rts = load_runtimes(name, {"float32": {}, "int8": {"int8_activations": True, "head_dtype": "int8"}})
         prompt = np.random.default_rng(0).integers(3, rts["float32"].vocab, args.prompt).tolist()
-        times = {k: [] for k in rts}
-        tokens = {}
-        for _ in range(args.rounds):
-            for k, rt in rts.items():
-                decode_s, tokens[k] = decode(rt, prompt, args.new)
-                times[k].append(decode_s / args.new * 1e3)
+        times, tokens = alternate({k: (rt, True) for k, rt in rts.items()}, prompt, args)
         ms = {k: statistics.median(v) for k, v in times.items()}
         wins = sum(i < f for i, f in zip(times["int8"], times["float32"]))
         row = {"model": name, "weights": "pretrained FP weights; random packed bits",
@@ -131,14 +137,9 @@ def compare_int8(args):
         print(f"{name:14s} decode {row['float32_tokens_per_s']:8.1f} tok/s float32, {row['int8_tokens_per_s']:8.1f} "
               f"int8 activations + head ({row['speedup']:.2f}x, int8 faster in {row['int8_faster_rounds']} rounds)",
               flush=True)
-    doc = {"benchmark": "bench_runtime", "compare": "int8", "device": f"{platform.processor() or 'cpu'}, "
-           f"{os.cpu_count()} cores", "versions": {"python": sys.version.split()[0], "numpy": np.__version__,
-                                                   "torch": torch.__version__, "rabit": rabit.__version__},
-           "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "prompt": args.prompt, "new": args.new,
-           "rounds": args.rounds, "method": "median over rounds of the decoding steps' wall time per token, the two "
-           "runtimes (float32; int8_activations=True, head_dtype='int8') alternating in one process", "rows": rows}
-    tag = f"_{args.tag}" if args.tag else ""
-    write_result(doc, args.out, f"bench_runtime_int8_cpu_{time.strftime('%Y-%m-%d')}{tag}.json")
+    write_doc(args, rows, "median over rounds of the decoding steps' wall time per token, the two runtimes (float32; "
+              "int8_activations=True, head_dtype='int8') alternating in one process", "bench_runtime_int8_cpu",
+              compare="int8")
 
 
 if __name__ == "__main__":
