@@ -1,7 +1,7 @@
 """Benchmark of the rabit CUDA kernels against cuBLAS fp16 (F.linear) measured in the same run.
 
     python benchmarks/bench_kernels.py [--out DIR] [--quick] [--gemv-only | --prefill-only | --qat-only | --group-only]
-        [--decode-kernels b1,b1p,i8,f16,simt] [--prefill-kernels wgmma,mma] [--shapes llama|narrow]
+        [--decode-kernels b1,b1p,i8,f16,simt] [--ms 1,2] [--prefill-kernels wgmma,mma] [--shapes llama|narrow]
 
 Writes bench_kernels_<gpu>_<date>.json (into --out, else $OUT, else benchmarks/results/) and prints a table.
 
@@ -380,12 +380,21 @@ def main():
                     help="llama: the Llama-2-7B / Llama-3-8B shapes of the targets; narrow: SmolLM2-135M's and "
                          "2048-wide layers (linears and layer groups); tall: 4096-wide layers of 4096-11008 rows, "
                          "where the M = 1 default changes to the persistent 1-bit kernel")
+    ap.add_argument("--ms", default="",
+                    help=f"comma-separated batch sizes M to time (default: {MS} for linears, {GROUP_MS} for layer "
+                         "groups, which take M <= 16 only)")
     ap.add_argument("--prefill-kernels", default="",
                     help=f"comma-separated prefill kernels to time as well (M > 16): {', '.join(PREFILL_KERNELS)}")
     args = ap.parse_args()
     kernels = [k for k in args.decode_kernels.split(",") if k]
     if any(k not in DECODE_KERNELS for k in kernels):
         ap.error(f"--decode-kernels: expected names from {sorted(DECODE_KERNELS)}, got {args.decode_kernels!r}")
+    try:
+        only_ms = [int(m) for m in args.ms.split(",") if m]
+    except ValueError:
+        ap.error(f"--ms: expected comma-separated integers, got {args.ms!r}")
+    if any(m < 1 for m in only_ms):
+        ap.error(f"--ms: expected positive batch sizes, got {args.ms!r}")
     prefill = [k for k in args.prefill_kernels.split(",") if k]
     if any(k not in PREFILL_KERNELS for k in prefill):
         ap.error(f"--prefill-kernels: expected names from {list(PREFILL_KERNELS)}, got {args.prefill_kernels!r}")
@@ -414,7 +423,7 @@ def main():
     shapes = {"llama": SHAPES, "narrow": NARROW_SHAPES, "tall": TALL_SHAPES}[args.shapes]
     shapes = shapes if not args.quick else shapes[:2]
     linear = []
-    ms = MS if not args.quick else [1, 8, 2048]
+    ms = only_ms or (MS if not args.quick else [1, 8, 2048])
     if args.gemv_only:
         ms = [m for m in ms if m <= 16]
     if args.prefill_only:
@@ -424,7 +433,9 @@ def main():
         linear += bench_linear(out, in_features, args.quick, ms, kernels=kernels + prefill)
     groups = [] if only and not args.group_only else [
         r for name, layers in {"llama": GROUPS, "narrow": NARROW_GROUPS, "tall": TALL_GROUPS}[args.shapes].items()
-        for r in bench_group(name, layers, [1, 16] if args.quick else GROUP_MS, kernels)]
+        for r in bench_group(name, layers,
+                             [m for m in only_ms if m <= 16] if only_ms else [1, 16] if args.quick else GROUP_MS,
+                             kernels)]
     for r in linear:
         if r["M"] == 1:
             r["rabit_pct_copy_bw"] = round(100 * r["rabit_GBps"] / bw, 1)
