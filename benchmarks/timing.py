@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from rabit.bench import cpu_flags, cpu_name
 from rabit.data import write_json_atomic
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -34,9 +35,10 @@ def write_result(doc, out: str | None, filename: str, quiet: bool = False) -> Pa
 
 
 def write_cpu_result(benchmark: str, method: str, rows: list, out: str | None, tag: str = "", **fields) -> Path:
-    """A CPU benchmark's JSON: the processor, torch's threads, the versions, the date (UTC), ``fields``, how it timed
+    """A CPU benchmark's JSON: the processor (name and SIMD flags), torch's threads, the versions, the date (UTC), ``fields``, how it timed
     (``method``) and its ``rows``, written by :func:`write_result` as ``<benchmark>_<date>[_<tag>].json``."""
-    doc = dict(benchmark=benchmark, device=platform.processor() or "cpu", threads=torch.get_num_threads(), **fields,
+    doc = dict(benchmark=benchmark, device=cpu_name(), cpu_flags=cpu_flags(), threads=torch.get_num_threads(),
+               **fields,
                versions=dict(torch=torch.__version__, python=platform.python_version()),
                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), method=method,
                rows=rows)

@@ -37,6 +37,22 @@ def cpu_name() -> str:
     return platform.processor() or "unknown"
 
 
+# the instruction sets the CPU kernels dispatch on (kernels/cpu: AVX2, AVX-512F) and those they could use next
+SIMD_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni")
+
+
+def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> list[str]:
+    """The SIMD_FLAGS this CPU has (empty where cpuinfo cannot be read): two VMs of one name can differ."""
+    try:
+        for line in open(cpuinfo):
+            if line.startswith("flags"):
+                have = set(line.split(":", 1)[1].split())
+                return [f for f in SIMD_FLAGS if f in have]
+    except OSError:
+        pass
+    return []
+
+
 def median_time(fn, pool: int, reps: int) -> float:
     for i in range(pool):  # warm-up, one pass over the pool
         fn(i)
@@ -97,7 +113,7 @@ def run(args) -> dict:
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     out = make_output_dir(args.out)  # before the minutes of timing
     rows = [bench_shape(o, i, m, args.reps, 256 << 20) for (o, i) in SHAPES for m in args.m]
-    meta = {"device": cpu_name(), "threads": args.threads, "cpu_kernel": rabit.cpu_kernel(),
+    meta = {"device": cpu_name(), "cpu_flags": cpu_flags(), "threads": args.threads, "cpu_kernel": rabit.cpu_kernel(),
             "torch": torch.__version__, "rabit": rabit.__version__, "date": time.strftime("%Y-%m-%d %H:%M"),
             "baseline": "torch F.linear fp32 / bf16, same run, same weights pool", "k": 2}
     path = out / f"bench_cpu_gemv_{platform.node() or 'host'}_{time.strftime('%Y%m%d')}.json"

@@ -1,6 +1,7 @@
 """benchmarks/bench_llamacpp_cpu.py: the re-quantization call it makes into llama.cpp, on a stand-in module (the real
 llama-cpp-python is a source build, not a test dependency), and its errors."""
 
+import json
 import sys
 import types
 from pathlib import Path
@@ -43,3 +44,19 @@ def test_without_llama_cpp_it_says_how_to_build_it(monkeypatch):
     monkeypatch.setitem(sys.modules, "llama_cpp", None)  # import fails
     with pytest.raises(SystemExit, match="pip install --no-deps llama-cpp-python"):
         B.main([])
+
+
+def test_cpu_results_name_the_processor_and_its_simd_flags(tmp_path):
+    """Every CPU benchmark's JSON (timing.write_cpu_result) records the processor's name and the SIMD flags the CPU
+    kernels dispatch on: the project's VMs share a name and differ in AVX-512."""
+    import timing
+    from rabit.bench import SIMD_FLAGS, cpu_flags, cpu_name
+
+    path = timing.write_cpu_result("probe", "none", [{"a": 1}], str(tmp_path), "t")
+    doc = json.loads(Path(path).read_text())
+    assert doc["device"] == cpu_name() != "" and doc["cpu_flags"] == cpu_flags()
+    assert set(doc["cpu_flags"]) <= set(SIMD_FLAGS) and doc["rows"] == [{"a": 1}]
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 fma avx512f avx512_vnni xsave\n")
+    assert cpu_flags(str(info)) == ["avx2", "fma", "avx512f", "avx512_vnni"]
+    assert cpu_flags(str(tmp_path / "missing")) == []
