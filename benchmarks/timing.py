@@ -35,8 +35,9 @@ def write_result(doc, out: str | None, filename: str, quiet: bool = False) -> Pa
 
 
 def write_cpu_result(benchmark: str, method: str, rows: list, out: str | None, tag: str = "", **fields) -> Path:
-    """A CPU benchmark's JSON: the processor (name and SIMD flags), torch's threads, the versions, the date (UTC), ``fields``, how it timed
-    (``method``) and its ``rows``, written by :func:`write_result` as ``<benchmark>_<date>[_<tag>].json``."""
+    """A CPU benchmark's JSON: the processor (name and SIMD flags), torch's threads, the versions, the date (UTC),
+    ``fields``, how it timed (``method``) and its ``rows``, written by :func:`write_result` as
+    ``<benchmark>_<date>[_<tag>].json``."""
     doc = dict(benchmark=benchmark, device=cpu_name(), cpu_flags=cpu_flags(), threads=torch.get_num_threads(),
                **fields,
                versions=dict(torch=torch.__version__, python=platform.python_version()),
