@@ -181,7 +181,7 @@ fail:
 
 static PyObject *core_dequantize(PyObject *self, PyObject *args) {
     const char *op = "rabit._core.dequantize";
-    PyObject *op_, *og, *oh, *what = NULL;
+    PyObject *op_, *og, *oh, *what = NULL, *ret = NULL;
     PyArrayObject *p = NULL, *g = NULL, *h = NULL;
     npy_intp out, in, K, dims[2];
     rabit_status st;
@@ -212,16 +212,13 @@ static PyObject *core_dequantize(PyObject *self, PyObject *args) {
                               (const float *)PyArray_DATA(h), K, out, in, PyArray_DATA((PyArrayObject *)what), RABIT_F32);
     Py_END_ALLOW_THREADS
     if (rabit_fail(op, st)) goto fail;
-    Py_DECREF(p);
-    Py_DECREF(g);
-    Py_DECREF(h);
-    return what;
-fail:
+    ret = what, what = NULL;
+fail: /* the one exit: the inputs always released, the output only on failure (ret keeps it otherwise) */
     Py_XDECREF(p);
     Py_XDECREF(g);
     Py_XDECREF(h);
     Py_XDECREF(what);
-    return NULL;
+    return ret;
 }
 
 /* y = x Ŵᵀ (+ bias) for rabit_cpu_use_gemm(M): Ŵ dequantized a tile of rows at a time (float32, the forward's
@@ -299,7 +296,7 @@ static int rabit_bias(const char *op, PyObject *ob, npy_intp out, PyArrayObject 
 static PyObject *core_packed_linear(PyObject *self, PyObject *args, PyObject *kwargs) {
     static char *kwlist[] = {"x", "packed", "g", "h", "bias", NULL};
     const char *op = "rabit._core.packed_linear";
-    PyObject *ox, *op_, *og, *oh, *ob = Py_None, *y = NULL;
+    PyObject *ox, *op_, *og, *oh, *ob = Py_None, *y = NULL, *ret = NULL;
     PyArrayObject *x = NULL, *p = NULL, *g = NULL, *h = NULL, *b = NULL;
     npy_intp M, in, K, out;
     rabit_status st;
@@ -345,20 +342,15 @@ static PyObject *core_packed_linear(PyObject *self, PyObject *args, PyObject *kw
         Py_END_ALLOW_THREADS
     }
     if (rabit_fail(op, st)) goto fail;
-    Py_DECREF(x);
-    Py_DECREF(p);
-    Py_DECREF(g);
-    Py_DECREF(h);
-    Py_XDECREF(b);
-    return y;
-fail:
+    ret = y, y = NULL;
+fail: /* the one exit, as in core_dequantize */
     Py_XDECREF(x);
     Py_XDECREF(p);
     Py_XDECREF(g);
     Py_XDECREF(h);
     Py_XDECREF(b);
     Py_XDECREF(y);
-    return NULL;
+    return ret;
 }
 
 /* Whether the bytes of two C-contiguous arrays overlap. */
@@ -386,7 +378,7 @@ static PyArrayObject *rabit_cache_array(const char *op, const char *name, PyObje
 static PyObject *core_decode_attention(PyObject *self, PyObject *args, PyObject *kwargs) {
     static char *kwlist[] = {"q", "k", "v", "k_cache", "v_cache", "cos", "sin", "pos", "scale", NULL};
     const char *op = "rabit._core.decode_attention";
-    PyObject *oq, *ok, *ov, *okc, *ovc, *oc, *os_, *oscale = Py_None, *y = NULL;
+    PyObject *oq, *ok, *ov, *okc, *ovc, *oc, *os_, *oscale = Py_None, *y = NULL, *ret = NULL;
     PyArrayObject *a[7] = {NULL, NULL, NULL, NULL, NULL, NULL, NULL}; /* q k v k_cache v_cache cos sin */
     Py_ssize_t pos;
     npy_intp B, H, D, Hkv, S, i, j;
@@ -488,12 +480,11 @@ static PyObject *core_decode_attention(PyObject *self, PyObject *args, PyObject 
         Py_END_ALLOW_THREADS
         if (rabit_fail(op, st)) goto fail;
     }
-    for (i = 0; i < 7; i++) Py_DECREF(a[i]);
-    return y;
-fail:
+    ret = y, y = NULL;
+fail: /* the one exit, as in core_dequantize */
     for (i = 0; i < 7; i++) Py_XDECREF(a[i]);
     Py_XDECREF(y);
-    return NULL;
+    return ret;
 }
 
 /* --- int8 classes (opt-in, a relative error of ~1e-2): the packed layers on int8 activation tables, and a dense
@@ -502,7 +493,7 @@ fail:
 
 static PyObject *core_i8_layout(PyObject *self, PyObject *args) {
     const char *op = "rabit._core.i8_layout";
-    PyObject *op_, *layout = NULL;
+    PyObject *op_, *layout = NULL, *ret = NULL;
     PyArrayObject *p = NULL;
     Py_ssize_t in;
     npy_intp K, out, nbytes;
@@ -529,18 +520,17 @@ static PyObject *core_i8_layout(PyObject *self, PyObject *args) {
                              (uint8_t *)PyArray_DATA((PyArrayObject *)layout));
     Py_END_ALLOW_THREADS
     if (rabit_fail(op, st)) goto fail;
-    Py_DECREF(p);
-    return layout;
-fail:
+    ret = layout, layout = NULL;
+fail: /* the one exit, as in core_dequantize */
     Py_XDECREF(p);
     Py_XDECREF(layout);
-    return NULL;
+    return ret;
 }
 
 static PyObject *core_packed_linear_i8(PyObject *self, PyObject *args, PyObject *kwargs) {
     static char *kwlist[] = {"x", "layout", "g", "h", "bias", NULL};
     const char *op = "rabit._core.packed_linear_i8";
-    PyObject *ox, *ol, *og, *oh, *ob = Py_None, *y = NULL;
+    PyObject *ox, *ol, *og, *oh, *ob = Py_None, *y = NULL, *ret = NULL;
     PyArrayObject *x = NULL, *l = NULL, *g = NULL, *h = NULL, *b = NULL;
     npy_intp M, in, K, out, want;
     rabit_status st = RABIT_OK;
@@ -583,20 +573,15 @@ static PyObject *core_packed_linear_i8(PyObject *self, PyObject *args, PyObject 
         Py_END_ALLOW_THREADS
     }
     if (rabit_fail(op, st)) goto fail;
-    Py_DECREF(x);
-    Py_DECREF(l);
-    Py_DECREF(g);
-    Py_DECREF(h);
-    Py_XDECREF(b);
-    return y;
-fail:
+    ret = y, y = NULL;
+fail: /* the one exit, as in core_dequantize */
     Py_XDECREF(x);
     Py_XDECREF(l);
     Py_XDECREF(g);
     Py_XDECREF(h);
     Py_XDECREF(b);
     Py_XDECREF(y);
-    return NULL;
+    return ret;
 }
 
 static PyObject *core_int8_weight(PyObject *self, PyObject *args) {
@@ -641,7 +626,7 @@ fail:
 static PyObject *core_int8_linear(PyObject *self, PyObject *args, PyObject *kwargs) {
     static char *kwlist[] = {"x", "qweight", "scales", "out_features", "bias", NULL};
     const char *op = "rabit._core.int8_linear";
-    PyObject *ox, *oq, *os, *ob = Py_None, *y = NULL;
+    PyObject *ox, *oq, *os, *ob = Py_None, *y = NULL, *ret = NULL;
     PyArrayObject *x = NULL, *q = NULL, *s = NULL, *b = NULL;
     Py_ssize_t out;
     npy_intp M, in, groups, nb;
@@ -683,18 +668,14 @@ static PyObject *core_int8_linear(PyObject *self, PyObject *args, PyObject *kwar
         Py_END_ALLOW_THREADS
     }
     if (rabit_fail(op, st)) goto fail;
-    Py_DECREF(x);
-    Py_DECREF(q);
-    Py_DECREF(s);
-    Py_XDECREF(b);
-    return y;
-fail:
+    ret = y, y = NULL;
+fail: /* the one exit, as in core_dequantize */
     Py_XDECREF(x);
     Py_XDECREF(q);
     Py_XDECREF(s);
     Py_XDECREF(b);
     Py_XDECREF(y);
-    return NULL;
+    return ret;
 }
 
 static PyObject *core_set_cpu_kernel(PyObject *self, PyObject *arg) {
