@@ -11,7 +11,9 @@ float32 on CPU; the rabit side swaps every decoder-layer linear (q,k,v,o,gate,up
 `rabit` as StaticDecoder runs it by default (q/k/v and gate/up each as one packed_linear_group call) and
 `rabit-single` with one call per linear (group_projections=False), for the gain of the grouping (--variants), and
 `rabit-unfused-glue` with the norms, SwiGLU and residual adds as kernels of their own (fused_glue=False; the default
-runs them inside the packed kernels where those take the model: StaticDecoder's fused_glue); the FP
+runs them inside the packed kernels where those take the model: StaticDecoder's fused_glue) and `rabit-int8` with
+the decode steps on int8 activations (int8_activations=True: an opt-in accuracy class, ~1e-2 relative error a
+layer; batch 1 on CUDA); the FP
 model likewise as `fp` (on CUDA q/k/v and gate/up as one GEMM each on weights stacked into one tensor, as serving
 runtimes do) and `fp-single` (one nn.Linear call each). `speedup` compares rabit with fp, `speedup_single`
 rabit-single with fp-single, and `speedup_<variant>_vs_fastest_fp` each rabit variant with the faster FP one.
@@ -188,7 +190,10 @@ def measure(model, batch, prompt, new, dev, reps, compile, group=True, fused_att
     lin_calls = []
     for mods in dec.projections():  # the calls the step makes: q/k/v and gate/up grouped where the decoder groups them
         xin = torch.randn(batch, 1, mods[0].in_features, device=dev, dtype=dec.dtype)
-        lin_calls.append(lambda mods=mods, xin=xin: dec.project(mods, xin))
+        if int8_activations:  # the step's int8 calls (packed_linear_fused_i8), without the glue
+            lin_calls.append(lambda mods=mods, xin=xin: dec._fused(mods, xin.view(batch, -1)))
+        else:
+            lin_calls.append(lambda mods=mods, xin=xin: dec.project(mods, xin))
     t_lin = graph_time(lin_calls, dev)
     # attention as the step runs it, rotary embedding and cache write included, at the middle position of the decode
     q = torch.randn(batch, 1, dec.n_heads * dec.head_dim, device=dev, dtype=dec.dtype)
@@ -242,7 +247,8 @@ def main(argv=None):
                     "rabit: packed, q/k/v and gate/up as one packed_linear_group call each (both what StaticDecoder "
                     "runs by default, the glue fused into the packed kernels where they take it); -single: one call "
                     "per linear (group_projections=False); rabit-unfused-glue: the norms, SwiGLU and residual adds as "
-                    "kernels of their own (fused_glue=False)")
+                    "kernels of their own (fused_glue=False); rabit-int8: decode steps on int8 activations "
+                    "(int8_activations=True, an opt-in accuracy class; batch 1 on CUDA)")
     ap.add_argument("--attention", choices=["fused", "unfused"], default="fused",
                     help="decode-step attention: fused (rabit.decode_attention where supported: StaticDecoder's "
                     "default) or unfused (rotary, cache copies, SDPA over the whole cache; fused_attention=False)")
@@ -256,7 +262,7 @@ def main(argv=None):
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     variants = args.variants.split(",")
-    known = ["fp", "fp-single", "rabit", "rabit-single", "rabit-unfused-glue"]
+    known = ["fp", "fp-single", "rabit", "rabit-single", "rabit-unfused-glue", "rabit-int8"]
     if not set(variants) <= set(known) or not any(v.startswith("fp") for v in variants):
         ap.error(f"--variants: expected an fp variant and others of {known}, got {args.variants!r}")
     variants = [v for v in known if v in variants]  # FP first: the model is packed in place afterwards
@@ -268,6 +274,8 @@ def main(argv=None):
     if head_dtype is not None and dtype != torch.float32:
         ap.error(f"--head-dtype: the models run in {dtype} on {dev.type}; a separate head dtype is for float32 (CPU)")
     batches = [int(b) for b in args.batch.split(",")]
+    if "rabit-int8" in variants and dev.type == "cuda" and batches != [1]:
+        ap.error(f"--variants rabit-int8: on CUDA int8 activations decode batch 1 only, got --batch {args.batch}")
     compile_glue = dev.type == "cuda" and not args.no_compile
     bw = copy_bandwidth_gbps(dev) * 1e9
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"{platform.processor() or 'cpu'} x{torch.get_num_threads()} threads"
@@ -283,16 +291,18 @@ def main(argv=None):
                     torch.cuda.empty_cache()
             for b in batches:
                 glue = False if variant == "rabit-unfused-glue" else None
+                int8 = variant == "rabit-int8"
                 dec, tokens, r = measure(model, b, args.prompt, args.new, dev, args.reps, compile_glue,
                                          group=not variant.endswith("-single"), fused_attention=fused, fused_glue=glue,
-                                         head_dtype=head_dtype)
+                                         head_dtype=head_dtype, int8_activations=int8)
                 nbytes = sum(r["bytes_per_step"].values())
                 r["roofline_fraction"] = round(nbytes / bw / (r["decode_ms_per_token"] / 1e3), 3)
                 if b == batches[0]:
                     # the graph decode equals step-by-step eager decoding (same runtime, no graph)
                     eager = StaticDecoder(model, batch_size=b, max_len=args.prompt + 17, cuda_graph=False,
                                           compile=compile_glue, group_projections=not variant.endswith("-single"),
-                                          fused_attention=fused, fused_glue=glue, head_dtype=head_dtype)
+                                          fused_attention=fused, fused_glue=glue, head_dtype=head_dtype,
+                                          int8_activations=int8)
                     out = eager.generate(tokens[:, : args.prompt].cpu(), 16)
                     r["graph_equals_eager_16_tokens"] = bool(torch.equal(out, tokens[:, : args.prompt + 16].cpu()))
                 rows[(variant, b)] = r

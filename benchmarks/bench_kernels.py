@@ -86,6 +86,21 @@ def kernel_applies(name, m, in_features):
     return m <= DECODE_KERNELS[name] and (name != "simt" or in_features <= SIMT_MAX_IN)
 
 
+def time_int8_class(x, pool, y64):
+    """rabit.packed_linear_i8 (the int8 activation class, one row) on the pool's layers, after a guard against its
+    reference (rabit.reference.packed_linear_i8_cuda: within the kernel's float32 sums and fp16 rounding)."""
+    p0, g0, h0 = pool[0]
+    y = rabit.packed_linear_i8(x, p0, g0, h0).cpu().double()
+    ref = R.packed_linear_i8_cuda(x.cpu(), p0.cpu(), g0.cpu(), h0.cpu())
+    dev = ((y - ref).norm() / ref.norm()).item()
+    if not dev < 2e-3:
+        raise RuntimeError(f"packed_linear_i8 {tuple(p0.shape)}: {dev} away from its class's reference")
+    t, sd = graph_time_us([lambda p=p, g=g, h=h: rabit.packed_linear_i8(x, p, g, h) for p, g, h in pool],
+                          min_calls=200, reps=30)
+    return dict(us=round(t, 3), sd_us=round(sd, 3), rel_err_vs_fp64=((y - y64).norm() / y64.norm()).item(),
+                rel_dev_vs_class_reference=dev)
+
+
 def bench_linear(out, in_features, quick, ms, kernels=()):
     res = []
     packed_bytes = K * out * R.words_per_row(in_features) * 4
@@ -124,6 +139,7 @@ def bench_linear(out, in_features, quick, ms, kernels=()):
             if kernel_applies(kern, m, in_features):
                 t_k, sd_k, rel_k = time_rabit(kern)
                 forced[kern] = dict(us=round(t_k, 3), sd_us=round(sd_k, 3), rel_err_vs_fp64=rel_k)
+        int8 = time_int8_class(x, pool, y64) if m == 1 else None
         t_c, sd_c = graph_time_us([lambda w=w: F.linear(x, w) for w in dpool], min_calls=calls, reps=reps)
         io = 2 * m * (in_features + out)
         row = dict(out=out, in_=in_features, M=m, K=K, rabit_us=round(t_r, 3), rabit_sd_us=round(sd_r, 3),
@@ -135,13 +151,17 @@ def bench_linear(out, in_features, quick, ms, kernels=()):
                    pool=(len(pool), len(dpool)))
         if forced:
             row["kernels_forced"] = forced
+        if int8:
+            row["int8_activations"] = int8
         if m >= 1024:
             row["rabit_TFLOPs"] = round(2 * m * out * in_features / (t_r * 1e-6) / 1e12, 1)
             row["cublas_TFLOPs"] = round(2 * m * out * in_features / (t_c * 1e-6) / 1e12, 1)
         res.append(row)
         print(f"  {out}x{in_features} M={m}: rabit {t_r:.2f} us, cuBLAS fp16 {t_c:.2f} us, x{t_c / t_r:.2f}"
               + (f", rel err {rel:.2e}" if rel is not None else "")
-              + "".join(f", {k} {v['us']:.2f} us" for k, v in forced.items()), flush=True)
+              + "".join(f", {k} {v['us']:.2f} us" for k, v in forced.items())
+              + (f"; int8 activations {int8['us']:.2f} us (x{t_c / int8['us']:.2f}, rel err "
+                 f"{int8['rel_err_vs_fp64']:.2e})" if int8 else ""), flush=True)
     del packed_pool, dense_pool
     torch.cuda.empty_cache()
     return res
@@ -192,6 +212,14 @@ def bench_group(name, layers, ms, kernels=()):
                 finally:
                     kernel_env(None)
                 forced[kern] = round(t_k, 3)
+        t_i8 = None
+        if m == 1:  # the int8 activation class: the group as one packed_linear_fused_i8 launch, each layer's own bits
+            for ls, args in list(zip(packed_pool, group_args))[:2]:
+                ys = rabit.packed_linear_fused_i8(x, *args)
+                if not all(torch.equal(y, rabit.packed_linear_i8(x, *lay)) for y, lay in zip(ys, ls)):
+                    raise RuntimeError(f"{name}: packed_linear_fused_i8 differs from packed_linear_i8")
+            t_i8, _ = graph_time_us([lambda args=args: rabit.packed_linear_fused_i8(x, *args) for args in group_args],
+                                    **calls)
         # *_per_layer_us: one call per layer, the time of all of them together
         row = dict(group=name, layers=[list(lay) for lay in layers], M=m, K=K, rabit_group_us=round(t_g, 3),
                    rabit_per_layer_us=round(t_s, 3), cublas_fp16_per_layer_us=round(t_c, 3),
@@ -200,10 +228,14 @@ def bench_group(name, layers, ms, kernels=()):
                    pool=(len(packed_pool), len(dense_pool)))
         if forced:
             row["group_us_kernels_forced"] = forced
+        if t_i8 is not None:
+            row["int8_activations_group_us"] = round(t_i8, 3)
         res.append(row)
         print(f"  {name} M={m}: group {t_g:.2f} us, per layer {t_s:.2f} us (x{t_s / t_g:.2f}); cuBLAS fp16 per layer "
               f"{t_c:.2f} us (x{t_c / t_g:.2f}), stacked {t_cs:.2f} us (x{t_cs / t_g:.2f})"
-              + "".join(f", {k} {v:.2f} us" for k, v in forced.items()), flush=True)
+              + "".join(f", {k} {v:.2f} us" for k, v in forced.items())
+              + (f"; int8 activations {t_i8:.2f} us (x{t_c / t_i8:.2f} per layer, x{t_cs / t_i8:.2f} stacked)"
+                 if t_i8 is not None else ""), flush=True)
     del packed_pool, dense_pool, stacked_pool
     torch.cuda.empty_cache()
     return res

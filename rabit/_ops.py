@@ -117,12 +117,16 @@ def _i8_layout_fake(packed, in_features):
     op = "rabit.i8_layout"
     torch._check(packed.dim() == 3, lambda: f"{op}: expected 3-D packed [K, out, words], got {packed.dim()}-D")
     torch._check(packed.dtype == torch.int32, lambda: f"{op}: expected packed to be int32, got {packed.dtype}")
+    if packed.device.type == "cuda":  # the CUDA class reads the packed words as they are
+        return packed.new_empty(packed.shape)
     return packed.new_empty((i8_layout_bytes(packed.shape[0], packed.shape[1], in_features),), dtype=torch.uint8)
 
 
 @torch.library.register_fake("rabit::packed_linear_i8")
 def _packed_linear_i8_fake(x, layout, g, h, bias=None):
     op = "rabit.packed_linear_i8"
+    if layout.device.type == "cuda":  # layout: the packed words
+        return _packed_linear_fake(x, layout, g, h, bias)
     torch._check(x.dim() == 2, lambda: f"{op}: expected a 2-D x [M, in], got {x.dim()}-D")
     torch._check(x.dtype in FLOAT_DTYPES, lambda: f"{op}: expected x to be float32, float16 or bfloat16, got {x.dtype}")
     _check_scales(op, g, h, g.shape[1], x.shape[1])
@@ -504,25 +508,30 @@ def packed_linear(x: Tensor, packed: Tensor, g: Tensor, h: Tensor, bias: Tensor 
     return _ops.packed_linear(x, packed, g, h, bias)
 
 
-def _cpu_only(op: str, *tensors: Tensor, fix: str = "on CUDA use rabit.packed_linear") -> None:
+def _cpu_only(op: str, *tensors: Tensor, fix: str) -> None:
     for t in tensors:
         if t is not None and t.device.type != "cpu":
             raise ValueError(f"{op}: runs on the CPU only (CPU int8 kernels), got a tensor on {t.device}; {fix}")
 
 
 def i8_layout(packed: Tensor, in_features: int) -> Tensor:
-    """The packed words of a layer (``[K, out, words]``) rearranged for ``packed_linear_i8``: uint8, one bit a weight
-    padded to multiples of 16 rows and 128 columns."""
-    _cpu_only("rabit.i8_layout", packed)
+    """The packed words of a layer (``[K, out, words]``) in ``packed_linear_i8``'s layout. On the CPU: rearranged,
+    uint8, one bit a weight padded to multiples of 16 rows and 128 columns. On CUDA: a copy of the packed words, which
+    the CUDA class reads as they are (a decoder passes its packed buffers themselves)."""
     return _ops.i8_layout(packed, in_features)
 
 
 def packed_linear_i8(x: Tensor, layout: Tensor, g: Tensor, h: Tensor, bias: Tensor | None = None) -> Tensor:
-    """``packed_linear`` on int8 activations (CPU, inference): ``h_k ⊙ x`` becomes int8 lookup tables with a scale per
-    128 columns, looked up 32 at a time. Its relative error is ~1e-2 of the output (the class of llama.cpp's int8
-    activations), not packed_linear's float32 level; ``rabit.reference.packed_linear_i8`` gives its exact bits.
-    ``layout`` is ``i8_layout(packed, in_features)``."""
-    _cpu_only("rabit.packed_linear_i8", x, layout, g, h, bias)
+    """``packed_linear`` on int8 activations (inference): an opt-in accuracy class, relative error ~1e-2 of the output
+    (the class of llama.cpp's int8 activations), not packed_linear's float32 level. ``layout`` is
+    ``i8_layout(packed, in_features)``. Each device has its own kernel and quantization:
+
+    - CPU: ``h_k ⊙ x`` becomes int8 lookup tables with a scale per 128 columns, looked up 32 at a time;
+      ``rabit.reference.packed_linear_i8`` gives its exact bits.
+    - CUDA (float16 / bfloat16 x): ``h_k ⊙ x`` is quantized to int8 with a scale per 128 columns and its 8 bit planes
+      multiplied with the weights' bits on binary tensor cores, one launch per row of x (a decoding kernel);
+      ``rabit.reference.packed_linear_i8_cuda`` gives its value before the float32 sums and the rounding to x's dtype.
+    """
     return _ops.packed_linear_i8(x, layout, g, h, bias)
 
 
@@ -607,10 +616,10 @@ def packed_linear_fused(x: Tensor, packed: list[Tensor], g: list[Tensor], h: lis
 def packed_linear_fused_i8(x: Tensor, layout: list[Tensor], g: list[Tensor], h: list[Tensor],
                            bias: list[Tensor] | None = None, norm_weight: Tensor | None = None, eps: float = 1e-6,
                            up: Tensor | None = None, residual: Tensor | None = None) -> list[Tensor]:
-    """:func:`packed_linear_fused` with :func:`packed_linear_i8` as the layers' product (CPU, int8 activations; spec:
-    :func:`rabit.reference.packed_linear_fused` with ``int8_tables=True``): ``layout[l]`` is ``i8_layout`` of layer
-    l. For decoding: no backward."""
-    _cpu_only("rabit.packed_linear_fused_i8", x, *layout, *g, *h, *(bias or []), norm_weight, up, residual)
+    """:func:`packed_linear_fused` with :func:`packed_linear_i8` as the layers' product (int8 activations; spec on the
+    CPU: :func:`rabit.reference.packed_linear_fused` with ``int8_tables=True``): ``layout[l]`` is ``i8_layout`` of
+    layer l. On CUDA one row of float16 / bfloat16 x (decoding at batch 1), the layers in one launch. For decoding: no
+    backward."""
     bias = _fused_bias_list("rabit.packed_linear_fused_i8", x, g, h, bias, norm_weight, up, residual)
     return _ops.packed_linear_fused_i8(x, list(layout), list(g), list(h), bias, norm_weight, float(eps), up, residual)
 

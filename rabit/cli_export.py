@@ -316,10 +316,11 @@ def add_generate(sub) -> argparse.ArgumentParser:
                         "round otherwise than float32's, so a near-tie can decode otherwise; default: lm_head in "
                         "float32; --runtime numpy takes int8 only)")
     p.add_argument("--int8-activations", action="store_true",
-                   help="CPU, packed Llama-family models: decode steps run the packed linears on int8 activation "
-                        "tables (rabit.packed_linear_fused_i8, the class of llama.cpp's int8 activations): faster, "
-                        "at ~1e-2 relative error per layer, so the tokens can differ from the default's (--runtime "
-                        "numpy: rabit._core.packed_linear_i8, the same kernel)")
+                   help="packed Llama-family models: decode steps run the packed linears on int8 activations "
+                        "(rabit.packed_linear_fused_i8, the class of llama.cpp's int8 activations): faster, at ~1e-2 "
+                        "relative error per layer, so the tokens can differ from the default's; CPU: int8 tables "
+                        "(--runtime numpy: rabit._core.packed_linear_i8, the same kernel); CUDA: int8 bit planes on "
+                        "binary tensor cores")
     _add_common(p)
     return p
 
@@ -361,9 +362,8 @@ def run_generate(args: argparse.Namespace) -> dict[str, Any]:
         model, tok, _ = _load_any(args.model, device=args.device)
         if args.head_dtype and args.device.startswith("cuda"):
             raise CommandError("rabit: --head-dtype is for the CPU (on cuda the whole model runs in fp16); drop it")
-        if args.int8_activations and torch.device(args.device).type != "cpu":
-            raise CommandError("rabit: --int8-activations is for the CPU (the CUDA kernels take fp16 activations); "
-                               "drop it")
+        if args.int8_activations and torch.device(args.device).type not in ("cpu", "cuda"):
+            raise CommandError(f"rabit: --int8-activations runs on the CPU and on CUDA, not on {args.device}; drop it")
         for flag, given in (("--compile", args.compile), ("--temperature", sampled), ("--head-dtype", args.head_dtype),
                             ("--int8-activations", args.int8_activations)):
             if given and model.config.model_type not in SUPPORTED:

@@ -226,6 +226,39 @@ def packed_linear_i8(x, packed, g, h, bias=None, block=128):
     return y.to(x.dtype)
 
 
+def int8_activations_cuda(x, h):
+    """The int8 activations of ``rabit.packed_linear_i8`` on CUDA for x ``[M, in]``: per path k, row of x and
+    sub-group of 128 columns a scale. ``h_k ⊙ x`` (float32) is zero-padded to whole groups of 512 columns; a group's
+    column c (0..511) is in sub-group (c // 32) % 4 (blocks of 32 columns, every fourth: the k128 halves of the kernel's
+    binary MMAs); per sub-group amax = max |h_k ⊙ x| (taken as 0 below 2^-120), S = amax / 127 and Q = round(h_k ⊙ x ·
+    (127 / amax)) (float32 operations, half to even; 0 where amax is 0). NaN or Inf anywhere in a group make all its S
+    NaN. Returns (Q ``[K, M, in_pad]`` of integer values, float32; S ``[K, M, in_pad // 512, 4]``)."""
+    xh = x.float()[None, :, :] * h.float()[:, None, :]
+    xb = torch.nn.functional.pad(xh, (0, (-xh.shape[-1]) % 512)).unflatten(-1, (-1, 4, 4, 32))  # [K, M, G, t, sub, 32]
+    finite, scale, inv = _int8_scale(xb.abs().amax((-3, -1)))  # [K, M, G, sub]: Inf / NaN make a NaN scale
+    q = torch.round(xb * inv[..., None, :, None])
+    group_finite = finite.all(-1, keepdim=True)
+    q = torch.where(finite[..., None, :, None], q, 0.0)
+    scale = torch.where(group_finite, scale, torch.nan)
+    return q.flatten(-4), scale
+
+
+def packed_linear_i8_cuda(x, packed, g, h, bias=None):
+    """The value of ``rabit.packed_linear_i8`` on CUDA (the int8 activation class of the decode kernel) in float64:
+    y = Σ_k g_k Σ_sub-groups S · Σ_j sign_j Q_j + bias with Q, S of :func:`int8_activations_cuda`. The kernel sums
+    those terms in float32 and rounds once to x's dtype, so it matches this to their rounding, not bit for bit."""
+    in_features = x.shape[1]
+    q, scale = int8_activations_cuda(x, h)  # [K, M, in_pad], [K, M, G, 4]
+    signs = torch.nn.functional.pad(unpack_signs(packed, in_features).double(), (0, q.shape[-1] - in_features))
+    y = torch.zeros(x.shape[0], packed.shape[1], dtype=torch.float64, device=x.device)
+    for k in range(packed.shape[0]):
+        qs = q[k].double().unflatten(-1, (-1, 4, 4, 32)) * scale[k].double()[:, :, None, :, None]  # [M, G, t, sub, 32]
+        y = y + g[k].double() * (qs.flatten(-4) @ signs[k].T)
+    if bias is not None:
+        y = y + bias.double()
+    return y
+
+
 def int8_blocks(v, block=32):
     """llama.cpp's Q8_0 quantization of the rows of v ``[R, n]`` as ``rabit.int8_weight`` and ``rabit.int8_linear`` do it
     (``kernels/cpu/int8_linear.c``): zero-padded to whole blocks of ``block`` columns, per block amax = max |v| (taken as
@@ -271,14 +304,16 @@ def packed_linear_group(x, packed, g, h, bias=()):
 
 
 def packed_linear_fused(x, packed, g, h, bias=(), norm_weight=None, eps=1e-6, up=None, residual=None,
-                        compute_dtype=torch.float32, xh_fp16=False, int8_tables=False):
+                        compute_dtype=torch.float32, xh_fp16=False, int8_tables=False, int8_cuda=False):
     """The glue of a decoder fused into packed_linear_group: the layers read u = silu(x) * up (up given) or x, as
     HF's RMSNorm u * rsqrt(mean(u²) + eps) * norm_weight where norm_weight is given, neither rounded; output l is
     Σ_k g_k ⊙ (B_k (h_k ⊙ u)) times the norm's per-row scale, plus bias[l] and residual (a single layer), rounded
     once to x's dtype (or kept in compute_dtype when that is float64, the tests' oracle). ``xh_fp16``: h_k ⊙ u
     rounded as the fp16 decode kernel rounds it (u with the norm's weight, before its row scale), that kernel's
     reference. ``int8_tables``: the layers' product is :func:`packed_linear_i8` (float32 u), the reference of
-    ``rabit.packed_linear_fused_i8`` (compute_dtype float32)."""
+    ``rabit.packed_linear_fused_i8`` on the CPU (compute_dtype float32); ``int8_cuda``: it is
+    :func:`packed_linear_i8_cuda` of u ⊙ norm_weight in float32, the value of ``rabit.packed_linear_fused_i8`` on CUDA
+    (compute_dtype float64)."""
     if residual is not None and len(packed) != 1:
         raise ValueError(f"rabit.packed_linear_fused: a residual is added to a single layer's output, got "
                          f"{len(packed)} layers")
@@ -294,6 +329,8 @@ def packed_linear_fused(x, packed, g, h, bias=(), norm_weight=None, eps=1e-6, up
     for p, gl, hl, b in zip(packed, g, h, bias, strict=True):
         if int8_tables:
             y = packed_linear_i8(u.float(), p, gl, hl).to(compute_dtype)
+        elif int8_cuda:
+            y = packed_linear_i8_cuda(u.float(), p, gl, hl).to(compute_dtype)
         else:
             y = packed_linear(u, p, gl, hl, None, compute_dtype=compute_dtype, xh_fp16=xh_fp16)  # in compute_dtype
         if rs is not None:

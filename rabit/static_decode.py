@@ -219,13 +219,15 @@ class StaticDecoder:
             from a Q8_0 file) and the hidden state quantized the same way (:func:`rabit.int8_linear`): logits with a
             relative error of ~1e-2, the class of llama.cpp's head; 2.0-2.3 ms a step for SmolLM2-135M's head on a
             2-core AVX2 VM against 4.5 in float16.
-        int8_activations: CPU only, with the fused glue: decode steps run the packed linears on int8 activations
-            (:func:`rabit.packed_linear_fused_i8`: x·h as int8 lookup tables with a scale per 128 columns, looked up
-            32 at a time), the CPU counterpart of llama.cpp's int8 activations: faster, at a relative error of ~1e-2
-            per layer output instead of float32 rounding, so the logits and at times the greedy tokens differ from
-            the default's. Keeps a second copy of the packed bits (rearranged, padded to 16 rows and 128 columns),
-            made when the decoder is built: like the fused calls' argument lists, it is a snapshot of the weights
-            then (build a new decoder after changing them). Default False; prefills run the float32 kernels.
+        int8_activations: with the fused glue, decode steps run the packed linears on int8 activations
+            (:func:`rabit.packed_linear_fused_i8`), the counterpart of llama.cpp's int8 activations: faster, at a
+            relative error of ~1e-2 per layer output instead of float32 rounding, so the logits and at times the
+            greedy tokens differ from the default's. On the CPU x·h becomes int8 lookup tables with a scale per 128
+            columns, looked up 32 at a time; the decoder keeps a second copy of the packed bits (rearranged, padded
+            to 16 rows and 128 columns), made when it is built: like the fused calls' argument lists, a snapshot of
+            the weights then (build a new decoder after changing them). On CUDA (batch_size 1, float16/bfloat16) x·h
+            is quantized to int8 with a scale per 128 columns and multiplied bit plane by bit plane with the
+            weights' bits on binary tensor cores; no copy. Default False; prefills run the float kernels.
     """
 
     def __init__(self, model: nn.Module, batch_size: int = 1, max_len: int = 2048, cuda_graph: bool | None = None,
@@ -522,10 +524,14 @@ class StaticDecoder:
         return self._head(x[:, -1:])[:, 0]
 
     def _int8_layouts(self) -> dict[nn.Module, Tensor]:
-        """int8_activations: every decoder linear's packed bits in packed_linear_i8's layout, keyed by the module."""
-        if self.device.type != "cpu":
-            raise ValueError(f"StaticDecoder: int8_activations=True runs on the CPU only, the model is on "
+        """int8_activations: every decoder linear's packed bits in packed_linear_i8's layout, keyed by the module (on
+        CUDA the packed buffers themselves: the CUDA class reads them as they are)."""
+        if self.device.type not in ("cpu", "cuda"):
+            raise ValueError(f"StaticDecoder: int8_activations=True runs on the CPU and on CUDA, the model is on "
                              f"{self.device}; pass int8_activations=False")
+        if self.device.type == "cuda" and self.B != 1:
+            raise ValueError(f"StaticDecoder: int8_activations=True decodes one row at a time on CUDA, got "
+                             f"batch_size={self.B}; pass batch_size=1, or int8_activations=False")
         if not self.fused_glue:
             raise ValueError(f"StaticDecoder: int8_activations=True needs the fused glue, which cannot run here: "
                              f"{self._glue_obstacle() or 'fused_glue=False'}; pass fused_glue=None, or "
@@ -534,7 +540,7 @@ class StaticDecoder:
         for layer in self.base.layers:
             a, mlp = layer.self_attn, layer.mlp
             for m in (a.q_proj, a.k_proj, a.v_proj, a.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj):
-                layouts[m] = i8_layout(m.packed, m.h.shape[1])
+                layouts[m] = m.packed if self.device.type == "cuda" else i8_layout(m.packed, m.h.shape[1])
         return layouts
 
     def _fused(self, mods: tuple[nn.Module, ...], x: Tensor, norm: nn.Module | None = None, up: Tensor | None = None,

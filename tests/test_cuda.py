@@ -886,3 +886,95 @@ def test_qat_linear_two_stream_backward_is_the_serial_one(shape, lead, xdtype, s
     two = _qat_grads(x, w, g, h, bias, dy, ste, 0, monkeypatch, graph=True)
     for name, a, b in zip(["x", "weight", "g", "h", "bias"], two, serial):
         assert torch.equal(a, b), f"grad of {name} differs between the two schedules in a CUDA graph"
+
+
+# ------------------------------------------------------------------ the int8 activation class on CUDA
+def _i8_terms(x, packed, g, h, bias=None):
+    """Σ_k |g_k| Σ_c |S_c Q_c| (+ |bias|): a bound on the magnitudes the kernel's float32 sums round."""
+    q, scale = R.int8_activations_cuda(x, h)  # [K, M, in_pad], [K, M, G, 4]
+    qs = (q.double().unflatten(-1, (-1, 4, 4, 32)) * scale.double()[:, :, :, None, :, None]).abs().sum((2, 3, 4, 5))
+    terms = (g.double().abs()[:, None, :] * qs[:, :, None]).sum(0)  # [M, out]
+    return terms + (0 if bias is None else bias.double().abs()) + 1e-6
+
+
+@pytest.mark.parametrize("shape", [(300, 1500), (4096, 4096), (64, 11008), (33, 4099), (1000, 600), (7, 45)],
+                         ids=shape_id)
+@pytest.mark.parametrize("k", [1, 2, 3, 4])
+@pytest.mark.parametrize("xdtype", [torch.float16, torch.bfloat16], ids=dtype_id)
+def test_packed_linear_i8_is_the_int8_activation_class(shape, k, xdtype):
+    """rabit.packed_linear_i8 on CUDA runs the persistent 1-bit kernel on 8 bit planes of int8 activations (a scale per
+    sub-group of 128 columns): within the
+    float32 sums and output rounding of rabit.reference.packed_linear_i8_cuda, not the float32-level output; a NaN or
+    Inf input makes its row NaN; several rows run one launch each, each row as alone; i8_layout is the packed words."""
+    out, in_features = shape
+    torch.manual_seed(out * 10 + k)
+    w, g, h = random_layer(out, in_features, k)
+    _, packed = rabit.residual_binarize(w, g, h)
+    x = torch.randn(3, in_features)
+    x[:, ::97] *= 30
+    x[:, 700:900] *= 1e-3
+    if in_features >= 1536:
+        x[:, 1024:1536] = 0  # an all-zero group: amax 0, S 0
+    x = x.to(xdtype)
+    bias = torch.randn(out) if k % 2 else None
+    layout = rabit.i8_layout(packed.to(DEV), in_features)
+    assert torch.equal(layout.cpu(), packed) and layout.data_ptr() != 0
+    args = (x.to(DEV), layout, g.to(DEV), h.to(DEV), None if bias is None else bias.to(DEV))
+    exact = rabit.packed_linear(*args)
+    _poison()
+    y = rabit.packed_linear_i8(*args)
+    ref = R.packed_linear_i8_cuda(x, packed, g, h, bias)
+    err = (y.cpu().double() - ref).abs()
+    # the output's rounding to x's dtype (2^-11 relative in fp16, 2^-8 in bf16) and the float32 sums of the terms
+    bound = ref.abs() * (2.0 ** -11 if xdtype == torch.float16 else 2.0 ** -8) + _i8_terms(x, packed, g, h, bias) * 1e-5
+    assert torch.isfinite(y).all() and (err <= bound).all(), (err / bound).max()
+    assert not torch.equal(y, exact)
+    assert ((exact.cpu().double() - ref).abs() > bound).any()  # the bound tells the class from the exact output
+    assert torch.equal(y[1:2], rabit.packed_linear_i8(args[0][1:2], *args[1:]))
+    names = _cuda_kernels_run(lambda: rabit.packed_linear_i8(args[0][:1], *args[1:]))
+    assert "gemv_b1p_kernel" in names and "gemv_b1_prep_kernel" in names, names
+    for bad in (float("nan"), float("inf")):
+        xb = x.clone()
+        xb[1, in_features // 2] = bad
+        yb = rabit.packed_linear_i8(xb.to(DEV), *args[1:])
+        assert torch.isnan(yb[1]).all() and torch.equal(yb[0], y[0])
+
+
+def test_packed_linear_fused_i8_groups_and_glue_equal_single_layers():
+    """rabit.packed_linear_fused_i8 on CUDA: a layer group (one launch) gives each layer's own output bit for bit, with
+    the fused norm and SwiGLU input too, within rounding of the class's reference glue; errors for M > 1 and float32."""
+    layers = []
+    for out in (48, 17, 640):
+        w, g, h = (t.to(DEV) for t in random_layer(out, 1100, 2))
+        layers.append((rabit.residual_binarize(w, g, h)[1], g.half(), h.half(), torch.randn(out, device=DEV).half()))
+    lists = [list(t) for t in zip(*layers)]
+    x = torch.randn(1, 1100, device=DEV).half()
+    nw = torch.rand(1100, device=DEV).half() + 0.5
+    up = torch.randn(1, 1100, device=DEV).half()
+    kw = dict(norm_weight=nw, eps=1e-5, up=up)
+    ys = rabit.packed_linear_fused_i8(x, *lists, **kw)
+    assert all(torch.equal(y, rabit.packed_linear_fused_i8(x, [p], [g], [h], [b], **kw)[0]) for y, (p, g, h, b) in
+               zip(ys, layers))
+    assert "gemv_b1p_kernel" in _cuda_kernels_run(lambda: rabit.packed_linear_fused_i8(x, *lists, **kw))
+    assert not torch.equal(ys[2], rabit.packed_linear_fused(x, *lists, **kw)[2])
+    plain = rabit.packed_linear_fused_i8(x, *lists)
+    assert all(torch.equal(y, rabit.packed_linear_i8(x, p, g, h, b)) for y, (p, g, h, b) in zip(plain, layers))
+    cpu = [[t.cpu() for t in lst] for lst in lists]
+    refs = R.packed_linear_fused(x.cpu(), *cpu, norm_weight=nw.cpu(), eps=1e-5, up=up.cpu(),
+                                 compute_dtype=torch.float64, int8_cuda=True)
+    for y, ref in zip(ys, refs):
+        # 1e-3 of the row's scale: expf may differ from torch.exp by an ulp, which can move a Q by one step
+        err = (y.cpu().double() - ref).abs()
+        assert (err <= ref.abs() * 2.0 ** -11 + ref.abs().max() * 1e-3 + 1e-3).all(), err.max()
+    res = torch.randn(1, 48, device=DEV).half()
+    yr = rabit.packed_linear_fused_i8(x, [layers[0][0]], [layers[0][1]], [layers[0][2]], [layers[0][3]],
+                                      residual=res)[0]
+    assert torch.allclose(yr.float(), plain[0].float() + res.float(), atol=2e-2, rtol=2e-3)
+    with pytest.raises(ValueError, match=r"takes one row of x \(decoding at batch 1\), got x \[2, 1100\]"):
+        rabit.packed_linear_fused_i8(torch.randn(2, 1100, device=DEV).half(), *lists)
+    with pytest.raises(TypeError, match="the CUDA kernels take float16 or bfloat16 x, got float32"):
+        rabit.packed_linear_fused_i8(x.float(), *lists)
+    with pytest.raises(TypeError, match="int8 activation class takes float16 or bfloat16 x, got float32"):
+        rabit.packed_linear_i8(x.float(), *layers[0])
+    with pytest.raises(ValueError, match="rabit.i8_layout: packed rows hold 35 words but in_features=1000 needs 32"):
+        rabit.i8_layout(layers[0][0], 1000)

@@ -773,8 +773,19 @@ def _opcheck_samples(device):
     grad = torch.randn_like(w)
     x = torch.randn(4, 45, device=device)
     rb = torch.ops.rabit.residual_binarize.default
-    # the int8-table ops run on the CPU only
-    i8 = [] if torch.device(device).type != "cpu" else [
+    # the int8 activation class: on CUDA one row of fp16/bf16 x (a layer group or one row of the fused glue)
+    i8_cuda = [
+        (torch.ops.rabit.i8_layout.default, (packed, 45)),
+        (torch.ops.rabit.packed_linear_i8.default,
+         (x.half(), rabit.i8_layout(packed, 45), g, h.half(), torch.randn(7, device=device))),
+        (torch.ops.rabit.packed_linear_fused_i8.default,
+         (x[:1].bfloat16(), [packed] * 2, [g, g], [h, h], [], torch.rand(45, device=device) + 0.5, 1e-5, None, None)),
+        (torch.ops.rabit.packed_linear_fused_i8.default,
+         (x[:1].half(), [packed], [g], [h], [torch.randn(7, device=device).half()], None, 1e-6, x[:1].half() * 0.5,
+          torch.randn(1, 7, device=device).half())),
+    ]
+    # the int8 tables, the int8 head and the one-call step run on the CPU only
+    i8 = i8_cuda if torch.device(device).type != "cpu" else [
         (torch.ops.rabit.i8_layout.default, (packed, 45)),
         (torch.ops.rabit.packed_linear_i8.default,
          (x.half(), rabit.i8_layout(packed, 45), g, h.half(), torch.randn(7, device=device))),

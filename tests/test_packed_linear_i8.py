@@ -126,6 +126,40 @@ def test_packed_linear_i8_errors():
         rabit.packed_linear_i8(x, layout, g, h, torch.randn(3))
     with pytest.raises(ValueError, match=r"packed is \[2, 20, 4\] but K=2, out=20, in=200"):
         rabit.i8_layout(packed, 200)
-    if torch.cuda.is_available():
-        with pytest.raises(ValueError, match="runs on the CPU only"):
-            rabit.packed_linear_i8(x.cuda(), layout, g, h)
+    if torch.cuda.is_available():  # a CPU layout is not the CUDA class's (the packed words)
+        with pytest.raises(ValueError, match="rabit.packed_linear_i8: expected a 3-D packed"):
+            rabit.packed_linear_i8(x.cuda().half(), layout.cuda(), g.cuda(), h.cuda())
+
+
+def test_reference_of_the_cuda_int8_class():
+    """rabit.reference.packed_linear_i8_cuda (the CUDA kernel's spec): where h ⊙ x holds integers with a maximum of
+    127 in every sub-group the quantization is exact and so is the output; a scale per sub-group of 128 columns
+    (blocks of 32, every fourth, of a 512-column group), so an outlier coarsens its own sub-group's steps only; NaN /
+    Inf make their row NaN."""
+    torch.manual_seed(0)
+    out, in_features, K = 9, 1100, 2
+    w, g, _ = random_layer(out, in_features, K)
+    h = torch.ones(K, in_features)
+    _, packed = rabit.residual_binarize(w, g, h)
+    x = torch.randint(-127, 128, (2, in_features)).float()
+    sub0 = [c for c in range(in_features) if c % 32 == 0]  # the first column of each block of 32
+    x[:, sub0] = 127.0  # every sub-group's amax is 127: S = 1, Q = x
+    exact = R.packed_linear(x.double(), packed, g, h, compute_dtype=torch.float64)
+    assert torch.allclose(R.packed_linear_i8_cuda(x, packed, g, h), exact, rtol=1e-12, atol=1e-9)
+    q, scale = R.int8_activations_cuda(x, h)
+    assert q.shape == (K, 2, 1536) and scale.shape == (K, 2, 3, 4) and torch.equal(q[0, :, :in_features], x)
+    xs = torch.randn(2, in_features)
+    want = R.packed_linear(xs.double(), packed, g, h, compute_dtype=torch.float64)
+    got = R.packed_linear_i8_cuda(xs, packed, g, h)
+    assert 1e-3 < ((got - want).norm() / want.norm()).item() < 2e-2
+    _, s0 = R.int8_activations_cuda(xs, h)
+    xo = xs.clone()
+    xo[:, 5] = 1e3  # an outlier in sub-group 0 of group 0
+    _, s1 = R.int8_activations_cuda(xo, h)
+    assert torch.allclose(s1[:, :, 0, 0], torch.full_like(s1[:, :, 0, 0], 1e3 / 127))
+    s1[:, :, 0, 0] = s0[:, :, 0, 0]
+    assert torch.equal(s0, s1)  # the other sub-groups' scales are untouched
+    xb = xs.clone()
+    xb[1, 700] = float("nan")
+    yb = R.packed_linear_i8_cuda(xb, packed, g, h, torch.ones(out))
+    assert torch.isnan(yb[1]).all() and torch.allclose(yb[0], got[0] + 1)

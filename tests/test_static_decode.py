@@ -354,6 +354,36 @@ def test_cpu_int8_activations_decode_within_the_int8_class():
         StaticDecoder(model, max_len=16, fused_glue=False, int8_activations=True)
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_cuda_int8_activations_decode_within_the_int8_class(dtype):
+    """int8_activations=True on CUDA (batch 1): decode steps run rabit.packed_linear_fused_i8 (int8 activation bit
+    planes): the step's logits within a few 1e-2 of the default decoder's and not equal to them, the prefill
+    unchanged, the CUDA graph's tokens those of eager steps; batch_size > 1 is refused."""
+    if not torch.ops.rabit.packed_linear_i8.default.has_kernel_for_dispatch_key("CUDA"):
+        pytest.skip("rabit was built without CUDA kernels")
+    model, tok = load_stories260k()
+    rabit.quantize_(model, rabit.RabitConfig(init_iters=2), progress=False)
+    rabit.convert_(model)
+    model = model.to("cuda", dtype)
+    ids = _prompts(tok, 1)
+    base = StaticDecoder(model, max_len=64, cuda_graph=False)
+    i8 = StaticDecoder(model, max_len=64, cuda_graph=False, int8_activations=True)
+    for dec in (base, i8):
+        dec.prefill(ids)
+    assert torch.equal(base._tok, i8._tok)  # the prompt's next token: the float kernels in both
+    with torch.no_grad():
+        a = base.forward(base._tok, base._pos).float()
+        b = i8.forward(i8._tok, i8._pos).float()
+    err = ((a - b).norm() / a.norm()).item()
+    assert 1e-4 < err < 5e-2, err
+    eager = i8.generate(ids, 30)
+    graph = StaticDecoder(model, max_len=64, int8_activations=True).generate(ids, 30)
+    assert torch.equal(graph, eager)
+    with pytest.raises(ValueError, match="int8_activations=True decodes one row at a time on CUDA, got batch_size=2"):
+        StaticDecoder(model, batch_size=2, max_len=16, int8_activations=True)
+
+
 @pytest.mark.parametrize("int8", [False, True], ids=["f32-tables", "int8"])
 @pytest.mark.parametrize("batch", [1, 3])
 def test_cpu_decode_layers_one_call_equals_the_calls_one_by_one(int8, batch):

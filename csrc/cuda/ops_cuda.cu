@@ -293,16 +293,23 @@ std::vector<at::Tensor> packed_linear_group_cuda(const at::Tensor &x, at::Tensor
     return ys;
 }
 
-// The decode kernel packed_linear runs at this shape, with the glue fused in: one launch where the layers take the same
-// kernel, else one a layer (each its own norm). Outside the fused kernels' bounds an error (the unfused ops are the
-// way there), not a silent detour.
-std::vector<at::Tensor> packed_linear_fused_cuda(const at::Tensor &x, at::TensorList packed, at::TensorList g,
-                                                 at::TensorList h, at::TensorList bias,
-                                                 const std::optional<at::Tensor> &norm_weight, double eps,
-                                                 const std::optional<at::Tensor> &up,
-                                                 const std::optional<at::Tensor> &residual,
-                                                 bool prefetch_weights) {
-    const char *op = "rabit.packed_linear_fused";
+namespace {
+
+// The int8 activation class on CUDA (DECODE_B1P_I8, rabit_cuda.cuh) runs at this x for a layer of K paths.
+void check_i8_cuda(const char *op, const at::Tensor &x, int64_t K, int64_t in) {
+    TORCH_CHECK_TYPE(x.scalar_type() != at::kFloat, op, ": on CUDA the int8 activation class takes float16 or bfloat16 "
+                     "x, got float32; convert x, or use rabit.packed_linear (float32-level accuracy)");
+    TORCH_CHECK_VALUE(rabit_cuda::decode_i8_applies(1, in, static_cast<int>(K)), op, ": a layer of in=", in, " and K=",
+                      K, " has int8 activation fragments larger than a block's shared memory on this device; use "
+                      "rabit.packed_linear");
+}
+
+// packed_linear_fused (int8: packed_linear_fused_i8, whose layouts are the packed words on CUDA) on the decode kernels.
+std::vector<at::Tensor> fused_cuda_impl(const char *op, const at::Tensor &x, at::TensorList packed, at::TensorList g,
+                                        at::TensorList h, at::TensorList bias,
+                                        const std::optional<at::Tensor> &norm_weight, double eps,
+                                        const std::optional<at::Tensor> &up, const std::optional<at::Tensor> &residual,
+                                        bool prefetch_weights, bool int8) {
     const int64_t n = check_group_lists(op, packed, g, h, bias);
     std::vector<int64_t> out(n);
     int64_t K = 0;
@@ -331,12 +338,15 @@ std::vector<at::Tensor> packed_linear_fused_cuda(const at::Tensor &x, at::Tensor
                      "run the unfused ops (StaticDecoder(fused_glue=False))");
     TORCH_CHECK_VALUE(n <= rabit_cuda::kDecodeMaxLayers, op, ": at most ", rabit_cuda::kDecodeMaxLayers,
                       " layers a call, got ", n);
-    TORCH_CHECK_VALUE(M <= rabit_cuda::kFusedMaxM, op, ": the fused decode kernels take 1..", rabit_cuda::kFusedMaxM,
-                      " rows of x, got x ", x.sizes(), "; run the unfused ops (StaticDecoder(fused_glue=False))");
+    TORCH_CHECK_VALUE(M <= (int8 ? 1 : rabit_cuda::kFusedMaxM), op, int8 ? ": on CUDA the int8 activation class "
+                      "takes one row of x (decoding at batch 1), got x " : ": the fused decode kernels take 1..4 "
+                      "rows of x, got x ", x.sizes(), int8 ? "; decode at batch 1, or without int8 activations" :
+                      "; run the unfused ops (StaticDecoder(fused_glue=False))");
     TORCH_CHECK_VALUE(!norm_weight.has_value() || in <= rabit_cuda::kFusedNormMaxIn, op, ": the fused RMSNorm takes at "
                       "most ", rabit_cuda::kFusedNormMaxIn, " columns, got x ", x.sizes(), "; run the unfused ops "
                       "(StaticDecoder(fused_glue=False))");
     const c10::cuda::CUDAGuard guard(x.device());  // decode_kernel asks the current device
+    if (int8) check_i8_cuda(op, x, K, in);
     rabit_cuda::DecodeFusion f{};
     if (norm_weight.has_value()) {
         f.norm_weight = norm_weight->data_ptr();
@@ -347,7 +357,9 @@ std::vector<at::Tensor> packed_linear_fused_cuda(const at::Tensor &x, at::Tensor
     f.residual = residual.has_value() ? residual->data_ptr() : nullptr;
     f.prefetch_weights = prefetch_weights;
     std::vector<rabit_cuda::DecodeKernel> kern;
-    const bool together = layer_decode_kernels(std::vector<int64_t>(n, K), M, in, out, kern);
+    const bool together =
+        int8 || layer_decode_kernels(std::vector<int64_t>(n, K), M, in, out, kern);
+    if (int8) kern.assign(n, rabit_cuda::DECODE_B1P_I8);
     std::vector<at::Tensor> ys;
     if (together)
         launch_decode_layers(x, packed, g, h, bias, 0, static_cast<int>(n), static_cast<int>(K), out, kern[0], &f, ys);
@@ -355,6 +367,59 @@ std::vector<at::Tensor> packed_linear_fused_cuda(const at::Tensor &x, at::Tensor
         for (int64_t l = 0; l < n; l++)
             launch_decode_layers(x, packed, g, h, bias, l, 1, static_cast<int>(K), out, kern[l], &f, ys);
     return ys;
+}
+
+}  // namespace
+
+// The decode kernel packed_linear runs at this shape, with the glue fused in: one launch where the layers take the same
+// kernel, else one a layer (each its own norm). Outside the fused kernels' bounds an error (the unfused ops are the
+// way there), not a silent detour.
+std::vector<at::Tensor> packed_linear_fused_cuda(const at::Tensor &x, at::TensorList packed, at::TensorList g,
+                                                 at::TensorList h, at::TensorList bias,
+                                                 const std::optional<at::Tensor> &norm_weight, double eps,
+                                                 const std::optional<at::Tensor> &up,
+                                                 const std::optional<at::Tensor> &residual,
+                                                 bool prefetch_weights) {
+    return fused_cuda_impl("rabit.packed_linear_fused", x, packed, g, h, bias, norm_weight, eps, up, residual,
+                           prefetch_weights, false);
+}
+
+// The int8 activation class on CUDA: `layout` is the layer's packed words (the class's kernel reads them as they are;
+// i8_layout on CUDA returns a copy), so a decoder passes its packed buffers themselves.
+at::Tensor i8_layout_cuda(const at::Tensor &packed, int64_t in_features) {
+    const char *op = "rabit.i8_layout";
+    RABIT_CHECK_DIM(op, packed, 3);
+    TORCH_CHECK_TYPE(packed.scalar_type() == at::kInt, op, ": expected packed to be int32, got ", packed.scalar_type());
+    TORCH_CHECK_VALUE(in_features >= 1 && packed.size(2) == RABIT_WORDS(in_features), op, ": packed rows hold ",
+                      packed.size(2), " words but in_features=", in_features, " needs ",
+                      in_features >= 1 ? RABIT_WORDS(in_features) : 0);
+    return packed.clone(at::MemoryFormat::Contiguous);
+}
+
+// One launch per row of x: the class is defined per row, and its kernel takes one (decoding at batch 1).
+at::Tensor packed_linear_i8_cuda(const at::Tensor &x, const at::Tensor &layout, const at::Tensor &g,
+                                 const at::Tensor &h, const std::optional<at::Tensor> &bias) {
+    const char *op = "rabit.packed_linear_i8";
+    const auto [K, out, in] = check_packed_linear_args(op, x, layout, g, h, bias);
+    const int64_t M = x.size(0);
+    if (M == 0) return at::empty({0, out}, x.options());
+    const c10::cuda::CUDAGuard guard(x.device());
+    check_i8_cuda(op, x, K, in);
+    const at::TensorList b = bias.has_value() ? at::TensorList(*bias) : at::TensorList();
+    std::vector<at::Tensor> ys;
+    for (int64_t m = 0; m < M; m++)
+        launch_decode_layers(x.narrow(0, m, 1), at::TensorList(layout), at::TensorList(g), at::TensorList(h), b, 0, 1,
+                             static_cast<int>(K), {out}, rabit_cuda::DECODE_B1P_I8, nullptr, ys);
+    return M == 1 ? ys[0] : at::cat(ys);
+}
+
+std::vector<at::Tensor> packed_linear_fused_i8_cuda(const at::Tensor &x, at::TensorList layout, at::TensorList g,
+                                                    at::TensorList h, at::TensorList bias,
+                                                    const std::optional<at::Tensor> &norm_weight, double eps,
+                                                    const std::optional<at::Tensor> &up,
+                                                    const std::optional<at::Tensor> &residual) {
+    return fused_cuda_impl("rabit.packed_linear_fused_i8", x, layout, g, h, bias, norm_weight, eps, up, residual,
+                           false, true);
 }
 
 at::Tensor decode_attention_cuda(const at::Tensor &q, const at::Tensor &k, const at::Tensor &v, at::Tensor &k_cache,
@@ -407,6 +472,9 @@ TORCH_LIBRARY_IMPL(rabit, CUDA, m) {
     m.impl("packed_linear", &packed_linear_cuda);
     m.impl("packed_linear_group", &packed_linear_group_cuda);
     m.impl("packed_linear_fused", &packed_linear_fused_cuda);
+    m.impl("i8_layout", &i8_layout_cuda);
+    m.impl("packed_linear_i8", &packed_linear_i8_cuda);
+    m.impl("packed_linear_fused_i8", &packed_linear_fused_i8_cuda);
 }
 
 }  // namespace rabit

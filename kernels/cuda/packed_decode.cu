@@ -102,6 +102,7 @@ struct PrepArgs {
     const void *norm_weight;
     int ndt;
     float *sumsq;
+    int act8;  // DECODE_B1P_I8 (M = 1): int8 activations, 8 planes (see gemv_b1_prep_kernel)
 };
 
 /* Blocks (group, path, part): each computes xh of the group (one column per thread), its max |.| per row and
@@ -645,6 +646,18 @@ __device__ __forceinline__ void mma_b1(int (&d)[4], uint32_t a0, uint32_t a1, ui
         : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
+/* One k128 half of mma_b1: the same fragments' (a0, a1) or (a2, a3) and b0 or b1. */
+__device__ __forceinline__ void mma_b1_k128(int (&d)[4], uint32_t a0, uint32_t a1, uint32_t b0) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k128.row.col.s32.b1.b1.s32.and.popc {%0,%1,%2,%3}, {%4,%5}, {%6}, {%0,%1,%2,%3};\n"
+        : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
+        : "r"(a0), "r"(a1), "r"(b0));
+}
+
+/* The int8 activation class's scales and sum(Q) per (group, path): one per sub-group of 128 columns. */
+constexpr int kI8Slots = 4;
+static_assert(kI8Slots <= kScaleSlots, "the workspace holds kScaleSlots scales a (group, path)");
+
 /* Blocks (group, path) of 512 threads, one column each. Warp w's ballot of bit p of Q over its 32 columns is
    word w of plane p; lane p keeps it and stores it where the main kernel's lane (g, t) reads it as b0/b1 of
    step s: fragment [group][K][s][nt][lane] (uint2), n = 32 m + p = 8 nt + g, w = 4t + 2s + hh. */
@@ -657,8 +670,43 @@ __global__ void __launch_bounds__(kPrepThreads) gemv_b1_prep_kernel(const PrepAr
     const int NTB = 4 * a.M;
     float xh[kMaxNT * 2];
     prep_front<MR>(a, k, j, tid, xh, sh, 30);
-    uint32_t *dst = reinterpret_cast<uint32_t *>(a.frag + (static_cast<size_t>(gr) * K + k) * 2 * NTB * 32);
     const int t = w >> 2, s = (w >> 1) & 1, hh = w & 1;
+    if (a.act8) {
+        /* DECODE_B1P_I8: the int8 activation class (llama.cpp's Q8 kind, M = 1) with a scale per sub-group of 128
+           columns, sb = w & 3: the warps 4t + sb (32 columns each), whose bits are one k128 half (hh) of MMA step s.
+           S = amax / 127 of the sub-group, Q = rint(xh * (127 / amax)) in [-127, 127] (0 where amax < 2^-120), its 8
+           bit planes (plane 7: -128) as one n-tile, fragment [group][K][s][lane] (64 uint2); S and sum(Q) per
+           sub-group in the scale slots ([group][K][kI8Slots]). A non-finite xh anywhere in the group makes every S
+           of it NaN. */
+        const int sb = w & 3;
+        unsigned int mu = __float_as_uint(fabsf(xh[0]));  // bits of a non-negative float order like its value
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) mu = max(mu, __shfl_xor_sync(0xffffffffu, mu, o));
+        if (lane == 0) atomicMax(&sh.amax[1 + sb], mu);
+        __syncthreads();
+        const float amax = __uint_as_float(sh.amax[1 + sb]);
+        const bool zero = !(amax >= 0x1p-120f);  // also a NaN max (bad: the scale is NaN anyway)
+        const float inv = zero ? 0.0f : __fdiv_rn(127.0f, amax);
+        const int q = __float2int_rn(__fmul_rn(xh[0], inv));
+        add_qsum(q, tid, &sh.qs[1 + sb]);
+        uint32_t mine = 0u;
+#pragma unroll
+        for (int p = 0; p < 8; p++) {
+            const uint32_t word = __ballot_sync(0xffffffffu, (static_cast<uint32_t>(q) >> p) & 1u);
+            if (lane == p) mine = word;
+        }
+        uint32_t *d8 = reinterpret_cast<uint32_t *>(a.frag + (static_cast<size_t>(gr) * K + k) * 2 * 32);
+        if (lane < 8) d8[(s * 32 + lane * 4 + t) * 2 + hh] = mine;
+        __syncthreads();
+        if (tid < kI8Slots) {
+            const size_t o = (static_cast<size_t>(gr) * K + k) * kI8Slots + tid;
+            const float am = __uint_as_float(sh.amax[1 + tid]);
+            a.scale[o] = sh.bad[0] ? __int_as_float(0x7fffffff) : !(am >= 0x1p-120f) ? 0.0f : __fdiv_rn(am, 127.0f);
+            a.qsum[o] = static_cast<double>(static_cast<long long>(sh.qs[1 + tid]));
+        }
+        return;
+    }
+    uint32_t *dst = reinterpret_cast<uint32_t *>(a.frag + (static_cast<size_t>(gr) * K + k) * 2 * NTB * 32);
 #pragma unroll
     for (int m = 0; m < MR; m++) {  // MR = M here (1 or 2): every row's planes are read
         const int q = __float2int_rn(xh[m] * sh.inv[m]);  // 0 past `in` (xh = 0 there)
@@ -808,8 +856,8 @@ __global__ void __launch_bounds__(kWarps * 32, (M == 1 && K <= 3) ? 2 : 1) gemv_
 constexpr int kB1PFragEntries = 2 * 4 * 32;  // uint2 per (group, path) at M = 1: 2 steps x 4 n-tiles x 32 lanes
 constexpr size_t kB1PStaticSmem = sizeof(float) * 2 * kWarps * 16 + sizeof(FusedEpilogue);
 
-size_t b1p_smem_bytes(int64_t ngroups, int K) {
-    return static_cast<size_t>(ngroups) * K * kB1PFragEntries * sizeof(uint2);
+size_t b1p_smem_bytes(int64_t ngroups, int K, bool p8 = false) {
+    return static_cast<size_t>(ngroups) * K * (p8 ? 2 * 32 : kB1PFragEntries) * sizeof(uint2);
 }
 
 /* Blocks of the persistent kernel an SM's shared memory holds (1 KB a block reserved by the system on sm_80/sm_90). */
@@ -823,8 +871,10 @@ struct B1Item {  // a warp's share of one (tile, group): the bits and the tile's
     uint32_t graw[K][2];
 };
 
-template <int K, bool GROUPED, bool F>
+template <int K, bool GROUPED, bool F, bool P8 = false>
 __global__ void __launch_bounds__(kWarps * 32, K <= 3 ? 2 : 1) gemv_b1p_kernel(const GroupArgs ga) {
+    // P8 (DECODE_B1P_I8): the int8 activation class's 8 planes, one n-tile: 64 uint2 a (group, path)
+    constexpr int FE = P8 ? 2 * 32 : kB1PFragEntries;
     extern __shared__ __align__(16) uint2 sfrag[];  // [group][path of the block's layer][s][nt][lane]
     __shared__ float red[2][kWarps][16];
     __shared__ FusedEpilogue fe;
@@ -894,10 +944,10 @@ __global__ void __launch_bounds__(kWarps * 32, K <= 3 ? 2 : 1) gemv_b1p_kernel(c
         const int64_t gr = warp + kWarps * gi;
 #pragma unroll
         for (int k = 0; k < K; k++) {
-            const uint4 *src = reinterpret_cast<const uint4 *>(a.frag + frag_path<K, GROUPED>(a, gr, k) * kB1PFragEntries);
-            uint2 *dst = sfrag + (gr * K + k) * kB1PFragEntries;
+            const uint4 *src = reinterpret_cast<const uint4 *>(a.frag + frag_path<K, GROUPED>(a, gr, k) * FE);
+            uint2 *dst = sfrag + (gr * K + k) * FE;
 #pragma unroll
-            for (int j = 0; j < kB1PFragEntries / 64; j++)
+            for (int j = 0; j < FE / 64; j++)
                 cp_async16(smem_u32(dst + 2 * (j * 32 + lane)), src + j * 32 + lane, 16);
         }
     }
@@ -935,27 +985,60 @@ __global__ void __launch_bounds__(kWarps * 32, K <= 3 ? 2 : 1) gemv_b1p_kernel(c
             const int64_t gr = warp + kWarps * gi;
 #pragma unroll
             for (int k = 0; k < K; k++) {
-                const size_t so = frag_path<K, GROUPED>(a, gr, k) * kB1MaxM;
-                const double sck = __ldg(a.scale + so), qsk = __ldg(a.qsum + so);
-                const uint2 *sf = sfrag + (gr * K + k) * kB1PFragEntries + lane;
-                int acc[4][4];
-#pragma unroll
-                for (int nt = 0; nt < 4; nt++) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0;
+                const uint2 *sf = sfrag + (gr * K + k) * FE + lane;
                 const uint4 &wk = cur.b.w[k][0][0], &wh = cur.b.w[k][0][1];
+                if constexpr (P8) {
+                    // planes 2t, 2t + 1 of rows g, g + 8: weights 2^p, plane 7 -128; a sub-group's plane sums exact in
+                    // int32 (|v| < 2^15), scaled by its S in float32, the lanes of a quad (t) summed, sum(Q) after
+                    const size_t s8 = frag_path<K, GROUPED>(a, gr, k) * kI8Slots;
+                    const int w0 = 1 << (2 * t), w1 = t == 3 ? -128 : 2 << (2 * t);
+                    float sc[kI8Slots], off = 0.0f;
 #pragma unroll
-                for (int s = 0; s < 2; s++)
+                    for (int j = 0; j < kI8Slots; j++) {
+                        sc[j] = __ldg(a.scale + s8 + j);
+                        off = __fmaf_rn(sc[j], static_cast<float>(__ldg(a.qsum + s8 + j)), off);
+                    }
+                    int a4[kI8Slots][4];
 #pragma unroll
-                    for (int nt = 0; nt < 4; nt++) {
-                        const uint2 b = sf[(s * 4 + nt) * 32];
-                        mma_b1(acc[nt], s ? wk.z : wk.x, s ? wh.z : wh.x, s ? wk.w : wk.y, s ? wh.w : wh.y, b.x, b.y);
+                    for (int j = 0; j < kI8Slots; j++) a4[j][0] = a4[j][1] = a4[j][2] = a4[j][3] = 0;
+#pragma unroll
+                    for (int st = 0; st < 2; st++) {
+                        const uint2 b = sf[st * 32];
+                        mma_b1_k128(a4[2 * st], st ? wk.z : wk.x, st ? wh.z : wh.x, b.x);
+                        mma_b1_k128(a4[2 * st + 1], st ? wk.w : wk.y, st ? wh.w : wh.y, b.y);
                     }
 #pragma unroll
-                for (int r = 0; r < 2; r++) {
-                    double v = b1_recombine(acc[0], acc[1], acc[2], acc[3], r, t);
-                    v += __shfl_xor_sync(0xffffffffu, v, 1);  // exact: integers below 2^53
-                    v += __shfl_xor_sync(0xffffffffu, v, 2);
-                    const float val = static_cast<float>(sck * (2.0 * v - qsk));
-                    fa[r] = __fmaf_rn(raw_to_f32(cur.graw[k][r], a.gdt), val, fa[r]);
+                    for (int r = 0; r < 2; r++) {
+                        float f = 0.0f;
+#pragma unroll
+                        for (int j = 0; j < kI8Slots; j++)
+                            f = __fmaf_rn(sc[j], static_cast<float>(2 * (a4[j][2 * r] * w0 + a4[j][2 * r + 1] * w1)), f);
+                        f = __fadd_rn(f, __shfl_xor_sync(0xffffffffu, f, 1));
+                        f = __fadd_rn(f, __shfl_xor_sync(0xffffffffu, f, 2));
+                        fa[r] = __fmaf_rn(raw_to_f32(cur.graw[k][r], a.gdt), __fsub_rn(f, off), fa[r]);
+                    }
+                } else {
+                    const size_t so = frag_path<K, GROUPED>(a, gr, k) * kB1MaxM;
+                    const double sck = __ldg(a.scale + so), qsk = __ldg(a.qsum + so);
+                    int acc[4][4];
+#pragma unroll
+                    for (int nt = 0; nt < 4; nt++) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0;
+#pragma unroll
+                    for (int s = 0; s < 2; s++)
+#pragma unroll
+                        for (int nt = 0; nt < 4; nt++) {
+                            const uint2 b = sf[(s * 4 + nt) * 32];
+                            mma_b1(acc[nt], s ? wk.z : wk.x, s ? wh.z : wh.x, s ? wk.w : wk.y, s ? wh.w : wh.y, b.x,
+                                   b.y);
+                        }
+#pragma unroll
+                    for (int r = 0; r < 2; r++) {
+                        double v = b1_recombine(acc[0], acc[1], acc[2], acc[3], r, t);
+                        v += __shfl_xor_sync(0xffffffffu, v, 1);  // exact: integers below 2^53
+                        v += __shfl_xor_sync(0xffffffffu, v, 2);
+                        const float val = static_cast<float>(sck * (2.0 * v - qsk));
+                        fa[r] = __fmaf_rn(raw_to_f32(cur.graw[k][r], a.gdt), val, fa[r]);
+                    }
                 }
             }
             cur = nxt;
@@ -1213,13 +1296,13 @@ cudaError_t launch_b1_k(const GroupArgs &a, unsigned tiles, cudaStream_t s) {
 
 /* The persistent 1-bit kernel: as many blocks as fit on the SMs at once (registers and the fragments' shared memory),
    at most one per tile, shared among the layers in proportion to their tiles (at least one each). */
-template <int K, bool GR, bool F>
+template <int K, bool GR, bool F, bool P8 = false>
 cudaError_t launch_b1p_kf(GroupArgs a, cudaStream_t s) {
-    auto *kern = gemv_b1p_kernel<K, GR, F>;
+    auto *kern = gemv_b1p_kernel<K, GR, F, P8>;
     static bool smem_set[64];
     static std::atomic<int> bps_cache[64];
     const DevInfo &di = device_info();
-    const size_t smem = b1p_smem_bytes(a.a.ngroups, K);
+    const size_t smem = b1p_smem_bytes(a.a.ngroups, K, P8);
     const cudaError_t e = set_smem_limit_once(kern, di.smem_optin - static_cast<int>(kB1PStaticSmem), smem_set);
     if (e != cudaSuccess) return e;
     const int64_t bps = std::min<int64_t>(resident_blocks_once(kern, kWarps * 32, 0, bps_cache), b1p_blocks_per_sm(smem));
@@ -1237,7 +1320,9 @@ cudaError_t launch_b1p_kf(GroupArgs a, cudaStream_t s) {
 }
 
 template <int K, bool GR>
-cudaError_t launch_b1p_k(const GroupArgs &a, unsigned tiles, cudaStream_t s) {
+cudaError_t launch_b1p_k(const GroupArgs &a, unsigned tiles, cudaStream_t s, bool act8 = false) {
+    if (act8)  // decode_gemv checked that it applies
+        return fused_epilogue(a) ? launch_b1p_kf<K, GR, true, true>(a, s) : launch_b1p_kf<K, GR, false, true>(a, s);
     // elsewhere the 1-bit kernel (same outputs): M = 2, or fragments larger than the shared memory
     if (!decode_b1p_applies(a.a.M, a.a.ngroups, K)) return launch_b1_k<K, GR>(a, tiles, s);
     return fused_epilogue(a) ? launch_b1p_kf<K, GR, true>(a, s) : launch_b1p_kf<K, GR, false>(a, s);
@@ -1263,9 +1348,10 @@ cudaError_t launch_f16_k(const GroupArgs &a, int NT, unsigned tiles, cudaStream_
 
 /* NT: the n-tiles of the prologue's fragments (decode_gemv), for the int8 and fp16 kernels. */
 template <int K, bool GR>
-cudaError_t launch_main_kg(const GroupArgs &a, DecodeKernel kern, int NT, unsigned tiles, cudaStream_t s) {
+cudaError_t launch_main_kg(const GroupArgs &a, DecodeKernel kern, int NT, unsigned tiles, cudaStream_t s,
+                           bool act8) {
     if (kern == DECODE_B1) return launch_b1_k<K, GR>(a, tiles, s);
-    if (kern == DECODE_B1P) return launch_b1p_k<K, GR>(a, tiles, s);
+    if (kern == DECODE_B1P) return launch_b1p_k<K, GR>(a, tiles, s, act8);
     if (kern == DECODE_F16) return launch_f16_k<K, GR>(a, NT, tiles, s);
     switch (NT) {
         case 1: return launch_main_nt<K, 1, GR>(a, tiles, s);
@@ -1277,9 +1363,9 @@ cudaError_t launch_main_kg(const GroupArgs &a, DecodeKernel kern, int NT, unsign
 }
 
 template <int K>
-cudaError_t launch_main_k(const GroupArgs &a, DecodeKernel kern, int NT, unsigned tiles, cudaStream_t s) {
-    return a.layers == 1 ? launch_main_kg<K, false>(a, kern, NT, tiles, s)
-                         : launch_main_kg<K, true>(a, kern, NT, tiles, s);
+cudaError_t launch_main_k(const GroupArgs &a, DecodeKernel kern, int NT, unsigned tiles, cudaStream_t s, bool act8) {
+    return a.layers == 1 ? launch_main_kg<K, false>(a, kern, NT, tiles, s, act8)
+                         : launch_main_kg<K, true>(a, kern, NT, tiles, s, act8);
 }
 
 }  // namespace
@@ -1322,6 +1408,12 @@ cudaError_t launch_prep(DecodeKernel kern, int64_t M, dim3 pg, const PrepArgs &p
 }
 }  // namespace
 
+bool decode_i8_applies(int64_t M, int64_t in, int K) {
+    const int64_t ng = (in + kGroupCols - 1) / kGroupCols;
+    return M == 1 && K >= 1 && K <= RABIT_MAX_K &&
+           b1p_smem_bytes(ng, K, true) + kB1PStaticSmem <= static_cast<size_t>(device_info().smem_optin);
+}
+
 size_t decode_workspace_bytes(int paths, int64_t M, int64_t in, DecodeKernel kern) {
     if (kern == DECODE_SIMT) return 0;
     const size_t ng = static_cast<size_t>((in + kGroupCols - 1) / kGroupCols), gk = ng * paths;
@@ -1333,8 +1425,14 @@ size_t decode_workspace_bytes(int paths, int64_t M, int64_t in, DecodeKernel ker
 cudaError_t decode_gemv(const void *x, rabit_dtype xdt, int64_t M, const DecodeLayer *layers, int n,
                         rabit_dtype gdt, rabit_dtype hdt, rabit_dtype bdt, int K, int64_t in, void *workspace,
                         DecodeKernel kern, cudaStream_t s, const DecodeFusion *fusion) {
-    if (kern == DECODE_SIMT) return decode_gemv_simt(x, xdt, M, layers, n, gdt, hdt, bdt, K, in, s, fusion);
     const int64_t ng = (in + kGroupCols - 1) / kGroupCols;
+    // the int8 activation class: the persistent 1-bit kernel on the 8 bit planes of int8 activations
+    const int act8 = kern == DECODE_B1P_I8;
+    if (act8) {
+        if (!decode_i8_applies(M, in, K)) return cudaErrorInvalidValue;
+        kern = DECODE_B1P;
+    }
+    if (kern == DECODE_SIMT) return decode_gemv_simt(x, xdt, M, layers, n, gdt, hdt, bdt, K, in, s, fusion);
     // the glue: M <= kFusedMaxM, a residual for one layer, a norm over <= kFusedMaxGroups groups
     if (M < 1 || M > kDecodeMaxM || ((kern == DECODE_B1 || kern == DECODE_B1P) && M > kB1MaxM) || xdt == RABIT_F32 || K < 1 ||
         K > RABIT_MAX_K || n < 1 || n > kDecodeMaxLayers ||
@@ -1351,7 +1449,7 @@ cudaError_t decode_gemv(const void *x, rabit_dtype xdt, int64_t M, const DecodeL
 
     PrepArgs p{};
     p.x = x; p.xdt = xdt; p.M = static_cast<int>(M); p.K = K; p.hdt = hdt; p.in = in; p.NT = NT;
-    p.frag = frag; p.scale = scale; p.qsum = qsum;
+    p.frag = frag; p.scale = scale; p.qsum = qsum; p.act8 = act8;
     for (int l = 0; l < n; l++) p.h[l] = layers[l].h;
     if (fusion) {
         p.up = fusion->up;
@@ -1388,7 +1486,7 @@ cudaError_t decode_gemv(const void *x, rabit_dtype xdt, int64_t M, const DecodeL
     a.packed = ga.packed[0]; a.g = ga.g[0]; a.bias = ga.bias[0]; a.y = ga.y[0]; a.out = ga.out[0]; a.vec = ga.vec[0];
     if (tiles == 0) return cudaSuccess;
     return with_paths(K, [&](auto k) {
-        return launch_main_k<decltype(k)::value>(ga, kern, NT, static_cast<unsigned>(tiles), s);
+        return launch_main_k<decltype(k)::value>(ga, kern, NT, static_cast<unsigned>(tiles), s, p.act8 != 0);
     });
 }
 

@@ -88,7 +88,15 @@ int packed_linear_path(rabit_dtype xdt, int64_t M);
    int8). decode_kernel() is the choice packed_linear makes for a layer of K paths and out x in on the current device (a
    layer group runs as one launch when its layers' choices agree), and packed_linear_fused's: every kernel has the
    glue's epilogue. */
-enum DecodeKernel { DECODE_I8 = 0, DECODE_B1 = 1, DECODE_F16 = 2, DECODE_SIMT = 3, DECODE_B1P = 4 };
+enum DecodeKernel { DECODE_I8 = 0, DECODE_B1 = 1, DECODE_F16 = 2, DECODE_SIMT = 3, DECODE_B1P = 4, DECODE_B1P_I8 = 5 };
+/* DECODE_B1P_I8 is never decode_kernel()'s choice: the int8 activation class (rabit.packed_linear_i8 and
+   packed_linear_fused_i8 on CUDA), an accuracy class a caller opts into. x*h is quantized per sub-group of 128 columns
+   (of a 512-column group: blocks of 32 columns, every fourth) to Q = rint(x*h * 127 / amax) with the scale amax / 127
+   (llama.cpp's int8 activations; relative error ~1e-2 of a layer's output; rabit.reference.int8_activations_cuda), and
+   the persistent 1-bit kernel multiplies the weights' bits with Q's 8 bit planes: 4 binary MMAs (k = 128, one a
+   sub-group) a group and path instead of 8 (k = 256), fragments a quarter the size. It runs where decode_i8_applies holds: M = 1 and a
+   layer's fragments (512 bytes a group and path) fit in one block's shared memory. */
+bool decode_i8_applies(int64_t M, int64_t in, int K);
 /* The persistent 1-bit kernel (DECODE_B1P) runs a call of M rows of x, `ngroups` 512-column groups and K paths a layer
    where this holds (M = 1, and a layer's fragments fit in one block's shared memory); elsewhere a DECODE_B1P call runs
    the 1-bit kernel, whose outputs are the same bit for bit. decode_b1p_default: whether packed_linear takes it by
