@@ -589,6 +589,17 @@ def test_cli_generate_int8_activations(exported, capsys):
     assert fast["new_tokens"] == 12 and (fast["int8_activations"], fast["head_dtype"]) == (True, "int8")
 
 
+@pytest.mark.cuda
+def test_cli_generate_int8_activations_on_cuda(exported, capsys):
+    """--int8-activations --device cuda decodes with the CUDA int8 class (batch 1, the model in fp16)."""
+    if not torch.ops.rabit.packed_linear_i8.default.has_kernel_for_dispatch_key("CUDA"):
+        pytest.skip("rabit was built without CUDA kernels")
+    assert cli_main(["generate", str(exported), "--prompt", PROMPT, "--max-new-tokens", "12", "--json",
+                     "--device", "cuda", "--int8-activations"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert 0 < out["new_tokens"] <= 12 and out["int8_activations"] and out["text"].startswith(PROMPT[:10])
+
+
 def test_cli_generate_compile_needs_the_static_decoder(tmp_path, capsys):
     """--compile fuses the static decoder's glue; a model that runs HF generate instead is refused, not silently
     run without it."""
