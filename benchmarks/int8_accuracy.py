@@ -58,19 +58,19 @@ def main(argv=None):
     # CUDA: one sequence a decoder call (int8 activations decode batch 1 there); eager steps (no graph to capture)
     chunks = ids.split(1) if args.device == "cuda" else [ids]
     lp = {}
-    for name, i8 in (("float32", False), ("int8", True)):
+    for name, i8 in (("default", False), ("int8", True)):
         head = "int8" if i8 and args.head_dtype == "int8" else None
         dec = StaticDecoder(model, batch_size=chunks[0].shape[0], max_len=ids.shape[1] + 1, int8_activations=i8,
                             head_dtype=head, cuda_graph=False)
         lp[name] = torch.cat([step_logprobs(dec, c) for c in chunks])
     target = ids[:, 2:]  # scored: the tokens predicted by the decode steps at positions 1 .. T-2
     nll = {k: -v[:, :-1].gather(-1, target[..., None]).mean().item() for k, v in lp.items()}
-    a, b = lp["float32"][:, :-1], lp["int8"][:, :-1]
+    a, b = lp["default"][:, :-1], lp["int8"][:, :-1]
     kl = (a.exp() * (a - b)).sum(-1).mean().item()
     top1 = (a.argmax(-1) == b.argmax(-1)).float().mean().item()
     row = dict(model=args.model, ids=args.ids, sequences=int(ids.shape[0]), length=int(ids.shape[1]),
                scored_tokens=int(target.numel()), int8_decoder_head=args.head_dtype,
-               ppl_default=round(math.exp(nll["float32"]), 4),
+               ppl_default=round(math.exp(nll["default"]), 4),
                ppl_int8=round(math.exp(nll["int8"]), 4), kl_default_to_int8=float(f"{kl:.4g}"),
                top1_agreement=round(top1, 4))
     print(f"decode-step PPL default {row['ppl_default']}, int8 {row['ppl_int8']}; "

@@ -118,6 +118,9 @@ def _i8_layout_fake(packed, in_features):
     torch._check(packed.dim() == 3, lambda: f"{op}: expected 3-D packed [K, out, words], got {packed.dim()}-D")
     torch._check(packed.dtype == torch.int32, lambda: f"{op}: expected packed to be int32, got {packed.dtype}")
     if packed.device.type == "cuda":  # the CUDA class reads the packed words as they are
+        torch._check(packed.shape[2] == words_per_row(in_features),
+                     lambda: f"{op}: packed rows hold {packed.shape[2]} words but in_features={in_features} needs "
+                     f"{words_per_row(in_features)}")
         return packed.new_empty(packed.shape)
     return packed.new_empty((i8_layout_bytes(packed.shape[0], packed.shape[1], in_features),), dtype=torch.uint8)
 
@@ -125,7 +128,11 @@ def _i8_layout_fake(packed, in_features):
 @torch.library.register_fake("rabit::packed_linear_i8")
 def _packed_linear_i8_fake(x, layout, g, h, bias=None):
     op = "rabit.packed_linear_i8"
-    if layout.device.type == "cuda":  # layout: the packed words
+    if layout.device.type == "cuda":  # layout: the packed words; fp16/bf16 x
+        torch._check(layout.dim() == 3, lambda: f"{op}: on CUDA the layout is the packed words [K, out, words], got "
+                     f"a {layout.dim()}-D layout")
+        torch._check(x.shape[0] == 0 or x.dtype != torch.float32,
+                     lambda: f"{op}: on CUDA the int8 activation class takes float16 or bfloat16 x, got float32")
         return _packed_linear_fake(x, layout, g, h, bias)
     torch._check(x.dim() == 2, lambda: f"{op}: expected a 2-D x [M, in], got {x.dim()}-D")
     torch._check(x.dtype in FLOAT_DTYPES, lambda: f"{op}: expected x to be float32, float16 or bfloat16, got {x.dtype}")
@@ -196,6 +203,9 @@ def _packed_linear_fused_i8_fake(x, layout, g, h, bias, norm_weight, eps, up, re
                  lambda: f"{op}: layout, g and h must list the same layers")
     torch._check(residual is None or len(layout) == 1,
                  lambda: f"{op}: a residual is added to a single layer's output, got {len(layout)} layers")
+    torch._check(layout[0].device.type != "cuda" or x.shape[0] <= 1,
+                 lambda: f"{op}: on CUDA the int8 activation class takes one row of x (decoding at batch 1), got "
+                 f"{x.shape[0]}")
     return [_packed_linear_i8_fake(x, lay, gl, hl) for lay, gl, hl in zip(layout, g, h)]
 
 

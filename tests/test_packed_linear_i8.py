@@ -154,11 +154,11 @@ def test_reference_of_the_cuda_int8_class():
     assert 1e-3 < ((got - want).norm() / want.norm()).item() < 2e-2
     _, s0 = R.int8_activations_cuda(xs, h)
     xo = xs.clone()
-    xo[:, 5] = 1e3  # an outlier in sub-group 0 of group 0
+    xo[:, 40] = 1e3  # an outlier in sub-group 1 of group 0 (column 40: its second block of 32)
     _, s1 = R.int8_activations_cuda(xo, h)
-    assert torch.allclose(s1[:, :, 0, 0], torch.full_like(s1[:, :, 0, 0], 1e3 / 127))
-    s1[:, :, 0, 0] = s0[:, :, 0, 0]
-    assert torch.equal(s0, s1)  # the other sub-groups' scales are untouched
+    assert torch.allclose(s1[:, :, 0, 1], torch.full_like(s1[:, :, 0, 1], 1e3 / 127))
+    s1[:, :, 0, 1] = s0[:, :, 0, 1]
+    assert torch.equal(s0, s1)  # the other sub-groups' scales are untouched (sub-group 0 too: columns 0-31, 128-159, ...)
     xb = xs.clone()
     xb[1, 700] = float("nan")
     yb = R.packed_linear_i8_cuda(xb, packed, g, h, torch.ones(out))

@@ -338,10 +338,10 @@ std::vector<at::Tensor> fused_cuda_impl(const char *op, const at::Tensor &x, at:
                      "run the unfused ops (StaticDecoder(fused_glue=False))");
     TORCH_CHECK_VALUE(n <= rabit_cuda::kDecodeMaxLayers, op, ": at most ", rabit_cuda::kDecodeMaxLayers,
                       " layers a call, got ", n);
-    TORCH_CHECK_VALUE(M <= (int8 ? 1 : rabit_cuda::kFusedMaxM), op, int8 ? ": on CUDA the int8 activation class "
-                      "takes one row of x (decoding at batch 1), got x " : ": the fused decode kernels take 1..4 "
-                      "rows of x, got x ", x.sizes(), int8 ? "; decode at batch 1, or without int8 activations" :
-                      "; run the unfused ops (StaticDecoder(fused_glue=False))");
+    TORCH_CHECK_VALUE(!int8 || M == 1, op, ": on CUDA the int8 activation class takes one row of x (decoding at "
+                      "batch 1), got x ", x.sizes(), "; decode at batch 1, or without int8 activations");
+    TORCH_CHECK_VALUE(M <= rabit_cuda::kFusedMaxM, op, ": the fused decode kernels take 1..", rabit_cuda::kFusedMaxM,
+                      " rows of x, got x ", x.sizes(), "; run the unfused ops (StaticDecoder(fused_glue=False))");
     TORCH_CHECK_VALUE(!norm_weight.has_value() || in <= rabit_cuda::kFusedNormMaxIn, op, ": the fused RMSNorm takes at "
                       "most ", rabit_cuda::kFusedNormMaxIn, " columns, got x ", x.sizes(), "; run the unfused ops "
                       "(StaticDecoder(fused_glue=False))");
@@ -400,6 +400,8 @@ at::Tensor i8_layout_cuda(const at::Tensor &packed, int64_t in_features) {
 at::Tensor packed_linear_i8_cuda(const at::Tensor &x, const at::Tensor &layout, const at::Tensor &g,
                                  const at::Tensor &h, const std::optional<at::Tensor> &bias) {
     const char *op = "rabit.packed_linear_i8";
+    TORCH_CHECK_VALUE(layout.dim() == 3, op, ": on CUDA the layout is the packed words [K, out, words] "
+                      "(rabit.i8_layout of packed words on the GPU), got a ", layout.dim(), "-D layout");
     const auto [K, out, in] = check_packed_linear_args(op, x, layout, g, h, bias);
     const int64_t M = x.size(0);
     if (M == 0) return at::empty({0, out}, x.options());

@@ -2,8 +2,10 @@
  * Packed GEMV / small GEMM for fp16/bf16 activations (M <= 16): the decode kernels of packed_linear. They share
  * the prologue front, the main-loop pipeline and the epilogue (the dispatch is decode_kernel() in
  * packed_linear.cu): the int8 kernel described here, its 1-bit variant and that variant's persistent schedule
- * (float32-level, all three bit-identical), and the fp16 kernel (x*h rounded once to fp16; its section below). See docs/kernels.md ("int8 decode kernel",
- * "1-bit variant", "fp16 decode kernel") for the designs and the measured numbers.
+ * (float32-level, all three bit-identical), and the fp16 kernel (x*h rounded once to fp16; its section below); besides, the opt-in int8 activation
+ * class (DECODE_B1P_I8: x*h quantized to int8, ~1e-2 relative error; rabit_cuda.cuh) on the persistent kernel. See
+ * docs/kernels.md ("int8 decode kernel", "1-bit variant", "fp16 decode kernel", "int8 activations on CUDA") for the
+ * designs and the measured numbers.
  *
  * The int8 kernel:
  *   y[m][o] = sum_k g_k[o] * sum_j (2 b_k[o][j] - 1) * xh_k[m][j],   xh_k = h_k * x (float32)
@@ -92,8 +94,9 @@ struct PrepArgs {
     int64_t in;
     int NT;
     uint2 *frag;    // [group][L*K][frag_entries(M)], laid out per kernel: int8 [s(2)][p(8)][NT][lane(32)],
-                    // 1-bit [s(2)][4M][lane], fp16 [step(32)][NT][lane]
-    float *scale;   // [group][L*K][kScaleSlots]: int8 uses 2*NT of them, 1-bit kB1MaxM, fp16 all (one per row of x)
+                    // 1-bit [s(2)][4M][lane], fp16 [step(32)][NT][lane], DECODE_B1P_I8 [s(2)][lane] (M = 1)
+    float *scale;   // [group][L*K][kScaleSlots]: int8 uses 2*NT of them, 1-bit kB1MaxM, fp16 all (one per row of x);
+                    // DECODE_B1P_I8 packs kI8Slots a (group, path) ([group][L*K][kI8Slots]: one per sub-group)
     double *qsum;   // same layout; the fp16 kernel does not read it (its prologue writes zeros)
     // the decoder's glue (DecodeFusion, rabit.packed_linear_fused): the input u = silu(x) * up where up is given,
     // else x; with norm_weight, xh = h * (u * norm_weight), and the group's sum of u^2 per row goes to
@@ -838,7 +841,8 @@ __global__ void __launch_bounds__(kWarps * 32, (M == 1 && K <= 3) ? 2 : 1) gemv_
 
 /* ---------------------------------------------------------------------------------------------------------
  * Persistent 1-bit kernel (M = 1; RABIT_CUDA_DECODE=b1p, and by default where decode_b1p_default): the 1-bit
- * kernel's arithmetic, bit for bit, with a schedule that keeps each block busy. The kernels above run one 16-row
+ * kernel's arithmetic, bit for bit, with a schedule that keeps each block busy (P8: the int8 activation class's own
+ * arithmetic instead, DECODE_B1P_I8). The kernels above run one 16-row
  * tile per block: load the bits, wait, 16-32 MMAs, reduce, store; at 7B shapes a block lives a few microseconds,
  * mostly waiting, and every tile re-reads its groups' fragments from L2 (twice the bytes of the bits). Here a grid of
  * as many blocks as fit on the SMs at once takes the tiles:
@@ -939,7 +943,8 @@ __global__ void __launch_bounds__(kWarps * 32, K <= 3 ? 2 : 1) gemv_b1p_kernel(c
     if (ntile > 0 && ngw > 0) load_next(cur);
     pdl_wait();  // the first bits are in flight; the prologue's fragments and scales are complete past here
     pdl_launch_dependents();
-    // this warp's groups' fragments of the layer's K paths: 2 KB a (group, path), 4 16-byte copies a lane
+    // this warp's groups' fragments of the layer's K paths: 2 KB a (group, path), 4 16-byte copies a lane (P8: 512
+    // bytes, one copy)
     for (int gi = 0; gi < ngw; gi++) {
         const int64_t gr = warp + kWarps * gi;
 #pragma unroll
