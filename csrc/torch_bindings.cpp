@@ -133,6 +133,16 @@ static PyObject *rabit_py_cuda_attention_unsupported(PyObject *, PyObject *args)
     if (!why) Py_RETURN_NONE;
     return PyUnicode_FromString(why);
 }
+
+// Whether the CUDA int8 activation class (rabit.packed_linear_i8 / packed_linear_fused_i8) can run one row of a layer of
+// `in` columns and K paths on the current GPU (its fragments fit a block's shared memory): what StaticDecoder asks
+// before it takes int8_activations on CUDA.
+static PyObject *rabit_py_cuda_int8_applies(PyObject *, PyObject *args) {
+    long long in = 0;
+    int K = 0;
+    if (!PyArg_ParseTuple(args, "Li", &in, &K)) return nullptr;
+    return PyBool_FromLong(rabit_cuda::decode_i8_applies(1, in, K));
+}
 #endif
 
 static PyMethodDef rabit_methods[] = {
@@ -145,6 +155,8 @@ static PyMethodDef rabit_methods[] = {
      "cuda_fused_bounds() -> (most rows of x, most columns with a norm) that packed_linear_fused takes on CUDA."},
     {"cuda_attention_unsupported", rabit_py_cuda_attention_unsupported, METH_VARARGS,
      "cuda_attention_unsupported(dtype_code, G, D) -> why the CUDA decode_attention kernel cannot run, or None."},
+    {"cuda_int8_applies", rabit_py_cuda_int8_applies, METH_VARARGS,
+     "cuda_int8_applies(in, K) -> whether the CUDA int8 activation class runs a layer of in columns, K paths here."},
 #endif
     {nullptr, nullptr, 0, nullptr}};
 

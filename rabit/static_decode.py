@@ -537,10 +537,21 @@ class StaticDecoder:
                              f"{self._glue_obstacle() or 'fused_glue=False'}; pass fused_glue=None, or "
                              "int8_activations=False")
         layouts = {}
-        for layer in self.base.layers:
+        for i, layer in enumerate(self.base.layers):
             a, mlp = layer.self_attn, layer.mlp
             for m in (a.q_proj, a.k_proj, a.v_proj, a.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj):
-                layouts[m] = m.packed if self.device.type == "cuda" else i8_layout(m.packed, m.h.shape[1])
+                if self.device.type == "cpu":
+                    layouts[m] = i8_layout(m.packed, m.h.shape[1])
+                    continue
+                from ._torch_api import _C
+
+                with torch.cuda.device(self.device):  # the class's bound is the GPU's shared memory
+                    fits = _C.cuda_int8_applies(m.h.shape[1], m.h.shape[0])
+                if not fits:
+                    raise ValueError(f"StaticDecoder: int8_activations=True: layer {i}'s {m.in_features}-column "
+                                     f"linears are too wide for the CUDA int8 class on this GPU (its fragments "
+                                     f"exceed a block's shared memory); pass int8_activations=False")
+                layouts[m] = m.packed  # the CUDA class reads the packed words as they are
         return layouts
 
     def _fused(self, mods: tuple[nn.Module, ...], x: Tensor, norm: nn.Module | None = None, up: Tensor | None = None,
