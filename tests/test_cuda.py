@@ -978,3 +978,28 @@ def test_packed_linear_fused_i8_groups_and_glue_equal_single_layers():
         rabit.packed_linear_i8(x.float(), *layers[0])
     with pytest.raises(ValueError, match="rabit.i8_layout: packed rows hold 35 words but in_features=1000 needs 32"):
         rabit.i8_layout(layers[0][0], 1000)
+
+
+def test_packed_linear_i8_tiny_inputs_and_too_wide_layers():
+    """The CUDA int8 class takes |x·h| below 2^-120 as zero (S = 0, the output is the bias), as its reference; a layer
+    whose fragments exceed a block's shared memory is refused by name, and StaticDecoder's check agrees."""
+    from rabit._torch_api import _C
+
+    w, g, h = (t.to(DEV) for t in random_layer(40, 700, 2))
+    _, packed = rabit.residual_binarize(w, g, h)
+    bias = torch.randn(40, device=DEV).half()
+    x = torch.full((1, 700), 2.0 ** -14, device=DEV).half() * 1e-3  # subnormal fp16
+    x[0, 600:] = 1.0  # the second group is normal
+    hs = h.clone()
+    hs[:, :512] = 2.0 ** -110  # |x·h| < 2^-120 in the first group: taken as zero
+    y = rabit.packed_linear_i8(x, packed, g, hs, bias)
+    ref = R.packed_linear_i8_cuda(x.cpu(), packed.cpu(), g.cpu(), hs.cpu(), bias.cpu())
+    assert torch.allclose(y.cpu().double(), ref, rtol=2e-3, atol=2e-3)
+    q, s = R.int8_activations_cuda(x.cpu(), hs.cpu())
+    assert (s[:, 0, 0] == 0).all() and (q[:, 0, :512] == 0).all()
+    wide = 64 * 1024  # 128 groups x 4 paths x 512 bytes: more than any GPU's shared memory a block
+    assert _C.cuda_int8_applies(4096, 2) and not _C.cuda_int8_applies(wide, 4)
+    pk = torch.zeros(4, 16, wide // 32, dtype=torch.int32, device=DEV)
+    with pytest.raises(ValueError, match="has int8 activation fragments larger than a block's shared memory"):
+        rabit.packed_linear_i8(torch.randn(1, wide, device=DEV).half(), pk, torch.ones(4, 16, device=DEV),
+                               torch.ones(4, wide, device=DEV))
