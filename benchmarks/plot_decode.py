@@ -22,7 +22,8 @@ def main(out: str, paths: list[str]) -> None:
     kinds = sorted({f"{d['fp_dtype'].removeprefix('torch.')} {d['device_type'].upper()}" for d in docs})  # e.g. float16 CUDA
     labels = {"fp": f"FP ({' / '.join(kinds)})", "fp_single": "FP, one GEMM per linear",
               "rabit": "rabit packed (K=2)", "rabit_single": "rabit, one launch per linear",
-              "rabit_unfused_glue": "rabit, norms / SwiGLU / residual unfused"}
+              "rabit_unfused_glue": "rabit, norms / SwiGLU / residual unfused",
+              "rabit_int8": "rabit, int8 activations (opt-in, ~1e-2 error)"}
     # one bar per variant the results have (bench_decode --variants); grouped q/k/v and gate/up where a -single
     # variant is beside it
     variants = [v for v in labels if any(v in r for _, r in rows)]
@@ -42,6 +43,11 @@ def main(out: str, paths: list[str]) -> None:
                 if "speedup" in r:
                     ax.text(x + off, r["rabit"]["tokens_per_s"], f"{r['speedup']:.2f}x", ha="center",
                             va="bottom", fontsize=8)
+        if v == "rabit_int8":  # against the fastest FP variant of its run
+            for x, (_, r) in zip(xs, rows):
+                if "speedup_rabit_int8_vs_fastest_fp" in r:
+                    ax.text(x + off, r["rabit_int8"]["tokens_per_s"], f"{r['speedup_rabit_int8_vs_fastest_fp']:.2f}x",
+                            ha="center", va="bottom", fontsize=8)
     ax.set_xticks(list(xs))
     ax.set_xticklabels([f"{r['model']}\n{d['device'].split(' x')[0][:12]}\nB={r['batch']}" for d, r in rows], fontsize=7)
     ax.set_yscale("log")
