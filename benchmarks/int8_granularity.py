@@ -15,7 +15,7 @@ import torch
 
 from rabit.evaluate import shared_dir
 from rabit.models import load_model
-from rabit.reference import int8_activations_cuda
+from rabit.reference import dequantize_int8_activations_cuda, int8_activations_cuda
 from timing import write_cpu_result
 
 
@@ -23,9 +23,8 @@ def quantize_blocks(x: torch.Tensor, block: str) -> torch.Tensor:
     """x [..., n] quantized to int8 per block ("cuda": the CUDA class's sub-groups) and dequantized."""
     n = x.shape[-1]
     if block == "cuda":
-        q, s = int8_activations_cuda(x.reshape(-1, n), torch.ones(1, n))  # [1, R, n_pad], [1, R, G, 4]
-        xq = (q[0].unflatten(-1, (-1, 4, 4, 32)) * s[0][:, :, None, :, None]).flatten(-4)
-        return xq[:, :n].reshape(x.shape)
+        xq = dequantize_int8_activations_cuda(*int8_activations_cuda(x.reshape(-1, n), torch.ones(1, n)))[0]
+        return xq[:, :n].to(x.dtype).reshape(x.shape)
     xb = torch.nn.functional.pad(x, (0, -n % int(block))).unflatten(-1, (-1, int(block)))
     s = xb.abs().amax(-1, keepdim=True) / 127
     return (torch.round(xb / torch.where(s > 0, s, 1.0)) * s).flatten(-2)[..., :n]

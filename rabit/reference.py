@@ -243,17 +243,22 @@ def int8_activations_cuda(x, h):
     return q.flatten(-4), scale
 
 
+def dequantize_int8_activations_cuda(q, scale):
+    """Q · S per column, float64 ``[K, M, in_pad]``, from :func:`int8_activations_cuda`'s (Q, S)."""
+    qs = q.double().unflatten(-1, (-1, 4, 4, 32)) * scale.double()[..., None, :, None]  # [K, M, G, t, sub, 32]
+    return qs.flatten(-4)
+
+
 def packed_linear_i8_cuda(x, packed, g, h, bias=None):
     """The value of ``rabit.packed_linear_i8`` on CUDA (the int8 activation class of the decode kernel) in float64:
     y = Σ_k g_k Σ_sub-groups S · Σ_j sign_j Q_j + bias with Q, S of :func:`int8_activations_cuda`. The kernel sums
     those terms in float32 and rounds once to x's dtype, so it matches this to their rounding, not bit for bit."""
     in_features = x.shape[1]
-    q, scale = int8_activations_cuda(x, h)  # [K, M, in_pad], [K, M, G, 4]
-    signs = torch.nn.functional.pad(unpack_signs(packed, in_features).double(), (0, q.shape[-1] - in_features))
+    xq = dequantize_int8_activations_cuda(*int8_activations_cuda(x, h))  # [K, M, in_pad]
+    signs = torch.nn.functional.pad(unpack_signs(packed, in_features).double(), (0, xq.shape[-1] - in_features))
     y = torch.zeros(x.shape[0], packed.shape[1], dtype=torch.float64, device=x.device)
     for k in range(packed.shape[0]):
-        qs = q[k].double().unflatten(-1, (-1, 4, 4, 32)) * scale[k].double()[:, :, None, :, None]  # [M, G, t, sub, 32]
-        y = y + g[k].double() * (qs.flatten(-4) @ signs[k].T)
+        y = y + g[k].double() * (xq[k] @ signs[k].T)
     if bias is not None:
         y = y + bias.double()
     return y

@@ -536,6 +536,8 @@ class StaticDecoder:
             raise ValueError(f"StaticDecoder: int8_activations=True needs the fused glue, which cannot run here: "
                              f"{self._glue_obstacle() or 'fused_glue=False'}; pass fused_glue=None, or "
                              "int8_activations=False")
+        from ._torch_api import _C
+
         layouts = {}
         for i, layer in enumerate(self.base.layers):
             a, mlp = layer.self_attn, layer.mlp
@@ -543,8 +545,6 @@ class StaticDecoder:
                 if self.device.type == "cpu":
                     layouts[m] = i8_layout(m.packed, m.h.shape[1])
                     continue
-                from ._torch_api import _C
-
                 with torch.cuda.device(self.device):  # the class's bound is the GPU's shared memory
                     fits = _C.cuda_int8_applies(m.h.shape[1], m.h.shape[0])
                 if not fits:

@@ -891,8 +891,7 @@ def test_qat_linear_two_stream_backward_is_the_serial_one(shape, lead, xdtype, s
 # ------------------------------------------------------------------ the int8 activation class on CUDA
 def _i8_terms(x, packed, g, h, bias=None):
     """Σ_k |g_k| Σ_c |S_c Q_c| (+ |bias|): a bound on the magnitudes the kernel's float32 sums round."""
-    q, scale = R.int8_activations_cuda(x, h)  # [K, M, in_pad], [K, M, G, 4]
-    qs = (q.double().unflatten(-1, (-1, 4, 4, 32)) * scale.double()[:, :, :, None, :, None]).abs().sum((2, 3, 4, 5))
+    qs = R.dequantize_int8_activations_cuda(*R.int8_activations_cuda(x, h)).abs().sum(-1)  # [K, M]
     terms = (g.double().abs()[:, None, :] * qs[:, :, None]).sum(0)  # [M, out]
     return terms + (0 if bias is None else bias.double().abs()) + 1e-6
 

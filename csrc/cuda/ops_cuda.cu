@@ -356,10 +356,8 @@ std::vector<at::Tensor> fused_cuda_impl(const char *op, const at::Tensor &x, at:
     f.up = up.has_value() ? up->data_ptr() : nullptr;
     f.residual = residual.has_value() ? residual->data_ptr() : nullptr;
     f.prefetch_weights = prefetch_weights;
-    std::vector<rabit_cuda::DecodeKernel> kern;
-    const bool together =
-        int8 || layer_decode_kernels(std::vector<int64_t>(n, K), M, in, out, kern);
-    if (int8) kern.assign(n, rabit_cuda::DECODE_B1P_I8);
+    std::vector<rabit_cuda::DecodeKernel> kern(n, rabit_cuda::DECODE_B1P_I8);  // int8: the class's kernel, one launch
+    const bool together = int8 || layer_decode_kernels(std::vector<int64_t>(n, K), M, in, out, kern);
     std::vector<at::Tensor> ys;
     if (together)
         launch_decode_layers(x, packed, g, h, bias, 0, static_cast<int>(n), static_cast<int>(K), out, kern[0], &f, ys);
